@@ -1,0 +1,191 @@
+"""Small helpers shared by the whole package: seeds, atomic files, checkpoints, state-dict checks.
+
+Nothing here knows about a particular algorithm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuralign.errors import CheckpointError, ShapeMismatchError
+
+__all__ = [
+    "stable_seed",
+    "as_generator",
+    "atomic_save",
+    "atomic_write_text",
+    "load_checkpoint",
+    "check_compatible",
+    "named_parameter_keys",
+    "split_logits",
+    "classification_loss",
+]
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` with SHA-256 (never Python's salted ``hash``).
+
+    >>> stable_seed("pair", 1) == stable_seed("pair", 1)
+    True
+    """
+    text = "\x1f".join(repr(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def as_generator(generator: torch.Generator | int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """Return ``generator`` itself, a new generator seeded with an ``int``, or a fresh seeded one for ``None``.
+
+    ``None`` gives a generator seeded from the global torch RNG, so that ``torch.manual_seed`` still controls it.
+    """
+    if isinstance(generator, torch.Generator):
+        return generator
+    if generator is not None and not isinstance(generator, int):
+        raise TypeError(f"`generator` must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if generator is None else int(generator)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename: an interrupt never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    required: tuple[str, ...] = (),
+    map_location: str | torch.device | None = "cpu",
+) -> dict[str, Any]:
+    """Load a checkpoint written by neuralign with ``torch.load(weights_only=True)`` and validate it.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    kind : str, optional
+        When given, the checkpoint's ``"kind"`` entry must equal it (e.g. ``"fit_curve"``).
+    required : tuple of str
+        Keys that must be present.
+    map_location : device, optional
+        Passed to ``torch.load``.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, cannot be read as data, is not a dict, or lacks what was asked for.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be read as data: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
+    if kind is not None and obj.get("kind") != kind:
+        raise CheckpointError(f"checkpoint {str(path)!r} is of kind {obj.get('kind')!r}, expected {kind!r}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks the entries {missing}")
+    return obj
+
+
+def check_compatible(
+    first: Mapping[str, torch.Tensor],
+    second: Mapping[str, torch.Tensor],
+    names: tuple[str, str] = ("model_a", "model_b"),
+    *,
+    what: str = "parameter",
+) -> None:
+    """Raise :class:`ShapeMismatchError` naming the first key or shape on which two state dicts differ.
+
+    >>> import torch
+    >>> check_compatible({"w": torch.zeros(2, 3)}, {"w": torch.zeros(3, 2)})
+    Traceback (most recent call last):
+    ...
+    neuralign.errors.ShapeMismatchError: `model_b` has parameter `w` of shape (3, 2) but `model_a` has (2, 3)
+    """
+    for key in first:
+        if key not in second:
+            raise ShapeMismatchError(f"`{names[1]}` has no {what} `{key}`, which `{names[0]}` has")
+        a, b = first[key], second[key]
+        if tuple(a.shape) != tuple(b.shape):
+            raise ShapeMismatchError(
+                f"`{names[1]}` has {what} `{key}` of shape {tuple(b.shape)} but `{names[0]}` has {tuple(a.shape)}"
+            )
+    for key in second:
+        if key not in first:
+            raise ShapeMismatchError(f"`{names[0]}` has no {what} `{key}`, which `{names[1]}` has")
+
+
+def named_parameter_keys(model: torch.nn.Module) -> list[str]:
+    """The state-dict keys of ``model`` that are parameters (not buffers), in registration order."""
+    return [name for name, _ in model.named_parameters()]
+
+
+def split_logits(output: torch.Tensor | tuple | list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Split a model output into main logits and auxiliary logits.
+
+    Models with auxiliary heads (GoogLeNet in train mode) return ``(logits, aux1, aux2, ...)``; every other model
+    returns a tensor.
+    """
+    if isinstance(output, torch.Tensor):
+        return output, []
+    if isinstance(output, (tuple, list)) and output and all(isinstance(o, torch.Tensor) for o in output):
+        return output[0], list(output[1:])
+    raise TypeError(f"a model output must be a tensor or a tuple of tensors, got {type(output).__name__}")
+
+
+def classification_loss(
+    output: torch.Tensor | tuple | list, target: torch.Tensor, *, aux_weight: float = 0.3
+) -> torch.Tensor:
+    """Mean cross-entropy of the main logits plus ``aux_weight`` times that of each auxiliary head.
+
+    This is the GoogLeNet training criterion of Tatro et al. (``CE + 0.3 CE_aux1 + 0.3 CE_aux2``) and plain
+    cross-entropy for single-output models.
+    """
+    main, aux = split_logits(output)
+    loss = torch.nn.functional.cross_entropy(main, target)
+    for a in aux:
+        loss = loss + aux_weight * torch.nn.functional.cross_entropy(a, target)
+    return loss
