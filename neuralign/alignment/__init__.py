@@ -1,1 +1,33 @@
-"""neuralign.alignment"""
+"""Permutation specs (traced with torch.fx or hand-built), applying permutations, and neuron alignment."""
+
+from neuralign.alignment.permutation import (
+    Permutation,
+    apply_permutation,
+    apply_permutation_matrices,
+    compose_permutations,
+    identity_permutation,
+    invert_permutation,
+    permutation_distance,
+    random_permutation,
+    validate_permutation,
+)
+from neuralign.alignment.spec import PermutationSpec, Segment, SpecBuilder, Tap, spec_from_axes
+from neuralign.alignment.trace import trace_spec
+
+__all__ = [
+    "Permutation",
+    "PermutationSpec",
+    "Segment",
+    "SpecBuilder",
+    "Tap",
+    "apply_permutation",
+    "apply_permutation_matrices",
+    "compose_permutations",
+    "identity_permutation",
+    "invert_permutation",
+    "permutation_distance",
+    "random_permutation",
+    "spec_from_axes",
+    "trace_spec",
+    "validate_permutation",
+]

@@ -1,0 +1,191 @@
+"""Permutations of a spec's groups: make, check, combine, and apply them to state dicts.
+
+A permutation is ``dict[str, torch.LongTensor]``: group -> ``perm`` with ``B_new[i] = B_old[perm[i]]``
+(dense form ``P[i, perm[i]] = 1``, ``B_new = P B_old``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from neuralign._utils import as_generator
+from neuralign.alignment.spec import Action, PermutationSpec, _segments_for
+
+__all__ = [
+    "Permutation",
+    "identity_permutation",
+    "random_permutation",
+    "invert_permutation",
+    "compose_permutations",
+    "validate_permutation",
+    "apply_permutation",
+    "apply_permutation_matrices",
+    "permutation_distance",
+]
+
+Permutation = dict[str, torch.Tensor]
+
+
+def identity_permutation(spec: PermutationSpec, *, device: torch.device | str | None = None) -> Permutation:
+    """The permutation that changes nothing.
+
+    >>> from neuralign.alignment import SpecBuilder
+    >>> identity_permutation(SpecBuilder().group("h", 3).build())
+    {'h': tensor([0, 1, 2])}
+    """
+    return {g: torch.arange(n, device=device) for g, n in spec.sizes.items()}
+
+
+def random_permutation(
+    spec: PermutationSpec, *, generator: torch.Generator | int | None = None, device: torch.device | str | None = None
+) -> Permutation:
+    """A uniformly random permutation of every group, drawn from ``generator`` (a seed or torch.Generator)."""
+    gen = as_generator(generator)
+    return {g: torch.randperm(n, generator=gen).to(device) for g, n in spec.sizes.items()}
+
+
+def invert_permutation(perms: Mapping[str, torch.Tensor]) -> Permutation:
+    """The inverse: ``apply(apply(sd, p), invert(p)) == sd``."""
+    out = {}
+    for g, p in perms.items():
+        inv = torch.empty_like(p)
+        inv[p] = torch.arange(p.numel(), device=p.device, dtype=p.dtype)
+        out[g] = inv
+    return out
+
+
+def compose_permutations(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> Permutation:
+    """The permutation that applies ``first`` and then ``second``: ``first[g][second[g]]``.
+
+    ``apply(apply(sd, first), second) == apply(sd, compose(first, second))``. This is how PAM's result on an
+    aligned model is combined with the alignment (``match_og[match_pam]`` in the official code).
+    """
+    if set(first) != set(second):
+        raise ValueError(f"cannot compose permutations over different groups: {sorted(first)} vs {sorted(second)}")
+    return {g: first[g][second[g]] for g in first}
+
+
+def validate_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor], *, name: str = "perms") -> None:
+    """Raise ``ValueError`` naming the group if ``perms`` is not a permutation of every group of ``spec``."""
+    if not isinstance(perms, Mapping):
+        raise TypeError(f"`{name}` must be a dict group -> index tensor, got {type(perms).__name__}")
+    missing = [g for g in spec.sizes if g not in perms]
+    if missing:
+        raise ValueError(f"`{name}` lacks the groups {missing}")
+    extra = [g for g in perms if g not in spec.sizes]
+    if extra:
+        raise ValueError(f"`{name}` has groups {extra} that the spec does not have")
+    for g, n in spec.sizes.items():
+        p = perms[g]
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"`{name}` group `{g}`: expected an int64 tensor, got {type(p).__name__}")
+        if p.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"`{name}` group `{g}`: expected an integer tensor, got dtype {p.dtype}")
+        if p.ndim != 1 or p.numel() != n:
+            raise ValueError(f"`{name}` group `{g}` has length {tuple(p.shape)}, expected ({n},)")
+        seen = torch.zeros(n, dtype=torch.bool, device=p.device)
+        in_range = bool(((p >= 0) & (p < n)).all())
+        if in_range:
+            seen[p.long()] = True
+        if not in_range or not bool(seen.all()):
+            raise ValueError(f"`{name}` group `{g}` is not a permutation of 0..{n - 1}")
+
+
+def _axis_index(action: Action, perms: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The gather index of one axis: segment by segment, ``offset + perm[unit] * expand + (0..expand-1)``."""
+    parts = []
+    for offset, seg in _segments_for(action):
+        if seg.group is None:
+            parts.append(torch.arange(offset, offset + seg.length, device=device))
+        else:
+            p = perms[seg.group].to(device=device, dtype=torch.int64)
+            idx = p[:, None] * seg.expand + torch.arange(seg.expand, device=device)[None, :]
+            parts.append(offset + idx.reshape(-1))
+    return torch.cat(parts)
+
+
+def apply_permutation(
+    state_dict: Mapping[str, torch.Tensor], spec: PermutationSpec, perms: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A new state dict in which every axis the spec names is permuted; the input is untouched.
+
+    .. math::  W' = P_{\\text{out}} \\, W \\, P_{\\text{in}}^\\top, \\qquad b' = P_{\\text{out}} b
+
+    for every layer, with ``P_g[i, perm_g[i]] = 1``; batch-norm weights, biases and running statistics follow
+    their channel's group. Keys the spec does not name are copied (cloned) unchanged.
+
+    Parameters
+    ----------
+    state_dict : Mapping[str, Tensor]
+        Parameters and buffers (e.g. ``model.state_dict()``).
+    spec : PermutationSpec
+    perms : Mapping[str, LongTensor]
+        One index tensor per group (see :func:`validate_permutation`).
+
+    Raises
+    ------
+    SpecError, ShapeMismatchError
+        If the spec does not fit ``state_dict``.
+    ValueError
+        If ``perms`` is not a permutation of every group.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neuralign.alignment import SpecBuilder
+    >>> spec = SpecBuilder().group("h", 2).add("w1", 0, "h").add("w2", 1, "h").build()
+    >>> sd = {"w1": torch.tensor([[1.0], [2.0]]), "w2": torch.tensor([[3.0, 4.0]])}
+    >>> new = apply_permutation(sd, spec, {"h": torch.tensor([1, 0])})
+    >>> new["w1"].flatten().tolist(), new["w2"].flatten().tolist()
+    ([2.0, 1.0], [4.0, 3.0])
+    """
+    spec.validate(state_dict)
+    validate_permutation(spec, perms)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        per_axis = spec.axes.get(key)
+        if not per_axis:
+            out[key] = value.clone() if isinstance(value, torch.Tensor) else value
+            continue
+        new = value
+        for axis, action in per_axis.items():
+            new = new.index_select(axis, _axis_index(action, perms, value.device))
+        out[key] = new
+    return out
+
+
+def apply_permutation_matrices(
+    state_dict: Mapping[str, torch.Tensor], spec: PermutationSpec, matrices: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Apply dense (possibly relaxed, e.g. doubly stochastic) matrices instead of index permutations.
+
+    Differentiable in ``matrices`` and in ``state_dict``: each permuted axis block of ``group`` is multiplied by
+    ``matrices[group]`` (``n x n``), i.e. ``W' = P_out W P_in^T`` over the channel axes. For permutation matrices
+    this equals :func:`apply_permutation` exactly; it is what gives ``dF/dP`` for PAM. Keys the spec does not
+    name are passed through (the same tensor objects, not copies).
+    """
+    out: dict[str, torch.Tensor] = dict(state_dict)
+    for key, per_axis in spec.axes.items():
+        if key not in state_dict:
+            continue
+        new = state_dict[key]
+        for axis, action in per_axis.items():
+            moved = new.movedim(axis, 0)
+            rest = moved.shape[1:]
+            blocks = []
+            for offset, seg in _segments_for(action):
+                block = moved[offset : offset + seg.length]
+                if seg.group is not None:
+                    mat = matrices[seg.group].to(dtype=block.dtype)
+                    block = (mat @ block.reshape(seg.size, -1)).reshape(seg.length, *rest)
+                blocks.append(block)
+            new = torch.cat(blocks, 0).movedim(0, axis)
+        out[key] = new
+    return out
+
+
+def permutation_distance(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Per group, the Hamming distance: the number of units ``i`` with ``first[g][i] != second[g][i]``."""
+    return {g: int((first[g].cpu() != second[g].cpu()).sum()) for g in first}
