@@ -1,1 +1,46 @@
-"""neuralign.optim"""
+"""Solvers over permutations and continuous variables that know nothing about neural networks.
+
+Linear assignment (exact and its LP relaxation), the Birkhoff polytope (projection, Birkhoff–von Neumann
+decomposition and sampling), the proximal alternating minimisation solver :class:`PAM` and the quadratic
+assignment problem.
+"""
+
+from __future__ import annotations
+
+from neuralign.optim.assignment import (
+    AssignmentLPResult,
+    AssignmentResult,
+    assignment_duals,
+    solve_assignment,
+    solve_assignment_lp,
+    solve_assignments,
+)
+from neuralign.optim.birkhoff import (
+    BirkhoffDecomposition,
+    birkhoff_decomposition,
+    is_permutation,
+    matrix_to_perm,
+    nearest_permutation,
+    perm_to_matrix,
+    project_doubly_stochastic,
+    project_unit_marginals,
+    sample_permutations,
+)
+
+__all__ = [
+    "AssignmentLPResult",
+    "AssignmentResult",
+    "assignment_duals",
+    "solve_assignment",
+    "solve_assignment_lp",
+    "solve_assignments",
+    "BirkhoffDecomposition",
+    "birkhoff_decomposition",
+    "is_permutation",
+    "matrix_to_perm",
+    "nearest_permutation",
+    "perm_to_matrix",
+    "project_doubly_stochastic",
+    "project_unit_marginals",
+    "sample_permutations",
+]

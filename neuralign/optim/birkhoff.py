@@ -1,0 +1,429 @@
+r"""The Birkhoff polytope: permutation matrices, (approximate) projection, Birkhoff–von Neumann decomposition.
+
+The Birkhoff polytope :math:`\mathcal B_n = \{X \in \mathbb R^{n\times n} : X \ge 0,\ X\mathbf 1 = \mathbf 1,\
+X^\top \mathbf 1 = \mathbf 1\}` is the convex hull of the :math:`n!` permutation matrices :math:`\Pi_n`
+(Birkhoff 1946, von Neumann 1953). A permutation is stored as an index tensor ``perm`` with dense matrix
+``P[i, perm[i]] = 1`` (so ``P @ B == B[perm]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from neuralign._utils import as_generator
+from neuralign.optim.assignment import solve_assignment
+
+__all__ = [
+    "BirkhoffDecomposition",
+    "perm_to_matrix",
+    "matrix_to_perm",
+    "is_permutation",
+    "nearest_permutation",
+    "project_unit_marginals",
+    "project_doubly_stochastic",
+    "birkhoff_decomposition",
+    "sample_permutations",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def is_permutation(perm: object) -> bool:
+    """Whether ``perm`` is a 1-D integer tensor holding each of ``0 .. n-1`` exactly once.
+
+    Examples
+    --------
+    >>> import torch
+    >>> is_permutation(torch.tensor([2, 0, 1])), is_permutation(torch.tensor([0, 0, 1]))
+    (True, False)
+    """
+    if not isinstance(perm, torch.Tensor) or perm.dim() != 1:
+        return False
+    if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+        return False
+    n = perm.numel()
+    if n == 0:
+        return True
+    p = perm.to(torch.int64)
+    if int(p.min().item()) < 0 or int(p.max().item()) >= n:
+        return False
+    return bool((torch.bincount(p, minlength=n) == 1).all().item())
+
+
+def _check_perm(perm: object, arg: str = "perm") -> torch.Tensor:
+    if not isinstance(perm, torch.Tensor):
+        raise TypeError(f"`{arg}` must be a torch.Tensor, got {type(perm).__name__}")
+    if not is_permutation(perm):
+        shown = perm.tolist() if perm.numel() <= 20 else f"a tensor of shape {tuple(perm.shape)}"
+        raise ValueError(f"`{arg}` must be a 1-D integer permutation of 0..n-1, got {shown}")
+    return perm.to(torch.int64)
+
+
+def perm_to_matrix(
+    perm: torch.Tensor, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The dense permutation matrix ``P`` with ``P[i, perm[i]] = 1``.
+
+    Parameters
+    ----------
+    perm : torch.Tensor
+        1-D integer permutation of length ``n``.
+    dtype : torch.dtype, optional
+        Default ``torch.get_default_dtype()``.
+    device : torch.device, optional
+        Default ``perm``'s device.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n, n)`` matrix with ``P @ B == B[perm]``.
+
+    Raises
+    ------
+    ValueError
+        If ``perm`` is not a permutation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> perm_to_matrix(torch.tensor([1, 0]))
+    tensor([[0., 1.],
+            [1., 0.]])
+    """
+    perm = _check_perm(perm)
+    n = perm.numel()
+    dtype = dtype if dtype is not None else torch.get_default_dtype()
+    device = device if device is not None else perm.device
+    P = torch.zeros(n, n, dtype=dtype, device=device)
+    P[torch.arange(n, device=device), perm.to(device)] = 1
+    return P
+
+
+def matrix_to_perm(P: torch.Tensor, *, atol: float = 0.0) -> torch.Tensor:
+    """The index tensor ``perm`` of a dense permutation matrix (``P[i, perm[i]] = 1``), after validating it.
+
+    Parameters
+    ----------
+    P : torch.Tensor
+        ``(n, n)`` matrix whose entries are 0 or 1 (within ``atol``), with one 1 per row and per column.
+    atol : float
+        Tolerance on the entries.
+
+    Raises
+    ------
+    ValueError
+        If ``P`` is not square or not a permutation matrix (the message says which row, column or entry
+        fails).
+
+    Examples
+    --------
+    >>> import torch
+    >>> matrix_to_perm(torch.tensor([[0.0, 1.0], [1.0, 0.0]])).tolist()
+    [1, 0]
+    """
+    if not isinstance(P, torch.Tensor):
+        raise TypeError(f"`P` must be a torch.Tensor, got {type(P).__name__}")
+    if P.dim() != 2 or P.shape[0] != P.shape[1]:
+        raise ValueError(f"`P` must be a square matrix, got shape {tuple(P.shape)}")
+    Pf = P.detach().to(torch.float64)
+    is_one = (Pf - 1).abs() <= atol
+    is_zero = Pf.abs() <= atol
+    bad = ~(is_one | is_zero)
+    if bool(bad.any()):
+        i, j = (int(k) for k in bad.nonzero()[0].tolist())
+        value = Pf[i, j].item()
+        raise ValueError(f"`P` is not a permutation matrix: entry ({i}, {j}) is {value:g}, not 0 or 1")
+    row_counts = is_one.sum(dim=1)
+    col_counts = is_one.sum(dim=0)
+    if bool((row_counts != 1).any()):
+        i = int((row_counts != 1).nonzero()[0].item())
+        count = int(row_counts[i])
+        raise ValueError(f"`P` is not a permutation matrix: row {i} has {count} ones, expected 1")
+    if bool((col_counts != 1).any()):
+        j = int((col_counts != 1).nonzero()[0].item())
+        count = int(col_counts[j])
+        raise ValueError(f"`P` is not a permutation matrix: column {j} has {count} ones, expected 1")
+    return is_one.to(torch.int64).argmax(dim=1)
+
+
+def nearest_permutation(D: torch.Tensor, *, name: str | None = None) -> torch.Tensor:
+    r"""Euclidean projection onto the permutation matrices: :math:`\arg\min_{P\in\Pi_n} \|P - D\|_F =
+    \arg\max_{P\in\Pi_n} \langle P, D\rangle` (one linear assignment).
+
+    Examples
+    --------
+    >>> import torch
+    >>> nearest_permutation(torch.tensor([[0.2, 0.8], [0.7, 0.3]])).tolist()
+    [1, 0]
+    """
+    if not isinstance(D, torch.Tensor) or D.dim() != 2 or D.shape[0] != D.shape[1]:
+        shape = tuple(D.shape) if isinstance(D, torch.Tensor) else type(D).__name__
+        raise ValueError(f"`D` must be a square matrix, got {shape}")
+    return solve_assignment(D, maximize=True, name=name).perm
+
+
+def _check_square_batch(M: object, arg: str = "M") -> torch.Tensor:
+    if not isinstance(M, torch.Tensor):
+        raise TypeError(f"`{arg}` must be a torch.Tensor, got {type(M).__name__}")
+    if M.dim() < 2 or M.shape[-1] != M.shape[-2]:
+        raise ValueError(f"`{arg}` must have shape (..., n, n), got {tuple(M.shape)}")
+    if not M.is_floating_point():
+        raise TypeError(f"`{arg}` must be a floating-point tensor, got dtype {M.dtype}")
+    return M
+
+
+def project_unit_marginals(M: torch.Tensor) -> torch.Tensor:
+    r"""Exact Euclidean projection onto the affine set :math:`\{X : X\mathbf 1 = \mathbf 1,\ X^\top\mathbf 1 =
+    \mathbf 1\}`.
+
+    .. math::
+
+        \Pi_{\mathcal A}(M) = M - \tfrac1n (M\mathbf 1 - \mathbf 1)\mathbf 1^\top
+        - \tfrac1n \mathbf 1 (\mathbf 1^\top M - \mathbf 1^\top)
+        + \tfrac1{n^2} (\mathbf 1^\top M \mathbf 1 - n)\, \mathbf 1 \mathbf 1^\top .
+
+    The correction lies in the span of :math:`\{a\mathbf 1^\top + \mathbf 1 b^\top\}`, the orthogonal
+    complement of the set's direction :math:`\{X\mathbf 1 = 0, X^\top \mathbf 1 = 0\}`, and the result has
+    unit row and column sums, hence it is the orthogonal projection. Works on batches ``(..., n, n)``; the
+    input is not modified.
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = project_unit_marginals(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    >>> X.sum(dim=0).tolist(), X.sum(dim=1).tolist()
+    ([1.0, 1.0], [1.0, 1.0])
+    """
+    M = _check_square_batch(M)
+    n = M.shape[-1]
+    row = M.sum(dim=-1, keepdim=True)  # (..., n, 1)
+    col = M.sum(dim=-2, keepdim=True)  # (..., 1, n)
+    total = row.sum(dim=-2, keepdim=True)  # (..., 1, 1)
+    return M - (row - 1) / n - (col - 1) / n + (total - n) / (n * n)
+
+
+def project_doubly_stochastic(M: torch.Tensor, *, n_iter: int = 20) -> torch.Tensor:
+    r"""Approximate Euclidean projection onto the Birkhoff polytope by alternating ReLU and the affine
+    projection.
+
+    Repeats ``n_iter`` times
+
+    .. math::
+
+        M \leftarrow \max(M, 0), \qquad M \leftarrow \Pi_{\mathcal A}(M)
+
+    with :math:`\Pi_{\mathcal A}` of :func:`project_unit_marginals` (the scheme of Tatro et al.'s code). The
+    result has exact unit row and column sums; its negative entries shrink towards 0 as ``n_iter`` grows
+    (alternating projections onto the nonnegative orthant and the affine set converge to a point of
+    :math:`\mathcal B_n`, which is in general not the exact Euclidean projection; Dykstra's corrections would
+    be needed for that).
+
+    Parameters
+    ----------
+    M : torch.Tensor
+        ``(..., n, n)`` floating-point tensor.
+    n_iter : int
+        Number of rounds (``0`` returns a copy).
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape, dtype and device; differentiable (autograd flows through it).
+
+    References
+    ----------
+    .. [1] N. J. Tatro, P.-Y. Chen, P. Das, I. Melnyk, P. Sattigeri, R. Lai, "Optimizing Mode Connectivity via
+       Neuron Alignment", NeurIPS 2020, arXiv:2009.02439.
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = project_doubly_stochastic(torch.tensor([[2.0, -1.0], [0.5, 0.5]]))
+    >>> bool((X >= -1e-6).all()), X.sum(dim=1).tolist()
+    (True, [1.0, 1.0])
+    """
+    M = _check_square_batch(M)
+    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 0:
+        raise ValueError(f"`n_iter` must be a nonnegative int, got {n_iter!r}")
+    out = M.clone()
+    for _ in range(n_iter):
+        out = project_unit_marginals(torch.relu(out))
+    return out
+
+
+@dataclass(frozen=True)
+class BirkhoffDecomposition:
+    r"""A (truncated) Birkhoff–von Neumann decomposition :math:`D \approx \sum_j c_j P_j`.
+
+    Attributes
+    ----------
+    coefficients : torch.Tensor
+        ``(k,)`` positive weights in the order they were found (greedy: usually decreasing), dtype of ``D``.
+    perms : torch.Tensor
+        ``(k, n)`` int64; row ``j`` is the index form of :math:`P_j`.
+    residual : float
+        :math:`\|D - \sum_j c_j P_j\|_F`.
+    n_iter : int
+        Number of assignments solved.
+    """
+
+    coefficients: torch.Tensor
+    perms: torch.Tensor
+    residual: float
+    n_iter: int
+
+    def reconstruct(self) -> torch.Tensor:
+        r""":math:`\sum_j c_j P_j` as a dense ``(n, n)`` matrix."""
+        n = self.perms.shape[1]
+        out = torch.zeros(n, n, dtype=self.coefficients.dtype, device=self.coefficients.device)
+        rows = torch.arange(n, device=out.device)
+        for c, p in zip(self.coefficients, self.perms):
+            out[rows, p] += c
+        return out
+
+
+def birkhoff_decomposition(
+    D: torch.Tensor, *, max_terms: int | None = None, tol: float = 5e-4
+) -> BirkhoffDecomposition:
+    r"""Greedy Birkhoff–von Neumann decomposition of a (nearly) doubly-stochastic matrix.
+
+    .. math::
+
+        D \approx \sum_{j=1}^k c_j P_j, \qquad c_j > 0,\ P_j \in \Pi_n .
+
+    Starting from :math:`R = D` with entries below ``tol`` set to 0, repeat: find a permutation on the support
+    of :math:`R` (a linear assignment maximising :math:`\sum_i R_{i\sigma(i)}` in which zero entries carry a
+    penalty larger than any attainable sum, so that a perfect matching of the support is preferred whenever
+    one exists), take :math:`c = \min_i R_{i\sigma(i)}`, subtract :math:`cP_\sigma`, zero the entries below
+    ``tol``; stop when :math:`c = 0` (the support holds no perfect matching), :math:`R = 0`, or after
+    ``max_terms`` terms.
+
+    Parameters
+    ----------
+    D : torch.Tensor
+        ``(n, n)`` floating-point matrix, ideally doubly stochastic (e.g. from
+        :func:`project_doubly_stochastic`).
+    max_terms : int, optional
+        Maximum number of terms (default: no limit; at most :math:`n^2` since each step zeroes an entry).
+    tol : float
+        Entries below ``tol`` are treated as 0.
+
+    Returns
+    -------
+    BirkhoffDecomposition
+
+    Notes
+    -----
+    For an exactly doubly-stochastic :math:`D` and ``tol=0`` each remainder is a multiple of a
+    doubly-stochastic matrix, whose support holds a perfect matching (Birkhoff's theorem via Hall's
+    condition), so the procedure ends with :math:`R = 0` and :math:`\sum_j c_j = 1`. Entries dropped by
+    ``tol`` make the remainder only approximately scaled-doubly-stochastic, so the coefficients then sum to
+    slightly less than 1.
+
+    Examples
+    --------
+    >>> import torch
+    >>> D = 0.75 * torch.eye(3) + 0.25 * torch.eye(3)[[1, 2, 0]]
+    >>> dec = birkhoff_decomposition(D)
+    >>> dec.coefficients.tolist(), dec.perms.tolist()
+    ([0.75, 0.25], [[0, 1, 2], [1, 2, 0]])
+    """
+    D = _check_square_batch(D, "D")
+    if D.dim() != 2:
+        raise ValueError(f"`D` must be a single (n, n) matrix, got shape {tuple(D.shape)}")
+    if not torch.isfinite(D).all():
+        raise ValueError("`D` holds NaN or infinite entries")
+    if max_terms is not None and (not isinstance(max_terms, int) or max_terms < 1):
+        raise ValueError(f"`max_terms` must be a positive int or None, got {max_terms!r}")
+    if not tol >= 0:
+        raise ValueError(f"`tol` must be nonnegative, got {tol!r}")
+    n = D.shape[0]
+    R = D.detach().clone()
+    R[R < tol] = 0
+    rows = torch.arange(n, device=R.device)
+    coefficients: list[torch.Tensor] = []
+    perms: list[torch.Tensor] = []
+    limit = max_terms if max_terms is not None else n * n + 1
+    n_iter = 0
+    while len(perms) < limit and n > 0 and bool((R > 0).any()):
+        penalty = n * float(R.max().item()) + 1.0
+        score = torch.where(R > 0, R, torch.full_like(R, -penalty))
+        perm = solve_assignment(score, maximize=True).perm
+        n_iter += 1
+        c = R[rows, perm].min()
+        if not bool(c > 0):
+            break
+        R[rows, perm] -= c
+        R[R < tol] = 0
+        coefficients.append(c)
+        perms.append(perm)
+    coef = torch.stack(coefficients) if coefficients else torch.zeros(0, dtype=D.dtype, device=D.device)
+    P = torch.stack(perms) if perms else torch.zeros(0, n, dtype=torch.int64, device=D.device)
+    dec = BirkhoffDecomposition(coefficients=coef, perms=P, residual=0.0, n_iter=n_iter)
+    residual = float(torch.linalg.norm((D.detach() - dec.reconstruct()).to(torch.float64)).item())
+    return BirkhoffDecomposition(coefficients=coef, perms=P, residual=residual, n_iter=n_iter)
+
+
+def sample_permutations(
+    decomposition: BirkhoffDecomposition,
+    k: int,
+    *,
+    generator: torch.Generator | int | None = None,
+    max_terms: int | None = 11,
+) -> torch.Tensor:
+    r"""Draw ``k`` permutations from a Birkhoff–von Neumann decomposition, with probability proportional to
+    the coefficients.
+
+    As in Tatro et al.'s code, only the ``max_terms`` largest terms are kept (11 by default) and their
+    coefficients are renormalised to a distribution; draws are independent (with replacement).
+
+    Parameters
+    ----------
+    decomposition : BirkhoffDecomposition
+        From :func:`birkhoff_decomposition`; must hold at least one term.
+    k : int
+        Number of draws (``0`` gives an empty ``(0, n)`` tensor).
+    generator : torch.Generator or int or None
+        Source of randomness (see :func:`neuralign._utils.as_generator`); a generator must live on the CPU.
+    max_terms : int or None
+        Keep this many largest terms (``None``: all).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(k, n)`` int64 permutations on the decomposition's device.
+
+    Raises
+    ------
+    ValueError
+        If the decomposition is empty or ``k`` is negative.
+
+    Examples
+    --------
+    >>> import torch
+    >>> dec = birkhoff_decomposition(0.9 * torch.eye(3) + 0.1 * torch.eye(3)[[1, 2, 0]])
+    >>> sample_permutations(dec, 4, generator=0).shape
+    torch.Size([4, 3])
+    """
+    if not isinstance(decomposition, BirkhoffDecomposition):
+        kind = type(decomposition).__name__
+        raise TypeError(f"`decomposition` must be a BirkhoffDecomposition, got {kind}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"`k` must be a nonnegative int, got {k!r}")
+    if max_terms is not None and (not isinstance(max_terms, int) or max_terms < 1):
+        raise ValueError(f"`max_terms` must be a positive int or None, got {max_terms!r}")
+    coef = decomposition.coefficients
+    if coef.numel() == 0:
+        raise ValueError("`decomposition` holds no term to sample from")
+    gen = as_generator(generator)
+    order = torch.argsort(coef.detach().cpu().to(torch.float64), descending=True, stable=True)
+    if max_terms is not None:
+        order = order[:max_terms]
+    weights = coef.detach().cpu().to(torch.float64)[order]
+    if k == 0:
+        return decomposition.perms.new_zeros((0, decomposition.perms.shape[1]))
+    idx = torch.multinomial(weights / weights.sum(), k, replacement=True, generator=gen)
+    return decomposition.perms[order[idx].to(decomposition.perms.device)]
