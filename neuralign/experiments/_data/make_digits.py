@@ -36,9 +36,7 @@ def make_digits(path: Path) -> dict[str, np.ndarray]:
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
     labels = bunch.target.astype(np.uint8)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=0.2, stratify=labels, random_state=0
-    )
+    x_train, x_test, y_train, y_test = train_test_split(images, labels, test_size=0.2, stratify=labels, random_state=0)
     arrays = {
         "x_train": np.ascontiguousarray(x_train),
         "y_train": np.ascontiguousarray(y_train),
