@@ -1,0 +1,308 @@
+"""Batch-norm statistics along a curve, and the helpers that run an unmodified model at given weights.
+
+Running statistics are not interpolated along a curve: at each evaluated weight vector they are reset and
+re-estimated from data (Garipov et al. 2018, §A; Tatro et al. 2020). Every function here evaluates the model with
+:func:`torch.func.functional_call` on parameter and buffer dicts that it owns, so the caller's model and its buffers
+are never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from neuralign._utils import split_logits
+from neuralign.errors import ShapeMismatchError
+
+__all__ = ["reestimate_bn"]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# private helpers shared by fit.py and evaluate.py
+def _check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _parameters_of(model: nn.Module, state: Any, label: str) -> dict[str, torch.Tensor]:
+    """The parameter entries of ``state`` (a parameter dict or a full state dict; buffer entries are dropped).
+
+    Raises ShapeMismatchError naming the first missing, unknown or mis-shaped parameter.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"`{label}` must be a dict name -> Tensor, got {type(state).__name__}")
+    params = dict(model.named_parameters())
+    buffers = {name for name, _ in model.named_buffers()}
+    for key in state:
+        if key not in params and key not in buffers:
+            raise ShapeMismatchError(f"`{label}` has an entry `{key}` that is not a parameter of `model`")
+    out: dict[str, torch.Tensor] = {}
+    for key, param in params.items():
+        if key not in state:
+            raise ShapeMismatchError(f"`{label}` has no parameter `{key}`, which `model` has")
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{label}` entry `{key}` must be a Tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(param.shape):
+            raise ShapeMismatchError(
+                f"`{label}` has parameter `{key}` of shape {tuple(value.shape)} but `model` has {tuple(param.shape)}"
+            )
+        out[key] = value
+    return out
+
+
+def _check_curve_matches_model(model: nn.Module, names: Iterable[str], shapes: Iterable[torch.Size]) -> None:
+    params = dict(model.named_parameters())
+    names = list(names)
+    for name, shape in zip(names, shapes):
+        if name not in params:
+            raise ShapeMismatchError(f"`curve` has parameter `{name}`, which `model` lacks")
+        if tuple(params[name].shape) != tuple(shape):
+            raise ShapeMismatchError(
+                f"`curve` has parameter `{name}` of shape {tuple(shape)} but `model` has {tuple(params[name].shape)}"
+            )
+    missing = [k for k in params if k not in set(names)]
+    if missing:
+        raise ShapeMismatchError(f"`curve` has no parameter `{missing[0]}`, which `model` has")
+
+
+def _buffer_copies(model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: buf.detach().to(device=device, copy=True) for name, buf in model.named_buffers()}
+
+
+@contextlib.contextmanager
+def _module_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Set train/eval mode for the duration of the block and restore every submodule's own flag afterwards."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _split_batch(batch: Any, device: torch.device, label: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, y)`` on ``device`` from a loader item: a tensor, or a tuple/list whose first two entries are x, y."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True), None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        x = batch[0].to(device, non_blocking=True)
+        y = batch[1].to(device, non_blocking=True) if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return x, y
+    raise TypeError(f"`{label}` must yield tensors or (inputs, targets) tuples, got {type(batch).__name__}")
+
+
+def _first_layer_hint(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            dims = len(module.kernel_size)
+            spatial = ", ".join("HWD"[i] if dims > 1 else "L" for i in range(dims))
+            return (
+                f"its first layer `{name}` is {module!r}, which expects inputs of shape "
+                f"(N, {module.in_channels}, {spatial})"
+            )
+        if isinstance(module, nn.Linear):
+            return (
+                f"its first layer `{name}` is {module!r}, which expects {module.in_features} features per sample "
+                "(after any flattening before it)"
+            )
+    return "it has no Conv or Linear layer from which to tell the expected input shape"
+
+
+def _call(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    check: str | None = None,
+) -> Any:
+    """``model(x)`` at ``params``/``buffers``; with ``check`` (a loader's name) a failure names the expected shape."""
+    if check is None:
+        return functional_call(model, (params, buffers), (x,))
+    try:
+        return functional_call(model, (params, buffers), (x,))
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        raise ValueError(
+            f"`{check}` yielded inputs of shape {tuple(x.shape)} (dtype {x.dtype}) that the model cannot take: "
+            f"{_first_layer_hint(model)}; the model raised: {exc}"
+        ) from exc
+
+
+def _bn_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    return [
+        (name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+    ]
+
+
+def _reestimate(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    loader: Iterable,
+    max_batches: int | None,
+    device: torch.device,
+    label: str = "loader",
+) -> dict[str, torch.Tensor]:
+    """Core of :func:`reestimate_bn` without input validation."""
+    buffers = _buffer_copies(model, device)
+    modules = _bn_modules(model)
+    if not modules:
+        return buffers
+    for name, _ in modules:
+        prefix = f"{name}." if name else ""
+        buffers[prefix + "running_mean"].zero_()
+        buffers[prefix + "running_var"].fill_(1.0)
+        if prefix + "num_batches_tracked" in buffers:
+            buffers[prefix + "num_batches_tracked"].zero_()
+    saved_momenta = [m.momentum for _, m in modules]
+    seen = 0
+    try:
+        with torch.no_grad(), _module_mode(model, True):
+            for index, batch in enumerate(loader):
+                if max_batches is not None and index >= max_batches:
+                    break
+                x, _ = _split_batch(batch, device, label)
+                b = int(x.shape[0])
+                # running <- (1 - m) running + m batch_stat with m = b / (seen + b): the exact sample-weighted
+                # mean of the per-batch statistics (Garipov et al. 2018, utils.bn_update).
+                momentum = b / (seen + b)
+                for _, m in modules:
+                    m.momentum = momentum
+                _call(model, params, buffers, x, check=label if index == 0 else None)
+                seen += b
+    finally:
+        for (_, m), value in zip(modules, saved_momenta):
+            m.momentum = value
+    if seen == 0:
+        raise ValueError(f"`{label}` yielded no batch: batch-norm statistics cannot be re-estimated")
+    return buffers
+
+
+def _evaluate(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    loader: Iterable,
+    device: torch.device,
+    label: str,
+) -> tuple[float, float]:
+    """Mean cross-entropy of the main logits and accuracy (fraction) over ``loader``, eval mode, no grad."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    with torch.no_grad(), _module_mode(model, False):
+        for index, batch in enumerate(loader):
+            x, y = _split_batch(batch, device, label)
+            if y is None:
+                raise TypeError(f"`{label}` must yield (inputs, targets) pairs to measure loss and accuracy")
+            logits, _ = split_logits(_call(model, params, buffers, x, check=label if index == 0 else None))
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(dim=-1) == y).sum()
+            count += int(y.shape[0])
+    if count == 0:
+        raise ValueError(f"`{label}` yielded no batch")
+    return float(loss_sum) / count, int(correct) / count
+
+
+def _check_max_batches(value: Any, label: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{label}` must be None or an int >= 1, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def reestimate_bn(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    loader: Iterable,
+    *,
+    max_batches: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Batch-norm running statistics of ``model`` at weights ``params``, re-estimated exactly from ``loader``.
+
+    For every batch-norm layer with running statistics, the running mean and variance are reset and set to the
+    sample-weighted average of the per-batch statistics over the batches :math:`B_1, \\dots, B_K` of ``loader``:
+
+    .. math::
+
+        \\hat\\mu = \\frac{\\sum_k |B_k|\\, \\mu_{B_k}}{\\sum_k |B_k|}, \\qquad
+        \\hat\\sigma^2 = \\frac{\\sum_k |B_k|\\, s^2_{B_k}}{\\sum_k |B_k|},
+
+    where :math:`\\mu_{B_k}` and :math:`s^2_{B_k}` (unbiased) are the statistics the layer sees in train mode on
+    batch :math:`k` of a forward pass at ``params``. This is batch norm's update
+    :math:`r \\leftarrow (1 - m) r + m\\, s_{B_k}` with momentum :math:`m = |B_k| / (n_{\\text{seen}} + |B_k|)`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The architecture; neither its parameters, its buffers nor its mode are changed (its batch-norm
+        ``momentum`` attributes are set during the pass and restored afterwards).
+    params : dict str -> Tensor
+        The weights at which to run the model: every parameter of ``model`` (extra buffer entries of a full state
+        dict are ignored). Their device is the device of the computation.
+    loader : iterable
+        Yields input tensors or ``(inputs, targets)`` tuples (targets unused), usually the training loader.
+    max_batches : int, optional
+        Use only the first ``max_batches`` batches (an approximation; see :func:`evaluate_curve`).
+
+    Returns
+    -------
+    dict str -> Tensor
+        Copies of all of ``model``'s buffers on the parameters' device, with the batch-norm statistics
+        re-estimated (``num_batches_tracked`` holds the number of batches used); pass it with the parameters to
+        :func:`torch.func.functional_call`.
+
+    Raises
+    ------
+    ShapeMismatchError
+        If ``params`` lacks a parameter of ``model`` or has one of another shape (names it).
+    ValueError
+        If ``loader`` yields no batch, or inputs the model cannot take (names the expected shape).
+
+    Notes
+    -----
+    Runs in train mode under ``torch.no_grad()``. A model without batch norm costs no data pass. Dropout, if any,
+    is active during the pass, as in the reference implementations.
+
+    References
+    ----------
+    .. [1] T. Garipov et al., "Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs", NeurIPS 2018,
+       arXiv:1802.10026.
+    .. [2] N. J. Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020,
+       arXiv:2009.02439.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    >>> params = dict(model.named_parameters())
+    >>> x = torch.randn(10, 3)
+    >>> buffers = reestimate_bn(model, params, [x[:6], x[6:]])
+    >>> h = model[0](x).detach()
+    >>> torch.allclose(buffers["1.running_mean"], h.mean(0), atol=1e-6)
+    True
+    >>> bool(model[1].running_mean.eq(0).all())     # the model is untouched
+    True
+    """
+    model = _check_model(model)
+    max_batches = _check_max_batches(max_batches, "max_batches")
+    parameters = _parameters_of(model, params, "params")
+    if not parameters:
+        raise ValueError("`model` has no parameter")
+    device = next(iter(parameters.values())).device
+    return _reestimate(model, parameters, loader, max_batches, device)
