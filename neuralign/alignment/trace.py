@@ -136,6 +136,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
         self.groups = _Groups()
         self.states: dict[str, Any] = {}
         self.records: dict[tuple[str, int], _Action] = {}
+        self.subst: dict[int, _Action] = {}
         self.taps: list[tuple[int, Tap]] = []
         self.on_unsupported = on_unsupported
         self.node: torch.fx.Node | None = None
@@ -147,11 +148,23 @@ class _SpecInterpreter(torch.fx.Interpreter):
     def _new(self, name: str, size: int, *, layer: bool = True) -> _Action:
         return ((self.groups.new(name, size, layer=layer), size, 1),)
 
+    def _norm(self, action: _Action) -> _Action:
+        """Replace groups that were split into blocks (see :meth:`_unify`) by those blocks."""
+        if action is None:
+            return None
+        out = []
+        for gid, size, expand in action:
+            root = self.groups.find(gid) if gid is not None else None
+            if root is not None and root in self.subst:
+                out.extend(self._norm(tuple((g, n, e * expand) for g, n, e in self.subst[root])))
+            else:
+                out.append((gid, size, expand))
+        return tuple(out)
+
     def _fix_action(self, action: _Action) -> None:
-        if action is not None:
-            for gid, _, _ in action:
-                if gid is not None:
-                    self.groups.fix(gid)
+        for gid, _, _ in self._norm(action) or ():
+            if gid is not None:
+                self.groups.fix(gid)
 
     def _fix_state(self, state: Any) -> None:
         for gid, _, _ in _iter_segments(state):
@@ -165,9 +178,15 @@ class _SpecInterpreter(torch.fx.Interpreter):
         if a is None or b is None:
             self._fix_action(a if a is not None else b)
             return None
-        ia, ib = list(a), list(b)
+        ia, ib = list(self._norm(a)), list(self._norm(b))
         if sum(s[1] * s[2] for s in ia) != sum(s[1] * s[2] for s in ib):
             self._fail("operands of different lengths on one axis")
+        for one, many in ((ia, ib), (ib, ia)):
+            # a whole group meeting a block structure (e.g. a learnt per-channel scale applied to a
+            # concatenation) is split into the same blocks
+            if len(one) == 1 and len(many) > 1 and one[0][0] is not None and all(m[2] == one[0][2] for m in many):
+                self.subst[self.groups.find(one[0][0])] = tuple((g, n, 1) for g, n, _ in many)
+                return tuple(many)
         if len(ia) != len(ib) or any(x[1] * x[2] != y[1] * y[2] for x, y in zip(ia, ib)):
             self._fail("operands carry differently structured (concatenated) groups on one axis")
         merged = []
@@ -603,7 +622,7 @@ def _build_spec(interp: _SpecInterpreter, state: dict[str, torch.Tensor], model:
     used: set[str] = set()
     for gid in range(len(groups.parent)):
         root = groups.find(gid)
-        if root == gid and groups.live(gid):
+        if root == gid and groups.live(gid) and gid not in interp.subst:
             base = name = groups.name[gid]
             k = 1
             while name in used:
@@ -615,7 +634,7 @@ def _build_spec(interp: _SpecInterpreter, state: dict[str, torch.Tensor], model:
         if action is None:
             return None
         segs = []
-        for gid, size, expand in action:
+        for gid, size, expand in interp._norm(action):
             g = names.get(groups.find(gid)) if gid is not None and groups.live(gid) else None
             segs.append(Segment(g, size, expand))
         return tuple(segs) if any(s.group is not None for s in segs) else None
@@ -631,7 +650,7 @@ def _build_spec(interp: _SpecInterpreter, state: dict[str, torch.Tensor], model:
     sizes = {names[g]: groups.size[g] for g in sorted(names)}
     taps: dict[str, list[Tap]] = {}
     for gid, tap in interp.taps:
-        if groups.live(gid):
+        if groups.live(gid) and groups.find(gid) in names:
             taps.setdefault(names[groups.find(gid)], []).append(tap)
     final_taps = {}
     for g, ts in taps.items():

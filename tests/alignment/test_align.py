@@ -1,0 +1,175 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuralign.alignment import (
+    apply_permutation,
+    invert_permutation,
+    random_permutation,
+    trace_spec,
+)
+from neuralign.alignment.align import align, weight_similarity
+from neuralign.alignment.stats import activation_moments
+from neuralign.errors import NonFiniteError, ShapeMismatchError
+from neuralign.experiments.models import build_model
+from tests.alignment.nets import calibrate_bn, randomize_bn
+from tests.conftest import shared_data
+
+
+def _batches(shape, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=g), torch.zeros(shape[0], dtype=torch.long)) for _ in range(n)]
+
+
+def _planted(name, shape, seed=0, **kw):
+    a = calibrate_bn(randomize_bn(build_model(name, 10, seed=seed, **kw), seed=seed), _batches(shape, n=2))
+    spec = trace_spec(a, torch.randn(*shape))
+    p = random_permutation(spec, generator=seed + 1)
+    b = build_model(name, 10, seed=seed + 5, **kw)
+    b.load_state_dict(apply_permutation(a.state_dict(), spec, p))
+    return a, b, spec, p
+
+
+@pytest.mark.parametrize(
+    "name,shape,kw",
+    [
+        ("mlp", (64, 1, 8, 8), {"in_features": 64, "hidden": (32, 24), "batch_norm": True}),
+        ("tinyten", (16, 3, 32, 32), {}),
+        ("resnet20", (16, 3, 32, 32), {}),
+    ],
+)
+@pytest.mark.parametrize("method", ["correlation", "l2", "weight"])
+def test_planted_permutation_is_recovered_exactly(name, shape, kw, method):
+    a, b, spec, p = _planted(name, shape, **kw)
+    loader = _batches(shape, n=2)
+    res = align(a, b, loader, method=method)
+    inverse = invert_permutation(p)
+    for g in spec.groups:
+        assert torch.equal(res.perms[g], inverse[g]), g
+        assert res.correlation_after[g] == pytest.approx(1.0, abs=1e-3), g
+        assert res.correlation_before[g] < 0.9
+    assert res.fun == pytest.approx(sum(res.objective_after.values()))
+    aligned = apply_permutation(b.state_dict(), spec, res.perms)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(aligned[k], v, rtol=0, atol=0)
+
+
+def test_correlation_matches_direct_computation():
+    a = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2))
+    b = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2))
+    batches = _batches((5, 2, 4, 4), n=4)
+    _, moments = activation_moments(a, b, batches)
+    (m,) = moments["0"]
+    with torch.no_grad():
+        xa = torch.cat([F.relu(a[0](x)) for x, _ in batches]).permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
+        xb = torch.cat([F.relu(b[0](x)) for x, _ in batches]).permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
+    za = (xa - xa.mean(0)) / (xa.std(0) + 1e-5)
+    zb = (xb - xb.mean(0)) / (xb.std(0) + 1e-5)
+    expected = za.T @ zb / xa.shape[0]
+    assert m.count == 5 * 4 * 16
+    np.testing.assert_allclose(m.correlation().numpy(), expected, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(m.cross.numpy(), xa.T @ xb / xa.shape[0], rtol=1e-6, atol=1e-8)
+
+
+def test_tied_groups_sum_the_correlations_of_all_their_activations():
+    a = randomize_bn(build_model("resnet20", 10, seed=0))
+    b = randomize_bn(build_model("resnet20", 10, seed=1), seed=1)
+    batches = _batches((8, 3, 32, 32), n=1)
+    spec, moments = activation_moments(a, b, batches)
+    assert len(moments["conv1"]) == 4  # the stem and the three block outputs of stage 1
+    assert len(moments["layer1.0.conv1"]) == 1
+    res = align(a, b, batches, spec=spec)
+    torch.testing.assert_close(res.similarity["conv1"], sum(m.correlation() for m in moments["conv1"]))
+
+
+def test_weight_matching_objective_improves_and_is_consistent():
+    a = build_model("tinyten", 10, seed=0)
+    b = build_model("tinyten", 10, seed=1)
+    res = align(a, b, method="weight", example_input=torch.randn(2, 3, 32, 32), generator=0)
+    assert res.converged and res.status == 0 and res.n_iter >= 2
+    for g in res.spec.groups:
+        assert res.objective_after[g] >= res.objective_before[g] - 1e-9
+    # at convergence every group's assignment is optimal given the others (a coordinate-wise optimum)
+    sa, sb = a.state_dict(), b.state_dict()
+    for g in res.spec.groups:
+        S = weight_similarity(sa, sb, res.spec, res.perms, g, keys={k for k, _ in a.named_parameters()})
+        best = align.__globals__["_solve"](S, g)
+        chosen = float(S[torch.arange(S.shape[0]), res.perms[g]].sum())
+        optimum = float(S[torch.arange(S.shape[0]), best].sum())
+        assert chosen == pytest.approx(optimum, rel=1e-9, abs=1e-9)
+
+
+def test_bad_input_is_rejected_with_clear_messages():
+    a = build_model("mlp", 10, in_features=64, hidden=(16,))
+    c = build_model("mlp", 10, in_features=64, hidden=(12,))
+    batches = _batches((4, 1, 8, 8))
+    with pytest.raises(ShapeMismatchError, match=r"`model_b` has parameter `hidden.0.fc.weight` of shape \(12, 64\)"):
+        align(a, c, batches)
+    b = build_model("mlp", 10, in_features=64, hidden=(16,))
+    with pytest.raises(ValueError, match="`loader` yielded no batches"):
+        align(a, b, [])
+    with pytest.raises(ValueError, match="unknown method 'hungarian'; expected one of"):
+        align(a, b, batches, method="hungarian")
+    with pytest.raises(ValueError, match="method 'correlation' needs a `loader`"):
+        align(a, b)
+    with pytest.raises(ValueError, match="needs `spec` or `example_input`"):
+        align(a, b, method="weight")
+    with pytest.raises(ValueError, match="unknown activation kind 'mid'"):
+        align(a, b, batches, activations="mid")
+    broken = build_model("mlp", 10, in_features=64, hidden=(16,))
+    with torch.no_grad():
+        broken.hidden[0].fc.weight[3, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="activations of layer `hidden_0_relu` in `model_b` contain NaN"):
+        align(a, broken, batches)
+
+
+def test_models_are_not_modified():
+    a = randomize_bn(build_model("resnet20", 10, seed=0))
+    b = randomize_bn(build_model("resnet20", 10, seed=1), seed=2)
+    a.train()
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    align(a, b, _batches((4, 3, 32, 32), n=1))
+    assert a.training
+    for k, v in b.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def _mnist_mlp(x, y, seed):
+    torch.manual_seed(seed)
+    model = build_model("mlp", 10, in_features=784, hidden=(128, 128), seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 128):
+            idx = order[i : i + 128]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _midpoint_loss(a, b_state, x, y):
+    mid = {k: (v + b_state[k]) / 2 for k, v in a.state_dict().items()}
+    with torch.no_grad():
+        return float(F.cross_entropy(torch.func.functional_call(a, mid, (x,)), y))
+
+
+def test_alignment_lowers_the_midpoint_loss_on_real_mnist():
+    data = np.load(shared_data("mnist.npz"))
+    x = torch.from_numpy(data["x_train"][:10000]).float().div(255).sub(0.1307).div(0.3081).unsqueeze(1)
+    y = torch.from_numpy(data["y_train"][:10000]).long()
+    xt = torch.from_numpy(data["x_test"][:2000]).float().div(255).sub(0.1307).div(0.3081).unsqueeze(1)
+    yt = torch.from_numpy(data["y_test"][:2000]).long()
+    a, b = _mnist_mlp(x, y, 1), _mnist_mlp(x, y, 2)
+    loader = [(x[i : i + 500], y[i : i + 500]) for i in range(0, 5000, 500)]
+    res = align(a, b, loader)
+    aligned = apply_permutation(b.state_dict(), res.spec, res.perms)
+    before = _midpoint_loss(a, b.state_dict(), xt, yt)
+    after = _midpoint_loss(a, aligned, xt, yt)
+    assert after < before
+    for g in res.spec.groups:
+        assert res.correlation_after[g] > res.correlation_before[g] + 0.2
