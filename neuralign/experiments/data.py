@@ -107,24 +107,26 @@ _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 class RandomHorizontalFlip:
     """Mirror each image left-right with probability ``p`` (torchvision's ``RandomHorizontalFlip``).
 
-    A geometric step: it maps output pixel :math:`(x, y)` to input pixel :math:`(W - 1 - x, y)` when the coin
-    says so.
+    A geometric step: output pixel :math:`(x, y)` reads input pixel :math:`(W - 1 - x, y)` when the coin says so.
     """
 
     p: float = 0.5
     geometric = True
     random = True
+    integer = True  # maps pixel centres to pixel centres
+    preserves_canvas = True  # maps the image rectangle onto itself
 
     def sample(self, n: int, height: int, width: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """Draw a flip decision for each of ``n`` images."""
         return {"flip": torch.rand(n, generator=generator) < self.p}
 
-    def inverse(
-        self, coords: torch.Tensor, params: Mapping[str, torch.Tensor], height: int, width: int
-    ) -> torch.Tensor:
-        """Map output pixel coordinates ``(B, P, 2)`` (x, y) to input coordinates."""
-        x = torch.where(params["flip"][:, None], (width - 1) - coords[..., 0], coords[..., 0])
-        return torch.stack((x, coords[..., 1]), dim=-1)
+    def inverse_matrix(self, params: Mapping[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
+        """Per-image ``(B, 3, 3)`` map from output to input pixel coordinates ``(x, y, 1)``."""
+        flip = params["flip"]
+        m = torch.eye(3).repeat(flip.shape[0], 1, 1)
+        m[:, 0, 0] = torch.where(flip, -1.0, 1.0)
+        m[:, 0, 2] = torch.where(flip, float(width - 1), 0.0)
+        return m
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class RandomCrop:
     padding: int
     geometric = True
     random = True
+    integer = True
+    preserves_canvas = False
 
     def __post_init__(self) -> None:
         if isinstance(self.padding, bool) or not isinstance(self.padding, int) or self.padding < 0:
@@ -150,12 +154,12 @@ class RandomCrop:
         left = torch.randint(0, 2 * self.padding + 1, (n,), generator=generator)
         return {"top": top, "left": left}
 
-    def inverse(
-        self, coords: torch.Tensor, params: Mapping[str, torch.Tensor], height: int, width: int
-    ) -> torch.Tensor:
-        """Map output pixel coordinates ``(B, P, 2)`` (x, y) to input coordinates."""
-        shift = torch.stack((params["left"], params["top"]), dim=-1).to(coords.dtype) - self.padding
-        return coords + shift[:, None, :]
+    def inverse_matrix(self, params: Mapping[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
+        """Per-image ``(B, 3, 3)`` map from output to input pixel coordinates ``(x, y, 1)``."""
+        m = torch.eye(3).repeat(params["top"].shape[0], 1, 1)
+        m[:, 0, 2] = (params["left"] - self.padding).to(torch.float32)
+        m[:, 1, 2] = (params["top"] - self.padding).to(torch.float32)
+        return m
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,8 @@ class RandomAffine:
     scale: tuple[float, float] | None = None
     geometric = True
     random = True
+    integer = False
+    preserves_canvas = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.degrees, (int, float)) or self.degrees < 0:
@@ -193,16 +199,17 @@ class RandomAffine:
             scale = low + torch.rand(n, generator=generator, dtype=torch.float64) * (high - low)
         return {"angle": angle, "scale": scale}
 
-    def inverse(
-        self, coords: torch.Tensor, params: Mapping[str, torch.Tensor], height: int, width: int
-    ) -> torch.Tensor:
-        """Map output pixel coordinates ``(B, P, 2)`` (x, y) to input coordinates."""
+    def inverse_matrix(self, params: Mapping[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
+        """Per-image ``(B, 3, 3)`` map from output to input pixel coordinates ``(x, y, 1)``."""
         theta = torch.deg2rad(params["angle"])
-        cos = (torch.cos(theta) / params["scale"]).to(coords.dtype)[:, None]
-        sin = (torch.sin(theta) / params["scale"]).to(coords.dtype)[:, None]
+        a = torch.cos(theta) / params["scale"]
+        b = torch.sin(theta) / params["scale"]
         cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-        x, y = coords[..., 0] - cx, coords[..., 1] - cy
-        return torch.stack((cos * x + sin * y + cx, -sin * x + cos * y + cy), dim=-1)
+        m = torch.zeros(theta.shape[0], 3, 3, dtype=torch.float64)
+        m[:, 0, 0], m[:, 0, 1], m[:, 0, 2] = a, b, cx - a * cx - b * cy
+        m[:, 1, 0], m[:, 1, 1], m[:, 1, 2] = -b, a, cy + b * cx - a * cy
+        m[:, 2, 2] = 1.0
+        return m.to(torch.float32)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -299,9 +306,10 @@ class Normalize:
         """Standardise float images ``(B, C, H, W)``."""
         if x.shape[1] != len(self.mean):
             raise ValueError(f"Normalize has {len(self.mean)} channel statistics but the images have {x.shape[1]}")
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        mean = torch.tensor(self.mean, dtype=torch.float64)
+        inv_std = 1.0 / torch.tensor(self.std, dtype=torch.float64)
+        shift = (-mean * inv_std).to(x.dtype).to(x.device).view(1, -1, 1, 1)
+        return torch.addcmul(shift, x, inv_std.to(x.dtype).to(x.device).view(1, -1, 1, 1))
 
 
 Step = RandomHorizontalFlip | RandomCrop | RandomAffine | ColorJitter | Normalize
@@ -311,12 +319,14 @@ class BatchTransform:
     """A sequence of augmentation steps applied to a whole batch at once, reproducibly from a generator.
 
     Consecutive geometric steps (:class:`RandomAffine`, :class:`RandomHorizontalFlip`, :class:`RandomCrop`) are
-    fused: the output pixel grid is mapped back through each step's inverse map and the input is sampled once with
+    fused: each step is a per-image affine map :math:`A_k` from its output to its input pixel coordinates, the
+    output pixel grid is mapped back through :math:`A_1 A_2 \\cdots A_m` and the input is sampled once with
     ``torch.nn.functional.grid_sample`` (zero padding). Pixels that a sequential pipeline would have lost at an
-    intermediate step (e.g. a rotated corner later moved into view by a crop) are masked to zero, and with
-    ``interpolation="nearest"`` (torchvision's default for ``RandomAffine``) intermediate coordinates are rounded,
-    so the result equals applying the steps one after another with torchvision's tensor kernels, up to ties in
-    rounding. Photometric steps (:class:`ColorJitter`, :class:`Normalize`) act on the float batch in order.
+    intermediate step (e.g. a rotated corner later moved into view by a crop) are masked to zero. A fused run
+    holds at most one rotation/scale step (a second one starts a new run, i.e. a second resampling), so with
+    ``interpolation="nearest"`` (torchvision's default for ``RandomAffine``) the result equals applying the steps
+    one after another with torchvision's tensor kernels, up to ties in rounding. Photometric steps
+    (:class:`ColorJitter`, :class:`Normalize`) act on the float batch in order.
 
     Parameters
     ----------
@@ -372,8 +382,12 @@ class BatchTransform:
         i = 0
         while i < len(self.steps):
             if self.steps[i].geometric:
-                j = i
+                j, non_integer = i, 0
                 while j < len(self.steps) and self.steps[j].geometric:
+                    if not self.steps[j].integer:
+                        if non_integer:
+                            break  # one resampling per rotation keeps the fused result equal to the sequence
+                        non_integer += 1
                     j += 1
                 x = self._warp(x, self.steps[i:j], params[i:j])
                 i = j
@@ -396,28 +410,34 @@ class BatchTransform:
 
     def _warp(self, x: torch.Tensor, steps: Sequence[Step], params: Sequence[Any]) -> torch.Tensor:
         b, _, h, w = x.shape
-        ys, xs = torch.meshgrid(
-            torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
-        )
-        coords = torch.stack((xs, ys), dim=-1).reshape(1, h * w, 2).expand(b, -1, -1)
+        xs = torch.arange(w, dtype=torch.float32).view(1, 1, w, 1)
+        ys = torch.arange(h, dtype=torch.float32).view(1, h, 1, 1)
+
+        def points(m: torch.Tensor) -> torch.Tensor:
+            """``m`` (B, 2, 3) applied to every pixel centre (x, y, 1): (B, H, W, 2), one broadcast add."""
+            m = m.transpose(1, 2).reshape(b, 1, 1, 3, 2)
+            return xs * m[..., 0, :] + (ys * m[..., 1, :] + m[..., 2, :])
+
+        def plane(row: torch.Tensor) -> torch.Tensor:
+            """``row`` (B, 3) applied to every pixel centre (x, y, 1): (B, H, W)."""
+            r = row.reshape(b, 1, 1, 3)
+            return xs[..., 0] * r[..., 0] + (ys[..., 0] * r[..., 1] + r[..., 2])
+
+        matrix = torch.eye(3).expand(b, 3, 3)
         mask: torch.Tensor | None = None
+        # maps pixel coordinates to the unit square: the image rectangle [-1/2, W-1/2] x [-1/2, H-1/2] -> [-1, 1]^2
+        to_unit = torch.tensor([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0]])
         for k in range(len(steps) - 1, -1, -1):
-            coords = steps[k].inverse(coords, params[k], h, w)
-            if k > 0:  # coords now live on an intermediate image: what falls outside it was zero-filled
-                if self.interpolation == "nearest":
-                    coords = torch.round(coords)
-                inside = (
-                    (coords[..., 0] >= -0.5)
-                    & (coords[..., 0] <= w - 0.5)
-                    & (coords[..., 1] >= -0.5)
-                    & (coords[..., 1] <= h - 0.5)
-                )
-                mask = inside if mask is None else mask & inside
-        grid = torch.stack(((2 * coords[..., 0] + 1) / w - 1, (2 * coords[..., 1] + 1) / h - 1), dim=-1)
-        grid = grid.reshape(b, h, w, 2).to(x.dtype)
+            matrix = steps[k].inverse_matrix(params[k], h, w) @ matrix
+            if k > 0 and not steps[k].preserves_canvas:
+                # the points now lie on an intermediate image, which was zero outside its rectangle
+                unit = to_unit @ matrix
+                inside = torch.maximum(plane(unit[:, 0]).abs_(), plane(unit[:, 1]).abs_()).le_(1.0)
+                mask = inside if mask is None else mask.mul_(inside)
+        grid = points(to_unit @ matrix).to(x.dtype)  # grid_sample's coordinates (align_corners=False)
         out = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)
         if mask is not None:
-            out = out * mask.reshape(b, 1, h, w).to(out.dtype)
+            out = out.mul_(mask.unsqueeze(1).to(out.dtype))  # mask holds 1.0 inside, 0.0 outside
         return out
 
 

@@ -1,0 +1,149 @@
+"""Cost of one CIFAR-10 training epoch of data loading, against training TinyTen, measured side by side.
+
+Compares, in one run and one process:
+
+- ``batched``: neuralign's ``load_data("cifar10.npz").train`` (uint8 in memory, one ``grid_sample`` per batch for
+  RandomAffine(15) + HFlip + RandomCrop(32, pad 4), then Normalize), a full epoch at batch 128;
+- ``per-sample``: the same augmentation with torchvision's v2 transforms applied image by image on uint8 tensors
+  (no PIL), through a ``DataLoader`` at batch 128, timed on a part of the epoch and scaled to 50,000 images;
+- ``eval``: the test-time loader (Normalize only) over the training set;
+- ``TinyTen``: SGD steps (forward, backward, update) at batch 128, scaled to the 391 steps of an epoch.
+
+Usage: ``python benchmarks/bench_data.py [path/to/cifar10.npz] [--threads N]``. Without the real file (default
+``../shared/data/cifar10.npz`` or ``$NEURALIGN_SHARED_DATA/cifar10.npz``) it uses random images of the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neuralign.experiments.data import CIFAR_MEAN, CIFAR_STD, load_data
+
+
+def _cifar_path(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    shared = Path(os.environ.get("NEURALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    path = shared / "cifar10.npz"
+    if path.is_file():
+        return path
+    tmp = Path(tempfile.mkdtemp()) / "cifar10.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp,
+        x_train=rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 50000, dtype=np.uint8),
+        x_test=rng.integers(0, 256, (10000, 32, 32, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 10000, dtype=np.uint8),
+    )
+    sys.stdout.write(f"(real CIFAR-10 not found; using random images in {tmp})\n")
+    return tmp
+
+
+def _time_epoch(loader) -> tuple[float, int]:
+    start = time.perf_counter()
+    n = 0
+    for x, _ in loader:
+        n += x.shape[0]
+    return time.perf_counter() - start, n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("npz", nargs="?", default=None)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--per-sample-images", type=int, default=5120)
+    parser.add_argument("--tinyten-steps", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = _cifar_path(args.npz)
+
+    start = time.perf_counter()
+    bundle = load_data(path, batch_size=128, generator=0)
+    t_load = time.perf_counter() - start
+
+    t_batched, n = _time_epoch(bundle.train)
+    t_eval, _ = _time_epoch(bundle.train_eval)
+
+    from torchvision.transforms import v2
+
+    per_sample = v2.Compose(
+        [
+            v2.RandomAffine(15),
+            v2.RandomHorizontalFlip(),
+            v2.RandomCrop(32, padding=4),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(CIFAR_MEAN, CIFAR_STD),
+        ]
+    )
+    images, labels = bundle.train.dataset.images, bundle.train.dataset.labels
+    m = min(args.per_sample_images, images.shape[0])
+
+    class _PerSample(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return m
+
+        def __getitem__(self, i: int):
+            return per_sample(images[i]), labels[i]
+
+    loader = torch.utils.data.DataLoader(_PerSample(), batch_size=128, shuffle=True, num_workers=0)
+    t_part, _ = _time_epoch(loader)
+    t_per_sample = t_part * n / m
+
+    try:
+        from neuralign.experiments.models import TinyTen
+
+        model = TinyTen(num_classes=10)
+    except Exception:  # the model zoo may be absent; time an equivalent stack
+        layers: list[torch.nn.Module] = []
+        for cin, cout, k, s, p in [
+            (3, 16, 3, 1, 1),
+            (16, 16, 3, 1, 1),
+            (16, 32, 3, 2, 1),
+            (32, 32, 3, 1, 1),
+            (32, 32, 3, 1, 1),
+            (32, 64, 3, 2, 1),
+            (64, 64, 3, 1, 0),
+            (64, 64, 1, 1, 0),
+        ]:
+            layers += [torch.nn.Conv2d(cin, cout, k, s, p), torch.nn.BatchNorm2d(cout), torch.nn.ReLU()]
+        model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    batches = iter(bundle.train)
+    x, y = next(batches)
+    for _ in range(3):  # warm-up
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    start = time.perf_counter()
+    for _ in range(args.tinyten_steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    t_step = (time.perf_counter() - start) / args.tinyten_steps
+    t_train = t_step * len(bundle.train)
+
+    out = sys.stdout.write
+    out(f"threads={torch.get_num_threads()}  data={path}  train images={n}  batches={len(bundle.train)}\n")
+    out(f"load_data (read npz, build loaders)       {t_load:8.2f} s\n")
+    per_batch = t_batched / len(bundle.train) * 1e3
+    out(f"batched augmented epoch                   {t_batched:8.2f} s  ({per_batch:.2f} ms/batch)\n")
+    out(f"test-transform epoch over train           {t_eval:8.2f} s\n")
+    out(f"per-sample torchvision v2 epoch (scaled)  {t_per_sample:8.2f} s  (measured on {m} images)\n")
+    out(f"TinyTen SGD epoch (scaled)                {t_train:8.2f} s  ({t_step * 1e3:.1f} ms/step)\n")
+    out(f"ratio per-sample / batched                {t_per_sample / t_batched:8.1f} x\n")
+    out(f"batched loading / TinyTen epoch           {100 * t_batched / t_train:8.1f} %\n")
+    out(f"per-sample loading / TinyTen epoch        {100 * t_per_sample / t_train:8.1f} %\n")
+
+
+if __name__ == "__main__":
+    main()
