@@ -8,15 +8,15 @@ vectorised colour jitter and normalisation). :func:`load_data` is the single ent
 :class:`DataBundle` with the ``train``, ``train_eval``, ``test`` and ``align`` loaders of the paper.
 
 Why batched augmentation
-    On two CPU cores, torchvision's per-sample ``RandomAffine + RandomHorizontalFlip + RandomCrop + Normalize`` on
-    uint8 tensors costs about 1.6 ms per 32x32 image, i.e. about 80 s per CIFAR-10 epoch, which is a large fraction
-    of a TinyTen training epoch on the same cores. The batched transform costs about 1 ms per batch of 128, i.e.
-    under a second per epoch (``benchmarks/bench_data.py`` measures both side by side).
+    Measured side by side by ``benchmarks/bench_data.py`` on the project's 2-core machine (one torch thread, real
+    CIFAR-10, batch 128): torchvision's per-sample v2 ``RandomAffine + RandomHorizontalFlip + RandomCrop +
+    Normalize`` on uint8 tensors (no PIL) costs about 27 s per epoch, 40 % of a TinyTen SGD epoch (about 67 s);
+    the batched transform costs about 1.4 s per epoch (3.7 ms per batch), 2 % of it.
 
 Reproducibility
-    A training loader draws one 63-bit *epoch seed* from its ``generator`` at the start of each epoch; the shuffled
-    order comes from that seed and the augmentation of batch ``k`` from ``stable_seed(epoch_seed, k)``. The data
-    of an epoch is therefore a pure function of the generator state at the epoch's start, whatever
+    A training loader draws one *epoch seed* from its ``generator`` at the start of each epoch; the shuffled
+    order comes from that seed and the augmentation of batch ``k`` from ``stable_seed("batch", epoch_seed, k)``.
+    The data of an epoch is therefore a pure function of the generator state at the epoch's start, whatever
     ``num_workers``; :meth:`ArrayLoader.state_dict` records that state and the number of batches already served,
     so that a trainer resumed from a checkpoint replays exactly the remaining batches.
 
