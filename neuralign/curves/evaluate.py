@@ -196,7 +196,8 @@ class CurveEvaluation:
         the largest drop below (rise above) the linear interpolation of the end values (Entezari et al. 2022,
         arXiv:2110.06296); 0 at the end points, so never negative.
     mid_t, mid_accuracy, mid_loss : float
-        The evaluated ``t`` nearest to 0.5 and the values there.
+        The evaluated ``t`` nearest to 0.5 (the smaller one on a tie) and the values there; odd ``num_points``
+        put a point at exactly 0.5.
     train_loss, train_accuracy : tuple of float or None
         The same on the train loader, when one was given.
     max_bn_batches : int or None
@@ -252,7 +253,7 @@ class CurveEvaluation:
             raise ValueError("`t`, `test_loss`, `test_accuracy` and `arc_length` must have one equal length >= 2")
         if ts[0] != 0.0 or ts[-1] != 1.0:
             raise ValueError(f"`t` must start at 0 and end at 1, got {ts[0]} and {ts[-1]}")
-        mid = min(range(len(ts)), key=lambda i: abs(ts[i] - 0.5))
+        mid = min(range(len(ts)), key=lambda i: (round(abs(ts[i] - 0.5), 12), ts[i]))  # ties: smaller t
         return cls(
             t=ts,
             test_loss=loss,
