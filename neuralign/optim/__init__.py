@@ -26,6 +26,17 @@ from neuralign.optim.birkhoff import (
     project_unit_marginals,
     sample_permutations,
 )
+from neuralign.optim.pam import (
+    DEFAULT_X_LR,
+    PAM,
+    PAM_METHODS,
+    FunctionProblem,
+    PAMResult,
+    PAMState,
+    PermutationProblem,
+    pam,
+    resolve_ties,
+)
 
 __all__ = [
     "AssignmentLPResult",
@@ -43,4 +54,13 @@ __all__ = [
     "project_doubly_stochastic",
     "project_unit_marginals",
     "sample_permutations",
+    "DEFAULT_X_LR",
+    "PAM",
+    "PAM_METHODS",
+    "FunctionProblem",
+    "PAMResult",
+    "PAMState",
+    "PermutationProblem",
+    "pam",
+    "resolve_ties",
 ]

@@ -1,0 +1,950 @@
+r"""Proximal Alternating Minimization (PAM) over continuous variables and products of permutations.
+
+The problem is
+
+.. math::
+
+    \min_{x,\ P} \; F(x, P) + \delta_\Pi(P), \qquad P = (P_g)_{g \in \mathcal G},\quad P_g \in \Pi_{n_g},
+
+where :math:`x = (x_1, \dots, x_m)` is a list of real tensors, :math:`\Pi_{n}` the :math:`n \times n` permutation
+matrices, :math:`\delta_\Pi` the indicator of their product (0 on it, :math:`+\infty` elsewhere), and some groups may
+be *tied* (forced to share one permutation). PAM (Attouch, Bolte, Redont, Soubeyran 2010) alternates two proximal
+steps, the permutation first:
+
+.. math::
+
+    P_{k+1} &\in \arg\min_{P \in \Pi} F(x_k, P) + \tfrac{1}{2\lambda} \|P - P_k\|_F^2, \\
+    x_{k+1} &\in \arg\min_{x} F(x, P_{k+1}) + \tfrac{1}{2\mu} \|x - x_k\|^2 .
+
+Three P-steps are offered (``method=``):
+
+``"linearized"`` (default; the PALM step of Bolte, Sabach, Teboulle 2014)
+    :math:`F(x_k, \cdot)` is replaced by its linearisation at :math:`P_k` with :math:`G_k = \nabla_P F(x_k, P_k)`.
+    On permutation matrices :math:`\|P - P_k\|_F^2 = 2n - 2\langle P, P_k\rangle`, so the step is one linear
+    assignment per free group with cost :math:`G_k - P_k / \lambda`.
+``"exact"``
+    For problems linear in :math:`P` given :math:`x`, :math:`F(x, P) = \langle C(x), P\rangle + c(x)`: the exact
+    proximal step, one linear assignment with cost :math:`C(x_k) - P_k/\lambda`.
+``"birkhoff"`` (the scheme of Tatro et al.'s code)
+    Relax :math:`P` to the Birkhoff polytope, take ``birkhoff_steps`` projected gradient steps on
+    :math:`F(x_k, P) + \frac{1}{2\nu}\|P - P_k\|_F^2`, then round: the candidates are the nearest permutation of the
+    relaxed matrices, :math:`P_k` itself and ``birkhoff_samples`` Birkhoff–von Neumann draws; the one with the lowest
+    monitored objective wins (ties keep :math:`P_k`).
+
+The x-step runs ``x_steps`` steps of a torch optimizer (default plain SGD) on the proximal objective
+:math:`\Phi_k(x) = F(x, P_{k+1}) + \frac{1}{2\mu}\|x - x_k\|^2`.
+
+Sufficient decrease (what the tests check)
+------------------------------------------
+* ``"linearized"``: if :math:`\nabla_P F(x_k, \cdot)` is :math:`L_P`-Lipschitz on the Birkhoff polytope, the
+  descent lemma and the optimality of :math:`P_{k+1}` give
+
+  .. math:: F(x_k, P_{k+1}) \le F(x_k, P_k) - \big(\tfrac{1}{2\lambda} - \tfrac{L_P}{2}\big)\|P_{k+1} - P_k\|_F^2,
+
+  a decrease whenever :math:`\lambda < 1/L_P`.
+* ``"exact"``: :math:`F(x_k, P_{k+1}) + \frac{1}{2\lambda}\|P_{k+1} - P_k\|_F^2 \le F(x_k, P_k)` for every
+  :math:`\lambda > 0`.
+* ``"birkhoff"``: the rounding keeps :math:`P_k` unless a candidate is strictly better, so the monitored objective
+  never increases in the P-step (for a deterministic ``value``).
+* x-step: gradient steps of size :math:`\eta \le 1/(L_x + 1/\mu)` on :math:`\Phi_k` (with :math:`L_x` the
+  Lipschitz constant of :math:`\nabla_x F(\cdot, P_{k+1})`) do not increase :math:`\Phi_k`, hence
+  :math:`F(x_{k+1}, P_{k+1}) + \frac{1}{2\mu}\|x_{k+1} - x_k\|^2 \le F(x_k, P_{k+1})`.
+
+Together, :math:`F(x_k, P_k)` is nonincreasing. Stochastic losses (mini-batches) give these guarantees only in
+expectation at best. Attouch et al. prove convergence of bounded PAM sequences to a critical point for
+Kurdyka–Łojasiewicz functions with exact proximal steps; the discrete constraint makes "critical point" mean a
+point that no further proximal step moves (a local optimum in the assignment sense), not a global optimum.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from neuralign._utils import as_generator
+from neuralign.errors import ConvergenceWarning, NonFiniteError
+from neuralign.optim.assignment import solve_assignment
+from neuralign.optim.birkhoff import (
+    birkhoff_decomposition,
+    is_permutation,
+    nearest_permutation,
+    perm_to_matrix,
+    project_doubly_stochastic,
+    sample_permutations,
+)
+
+__all__ = [
+    "PermutationProblem",
+    "FunctionProblem",
+    "PAM",
+    "PAMResult",
+    "PAMState",
+    "pam",
+    "resolve_ties",
+    "PAM_METHODS",
+    "DEFAULT_X_LR",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Learning rate of the default x optimizer (plain SGD, no momentum).
+DEFAULT_X_LR = 1e-2
+
+#: The P-step methods of :class:`PAM` (registry keys).
+PAM_METHODS = ("linearized", "exact", "birkhoff")
+
+
+def resolve_ties(sizes: Mapping[str, int], ties: Mapping[str, str] | None) -> dict[str, str]:
+    """Map every group to the representative of its tied set (following chains ``c -> b -> a``).
+
+    Parameters
+    ----------
+    sizes : Mapping[str, int]
+        Group -> permutation size.
+    ties : Mapping[str, str] or None
+        Group -> the group whose permutation it shares.
+
+    Returns
+    -------
+    dict[str, str]
+        Group -> representative, for every group of ``sizes`` (in its order).
+
+    Raises
+    ------
+    ValueError
+        If a tie names an unknown group, forms a cycle, or joins groups of different sizes.
+
+    Examples
+    --------
+    >>> resolve_ties({"a": 3, "b": 3, "c": 3, "d": 2}, {"c": "b", "b": "a"})
+    {'a': 'a', 'b': 'a', 'c': 'a', 'd': 'd'}
+    """
+    ties = dict(ties or {})
+    for g, r in ties.items():
+        if g not in sizes:
+            raise ValueError(f"`ties` names group `{g}`, which is not in `sizes`")
+        if r not in sizes:
+            raise ValueError(f"`ties` ties group `{g}` to `{r}`, which is not in `sizes`")
+    reps: dict[str, str] = {}
+    for g in sizes:
+        seen = [g]
+        r = g
+        while r in ties and ties[r] != r:
+            r = ties[r]
+            if r in seen:
+                raise ValueError(f"`ties` has a cycle: {' -> '.join(seen + [r])}")
+            seen.append(r)
+        if sizes[r] != sizes[g]:
+            raise ValueError(
+                f"tied groups `{g}` (size {sizes[g]}) and `{r}` (size {sizes[r]}) have different sizes"
+            )
+        reps[g] = r
+    return reps
+
+
+class PermutationProblem(ABC):
+    r"""A problem :math:`\min_{x, P} F(x, P)` over real tensors :math:`x` and permutation matrices :math:`P`.
+
+    Subclasses set ``sizes`` (and optionally ``ties``) and implement :meth:`loss`; the other methods have defaults.
+
+    Attributes
+    ----------
+    sizes : Mapping[str, int]
+        Group name -> :math:`n_g`; the group's permutation matrix is :math:`n_g \times n_g`.
+    ties : Mapping[str, str]
+        Group -> group whose permutation it shares (default: none). Tied groups receive the *same* tensor object in
+        ``P`` and form one free variable.
+    dtype : torch.dtype or None
+        dtype of the dense matrices ``P`` handed to the problem (default: that of the first ``x`` tensor, else
+        ``torch.get_default_dtype()``).
+
+    Notes
+    -----
+    Dense matrices follow the package convention ``P[i, perm[i]] = 1`` (so ``P @ B == B[perm]``). During the
+    ``"birkhoff"`` P-step the matrices are doubly stochastic rather than permutations, so :meth:`loss` and
+    :meth:`gradient_p` must accept any real ``(n_g, n_g)`` matrix (e.g. apply ``P`` by matrix products).
+    """
+
+    sizes: Mapping[str, int]
+    ties: Mapping[str, str] = MappingProxyType({})
+    dtype: torch.dtype | None = None
+
+    @abstractmethod
+    def loss(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """:math:`F(x, P)` as a scalar tensor, differentiable in ``x`` and in the dense matrices ``P``.
+
+        May be stochastic (e.g. a fresh mini-batch per call). ``P`` maps every group (tied ones included) to an
+        ``(n_g, n_g)`` tensor.
+        """
+
+    def value(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> float:
+        """The monitored objective (history, convergence test, Birkhoff rounding); deterministic if possible.
+
+        Default: :meth:`loss` under ``torch.no_grad()``.
+        """
+        with torch.no_grad():
+            return float(self.loss(x, P).item())
+
+    def gradient_p(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        r""":math:`\nabla_P F(x, P)`: a dict group -> ``(n_g, n_g)`` tensor.
+
+        Entries are summed over each tied set, so give either each member's partial derivative or only the
+        representative's total (the default, autograd through the shared tensor, does the latter).
+        """
+        reps = resolve_ties(self.sizes, self.ties)
+        leaves: dict[str, torch.Tensor] = {}
+        for g in self.sizes:
+            r = reps[g]
+            if r not in leaves:
+                leaves[r] = P[r].detach().clone().requires_grad_(True)
+        full = {g: leaves[reps[g]] for g in self.sizes}
+        with torch.enable_grad():
+            out = self.loss([t.detach() for t in x], full)
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return {r: torch.zeros_like(t) for r, t in leaves.items()}
+        grads = torch.autograd.grad(out, list(leaves.values()), allow_unused=True)
+        return {r: torch.zeros_like(leaves[r]) if gr is None else gr for r, gr in zip(leaves, grads)}
+
+    def linear_cost(self, x: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        r"""For problems linear in :math:`P` given :math:`x`, :math:`F(x, P) = \sum_g \langle C_g(x), P_g\rangle
+        + c(x)`: the dict group -> :math:`C_g(x)` (summed over tied sets like :meth:`gradient_p`).
+
+        Optional; needed by ``method="exact"``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define linear_cost")
+
+    def has_linear_cost(self) -> bool:
+        """Whether :meth:`linear_cost` is implemented."""
+        return type(self).linear_cost is not PermutationProblem.linear_cost
+
+
+class FunctionProblem(PermutationProblem):
+    """A :class:`PermutationProblem` built from plain callables.
+
+    Parameters
+    ----------
+    sizes : Mapping[str, int]
+        Group -> permutation size.
+    loss : callable
+        ``loss(x, P) -> scalar Tensor``.
+    ties : Mapping[str, str], optional
+        Group -> group it shares its permutation with.
+    value : callable, optional
+        ``value(x, P) -> float``; default ``loss`` under no_grad.
+    gradient_p : callable, optional
+        ``gradient_p(x, P) -> dict``; default autograd of ``loss``.
+    linear_cost : callable, optional
+        ``linear_cost(x) -> dict`` for problems linear in ``P``.
+    dtype : torch.dtype, optional
+        dtype of the dense ``P``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> C = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    >>> prob = FunctionProblem({"p": 2}, lambda x, P: (C * P["p"]).sum(), linear_cost=lambda x: {"p": C})
+    >>> prob.value([], {"p": torch.eye(2)}), prob.has_linear_cost()
+    (0.0, True)
+    """
+
+    def __init__(
+        self,
+        sizes: Mapping[str, int],
+        loss: Callable[[Sequence[torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor],
+        *,
+        ties: Mapping[str, str] | None = None,
+        value: Callable[..., float] | None = None,
+        gradient_p: Callable[..., dict[str, torch.Tensor]] | None = None,
+        linear_cost: Callable[..., dict[str, torch.Tensor]] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(sizes, Mapping) or not sizes:
+            raise ValueError(f"`sizes` must be a non-empty mapping group -> int, got {sizes!r}")
+        for name, fn in (("loss", loss), ("value", value), ("gradient_p", gradient_p), ("linear_cost", linear_cost)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}")
+        self.sizes = dict(sizes)
+        self.ties = dict(ties or {})
+        resolve_ties(self.sizes, self.ties)
+        self.dtype = dtype
+        self._loss = loss
+        self._value = value
+        self._gradient_p = gradient_p
+        self._linear_cost = linear_cost
+
+    def loss(self, x, P):
+        return self._loss(x, P)
+
+    def value(self, x, P):
+        if self._value is None:
+            return super().value(x, P)
+        return float(self._value(x, P))
+
+    def gradient_p(self, x, P):
+        if self._gradient_p is None:
+            return super().gradient_p(x, P)
+        return self._gradient_p(x, P)
+
+    def linear_cost(self, x):
+        if self._linear_cost is None:
+            return super().linear_cost(x)
+        return self._linear_cost(x)
+
+    def has_linear_cost(self) -> bool:
+        return self._linear_cost is not None
+
+
+@dataclass(frozen=True)
+class PAMState:
+    r"""What a ``callback`` sees after each outer iteration (copies; changing them does not affect the solver).
+
+    Attributes
+    ----------
+    n_iter : int
+        Iterations done so far.
+    fun : float
+        Monitored objective :math:`F(x_k, P_k)`.
+    x : list[torch.Tensor]
+        Current continuous variables.
+    perms : dict[str, torch.Tensor]
+        Current permutations (every group, int64).
+    changed : dict[str, int]
+        Number of changed assignments per group in this iteration.
+    x_change : float
+        :math:`\|x_k - x_{k-1}\|`.
+    """
+
+    n_iter: int
+    fun: float
+    x: list[torch.Tensor]
+    perms: dict[str, torch.Tensor]
+    changed: dict[str, int]
+    x_change: float
+
+
+@dataclass(frozen=True)
+class PAMResult:
+    """Result of :func:`pam` / :meth:`PAM.run`.
+
+    Attributes
+    ----------
+    x : list[torch.Tensor]
+        Final continuous variables (detached copies).
+    perms : dict[str, torch.Tensor]
+        Final permutation of every group (int64 index tensors; tied groups hold equal tensors).
+    fun : float
+        Final monitored objective.
+    history : list[float]
+        Monitored objective at the start and after every iteration (``len == n_iter + 1`` for a fresh solver).
+    changed : dict[str, list[int]]
+        Group -> number of changed assignments in each iteration.
+    n_iter : int
+        Iterations done (in total, for a resumed solver).
+    converged : bool
+        ``status == 0``.
+    status : int
+        0: converged (no assignment changed and objective and x moved by at most ``tol``); 1: ``max_iter`` reached;
+        2: stopped by the callback.
+    message : str
+        Why it stopped.
+    """
+
+    x: list[torch.Tensor]
+    perms: dict[str, torch.Tensor]
+    fun: float
+    history: list[float]
+    changed: dict[str, list[int]]
+    n_iter: int
+    converged: bool
+    status: int
+    message: str
+
+
+def _positive(name: str, value: Any, *, allow_inf: bool, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a positive number, got {type(value).__name__}")
+    value = float(value)
+    if not value > 0 or (math.isinf(value) and not allow_inf):
+        hint = " (math.inf for no proximal term)" if allow_inf else ""
+        raise ValueError(f"`{name}` must be a positive number{hint}, got {value!r}")
+    return value
+
+
+def _nonnegative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a nonnegative int, got {value!r}")
+    return value
+
+
+def _default_x_optimizer(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=DEFAULT_X_LR)
+
+
+class PAM:
+    r"""Proximal alternating minimisation over :math:`(x, P)`: a solver object with ``step`` / ``run`` and a
+    checkpointable state (see the module documentation for the iteration and its guarantees).
+
+    Parameters
+    ----------
+    problem : PermutationProblem
+        Defines :math:`F`, the groups (``sizes``) and ``ties``.
+    x0 : sequence of torch.Tensor
+        Initial continuous variables (floating point; copied, never modified). May be empty (e.g. QAP).
+    perms0 : Mapping[str, torch.Tensor], optional
+        Initial permutations (index tensors). Missing groups start at the identity; a tied group may be omitted or
+        must equal its representative. Default: identities.
+    method : {"linearized", "exact", "birkhoff"}
+        The P-step.
+    lam : float
+        P proximal parameter :math:`\lambda > 0` (``math.inf``: no proximal term). For ``"linearized"`` the step
+        decreases :math:`F` when :math:`\lambda < 1/L_P`.
+    mu : float
+        x proximal parameter :math:`\mu > 0`; ``math.inf`` (default) drops the proximal term, so that one SGD step
+        per iteration is the PALM x-step.
+    x_optimizer : callable, optional
+        ``params -> torch.optim.Optimizer``, built once (its state persists across iterations). Default: plain SGD
+        with ``lr=DEFAULT_X_LR`` (1e-2). ``step`` is called with a closure, so L-BFGS works too.
+    x_steps : int
+        Optimizer steps per x-step (0: :math:`x` is never updated).
+    generator : torch.Generator or int or None
+        Randomness of the ``"birkhoff"`` rounding. A stochastic problem that draws its mini-batches from this same
+        generator is resumed exactly by :meth:`load_state_dict`.
+    birkhoff_steps : int
+        Projected gradient steps of the relaxed P-step (``"birkhoff"``).
+    birkhoff_lr : float, optional
+        Their step size :math:`\eta` (default ``lam``).
+    birkhoff_samples : int
+        Birkhoff–von Neumann draws among the rounding candidates.
+    birkhoff_prox : float, optional
+        :math:`\nu` of the relaxed proximal term :math:`\frac1{2\nu}\|P - P_k\|^2` (default ``lam``; Tatro et al.
+        use :math:`\eta = 0.05, \nu = 1000`).
+    local_search : callable, optional
+        ``local_search(x, perms) -> perms`` (dicts keyed by the free groups) applied after each P-step, e.g. a
+        2-opt for QAP; it must not increase :math:`F(x, \cdot)` for the decrease guarantee to hold.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``method``, a nonpositive ``lam`` or ``mu``, invalid ``perms0``, or ``method="exact"`` on
+        a problem without ``linear_cost``.
+
+    References
+    ----------
+    .. [1] H. Attouch, J. Bolte, P. Redont, A. Soubeyran, "Proximal alternating minimization and projection
+       methods for nonconvex problems: an approach based on the Kurdyka–Łojasiewicz inequality", Math. Oper. Res.
+       35(2), 2010, arXiv:0801.1780.
+    .. [2] J. Bolte, S. Sabach, M. Teboulle, "Proximal alternating linearized minimization for nonconvex and
+       nonsmooth problems", Math. Program. 146, 2014.
+    .. [3] N. J. Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020,
+       arXiv:2009.02439.
+
+    Examples
+    --------
+    >>> import torch
+    >>> C = torch.tensor([[3.0, 1.0, 2.0], [1.0, 3.0, 2.0], [2.0, 2.0, 0.0]])
+    >>> prob = FunctionProblem({"p": 3}, lambda x, P: (C * P["p"]).sum(), linear_cost=lambda x: {"p": C})
+    >>> solver = PAM(prob, [], method="exact", lam=10.0)
+    >>> res = solver.run(max_iter=10)
+    >>> res.perms["p"].tolist(), res.fun, res.converged
+    ([1, 0, 2], 2.0, True)
+    """
+
+    def __init__(
+        self,
+        problem: PermutationProblem,
+        x0: Sequence[torch.Tensor] = (),
+        perms0: Mapping[str, torch.Tensor] | None = None,
+        *,
+        method: str = "linearized",
+        lam: float = 1.0,
+        mu: float = math.inf,
+        x_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+        x_steps: int = 1,
+        generator: torch.Generator | int | None = None,
+        birkhoff_steps: int = 20,
+        birkhoff_lr: float | None = None,
+        birkhoff_samples: int = 32,
+        birkhoff_prox: float | None = None,
+        local_search: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+        | None = None,
+    ) -> None:
+        if not isinstance(problem, PermutationProblem):
+            raise TypeError(f"`problem` must be a PermutationProblem, got {type(problem).__name__}")
+        if method not in _P_STEPS:
+            raise ValueError(f"unknown method {method!r}; expected one of {sorted(_P_STEPS)}")
+        if method == "exact" and not problem.has_linear_cost():
+            raise ValueError(
+                f"method 'exact' needs a problem linear in P that defines linear_cost(x); "
+                f"{type(problem).__name__} does not (use method='linearized')"
+            )
+        self.problem = problem
+        self.method = method
+        self.lam = _positive("lam", lam, allow_inf=True)
+        self.mu = _positive("mu", mu, allow_inf=True)
+        self.x_steps = _nonnegative_int("x_steps", x_steps)
+        self.birkhoff_steps = _nonnegative_int("birkhoff_steps", birkhoff_steps)
+        self.birkhoff_samples = _nonnegative_int("birkhoff_samples", birkhoff_samples)
+        self.birkhoff_lr = _positive("birkhoff_lr", birkhoff_lr, allow_inf=False, allow_none=True)
+        self.birkhoff_prox = _positive("birkhoff_prox", birkhoff_prox, allow_inf=True, allow_none=True)
+        if x_optimizer is not None and not callable(x_optimizer):
+            raise TypeError(f"`x_optimizer` must be a callable params -> Optimizer, got {type(x_optimizer).__name__}")
+        if local_search is not None and not callable(local_search):
+            raise TypeError(f"`local_search` must be callable, got {type(local_search).__name__}")
+        self.local_search = local_search
+        self.generator = as_generator(generator)
+
+        sizes = problem.sizes
+        if not isinstance(sizes, Mapping) or not sizes:
+            raise ValueError(f"`problem.sizes` must be a non-empty mapping group -> int, got {sizes!r}")
+        for g, n in sizes.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"group `{g}`: size must be a positive int, got {n!r}")
+        self._sizes = dict(sizes)
+        self._reps = resolve_ties(self._sizes, problem.ties)
+        self._free = list(dict.fromkeys(self._reps.values()))
+
+        if isinstance(x0, torch.Tensor) or not isinstance(x0, Sequence):
+            raise TypeError(f"`x0` must be a list of tensors, got {type(x0).__name__}")
+        for i, t in enumerate(x0):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"`x0[{i}]` must be a floating-point tensor, got {kind}")
+        self.x: list[torch.Tensor] = [t.detach().clone().requires_grad_(True) for t in x0]
+
+        if problem.dtype is not None:
+            self._dtype = problem.dtype
+        elif self.x:
+            self._dtype = self.x[0].dtype
+        else:
+            self._dtype = torch.get_default_dtype()
+        first_perm = next(iter(perms0.values()), None) if isinstance(perms0, Mapping) and perms0 else None
+        if self.x:
+            self._device = self.x[0].device
+        elif isinstance(first_perm, torch.Tensor):
+            self._device = first_perm.device
+        else:
+            self._device = torch.device("cpu")
+        self.perms = self._check_perms(perms0)
+
+        self.optimizer: torch.optim.Optimizer | None = None
+        if self.x and self.x_steps > 0:
+            factory = x_optimizer if x_optimizer is not None else _default_x_optimizer
+            self.optimizer = factory(self.x)
+            if not isinstance(self.optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"`x_optimizer` must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}"
+                )
+        self.n_iter = 0
+        self.history: list[float] = [self._value(self.x, self.perms, where="at the start")]
+        self.changed: dict[str, list[int]] = {g: [] for g in self._sizes}
+        self._last_x_change = math.inf
+
+    # ------------------------------------------------------------------ helpers
+    def _check_perms(self, perms0: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        if perms0 is None:
+            perms0 = {}
+        if not isinstance(perms0, Mapping):
+            raise TypeError(f"`perms0` must be a mapping group -> index tensor, got {type(perms0).__name__}")
+        for g in perms0:
+            if g not in self._sizes:
+                raise ValueError(f"`perms0` has group `{g}`, which the problem does not have")
+        out: dict[str, torch.Tensor] = {}
+        for g, n in self._sizes.items():
+            if g not in perms0:
+                continue
+            p = perms0[g]
+            if not isinstance(p, torch.Tensor) or not is_permutation(p) or p.numel() != n:
+                shown = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(f"`perms0[{g!r}]` must be a permutation of 0..{n - 1}, got {shown}")
+            r = self._reps[g]
+            p = p.detach().to(device=self._device, dtype=torch.int64).clone()
+            if r in out and not torch.equal(out[r], p):
+                raise ValueError(f"`perms0` gives tied groups `{g}` and `{r}` different permutations")
+            out.setdefault(r, p)
+        for r in self._free:
+            if r not in out:
+                out[r] = torch.arange(self._sizes[r], device=self._device)
+        return {r: out[r] for r in self._free}
+
+    def _dense(self, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Dense matrices for every group, tied groups sharing one tensor object."""
+        mats = {r: perm_to_matrix(perms[r], dtype=self._dtype, device=self._device) for r in self._free}
+        return {g: mats[r] for g, r in self._reps.items()}
+
+    def _full(self, mats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {g: mats[r] for g, r in self._reps.items()}
+
+    def _all_groups(self, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {g: perms[r].clone() for g, r in self._reps.items()}
+
+    def _value(self, x: Sequence[torch.Tensor], perms: Mapping[str, torch.Tensor], *, where: str) -> float:
+        f = self.problem.value(x, self._dense(perms))
+        if not isinstance(f, (int, float)) or not math.isfinite(f):
+            raise NonFiniteError(f"objective F(x, P) is {f!r} {where}")
+        return float(f)
+
+    def _collect(self, raw: Any, what: str) -> dict[str, torch.Tensor]:
+        """Validate a per-group dict of (n, n) tensors and sum it over tied sets (keyed by representatives)."""
+        if not isinstance(raw, Mapping):
+            raise TypeError(f"{what} must be a dict group -> tensor, got {type(raw).__name__}")
+        out: dict[str, torch.Tensor] = {}
+        for g, t in raw.items():
+            if g not in self._sizes:
+                raise ValueError(f"{what} has an entry for group `{g}`, which the problem does not have")
+            n = self._sizes[g]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"group `{g}`: {what} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != (n, n):
+                raise ValueError(
+                    f"group `{g}`: {what} has shape {tuple(t.shape)} but the group's permutation matrix has "
+                    f"shape {(n, n)}"
+                )
+            bad = int((~torch.isfinite(t)).sum().item())
+            if bad:
+                raise NonFiniteError(f"group `{g}`: {what} has {bad} non-finite entries")
+            r = self._reps[g]
+            t = t.detach()
+            out[r] = t if r not in out else out[r] + t
+        for r in self._free:
+            if r not in out:
+                raise ValueError(f"{what} has no entry for group `{r}` (nor for any group tied to it)")
+        return out
+
+    def _gradient(self, mats_full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raw = self.problem.gradient_p(self.x, mats_full)
+        return self._collect(raw, "gradient dF/dP")
+
+    def _assign(self, costs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {r: solve_assignment(costs[r], name=r).perm.to(self._device) for r in self._free}
+
+    # ------------------------------------------------------------------ P-steps
+    def _p_step_linearized(self) -> dict[str, torch.Tensor]:
+        mats = self._dense(self.perms)
+        grad = self._gradient(mats)
+        inv = 1.0 / self.lam
+        return self._assign({r: grad[r] - inv * mats[r].to(grad[r].dtype) for r in self._free})
+
+    def _p_step_exact(self) -> dict[str, torch.Tensor]:
+        mats = self._dense(self.perms)
+        with torch.no_grad():
+            raw = self.problem.linear_cost([t.detach() for t in self.x])
+        cost = self._collect(raw, "linear cost C(x)")
+        inv = 1.0 / self.lam
+        return self._assign({r: cost[r] - inv * mats[r].to(cost[r].dtype) for r in self._free})
+
+    def _p_step_birkhoff(self) -> dict[str, torch.Tensor]:
+        eta = self.birkhoff_lr if self.birkhoff_lr is not None else self.lam
+        nu = self.birkhoff_prox if self.birkhoff_prox is not None else self.lam
+        if math.isinf(eta):
+            raise ValueError("method 'birkhoff' needs a finite step: set `birkhoff_lr` when `lam` is inf")
+        anchor = {r: perm_to_matrix(self.perms[r], dtype=self._dtype, device=self._device) for r in self._free}
+        relaxed = {r: m.clone() for r, m in anchor.items()}
+        pull = 0.0 if math.isinf(nu) else eta / nu
+        for _ in range(self.birkhoff_steps):
+            grad = self._gradient(self._full(relaxed))
+            for r in self._free:
+                q = relaxed[r] - eta * grad[r].to(self._dtype)
+                if pull:
+                    q = (q + pull * anchor[r]) / (1.0 + pull)
+                relaxed[r] = project_doubly_stochastic(q)
+        # Rounding: P_k first (so that ties keep it), then the nearest permutations, then BvN draws.
+        best = dict(self.perms)
+        best_value = self._value(self.x, best, where="for the previous permutation in the Birkhoff rounding")
+        seen = {self._key(best)}
+        candidates = [{r: nearest_permutation(relaxed[r], name=r).to(self._device) for r in self._free}]
+        if self.birkhoff_samples:
+            draws = {}
+            for r in self._free:
+                dec = birkhoff_decomposition(relaxed[r])
+                if dec.coefficients.numel():
+                    draws[r] = sample_permutations(dec, self.birkhoff_samples, generator=self.generator)
+                else:
+                    draws[r] = candidates[0][r].expand(self.birkhoff_samples, -1)
+            for s in range(self.birkhoff_samples):
+                candidates.append({r: draws[r][s].to(self._device) for r in self._free})
+        for cand in candidates:
+            key = self._key(cand)
+            if key in seen:
+                continue
+            seen.add(key)
+            f = self._value(self.x, cand, where="for a candidate of the Birkhoff rounding")
+            if f < best_value:  # always compared against the best so far
+                best, best_value = cand, f
+        return best
+
+    @staticmethod
+    def _key(perms: Mapping[str, torch.Tensor]) -> tuple:
+        return tuple(tuple(p.tolist()) for p in perms.values())
+
+    # ------------------------------------------------------------------ x-step
+    def _x_step(self, x_prev: list[torch.Tensor]) -> None:
+        assert self.optimizer is not None
+        mats = self._dense(self.perms)
+        coef = 0.0 if math.isinf(self.mu) else 1.0 / (2.0 * self.mu)
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad()
+            loss = self.problem.loss(self.x, mats)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"`problem.loss` must return a scalar tensor, got {type(loss).__name__}")
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise NonFiniteError(f"objective F(x, P) is {loss.item()} in the x-step of iteration {self.n_iter}")
+            if coef:
+                loss = loss + coef * sum((xi - xp).square().sum() for xi, xp in zip(self.x, x_prev))
+            loss.backward()
+            for i, xi in enumerate(self.x):
+                if xi.grad is not None:
+                    bad = int((~torch.isfinite(xi.grad)).sum().item())
+                    if bad:
+                        raise NonFiniteError(f"x[{i}]: gradient dF/dx has {bad} non-finite entries")
+            return loss
+
+        for _ in range(self.x_steps):
+            self.optimizer.step(closure)
+
+    # ------------------------------------------------------------------ public API
+    def step(self) -> PAMState:
+        """One outer iteration: the P-step, the optional local search, then the x-step (Attouch's order).
+
+        Returns
+        -------
+        PAMState
+            The state after the iteration (also appended to ``history`` / ``changed``).
+        """
+        x_prev = [t.detach().clone() for t in self.x]
+        old = self.perms
+        new = _P_STEPS[self.method](self)
+        if self.local_search is not None:
+            searched = self.local_search([t.detach() for t in self.x], dict(new))
+            new = self._check_local_search(searched)
+        self.perms = {r: new[r] for r in self._free}
+        if self.optimizer is not None:
+            self._x_step(x_prev)
+        self.n_iter += 1
+        f = self._value(self.x, self.perms, where=f"after iteration {self.n_iter}")
+        self.history.append(f)
+        changed = {g: int((self.perms[r] != old[r]).sum().item()) for g, r in self._reps.items()}
+        for g, c in changed.items():
+            self.changed[g].append(c)
+        with torch.no_grad():
+            dx = math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(self.x, x_prev)))
+            self._last_x_norm = math.sqrt(sum(float(b.square().sum()) for b in x_prev))
+        self._last_x_change = dx
+        logger.debug("PAM iteration %d: F=%.6g, changed=%s, |dx|=%.3g", self.n_iter, f, changed, dx)
+        return PAMState(
+            n_iter=self.n_iter,
+            fun=f,
+            x=[t.detach().clone() for t in self.x],
+            perms=self._all_groups(self.perms),
+            changed=changed,
+            x_change=dx,
+        )
+
+    def _check_local_search(self, searched: Any) -> dict[str, torch.Tensor]:
+        if not isinstance(searched, Mapping):
+            raise TypeError(f"`local_search` must return a dict group -> perm, got {type(searched).__name__}")
+        out = {}
+        for r in self._free:
+            p = searched.get(r)
+            if not isinstance(p, torch.Tensor) or not is_permutation(p) or p.numel() != self._sizes[r]:
+                raise ValueError(f"`local_search` returned no valid permutation for group `{r}`")
+            out[r] = p.to(device=self._device, dtype=torch.int64)
+        return out
+
+    def _converged(self, tol: float) -> bool:
+        if self.n_iter == 0:
+            return False
+        if any(self.changed[g][-1] for g in self._sizes):
+            return False
+        f_old, f_new = self.history[-2], self.history[-1]
+        if abs(f_new - f_old) > tol * max(1.0, abs(f_old)):
+            return False
+        return self._last_x_change <= tol * max(1.0, getattr(self, "_last_x_norm", 0.0))
+
+    def result(self, status: int = 1, message: str = "") -> PAMResult:
+        """The current iterate as a :class:`PAMResult` (``run`` fills ``status`` and ``message``)."""
+        return PAMResult(
+            x=[t.detach().clone() for t in self.x],
+            perms=self._all_groups(self.perms),
+            fun=self.history[-1],
+            history=list(self.history),
+            changed={g: list(c) for g, c in self.changed.items()},
+            n_iter=self.n_iter,
+            converged=status == 0,
+            status=status,
+            message=message,
+        )
+
+    def run(
+        self,
+        *,
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        callback: Callable[[PAMState], bool | None] | None = None,
+    ) -> PAMResult:
+        r"""Iterate until convergence, ``max_iter`` iterations, or the callback asks to stop.
+
+        Converged means: no assignment changed in the last iteration,
+        :math:`|F_{k+1} - F_k| \le \mathrm{tol}\cdot\max(1, |F_k|)` and
+        :math:`\|x_{k+1} - x_k\| \le \mathrm{tol}\cdot\max(1, \|x_k\|)`.
+
+        Parameters
+        ----------
+        max_iter : int
+            Maximum number of outer iterations in this call.
+        tol : float
+            Relative tolerance (nonnegative).
+        callback : callable, optional
+            ``callback(state: PAMState)`` after every iteration; returning ``True`` stops (status 2).
+
+        Returns
+        -------
+        PAMResult
+            Status 1 (with a :class:`ConvergenceWarning`) when ``max_iter`` is reached first.
+        """
+        max_iter = _nonnegative_int("max_iter", max_iter)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"`tol` must be a nonnegative number, got {tol!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
+        for _ in range(max_iter):
+            state = self.step()
+            if callback is not None and callback(state):
+                return self.result(2, f"stopped by the callback after iteration {self.n_iter}")
+            if self._converged(tol):
+                return self.result(0, f"converged after {self.n_iter} iterations: no assignment changed and the "
+                                      f"objective moved by at most tol={tol:g}")
+        if max_iter == 0:
+            return self.result(1, "max_iter=0: no iteration was run")
+        moved = sum(self.changed[g][-1] for g in self._sizes) if self.n_iter else 0
+        message = (
+            f"max_iter={max_iter} reached before tol={tol:g} was met ({moved} assignments changed in the last "
+            f"iteration, objective {self.history[-1]:.6g})"
+        )
+        hint = "a smaller `lam` (stronger proximal pull on P), a smaller x step size, or a larger `max_iter`"
+        warnings.warn(f"PAM: {message}; try {hint}", ConvergenceWarning, stacklevel=2)
+        return self.result(1, message)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: x, permutations, the optimizer's state, iteration count, history,
+        changed counts and the generator's state (plain tensors and Python data, loadable with
+        ``torch.load(weights_only=True)``)."""
+        return {
+            "kind": "pam",
+            "method": self.method,
+            "x": [t.detach().clone() for t in self.x],
+            "perms": {r: p.clone() for r, p in self.perms.items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
+            "n_iter": self.n_iter,
+            "history": list(self.history),
+            "changed": {g: list(c) for g, c in self.changed.items()},
+            "generator": self.generator.get_state(),
+            "last_x_change": self._last_x_change,
+            "last_x_norm": getattr(self, "_last_x_norm", 0.0),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict` (the solver must be built with the same problem and options).
+
+        Raises
+        ------
+        ValueError
+            If the state is not a PAM state, was made with another method, or its x or permutations do not fit.
+        """
+        required = ("kind", "method", "x", "perms", "optimizer", "n_iter", "history", "changed", "generator")
+        if not isinstance(state, Mapping) or state.get("kind") != "pam":
+            raise ValueError("`state` is not a PAM state dict (its 'kind' is not 'pam')")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"`state` lacks the entries {missing}")
+        if state["method"] != self.method:
+            raise ValueError(f"`state` was made with method {state['method']!r}, this solver uses {self.method!r}")
+        xs = state["x"]
+        if len(xs) != len(self.x):
+            raise ValueError(f"`state` holds {len(xs)} x tensors, this solver has {len(self.x)}")
+        for i, (a, b) in enumerate(zip(self.x, xs)):
+            if tuple(a.shape) != tuple(b.shape):
+                raise ValueError(f"`state` has x[{i}] of shape {tuple(b.shape)}, this solver has {tuple(a.shape)}")
+        perms = self._check_perms(state["perms"])
+        if set(state["perms"]) != set(self._free):
+            raise ValueError(f"`state` has permutations for {sorted(state['perms'])}, expected {sorted(self._free)}")
+        with torch.no_grad():
+            for a, b in zip(self.x, xs):
+                a.copy_(b)
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.perms = perms
+        self.n_iter = int(state["n_iter"])
+        self.history = [float(f) for f in state["history"]]
+        self.changed = {g: [int(c) for c in state["changed"].get(g, [])] for g in self._sizes}
+        self.generator.set_state(state["generator"])
+        self._last_x_change = float(state.get("last_x_change", math.inf))
+        self._last_x_norm = float(state.get("last_x_norm", 0.0))
+
+
+_P_STEPS: dict[str, Callable[[PAM], dict[str, torch.Tensor]]] = {
+    "linearized": PAM._p_step_linearized,
+    "exact": PAM._p_step_exact,
+    "birkhoff": PAM._p_step_birkhoff,
+}
+
+
+def pam(
+    problem: PermutationProblem,
+    x0: Sequence[torch.Tensor] = (),
+    perms0: Mapping[str, torch.Tensor] | None = None,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    callback: Callable[[PAMState], bool | None] | None = None,
+    **options: Any,
+) -> PAMResult:
+    r"""Solve :math:`\min_{x, P} F(x, P) + \delta_\Pi(P)` by proximal alternating minimisation.
+
+    Builds :class:`PAM` with ``options`` (``method``, ``lam``, ``mu``, ``x_optimizer``, ``x_steps``,
+    ``generator``, ``birkhoff_steps``, ``birkhoff_lr``, ``birkhoff_samples``, ``birkhoff_prox``, ``local_search``;
+    see :class:`PAM`) and calls :meth:`PAM.run`.
+
+    Parameters
+    ----------
+    problem : PermutationProblem
+        The objective and its groups.
+    x0 : sequence of torch.Tensor
+        Initial continuous variables (not modified).
+    perms0 : Mapping[str, torch.Tensor], optional
+        Initial permutations (default identities).
+    max_iter, tol, callback
+        As in :meth:`PAM.run`.
+
+    Returns
+    -------
+    PAMResult
+
+    Examples
+    --------
+    Shuffled regression :math:`\min_{x, P}\|y - PAx\|^2`, linear in :math:`P` given :math:`x` since
+    :math:`\|PAx\| = \|Ax\|`, so that ``method="exact"`` applies:
+
+    >>> import torch
+    >>> A = torch.tensor([[1.0], [2.0], [3.0]])
+    >>> y = torch.tensor([6.0, 2.0, 4.0])  # = P* A x* with x* = 2, perm* = [2, 0, 1]
+    >>> prob = FunctionProblem({"rows": 3}, lambda x, P: (y - P["rows"] @ A @ x[0]).square().sum(),
+    ...                        linear_cost=lambda x: {"rows": -2 * torch.outer(y, A @ x[0])})
+    >>> res = pam(prob, [torch.tensor([1.0])], method="exact", x_steps=30,
+    ...           x_optimizer=lambda p: torch.optim.SGD(p, lr=0.03), max_iter=20, tol=1e-8)
+    >>> res.perms["rows"].tolist(), round(res.x[0].item(), 4), res.converged
+    ([2, 0, 1], 2.0, True)
+    """
+    solver = PAM(problem, x0, perms0, **options)
+    return solver.run(max_iter=max_iter, tol=tol, callback=callback)
