@@ -37,6 +37,18 @@ from neuralign.optim.pam import (
     pam,
     resolve_ties,
 )
+from neuralign.optim.problems import ShuffledRegressionProblem, solve_shuffled_regression
+from neuralign.optim.qap import (
+    QAP_METHODS,
+    QAPProblem,
+    QAPResult,
+    TwoOptResult,
+    load_qaplib,
+    load_qaplib_solution,
+    local_search_2opt,
+    qap_objective,
+    solve_qap,
+)
 
 __all__ = [
     "AssignmentLPResult",
@@ -63,4 +75,15 @@ __all__ = [
     "PermutationProblem",
     "pam",
     "resolve_ties",
+    "ShuffledRegressionProblem",
+    "solve_shuffled_regression",
+    "QAP_METHODS",
+    "QAPProblem",
+    "QAPResult",
+    "TwoOptResult",
+    "load_qaplib",
+    "load_qaplib_solution",
+    "local_search_2opt",
+    "qap_objective",
+    "solve_qap",
 ]
