@@ -21,7 +21,8 @@ Three P-steps are offered (``method=``):
 ``"linearized"`` (default; the PALM step of Bolte, Sabach, Teboulle 2014)
     :math:`F(x_k, \cdot)` is replaced by its linearisation at :math:`P_k` with :math:`G_k = \nabla_P F(x_k, P_k)`.
     On permutation matrices :math:`\|P - P_k\|_F^2 = 2n - 2\langle P, P_k\rangle`, so the step is one linear
-    assignment per free group with cost :math:`G_k - P_k / \lambda`.
+    assignment per free group with cost :math:`G_k - P_k / \lambda`. A tied set is one free variable: its
+    gradient is the sum of its members' partial gradients and its proximal term is counted once.
 ``"exact"``
     For problems linear in :math:`P` given :math:`x`, :math:`F(x, P) = \langle C(x), P\rangle + c(x)`: the exact
     proximal step, one linear assignment with cost :math:`C(x_k) - P_k/\lambda`.
@@ -497,6 +498,8 @@ class PAM:
         self.birkhoff_samples = _nonnegative_int("birkhoff_samples", birkhoff_samples)
         self.birkhoff_lr = _positive("birkhoff_lr", birkhoff_lr, allow_inf=False, allow_none=True)
         self.birkhoff_prox = _positive("birkhoff_prox", birkhoff_prox, allow_inf=True, allow_none=True)
+        if method == "birkhoff" and self.birkhoff_lr is None and math.isinf(self.lam):
+            raise ValueError("method 'birkhoff' needs a finite step: set `birkhoff_lr` when `lam` is inf")
         if x_optimizer is not None and not callable(x_optimizer):
             raise TypeError(f"`x_optimizer` must be a callable params -> Optimizer, got {type(x_optimizer).__name__}")
         if local_search is not None and not callable(local_search):
@@ -646,8 +649,6 @@ class PAM:
     def _p_step_birkhoff(self) -> dict[str, torch.Tensor]:
         eta = self.birkhoff_lr if self.birkhoff_lr is not None else self.lam
         nu = self.birkhoff_prox if self.birkhoff_prox is not None else self.lam
-        if math.isinf(eta):
-            raise ValueError("method 'birkhoff' needs a finite step: set `birkhoff_lr` when `lam` is inf")
         anchor = {r: perm_to_matrix(self.perms[r], dtype=self._dtype, device=self._device) for r in self._free}
         relaxed = {r: m.clone() for r, m in anchor.items()}
         pull = 0.0 if math.isinf(nu) else eta / nu

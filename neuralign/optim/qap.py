@@ -245,9 +245,11 @@ class QAPResult:
     n_iter : int
         PAM iterations summed over restarts.
     converged : bool
-        Whether the best restart's PAM run converged (no assignment changed in its last iteration).
+        Whether the best restart's run ended by itself: an iteration changed nothing, or the (deterministic)
+        iterates revisited a permutation and would cycle from then on; for ``"2opt"``, no improving swap is left.
     status : int
-        0 converged, 1 the best restart hit ``max_iter``.
+        0 converged, 1 the best restart hit ``max_iter`` (with a
+        :class:`~neuralign.errors.ConvergenceWarning`).
     message : str
         Summary.
     history : list[float]
@@ -290,7 +292,9 @@ def solve_qap(
     .. math:: P_{k+1} = \arg\min_{P \in \Pi_n} \langle \nabla F(P_k) - P_k/\lambda, P\rangle,
 
     each followed (``local_search=True``) by a best-improvement 2-opt (:func:`local_search_2opt`) as PAM's
-    ``local_search`` hook; it stops when an iteration changes nothing. ``method="2opt"`` is the 2-opt alone from
+    ``local_search`` hook ("a local search on the P-step"); it stops when an iteration changes nothing or when the
+    deterministic iterates revisit a permutation (they would cycle from then on), and keeps the best iterate.
+    Without ``local_search`` the 2-opt runs once on that best iterate. ``method="2opt"`` is the 2-opt alone from
     the same random starts. The best restart is returned.
 
     Parameters
@@ -402,6 +406,8 @@ def solve_qap(
     message = f"best of {restarts} restart(s) of {method}: {best_fun:.10g}"
     if best_status == 1:
         message += f" (the best restart hit max_iter={max_iter})"
+        warnings.warn(f"solve_qap: {message}; try a larger `max_iter` or a smaller `lam`", ConvergenceWarning,
+                      stacklevel=2)
     return QAPResult(
         perm=best_perm,
         fun=best_fun,
@@ -469,6 +475,8 @@ def load_qaplib(path: str | os.PathLike, *, dtype: torch.dtype = torch.float64) 
 def load_qaplib_solution(path: str | os.PathLike) -> tuple[float, torch.Tensor]:
     """Read a QAPLIB solution (``.sln``): ``n``, the objective, then the 1-based permutation.
 
+    A permutation of ``0..n-1`` (as in some copies of ``tai40a.sln``) is read as 0-based, with a logged warning.
+
     Returns
     -------
     fun : float
@@ -489,7 +497,12 @@ def load_qaplib_solution(path: str | os.PathLike) -> tuple[float, torch.Tensor]:
     raw = values[2:]
     if any(v != int(v) for v in raw):
         raise DataError(f"QAPLIB solution file {str(path)!r}: the permutation holds non-integers")
-    perm = torch.tensor([int(v) - 1 for v in raw], dtype=torch.int64)
-    if not is_permutation(perm):
+    perm = torch.tensor([int(v) for v in raw], dtype=torch.int64)
+    if is_permutation(perm):
+        # Some distributed files (e.g. tai40a.sln) are 0-based; 0..n-1 and 1..n cannot be confused.
+        logger.warning("QAPLIB solution file %r holds a 0-based permutation; read it as such", str(path))
+    elif is_permutation(perm - 1):
+        perm = perm - 1
+    else:
         raise DataError(f"QAPLIB solution file {str(path)!r}: the permutation is not one of 1..{n}")
     return float(values[1]), perm

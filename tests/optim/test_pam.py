@@ -379,6 +379,8 @@ def test_option_errors():
         PAM(prob, [], {"q": torch.tensor([0, 1])})
     with pytest.raises(TypeError, match=r"`x0\[0\]` must be a floating-point tensor, got torch.int64"):
         PAM(prob, [torch.tensor([1, 2])])
+    with pytest.raises(ValueError, match=r"method 'birkhoff' needs a finite step: set `birkhoff_lr` when `lam` is inf"):
+        PAM(prob, method="birkhoff", lam=math.inf)
     tied = FunctionProblem({"a": 2, "b": 2}, lambda x, P: P["a"].sum(), ties={"b": "a"})
     with pytest.raises(ValueError, match=r"`perms0` gives tied groups `b` and `a` different permutations"):
         PAM(tied, [], {"a": torch.tensor([0, 1]), "b": torch.tensor([1, 0])})

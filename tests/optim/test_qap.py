@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuralign.errors import DataError
+from neuralign.errors import ConvergenceWarning, DataError
 from neuralign.optim import PermutationProblem, perm_to_matrix
 from neuralign.optim.qap import (
     QAPProblem,
@@ -96,6 +96,17 @@ def test_qaplib_known_optimum(name):
     assert res.history == sorted(res.history, reverse=True)
 
 
+def test_max_iter_warning_and_no_local_search():
+    A, B = random_instance(9, 11)
+    with pytest.warns(ConvergenceWarning, match=r"solve_qap: best of 1 restart\(s\) of pam.*hit max_iter=1"):
+        res = solve_qap(A, B, seed=0, max_iter=1)
+    assert res.status == 1 and not res.converged
+    plain = solve_qap(A, B, seed=0, local_search=False, restarts=3)
+    assert plain.fun == qap_objective(A, B, plain.perm)
+    two = local_search_2opt(A, B, plain.perm)
+    assert two.n_iter == 0  # the final 2-opt already ran on the best iterate
+
+
 def test_qap_problem_gradient_and_value():
     A, B = random_instance(5, 7)
     prob = QAPProblem(A, B)
@@ -148,6 +159,7 @@ def test_loaders_round_trip_and_validation(tmp_path):
         load_qaplib(write(tmp_path, "frac.dat", "2.5 0 0"))
     with pytest.raises(DataError, match=r"is empty"):
         load_qaplib(write(tmp_path, "empty.dat", "\n"))
+    assert load_qaplib_solution(write(tmp_path, "zero.sln", "2 11\n1 0\n"))[1].tolist() == [1, 0]
     with pytest.raises(DataError, match=r"the permutation is not one of 1..3"):
         load_qaplib_solution(write(tmp_path, "dup.sln", "3 10\n1 1 2\n"))
     with pytest.raises(DataError, match=r"holds 4 numbers, expected 2 \+ 3"):
