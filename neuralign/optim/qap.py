@@ -472,22 +472,35 @@ def load_qaplib(path: str | os.PathLike, *, dtype: torch.dtype = torch.float64) 
     return A, B
 
 
-def load_qaplib_solution(path: str | os.PathLike) -> tuple[float, torch.Tensor]:
+def load_qaplib_solution(
+    path: str | os.PathLike, *, A: torch.Tensor | None = None, B: torch.Tensor | None = None
+) -> tuple[float, torch.Tensor]:
     """Read a QAPLIB solution (``.sln``): ``n``, the objective, then the 1-based permutation.
 
-    A permutation of ``0..n-1`` (as in some copies of ``tai40a.sln``) is read as 0-based, with a logged warning.
+    Distributed copies are not all in one convention: a permutation of ``0..n-1`` (as in some copies of
+    ``tai40a.sln``) is read as 0-based, and when the instance ``A, B`` is given the permutation is checked against
+    the stated objective; if only its inverse attains it (as in some copies of ``nug30``, ``tai60a``, ``tai80a``),
+    the inverse is returned. Both cases are logged as warnings.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.sln`` file.
+    A, B : torch.Tensor, optional
+        The instance (from :func:`load_qaplib`), to validate the permutation against the objective.
 
     Returns
     -------
     fun : float
         The optimal or best known objective.
     perm : torch.Tensor
-        The permutation, 0-based int64.
+        The permutation, 0-based int64, with ``qap_objective(A, B, perm) == fun`` when ``A, B`` are given.
 
     Raises
     ------
     DataError
-        If the file is missing, malformed, or the permutation is not one of ``1..n``.
+        If the file is missing or malformed, the permutation is not one of ``1..n``, or (with ``A, B``) neither
+        the permutation nor its inverse attains the stated objective, or the sizes differ.
     """
     path = Path(path)
     values = _read_numbers(path, "QAPLIB solution")
@@ -499,10 +512,26 @@ def load_qaplib_solution(path: str | os.PathLike) -> tuple[float, torch.Tensor]:
         raise DataError(f"QAPLIB solution file {str(path)!r}: the permutation holds non-integers")
     perm = torch.tensor([int(v) for v in raw], dtype=torch.int64)
     if is_permutation(perm):
-        # Some distributed files (e.g. tai40a.sln) are 0-based; 0..n-1 and 1..n cannot be confused.
+        # 0..n-1 and 1..n cannot be confused
         logger.warning("QAPLIB solution file %r holds a 0-based permutation; read it as such", str(path))
     elif is_permutation(perm - 1):
         perm = perm - 1
     else:
         raise DataError(f"QAPLIB solution file {str(path)!r}: the permutation is not one of 1..{n}")
-    return float(values[1]), perm
+    fun = float(values[1])
+    if A is not None or B is not None:
+        if A is None or B is None:
+            raise ValueError("give both `A` and `B` to validate the solution, or neither")
+        if A.shape[0] != n:
+            raise DataError(f"QAPLIB solution file {str(path)!r} is for n={n}, the instance has n={A.shape[0]}")
+        if qap_objective(A, B, perm) != fun:
+            inverse = torch.argsort(perm)
+            if qap_objective(A, B, inverse) != fun:
+                raise DataError(
+                    f"QAPLIB solution file {str(path)!r}: its permutation has objective "
+                    f"{qap_objective(A, B, perm):.10g} (its inverse {qap_objective(A, B, inverse):.10g}), "
+                    f"not the stated {fun:.10g}"
+                )
+            logger.warning("QAPLIB solution file %r lists the inverse permutation; returned its inverse", str(path))
+            perm = inverse
+    return fun, perm

@@ -160,6 +160,15 @@ def test_loaders_round_trip_and_validation(tmp_path):
     with pytest.raises(DataError, match=r"is empty"):
         load_qaplib(write(tmp_path, "empty.dat", "\n"))
     assert load_qaplib_solution(write(tmp_path, "zero.sln", "2 11\n1 0\n"))[1].tolist() == [1, 0]
+    A3 = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 4.0], [0.0, 0.0, 0.0]])
+    B3 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [3.0, 5.0, 0.0]])
+    p3 = torch.tensor([1, 2, 0])  # objective 12; its inverse [2, 0, 1] has 17
+    assert qap_objective(A3, B3, p3) == 12.0 and qap_objective(A3, B3, torch.argsort(p3)) == 17.0
+    inv = write(tmp_path, "inv.sln", "3 12\n3 1 2\n")  # lists the inverse of p3 (1-based)
+    assert load_qaplib_solution(inv)[1].tolist() == [2, 0, 1]
+    assert load_qaplib_solution(inv, A=A3, B=B3)[1].tolist() == [1, 2, 0]
+    with pytest.raises(DataError, match=r"its permutation has objective 17 \(its inverse 12\), not the stated 7"):
+        load_qaplib_solution(write(tmp_path, "wrong.sln", "3 7\n3 1 2\n"), A=A3, B=B3)
     with pytest.raises(DataError, match=r"the permutation is not one of 1..3"):
         load_qaplib_solution(write(tmp_path, "dup.sln", "3 10\n1 1 2\n"))
     with pytest.raises(DataError, match=r"holds 4 numbers, expected 2 \+ 3"):
