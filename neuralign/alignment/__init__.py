@@ -1,5 +1,6 @@
 """Permutation specs (traced with torch.fx or hand-built), applying permutations, and neuron alignment."""
 
+from neuralign.alignment.align import ALIGNMENT_METHODS, AlignmentResult, align, weight_similarity
 from neuralign.alignment.permutation import (
     Permutation,
     apply_permutation,
@@ -12,9 +13,16 @@ from neuralign.alignment.permutation import (
     validate_permutation,
 )
 from neuralign.alignment.spec import PermutationSpec, Segment, SpecBuilder, Tap, spec_from_axes
+from neuralign.alignment.stats import ActivationMoments, activation_moments
 from neuralign.alignment.trace import trace_spec
 
 __all__ = [
+    "ALIGNMENT_METHODS",
+    "ActivationMoments",
+    "AlignmentResult",
+    "activation_moments",
+    "align",
+    "weight_similarity",
     "Permutation",
     "PermutationSpec",
     "Segment",

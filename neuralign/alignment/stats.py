@@ -59,40 +59,82 @@ class ActivationMoments:
         return cov / torch.outer(sa, sb)
 
 
+def _units_view(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, bool]:
+    """A view of ``t`` as ``(N, K, P)`` (units on axis 1, positions last) or ``(M, K)``, copying only if needed."""
+    if axis == t.ndim - 1:
+        return t.reshape(-1, t.shape[-1]), False
+    if axis == 1:
+        view = t.reshape(t.shape[0], t.shape[1], -1)
+        return (view[..., 0], False) if view.shape[-1] == 1 else (view, True)
+    return t.movedim(axis, -1).reshape(-1, t.shape[axis]), False
+
+
 class _Accumulator:
-    """Shifted sums (shift = first batch mean) in float64: no cancellation when the mean dwarfs the spread."""
+    """Streaming moments of paired activations: per-batch float32 sums merged in float64 (Chan et al.).
+
+    Each batch contributes its own centred moments, merged with the pairwise update of Chan, Golub & LeVeque
+    (1983), so that a large mean never cancels against the spread across batches; the activations are read a
+    few times per batch and never copied for the usual layouts (``N x K x H x W`` and ``N x K``).
+    """
 
     def __init__(self) -> None:
         self.n = 0
-        self.shift_a = self.shift_b = None
-        self.sa = self.sb = self.saa = self.sbb = self.sab = None
+        self.mean_a = self.mean_b = self.m2_a = self.m2_b = self.c_ab = None
+        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        if self.shift_a is None:
-            self.shift_a, self.shift_b = a.mean(0), b.mean(0)
-            k_a, k_b = a.shape[1], b.shape[1]
-            z = {"dtype": torch.float64, "device": a.device}
-            self.sa, self.sb = torch.zeros(k_a, **z), torch.zeros(k_b, **z)
-            self.saa, self.sbb = torch.zeros(k_a, **z), torch.zeros(k_b, **z)
-            self.sab = torch.zeros(k_a, k_b, **z)
-        a = a - self.shift_a
-        b = b - self.shift_b
-        self.n += a.shape[0]
-        self.sa += a.sum(0, dtype=torch.float64)
-        self.sb += b.sum(0, dtype=torch.float64)
-        self.saa += (a * a).sum(0, dtype=torch.float64)
-        self.sbb += (b * b).sum(0, dtype=torch.float64)
-        self.sab += (a.T @ b).double()
+    def update(self, a: torch.Tensor, b: torch.Tensor, axis: int) -> bool:
+        """Add one batch; returns False if a sum is not finite (NaN or inf in the activations)."""
+        va, spatial = _units_view(a, axis)
+        vb, _ = _units_view(b, axis)
+        dims = (0, 2) if spatial else (0,)
+        if self.mean_a is None:
+            # Units whose mean dwarfs their spread would lose the covariance to float32 cancellation inside a
+            # batch: for those (rare) layers, subtract the first batch's mean before forming the products.
+            ratio = max(_mean_to_spread(va, dims), _mean_to_spread(vb, dims))
+            if ratio > 30.0:
+                shape = (1, -1, 1) if spatial else (1, -1)
+                self.shift = (va.mean(dims).reshape(shape), vb.mean(dims).reshape(shape))
+        if self.shift is not None:
+            va, vb = va - self.shift[0], vb - self.shift[1]
+        n = va.numel() // va.shape[1]
+        sa, sb = va.sum(dims).double(), vb.sum(dims).double()
+        qa = torch.linalg.vector_norm(va, dim=dims).double() ** 2
+        qb = torch.linalg.vector_norm(vb, dim=dims).double() ** 2
+        cross = (torch.bmm(va, vb.transpose(1, 2)).sum(0) if spatial else va.T @ vb).double()
+        if not (torch.isfinite(sa).all() and torch.isfinite(sb).all() and torch.isfinite(cross).all()):
+            return False
+        ma, mb = sa / n, sb / n
+        m2a, m2b = qa - n * ma * ma, qb - n * mb * mb
+        cab = cross - n * torch.outer(ma, mb)
+        if self.mean_a is None:
+            self.n, self.mean_a, self.mean_b, self.m2_a, self.m2_b, self.c_ab = n, ma, mb, m2a, m2b, cab
+            return True
+        total = self.n + n
+        da, db = ma - self.mean_a, mb - self.mean_b
+        w = self.n * n / total
+        self.mean_a = self.mean_a + da * (n / total)
+        self.mean_b = self.mean_b + db * (n / total)
+        self.m2_a = self.m2_a + m2a + da * da * w
+        self.m2_b = self.m2_b + m2b + db * db * w
+        self.c_ab = self.c_ab + cab + torch.outer(da, db) * w
+        self.n = total
+        return True
 
     def moments(self) -> ActivationMoments:
         n = self.n
-        ma, mb = self.sa / n, self.sb / n
-        var_a = self.saa / n - ma * ma
-        var_b = self.sbb / n - mb * mb
-        cross_shifted = self.sab / n - torch.outer(ma, mb)  # centred cross moment
-        mean_a, mean_b = ma + self.shift_a.double(), mb + self.shift_b.double()
-        cross = cross_shifted + torch.outer(mean_a, mean_b)
-        return ActivationMoments(n, mean_a.cpu(), mean_b.cpu(), var_a.cpu(), var_b.cpu(), cross.cpu())
+        mean_a, mean_b = self.mean_a, self.mean_b
+        if self.shift is not None:
+            mean_a = mean_a + self.shift[0].flatten().double()
+            mean_b = mean_b + self.shift[1].flatten().double()
+        cross = self.c_ab / n + torch.outer(mean_a, mean_b)
+        var_a, var_b = (self.m2_a / n).cpu(), (self.m2_b / n).cpu()
+        return ActivationMoments(n, mean_a.cpu(), mean_b.cpu(), var_a, var_b, cross.cpu())
+
+
+def _mean_to_spread(v: torch.Tensor, dims: tuple[int, ...]) -> float:
+    mean = v.mean(dims)
+    std = v.std(dims, correction=0)
+    return float((mean.abs() / (std + 1e-12)).max()) if mean.numel() else 0.0
 
 
 def _capture_module(gm: torch.fx.GraphModule, nodes: list[str]) -> torch.fx.GraphModule:
@@ -203,14 +245,12 @@ def activation_moments(
             x = _first_input(batch).to(device)
             out_a = dict(zip(nodes, cap(x)))
             out_b = dict(zip(nodes, functional_call(cap, params_b, (x,))))
-            for node in nodes:
-                for which, out in (("model_a", out_a), ("model_b", out_b)):
-                    if not torch.isfinite(out[node]).all():
-                        raise NonFiniteError(f"activations of layer `{node}` in `{which}` contain NaN or inf")
-            for (g, t), acc in accs.items():
-                a = out_a[t.node].movedim(t.axis, -1).reshape(-1, spec.sizes[g])
-                b = out_b[t.node].movedim(t.axis, -1).reshape(-1, spec.sizes[g])
-                acc.update(a.float(), b.float())
+            for (_, t), acc in accs.items():
+                if not acc.update(out_a[t.node].float(), out_b[t.node].float(), t.axis):
+                    for which, out in (("model_a", out_a), ("model_b", out_b)):
+                        if not torch.isfinite(out[t.node]).all():
+                            raise NonFiniteError(f"activations of layer `{t.node}` in `{which}` contain NaN or inf")
+                    raise NonFiniteError(f"the moments of layer `{t.node}` overflowed float32")
             n_batches += 1
             if callback is not None:
                 callback(n_batches)

@@ -73,6 +73,22 @@ def test_correlation_matches_direct_computation():
     np.testing.assert_allclose(m.cross.numpy(), xa.T @ xb / xa.shape[0], rtol=1e-6, atol=1e-8)
 
 
+def test_moments_survive_a_mean_that_dwarfs_the_spread():
+    a = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    b = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        a[0].bias.fill_(1000.0)
+        b[0].bias.fill_(3000.0)
+    batches = _batches((256, 3), n=4)
+    _, moments = activation_moments(a, b, batches)
+    (m,) = moments["0"]
+    with torch.no_grad():
+        xa = torch.cat([F.relu(a[0](x)) for x, _ in batches]).double().numpy()
+        xb = torch.cat([F.relu(b[0](x)) for x, _ in batches]).double().numpy()
+    expected = np.corrcoef(xa.T, xb.T)[:4, 4:]
+    np.testing.assert_allclose(m.correlation().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_tied_groups_sum_the_correlations_of_all_their_activations():
     a = randomize_bn(build_model("resnet20", 10, seed=0))
     b = randomize_bn(build_model("resnet20", 10, seed=1), seed=1)
