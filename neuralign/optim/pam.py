@@ -221,7 +221,7 @@ class PermutationProblem(ABC):
 
         Optional; needed by ``method="exact"``.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not define linear_cost")
+        raise TypeError(f"{type(self).__name__} does not define linear_cost (needed by method='exact')")
 
     def has_linear_cost(self) -> bool:
         """Whether :meth:`linear_cost` is implemented."""
@@ -433,6 +433,11 @@ class PAM:
     local_search : callable, optional
         ``local_search(x, perms) -> perms`` (dicts keyed by the free groups) applied after each P-step, e.g. a
         2-opt for QAP; it must not increase :math:`F(x, \cdot)` for the decrease guarantee to hold.
+    x_step : callable, optional
+        ``x_step(x, perms) -> new x``: a custom x-step replacing the ``x_steps`` optimizer steps (``x_optimizer``
+        is then unused). It receives detached copies of the current ``x`` and the new permutations (every group)
+        and is responsible for its own proximal term, e.g. curve fitting for several epochs with
+        :math:`\frac{1}{2\mu}\|x - x_k\|^2` (see :func:`neuralign.curves.fit_curve_pam`).
 
     Raises
     ------
@@ -479,6 +484,7 @@ class PAM:
         birkhoff_prox: float | None = None,
         local_search: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
         | None = None,
+        x_step: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], Sequence[torch.Tensor]] | None = None,
     ) -> None:
         if not isinstance(problem, PermutationProblem):
             raise TypeError(f"`problem` must be a PermutationProblem, got {type(problem).__name__}")
@@ -505,6 +511,9 @@ class PAM:
         if local_search is not None and not callable(local_search):
             raise TypeError(f"`local_search` must be callable, got {type(local_search).__name__}")
         self.local_search = local_search
+        if x_step is not None and not callable(x_step):
+            raise TypeError(f"`x_step` must be callable, got {type(x_step).__name__}")
+        self.custom_x_step = x_step
         self.generator = as_generator(generator)
 
         sizes = problem.sizes
@@ -541,7 +550,7 @@ class PAM:
         self.perms = self._check_perms(perms0)
 
         self.optimizer: torch.optim.Optimizer | None = None
-        if self.x and self.x_steps > 0:
+        if self.x and self.x_steps > 0 and x_step is None:
             factory = x_optimizer if x_optimizer is not None else _default_x_optimizer
             self.optimizer = factory(self.x)
             if not isinstance(self.optimizer, torch.optim.Optimizer):
@@ -714,6 +723,20 @@ class PAM:
         for _ in range(self.x_steps):
             self.optimizer.step(closure)
 
+    def _custom_x_step(self) -> None:
+        new = self.custom_x_step([t.detach().clone() for t in self.x], self._all_groups(self.perms))
+        if isinstance(new, torch.Tensor) or not isinstance(new, Sequence) or len(new) != len(self.x):
+            raise TypeError(f"`x_step` must return a list of {len(self.x)} tensors, got {type(new).__name__}")
+        with torch.no_grad():
+            for i, (xi, ni) in enumerate(zip(self.x, new)):
+                if not isinstance(ni, torch.Tensor) or ni.shape != xi.shape:
+                    shown = tuple(ni.shape) if isinstance(ni, torch.Tensor) else type(ni).__name__
+                    raise ValueError(f"`x_step` returned x[{i}] of shape {shown}, expected {tuple(xi.shape)}")
+                bad = int((~torch.isfinite(ni)).sum().item())
+                if bad:
+                    raise NonFiniteError(f"x[{i}]: the x-step returned {bad} non-finite entries")
+                xi.copy_(ni)
+
     # ------------------------------------------------------------------ public API
     def step(self) -> PAMState:
         """One outer iteration: the P-step, the optional local search, then the x-step (Attouch's order).
@@ -730,7 +753,9 @@ class PAM:
             searched = self.local_search([t.detach() for t in self.x], dict(new))
             new = self._check_local_search(searched)
         self.perms = {r: new[r] for r in self._free}
-        if self.optimizer is not None:
+        if self.custom_x_step is not None and self.x:
+            self._custom_x_step()
+        elif self.optimizer is not None:
             self._x_step(x_prev)
         self.n_iter += 1
         f = self._value(self.x, self.perms, where=f"after iteration {self.n_iter}")

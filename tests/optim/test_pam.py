@@ -476,3 +476,24 @@ def test_shuffled_regression_problem_extensions_agree_on_permutations():
         ShuffledRegressionProblem(A, y, extension="cubic")
     with pytest.raises(ValueError, match=r"`y` must have shape \(6,\) or \(6, k\) to match `A`, got \(5,\)"):
         ShuffledRegressionProblem(A, y[:5])
+
+
+def test_custom_x_step_replaces_the_optimizer_and_is_validated():
+    A, y, x_star, perm = planted_regression(8, 2, 0.0, 3)
+    prob = ShuffledRegressionProblem(A, y)
+    calls = []
+
+    def exact_x_step(x, perms):  # least squares given P: the exact alternating minimisation step
+        calls.append({g: p.clone() for g, p in perms.items()})
+        Py = y[torch.argsort(perms["rows"])]  # P^T y
+        return [torch.linalg.lstsq(A, Py.unsqueeze(-1)).solution.squeeze(-1)]
+
+    res = pam(prob, [torch.zeros_like(x_star)], {"rows": perm}, method="exact", lam=1.0, x_step=exact_x_step,
+              max_iter=5, tol=1e-9)
+    assert res.converged and calls
+    assert torch.equal(res.perms["rows"], perm)
+    torch.testing.assert_close(res.x[0], x_star, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"`x_step` returned x\[0\] of shape \(3,\), expected \(2,\)"):
+        pam(prob, [x_star], method="exact", x_step=lambda x, p: [torch.zeros(3)], max_iter=1)
+    with pytest.raises(TypeError, match="`x_step` must be callable"):
+        pam(prob, [x_star], method="exact", x_step=3, max_iter=1)
