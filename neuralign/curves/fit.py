@@ -183,7 +183,7 @@ def _ends_match(curve: Curve, flat_ends: torch.Tensor) -> tuple[bool, str]:
     """Do the curve's end points equal ``flat_ends`` (2, D)? Also names the first differing parameter."""
     for row, label in ((0, "point_a"), (1, "point_b")):
         mine = curve._flat[0 if row == 0 else -1]
-        theirs = flat_ends[row].to(mine.device)
+        theirs = flat_ends[row].to(device=mine.device, dtype=mine.dtype)
         if not torch.equal(mine, theirs):
             differ = (mine != theirs).nonzero()
             index = int(differ[0]) if differ.numel() else 0
@@ -282,7 +282,7 @@ def fit_curve(
         history, the :math:`t`-generator, the global CPU RNG and the loader generator's states). If the file exists
         and was written by a fit with the same family, trainable mask, shapes, end points (fingerprint), weight
         decay, proximal and batch settings, the fit resumes from it: an interrupted then resumed CPU fit gives the
-        same result, bit for bit, as an uninterrupted one.
+        same result, bit for bit, as an uninterrupted one (a fit stopped by the callback resumes the same way).
     max_batches_per_epoch : int, optional
         Stop each epoch after this many batches.
 

@@ -286,3 +286,32 @@ def test_fitted_curve_has_lower_midpoint_loss_than_the_line_on_mnist() -> None:
     assert line.test_loss[0] < 0.4 and line.test_loss[2] < 0.4
     assert curve.mid_loss < line.mid_loss - 0.1, (curve.mid_loss, line.mid_loss)
     assert curve.mid_accuracy > line.mid_accuracy
+
+
+class WithAux(nn.Module):
+    """Returns (logits, aux) in train mode and logits in eval mode, like GoogLeNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+        self.aux = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor):
+        h = torch.relu(self.body(x))
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+def test_auxiliary_heads_enter_the_training_loss() -> None:
+    torch.manual_seed(0)
+    model = WithAux()
+    a = params_of(model)
+    b = {k: v + 0.3 * torch.randn_like(v) for k, v in a.items()}
+    data = toy_batches(2)
+    with_aux = fit_curve(model, a, b, data, epochs=1, generator=0, weight_decay=0.0)
+    main_only = fit_curve(model, a, b, data, epochs=1, generator=0, weight_decay=0.0,
+                          loss_fn=lambda out, y: nn.functional.cross_entropy(out[0], y))
+    assert with_aux.history[0]["loss"] > main_only.history[0]["loss"] * 1.2  # + 0.3 CE(aux) on a similar scale
+    start = Bezier.between(a, b).points[1]["aux.weight"]
+    assert torch.equal(main_only.curve.points[1]["aux.weight"], start)  # no loss term reaches the aux head
+    assert not torch.equal(with_aux.curve.points[1]["aux.weight"], start)
