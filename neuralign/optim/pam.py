@@ -433,6 +433,13 @@ class PAM:
     local_search : callable, optional
         ``local_search(x, perms) -> perms`` (dicts keyed by the free groups) applied after each P-step, e.g. a
         2-opt for QAP; it must not increase :math:`F(x, \cdot)` for the decrease guarantee to hold.
+    backtrack : bool
+        For ``"linearized"``: when the step would increase :math:`F(x_k, \cdot)` (``value``), halve ``lam`` and
+        solve again, up to ``max_backtracks`` times (the step with :math:`P_{k+1} = P_k` always qualifies). This is
+        PALM with a backtracked step for an unknown :math:`L_P`; the monitored objective then never increases in
+        the P-step. ``lam`` itself is not changed between iterations.
+    max_backtracks : int
+        Halvings per P-step with ``backtrack``.
     x_step : callable, optional
         ``x_step(x, perms) -> new x``: a custom x-step replacing the ``x_steps`` optimizer steps (``x_optimizer``
         is then unused). It receives detached copies of the current ``x`` and the new permutations (every group)
@@ -484,6 +491,8 @@ class PAM:
         birkhoff_prox: float | None = None,
         local_search: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
         | None = None,
+        backtrack: bool = False,
+        max_backtracks: int = 30,
         x_step: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], Sequence[torch.Tensor]] | None = None,
     ) -> None:
         if not isinstance(problem, PermutationProblem):
@@ -514,6 +523,10 @@ class PAM:
         if x_step is not None and not callable(x_step):
             raise TypeError(f"`x_step` must be callable, got {type(x_step).__name__}")
         self.custom_x_step = x_step
+        self.backtrack = bool(backtrack)
+        self.max_backtracks = _nonnegative_int("max_backtracks", max_backtracks)
+        self.backtracks: list[int] = []
+        self._pending: dict[str, Any] | None = None
         self.generator = as_generator(generator)
 
         sizes = problem.sizes
@@ -644,8 +657,21 @@ class PAM:
     def _p_step_linearized(self) -> dict[str, torch.Tensor]:
         mats = self._dense(self.perms)
         grad = self._gradient(mats)
-        inv = 1.0 / self.lam
-        return self._assign({r: grad[r] - inv * mats[r].to(grad[r].dtype) for r in self._free})
+        lam = self.lam
+        new = self._assign({r: grad[r] - (1.0 / lam) * mats[r].to(grad[r].dtype) for r in self._free})
+        halvings = 0
+        if self.backtrack:
+            f0 = self._value(self.x, self.perms, where="before the P-step")
+            while self._key(new) != self._key(self.perms) and halvings < self.max_backtracks:
+                if self._value(self.x, new, where="for a backtracking trial") <= f0:
+                    break
+                lam, halvings = lam / 2.0, halvings + 1
+                new = self._assign({r: grad[r] - (1.0 / lam) * mats[r].to(grad[r].dtype) for r in self._free})
+            else:
+                if self._key(new) != self._key(self.perms) and self._value(self.x, new, where="backtracking") > f0:
+                    new = dict(self.perms)  # out of halvings: keep P_k, which never increases F
+        self.backtracks.append(halvings)
+        return new
 
     def _p_step_exact(self) -> dict[str, torch.Tensor]:
         mats = self._dense(self.perms)
@@ -746,17 +772,22 @@ class PAM:
         PAMState
             The state after the iteration (also appended to ``history`` / ``changed``).
         """
-        x_prev = [t.detach().clone() for t in self.x]
-        old = self.perms
-        new = _P_STEPS[self.method](self)
-        if self.local_search is not None:
-            searched = self.local_search([t.detach() for t in self.x], dict(new))
-            new = self._check_local_search(searched)
-        self.perms = {r: new[r] for r in self._free}
+        if self._pending is None:
+            x_prev = [t.detach().clone() for t in self.x]
+            old = self.perms
+            new = _P_STEPS[self.method](self)
+            if self.local_search is not None:
+                searched = self.local_search([t.detach() for t in self.x], dict(new))
+                new = self._check_local_search(searched)
+            self.perms = {r: new[r] for r in self._free}
+            # a state saved from here on (e.g. by a long x-step) resumes with the x-step, not a new P-step
+            self._pending = {"old": old, "x_prev": x_prev}
+        old, x_prev = self._pending["old"], self._pending["x_prev"]
         if self.custom_x_step is not None and self.x:
             self._custom_x_step()
         elif self.optimizer is not None:
             self._x_step(x_prev)
+        self._pending = None
         self.n_iter += 1
         f = self._value(self.x, self.perms, where=f"after iteration {self.n_iter}")
         self.history.append(f)
@@ -878,6 +909,13 @@ class PAM:
             "generator": self.generator.get_state(),
             "last_x_change": self._last_x_change,
             "last_x_norm": getattr(self, "_last_x_norm", 0.0),
+            "backtracks": list(self.backtracks),
+            "pending": None
+            if self._pending is None
+            else {
+                "old": {r: p.clone() for r, p in self._pending["old"].items()},
+                "x_prev": [t.clone() for t in self._pending["x_prev"]],
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -917,6 +955,13 @@ class PAM:
         self.generator.set_state(state["generator"])
         self._last_x_change = float(state.get("last_x_change", math.inf))
         self._last_x_norm = float(state.get("last_x_norm", 0.0))
+        self.backtracks = [int(b) for b in state.get("backtracks", [])]
+        pending = state.get("pending")
+        self._pending = (
+            None
+            if pending is None
+            else {"old": self._check_perms(pending["old"]), "x_prev": [t.clone() for t in pending["x_prev"]]}
+        )
 
 
 _P_STEPS: dict[str, Callable[[PAM], dict[str, torch.Tensor]]] = {
