@@ -117,7 +117,7 @@ def weight_similarity(
     keys = set(keys) if keys is not None else set(spec.axes)
     involved = {k for k, a in spec.perm_to_axes[group] if k in keys}
     sub_a = {k: state_a[k] for k in involved}
-    sub_b = apply_permutation({k: state_b[k] for k in involved}, _restrict(spec, involved), others)
+    sub_b = apply_permutation({k: state_b[k] for k in involved}, spec.restrict(involved), others)
     n = spec.sizes[group]
     S = torch.zeros(n, n, dtype=torch.float64)
     for key in involved:
@@ -128,10 +128,6 @@ def weight_similarity(
                     b = _unit_rows(sub_b[key].detach().double().cpu(), axis, offset, seg)
                     S += a @ b.T
     return S
-
-
-def _restrict(spec: PermutationSpec, keys: set[str]) -> PermutationSpec:
-    return PermutationSpec(spec.sizes, {k: v for k, v in spec.axes.items() if k in keys})
 
 
 def _weight_matching(state_a, state_b, spec, keys, *, max_iter: int, generator) -> tuple[Permutation, dict, int, bool]:

@@ -209,6 +209,11 @@ class PermutationSpec:
                         f"`{name}` has `{key}` of shape {shape}; the spec expects length {expected} on axis {axis}"
                     )
 
+    def restrict(self, keys: Iterable[str]) -> PermutationSpec:
+        """The same groups acting only on ``keys`` (e.g. the parameters, leaving out batch-norm buffers)."""
+        keys = set(keys)
+        return PermutationSpec(self.sizes, {k: v for k, v in self.axes.items() if k in keys}, self.taps)
+
     def unpermuted(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         """Keys of ``state_dict`` the spec leaves untouched (``num_batches_tracked`` counters excluded)."""
         return [k for k in state_dict if k not in self.axes and not k.endswith("num_batches_tracked")]

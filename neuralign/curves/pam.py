@@ -1,0 +1,538 @@
+"""PAM on curves: the joint optimisation of a Bezier curve and the permutation of its end point B.
+
+The curve problem of Tatro et al. (2020, §3) is
+
+.. math::
+
+    \\min_{\\theta, P} \\; F(\\theta, P) = \\mathbb{E}_{t \\sim U[0,1]} \\,
+    \\Big[\\ell\\big(\\phi(t)\\big) + \\tfrac{\\lambda_{wd}}{2}\\|\\phi(t)\\|^2\\Big], \\qquad
+    \\phi(t) = (1-t)\\, w_A + t\\, P w_B + 2t(1-t)\\, \\theta_{\\text{off}},
+
+the quadratic Bezier curve with control point :math:`\\theta = \\tfrac12 w_A + \\tfrac12 P w_B + \\theta_{\\text{off}}`
+(so that :math:`P` acts on :math:`w_B` in both the end point and the control point), :math:`P` a product of
+permutation matrices, one per group of a :class:`~neuralign.alignment.PermutationSpec`. It is solved with the
+general :class:`~neuralign.optim.PAM` solver: the continuous variable is :math:`x = \\theta_{\\text{off}}`, the
+P-step uses :math:`\\nabla_P F` obtained by applying every :math:`P` as a dense matrix
+(:func:`~neuralign.alignment.apply_permutation_matrices`), and the x-step is curve fitting
+(:func:`~neuralign.curves.fit_curve`) with the permutation fixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from neuralign._utils import as_generator, atomic_save, classification_loss, load_checkpoint, stable_seed
+from neuralign.alignment import (
+    PermutationSpec,
+    align,
+    apply_permutation,
+    apply_permutation_matrices,
+    compose_permutations,
+    identity_permutation,
+    trace_spec,
+    validate_permutation,
+)
+from neuralign.curves.bn import _parameters_of, _split_batch
+from neuralign.curves.families import Bezier
+from neuralign.curves.fit import fit_curve
+from neuralign.errors import CheckpointError, ConvergenceWarning, NonFiniteError
+from neuralign.optim import PAM, PAMResult, PAMState, PermutationProblem
+
+__all__ = ["CurvePermutationProblem", "CurvePAMResult", "fit_curve_pam"]
+
+logger = logging.getLogger(__name__)
+
+
+def _fixed_batches(loader: Iterable, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for batch in loader:
+        if len(out) >= n:
+            break
+        x, y = _split_batch(batch, device, "value_loader")
+        if y is None:
+            raise TypeError("`value_loader` must yield (inputs, targets) pairs")
+        out.append((x, y))
+    if not out:
+        raise ValueError("`value_loader` yielded no batches")
+    return out
+
+
+class CurvePermutationProblem(PermutationProblem):
+    """The curve objective :math:`F(\\theta_{\\text{off}}, P)` as a :class:`~neuralign.optim.PermutationProblem`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture (copied; run in train mode, batch norm on batch statistics, with private buffers).
+    point_a, point_b : dict str -> Tensor
+        End points (parameter dicts or full state dicts; only parameters are used).
+    spec : PermutationSpec
+        The groups acting on ``point_b``.
+    train_loader : iterable
+        ``(inputs, targets)`` batches for :meth:`loss` and :meth:`gradient_p`.
+    weight_decay : float
+        :math:`\\lambda_{wd}` of the penalty on :math:`\\phi(t)`.
+    loss_fn : callable, optional
+        Default cross-entropy (with GoogLeNet's auxiliary heads).
+    value_loader : iterable, optional
+        Fixed-order batches (default ``train_loader``): the first ``value_batches`` of them, with
+        :math:`t_k` = ``linspace(0, 1, value_batches)``, define the deterministic monitored value (as the
+        official code scores permutations with :math:`t` swept across batches).
+    value_batches : int
+    gradient_batches : int
+        Mini-batches (each with its own :math:`t \\sim U[0,1]`) averaged in :meth:`gradient_p`.
+    generator : torch.Generator or int, optional
+        Source of the :math:`t` draws; share it with :class:`~neuralign.optim.PAM` for exact resumes.
+
+    Notes
+    -----
+    :math:`x` is a list holding one flat tensor :math:`\\theta_{\\text{off}}` over all parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        point_a: Mapping[str, torch.Tensor],
+        point_b: Mapping[str, torch.Tensor],
+        spec: PermutationSpec,
+        train_loader: Iterable,
+        *,
+        weight_decay: float = 5e-4,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+        value_loader: Iterable | None = None,
+        value_batches: int = 8,
+        gradient_batches: int = 8,
+        generator: torch.Generator | int | None = None,
+    ) -> None:
+        if weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay}")
+        for name, value in (("value_batches", value_batches), ("gradient_batches", gradient_batches)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+        self.model = copy.deepcopy(model).train()
+        self.wa = {k: v.detach() for k, v in _parameters_of(model, point_a, "point_a").items()}
+        self.wb = {k: v.detach() for k, v in _parameters_of(model, point_b, "point_b").items()}
+        self.names = list(self.wa)
+        self.shapes = [self.wa[k].shape for k in self.names]
+        self.numels = [self.wa[k].numel() for k in self.names]
+        first = self.wa[self.names[0]]
+        self.device, self.dtype = first.device, first.dtype
+        self.spec = spec.restrict(self.wb)
+        self.spec.validate(self.wb, name="point_b")
+        self.sizes = dict(spec.sizes)
+        self.ties = {}
+        self.weight_decay = float(weight_decay)
+        self.loss_fn = loss_fn or classification_loss
+        self.train_loader = train_loader
+        self.gradient_batches = gradient_batches
+        self.generator = as_generator(generator)
+        self.buffers = {k: b.detach().to(self.device, copy=True) for k, b in self.model.named_buffers()}
+        self.value_set = _fixed_batches(value_loader if value_loader is not None else train_loader,
+                                        value_batches, self.device)  # fmt: skip
+        n = len(self.value_set)
+        self.value_ts = [k / (n - 1) if n > 1 else 0.5 for k in range(n)]
+
+    # ------------------------------------------------------------------ the curve
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat parameter vector into named views."""
+        return {k: t.view(s) for k, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
+
+    def flatten(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate named parameters into one flat vector (the inverse of :meth:`unflatten`)."""
+        return torch.cat([params[k].reshape(-1) for k in self.names])
+
+    def permuted_b(self, P: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:math:`P w_B` with dense (possibly relaxed) matrices, differentiable in ``P``."""
+        return apply_permutation_matrices(self.wb, self.spec, P)
+
+    def weights(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
+        """:math:`\\phi(t) = (1-t) w_A + t P w_B + 2t(1-t)\\theta_{\\text{off}}`."""
+        pb = self.permuted_b(P)
+        off = self.unflatten(x[0])
+        c = 2.0 * t * (1.0 - t)
+        return {k: (1.0 - t) * self.wa[k] + t * pb[k] + c * off[k] for k in self.names}
+
+    def control_point(self, x: Sequence[torch.Tensor], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Bezier control point :math:`\\theta = \\tfrac12 w_A + \\tfrac12 P w_B + \\theta_{\\text{off}}`."""
+        pb = apply_permutation(self.wb, self.spec, perms)
+        off = self.unflatten(x[0].detach())
+        return {k: 0.5 * (self.wa[k] + pb[k]) + off[k] for k in self.names}
+
+    def offset(self, theta: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """:math:`\\theta_{\\text{off}} = \\theta - \\tfrac12 w_A - \\tfrac12 P w_B` as a flat vector."""
+        pb = apply_permutation(self.wb, self.spec, perms)
+        return self.flatten({k: theta[k].detach() - 0.5 * (self.wa[k] + pb[k]) for k in self.names})
+
+    # ------------------------------------------------------------------ objective
+    def batch_loss(
+        self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor],
+        t: float,
+    ) -> torch.Tensor:  # fmt: skip
+        """:math:`\\ell(\\phi(t)) + \\tfrac{\\lambda_{wd}}{2}\\|\\phi(t)\\|^2` on one batch (differentiable)."""
+        w = self.weights(x, P, t)
+        out = functional_call(self.model, (w, self.buffers), (batch[0],))
+        loss = self.loss_fn(out, batch[1])
+        if self.weight_decay:
+            loss = loss + 0.5 * self.weight_decay * sum(v.square().sum() for v in w.values())
+        return loss
+
+    def objective(
+        self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor], batches: Sequence, ts: Sequence[float]
+    ) -> torch.Tensor:
+        """The mean of :meth:`batch_loss` over given batches and times (deterministic, differentiable)."""
+        return sum(self.batch_loss(x, P, b, t) for b, t in zip(batches, ts)) / len(batches)
+
+    def _train_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for batch in self.train_loader:
+            if len(out) >= n:
+                break
+            x, y = _split_batch(batch, self.device, "train_loader")
+            out.append((x, y))
+        if not out:
+            raise ValueError("`train_loader` yielded no batches")
+        return out
+
+    def _draw_t(self, n: int) -> list[float]:
+        return torch.rand(n, generator=self.generator, dtype=torch.float64).tolist()
+
+    def loss(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """A stochastic estimate of :math:`F` on one training batch at one random :math:`t`."""
+        (batch,) = self._train_batches(1)
+        return self.batch_loss(x, P, batch, self._draw_t(1)[0])
+
+    def value(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> float:
+        """Deterministic :math:`F` on the fixed value batches with :math:`t` swept from 0 to 1."""
+        with torch.no_grad():
+            f = float(self.objective(x, P, self.value_set, self.value_ts))
+        if f != f or abs(f) == float("inf"):
+            raise NonFiniteError(f"the curve objective is {f}")
+        return f
+
+    def gradient_at(
+        self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor], batches: Sequence, ts: Sequence[float]
+    ) -> dict[str, torch.Tensor]:
+        """:math:`\\nabla_P` of :meth:`objective` on given batches and times."""
+        leaves = {g: m.detach().clone().requires_grad_(True) for g, m in P.items()}
+        with torch.enable_grad():
+            f = self.objective([t.detach() for t in x], leaves, batches, ts)
+            grads = torch.autograd.grad(f, list(leaves.values()), allow_unused=True)
+        return {g: torch.zeros_like(leaves[g]) if gr is None else gr for g, gr in zip(leaves, grads)}
+
+    def gradient_p(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:math:`\\nabla_P F` averaged over ``gradient_batches`` training batches, each at its own random t."""
+        batches = self._train_batches(self.gradient_batches)
+        return self.gradient_at(x, P, batches, self._draw_t(len(batches)))
+
+
+@dataclass(frozen=True)
+class CurvePAMResult:
+    """Outcome of :func:`fit_curve_pam`.
+
+    Attributes
+    ----------
+    perms : dict[str, LongTensor]
+        The final permutation of the raw ``point_b``, composed with the initial one
+        (``apply_permutation(point_b, spec, perms)`` is the curve's end point).
+    init_perms : dict[str, LongTensor]
+        Where PAM started (identity, the alignment, or the given permutation).
+    curve : Bezier
+        The fitted quadratic Bezier curve from ``point_a`` to the permuted ``point_b``.
+    spec : PermutationSpec
+    fun : float
+        The monitored objective at the end.
+    history : list of float
+        The monitored objective at the start and after every outer iteration.
+    changed : dict[str, list[int]]
+        Per group, the number of reassigned units in each outer iteration.
+    curve_history : list of dict
+        The x-steps' per-epoch records (loss, accuracy, lr), tagged with the outer iteration.
+    backtracks : list of int
+        Halvings of ``lam`` in each P-step (``backtrack=True``).
+    n_iter, converged, status, message
+        As in :class:`~neuralign.optim.PAMResult`.
+    """
+
+    perms: dict[str, torch.Tensor]
+    init_perms: dict[str, torch.Tensor]
+    curve: Bezier
+    spec: PermutationSpec
+    fun: float
+    history: list[float]
+    changed: dict[str, list[int]]
+    curve_history: list[dict[str, Any]] = field(default_factory=list)
+    backtracks: list[int] = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+    status: int = 1
+    message: str = ""
+
+
+def _resolve_init(init, model, point_a, point_b, spec, align_loader) -> dict[str, torch.Tensor]:
+    if isinstance(init, Mapping):
+        perms = {g: torch.as_tensor(p).long().cpu() for g, p in init.items()}
+        validate_permutation(spec, perms, name="init")
+        return perms
+    if init == "identity":
+        return identity_permutation(spec)
+    if init == "alignment":
+        if align_loader is None:
+            raise ValueError("init='alignment' needs `align_loader` (inputs for the correlation alignment)")
+        buffers = {k for k, _ in model.named_buffers()}
+        missing = [k for k in buffers if k not in point_a or k not in point_b]
+        if missing:
+            raise ValueError(
+                f"init='alignment' needs full state dicts with the batch-norm statistics; `{missing[0]}` is missing"
+            )
+        a, b = copy.deepcopy(model), copy.deepcopy(model)
+        a.load_state_dict(dict(point_a))
+        b.load_state_dict(dict(point_b))
+        return align(a, b, align_loader, spec=spec).perms
+    raise ValueError(f"unknown init {init!r}; expected 'identity', 'alignment' or a permutation dict")
+
+
+def fit_curve_pam(
+    model: nn.Module,
+    point_a: Mapping[str, torch.Tensor],
+    point_b: Mapping[str, torch.Tensor],
+    train_loader: Iterable,
+    *,
+    init: str | Mapping[str, torch.Tensor] = "identity",
+    spec: PermutationSpec | None = None,
+    align_loader: Iterable | None = None,
+    method: str = "linearized",
+    lam: float = 1000.0,
+    backtrack: bool = True,
+    max_iter: int = 1,
+    tol: float = 0.0,
+    x_epochs: int = 1,
+    mu: float | None = None,
+    optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+    lr_lambda: Callable[[int], float] | None = None,
+    weight_decay: float = 5e-4,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    gradient_batches: int | None = None,
+    value_loader: Iterable | None = None,
+    value_batches: int = 8,
+    max_batches_per_epoch: int | None = None,
+    generator: torch.Generator | int | None = None,
+    callback: Callable[[dict[str, Any]], bool | None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    **pam_options: Any,
+) -> CurvePAMResult:
+    """Fit a quadratic Bezier curve jointly with the permutation of end point B by PAM.
+
+    Solves :math:`\\min_{\\theta_{\\text{off}}, P} F(\\theta_{\\text{off}}, P)` of the module docstring by proximal
+    alternating minimisation. Each outer iteration is
+
+    1. a P-step: with :math:`G = \\nabla_P F(\\theta_{\\text{off}}, P_k)` estimated on ``gradient_batches``
+       training batches, :math:`P_{k+1} = \\arg\\min_P \\langle G, P\\rangle + \\frac{1}{2\\lambda}\\|P - P_k\\|^2`
+       (one linear assignment per group; ``method="birkhoff"`` gives the official code's relaxed steps with
+       Birkhoff–von Neumann rounding instead); with ``backtrack`` the step is halved until the monitored objective
+       does not increase;
+    2. an x-step: ``x_epochs`` epochs of :func:`~neuralign.curves.fit_curve` on the curve between :math:`w_A` and
+       :math:`P_{k+1} w_B`, starting from the current control point, with the proximal term
+       :math:`\\frac{1}{2\\mu}\\|\\theta - \\theta_k\\|^2` when ``mu`` is given.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture (never modified).
+    point_a, point_b : dict str -> Tensor
+        End points; full state dicts (with batch-norm statistics) are needed for ``init="alignment"``.
+    train_loader : iterable
+        ``(inputs, targets)`` training batches.
+    init : {"identity", "alignment"} or dict
+        Start of the permutation: identity ("PAM Unaligned"), the correlation alignment computed on
+        ``align_loader`` ("PAM Aligned"), or a given permutation. As in the official code, ``point_b`` is
+        permuted by ``init`` first and PAM starts at the identity relative to it; the result is composed back.
+    spec : PermutationSpec, optional
+        Traced from ``model`` on the first training batch when omitted.
+    align_loader : iterable, optional
+        Inputs for ``init="alignment"``.
+    method : {"linearized", "birkhoff"}
+        The P-step (``"exact"`` does not apply: the curve objective is not linear in P).
+    lam : float
+        P proximal step :math:`\\lambda` (the official code's :math:`\\nu = 1000`).
+    backtrack : bool
+        Backtrack ``lam`` so that the P-step never increases the monitored objective.
+    max_iter : int
+        Outer iterations (the paper uses 1).
+    tol : float
+        Convergence tolerance of :meth:`PAM.run`.
+    x_epochs : int
+        Curve-fitting epochs per x-step (the paper: 250).
+    mu : float, optional
+        Proximal parameter of the x-step (default none: plain curve fitting, the official code's
+        :math:`\\nu = 1000` pull is ``mu=1000``).
+    optimizer, lr_lambda, weight_decay, loss_fn
+        As in :func:`~neuralign.curves.fit_curve` (the schedule restarts at every x-step).
+    gradient_batches : int, optional
+        Batches for each :math:`\\nabla_P F` estimate; default a tenth of an epoch (at least 1).
+    value_loader, value_batches
+        Fixed batches of the monitored objective (see :class:`CurvePermutationProblem`).
+    max_batches_per_epoch : int, optional
+        Cut the x-step epochs short.
+    generator : torch.Generator or int, optional
+        Randomness of t, of the Birkhoff rounding, and (derived) of the x-steps.
+    callback : callable, optional
+        Receives dict records: ``{"stage": "x-epoch", "iteration": k, ...}`` after each x-step epoch and
+        ``{"stage": "iteration", "iteration": k, "fun": ..., "changed": {...}}`` after each outer iteration;
+        returning True from the latter stops.
+    checkpoint : path-like, optional
+        PAM state written atomically before each x-step and after each iteration (the x-step itself checkpoints
+        to ``<checkpoint>.xstep``); an interrupted run resumes from it.
+    **pam_options
+        Further :class:`~neuralign.optim.PAM` options (``birkhoff_steps``, ``birkhoff_lr``,
+        ``birkhoff_samples``, ``birkhoff_prox``, ``max_backtracks``).
+
+    Returns
+    -------
+    CurvePAMResult
+
+    References
+    ----------
+    .. [1] N. J. Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020,
+       arXiv:2009.02439.
+    .. [2] H. Attouch, J. Bolte, P. Redont, A. Soubeyran, Math. Oper. Res. 35(2), 2010, arXiv:0801.1780.
+    .. [3] T. Garipov et al., NeurIPS 2018, arXiv:1802.10026.
+    """
+    if method not in ("linearized", "birkhoff"):
+        raise ValueError(f"unknown method '{method}'; expected one of ['linearized', 'birkhoff']")
+    if isinstance(x_epochs, bool) or not isinstance(x_epochs, int) or x_epochs < 1:
+        raise ValueError(f"`x_epochs` must be an int >= 1, got {x_epochs!r}")
+    gen = as_generator(generator)
+    base_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    if spec is None:
+        first = next(iter(train_loader), None)
+        if first is None:
+            raise ValueError("`train_loader` yielded no batches")
+        spec = trace_spec(model, _split_batch(first, torch.device("cpu"), "train_loader")[0][:2])
+    p0 = _resolve_init(init, model, point_a, point_b, spec, align_loader)
+    b0 = apply_permutation(point_b, spec.restrict(point_b), p0)
+    if gradient_batches is None:
+        try:
+            gradient_batches = max(1, len(train_loader) // 10)  # type: ignore[arg-type]
+        except TypeError:
+            gradient_batches = 8
+    problem = CurvePermutationProblem(
+        model, point_a, b0, spec, train_loader, weight_decay=weight_decay, loss_fn=loss_fn,
+        value_loader=value_loader, value_batches=value_batches, gradient_batches=gradient_batches, generator=gen,
+    )  # fmt: skip
+    wa = problem.wa
+    path = Path(checkpoint) if checkpoint is not None else None
+    x_path = path.with_name(path.name + ".xstep") if path is not None else None
+    curve_history: list[dict[str, Any]] = []
+    solver: PAM
+
+    def save() -> None:
+        if path is not None:
+            atomic_save(
+                {
+                    "kind": "fit_curve_pam",
+                    "pam": solver.state_dict(),
+                    "init": {g: p.clone() for g, p in p0.items()},
+                    "sizes": dict(spec.sizes),
+                    "curve_history": curve_history,
+                    "rng": torch.get_rng_state(),
+                    "loader": _loader_state(train_loader),
+                },
+                path,
+            )
+
+    def x_step(x: list[torch.Tensor], perms: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        k = solver.n_iter + 1
+        save()  # the P-step is done: a resume goes straight to this x-step
+        pb = apply_permutation(problem.wb, problem.spec, perms)
+        theta = problem.control_point(x, perms)
+        start = Bezier([wa, theta, pb], trainable=(False, True, False))
+
+        def on_epoch(record: dict[str, Any]) -> None:
+            rec = {"stage": "x-epoch", "iteration": k, **record}
+            curve_history.append(rec)
+            if callback is not None:
+                callback(rec)
+
+        fitted = fit_curve(
+            model, wa, pb, train_loader, curve=start, epochs=x_epochs, optimizer=optimizer, lr_lambda=lr_lambda,
+            weight_decay=weight_decay, proximal=mu, loss_fn=loss_fn, generator=stable_seed(base_seed, "x-step", k),
+            callback=on_epoch, checkpoint=x_path, max_batches_per_epoch=max_batches_per_epoch,
+        )  # fmt: skip
+        if x_path is not None:
+            x_path.unlink(missing_ok=True)
+        return [problem.offset(fitted.curve.points[1], perms)]
+
+    x0 = [torch.zeros(sum(problem.numels), dtype=problem.dtype, device=problem.device)]
+    solver = PAM(problem, x0, method=method, lam=lam, backtrack=backtrack, generator=gen, x_step=x_step, **pam_options)
+    if path is not None and path.exists():
+        state = load_checkpoint(path, kind="fit_curve_pam", required=("pam", "init", "sizes"))
+        if dict(state["sizes"]) != dict(spec.sizes) or any(
+            not torch.equal(state["init"][g].cpu(), p0[g].cpu()) for g in p0
+        ):
+            raise CheckpointError(f"checkpoint {str(path)!r} belongs to another PAM run (other groups or start)")
+        solver.load_state_dict(state["pam"])
+        curve_history.extend(state.get("curve_history", []))
+        torch.set_rng_state(state["rng"])
+        _restore_loader(train_loader, state.get("loader"))
+        logger.info("resuming PAM from %s after %d iterations", path, solver.n_iter)
+
+    def on_iteration(st: PAMState) -> bool | None:
+        save()
+        if callback is not None:
+            return callback({"stage": "iteration", "iteration": st.n_iter, "fun": st.fun, "changed": st.changed})
+        return None
+
+    remaining = max(0, max_iter - solver.n_iter)
+    with warnings.catch_warnings():
+        # the x-step is a fixed budget of epochs, so x never stops moving: judge convergence by P alone below
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        result: PAMResult = solver.run(max_iter=remaining, tol=tol, callback=on_iteration)
+    status, message = result.status, result.message
+    moved = sum(c[-1] for c in result.changed.values()) if result.n_iter else 0
+    if status == 1 and result.n_iter and moved == 0:
+        status, message = 0, f"permutation stable: no unit was reassigned in outer iteration {result.n_iter}"
+    elif status == 1:
+        message = f"{moved} units were still reassigned in the last of {result.n_iter} outer iterations"
+        warnings.warn(f"PAM on the curve: {message}; more iterations (`max_iter`) may move P further",
+                      ConvergenceWarning, stacklevel=2)  # fmt: skip
+    final = compose_permutations(p0, {g: p.cpu() for g, p in result.perms.items()})
+    pb = apply_permutation(problem.wb, problem.spec, result.perms)
+    theta = problem.control_point(result.x, result.perms)
+    curve = Bezier([wa, theta, pb], trainable=(False, True, False))
+    return CurvePAMResult(
+        perms=final,
+        init_perms=p0,
+        curve=curve,
+        spec=spec,
+        fun=result.fun,
+        history=result.history,
+        changed=result.changed,
+        curve_history=curve_history,
+        backtracks=list(solver.backtracks),
+        n_iter=result.n_iter,
+        converged=status == 0,
+        status=status,
+        message=message,
+    )
+
+
+def _loader_state(loader: Any) -> Any:
+    gen = getattr(loader, "generator", None)
+    return gen.get_state() if isinstance(gen, torch.Generator) else None
+
+
+def _restore_loader(loader: Any, saved: Any) -> None:
+    gen = getattr(loader, "generator", None)
+    if saved is not None and isinstance(gen, torch.Generator):
+        gen.set_state(saved)
