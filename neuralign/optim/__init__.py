@@ -10,7 +10,9 @@ from __future__ import annotations
 from neuralign.optim.assignment import (
     AssignmentLPResult,
     AssignmentResult,
+    StepBoundResult,
     assignment_duals,
+    proximal_step_bound,
     solve_assignment,
     solve_assignment_lp,
     solve_assignments,
@@ -51,6 +53,8 @@ from neuralign.optim.qap import (
 )
 
 __all__ = [
+    "StepBoundResult",
+    "proximal_step_bound",
     "AssignmentLPResult",
     "AssignmentResult",
     "assignment_duals",

@@ -4,6 +4,7 @@ here)."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -163,3 +164,33 @@ def test_lp_errors():
         solve_assignment_lp(torch.zeros(2, 2), solver="GUROBI")
     with pytest.raises(NonFiniteError, match=r"cost matrix has 1 NaN entries"):
         solve_assignment_lp(torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 5))
+def test_proximal_step_bound_matches_brute_force(seed, n):
+    from neuralign.optim import proximal_step_bound
+
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(n, n, generator=g, dtype=torch.float64)
+    p = torch.randperm(n, generator=g)
+    rows = torch.arange(n)
+    base = float(G[rows, p].sum())
+    best = -math.inf
+    for q in itertools.permutations(range(n)):
+        q = torch.tensor(q)
+        d = int((q != p).sum())
+        if d:
+            best = max(best, (base - float(G[rows, q].sum())) / d)
+    res = proximal_step_bound(G, p)
+    if best <= 1e-12:
+        assert res.lam == math.inf
+    else:
+        assert res.lam == pytest.approx(1.0 / best, rel=1e-9)
+        onehot = torch.zeros(n, n, dtype=torch.float64)
+        onehot[rows, p] = 1.0
+        # just below lam*, the proximal step keeps p; just above, it moves
+        keep = solve_assignment(G - onehot / (0.99 * res.lam)).perm
+        move = solve_assignment(G - onehot / (1.01 * res.lam)).perm
+        assert torch.equal(keep, p)
+        assert not torch.equal(move, p)
