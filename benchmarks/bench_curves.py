@@ -1,7 +1,7 @@
 """Cost of one curve-fitting step against one plain training step of the same network (CPU).
 
-For each network, three steps on the same CIFAR-shaped random batch are alternated (their order rotates each
-repeat) and timed:
+For each network, three steps on the same CIFAR-shaped random batch are alternated (cycling through all six
+orders) and timed:
 
 - ``plain``: forward, cross-entropy, backward, SGD step (momentum 0.9, Nesterov, weight decay 5e-4);
 - ``curve``: the step of :func:`neuralign.curves.fit_curve` (quadratic Bezier): draw t, w(t) from the flat point
@@ -20,6 +20,7 @@ Run: ``python benchmarks/bench_curves.py`` (a few minutes on 2 threads); ``--rep
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -99,9 +100,11 @@ def bench(name: str, repeats: int, warmup: int, batch: int) -> dict[str, object]
         for key in order:
             steps[key]()
     times: dict[str, list[float]] = {key: [] for key in order}
+    # cycle through all orders, so that each step follows each other step equally often (a fixed rotation would
+    # always run one step right after the same other one, and allocator/cache effects would bias it)
+    orders = list(itertools.permutations(order))
     for r in range(repeats):
-        rotated = order[r % len(order):] + order[: r % len(order)]
-        for key in rotated:
+        for key in orders[r % len(orders)]:
             start = time.perf_counter()
             steps[key]()
             times[key].append(time.perf_counter() - start)
@@ -115,13 +118,15 @@ def bench(name: str, repeats: int, warmup: int, batch: int) -> dict[str, object]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["tinyten", "resnet32", "vgg16"])
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 30/15/7 by model size)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats (default 12/6/8 for tinyten/resnet32/vgg16)"
+    )
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    default_repeats = {"tinyten": 40, "resnet32": 15, "vgg16": 7}
+    default_repeats = {"tinyten": 12, "resnet32": 6, "vgg16": 8}
     rows = []
     for name in args.models:
         repeats = args.repeats or default_repeats.get(name, 10)
