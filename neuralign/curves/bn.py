@@ -160,33 +160,44 @@ def _reestimate(
     modules = _bn_modules(model)
     if not modules:
         return buffers
-    for name, _ in modules:
+    # Per batch, the layers' own update r <- (1 - m) r + m s runs on zeroed copies, so that s = r / m (m = 1 for
+    # momentum=None with num_batches_tracked reset); the sample-weighted sums of s are kept in float64.
+    slots = []
+    for name, module in modules:
         prefix = f"{name}." if name else ""
-        buffers[prefix + "running_mean"].zero_()
-        buffers[prefix + "running_var"].fill_(1.0)
-        if prefix + "num_batches_tracked" in buffers:
-            buffers[prefix + "num_batches_tracked"].zero_()
-    saved_momenta = [m.momentum for _, m in modules]
+        factor = 1.0 if module.momentum is None else float(module.momentum)
+        if factor == 0.0:
+            raise ValueError(f"batch norm `{name}` has momentum 0: its running statistics cannot be re-estimated")
+        mean, var = buffers[prefix + "running_mean"], buffers[prefix + "running_var"]
+        count = buffers.get(prefix + "num_batches_tracked")
+        sums = (torch.zeros_like(mean, dtype=torch.float64), torch.zeros_like(var, dtype=torch.float64))
+        slots.append((mean, var, count, factor, sums))
     seen = 0
-    try:
-        with torch.no_grad(), _module_mode(model, True):
-            for index, batch in enumerate(loader):
-                if max_batches is not None and index >= max_batches:
-                    break
-                x, _ = _split_batch(batch, device, label)
-                b = int(x.shape[0])
-                # running <- (1 - m) running + m batch_stat with m = b / (seen + b): the exact sample-weighted
-                # mean of the per-batch statistics (Garipov et al. 2018, utils.bn_update).
-                momentum = b / (seen + b)
-                for _, m in modules:
-                    m.momentum = momentum
-                _call(model, params, buffers, x, check=label if index == 0 else None)
-                seen += b
-    finally:
-        for (_, m), value in zip(modules, saved_momenta):
-            m.momentum = value
+    batches = 0
+    with torch.no_grad(), _module_mode(model, True):
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            x, _ = _split_batch(batch, device, label)
+            for mean, var, count, _, _ in slots:
+                mean.zero_()
+                var.zero_()
+                if count is not None:
+                    count.zero_()
+            _call(model, params, buffers, x, check=label if index == 0 else None)
+            b = int(x.shape[0])
+            for mean, var, _, factor, (sum_mean, sum_var) in slots:
+                sum_mean.add_(mean.double(), alpha=b / factor)
+                sum_var.add_(var.double(), alpha=b / factor)
+            seen += b
+            batches += 1
     if seen == 0:
         raise ValueError(f"`{label}` yielded no batch: batch-norm statistics cannot be re-estimated")
+    for mean, var, count, _, (sum_mean, sum_var) in slots:
+        mean.copy_(sum_mean / seen)
+        var.copy_(sum_var / seen)
+        if count is not None:
+            count.fill_(batches)
     return buffers
 
 
@@ -243,14 +254,16 @@ def reestimate_bn(
         \\hat\\sigma^2 = \\frac{\\sum_k |B_k|\\, s^2_{B_k}}{\\sum_k |B_k|},
 
     where :math:`\\mu_{B_k}` and :math:`s^2_{B_k}` (unbiased) are the statistics the layer sees in train mode on
-    batch :math:`k` of a forward pass at ``params``. This is batch norm's update
-    :math:`r \\leftarrow (1 - m) r + m\\, s_{B_k}` with momentum :math:`m = |B_k| / (n_{\\text{seen}} + |B_k|)`.
+    batch :math:`k` of a forward pass at ``params``. This equals batch norm's own update
+    :math:`r \\leftarrow (1 - m) r + m\\, s_{B_k}` with momentum :math:`m = |B_k| / (n_{\\text{seen}} + |B_k|)`
+    (Garipov et al.'s ``bn_update``); here the per-batch statistics are read from each layer's update on zeroed
+    buffer copies and averaged in float64, so that no attribute of the model is ever changed.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The architecture; neither its parameters, its buffers nor its mode are changed (its batch-norm
-        ``momentum`` attributes are set during the pass and restored afterwards).
+        The architecture; its parameters, buffers and attributes are not changed (its submodules' train/eval
+        flags are set for the pass and restored afterwards).
     params : dict str -> Tensor
         The weights at which to run the model: every parameter of ``model`` (extra buffer entries of a full state
         dict are ignored). Their device is the device of the computation.
@@ -263,7 +276,7 @@ def reestimate_bn(
     -------
     dict str -> Tensor
         Copies of all of ``model``'s buffers on the parameters' device, with the batch-norm statistics
-        re-estimated (``num_batches_tracked`` holds the number of batches used); pass it with the parameters to
+        re-estimated (``num_batches_tracked`` holds the number of batches used); pass them with the parameters to
         :func:`torch.func.functional_call`.
 
     Raises
@@ -271,7 +284,8 @@ def reestimate_bn(
     ShapeMismatchError
         If ``params`` lacks a parameter of ``model`` or has one of another shape (names it).
     ValueError
-        If ``loader`` yields no batch, or inputs the model cannot take (names the expected shape).
+        If ``loader`` yields no batch, or inputs the model cannot take (names the expected shape), or a batch
+        norm has momentum 0.
 
     Notes
     -----

@@ -122,6 +122,8 @@ class Curve:
     def __init__(
         self, points: Sequence[Mapping[str, torch.Tensor]], *, trainable: Sequence[bool] | None = None
     ) -> None:
+        if type(self) is Curve:
+            raise TypeError("Curve is the base class; build a Line, Bezier or PolyChain")
         flat, names, shapes = _flatten_points(points)
         self._setup(flat, names, shapes, trainable)
 

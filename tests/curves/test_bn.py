@@ -141,3 +141,18 @@ def test_errors() -> None:
         reestimate_bn(model, params, wrong)
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
         reestimate_bn(params, params, batches([4]))
+
+
+def test_cumulative_momentum_layers_and_momentum_zero() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    xs = [torch.randn(n, 3) * 3 + 2 for n in (7, 7, 3)]
+    buffers = reestimate_bn(model, params, xs)
+    h = [model[0](x).detach() for x in xs]
+    torch.testing.assert_close(buffers["1.running_mean"], torch.cat(h).mean(0), rtol=1e-5, atol=1e-5)
+    expected_var = sum(len(x) * v.var(0) for x, v in zip(xs, h)) / 17
+    torch.testing.assert_close(buffers["1.running_var"], expected_var, rtol=1e-5, atol=1e-5)
+    assert model[1].momentum is None and int(buffers["1.num_batches_tracked"]) == 3
+    frozen = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.0))
+    with pytest.raises(ValueError, match="batch norm `1` has momentum 0"):
+        reestimate_bn(frozen, dict(frozen.named_parameters()), xs)

@@ -249,3 +249,5 @@ def test_other_bad_inputs() -> None:
         Bezier([a, a, b], trainable=[True, False])
     with pytest.raises(TypeError, match="must be a sequence of dicts"):
         Bezier(a)
+    with pytest.raises(TypeError, match="Curve is the base class; build a Line, Bezier or PolyChain"):
+        Curve([a, b])
