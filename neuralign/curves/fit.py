@@ -322,9 +322,11 @@ def fit_curve(
     Notes
     -----
     Speed: all points sit in one contiguous ``(n, D)`` buffer. A step costs one matrix-vector product for
-    :math:`w(t)`, the network's forward/backward on views of :math:`w(t)`, one pass for :math:`\\lVert w \\rVert^2`
-    and one fused pass for the gradient :math:`c_j(t)(\\nabla_w \\ell + \\lambda w)` of each trainable point; the
-    fixed points never enter the autograd graph.
+    :math:`w(t)` (into a persistent buffer), the network's forward/backward on persistent views of :math:`w(t)`,
+    one pass for :math:`\\lVert w \\rVert^2` and one fused pass for the gradient
+    :math:`c_j(t)(\\nabla_w \\ell + \\lambda w)` of each trainable point; the fixed points never enter the autograd
+    graph and nothing of size :math:`D` is allocated per step. On 2 CPU threads the step costs about as much as a
+    plain training step of the network (``benchmarks/bench_curves.py``).
 
     References
     ----------
