@@ -272,7 +272,8 @@ class Curve:
         return type(self)._from_flat(flat, self._names, self._shapes, self._trainable)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to rebuild the curve: family, points (one ``(n, D)`` tensor), names, shapes, mask.
+        """Everything needed to rebuild the curve: family, size (``num_points``; ``degree`` or ``bends``), points
+        (one ``(n, D)`` tensor ``flat``), parameter names and shapes, trainable mask.
 
         The dict holds only tensors, strings, ints, bools and lists, so it loads with ``weights_only=True``.
         """
@@ -284,7 +285,12 @@ class Curve:
             "shapes": [list(s) for s in self._shapes],
             "trainable": list(self._trainable),
             "flat": self._flat,
+            **self._shape_entries(),
         }
+
+    def _shape_entries(self) -> dict[str, int]:
+        """Family-specific size entries of :meth:`state_dict` (Bezier: ``degree``; PolyChain: ``bends``)."""
+        return {}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> Curve:
@@ -312,9 +318,15 @@ class Curve:
         if len(names) != len(shapes) or sum(s.numel() for s in shapes) != flat.shape[1]:
             raise CheckpointError("the curve state dict's names and shapes do not match its `flat` tensor")
         try:
-            return target._from_flat(flat, names, shapes, list(state["trainable"]))
+            curve = target._from_flat(flat, names, shapes, list(state["trainable"]))
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"invalid curve state dict: {exc}") from exc
+        for key, value in curve._shape_entries().items():
+            if key in state and state[key] != value:
+                raise CheckpointError(
+                    f"the curve state dict says {key}={state[key]} but holds {curve.num_points} points"
+                )
+        return curve
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` atomically to ``path`` (a reader never sees half a file)."""
@@ -401,6 +413,9 @@ class Bezier(Curve):
         """Polynomial degree :math:`n - 1`."""
         return self.num_points - 1
 
+    def _shape_entries(self) -> dict[str, int]:
+        return {"degree": self.degree}
+
     @classmethod
     def between(
         cls,
@@ -469,6 +484,9 @@ class PolyChain(Curve):
     def bends(self) -> int:
         """Number of interior points :math:`n - 2`."""
         return self.num_points - 2
+
+    def _shape_entries(self) -> dict[str, int]:
+        return {"bends": self.bends}
 
     @classmethod
     def between(

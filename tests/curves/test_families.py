@@ -169,7 +169,7 @@ def test_state_dict_round_trip_and_file(tmp_path) -> None:
     path = tmp_path / "curve.pt"
     curve.save(path)
     state = load_checkpoint(path, kind="curve")
-    assert state["family"] == "bezier" and state["num_points"] == 4
+    assert state["family"] == "bezier" and state["num_points"] == 4 and state["degree"] == 3
     for restored in (Curve.from_state_dict(state), Curve.load(path), Bezier.load(path)):
         assert type(restored) is Bezier and restored.trainable == curve.trainable
         assert restored.names == curve.names and restored.shapes == curve.shapes
@@ -186,6 +186,9 @@ def test_state_dict_errors(tmp_path) -> None:
         Curve.from_state_dict({**state, "family": "spline"})
     with pytest.raises(CheckpointError, match=r"lacks the entries \['flat'\]"):
         Curve.from_state_dict({k: v for k, v in state.items() if k != "flat"})
+    assert state["bends"] == 1
+    with pytest.raises(CheckpointError, match="says bends=2 but holds 3 points"):
+        Curve.from_state_dict({**state, "bends": 2})
     with pytest.raises(CheckpointError, match="names and shapes do not match"):
         Curve.from_state_dict({**state, "shapes": state["shapes"][:-1], "names": state["names"][:-1]})
 
