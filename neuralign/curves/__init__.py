@@ -21,6 +21,8 @@ from neuralign.curves.evaluate import (
 )
 from neuralign.curves.families import CURVE_FAMILIES, Bezier, Curve, Line, PolyChain
 from neuralign.curves.fit import CurveResult, fit_curve, paper_lr_factor
+from neuralign.curves.metrics import evaluate_model
+from neuralign.curves.pam import CurvePAMResult, CurvePermutationProblem, fit_curve_pam
 
 __all__ = [
     "Curve",
@@ -29,6 +31,10 @@ __all__ = [
     "PolyChain",
     "CURVE_FAMILIES",
     "fit_curve",
+    "fit_curve_pam",
+    "CurvePAMResult",
+    "CurvePermutationProblem",
+    "evaluate_model",
     "CurveResult",
     "paper_lr_factor",
     "reestimate_bn",

@@ -86,10 +86,14 @@ class CurvePermutationProblem(PermutationProblem):
     loss_fn : callable, optional
         Default cross-entropy (with GoogLeNet's auxiliary heads).
     value_loader : iterable, optional
-        Fixed-order batches (default ``train_loader``): the first ``value_batches`` of them, with
-        :math:`t_k` = ``linspace(0, 1, value_batches)``, define the deterministic monitored value (as the
-        official code scores permutations with :math:`t` swept across batches).
+        Fixed-order batches (default ``train_loader``): the first ``value_batches`` of them, each evaluated at every
+        time in ``value_ts``, define the deterministic monitored value (the official code scores permutations on a
+        full training pass with :math:`t` swept across batches; a fixed time grid per batch makes per-batch
+        differences between two permutations comparable).
     value_batches : int
+    value_ts : sequence of float
+        Times at which every value batch is evaluated (the end points, where :math:`P` has no effect on the
+        cross-entropy, are left out by default).
     gradient_batches : int
         Mini-batches (each with its own :math:`t \\sim U[0,1]`) averaged in :meth:`gradient_p`.
     generator : torch.Generator or int, optional
@@ -112,6 +116,7 @@ class CurvePermutationProblem(PermutationProblem):
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
         value_loader: Iterable | None = None,
         value_batches: int = 8,
+        value_ts: Sequence[float] = (0.25, 0.5, 0.75),
         gradient_batches: int = 8,
         generator: torch.Generator | int | None = None,
     ) -> None:
@@ -140,8 +145,20 @@ class CurvePermutationProblem(PermutationProblem):
         self.buffers = {k: b.detach().to(self.device, copy=True) for k, b in self.model.named_buffers()}
         self.value_set = _fixed_batches(value_loader if value_loader is not None else train_loader,
                                         value_batches, self.device)  # fmt: skip
-        n = len(self.value_set)
-        self.value_ts = [k / (n - 1) if n > 1 else 0.5 for k in range(n)]
+        self.value_ts = tuple(float(t) for t in value_ts)
+        if not self.value_ts or any(not 0.0 <= t <= 1.0 for t in self.value_ts):
+            raise ValueError(f"`value_ts` must be a non-empty sequence of times in [0, 1], got {value_ts!r}")
+
+    def to(self, dtype: torch.dtype) -> CurvePermutationProblem:
+        """A copy computing in ``dtype`` (e.g. float64 for a Taylor test); the data batches are converted too."""
+        other = copy.copy(self)
+        other.model = copy.deepcopy(self.model).to(dtype)
+        other.wa = {k: v.to(dtype) for k, v in self.wa.items()}
+        other.wb = {k: v.to(dtype) for k, v in self.wb.items()}
+        other.buffers = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.buffers.items()}
+        other.value_set = [(x.to(dtype) if x.is_floating_point() else x, y) for x, y in self.value_set]
+        other.dtype = dtype
+        return other
 
     # ------------------------------------------------------------------ the curve
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -193,6 +210,15 @@ class CurvePermutationProblem(PermutationProblem):
         """The mean of :meth:`batch_loss` over given batches and times (deterministic, differentiable)."""
         return sum(self.batch_loss(x, P, b, t) for b, t in zip(batches, ts)) / len(batches)
 
+    def batch_value(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor], batch) -> torch.Tensor:
+        """The objective on one batch averaged over ``value_ts``."""
+        return sum(self.batch_loss(x, P, batch, t) for t in self.value_ts) / len(self.value_ts)
+
+    def value_pairs(self, n_batches: int | None = None) -> tuple[list, list[float]]:
+        """``(batches, ts)`` listing every (value batch, value time) pair, for :meth:`objective`."""
+        batches = self.value_set[:n_batches] if n_batches else self.value_set
+        return [b for b in batches for _ in self.value_ts], [t for _ in batches for t in self.value_ts]
+
     def _train_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
         for batch in self.train_loader:
@@ -215,7 +241,7 @@ class CurvePermutationProblem(PermutationProblem):
     def value(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> float:
         """Deterministic :math:`F` on the fixed value batches with :math:`t` swept from 0 to 1."""
         with torch.no_grad():
-            f = float(self.objective(x, P, self.value_set, self.value_ts))
+            f = float(sum(self.batch_value(x, P, b) for b in self.value_set) / len(self.value_set))
         if f != f or abs(f) == float("inf"):
             raise NonFiniteError(f"the curve objective is {f}")
         return f
@@ -309,6 +335,7 @@ def fit_curve_pam(
     train_loader: Iterable,
     *,
     init: str | Mapping[str, torch.Tensor] = "identity",
+    curve: Bezier | None = None,
     spec: PermutationSpec | None = None,
     align_loader: Iterable | None = None,
     method: str = "linearized",
@@ -357,6 +384,9 @@ def fit_curve_pam(
         Start of the permutation: identity ("PAM Unaligned"), the correlation alignment computed on
         ``align_loader`` ("PAM Aligned"), or a given permutation. As in the official code, ``point_b`` is
         permuted by ``init`` first and PAM starts at the identity relative to it; the result is composed back.
+    curve : Bezier, optional
+        A quadratic Bezier curve from ``point_a`` to ``point_b`` permuted by ``init`` to start from (e.g. the
+        fitted aligned curve); default the straight line (:math:`\theta_{\text{off}} = 0`).
     spec : PermutationSpec, optional
         Traced from ``model`` on the first training batch when omitted.
     align_loader : iterable, optional
@@ -473,7 +503,10 @@ def fit_curve_pam(
             x_path.unlink(missing_ok=True)
         return [problem.offset(fitted.curve.points[1], perms)]
 
-    x0 = [torch.zeros(sum(problem.numels), dtype=problem.dtype, device=problem.device)]
+    if curve is None:
+        x0 = [torch.zeros(sum(problem.numels), dtype=problem.dtype, device=problem.device)]
+    else:
+        x0 = [_start_offset(problem, curve)]
     solver = PAM(problem, x0, method=method, lam=lam, backtrack=backtrack, generator=gen, x_step=x_step, **pam_options)
     if path is not None and path.exists():
         state = load_checkpoint(path, kind="fit_curve_pam", required=("pam", "init", "sizes"))
@@ -490,7 +523,10 @@ def fit_curve_pam(
     def on_iteration(st: PAMState) -> bool | None:
         save()
         if callback is not None:
-            return callback({"stage": "iteration", "iteration": st.n_iter, "fun": st.fun, "changed": st.changed})
+            perms = compose_permutations(p0, {g: p.cpu() for g, p in st.perms.items()})
+            record = {"stage": "iteration", "iteration": st.n_iter, "fun": st.fun, "changed": st.changed,
+                      "perms": perms}  # fmt: skip
+            return callback(record)
         return None
 
     remaining = max(0, max_iter - solver.n_iter)
@@ -525,6 +561,18 @@ def fit_curve_pam(
         status=status,
         message=message,
     )
+
+
+def _start_offset(problem: CurvePermutationProblem, curve: Bezier) -> torch.Tensor:
+    """:math:`\theta_{\text{off}}` of a given quadratic Bezier curve whose end points are the problem's."""
+    if not isinstance(curve, Bezier) or curve.num_points != 3:
+        raise ValueError("`curve` must be a quadratic Bezier curve (3 points)")
+    a, theta, b = curve.points
+    for name, given, expected in (("point_a", a, problem.wa), ("the permuted point_b", b, problem.wb)):
+        for k in problem.names:
+            if k not in given or not torch.allclose(given[k].to(expected[k]), expected[k], rtol=1e-6, atol=1e-7):
+                raise ValueError(f"`curve` was fitted for other end points: its end differs from {name} at `{k}`")
+    return problem.offset({k: theta[k].to(problem.wa[k]) for k in problem.names}, identity_permutation(problem.spec))
 
 
 def _loader_state(loader: Any) -> Any:

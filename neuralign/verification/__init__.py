@@ -1,5 +1,18 @@
-"""Checks that can fail: functional equivalence of permuted models, local optimality of an alignment."""
+"""Checks that can fail: functional equivalence of permuted models, Taylor tests of gradients, and the local
+optimality of an alignment for the joint curve objective."""
 
 from neuralign.verification.equivalence import EquivalenceResult, check_equivalence
+from neuralign.verification.gradient import TaylorResult, taylor_test
+from neuralign.verification.local import CHECKS, CheckResult, VerificationReport, verify_alignment, wilson_interval
 
-__all__ = ["EquivalenceResult", "check_equivalence"]
+__all__ = [
+    "CHECKS",
+    "CheckResult",
+    "EquivalenceResult",
+    "TaylorResult",
+    "VerificationReport",
+    "check_equivalence",
+    "taylor_test",
+    "verify_alignment",
+    "wilson_interval",
+]

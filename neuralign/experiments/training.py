@@ -1,0 +1,221 @@
+"""Endpoint training with the paper's recipe, checkpointed every epoch and resumable after an interruption."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuralign._utils import atomic_save, check_compatible, classification_loss, load_checkpoint, split_logits
+from neuralign.curves import evaluate_model, paper_lr_factor
+from neuralign.errors import CheckpointError, NonFiniteError
+
+__all__ = ["TrainResult", "train_model"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of :func:`train_model`.
+
+    Attributes
+    ----------
+    state_dict : dict[str, Tensor]
+        The trained parameters and buffers.
+    history : list of dict
+        Per epoch: ``epoch``, ``lr``, ``train_loss``, ``train_acc`` (running means over the epoch's batches) and,
+        with a test loader, ``test_loss`` and ``test_acc``; ``seconds``.
+    n_iter : int
+        Epochs completed.
+    converged, status, message
+        ``status`` 0: all epochs done; 2: stopped by the callback.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = True
+    status: int = 0
+    message: str = ""
+
+
+def _loader_state(loader: Any) -> Any:
+    if hasattr(loader, "state_dict") and callable(loader.state_dict):
+        return {"kind": "state_dict", "state": loader.state_dict()}
+    gen = getattr(loader, "generator", None)
+    if isinstance(gen, torch.Generator):
+        return {"kind": "generator", "state": gen.get_state()}
+    return None
+
+
+def _restore_loader(loader: Any, saved: Any) -> None:
+    if saved is None:
+        return
+    if saved["kind"] == "state_dict" and hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(saved["state"])
+    elif saved["kind"] == "generator" and isinstance(getattr(loader, "generator", None), torch.Generator):
+        loader.generator.set_state(saved["state"])
+
+
+def train_model(
+    model: nn.Module,
+    train_loader: Iterable,
+    *,
+    epochs: int,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 5e-4,
+    lr_lambda: Callable[[int], float] | None = None,
+    test_loader: Iterable | None = None,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    callback: Callable[[dict[str, Any]], bool | None] | None = None,
+    max_batches_per_epoch: int | None = None,
+) -> TrainResult:
+    """Train a copy of ``model`` with SGD, the recipe of Tatro et al. (2020) for end points.
+
+    .. math::  \\min_w \\; \\mathbb{E}_{(x, y)} \\, \\ell(f(x; w), y) + \\tfrac{\\lambda}{2} \\|w\\|^2
+
+    with Nesterov SGD (momentum 0.9), learning rate ``lr * lr_lambda(epoch)`` stepped once per epoch (default
+    :func:`~neuralign.curves.paper_lr_factor`, ``0.5 ** (e // 20) * 0.9996 ** e``), weight decay in the optimizer.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The initial network; it is copied, never modified.
+    train_loader : iterable
+        ``(inputs, targets)`` batches (with the training augmentation).
+    epochs : int
+        Total number of epochs (a resumed run continues up to this number).
+    lr, momentum, nesterov, weight_decay : float, float, bool, float
+        SGD settings (PAPER_NOTES §5.4: 0.1, 0.9, True, 5e-4).
+    lr_lambda : callable, optional
+        Epoch -> learning-rate factor.
+    test_loader : iterable, optional
+        Evaluated after every epoch (eval mode) for the history.
+    loss_fn : callable, optional
+        ``loss_fn(output, targets)``; default cross-entropy (plus 0.3 x auxiliary heads for GoogLeNet).
+    checkpoint : path-like, optional
+        Written atomically after every epoch; if it exists when the call starts, training resumes from it (the same
+        model shapes are required), giving the same result as an uninterrupted run on CPU.
+    callback : callable, optional
+        Called after every epoch with its record; returning True stops (status 2).
+    max_batches_per_epoch : int, optional
+        Cut epochs short (smoke tests).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ValueError
+        For ``epochs < 1`` or an empty loader.
+    NonFiniteError
+        If the training loss becomes NaN or infinite.
+    CheckpointError
+        If ``checkpoint`` exists but belongs to another model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    >>> res = train_model(nn.Linear(4, 2), [(x, y)], epochs=3, lr=0.1)
+    >>> len(res.history), res.status
+    (3, 0)
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"`epochs` must be a positive int, got {epochs!r}")
+    loss_fn = loss_fn or classification_loss
+    lr_lambda = lr_lambda or paper_lr_factor
+    work = copy.deepcopy(model)
+    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    optimizer = torch.optim.SGD(
+        work.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    history: list[dict[str, float]] = []
+    start = 0
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        state = load_checkpoint(path, kind="train_model", required=("model", "optimizer", "scheduler", "epoch"))
+        try:
+            check_compatible(work.state_dict(), state["model"], ("model", "checkpoint"))
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} belongs to another model: {exc}") from exc
+        work.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = list(state.get("history", []))
+        start = int(state["epoch"])
+        torch.set_rng_state(state["rng"])
+        _restore_loader(train_loader, state.get("loader"))
+        logger.info("resuming training from %s at epoch %d", path, start)
+    status, message = 0, f"trained for {epochs} epochs"
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        work.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for index, batch in enumerate(train_loader):
+            if max_batches_per_epoch is not None and index >= max_batches_per_epoch:
+                break
+            x, y = batch[0].to(device), batch[1].to(device)
+            out = work(x)
+            loss = loss_fn(out, y)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"training loss is {loss.item()} at epoch {epoch}, batch {index}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            main, _ = split_logits(out)
+            n = int(y.shape[0])
+            total += n
+            loss_sum += float(loss.detach()) * n
+            correct += int((main.detach().argmax(-1) == y).sum())
+        if total == 0:
+            raise ValueError("`train_loader` yielded no batches")
+        record = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / total,
+            "train_acc": correct / total,
+        }
+        scheduler.step()
+        if test_loader is not None:
+            record["test_loss"], record["test_acc"] = evaluate_model(work, test_loader)
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        if path is not None:
+            atomic_save(
+                {
+                    "kind": "train_model",
+                    "model": work.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "rng": torch.get_rng_state(),
+                    "loader": _loader_state(train_loader),
+                },
+                path,
+            )
+        logger.info("epoch %d: %s", epoch + 1, record)
+        if callback is not None and callback(record):
+            status, message = 2, f"stopped by the callback after epoch {epoch + 1}"
+            break
+    final = {k: v.detach().clone() for k, v in work.state_dict().items()}
+    if any(not torch.isfinite(v).all() for v in final.values() if v.is_floating_point()):
+        raise NonFiniteError("the trained weights contain NaN or inf")
+    return TrainResult(final, history, len(history), status == 0, status, message)
+

@@ -1,0 +1,709 @@
+"""Is a permutation (e.g. the correlation alignment) a local optimum of the joint curve objective?
+
+Tatro et al. (2020) support the claim that the correlation alignment is (nearly) locally optimal for
+:math:`\\min_{\\theta, P} F(\\theta, P)` by running PAM from it and seeing it stay. :func:`verify_alignment` turns that
+into five checks, each with numbers, the thresholds used, and a verdict that can come out either way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuralign._utils import as_generator, atomic_write_text, stable_seed
+from neuralign.alignment import (
+    PermutationSpec,
+    align,
+    apply_permutation,
+    identity_permutation,
+    permutation_distance,
+    random_permutation,
+    trace_spec,
+    validate_permutation,
+)
+from neuralign.curves.bn import _split_batch
+from neuralign.curves.families import Bezier
+from neuralign.curves.fit import fit_curve
+from neuralign.curves.pam import CurvePermutationProblem, _start_offset, fit_curve_pam
+from neuralign.errors import ConvergenceWarning
+from neuralign.optim import perm_to_matrix, proximal_step_bound, solve_assignment, solve_assignment_lp
+from neuralign.verification.gradient import taylor_test
+
+__all__ = ["CHECKS", "CheckResult", "VerificationReport", "verify_alignment", "wilson_interval"]
+
+logger = logging.getLogger(__name__)
+
+CHECKS = ("stability", "certificate", "neighbourhood", "gradient", "alignment")
+VERDICTS = ("pass", "fail", "inconclusive")
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% for ``z = 1.96``).
+
+    >>> lo, hi = wilson_interval(0, 40)
+    >>> lo, round(hi, 3)
+    (0.0, 0.088)
+    """
+    if trials <= 0:
+        return (0.0, 1.0)
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check: its verdict (``pass``, ``fail`` or ``inconclusive``), a one-line summary, the thresholds used,
+    and JSON-able details (per-group numbers)."""
+
+    name: str
+    verdict: str
+    summary: str
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "verdict": self.verdict,
+            "summary": self.summary,
+            "thresholds": self.thresholds,
+            "details": self.details,
+        }
+
+
+def _overall(verdicts: Iterable[str]) -> str:
+    verdicts = list(verdicts)
+    if "fail" in verdicts:
+        return "fail"
+    if "inconclusive" in verdicts or not verdicts:
+        return "inconclusive"
+    return "pass"
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    """The outcome of :func:`verify_alignment`: per-check results and an overall verdict.
+
+    The overall verdict is ``fail`` if any check fails, ``inconclusive`` if none fails and one is inconclusive,
+    and ``pass`` otherwise. :meth:`to_json` / :meth:`from_json` round-trip it; :meth:`to_markdown` renders a
+    short summary; :meth:`save` writes both atomically.
+    """
+
+    checks: dict[str, CheckResult]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        return _overall(c.verdict for c in self.checks.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "verification_report",
+            "verdict": self.verdict,
+            "config": self.config,
+            "checks": {k: c.to_dict() for k, c in self.checks.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(_jsonable(self.to_dict()), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VerificationReport:
+        if not isinstance(data, Mapping) or data.get("kind") != "verification_report":
+            raise ValueError("not a verification report (its 'kind' is not 'verification_report')")
+        checks = {}
+        for k, c in data["checks"].items():
+            if c.get("verdict") not in VERDICTS:
+                raise ValueError(f"check `{k}` has verdict {c.get('verdict')!r}; expected one of {list(VERDICTS)}")
+            checks[k] = CheckResult(
+                c["name"], c["verdict"], c["summary"], c.get("thresholds", {}), c.get("details", {})
+            )
+        return cls(checks, dict(data.get("config", {})))
+
+    @classmethod
+    def from_json(cls, text: str) -> VerificationReport:
+        return cls.from_dict(json.loads(text))
+
+    def to_markdown(self) -> str:
+        lines = [
+            "# Verification of an alignment",
+            "",
+            f"Overall verdict: **{self.verdict}**",
+            "",
+            "| check | verdict | summary | thresholds |",
+            "| --- | --- | --- | --- |",
+        ]
+        for c in self.checks.values():
+            thr = ", ".join(f"{k}={_fmt(v)}" for k, v in c.thresholds.items())
+            lines.append(f"| {c.name} | **{c.verdict}** | {c.summary} | {thr} |")
+        lines.append("")
+        for c in self.checks.values():
+            table = c.details.get("per_group")
+            if not table:
+                continue
+            cols = list(next(iter(table.values())).keys())
+            lines += [f"## {c.name}", "", "| group | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+            for g, row in table.items():
+                lines.append(f"| {g} | " + " | ".join(_fmt(row[k]) for k in cols) + " |")
+            lines.append("")
+        return "\n".join(lines)
+
+    def save(self, folder: str | os.PathLike, *, stem: str = "verification") -> tuple[Path, Path]:
+        """Write ``<stem>.json`` and ``<stem>.md`` atomically into ``folder``; returns both paths."""
+        folder = Path(folder)
+        return (
+            atomic_write_text(folder / f"{stem}.json", self.to_json()),
+            atomic_write_text(folder / f"{stem}.md", self.to_markdown()),
+        )
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and len(v) > 6:
+        return "[" + ", ".join(_fmt(x) for x in v[:6]) + ", ...]"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class _Context:
+    """Everything the checks share: the problem in the frame of the aligned B (where ``perms`` is the identity)."""
+
+    def __init__(self, problem: CurvePermutationProblem, x_star: list[torch.Tensor], spec: PermutationSpec):
+        self.problem = problem
+        self._base: torch.Tensor | None = None
+        self.x = x_star
+        self.spec = spec
+        self.identity = {
+            g: perm_to_matrix(torch.arange(n), dtype=problem.dtype, device=problem.device)
+            for g, n in spec.sizes.items()
+        }
+
+    def mats(self, changes: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(self.identity)
+        for g, p in changes.items():
+            out[g] = perm_to_matrix(p, dtype=self.problem.dtype, device=self.problem.device)
+        return out
+
+    def losses(self, changes: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per held-out batch (each at its own t), the curve objective with ``changes`` applied to the identity."""
+        prob, mats = self.problem, self.mats(changes)
+        with torch.no_grad():
+            return torch.tensor(
+                [float(prob.batch_value(self.x, mats, b)) for b in prob.value_set],
+                dtype=torch.float64,
+            )
+
+    def base_losses(self) -> torch.Tensor:
+        if self._base is None:
+            self._base = self.losses({})
+        return self._base
+
+    def delta(self, changes: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+        """Mean change of the objective over the held-out batches and its standard error (paired by batch)."""
+        d = self.losses(changes) - self.base_losses()
+        se = float(d.std(correction=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        return float(d.mean()), se
+
+
+def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, spec, opts, gen) -> CheckResult:
+    sizes = spec.sizes
+    runs: dict[str, dict[str, Any]] = {}
+    starts: list[tuple[str, Any, Any]] = [("alignment", perms, curve), ("identity", "identity", None)]
+    for r in range(opts["random_starts"]):
+        start = random_permutation(spec, generator=stable_seed(opts["seed"], "start", r))
+        starts.append((f"random{r + 1}", start, None))
+    for label, init, start_curve in starts:
+        trace: list[dict[str, torch.Tensor]] = []
+
+        def record(rec: dict[str, Any], trace=trace) -> None:
+            if rec["stage"] == "iteration":
+                trace.append(rec["perms"])
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            res = fit_curve_pam(
+                model, point_a, point_b, train_loader, init=init, curve=start_curve, spec=spec,
+                lam=opts["lam"], backtrack=opts["backtrack"], max_iter=opts["stability_iters"],
+                x_epochs=opts["stability_x_epochs"], gradient_batches=opts["gradient_batches"],
+                value_loader=opts["heldout_loader"], value_batches=opts["value_batches"],
+                max_batches_per_epoch=opts["max_batches_per_epoch"], weight_decay=opts["weight_decay"],
+                generator=stable_seed(opts["seed"], "stability", label), callback=record,
+            )  # fmt: skip
+        start_perm = res.init_perms
+        distances = [permutation_distance(start_perm, perms)] + [permutation_distance(p, perms) for p in trace]
+        runs[label] = {
+            "objective": res.history,
+            "reassigned_fraction": {g: [c / sizes[g] for c in res.changed[g]] for g in sizes},
+            "distance_to_perms": {g: [d[g] / sizes[g] for d in distances] for g in sizes},
+        }
+    frac = runs["alignment"]["reassigned_fraction"]
+    worst = max((max(v) if v else 0.0) for v in frac.values())
+    thr = opts["reassign_threshold"]
+    verdict = "pass" if worst <= thr else "fail"
+    toward = {
+        label: {g: run["distance_to_perms"][g][-1] <= run["distance_to_perms"][g][0] for g in sizes}
+        for label, run in runs.items()
+        if label != "alignment"
+    }
+    obj = runs["alignment"]["objective"]
+    summary = (
+        f"PAM from the alignment reassigned at most {worst:.1%} of a group's units per iteration "
+        f"over {len(obj) - 1} iterations (objective {obj[0]:.4g} -> {obj[-1]:.4g})"
+    )
+    per_group = {
+        g: {
+            "max_reassigned": max(frac[g]) if frac[g] else 0.0,
+            **{f"{lab}_dist_start": runs[lab]["distance_to_perms"][g][0] for lab in toward},
+            **{f"{lab}_dist_end": runs[lab]["distance_to_perms"][g][-1] for lab in toward},
+        }
+        for g in sizes
+    }
+    return CheckResult(
+        "stability", verdict, summary, {"max_reassigned_fraction": thr, "lam": opts["lam"]},
+        {"runs": runs, "moves_toward_perms": toward, "per_group": per_group},
+    )  # fmt: skip
+
+
+def _bonferroni_z(alpha: float, tests: int) -> float:
+    """One-sided normal quantile for ``tests`` simultaneous tests at family-wise level ``alpha``."""
+    tests = max(1, tests)
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - alpha / tests, dtype=torch.float64)))
+
+
+def _check_certificate(ctx: _Context, opts) -> CheckResult:
+    prob = ctx.problem
+    G = prob.gradient_at(ctx.x, ctx.identity, *prob.value_pairs())
+    lam = opts["certificate_lam"]
+    per_group: dict[str, dict[str, Any]] = {}
+    candidates: dict[str, list[tuple[float, torch.Tensor]]] = {}
+    lp_gaps = []
+    for g, n in ctx.spec.sizes.items():
+        ident = torch.arange(n)
+        bound = proximal_step_bound(G[g], ident)
+        # the P-steps a linearised PAM would take from the alignment for steps between lam* and lam
+        seen, moves = set(), []
+        if bound.lam < lam:
+            grid = torch.logspace(math.log10(bound.lam * 1.0001), math.log10(lam), opts["certificate_steps"])
+            eye = torch.eye(n, dtype=torch.float64)
+            for step in grid.tolist():
+                q = solve_assignment(G[g].double().cpu() - eye / step).perm.cpu()
+                key = tuple(q.tolist())
+                if key not in seen and not torch.equal(q, ident):
+                    seen.add(key)
+                    moves.append((step, q))
+        candidates[g] = moves
+        # cross-check the assignment at the threshold step with its Birkhoff-polytope LP relaxation (cvxpy)
+        cost = G[g].double().cpu() - torch.eye(n, dtype=torch.float64) / lam
+        lap = solve_assignment(cost, certificate=True)
+        gap = float("nan")
+        if n <= opts["lp_max_size"]:
+            lp = solve_assignment_lp(cost)
+            gap = abs(lp.fun - lap.fun) / max(1.0, abs(lap.fun))
+            lp_gaps.append(gap)
+        per_group[g] = {"lam_star": bound.lam, "witness_moves": bound.moved, "steps_tested": len(moves),
+                        "lap_duality_gap": lap.duality_gap(), "lp_vs_lap_gap": gap}  # fmt: skip
+    z = _bonferroni_z(opts["alpha"], sum(len(m) for m in candidates.values()))
+    verdicts = []
+    for g, moves in candidates.items():
+        row = per_group[g]
+        if row["lam_star"] >= lam:
+            row.update(best_change=float("nan"), verdict="pass")
+            verdicts.append("pass")
+            continue
+        stats = [(step, *ctx.delta({g: q})) for step, q in moves]
+        best = min(stats, key=lambda r: r[1])
+        improving = [r for r in stats if r[1] + z * r[2] < 0]
+        worsening = [r for r in stats if r[1] - z * r[2] > 0]
+        v = "fail" if improving else ("pass" if len(worsening) == len(stats) else "inconclusive")
+        row.update(best_change=best[1], best_change_se=best[2], best_step=best[0], verdict=v)
+        verdicts.append(v)
+    verdict = _overall(verdicts)
+    if lp_gaps and max(lp_gaps) > 1e-6:
+        verdict = "fail"
+    n_fail = sum(v == "fail" for v in verdicts)
+    smallest = min(r["lam_star"] for r in per_group.values())
+    summary = (
+        f"lam* (largest step keeping the alignment a fixed point of the linearised P-step) >= {lam:g} in "
+        f"{sum(r['lam_star'] >= lam for r in per_group.values())}/{len(verdicts)} groups (smallest {smallest:.4g}); "
+        f"the steps beyond lam* improve the objective significantly in {n_fail} groups"
+    )
+    if lp_gaps:
+        summary += f"; LP relaxation agrees with the assignment to {max(lp_gaps):.1e}"
+    return CheckResult(
+        "certificate", verdict, summary,
+        {"lam": lam, "family_alpha": opts["alpha"], "z": z, "lp_tolerance": 1e-6},
+        {"per_group": per_group, "gradient_norm": {g: float(G[g].norm()) for g in G}},
+    )  # fmt: skip
+
+
+def _swap(n: int, i: int, j: int) -> torch.Tensor:
+    p = torch.arange(n)
+    p[i], p[j] = j, i
+    return p
+
+
+def _cycle(n: int, idx: Sequence[int]) -> torch.Tensor:
+    p = torch.arange(n)
+    rolled = list(idx[1:]) + [idx[0]]
+    p[list(idx)] = torch.tensor(rolled)
+    return p
+
+
+def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResult:
+    moves_by_group: dict[str, list[tuple[str, tuple, torch.Tensor]]] = {}
+    for g, n in ctx.spec.sizes.items():
+        if n < 2:
+            continue
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        if len(pairs) > opts["n_swaps"]:
+            pick = torch.randperm(len(pairs), generator=gen)[: opts["n_swaps"]].tolist()
+            pairs = [pairs[k] for k in pick]
+        moves = [("swap", (i, j), _swap(n, i, j)) for i, j in pairs]
+        if n >= 3:
+            for _ in range(opts["n_cycles"]):
+                idx = torch.randperm(n, generator=gen)[:3].tolist()
+                moves.append(("3-cycle", tuple(idx), _cycle(n, idx)))
+        moves_by_group[g] = moves
+    total = sum(len(m) for m in moves_by_group.values())
+    z = _bonferroni_z(opts["alpha"], total)
+    per_group, verdicts, examples = {}, [], {}
+    total_sig = 0
+    for g, moves in moves_by_group.items():
+        sig = neg = 0
+        best = (math.inf, None)
+        for kind, where, p in moves:
+            mean, se = ctx.delta({g: p})
+            neg += mean < 0
+            sig += mean + z * se < 0
+            if mean < best[0]:
+                best = (mean, f"{kind} {where}")
+        lo, hi = wilson_interval(sig, len(moves))
+        total_sig += sig
+        v = "fail" if sig else ("inconclusive" if neg else "pass")
+        verdicts.append(v)
+        per_group[g] = {"tested": len(moves), "improving": sig, "improving_fraction_ci": [lo, hi],
+                        "mean_below_zero": neg, "best_change": best[0], "verdict": v}  # fmt: skip
+        examples[g] = best[1]
+    lo, hi = wilson_interval(total_sig, total)
+    summary = (
+        f"{total_sig}/{total} sampled transpositions/3-cycles improve the curve objective significantly "
+        f"(family-wise alpha {opts['alpha']:g}; 95% CI of the fraction {lo:.3f}-{hi:.3f})"
+    )
+    details = {"per_group": per_group, "best_move": examples, "base_objective": float(ctx.base_losses().mean())}
+    if opts["refit_epochs"] and total_sig:
+        details["refit"] = _refit_best(ctx, opts, per_group, examples)
+    thresholds = {"family_alpha": opts["alpha"], "z": z, "swaps_per_group": opts["n_swaps"],
+                  "cycles_per_group": opts["n_cycles"]}  # fmt: skip
+    return CheckResult("neighbourhood", _overall(verdicts), summary, thresholds, details)
+
+
+def _refit_best(ctx: _Context, opts, per_group, examples) -> dict[str, Any]:
+    """Re-fit the curve briefly after the best improving move of each failing group, and after no move."""
+    prob = ctx.problem
+    out = {}
+    model = opts["model"]
+
+    def refit_value(changes):
+        perms = {**identity_permutation(ctx.spec), **changes}
+        pb = apply_permutation(prob.wb, prob.spec, perms)
+        theta = prob.control_point(ctx.x, perms)
+        start = Bezier([prob.wa, theta, pb], trainable=(False, True, False))
+        fitted = fit_curve(
+            model, prob.wa, pb, opts["train_loader"], curve=start, epochs=opts["refit_epochs"],
+            weight_decay=opts["weight_decay"], generator=opts["seed"],
+            max_batches_per_epoch=opts["max_batches_per_epoch"],
+        )  # fmt: skip
+        x = [prob.offset(fitted.curve.points[1], perms)]
+        return prob.value(x, ctx.mats(changes))
+
+    reference = refit_value({})
+    for g, row in per_group.items():
+        if row["improving"]:
+            kind, where = examples[g].split(" ", 1)
+            idx = [int(s) for s in where.strip("()").split(",") if s.strip()]
+            n = ctx.spec.sizes[g]
+            p = _swap(n, *idx) if kind == "swap" else _cycle(n, idx)
+            out[g] = {"move": examples[g], "after_refit": refit_value({g: p}), "reference_after_refit": reference}
+    return out
+
+
+def _check_gradient(ctx: _Context, opts, gen: torch.Generator, scale: float = 1.0) -> CheckResult:
+    p64 = ctx.problem.to(torch.float64)
+    batches, ts = p64.value_pairs(opts["gradient_check_batches"])
+    x = [ctx.x[0].double()]
+    ident = {g: m.double() for g, m in ctx.identity.items()}
+    direction = {}
+    for g, n in ctx.spec.sizes.items():
+        mix = torch.zeros(n, n, dtype=torch.float64)
+        weights = torch.rand(3, generator=gen, dtype=torch.float64)
+        weights /= weights.sum()
+        for w in weights:
+            mix += w * perm_to_matrix(torch.randperm(n, generator=gen), dtype=torch.float64)
+        direction[g] = (mix - ident[g]).to(ident[g].device)  # tangent to the Birkhoff polytope at the identity
+    G = p64.gradient_at(x, ident, batches, ts)
+    deriv = scale * float(sum((G[g] * direction[g]).sum() for g in G))
+
+    def along(eps: float) -> float:
+        with torch.no_grad():
+            return float(p64.objective(x, {g: ident[g] + eps * direction[g] for g in ident}, batches, ts))
+
+    res = taylor_test(along, deriv, min_slope=opts["min_slope"])
+    verdict = "pass" if res.passed else ("inconclusive" if math.isnan(res.slope) else "fail")
+    return CheckResult(
+        "gradient", verdict, res.message, {"min_slope": opts["min_slope"]},
+        {"taylor": res.to_dict(), "directional_derivative": deriv},
+    )  # fmt: skip
+
+
+def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
+    loader = opts["align_loader"]
+    if loader is None:
+        return CheckResult("alignment", "inconclusive", "no `align_loader` given: the correlation objective was not "
+                           "computed")  # fmt: skip
+    missing = [k for k, _ in model.named_buffers() if k not in point_a or k not in point_b]
+    if missing:
+        return CheckResult("alignment", "inconclusive", f"the end points lack batch-norm statistics (`{missing[0]}`)")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    a.load_state_dict(dict(point_a))
+    b.load_state_dict(dict(point_b))
+    corr = align(a, b, loader, spec=spec, method="correlation")
+    weight = align(a, b, method="weight", spec=spec, generator=opts["seed"])
+    per_group, gaps = {}, []
+    for g in spec.groups:
+        C = corr.similarity[g]
+        n = C.shape[0]
+        rows = torch.arange(n)
+        opt = solve_assignment(C, maximize=True, certificate=True)
+        ours = float(C[rows, perms[g].cpu()].sum())
+        theirs = float(C[rows, weight.perms[g].cpu()].sum())
+        gap = (opt.fun - ours) / max(1.0, abs(opt.fun))
+        gaps.append(gap)
+        per_group[g] = {
+            "objective": ours,
+            "optimum": opt.fun,
+            "relative_gap": gap,
+            "dual_gap": opt.duality_gap(),
+            "weight_matching_objective": theirs,
+            "distance_to_weight_matching": int((perms[g].cpu() != weight.perms[g].cpu()).sum()) / n,
+        }
+    tol = opts["alignment_tol"]
+    worst = max(gaps) if gaps else 0.0
+    verdict = "pass" if worst <= tol else "fail"
+    ours_total = sum(r["objective"] for r in per_group.values())
+    weight_total = sum(r["weight_matching_objective"] for r in per_group.values())
+    summary = (
+        f"correlation objective within {worst:.2e} (relative) of each group's assignment optimum "
+        f"(dual certificates); weight matching's permutation reaches {weight_total:.4g} vs {ours_total:.4g}"
+    )
+    return CheckResult("alignment", verdict, summary, {"relative_gap": tol}, {"per_group": per_group})
+
+
+def verify_alignment(
+    model: nn.Module,
+    point_a: Mapping[str, torch.Tensor],
+    point_b: Mapping[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor],
+    train_loader: Iterable,
+    *,
+    curve: Bezier | None = None,
+    checks: Sequence[str] = CHECKS,
+    spec: PermutationSpec | None = None,
+    heldout_loader: Iterable | None = None,
+    align_loader: Iterable | None = None,
+    fit_epochs: int = 2,
+    lam: float = 1000.0,
+    backtrack: bool = True,
+    stability_iters: int = 2,
+    stability_x_epochs: int = 1,
+    random_starts: int = 1,
+    reassign_threshold: float = 0.05,
+    certificate_lam: float | None = None,
+    n_swaps: int = 32,
+    n_cycles: int = 0,
+    refit_epochs: int = 0,
+    alpha: float = 0.05,
+    certificate_steps: int = 8,
+    value_batches: int = 8,
+    gradient_batches: int = 4,
+    gradient_check_batches: int = 2,
+    min_slope: float = 1.8,
+    alignment_tol: float = 1e-9,
+    weight_decay: float = 5e-4,
+    max_batches_per_epoch: int | None = None,
+    generator: torch.Generator | int | None = None,
+    callback: Callable[[str], Any] | None = None,
+) -> VerificationReport:
+    """Check whether ``perms`` is a local optimum of the joint curve objective, with checks that can fail.
+
+    The joint problem is :math:`\\min_{\\theta, P} F(\\theta, P)` of :func:`~neuralign.curves.fit_curve_pam`. In
+    the frame of the aligned end point :math:`w_B' = P_{\\text{perms}} w_B`, the candidate is :math:`P = I` with
+    the fitted control point :math:`\\theta^*`. The checks:
+
+    1. ``stability``: PAM started at ``perms`` (from the fitted curve) reassigns at most ``reassign_threshold`` of
+       any group's units per outer iteration; also PAM from the identity and from random starts, with the
+       Hamming distance to ``perms`` over the iterations (does PAM move toward the alignment?).
+    2. ``certificate``: with :math:`G = \\nabla_P F(\\theta^*, I)` on the held-out batches, the largest proximal
+       step :math:`\\lambda^*` for which :math:`I` stays the minimiser of the linearised P-step
+       :math:`\\min_Q \\langle G, Q\\rangle + \\frac{1}{2\\lambda}\\|Q - I\\|^2`, per group
+       (:func:`~neuralign.optim.proximal_step_bound`, exact by Dinkelbach's method). If
+       :math:`\\lambda^* \\ge` ``certificate_lam`` the alignment is a fixed point of PAM's P-step: pass.
+       Otherwise the P-steps for ``certificate_steps`` step sizes between :math:`\\lambda^*` and
+       ``certificate_lam`` are scored on the held-out batches: fail if one improves the objective significantly
+       (a linearised P-step finds a better permutation), pass if all worsen it significantly (the first-order
+       moves are undone by curvature, so a backtracked PAM stays), inconclusive otherwise. The assignment at
+       ``certificate_lam`` is cross-checked against its Birkhoff-polytope LP relaxation (cvxpy), whose optimum is a
+       vertex: the objectives must agree.
+    3. ``neighbourhood``: ``n_swaps`` random transpositions (and ``n_cycles`` 3-cycles) per group, each scored by
+       the change of the curve objective on the held-out batches with the curve fixed; a move improves
+       significantly if its mean change plus :math:`z` standard errors (paired over batches) is negative, with
+       :math:`z` the one-sided Bonferroni quantile for family-wise level ``alpha`` over all moves tested. Fail
+       if any move does, inconclusive if some change is negative but none significantly, pass otherwise; the
+       fraction's 95% Wilson interval is reported. With ``refit_epochs``, the best improving move of each
+       failing group is re-scored after a short re-fit of the curve.
+    4. ``gradient``: a Taylor test of :math:`\\nabla_P F` (float64) along a random direction into the Birkhoff
+       polytope: the remainder must decay at second order (fitted log-log slope >= ``min_slope``).
+    5. ``alignment``: the correlation objective of ``perms`` against each group's assignment optimum (with a dual
+       certificate) and against weight matching's permutation (needs ``align_loader`` and full state dicts).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture (never modified).
+    point_a, point_b : dict str -> Tensor
+        The two networks' state dicts (B unaligned).
+    perms : dict str -> LongTensor
+        The permutation to verify (maps B onto A, as :func:`~neuralign.alignment.align` returns).
+    train_loader : iterable
+        Training batches (curve fitting, PAM).
+    curve : Bezier, optional
+        A curve already fitted between ``point_a`` and the aligned ``point_b``; fitted for ``fit_epochs`` if absent.
+    checks : sequence of str
+        Which of ``CHECKS`` to run.
+    spec : PermutationSpec, optional
+        Traced from ``model`` when absent.
+    heldout_loader : iterable, optional
+        Fixed-order batches for the objective, held out from the gradient estimates (default ``train_loader``);
+        its first ``value_batches`` are used. The curve objective is a training objective: give training images
+        without augmentation (e.g. ``DataBundle.train_eval``), not the test set, or generalisation effects mix in.
+    align_loader : iterable, optional
+        Inputs for the correlation objective (check 5).
+    lam, backtrack, stability_iters, stability_x_epochs, random_starts, reassign_threshold
+        PAM settings and the stability threshold (check 1).
+    certificate_lam : float, optional
+        Threshold of check 2 (default ``lam``: the step PAM uses).
+    n_swaps, n_cycles, refit_epochs
+        Check 3.
+    alpha : float
+        Family-wise significance level of checks 2 and 3 (Bonferroni over the moves tested).
+    certificate_steps : int
+        Step sizes tried between :math:`\\lambda^*` and ``certificate_lam`` in check 2.
+    value_batches, gradient_batches, gradient_check_batches, min_slope, alignment_tol, weight_decay,
+    max_batches_per_epoch
+        Sizes, thresholds and budgets.
+    generator : torch.Generator or int, optional
+        Seeds every random choice (derived seeds per check).
+    callback : callable, optional
+        Called with each check's name before it runs (progress).
+
+    Returns
+    -------
+    VerificationReport
+
+    Raises
+    ------
+    ValueError
+        If ``perms`` does not match the spec or is not a permutation (names the group), ``checks`` names an
+        unknown check, or ``curve`` was fitted for other end points.
+    NonFiniteError
+        If the curve objective is NaN or infinite.
+    """
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown checks {unknown}; expected a subset of {list(CHECKS)}")
+    gen = as_generator(generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    if spec is None:
+        first = next(iter(train_loader), None)
+        if first is None:
+            raise ValueError("`train_loader` yielded no batches")
+        spec = trace_spec(model, _split_batch(first, torch.device("cpu"), "train_loader")[0][:2])
+    validate_permutation(spec, perms, name="perms")
+    perms = {g: p.detach().long().cpu() for g, p in perms.items()}
+    b_aligned = apply_permutation(point_b, spec.restrict(point_b), perms)
+    if curve is None:
+        fitted = fit_curve(
+            model, point_a, b_aligned, train_loader, epochs=fit_epochs, weight_decay=weight_decay,
+            generator=stable_seed(seed, "fit"), max_batches_per_epoch=max_batches_per_epoch,
+        )  # fmt: skip
+        curve = fitted.curve
+    problem = CurvePermutationProblem(
+        model, point_a, b_aligned, spec, train_loader, weight_decay=weight_decay,
+        value_loader=heldout_loader, value_batches=value_batches, gradient_batches=gradient_batches,
+        generator=stable_seed(seed, "problem"),
+    )  # fmt: skip
+    x_star = [_start_offset(problem, curve)]
+    ctx = _Context(problem, x_star, spec)
+    opts = {
+        "seed": seed, "lam": lam, "backtrack": backtrack, "stability_iters": stability_iters,
+        "stability_x_epochs": stability_x_epochs, "random_starts": random_starts,
+        "reassign_threshold": reassign_threshold, "certificate_lam": certificate_lam or lam, "n_swaps": n_swaps,
+        "n_cycles": n_cycles, "refit_epochs": refit_epochs, "alpha": alpha, "certificate_steps": certificate_steps,
+        "value_batches": value_batches,
+        "gradient_batches": gradient_batches, "gradient_check_batches": gradient_check_batches,
+        "min_slope": min_slope, "alignment_tol": alignment_tol, "weight_decay": weight_decay,
+        "max_batches_per_epoch": max_batches_per_epoch, "heldout_loader": heldout_loader,
+        "align_loader": align_loader, "lp_max_size": 256, "model": model, "train_loader": train_loader,
+    }  # fmt: skip
+    results: dict[str, CheckResult] = {}
+    for name in CHECKS:
+        if name not in checks:
+            continue
+        if callback is not None:
+            callback(name)
+        logger.info("verification check %s", name)
+        sub = as_generator(stable_seed(seed, name))
+        if name == "stability":
+            results[name] = _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, spec, opts, sub)
+        elif name == "certificate":
+            results[name] = _check_certificate(ctx, opts)
+        elif name == "neighbourhood":
+            results[name] = _check_neighbourhood(ctx, opts, sub)
+        elif name == "gradient":
+            results[name] = _check_gradient(ctx, opts, sub)
+        else:
+            results[name] = _check_alignment(model, point_a, point_b, perms, spec, opts)
+    config = {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    config["checks"] = list(checks)
+    config["groups"] = dict(spec.sizes)
+    return VerificationReport(results, config)
