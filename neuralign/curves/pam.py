@@ -47,7 +47,7 @@ from neuralign.curves.bn import _parameters_of, _split_batch
 from neuralign.curves.families import Bezier
 from neuralign.curves.fit import fit_curve
 from neuralign.errors import CheckpointError, ConvergenceWarning, NonFiniteError
-from neuralign.optim import PAM, PAMResult, PAMState, PermutationProblem
+from neuralign.optim import PAM, PAMResult, PAMState, PermutationProblem, perm_to_matrix
 
 __all__ = ["CurvePermutationProblem", "CurvePAMResult", "fit_curve_pam"]
 
@@ -214,6 +214,11 @@ class CurvePermutationProblem(PermutationProblem):
         """The objective on one batch averaged over ``value_ts``."""
         return sum(self.batch_loss(x, P, batch, t) for t in self.value_ts) / len(self.value_ts)
 
+    def batch_values(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per value batch, the objective averaged over ``value_ts`` (float64, no gradient)."""
+        with torch.no_grad():
+            return torch.tensor([float(self.batch_value(x, P, b)) for b in self.value_set], dtype=torch.float64)
+
     def value_pairs(self, n_batches: int | None = None) -> tuple[list, list[float]]:
         """``(batches, ts)`` listing every (value batch, value time) pair, for :meth:`objective`."""
         batches = self.value_set[:n_batches] if n_batches else self.value_set
@@ -241,7 +246,7 @@ class CurvePermutationProblem(PermutationProblem):
     def value(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> float:
         """Deterministic :math:`F` on the fixed value batches with :math:`t` swept from 0 to 1."""
         with torch.no_grad():
-            f = float(sum(self.batch_value(x, P, b) for b in self.value_set) / len(self.value_set))
+            f = float(self.batch_values(x, P).mean())
         if f != f or abs(f) == float("inf"):
             raise NonFiniteError(f"the curve objective is {f}")
         return f
@@ -352,6 +357,8 @@ def fit_curve_pam(
     gradient_batches: int | None = None,
     value_loader: Iterable | None = None,
     value_batches: int = 8,
+    local_search: int = 0,
+    local_search_alpha: float = 0.05,
     max_batches_per_epoch: int | None = None,
     generator: torch.Generator | int | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
@@ -412,6 +419,12 @@ def fit_curve_pam(
         Batches for each :math:`\\nabla_P F` estimate; default a tenth of an epoch (at least 1).
     value_loader, value_batches
         Fixed batches of the monitored objective (see :class:`CurvePermutationProblem`).
+    local_search : int
+        After each P-step, try this many random transpositions per group, scored on the value batches, and apply
+        the best one that lowers the objective significantly (paired over batches, Bonferroni at family-wise level
+        ``local_search_alpha``). Linearised steps cannot see improvements that lie behind a barrier of the
+        relaxation (averaging two units' weights is worse than either), which swaps reach directly. 0: off.
+    local_search_alpha : float
     max_batches_per_epoch : int, optional
         Cut the x-step epochs short.
     generator : torch.Generator or int, optional
@@ -507,7 +520,9 @@ def fit_curve_pam(
         x0 = [torch.zeros(sum(problem.numels), dtype=problem.dtype, device=problem.device)]
     else:
         x0 = [_start_offset(problem, curve)]
-    solver = PAM(problem, x0, method=method, lam=lam, backtrack=backtrack, generator=gen, x_step=x_step, **pam_options)
+    search = _swap_search(problem, local_search, local_search_alpha, gen) if local_search else None
+    solver = PAM(problem, x0, method=method, lam=lam, backtrack=backtrack, generator=gen, x_step=x_step,
+                 local_search=search, **pam_options)  # fmt: skip
     if path is not None and path.exists():
         state = load_checkpoint(path, kind="fit_curve_pam", required=("pam", "init", "sizes"))
         if dict(state["sizes"]) != dict(spec.sizes) or any(
@@ -561,6 +576,52 @@ def fit_curve_pam(
         status=status,
         message=message,
     )
+
+
+def bonferroni_z(alpha: float, tests: int) -> float:
+    """One-sided normal quantile for ``tests`` simultaneous tests at family-wise level ``alpha``."""
+    q = torch.tensor(1.0 - alpha / max(1, tests), dtype=torch.float64)
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(q))
+
+
+def paired_change(after: torch.Tensor, before: torch.Tensor) -> tuple[float, float]:
+    """Mean of the per-batch differences ``after - before`` and its standard error."""
+    d = after - before
+    se = float(d.std(correction=1) / d.numel() ** 0.5) if d.numel() > 1 else 0.0
+    return float(d.mean()), se
+
+
+def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, generator: torch.Generator):
+    """A local search on the P-step: per group, ``trials`` random transpositions scored on the value batches; the
+    best one that lowers the objective significantly (Bonferroni over the trials) is applied."""
+
+    def search(x: list[torch.Tensor], perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        current = {g: p.clone() for g, p in perms.items()}
+
+        def mats(ps):
+            return {g: perm_to_matrix(p, dtype=problem.dtype, device=problem.device) for g, p in ps.items()}
+
+        base = problem.batch_values(x, mats(current))
+        for g, p in list(current.items()):
+            n = p.numel()
+            if n < 2:
+                continue
+            pairs = torch.randint(0, n, (trials, 2), generator=generator)
+            pairs = [(int(i), int(j)) for i, j in pairs if i != j]
+            z = bonferroni_z(alpha, len(pairs))
+            best = None
+            for i, j in pairs:
+                cand = p.clone()
+                cand[i], cand[j] = p[j], p[i]
+                vals = problem.batch_values(x, mats({**current, g: cand}))
+                mean, se = paired_change(vals, base)
+                if mean + z * se < 0 and (best is None or mean < best[0]):
+                    best = (mean, cand, vals)
+            if best is not None:
+                current[g], base = best[1], best[2]
+        return current
+
+    return search
 
 
 def _start_offset(problem: CurvePermutationProblem, curve: Bezier) -> torch.Tensor:
