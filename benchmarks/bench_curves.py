@@ -13,8 +13,14 @@ orders) and timed:
 Garipov et al.'s curve code runs its curve step at 0.99-1.09x its plain step; run-to-run noise is about +-5%.
 Reported: median milliseconds per step and the ratios of the medians.
 
-Run: ``python benchmarks/bench_curves.py`` (a few minutes on 2 threads); ``--repeats``, ``--models``,
-``--threads`` and ``--batch`` change the defaults.
+Run: ``python benchmarks/bench_curves.py`` (about a minute on 2 idle threads, several when the machine is
+shared); ``--repeats``, ``--models``, ``--threads`` and ``--batch`` change the defaults.
+
+Two default runs on an idle 2-core VM (torch 2.14, CPU), curve/plain ratio of medians (paired): TinyTen 1.022
+(0.983) and 0.944 (0.991); ResNet32 0.991 (1.019) and 1.073 (1.085); VGG16 1.050 (1.036) and 0.938 (0.991); the
+naive loop 0.98-1.12. Step-to-step noise on that machine is about +-20 %, run-to-run about +-7 %. The fixed
+per-step overhead, measured with ``--batch 2``, is ~0.6 ms (TinyTen) and ~1.8 ms (ResNet32); the flat-buffer
+passes cost ~25 ms per VGG16 step (mv 16 ms, gradient assembly 7 ms, ||w||^2 2 ms), against ~1.6 s.
 """
 
 from __future__ import annotations
