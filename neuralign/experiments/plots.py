@@ -1,0 +1,674 @@
+"""Figures of a study (Tatro et al. 2020): curves, correlation signature, PAM stability, loss planes, verdicts.
+
+Every function draws on a :class:`matplotlib.figure.Figure` created directly (no pyplot, no global state, no open
+figure left behind), saves it atomically (temporary file in the same folder, then :func:`os.replace`) and returns
+the written path. The format follows the suffix of ``path``: ``.png`` (150 dpi), ``.pdf`` or ``.svg``.
+The input ``results`` is a study's dict, described in :mod:`neuralign.experiments.report`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colors as mcolors
+from matplotlib.figure import Figure
+
+from neuralign.experiments.report import FIGURE_FILES, SETTING_LABELS, _require, validate_results
+from neuralign.verification.local import CHECKS
+
+__all__ = [
+    "SETTING_STYLES",
+    "plot_curve_metrics",
+    "plot_layer_correlation",
+    "plot_reassignment",
+    "plot_plane",
+    "plot_verification_summary",
+    "plot_study",
+]
+
+DPI = 150
+_FORMATS = ("png", "pdf", "svg")
+
+#: Colour and line style of each setting, the same in every figure.
+SETTING_STYLES: dict[str, dict[str, Any]] = {
+    "unaligned": {"color": "#d62728", "linestyle": "--"},
+    "pam_unaligned": {"color": "#ff7f0e", "linestyle": "-."},
+    "pam_aligned": {"color": "#2ca02c", "linestyle": ":"},
+    "aligned": {"color": "#1f77b4", "linestyle": "-"},
+}
+_VERDICT_COLOURS = {"pass": "#4caf50", "fail": "#e53935", "inconclusive": "#ffb300", None: "#e0e0e0"}
+_POINT_LABELS = {"w_A": r"$w_A$", "w_B": r"$w_B$", "P w_B": r"$P\,w_B$", "theta": r"$\theta$"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+def _check_path(path: str | os.PathLike) -> tuple[Path, str]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or path-like, got {type(path).__name__}")
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in _FORMATS:
+        raise ValueError(f"`path` must end in one of {['.' + f for f in _FORMATS]}, got {str(path)!r}")
+    return path, fmt
+
+
+def _save_figure(fig: Figure, path: Path, fmt: str) -> Path:
+    """Save through a temporary file in the target folder and a rename: a reader never sees half an image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=fmt, dpi=DPI)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _finite(values: Any) -> np.ndarray:
+    """float64 array with infinities replaced by NaN (matplotlib skips NaN)."""
+    arr = np.array(values, dtype=np.float64)
+    arr[~np.isfinite(arr)] = np.nan
+    return arr
+
+
+def _mean_std(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean over axis 0 and sample std (ddof=1), None for a single row."""
+    mean = np.nanmean(stack, axis=0) if np.isfinite(stack).any() else stack[0]
+    if stack.shape[0] < 2:
+        return mean, None
+    return mean, np.nanstd(stack, axis=0, ddof=1)
+
+
+def _title_prefix(results: Mapping[str, Any]) -> str:
+    config = results.get("config") or {}
+    arch = config.get("arch", config.get("model")) if isinstance(config, Mapping) else None
+    dataset = config.get("dataset") if isinstance(config, Mapping) else None
+    parts = [str(p) for p in (arch, dataset) if p is not None]
+    return " on ".join(parts) + ": " if parts else ""
+
+
+def _n_pairs_text(n: int) -> str:
+    return "1 pair" if n == 1 else f"{n} pairs, mean ± std"
+
+
+def _shorten(groups: Sequence[str], max_len: int = 18) -> list[str]:
+    """Tick labels: drop the dotted components shared by all names (front and back), abbreviate long words."""
+    parts = [str(g).split(".") for g in groups]
+    if len(parts) > 1:
+        while all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) == 1:
+            parts = [p[1:] for p in parts]
+        while all(len(p) > 1 for p in parts) and len({p[-1] for p in parts}) == 1:
+            parts = [p[:-1] for p in parts]
+    out = []
+    for p in parts:
+        label = ".".join(p)
+        if len(label) > max_len:
+            label = ".".join(_abbreviate(c) for c in p)
+        if len(label) > max_len:
+            label = "…" + label[-(max_len - 1) :]
+        out.append(label)
+    return out
+
+
+def _abbreviate(component: str) -> str:
+    match = re.match(r"([A-Za-z]+)(.*)", component)
+    if match and len(match.group(1)) > 4:
+        return match.group(1)[:3] + match.group(2)
+    return component
+
+
+def _pretty_label(label: str) -> str:
+    return _POINT_LABELS.get(str(label), str(label))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _curve_stack(results: Mapping[str, Any], setting: str, key: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The values of ``key`` along each pair's curve, on the first pair's ``t`` (others interpolated)."""
+    curves = [p["curves"][setting] for p in results["pairs"]]
+    t = np.array(curves[0]["t"], dtype=np.float64)
+    rows = []
+    for c in curves:
+        tc = np.array(c["t"], dtype=np.float64)
+        v = scale * _finite(c[key])
+        rows.append(v if tc.shape == t.shape and np.allclose(tc, t) else np.interp(t, tc, v))
+    return t, np.stack(rows)
+
+
+def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Test accuracy (%) and test loss against :math:`t` along each setting's curve (the paper's Figure 1).
+
+    One line per setting of ``results["settings"]`` (mean over pairs, a shaded band of ± one sample standard
+    deviation when there is more than one pair), with the end points' mean accuracy and loss marked at
+    :math:`t = 0` (A) and :math:`t = 1` (B). Colours and line styles follow :data:`SETTING_STYLES`.
+
+    Parameters
+    ----------
+    results : dict
+        A study's results (see :func:`neuralign.experiments.report.validate_results`).
+    path : path-like
+        Output file (``.png``, ``.pdf`` or ``.svg``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For malformed ``results``, no settings, or an unsupported file suffix.
+    """
+    path, fmt = _check_path(path)
+    validate_results(results)
+    if not results["settings"]:
+        raise ValueError("`results['settings']` is empty: there is no curve to plot")
+    pairs = results["pairs"]
+    fig = _figure(11.0, 4.2)
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    for s in results["settings"]:
+        style = SETTING_STYLES[s]
+        for ax, key, scale in ((ax_acc, "test_accuracy", 100.0), (ax_loss, "test_loss", 1.0)):
+            t, stack = _curve_stack(results, s, key, scale)
+            mean, std = _mean_std(stack)
+            ax.plot(t, mean, label=SETTING_LABELS[s], linewidth=2, **style)
+            if std is not None:
+                ax.fill_between(t, mean - std, mean + std, color=style["color"], alpha=0.18, linewidth=0)
+    for ax, key, scale in ((ax_acc, "test_acc", 100.0), (ax_loss, "test_loss", 1.0)):
+        ends = [[p["endpoints"][e].get(key) for p in pairs] for e in ("a", "b")]
+        if not all(isinstance(v, (int, float)) for row in ends for v in row):
+            continue
+        stack = scale * _finite(ends).T  # (pairs, 2)
+        mean, std = _mean_std(stack)
+        ax.errorbar(
+            [0.0, 1.0], mean, yerr=std, fmt="o", color="black", markersize=7, capsize=4, zorder=5,
+            label="End points (A at t=0, B at t=1)",
+        )  # fmt: skip
+    losses = np.concatenate([_curve_stack(results, s, "test_loss", 1.0)[1].ravel() for s in results["settings"]])
+    losses = losses[np.isfinite(losses) & (losses > 0)]
+    if losses.size and losses.max() / losses.min() > 30:
+        ax_loss.set_yscale("log")
+    ax_acc.set_ylabel("Test accuracy (%)")
+    ax_loss.set_ylabel("Test loss (cross-entropy)")
+    for ax, name in ((ax_acc, "Test accuracy"), (ax_loss, "Test loss")):
+        ax.set_xlabel("t (position along the curve)")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    ax_acc.legend(loc="lower center", fontsize=8)
+    fig.suptitle(f"{_title_prefix(results)}test metrics along the curves ({_n_pairs_text(len(pairs))})")
+    return _save_figure(fig, path, fmt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def plot_layer_correlation(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Layerwise mean correlation of matched units before and after alignment (the "correlation signature").
+
+    For each permutation group (x axis, in the order of ``alignment["groups"]``), the mean over pairs of
+    ``correlation_before`` and ``correlation_after`` with error bars of one sample standard deviation (more than
+    one pair); the gap between them is shaded. Pairs whose ``alignment`` is missing or None are left out.
+
+    Parameters
+    ----------
+    results : dict
+        A study's results.
+    path : path-like
+        Output file.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        If no pair has alignment data, or for malformed ``results``.
+    """
+    path, fmt = _check_path(path)
+    validate_results(results)
+    aligned = [(i, p["alignment"]) for i, p in enumerate(results["pairs"]) if p.get("alignment")]
+    if not aligned:
+        raise ValueError("no pair of `results` has alignment data ('alignment' is missing or None in every pair)")
+    groups: list[str] = []
+    for i, al in aligned:
+        where = f"results['pairs'][{i}]['alignment']"
+        groups += [g for g in _require(al, "groups", where) if g not in groups]
+        _require(al, "correlation_before", where)
+        _require(al, "correlation_after", where)
+    x = np.arange(len(groups))
+    n = len(aligned)
+    width = min(max(6.5, 0.28 * len(groups) + 2.5), 22.0)
+    fig = _figure(width, 4.4)
+    ax = fig.subplots()
+    means = {}
+    for key, label, colour, marker in (
+        ("correlation_before", "Before alignment", "#7f7f7f", "o"),
+        ("correlation_after", "After alignment", "#1f77b4", "s"),
+    ):
+        vals = [[float(al[key][g]) if g in al[key] else math.nan for g in groups] for _, al in aligned]
+        mean, std = _mean_std(_finite(vals))
+        means[key] = mean
+        ax.errorbar(
+            x, mean, yerr=std, fmt=f"-{marker}", color=colour, label=label, capsize=3, markersize=5, linewidth=1.5
+        )
+    ax.fill_between(x, means["correlation_before"], means["correlation_after"], color="#1f77b4", alpha=0.12)
+    ax.set_xticks(x)
+    many = len(groups) > 8
+    ax.set_xticklabels(
+        _shorten(groups), rotation=60 if many else 0, ha="right" if many else "center", fontsize=7 if many else 9
+    )
+    ax.set_xlabel("Permutation group (layer), input to output")
+    ax.set_ylabel("Mean correlation of matched units")
+    ax.set_xlim(-0.5, len(groups) - 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    spread = "1 pair" if n == 1 else f"{n} pairs, mean ± std"
+    ax.set_title(f"{_title_prefix(results)}correlation signature ({spread})")
+    return _save_figure(fig, path, fmt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _stability_runs(obj: Any) -> tuple[dict[str, Any], float | None]:
+    """The stability runs (label -> run) and the reassignment threshold, from any accepted input."""
+    if hasattr(obj, "to_dict") and hasattr(obj, "checks"):
+        obj = obj.to_dict()
+    if not isinstance(obj, Mapping):
+        raise TypeError(
+            f"`verification_or_runs` must be a verification report (dict) or a dict of stability runs, got "
+            f"{type(obj).__name__}"
+        )
+    threshold = None
+    if obj.get("kind") == "verification_report":
+        checks = _require(obj, "checks", "verification_or_runs")
+        if "stability" not in checks:
+            raise ValueError(
+                "the verification report has no 'stability' check; run the verification with the 'stability' check"
+            )
+        obj = checks["stability"]
+    if "details" in obj and isinstance(obj.get("details"), Mapping):
+        threshold = (obj.get("thresholds") or {}).get("max_reassigned_fraction")
+        obj = _require(obj["details"], "runs", "verification_or_runs['details']")
+    if not obj or not all(isinstance(r, Mapping) and "reassigned_fraction" in r for r in obj.values()):
+        raise ValueError(
+            "`verification_or_runs` must be a verification report, its 'stability' check, or a dict of runs "
+            "label -> {'objective', 'reassigned_fraction', 'distance_to_perms'}"
+        )
+    if "alignment" not in obj:
+        raise ValueError(f"the stability runs lack the run 'alignment' (PAM started at the alignment); got {list(obj)}")
+    return dict(obj), threshold
+
+
+def plot_reassignment(
+    verification_or_runs: Mapping[str, Any] | Any, path: str | os.PathLike, *, title: str | None = None
+) -> Path:
+    """PAM stability of an alignment: units reassigned per group and iteration, and distances to the alignment.
+
+    Left: for the PAM run started at the alignment, the percentage of each group's units whose assignment changed
+    at each outer iteration (one line per group, coloured from the first group to the last), with the check's
+    threshold. Right (when there are other runs): the Hamming distance to the alignment, as a percentage of the
+    units, over the iterations of the runs started at the identity and at random permutations (mean over groups,
+    band from the smallest to the largest group); iteration 0 is the start.
+
+    Parameters
+    ----------
+    verification_or_runs : dict or VerificationReport
+        One of: a :class:`~neuralign.verification.VerificationReport` or its ``to_dict()`` (as ``neuralign
+        verify`` writes it) with a ``stability`` check; that check's dict (``{"name", "verdict", ..., "details":
+        {"runs": ...}}``); or the runs themselves, ``{label: {"objective": [...], "reassigned_fraction": {group:
+        [fraction per iteration]}, "distance_to_perms": {group: [fraction, start first]}}}`` with a run labelled
+        ``"alignment"`` (others: ``"identity"``, ``"random1"``, ...).
+    path : path-like
+        Output file.
+    title : str, optional
+        Figure title (default: a description).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If the input is none of the above, has no stability check, or lacks the ``alignment`` run.
+    """
+    path, fmt = _check_path(path)
+    runs, threshold = _stability_runs(verification_or_runs)
+    others = [label for label in runs if label != "alignment"]
+    fig = _figure(11.0 if others else 6.0, 4.3)
+    axes = fig.subplots(1, 2 if others else 1, squeeze=False)[0]
+    frac = runs["alignment"]["reassigned_fraction"]
+    groups = list(frac)
+    cmap = mcolors.LinearSegmentedColormap.from_list("depth", ["#440154", "#21918c", "#fde725"])
+    ax = axes[0]
+    worst = 0.0
+    for k, g in enumerate(groups):
+        values = 100.0 * _finite(frac[g])
+        if values.size and np.isfinite(values).any():
+            worst = max(worst, float(np.nanmax(values)))
+        colour = cmap(k / max(len(groups) - 1, 1))
+        ax.plot(np.arange(1, values.size + 1), values, "-o", color=colour, markersize=3, linewidth=1.2,
+                label=g if len(groups) <= 10 else None)  # fmt: skip
+    if threshold is not None and math.isfinite(float(threshold)):
+        ax.axhline(100.0 * float(threshold), color="#e53935", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xlabel("PAM outer iteration")
+    ax.set_ylabel("Units reassigned (% of the group)")
+    ax.set_title(f"PAM from the alignment: at most {worst:.1f}% reassigned")
+    ax.set_ylim(bottom=-1.0, top=max(5.0, 1.15 * worst, 115.0 * float(threshold or 0.0)))
+    ax.grid(alpha=0.3)
+    if len(groups) <= 10 or threshold is not None:
+        ax.legend(fontsize=7, ncol=2 if len(groups) > 5 else 1)
+    if len(groups) > 10:
+        ax.text(0.99, 0.98, f"{len(groups)} groups, colour: first (dark) to last (light)", transform=ax.transAxes,
+                ha="right", va="top", fontsize=7)  # fmt: skip
+    if others:
+        ax = axes[1]
+        start_colours = {"identity": "#ff7f0e"}
+        randoms = [label for label in others if label not in start_colours]
+        purple = mcolors.LinearSegmentedColormap.from_list("starts", ["#9467bd", "#2b0a4d"])
+        for k, label in enumerate(randoms):
+            start_colours[label] = purple(k / max(len(randoms) - 1, 1))
+        for label in others:
+            dist = runs[label].get("distance_to_perms") or {}
+            if not dist:
+                continue
+            length = max(len(v) for v in dist.values())
+            stack = np.full((len(dist), length), np.nan)
+            for r, v in enumerate(dist.values()):
+                stack[r, : len(v)] = 100.0 * _finite(v)
+            it = np.arange(length)
+            colour = start_colours[label]
+            ax.plot(it, np.nanmean(stack, axis=0), "-o", color=colour, markersize=3, label=f"start: {label}")
+            ax.fill_between(it, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color=colour, alpha=0.15)
+        ax.set_xlabel("PAM outer iteration (0 = start)")
+        ax.set_ylabel("Hamming distance to the alignment (% of units)")
+        ax.set_title("Other starts: distance to the alignment")
+        ax.set_ylim(bottom=-2.0, top=102.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "PAM stability of the alignment")
+    return _save_figure(fig, path, fmt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _plane_dict(plane: Any) -> Mapping[str, Any]:
+    if hasattr(plane, "to_dict") and hasattr(plane, "point_coordinates"):
+        plane = plane.to_dict()
+    if not isinstance(plane, Mapping):
+        raise TypeError(f"`plane` must be a PlaneEvaluation or its dict, got {type(plane).__name__}")
+    for key in ("x", "y", "test_loss", "point_coordinates"):
+        _require(plane, key, "plane")
+    nx, ny = len(plane["x"]), len(plane["y"])
+    grid = plane["test_loss"]
+    if nx < 2 or ny < 2 or len(grid) != nx or any(len(row) != ny for row in grid):
+        raise ValueError(
+            f"`plane['test_loss']` must be a {nx} x {ny} grid (len(x) x len(y), both >= 2), got "
+            f"{len(grid)} rows of lengths {sorted({len(row) for row in grid})}"
+        )
+    return plane
+
+
+def _plane_panel(fig: Figure, ax: Any, x: np.ndarray, y: np.ndarray, z: np.ndarray, *, log: bool, label: str) -> None:
+    finite = z[np.isfinite(z)]
+    cmap = "RdYlBu_r" if log else "RdYlBu"
+    if finite.size == 0:
+        ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center")
+        return
+    if log:
+        finite = finite[finite > 0]
+        lo = float(finite.min()) if finite.size else 1e-12
+        hi = float(finite.max()) if finite.size else 1.0
+        z = np.where(np.isfinite(z), np.clip(z, lo, hi), hi)  # diverged points: drawn at the top level
+        if hi <= lo * (1 + 1e-9):
+            hi = lo * 1.01
+        levels = np.geomspace(lo, hi, 24)
+        norm: mcolors.Normalize = mcolors.LogNorm(vmin=lo, vmax=hi)
+    else:
+        lo, hi = float(finite.min()), float(finite.max())
+        z = np.where(np.isfinite(z), z, lo)
+        if hi <= lo:
+            hi = lo + 1e-6
+        levels = np.linspace(lo, hi, 24)
+        norm = mcolors.Normalize(vmin=lo, vmax=hi)
+    filled = ax.contourf(x, y, z, levels=levels, norm=norm, cmap=cmap, extend="neither")
+    ax.contour(x, y, z, levels=levels[::3], norm=norm, colors="black", linewidths=0.4, alpha=0.35)
+    bar = fig.colorbar(filled, ax=ax, shrink=0.9)
+    bar.set_label(label)
+    if log:
+        bar.ax.set_yscale("log")
+
+
+def plot_plane(plane: Mapping[str, Any] | Any, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Test loss (log colour scale) and accuracy over a plane through three networks, with a curve drawn in it.
+
+    As the paper's plane figures (Garipov et al. 2018, Fig. 1; Tatro et al. 2020): filled contours of
+    ``test_loss[i][j]`` at :math:`(x_i, y_j)`, the three points marked and labelled, and ``curve_xy`` (the curve
+    projected into the plane) drawn as a line; a second panel shows the test accuracy when present. Points whose
+    loss is not finite (diverged) are drawn at the highest level.
+
+    Parameters
+    ----------
+    plane : dict or PlaneEvaluation
+        :meth:`~neuralign.curves.PlaneEvaluation.to_dict` (keys ``x``, ``y``, ``test_loss``, ``test_accuracy``,
+        ``point_coordinates``), optionally with ``curve_xy`` (``[[x, y], ...]``) and ``labels`` (names of the
+        three points, default ``["w_A", "w_B", "w_C"]``; ``w_A``, ``P w_B``, ``theta`` are typeset).
+    path : path-like
+        Output file.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a plane without a grid of ``len(x) x len(y)`` values or without point coordinates.
+    """
+    path, fmt = _check_path(path)
+    plane = _plane_dict(plane)
+    x = np.array(plane["x"], dtype=np.float64)
+    y = np.array(plane["y"], dtype=np.float64)
+    loss = np.array(plane["test_loss"], dtype=np.float64).T  # (ny, nx) for contourf
+    acc = plane.get("test_accuracy")
+    panels = [("test_loss", loss, True, "Test loss (log scale)")]
+    if acc is not None and np.shape(acc) == (len(x), len(y)):
+        panels.append(("test_accuracy", 100.0 * np.array(acc, dtype=np.float64).T, False, "Test accuracy (%)"))
+    points = np.array(plane["point_coordinates"], dtype=np.float64).reshape(-1, 2)
+    labels = list(plane.get("labels") or [f"w_{c}" for c in "ABC"][: len(points)])
+    curve = plane.get("curve_xy")
+    aspect = (y.max() - y.min()) / max(x.max() - x.min(), 1e-12)
+    height = float(np.clip(4.2 * aspect, 3.0, 6.5)) + 0.8
+    fig = _figure(5.6 * len(panels), height)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (_, z, log, label) in zip(axes, panels):
+        _plane_panel(fig, ax, x, y, z, log=log, label=label)
+        if curve is not None and len(curve):
+            xy = np.array(curve, dtype=np.float64).reshape(-1, 2)
+            ax.plot(xy[:, 0], xy[:, 1], color="black", linewidth=3.6, solid_capstyle="round")
+            ax.plot(xy[:, 0], xy[:, 1], color="white", linewidth=2.0, label="curve", solid_capstyle="round")
+        ax.scatter(points[:, 0], points[:, 1], s=60, c="white", edgecolors="black", linewidths=1.5, zorder=6)
+        span = max(x.max() - x.min(), y.max() - y.min())
+        for (px, py), name in zip(points, labels):
+            ax.annotate(
+                _pretty_label(name), (px, py), xytext=(px + 0.02 * span, py + 0.03 * span), fontsize=12,
+                color="black", zorder=7, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0},
+            )  # fmt: skip
+        ax.set_aspect("equal")
+        ax.set_xlim(x.min(), x.max())
+        ax.set_ylim(y.min(), y.max())
+        ax.set_xlabel("x (weight-space distance)")
+        ax.set_ylabel("y (weight-space distance)")
+        if curve is not None and len(curve):
+            ax.legend(loc="upper right", fontsize=8)
+    fig.suptitle(title or "Plane through " + ", ".join(_pretty_label(n) for n in labels))
+    return _save_figure(fig, path, fmt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _reports(verification: Any) -> dict[str, Mapping[str, Any] | None]:
+    def as_dict(rep: Any, where: str) -> Mapping[str, Any] | None:
+        if rep is None:
+            return None
+        if hasattr(rep, "to_dict") and hasattr(rep, "checks"):
+            rep = rep.to_dict()
+        if not isinstance(rep, Mapping) or rep.get("kind") != "verification_report":
+            raise ValueError(f"`{where}` is not a verification report (its 'kind' is not 'verification_report')")
+        _require(rep, "checks", where)
+        return rep
+
+    if hasattr(verification, "to_dict") and hasattr(verification, "checks"):
+        return {"verdict": as_dict(verification, "verification")}
+    if isinstance(verification, Mapping):
+        if "kind" in verification:
+            return {"verdict": as_dict(verification, "verification")}
+        out = {str(k): as_dict(v, f"verification[{k!r}]") for k, v in verification.items()}
+    elif isinstance(verification, Sequence) and not isinstance(verification, str):
+        out = {f"#{i + 1}": as_dict(v, f"verification[{i}]") for i, v in enumerate(verification)}
+    else:
+        raise TypeError(
+            f"`verification` must be a verification report, a dict label -> report or a list of reports, got "
+            f"{type(verification).__name__}"
+        )
+    if not out:
+        raise ValueError("`verification` holds no report")
+    return out
+
+
+def plot_verification_summary(verification: Any, path: str | os.PathLike) -> Path:
+    """A grid of the verification verdicts: checks (rows, then the overall verdict) x reports (columns).
+
+    Cells are green for ``pass``, red for ``fail``, amber for ``inconclusive`` and grey where a check did not
+    run (or a report is None), with the verdict written in.
+
+    Parameters
+    ----------
+    verification : dict, VerificationReport, dict str -> report, or list of reports
+        One report (:meth:`~neuralign.verification.VerificationReport.to_dict` or the object) gives one column;
+        a dict ``label -> report`` (e.g. ``{"pair 1": ..., "pair 2": ...}``) or a list gives one column each.
+    path : path-like
+        Output file.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If an entry is not a verification report.
+    """
+    path, fmt = _check_path(path)
+    reports = _reports(verification)
+    names = [c for c in CHECKS if any(r and c in r["checks"] for r in reports.values())]
+    for r in reports.values():
+        names += [c for c in (r["checks"] if r else ()) if c not in names]
+    rows = [*names, "overall"]
+    cols = list(reports)
+    verdicts = [
+        [
+            (r.get("verdict") if name == "overall" else (r["checks"].get(name) or {}).get("verdict")) if r else None
+            for r in reports.values()
+        ]
+        for name in rows
+    ]
+    image = np.array([[mcolors.to_rgb(_VERDICT_COLOURS.get(v, "#e0e0e0")) for v in row] for row in verdicts])
+    fig = _figure(2.2 + 1.25 * len(cols), 0.9 + 0.42 * len(rows))
+    ax = fig.subplots()
+    ax.imshow(image, aspect="auto")
+    for i, row in enumerate(verdicts):
+        for j, v in enumerate(row):
+            weight = "bold" if rows[i] == "overall" else "normal"
+            ax.text(j, i, v or "—", ha="center", va="center", fontsize=9, fontweight=weight, color="black")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, fontsize=9)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=9)
+    ax.set_xticks(np.arange(-0.5, len(cols)), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
+    ax.grid(which="minor", color="white", linewidth=2)
+    ax.tick_params(which="both", length=0)
+    ax.axhline(len(rows) - 1.5, color="black", linewidth=1.2)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title("Verification verdicts", fontsize=10)
+    return _save_figure(fig, path, fmt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def plot_study(results: Mapping[str, Any], folder: str | os.PathLike) -> dict[str, Path]:
+    """Draw every figure of a study whose data is present into ``folder``, with stable names.
+
+    ``curve_metrics.png`` (:func:`plot_curve_metrics`, needs a setting), ``layer_correlation.png``
+    (:func:`plot_layer_correlation`, a pair with ``alignment``), ``reassignment.png`` (:func:`plot_reassignment`,
+    the first pair whose verification has a stability check), ``plane.png`` (:func:`plot_plane`, the first pair
+    with a ``plane``), ``verification.png`` (:func:`plot_verification_summary`, one column per pair with a
+    verification). Figures whose data is missing are skipped.
+
+    Parameters
+    ----------
+    results : dict
+        A study's results.
+    folder : path-like
+        Output folder (created if needed).
+
+    Returns
+    -------
+    dict str -> pathlib.Path
+        Figure name (the keys of :data:`neuralign.experiments.report.FIGURE_FILES`) -> written path, for the
+        figures drawn, in that order.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For malformed ``results``.
+    """
+    validate_results(results)
+    folder = Path(folder)
+    pairs = results["pairs"]
+
+    def label(i: int) -> str:
+        return f"pair {pairs[i].get('pair', i + 1)}"
+
+    out: dict[str, Path] = {}
+    target = {k: folder / name for k, (name, _) in FIGURE_FILES.items()}
+    if results["settings"]:
+        out["curve_metrics"] = plot_curve_metrics(results, target["curve_metrics"])
+    if any(p.get("alignment") for p in pairs):
+        out["layer_correlation"] = plot_layer_correlation(results, target["layer_correlation"])
+    for i, p in enumerate(pairs):
+        ver = p.get("verification")
+        if ver and "stability" in (ver.get("checks") or {}):
+            title = f"{_title_prefix(results)}PAM stability of the alignment ({label(i)})"
+            out["reassignment"] = plot_reassignment(ver, target["reassignment"], title=title)
+            break
+    for i, p in enumerate(pairs):
+        if p.get("plane"):
+            labels = [_pretty_label(n) for n in (p["plane"].get("labels") or [])]
+            through = f" through {', '.join(labels)}" if labels else ""
+            title = f"{_title_prefix(results)}plane{through} ({label(i)})"
+            out["plane"] = plot_plane(p["plane"], target["plane"], title=title)
+            break
+    reports = {label(i): p["verification"] for i, p in enumerate(pairs) if p.get("verification")}
+    if reports:
+        out["verification"] = plot_verification_summary(reports, target["verification"])
+    return out
