@@ -1,0 +1,553 @@
+"""The ``neuralign`` command line: demo, train, align, curve, pam, verify, evaluate, study.
+
+Every command writes its results into ``--out`` (atomically; long loops checkpoint every epoch and a rerun of the
+same command resumes), shows progress bars on standard error, and ends by printing the paths it wrote. Errors are
+one line on standard error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuralign._utils import atomic_save, atomic_write_text, load_checkpoint
+from neuralign.errors import CheckpointError, NeuralignError
+
+__all__ = ["main", "build_parser"]
+
+PAPER_TINYTEN_CIFAR10 = {
+    "Endpoints": "89.0 ± 0.1",
+    "Unaligned": ("87.4 ± 0.1", "82.8 ± 0.5"),
+    "PAM Unaligned": ("87.6 ± 0.1", "84.0 ± 0.3"),
+    "PAM Aligned": ("88.4 ± 0.1", "87.6 ± 0.2"),
+    "Aligned": ("88.5 ± 0.1", "87.8 ± 0.1"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ progress
+class _Bars:
+    """tqdm progress bars keyed by label, fed by the library's progress events."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        key = f"{event.get('stage', '')}: {event.get('label', '')}"
+        total = event.get("total")
+        bar = self.bars.get(key)
+        if bar is None:
+            bar = self.bars[key] = tqdm(total=total, desc=key, unit="step", leave=True, file=sys.stderr,
+                                        dynamic_ncols=True)  # fmt: skip
+        step = event.get("step", 0)
+        if step > bar.n:
+            bar.update(step - bar.n)
+        record = event.get("record") or {}
+        shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "train_loss", "accuracy", "test_accuracy")
+                 and isinstance(v, float)}  # fmt: skip
+        if shown:
+            bar.set_postfix(shown, refresh=False)
+        if total is not None and step >= total:
+            bar.close()
+            del self.bars[key]
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if "," in text:
+        return tuple(_parse_value(t) for t in text.split(",") if t)
+    return text
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in pairs or ():
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return out
+
+
+def _data(args: argparse.Namespace):
+    from neuralign.experiments.data import load_data
+
+    return load_data(
+        args.data, root=args.data_root, download=args.download, batch_size=args.batch_size,
+        train_size=args.train_size, test_size=args.test_size, align_size=args.align_size, resize=args.resize,
+        generator=args.seed,
+    )  # fmt: skip
+
+
+def _load_alignment(path: str) -> dict[str, Any]:
+    state = load_checkpoint(path, kind="alignment", required=("perms",))
+    perms = state["perms"]
+    if not isinstance(perms, dict) or not all(isinstance(p, torch.Tensor) for p in perms.values()):
+        raise CheckpointError(f"{path}: 'perms' must be a dict group -> index tensor")
+    return state
+
+
+def _endpoints(args: argparse.Namespace, device: torch.device):
+    from neuralign.experiments.study import load_endpoint
+
+    a, meta_a = load_endpoint(args.model_a)
+    b, meta_b = load_endpoint(args.model_b)
+    if meta_a["arch"] != meta_b["arch"]:
+        raise ValueError(f"--model-a is a {meta_a['arch']} but --model-b is a {meta_b['arch']}")
+    return a.to(device), b.to(device), meta_a
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def _params(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = {k for k, _ in model.named_parameters()}
+    return {k: v for k, v in state.items() if k in names}
+
+
+def _spec(model: torch.nn.Module, data) -> Any:
+    from neuralign.alignment import trace_spec
+
+    x = next(iter(data.train))[0][:2].to(next(model.parameters()).device)
+    return trace_spec(model, x)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> list[Path]:
+    from neuralign.experiments.study import PRESETS, run_study
+
+    config = PRESETS["demo" if demo else args.preset]
+    overrides: dict[str, Any] = {}
+    if not demo:
+        for key in ("arch", "pairs", "epochs", "curve_epochs", "num_points", "train_size", "test_size", "align_size",
+                    "resize", "bn_batches", "width", "batch_size"):  # fmt: skip
+            value = getattr(args, key, None)
+            if value is not None:
+                overrides[key] = value
+        if args.data is not None:
+            overrides["dataset"] = args.data
+        if args.data_root is not None:
+            overrides["data_root"] = args.data_root
+        if args.download:
+            overrides["download"] = True
+    overrides["seed"] = args.seed
+    overrides.update(_overrides(args.set))
+    config = config.replace(**overrides)
+    notes = None
+    paper_row = None
+    if config.arch == "tinyten" and str(config.dataset).lower().replace(".npz", "").endswith("cifar10"):
+        paper_row = PAPER_TINYTEN_CIFAR10
+        notes = (
+            f"Scale: {config.pairs} pairs, {config.epochs} end-point epochs and {config.curve_epochs} curve epochs "
+            f"(paper: 3 pairs, 250 and 250), train subset {config.train_size or 'all'}, {config.num_points} "
+            f"points along t (paper: 65), batch norm re-estimated on {config.bn_batches or 'all'} batches "
+            f"(paper: a full pass)."
+        )
+    results = run_study(config, args.out, device=_device(args.device), progress=bars, paper_row=paper_row,
+                        notes=notes)  # fmt: skip
+    out = Path(args.out)
+    return [Path(results["report"]), out / "results.json"]
+
+
+def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
+    from neuralign.curves import evaluate_model
+    from neuralign.experiments.models import build_model
+    from neuralign.experiments.study import StudyConfig, _model_kwargs
+    from neuralign.experiments.training import train_model
+
+    device = _device(args.device)
+    data = _data(args)
+    config = StudyConfig(arch=args.arch, width=args.width)
+    kwargs = _model_kwargs(config, data)
+    model = build_model(args.arch, data.num_classes, seed=args.seed, **kwargs).to(device)
+    out = Path(args.out)
+    path = out / f"{args.arch}_seed{args.seed}.pt"
+
+    def on_epoch(record):
+        bars({"stage": "train", "label": path.stem, "step": record["epoch"], "total": args.epochs, "record": record})
+
+    res = train_model(model, data.train, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                      checkpoint=path.with_suffix(".ckpt"), callback=on_epoch)  # fmt: skip
+    model.load_state_dict(res.state_dict)
+    test_loss, test_acc = evaluate_model(model.eval(), data.test)
+    atomic_save({
+        "kind": "endpoint", "arch": args.arch, "num_classes": data.num_classes, "model_kwargs": kwargs,
+        "seed": args.seed, "history": res.history, "test": {"test_loss": test_loss, "test_acc": test_acc},
+        "dataset": data.describe(), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+    }, path)  # fmt: skip
+    path.with_suffix(".ckpt").unlink(missing_ok=True)
+    print(f"test accuracy {test_acc:.4f}, loss {test_loss:.4f}", file=sys.stderr)
+    return [path]
+
+
+def _cmd_align(args: argparse.Namespace, bars: _Bars) -> list[Path]:
+    from neuralign.alignment import align
+
+    device = _device(args.device)
+    a, b, _ = _endpoints(args, device)
+    data = _data(args)
+    total = len(data.align)
+    def on_batch(n: int) -> None:
+        bars({"stage": "align", "label": args.method, "step": n, "total": total})
+
+    loader = data.align if args.method != "weight" else None
+    example = next(iter(data.train))[0][:2].to(device)
+    res = align(a, b, loader, method=args.method, example_input=example, callback=on_batch)
+    out = Path(args.out)
+    state = {
+        "kind": "alignment", "method": res.method, "perms": res.perms, "spec": res.spec.to_dict(),
+        "groups": res.spec.groups, "sizes": res.spec.sizes, "correlation_before": res.correlation_before,
+        "correlation_after": res.correlation_after,
+    }  # fmt: skip
+    p1 = atomic_save(state, out / "alignment.pt")
+    summary = {k: v for k, v in state.items() if k not in ("perms", "spec")}
+    summary.update(objective_before=res.objective_before, objective_after=res.objective_after, message=res.message)
+    p2 = atomic_write_text(out / "alignment.json", json.dumps(summary, indent=1))
+    return [p1, p2]
+
+
+def _optimizer(lr: float):
+    def make(params):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+
+    return make
+
+
+def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
+    from neuralign.alignment import apply_permutation
+    from neuralign.curves import fit_curve
+
+    device = _device(args.device)
+    a, b, _ = _endpoints(args, device)
+    data = _data(args)
+    sd_b = _state(b)
+    if args.perms:
+        spec = _spec(a, data)
+        sd_b = apply_permutation(sd_b, spec.restrict(sd_b), _load_alignment(args.perms)["perms"])
+    out = Path(args.out)
+
+    def on_epoch(record):
+        bars({"stage": "curve", "label": args.curve, "step": record["epoch"] + 1, "total": args.epochs,
+              "record": record})  # fmt: skip
+
+    res = fit_curve(a, _params(a, _state(a)), _params(a, sd_b), data.train, curve=args.curve, epochs=args.epochs,
+                    optimizer=_optimizer(args.lr), weight_decay=args.weight_decay, generator=args.seed,
+                    callback=on_epoch, checkpoint=out / "curve.ckpt")  # fmt: skip
+    res.curve.save(out / "curve.pt")
+    (out / "curve.ckpt").unlink(missing_ok=True)
+    p2 = atomic_write_text(out / "curve.json", json.dumps({"history": res.history, "message": res.message}, indent=1))
+    return [out / "curve.pt", p2]
+
+
+def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
+    from neuralign.curves import fit_curve_pam
+
+    device = _device(args.device)
+    a, b, _ = _endpoints(args, device)
+    data = _data(args)
+    init: Any = args.init
+    if init not in ("identity", "alignment"):
+        init = _load_alignment(init)["perms"]
+    out = Path(args.out)
+    total = args.iters * args.epochs
+
+    def on_event(record):
+        if record["stage"] == "x-epoch":
+            step = (record["iteration"] - 1) * args.epochs + record["epoch"] + 1
+            bars({"stage": "pam", "label": str(args.init), "step": step, "total": total, "record": record})
+
+    res = fit_curve_pam(
+        a, _state(a), _state(b), data.train, init=init, align_loader=data.align, method=args.method, lam=args.lam,
+        max_iter=args.iters, x_epochs=args.epochs, optimizer=_optimizer(args.lr), weight_decay=args.weight_decay,
+        value_loader=data.train_eval, local_search=args.local_search, generator=args.seed, callback=on_event,
+        checkpoint=out / "pam.ckpt",
+    )  # fmt: skip
+    res.curve.save(out / "curve.pt")
+    (out / "pam.ckpt").unlink(missing_ok=True)
+    p2 = atomic_save({"kind": "alignment", "method": f"pam-{args.method}", "perms": res.perms,
+                      "spec": res.spec.to_dict()}, out / "perms.pt")  # fmt: skip
+    summary = {"objective": res.history, "changed": res.changed, "backtracks": res.backtracks,
+               "status": res.status, "message": res.message, "curve_history": res.curve_history}  # fmt: skip
+    p3 = atomic_write_text(out / "pam.json", json.dumps(summary, indent=1, default=str))
+    return [out / "curve.pt", p2, p3]
+
+
+def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
+    from neuralign.curves import Curve, evaluate_curve
+    from neuralign.curves.families import CURVE_FAMILIES
+    from neuralign.experiments.study import load_endpoint
+
+    device = _device(args.device)
+    model, _ = load_endpoint(args.model_a)
+    model = model.to(device)
+    state = load_checkpoint(args.curve, kind="curve", required=("family",))
+    family = CURVE_FAMILIES.get(state["family"])
+    if family is None:
+        raise CheckpointError(f"{args.curve}: unknown curve family {state['family']!r}")
+    curve: Curve = family.load(args.curve).to(device)
+    data = _data(args)
+
+    def on_point(record):
+        bars({"stage": "evaluate", "label": Path(args.curve).stem, "step": record["index"] + 1,
+              "total": args.num_points})  # fmt: skip
+
+    ev = evaluate_curve(model, curve, data.train, data.test, num_points=args.num_points,
+                        max_bn_batches=args.bn_batches, callback=on_point)  # fmt: skip
+    out = Path(args.out)
+    p1 = atomic_write_text(out / "evaluation.json", json.dumps(ev.to_dict(), indent=1))
+    print(f"Avg accuracy {100 * ev.avg_accuracy:.2f}%, Min {100 * ev.min_accuracy:.2f}%, "
+          f"loss barrier {ev.loss_barrier:.4f}", file=sys.stderr)  # fmt: skip
+    return [p1]
+
+
+def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> list[Path]:
+    from neuralign.curves import Bezier
+    from neuralign.experiments.plots import plot_reassignment
+    from neuralign.verification import CHECKS, verify_alignment
+
+    device = _device(args.device)
+    a, b, _ = _endpoints(args, device)
+    data = _data(args)
+    perms = _load_alignment(args.perms)["perms"]
+    curve = Bezier.load(args.curve).to(device) if args.curve else None
+    checks = tuple(args.checks) if args.checks else CHECKS
+
+    def on_check(name):
+        bars({"stage": "verify", "label": "checks", "step": checks.index(name), "total": len(checks)})
+
+    report = verify_alignment(
+        a, _state(a), _state(b), perms, data.train, curve=curve, checks=checks, heldout_loader=data.train_eval,
+        align_loader=data.align, fit_epochs=args.fit_epochs, lam=args.lam, stability_iters=args.iters,
+        n_swaps=args.swaps, local_search=args.local_search, generator=args.seed, callback=on_check,
+    )  # fmt: skip
+    bars({"stage": "verify", "label": "checks", "step": len(checks), "total": len(checks)})
+    out = Path(args.out)
+    paths = list(report.save(out))
+    if "stability" in report.checks:
+        paths.append(plot_reassignment(report.to_dict(), out / "reassignment.png"))
+    print(f"verdict: {report.verdict}", file=sys.stderr)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--out", default=out, help=f"output folder (default: {out}); rerunning resumes from it")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
+    g.add_argument("--seed", type=int, default=0, help="base seed of every random choice (default: 0)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", help="log the library's progress messages")
+
+
+def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, default=None,
+                   help="dataset: cifar10, cifar100, mnist, tinyimagenet, digits (shipped), or an .npz file with "
+                        "x_train, y_train, x_test, y_test (uint8 images)")  # fmt: skip
+    g.add_argument("--data-root", default=None, help="folder holding the torchvision dataset (or <name>.npz)")
+    g.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs network)")
+    g.add_argument("--batch-size", type=int, default=128, help="training batch size (default: 128)")
+    g.add_argument("--train-size", type=_parse_value, default=None,
+                   help="use a subset of the training set: a count or a fraction (default: all)")  # fmt: skip
+    g.add_argument("--test-size", type=_parse_value, default=None, help="subset of the test set (default: all)")
+    g.add_argument("--align-size", type=_parse_value, default=None,
+                   help="alignment images: the first N training images with test transforms (default: the first "
+                        "10000, or all if fewer)")  # fmt: skip
+    g.add_argument("--resize", type=int, default=None, help="resize images to this side length")
+
+
+def _add_pair(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-a", required=True, help="end point A (a file written by `neuralign train`)")
+    p.add_argument("--model-b", required=True, help="end point B, of the same architecture")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``neuralign`` (also ``python -m neuralign``)."""
+    parser = argparse.ArgumentParser(
+        prog="neuralign",
+        description="Neuron alignment and mode connectivity (Tatro et al., NeurIPS 2020): train networks, align "
+        "them, fit curves between them (plain, aligned, PAM), verify the alignment and report.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="offline end-to-end study on the shipped digits (a few minutes on a CPU)",
+                       description="Train two TinyTen networks on the shipped UCI digits (resized to 16x16), align "
+                       "them, fit unaligned / PAM / aligned curves, verify the alignment and write a report with "
+                       "figures. Ends with the path of the report.")  # fmt: skip
+    _add_common(p, out="neuralign-demo")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a study setting, e.g. --set epochs=2 (see `neuralign study --help`)")  # fmt: skip
+
+    p = sub.add_parser("study", help="the paper's Table 1 protocol at any scale",
+                       description="Train or load 2 x pairs end points, align each pair, fit the four curves of "
+                       "Table 1 (Unaligned, PAM Unaligned, PAM Aligned, Aligned), evaluate them along t with batch "
+                       "norm re-estimated, verify the alignment, and write results.json, report.md and figures. "
+                       "Presets: paper (the paper's settings, for GPUs), cpu (TinyTen on CIFAR-10 in about an hour "
+                       "on 2 cores), demo. Any setting can be overridden with --set KEY=VALUE (settings: arch, "
+                       "dataset, pairs, seed, width, hidden, batch_size, train_size, test_size, align_size, resize, "
+                       "epochs, lr, weight_decay, curve_epochs, curve_lr, curve_weight_decay, pam_iters, pam_lam, "
+                       "pam_method, pam_local_search, pam_gradient_batches, num_points, bn_batches, plane_grid, "
+                       "verify, verify_iters, verify_swaps, settings, max_batches).")  # fmt: skip
+    _add_common(p, out="neuralign-study")
+    p.add_argument("--preset", choices=["paper", "cpu", "demo"], default="cpu", help="starting settings (default: cpu)")
+    p.add_argument("--arch", default=None, help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp")
+    p.add_argument("--pairs", type=int, default=None, help="number of end-point pairs")
+    p.add_argument("--epochs", type=int, default=None, help="end-point training epochs")
+    p.add_argument("--curve-epochs", type=int, default=None, help="curve (and PAM x-step) epochs")
+    p.add_argument("--num-points", type=int, default=None, help="points along t for evaluation")
+    p.add_argument("--bn-batches", type=int, default=None, help="batches per batch-norm re-estimation")
+    p.add_argument("--width", type=float, default=None, help="width multiplier (ResNet, VGG)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any study setting")
+    _add_data(p, required=False)
+    for action in p._actions:  # the study's own defaults apply unless given
+        if action.dest == "batch_size":
+            action.default = None
+
+    p = sub.add_parser("train", help="train one end point with the paper's recipe",
+                       description="Train a network with Nesterov SGD (lr 0.1, momentum 0.9, wd 5e-4, lr halved "
+                       "every 20 epochs), checkpointing every epoch; writes <out>/<arch>_seed<seed>.pt.")  # fmt: skip
+    _add_common(p, out="neuralign-endpoints")
+    _add_data(p)
+    p.add_argument("--arch", required=True, help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp")
+    p.add_argument("--width", type=float, default=None, help="width multiplier (ResNet, VGG)")
+    p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
+    p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+
+    p = sub.add_parser("align", help="align end point B to A",
+                       description="Find the permutation of B's hidden units that matches A's: correlation of "
+                       "post-activations (the paper), l2 (uncentred cross moments) or weight matching. Writes "
+                       "alignment.pt (the permutation) and alignment.json (per-layer correlations).")  # fmt: skip
+    _add_common(p, out="neuralign-align")
+    _add_pair(p)
+    _add_data(p)
+    p.add_argument("--method", choices=["correlation", "l2", "weight"], default="correlation",
+                   help="matching method (default: correlation)")  # fmt: skip
+
+    p = sub.add_parser("curve", help="fit a curve between two end points",
+                       description="Fit a quadratic Bezier (or polygonal chain) between A and B, or B aligned by "
+                       "--perms; writes curve.pt and curve.json.")  # fmt: skip
+    _add_common(p, out="neuralign-curve")
+    _add_pair(p)
+    _add_data(p)
+    p.add_argument("--perms", default=None, help="alignment.pt to apply to B first (an aligned curve)")
+    p.add_argument("--curve", choices=["bezier", "polychain"], default="bezier", help="family (default: bezier)")
+    p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
+    p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on w(t) (default: 5e-4)")
+
+    p = sub.add_parser("pam", help="fit a curve jointly with the permutation (PAM)",
+                       description="Proximal alternating minimisation over the Bezier control point and the "
+                       "permutation of B; writes curve.pt, perms.pt and pam.json.")  # fmt: skip
+    _add_common(p, out="neuralign-pam")
+    _add_pair(p)
+    _add_data(p)
+    p.add_argument("--init", default="identity", help="identity, alignment, or an alignment.pt to start from")
+    p.add_argument("--method", choices=["linearized", "birkhoff"], default="linearized", help="P-step")
+    p.add_argument("--lam", type=float, default=1000.0, help="P proximal step (default: 1000)")
+    p.add_argument("--iters", type=int, default=1, help="outer iterations (default: 1)")
+    p.add_argument("--epochs", type=int, default=250, help="curve epochs per x-step (default: 250)")
+    p.add_argument("--local-search", type=int, default=0, help="swaps tried per group after each P-step")
+    p.add_argument("--lr", type=float, default=0.1, help="curve learning rate (default: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on w(t) (default: 5e-4)")
+
+    p = sub.add_parser("evaluate", help="evaluate a curve along t",
+                       description="Loss and accuracy at --num-points values of t with batch norm re-estimated; "
+                       "writes evaluation.json (Avg, Min, barriers, values at t = 0.5).")  # fmt: skip
+    _add_common(p, out="neuralign-eval")
+    p.add_argument("--model-a", required=True, help="an end point of the curve (gives the architecture)")
+    p.add_argument("--curve", required=True, help="curve.pt")
+    _add_data(p)
+    p.add_argument("--num-points", type=int, default=65, help="points along t (default: 65)")
+    p.add_argument("--bn-batches", type=int, default=None, help="batches per BN re-estimation (default: all)")
+
+    p = sub.add_parser("verify", help="check whether an alignment is locally optimal",
+                       description="Run the checks of neuralign.verification.verify_alignment (PAM stability, "
+                       "first-order certificate, neighbourhood swaps, gradient Taylor test, correlation "
+                       "optimality); writes verification.json, verification.md and reassignment.png.")  # fmt: skip
+    _add_common(p, out="neuralign-verify")
+    _add_pair(p)
+    _add_data(p)
+    p.add_argument("--perms", required=True, help="alignment.pt to verify")
+    p.add_argument("--curve", default=None, help="a curve fitted for the aligned pair (fitted briefly if absent)")
+    p.add_argument("--checks", nargs="*", default=None, help="subset of: stability certificate neighbourhood "
+                   "gradient alignment")  # fmt: skip
+    p.add_argument("--fit-epochs", type=int, default=2, help="epochs of the curve fitted when --curve is absent")
+    p.add_argument("--lam", type=float, default=1000.0, help="PAM step and certificate threshold (default: 1000)")
+    p.add_argument("--iters", type=int, default=2, help="PAM iterations of the stability check (default: 2)")
+    p.add_argument("--swaps", type=int, default=32, help="transpositions tested per group (default: 32)")
+    p.add_argument("--local-search", type=int, default=16, help="swaps PAM tries per group (default: 16)")
+    return parser
+
+
+_COMMANDS = {
+    "demo": lambda a, b: _cmd_study(a, b, demo=True),
+    "study": _cmd_study,
+    "train": _cmd_train,
+    "align": _cmd_align,
+    "curve": _cmd_curve,
+    "pam": _cmd_pam,
+    "evaluate": _cmd_evaluate,
+    "verify": _cmd_verify,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``neuralign`` and ``python -m neuralign``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    bars = _Bars(enabled=not args.quiet)
+    try:
+        paths = _COMMANDS[args.command](args, bars)
+    except KeyboardInterrupt:
+        bars.close()
+        print("neuralign: interrupted; run the same command again to resume from the checkpoints", file=sys.stderr)
+        return 130
+    except (NeuralignError, ValueError, TypeError, FileNotFoundError, OSError) as exc:
+        bars.close()
+        print(f"neuralign: error: {exc}", file=sys.stderr)
+        return 2
+    bars.close()
+    for path in paths:
+        print(path)
+    return 0

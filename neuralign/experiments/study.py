@@ -1,0 +1,520 @@
+"""The paper's Table 1 protocol end to end: endpoints, alignment, four kinds of curves, evaluation, verification.
+
+:func:`run_study` trains (or loads) ``2 x pairs`` end points, aligns every pair by activation correlation, fits the
+four curves of Tatro et al. (2020, Table 1) — Unaligned, PAM Unaligned, PAM Aligned, Aligned — evaluates each at
+``num_points`` values of ``t`` with batch norm re-estimated, verifies the alignment, and aggregates mean ± std over
+pairs into ``results.json``, a markdown report and figures. Every stage writes its result atomically into the
+output folder and is skipped when the result is already there; long stages checkpoint every epoch, so an
+interrupted study resumes without losing finished work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import neuralign
+from neuralign._utils import atomic_save, atomic_write_text, load_checkpoint, stable_seed
+from neuralign.alignment import align, apply_permutation, trace_spec
+from neuralign.curves import (
+    Bezier,
+    CurveEvaluation,
+    evaluate_curve,
+    evaluate_model,
+    evaluate_plane,
+    fit_curve,
+    fit_curve_pam,
+    project_to_plane,
+)
+from neuralign.errors import CheckpointError
+from neuralign.experiments.data import DataBundle, load_data
+from neuralign.experiments.models import build_model
+from neuralign.experiments.training import train_model
+from neuralign.verification import verify_alignment
+
+__all__ = ["SETTINGS", "PRESETS", "StudyConfig", "run_study", "load_endpoint", "endpoint_model"]
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = ("unaligned", "pam_unaligned", "pam_aligned", "aligned")
+
+Progress = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Every setting of a study (the defaults are the paper's, PAPER_NOTES §5.4; see :data:`PRESETS`).
+
+    Data: ``dataset`` (a name known to :func:`~neuralign.experiments.data.load_data` or an ``.npz`` path),
+    ``data_root``, ``download``, ``batch_size``, ``train_size`` / ``test_size`` (subsets, ``None`` = all),
+    ``align_size`` (the paper's first 10k training images), ``resize``.
+    Models: ``arch``, ``width`` (ResNet/VGG), ``hidden`` (MLP), ``pairs`` (end points ``1 .. 2*pairs``,
+    paired (1, 2), (3, 4), ...), ``seed`` (base of every derived seed).
+    End points: ``epochs``, ``lr``, ``weight_decay``. Curves: ``curve_epochs``, ``curve_lr``,
+    ``curve_weight_decay``. PAM: ``pam_iters`` outer iterations, ``pam_lam``, ``pam_method``,
+    ``pam_local_search``, ``pam_gradient_batches``. Evaluation: ``num_points``, ``bn_batches`` (``None``: a full
+    training pass per point, as in the paper), ``plane_grid`` (0: no plane). Verification: ``verify`` and the
+    budgets ``verify_iters``, ``verify_swaps``. ``settings``: which of :data:`SETTINGS` to fit.
+    ``max_batches``: cut every epoch short (smoke tests only).
+    """
+
+    arch: str = "tinyten"
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    download: bool = False
+    pairs: int = 3
+    seed: int = 0
+    width: float | None = None
+    hidden: tuple[int, ...] | None = None
+    batch_size: int = 128
+    train_size: int | float | None = None
+    test_size: int | float | None = None
+    align_size: int | float | None = 10000
+    resize: int | None = None
+    epochs: int = 250
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    curve_epochs: int = 250
+    curve_lr: float = 0.1
+    curve_weight_decay: float = 5e-4
+    pam_iters: int = 1
+    pam_lam: float = 1000.0
+    pam_method: str = "linearized"
+    pam_local_search: int = 0
+    pam_gradient_batches: int | None = None
+    num_points: int = 65
+    bn_batches: int | None = None
+    plane_grid: int = 17
+    verify: bool = True
+    verify_iters: int = 2
+    verify_swaps: int = 64
+    settings: tuple[str, ...] = SETTINGS
+    max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("pairs", "epochs", "curve_epochs", "pam_iters", "num_points", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        unknown = [s for s in self.settings if s not in SETTINGS]
+        if unknown or not self.settings:
+            raise ValueError(f"unknown settings {unknown}; expected a non-empty subset of {list(SETTINGS)}")
+        object.__setattr__(self, "settings", tuple(s for s in SETTINGS if s in self.settings))
+        if self.hidden is not None:
+            object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+    def replace(self, **overrides: Any) -> StudyConfig:
+        """A copy with some settings changed; unknown names raise ``ValueError`` listing the known ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(k for k in overrides if k not in names)
+        if unknown:
+            raise ValueError(f"unknown study settings {unknown}; expected some of {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["settings"] = list(self.settings)
+        out["hidden"] = None if self.hidden is None else list(self.hidden)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StudyConfig:
+        data = dict(data)
+        for key in ("settings", "hidden"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls().replace(**data)
+
+
+PRESETS: dict[str, StudyConfig] = {
+    # PAPER_NOTES §5.4: 250 epochs, 65 points, full BN passes, 3 pairs; for GPUs.
+    "paper": StudyConfig(),
+    # TinyTen on CIFAR-10 scaled to about an hour on 2 CPU cores (benchmarked in the README).
+    "cpu": StudyConfig(
+        pairs=2, train_size=10000, test_size=5000, align_size=5000, epochs=20, curve_epochs=10, num_points=17,
+        bn_batches=10, plane_grid=9, pam_gradient_batches=8, verify_iters=1, verify_swaps=32,
+    ),
+    # The offline demo on the shipped UCI digits (8x8, resized to 16x16 for TinyTen): a few minutes on a CPU.
+    "demo": StudyConfig(
+        dataset="digits", pairs=1, resize=16, batch_size=64, epochs=15, curve_epochs=6, num_points=11,
+        bn_batches=4, plane_grid=7, align_size=None, pam_gradient_batches=4, verify_iters=1, verify_swaps=24,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _versions() -> dict[str, str]:
+    import numpy
+    import scipy
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "neuralign": neuralign.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+    }
+
+
+def _model_kwargs(config: StudyConfig, data: DataBundle) -> dict[str, Any]:
+    arch = config.arch.lower()
+    if arch == "mlp":
+        h, w = data.image_size
+        kw: dict[str, Any] = {"in_features": data.in_channels * h * w, "batch_norm": True}
+        if config.hidden is not None:
+            kw["hidden"] = config.hidden
+        return kw
+    kw = {"in_channels": data.in_channels}
+    if config.width is not None:
+        kw["width"] = config.width
+    return kw
+
+
+def endpoint_model(arch: str, num_classes: int, model_kwargs: Mapping[str, Any]) -> nn.Module:
+    """An untrained model of the architecture an end point was trained with."""
+    return build_model(arch, num_classes, **dict(model_kwargs))
+
+
+def load_endpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load an end point written by :func:`run_study` or ``neuralign train``: the model (with its weights) and the
+    checkpoint's metadata (``arch``, ``num_classes``, ``model_kwargs``, ``seed``, ``history``, ``test``).
+
+    Raises
+    ------
+    CheckpointError
+        If the file is not an end point or its weights do not fit the recorded architecture.
+    """
+    state = load_checkpoint(path, kind="endpoint", required=("arch", "num_classes", "model_kwargs", "state_dict"),
+                            map_location=map_location)  # fmt: skip
+    model = endpoint_model(state["arch"], int(state["num_classes"]), state["model_kwargs"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"end point {str(path)!r} does not fit architecture {state['arch']!r}: {exc}") from exc
+    return model.eval(), {k: v for k, v in state.items() if k != "state_dict"}
+
+
+def _params(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = {k for k, _ in model.named_parameters()}
+    return {k: v for k, v in state.items() if k in names}
+
+
+class _Study:
+    def __init__(self, config: StudyConfig, out: Path, device: torch.device, progress: Progress | None) -> None:
+        self.config = config
+        self.out = out
+        self.device = device
+        self.progress = progress
+
+    def emit(self, **event: Any) -> Any:
+        if self.progress is not None:
+            return self.progress(event)
+        return None
+
+    # ------------------------------------------------------------------ manifest
+    def check_manifest(self) -> dict[str, Any]:
+        path = self.out / "manifest.json"
+        config = self.config.to_dict()
+        if path.exists():
+            try:
+                manifest = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+            if manifest.get("config") != config:
+                diff = sorted(k for k in config if manifest.get("config", {}).get(k) != config[k])
+                raise CheckpointError(
+                    f"{self.out} holds a study with other settings ({', '.join(diff)}); use another --out folder"
+                )
+            manifest.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        else:
+            manifest = {
+                "kind": "study_manifest",
+                "config": config,
+                "seeds": list(range(1, 2 * self.config.pairs + 1)),
+                "versions": _versions(),
+                "device": str(self.device),
+                "threads": torch.get_num_threads(),
+                "command": sys.argv,
+                "runs": [{"started": time.strftime("%Y-%m-%dT%H:%M:%S")}],
+                "completed": [],
+            }
+        self.manifest = manifest
+        self.save_manifest()
+        return manifest
+
+    def save_manifest(self) -> None:
+        atomic_write_text(self.out / "manifest.json", json.dumps(self.manifest, indent=1))
+
+    def done(self, stage: str) -> None:
+        if stage not in self.manifest["completed"]:
+            self.manifest["completed"].append(stage)
+            self.manifest["runs"][-1]["last"] = stage
+            self.save_manifest()
+
+    # ------------------------------------------------------------------ stages
+    def endpoint(self, seed: int) -> tuple[nn.Module, dict]:
+        c = self.config
+        path = self.out / "endpoints" / f"seed{seed}.pt"
+        if path.exists():
+            model, meta = load_endpoint(path)
+            return model.to(self.device), meta
+        kwargs = _model_kwargs(c, self.data)
+        model = build_model(c.arch, self.data.num_classes, seed=stable_seed(c.seed, "init", seed), **kwargs)
+        model = model.to(self.device)
+        self.data.train.generator.manual_seed(stable_seed(c.seed, "data", seed))
+
+        def on_epoch(record: dict[str, Any]) -> None:
+            self.emit(stage="train", label=f"end point {seed}", step=record["epoch"], total=c.epochs, record=record)
+
+        res = train_model(
+            model, self.data.train, epochs=c.epochs, lr=c.lr, weight_decay=c.weight_decay, test_loader=None,
+            checkpoint=path.with_suffix(".ckpt"), callback=on_epoch, max_batches_per_epoch=c.max_batches,
+        )  # fmt: skip
+        model.load_state_dict(res.state_dict)
+        model.eval()
+        test_loss, test_acc = evaluate_model(model, self.data.test)
+        meta = {
+            "kind": "endpoint", "arch": c.arch, "num_classes": self.data.num_classes, "model_kwargs": kwargs,
+            "seed": seed, "history": res.history, "test": {"test_loss": test_loss, "test_acc": test_acc},
+            "dataset": self.data.describe(),
+        }  # fmt: skip
+        atomic_save({**meta, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+        path.with_suffix(".ckpt").unlink(missing_ok=True)
+        self.done(f"endpoint {seed}")
+        return model, meta
+
+    def alignment(self, k: int, a: nn.Module, b: nn.Module) -> dict[str, Any]:
+        path = self.out / f"pair{k}" / "alignment.pt"
+        if path.exists():
+            return load_checkpoint(path, kind="alignment", required=("perms", "correlation_before"))
+        self.emit(stage="align", label=f"pair {k}", step=0, total=1)
+        res = align(a, b, self.data.align)
+        out = {
+            "kind": "alignment", "method": res.method, "perms": res.perms, "spec": res.spec.to_dict(),
+            "groups": res.spec.groups, "sizes": res.spec.sizes, "correlation_before": res.correlation_before,
+            "correlation_after": res.correlation_after,
+        }  # fmt: skip
+        atomic_save(out, path)
+        self.emit(stage="align", label=f"pair {k}", step=1, total=1)
+        self.done(f"pair {k} alignment")
+        return out
+
+    def curve(self, k: int, setting: str, a: nn.Module, sd_a: dict, sd_b: dict, perms: dict, spec) -> tuple:
+        c = self.config
+        folder = self.out / f"pair{k}"
+        path = folder / f"curve_{setting}.pt"
+        meta_path = folder / f"curve_{setting}.json"
+        if path.exists() and meta_path.exists():
+            return Bezier.load(path), json.loads(meta_path.read_text())
+        seed = stable_seed(c.seed, "curve", k, setting)
+        self.data.train.generator.manual_seed(stable_seed(c.seed, "curve-data", k, setting))
+        label = f"pair {k} {setting.replace('_', ' ')}"
+
+        def optimizer(params):
+            return torch.optim.SGD(params, lr=c.curve_lr, momentum=0.9, nesterov=True)
+
+        def on_epoch(record: dict[str, Any]) -> None:
+            self.emit(stage="curve", label=label, step=record.get("epoch", 0) + 1, total=c.curve_epochs,
+                      record=record)  # fmt: skip
+
+        meta: dict[str, Any] = {"setting": setting}
+        if setting in ("unaligned", "aligned"):
+            end_b = sd_b if setting == "unaligned" else apply_permutation(sd_b, spec.restrict(sd_b), perms)
+            res = fit_curve(
+                a, _params(a, sd_a), _params(a, end_b), self.data.train, epochs=c.curve_epochs, optimizer=optimizer,
+                weight_decay=c.curve_weight_decay, generator=seed, callback=on_epoch,
+                checkpoint=folder / f"curve_{setting}.ckpt", max_batches_per_epoch=c.max_batches,
+            )  # fmt: skip
+            curve = res.curve
+            meta["history"] = res.history
+            (folder / f"curve_{setting}.ckpt").unlink(missing_ok=True)
+        else:
+            total = c.curve_epochs * c.pam_iters
+
+            def on_event(record: dict[str, Any]) -> None:
+                if record["stage"] == "x-epoch":
+                    step = (record["iteration"] - 1) * c.curve_epochs + record.get("epoch", 0) + 1
+                    self.emit(stage="pam", label=label, step=step, total=total, record=record)
+
+            res = fit_curve_pam(
+                a, sd_a, sd_b, self.data.train, init="identity" if setting == "pam_unaligned" else perms, spec=spec,
+                method=c.pam_method, lam=c.pam_lam, max_iter=c.pam_iters, x_epochs=c.curve_epochs,
+                optimizer=optimizer, weight_decay=c.curve_weight_decay, gradient_batches=c.pam_gradient_batches,
+                value_loader=self.data.train_eval, local_search=c.pam_local_search, generator=seed,
+                callback=on_event, checkpoint=folder / f"curve_{setting}.ckpt", max_batches_per_epoch=c.max_batches,
+            )  # fmt: skip
+            curve = res.curve
+            meta.update(history=res.curve_history, objective=res.history, changed=res.changed,
+                        backtracks=res.backtracks, status=res.status, message=res.message,
+                        perms={g: p.tolist() for g, p in res.perms.items()})  # fmt: skip
+            (folder / f"curve_{setting}.ckpt").unlink(missing_ok=True)
+        curve.save(path)
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+        self.done(f"pair {k} curve {setting}")
+        return curve, meta
+
+    def evaluate(self, k: int, setting: str, a: nn.Module, curve) -> CurveEvaluation:
+        c = self.config
+        path = self.out / f"pair{k}" / f"eval_{setting}.json"
+        if path.exists():
+            return CurveEvaluation.from_dict(json.loads(path.read_text()))
+        label = f"pair {k} {setting.replace('_', ' ')}"
+
+        def on_point(record: dict[str, Any]) -> None:
+            self.emit(stage="evaluate", label=label, step=record.get("index", 0) + 1, total=c.num_points,
+                      record=record)  # fmt: skip
+
+        self.data.train.generator.manual_seed(stable_seed(c.seed, "bn", k, setting))
+        ev = evaluate_curve(a, curve, self.data.train, self.data.test, num_points=c.num_points,
+                            max_bn_batches=c.bn_batches, callback=on_point)  # fmt: skip
+        atomic_write_text(path, json.dumps(ev.to_dict(), indent=1))
+        self.done(f"pair {k} eval {setting}")
+        return ev
+
+    def verification(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curve) -> dict[str, Any]:
+        c = self.config
+        path = self.out / f"pair{k}" / "verification.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        checks = ("stability", "certificate", "neighbourhood", "gradient", "alignment")
+
+        def on_check(name: str) -> None:
+            self.emit(stage="verify", label=f"pair {k} {name}", step=checks.index(name), total=len(checks))
+
+        report = verify_alignment(
+            a, sd_a, sd_b, perms, self.data.train, curve=curve, spec=spec, heldout_loader=self.data.train_eval,
+            align_loader=self.data.align, lam=c.pam_lam, stability_iters=c.verify_iters,
+            stability_x_epochs=1, n_swaps=c.verify_swaps, gradient_batches=c.pam_gradient_batches or 4,
+            max_batches_per_epoch=c.max_batches, generator=stable_seed(c.seed, "verify", k), callback=on_check,
+        )  # fmt: skip
+        report.save(self.out / f"pair{k}")
+        self.emit(stage="verify", label=f"pair {k}", step=len(checks), total=len(checks))
+        self.done(f"pair {k} verification")
+        return json.loads(report.to_json())
+
+    def plane(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curve) -> dict[str, Any]:
+        c = self.config
+        path = self.out / f"pair{k}" / "plane.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        pa, pb = _params(a, sd_a), _params(a, apply_permutation(sd_b, spec.restrict(sd_b), perms))
+        theta = curve.points[1]
+
+        def on_point(record: dict[str, Any]) -> None:
+            step = record["i"] * c.plane_grid + record["j"] + 1
+            self.emit(stage="plane", label=f"pair {k}", step=step, total=c.plane_grid**2)
+
+        self.data.train.generator.manual_seed(stable_seed(c.seed, "plane", k))
+        plane = evaluate_plane(a, pa, pb, theta, self.data.train, self.data.test, grid=c.plane_grid,
+                               max_bn_batches=c.bn_batches, callback=on_point)  # fmt: skip
+        xy = project_to_plane(curve, pa, pb, theta, t=[i / 40 for i in range(41)])
+        out = {**plane.to_dict(), "curve_xy": xy.tolist(), "labels": ["w_A", "P w_B", "theta"]}
+        atomic_write_text(path, json.dumps(out, indent=1))
+        self.done(f"pair {k} plane")
+        return out
+
+
+def run_study(
+    config: StudyConfig,
+    out: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    paper_row: Mapping[str, Any] | None = None,
+    notes: str | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a study and write its results, report and figures into ``out``.
+
+    Parameters
+    ----------
+    config : StudyConfig
+        The settings (start from a :data:`PRESETS` entry and ``replace`` what you need).
+    out : path-like
+        Output folder. A folder from an earlier run with the same config is resumed; one with another config
+        is refused.
+    device : str or torch.device
+        Where models are trained and evaluated (``"cpu"``, ``"cuda"``, ...).
+    progress : callable, optional
+        Receives dict events ``{"stage", "label", "step", "total", ...}`` (the command line draws progress
+        bars from them).
+    paper_row : mapping, optional
+        The paper's Table 1 numbers to print beside the result (see :mod:`neuralign.experiments.report`).
+    notes : str, optional
+        Free markdown added to the report.
+
+    Returns
+    -------
+    dict
+        The ``results`` written to ``results.json`` (format documented in :mod:`neuralign.experiments.report`).
+    """
+    from neuralign.experiments.plots import plot_study
+    from neuralign.experiments.report import write_report, write_results_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    study = _Study(config, out, device, progress)
+    study.check_manifest()
+    c = config
+    study.data = load_data(
+        c.dataset, root=c.data_root, download=c.download, batch_size=c.batch_size, train_size=c.train_size,
+        test_size=c.test_size, align_size=c.align_size, resize=c.resize, generator=c.seed,
+    )  # fmt: skip
+    study.manifest["data"] = study.data.describe()
+    study.save_manifest()
+    pairs_out = []
+    for k in range(1, c.pairs + 1):
+        (out / f"pair{k}").mkdir(exist_ok=True)
+        a, meta_a = study.endpoint(2 * k - 1)
+        b, meta_b = study.endpoint(2 * k)
+        sd_a = {key: v.to(device) for key, v in a.state_dict().items()}
+        sd_b = {key: v.to(device) for key, v in b.state_dict().items()}
+        al = study.alignment(k, a, b)
+        perms = {g: p.cpu() for g, p in al["perms"].items()}
+        spec = trace_spec(a, next(iter(study.data.train))[0][:2].to(device))
+        curves, evals, pam = {}, {}, {}
+        for setting in c.settings:
+            curve, meta = study.curve(k, setting, a, sd_a, sd_b, perms, spec)
+            curves[setting] = curve
+            evals[setting] = study.evaluate(k, setting, a, curve).to_dict()
+            if setting.startswith("pam"):
+                pam[setting] = {"history": meta["objective"], "changed": meta["changed"]}
+        aligned = curves.get("aligned")
+        verification = plane = None
+        if c.verify and aligned is not None:
+            verification = study.verification(k, a, sd_a, sd_b, perms, spec, aligned)
+        if c.plane_grid and aligned is not None and k == 1:
+            plane = study.plane(k, a, sd_a, sd_b, perms, spec, aligned)
+        pairs_out.append({
+            "pair": k,
+            "seeds": [2 * k - 1, 2 * k],
+            "endpoints": {"a": meta_a["test"], "b": meta_b["test"]},
+            "alignment": {key: al[key] for key in ("groups", "sizes", "correlation_before", "correlation_after")},
+            "curves": evals,
+            "pam": pam,
+            "verification": verification,
+            "plane": plane,
+        })  # fmt: skip
+    results = {"kind": "study_results", "config": c.to_dict(), "settings": list(c.settings), "pairs": pairs_out}
+    write_results_json(results, out)
+    figures = plot_study(results, out / "figures")
+    report = write_report(results, out, figures=figures, paper_row=paper_row, notes=notes)
+    study.manifest["runs"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    study.manifest["report"] = str(report)
+    study.save_manifest()
+    results["report"] = str(report)
+    return results
+
