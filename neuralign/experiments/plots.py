@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from neuralign.experiments.report import FIGURE_FILES, SETTING_LABELS, _require, validate_results
 from neuralign.verification.local import CHECKS
@@ -172,13 +173,25 @@ def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> P
     ------
     TypeError, ValueError
         For malformed ``results``, no settings, or an unsupported file suffix.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from neuralign.curves import CurveEvaluation
+    >>> ev = CurveEvaluation.from_values([0, 0.5, 1], [0.3, 0.9, 0.3], [0.9, 0.6, 0.8], [0, 1, 2]).to_dict()
+    >>> ends = {"a": {"test_loss": 0.3, "test_acc": 0.9}, "b": {"test_loss": 0.3, "test_acc": 0.8}}
+    >>> res = {"settings": ["aligned"], "pairs": [{"endpoints": ends, "curves": {"aligned": ev}}]}
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> plot_curve_metrics(res, pathlib.Path(tmp.name) / "curves.png").name
+    'curves.png'
+    >>> tmp.cleanup()
     """
     path, fmt = _check_path(path)
     validate_results(results)
     if not results["settings"]:
         raise ValueError("`results['settings']` is empty: there is no curve to plot")
     pairs = results["pairs"]
-    fig = _figure(11.0, 4.2)
+    fig = _figure(11.0, 4.6)
     ax_acc, ax_loss = fig.subplots(1, 2)
     for s in results["settings"]:
         style = SETTING_STYLES[s]
@@ -209,7 +222,8 @@ def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> P
         ax.set_xlim(-0.03, 1.03)
         ax.set_title(name)
         ax.grid(alpha=0.3)
-    ax_acc.legend(loc="lower center", fontsize=8)
+    handles, labels = ax_acc.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle(f"{_title_prefix(results)}test metrics along the curves ({_n_pairs_text(len(pairs))})")
     return _save_figure(fig, path, fmt)
 
@@ -238,6 +252,20 @@ def plot_layer_correlation(results: Mapping[str, Any], path: str | os.PathLike) 
     ------
     ValueError
         If no pair has alignment data, or for malformed ``results``.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from neuralign.curves import CurveEvaluation
+    >>> ev = CurveEvaluation.from_values([0, 0.5, 1], [0.3, 0.9, 0.3], [0.9, 0.6, 0.8], [0, 1, 2]).to_dict()
+    >>> ends = {"a": {"test_loss": 0.3, "test_acc": 0.9}, "b": {"test_loss": 0.3, "test_acc": 0.8}}
+    >>> res = {"settings": ["aligned"], "pairs": [{"endpoints": ends, "curves": {"aligned": ev}}]}
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> res["pairs"][0]["alignment"] = {"groups": ["fc1", "fc2"], "correlation_before": {"fc1": 0.2, "fc2": 0.4},
+    ...                                 "correlation_after": {"fc1": 0.6, "fc2": 0.7}}
+    >>> plot_layer_correlation(res, pathlib.Path(tmp.name) / "signature.png").name
+    'signature.png'
+    >>> tmp.cleanup()
     """
     path, fmt = _check_path(path)
     validate_results(results)
@@ -346,36 +374,51 @@ def plot_reassignment(
     ------
     TypeError, ValueError
         If the input is none of the above, has no stability check, or lacks the ``alignment`` run.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> runs = {"alignment": {"objective": [1.0, 0.9], "reassigned_fraction": {"fc1": [0.0, 0.0]}}}
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     plot_reassignment(runs, pathlib.Path(tmp) / "stability.png").name
+    'stability.png'
     """
     path, fmt = _check_path(path)
     runs, threshold = _stability_runs(verification_or_runs)
     others = [label for label in runs if label != "alignment"]
-    fig = _figure(11.0 if others else 6.0, 4.3)
+    fig = _figure(11.0 if others else 6.0, max(4.3, 1.6 + 0.12 * len(runs["alignment"]["reassigned_fraction"])))
     axes = fig.subplots(1, 2 if others else 1, squeeze=False)[0]
     frac = runs["alignment"]["reassigned_fraction"]
     groups = list(frac)
-    cmap = mcolors.LinearSegmentedColormap.from_list("depth", ["#440154", "#21918c", "#fde725"])
-    ax = axes[0]
-    worst = 0.0
+    n_iter = max((len(v) for v in frac.values()), default=0)
+    grid = np.full((len(groups), max(n_iter, 1)), np.nan)
     for k, g in enumerate(groups):
-        values = 100.0 * _finite(frac[g])
-        if values.size and np.isfinite(values).any():
-            worst = max(worst, float(np.nanmax(values)))
-        colour = cmap(k / max(len(groups) - 1, 1))
-        ax.plot(np.arange(1, values.size + 1), values, "-o", color=colour, markersize=3, linewidth=1.2,
-                label=g if len(groups) <= 10 else None)  # fmt: skip
-    if threshold is not None and math.isfinite(float(threshold)):
-        ax.axhline(100.0 * float(threshold), color="#e53935", linestyle="--", linewidth=1, label="threshold")
+        grid[k, : len(frac[g])] = 100.0 * _finite(frac[g])
+    worst = float(np.nanmax(grid)) if np.isfinite(grid).any() else 0.0
+    limit = 100.0 * float(threshold) if threshold is not None and math.isfinite(float(threshold)) else None
+    ax = axes[0]
+    vmax = max(1.0, worst, 2.0 * limit if limit else 0.0)
+    image = ax.imshow(grid, aspect="auto", cmap="YlOrRd", vmin=0.0, vmax=vmax, interpolation="nearest",
+                      extent=(0.5, grid.shape[1] + 0.5, len(groups) - 0.5, -0.5))  # fmt: skip
+    if len(groups) <= 24 and grid.shape[1] <= 16:
+        for k in range(len(groups)):
+            for j in range(grid.shape[1]):
+                v = grid[k, j]
+                if np.isfinite(v):
+                    weight = "bold" if limit is not None and v > limit else "normal"
+                    colour = "white" if v > 0.6 * vmax else "black"
+                    ax.text(j + 1, k, f"{v:.1f}", ha="center", va="center", fontsize=7, color=colour, fontweight=weight)
+    ax.set_yticks(range(len(groups)))
+    ax.set_yticklabels(_shorten(groups), fontsize=8 if len(groups) <= 24 else 5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("PAM outer iteration")
-    ax.set_ylabel("Units reassigned (% of the group)")
-    ax.set_title(f"PAM from the alignment: at most {worst:.1f}% reassigned")
-    ax.set_ylim(bottom=-1.0, top=max(5.0, 1.15 * worst, 115.0 * float(threshold or 0.0)))
-    ax.grid(alpha=0.3)
-    if len(groups) <= 10 or threshold is not None:
-        ax.legend(fontsize=7, ncol=2 if len(groups) > 5 else 1)
-    if len(groups) > 10:
-        ax.text(0.99, 0.98, f"{len(groups)} groups, colour: first (dark) to last (light)", transform=ax.transAxes,
-                ha="right", va="top", fontsize=7)  # fmt: skip
+    ax.set_ylabel("Permutation group (layer)")
+    bar = fig.colorbar(image, ax=ax, shrink=0.9)
+    bar.set_label("Units reassigned (% of the group)")
+    if limit is not None:
+        bar.ax.axhline(limit, color="black", linewidth=1.5)
+    threshold_text = f"; threshold {limit:.1f}%" if limit is not None else ""
+    ax.set_title(f"PAM from the alignment: at most {worst:.1f}% reassigned{threshold_text}", fontsize=10)
     if others:
         ax = axes[1]
         start_colours = {"identity": "#ff7f0e"}
@@ -395,6 +438,7 @@ def plot_reassignment(
             colour = start_colours[label]
             ax.plot(it, np.nanmean(stack, axis=0), "-o", color=colour, markersize=3, label=f"start: {label}")
             ax.fill_between(it, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color=colour, alpha=0.15)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("PAM outer iteration (0 = start)")
         ax.set_ylabel("Hamming distance to the alignment (% of units)")
         ax.set_title("Other starts: distance to the alignment")
@@ -447,10 +491,10 @@ def _plane_panel(fig: Figure, ax: Any, x: np.ndarray, y: np.ndarray, z: np.ndarr
         norm = mcolors.Normalize(vmin=lo, vmax=hi)
     filled = ax.contourf(x, y, z, levels=levels, norm=norm, cmap=cmap, extend="neither")
     ax.contour(x, y, z, levels=levels[::3], norm=norm, colors="black", linewidths=0.4, alpha=0.35)
-    bar = fig.colorbar(filled, ax=ax, shrink=0.9)
+    bar = fig.colorbar(filled, ax=ax, shrink=0.9, ticks=None if log else MaxNLocator(7))
     bar.set_label(label)
-    if log:
-        bar.ax.set_yscale("log")
+    if not log:
+        bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f" if hi - lo < 5 else "%.0f"))
 
 
 def plot_plane(plane: Mapping[str, Any] | Any, path: str | os.PathLike, *, title: str | None = None) -> Path:
@@ -481,6 +525,15 @@ def plot_plane(plane: Mapping[str, Any] | Any, path: str | os.PathLike, *, title
     ------
     TypeError, ValueError
         For a plane without a grid of ``len(x) x len(y)`` values or without point coordinates.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> plane = {"x": [0.0, 1.0], "y": [0.0, 1.0], "test_loss": [[0.5, 2.0], [0.6, 3.0]],
+    ...          "point_coordinates": [[0.0, 0.0], [1.0, 0.0], [0.5, 1.0]], "labels": ["w_A", "P w_B", "theta"]}
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     plot_plane(plane, pathlib.Path(tmp) / "plane.png").name
+    'plane.png'
     """
     path, fmt = _check_path(path)
     plane = _plane_dict(plane)
@@ -575,6 +628,15 @@ def plot_verification_summary(verification: Any, path: str | os.PathLike) -> Pat
     ------
     TypeError, ValueError
         If an entry is not a verification report.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from neuralign.verification import CheckResult, VerificationReport
+    >>> report = VerificationReport({"stability": CheckResult("stability", "pass", "stayed")})
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     plot_verification_summary({"pair 1": report.to_dict()}, pathlib.Path(tmp) / "v.png").name
+    'v.png'
     """
     path, fmt = _check_path(path)
     reports = _reports(verification)
@@ -641,6 +703,18 @@ def plot_study(results: Mapping[str, Any], folder: str | os.PathLike) -> dict[st
     ------
     TypeError, ValueError
         For malformed ``results``.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from neuralign.curves import CurveEvaluation
+    >>> ev = CurveEvaluation.from_values([0, 0.5, 1], [0.3, 0.9, 0.3], [0.9, 0.6, 0.8], [0, 1, 2]).to_dict()
+    >>> ends = {"a": {"test_loss": 0.3, "test_acc": 0.9}, "b": {"test_loss": 0.3, "test_acc": 0.8}}
+    >>> res = {"settings": ["aligned"], "pairs": [{"endpoints": ends, "curves": {"aligned": ev}}]}
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> list(plot_study(res, tmp.name))
+    ['curve_metrics']
+    >>> tmp.cleanup()
     """
     validate_results(results)
     folder = Path(folder)

@@ -324,6 +324,11 @@ def summary_table(results: Mapping[str, Any]) -> dict[str, Any]:
     TypeError, ValueError
         For malformed ``results`` (see :func:`validate_results`).
 
+    References
+    ----------
+    .. [1] N. J. Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020,
+       arXiv:2009.02439.
+
     Examples
     --------
     >>> from neuralign.curves import CurveEvaluation
@@ -426,6 +431,11 @@ def format_table(results: Mapping[str, Any], *, decimals: int = 1) -> str:
     ------
     TypeError, ValueError
         For malformed ``results``.
+
+    References
+    ----------
+    .. [1] N. J. Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020,
+       arXiv:2009.02439.
 
     Examples
     --------
@@ -676,6 +686,18 @@ def write_report(
     ------
     TypeError, ValueError
         For malformed ``results`` or ``paper_row``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from neuralign.curves import CurveEvaluation
+    >>> ev = CurveEvaluation.from_values([0, 0.5, 1], [0.3, 0.9, 0.3], [0.9, 0.6, 0.8], [0, 1, 2]).to_dict()
+    >>> ends = {"a": {"test_loss": 0.3, "test_acc": 0.9}, "b": {"test_loss": 0.3, "test_acc": 0.8}}
+    >>> res = {"settings": ["aligned"], "pairs": [{"endpoints": ends, "curves": {"aligned": ev}}]}
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     text = write_report(res, tmp, notes="A smoke run.").read_text(encoding="utf-8")
+    >>> "| Aligned | 72.5 | 60.0 |" in text, text.splitlines()[0]
+    (True, '# Mode connectivity study: unknown architecture on unknown data set')
     """
     validate_results(results)
     if notes is not None and not isinstance(notes, str):
@@ -789,6 +811,19 @@ def write_results_json(results: Mapping[str, Any], folder: str | os.PathLike) ->
         If a value cannot be written as JSON (names where it is).
     ValueError
         For malformed ``results``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from neuralign.curves import CurveEvaluation
+    >>> ev = CurveEvaluation.from_values([0, 0.5, 1], [0.3, 0.9, 0.3], [0.9, 0.6, 0.8], [0, 1, 2]).to_dict()
+    >>> ends = {"a": {"test_loss": 0.3, "test_acc": 0.9}, "b": {"test_loss": 0.3, "test_acc": 0.8}}
+    >>> res = {"settings": ["aligned"], "pairs": [{"endpoints": ends, "curves": {"aligned": ev}}]}
+    >>> ev["loss_barrier"] = float("inf")
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     back = read_results_json(write_results_json(res, tmp))
+    >>> back["pairs"][0]["curves"]["aligned"]["loss_barrier"]
+    inf
     """
     validate_results(results)
     text = json.dumps(_encode(results, "results"), indent=1, allow_nan=False, ensure_ascii=False)
