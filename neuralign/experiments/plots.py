@@ -209,7 +209,7 @@ def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> P
         mean, std = _mean_std(stack)
         ax.errorbar(
             [0.0, 1.0], mean, yerr=std, fmt="o", color="black", markersize=7, capsize=4, zorder=5,
-            label="End points (A at t=0, B at t=1)",
+            label="End points as trained (A at t=0, B at t=1)",
         )  # fmt: skip
     losses = np.concatenate([_curve_stack(results, s, "test_loss", 1.0)[1].ravel() for s in results["settings"]])
     losses = losses[np.isfinite(losses) & (losses > 0)]

@@ -296,6 +296,14 @@ def _stat(values: Sequence[float], scale: float = 1.0) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": len(values)}
 
 
+def _endpoint_stat(acc_a: Sequence[float], acc_b: Sequence[float]) -> dict[str, Any]:
+    """Mean of (a + b) / 2 over pairs with the paper's ± (1/2) sqrt(s_a^2 + s_b^2)."""
+    _, std_a = _mean_std(acc_a)
+    _, std_b = _mean_std(acc_b)
+    std = None if std_a is None or std_b is None else 0.5 * math.sqrt(std_a**2 + std_b**2)
+    return {"mean": _mean_std([(a + b) / 2.0 for a, b in zip(acc_a, acc_b)])[0], "std": std, "n": len(acc_a)}
+
+
 def summary_table(results: Mapping[str, Any]) -> dict[str, Any]:
     """Mean and sample standard deviation over the pairs of each setting's curve summary (Tatro et al., Table 1).
 
@@ -303,7 +311,11 @@ def summary_table(results: Mapping[str, Any]) -> dict[str, Any]:
     :math:`s = (\\frac{1}{n-1} \\sum_k (m_k - \\bar m)^2)^{1/2}` over the :math:`n` pairs (None for :math:`n = 1`).
     The end-point row's accuracy is the mean of :math:`(a_k + b_k)/2` with
     :math:`\\pm\\, \\tfrac12 (s_a^2 + s_b^2)^{1/2}`, :math:`s_a, s_b` the standard deviations over pairs of the
-    accuracies of the end points A (:math:`t = 0`) and B (:math:`t = 1`), as in the paper's code.
+    accuracies of the end points A (:math:`t = 0`) and B (:math:`t = 1`), as in the paper's code. As in the
+    paper, :math:`a_k, b_k` are the curves' own values at :math:`t = 0` and :math:`t = 1` (batch norm
+    re-estimated like at every curve point; the mean over the settings, which share their end points); the end
+    points' accuracies as trained (``pair["endpoints"]``, their own batch-norm statistics) are given beside
+    them, and stand in when there is no setting.
 
     Parameters
     ----------
@@ -317,7 +329,9 @@ def summary_table(results: Mapping[str, Any]) -> dict[str, Any]:
         ``results["settings"]`` in order. Curve rows hold ``avg_accuracy`` (arc-length-weighted average, "Avg"),
         ``min_accuracy`` ("Min"), ``mid_accuracy`` (at the evaluated ``t`` nearest 0.5) and ``accuracy_barrier``
         in %, and ``loss_barrier`` and ``avg_loss`` in loss units. The end-point row holds ``avg_accuracy`` (the
-        mean end-point accuracy with the ± above), ``a_accuracy``, ``b_accuracy`` (%) and ``loss``.
+        mean end-point accuracy with the ± above), ``a_accuracy``, ``b_accuracy``, ``trained_accuracy`` (from
+        ``pair["endpoints"]``, same ±) in % and ``loss`` (trained, loss units). ``"endpoint_source"`` says
+        where ``avg_accuracy`` comes from: ``"curves"`` or ``"endpoints"``.
 
     Raises
     ------
@@ -341,16 +355,21 @@ def summary_table(results: Mapping[str, Any]) -> dict[str, Any]:
     """
     validate_results(results)
     pairs = results["pairs"]
-    acc_a = [100.0 * float(p["endpoints"]["a"]["test_acc"]) for p in pairs]
-    acc_b = [100.0 * float(p["endpoints"]["b"]["test_acc"]) for p in pairs]
-    mean_ab = [(a + b) / 2.0 for a, b in zip(acc_a, acc_b)]
-    _, std_a = _mean_std(acc_a)
-    _, std_b = _mean_std(acc_b)
-    endpoint_std = None if std_a is None or std_b is None else 0.5 * math.sqrt(std_a**2 + std_b**2)
+    trained_a = [100.0 * float(p["endpoints"]["a"]["test_acc"]) for p in pairs]
+    trained_b = [100.0 * float(p["endpoints"]["b"]["test_acc"]) for p in pairs]
+    settings = list(results["settings"])
+    if settings:  # the curves' own t = 0 and t = 1 values (batch norm re-estimated as at every curve point)
+        acc_a = [100.0 * math.fsum(p["curves"][s]["test_accuracy"][0] for s in settings) / len(settings) for p in pairs]
+        acc_b = [
+            100.0 * math.fsum(p["curves"][s]["test_accuracy"][-1] for s in settings) / len(settings) for p in pairs
+        ]
+    else:
+        acc_a, acc_b = trained_a, trained_b
     endpoints: dict[str, Any] = {
-        "avg_accuracy": {"mean": _mean_std(mean_ab)[0], "std": endpoint_std, "n": len(pairs)},
+        "avg_accuracy": _endpoint_stat(acc_a, acc_b),
         "a_accuracy": _stat(acc_a),
         "b_accuracy": _stat(acc_b),
+        "trained_accuracy": _endpoint_stat(trained_a, trained_b),
     }
     losses = [(p["endpoints"]["a"].get("test_loss"), p["endpoints"]["b"].get("test_loss")) for p in pairs]
     if all(_is_number(a) and _is_number(b) for a, b in losses):
@@ -363,7 +382,7 @@ def summary_table(results: Mapping[str, Any]) -> dict[str, Any]:
             for metric, scale in _CURVE_METRICS.items()
             if all(_is_number(c.get(metric)) for c in curves)
         }
-    return {"n_pairs": len(pairs), "rows": rows}
+    return {"n_pairs": len(pairs), "endpoint_source": "curves" if settings else "endpoints", "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,7 +478,8 @@ def format_table(results: Mapping[str, Any], *, decimals: int = 1) -> str:
         f"Test accuracy (%) along the curves: {arch} on {dataset}, {spread} {n} pair{'s' if n != 1 else ''}. "
         "Avg: arc-length-weighted average"
         + (f"; Min: minimum over {points} points" if points else "")
-        + "; Endpoints: mean accuracy of the two end points."
+        + "; Endpoints: mean accuracy at t = 0 and t = 1"
+        + (" (batch norm re-estimated as along the curves)." if table["endpoint_source"] == "curves" else ".")
     )
     curve_rows = [s for s in results["settings"] if "avg_accuracy" in rows[s] and "min_accuracy" in rows[s]]
     best: dict[str, set[str]] = {}
@@ -511,7 +531,7 @@ def _check_paper_row(paper: Any) -> list[tuple[str, str, str]]:
 
 def _scale_note(results: Mapping[str, Any]) -> str:
     config = _config(results)
-    keys = ("epoch", "pair", "preset", "subset", "points", "batch", "width", "iter", "samples")
+    keys = ("epoch", "pair", "preset", "subset", "points", "batch", "width", "iter", "samples", "size")
     ours = [
         f"{k}={v}"
         for k, v in config.items()
@@ -727,7 +747,15 @@ def write_report(
         "",
     ]
     if results["settings"]:
-        lines += ["Further metrics (mean ± std over pairs):", "", _format_extra_table(results), ""]
+        trained = summary_table(results)["rows"]["endpoints"]["trained_accuracy"]
+        lines += [
+            f"End points evaluated as trained (their own batch-norm statistics): {_fmt_stat(trained, 1)} %.",
+            "",
+            "Further metrics (mean ± std over pairs):",
+            "",
+            _format_extra_table(results),
+            "",
+        ]
     if paper is not None:
         size = _PAPER_MODEL_SIZES.get(arch.lower())
         lines += [
