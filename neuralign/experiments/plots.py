@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colors as mcolors
+from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
@@ -109,11 +110,20 @@ def _n_pairs_text(n: int) -> str:
 
 def _shorten(groups: Sequence[str], max_len: int = 18) -> list[str]:
     """Tick labels: drop the dotted components shared by all names (front and back), abbreviate long words."""
+    return _shorten_pattern(groups, max_len)[0]
+
+
+def _shorten_pattern(groups: Sequence[str], max_len: int = 18) -> tuple[list[str], str | None]:
+    """:func:`_shorten` and the dropped context as a pattern (``"features.*.conv"``; None if nothing dropped)."""
     parts = [str(g).split(".") for g in groups]
+    head: list[str] = []
+    tail: list[str] = []
     if len(parts) > 1:
         while all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) == 1:
+            head.append(parts[0][0])
             parts = [p[1:] for p in parts]
         while all(len(p) > 1 for p in parts) and len({p[-1] for p in parts}) == 1:
+            tail.insert(0, parts[0][-1])
             parts = [p[:-1] for p in parts]
     out = []
     for p in parts:
@@ -123,7 +133,8 @@ def _shorten(groups: Sequence[str], max_len: int = 18) -> list[str]:
         if len(label) > max_len:
             label = "…" + label[-(max_len - 1) :]
         out.append(label)
-    return out
+    pattern = ".".join([*head, "*", *tail]) if head or tail else None
+    return out, pattern
 
 
 def _abbreviate(component: str) -> str:
@@ -154,8 +165,10 @@ def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> P
     """Test accuracy (%) and test loss against :math:`t` along each setting's curve (the paper's Figure 1).
 
     One line per setting of ``results["settings"]`` (mean over pairs, a shaded band of ± one sample standard
-    deviation when there is more than one pair), with the end points' mean accuracy and loss marked at
-    :math:`t = 0` (A) and :math:`t = 1` (B). Colours and line styles follow :data:`SETTING_STYLES`.
+    deviation when there is more than one pair), with the end points marked at :math:`t = 0` (A) and
+    :math:`t = 1` (B): the curves' own values there, averaged over the settings, as in the report's table (the
+    accuracies as trained, ``pair["endpoints"]``, can differ through batch-norm statistics). Colours and line
+    styles follow :data:`SETTING_STYLES`.
 
     Parameters
     ----------
@@ -201,15 +214,14 @@ def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> P
             ax.plot(t, mean, label=SETTING_LABELS[s], linewidth=2, **style)
             if std is not None:
                 ax.fill_between(t, mean - std, mean + std, color=style["color"], alpha=0.18, linewidth=0)
-    for ax, key, scale in ((ax_acc, "test_acc", 100.0), (ax_loss, "test_loss", 1.0)):
-        ends = [[p["endpoints"][e].get(key) for p in pairs] for e in ("a", "b")]
-        if not all(isinstance(v, (int, float)) for row in ends for v in row):
-            continue
-        stack = scale * _finite(ends).T  # (pairs, 2)
-        mean, std = _mean_std(stack)
+    for ax, key, scale in ((ax_acc, "test_accuracy", 100.0), (ax_loss, "test_loss", 1.0)):
+        # the curves' own t = 0 and t = 1 values, averaged over the settings (they share their end points): the
+        # end-point values of the table (neuralign.experiments.report.summary_table)
+        ends = np.mean([_curve_stack(results, s, key, scale)[1][:, [0, -1]] for s in results["settings"]], axis=0)
+        mean, std = _mean_std(ends)  # ends: (pairs, 2)
         ax.errorbar(
             [0.0, 1.0], mean, yerr=std, fmt="o", color="black", markersize=7, capsize=4, zorder=5,
-            label="End points as trained (A at t=0, B at t=1)",
+            label="End points (A at t=0, B at t=1)",
         )  # fmt: skip
     losses = np.concatenate([_curve_stack(results, s, "test_loss", 1.0)[1].ravel() for s in results["settings"]])
     losses = losses[np.isfinite(losses) & (losses > 0)]
@@ -297,10 +309,9 @@ def plot_layer_correlation(results: Mapping[str, Any], path: str | os.PathLike) 
     ax.fill_between(x, means["correlation_before"], means["correlation_after"], color="#1f77b4", alpha=0.12)
     ax.set_xticks(x)
     many = len(groups) > 8
-    ax.set_xticklabels(
-        _shorten(groups), rotation=60 if many else 0, ha="right" if many else "center", fontsize=7 if many else 9
-    )
-    ax.set_xlabel("Permutation group (layer), input to output")
+    ticks, pattern = _shorten_pattern(groups)
+    ax.set_xticklabels(ticks, rotation=60 if many else 0, ha="right" if many else "center", fontsize=7 if many else 9)
+    ax.set_xlabel("Permutation group (layer" + (f" {pattern}" if pattern else "") + "), input to output")
     ax.set_ylabel("Mean correlation of matched units")
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.grid(alpha=0.3)
@@ -409,10 +420,14 @@ def plot_reassignment(
                     colour = "white" if v > 0.6 * vmax else "black"
                     ax.text(j + 1, k, f"{v:.1f}", ha="center", va="center", fontsize=7, color=colour, fontweight=weight)
     ax.set_yticks(range(len(groups)))
-    ax.set_yticklabels(_shorten(groups), fontsize=8 if len(groups) <= 24 else 5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ticks, pattern = _shorten_pattern(groups)
+    ax.set_yticklabels(ticks, fontsize=8 if len(groups) <= 24 else 5)
+    if grid.shape[1] <= 20:
+        ax.set_xticks(range(1, grid.shape[1] + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("PAM outer iteration")
-    ax.set_ylabel("Permutation group (layer)")
+    ax.set_ylabel("Permutation group (layer" + (f" {pattern}" if pattern else "") + ")")
     bar = fig.colorbar(image, ax=ax, shrink=0.9)
     bar.set_label("Units reassigned (% of the group)")
     if limit is not None:
@@ -491,9 +506,14 @@ def _plane_panel(fig: Figure, ax: Any, x: np.ndarray, y: np.ndarray, z: np.ndarr
         norm = mcolors.Normalize(vmin=lo, vmax=hi)
     filled = ax.contourf(x, y, z, levels=levels, norm=norm, cmap=cmap, extend="neither")
     ax.contour(x, y, z, levels=levels[::3], norm=norm, colors="black", linewidths=0.4, alpha=0.35)
-    bar = fig.colorbar(filled, ax=ax, shrink=0.9, ticks=None if log else MaxNLocator(7))
+    bar = fig.colorbar(filled, ax=ax, shrink=0.9)
     bar.set_label(label)
-    if not log:
+    if log:
+        ticks = np.geomspace(lo, hi, 6)
+        bar.set_ticks(ticks, labels=[f"{v:.3g}" for v in ticks])
+        bar.ax.minorticks_off()
+    else:
+        bar.set_ticks(MaxNLocator(7).tick_values(lo, hi)[1:-1] if hi - lo > 0 else [lo])
         bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f" if hi - lo < 5 else "%.0f"))
 
 
@@ -548,29 +568,31 @@ def plot_plane(plane: Mapping[str, Any] | Any, path: str | os.PathLike, *, title
     labels = list(plane.get("labels") or [f"w_{c}" for c in "ABC"][: len(points)])
     curve = plane.get("curve_xy")
     aspect = (y.max() - y.min()) / max(x.max() - x.min(), 1e-12)
-    height = float(np.clip(4.2 * aspect, 3.0, 6.5)) + 0.8
+    to_scale = 0.2 <= aspect <= 5.0  # equal axes unless the plane is very thin (then each axis fills its panel)
+    height = float(np.clip(4.2 * aspect, 3.0, 6.5)) + 0.8 if to_scale else 4.6
     fig = _figure(5.6 * len(panels), height)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (_, z, log, label) in zip(axes, panels):
         _plane_panel(fig, ax, x, y, z, log=log, label=label)
         if curve is not None and len(curve):
             xy = np.array(curve, dtype=np.float64).reshape(-1, 2)
-            ax.plot(xy[:, 0], xy[:, 1], color="black", linewidth=3.6, solid_capstyle="round")
-            ax.plot(xy[:, 0], xy[:, 1], color="white", linewidth=2.0, label="curve", solid_capstyle="round")
+            outline = [patheffects.withStroke(linewidth=3.8, foreground="black")]
+            ax.plot(xy[:, 0], xy[:, 1], color="white", linewidth=2.0, path_effects=outline, label="curve")
         ax.scatter(points[:, 0], points[:, 1], s=60, c="white", edgecolors="black", linewidths=1.5, zorder=6)
-        span = max(x.max() - x.min(), y.max() - y.min())
         for (px, py), name in zip(points, labels):
             ax.annotate(
-                _pretty_label(name), (px, py), xytext=(px + 0.02 * span, py + 0.03 * span), fontsize=12,
-                color="black", zorder=7, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0},
+                _pretty_label(name), (px, py), xytext=(7, 7), textcoords="offset points", fontsize=12, color="black",
+                zorder=7, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0},
             )  # fmt: skip
-        ax.set_aspect("equal")
+        if to_scale:
+            ax.set_aspect("equal")
         ax.set_xlim(x.min(), x.max())
         ax.set_ylim(y.min(), y.max())
         ax.set_xlabel("x (weight-space distance)")
-        ax.set_ylabel("y (weight-space distance)")
-        if curve is not None and len(curve):
-            ax.legend(loc="upper right", fontsize=8)
+        ax.set_ylabel("y (weight-space distance)" + ("" if to_scale else ", not to scale"))
+    if curve is not None and len(curve):
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="outside lower center", fontsize=9, frameon=False)
     fig.suptitle(title or "Plane through " + ", ".join(_pretty_label(n) for n in labels))
     return _save_figure(fig, path, fmt)
 
