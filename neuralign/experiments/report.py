@@ -184,6 +184,9 @@ def paper_row(arch: str, dataset: str) -> dict[str, str | tuple[str, str]] | Non
     return None if row is None else dict(row)
 
 
+_paper_row_of = paper_row  # write_report's keyword `paper_row` shadows the function
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # validation
 def _require(mapping: Any, key: str, where: str) -> Any:
@@ -535,7 +538,7 @@ def _scale_note(results: Mapping[str, Any]) -> str:
     ours = [
         f"{k}={v}"
         for k, v in config.items()
-        if any(w in str(k).lower() for w in keys) and (v is None or isinstance(v, (str, int, float, bool)))
+        if any(w in str(k).lower() for w in keys) and isinstance(v, (str, int, float, bool))
     ]
     n = len(results["pairs"])
     ours_text = ", ".join(ours) if ours else "see the configuration above"
@@ -758,10 +761,12 @@ def write_report(
         ]
     if paper is not None:
         size = _PAPER_MODEL_SIZES.get(arch.lower())
+        same = _paper_row_of(arch, dataset) == dict(paper_row)
+        matching = f"{arch}{f' ({size})' if size else ''} on {dataset}" if same else "the reference rows given"
         lines += [
             "### Paper reference",
             "",
-            f"Tatro et al. (2020, arXiv:2009.02439), Table 1, {arch}{f' ({size})' if size else ''} on {dataset}:",
+            f"Tatro et al. (2020, arXiv:2009.02439), Table 1, {matching}:",
             "",
             "| Setting | Avg | Min |",
             "| --- | ---: | ---: |",

@@ -245,6 +245,9 @@ def test_write_report_contents(tmp_path):
     assert "![extra](x y.png)" in text
     assert "| Aligned | 88.5 ± 0.1 | 87.8 ± 0.1 |" in text and "| Endpoints | 89.0 ± 0.1 |  |" in text
     assert "**Scale difference.**" in text and "epochs=2" in text and "curve_epochs=3" in text
+    assert "Table 1, tinyten (0.09M) on cifar10:" in text
+    other = write_report(res, tmp_path, paper_row=PAPER_TABLE1["resnet32"]["cifar10"]).read_text(encoding="utf-8")
+    assert "Table 1, the reference rows given:" in other and "| Aligned | 92.7 ± 0.1 | 92.2 ± 0.0 |" in other
     # verification table: check x pair, overall row
     assert "| Check | Pair 1 | Pair 2 | Pair 3 |" in text
     assert "| neighbourhood | fail | fail | fail |" in text
