@@ -357,6 +357,7 @@ def fit_curve_pam(
     gradient_batches: int | None = None,
     value_loader: Iterable | None = None,
     value_batches: int = 8,
+    value_ts: Sequence[float] = (0.25, 0.5, 0.75),
     local_search: int = 0,
     local_search_alpha: float = 0.05,
     max_batches_per_epoch: int | None = None,
@@ -417,8 +418,8 @@ def fit_curve_pam(
         As in :func:`~neuralign.curves.fit_curve` (the schedule restarts at every x-step).
     gradient_batches : int, optional
         Batches for each :math:`\\nabla_P F` estimate; default a tenth of an epoch (at least 1).
-    value_loader, value_batches
-        Fixed batches of the monitored objective (see :class:`CurvePermutationProblem`).
+    value_loader, value_batches, value_ts
+        Fixed batches and times of the monitored objective (see :class:`CurvePermutationProblem`).
     local_search : int
         After each P-step, try this many random transpositions per group, scored on the value batches, and apply
         the best one that lowers the objective significantly (paired over batches, Bonferroni at family-wise level
@@ -471,7 +472,8 @@ def fit_curve_pam(
             gradient_batches = 8
     problem = CurvePermutationProblem(
         model, point_a, b0, spec, train_loader, weight_decay=weight_decay, loss_fn=loss_fn,
-        value_loader=value_loader, value_batches=value_batches, gradient_batches=gradient_batches, generator=gen,
+        value_loader=value_loader, value_batches=value_batches, value_ts=value_ts, gradient_batches=gradient_batches,
+        generator=gen,
     )  # fmt: skip
     wa = problem.wa
     path = Path(checkpoint) if checkpoint is not None else None

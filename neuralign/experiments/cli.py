@@ -22,15 +22,6 @@ from neuralign.errors import CheckpointError, NeuralignError
 
 __all__ = ["main", "build_parser"]
 
-PAPER_TINYTEN_CIFAR10 = {
-    "Endpoints": "89.0 ± 0.1",
-    "Unaligned": ("87.4 ± 0.1", "82.8 ± 0.5"),
-    "PAM Unaligned": ("87.6 ± 0.1", "84.0 ± 0.3"),
-    "PAM Aligned": ("88.4 ± 0.1", "87.6 ± 0.2"),
-    "Aligned": ("88.5 ± 0.1", "87.8 ± 0.1"),
-}
-
-
 # ------------------------------------------------------------------------------------------------ progress
 class _Bars:
     """tqdm progress bars keyed by label, fed by the library's progress events."""
@@ -150,6 +141,7 @@ def _spec(model: torch.nn.Module, data) -> Any:
 
 # ------------------------------------------------------------------------------------------------ commands
 def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> list[Path]:
+    from neuralign.experiments.report import paper_row
     from neuralign.experiments.study import PRESETS, run_study
 
     config = PRESETS["demo" if demo else args.preset]
@@ -169,18 +161,9 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
     overrides["seed"] = args.seed
     overrides.update(_overrides(args.set))
     config = config.replace(**overrides)
-    notes = None
-    paper_row = None
-    if config.arch == "tinyten" and str(config.dataset).lower().replace(".npz", "").endswith("cifar10"):
-        paper_row = PAPER_TINYTEN_CIFAR10
-        notes = (
-            f"Scale: {config.pairs} pairs, {config.epochs} end-point epochs and {config.curve_epochs} curve epochs "
-            f"(paper: 3 pairs, 250 and 250), train subset {config.train_size or 'all'}, {config.num_points} "
-            f"points along t (paper: 65), batch norm re-estimated on {config.bn_batches or 'all'} batches "
-            f"(paper: a full pass)."
-        )
-    results = run_study(config, args.out, device=_device(args.device), progress=bars, paper_row=paper_row,
-                        notes=notes)  # fmt: skip
+    dataset = Path(str(config.dataset)).stem if str(config.dataset).endswith(".npz") else str(config.dataset)
+    results = run_study(config, args.out, device=_device(args.device), progress=bars,
+                        paper_row=paper_row(config.arch, dataset))  # fmt: skip
     out = Path(args.out)
     return [Path(results["report"]), out / "results.json"]
 

@@ -66,7 +66,9 @@ class StudyConfig:
     ``curve_weight_decay``. PAM: ``pam_iters`` outer iterations, ``pam_lam``, ``pam_method``,
     ``pam_local_search``, ``pam_gradient_batches``. Evaluation: ``num_points``, ``bn_batches`` (``None``: a full
     training pass per point, as in the paper), ``plane_grid`` (0: no plane). Verification: ``verify`` and the
-    budgets ``verify_iters``, ``verify_swaps``. ``settings``: which of :data:`SETTINGS` to fit.
+    budgets ``verify_iters`` (PAM iterations), ``verify_swaps`` (swaps tested per group), ``verify_batches`` and
+    ``verify_ts`` (held-out batches and times scoring every move), ``verify_local_search`` (swaps PAM tries per
+    group), ``verify_random_starts``. ``settings``: which of :data:`SETTINGS` to fit.
     ``max_batches``: cut every epoch short (smoke tests only).
     """
 
@@ -100,6 +102,10 @@ class StudyConfig:
     verify: bool = True
     verify_iters: int = 2
     verify_swaps: int = 64
+    verify_batches: int = 8
+    verify_ts: tuple[float, ...] = (0.25, 0.5, 0.75)
+    verify_local_search: int = 16
+    verify_random_starts: int = 1
     settings: tuple[str, ...] = SETTINGS
     max_batches: int | None = None
 
@@ -114,6 +120,8 @@ class StudyConfig:
         object.__setattr__(self, "settings", tuple(s for s in SETTINGS if s in self.settings))
         if self.hidden is not None:
             object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        ts = self.verify_ts if isinstance(self.verify_ts, (tuple, list)) else (self.verify_ts,)
+        object.__setattr__(self, "verify_ts", tuple(float(t) for t in ts))
 
     def replace(self, **overrides: Any) -> StudyConfig:
         """A copy with some settings changed; unknown names raise ``ValueError`` listing the known ones."""
@@ -127,12 +135,13 @@ class StudyConfig:
         out = dataclasses.asdict(self)
         out["settings"] = list(self.settings)
         out["hidden"] = None if self.hidden is None else list(self.hidden)
+        out["verify_ts"] = list(self.verify_ts)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StudyConfig:
         data = dict(data)
-        for key in ("settings", "hidden"):
+        for key in ("settings", "hidden", "verify_ts"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls().replace(**data)
@@ -144,12 +153,14 @@ PRESETS: dict[str, StudyConfig] = {
     # TinyTen on CIFAR-10 scaled to about an hour on 2 CPU cores (benchmarked in the README).
     "cpu": StudyConfig(
         pairs=2, train_size=10000, test_size=5000, align_size=5000, epochs=20, curve_epochs=10, num_points=17,
-        bn_batches=10, plane_grid=9, pam_gradient_batches=8, verify_iters=1, verify_swaps=32,
+        bn_batches=10, plane_grid=9, pam_gradient_batches=8, verify_iters=1, verify_swaps=16, verify_batches=4,
+        verify_ts=(0.5,), verify_local_search=8, verify_random_starts=1,
     ),
     # The offline demo on the shipped UCI digits (8x8, resized to 16x16 for TinyTen): a few minutes on a CPU.
     "demo": StudyConfig(
         dataset="digits", pairs=1, resize=16, batch_size=64, epochs=15, curve_epochs=6, num_points=11,
-        bn_batches=4, plane_grid=7, align_size=None, pam_gradient_batches=4, verify_iters=1, verify_swaps=24,
+        bn_batches=4, plane_grid=7, align_size=None, pam_gradient_batches=4, verify_iters=1, verify_swaps=8,
+        verify_batches=4, verify_ts=(0.5,), verify_local_search=4, verify_random_starts=0,
     ),
 }
 
@@ -398,6 +409,8 @@ class _Study:
             a, sd_a, sd_b, perms, self.data.train, curve=curve, spec=spec, heldout_loader=self.data.train_eval,
             align_loader=self.data.align, lam=c.pam_lam, stability_iters=c.verify_iters,
             stability_x_epochs=1, n_swaps=c.verify_swaps, gradient_batches=c.pam_gradient_batches or 4,
+            value_batches=c.verify_batches, value_ts=c.verify_ts, local_search=c.verify_local_search,
+            random_starts=c.verify_random_starts,
             max_batches_per_epoch=c.max_batches, generator=stable_seed(c.seed, "verify", k), callback=on_check,
         )  # fmt: skip
         report.save(self.out / f"pair{k}")

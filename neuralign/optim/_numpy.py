@@ -7,7 +7,10 @@ and the results come back as tensors on the input's device (index tensors as ``t
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +75,27 @@ class LPSolution:
     n_iter: int | None
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence C-level writes to standard output (HiGHS prints a licence banner on first use, whatever its
+    options say), so that a command line's standard output stays clean."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured or replaced stdout: nothing to protect
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def solve_birkhoff_lp(cost: torch.Tensor, solver: str | None = None) -> LPSolution:
     r"""Solve :math:`\min_X \langle C, X\rangle` s.t. :math:`X \ge 0,\ X\mathbf 1 = \mathbf 1,\ X^\top\mathbf
     1 = \mathbf 1` with cvxpy.
@@ -91,7 +115,8 @@ def solve_birkhoff_lp(cost: torch.Tensor, solver: str | None = None) -> LPSoluti
     cols = cp.sum(X, axis=0) == np.ones(n)
     problem = cp.Problem(cp.Minimize(cp.sum(cp.multiply(c, X))), [rows, cols])
     try:
-        problem.solve(solver=name)
+        with _quiet_stdout():
+            problem.solve(solver=name)
     except cp.error.SolverError as exc:
         logger.warning("cvxpy solver %s failed: %s", name, exc)
         return LPSolution(None, None, None, float("nan"), f"solver_error: {exc}", name, None)

@@ -255,7 +255,7 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
                 model, point_a, point_b, train_loader, init=init, curve=start_curve, spec=spec,
                 lam=opts["lam"], backtrack=opts["backtrack"], max_iter=opts["stability_iters"],
                 x_epochs=opts["stability_x_epochs"], gradient_batches=opts["gradient_batches"],
-                value_loader=opts["heldout_loader"], value_batches=opts["value_batches"],
+                value_loader=opts["heldout_loader"], value_batches=opts["value_batches"], value_ts=opts["value_ts"],
                 max_batches_per_epoch=opts["max_batches_per_epoch"], weight_decay=opts["weight_decay"],
                 local_search=opts["local_search"], local_search_alpha=opts["alpha"],
                 generator=stable_seed(opts["seed"], "stability", label), callback=record,
@@ -453,7 +453,11 @@ def _refit_best(ctx: _Context, opts, per_group, examples) -> dict[str, Any]:
 
 def _check_gradient(ctx: _Context, opts, gen: torch.Generator, scale: float = 1.0) -> CheckResult:
     p64 = ctx.problem.to(torch.float64)
-    batches, ts = p64.value_pairs(opts["gradient_check_batches"])
+    # A few examples at t = 1/2: the fewer ReLU/max-pool units the data activates, the fewer kinks a step crosses,
+    # and the wider the range of steps over which the remainder of a piecewise-smooth network is second order.
+    k = opts["gradient_check_examples"]
+    batches = [(x[:k], y[:k]) for x, y in p64.value_set[:1]]
+    ts = [0.5]
     x = [ctx.x[0].double()]
     ident = {g: m.double() for g, m in ctx.identity.items()}
     direction = {}
@@ -549,8 +553,9 @@ def verify_alignment(
     alpha: float = 0.05,
     certificate_steps: int = 8,
     value_batches: int = 8,
+    value_ts: Sequence[float] = (0.25, 0.5, 0.75),
     gradient_batches: int = 4,
-    gradient_check_batches: int = 2,
+    gradient_check_examples: int = 8,
     min_slope: float = 1.8,
     alignment_tol: float = 1e-9,
     weight_decay: float = 5e-4,
@@ -634,9 +639,10 @@ def verify_alignment(
         Family-wise significance level of checks 2 and 3 (Bonferroni over the moves tested).
     certificate_steps : int
         Step sizes tried between :math:`\\lambda^*` and ``certificate_lam`` in check 2.
-    value_batches, gradient_batches, gradient_check_batches, min_slope, alignment_tol, weight_decay,
+    value_batches, value_ts, gradient_batches, gradient_check_examples, min_slope, alignment_tol, weight_decay,
     max_batches_per_epoch
-        Sizes, thresholds and budgets.
+        Sizes, thresholds and budgets (``value_ts``: the times at which every held-out batch is scored; the cost
+        of every scored move is ``value_batches * len(value_ts)`` forward passes).
     generator : torch.Generator or int, optional
         Seeds every random choice (derived seeds per check).
     callback : callable, optional
@@ -675,7 +681,7 @@ def verify_alignment(
         curve = fitted.curve
     problem = CurvePermutationProblem(
         model, point_a, b_aligned, spec, train_loader, weight_decay=weight_decay,
-        value_loader=heldout_loader, value_batches=value_batches, gradient_batches=gradient_batches,
+        value_loader=heldout_loader, value_batches=value_batches, value_ts=value_ts, gradient_batches=gradient_batches,
         generator=stable_seed(seed, "problem"),
     )  # fmt: skip
     x_star = [_start_offset(problem, curve)]
@@ -685,8 +691,8 @@ def verify_alignment(
         "stability_x_epochs": stability_x_epochs, "random_starts": random_starts, "local_search": local_search,
         "reassign_threshold": reassign_threshold, "certificate_lam": certificate_lam or lam, "n_swaps": n_swaps,
         "n_cycles": n_cycles, "refit_epochs": refit_epochs, "alpha": alpha, "certificate_steps": certificate_steps,
-        "value_batches": value_batches,
-        "gradient_batches": gradient_batches, "gradient_check_batches": gradient_check_batches,
+        "value_batches": value_batches, "value_ts": tuple(value_ts),
+        "gradient_batches": gradient_batches, "gradient_check_examples": gradient_check_examples,
         "min_slope": min_slope, "alignment_tol": alignment_tol, "weight_decay": weight_decay,
         "max_batches_per_epoch": max_batches_per_epoch, "heldout_loader": heldout_loader,
         "align_loader": align_loader, "lp_max_size": 256, "model": model, "train_loader": train_loader,

@@ -100,7 +100,7 @@ def test_gradient_check_passes_on_the_true_gradient_and_fails_when_scaled(plante
     prob = CurvePermutationProblem(model, model.state_dict(), aligned, spec, data.train,
                                    value_loader=data.train_eval, value_batches=2)  # fmt: skip
     ctx = _Context(prob, [torch.randn(sum(prob.numels), generator=torch.Generator().manual_seed(0)) * 0.01], spec)
-    opts = {"gradient_check_batches": 2, "min_slope": 1.8}
+    opts = {"gradient_check_examples": 8, "min_slope": 1.8}
     good = _check_gradient(ctx, opts, torch.Generator().manual_seed(0))
     bad = _check_gradient(ctx, opts, torch.Generator().manual_seed(0), scale=1.1)
     assert good.verdict == "pass"
