@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from neuralign.curves import (
     fit_curve_pam,
     project_to_plane,
 )
-from neuralign.errors import CheckpointError
+from neuralign.errors import CheckpointError, ConvergenceWarning
 from neuralign.experiments.data import DataBundle, load_data
 from neuralign.experiments.models import build_model
 from neuralign.experiments.training import train_model
@@ -360,13 +361,16 @@ class _Study:
                     step = (record["iteration"] - 1) * c.curve_epochs + record.get("epoch", 0) + 1
                     self.emit(stage="pam", label=label, step=step, total=total, record=record)
 
-            res = fit_curve_pam(
+            with warnings.catch_warnings():
+                # the paper's protocol is a fixed number of outer iterations; the status is recorded in the meta
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                res = fit_curve_pam(
                 a, sd_a, sd_b, self.data.train, init="identity" if setting == "pam_unaligned" else perms, spec=spec,
                 method=c.pam_method, lam=c.pam_lam, max_iter=c.pam_iters, x_epochs=c.curve_epochs,
                 optimizer=optimizer, weight_decay=c.curve_weight_decay, gradient_batches=c.pam_gradient_batches,
                 value_loader=self.data.train_eval, local_search=c.pam_local_search, generator=seed,
                 callback=on_event, checkpoint=folder / f"curve_{setting}.ckpt", max_batches_per_epoch=c.max_batches,
-            )  # fmt: skip
+                )  # fmt: skip
             curve = res.curve
             meta.update(history=res.curve_history, objective=res.history, changed=res.changed,
                         backtracks=res.backtracks, status=res.status, message=res.message,

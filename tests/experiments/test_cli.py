@@ -1,0 +1,106 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neuralign.experiments.cli import build_parser, main
+
+TINY = ["--set", "epochs=1", "--set", "curve_epochs=1", "--set", "num_points=3", "--set", "plane_grid=3",
+        "--set", "verify_swaps=2", "--set", "verify_local_search=2", "--set", "max_batches=3",
+        "--set", "bn_batches=2"]  # fmt: skip
+DATA = ["--data", "digits", "--resize", "16", "--train-size", "256", "--test-size", "128", "--quiet"]
+
+
+def test_every_command_has_help_that_explains_its_options(capsys):
+    parser = build_parser()
+    commands = ["demo", "study", "train", "align", "curve", "pam", "verify", "evaluate"]
+    for cmd in commands:
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args([cmd, "--help"])
+        assert info.value.code == 0
+        text = capsys.readouterr().out
+        assert "--out" in text and "--device" in text and "--seed" in text, cmd
+        for action in parser._subparsers._group_actions[0].choices[cmd]._actions:
+            assert action.help, f"{cmd} {action.option_strings} has no help"
+
+
+def test_python_m_neuralign_runs_the_same_command_line():
+    out = subprocess.run([sys.executable, "-m", "neuralign", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "study" in out.stdout
+
+
+def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
+    code = main(["align", "--model-a", str(tmp_path / "missing.pt"), "--model-b", str(tmp_path / "b.pt"),
+                 "--data", "digits", "--out", str(tmp_path), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("neuralign: error: checkpoint") and "does not exist" in err
+    assert len(err.splitlines()) == 1
+    code = main(["demo", "--out", str(tmp_path / "d"), "--set", "nonsense=1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "unknown study settings ['nonsense']" in err and len(err.splitlines()) == 1
+    code = main(["train", "--arch", "tinyten", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("neuralign: error:") and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def endpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("endpoints")
+    for seed in (1, 2):
+        assert main(["train", "--arch", "tinyten", "--epochs", "1", "--seed", str(seed), "--out", str(folder),
+                     *DATA]) == 0  # fmt: skip
+    return folder / "tinyten_seed1.pt", folder / "tinyten_seed2.pt"
+
+
+def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, capsys):
+    a, b = endpoints
+    state = torch.load(a, weights_only=True)
+    assert state["kind"] == "endpoint" and state["arch"] == "tinyten" and len(state["history"]) == 1
+    pair = ["--model-a", str(a), "--model-b", str(b), *DATA]
+    assert main(["align", *pair, "--out", str(tmp_path / "al")]) == 0
+    summary = json.loads((tmp_path / "al" / "alignment.json").read_text())
+    assert set(summary["correlation_after"]) == set(summary["groups"])
+    perms = str(tmp_path / "al" / "alignment.pt")
+    assert main(["curve", *pair, "--perms", perms, "--epochs", "1", "--out", str(tmp_path / "c")]) == 0
+    assert main(["pam", *pair, "--init", perms, "--epochs", "1", "--out", str(tmp_path / "p")]) == 0
+    pam = json.loads((tmp_path / "p" / "pam.json").read_text())
+    assert len(pam["objective"]) == 2
+    assert main(["evaluate", "--model-a", str(a), "--curve", str(tmp_path / "c" / "curve.pt"), *DATA,
+                 "--num-points", "3", "--bn-batches", "1", "--out", str(tmp_path / "e")]) == 0  # fmt: skip
+    ev = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert ev["t"] == [0.0, 0.5, 1.0]
+    assert main(["verify", *pair, "--perms", perms, "--curve", str(tmp_path / "c" / "curve.pt"), "--checks",
+                 "certificate", "gradient", "--out", str(tmp_path / "v")]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "v" / "verification.json").read_text())
+    assert set(report["checks"]) == {"certificate", "gradient"}
+    out = capsys.readouterr().out.split()
+    assert str(tmp_path / "v" / "verification.md") in out
+
+
+def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
+    folder = tmp_path / "demo"
+    assert main(["demo", "--out", str(folder), "--quiet", *TINY]) == 0
+    printed = capsys.readouterr().out.split()
+    report = folder / "report.md"
+    assert printed[0] == str(report)
+    text = report.read_text()
+    assert "| Aligned |" in text and "figures/curve_metrics.png" in text
+    results = json.loads((folder / "results.json").read_text())
+    assert results["settings"] == ["unaligned", "pam_unaligned", "pam_aligned", "aligned"]
+    assert results["pairs"][0]["verification"]["kind"] == "verification_report"
+    for name in ("curve_metrics", "layer_correlation", "reassignment", "plane", "verification"):
+        assert (folder / "figures" / f"{name}.png").stat().st_size > 1000
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] == torch.__version__ and manifest["device"] == "cpu"
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("pair1/*.pt")}
+    # a second run finds every stage done: nothing is recomputed, the results are the same
+    assert main(["demo", "--out", str(folder), "--quiet", *TINY]) == 0
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("pair1/*.pt")} == stamps
+    assert json.loads((folder / "results.json").read_text())["pairs"] == results["pairs"]
+    # the same folder with other settings is refused
+    capsys.readouterr()
+    assert main(["demo", "--out", str(folder), "--quiet", *TINY, "--set", "curve_epochs=2"]) == 2
+    assert "holds a study with other settings (curve_epochs)" in capsys.readouterr().err

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from neuralign.errors import CheckpointError, NonFiniteError
+from neuralign.experiments.data import load_data
+from neuralign.experiments.models import build_model
+from neuralign.experiments.training import train_model
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data("digits", batch_size=64, train_size=512, generator=0)
+
+
+def _model():
+    return build_model("mlp", 10, in_features=64, hidden=(32,), batch_norm=True, dropout=0.1, seed=0)
+
+
+def test_training_learns_and_leaves_the_input_model_alone(data):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = train_model(model, data.train, epochs=4, test_loader=data.test)
+    assert res.status == 0 and res.n_iter == 4
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    assert res.history[-1]["test_acc"] > 0.5
+    lrs = [r["lr"] for r in res.history]
+    assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.1 * 0.9996)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(data, tmp_path):
+    data.train.generator.manual_seed(7)
+    torch.manual_seed(3)
+    reference = train_model(_model(), data.train, epochs=3)
+    data.train.generator.manual_seed(7)
+    torch.manual_seed(3)
+    path = tmp_path / "ckpt.pt"
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(_model(), data.train, epochs=3, checkpoint=path, callback=stop_after_two)
+    torch.manual_seed(12345)  # whatever happens to the global RNG in between is restored from the checkpoint
+    data.train.generator.manual_seed(99)
+    resumed = train_model(_model(), data.train, epochs=3, checkpoint=path)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
+    for k, v in reference.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[k], v, rtol=0, atol=0)
+
+
+def test_bad_input(data, tmp_path):
+    with pytest.raises(ValueError, match="`epochs` must be a positive int, got 0"):
+        train_model(_model(), data.train, epochs=0)
+    with pytest.raises(ValueError, match="`train_loader` yielded no batches"):
+        train_model(_model(), [], epochs=1)
+    path = tmp_path / "other.pt"
+    train_model(build_model("mlp", 10, in_features=64, hidden=(8,)), data.train, epochs=1, checkpoint=path,
+                max_batches_per_epoch=1)  # fmt: skip
+    with pytest.raises(CheckpointError, match="belongs to another model"):
+        train_model(_model(), data.train, epochs=2, checkpoint=path)
+    with pytest.raises(NonFiniteError, match="training loss is nan"):
+        train_model(_model(), data.train, epochs=1, lr=float("nan"))
