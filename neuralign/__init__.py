@@ -1,9 +1,86 @@
-"""neuralign: optimisation over permutations and curves for neuron alignment and mode connectivity."""
+"""neuralign: optimisation over permutations and curves for neuron alignment and mode connectivity.
+
+The library has four parts that never import the fifth:
+
+- :mod:`neuralign.optim`: solvers over permutations and continuous variables (linear assignment, Birkhoff polytope,
+  proximal alternating minimisation, QAP) that know nothing about neural networks;
+- :mod:`neuralign.alignment`: permutation specs traced from any network with torch.fx, applying permutations, and
+  neuron alignment by activation correlation, L2 or weight matching;
+- :mod:`neuralign.curves`: curves between networks on unmodified modules, fitting, batch-norm re-estimation,
+  evaluation, loss planes, and PAM on curves;
+- :mod:`neuralign.verification`: checks that can fail (functional equivalence, Taylor tests, local optimality of
+  an alignment);
+
+and :mod:`neuralign.experiments` holds models, data, training recipes, the paper's study, the command line and
+reports. Reference: Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020,
+arXiv:2009.02439.
+"""
 
 from __future__ import annotations
 
 from neuralign import errors
+from neuralign.alignment import (
+    AlignmentResult,
+    PermutationSpec,
+    SpecBuilder,
+    align,
+    apply_permutation,
+    compose_permutations,
+    identity_permutation,
+    invert_permutation,
+    random_permutation,
+    trace_spec,
+)
+from neuralign.curves import (
+    Bezier,
+    CurveEvaluation,
+    CurvePAMResult,
+    CurveResult,
+    Line,
+    PolyChain,
+    evaluate_curve,
+    evaluate_model,
+    evaluate_plane,
+    fit_curve,
+    fit_curve_pam,
+    reestimate_bn,
+)
+from neuralign.optim import PAM, PAMResult, pam, solve_assignment, solve_qap
+from neuralign.verification import VerificationReport, check_equivalence, verify_alignment
 
 __version__ = "0.1.0"
 
-__all__ = ["errors", "__version__"]
+__all__ = [
+    "__version__",
+    "errors",
+    "AlignmentResult",
+    "PermutationSpec",
+    "SpecBuilder",
+    "align",
+    "apply_permutation",
+    "compose_permutations",
+    "identity_permutation",
+    "invert_permutation",
+    "random_permutation",
+    "trace_spec",
+    "Bezier",
+    "CurveEvaluation",
+    "CurvePAMResult",
+    "CurveResult",
+    "Line",
+    "PolyChain",
+    "evaluate_curve",
+    "evaluate_model",
+    "evaluate_plane",
+    "fit_curve",
+    "fit_curve_pam",
+    "reestimate_bn",
+    "PAM",
+    "PAMResult",
+    "pam",
+    "solve_assignment",
+    "solve_qap",
+    "VerificationReport",
+    "check_equivalence",
+    "verify_alignment",
+]

@@ -611,7 +611,17 @@ def _trace_graph(
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     inputs = tuple(i.to(device) if isinstance(i, torch.Tensor) else i for i in inputs)
     with torch.no_grad():
-        interp.run(*inputs)
+        try:
+            interp.run(*inputs)
+        except SpecError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as exc:
+            shapes = [tuple(i.shape) for i in inputs if isinstance(i, torch.Tensor)]
+            where = f" at fx node `{interp.node.name}`" if interp.node is not None else ""
+            raise SpecError(
+                f"{type(model).__name__} could not run on `example_input` of shape {', '.join(map(str, shapes))}"
+                f"{where}: {str(exc).splitlines()[0]}"
+            ) from exc
     spec = _build_spec(interp, dict(gm.state_dict()), model)
     return spec, gm
 

@@ -251,3 +251,8 @@ def test_tracing_does_not_touch_the_model():
     assert not model.training
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_example_input_of_the_wrong_shape_is_named():
+    with pytest.raises(SpecError, match=r"TinyTen could not run on `example_input` of shape \(2, 1, 32, 32\)"):
+        trace_spec(build_model("tinyten", 10), torch.randn(2, 1, 32, 32))
