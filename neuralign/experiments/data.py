@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from neuralign._utils import as_generator, stable_seed
+from neuralign._utils import as_generator, atomic_write, stable_seed
 from neuralign.errors import DataError
 
 __all__ = [
@@ -1400,30 +1400,18 @@ def export_npz(source: SourceData, path: str | os.PathLike) -> Path:
     Images are stored channels-last uint8 ``(N, H, W, C)`` (``(N, H, W)`` for grey images), labels as int64,
     plus ``class_names``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     def hwc(x: torch.Tensor) -> np.ndarray:
         return x[:, 0].numpy() if x.shape[1] == 1 else x.permute(0, 2, 3, 1).contiguous().numpy()
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                x_train=hwc(source.x_train),
-                y_train=source.y_train.numpy(),
-                x_test=hwc(source.x_test),
-                y_test=source.y_test.numpy(),
-                class_names=np.array(source.class_names),
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    arrays = {
+        "x_train": hwc(source.x_train),
+        "y_train": source.y_train.numpy(),
+        "x_test": hwc(source.x_test),
+        "y_test": source.y_test.numpy(),
+        "class_names": np.array(source.class_names),
+    }
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 # ----------------------------------------------------------------------------------------------------------------

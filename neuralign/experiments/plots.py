@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
+from neuralign._utils import atomic_write
 from neuralign.experiments.report import FIGURE_FILES, SETTING_LABELS, _require, validate_results
 from neuralign.verification.local import CHECKS
 
@@ -62,19 +62,8 @@ def _check_path(path: str | os.PathLike) -> tuple[Path, str]:
 
 
 def _save_figure(fig: Figure, path: Path, fmt: str) -> Path:
-    """Save through a temporary file in the target folder and a rename: a reader never sees half an image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=DPI)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Save atomically (a reader never sees half an image)."""
+    return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=DPI))
 
 
 def _figure(width: float, height: float) -> Figure:
