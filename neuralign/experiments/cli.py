@@ -141,7 +141,7 @@ def _spec(model: torch.nn.Module, data) -> Any:
 
 # ------------------------------------------------------------------------------------------------ commands
 def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> list[Path]:
-    from neuralign.experiments.report import paper_row
+    from neuralign.experiments.report import dataset_label, paper_row
     from neuralign.experiments.study import PRESETS, run_study
 
     config = PRESETS["demo" if demo else args.preset]
@@ -161,9 +161,8 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
     overrides["seed"] = args.seed
     overrides.update(_overrides(args.set))
     config = config.replace(**overrides)
-    dataset = Path(str(config.dataset)).stem if str(config.dataset).endswith(".npz") else str(config.dataset)
     results = run_study(config, args.out, device=_device(args.device), progress=bars,
-                        paper_row=paper_row(config.arch, dataset))  # fmt: skip
+                        paper_row=paper_row(config.arch, dataset_label(config.dataset)))  # fmt: skip
     out = Path(args.out)
     return [Path(results["report"]), out / "results.json"]
 

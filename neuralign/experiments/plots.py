@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from neuralign._utils import atomic_write
-from neuralign.experiments.report import FIGURE_FILES, SETTING_LABELS, _require, validate_results
+from neuralign.experiments.report import FIGURE_FILES, SETTING_LABELS, _require, dataset_label, validate_results
 from neuralign.verification.local import CHECKS
 
 __all__ = [
@@ -89,7 +89,7 @@ def _title_prefix(results: Mapping[str, Any]) -> str:
     config = results.get("config") or {}
     arch = config.get("arch", config.get("model")) if isinstance(config, Mapping) else None
     dataset = config.get("dataset") if isinstance(config, Mapping) else None
-    parts = [str(p) for p in (arch, dataset) if p is not None]
+    parts = [str(p) for p in (arch, None if dataset is None else dataset_label(dataset)) if p is not None]
     return " on ".join(parts) + ": " if parts else ""
 
 

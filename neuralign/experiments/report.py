@@ -412,11 +412,17 @@ def _config(results: Mapping[str, Any]) -> Mapping[str, Any]:
     return config if isinstance(config, Mapping) else {}
 
 
+def dataset_label(dataset: Any) -> str:
+    """A short name for a data set given by name or by ``.npz`` path (``/data/cifar10.npz`` -> ``cifar10``)."""
+    text = str(dataset)
+    return Path(text).stem if text.lower().endswith(".npz") else text
+
+
 def _arch_dataset(results: Mapping[str, Any]) -> tuple[str, str]:
     config = _config(results)
     arch = config.get("arch", config.get("model", "unknown architecture"))
     dataset = config.get("dataset", "unknown data set")
-    return str(arch), str(dataset)
+    return str(arch), dataset_label(dataset)
 
 
 def _num_points(results: Mapping[str, Any]) -> int | None:
