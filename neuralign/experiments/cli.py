@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -511,6 +512,23 @@ _COMMANDS = {
 }
 
 
+def _write_manifest(args: argparse.Namespace) -> Path:
+    """Record the command, its options, the seed, package versions and the device in ``<out>/manifest_<cmd>.json``."""
+    from neuralign.experiments.study import _versions
+
+    record = {
+        "kind": "command_manifest",
+        "command": args.command,
+        "argv": sys.argv,
+        "options": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list)) or v is None},
+        "versions": _versions(),
+        "device": str(_device(args.device)),
+        "threads": torch.get_num_threads(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return atomic_write_text(Path(args.out) / f"manifest_{args.command}.json", json.dumps(record, indent=1))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``neuralign`` and ``python -m neuralign``; returns the exit status."""
     parser = build_parser()
@@ -520,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     bars = _Bars(enabled=not args.quiet)
     try:
+        if args.command not in ("demo", "study"):  # a study keeps its own, richer manifest
+            _write_manifest(args)
         paths = _COMMANDS[args.command](args, bars)
     except KeyboardInterrupt:
         bars.close()

@@ -61,6 +61,8 @@ def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, cap
     assert state["kind"] == "endpoint" and state["arch"] == "tinyten" and len(state["history"]) == 1
     pair = ["--model-a", str(a), "--model-b", str(b), *DATA]
     assert main(["align", *pair, "--out", str(tmp_path / "al")]) == 0
+    manifest = json.loads((tmp_path / "al" / "manifest_align.json").read_text())
+    assert manifest["options"]["method"] == "correlation" and manifest["versions"]["torch"] == torch.__version__
     summary = json.loads((tmp_path / "al" / "alignment.json").read_text())
     assert set(summary["correlation_after"]) == set(summary["groups"])
     perms = str(tmp_path / "al" / "alignment.pt")
