@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from neuralign.experiments.data import CIFAR_MEAN, CIFAR_STD, load_data
+from neuralign.experiments.models import build_model
 
 
 def _cifar_path(arg: str | None) -> Path:
@@ -99,24 +100,7 @@ def main() -> None:
     t_part, _ = _time_epoch(loader)
     t_per_sample = t_part * n / m
 
-    try:
-        from neuralign.experiments.models import TinyTen
-
-        model = TinyTen(num_classes=10)
-    except Exception:  # the model zoo may be absent; time an equivalent stack
-        layers: list[torch.nn.Module] = []
-        for cin, cout, k, s, p in [
-            (3, 16, 3, 1, 1),
-            (16, 16, 3, 1, 1),
-            (16, 32, 3, 2, 1),
-            (32, 32, 3, 1, 1),
-            (32, 32, 3, 1, 1),
-            (32, 64, 3, 2, 1),
-            (64, 64, 3, 1, 0),
-            (64, 64, 1, 1, 0),
-        ]:
-            layers += [torch.nn.Conv2d(cin, cout, k, s, p), torch.nn.BatchNorm2d(cout), torch.nn.ReLU()]
-        model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    model = build_model("tinyten", 10, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     batches = iter(bundle.train)
     x, y = next(batches)

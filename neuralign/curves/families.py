@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -227,8 +228,9 @@ class Curve:
 
     # ----------------------------------------------------------------------------------------------------------
     # evaluation
-    def _coefficient_list(self, t: float) -> list[float]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _coefficient_list(self, t: float) -> list[float]:
+        """The coefficients :math:`c_j(t)` of the family, one per point (each family defines them)."""
+        raise TypeError("Curve is the base class; build a Line, Bezier or PolyChain")
 
     def coefficients(self, t: float) -> torch.Tensor:
         """The coefficients :math:`c_j(t)`, a float64 CPU tensor of shape ``(n,)``.
