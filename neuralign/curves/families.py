@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
