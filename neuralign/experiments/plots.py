@@ -97,13 +97,9 @@ def _n_pairs_text(n: int) -> str:
     return "1 pair" if n == 1 else f"{n} pairs, mean ± std"
 
 
-def _shorten(groups: Sequence[str], max_len: int = 18) -> list[str]:
-    """Tick labels: drop the dotted components shared by all names (front and back), abbreviate long words."""
-    return _shorten_pattern(groups, max_len)[0]
-
-
 def _shorten_pattern(groups: Sequence[str], max_len: int = 18) -> tuple[list[str], str | None]:
-    """:func:`_shorten` and the dropped context as a pattern (``"features.*.conv"``; None if nothing dropped)."""
+    """Tick labels (the dotted components shared by all names dropped, long words abbreviated) and the dropped
+    context as a pattern (``"features.*.conv"``; None if nothing dropped)."""
     parts = [str(g).split(".") for g in groups]
     head: list[str] = []
     tail: list[str] = []
