@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from neuralign.experiments.plots import (  # noqa: E402
-    _shorten,
     _shorten_pattern,
     plot_curve_metrics,
     plot_layer_correlation,
@@ -97,13 +96,13 @@ def test_plot_study_draws_what_is_there(tmp_path):
 
 
 def test_shorten_group_names():
-    assert _shorten(["features.0.conv", "features.1.conv"]) == ["0", "1"]
+    assert _shorten_pattern(["features.0.conv", "features.1.conv"])[0] == ["0", "1"]
     assert _shorten_pattern(["features.0.conv", "features.1.conv"]) == (["0", "1"], "features.*.conv")
     assert _shorten_pattern(["conv1", "fc"]) == (["conv1", "fc"], None)
-    assert _shorten(["conv1", "layer1.0.conv1"]) == ["conv1", "layer1.0.conv1"]
-    assert _shorten(["inception4a.branch2.0.conv", "aux1.fc1"]) == ["inc4a.bra2.0.conv", "aux1.fc1"]
+    assert _shorten_pattern(["conv1", "layer1.0.conv1"])[0] == ["conv1", "layer1.0.conv1"]
+    assert _shorten_pattern(["inception4a.branch2.0.conv", "aux1.fc1"])[0] == ["inc4a.bra2.0.conv", "aux1.fc1"]
     long = ".".join(["ab"] * 12)  # 35 characters of short components: cut at the front
-    assert _shorten([long]) == ["…" + long[-17:]]
+    assert _shorten_pattern([long])[0] == ["…" + long[-17:]]
 
 
 def test_plot_errors(tmp_path):
