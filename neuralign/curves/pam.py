@@ -217,7 +217,11 @@ class CurvePermutationProblem(PermutationProblem):
     def batch_values(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Per value batch, the objective averaged over ``value_ts`` (float64, no gradient)."""
         with torch.no_grad():
-            return torch.tensor([float(self.batch_value(x, P, b)) for b in self.value_set], dtype=torch.float64)
+            values = torch.tensor([float(self.batch_value(x, P, b)) for b in self.value_set], dtype=torch.float64)
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteError(f"the curve objective is {values[bad[0]].item()} on value batch {bad[0]}")
+        return values
 
     def value_pairs(self, n_batches: int | None = None) -> tuple[list, list[float]]:
         """``(batches, ts)`` listing every (value batch, value time) pair, for :meth:`objective`."""
@@ -244,12 +248,9 @@ class CurvePermutationProblem(PermutationProblem):
         return self.batch_loss(x, P, batch, self._draw_t(1)[0])
 
     def value(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> float:
-        """Deterministic :math:`F` on the fixed value batches with :math:`t` swept from 0 to 1."""
+        """Deterministic :math:`F`: the mean of :meth:`batch_values` (raises :class:`NonFiniteError` on NaN/inf)."""
         with torch.no_grad():
-            f = float(self.batch_values(x, P).mean())
-        if f != f or abs(f) == float("inf"):
-            raise NonFiniteError(f"the curve objective is {f}")
-        return f
+            return float(self.batch_values(x, P).mean())
 
     def gradient_at(
         self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor], batches: Sequence, ts: Sequence[float]
@@ -633,7 +634,8 @@ def _start_offset(problem: CurvePermutationProblem, curve: Bezier) -> torch.Tens
     a, theta, b = curve.points
     for name, given, expected in (("point_a", a, problem.wa), ("the permuted point_b", b, problem.wb)):
         for k in problem.names:
-            if k not in given or not torch.allclose(given[k].to(expected[k]), expected[k], rtol=1e-6, atol=1e-7):
+            if k not in given or not torch.allclose(given[k].to(expected[k]), expected[k], rtol=1e-6, atol=1e-7,
+                                                    equal_nan=True):
                 raise ValueError(f"`curve` was fitted for other end points: its end differs from {name} at `{k}`")
     return problem.offset({k: theta[k].to(problem.wa[k]) for k in problem.names}, identity_permutation(problem.spec))
 

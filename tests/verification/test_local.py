@@ -6,6 +6,7 @@ import torch
 
 from neuralign.alignment import apply_permutation, invert_permutation, random_permutation, trace_spec
 from neuralign.curves import Bezier
+from neuralign.errors import NonFiniteError
 from neuralign.experiments.data import load_data
 from neuralign.experiments.models import build_model
 from neuralign.experiments.training import train_model
@@ -152,6 +153,12 @@ def test_bad_input_is_named(planted):
     wrong = Bezier.between(params, {k: v + 1.0 for k, v in params.items()})
     with pytest.raises(ValueError, match="`curve` was fitted for other end points"):
         verify_alignment(model, sd, b_state, perms, data.train, spec=spec, curve=wrong, checks=("gradient",))
+    broken = {k: v.clone() for k, v in sd.items()}
+    broken["hidden.1.fc.weight"][0, 0] = float("nan")
+    curve = Bezier.between(params, {k: broken[k] for k in params})
+    with pytest.raises(NonFiniteError, match="the curve objective is nan on value batch 0"):
+        verify_alignment(model, sd, apply_permutation(broken, spec, invert_permutation(perms)), perms, data.train,
+                         spec=spec, curve=curve, checks=("neighbourhood",))  # fmt: skip
 
 
 def test_first_order_certificate_is_blind_to_a_small_swap_damage(planted, planted_report):
