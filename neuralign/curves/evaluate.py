@@ -162,11 +162,11 @@ def arc_length_average(values: Sequence[float], arc_length: Sequence[float] | to
         raise ValueError(
             f"`values` and `arc_length` must have the same nonzero length, got {v.numel()} and {s.numel()}"
         )
-    total = float(s[-1] - s[0])
-    if not total > 0.0:
-        return float(v.mean())
     padded = torch.cat([s[:1], s, s[-1:]])
     weights = (padded[2:] - padded[:-2]) / 2.0
+    total = float(weights.sum())  # = s[-1] - s[0]; summing the weights stays exact when they underflow
+    if not total > 0.0:
+        return float(v.mean())
     return float((weights * v).sum() / total)
 
 

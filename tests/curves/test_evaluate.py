@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -54,6 +54,7 @@ def bent_bezier(dtype: torch.dtype = torch.float32) -> Bezier:
     steps=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=70),
 )
 @settings(max_examples=80, deadline=None)
+@example(value=1.0, steps=[5e-324])  # a subnormal length: the weights underflow (found by hypothesis)
 def test_arc_length_average_of_a_constant_is_that_constant(value: float, steps: list[float]) -> None:
     s = [0.0]
     for d in steps:
