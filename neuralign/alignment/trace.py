@@ -586,6 +586,22 @@ def _has_group(state: Any) -> bool:
     return any(seg[0] is not None for seg in _iter_segments(state))
 
 
+def _fx_graph(model: nn.Module, *, train: bool) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace`` of a copy of ``model`` in train or eval mode (branches on ``self.training`` are
+    resolved at trace time, so the two graphs can differ). Raises SpecError when fx cannot trace the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    work = copy.deepcopy(model).train(train)
+    try:
+        gm = torch.fx.symbolic_trace(work)
+    except Exception as exc:
+        raise SpecError(
+            f"torch.fx could not trace {type(model).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}. "
+            "Build the spec by hand with neuralign.alignment.SpecBuilder."
+        ) from exc
+    return gm.train(train)
+
+
 def _trace_graph(
     model: nn.Module, example_input: Any, *, on_unsupported: str = "raise"
 ) -> tuple[PermutationSpec, torch.fx.GraphModule]:
@@ -597,14 +613,8 @@ def _trace_graph(
         raise ValueError(f"unknown on_unsupported '{on_unsupported}'; expected one of ['raise', 'fix']")
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    work = copy.deepcopy(model).train()
-    try:
-        gm = torch.fx.symbolic_trace(work)
-    except Exception as exc:
-        raise SpecError(
-            f"torch.fx could not trace {type(model).__name__}: {exc}. Build the spec by hand with "
-            "neuralign.alignment.SpecBuilder."
-        ) from exc
+    work = copy.deepcopy(model)
+    gm = _fx_graph(work, train=True)
     gm.eval()
     interp = _SpecInterpreter(gm, on_unsupported)
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
