@@ -1,22 +1,36 @@
-"""The one place where tensors cross to numpy, to call scipy and cvxpy.
+"""The one place where tensors cross to numpy: to call scipy and cvxpy, and at the boundary of the public solvers.
 
 Every other module of neuralign (in :mod:`neuralign.optim` and elsewhere) calls the functions of
 :mod:`neuralign.optim`, which call the functions here. Inputs are copied to float64 numpy arrays on the CPU
 and the results come back as tensors on the input's device (index tensors as ``torch.int64``).
+
+The public solvers of :mod:`neuralign.optim` accept numpy arrays and other array-likes and answer in the
+caller's kind, as POT's backends do: :func:`accepts_arrays` converts the named array arguments with
+:func:`as_tensor` and, when none of them was a ``torch.Tensor``, converts the result back with
+:func:`to_caller_kind` (every tensor in it, also inside result dataclasses, lists and dicts, becomes a numpy
+array; floats and ints stay as they are).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 __all__ = [
+    "as_tensor",
+    "to_caller_kind",
+    "accepts_arrays",
     "to_numpy",
     "linear_sum_assignment",
     "installed_lp_solvers",
@@ -31,6 +45,87 @@ logger = logging.getLogger(__name__)
 # (simplex)
 #: returns a vertex and exact duals; Clarabel (interior point) is the fallback.
 LP_SOLVER_PREFERENCE: tuple[str, ...] = ("HIGHS", "CLARABEL", "SCIPY", "SCS", "OSQP")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def as_tensor(value: object, arg: str, *, device: torch.device | None = None) -> torch.Tensor:
+    """``value`` as a tensor: a ``torch.Tensor`` is returned as it is; a numpy array or another array-like of
+    booleans or real numbers (nested lists, scalars) is copied into a new CPU tensor of the same dtype (or onto
+    ``device``), so that the caller's array is never shared or modified.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a tensor and numpy cannot read it as an array of booleans or real numbers; the
+        message names the argument ``arg``.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        array = np.array(value, copy=True)
+    except (TypeError, ValueError) as exc:  # ragged nested lists, objects numpy cannot read
+        raise TypeError(f"`{arg}` must be a torch.Tensor or a numeric array-like, got {type(value).__name__}: "
+                        f"{exc}") from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"`{arg}` must be a torch.Tensor or a numeric array-like, got {type(value).__name__} of dtype "
+            f"{array.dtype}"
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor if device is None else tensor.to(device)
+
+
+def to_caller_kind(value: Any) -> Any:
+    """``value`` with every tensor replaced by a numpy array (detached, on the CPU, same dtype): tensors, frozen
+    result dataclasses (rebuilt with :func:`dataclasses.replace`), lists, tuples and dicts, recursively; anything
+    else is returned as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().resolve_conj().numpy()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: to_caller_kind(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
+    if isinstance(value, dict):
+        return {k: to_caller_kind(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_caller_kind(v) for v in value)
+    return value
+
+
+def accepts_arrays(*names: str) -> Callable[[_F], _F]:
+    """Decorate a public solver so that the arguments ``names`` may be numpy arrays or array-likes.
+
+    The named arguments that are given (and not ``None``) are converted with :func:`as_tensor`; array-likes go to
+    the device of the first named argument that is a tensor, if any. When at least one named argument is given
+    and none of them is a ``torch.Tensor``, the result is converted with :func:`to_caller_kind` (numpy in, numpy
+    out); otherwise it is returned as the solver made it (torch in, torch out).
+    """
+
+    def decorate(fn: _F) -> _F:
+        signature = inspect.signature(fn)
+        missing = [name for name in names if name not in signature.parameters]
+        if missing:
+            raise TypeError(f"{fn.__qualname__} has no parameters {missing}")
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError:
+                return fn(*args, **kwargs)  # let Python report the wrong call as usual
+            given = [bound.arguments[n] for n in names if bound.arguments.get(n) is not None]
+            device = next((v.device for v in given if isinstance(v, torch.Tensor)), None)
+            numpy_out = bool(given) and device is None
+            for n in names:
+                if bound.arguments.get(n) is not None:
+                    bound.arguments[n] = as_tensor(bound.arguments[n], n, device=device)
+            result = fn(*bound.args, **bound.kwargs)
+            return to_caller_kind(result) if numpy_out else result
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:

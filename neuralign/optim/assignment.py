@@ -25,6 +25,7 @@ import torch
 
 from neuralign.errors import NonFiniteError
 from neuralign.optim import _numpy
+from neuralign.optim._numpy import accepts_arrays
 
 __all__ = [
     "AssignmentResult",
@@ -145,6 +146,7 @@ def _check_cost(cost: object, name: str | None, *, arg: str = "cost") -> torch.T
     return cost
 
 
+@accepts_arrays("cost", "perm")
 def assignment_duals(
     cost: torch.Tensor, perm: torch.Tensor, *, maximize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +217,7 @@ def assignment_duals(
     return u, v
 
 
+@accepts_arrays("cost")
 def solve_assignment(
     cost: torch.Tensor, *, maximize: bool = False, name: str | None = None, certificate: bool = False
 ) -> AssignmentResult:
@@ -324,6 +327,7 @@ def solve_assignments(
 _LP_STATUS = {"optimal": 0, "optimal_inaccurate": 1}
 
 
+@accepts_arrays("cost")
 def solve_assignment_lp(cost: torch.Tensor, *, solver: str | None = None) -> AssignmentLPResult:
     r"""Solve the Birkhoff-polytope LP relaxation of a square assignment problem with cvxpy.
 
@@ -427,6 +431,7 @@ class StepBoundResult:
     n_iter: int
 
 
+@accepts_arrays("gradient", "perm")
 def proximal_step_bound(gradient: torch.Tensor, perm: torch.Tensor, *, max_iter: int = 100) -> StepBoundResult:
     r"""The largest step for which a permutation is a fixed point of the linearised proximal P-step.
 

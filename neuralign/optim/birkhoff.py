@@ -12,10 +12,12 @@ import logging
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from neuralign._utils import as_generator
 from neuralign.errors import ConvergenceWarning, NonFiniteError
+from neuralign.optim._numpy import accepts_arrays, as_tensor, to_caller_kind
 from neuralign.optim.assignment import solve_assignment
 
 __all__ = [
@@ -34,15 +36,21 @@ logger = logging.getLogger(__name__)
 
 
 def is_permutation(perm: object) -> bool:
-    """Whether ``perm`` is a 1-D integer tensor holding each of ``0 .. n-1`` exactly once.
+    """Whether ``perm`` is a 1-D integer tensor or array-like (numpy array, list) holding each of ``0 .. n-1``
+    exactly once. Never raises: anything else gives ``False``.
 
     Examples
     --------
-    >>> import torch
-    >>> is_permutation(torch.tensor([2, 0, 1])), is_permutation(torch.tensor([0, 0, 1]))
-    (True, False)
+    >>> import numpy as np, torch
+    >>> is_permutation(torch.tensor([2, 0, 1])), is_permutation(np.array([0, 0, 1])), is_permutation("ab")
+    (True, False, False)
     """
-    if not isinstance(perm, torch.Tensor) or perm.dim() != 1:
+    if not isinstance(perm, torch.Tensor):
+        try:
+            perm = as_tensor(perm, "perm")
+        except TypeError:
+            return False
+    if perm.dim() != 1:
         return False
     if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
         return False
@@ -64,6 +72,7 @@ def _check_perm(perm: object, arg: str = "perm") -> torch.Tensor:
     return perm.to(torch.int64)
 
 
+@accepts_arrays("perm")
 def perm_to_matrix(
     perm: torch.Tensor, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
@@ -104,6 +113,7 @@ def perm_to_matrix(
     return P
 
 
+@accepts_arrays("P")
 def matrix_to_perm(P: torch.Tensor, *, atol: float = 0.0) -> torch.Tensor:
     """The index tensor ``perm`` of a dense permutation matrix (``P[i, perm[i]] = 1``), after validating it.
 
@@ -151,6 +161,7 @@ def matrix_to_perm(P: torch.Tensor, *, atol: float = 0.0) -> torch.Tensor:
     return is_one.to(torch.int64).argmax(dim=1)
 
 
+@accepts_arrays("D")
 def nearest_permutation(D: torch.Tensor, *, name: str | None = None) -> torch.Tensor:
     r"""Euclidean projection onto the permutation matrices: :math:`\arg\min_{P\in\Pi_n} \|P - D\|_F =
     \arg\max_{P\in\Pi_n} \langle P, D\rangle` (one linear assignment).
@@ -177,6 +188,7 @@ def _check_square_batch(M: object, arg: str = "M") -> torch.Tensor:
     return M
 
 
+@accepts_arrays("M")
 def project_unit_marginals(M: torch.Tensor) -> torch.Tensor:
     r"""Exact Euclidean projection onto the affine set :math:`\{X : X\mathbf 1 = \mathbf 1,\ X^\top\mathbf 1 =
     \mathbf 1\}`.
@@ -316,6 +328,7 @@ class _BirkhoffJacobian(torch.autograd.Function):
         return _tangent_projection(X, grad.to(X.dtype)).to(grad.dtype), None
 
 
+@accepts_arrays("M")
 def project_doubly_stochastic(M: torch.Tensor, *, max_iter: int = 1000, tol: float = 1e-9) -> torch.Tensor:
     r"""Euclidean projection onto the Birkhoff polytope of doubly-stochastic matrices.
 
@@ -435,11 +448,13 @@ def project_doubly_stochastic(M: torch.Tensor, *, max_iter: int = 1000, tol: flo
 class BirkhoffDecomposition:
     r"""A (truncated) Birkhoff–von Neumann decomposition :math:`D \approx \sum_j c_j P_j`.
 
+    The arrays are tensors, or numpy arrays when :func:`birkhoff_decomposition` was given numpy input.
+
     Attributes
     ----------
-    coefficients : torch.Tensor
+    coefficients : torch.Tensor or numpy.ndarray
         ``(k,)`` positive weights in the order they were found (greedy: usually decreasing), dtype of ``D``.
-    perms : torch.Tensor
+    perms : torch.Tensor or numpy.ndarray
         ``(k, n)`` int64; row ``j`` is the index form of :math:`P_j`.
     residual : float
         :math:`\|D - \sum_j c_j P_j\|_F`.
@@ -447,21 +462,30 @@ class BirkhoffDecomposition:
         Number of assignments solved.
     """
 
-    coefficients: torch.Tensor
-    perms: torch.Tensor
+    coefficients: torch.Tensor | np.ndarray
+    perms: torch.Tensor | np.ndarray
     residual: float
     n_iter: int
 
-    def reconstruct(self) -> torch.Tensor:
-        r""":math:`\sum_j c_j P_j` as a dense ``(n, n)`` matrix."""
-        n = self.perms.shape[1]
-        out = torch.zeros(n, n, dtype=self.coefficients.dtype, device=self.coefficients.device)
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(coefficients, perms, numpy_out)``: the arrays as tensors and whether they were numpy arrays."""
+        numpy_out = not isinstance(self.coefficients, torch.Tensor)
+        coef = as_tensor(self.coefficients, "decomposition.coefficients")
+        perms = as_tensor(self.perms, "decomposition.perms", device=coef.device)
+        return coef, perms, numpy_out
+
+    def reconstruct(self) -> torch.Tensor | np.ndarray:
+        r""":math:`\sum_j c_j P_j` as a dense ``(n, n)`` matrix (a numpy array when the fields are numpy arrays)."""
+        coef, perms, numpy_out = self._tensors()
+        n = perms.shape[1]
+        out = torch.zeros(n, n, dtype=coef.dtype, device=coef.device)
         rows = torch.arange(n, device=out.device)
-        for c, p in zip(self.coefficients, self.perms):
+        for c, p in zip(coef, perms):
             out[rows, p] += c
-        return out
+        return to_caller_kind(out) if numpy_out else out
 
 
+@accepts_arrays("D")
 def birkhoff_decomposition(
     D: torch.Tensor, *, max_terms: int | None = None, tol: float = 5e-4
 ) -> BirkhoffDecomposition:
@@ -592,7 +616,7 @@ def sample_permutations(
         raise ValueError(f"`k` must be a nonnegative int, got {k!r}")
     if max_terms is not None and (not isinstance(max_terms, int) or max_terms < 1):
         raise ValueError(f"`max_terms` must be a positive int or None, got {max_terms!r}")
-    coef = decomposition.coefficients
+    coef, all_perms, numpy_out = decomposition._tensors()
     if coef.numel() == 0:
         raise ValueError("`decomposition` holds no term to sample from")
     gen = as_generator(generator)
@@ -601,6 +625,8 @@ def sample_permutations(
         order = order[:max_terms]
     weights = coef.detach().cpu().to(torch.float64)[order]
     if k == 0:
-        return decomposition.perms.new_zeros((0, decomposition.perms.shape[1]))
-    idx = torch.multinomial(weights / weights.sum(), k, replacement=True, generator=gen)
-    return decomposition.perms[order[idx].to(decomposition.perms.device)]
+        draws = all_perms.new_zeros((0, all_perms.shape[1]))
+    else:
+        idx = torch.multinomial(weights / weights.sum(), k, replacement=True, generator=gen)
+        draws = all_perms[order[idx].to(all_perms.device)]
+    return to_caller_kind(draws) if numpy_out else draws

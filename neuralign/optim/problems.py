@@ -27,6 +27,7 @@ import torch
 
 from neuralign._utils import as_generator, stable_seed
 from neuralign.errors import ConvergenceWarning
+from neuralign.optim._numpy import accepts_arrays
 from neuralign.optim.pam import PAM, PAMResult, PermutationProblem
 
 __all__ = ["ShuffledRegressionProblem", "solve_shuffled_regression"]
@@ -84,6 +85,7 @@ class ShuffledRegressionProblem(PermutationProblem):
     0.0
     """
 
+    @accepts_arrays("A", "y")
     def __init__(
         self, A: torch.Tensor, y: torch.Tensor, *, l2: float = 0.0, extension: str = "linear"
     ) -> None:
@@ -135,6 +137,7 @@ class ShuffledRegressionProblem(PermutationProblem):
         return 2 * float(self._fit(w.detach()).square().sum().item())
 
 
+@accepts_arrays("A", "y")
 def solve_shuffled_regression(
     A: torch.Tensor,
     y: torch.Tensor,

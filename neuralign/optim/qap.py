@@ -23,6 +23,7 @@ import torch
 
 from neuralign._utils import as_generator, stable_seed
 from neuralign.errors import ConvergenceWarning, DataError
+from neuralign.optim._numpy import accepts_arrays
 from neuralign.optim.birkhoff import is_permutation
 from neuralign.optim.pam import PAM, PermutationProblem
 
@@ -59,6 +60,7 @@ def _check_qap(A: object, B: object) -> tuple[torch.Tensor, torch.Tensor]:
     return A.to(dtype), B.to(dtype=dtype, device=A.device)
 
 
+@accepts_arrays("A", "B", "perm")
 def qap_objective(A: torch.Tensor, B: torch.Tensor, perm: torch.Tensor) -> float:
     r""":math:`\sum_{i,j} A_{ij} B_{p(i)p(j)}` in float64.
 
@@ -89,6 +91,7 @@ class QAPProblem(PermutationProblem):
     11.0
     """
 
+    @accepts_arrays("A", "B")
     def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
         self.A, self.B = _check_qap(A, B)
         self.sizes = {"p": self.A.shape[0]}
@@ -184,6 +187,7 @@ def _two_opt_tolerance(A: torch.Tensor, B: torch.Tensor) -> float:
     return 1e-12 * max(scale, 1e-300)
 
 
+@accepts_arrays("A", "B", "perm")
 def local_search_2opt(
     A: torch.Tensor, B: torch.Tensor, perm: torch.Tensor, *, max_iter: int | None = None
 ) -> TwoOptResult:
@@ -269,6 +273,7 @@ class QAPResult:
 QAP_METHODS = ("pam", "2opt")
 
 
+@accepts_arrays("A", "B")
 def solve_qap(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -472,6 +477,7 @@ def load_qaplib(path: str | os.PathLike, *, dtype: torch.dtype = torch.float64) 
     return A, B
 
 
+@accepts_arrays("A", "B")
 def load_qaplib_solution(
     path: str | os.PathLike, *, A: torch.Tensor | None = None, B: torch.Tensor | None = None
 ) -> tuple[float, torch.Tensor]:

@@ -102,8 +102,10 @@ def test_bad_shapes_and_kinds():
         solve_assignment(torch.zeros(2, 2, 2))
     with pytest.raises(ValueError, match=r"group `fc`: `cost` must be a 2-D tensor, got shape \(3,\)"):
         solve_assignment(torch.zeros(3), name="fc")
-    with pytest.raises(TypeError, match=r"`cost` must be a torch.Tensor, got list"):
-        solve_assignment([[1.0]])
+    with pytest.raises(TypeError, match=r"`cost` must be a torch.Tensor or a numeric array-like, got str of dtype"):
+        solve_assignment("ab")
+    with pytest.raises(TypeError, match=r"`cost` must be a torch.Tensor or a numeric array-like, got list: "):
+        solve_assignment([[1.0], [1.0, 2.0]])
     with pytest.raises(TypeError, match=r"must be a real tensor, got dtype torch.bool"):
         solve_assignment(torch.zeros(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"`certificate=True` needs a square cost matrix, got shape \(2, 3"):

@@ -46,7 +46,8 @@ def test_is_permutation_rejects():
     assert not is_permutation(torch.tensor([0, 2]))
     assert not is_permutation(torch.tensor([0.0, 1.0]))
     assert not is_permutation(torch.tensor([[0, 1]]))
-    assert not is_permutation([0, 1])
+    assert is_permutation([1, 0]) and is_permutation(np.array([2, 0, 1]))  # array-likes are read too
+    assert not is_permutation("ab") and not is_permutation(np.array([0.0, 1.0]))
     assert is_permutation(torch.zeros(0, dtype=torch.int64))
 
 
