@@ -3,6 +3,13 @@
 Linear assignment (exact and its LP relaxation), the Birkhoff polytope (projection, Birkhoff–von Neumann
 decomposition and sampling), the proximal alternating minimisation solver :class:`PAM` and the quadratic
 assignment problem.
+
+The functions that take matrices (assignment, Birkhoff, QAP, shuffled regression, and the constructors of
+:class:`QAPProblem` and :class:`ShuffledRegressionProblem`) accept numpy arrays and other numeric array-likes
+as well as tensors, and answer in the caller's kind: when none of the matrix arguments is a ``torch.Tensor``,
+every tensor of the result (also the fields of a result dataclass) is a numpy array of the same dtype; with
+tensors, results are tensors on the input's device, as before. :class:`PAM` and :func:`pam` work on a
+:class:`PermutationProblem` written in torch and stay torch-only.
 """
 
 from __future__ import annotations

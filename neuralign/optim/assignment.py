@@ -167,9 +167,9 @@ def assignment_duals(
 
     Parameters
     ----------
-    cost : torch.Tensor
+    cost : torch.Tensor or array-like
         Square ``(n, n)`` real cost matrix.
-    perm : torch.Tensor
+    perm : torch.Tensor or array-like
         ``int64`` permutation of length ``n`` (assumed optimal).
     maximize : bool
         When ``True`` the potentials satisfy ``u[i] + v[j] >= cost[i, j]`` instead.
@@ -232,7 +232,7 @@ def solve_assignment(
 
     Parameters
     ----------
-    cost : torch.Tensor
+    cost : torch.Tensor or array-like
         ``(n_rows, n_cols)`` real tensor (any float dtype, any device).
     maximize : bool
         Maximise :math:`\sum_i C_{i\sigma(i)}` instead.
@@ -245,12 +245,12 @@ def solve_assignment(
     -------
     AssignmentResult
         ``perm`` (int64, on ``cost``'s device), ``fun`` and the assigned pairs; see :class:`AssignmentResult`
-        for the rectangular convention.
+        for the rectangular convention. Its tensors are numpy arrays when ``cost`` is not a tensor.
 
     Raises
     ------
     TypeError
-        If ``cost`` is not a real tensor.
+        If ``cost`` is not a real tensor or numeric array-like.
     ValueError
         If ``cost`` is not 2-D, or ``certificate=True`` with a rectangular cost.
     NonFiniteError
@@ -342,7 +342,7 @@ def solve_assignment_lp(cost: torch.Tensor, *, solver: str | None = None) -> Ass
 
     Parameters
     ----------
-    cost : torch.Tensor
+    cost : torch.Tensor or array-like
         Square ``(n, n)`` real cost matrix.
     solver : str, optional
         A cvxpy solver name; by default the first installed of ``HIGHS, CLARABEL, SCIPY, SCS, OSQP``.
@@ -447,9 +447,9 @@ def proximal_step_bound(gradient: torch.Tensor, perm: torch.Tensor, *, max_iter:
 
     Parameters
     ----------
-    gradient : Tensor (n, n)
+    gradient : torch.Tensor or array-like (n, n)
         :math:`G = \nabla_P F`.
-    perm : Tensor (n,)
+    perm : torch.Tensor or array-like (n,)
         The permutation :math:`P` (index form, ``P[i, perm[i]] = 1``).
     max_iter : int
         Cap on Dinkelbach iterations (it converges finitely, typically in a few).

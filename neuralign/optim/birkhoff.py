@@ -80,7 +80,7 @@ def perm_to_matrix(
 
     Parameters
     ----------
-    perm : torch.Tensor
+    perm : torch.Tensor or array-like
         1-D integer permutation of length ``n``.
     dtype : torch.dtype, optional
         Default ``torch.get_default_dtype()``.
@@ -119,7 +119,7 @@ def matrix_to_perm(P: torch.Tensor, *, atol: float = 0.0) -> torch.Tensor:
 
     Parameters
     ----------
-    P : torch.Tensor
+    P : torch.Tensor or array-like
         ``(n, n)`` matrix whose entries are 0 or 1 (within ``atol``), with one 1 per row and per column.
     atol : float
         Tolerance on the entries.
@@ -504,7 +504,7 @@ def birkhoff_decomposition(
 
     Parameters
     ----------
-    D : torch.Tensor
+    D : torch.Tensor or array-like
         ``(n, n)`` floating-point matrix, ideally doubly stochastic (e.g. from
         :func:`project_doubly_stochastic`).
     max_terms : int, optional

@@ -52,9 +52,9 @@ class ShuffledRegressionProblem(PermutationProblem):
 
     Parameters
     ----------
-    A : torch.Tensor
+    A : torch.Tensor or array-like
         ``(n, d)`` design matrix.
-    y : torch.Tensor
+    y : torch.Tensor or array-like
         ``(n,)`` or ``(n, k)`` shuffled responses; ``x`` is then ``[w]`` with ``w`` of shape ``(d,)`` or ``(d, k)``.
     l2 : float
         Ridge coefficient :math:`\alpha \ge 0`.
@@ -160,9 +160,9 @@ def solve_shuffled_regression(
 
     Parameters
     ----------
-    A : torch.Tensor
+    A : torch.Tensor or array-like
         ``(n, d)`` design matrix.
-    y : torch.Tensor
+    y : torch.Tensor or array-like
         ``(n,)`` or ``(n, k)`` shuffled responses.
     method : {"exact", "linearized", "birkhoff"}
         The PAM P-step (``"linearized"`` equals ``"exact"`` on the linear extension).

@@ -196,9 +196,9 @@ def local_search_2opt(
 
     Parameters
     ----------
-    A, B : torch.Tensor
+    A, B : torch.Tensor or array-like
         ``(n, n)`` flow and distance matrices.
-    perm : torch.Tensor
+    perm : torch.Tensor or array-like
         Starting permutation (not modified).
     max_iter : int, optional
         Maximum number of swaps (default :math:`n^2`... unbounded until a local minimum, at most ``100 n^2``).
@@ -304,7 +304,7 @@ def solve_qap(
 
     Parameters
     ----------
-    A, B : torch.Tensor
+    A, B : torch.Tensor or array-like
         ``(n, n)`` real matrices (flow, distance).
     method : {"pam", "2opt"}
         Algorithm.
@@ -492,7 +492,7 @@ def load_qaplib_solution(
     ----------
     path : path-like
         The ``.sln`` file.
-    A, B : torch.Tensor, optional
+    A, B : torch.Tensor or array-like, optional
         The instance (from :func:`load_qaplib`), to validate the permutation against the objective.
 
     Returns
