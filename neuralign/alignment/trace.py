@@ -1,20 +1,30 @@
 """Discover a network's permutation groups automatically by tracing it with torch.fx.
 
-The tracer runs the model's fx graph once on an example input and propagates, for every tensor, which
-permutation group (if any) acts on each of its axes. Layers that mix features (Linear, Conv) start a new group on
-their output axis and record that their weight's input axis carries the incoming group; batch norm, layer norm,
-elementwise functions and pooling carry groups through; residual additions tie the groups of both operands into
-one; channel concatenation builds a block-structured axis from the branches' groups; flattening expands a channel
-group over the spatial positions. Groups that reach the network's output are fixed (never permuted), as is the
-input. An operation the tracer cannot prove safe raises :class:`~neuralign.errors.SpecError` naming the fx node.
+The tracer runs the model's fx graph on an example input and propagates, for every tensor, which permutation group
+(if any) acts on each of its axes. Layers that mix features (Linear, Conv) start a new group on their output axis
+and record that their weight's input axis carries the incoming group; normalisation layers, elementwise functions
+and pooling carry groups through; additions and other broadcasting arithmetic tie the groups of their operands;
+concatenation builds a block-structured axis; reshapes expand a group over the positions it is flattened with;
+contractions (matmul, einsum, ``F.linear``) tie the contracted axes. Groups that reach the network's output are
+fixed (never permuted), as is the input.
+
+The tracer is default-deny: every fx node whose value holds a tensor is handled by a rule below or, if one of its
+inputs carries a group, refused with :class:`~neuralign.errors.SpecError` naming the node. Every input of a node
+(positional, keyword, inside lists) is accounted for: a rule that reads only its first operand refuses a node whose
+other tensor operands carry a group. The graph is traced in both train and eval mode (branches on
+``self.training`` differ), and the two traces share their groups. ``tests/alignment/test_trace_fuzz.py`` proves
+every rule by a float64 equivalence check on a family of generated modules.
+
+This is one module because the rules share the interpreter's state (the union-find over groups, the records of
+which tensor axis carries which group) and are only meaningful together.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import operator
+import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,51 +40,125 @@ __all__ = ["trace_spec"]
 
 logger = logging.getLogger(__name__)
 
-# A segment while tracing: (group id or None, units, entries per unit).
-_Seg = tuple
-_Action = tuple  # tuple of _Seg, or None for an axis that is never permuted
+# A segment while tracing: (group id or None, units, entries per unit). An action (the state of one axis) is a
+# tuple of segments, or None for an axis that no group acts on. A tensor's state is a tuple of actions (one per
+# axis); a container's state is a _Seq or dict of states; anything else has state None.
+
+
+class _Seq(tuple):
+    """The state of a tuple or list value (distinguishes containers from a tensor's tuple of axis actions)."""
+
+
+class _Poisoned:
+    """The state of a tensor that depends on the order of permuted units (e.g. indices into a permuted axis).
+
+    Any use of it is refused; ``action`` is the axis it depends on (fixed under ``on_unsupported='fix'``).
+    """
+
+    def __init__(self, why: str, action: tuple) -> None:
+        self.why = why
+        self.action = action
+
+
+class _Unsupported(Exception):
+    """Internal: an operation touches a permuted axis in a way the tracer cannot prove safe."""
+
+
+# ------------------------------------------------------------------------------------------- operation table
+# Operations are looked up by name; a call_function target counts only if it *is* the torch / functional /
+# operator object of that name (a user function that happens to be called ``relu`` is unknown).
+_KINDS: dict[str, tuple[str, ...]] = {
+    # elementwise with an activation tap (post = output, pre = input)
+    "act": (
+        "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "gelu", "silu",
+        "mish", "hardtanh", "hardtanh_", "hardswish", "hardsigmoid", "softplus", "softsign", "logsigmoid",
+        "sigmoid", "sigmoid_", "tanh", "tanh_", "tanhshrink", "threshold", "hardshrink", "softshrink",
+    ),
+    # elementwise over all tensor operands, broadcasting (random ones are exchangeable: same law for every unit)
+    "ew": (
+        "exp", "expm1", "log", "log1p", "log2", "abs", "neg", "negative", "clamp", "clip", "clamp_min",
+        "clamp_max", "clamp_", "square", "sqrt", "rsqrt", "sin", "cos", "erf", "reciprocal", "sign", "floor",
+        "ceil", "round", "trunc", "pow", "add", "add_", "sub", "sub_", "subtract", "mul", "mul_", "multiply",
+        "div", "div_", "divide", "true_divide", "maximum", "minimum", "fmax", "fmin", "where", "masked_fill",
+        "masked_fill_", "lerp", "addcmul", "addcdiv", "atan2", "hypot", "eq", "ne", "lt", "le", "gt", "ge",
+        "logical_and", "logical_or", "logical_not", "isnan", "isfinite", "nan_to_num", "dropout", "dropout1d",
+        "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "stochastic_depth", "iadd", "isub",
+        "imul", "itruediv", "truediv", "floordiv", "mod", "pos", "zeros_like", "ones_like", "full_like",
+        "rand_like", "randn_like",
+    ),
+    # one tensor operand, equivariant along every axis, extra tensor operands only for their dtype/device
+    "cast": ("contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type", "type_as", "detach",
+             "cpu", "cuda", "requires_grad_", "data"),
+    # one tensor operand, equivariant along every axis (including the one it normalises over)
+    "equi": ("softmax", "log_softmax", "softmin", "normalize"),
+    "axes": ("transpose", "swapaxes", "swapdims", "permute", "t", "movedim", "moveaxis", "T", "mT", "H", "mH"),
+    "reshape": ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+                "expand", "expand_as", "repeat", "repeat_interleave"),
+    "reduce": ("sum", "mean", "amax", "amin", "max", "min", "logsumexp", "prod", "std", "var", "norm",
+               "vector_norm", "all", "any", "nansum", "nanmean", "argmax", "argmin"),
+    "scan": ("cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "flip", "roll", "diff"),
+    "sort": ("sort", "argsort", "topk", "kthvalue", "msort"),
+    "select": ("getitem", "index_select", "gather", "narrow", "select", "take_along_dim"),
+    "cat": ("cat", "concat", "concatenate", "stack"),
+    "split": ("split", "chunk", "unbind", "tensor_split"),
+    "spatial": (
+        "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+        "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample", "pad",
+        "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+    ),
+    "pixel": ("pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle"),
+    "contract": ("matmul", "mm", "bmm", "einsum", "linear"),
+    "fnorm": ("layer_norm", "batch_norm", "group_norm", "instance_norm"),
+    "attention": ("scaled_dot_product_attention",),
+    "factory": ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"),
+    "meta": ("len", "size", "dim", "numel", "shape", "dtype", "device", "ndim", "is_contiguous", "is_floating_point",
+             "element_size", "stride", "requires_grad", "is_cuda", "layout", "getattr_meta", "_assert"),
+}  # fmt: skip
+_KIND = {name: kind for kind, names in _KINDS.items() for name in names}
+_OPERATORS = {
+    operator.add: "add", operator.iadd: "iadd", operator.sub: "sub", operator.isub: "isub", operator.mul: "mul",
+    operator.imul: "imul", operator.truediv: "truediv", operator.itruediv: "itruediv", operator.floordiv: "floordiv",
+    operator.mod: "mod", operator.neg: "neg", operator.pos: "pos", operator.abs: "abs", operator.pow: "pow",
+    operator.eq: "eq", operator.ne: "ne", operator.lt: "lt", operator.le: "le", operator.gt: "gt",
+    operator.ge: "ge", operator.getitem: "getitem", operator.matmul: "matmul", getattr: "getattr", len: "len",
+}  # fmt: skip
+
+
+def _function_table() -> dict[Any, str]:
+    table: dict[Any, str] = dict(_OPERATORS)
+    namespaces: list[Any] = [torch, F, torch.linalg, torch.special]
+    try:
+        import torchvision.ops
+
+        namespaces.append(torchvision.ops)
+    except ImportError:  # torchvision is a dependency, but the tracer does not need it
+        pass
+    for ns in namespaces:
+        for name in _KIND:
+            obj = getattr(ns, name, None)
+            if callable(obj) and not isinstance(obj, type):
+                table.setdefault(obj, name)
+    table[torch._assert] = "_assert"
+    return table
+
+
+_FUNCTIONS = _function_table()
+_TENSOR_ATTRS = {"T", "mT", "H", "mH", "data"}
 
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
     nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.PReLU,
+    nn.Threshold, nn.Hardshrink, nn.Softshrink,
 )  # fmt: skip
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Softmax,
-                 nn.LogSoftmax)  # fmt: skip
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                 nn.FeatureAlphaDropout, nn.Softmax, nn.LogSoftmax, nn.Softmin)  # fmt: skip
 _SPATIAL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.LPPool1d, nn.LPPool2d, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
     nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
 )  # fmt: skip
-_ACTIVATION_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardtanh,
-    F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.logsigmoid, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
-    F.relu_, torch.relu_,
-}  # fmt: skip
-_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
-_PASS_FUNCTIONS = {
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.exp, torch.abs, operator.neg,
-    torch.neg, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.clone, torch.clamp, torch.square,
-    torch.sqrt, operator.pos,
-}  # fmt: skip
-_PASS_METHODS = {
-    "contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as", "detach", "exp", "abs", "neg",
-    "clamp", "clamp_min", "clamp_max", "softmax", "log_softmax", "square", "sqrt", "requires_grad_",
-}  # fmt: skip
-_BINARY = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv,
-    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
-}  # fmt: skip
-_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
-_SPATIAL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d, F.interpolate, F.pad,
-}  # fmt: skip
-_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp}
-_REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "logsumexp"}
 
 
 class _Groups:
@@ -124,44 +208,123 @@ class _Groups:
         return self.layer[r] and not self.fixed[r]
 
 
-class _Unsupported(Exception):
-    """Internal: an operation touches a permuted axis in a way the tracer cannot prove safe."""
+def _length(action: Sequence) -> int:
+    return sum(n * e for _, n, e in action)
+
+
+def _is_tensor_state(state: Any) -> bool:
+    return isinstance(state, tuple) and not isinstance(state, _Seq)
+
+
+def _none_state(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (None,) * value.ndim
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        return _Seq(_none_state(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _none_state(v) for k, v in value.items()}
+    return None
+
+
+def _state_fits(value: Any, state: Any) -> bool:
+    """Whether ``state`` describes every tensor inside ``value`` (the default-deny invariant)."""
+    if isinstance(value, torch.Tensor):
+        return isinstance(state, _Poisoned) or (_is_tensor_state(state) and len(state) == value.ndim)
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        return isinstance(state, _Seq) and len(state) == len(value) and all(map(_state_fits, value, state))
+    if isinstance(value, dict):
+        return isinstance(state, dict) and state.keys() == value.keys() and all(
+            _state_fits(v, state[k]) for k, v in value.items()
+        )
+    return True
+
+
+def _iter_segments(state: Any):
+    """Every traced segment inside a (possibly nested) state."""
+    if isinstance(state, _Poisoned):
+        yield from state.action or ()
+    elif _is_tensor_state(state):
+        for action in state:
+            yield from action or ()
+    elif isinstance(state, _Seq):
+        for s in state:
+            yield from _iter_segments(s)
+    elif isinstance(state, dict):
+        for s in state.values():
+            yield from _iter_segments(s)
+
+
+def _has_group(state: Any) -> bool:
+    return any(seg[0] is not None for seg in _iter_segments(state))
+
+
+def _poison(state: Any) -> _Poisoned | None:
+    """The first poisoned tensor inside a (possibly nested) state."""
+    if isinstance(state, _Poisoned):
+        return state
+    for s in state if isinstance(state, _Seq) else state.values() if isinstance(state, dict) else ():
+        found = _poison(s)
+        if found is not None:
+            return found
+    return None
 
 
 class _SpecInterpreter(torch.fx.Interpreter):
-    """Runs the graph once and propagates per-axis group states next to the real values."""
+    """Runs one graph and propagates per-axis group states next to the real values.
 
-    def __init__(self, gm: torch.fx.GraphModule, on_unsupported: str) -> None:
+    Several interpreters (the train-mode and eval-mode graphs) share one ``groups`` / ``records`` / ``subst`` so
+    that the spec covers both; only the one with ``taps=True`` records taps (its node names are the ones the
+    alignment reads).
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, shared: _SpecInterpreter | None, *, on_unsupported: str,
+                 taps: bool, aliases: dict[str, str]) -> None:  # fmt: skip
         super().__init__(gm)
-        self.groups = _Groups()
-        self.states: dict[str, Any] = {}
-        self.records: dict[tuple[str, int], _Action] = {}
-        self.subst: dict[int, _Action] = {}
+        self.groups = shared.groups if shared else _Groups()
+        self.records: dict[tuple[str, int], Any] = shared.records if shared else {}
+        self.subst: dict[int, Any] = shared.subst if shared else {}
         self.taps: list[tuple[int, Tap]] = []
+        self.collect_taps = taps
         self.on_unsupported = on_unsupported
+        self.aliases = aliases
+        self.states: dict[str, Any] = {}
         self.node: torch.fx.Node | None = None
 
     # -------------------------------------------------------------- helpers
     def _fail(self, why: str) -> None:
         raise _Unsupported(why)
 
-    def _new(self, name: str, size: int, *, layer: bool = True) -> _Action:
-        return ((self.groups.new(name, size, layer=layer), size, 1),)
+    def _new(self, name: str, size: int, *, layer: bool = True) -> tuple | None:
+        """A new group of ``size`` units (None for a single unit: it has only the identity permutation)."""
+        return ((self.groups.new(name, size, layer=layer), size, 1),) if size > 1 else None
 
-    def _norm(self, action: _Action) -> _Action:
-        """Replace groups that were split into blocks (see :meth:`_unify`) by those blocks."""
+    def _produce(self, n: torch.fx.Node, name: str, size: int, axis: int) -> tuple | None:
+        """A new layer group produced at ``axis`` of node ``n``, with an "out" tap there."""
+        out = self._new(name, size)
+        if out is not None and self.collect_taps:
+            self.taps.append((out[0][0], Tap(n.name, axis, "out")))
+        return out
+
+    def _norm(self, action):
+        """Replace groups that were split into blocks or coarsened (see :meth:`_unify`, :meth:`_coarsen`) and
+        merge neighbouring unpermuted segments."""
         if action is None:
             return None
-        out = []
+        out: list = []
         for gid, size, expand in action:
             root = self.groups.find(gid) if gid is not None else None
             if root is not None and root in self.subst:
-                out.extend(self._norm(tuple((g, n, e * expand) for g, n, e in self.subst[root])))
+                parts = self._norm(tuple((g, n, e * expand) for g, n, e in self.subst[root]))
             else:
-                out.append((gid, size, expand))
+                parts = ((gid, size, expand) if gid is not None else (None, size * expand, 1),)
+            for p in parts:
+                if p[0] is None and out and out[-1][0] is None:
+                    out[-1] = (None, out[-1][1] + p[1], 1)
+                else:
+                    out.append(p)
         return tuple(out)
 
-    def _fix_action(self, action: _Action) -> None:
+    def _fix_action(self, action) -> None:
         for gid, _, _ in self._norm(action) or ():
             if gid is not None:
                 self.groups.fix(gid)
@@ -169,9 +332,15 @@ class _SpecInterpreter(torch.fx.Interpreter):
     def _fix_state(self, state: Any) -> None:
         for gid, _, _ in _iter_segments(state):
             if gid is not None:
-                self.groups.fix(gid)
+                self._fix_action(((gid, 1, 1),))
 
-    def _unify(self, a: _Action, b: _Action) -> _Action:
+    def _promote(self, action) -> None:
+        """Groups of a parameter axis that now produce units of the network (e.g. ``x @ self.w``) are layers."""
+        for gid, _, _ in self._norm(action) or ():
+            if gid is not None:
+                self.groups.layer[self.groups.find(gid)] = True
+
+    def _unify(self, a, b):
         """Both actions must act identically on one axis: union their groups (or fix them against None)."""
         if a is None and b is None:
             return None
@@ -179,83 +348,118 @@ class _SpecInterpreter(torch.fx.Interpreter):
             self._fix_action(a if a is not None else b)
             return None
         ia, ib = list(self._norm(a)), list(self._norm(b))
-        if sum(s[1] * s[2] for s in ia) != sum(s[1] * s[2] for s in ib):
+        if _length(ia) != _length(ib):
             self._fail("operands of different lengths on one axis")
         for one, many in ((ia, ib), (ib, ia)):
             # a whole group meeting a block structure (e.g. a learnt per-channel scale applied to a
-            # concatenation) is split into the same blocks
-            if len(one) == 1 and len(many) > 1 and one[0][0] is not None and all(m[2] == one[0][2] for m in many):
-                self.subst[self.groups.find(one[0][0])] = tuple((g, n, 1) for g, n, _ in many)
+            # concatenation) is split into the same blocks, unpermuted blocks included
+            e = one[0][2]
+            if len(one) == 1 and len(many) > 1 and one[0][0] is not None and all(
+                (m[2] == e) if m[0] is not None else (m[1] % e == 0) for m in many
+            ):
+                self.subst[self.groups.find(one[0][0])] = tuple(
+                    (g, k, 1) if g is not None else (None, k // e, 1) for g, k, _ in many
+                )
                 return tuple(many)
         if len(ia) != len(ib) or any(x[1] * x[2] != y[1] * y[2] for x, y in zip(ia, ib)):
             self._fail("operands carry differently structured (concatenated) groups on one axis")
         merged = []
         for x, y in zip(ia, ib):
-            if x[2] != y[2]:
-                self._fail("operands carry groups expanded over different numbers of positions")
             if x[0] is None or y[0] is None:
                 for s in (x, y):
                     if s[0] is not None:
                         self.groups.fix(s[0])
-                merged.append((None, x[1], x[2]))
+                merged.append((None, x[1] * x[2], 1))
+            elif x[2] != y[2] or x[1] != y[1]:
+                self._fail("operands carry groups expanded over different numbers of positions")
             else:
                 self.groups.union(x[0], y[0], self.node.name)
                 merged.append(x)
-        return tuple(merged)
+        return self._norm(tuple(merged))
 
-    def _record(self, key: str, axis: int, action: _Action) -> None:
+    def _record(self, key: str, axis: int, action) -> None:
         if action is None:
             return
+        key = self.aliases.get(key, key)
         if (key, axis) in self.records:
             self.records[(key, axis)] = self._unify(self.records[(key, axis)], action)
         else:
             self.records[(key, axis)] = action
 
-    def _state(self, arg: Any, value: Any = None) -> Any:
+    def _state(self, arg: Any) -> Any:
         if isinstance(arg, torch.fx.Node):
-            return self.states.get(arg.name)
+            return self.states[arg.name]
         if isinstance(arg, (list, tuple)):
-            return type(arg)(self._state(a) for a in arg)
+            return _Seq(self._state(a) for a in arg)
+        if isinstance(arg, dict):
+            return {k: self._state(v) for k, v in arg.items()}
+        if isinstance(arg, torch.Tensor):
+            return (None,) * arg.ndim
         return None
 
-    @staticmethod
-    def _tensor_state(state: Any, value: torch.Tensor) -> tuple:
-        if isinstance(state, tuple) and len(state) == value.ndim:
-            return state
-        return (None,) * value.ndim
+    def _value(self, arg: Any) -> Any:
+        return torch.fx.node.map_arg(arg, lambda a: self.env[a])
 
-    def _arg_tensor_states(self, args: Sequence, values: Sequence) -> list[tuple[tuple, torch.Tensor]]:
-        out = []
-        for a, v in zip(args, values):
-            if isinstance(v, torch.Tensor):
-                out.append((self._tensor_state(self._state(a), v), v))
-        return out
+    def _tstate(self, arg: Any) -> tuple:
+        """The per-axis state of a tensor operand (refusing operands that depend on the order of units)."""
+        st = self._state(arg)
+        if isinstance(st, _Poisoned):
+            self._fail(f"it uses {st.why}")
+        if not _is_tensor_state(st):
+            self._fail("an operand the tracer expected to be a tensor is not one")
+        return st
 
     def _tap(self, state: tuple, kind: str, node_name: str) -> None:
+        if not self.collect_taps:
+            return
         for axis, action in enumerate(state):
+            action = self._norm(action)
             if action is not None and len(action) == 1 and action[0][0] is not None and action[0][2] == 1:
                 self.taps.append((action[0][0], Tap(node_name, axis, kind)))
 
+    def _account(self, n: torch.fx.Node, used: Sequence[Any]) -> None:
+        """Refuse a node whose inputs other than ``used`` carry a group (nothing is silently ignored)."""
+        used_nodes = {u for u in used if isinstance(u, torch.fx.Node)}
+        for a in n.all_input_nodes:
+            if a not in used_nodes and _has_group(self.states[a.name]):
+                self._fail(f"its operand `{a.name}` is permuted but the rule for this operation does not use it")
+
+    @staticmethod
+    def _arg(n: torch.fx.Node, pos: int, name: str, default: Any = None) -> Any:
+        if len(n.args) > pos:
+            return n.args[pos]
+        return n.kwargs.get(name, default)
+
     # -------------------------------------------------------------- running
     def run_node(self, n: torch.fx.Node) -> Any:
-        value = super().run_node(n)
         self.node = n
+        value = super().run_node(n)
+        if n.op == "output":
+            state = self._state(n.args[0])
+            bad = _poison(state)
+            if bad is not None and self.on_unsupported != "fix":
+                raise SpecError(
+                    f"cannot prove that the output of the network is safe to permute: it returns {bad.why}. Build "
+                    "the spec by hand with neuralign.alignment.SpecBuilder, or pass on_unsupported='fix'."
+                )
+            self._fix_state(state)
+            return value
         try:
             state = self._rule(n, value)
+            if not _state_fits(value, state):
+                self._fail("the tracer has no rule for the structure of its output")
         except _Unsupported as exc:
-            inputs = [self._state(a) for a in n.all_input_nodes]
-            if self.on_unsupported == "fix":
-                for s in inputs:
-                    self._fix_state(s)
-                logger.info("fx node `%s`: %s; the groups it touches stay unpermuted", n.name, exc)
-                state = _none_state(value)
-            else:
+            if self.on_unsupported != "fix":
                 what = n.target if n.op != "call_module" else type(self.module.get_submodule(n.target)).__name__
                 raise SpecError(
                     f"cannot prove that fx node `{n.name}` ({n.op} {getattr(what, '__name__', what)}) is safe to "
                     f"permute: {exc}. Build the spec by hand with neuralign.alignment.SpecBuilder, or pass "
                     f"on_unsupported='fix' to leave the groups it touches unpermuted."
                 ) from None
+            for a in n.all_input_nodes:
+                self._fix_state(self.states[a.name])
+            logger.info("fx node `%s`: %s; the groups it touches stay unpermuted", n.name, exc)
+            state = _none_state(value)
         self.states[n.name] = state
         return value
 
@@ -263,65 +467,72 @@ class _SpecInterpreter(torch.fx.Interpreter):
         if n.op == "placeholder":
             return _none_state(value)
         if n.op == "get_attr":
-            if not isinstance(value, torch.Tensor):
-                return None
-            state = tuple(self._new(f"{n.target}:{ax}", s, layer=False) if s > 1 else None
-                          for ax, s in enumerate(value.shape))  # fmt: skip
-            for ax, action in enumerate(state):
-                self._record(n.target, ax, action)
-            return state
-        if n.op == "output":
-            self._fix_state(self._state(n.args[0]))
-            return None
-        args = n.args
+            return self._get_attr(n, value)
         if n.op == "call_module":
             return self._module_rule(n, self.module.get_submodule(n.target), value)
-        vals = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in args]
         if n.op == "call_method":
-            return self._method_rule(n, n.target, args, vals, value)
-        return self._function_rule(n, n.target, args, vals, value)
+            name = n.target
+            if not isinstance(self._value(n.args[0]), torch.Tensor):
+                name = None
+        else:
+            name = _FUNCTIONS.get(n.target) if _hashable(n.target) else None
+            if name == "getattr":
+                name = n.args[1] if n.args[1] in _TENSOR_ATTRS else "getattr_meta"
+        kind = _KIND.get(name)
+        if kind is None:
+            return self._unknown(n, value)
+        return getattr(self, f"_r_{kind}")(n, name, value)
+
+    def _get_attr(self, n: torch.fx.Node, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return _none_state(value)
+        key = self.aliases.get(n.target)
+        if key is None:
+            return (None,) * value.ndim  # a constant that is not in the state dict is never permuted
+        state = tuple(self._new(f"{key}:{ax}", s, layer=False) if s > 1 else None for ax, s in enumerate(value.shape))
+        for ax, action in enumerate(state):
+            self._record(key, ax, action)
+        return state
+
+    def _unknown(self, n: torch.fx.Node, value: Any) -> Any:
+        """An operation of unknown meaning is safe only if none of its inputs carries a group."""
+        for a in n.all_input_nodes:
+            if _has_group(self.states[a.name]):
+                self._fail(
+                    f"it is not a known permutation-equivariant operation and its operand `{a.name}` is permuted"
+                )
+        return _none_state(value)
 
     # ---------------------------------------------------------------- modules
     def _module_rule(self, n: torch.fx.Node, m: nn.Module, value: Any) -> Any:
-        x_node = n.args[0] if n.args else None
-        x = self.env.get(x_node) if isinstance(x_node, torch.fx.Node) else None
-        st = self._tensor_state(self._state(x_node), x) if isinstance(x, torch.Tensor) else None
+        x_node = self._arg(n, 0, "input")
+        x = self._value(x_node)
+        if isinstance(m, nn.MultiheadAttention):
+            return self._mha(n, m, value)
+        if not isinstance(x, torch.Tensor):
+            return self._unknown(n, value)
+        st = self._tstate(x_node)
         name = n.target
+        known = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                 nn.Embedding, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Flatten, nn.Unflatten,
+                 *_ACTIVATION_MODULES, *_PASS_MODULES, *_SPATIAL_MODULES)  # fmt: skip
+        if not isinstance(m, known):
+            return self._unknown(n, value)
+        self._account(n, [x_node])
         if isinstance(m, nn.Linear):
             self._record(f"{name}.weight", 1, st[-1])
-            out = self._new(name, m.out_features)
+            out = self._produce(n, name, m.out_features, value.ndim - 1)
             self._record(f"{name}.weight", 0, out)
             if m.bias is not None:
                 self._record(f"{name}.bias", 0, out)
-            self.taps.append((out[0][0], Tap(n.name, value.ndim - 1, "out")))
             return st[:-1] + (out,)
         if isinstance(m, nn.modules.conv._ConvNd):
-            nd = len(m.kernel_size)
-            if x.ndim != nd + 2:
-                self._fail(f"unbatched input of shape {tuple(x.shape)}")
-            self._require_none(st, range(2, x.ndim), "a convolution mixes spatial positions")
-            transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-            in_axis, out_axis = (0, 1) if transposed else (1, 0)
-            if m.groups == 1:
-                self._record(f"{name}.weight", in_axis, st[1])
-                out = self._new(name, m.out_channels)
-                self._record(f"{name}.weight", out_axis, out)
-                if m.bias is not None:
-                    self._record(f"{name}.bias", 0, out)
-                self.taps.append((out[0][0], Tap(n.name, 1, "out")))
-            elif m.groups == m.in_channels == m.out_channels and not transposed:
-                out = st[1]  # depthwise: channel c only sees channel c
-                self._record(f"{name}.weight", 0, out)
-                if m.bias is not None:
-                    self._record(f"{name}.bias", 0, out)
-            elif st[1] is None:
-                out = None
-            else:
-                self._fail(f"grouped convolution with groups={m.groups} on permuted channels")
-            return (st[0], out) + (None,) * (value.ndim - 2)
+            return self._conv(n, m, st, x, value)
         if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-            if isinstance(m, nn.GroupNorm) and m.num_groups not in (1, m.num_channels) and st[1] is not None:
-                self._fail(f"GroupNorm with {m.num_groups} groups mixes the statistics of permuted channels")
+            if x.ndim < 2:
+                self._fail("a normalisation layer on an unbatched input")
+            if isinstance(m, nn.GroupNorm):
+                st = (st[0], self._within_blocks(st[1], m.num_groups, "GroupNorm")) + st[2:]
             for attr in ("weight", "bias", "running_mean", "running_var"):
                 if getattr(m, attr, None) is not None:
                     self._record(f"{name}.{attr}", 0, st[1])
@@ -334,9 +545,8 @@ class _SpecInterpreter(torch.fx.Interpreter):
                         self._record(f"{name}.{attr}", j, st[x.ndim - k + j])
             return st
         if isinstance(m, nn.Embedding):
-            out = self._new(name, m.embedding_dim)
+            out = self._produce(n, name, m.embedding_dim, value.ndim - 1)
             self._record(f"{name}.weight", 1, out)
-            self.taps.append((out[0][0], Tap(n.name, value.ndim - 1, "out")))
             return st + (out,)
         if isinstance(m, _ACTIVATION_MODULES):
             if isinstance(m, nn.PReLU) and m.num_parameters > 1:
@@ -348,81 +558,153 @@ class _SpecInterpreter(torch.fx.Interpreter):
         if isinstance(m, _PASS_MODULES):
             return st
         if isinstance(m, _SPATIAL_MODULES):
-            return self._spatial(st, x, value)
-        if isinstance(m, (nn.Flatten, nn.Unflatten)):
-            return self._reshape(st, x, value)
-        return self._unknown(n, value)
+            out = self._spatial(st, x, value[0] if isinstance(value, tuple) else value)
+            return _Seq((out, out)) if isinstance(value, tuple) else out
+        if isinstance(m, (nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)):
+            kind = {nn.PixelShuffle: "pixel_shuffle", nn.PixelUnshuffle: "pixel_unshuffle"}.get(type(m), "channel")
+            factor = getattr(m, "upscale_factor", None) or getattr(m, "downscale_factor", None) or m.groups
+            return self._pixel(st, kind, factor, x, value, 1 if kind == "channel" else x.ndim - 3)
+        return self._reshape(st, x, value)  # Flatten, Unflatten
+
+    def _conv(self, n, m, st, x, value) -> tuple:
+        name = n.target
+        nd = len(m.kernel_size)
+        if x.ndim != nd + 2:
+            self._fail(f"unbatched input of shape {tuple(x.shape)}")
+        for ax in range(2, x.ndim):
+            if st[ax] is not None:
+                self._fail(f"a convolution mixes spatial positions, and axis {ax} is permuted")
+        transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+        in_axis, out_axis = (0, 1) if transposed else (1, 0)
+        if m.groups == 1:
+            self._record(f"{name}.weight", in_axis, st[1])
+            out = self._produce(n, name, m.out_channels, 1)
+            self._record(f"{name}.weight", out_axis, out)
+        else:
+            # groups of channels are permuted as whole blocks (the weight's in-block axis is shared by all
+            # groups, so channels cannot move within a block): every unit of the input must cover whole blocks
+            # of in_channels / groups channels (a finer group is coarsened); the output follows block by block
+            blocks = self._coarsen(st[1], m.groups, "a grouped convolution")
+            per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
+            out = None if blocks is None else tuple(
+                (g, k, e // per_in * per_out) if g is not None else (None, k * e // per_in * per_out, 1)
+                for g, k, e in blocks
+            )
+            self._record(f"{name}.weight", 0, blocks if transposed else out)
+        if m.bias is not None:
+            self._record(f"{name}.bias", 0, out)
+        return (st[0], out) + (None,) * (value.ndim - 2)
+
+    def _coarsen(self, action, groups: int, what: str):
+        """``action`` on a channel axis read in ``groups`` contiguous blocks, with every unit covering whole
+        blocks: a group whose units are finer than a block is coarsened (``subst``) into units of whole blocks."""
+        action = self._norm(action)
+        if action is None or groups == 1:
+            return action
+        block = _length(action) // groups
+        offset = 0
+        for gid, k, e in action:
+            if gid is not None and e % block:
+                if block % e or k % (block // e) or offset % block:
+                    self._fail(f"{what} with {groups} groups splits permuted units across its groups")
+                r = block // e
+                root = self.groups.find(gid)
+                coarse = self.groups.new(self.groups.name[root], k // r)
+                if self.groups.fixed[root]:
+                    self.groups.fix(coarse)
+                self.subst[root] = ((coarse, k // r, r),)
+            elif gid is None and (offset % block or (k * e) % block):
+                self._fail(f"{what} with {groups} groups mixes permuted and unpermuted channels in one group")
+            offset += k * e
+        return self._norm(action)
+
+    def _within_blocks(self, action, groups: int, what: str):
+        """``action`` on a channel axis whose ``groups`` contiguous blocks are normalised separately (GroupNorm):
+        units may move within a block but not across, so a group spanning several blocks is split (``subst``)
+        into one group per block."""
+        action = self._norm(action)
+        if action is None or groups == 1:
+            return action
+        block = _length(action) // groups
+        offset = 0
+        for gid, k, e in action:
+            start, stop = offset, offset + k * e
+            offset = stop
+            if gid is None or e % block == 0 or start // block == (stop - 1) // block:
+                continue  # units of whole blocks, or a segment inside one block
+            if block % e or start % block or stop % block:
+                self._fail(f"{what} with {groups} groups splits permuted units across its groups")
+            per = block // e
+            root = self.groups.find(gid)
+            parts = []
+            for _ in range(k // per):
+                sub = self.groups.new(self.groups.name[root], per)
+                if self.groups.fixed[root]:
+                    self.groups.fix(sub)
+                parts.append((sub, per, 1))
+            self.subst[root] = tuple(parts)
+        return self._norm(action)
+
+    def _mha(self, n, m: nn.MultiheadAttention, value) -> Any:
+        """nn.MultiheadAttention: the model dimension of query/key/value is read by the input projections and a
+        new group is produced by the output projection; sequence and batch axes must be unpermuted."""
+        q, k, v = (self._arg(n, i, nm) for i, nm in enumerate(("query", "key", "value")))
+        used = [q, k, v]
+        for extra in ("key_padding_mask", "attn_mask"):
+            used.append(self._arg(n, {"key_padding_mask": 3, "attn_mask": 5}[extra], extra))
+            if _has_group(self._state(used[-1])):
+                self._fail(f"its `{extra}` is permuted")
+        self._account(n, used)
+        sts = [self._tstate(t) for t in (q, k, v)]
+        for st in sts:
+            if any(a is not None for a in st[:-1]):
+                self._fail("multi-head attention mixes positions, and a sequence or batch axis is permuted")
+        name = n.target
+        if m._qkv_same_embed_dim:
+            for st in sts:
+                self._record(f"{name}.in_proj_weight", 1, st[-1])
+        else:
+            for st, w in zip(sts, ("q_proj_weight", "k_proj_weight", "v_proj_weight")):
+                self._record(f"{name}.{w}", 1, st[-1])
+        out = self._new(f"{name}.out_proj", m.embed_dim)  # no tap: the node's value is a tuple
+        self._record(f"{name}.out_proj.weight", 0, out)
+        if m.out_proj.bias is not None:
+            self._record(f"{name}.out_proj.bias", 0, out)
+        attn_out = sts[0][:-1] + (out,)
+        return _Seq((attn_out, _none_state(value[1])))
 
     # ------------------------------------------------------- functions/methods
-    def _function_rule(self, n, fn, args, vals, value) -> Any:
-        if fn in _ACTIVATION_FUNCTIONS or fn in _PASS_FUNCTIONS:
-            st = self._tensor_state(self._state(args[0]), vals[0])
-            if fn in _ACTIVATION_FUNCTIONS:
-                self._tap(st, "post", n.name)
-                if isinstance(args[0], torch.fx.Node):
-                    self._tap(st, "pre", args[0].name)
-            return st
-        if fn in _BINARY:
-            return self._broadcast(args, vals, value)
-        if fn in _RESHAPE_FUNCTIONS:
-            return self._reshape(self._tensor_state(self._state(args[0]), vals[0]), vals[0], value)
-        if fn in _SPATIAL_FUNCTIONS:
-            return self._spatial(self._tensor_state(self._state(args[0]), vals[0]), vals[0], value)
-        if fn in (torch.cat, torch.concat):
-            return self._cat(n, value)
-        if fn in (torch.transpose, torch.permute):
-            return self._permute_axes(fn.__name__, args, vals, value)
-        if fn in _REDUCTIONS:
-            return self._reduce(n, args, vals, value)
-        if fn is getattr or fn is operator.getitem:
-            return self._getitem(n, fn, args, vals, value)
-        return self._unknown(n, value)
+    def _r_factory(self, n, name, value) -> Any:
+        # x.new_zeros(shape) and friends: only x's dtype and device are used
+        return (None,) * value.ndim
 
-    def _method_rule(self, n, name, args, vals, value) -> Any:
-        if name in ("size", "dim", "numel") or not isinstance(vals[0], torch.Tensor):
-            return self._unknown(n, value) if isinstance(value, torch.Tensor) else None
-        st = self._tensor_state(self._state(args[0]), vals[0])
-        if name in _ACTIVATION_METHODS or name in _PASS_METHODS:
-            if name in _ACTIVATION_METHODS:
-                self._tap(st, "post", n.name)
-                if isinstance(args[0], torch.fx.Node):
-                    self._tap(st, "pre", args[0].name)
-            return st
-        if name in _BINARY_METHODS:
-            return self._broadcast(args, vals, value)
-        if name in _RESHAPE_METHODS:
-            return self._reshape(st, vals[0], value)
-        if name in ("transpose", "permute", "t"):
-            return self._permute_axes(name, args, vals, value)
-        if name in _REDUCTION_METHODS:
-            return self._reduce(n, args, vals, value)
-        return self._unknown(n, value)
-
-    # ------------------------------------------------------------------ rules
-    def _unknown(self, n: torch.fx.Node, value: Any) -> Any:
-        """An operation of unknown meaning is safe only if none of its inputs is permuted."""
-        for a in n.all_input_nodes:
-            if _has_group(self.states.get(a.name)):
-                self._fail("it is not a known permutation-equivariant operation and one of its inputs is permuted")
+    def _r_meta(self, n, name, value) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._unknown(n, value)
         return _none_state(value)
 
-    def _require_none(self, st: tuple, axes, why: str) -> None:
-        for ax in axes:
-            if st[ax] is not None:
-                self._fail(f"{why}, and axis {ax} is permuted")
+    def _r_act(self, n, name, value) -> Any:
+        st = self._r_ew(n, name, value)
+        x_node = n.args[0] if n.args else n.kwargs.get("input")
+        self._tap(st, "post", n.name)
+        if isinstance(x_node, torch.fx.Node):
+            self._tap(st, "pre", x_node.name)
+        return st
 
-    def _spatial(self, st: tuple, x: torch.Tensor, value: torch.Tensor) -> tuple:
-        if value.ndim != x.ndim:
-            self._fail("pooling changed the number of axes")
-        changed = [ax for ax in range(x.ndim) if x.shape[ax] != value.shape[ax]] + list(range(2, x.ndim))
-        self._require_none(st, sorted(set(changed)), "pooling mixes positions along an axis")
-        return st[:2] + (None,) * (x.ndim - 2)
-
-    def _broadcast(self, args, vals, value) -> tuple:
+    def _r_ew(self, n, name, value) -> Any:
+        """Elementwise over every tensor operand with broadcasting: the operands' groups are tied axis by axis
+        (from the right); an axis broadcast from size 1 must be unpermuted in that operand."""
         if not isinstance(value, torch.Tensor):
-            return None
+            return self._unknown(n, value)
+        operands = []
+        for a in (*n.args, *n.kwargs.values()):
+            for item in a if isinstance(a, (list, tuple)) else (a,):
+                v = self._value(item)
+                if isinstance(v, torch.Tensor):
+                    operands.append((self._tstate(item), v))
+        if len(operands) == 0:
+            return (None,) * value.ndim
         out: list = []
-        operands = self._arg_tensor_states(args, vals)
         for k in range(1, value.ndim + 1):
             action, first = None, True
             for st, v in operands:
@@ -436,18 +718,479 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 action = a if first else self._unify(action, a)
                 first = False
             out.append(action)
+        if any(v.ndim > value.ndim for _, v in operands):
+            self._fail("an operand has more axes than the result")
         return tuple(reversed(out))
 
+    def _r_cast(self, n, name, value) -> Any:
+        # extra tensor operands (x.to(y), x.type_as(y)) contribute only their dtype and device
+        if not isinstance(value, torch.Tensor):
+            return self._unknown(n, value)
+        return self._tstate(n.args[0])
+
+    def _r_equi(self, n, name, value) -> Any:
+        x = self._arg(n, 0, "input")
+        self._account(n, [x])
+        return self._tstate(x)
+
+    def _r_axes(self, n, name, value) -> Any:
+        x = n.args[0] if n.args else n.kwargs["input"]
+        self._account(n, [x])
+        st, nd = self._tstate(x), self._value(x).ndim
+        if name in ("transpose", "swapaxes", "swapdims"):
+            a, b = (int(self._value(self._arg(n, i, nm))) % nd for i, nm in ((1, "dim0"), (2, "dim1")))
+            order = list(range(nd))
+            order[a], order[b] = order[b], order[a]
+        elif name in ("t", "T", "H"):
+            order = list(reversed(range(nd)))
+        elif name in ("mT", "mH"):
+            order = list(range(nd - 2)) + [nd - 1, nd - 2]
+        elif name == "permute":
+            dims = list(n.args[1:]) if len(n.args) > 1 else n.kwargs["dims"]
+            if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+                dims = dims[0]
+            order = [int(self._value(d)) % nd for d in dims]
+        else:  # movedim / moveaxis
+            src, dst = self._value(self._arg(n, 1, "source")), self._value(self._arg(n, 2, "destination"))
+            src = [src] if isinstance(src, int) else list(src)
+            dst = [dst] if isinstance(dst, int) else list(dst)
+            src, dst = [s % nd for s in src], [d % nd for d in dst]
+            rest = [a for a in range(nd) if a not in src]
+            order = [None] * nd
+            for s, d in zip(src, dst):
+                order[d] = s
+            it = iter(rest)
+            order = [o if o is not None else next(it) for o in order]
+        if sorted(order) != list(range(nd)) or len(order) != value.ndim:
+            self._fail("an axis permutation the tracer cannot read")
+        return tuple(st[o] for o in order)
+
+    def _r_reshape(self, n, name, value) -> Any:
+        x = self._arg(n, 0, "input")
+        self._account(n, list(n.args) if name.endswith("_as") else [x])  # the other operand gives only a shape
+        st, xv = self._tstate(x), self._value(x)
+        if name in ("expand", "expand_as"):
+            lead = value.ndim - xv.ndim
+            return (None,) * lead + tuple(
+                None if xv.shape[i] == 1 and value.shape[lead + i] != 1 else st[i] for i in range(xv.ndim)
+            )
+        if name in ("repeat", "repeat_interleave"):
+            return self._repeat(n, name, st, xv, value)
+        return self._reshape(st, xv, value)
+
+    def _repeat(self, n, name, st, xv, value) -> tuple:
+        if name == "repeat":
+            reps = list(n.args[1:]) if len(n.args) > 1 else n.kwargs.get("repeats", n.kwargs.get("sizes"))
+            if len(reps) == 1 and isinstance(reps[0], (list, tuple, torch.Size)):
+                reps = reps[0]
+            reps = [int(self._value(r)) for r in reps]
+            lead = len(reps) - xv.ndim
+            out = [None] * lead
+            for i in range(xv.ndim):
+                a, r = self._norm(st[i]), reps[lead + i]
+                out.append(None if a is None else a * r)  # the axis tiled r times: the same units, r blocks
+            return tuple(out)
+        reps = self._value(self._arg(n, 1, "repeats"))
+        dim = self._value(self._arg(n, 2, "dim"))
+        if not isinstance(reps, int) or dim is None:
+            self._fail("repeat_interleave with tensor repeats or without `dim`")
+        dim %= xv.ndim
+        a = self._norm(st[dim])
+        return tuple(
+            (None if a is None else tuple((g, k, e * reps) for g, k, e in a)) if i == dim else st[i]
+            for i in range(xv.ndim)
+        )
+
+    def _r_reduce(self, n, name, value) -> Any:
+        """Reductions: a reduced permuted axis disappears (the result is invariant); ``argmax`` over it and the
+        indices of ``max``/``min`` along it depend on the order of units and are poisoned."""
+        x = self._arg(n, 0, "input")
+        if name in ("max", "min") and isinstance(self._value(self._arg(n, 1, "other")), torch.Tensor):
+            return self._r_ew(n, name, value)  # torch.max(a, b) is elementwise
+        self._account(n, [x])
+        st, xv = self._tstate(x), self._value(x)
+        dim = self._value(self._arg(n, 2, "dim") if name in ("norm", "vector_norm") else self._arg(n, 1, "dim"))
+        if isinstance(dim, (int, list, tuple, torch.Size)) and not isinstance(dim, bool) and dim != []:
+            dims = {int(d) % xv.ndim for d in (dim if isinstance(dim, (list, tuple, torch.Size)) else [dim])}
+        else:
+            dims = set(range(xv.ndim))
+        main = value[0] if isinstance(value, tuple) else value
+        if main.ndim == xv.ndim:
+            out = tuple(None if ax in dims else a for ax, a in enumerate(st))
+        elif main.ndim == xv.ndim - len(dims):
+            out = tuple(a for ax, a in enumerate(st) if ax not in dims)
+        else:
+            self._fail("a reduction the tracer cannot read")
+        permuted = tuple(seg for d in dims for seg in (self._norm(st[d]) or ()))
+        index = _Poisoned(f"`{n.name}`, indices into a permuted axis", permuted) if any(
+            g is not None for g, _, _ in permuted) else out  # fmt: skip
+        if name in ("argmax", "argmin"):
+            return index
+        return _Seq((out, index)) if isinstance(value, tuple) else out
+
+    def _r_scan(self, n, name, value) -> Any:
+        x = self._arg(n, 0, "input")
+        self._account(n, [x])
+        st, xv = self._tstate(x), self._value(x)
+        pos = {"roll": 2, "diff": 2}.get(name, 1)
+        dim = self._value(self._arg(n, pos, "dims" if name in ("flip", "roll") else "dim"))
+        if name == "diff" and dim is None:
+            dim = -1
+        if dim is None:
+            dims = set(range(xv.ndim))
+        else:
+            dims = {int(d) % xv.ndim for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+        if any(st[d] is not None for d in dims):
+            self._fail(f"`{name}` depends on the order along a permuted axis")
+        if isinstance(value, tuple):
+            return _Seq((st, st))
+        return st if value.ndim == xv.ndim else self._fail("a scan that changes the number of axes")
+
+    def _r_sort(self, n, name, value) -> Any:
+        """Sorting along a permuted axis gives sorted values that no longer carry the group (they are invariant)
+        and indices that are poisoned; along an unpermuted axis both keep the input's groups."""
+        x = self._arg(n, 0, "input")
+        self._account(n, [x])
+        st, xv = self._tstate(x), self._value(x)
+        if name == "msort":
+            dim = 0
+        else:
+            pos = 2 if name in ("topk", "kthvalue") else 1
+            dim = self._value(self._arg(n, pos, "dim", -1))
+            dim = -1 if isinstance(dim, bool) or not isinstance(dim, int) else dim
+        dim %= xv.ndim
+        action = self._norm(st[dim])
+        values = tuple(None if ax == dim else a for ax, a in enumerate(st))
+        main = value[0] if isinstance(value, tuple) else value
+        if main.ndim < xv.ndim:
+            values = values[:dim] + values[dim + 1 :]
+        index = _Poisoned(f"`{n.name}`, indices into a permuted axis", action) if action else values
+        if name == "argsort":
+            return index
+        return _Seq((values, index)) if isinstance(value, tuple) else values
+
+    def _r_select(self, n, name, value) -> Any:
+        """index_select / narrow / select / gather along an unpermuted axis (the index operand must be
+        unpermuted too); gather and take_along_dim only on tensors with no permuted axis."""
+        if name == "getitem":
+            return self._getitem(n, value)
+        x = self._arg(n, 0, "input")
+        self._account(n, [x])
+        st, xv = self._tstate(x), self._value(x)
+        if name in ("gather", "take_along_dim"):
+            if any(a is not None for a in st):
+                self._fail(f"`{name}` on a tensor with a permuted axis")
+            return (None,) * value.ndim
+        dim = int(self._value(self._arg(n, 1, "dim"))) % xv.ndim
+        if st[dim] is not None:
+            self._fail("it selects part of a permuted axis")
+        if name == "select":
+            return st[:dim] + st[dim + 1 :]
+        return st
+
+    def _getitem(self, n, value) -> Any:
+        container, index = n.args[0], self._value(n.args[1])
+        if isinstance(index, torch.Size):
+            index = tuple(index)
+        cv = self._value(container)
+        if not isinstance(cv, torch.Tensor):
+            st = self._state(container)
+            if isinstance(st, (_Seq, dict)):
+                if _has_group(self._state(n.args[1])):
+                    self._fail("it indexes a container with a permuted tensor")
+                try:
+                    return st[index]
+                except (IndexError, KeyError, TypeError):
+                    pass
+                if isinstance(index, slice) and isinstance(st, _Seq):
+                    return _Seq(st[index])
+            return self._unknown(n, value)
+        st = self._tstate(container)
+        idx = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, (torch.Tensor, list)) or (isinstance(i, bool)) for i in idx):
+            # advanced indexing: only on tensors whose every axis is unpermuted
+            if _has_group(self._state(n.args[1])) or any(a is not None for a in st):
+                self._fail("advanced indexing of a tensor with a permuted axis")
+            return (None,) * value.ndim
+        if any(i is Ellipsis for i in idx):
+            k = idx.index(Ellipsis)
+            fill = cv.ndim - (len(idx) - 1 - sum(i is None for i in idx))
+            idx = idx[:k] + (slice(None),) * fill + idx[k + 1 :]
+        out, ax = [], 0
+        for i in idx:
+            if i is None:
+                out.append(None)
+                continue
+            full = isinstance(i, slice) and i.step in (None, 1) and slice(i.start, i.stop).indices(
+                cv.shape[ax]) == (0, cv.shape[ax], 1)  # fmt: skip
+            if full:
+                out.append(st[ax])
+            elif st[ax] is not None:
+                self._fail("indexing selects part of a permuted axis")
+            elif isinstance(i, slice):
+                out.append(None)
+            ax += 1
+        out.extend(st[ax:])
+        if len(out) != value.ndim:
+            self._fail("an indexing expression the tracer cannot read")
+        return tuple(out)
+
+    def _r_cat(self, n, name, value) -> Any:
+        tensors = self._arg(n, 0, "tensors")
+        dim = self._value(self._arg(n, 1, "dim", 0))
+        self._account(n, list(tensors))
+        parts = [(self._tstate(t), self._value(t)) for t in tensors]
+        if name == "stack":
+            dim %= value.ndim
+            out = []
+            for ax in range(parts[0][1].ndim):
+                action = parts[0][0][ax]
+                for st, _ in parts[1:]:
+                    action = self._unify(action, st[ax])
+                out.append(action)
+            return tuple(out[:dim]) + (None,) + tuple(out[dim:])
+        dim %= value.ndim
+        out = []
+        for ax in range(value.ndim):
+            if ax == dim:
+                segs = []
+                for st, v in parts:
+                    segs.extend(self._norm(st[ax]) if st[ax] is not None else ((None, v.shape[ax], 1),))
+                out.append(self._norm(tuple(segs)) if any(s[0] is not None for s in segs) else None)
+            else:
+                action = parts[0][0][ax]
+                for st, _ in parts[1:]:
+                    action = self._unify(action, st[ax])
+                out.append(action)
+        return tuple(out)
+
+    def _r_split(self, n, name, value) -> Any:
+        x = self._arg(n, 0, "input")
+        self._account(n, [x])
+        st, xv = self._tstate(x), self._value(x)
+        dim = int(self._value(self._arg(n, 2 if name != "unbind" else 1, "dim", 0))) % xv.ndim
+        if name == "unbind":
+            if st[dim] is not None:
+                self._fail("unbind along a permuted axis")
+            return _Seq(tuple(a for ax, a in enumerate(st) if ax != dim) for _ in value)
+        action = self._norm(st[dim])
+        pieces = []
+        for v in value:
+            if action is None:
+                pieces.append(st)
+                continue
+            take, length = [], v.shape[dim]
+            while length > 0 and action:
+                g, k, e = action[0]
+                if k * e <= length:
+                    take.append(action[0])
+                    length -= k * e
+                    action = action[1:]
+                elif g is None:
+                    take.append((None, length, 1))
+                    action = ((None, k * e - length, 1),) + tuple(action[1:])
+                    length = 0
+                else:
+                    self._fail(f"`{name}` cuts a permuted group in two")
+            piece = tuple(take) if any(s[0] is not None for s in take) else None
+            pieces.append(st[:dim] + (piece,) + st[dim + 1 :])
+        return _Seq(pieces)
+
+    def _r_spatial(self, n, name, value) -> Any:
+        x = self._arg(n, 0, "input")
+        self._account(n, [x])
+        st, xv = self._tstate(x), self._value(x)
+        if name == "pad":
+            pads = list(self._value(self._arg(n, 1, "pad")))
+            out = []
+            for ax in range(xv.ndim):
+                k = xv.ndim - 1 - ax  # F.pad lists (before, after) pairs from the last axis backwards
+                padded = 2 * k < len(pads) and any(pads[2 * k : 2 * k + 2])
+                if padded and st[ax] is not None:
+                    self._fail("padding a permuted axis")
+                out.append(None if padded else st[ax])
+            return tuple(out)
+        main = value[0] if isinstance(value, tuple) else value
+        out = self._spatial(st, xv, main)
+        return _Seq((out, out)) if isinstance(value, tuple) else out
+
+    def _spatial(self, st: tuple, x: torch.Tensor, value: torch.Tensor) -> tuple:
+        if value.ndim != x.ndim:
+            self._fail("pooling changed the number of axes")
+        for ax in range(2, x.ndim):
+            if st[ax] is not None:
+                self._fail(f"pooling mixes positions along axis {ax}, which is permuted")
+        if x.ndim < 3:
+            self._fail("pooling of an unbatched input")
+        return st[:2] + (None,) * (x.ndim - 2)
+
+    def _r_pixel(self, n, name, value) -> Any:
+        x = self._arg(n, 0, "input")
+        self._account(n, [x])
+        factor = int(self._value(n.args[1] if len(n.args) > 1 else next(iter(n.kwargs.values()))))
+        kind = name if name.startswith("pixel") else "channel"
+        xv = self._value(x)
+        return self._pixel(self._tstate(x), kind, factor, xv, value, 1 if kind == "channel" else xv.ndim - 3)
+
+    def _pixel(self, st, kind, factor, x, value, c: int) -> tuple:
+        """pixel_shuffle moves blocks of r^2 channels to positions, pixel_unshuffle the reverse; a channel shuffle
+        (g groups) interleaves g equal blocks, so the blocks must carry the same groups (they are tied)."""
+        for ax in range(c + 1, x.ndim):
+            if st[ax] is not None:
+                self._fail("a pixel shuffle mixes positions along a permuted axis")
+        action = self._norm(st[c])
+        if action is None:
+            return st[:c] + (None,) * (value.ndim - c)
+        r2 = factor * factor
+        if kind == "pixel_shuffle":
+            if any(e % r2 for _, _, e in action):
+                self._fail(f"pixel_shuffle({factor}) splits permuted units across positions")
+            new = tuple((g, k, e // r2) for g, k, e in action)
+        elif kind == "pixel_unshuffle":
+            new = tuple((g, k, e * r2) for g, k, e in action)
+        else:
+            chunk = self._chunks(action, factor)
+            new = None if chunk is None else tuple((g, k, e * factor) for g, k, e in chunk)
+        return st[:c] + (new,) + (None,) * (value.ndim - c - 1)
+
+    def _chunks(self, action, count: int):
+        """Cut an axis into ``count`` equal consecutive chunks and tie them (an interleaving of the chunks, as in
+        a channel shuffle, is consistent only if every chunk is relabelled alike); returns the tied chunk."""
+        action = list(self._norm(action))
+        length = _length(action) // count
+        chunks, cur, acc = [], [], 0
+        while action:
+            g, k, e = action.pop(0)
+            room = length - acc
+            if k * e <= room:
+                cur.append((g, k, e))
+                acc += k * e
+            elif g is None:
+                cur.append((None, room, 1))
+                action.insert(0, (None, k * e - room, 1))
+                acc = length
+            else:
+                self._fail("it splits a permuted group across interleaved blocks")
+            if acc == length:
+                chunks.append(tuple(cur))
+                cur, acc = [], 0
+        tied = chunks[0]
+        for other in chunks[1:]:
+            tied = self._unify(tied, other) if tied is not None else self._unify(None, other)
+        if tied is None or all(g is None for g, _, _ in self._norm(tied)):
+            return None
+        return self._norm(tied)
+
+    def _r_contract(self, n, name, value) -> Any:
+        """matmul / einsum / F.linear: the contracted axes of both operands are tied (a consistent relabelling of
+        a summed index leaves the sum unchanged); the result's axes come from the operands' free axes."""
+        if name == "einsum":
+            eq = self._value(n.args[0])
+            ops = list(n.args[1:])
+            if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+                ops = list(ops[0])
+            self._account(n, ops)
+            return self._einsum(eq, [self._tstate(o) for o in ops], [self._value(o) for o in ops], value)
+        if name == "linear":
+            x, w, b = self._arg(n, 0, "input"), self._arg(n, 1, "weight"), self._arg(n, 2, "bias")
+            self._account(n, [x, w, b])
+            sx, sw = self._tstate(x), self._tstate(w)
+            if self._value(w).ndim != 2:
+                self._fail("F.linear with a weight that is not a matrix")
+            self._unify(sx[-1], sw[1])
+            out = sw[0]
+            if b is not None:
+                out = self._unify(out, self._tstate(b)[0])
+            self._promote(out)
+            return sx[:-1] + (out,)
+        a, b = self._arg(n, 0, "input"), self._arg(n, 1, "other" if name == "matmul" else "mat2")
+        self._account(n, [a, b])
+        va, vb = self._value(a), self._value(b)
+        if va.ndim == 1 or vb.ndim == 1:
+            self._fail("matmul with a vector operand")
+        # batch axes broadcast from the right; the contraction is a[-1] with b[-2]
+        batch = max(va.ndim, vb.ndim) - 2
+        letters = string.ascii_uppercase[:batch]
+        la = letters[batch - (va.ndim - 2) :] + "xy"
+        lb = letters[batch - (vb.ndim - 2) :] + "yz"
+        return self._einsum(f"{la},{lb}->{letters}xz", [self._tstate(a), self._tstate(b)], [va, vb], value)
+
+    def _einsum(self, eq: str, states, vals, value) -> tuple:
+        eq = eq.replace(" ", "")
+        if "->" not in eq or "." in eq:
+            self._fail("einsum without an explicit output or with an ellipsis")
+        lhs, rhs = eq.split("->")
+        terms = lhs.split(",")
+        if len(terms) != len(states) or any(len(t) != v.ndim for t, v in zip(terms, vals)):
+            self._fail("einsum operands do not match the equation")
+        letter_action: dict[str, Any] = {}
+        for term, st, v in zip(terms, states, vals):
+            for ax, ch in enumerate(term):
+                a = st[ax]
+                if v.shape[ax] == 1 and value.ndim and ch in rhs and value.shape[rhs.index(ch)] != 1:
+                    if a is not None:
+                        self._fix_action(a)
+                    continue
+                letter_action[ch] = self._unify(letter_action[ch], a) if ch in letter_action else a
+        out = tuple(letter_action.get(ch) for ch in rhs)
+        for a in out:
+            self._promote(a)
+        return out
+
+    def _r_fnorm(self, n, name, value) -> Any:
+        """Functional normalisations: their per-channel (or per-feature) weight and bias tensors are tied to the
+        axis they scale; batch/instance/group norm act on axis 1, layer norm on the trailing axes."""
+        x = self._arg(n, 0, "input")
+        st, xv = self._tstate(x), self._value(x)
+        if name == "layer_norm":
+            shape = list(self._value(self._arg(n, 1, "normalized_shape")))
+            params = [self._arg(n, 2, "weight"), self._arg(n, 3, "bias")]
+            self._account(n, [x, *params])
+            k = len(shape)
+            for p in params:
+                if p is not None:
+                    ps = self._tstate(p)
+                    for j in range(k):
+                        self._unify(ps[j], st[xv.ndim - k + j])
+            return st
+        if name == "batch_norm":
+            params = [self._arg(n, i, nm) for i, nm in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                                         (4, "bias"))]  # fmt: skip
+        elif name == "instance_norm":
+            params = [self._arg(n, i, nm) for i, nm in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                                         (4, "bias"))]  # fmt: skip
+        else:
+            groups = int(self._value(self._arg(n, 1, "num_groups")))
+            params = [self._arg(n, 2, "weight"), self._arg(n, 3, "bias")]
+            st = (st[0], self._within_blocks(st[1], groups, "group_norm")) + st[2:]
+        self._account(n, [x, *params])
+        for p in params:
+            if p is not None:
+                self._unify(self._tstate(p)[0], st[1])
+        return st
+
+    def _r_attention(self, n, name, value) -> Any:
+        q, k, v = (self._arg(n, i, nm) for i, nm in enumerate(("query", "key", "value")))
+        self._account(n, [q, k, v])
+        sq, sk, sv = (self._tstate(t) for t in (q, k, v))
+        for st in (sq, sk, sv):
+            if any(a is not None for a in st[:-1]):
+                self._fail("attention mixes positions, and a batch, head or sequence axis is permuted")
+        self._unify(sq[-1], sk[-1])
+        return sq[:-1] + (sv[-1],)
+
+    # ------------------------------------------------------------------ rules
     def _reshape(self, st: tuple, x: torch.Tensor, value: torch.Tensor) -> tuple:
         """Carry groups through a reshape by matching blocks of input and output axes with equal products."""
         ins, outs = list(x.shape), list(value.shape)
         out: list = [None] * len(outs)
+        st = tuple(self._norm(a) for a in st)
         i = j = 0
         while i < len(ins) or j < len(outs):
             bi, bj = [i], [j]
             if i >= len(ins) or j >= len(outs):  # trailing size-1 axes
-                if i < len(ins):
-                    self._require_none(st, [i], "a reshape drops an axis")
+                if i < len(ins) and st[i] is not None:
+                    self._fail("a reshape drops a permuted axis")
                 i, j = min(i + 1, len(ins)), min(j + 1, len(outs))
                 continue
             pi, pj = ins[i], outs[j]
@@ -460,7 +1203,6 @@ class _SpecInterpreter(torch.fx.Interpreter):
                     j += 1
                     bj.append(j)
                     pj *= outs[j]
-            # absorb following size-1 axes only when both sides end here
             i, j = i + 1, j + 1
             nin = [a for a in bi if ins[a] > 1]
             nout = [b for b in bj if outs[b] > 1]
@@ -469,126 +1211,90 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 continue
             if len(nin) == 1 and len(nout) == 1:
                 out[nout[0]] = st[nin[0]]
-            elif len(nout) == 1 and permuted == nin[:1]:
-                factor = math.prod(ins[a] for a in nin[1:])
-                out[nout[0]] = tuple((g, s, e * factor) for g, s, e in st[nin[0]])
+            elif len(nout) == 1 and len(permuted) == 1:
+                # merging axes: the permuted one's units are expanded over the later axes and tiled over the
+                # earlier ones
+                p = permuted[0]
+                inner = math.prod(ins[a] for a in nin if a > p)
+                outer = math.prod(ins[a] for a in nin if a < p)
+                out[nout[0]] = tuple((g, k, e * inner) for g, k, e in st[p]) * outer
             elif len(nin) == 1 and len(nout) > 1:
+                action = st[nin[0]]
                 rest = math.prod(outs[b] for b in nout[1:])
-                if any(e % rest for _, _, e in st[nin[0]]):
+                if not any(e % rest for _, _, e in action):
+                    out[nout[0]] = tuple((g, k, e // rest) for g, k, e in action)
+                elif len(nout) == 2:
+                    # the leading factor indexes equal chunks (e.g. a channel shuffle's view): tie the chunks
+                    out[nout[1]] = self._chunks(action, outs[nout[0]])
+                    if all(g is None for g, _, _ in out[nout[1]]):
+                        out[nout[1]] = None
+                else:
                     self._fail("a reshape splits permuted units")
-                out[nout[0]] = tuple((g, s, e // rest) for g, s, e in st[nin[0]])
             else:
                 self._fail(f"a reshape from {tuple(ins)} to {tuple(outs)} interleaves permuted units")
         return tuple(out)
 
-    def _cat(self, n: torch.fx.Node, value: torch.Tensor) -> tuple:
-        tensors = n.args[0] if n.args else n.kwargs["tensors"]
-        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-        dim = dim % value.ndim
-        parts = [(self._tensor_state(self._state(t), self.env[t]), self.env[t]) for t in tensors]
-        out: list = []
-        for ax in range(value.ndim):
-            if ax == dim:
-                segs = []
-                for st, v in parts:
-                    segs.extend(st[ax] if st[ax] is not None else ((None, v.shape[ax], 1),))
-                out.append(tuple(segs) if any(s[0] is not None for s in segs) else None)
-            else:
-                action = parts[0][0][ax]
-                for st, _ in parts[1:]:
-                    action = self._unify(action, st[ax])
-                out.append(action)
-        return tuple(out)
 
-    def _permute_axes(self, name, args, vals, value) -> tuple:
-        st = self._tensor_state(self._state(args[0]), vals[0])
-        nd = vals[0].ndim
-        if name in ("transpose",):
-            a, b = (int(v) % nd for v in vals[1:3])
-            order = list(range(nd))
-            order[a], order[b] = order[b], order[a]
-        elif name == "t":
-            order = list(reversed(range(nd)))
-        else:
-            dims = vals[1] if len(vals) == 2 and isinstance(vals[1], (list, tuple)) else vals[1:]
-            order = [int(d) % nd for d in dims]
-        return tuple(st[o] for o in order)
-
-    def _reduce(self, n, args, vals, value) -> Any:
-        st = self._tensor_state(self._state(args[0]), vals[0])
-        dim = vals[1] if len(vals) > 1 else n.kwargs.get("dim")
-        keepdim = bool(vals[2]) if len(vals) > 2 else bool(n.kwargs.get("keepdim", False))
-        if dim is None:
-            return ()
-        dims = {int(d) % vals[0].ndim for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
-        if keepdim:
-            return tuple(None if ax in dims else a for ax, a in enumerate(st))
-        return tuple(a for ax, a in enumerate(st) if ax not in dims)
-
-    def _getitem(self, n, fn, args, vals, value) -> Any:
-        if fn is getattr:
-            return None  # attribute reads such as x.shape carry no permuted tensor
-        container, index = args[0], vals[1]
-        if not isinstance(vals[0], torch.Tensor):
-            st = self._state(container)
-            if isinstance(st, (list, tuple)) and isinstance(index, int) and index < len(st):
-                return st[index]
-            return self._unknown(n, value)
-        st = self._tensor_state(self._state(container), vals[0])
-        idx = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis for i in idx):
-            k = idx.index(Ellipsis)
-            idx = idx[:k] + (slice(None),) * (vals[0].ndim - (len(idx) - 1 - sum(i is None for i in idx))) + idx[k + 1:]
-        out, ax = [], 0
-        for i in idx:
-            if i is None:
-                out.append(None)
-                continue
-            if isinstance(i, slice) and i == slice(None):
-                out.append(st[ax])
-            elif st[ax] is not None:
-                self._fail("indexing selects part of a permuted axis")
-            elif isinstance(i, slice):
-                out.append(None)
-            ax += 1
-        out.extend(st[ax:])
-        if len(out) != value.ndim:
-            return self._unknown(n, value)
-        return tuple(out)
+def _hashable(obj: Any) -> bool:
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
 
 
-def _none_state(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return (None,) * value.ndim
-    if isinstance(value, (list, tuple)):
-        return type(value)(_none_state(v) for v in value)
-    return None
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict key -> the first key naming the same tensor (tied parameters share one set of records)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        out[key] = first.setdefault(id(value), key)
+    return out
 
 
-def _is_segment(obj: Any) -> bool:
-    return (isinstance(obj, tuple) and len(obj) == 3 and isinstance(obj[1], int) and isinstance(obj[2], int)
-            and (obj[0] is None or isinstance(obj[0], int)))  # fmt: skip
+def _trace_graph(
+    model: nn.Module, example_input: Any, *, on_unsupported: str = "raise"
+) -> tuple[PermutationSpec, torch.fx.GraphModule]:
+    """Trace ``model`` in train mode and in eval mode and merge the two traces into one spec.
 
-
-def _iter_segments(state: Any):
-    """Every traced segment inside a (possibly nested) state."""
-    if _is_segment(state):
-        yield state
-    elif isinstance(state, (list, tuple)):
-        for s in state:
-            yield from _iter_segments(s)
-    elif isinstance(state, dict):
-        for s in state.values():
-            yield from _iter_segments(s)
-
-
-def _has_group(state: Any) -> bool:
-    return any(seg[0] is not None for seg in _iter_segments(state))
+    Returns the spec and the eval-mode GraphModule, whose node names the spec's taps refer to (alignment reads
+    activations in eval mode). Groups that exist only in the train-mode graph (e.g. auxiliary heads) have no tap.
+    """
+    if on_unsupported not in ("raise", "fix"):
+        raise ValueError(f"unknown on_unsupported '{on_unsupported}'; expected one of ['raise', 'fix']")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = tuple(i.to(device) if isinstance(i, torch.Tensor) else i for i in inputs)
+    aliases = _aliases(model)
+    shared = None
+    for train in (True, False):
+        gm = _fx_graph(model, train=train)
+        interp = _SpecInterpreter(gm, shared, on_unsupported=on_unsupported, taps=not train, aliases=aliases)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # train-mode dropout must not move the user's RNG
+            try:
+                interp.run(*inputs)
+            except SpecError:
+                raise
+            except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:
+                shapes = [tuple(i.shape) for i in inputs if isinstance(i, torch.Tensor)]
+                where = f" at fx node `{interp.node.name}`" if interp.node is not None else ""
+                raise SpecError(
+                    f"{type(model).__name__} could not run on `example_input` of shape {', '.join(map(str, shapes))} "
+                    f"in {'train' if train else 'eval'} mode{where}: "
+                    f"{(str(exc).splitlines() or [type(exc).__name__])[0]}"
+                ) from exc
+        shared = shared or interp
+    spec = _build_spec(shared, interp.taps, aliases, model)
+    return spec, gm
 
 
 def _fx_graph(model: nn.Module, *, train: bool) -> torch.fx.GraphModule:
     """``torch.fx.symbolic_trace`` of a copy of ``model`` in train or eval mode (branches on ``self.training`` are
     resolved at trace time, so the two graphs can differ). Raises SpecError when fx cannot trace the model."""
+    import copy
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     work = copy.deepcopy(model).train(train)
@@ -602,41 +1308,7 @@ def _fx_graph(model: nn.Module, *, train: bool) -> torch.fx.GraphModule:
     return gm.train(train)
 
 
-def _trace_graph(
-    model: nn.Module, example_input: Any, *, on_unsupported: str = "raise"
-) -> tuple[PermutationSpec, torch.fx.GraphModule]:
-    """Trace ``model`` (a copy, in train mode so that train-only branches such as auxiliary heads are included).
-
-    Returns the spec and the traced GraphModule (in eval mode), whose node names the spec's taps refer to.
-    """
-    if on_unsupported not in ("raise", "fix"):
-        raise ValueError(f"unknown on_unsupported '{on_unsupported}'; expected one of ['raise', 'fix']")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    work = copy.deepcopy(model)
-    gm = _fx_graph(work, train=True)
-    gm.eval()
-    interp = _SpecInterpreter(gm, on_unsupported)
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    device = next((p.device for p in work.parameters()), torch.device("cpu"))
-    inputs = tuple(i.to(device) if isinstance(i, torch.Tensor) else i for i in inputs)
-    with torch.no_grad():
-        try:
-            interp.run(*inputs)
-        except SpecError:
-            raise
-        except (RuntimeError, TypeError, ValueError) as exc:
-            shapes = [tuple(i.shape) for i in inputs if isinstance(i, torch.Tensor)]
-            where = f" at fx node `{interp.node.name}`" if interp.node is not None else ""
-            raise SpecError(
-                f"{type(model).__name__} could not run on `example_input` of shape {', '.join(map(str, shapes))}"
-                f"{where}: {str(exc).splitlines()[0]}"
-            ) from exc
-    spec = _build_spec(interp, dict(gm.state_dict()), model)
-    return spec, gm
-
-
-def _build_spec(interp: _SpecInterpreter, state: dict[str, torch.Tensor], model: nn.Module) -> PermutationSpec:
+def _build_spec(interp: _SpecInterpreter, taps: list, aliases: dict[str, str], model: nn.Module) -> PermutationSpec:
     groups = interp.groups
     names: dict[int, str] = {}
     used: set[str] = set()
@@ -650,7 +1322,7 @@ def _build_spec(interp: _SpecInterpreter, state: dict[str, torch.Tensor], model:
             used.add(name)
             names[gid] = name
 
-    def resolve(action: _Action) -> tuple[Segment, ...] | None:
+    def resolve(action) -> tuple[Segment, ...] | None:
         if action is None:
             return None
         segs = []
@@ -659,21 +1331,22 @@ def _build_spec(interp: _SpecInterpreter, state: dict[str, torch.Tensor], model:
             segs.append(Segment(g, size, expand))
         return tuple(segs) if any(s.group is not None for s in segs) else None
 
-    model_keys = set(model.state_dict())
     axes: dict[str, dict[int, tuple[Segment, ...]]] = {}
     for (key, axis), action in interp.records.items():
         segs = resolve(action)
         if segs is not None:
-            if key not in model_keys:
+            if key not in aliases:
                 raise SpecError(f"traced tensor `{key}` is not in the model's state dict")
-            axes.setdefault(key, {})[axis] = segs
+            for alias, canonical in aliases.items():
+                if canonical == key:
+                    axes.setdefault(alias, {})[axis] = segs
     sizes = {names[g]: groups.size[g] for g in sorted(names)}
-    taps: dict[str, list[Tap]] = {}
-    for gid, tap in interp.taps:
+    by_group: dict[str, list[Tap]] = {}
+    for gid, tap in taps:
         if groups.live(gid) and groups.find(gid) in names:
-            taps.setdefault(names[groups.find(gid)], []).append(tap)
+            by_group.setdefault(names[groups.find(gid)], []).append(tap)
     final_taps = {}
-    for g, ts in taps.items():
+    for g, ts in by_group.items():
         chosen = [t for t in ts if t.kind != "out"] or ts
         final_taps[g] = tuple(dict.fromkeys(chosen))
     return PermutationSpec(sizes, axes, final_taps)
@@ -690,7 +1363,7 @@ def trace_spec(model: nn.Module, example_input: Any, *, on_unsupported: str = "r
     Parameters
     ----------
     model : nn.Module
-        Any module torch.fx can trace. It is copied; the model itself is not modified or run.
+        Any module torch.fx can trace. It is copied; the model itself is not modified.
     example_input : Tensor or tuple of Tensor
         An input batch (values are irrelevant, shapes matter: flattening is resolved from them). Use a batch of
         at least 2 for models with BatchNorm1d.
@@ -702,23 +1375,32 @@ def trace_spec(model: nn.Module, example_input: Any, *, on_unsupported: str = "r
     -------
     PermutationSpec
         Groups named after the layer that produces them (a union of groups tied by residual additions is named
-        after its earliest member), with ``taps`` pointing at the post-activation nodes used for alignment.
+        after its earliest member), with ``taps`` pointing at the post-activation nodes of the eval-mode graph used
+        for alignment.
 
     Raises
     ------
     SpecError
-        If torch.fx cannot trace the model, or an operation is not provably safe (naming the fx node).
+        If torch.fx cannot trace the model, the model cannot run on ``example_input``, or an operation is not
+        provably safe (naming the fx node).
 
     Notes
     -----
-    Handled: Linear, Conv1d/2d/3d (any stride, padding, bias; depthwise), ConvTranspose, BatchNorm (weight,
-    bias, running statistics), LayerNorm and GroupNorm(1 or C groups), Embedding, elementwise activations,
-    dropout, softmax, pooling and padding, residual additions and other broadcasting arithmetic (operands' groups
-    are tied into one; a group added to an unpermuted tensor is fixed), channel concatenation (block-structured
-    axis), flatten/view/reshape (a channel group expanded over the positions it is flattened with),
-    transpose/permute, reductions, and parameters used directly (``x + self.bias``). The network's input axes and
-    any group that reaches its output are never permuted. The graph is traced in train mode, so branches that
-    exist only in training (e.g. auxiliary heads) are covered.
+    Default-deny: every fx node that produces a tensor is handled by a proven rule or refused. Handled:
+    Linear, Conv1d/2d/3d and ConvTranspose (any stride, padding, bias; grouped convolutions permute whole groups
+    of channels as blocks, depthwise ones channel by channel), BatchNorm / InstanceNorm / GroupNorm / LayerNorm
+    (modules and functional forms, channels-last included), Embedding, nn.MultiheadAttention and
+    ``F.scaled_dot_product_attention`` (model dimension only), elementwise functions of any number of operands
+    with broadcasting (activations, arithmetic, ``clamp`` with tensor bounds, ``where``, ``masked_fill``,
+    dropout and stochastic depth), softmax/normalize, pooling, padding and interpolation of unpermuted axes,
+    residual additions (operands' groups are tied into one; a group added to an unpermuted tensor is fixed),
+    concatenation and stacking, split/chunk at group boundaries, flatten/view/reshape/expand/repeat (a group is
+    expanded over the positions it is flattened with; equal chunks split by a view are tied, which covers channel
+    shuffles), transpose/permute/movedim and ``.T``/``.mT``, reductions (indices into a permuted axis may only
+    be dropped), sort/topk along unpermuted axes, contractions (matmul, einsum, ``F.linear``), pixel shuffles,
+    and parameters used directly (``x * self.scale``). Tied parameters share their groups. The network's input
+    axes and any group that reaches its output (tensors, tuples, dicts, named tuples) are never permuted. The
+    graph is traced in train mode and in eval mode, so branches that exist in only one mode are covered.
 
     References
     ----------

@@ -161,24 +161,25 @@ def test_shared_module_called_twice_is_one_group():
     assert check_equivalence(net, spec, x, generator=0).passed
 
 
-class _Matmul(nn.Module):
+class _Cumsum(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
 
     def forward(self, x):
-        h = self.fc(x)
-        return torch.matmul(h, h.transpose(0, 1))
+        return self.out(torch.cumsum(self.fc(x), dim=1))  # depends on the order of the units
 
 
-class _ChannelLastFlatten(nn.Module):
+class _OuterFlatten(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(1, 3, 1)
+        self.a = nn.Linear(2, 3)
+        self.b = nn.Linear(2, 4)
         self.fc = nn.Linear(3 * 4, 2)
 
-    def forward(self, x):
-        return self.fc(self.conv(x).permute(0, 2, 3, 1).reshape(x.shape[0], -1))
+    def forward(self, x):  # two permuted axes flattened into one
+        return self.fc((self.a(x)[:, :, None] * self.b(x)[:, None, :]).reshape(x.shape[0], -1))
 
 
 class _Slice(nn.Module):
@@ -194,11 +195,12 @@ class _Slice(nn.Module):
 class _Grouped(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(2, 4, 1)
-        self.b = nn.Conv2d(4, 4, 1, groups=2)
+        self.a = nn.Conv2d(2, 2, 1)
+        self.b = nn.Conv2d(2, 4, 1)
+        self.c = nn.Conv2d(6, 6, 1, groups=2)
 
-    def forward(self, x):
-        return self.b(self.a(x)).mean()
+    def forward(self, x):  # c reads blocks of 3 channels: the first straddles a's 2 units and one of b's
+        return self.c(torch.cat([self.a(x), self.b(x)], dim=1)).mean()
 
 
 class _Untraceable(nn.Module):
@@ -215,10 +217,10 @@ class _Untraceable(nn.Module):
 @pytest.mark.parametrize(
     "net,x,match",
     [
-        (_Matmul(), torch.randn(3, 4), r"fx node `matmul` \(call_function matmul\) is safe"),
-        (_ChannelLastFlatten(), torch.randn(2, 1, 2, 2), "fx node `reshape`.*interleaves permuted units"),
+        (_Cumsum(), torch.randn(3, 4), r"fx node `cumsum` \(call_function cumsum\) is safe.*order along a permuted"),
+        (_OuterFlatten(), torch.randn(2, 2), "fx node `reshape`.*interleaves permuted units"),
         (_Slice(), torch.randn(2, 4), "fx node `getitem`.*selects part of a permuted axis"),
-        (_Grouped(), torch.randn(2, 2, 3, 3), "fx node `b`.*grouped convolution"),
+        (_Grouped(), torch.randn(2, 2, 3, 3), "fx node `c`.*grouped convolution with 2 groups splits"),
     ],
 )
 def test_unprovable_operations_raise_spec_error_naming_the_node(net, x, match):
