@@ -5,8 +5,11 @@ Nothing here knows about a particular algorithm.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from neuralign.errors import CheckpointError, ShapeMismatchError
+from neuralign.errors import CheckpointError, ShapeMismatchError, WriteError
 
 __all__ = [
     "stable_seed",
@@ -61,23 +64,43 @@ def _umask() -> int:
     return mask
 
 
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    """One line naming ``path`` and the cause of ``exc`` ("No space left on device"), keeping its ``errno``."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None and str(exc.filename) != str(path):
+        reason += f": {str(exc.filename)!r}"
+    error = WriteError(f"could not write {str(path)!r}: {reason}")
+    error.errno = exc.errno
+    return error
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(file)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it to ``path``.
 
-    A reader never sees half a file, and an interrupted write leaves the previous file (if any) in place.
+    A reader never sees half a file, and an interrupted or failed write leaves the previous file (if any) in place.
+
+    Raises
+    ------
+    WriteError
+        If the folder, the temporary file or the rename fails with an :class:`OSError` (a full disk, a read-only
+        file system, a missing permission): one line naming ``path`` and the cause, with the ``errno``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise _write_error(path, exc) from exc
         raise
     return path
 
@@ -87,9 +110,66 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def _torch_save(obj: Any, fh: BinaryIO) -> None:
+    """``torch.save(obj, fh)``, with the :class:`OSError` behind torch's write failures raised as itself.
+
+    When the file cannot take more bytes (a full disk), torch's zip writer reports ``RuntimeError: [enforce fail at
+    inline_container.cc] . unexpected pos ...`` or ``PytorchStreamWriter failed writing file``; the cause is the
+    ``OSError`` of the failed ``write``, which torch keeps as the context of its error.
+    """
+    try:
+        torch.save(obj, fh)
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause)) from exc
+        text = str(exc)
+        if "PytorchStreamWriter" in text or "inline_container" in text:
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            raise OSError(errno.EIO, f"torch.save could not write the file ({first})") from exc
+        raise
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically (see :func:`atomic_write`): an interrupt never leaves half a file."""
-    return atomic_write(path, lambda fh: torch.save(obj, fh))
+    """``torch.save`` to ``path`` atomically (see :func:`atomic_write`): an interrupt never leaves half a file.
+
+    Raises
+    ------
+    WriteError
+        If the file cannot be written (see :func:`atomic_write`), including torch's own write failures on a full
+        disk.
+    """
+    return atomic_write(path, lambda fh: _torch_save(obj, fh))
+
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSUPPORTED_OPERAND = re.compile(r"Unsupported operand (\d+)")
+
+
+def _read_error(path: Path, exc: BaseException) -> str:
+    """One line saying why ``torch.load(path, weights_only=True)`` failed, without torch's advice to unpickle."""
+    where = f"checkpoint {str(path)!r} could not be read as data"
+    if isinstance(exc, pickle.UnpicklingError):  # torch's tensor-only unpickler refused what the file holds
+        found = _UNSAFE_GLOBAL.search(str(exc))
+        if found:
+            what = f"it holds the Python object {found.group(1)}"
+        else:
+            operand = _UNSUPPORTED_OPERAND.search(str(exc))
+            what = "it is corrupt or holds other data than tensors" + (
+                f": pickle opcode {operand.group(1)}" if operand else ""
+            )
+        return f"{where}: it is not a plain tensor checkpoint ({what}); neuralign only loads tensor data"
+    if isinstance(exc, OSError):
+        return f"{where}: {exc.strerror or exc}"
+    if isinstance(exc, EOFError):
+        return f"{where}: the file is empty or truncated"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "weights_only" not in line]
+    first = lines[0] if lines else type(exc).__name__
+    first = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first)
+    first = first.split(". This is an internal")[0]  # torch's explanation of a corrupt file follows
+    return f"{where}: the file is corrupt or truncated ({first})"
 
 
 def load_checkpoint(
@@ -100,6 +180,9 @@ def load_checkpoint(
     map_location: str | torch.device | None = "cpu",
 ) -> dict[str, Any]:
     """Load a checkpoint written by neuralign with ``torch.load(weights_only=True)`` and validate it.
+
+    Only tensors, numbers, strings and containers of them are read: a file that holds any other Python object is
+    refused, never unpickled.
 
     Parameters
     ----------
@@ -115,15 +198,18 @@ def load_checkpoint(
     Raises
     ------
     CheckpointError
-        If the file is missing, cannot be read as data, is not a dict, or lacks what was asked for.
+        If the file is missing, cannot be read, is corrupt, holds other Python objects than tensor data, is not a
+        dict, or lacks what was asked for. The message is one line.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"checkpoint {str(path)!r} could not be read as data: {exc}") from exc
+        raise CheckpointError(_read_error(path, exc)) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
     if kind is not None and obj.get("kind") != kind:

@@ -12,6 +12,7 @@ __all__ = [
     "ShapeMismatchError",
     "NonFiniteError",
     "CheckpointError",
+    "WriteError",
     "DataError",
     "ConvergenceWarning",
 ]
@@ -34,7 +35,22 @@ class NonFiniteError(NeuralignError, ValueError):
 
 
 class CheckpointError(NeuralignError, ValueError):
-    """A checkpoint or result file is missing, unreadable, or does not hold what was expected."""
+    """A checkpoint or result file is missing, unreadable, or does not hold what was expected.
+
+    The message is always one line: the lines of a multi-line text (such as an error passed through from torch)
+    are joined with ``"; "``.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__("; ".join(line.strip() for line in str(message).splitlines() if line.strip()))
+
+
+class WriteError(NeuralignError, OSError):
+    """A result or checkpoint file could not be written (names the file and the cause, e.g. "No space left on
+    device"); the previous file of that name, if any, is left in place.
+
+    It derives from :class:`OSError` (with the ``errno`` of the failure) so that ``except OSError`` still catches it.
+    """
 
 
 class DataError(NeuralignError, ValueError):

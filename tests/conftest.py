@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from collections.abc import Iterator
@@ -31,6 +32,26 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data {name!r} not found at {path} (set NEURALIGN_SHARED_DATA to the folder holding it)")
     return path
+
+
+class FullDisk:
+    """A binary file whose disk fills up after ``room`` more bytes: the write that overflows stores what fits, then
+    raises ``OSError(ENOSPC)`` as a real full disk does (so does every later write)."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        if len(data) > self.room:
+            self.file.write(data[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 # ------------------------------------------------------------------------------------------------ seeding

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -11,10 +14,12 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from neuralign._utils import stable_seed
-from tests.conftest import node_seed
+from neuralign._utils import atomic_save, atomic_write, atomic_write_text, load_checkpoint, stable_seed
+from neuralign.errors import CheckpointError, WriteError
+from tests.conftest import FullDisk, node_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +96,134 @@ def test_tests_draw_the_same_numbers_in_any_order(tmp_path):
     # and the seeds differ between tests and between a test and the fixture it uses
     a, b = forward["test_a"], forward["test_b"]
     assert a[3:] != b[3:] and b[:3] != b[3:]
+
+
+# ------------------------------------------------------------------------------------------------ atomic files
+def _no_temporaries(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_is_a_one_line_write_error_and_the_previous_file_survives(tmp_path):
+    path = atomic_write_text(tmp_path / "result.json", "previous")
+
+    def fill(fh):
+        FullDisk(fh, room=10).write(b"x" * 100)
+
+    with pytest.raises(WriteError, match=r"^could not write '.*result\.json': No space left on device$") as info:
+        atomic_write(path, fill)
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert path.read_text() == "previous" and _no_temporaries(tmp_path)
+
+
+def test_torch_save_on_a_full_disk_is_a_write_error_naming_the_cause(tmp_path, monkeypatch):
+    path = atomic_save({"w": torch.zeros(3)}, tmp_path / "model.pt")
+    real_save = torch.save
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        return real_save(obj, FullDisk(f, room=300), *args, **kwargs)
+
+    # torch itself reports "RuntimeError: [enforce fail at inline_container.cc] . unexpected pos ..." here
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with pytest.raises(RuntimeError, match="unexpected pos|PytorchStreamWriter"):
+        torch.save({"w": torch.zeros(1000)}, io.BytesIO())
+    with pytest.raises(WriteError, match=r"^could not write '.*model\.pt': No space left on device$") as info:
+        atomic_save({"w": torch.zeros(1000)}, path)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    torch.testing.assert_close(load_checkpoint(path)["w"], torch.zeros(3), rtol=0, atol=0)
+    assert _no_temporaries(tmp_path)
+
+
+def test_a_write_under_a_file_names_the_file_in_the_way(tmp_path):
+    blocker = atomic_write_text(tmp_path / "out", "a file, not a folder")
+    with pytest.raises(WriteError, match=r"could not write '.*out/x\.pt': (File exists|Not a directory): '.*out'$"):
+        atomic_save({}, blocker / "x.pt")
+
+
+def test_other_errors_of_the_writer_pass_through_unchanged(tmp_path):
+    def broken(fh):
+        raise KeyError("not an I/O error")
+
+    with pytest.raises(KeyError, match="not an I/O error"):
+        atomic_write(tmp_path / "x", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 64 KiB file system (tmpfs), for root on Linux; skipped elsewhere."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root on Linux): {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_really_full_disk_is_a_write_error_and_the_previous_checkpoint_survives(tiny_tmpfs):
+    path = atomic_save({"w": torch.arange(10.0)}, tiny_tmpfs / "ckpt.pt")
+    with pytest.raises(WriteError, match=r"^could not write '.*ckpt\.pt': No space left on device$"):
+        atomic_save({"w": torch.zeros(100_000)}, path)  # 400 kB on a 64 KiB disk
+    with pytest.raises(WriteError, match="No space left on device"):
+        atomic_write_text(tiny_tmpfs / "big.txt", "x" * 100_000)
+    torch.testing.assert_close(load_checkpoint(path)["w"], torch.arange(10.0), rtol=0, atol=0)
+    assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["ckpt.pt"]
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+class Payload:
+    """A custom class: ``torch.save`` pickles it, ``torch.load(weights_only=True)`` must refuse it."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+PLAIN = r"it is not a plain tensor checkpoint \({}\); neuralign only loads tensor data$"
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: torch.save({"state": Payload()}, p),
+         PLAIN.format(r"it holds the Python object tests\.test_utils\.Payload")),
+        (lambda p: torch.save(Payload(), p, _use_new_zipfile_serialization=False),
+         PLAIN.format(r"it holds the Python object tests\.test_utils\.Payload")),
+        (lambda p: torch.save({"x": np.zeros(2)}, p), PLAIN.format(r"it holds the Python object numpy\..*")),
+        (lambda p: p.write_bytes(b"not a checkpoint"),
+         PLAIN.format(r"it is corrupt or holds other data than tensors: pickle opcode 110")),
+        pytest.param(lambda p: p.write_bytes(pickle.dumps({"a": 1}, protocol=4)),
+                     PLAIN.format(r"it is corrupt or holds other data than tensors: pickle opcode 149"),
+                     marks=pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")),
+        (lambda p: p.write_bytes(pickle.dumps({"a": 1}, protocol=2)),
+         r"the file is corrupt or truncated \(Invalid magic number; corrupt file\?\)$"),
+        (lambda p: p.write_bytes(b""), r"the file is empty or truncated$"),
+        (lambda p: (torch.save({"w": torch.zeros(100)}, p), p.write_bytes(p.read_bytes()[:300])),
+         r"the file is corrupt or truncated \(PytorchStreamReader failed reading zip archive: failed finding "
+         r"central directory\)$"),
+    ],
+    ids=["custom-object", "legacy-pickle", "numpy-array", "bytes", "plain-pickle", "old-pickle", "empty",
+         "truncated"],
+)  # fmt: skip
+def test_unreadable_checkpoints_are_refused_in_one_line_without_advice_to_unpickle(tmp_path, make, message):
+    path = tmp_path / "file.pt"
+    make(path)
+    with pytest.raises(CheckpointError, match=r"^checkpoint '.*file\.pt' could not be read as data: " + message) as err:
+        load_checkpoint(path)
+    text = str(err.value)
+    assert "\n" not in text and "weights_only" not in text and "add_safe_globals" not in text
+
+
+def test_a_folder_or_a_missing_file_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^checkpoint '.*' is not a file$"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"^checkpoint '.*missing\.pt' does not exist$"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_errors_are_one_line_whatever_they_are_given():
+    assert str(CheckpointError("end point 'a.pt' does not fit:\n\tMissing key(s): 'w'.\n\n")) == (
+        "end point 'a.pt' does not fit:; Missing key(s): 'w'."
+    )

@@ -1,8 +1,9 @@
 """The ``neuralign`` command line: demo, train, align, curve, pam, verify, evaluate, study.
 
 Every command writes its results into ``--out`` (atomically; long loops checkpoint every epoch and a rerun of the
-same command resumes), shows progress bars on standard error, and ends by printing the paths it wrote. Errors are
-one line on standard error and exit status 2.
+same command resumes), shows progress bars on standard error, and ends by printing the paths it wrote. Errors,
+including I/O failures such as a full disk (which leave the previous checkpoint in place), are one line on standard
+error and exit status 2.
 """
 
 from __future__ import annotations
@@ -529,6 +530,12 @@ def _write_manifest(args: argparse.Namespace) -> Path:
     return atomic_write_text(Path(args.out) / f"manifest_{args.command}.json", json.dumps(record, indent=1))
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (its lines joined with "; "), or its type when it has none."""
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``neuralign`` and ``python -m neuralign``; returns the exit status."""
     parser = build_parser()
@@ -545,9 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bars.close()
         print("neuralign: interrupted; run the same command again to resume from the checkpoints", file=sys.stderr)
         return 130
-    except (NeuralignError, ValueError, TypeError, FileNotFoundError, OSError) as exc:
+    except (NeuralignError, ValueError, TypeError, OSError) as exc:  # OSError: a full disk, a missing permission
         bars.close()
-        print(f"neuralign: error: {exc}", file=sys.stderr)
+        print(f"neuralign: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     bars.close()
     for path in paths:

@@ -125,6 +125,9 @@ def train_model(
         If the training loss becomes NaN or infinite.
     CheckpointError
         If ``checkpoint`` exists but belongs to another model.
+    WriteError
+        If ``checkpoint`` cannot be written (a full disk): the checkpoint of the previous epoch is left in place,
+        so a later call resumes from it.
 
     Examples
     --------
