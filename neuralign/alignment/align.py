@@ -14,12 +14,12 @@ from torch import nn
 from neuralign._utils import as_generator, check_compatible
 from neuralign.alignment.permutation import (
     Permutation,
-    apply_permutation,
+    _axis_index,
     identity_permutation,
     validate_permutation,
 )
-from neuralign.alignment.spec import PermutationSpec, _segments_for
-from neuralign.alignment.stats import activation_moments
+from neuralign.alignment.spec import PermutationSpec, Segment, _segments_for
+from neuralign.alignment.stats import ActivationMoments, activation_moments, check_batch_budget
 from neuralign.alignment.trace import trace_spec
 from neuralign.errors import ConvergenceWarning, SpecError
 from neuralign.optim import solve_assignment
@@ -43,18 +43,33 @@ class AlignmentResult:
     similarity : dict[str, Tensor]
         Per group, the ``K x K`` (float64, CPU) matrix whose assignment was solved (maximised): the summed
         correlation matrices of the group's taps (``"correlation"``), the summed cross moments (``"l2"``), or the
-        weight inner products at the last sweep (``"weight"``).
+        weight inner products at the final permutation, every other group held at its final permutation
+        (``"weight"``). For the data methods the rows of A's dead units and the columns of B's are zero (the data
+        says nothing about them; they are matched by weights, see ``dead_units``).
     objective_before, objective_after : dict[str, float]
         Per group, :math:`\\sum_i S_{i,i}` and :math:`\\sum_i S_{i,\\pi(i)}` of ``similarity``.
     correlation_before, correlation_after : dict[str, float]
         Per group, the mean Pearson correlation between matched units (averaged over the group's taps), before
-        and after alignment: the paper's "correlation signature". Empty when no data was used.
+        and after alignment, over the pairs whose two units are both live: the paper's "correlation signature".
+        NaN for a group without such a pair (every unit dead, or no activation tap). Empty when no data was used.
     fun : float
         Sum of ``objective_after`` over groups.
     n_iter : int
-        Sweeps of weight matching (1 for the data-driven methods).
+        Sweeps of weight matching summed over restarts (``"weight"``), or 1 for the data-driven methods.
     converged, status, message
-        ``status`` 0: solved; 1: weight matching hit ``max_iter`` before a sweep without change.
+        ``status`` 0: solved; 1: a weight-matching coordinate ascent (the best restart of ``"weight"``, or the
+        matching of dead units of the data methods) hit ``max_iter`` before a sweep without change.
+    dead_units : dict[str, tuple[int, int]]
+        Per group, the number of units of A and of B that were constant on the alignment data (at every tap of
+        the group; all units of a group without an activation tap). Their assignment is decided by weight
+        similarity among themselves. Empty when no data was used.
+    restarts : int
+        Coordinate-ascent runs of weight matching (1 for the data methods).
+    restarts_agreed : int
+        How many of those runs ended at the returned permutation (exactly, in every group).
+    restart_objectives : tuple[float, ...]
+        Weight-matching objective :math:`\\sum_\\ell \\langle W^A_\\ell, \\Pi(W^B)_\\ell\\rangle` (over the permuted
+        parameters) at the end of each run, in run order; empty for the data methods.
     """
 
     perms: dict[str, torch.Tensor]
@@ -70,6 +85,10 @@ class AlignmentResult:
     converged: bool = True
     status: int = 0
     message: str = ""
+    dead_units: dict[str, tuple[int, int]] = field(default_factory=dict)
+    restarts: int = 1
+    restarts_agreed: int = 1
+    restart_objectives: tuple[float, ...] = ()
 
 
 def _matched(S: torch.Tensor, perm: torch.Tensor) -> float:
@@ -80,20 +99,221 @@ def _solve(S: torch.Tensor, group: str) -> torch.Tensor:
     return solve_assignment(S, maximize=True, name=group).perm.cpu()
 
 
-def _data_similarity(moments, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per group: the matrix to maximise and the tap-averaged correlation matrix."""
-    sim, corr = {}, {}
-    for g, ms in moments.items():
+def _check_count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be at least 1, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data similarity
+
+
+@dataclass(frozen=True)
+class _DataGroup:
+    similarity: torch.Tensor  # K x K, float64, dead rows / columns zero
+    correlation: torch.Tensor | None  # tap-averaged correlation, None without a tap
+    dead_a: torch.Tensor  # (K,) bool
+    dead_b: torch.Tensor  # (K,) bool
+
+
+def _data_similarity(moments: Mapping[str, list[ActivationMoments]], spec: PermutationSpec, kind: str):
+    """Per group: the matrix to maximise, the tap-averaged correlation and the units constant at every tap."""
+    out = {}
+    for g in spec.groups:
+        ms, n = moments.get(g, []), spec.sizes[g]
+        if not ms:
+            every = torch.ones(n, dtype=torch.bool)
+            out[g] = _DataGroup(torch.zeros(n, n, dtype=torch.float64), None, every, every)
+            continue
+        dead_a, dead_b = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+        for m in ms:
+            if m.constant_a is not None:
+                dead_a &= m.constant_a
+                dead_b &= m.constant_b
+            else:
+                dead_a[:] = False
+                dead_b[:] = False
         c = sum(m.correlation() for m in ms)
-        corr[g] = c / len(ms)
-        sim[g] = c if kind == "correlation" else sum(m.cross for m in ms)
-    return sim, corr
+        sim = (c if kind == "correlation" else sum(m.cross for m in ms)).clone()
+        sim[dead_a] = 0.0
+        sim[:, dead_b] = 0.0
+        out[g] = _DataGroup(sim, c / len(ms), dead_a, dead_b)
+    return out
 
 
-def _unit_rows(tensor: torch.Tensor, axis: int, offset: int, seg) -> torch.Tensor:
+def _live_mean(corr: torch.Tensor, perm: torch.Tensor, live_a: torch.Tensor, live_b: torch.Tensor) -> float:
+    """Mean of ``corr[i, perm[i]]`` over the pairs whose two units are live (NaN if there is none)."""
+    perm = perm.cpu()
+    both = live_a & live_b[perm]
+    if not bool(both.any()):
+        return float("nan")
+    rows = torch.arange(corr.shape[0])[both]
+    return float(corr[rows, perm[both]].mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weight matching
+
+
+def _unit_rows(tensor: torch.Tensor, axis: int, offset: int, seg: Segment) -> torch.Tensor:
     """The rows of one group inside one tensor axis, as a ``(units, rest)`` matrix."""
     moved = tensor.movedim(axis, 0)[offset : offset + seg.length]
     return moved.reshape(seg.size, -1)
+
+
+@dataclass(frozen=True)
+class _Term:
+    """The rows of one group in one axis of one tensor: a summand of the group's weight-matching matrix."""
+
+    key: str
+    axis: int
+    offset: int
+    seg: Segment
+    deps: frozenset[str]  # groups acting on the tensor's other axes: the summand is exact once they are known
+    width: int  # entries per unit
+    informative: bool  # A's rows are not all equal (a freshly initialised batch-norm weight is not)
+
+
+class _WeightProblem:
+    """Weight matching between two state dicts over the permuted tensors in ``keys`` (float64 CPU copies)."""
+
+    def __init__(self, state_a, state_b, spec: PermutationSpec, keys: Iterable[str]) -> None:
+        self.spec = spec
+        keys = set(keys)
+        involved = sorted(k for k in spec.axes if k in keys)
+        self.a = {k: state_a[k].detach().double().cpu() for k in involved}
+        self.b = {k: state_b[k].detach().double().cpu() for k in involved}
+        self.terms: dict[str, list[_Term]] = {g: [] for g in spec.groups}
+        for key in involved:
+            axes = spec.axes[key]
+            for axis, action in axes.items():
+                for offset, seg in _segments_for(action):
+                    if seg.group is None:
+                        continue
+                    deps = frozenset(
+                        s.group for ax, act in axes.items() if ax != axis for s in act if s.group is not None
+                    )
+                    rows = _unit_rows(self.a[key], axis, offset, seg)
+                    informative = rows.numel() > 0 and bool((rows - rows[:1]).abs().amax() > 0)
+                    self.terms[seg.group].append(_Term(key, axis, offset, seg, deps, rows.shape[1], informative))
+
+    def similarity(self, perms: Mapping[str, torch.Tensor], group: str, terms: list[_Term] | None = None):
+        """:math:`S_g` with every other group at ``perms`` (only the given summands when ``terms`` is set)."""
+        terms = self.terms[group] if terms is None else terms
+        n = self.spec.sizes[group]
+        others = dict(perms)
+        others[group] = torch.arange(n)
+        S = torch.zeros(n, n, dtype=torch.float64)
+        permuted: dict[tuple[str, int], torch.Tensor] = {}
+        for t in terms:
+            b = permuted.get((t.key, t.axis))
+            if b is None:
+                b = self.b[t.key]
+                for axis, action in self.spec.axes[t.key].items():
+                    if axis != t.axis:
+                        b = b.index_select(axis, _axis_index(action, others, b.device))
+                permuted[(t.key, t.axis)] = b
+            S += _unit_rows(self.a[t.key], t.axis, t.offset, t.seg) @ _unit_rows(b, t.axis, t.offset, t.seg).T
+        return S
+
+    def upper_bound(self) -> float:
+        r""":math:`\sum_\ell \|W^A_\ell\| \|W^B_\ell\|` (Cauchy-Schwarz): no permutation scores more, and one
+        attains it exactly when it maps B onto A in every permuted tensor (a planted problem)."""
+        return float(sum(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(self.b[k]) for k, a in self.a.items()))
+
+    def objective(self, perms: Mapping[str, torch.Tensor]) -> float:
+        """:math:`\\sum_\\ell \\langle W^A_\\ell, \\Pi(W^B)_\\ell \\rangle` over the permuted tensors."""
+        total = 0.0
+        for key, a in self.a.items():
+            b = self.b[key]
+            for axis, action in self.spec.axes[key].items():
+                b = b.index_select(axis, _axis_index(action, perms, b.device))
+            total += float((a * b).sum())
+        return total
+
+
+# A group's freedom in a coordinate step: None (any permutation), or (rows, dead_a, dead_b): only ``rows`` of A
+# may be reassigned, among the columns of B they hold, and only to pairs with a dead unit on either side.
+_Freedom = tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+def _step(S: torch.Tensor, current: torch.Tensor, freedom: _Freedom, group: str) -> torch.Tensor:
+    """The best assignment for ``S`` that ``freedom`` allows, starting from ``current``."""
+    if freedom is None:
+        return _solve(S, group)
+    rows, dead_a, dead_b = freedom
+    cols = current[rows]
+    sub = S[rows][:, cols]
+    allowed = dead_a[rows][:, None] | dead_b[cols][None, :]
+    if not bool(allowed.all()):
+        # any assignment through a forbidden pair scores below every allowed one (the current one is allowed)
+        low = sub.min() - (sub.max() - sub.min() + 1.0) * len(rows)
+        sub = torch.where(allowed, sub, low)
+    new = current.clone()
+    new[rows] = cols[_solve(sub, group)]
+    return new
+
+
+def _greedy_start(problem: _WeightProblem, perms: Permutation, free: Mapping[str, _Freedom]) -> None:
+    """Set the free groups one at a time (in place), each from the summands that the groups set so far determine.
+
+    The next group is the one with the most informative determined entries per unit (the input layer's group
+    first: its summand depends on no other group). On a planted problem (``B`` a permutation of ``A``) every
+    determined summand is maximised by the planted permutation, uniquely when the rows differ, so this start is
+    the planted optimum; coordinate ascent from the identity instead sees mostly summands whose other axes are
+    still wrongly permuted, and stalls far from it.
+    """
+    spec = problem.spec
+    solved = {g for g in spec.groups if g not in free}
+    pending = [g for g in spec.groups if g in free]
+    while pending:
+        best = None
+        for g in pending:
+            known = [t for t in problem.terms[g] if t.informative and g not in t.deps and t.deps <= solved]
+            info = sum(t.width for t in known)
+            if best is None or info > best[0]:
+                best = (info, g, known)
+        info, g, known = best
+        S = problem.similarity(perms, g, known if info > 0 else None)
+        perms[g] = _step(S, perms[g], free[g], g)
+        solved.add(g)
+        pending.remove(g)
+
+
+def _ascent(
+    problem: _WeightProblem,
+    perms: Permutation,
+    free: Mapping[str, _Freedom],
+    *,
+    greedy: bool,
+    generator: torch.Generator,
+    max_iter: int,
+) -> tuple[Permutation, int, bool]:
+    """Block coordinate ascent of the weight-matching objective over the groups in ``free`` (others fixed).
+
+    Each step solves one group's assignment exactly with the others held; a step is kept only if it strictly
+    improves (so ties cannot make a sweep cycle). Stops after a sweep (random group order) without change.
+    """
+    perms = {g: p.clone() for g, p in perms.items()}
+    if greedy:
+        _greedy_start(problem, perms, free)
+    names = [g for g in problem.spec.groups if g in free]
+    for sweep in range(1, max_iter + 1):
+        changed = False
+        for i in torch.randperm(len(names), generator=generator).tolist():
+            g = names[i]
+            S = problem.similarity(perms, g)
+            new = _step(S, perms[g], free[g], g)
+            old_value = _matched(S, perms[g])
+            if _matched(S, new) > old_value + 1e-12 * max(1.0, abs(old_value)):
+                perms[g] = new
+                changed = True
+        if not changed:
+            return perms, sweep, True
+    return perms, max_iter, False
 
 
 def weight_similarity(
@@ -111,44 +331,47 @@ def weight_similarity(
     where :math:`W_{(g)}` are the rows of ``W`` along ``axis`` that belong to ``g`` (a ``K x rest`` matrix) and
     :math:`\\Pi_{-g}` applies all permutations except ``g``'s. Maximising :math:`\\langle S_g, P_g\\rangle` over
     :math:`P_g` is one coordinate step of weight matching (Ainsworth et al. 2023).
+
+    Parameters
+    ----------
+    state_a, state_b : Mapping[str, Tensor]
+        State dicts of the same architecture (any float dtype and device; computed in float64 on the CPU).
+    spec : PermutationSpec
+    perms : Mapping[str, LongTensor]
+        A permutation of every group (``perms[group]`` itself is ignored).
+    group : str
+    keys : iterable of str, optional
+        The tensors to match (default: every tensor the spec permutes), e.g. the parameters only.
+
+    Returns
+    -------
+    Tensor
+        ``(K, K)`` float64 on the CPU, ``K = spec.sizes[group]``.
     """
-    others = dict(perms)
-    others[group] = torch.arange(spec.sizes[group])
-    keys = set(keys) if keys is not None else set(spec.axes)
-    involved = {k for k, a in spec.perm_to_axes[group] if k in keys}
-    sub_a = {k: state_a[k] for k in involved}
-    sub_b = apply_permutation({k: state_b[k] for k in involved}, spec.restrict(involved), others)
-    n = spec.sizes[group]
-    S = torch.zeros(n, n, dtype=torch.float64)
-    for key in involved:
-        for axis, action in spec.axes[key].items():
-            for offset, seg in _segments_for(action):
-                if seg.group == group:
-                    a = _unit_rows(sub_a[key].detach().double().cpu(), axis, offset, seg)
-                    b = _unit_rows(sub_b[key].detach().double().cpu(), axis, offset, seg)
-                    S += a @ b.T
-    return S
+    problem = _WeightProblem(state_a, state_b, spec, set(spec.axes) if keys is None else keys)
+    return problem.similarity(perms, group)
 
 
-def _weight_matching(state_a, state_b, spec, keys, *, max_iter: int, generator) -> tuple[Permutation, dict, int, bool]:
-    perms = identity_permutation(spec)
-    gen = as_generator(generator)
-    for sweep in range(1, max_iter + 1):
-        changed = False
-        order = torch.randperm(len(spec.groups), generator=gen).tolist()
-        sims = {}
-        for i in order:
-            g = spec.groups[i]
-            S = weight_similarity(state_a, state_b, spec, perms, g, keys)
-            new = _solve(S, g)
-            # accept only strict improvements so that ties cannot make the sweep cycle
-            if _matched(S, new) > _matched(S, perms[g]) + 1e-12 * max(1.0, abs(_matched(S, perms[g]))):
-                perms[g] = new
-                changed = True
-            sims[g] = S
-        if not changed:
-            return perms, sims, sweep, True
-    return perms, sims, max_iter, False
+def _weight_matching(
+    problem: _WeightProblem, *, restarts: int, generator: torch.Generator, max_iter: int
+) -> tuple[int, list[tuple[float, Permutation, int, bool]], int]:
+    """Best of ``restarts`` coordinate ascents: the first from the greedy start, the others from random ones."""
+    spec = problem.spec
+    free: dict[str, _Freedom] = {g: None for g in spec.groups}
+    runs = []
+    for r in range(restarts):
+        if r == 0:
+            start = identity_permutation(spec)
+        else:
+            start = {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
+        perms, sweeps, converged = _ascent(problem, start, free, greedy=r == 0, generator=generator, max_iter=max_iter)
+        value = problem.objective(perms)
+        logger.debug("weight matching restart %d: objective %.10g after %d sweeps", r, value, sweeps)
+        runs.append((value, perms, sweeps, converged))
+    best = max(range(len(runs)), key=lambda i: (runs[i][0], -i))
+    best_perms = runs[best][1]
+    agreed = sum(all(torch.equal(run[1][g], best_perms[g]) for g in spec.groups) for run in runs)
+    return best, runs, agreed
 
 
 ALIGNMENT_METHODS = ("correlation", "l2", "weight")
@@ -164,6 +387,7 @@ def align(
     activations: str | None = None,
     max_batches: int | None = None,
     max_iter: int = 100,
+    restarts: int = 4,
     generator: torch.Generator | int | None = None,
     example_input: Any = None,
     callback: Callable[[int], Any] | None = None,
@@ -183,45 +407,77 @@ def align(
     * ``"l2"``: the uncentred cross moment :math:`E[a_i b_j]`; maximising it minimises
       :math:`\\sum_i E\\|a_i - b_{\\pi(i)}\\|^2`. Pre-activations by default, as in the paper's appendix variant.
     * ``"weight"`` (Ainsworth et al. 2023): data-free weight matching, maximising
-      :math:`\\sum_\\ell \\langle W^A_\\ell, P_\\ell W^B_\\ell P_{\\ell-1}^\\top\\rangle` by coordinate ascent over
-      groups (one assignment each, random order) until a sweep changes nothing.
+      :math:`J(\\pi) = \\sum_\\ell \\langle W^A_\\ell, P_\\ell W^B_\\ell P_{\\ell-1}^\\top\\rangle` (over the
+      permuted parameters) by block coordinate ascent over groups, one exact assignment per group, until a sweep
+      (random group order) changes nothing. This is a non-convex problem with many coordinate-wise optima, so it
+      is run ``restarts`` times and the run with the largest :math:`J` is returned: the first run starts greedily
+      (each group set, input side first, from the summands that the groups set before it determine; exact on a
+      planted problem), the others from uniformly random permutations.
+
+    A unit that is constant on the alignment data (a "dead" unit, e.g. a ReLU that never fires; or every unit of
+    a group without an activation tap, such as a train-only branch) has no correlation with anything, so the
+    data cannot tell it apart from another dead unit. The data methods therefore match the live units by the
+    data, and reassign the pairs with a dead unit among themselves by weight similarity (the coordinate ascent
+    above, restricted to those pairs, other groups held). A warning names the groups with no live unit at all.
 
     Parameters
     ----------
     model_a, model_b : nn.Module
-        The target and the model to permute; same architecture. Neither is modified.
+        The target and the model to permute; same architecture. Neither is modified. With a ``loader`` both
+        must hold floating-point tensors of one dtype on one device (the loader's inputs are moved there and
+        floating-point inputs cast to that dtype); weight matching alone works in float64 on the CPU.
     loader : iterable, optional
         Batches of inputs (or ``(inputs, targets)``), e.g. the paper's first 10k training images with test-time
         transforms in a fixed order. Required for ``"correlation"`` and ``"l2"``; optional for ``"weight"``
-        (then used only to report correlations).
+        (then used only to report correlations and dead units).
     method : {"correlation", "l2", "weight"}
     spec : PermutationSpec, optional
-        Traced from ``model_a`` when omitted (on the loader's first batch or ``example_input``).
+        Traced from ``model_a`` when omitted (on the loader's first batch or ``example_input``). A given spec is
+        used as given: its taps name nodes of the plain eval-mode torch.fx trace of ``model_a``.
     activations : {"post", "pre"}, optional
         Where activations are read; default ``"post"`` for correlation and ``"pre"`` for l2.
     max_batches : int, optional
-        Use at most this many batches of ``loader``.
+        Use at most this many batches of ``loader`` (at least 1).
     max_iter : int
-        Sweeps of weight matching.
+        Sweeps of each weight-matching coordinate ascent (at least 1).
+    restarts : int
+        Runs of weight matching (at least 1); the first starts greedily, the others at random.
     generator : torch.Generator or int, optional
-        Group order of weight matching.
+        Group orders and random starts of weight matching.
     example_input : Tensor, optional
-        Needed to trace the spec for ``"weight"`` without a loader.
+        Needed to trace the spec for ``"weight"`` without a loader or spec.
     callback : callable, optional
         Called with the number of batches processed (progress).
 
     Returns
     -------
     AlignmentResult
+        Also reports dead units per group and, for weight matching, every run's objective and how many runs
+        ended at the returned permutation (runs that disagree mean several coordinate-wise optima were found; the
+        best one found is not proven global).
 
     Raises
     ------
     ShapeMismatchError
         If the models differ in parameter names or shapes (names the first one).
+    TypeError
+        If the models' dtypes differ (with a loader), or an option has the wrong type.
     ValueError
-        Unknown method, empty loader, or a data method without a loader.
+        Unknown method, empty loader, a data method without a loader, models on different devices (with a
+        loader), ``max_batches``, ``max_iter`` or ``restarts`` below 1.
+    SpecError
+        If the spec has no activation tap at all (data methods) or permutes no parameter (``"weight"``).
     NonFiniteError
-        If an activation is NaN or infinite (names the layer).
+        If an activation is NaN or infinite (names the layer). Finite activations of any magnitude are
+        accumulated without overflow (float64 after a per-unit power-of-two rescaling), so the scale-invariant
+        correlation is right even for activations near float32's largest value.
+
+    Warns
+    -----
+    UserWarning
+        When the data cannot decide a group (every unit dead, or no activation tap); it is matched by weights.
+    ConvergenceWarning
+        When a weight-matching coordinate ascent hits ``max_iter`` (``status`` 1).
 
     References
     ----------
@@ -243,55 +499,92 @@ def align(
     >>> res = align(a, b, [x])
     >>> bool(torch.equal(res.perms["0"], invert_permutation(p)["0"]))
     True
+    >>> res = align(a, b, method="weight", spec=spec, generator=0)
+    >>> bool(torch.equal(res.perms["0"], invert_permutation(p)["0"])), res.restarts
+    (True, 4)
     """
     if method not in ALIGNMENT_METHODS:
         raise ValueError(f"unknown method '{method}'; expected one of {list(ALIGNMENT_METHODS)}")
     if not isinstance(model_a, nn.Module) or not isinstance(model_b, nn.Module):
         raise TypeError("`model_a` and `model_b` must be nn.Module instances")
+    if spec is not None and not isinstance(spec, PermutationSpec):
+        raise TypeError(f"`spec` must be a PermutationSpec or None, got {type(spec).__name__}")
+    check_batch_budget(max_batches)
+    _check_count(max_iter, "max_iter")
+    _check_count(restarts, "restarts")
+    gen = as_generator(generator)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_compatible(state_a, state_b)
     if method in ("correlation", "l2") and loader is None:
         raise ValueError(f"method '{method}' needs a `loader` of inputs")
     kind = activations or ("pre" if method == "l2" else "post")
-    moments = None
+    data = None
     if loader is not None:
         spec, moments = activation_moments(
             model_a, model_b, loader, spec, kind=kind, max_batches=max_batches, callback=callback
         )
+        data = _data_similarity(moments, spec, method)
     elif spec is None:
         if example_input is None:
             raise ValueError("method 'weight' without a loader needs `spec` or `example_input` to trace the model")
         spec = trace_spec(model_a, example_input)
     spec.validate(state_a, name="model_a")
+    keys = {k for k, _ in model_a.named_parameters()}
+    problem = _WeightProblem(state_a, state_b, spec, keys)
 
-    corr: dict[str, torch.Tensor] = {}
     n_iter, converged, status, message = 1, True, 0, "solved one assignment per group"
-    if moments is not None:
-        sim, corr = _data_similarity(moments, method)
+    n_runs, agreed, objectives = 1, 1, ()
     if method == "weight":
-        keys = {k for k, _ in model_a.named_parameters()}
         if not any(k in keys for k in spec.axes):
             raise SpecError("the spec permutes no parameter; weight matching has nothing to match")
-        perms, sim, n_iter, converged = _weight_matching(
-            state_a, state_b, spec, keys, max_iter=max_iter, generator=generator
-        )
+        best, runs, agreed = _weight_matching(problem, restarts=restarts, generator=gen, max_iter=max_iter)
+        perms = runs[best][1]
+        n_runs, objectives = len(runs), tuple(r[0] for r in runs)
+        n_iter = sum(r[2] for r in runs)
+        converged = runs[best][3]
         status = 0 if converged else 1
+        sweeps = runs[best][2]
         message = (
-            f"weight matching converged after {n_iter} sweeps"
-            if converged
-            else f"weight matching stopped after max_iter={max_iter} sweeps while still changing"
+            f"weight matching: best of {n_runs} restarts (objective {runs[best][0]:.10g}, run {best}), reached by "
+            f"{agreed} of {n_runs}; it {'converged after' if converged else 'was still changing after max_iter ='} "
+            f"{sweeps} sweeps"
         )
-        if not converged:
-            warnings.warn(message + "; raise `max_iter`", ConvergenceWarning, stacklevel=2)
+        if runs[best][0] >= problem.upper_bound() * (1 - 1e-12):
+            message += "; it attains the Cauchy-Schwarz bound, so it is a global optimum"
+        elif agreed < n_runs:
+            message += "; the runs found different coordinate-wise optima, so the best one is not proven global"
+        sim = {g: problem.similarity(perms, g) for g in spec.groups}
     else:
+        sim = {g: data[g].similarity for g in spec.groups}
         perms = {g: _solve(S, g) for g, S in sim.items()}
+        perms, converged, sweeps = _match_dead_units(problem, spec, data, perms, gen, max_iter)
+        status = 0 if converged else 1
+        n_dead = sum(1 for g in spec.groups if bool(data[g].dead_a.any() | data[g].dead_b.any()))
+        message = "solved one assignment per group"
+        if n_dead:
+            message += f"; pairs with a dead unit in {n_dead} groups matched by weight similarity " + (
+                f"(converged after {sweeps} sweeps)" if converged else f"(still changing after {sweeps} sweeps)"
+            )
+    if not converged:
+        warnings.warn(message + "; raise `max_iter`", ConvergenceWarning, stacklevel=2)
     validate_permutation(spec, perms)
     ident = identity_permutation(spec)
     before = {g: _matched(sim[g], ident[g]) for g in spec.groups}
     after = {g: _matched(sim[g], perms[g]) for g in spec.groups}
-    corr_before = {g: _matched(c, ident[g]) / spec.sizes[g] for g, c in corr.items()}
-    corr_after = {g: _matched(c, perms[g]) / spec.sizes[g] for g, c in corr.items()}
-    logger.info("aligned %d groups with method %s", len(spec.groups), method)
+    corr_before: dict[str, float] = {}
+    corr_after: dict[str, float] = {}
+    dead: dict[str, tuple[int, int]] = {}
+    if data is not None:
+        for g in spec.groups:
+            d = data[g]
+            dead[g] = (int(d.dead_a.sum()), int(d.dead_b.sum()))
+            if d.correlation is None:
+                corr_before[g] = corr_after[g] = float("nan")
+            else:
+                corr_before[g] = _live_mean(d.correlation, ident[g], ~d.dead_a, ~d.dead_b)
+                corr_after[g] = _live_mean(d.correlation, perms[g], ~d.dead_a, ~d.dead_b)
+        _warn_undecided(spec, data, method)
+    logger.info("aligned %d groups with method %s: %s", len(spec.groups), method, message)
     return AlignmentResult(
         perms=perms,
         spec=spec,
@@ -306,4 +599,36 @@ def align(
         converged=converged,
         status=status,
         message=message,
+        dead_units=dead,
+        restarts=n_runs,
+        restarts_agreed=agreed,
+        restart_objectives=objectives,
     )
+
+
+def _match_dead_units(problem, spec, data, perms, generator, max_iter) -> tuple[Permutation, bool, int]:
+    """Reassign, by weight similarity, the pairs that involve a unit dead on the data (live pairs stay)."""
+    free: dict[str, _Freedom] = {}
+    for g in spec.groups:
+        d = data[g]
+        rows = torch.nonzero(d.dead_a | d.dead_b[perms[g]]).flatten()
+        if len(rows) > 1:
+            free[g] = (rows, d.dead_a, d.dead_b)
+    if not free or not problem.a:
+        return perms, True, 0
+    perms, sweeps, converged = _ascent(problem, perms, free, greedy=True, generator=generator, max_iter=max_iter)
+    return perms, converged, sweeps
+
+
+def _warn_undecided(spec: PermutationSpec, data, method: str) -> None:
+    untapped = [g for g in spec.groups if data[g].correlation is None]
+    dead = [g for g in spec.groups if data[g].correlation is not None and bool(data[g].dead_a.all())]
+    if not untapped and not dead:
+        return
+    parts = []
+    if dead:
+        parts.append(f"every unit of groups {dead} is constant on the alignment data")
+    if untapped:
+        parts.append(f"groups {untapped} have no activation tap in eval mode")
+    what = "they were matched by weight similarity" if method != "weight" else "weight matching decided them"
+    warnings.warn(f"the data cannot decide an alignment: {'; '.join(parts)}; {what}", UserWarning, stacklevel=3)

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from neuralign._utils import check_compatible
 from neuralign.alignment.spec import PermutationSpec, Tap
-from neuralign.alignment.trace import _trace_graph
+from neuralign.alignment.trace import _fx_graph, _trace_graph
 from neuralign.errors import NonFiniteError, SpecError
 
 __all__ = ["ActivationMoments", "activation_moments"]
@@ -26,7 +26,7 @@ _EPS_STD = 1e-5  # added to the standard deviation, as in the official code's z-
 
 @dataclass(frozen=True)
 class ActivationMoments:
-    """First and second moments of one tap's activations in models A and B (float64).
+    """First and second moments of one tap's activations in models A and B (float64, CPU).
 
     Every sample (example x spatial position) is one observation of the ``K`` units.
 
@@ -39,6 +39,9 @@ class ActivationMoments:
         Population variances (ddof = 0).
     cross : Tensor (K, K)
         Uncentred cross moment :math:`E[a b^\\top]`.
+    constant_a, constant_b : BoolTensor (K,), optional
+        Units that took one single value on every observation ("dead" units, e.g. a ReLU that never fires): the
+        data carries no information about which unit they are. ``None`` when unknown (moments built by hand).
     """
 
     count: int
@@ -47,16 +50,25 @@ class ActivationMoments:
     var_a: torch.Tensor
     var_b: torch.Tensor
     cross: torch.Tensor
+    constant_a: torch.Tensor | None = None
+    constant_b: torch.Tensor | None = None
 
     def correlation(self) -> torch.Tensor:
         """Pearson correlation matrix, with the official code's :math:`\\epsilon = 10^{-5}` on the deviations.
 
         .. math::  C_{ij} = \\frac{\\mathrm{cov}(a_i, b_j)}{(\\sigma_{a,i} + \\epsilon)(\\sigma_{b,j} + \\epsilon)}
+
+        Rows of constant units of A and columns of constant units of B are exactly 0.
         """
         cov = self.cross - torch.outer(self.mean_a, self.mean_b)
         sa = self.var_a.clamp_min(0).sqrt() + _EPS_STD
         sb = self.var_b.clamp_min(0).sqrt() + _EPS_STD
-        return cov / torch.outer(sa, sb)
+        corr = cov / torch.outer(sa, sb)
+        if self.constant_a is not None:
+            corr[self.constant_a] = 0.0
+        if self.constant_b is not None:
+            corr[:, self.constant_b] = 0.0
+        return corr
 
 
 def _units_view(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, bool]:
@@ -69,46 +81,67 @@ def _units_view(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, bool]:
     return t.movedim(axis, -1).reshape(-1, t.shape[axis]), False
 
 
-class _Accumulator:
-    """Streaming moments of paired activations: per-batch float32 sums merged in float64 (Chan et al.).
+def _standardise(v: torch.Tensor, dims: tuple[int, ...], spatial: bool):
+    """``(z, centre, scale, low, high)`` with ``z = (v - centre) / scale`` per unit, ``|z| <= 4``.
 
-    Each batch contributes its own centred moments, merged with the pairwise update of Chan, Golub & LeVeque
-    (1983), so that a large mean never cancels against the spread across batches; the activations are read a
-    few times per batch and never copied for the usual layouts (``N x K x H x W`` and ``N x K``).
+    ``centre`` is the batch mean (accumulated in float64, rounded to the working dtype), or the unit's value when
+    the unit is constant over the batch, so that such a unit gets ``z = 0`` exactly and a unit whose mean dwarfs
+    its spread loses nothing to cancellation. ``scale`` is the power of two just below the half range (dividing by
+    it is exact), which keeps every product and sum of ``z`` far from float32 overflow whatever the activations'
+    magnitude. Returns Nones when an activation is NaN or infinite.
+    """
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    v = v.to(work)
+    low, high = v.amin(dims), v.amax(dims)
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+        return None, None, None, None, None
+    centre = torch.where(low == high, low, v.mean(dims, dtype=torch.float64).to(work))
+    half = high / 2 - low / 2  # halves first: high - low can overflow
+    scale = torch.where(half > 0, torch.exp2(torch.floor(torch.log2(half))), torch.ones_like(half))
+    shape = (1, -1, 1) if spatial else (1, -1)
+    z = (v - centre.reshape(shape)) / scale.reshape(shape)
+    return z, centre.double(), scale.double(), low.double(), high.double()
+
+
+class _Accumulator:
+    """Streaming moments of paired activations: per-batch standardised float32 sums merged in float64 (Chan et al.).
+
+    Each batch is centred at its per-unit mean and divided by a power of two near its half range (``|z| <= 4``),
+    so that the float32 sums can neither overflow (activations up to float32's largest value) nor lose a small
+    spread under a large mean; the batch's centred moments are rescaled in float64 and merged with the pairwise
+    update of Chan, Golub & LeVeque (1983). The per-unit extremes are kept to find units that are constant on all
+    the data.
     """
 
     def __init__(self) -> None:
         self.n = 0
         self.mean_a = self.mean_b = self.m2_a = self.m2_b = self.c_ab = None
-        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.low_a = self.high_a = self.low_b = self.high_b = None
 
-    def update(self, a: torch.Tensor, b: torch.Tensor, axis: int) -> bool:
-        """Add one batch; returns False if a sum is not finite (NaN or inf in the activations)."""
+    def update(self, a: torch.Tensor, b: torch.Tensor, axis: int) -> str | None:
+        """Add one batch; returns ``"model_a"`` or ``"model_b"`` if that model's activations are not finite."""
         va, spatial = _units_view(a, axis)
         vb, _ = _units_view(b, axis)
         dims = (0, 2) if spatial else (0,)
-        if self.mean_a is None:
-            # Units whose mean dwarfs their spread would lose the covariance to float32 cancellation inside a
-            # batch: for those (rare) layers, subtract the first batch's mean before forming the products.
-            ratio = max(_mean_to_spread(va, dims), _mean_to_spread(vb, dims))
-            if ratio > 30.0:
-                shape = (1, -1, 1) if spatial else (1, -1)
-                self.shift = (va.mean(dims).reshape(shape), vb.mean(dims).reshape(shape))
-        if self.shift is not None:
-            va, vb = va - self.shift[0], vb - self.shift[1]
-        n = va.numel() // va.shape[1]
-        sa, sb = va.sum(dims).double(), vb.sum(dims).double()
-        qa = torch.linalg.vector_norm(va, dim=dims).double() ** 2
-        qb = torch.linalg.vector_norm(vb, dim=dims).double() ** 2
-        cross = (torch.bmm(va, vb.transpose(1, 2)).sum(0) if spatial else va.T @ vb).double()
-        if not (torch.isfinite(sa).all() and torch.isfinite(sb).all() and torch.isfinite(cross).all()):
-            return False
-        ma, mb = sa / n, sb / n
-        m2a, m2b = qa - n * ma * ma, qb - n * mb * mb
-        cab = cross - n * torch.outer(ma, mb)
+        za, ca, ha, lo_a, hi_a = _standardise(va, dims, spatial)
+        if za is None:
+            return "model_a"
+        zb, cb, hb, lo_b, hi_b = _standardise(vb, dims, spatial)
+        if zb is None:
+            return "model_b"
+        n = za.numel() // za.shape[1]
+        sa, sb = za.sum(dims).double() * ha, zb.sum(dims).double() * hb
+        qa = torch.linalg.vector_norm(za, dim=dims).double() ** 2 * (ha * ha)
+        qb = torch.linalg.vector_norm(zb, dim=dims).double() ** 2 * (hb * hb)
+        cross = (torch.bmm(za, zb.transpose(1, 2)).sum(0) if spatial else za.T @ zb).double() * torch.outer(ha, hb)
+        # centred moments of this batch (sums relative to the centre, then about the batch mean)
+        ma, mb = ca + sa / n, cb + sb / n
+        m2a, m2b = (qa - sa * sa / n).clamp_min(0), (qb - sb * sb / n).clamp_min(0)
+        cab = cross - torch.outer(sa, sb) / n
         if self.mean_a is None:
             self.n, self.mean_a, self.mean_b, self.m2_a, self.m2_b, self.c_ab = n, ma, mb, m2a, m2b, cab
-            return True
+            self.low_a, self.high_a, self.low_b, self.high_b = lo_a, hi_a, lo_b, hi_b
+            return None
         total = self.n + n
         da, db = ma - self.mean_a, mb - self.mean_b
         w = self.n * n / total
@@ -117,24 +150,31 @@ class _Accumulator:
         self.m2_a = self.m2_a + m2a + da * da * w
         self.m2_b = self.m2_b + m2b + db * db * w
         self.c_ab = self.c_ab + cab + torch.outer(da, db) * w
+        self.low_a, self.high_a = torch.minimum(self.low_a, lo_a), torch.maximum(self.high_a, hi_a)
+        self.low_b, self.high_b = torch.minimum(self.low_b, lo_b), torch.maximum(self.high_b, hi_b)
         self.n = total
-        return True
+        return None
 
     def moments(self) -> ActivationMoments:
         n = self.n
-        mean_a, mean_b = self.mean_a, self.mean_b
-        if self.shift is not None:
-            mean_a = mean_a + self.shift[0].flatten().double()
-            mean_b = mean_b + self.shift[1].flatten().double()
-        cross = self.c_ab / n + torch.outer(mean_a, mean_b)
-        var_a, var_b = (self.m2_a / n).cpu(), (self.m2_b / n).cpu()
-        return ActivationMoments(n, mean_a.cpu(), mean_b.cpu(), var_a, var_b, cross.cpu())
-
-
-def _mean_to_spread(v: torch.Tensor, dims: tuple[int, ...]) -> float:
-    mean = v.mean(dims)
-    std = v.std(dims, correction=0)
-    return float((mean.abs() / (std + 1e-12)).max()) if mean.numel() else 0.0
+        const_a = (self.low_a == self.high_a).cpu()
+        const_b = (self.low_b == self.high_b).cpu()
+        # a constant unit has no spread and no covariance, exactly (not a rounding residue)
+        m2_a = self.m2_a.masked_fill(const_a.to(self.m2_a.device), 0.0)
+        m2_b = self.m2_b.masked_fill(const_b.to(self.m2_b.device), 0.0)
+        c_ab = self.c_ab.masked_fill(const_a.to(self.c_ab.device)[:, None], 0.0)
+        c_ab = c_ab.masked_fill(const_b.to(self.c_ab.device)[None, :], 0.0)
+        cross = c_ab / n + torch.outer(self.mean_a, self.mean_b)
+        return ActivationMoments(
+            n,
+            self.mean_a.cpu(),
+            self.mean_b.cpu(),
+            (m2_a / n).cpu(),
+            (m2_b / n).cpu(),
+            cross.cpu(),
+            const_a,
+            const_b,
+        )
 
 
 def _capture_module(gm: torch.fx.GraphModule, nodes: list[str]) -> torch.fx.GraphModule:
@@ -165,6 +205,54 @@ def _first_input(batch: Any) -> Any:
     return batch
 
 
+def _float_tensor(model: nn.Module) -> tuple[str, torch.Tensor] | None:
+    """The first floating-point parameter or buffer of ``model`` (name and tensor), or None."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            return name, t
+    return None
+
+
+def check_same_dtype_and_device(model_a: nn.Module, model_b: nn.Module) -> tuple[torch.dtype, torch.device] | None:
+    """Check that two models hold floating-point tensors of one dtype on one device; return that pair.
+
+    Both models are evaluated on the same input batches, so they must agree; the inputs are then moved (and
+    floating-point inputs cast) to this device and dtype. Returns None for models without floating-point tensors.
+
+    Raises
+    ------
+    TypeError
+        If the models' floating-point dtypes differ (names the first tensor of each).
+    ValueError
+        If the models are on different devices.
+    """
+    fa, fb = _float_tensor(model_a), _float_tensor(model_b)
+    if fa is None or fb is None:
+        return None
+    (ka, ta), (kb, tb) = fa, fb
+    if ta.dtype != tb.dtype:
+        raise TypeError(
+            f"`model_a` has dtype {ta.dtype} (`{ka}`) but `model_b` has {tb.dtype} (`{kb}`); both models run on "
+            "the same inputs, convert one with .to(dtype)"
+        )
+    if ta.device != tb.device:
+        raise ValueError(
+            f"`model_a` is on device {ta.device} (`{ka}`) but `model_b` is on {tb.device} (`{kb}`); move one "
+            "with .to(device)"
+        )
+    return ta.dtype, ta.device
+
+
+def check_batch_budget(max_batches: int | None) -> None:
+    """Raise a one-line TypeError / ValueError unless ``max_batches`` is None or an int >= 1."""
+    if max_batches is None:
+        return
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int):
+        raise TypeError(f"`max_batches` must be an int or None, got {type(max_batches).__name__}")
+    if max_batches < 1:
+        raise ValueError(f"`max_batches` must be at least 1, got {max_batches}")
+
+
 def activation_moments(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -180,16 +268,20 @@ def activation_moments(
     Parameters
     ----------
     model_a, model_b : nn.Module
-        Two networks of the same architecture (run in eval mode on copies; the models are untouched).
+        Two networks of the same architecture, dtype and device (run in eval mode on copies; the models are
+        untouched).
     loader : iterable
-        Yields input batches or ``(inputs, targets)`` pairs; both models see the same inputs.
+        Yields input batches or ``(inputs, targets)`` pairs; both models see the same inputs. Inputs are moved to
+        the models' device, and floating-point inputs cast to the models' dtype (a debug log line says so).
     spec : PermutationSpec, optional
-        Traced from ``model_a`` on the first batch when omitted. Its taps must name nodes of the traced graph.
+        Traced from ``model_a`` on the first batch when omitted. A given spec is used as given: its taps name
+        nodes of the plain eval-mode torch.fx trace of ``model_a`` (no tracing rule is run, so operations the
+        tracer refuses do not matter).
     kind : {"post", "pre"}
         Read activations after the activation function (the paper's choice for correlation) or before it.
         Groups without an activation function are read at the output of their producing layer.
     max_batches : int, optional
-        Stop after this many batches.
+        Stop after this many batches (at least 1).
     callback : callable, optional
         Called with the number of batches done after each batch (progress reporting).
 
@@ -197,40 +289,63 @@ def activation_moments(
     -------
     spec, moments
         The spec used and, per group, one :class:`ActivationMoments` per tap (several for groups tied by
-        residual additions).
+        residual additions; none for a group without a tap of this ``kind``, e.g. units that exist only in
+        train-mode branches).
 
     Raises
     ------
     ValueError
-        If ``loader`` yields no batch, or ``kind`` is unknown.
+        If ``loader`` yields no batch, ``kind`` is unknown, ``max_batches < 1``, or the models are on different
+        devices.
+    TypeError
+        If the models' dtypes differ or ``max_batches`` is not an int.
     ShapeMismatchError
         If the models' state dicts differ.
+    SpecError
+        If the spec has groups but no tap of this ``kind`` at all, names fx nodes the model's graph does not
+        have, or torch.fx cannot trace the model.
     NonFiniteError
-        If an activation is NaN or infinite (names the fx node and the model).
+        If an activation is NaN or infinite (names the fx node and the model). Finite activations of any size
+        are accumulated without overflow.
     """
     if kind not in ("post", "pre"):
         raise ValueError(f"unknown activation kind '{kind}'; expected one of ['post', 'pre']")
+    check_batch_budget(max_batches)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_compatible(state_a, state_b)
+    kind_of = check_same_dtype_and_device(model_a, model_b)
     iterator = iter(loader)
     try:
         first = next(iterator)
     except StopIteration:
         raise ValueError("`loader` yielded no batches") from None
-    x0 = _first_input(first)
-    traced, gm = _trace_graph(model_a, x0)
+    dtype, device = kind_of if kind_of is not None else (None, None)
+
+    def prepare(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or device is None:
+            return x
+        if x.is_floating_point() and x.dtype != dtype:
+            logger.debug("casting the loader's %s inputs to the models' dtype %s", x.dtype, dtype)
+            return x.to(device=device, dtype=dtype)
+        return x.to(device)
+
     if spec is None:
-        spec = traced
+        spec, gm = _trace_graph(model_a, prepare(_first_input(first)))
+    else:
+        gm = _fx_graph(model_a, train=False)
     taps: dict[str, list[Tap]] = {}
     for g in spec.groups:
         chosen = [t for t in spec.taps.get(g, ()) if t.kind in (kind, "out")]
-        if not chosen:
-            raise SpecError(f"group `{g}` has no activation tap; add one with SpecBuilder.tap or use method='weight'")
-        taps[g] = chosen
+        if chosen:
+            taps[g] = chosen
+    if spec.groups and not taps:
+        raise SpecError(
+            f"the spec has no '{kind}' or 'out' activation tap for any group; add taps with SpecBuilder.tap or use "
+            "method='weight'"
+        )
     nodes = list(dict.fromkeys(t.node for ts in taps.values() for t in ts))
     cap = _capture_module(gm, nodes)
     params_b = {k: v for k, v in state_b.items() if k in cap.state_dict()}
-    device = next(iter(state_a.values())).device
     accs = {(g, t): _Accumulator() for g, ts in taps.items() for t in ts}
     n_batches = 0
 
@@ -242,20 +357,18 @@ def activation_moments(
         for batch in batches():
             if max_batches is not None and n_batches >= max_batches:
                 break
-            x = _first_input(batch).to(device)
+            x = prepare(_first_input(batch))
             out_a = dict(zip(nodes, cap(x)))
             out_b = dict(zip(nodes, functional_call(cap, params_b, (x,))))
             for (_, t), acc in accs.items():
-                if not acc.update(out_a[t.node].float(), out_b[t.node].float(), t.axis):
-                    for which, out in (("model_a", out_a), ("model_b", out_b)):
-                        if not torch.isfinite(out[t.node]).all():
-                            raise NonFiniteError(f"activations of layer `{t.node}` in `{which}` contain NaN or inf")
-                    raise NonFiniteError(f"the moments of layer `{t.node}` overflowed float32")
+                bad = acc.update(out_a[t.node], out_b[t.node], t.axis)
+                if bad is not None:
+                    raise NonFiniteError(f"activations of layer `{t.node}` in `{bad}` contain NaN or inf")
             n_batches += 1
             if callback is not None:
                 callback(n_batches)
-    moments: dict[str, list[ActivationMoments]] = {g: [] for g in taps}
+    moments: dict[str, list[ActivationMoments]] = {g: [] for g in spec.groups}
     for (g, _), acc in accs.items():
         moments[g].append(acc.moments())
-    logger.debug("activation moments over %d batches for %d groups", n_batches, len(moments))
+    logger.debug("activation moments over %d batches for %d groups", n_batches, len(taps))
     return spec, moments
