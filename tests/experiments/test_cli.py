@@ -1,11 +1,14 @@
 import json
+import logging
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from neuralign._utils import load_checkpoint
 from neuralign.experiments.cli import build_parser, main
+from tests.conftest import FullDisk
 
 TINY = ["--set", "epochs=1", "--set", "curve_epochs=1", "--set", "num_points=3", "--set", "plane_grid=3",
         "--set", "verify_swaps=2", "--set", "verify_local_search=2", "--set", "max_batches=3",
@@ -44,6 +47,83 @@ def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
     code = main(["train", "--arch", "tinyten", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("neuralign: error:") and len(err.splitlines()) == 1
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("neuralign: error: "), err
+    return err
+
+
+def test_a_full_disk_during_train_is_one_line_keeps_the_last_checkpoint_and_a_rerun_resumes(
+    tmp_path, capsys, monkeypatch, caplog
+):
+    """The disk fills up while `train` saves the checkpoint of epoch 2 (torch.save writes into a file that takes 4 kB
+    more): one line, exit 2, the checkpoint of epoch 1 intact; the same command then resumes from it."""
+    out = tmp_path / "run"
+    command = ["train", "--arch", "tinyten", "--epochs", "2", "--seed", "3", "--out", str(out), *DATA]
+    ckpt, endpoint = out / "tinyten_seed3.ckpt", out / "tinyten_seed3.pt"
+    real_save = torch.save
+
+    def save_on_a_disk_that_fills(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("kind") == "train_model" and obj["epoch"] == 2:
+            f = FullDisk(f, room=4096)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_disk_that_fills)
+    assert main(command) == 2
+    err = _one_error_line(capsys)
+    assert err == f"neuralign: error: could not write {str(ckpt)!r}: No space left on device"
+    monkeypatch.undo()
+    saved = load_checkpoint(ckpt, kind="train_model")
+    assert saved["epoch"] == 1 and len(saved["history"]) == 1
+    assert not endpoint.exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    caplog.set_level(logging.INFO, logger="neuralign.experiments.training")
+    assert main(command) == 0
+    assert f"resuming training from {ckpt} at epoch 1" in caplog.text
+    state = torch.load(endpoint, weights_only=True)
+    assert len(state["history"]) == 2 and not ckpt.exists()
+    assert state["history"][0] == saved["history"][0]  # epoch 1 was not run again: its wall-clock time is the same
+    # and the resumed run ends where an uninterrupted one does
+    assert main([*command[:-len(DATA)], "--out", str(tmp_path / "straight"), *DATA]) == 0
+    straight = torch.load(tmp_path / "straight" / "tinyten_seed3.pt", weights_only=True)
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(state["state_dict"][key], value, rtol=0, atol=0)
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where --out wants a folder")
+    code = main(["align", "--model-a", "a.pt", "--model-b", "b.pt", "--data", "digits", "--out",
+                 str(blocker / "out"), "--quiet"])  # fmt: skip
+    err = _one_error_line(capsys)
+    assert code == 2
+    manifest = blocker / "out" / "manifest_align.json"
+    assert err.startswith(f"neuralign: error: could not write {str(manifest)!r}: ")
+    assert err.endswith((f"Not a directory: {str(blocker / 'out')!r}", f"File exists: {str(blocker)!r}")), err
+
+
+class Payload:
+    """A custom class, pickled by torch.save into a file that is not a plain tensor checkpoint."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def test_a_pickled_object_is_refused_in_one_line_without_advice_to_unpickle(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"kind": "endpoint", "arch": "tinyten", "state_dict": Payload()}, evil)
+    code = main(["align", "--model-a", str(evil), "--model-b", str(evil), "--data", "digits", "--out",
+                 str(tmp_path / "out"), "--quiet"])  # fmt: skip
+    err = _one_error_line(capsys)
+    assert code == 2
+    assert err == (
+        f"neuralign: error: checkpoint {str(evil)!r} could not be read as data: it is not a plain tensor checkpoint "
+        "(it holds the Python object tests.experiments.test_cli.Payload); neuralign only loads tensor data"
+    )
+    assert "weights_only" not in err
 
 
 @pytest.fixture(scope="module")
