@@ -289,6 +289,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
         self.aliases = aliases
         self.states: dict[str, Any] = {}
         self.node: torch.fx.Node | None = None
+        self.extra_traceback = False  # our errors name the node in one line; fx would append the graph
 
     # -------------------------------------------------------------- helpers
     def _fail(self, why: str) -> None:
@@ -370,8 +371,18 @@ class _SpecInterpreter(torch.fx.Interpreter):
                     if s[0] is not None:
                         self.groups.fix(s[0])
                 merged.append((None, x[1] * x[2], 1))
-            elif x[2] != y[2] or x[1] != y[1]:
-                self._fail("operands carry groups expanded over different numbers of positions")
+            elif x[2] != y[2]:
+                # the same entries in units of different widths: the finer group is coarsened to the wider units
+                fine, coarse = (x, y) if x[2] < y[2] else (y, x)
+                if coarse[2] % fine[2]:
+                    self._fail("operands carry groups expanded over different numbers of positions")
+                root = self.groups.find(fine[0])
+                new = self.groups.new(self.groups.name[root], coarse[1])
+                if self.groups.fixed[root]:
+                    self.groups.fix(new)
+                self.subst[root] = ((new, coarse[1], coarse[2] // fine[2]),)
+                self.groups.union(new, coarse[0], self.node.name)
+                merged.append(coarse)
             else:
                 self.groups.union(x[0], y[0], self.node.name)
                 merged.append(x)
@@ -417,11 +428,23 @@ class _SpecInterpreter(torch.fx.Interpreter):
             if action is not None and len(action) == 1 and action[0][0] is not None and action[0][2] == 1:
                 self.taps.append((action[0][0], Tap(node_name, axis, kind)))
 
+    def _opaque(self, state: Any) -> bool:
+        """Keep the groups of an operand that an operation does not follow unpermuted; False if that is not
+        possible (a layer's units or indices that depend on their order would be read without their labels)."""
+        if _poison(state) is not None:
+            return False
+        segs = [g for g, _, _ in _iter_segments(state) if g is not None]
+        if any(self.groups.layer[self.groups.find(g)] for g in segs):
+            return False
+        for g in segs:  # only parameter axes that no layer's units flow through yet: fix them
+            self.groups.fix(g)
+        return True
+
     def _account(self, n: torch.fx.Node, used: Sequence[Any]) -> None:
         """Refuse a node whose inputs other than ``used`` carry a group (nothing is silently ignored)."""
         used_nodes = {u for u in used if isinstance(u, torch.fx.Node)}
         for a in n.all_input_nodes:
-            if a not in used_nodes and _has_group(self.states[a.name]):
+            if a not in used_nodes and not self._opaque(self.states[a.name]):
                 self._fail(f"its operand `{a.name}` is permuted but the rule for this operation does not use it")
 
     @staticmethod
@@ -474,9 +497,19 @@ class _SpecInterpreter(torch.fx.Interpreter):
             name = n.target
             if not isinstance(self._value(n.args[0]), torch.Tensor):
                 name = None
+        elif isinstance(n.target, type) and issubclass(n.target, tuple) and hasattr(n.target, "_fields"):
+            # a named tuple built in forward: its state is the tuple of its fields' states
+            fields = list(n.args) + [n.kwargs[f] for f in n.target._fields[len(n.args) :] if f in n.kwargs]
+            return _Seq(self._state(a) for a in fields) if len(fields) == len(value) else self._unknown(n, value)
         else:
             name = _FUNCTIONS.get(n.target) if _hashable(n.target) else None
             if name == "getattr":
+                owner = self._value(n.args[0])
+                fields = getattr(type(owner), "_fields", None) or getattr(type(owner), "__match_args__", ())
+                if isinstance(owner, tuple) and n.args[1] in fields:
+                    # a field of a named tuple (torch.max(...).values, a model's own output type)
+                    st = self._state(n.args[0])
+                    return st[fields.index(n.args[1])] if isinstance(st, _Seq) else _none_state(value)
                 name = n.args[1] if n.args[1] in _TENSOR_ATTRS else "getattr_meta"
         kind = _KIND.get(name)
         if kind is None:
@@ -497,7 +530,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
     def _unknown(self, n: torch.fx.Node, value: Any) -> Any:
         """An operation of unknown meaning is safe only if none of its inputs carries a group."""
         for a in n.all_input_nodes:
-            if _has_group(self.states[a.name]):
+            if not self._opaque(self.states[a.name]):
                 self._fail(
                     f"it is not a known permutation-equivariant operation and its operand `{a.name}` is permuted"
                 )
@@ -594,6 +627,40 @@ class _SpecInterpreter(torch.fx.Interpreter):
         if m.bias is not None:
             self._record(f"{name}.bias", 0, out)
         return (st[0], out) + (None,) * (value.ndim - 2)
+
+    def _cut(self, action, start: int, stop: int):
+        """The part ``[start, stop)`` of an axis. A group that the cut crosses is split (``subst``) at unit
+        boundaries into subgroups that are relabelled separately, so the part keeps whole groups; a cut through a
+        unit is refused."""
+        action = self._norm(action)
+        if action is None:
+            return None
+        offset = 0
+        for g, k, e in action:
+            lo, hi = offset, offset + k * e
+            offset = hi
+            cuts = sorted({c for c in (start, stop) if lo < c < hi})
+            if g is None or not cuts:
+                continue
+            if any((c - lo) % e for c in cuts):
+                self._fail("it cuts a permuted unit in two")
+            bounds = [0] + [(c - lo) // e for c in cuts] + [k]
+            root = self.groups.find(g)
+            parts = []
+            for a, b in zip(bounds, bounds[1:]):
+                sub = self.groups.new(self.groups.name[root], b - a)
+                if self.groups.fixed[root]:
+                    self.groups.fix(sub)
+                parts.append((sub, b - a, 1))
+            self.subst[root] = tuple(parts)
+        out, offset = [], 0
+        for g, k, e in self._norm(action):
+            lo, hi = offset, offset + k * e
+            offset = hi
+            a, b = max(lo, start), min(hi, stop)
+            if a < b:
+                out.append((g, k, e) if g is not None else (None, b - a, 1))
+        return self._norm(tuple(out)) if any(g is not None for g, _, _ in out) else None
 
     def _coarsen(self, action, groups: int, what: str):
         """``action`` on a channel axis read in ``groups`` contiguous blocks, with every unit covering whole
@@ -882,11 +949,14 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 self._fail(f"`{name}` on a tensor with a permuted axis")
             return (None,) * value.ndim
         dim = int(self._value(self._arg(n, 1, "dim"))) % xv.ndim
-        if st[dim] is not None:
+        if st[dim] is None:
+            return st[:dim] + st[dim + 1 :] if name == "select" else st[:dim] + (None,) + st[dim + 1 :]
+        if name == "index_select":
             self._fail("it selects part of a permuted axis")
-        if name == "select":
-            return st[:dim] + st[dim + 1 :]
-        return st
+        start = int(self._value(self._arg(n, 2, "start" if name == "narrow" else "index"))) % xv.shape[dim]
+        stop = start + (int(self._value(self._arg(n, 3, "length"))) if name == "narrow" else 1)
+        part = self._cut(st[dim], start, stop)
+        return st[:dim] + st[dim + 1 :] if name == "select" else st[:dim] + (part,) + st[dim + 1 :]
 
     def _getitem(self, n, value) -> Any:
         container, index = n.args[0], self._value(n.args[1])
@@ -898,12 +968,12 @@ class _SpecInterpreter(torch.fx.Interpreter):
             if isinstance(st, (_Seq, dict)):
                 if _has_group(self._state(n.args[1])):
                     self._fail("it indexes a container with a permuted tensor")
+                if isinstance(index, slice) and isinstance(st, _Seq):
+                    return _Seq(st[index])
                 try:
                     return st[index]
                 except (IndexError, KeyError, TypeError):
                     pass
-                if isinstance(index, slice) and isinstance(st, _Seq):
-                    return _Seq(st[index])
             return self._unknown(n, value)
         st = self._tstate(container)
         idx = index if isinstance(index, tuple) else (index,)
@@ -921,14 +991,16 @@ class _SpecInterpreter(torch.fx.Interpreter):
             if i is None:
                 out.append(None)
                 continue
-            full = isinstance(i, slice) and i.step in (None, 1) and slice(i.start, i.stop).indices(
-                cv.shape[ax]) == (0, cv.shape[ax], 1)  # fmt: skip
-            if full:
-                out.append(st[ax])
-            elif st[ax] is not None:
-                self._fail("indexing selects part of a permuted axis")
-            elif isinstance(i, slice):
-                out.append(None)
+            if st[ax] is None:
+                if isinstance(i, slice):
+                    out.append(None)
+            elif isinstance(i, slice) and i.step in (None, 1):
+                a, b, _ = slice(i.start, i.stop).indices(cv.shape[ax])
+                out.append(self._cut(st[ax], a, max(a, b)))
+            elif isinstance(i, int):
+                self._cut(st[ax], i % cv.shape[ax], i % cv.shape[ax] + 1)  # one unit, a group of its own
+            else:
+                self._fail("indexing selects a strided part of a permuted axis")
             ax += 1
         out.extend(st[ax:])
         if len(out) != value.ndim:
@@ -938,8 +1010,11 @@ class _SpecInterpreter(torch.fx.Interpreter):
     def _r_cat(self, n, name, value) -> Any:
         tensors = self._arg(n, 0, "tensors")
         dim = self._value(self._arg(n, 1, "dim", 0))
-        self._account(n, list(tensors))
-        parts = [(self._tstate(t), self._value(t)) for t in tensors]
+        self._account(n, [tensors, *tensors] if isinstance(tensors, (list, tuple)) else [tensors])
+        states, vals = self._state(tensors), self._value(tensors)
+        if not isinstance(states, _Seq) or any(_poison(st) or not _is_tensor_state(st) for st in states):
+            self._fail("it joins operands the tracer cannot read")
+        parts = list(zip(states, vals))
         if name == "stack":
             dim %= value.ndim
             out = []
@@ -973,27 +1048,14 @@ class _SpecInterpreter(torch.fx.Interpreter):
             if st[dim] is not None:
                 self._fail("unbind along a permuted axis")
             return _Seq(tuple(a for ax, a in enumerate(st) if ax != dim) for _ in value)
-        action = self._norm(st[dim])
-        pieces = []
+        pieces, offset = [], 0
         for v in value:
-            if action is None:
-                pieces.append(st)
-                continue
-            take, length = [], v.shape[dim]
-            while length > 0 and action:
-                g, k, e = action[0]
-                if k * e <= length:
-                    take.append(action[0])
-                    length -= k * e
-                    action = action[1:]
-                elif g is None:
-                    take.append((None, length, 1))
-                    action = ((None, k * e - length, 1),) + tuple(action[1:])
-                    length = 0
-                else:
-                    self._fail(f"`{name}` cuts a permuted group in two")
-            piece = tuple(take) if any(s[0] is not None for s in take) else None
-            pieces.append(st[:dim] + (piece,) + st[dim + 1 :])
+            length = v.shape[dim]
+            pieces.append((offset, offset + length))
+            offset += length
+        for a, b in pieces:  # split every crossed group first, then read the parts
+            self._cut(st[dim], a, b)
+        pieces = [st[:dim] + (self._cut(st[dim], a, b),) + st[dim + 1 :] for a, b in pieces]
         return _Seq(pieces)
 
     def _r_spatial(self, n, name, value) -> Any:
@@ -1056,8 +1118,10 @@ class _SpecInterpreter(torch.fx.Interpreter):
     def _chunks(self, action, count: int):
         """Cut an axis into ``count`` equal consecutive chunks and tie them (an interleaving of the chunks, as in
         a channel shuffle, is consistent only if every chunk is relabelled alike); returns the tied chunk."""
+        length = _length(self._norm(action)) // count
+        for c in range(1, count):  # a group crossing a chunk boundary is split there (at a unit boundary)
+            self._cut(action, 0, c * length)
         action = list(self._norm(action))
-        length = _length(action) // count
         chunks, cur, acc = [], [], 0
         while action:
             g, k, e = action.pop(0)

@@ -9,12 +9,67 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
-from neuralign._utils import as_generator, split_logits
+from neuralign._utils import as_generator
 from neuralign.alignment.permutation import apply_permutation, random_permutation
 from neuralign.alignment.spec import PermutationSpec
 
 __all__ = ["EquivalenceResult", "check_equivalence"]
+
+# Random operations and what they are replaced by during the check: their expectation, which is the same in both
+# runs and follows a relabelling of the units (a random mask drawn per position cannot follow one).
+_DROPOUTS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+             "rrelu"}  # fmt: skip
+_RANDOM_LIKE = {"rand_like": 0.5, "randn_like": 0.0}
+_RANDOM_FILL = {"bernoulli_", "uniform_", "normal_", "exponential_", "geometric_", "log_normal_", "cauchy_",
+                "random_"}  # fmt: skip
+_RANDOM_OTHER = {"bernoulli", "rand", "randn", "randint", "randint_like", "randperm", "normal", "multinomial",
+                 "poisson"}  # fmt: skip
+
+
+class _Expectations(TorchFunctionMode):
+    """Replaces every random operation by its expectation and records which ones the model used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _DROPOUTS:
+            self.seen.add(name)
+            x = args[0] if args else kwargs["input"]
+            if name == "rrelu":
+                lower, upper = (list(args[1:3]) + [1.0 / 8, 1.0 / 3])[:2] if len(args) > 1 else (1.0 / 8, 1.0 / 3)
+                lower, upper = kwargs.get("lower", lower), kwargs.get("upper", upper)
+                return torch.where(x >= 0, x, x * (lower + upper) / 2)
+            return x
+        if name in _RANDOM_LIKE:
+            self.seen.add(name)
+            return torch.full_like(args[0], _RANDOM_LIKE[name])
+        if name in _RANDOM_FILL:
+            self.seen.add(name)
+            t = args[0]
+            rest = list(args[1:])
+            if name == "bernoulli_":
+                p = rest[0] if rest else kwargs.get("p", 0.5)
+                return t.copy_(p.expand_as(t) if isinstance(p, torch.Tensor) else torch.full_like(t, p))
+            if name == "uniform_":
+                a, b = (rest + [0.0, 1.0][len(rest):])[:2]
+                return t.fill_((kwargs.get("from", a) + kwargs.get("to", b)) / 2)
+            if name == "normal_":
+                return t.fill_(rest[0] if rest else kwargs.get("mean", 0.0))
+            return func(*args, **kwargs)  # other fills: no simple expectation; identical seeds below
+        if name == "bernoulli" and (args or "input" in kwargs):
+            self.seen.add(name)
+            p = args[0] if args else kwargs["input"]
+            return p.clone() if len(args) < 2 and "p" not in kwargs else torch.full_like(p, kwargs.get("p", args[-1]))
+        if name in _RANDOM_OTHER:
+            self.seen.add(name)
+        return func(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -26,14 +81,19 @@ class EquivalenceResult:
     passed : bool
         Whether every trial matched within ``tol`` in every mode.
     max_diff_eval, max_diff_train : float
-        Largest absolute output difference over the trials in eval mode (running statistics) and train mode
-        (batch statistics; dropout disabled).
+        Largest output difference over the trials in eval mode (running statistics) and train mode (batch
+        statistics), relative to the largest output magnitude :math:`\\max|f(x)|` (absolute if that is 0).
     unpermuted : list of str
         Parameters and buffers the spec never permutes (``num_batches_tracked`` excluded). For a network whose
         every hidden layer is permuted, these are only tensors on the input side or the output side.
     trials : int
     tol : float
     message : str
+    dtype : torch.dtype
+        The precision the check ran in.
+    stochastic : list of str
+        Random operations the model called (dropout, stochastic depth, ``rand_like``...); during the check they
+        were replaced by their expectation (or, for draws without one, run from identical seeds).
     """
 
     passed: bool
@@ -43,13 +103,15 @@ class EquivalenceResult:
     trials: int
     tol: float
     message: str
+    dtype: torch.dtype = torch.float64
+    stochastic: list[str] = ()
 
 
-def _outputs(model: nn.Module, state: dict[str, torch.Tensor], x: Any) -> list[torch.Tensor]:
-    args = x if isinstance(x, tuple) else (x,)
-    out = functional_call(model, state, args)
-    main, aux = split_logits(out)
-    return [main, *aux]
+def _outputs(model: nn.Module, state: dict[str, torch.Tensor], x: tuple, mode: _Expectations) -> list[torch.Tensor]:
+    with mode, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # draws without an expectation come out alike in both runs
+        out = functional_call(model, state, x, tie_weights=False)
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def check_equivalence(
@@ -59,15 +121,19 @@ def check_equivalence(
     *,
     trials: int = 3,
     generator: torch.Generator | int | None = None,
-    tol: float = 1e-5,
+    tol: float | None = None,
+    dtype: torch.dtype | None = torch.float64,
 ) -> EquivalenceResult:
     """Check that random permutations of ``spec`` leave the function of ``model`` unchanged.
 
     For each trial a permutation :math:`P` is drawn uniformly, the state dict is permuted with
     :func:`~neuralign.alignment.apply_permutation`, and the outputs :math:`f(x; P\\theta)` and
     :math:`f(x; \\theta)` are compared in eval mode (batch norm with its running statistics, which must have been
-    permuted consistently) and in train mode (batch statistics; dropout is switched off, since its random mask is
-    drawn per position and cannot follow a relabelling).
+    permuted consistently) and in train mode (batch statistics). The check runs on a copy of the model in float64
+    by default, so that float error (~1e-13 relative) and a wrong spec (an O(1) change of the function) are
+    decades apart; every random operation (dropout of any kind, stochastic depth, ``rand_like``, ``bernoulli``)
+    is replaced by its expectation in both runs, and the ones found are reported. Outputs may be tensors or any
+    nesting of tuples, lists, dicts and named tuples of tensors.
 
     Parameters
     ----------
@@ -81,49 +147,79 @@ def check_equivalence(
         Number of random permutations.
     generator : torch.Generator or int, optional
         Source of the permutations.
-    tol : float
-        Largest absolute difference, relative to ``max(1, max|f(x)|)``, accepted as float error.
+    tol : float, optional
+        Largest difference accepted as float error, relative to :math:`\\max|f(x)|` (the outputs' own
+        magnitude, however small): default 1e-9 in float64, 1e-4 in float32 and 1e-2 in half precision.
+    dtype : torch.dtype or None
+        Precision of the check (floating parameters, buffers and inputs are cast on the copy); ``None`` keeps
+        the model's own.
 
     Returns
     -------
     EquivalenceResult
+
+    Raises
+    ------
+    ValueError
+        If ``trials < 1`` or ``tol`` is not positive.
+    SpecError, ShapeMismatchError
+        If the spec does not fit the model's state dict.
 
     Examples
     --------
     >>> import torch
     >>> from torch import nn
     >>> from neuralign.alignment import trace_spec
-    >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
     >>> x = torch.randn(5, 4)
-    >>> check_equivalence(net, trace_spec(net, x), x, generator=0).passed
-    True
+    >>> res = check_equivalence(net, trace_spec(net, x), x, generator=0)
+    >>> res.passed, res.stochastic
+    (True, ['dropout'])
     """
     if trials < 1:
         raise ValueError(f"`trials` must be at least 1, got {trials}")
     gen = as_generator(generator)
     work = copy.deepcopy(model)
+    if dtype is not None:
+        work = work.to(dtype)
+    if tol is None:
+        precision = dtype or next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(precision, 1e-2)
+    if not tol > 0:
+        raise ValueError(f"`tol` must be positive, got {tol}")
     state = {k: v.detach() for k, v in work.state_dict().items()}
     spec.validate(state, name="model")
     device = next(iter(state.values())).device if state else torch.device("cpu")
-    x = tuple(t.to(device) for t in example_input) if isinstance(example_input, tuple) else example_input.to(device)
+
+    def prepare(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.to(device)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    x = tuple(prepare(t) for t in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
+    mode = _Expectations()
     diffs = {"eval": 0.0, "train": 0.0}
     with torch.no_grad():
-        for mode in diffs:
-            work.train(mode == "train")
-            for m in work.modules():
-                if isinstance(m, nn.modules.dropout._DropoutNd):
-                    m.eval()
-            base = _outputs(work, {k: v.clone() for k, v in state.items()}, x)
-            scale = max(1.0, max(float(b.abs().max()) for b in base))
+        for which in diffs:
+            work.train(which == "train")
+            base = _outputs(work, {k: v.clone() for k, v in state.items()}, x, mode)
+            scale = max((float(b.abs().max()) for b in base if b.numel() and b.is_floating_point()), default=0.0)
+            scale = scale if scale > 0 else 1.0
             for _ in range(trials):
                 perms = random_permutation(spec, generator=gen, device=device)
-                permuted = apply_permutation(state, spec, perms)
-                out = _outputs(work, permuted, x)
+                out = _outputs(work, apply_permutation(state, spec, perms), x, mode)
                 for b, o in zip(base, out):
-                    diffs[mode] = max(diffs[mode], float((b - o).abs().max()) / scale)
+                    if b.numel():
+                        diffs[which] = max(diffs[which], float((b.double() - o.double()).abs().max()) / scale)
     passed = diffs["eval"] <= tol and diffs["train"] <= tol
+    found = sorted(mode.seen)
     message = (
-        f"max relative difference {max(diffs.values()):.3g} over {trials} random permutations "
-        f"({'within' if passed else 'ABOVE'} tol {tol:g})"
+        f"max relative difference {max(diffs.values()):.3g} over {trials} random permutations in "
+        f"{str(dtype or 'the model dtype').replace('torch.', '')} ({'within' if passed else 'ABOVE'} tol {tol:g})"
+        + (f"; random operations replaced by their expectation: {', '.join(found)}" if found else "")
     )
-    return EquivalenceResult(passed, diffs["eval"], diffs["train"], spec.unpermuted(state), trials, tol, message)
+    return EquivalenceResult(
+        passed, diffs["eval"], diffs["train"], spec.unpermuted(state), trials, tol, message,
+        dtype or next(iter(state.values())).dtype, found,
+    )  # fmt: skip

@@ -1,0 +1,337 @@
+"""Differential fuzz test of the tracer: every operation either traces to a spec that passes a float64 equivalence
+check (in eval and train mode) or is refused with SpecError; a spec with one tensor left out always fails the check.
+
+Each case is a small generated module that applies one operation to a tensor whose channel axis carries a group
+("after": conv -> batch norm -> ReLU -> op -> flatten -> linear head) or to the network input ("before": op ->
+flatten -> linear -> ReLU -> linear). The expected outcome is pinned ("ok" must trace with a group and pass;
+"refuse" must raise), so that a rule that silently widens or narrows is a failing test.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from neuralign.alignment import PermutationSpec, trace_spec
+from neuralign.errors import SpecError
+from neuralign.verification import check_equivalence
+
+C, L = 8, 6  # channels of the permuted layer, positions
+
+
+class _Params(nn.Module):
+    """Extra per-unit parameters the operations may read (values drawn so that every one matters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vec = nn.Parameter(torch.randn(C))
+        self.lo = nn.Parameter(torch.randn(C) * 0.3 - 0.2)
+        self.hi = nn.Parameter(torch.rand(C) + 0.2)
+        self.mat = nn.Parameter(torch.randn(C, L))
+        self.w = nn.Parameter(torch.randn(C, 5))
+        self.ln_w = nn.Parameter(torch.rand(C) + 0.5)
+        self.ln_b = nn.Parameter(torch.randn(C))
+        self.mha = nn.MultiheadAttention(C, 2, batch_first=True)
+        self.shuffle = nn.ChannelShuffle(2)
+        self.drop2d = nn.Dropout2d(0.3)
+
+
+# (name, op(h, p, training), expectation on "after", expectation on "before"): "ok" traces with a group and passes
+# the check, "fixed" traces but leaves the layer unpermuted (and passes), "refuse" raises SpecError
+OPS = [
+    ("data", lambda h, p, t: h.data, "ok", "ok"),
+    ("mT", lambda h, p, t: h.mT, "ok", "ok"),
+    ("transpose", lambda h, p, t: h.transpose(1, 2), "ok", "ok"),
+    ("permute_kw", lambda h, p, t: h.permute(dims=(0, 2, 1)), "ok", "ok"),
+    ("movedim", lambda h, p, t: h.movedim(1, -1), "ok", "ok"),
+    ("swapaxes", lambda h, p, t: torch.swapaxes(h, 1, 2), "ok", "ok"),
+    ("view_roundtrip", lambda h, p, t: h.view(h.shape[0], -1).view(h.shape), "ok", "ok"),
+    ("flatten", lambda h, p, t: torch.flatten(h, 1), "ok", "ok"),
+    ("channels_last_flatten", lambda h, p, t: h.transpose(1, 2).reshape(h.shape[0], -1), "ok", "ok"),
+    ("unflatten_positions", lambda h, p, t: h.unflatten(2, (2, L // 2)), "ok", "ok"),
+    ("unflatten_channels", lambda h, p, t: h.unflatten(1, (2, C // 2)), "ok", "ok"),
+    ("squeeze_unsqueeze", lambda h, p, t: h.unsqueeze(2).squeeze(2), "ok", "ok"),
+    ("einsum_self_contract", lambda h, p, t: torch.einsum("ncl,ncl->nl", h, h), "ok", "ok"),
+    ("einsum_transpose", lambda h, p, t: torch.einsum("ncl->nlc", h), "ok", "ok"),
+    ("einsum_param", lambda h, p, t: torch.einsum("ncl,c->nl", h, p.vec), "ok", "ok"),
+    ("matmul_param", lambda h, p, t: h.transpose(1, 2) @ p.w, "ok", "ok"),
+    ("matmul_gram", lambda h, p, t: h @ h.transpose(1, 2), "refuse", "ok"),  # flattens two permuted axes
+    ("matmul_gram_trace", lambda h, p, t: torch.diagonal(h @ h.transpose(1, 2), dim1=1, dim2=2), "refuse", "ok"),
+    ("matmul_gram_reduced", lambda h, p, t: (h @ h.transpose(1, 2)).sum(2), "ok", "ok"),
+    ("linear_functional", lambda h, p, t: F.linear(h.transpose(1, 2), p.w.T), "ok", "ok"),
+    ("chunk_first", lambda h, p, t: h.chunk(2, dim=1)[0], "ok", "ok"),
+    ("split_sizes", lambda h, p, t: h.split([3, 5], dim=1)[1], "ok", "ok"),
+    ("swap_halves", lambda h, p, t: torch.cat(h.chunk(2, dim=1)[::-1], dim=1), "ok", "ok"),
+    ("chunk_positions", lambda h, p, t: h.chunk(2, dim=2)[0], "ok", "ok"),
+    ("slice_units", lambda h, p, t: h[:, :4], "ok", "ok"),
+    ("index_unit", lambda h, p, t: h[:, 1], "ok", "ok"),
+    ("index_position", lambda h, p, t: h[:, :, 0], "ok", "ok"),
+    ("ellipsis_slice", lambda h, p, t: h[..., 1:], "ok", "ok"),
+    ("strided_units", lambda h, p, t: h[:, ::2], "refuse", "ok"),
+    ("fancy_units", lambda h, p, t: h[:, [0, 2]], "refuse", "ok"),
+    ("narrow_units", lambda h, p, t: h.narrow(1, 2, 3), "ok", "ok"),
+    ("select_unit", lambda h, p, t: h.select(1, 3), "ok", "ok"),
+    ("expand", lambda h, p, t: h[:, :, None].expand(-1, -1, 2, -1), "ok", "ok"),
+    ("repeat_units", lambda h, p, t: h.repeat(1, 2, 1), "ok", "ok"),
+    ("repeat_interleave", lambda h, p, t: h.repeat_interleave(2, dim=1), "ok", "ok"),
+    ("roll_units", lambda h, p, t: h.roll(1, dims=1), "refuse", "ok"),
+    ("roll_positions", lambda h, p, t: h.roll(1, 2), "ok", "ok"),
+    ("flip_units", lambda h, p, t: h.flip(1), "refuse", "ok"),
+    ("flip_positions", lambda h, p, t: h.flip(2), "ok", "ok"),
+    ("gather_positions", lambda h, p, t: torch.gather(h, 2, torch.zeros_like(h, dtype=torch.long)), "refuse", "ok"),
+    ("index_select_positions", lambda h, p, t: h.index_select(2, torch.tensor([0, 2])), "ok", "ok"),
+    ("index_select_units", lambda h, p, t: h.index_select(1, torch.tensor([0, 2])), "refuse", "ok"),
+    ("masked_fill", lambda h, p, t: h.masked_fill(h > 0.5, 0.25), "ok", "ok"),
+    ("where_param", lambda h, p, t: torch.where(h > 0.1, h, p.vec[:, None]), "ok", "ok"),
+    ("clamp_tensor_bounds", lambda h, p, t: torch.clamp(h, min=p.lo[:, None], max=p.hi[:, None]), "ok", "ok"),
+    ("clamp_method", lambda h, p, t: h.clamp(p.lo[:, None]), "ok", "ok"),
+    ("scale_param", lambda h, p, t: h * p.vec[:, None] + p.mat, "ok", "ok"),
+    ("maximum_param", lambda h, p, t: torch.maximum(h, p.mat), "ok", "ok"),
+    ("normalize_units", lambda h, p, t: F.normalize(h, dim=1), "ok", "ok"),
+    ("norm_over_units", lambda h, p, t: h.norm(dim=1), "ok", "ok"),
+    ("vector_norm_positions", lambda h, p, t: torch.linalg.vector_norm(h, dim=2), "ok", "ok"),
+    ("layer_norm_channels_last",
+     lambda h, p, t: F.layer_norm(h.transpose(1, 2), (C,), p.ln_w, p.ln_b).transpose(1, 2), "ok", "ok"),
+    ("group_norm", lambda h, p, t: F.group_norm(h, 2, p.ln_w, p.ln_b), "ok", "ok"),
+    ("instance_norm", lambda h, p, t: F.instance_norm(h), "ok", "ok"),
+    ("sum_units", lambda h, p, t: h.sum(1), "ok", "ok"),
+    ("mean_positions", lambda h, p, t: h.mean(2), "ok", "ok"),
+    ("amax_keepdim", lambda h, p, t: h.amax(1, keepdim=True) * h, "ok", "ok"),
+    ("max_values", lambda h, p, t: h.max(dim=1).values, "ok", "ok"),
+    ("max_indices_units", lambda h, p, t: h.max(dim=1).indices.to(h.dtype), "refuse", "ok"),
+    ("argmax_units", lambda h, p, t: h.argmax(1).to(h.dtype), "refuse", "ok"),
+    ("argmax_positions", lambda h, p, t: h.argmax(2).to(h.dtype), "ok", "ok"),
+    ("std_units", lambda h, p, t: h.std(1), "ok", "ok"),
+    ("logsumexp_positions", lambda h, p, t: h.logsumexp(2), "ok", "ok"),
+    ("softmax_units", lambda h, p, t: h.softmax(1), "ok", "ok"),
+    ("log_softmax_positions", lambda h, p, t: F.log_softmax(h, 2), "ok", "ok"),
+    ("cumsum_units", lambda h, p, t: h.cumsum(1), "refuse", "ok"),
+    ("cumsum_positions", lambda h, p, t: h.cumsum(2), "ok", "ok"),
+    ("sort_units_values", lambda h, p, t: h.sort(1).values, "ok", "ok"),
+    ("sort_units_indices", lambda h, p, t: h.sort(1).indices.to(h.dtype), "refuse", "ok"),
+    ("topk_units", lambda h, p, t: h.topk(3, dim=1).values, "ok", "ok"),
+    ("topk_positions", lambda h, p, t: h.topk(2, dim=2).values, "ok", "ok"),
+    ("argsort_positions", lambda h, p, t: h.argsort(2).to(h.dtype), "ok", "ok"),
+    ("pad_positions", lambda h, p, t: F.pad(h, (1, 2)), "ok", "ok"),
+    ("pad_units", lambda h, p, t: F.pad(h, (0, 0, 1, 1)), "refuse", "ok"),
+    ("interpolate", lambda h, p, t: F.interpolate(h, scale_factor=2), "ok", "ok"),
+    ("interpolate_size_from_shape", lambda h, p, t: F.interpolate(h[..., ::2], size=h.shape[-1:]), "ok", "ok"),
+    ("pixel_shuffle_units", lambda h, p, t: F.pixel_shuffle(h.view(h.shape[0], C, 2, L // 2), 2), "refuse", "ok"),
+    ("channel_shuffle_view",
+     lambda h, p, t: h.view(h.shape[0], 2, C // 2, L).transpose(1, 2).reshape(h.shape[0], C, L), "ok", "ok"),
+    ("channel_shuffle_module", lambda h, p, t: p.shuffle(h[..., None])[..., 0], "ok", "ok"),
+    ("stack_new_axis", lambda h, p, t: torch.stack([h, 2 * h], dim=1), "ok", "ok"),
+    ("unbind_positions", lambda h, p, t: h.unbind(2)[0], "ok", "ok"),
+    ("unbind_units", lambda h, p, t: h.unbind(1)[0], "refuse", "ok"),
+    ("dropout_functional", lambda h, p, t: F.dropout(h, 0.5, training=t), "ok", "ok"),
+    ("dropout_always_on", lambda h, p, t: F.dropout(h, 0.5), "ok", "ok"),
+    ("dropout2d_module", lambda h, p, t: p.drop2d(h), "ok", "ok"),
+    ("stochastic_depth", lambda h, p, t: torchvision.ops.stochastic_depth(h, 0.5, "row", training=t), "ok", "ok"),
+    ("noise", lambda h, p, t: h + 0.1 * torch.randn_like(h), "ok", "ok"),
+    ("zeros_like", lambda h, p, t: h + torch.zeros_like(h), "ok", "ok"),
+    ("new_zeros", lambda h, p, t: h + h.new_zeros(h.shape), "fixed", "ok"),  # a constant of unknown layout
+    ("cast_roundtrip", lambda h, p, t: h.to(h.dtype).type_as(h).contiguous(), "ok", "ok"),
+    ("sdpa", lambda h, p, t: F.scaled_dot_product_attention(*(h.transpose(1, 2)[:, None],) * 3)[:, 0], "ok", "ok"),
+    ("multihead_attention", lambda h, p, t: p.mha(*(h.transpose(1, 2),) * 3)[0], "ok", "ok"),
+    ("setitem", lambda h, p, t: h.clone().index_fill_(1, torch.tensor([0]), 0.0), "refuse", "ok"),
+]  # fmt: skip
+
+
+def _head(shape: torch.Size) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.Size(shape[1:]).numel()), 3))
+
+
+class _After(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.conv = nn.Conv1d(3, C, 3, padding=1)
+        self.bn = nn.BatchNorm1d(C)
+        self.p = _Params()
+        with torch.no_grad():
+            self.head = _head(self.body(torch.zeros(4, 3, L)).shape)
+
+    def body(self, x):
+        return self.op(F.relu(self.bn(self.conv(x))), self.p, self.training)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class _Before(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.p = _Params()
+        with torch.no_grad():
+            shape = self.op(torch.zeros(4, C, L), self.p, False).shape
+        self.fc1 = nn.Linear(int(torch.Size(shape[1:]).numel()), 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(torch.flatten(self.op(x, self.p, self.training), 1))))
+
+
+def _randomize(model: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.5 + (1.0 if name.endswith("running_var") else 0.0))
+                if name.endswith("running_var"):
+                    t.abs_().add_(0.1)
+    return model
+
+
+def _build(position: str, op, seed: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = _randomize(_After(op) if position == "after" else _Before(op), seed)
+    x = torch.randn(5, 3 if position == "after" else C, L, generator=torch.Generator().manual_seed(seed + 1))
+    return model, x
+
+
+def _without(spec: PermutationSpec, key: str) -> PermutationSpec:
+    return PermutationSpec(spec.sizes, {k: v for k, v in spec.axes.items() if k != key})
+
+
+@pytest.mark.parametrize("position", ["after", "before"])
+@pytest.mark.parametrize("name,op,after,before", OPS, ids=[o[0] for o in OPS])
+def test_every_operation_is_proven_or_refused(name, op, after, before, position):
+    expected = after if position == "after" else before
+    model, x = _build(position, op, seed=len(name))
+    try:
+        spec = trace_spec(model, x)
+    except SpecError as exc:
+        assert expected == "refuse", f"{name} ({position}) was refused: {exc}"
+        assert "fx node" in str(exc) and "\n" not in str(exc)
+        return
+    assert expected != "refuse", f"{name} ({position}) traced although it must be refused: {spec.summary()}"
+    assert bool(spec.groups) == (expected == "ok"), f"{name} ({position}): groups {spec.sizes}"
+    res = check_equivalence(model, spec, x, trials=2, generator=0)
+    assert res.passed, f"{name} ({position}): {res.message}"
+
+
+# Operations after which a tensor left out of the spec cannot change the function, so no check can notice: a
+# single unit is read (the other units are dead ends), or an argmax over positions (invariant to a positive
+# per-channel scale such as the running variance).
+_INSENSITIVE = {"index_unit": "*", "select_unit": "*", "argmax_positions": "bn.running_var"}
+_MISSING = [(o[0], o[1]) for o in OPS if o[2] == "ok"]
+
+
+@pytest.mark.parametrize("name,op", _MISSING, ids=[o[0] for o in _MISSING])
+def test_a_spec_missing_any_tensor_fails_the_check_even_with_tiny_outputs(name, op):
+    """The check must catch every incomplete spec of the family, also when the outputs are ~1e-6."""
+    model, x = _build("after", op, seed=len(name))
+    with torch.no_grad():
+        model.head[1].weight.mul_(1e-6)
+        model.head[1].bias.mul_(1e-6)
+    spec = trace_spec(model, x)
+    for key in spec.axes:
+        if _INSENSITIVE.get(name) in (key, "*"):
+            continue
+        res = check_equivalence(model, _without(spec, key), x, trials=2, generator=0)
+        assert not res.passed, f"{name}: leaving `{key}` unpermuted went unnoticed ({res.message})"
+
+
+# ------------------------------------------------------------------------------ structure of the network itself
+class _Outputs(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        y = self.b(h)
+        if self.kind == "dict":
+            return {"logits": y}
+        if self.kind == "namedtuple":
+            return _NT(y, h.sum(1))
+        if self.kind == "nested":
+            return [y, {"feat": (h,)}]
+        return y, h.max(dim=1).indices  # indices into a permuted axis reach the output
+
+
+_NT = collections.namedtuple("_NT", "logits score")
+
+
+@pytest.mark.parametrize("kind,groups", [("dict", {"a": 8}), ("namedtuple", {"a": 8}), ("nested", {})])
+def test_structured_outputs_fix_what_reaches_them(kind, groups):
+    model = _randomize(_Outputs(kind), 0)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    spec = trace_spec(model, x)
+    assert spec.sizes == groups  # the output layer is never permuted; a hidden layer returned as-is neither
+    assert check_equivalence(model, spec, x, generator=0).passed
+
+
+def test_indices_into_a_permuted_axis_cannot_be_returned():
+    model = _Outputs("indices")
+    with pytest.raises(SpecError, match="indices into a permuted axis"):
+        trace_spec(model, torch.randn(5, 4))
+
+
+class _Modes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+        self.b = nn.Linear(16, 3)
+        self.calib = nn.Parameter(torch.randn(16))
+        self.train_scale = nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = h * (self.train_scale if self.training else self.calib)  # each mode reads a different parameter
+        return self.b(F.dropout(h, 0.5, training=self.training))
+
+
+def test_branches_of_both_modes_are_traced():
+    model = _randomize(_Modes(), 0)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    spec = trace_spec(model, x)
+    assert ("calib", 0) in spec.perm_to_axes["a"] and ("train_scale", 0) in spec.perm_to_axes["a"]
+    assert check_equivalence(model, spec, x, generator=0).passed
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x))))
+
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 6)
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.block(self.block(F.relu(self.inp(x))))  # the same module twice
+        return self.out(h)
+
+
+@pytest.mark.parametrize(
+    "cls,x",
+    [(_Tied, torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(0))),
+     (_Shared, torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))],
+)  # fmt: skip
+def test_tied_and_shared_modules(cls, x):
+    model = _randomize(cls(), 0)
+    spec = trace_spec(model, x)
+    assert spec.groups
+    assert check_equivalence(model, spec, x, generator=0).passed
+    if cls is _Tied:  # both names of the shared tensor are permuted alike
+        assert spec.axes["emb.weight"] == spec.axes["head.weight"]
+        assert spec.axes["emb.weight"][1][0].group == "emb"
