@@ -43,8 +43,18 @@ def _parameters_of(model: nn.Module, state: Any, label: str) -> dict[str, torch.
         raise TypeError(f"`{label}` must be a dict name -> Tensor, got {type(state).__name__}")
     params = dict(model.named_parameters())
     buffers = {name for name, _ in model.named_buffers()}
+    first: dict[int, str] = {}
+    tied = {}  # second and later names of a tied parameter -> its first name (the one named_parameters keeps)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            tied[name] = first[id(p)]
     for key in state:
-        if key not in params and key not in buffers:
+        if key in tied:
+            if tied[key] in state and not torch.equal(state[key], state[tied[key]]):
+                raise ShapeMismatchError(
+                    f"`{label}` gives the tied parameters `{tied[key]}` and `{key}` different values"
+                )
+        elif key not in params and key not in buffers:
             raise ShapeMismatchError(f"`{label}` has an entry `{key}` that is not a parameter of `model`")
     out: dict[str, torch.Tensor] = {}
     for key, param in params.items():

@@ -149,7 +149,11 @@ def check_equivalence(
         Source of the permutations.
     tol : float, optional
         Largest difference accepted as float error, relative to :math:`\\max|f(x)|` (the outputs' own
-        magnitude, however small): default 1e-9 in float64, 1e-4 in float32 and 1e-2 in half precision.
+        magnitude, however small): default 1e-6 in float64, 1e-3 in float32 and 1e-1 in half precision. A
+        correct spec differs by rounding only (~1e-14 in float64), but batch statistics of a channel that is
+        nearly constant over a small batch amplify rounding by up to :math:`1/\\sqrt{\\epsilon}` per batch-norm
+        layer in train mode (measured: 9e-7 for efficientnet_b0 on two 32x32 images); a wrong spec changes the
+        outputs by a sizeable fraction of their magnitude (the fuzz family's smallest: see the tests).
     dtype : torch.dtype or None
         Precision of the check (floating parameters, buffers and inputs are cast on the copy); ``None`` keeps
         the model's own.
@@ -184,7 +188,7 @@ def check_equivalence(
         work = work.to(dtype)
     if tol is None:
         precision = dtype or next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
-        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(precision, 1e-2)
+        tol = {torch.float64: 1e-6, torch.float32: 1e-3}.get(precision, 1e-1)
     if not tol > 0:
         raise ValueError(f"`tol` must be positive, got {tol}")
     state = {k: v.detach() for k, v in work.state_dict().items()}

@@ -236,6 +236,8 @@ def test_a_spec_missing_any_tensor_fails_the_check_even_with_tiny_outputs(name, 
             continue
         res = check_equivalence(model, _without(spec, key), x, trials=2, generator=0)
         assert not res.passed, f"{name}: leaving `{key}` unpermuted went unnoticed ({res.message})"
+        # decades above the default tolerance (1e-6): a wrong spec is no rounding error
+        assert max(res.max_diff_eval, res.max_diff_train) > 1e-3, f"{name}/{key}: {res.message}"
 
 
 # ------------------------------------------------------------------------------ structure of the network itself
