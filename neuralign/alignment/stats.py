@@ -84,8 +84,8 @@ def _units_view(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, bool]:
 def _standardise(v: torch.Tensor, dims: tuple[int, ...], spatial: bool):
     """``(z, centre, scale, low, high)`` with ``z = (v - centre) / scale`` per unit, ``|z| <= 4``.
 
-    ``centre`` is the batch mean (accumulated in float64, rounded to the working dtype), or the unit's value when
-    the unit is constant over the batch, so that such a unit gets ``z = 0`` exactly and a unit whose mean dwarfs
+    ``centre`` is the batch mean (the mid-range if that sum overflows), or the unit's value when the unit is
+    constant over the batch, so that such a unit gets ``z = 0`` exactly and a unit whose mean dwarfs
     its spread loses nothing to cancellation. ``scale`` is the power of two just below the half range (dividing by
     it is exact), which keeps every product and sum of ``z`` far from float32 overflow whatever the activations'
     magnitude. Returns Nones when an activation is NaN or infinite.
@@ -95,12 +95,16 @@ def _standardise(v: torch.Tensor, dims: tuple[int, ...], spatial: bool):
     low, high = v.amin(dims), v.amax(dims)
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
         return None, None, None, None, None
-    centre = torch.where(low == high, low, v.mean(dims, dtype=torch.float64).to(work))
-    half = high / 2 - low / 2  # halves first: high - low can overflow
-    scale = torch.where(half > 0, torch.exp2(torch.floor(torch.log2(half))), torch.ones_like(half))
+    mid = high / 2 + low / 2  # halves first: high + low can overflow
+    mean = v.mean(dims)
+    centre = torch.where((low == high) | ~torch.isfinite(mean), mid, mean)  # a float32 sum can overflow: then mid
+    half = high / 2 - low / 2
+    inverse = torch.where(half > 0, torch.exp2(-torch.floor(torch.log2(half))), torch.ones_like(half))
     shape = (1, -1, 1) if spatial else (1, -1)
-    z = (v - centre.reshape(shape)) / scale.reshape(shape)
-    return z, centre.double(), scale.double(), low.double(), high.double()
+    inverse = inverse.reshape(shape)
+    # (v - centre) * inverse in one pass: multiplying by a power of two is exact, so only the difference rounds
+    z = torch.addcmul(-centre.reshape(shape) * inverse, v, inverse)
+    return z, centre.double(), 1.0 / inverse.flatten().double(), low.double(), high.double()
 
 
 class _Accumulator:
