@@ -280,7 +280,7 @@ def activation_moments(
     spec : PermutationSpec, optional
         Traced from ``model_a`` on the first batch when omitted. A given spec is used as given: its taps name
         nodes of the plain eval-mode torch.fx trace of ``model_a`` (no tracing rule is run, so operations the
-        tracer refuses do not matter).
+        tracer refuses do not matter); taps on nodes that exist only in train mode are ignored.
     kind : {"post", "pre"}
         Read activations after the activation function (the paper's choice for correlation) or before it.
         Groups without an activation function are read at the output of their producing layer.
@@ -306,8 +306,8 @@ def activation_moments(
     ShapeMismatchError
         If the models' state dicts differ.
     SpecError
-        If the spec has groups but no tap of this ``kind`` at all, names fx nodes the model's graph does not
-        have, or torch.fx cannot trace the model.
+        If the spec has groups but no tap of this ``kind`` at all, taps fx nodes that the model's graph has in
+        neither mode, or torch.fx cannot trace the model.
     NonFiniteError
         If an activation is NaN or infinite (names the fx node and the model). Finite activations of any size
         are accumulated without overflow.
@@ -337,9 +337,18 @@ def activation_moments(
         spec, gm = _trace_graph(model_a, prepare(_first_input(first)))
     else:
         gm = _fx_graph(model_a, train=False)
+    present = {n.name for n in gm.graph.nodes}
+    absent = {t.node for ts in spec.taps.values() for t in ts if t.node not in present}
+    if absent:
+        # taps on train-only branches (e.g. auxiliary heads) do not exist in eval mode: those units do not affect
+        # the eval-mode function, and their groups are matched by weights; any other unknown node is an error
+        train_only = {n.name for n in _fx_graph(model_a, train=True).graph.nodes} & absent
+        if absent - train_only:
+            raise SpecError(f"the spec's taps name fx nodes {sorted(absent - train_only)} that the model does not have")
+        logger.debug("ignoring taps on train-only fx nodes %s", sorted(train_only))
     taps: dict[str, list[Tap]] = {}
     for g in spec.groups:
-        chosen = [t for t in spec.taps.get(g, ()) if t.kind in (kind, "out")]
+        chosen = [t for t in spec.taps.get(g, ()) if t.kind in (kind, "out") and t.node in present]
         if chosen:
             taps[g] = chosen
     if spec.groups and not taps:

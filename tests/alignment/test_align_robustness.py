@@ -402,3 +402,40 @@ def test_weight_matching_reports_every_restart():
         assert chosen == pytest.approx(solve_assignment(S, maximize=True).fun, rel=1e-12, abs=1e-12), g
     again = align(a, b, method="weight", example_input=x, restarts=5, generator=7)
     assert again.restart_objectives == res.restart_objectives
+
+
+class _AuxHead(nn.Module):
+    """An auxiliary head that runs only in train mode (as in GoogLeNet): its units do not affect eval outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.out = nn.Linear(16, 3)
+        self.aux1 = nn.Linear(16, 10)
+        self.aux2 = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        if self.training:
+            return self.out(h), self.aux2(F.relu(self.aux1(h)))
+        return self.out(h)
+
+
+def test_taps_on_train_only_nodes_are_dropped_and_unknown_nodes_are_named():
+    torch.manual_seed(0)
+    a = _AuxHead().eval()
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(5))
+    builder = SpecBuilder().group("h", 16).group("aux", 10)
+    for key, axis, group in [("fc1.weight", 0, "h"), ("fc1.bias", 0, "h"), ("out.weight", 1, "h")]:
+        builder.add(key, axis, group)
+    for key, axis, group in [("aux1.weight", 1, "h"), ("aux1.weight", 0, "aux"), ("aux1.bias", 0, "aux")]:
+        builder.add(key, axis, group)
+    spec = builder.add("aux2.weight", 1, "aux").tap("h", "relu").tap("aux", "relu_1").build()
+    b, inverse = _permuted(a, spec)
+    with pytest.warns(UserWarning, match=r"groups \['aux'\] have no activation tap in eval mode"):
+        res = align(a, b, [x], spec=spec)
+    _assert_exact(res, a, b, spec, inverse)
+    assert res.dead_units["aux"] == (10, 10)
+    typo = SpecBuilder().group("h", 16).add("fc1.weight", 0, "h").tap("h", "rleu").build()
+    with pytest.raises(SpecError, match=r"the spec's taps name fx nodes \['rleu'\] that the model does not have"):
+        align(a, b, [x], spec=typo)
