@@ -372,7 +372,7 @@ def activation_moments(
                 break
             x = prepare(_first_input(batch))
             out_a = dict(zip(nodes, cap(x)))
-            out_b = dict(zip(nodes, functional_call(cap, params_b, (x,))))
+            out_b = dict(zip(nodes, functional_call(cap, params_b, (x,), tie_weights=False)))
             for (_, t), acc in accs.items():
                 bad = acc.update(out_a[t.node], out_b[t.node], t.axis)
                 if bad is not None:
