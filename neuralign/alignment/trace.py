@@ -361,9 +361,10 @@ class _SpecInterpreter(torch.fx.Interpreter):
             if len(one) == 1 and len(many) > 1 and one[0][0] is not None and all(
                 (m[2] == e) if m[0] is not None else (m[1] % e == 0) for m in many
             ):
-                self.subst[self.groups.find(one[0][0])] = tuple(
-                    (g, k, 1) if g is not None else (None, k // e, 1) for g, k, _ in many
-                )
+                root = self.groups.find(one[0][0])
+                self.subst[root] = tuple((g, k, 1) if g is not None else (None, k // e, 1) for g, k, _ in many)
+                if self.groups.fixed[root]:  # a group that must stay identity keeps its blocks identity
+                    self._fix_action(many)
                 return tuple(many)
         if len(ia) != len(ib) or any(x[1] * x[2] != y[1] * y[2] for x, y in zip(ia, ib)):
             self._fail("operands carry differently structured (concatenated) groups on one axis")
