@@ -2,10 +2,11 @@
 spec it returns keeps the function unchanged.
 
 For each model (random weights, seeded, 10 classes) the script traces a permutation spec and reports: traced or
-refused (with the fx node named by the ``SpecError``), the number of permutation groups, the fraction of parameter
-entries that the spec permutes, the float64 equivalence difference of one random permutation (the larger of eval
-and train mode, relative to max |output|; ``check_equivalence`` with ``trials=1``), the random operations found,
-and the trace time. A model that raises anything other than ``SpecError`` is reported as an error row: that is a bug.
+refused (with the fx node named by the ``SpecError``), the number of permutation groups and units, the share of
+units read from data by correlation alignment (groups with an activation tap), the float64 equivalence
+difference of one random permutation (the larger of eval and train mode, relative to max |output|;
+``check_equivalence`` with ``trials=1``), the random operations found, and the trace time. A model that raises
+anything other than ``SpecError`` is reported as an error row: that is a bug.
 
 Constant tensors cannot reveal a misplaced permutation (a zero-initialised head makes the output constant, a
 batch norm with running mean 0 and variance 1 looks the same under any relabelling), so every floating parameter
@@ -82,7 +83,7 @@ class CoverageRow:
     op: str = ""
     groups: int = 0
     units: int = 0
-    permuted_fraction: float = 0.0
+    tapped_fraction: float = 0.0
     max_diff: float = float("nan")
     passed: bool = False
     stochastic: tuple[str, ...] = field(default=())
@@ -114,14 +115,11 @@ def build(name: str, *, seed: int = 0, num_classes: int = 10) -> nn.Module:
     return randomize_constants(model, seed + 1)
 
 
-def permuted_fraction(model: nn.Module, spec) -> float:
-    """Parameter entries of tensors the spec permutes (some axis carries a group) over all parameter entries."""
-    permuted = {
-        k for k, per_axis in spec.axes.items() if any(s.group is not None for a in per_axis.values() for s in a)
-    }
-    params = dict(model.named_parameters())
-    total = sum(p.numel() for p in params.values())
-    return sum(p.numel() for k, p in params.items() if k in permuted) / total if total else 0.0
+def tapped_fraction(spec) -> float:
+    """Units of groups that have an activation tap (aligned from data by correlation) over all units; the others
+    (groups split or coarsened by the tracer, train-only branches) are matched by their weights."""
+    units = sum(spec.sizes.values())
+    return sum(n for g, n in spec.sizes.items() if spec.taps.get(g)) / units if units else 0.0
 
 
 def _first_line(exc: BaseException) -> str:
@@ -149,7 +147,7 @@ def coverage_row(name: str, *, side: int | None = None, seed: int = 0) -> Covera
         return CoverageRow(name, shape, n_params, "refused", _first_line(exc), node, op)
     except Exception as exc:  # noqa: BLE001
         return CoverageRow(name, shape, n_params, "error", _first_line(exc))
-    fraction = permuted_fraction(model, spec)
+    fraction = tapped_fraction(spec)
     try:
         t0 = time.perf_counter()
         res = check_equivalence(model, spec, x, trials=1, generator=seed, tol=TOL)
@@ -164,13 +162,13 @@ def coverage_row(name: str, *, side: int | None = None, seed: int = 0) -> Covera
             message,
             groups=len(spec.sizes),
             units=sum(spec.sizes.values()),
-            permuted_fraction=fraction,
+            tapped_fraction=fraction,
             trace_seconds=trace_seconds,
         )
     diff = max(res.max_diff_eval, res.max_diff_train)
     return CoverageRow(
         name, shape, n_params, "traced", res.message, groups=len(spec.sizes), units=sum(spec.sizes.values()),
-        permuted_fraction=fraction, max_diff=diff, passed=diff <= TOL, stochastic=tuple(res.stochastic),
+        tapped_fraction=fraction, max_diff=diff, passed=diff <= TOL, stochastic=tuple(res.stochastic),
         trace_seconds=trace_seconds, check_seconds=check_seconds,
     )  # fmt: skip
 
@@ -178,7 +176,7 @@ def coverage_row(name: str, *, side: int | None = None, seed: int = 0) -> Covera
 def format_table(rows: list[CoverageRow]) -> str:
     """The markdown table, then the full message of every refused or failed model."""
     lines = [
-        "| model | input | params (M) | status | groups | units | params permuted | float64 diff (eval/train max) "
+        "| model | input | params (M) | status | groups | units | units with a tap | float64 diff (eval/train max) "
         "| random ops | trace (s) | check (s) |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
@@ -186,7 +184,7 @@ def format_table(rows: list[CoverageRow]) -> str:
         shape = "x".join(map(str, r.input_shape))
         if r.status == "traced":
             status = "traced" if r.passed else "traced, **CHECK FAILS**"
-            cells = [str(r.groups), str(r.units), f"{r.permuted_fraction:.1%}", f"{r.max_diff:.1e}",
+            cells = [str(r.groups), str(r.units), f"{r.tapped_fraction:.0%}", f"{r.max_diff:.1e}",
                      ", ".join(r.stochastic) or "-", f"{r.trace_seconds:.2f}", f"{r.check_seconds:.2f}"]  # fmt: skip
         else:
             if r.status == "error":
@@ -195,7 +193,7 @@ def format_table(rows: list[CoverageRow]) -> str:
                 status = f"refused at `{r.node}` ({r.op})" if r.node else "refused"
             traced_in = f"{r.trace_seconds:.2f}" if r.trace_seconds == r.trace_seconds else "-"
             cells = [str(r.groups) if r.groups else "-", str(r.units) if r.groups else "-"]
-            cells += [f"{r.permuted_fraction:.1%}" if r.groups else "-"]
+            cells += [f"{r.tapped_fraction:.0%}" if r.groups else "-"]
             cells += ["-", "-", traced_in, "-"]
         lines.append(f"| {r.model} | {shape} | {r.n_params / 1e6:.1f} | {status} | " + " | ".join(cells) + " |")
     notes = [f"- **{r.model}** ({r.status}): {r.message}" for r in rows if r.status != "traced" or not r.passed]
@@ -275,9 +273,10 @@ def render_doc(table: str, *, command: str, total: float, threads: int, seed: in
         "variances as U(0.5, 1.5).",
         "Columns: *status* is `traced`, `refused at <fx node> (<op>)` (the node named by the `SpecError`) or "
         "`ERROR` (any other exception, from tracing or from the check: a bug). *groups* is the number of "
-        "permutation groups and *units* the sum of their sizes. *params permuted* is the number of entries of "
-        "parameters that the spec permutes on some axis over all parameter entries (it is 100% as soon as the stem "
-        "and the head are touched, since their other axis is the input's or the output's). *float64 diff* is "
+        "permutation groups and *units* the sum of their sizes. *units with a tap* is the share of units whose group "
+        "has an activation tap, so that correlation alignment reads it from data; the rest (groups the tracer "
+        "split or coarsened, e.g. around grouped convolutions, and train-only branches) are matched by their "
+        "weights. *float64 diff* is "
         "`check_equivalence(..., trials=1)`: one random permutation of every group, the larger of the eval-mode "
         f"and train-mode output differences relative to max |output|, tolerance {TOL:g}. *random ops* are the "
         "random operations found (replaced by their expectation during the check). *trace* is the time of "

@@ -30,7 +30,7 @@ def test_resnet18_row_is_traced_and_equivalent(coverage):
     assert row.status == "traced", row.message
     assert row.input_shape == (2, 3, 32, 32)
     assert row.groups > 0
-    assert 0.0 < row.permuted_fraction <= 1.0
+    assert row.tapped_fraction == 1.0  # every resnet18 group is read from data
     assert row.max_diff < 1e-9 and row.passed
     assert "| resnet18 | 2x3x32x32 |" in coverage.format_table([row])
 

@@ -214,6 +214,25 @@ def _length(action: Sequence) -> int:
     return sum(n * e for _, n, e in action)
 
 
+def _bounds(action) -> set[int]:
+    """Interior segment boundaries of an action."""
+    out, offset = set(), 0
+    for _, k, e in action[:-1]:
+        offset += k * e
+        out.add(offset)
+    return out
+
+
+def _segment_at(action, position: int) -> tuple:
+    """The segment of ``action`` that covers entry ``position``."""
+    offset = 0
+    for seg in action:
+        offset += seg[1] * seg[2]
+        if position < offset:
+            return seg
+    raise IndexError(position)
+
+
 def _is_tensor_state(state: Any) -> bool:
     return isinstance(state, tuple) and not isinstance(state, _Seq)
 
@@ -345,36 +364,33 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 self.groups.layer[self.groups.find(gid)] = True
 
     def _unify(self, a, b):
-        """Both actions must act identically on one axis: union their groups (or fix them against None)."""
+        """Both actions must act identically on one axis: union their groups (or fix them against None).
+
+        The two may be segmented differently (a whole group against a concatenation, or two differently split
+        groups): every group is first cut at the other side's segment boundaries (:meth:`_cut`), so that both
+        sides cover the same intervals; then each interval's groups are tied (a finer group is coarsened to the
+        other side's wider units) or fixed against an unpermuted interval.
+        """
         if a is None and b is None:
             return None
         if a is None or b is None:
             self._fix_action(a if a is not None else b)
             return None
-        ia, ib = list(self._norm(a)), list(self._norm(b))
-        if _length(ia) != _length(ib):
+        if _length(self._norm(a)) != _length(self._norm(b)):
             self._fail("operands of different lengths on one axis")
-        for one, many in ((ia, ib), (ib, ia)):
-            # a whole group meeting a block structure (e.g. a learnt per-channel scale applied to a
-            # concatenation) is split into the same blocks, unpermuted blocks included
-            e = one[0][2]
-            if len(one) == 1 and len(many) > 1 and one[0][0] is not None and all(
-                (m[2] == e) if m[0] is not None else (m[1] % e == 0) for m in many
-            ):
-                root = self.groups.find(one[0][0])
-                self.subst[root] = tuple((g, k, 1) if g is not None else (None, k // e, 1) for g, k, _ in many)
-                if self.groups.fixed[root]:  # a group that must stay identity keeps its blocks identity
-                    self._fix_action(many)
-                return tuple(many)
-        if len(ia) != len(ib) or any(x[1] * x[2] != y[1] * y[2] for x, y in zip(ia, ib)):
-            self._fail("operands carry differently structured (concatenated) groups on one axis")
+        for c in sorted(_bounds(self._norm(a)) | _bounds(self._norm(b))):
+            self._cut(a, 0, c)
+            self._cut(b, 0, c)
+        ia, ib = self._norm(a), self._norm(b)
+        cuts = sorted(_bounds(ia) | _bounds(ib) | {0, _length(ia)})
         merged = []
-        for x, y in zip(ia, ib):
+        for lo, hi in zip(cuts, cuts[1:]):
+            x, y = _segment_at(ia, lo), _segment_at(ib, lo)
             if x[0] is None or y[0] is None:
-                for s in (x, y):
-                    if s[0] is not None:
-                        self.groups.fix(s[0])
-                merged.append((None, x[1] * x[2], 1))
+                for seg in (x, y):
+                    if seg[0] is not None:
+                        self.groups.fix(seg[0])
+                merged.append((None, hi - lo, 1))
             elif x[2] != y[2]:
                 # the same entries in units of different widths: the finer group is coarsened to the wider units
                 fine, coarse = (x, y) if x[2] < y[2] else (y, x)
@@ -1294,9 +1310,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
                     out[nout[0]] = tuple((g, k, e // rest) for g, k, e in action)
                 elif len(nout) == 2:
                     # the leading factor indexes equal chunks (e.g. a channel shuffle's view): tie the chunks
-                    out[nout[1]] = self._chunks(action, outs[nout[0]])
-                    if all(g is None for g, _, _ in out[nout[1]]):
-                        out[nout[1]] = None
+                    out[nout[1]] = self._chunks(action, outs[nout[0]])  # None when nothing stays permuted
                 else:
                     self._fail("a reshape splits permuted units")
             else:

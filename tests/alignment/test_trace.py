@@ -258,3 +258,35 @@ def test_tracing_does_not_touch_the_model():
 def test_example_input_of_the_wrong_shape_is_named():
     with pytest.raises(SpecError, match=r"TinyTen could not run on `example_input` of shape \(2, 1, 32, 32\)"):
         trace_spec(build_model("tinyten", 10), torch.randn(2, 1, 32, 32))
+
+
+class _ShuffleNet(nn.Module):
+    """ShuffleNet v2 units: split, branch, concatenate, channel shuffle (each shuffle ties the two halves)."""
+
+    def __init__(self, c=6, blocks=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 2 * c, 1)
+        self.branches = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(blocks))
+        self.head = nn.Conv2d(2 * c, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv in self.branches:
+            x1, x2 = x.chunk(2, dim=1)
+            x = torch.cat([x1, conv(x2).relu()], 1)
+            b, c, h, w = x.shape
+            x = x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("c,blocks", [(6, 2), (6, 3), (4, 3)])
+def test_channel_shuffles_trace_or_refuse_and_fix_mode_never_crashes(c, blocks):
+    torch.manual_seed(0)
+    net = _ShuffleNet(c, blocks)
+    x = torch.randn(2, 3, 4, 4)
+    try:
+        spec = trace_spec(net, x)
+    except SpecError as exc:
+        assert "cuts a permuted unit in two" in str(exc)  # repeated halving reaches single units
+        spec = trace_spec(net, x, on_unsupported="fix")  # crashed with a TypeError inside the tracer
+    assert check_equivalence(net, spec, x, generator=0).passed
