@@ -321,6 +321,13 @@ class _SpecInterpreter(torch.fx.Interpreter):
         """A new group of ``size`` units (None for a single unit: it has only the identity permutation)."""
         return ((self.groups.new(name, size, layer=layer), size, 1),) if size > 1 else None
 
+    def _subgroup(self, root: int, size: int) -> int:
+        """A new group that replaces part of ``root`` (after a split or coarsening); it stays fixed if root was."""
+        gid = self.groups.new(self.groups.name[root], size)
+        if self.groups.fixed[root]:
+            self.groups.fix(gid)
+        return gid
+
     def _produce(self, n: torch.fx.Node, name: str, size: int, axis: int) -> tuple | None:
         """A new layer group produced at ``axis`` of node ``n``, with an "out" tap there."""
         out = self._new(name, size)
@@ -397,9 +404,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 if coarse[2] % fine[2]:
                     self._fail("operands carry groups expanded over different numbers of positions")
                 root = self.groups.find(fine[0])
-                new = self.groups.new(self.groups.name[root], coarse[1])
-                if self.groups.fixed[root]:
-                    self.groups.fix(new)
+                new = self._subgroup(root, coarse[1])
                 self.subst[root] = ((new, coarse[1], coarse[2] // fine[2]),)
                 self.groups.union(new, coarse[0], self.node.name)
                 merged.append(coarse)
@@ -669,10 +674,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
             root = self.groups.find(g)
             parts = []
             for a, b in zip(bounds, bounds[1:]):
-                sub = self.groups.new(self.groups.name[root], b - a)
-                if self.groups.fixed[root]:
-                    self.groups.fix(sub)
-                parts.append((sub, b - a, 1))
+                parts.append((self._subgroup(root, b - a), b - a, 1))
             self.subst[root] = tuple(parts)
         out, offset = [], 0
         for g, k, e in self._norm(action):
@@ -697,10 +699,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
                     self._fail(f"{what} with {groups} groups splits permuted units across its groups")
                 r = block // e
                 root = self.groups.find(gid)
-                coarse = self.groups.new(self.groups.name[root], k // r)
-                if self.groups.fixed[root]:
-                    self.groups.fix(coarse)
-                self.subst[root] = ((coarse, k // r, r),)
+                self.subst[root] = ((self._subgroup(root, k // r), k // r, r),)
             elif gid is None and (offset % block or (k * e) % block):
                 self._fail(f"{what} with {groups} groups mixes permuted and unpermuted channels in one group")
             offset += k * e
@@ -708,29 +707,22 @@ class _SpecInterpreter(torch.fx.Interpreter):
 
     def _within_blocks(self, action, groups: int, what: str):
         """``action`` on a channel axis whose ``groups`` contiguous blocks are normalised separately (GroupNorm):
-        units may move within a block but not across, so a group spanning several blocks is split (``subst``)
-        into one group per block."""
+        units may move within a block, or carry whole blocks, but not straddle blocks, so a group of units finer
+        than a block is cut at every block boundary (:meth:`_cut`) into groups relabelled separately."""
         action = self._norm(action)
         if action is None or groups == 1:
             return action
         block = _length(action) // groups
         offset = 0
         for gid, k, e in action:
-            start, stop = offset, offset + k * e
-            offset = stop
-            if gid is None or e % block == 0 or start // block == (stop - 1) // block:
-                continue  # units of whole blocks, or a segment inside one block
-            if block % e or start % block or stop % block:
-                self._fail(f"{what} with {groups} groups splits permuted units across its groups")
-            per = block // e
-            root = self.groups.find(gid)
-            parts = []
-            for _ in range(k // per):
-                sub = self.groups.new(self.groups.name[root], per)
-                if self.groups.fixed[root]:
-                    self.groups.fix(sub)
-                parts.append((sub, per, 1))
-            self.subst[root] = tuple(parts)
+            lo, hi = offset, offset + k * e
+            offset = hi
+            if gid is not None and e % block:
+                try:
+                    for c in range((lo // block + 1) * block, hi, block):
+                        self._cut(action, 0, c)
+                except _Unsupported:
+                    self._fail(f"{what} with {groups} groups splits permuted units across its groups")
         return self._norm(action)
 
     def _mha(self, n, m: nn.MultiheadAttention, value) -> Any:

@@ -20,6 +20,7 @@ from torch import nn
 from neuralign.alignment import PermutationSpec, trace_spec
 from neuralign.errors import SpecError
 from neuralign.verification import check_equivalence
+from tests.alignment.test_trace_cases import _Tied
 
 C, L = 8, 6  # channels of the permuted layer, positions
 
@@ -435,18 +436,6 @@ def test_branches_of_both_modes_are_traced():
     assert check_equivalence(model, spec, x, generator=0).passed
 
 
-class _Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(40, 16)
-        self.mid = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 40, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.mid(self.emb(x))))
-
-
 class _Shared(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -471,4 +460,3 @@ def test_tied_and_shared_modules(cls, x):
     assert check_equivalence(model, spec, x, generator=0).passed
     if cls is _Tied:  # both names of the shared tensor are permuted alike
         assert spec.axes["emb.weight"] == spec.axes["head.weight"]
-        assert spec.axes["emb.weight"][1][0].group == "emb"
