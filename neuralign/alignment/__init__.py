@@ -7,6 +7,7 @@ from neuralign.alignment.io import (
     load_permutation_file,
     save_permutation_file,
     state_dict_hash,
+    state_dict_layout,
 )
 from neuralign.alignment.permutation import (
     Permutation,
@@ -29,6 +30,7 @@ __all__ = [
     "load_permutation_file",
     "save_permutation_file",
     "state_dict_hash",
+    "state_dict_layout",
     "ALIGNMENT_METHODS",
     "ActivationMoments",
     "AlignmentResult",

@@ -18,9 +18,10 @@ Format (``format_version`` 1)
     ``groups``                the group names, in order
     ``method``, ``settings``  how the permutation was found (e.g. ``"correlation"``, the data used)
     ``arch``                  the architecture, when known (``"torchvision:resnet18"``)
-    ``model_a``, ``model_b``  ``{"hash": "sha256:...", "source": path}`` of the two inputs, hashes of the
-                              weights' content (:func:`state_dict_hash`), so the same weights saved as ``.pt``
-                              or ``.safetensors`` match
+    ``model_a``, ``model_b``  ``{"hash": "sha256:...", "source": path, "layout": [[key, shape], ...]}`` of
+                              the two inputs: hashes of the weights' content (:func:`state_dict_hash`), so the
+                              same weights saved as ``.pt`` or ``.safetensors`` match, and the state dict's keys
+                              and shapes (:func:`state_dict_layout`), the architecture's fingerprint
     ``results``               JSON-able figures of the run (per-group correlations before and after)
     ========================  ==========================================================================
 
@@ -45,7 +46,14 @@ from neuralign.alignment.permutation import validate_permutation
 from neuralign.alignment.spec import PermutationSpec
 from neuralign.errors import CheckpointError, SpecError
 
-__all__ = ["FORMAT_VERSION", "PermutationFile", "save_permutation_file", "load_permutation_file", "state_dict_hash"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PermutationFile",
+    "save_permutation_file",
+    "load_permutation_file",
+    "state_dict_hash",
+    "state_dict_layout",
+]
 
 #: Version of the permutation file format written by :func:`save_permutation_file`.
 FORMAT_VERSION = 1
@@ -84,6 +92,22 @@ def state_dict_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def state_dict_layout(state_dict: Mapping[str, torch.Tensor]) -> list[list]:
+    """The architecture's fingerprint: ``[[key, shape], ...]`` in the state dict's order (no values, no dtypes)."""
+    return [[str(k), list(v.shape)] for k, v in state_dict.items()]
+
+
+def _first_layout_difference(recorded: list, given: Mapping[str, torch.Tensor]) -> str | None:
+    shapes = {str(k): list(s) for k, s in recorded}
+    for key, value in given.items():
+        if key not in shapes:
+            return f"`{key}`, which the original lacks"
+        if list(value.shape) != shapes[key]:
+            return f"`{key}` of shape {tuple(value.shape)} where the original has {tuple(shapes[key])}"
+    missing = [k for k in shapes if k not in given]
+    return f"no `{missing[0]}`, which the original has" if missing else None
+
+
 @dataclass(frozen=True)
 class PermutationFile:
     """A permutation file (see the module's docstring for the format).
@@ -99,7 +123,8 @@ class PermutationFile:
     settings : dict
         The method's settings.
     model_a, model_b : dict
-        ``{"hash": ..., "source": ...}`` of the inputs (``hash`` may be ``None`` when unknown).
+        ``{"hash": ..., "source": ..., "layout": ...}`` of the inputs (each may be absent or ``None`` when
+        unknown).
     arch : str or None
         The architecture.
     results : dict
@@ -146,7 +171,8 @@ class PermutationFile:
         arch : str, optional
             The architecture, compared with the recorded one when both are known.
         model_b : mapping str -> Tensor, optional
-            The state dict to be permuted, validated against the spec (keys and axis lengths).
+            The state dict to be permuted, compared with the recorded layout (keys and shapes) and validated
+            against the spec (keys and axis lengths).
         hash_a, hash_b : str, optional
             :func:`state_dict_hash` of the two models as given, compared with the recorded hashes.
 
@@ -154,13 +180,21 @@ class PermutationFile:
         ------
         CheckpointError
             One line saying which: ``"... was computed for torchvision:resnet18, not torchvision:resnet34
-            (another architecture)"``, ``"... does not fit model B (another architecture?): <first mismatch>"``,
+            (another architecture)"``, ``"... was computed for another architecture: model B has other keys or
+            shapes (the first: ...)"``, ``"... does not fit model B (another architecture?): <first mismatch>"``,
             ``"... was computed for another model B (weights sha256:1a2b..., given sha256:3c4d...; another
             pair)"``.
         """
         where = f"permutation file {self.path or '<in memory>'!r}"
         if arch is not None and self.arch is not None and arch.lower() != self.arch.lower():
             raise CheckpointError(f"{where} was computed for {self.arch}, not {arch} (another architecture)")
+        if model_b is not None and self.model_b.get("layout"):
+            difference = _first_layout_difference(self.model_b["layout"], model_b)
+            if difference is not None:
+                raise CheckpointError(
+                    f"{where} was computed for another architecture: model B has other keys or shapes (the first: "
+                    f"{difference})"
+                )
         if model_b is not None:
             try:
                 self.spec.validate(model_b, name="model B")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from neuralign._utils import atomic_save, atomic_write, load_checkpoint
-from neuralign.alignment.io import state_dict_hash
+from neuralign.alignment.io import state_dict_hash, state_dict_layout
 from neuralign.errors import CheckpointError, ShapeMismatchError
 from neuralign.experiments.models import build_model
 
@@ -201,7 +201,8 @@ def load_endpoint(
     (torch.nn.Module, dict)
         The model (float32, CPU, eval mode) and metadata: ``arch``, ``num_classes``, ``model_kwargs``, ``format``,
         ``wrapper``, ``prefix``, ``note`` (one line when the file was wrapped or prefixed), ``path``, ``hash``
-        (:func:`~neuralign.alignment.state_dict_hash` of the weights as stored), plus an end
+        (:func:`~neuralign.alignment.state_dict_hash` of the weights as stored), ``layout`` (their keys and
+        shapes, :func:`~neuralign.alignment.state_dict_layout`), plus an end
         point's own entries (``seed``, ``history``, ``test``, ``dataset``).
 
     Raises
@@ -235,7 +236,7 @@ def load_endpoint(
         **{k: v for k, v in weights.meta.items() if weights.format == "endpoint"},
         "arch": arch, "num_classes": classes, "model_kwargs": kwargs, "format": weights.format,
         "wrapper": weights.wrapper, "prefix": weights.prefix, "note": weights.note, "path": label,
-        "hash": state_dict_hash(weights.state_dict),
+        "hash": state_dict_hash(weights.state_dict), "layout": state_dict_layout(weights.state_dict),
     }  # fmt: skip
     return model.eval(), meta
 

@@ -218,8 +218,8 @@ def _alignment_record(res, meta_a: dict, meta_b: dict, *, method: str, settings:
 
     return PermutationFile(
         perms={g: p.cpu() for g, p in res.perms.items()}, spec=res.spec, method=method, settings=settings,
-        model_a={"hash": meta_a["hash"], "source": meta_a["path"]},
-        model_b={"hash": meta_b["hash"], "source": meta_b["path"]}, arch=meta_a["arch"],
+        model_a={"hash": meta_a["hash"], "source": meta_a["path"], "layout": meta_a["layout"]},
+        model_b={"hash": meta_b["hash"], "source": meta_b["path"], "layout": meta_b["layout"]}, arch=meta_a["arch"],
         results={"correlation_before": getattr(res, "correlation_before", {}),
                  "correlation_after": getattr(res, "correlation_after", {})},
     )  # fmt: skip

@@ -35,6 +35,7 @@ from neuralign.alignment import (
     load_permutation_file,
     save_permutation_file,
     state_dict_hash,
+    state_dict_layout,
     trace_spec,
 )
 from neuralign.curves import (
@@ -277,7 +278,8 @@ class _Study:
     def endpoint(self, seed: int) -> tuple[nn.Module, dict]:
         c = self.config
         if c.endpoints is not None:
-            model, meta = load_endpoint(c.endpoints[seed - 1], arch=c.arch, num_classes=self.data.num_classes)
+            model, meta = load_endpoint(c.endpoints[seed - 1], arch=c.arch, num_classes=self.data.num_classes,
+                                        model_kwargs=_model_kwargs(c, self.data))  # fmt: skip
             model = model.to(self.device)
             if "test" not in meta:
                 test_loss, test_acc = evaluate_model(model, self.data.test)
@@ -325,8 +327,10 @@ class _Study:
             record = PermutationFile(
                 perms={g: p.cpu() for g, p in res.perms.items()}, spec=res.spec, method=res.method,
                 settings={"data": self.config.dataset, "align_images": len(self.data.align.dataset)},
-                model_a={"hash": state_dict_hash(a.state_dict()), "source": self.source(2 * k - 1)},
-                model_b={"hash": state_dict_hash(b.state_dict()), "source": self.source(2 * k)},
+                model_a={"hash": state_dict_hash(a.state_dict()), "source": self.source(2 * k - 1),
+                         "layout": state_dict_layout(a.state_dict())},
+                model_b={"hash": state_dict_hash(b.state_dict()), "source": self.source(2 * k),
+                         "layout": state_dict_layout(b.state_dict())},
                 arch=self.config.arch,
                 results={"correlation_before": res.correlation_before, "correlation_after": res.correlation_after},
             )  # fmt: skip
