@@ -98,13 +98,22 @@ def _overrides(pairs: Sequence[str], *, option: str = "--set") -> dict[str, Any]
     return out
 
 
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} expects comma-separated numbers, got {text!r}") from None
+
+
 def _data(args: argparse.Namespace):
     from neuralign.experiments.data import load_data
 
     data = load_data(
         args.data, root=args.data_root, download=args.download, batch_size=args.batch_size,
         train_size=args.train_size, test_size=args.test_size, align_size=args.align_size, resize=args.resize,
-        generator=args.seed,
+        generator=args.seed, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
     )  # fmt: skip
     _write_manifest(args, data=data.describe())
     return data
@@ -454,11 +463,12 @@ def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="log the library's progress messages")
 
 
-def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+def _add_data(p: argparse.ArgumentParser, *, required: bool = True, stats: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, default=None,
-                   help="dataset: cifar10, cifar100, mnist, tinyimagenet, digits (shipped), or an .npz file with "
-                        "x_train, y_train, x_test, y_test (uint8 images)")  # fmt: skip
+                   help="dataset: cifar10, cifar100, mnist, tinyimagenet, digits (shipped), an .npz file with "
+                        "x_train, y_train, x_test, y_test (uint8 images), or imagefolder:PATH (PATH/train/<class>/ "
+                        "and PATH/val/<class>/ or PATH/test/<class>/ image files)")  # fmt: skip
     g.add_argument("--data-root", default=None, help="folder holding the torchvision dataset (or <name>.npz)")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs network)")
     g.add_argument("--batch-size", type=int, default=128, help="training batch size (default: 128)")
@@ -468,7 +478,12 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g.add_argument("--align-size", type=_parse_value, default=None,
                    help="alignment images: the first N training images with test transforms (default: the first "
                         "10000, or all if fewer)")  # fmt: skip
-    g.add_argument("--resize", type=int, default=None, help="resize images to this side length")
+    g.add_argument("--resize", type=int, default=None, help="resize images to this side length (imagefolder: "
+                   "to this square size; default the most common size of a sample)")
+    if stats:
+        g.add_argument("--mean", default=None, help="normalisation means, comma-separated, one per channel "
+                       "(default: the dataset's, or computed on the training images)")
+        g.add_argument("--std", default=None, help="normalisation standard deviations, with --mean")
 
 
 def _add_arch(p: argparse.ArgumentParser, *, checkpoints: bool) -> None:
@@ -534,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-batches", type=int, default=None, help="batches per batch-norm re-estimation")
     p.add_argument("--width", type=float, default=None, help="width multiplier (ResNet, VGG)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any study setting")
-    _add_data(p, required=False)
+    _add_data(p, required=False, stats=False)
     for action in p._actions:  # the study's own defaults apply unless given
         if action.dest == "batch_size":
             action.default = None
