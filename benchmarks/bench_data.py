@@ -6,6 +6,9 @@ Compares, in one run and one process:
   RandomAffine(15) + HFlip + RandomCrop(32, pad 4), then Normalize), a full epoch at batch 128;
 - ``per-sample``: the same augmentation with torchvision's v2 transforms applied image by image on uint8 tensors
   (no PIL), through a ``DataLoader`` at batch 128, timed on a part of the epoch and scaled to 50,000 images;
+- ``kornia``: the same augmentation with ``kornia.augmentation`` (``AugmentationSequential`` of RandomAffine(15,
+  nearest) + RandomHorizontalFlip + RandomCrop(32, pad 4) + Normalize), batched per-sample random parameters on the
+  same uint8 batches of 128, a full epoch (only when kornia is installed: it is not a dependency of neuralign);
 - ``eval``: the test-time loader (Normalize only) over the training set;
 - ``TinyTen``: SGD steps (forward, backward, update) at batch 128, scaled to the 391 steps of an epoch.
 
@@ -58,6 +61,29 @@ def _time_epoch(loader) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
+def _time_kornia(images: torch.Tensor, labels: torch.Tensor, n: int) -> float | None:
+    """A full epoch of the CIFAR recipe with kornia.augmentation on shuffled uint8 batches of 128 (None without
+    kornia)."""
+    try:
+        import kornia.augmentation as K
+    except ImportError:
+        return None
+    augment = K.AugmentationSequential(
+        K.RandomAffine(degrees=15.0, resample="nearest", padding_mode="zeros", p=1.0),
+        K.RandomHorizontalFlip(p=0.5),
+        K.RandomCrop((32, 32), padding=4, p=1.0),
+        K.Normalize(mean=torch.tensor(CIFAR_MEAN), std=torch.tensor(CIFAR_STD)),
+    )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for k in range(0, n, 128):
+        idx = order[k : k + 128]
+        x = augment(images.index_select(0, idx).to(torch.float32).div_(255.0))
+        labels.index_select(0, idx)
+    assert x.shape[1:] == images.shape[1:]
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("npz", nargs="?", default=None)
@@ -100,6 +126,8 @@ def main() -> None:
     t_part, _ = _time_epoch(loader)
     t_per_sample = t_part * n / m
 
+    t_kornia = _time_kornia(images, labels, n)
+
     model = build_model("tinyten", 10, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     batches = iter(bundle.train)
@@ -123,7 +151,13 @@ def main() -> None:
     out(f"batched augmented epoch                   {t_batched:8.2f} s  ({per_batch:.2f} ms/batch)\n")
     out(f"test-transform epoch over train           {t_eval:8.2f} s\n")
     out(f"per-sample torchvision v2 epoch (scaled)  {t_per_sample:8.2f} s  (measured on {m} images)\n")
+    if t_kornia is not None:
+        out(f"kornia.augmentation batched epoch         {t_kornia:8.2f} s  "
+            f"({t_kornia / len(bundle.train) * 1e3:.2f} ms/batch)\n")  # fmt: skip
     out(f"TinyTen SGD epoch (scaled)                {t_train:8.2f} s  ({t_step * 1e3:.1f} ms/step)\n")
+    if t_kornia is not None:
+        out(f"ratio kornia / batched                    {t_kornia / t_batched:8.1f} x\n")
+        out(f"kornia loading / TinyTen epoch            {100 * t_kornia / t_train:8.1f} %\n")
     out(f"ratio per-sample / batched                {t_per_sample / t_batched:8.1f} x\n")
     out(f"batched loading / TinyTen epoch           {100 * t_batched / t_train:8.1f} %\n")
     out(f"per-sample loading / TinyTen epoch        {100 * t_per_sample / t_train:8.1f} %\n")

@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "WriteError",
     "DataError",
+    "MissingDependencyError",
     "ConvergenceWarning",
 ]
 
@@ -55,6 +56,11 @@ class WriteError(NeuralignError, OSError):
 
 class DataError(NeuralignError, ValueError):
     """A dataset is missing, corrupt, or mislabelled (says where it looked and what is wrong)."""
+
+
+class MissingDependencyError(NeuralignError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it
+    (``pip install 'neuralign[timm]'``)."""
 
 
 class ConvergenceWarning(UserWarning):

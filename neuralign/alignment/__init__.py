@@ -1,6 +1,14 @@
 """Permutation specs (traced with torch.fx or hand-built), applying permutations, and neuron alignment."""
 
 from neuralign.alignment.align import ALIGNMENT_METHODS, AlignmentResult, align, weight_similarity
+from neuralign.alignment.io import (
+    FORMAT_VERSION,
+    PermutationFile,
+    load_permutation_file,
+    save_permutation_file,
+    state_dict_hash,
+    state_dict_layout,
+)
 from neuralign.alignment.permutation import (
     Permutation,
     apply_permutation,
@@ -17,6 +25,12 @@ from neuralign.alignment.stats import ActivationMoments, activation_moments
 from neuralign.alignment.trace import trace_spec
 
 __all__ = [
+    "FORMAT_VERSION",
+    "PermutationFile",
+    "load_permutation_file",
+    "save_permutation_file",
+    "state_dict_hash",
+    "state_dict_layout",
     "ALIGNMENT_METHODS",
     "ActivationMoments",
     "AlignmentResult",

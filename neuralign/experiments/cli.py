@@ -1,4 +1,4 @@
-"""The ``neuralign`` command line: demo, train, align, curve, pam, verify, evaluate, study.
+"""The ``neuralign`` command line: demo, train, align, apply, curve, pam, verify, evaluate, study.
 
 Every command writes its results into ``--out`` (atomically; long loops checkpoint every epoch and a rerun of the
 same command resumes), shows progress bars on standard error, and ends by printing the paths it wrote. Errors,
@@ -9,6 +9,7 @@ error and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -87,42 +88,67 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+def _overrides(pairs: Sequence[str], *, option: str = "--set") -> dict[str, Any]:
     out = {}
     for item in pairs or ():
         if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"{option} expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         out[key.strip().replace("-", "_")] = _parse_value(value.strip())
     return out
 
 
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} expects comma-separated numbers, got {text!r}") from None
+
+
 def _data(args: argparse.Namespace):
     from neuralign.experiments.data import load_data
 
-    return load_data(
+    data = load_data(
         args.data, root=args.data_root, download=args.download, batch_size=args.batch_size,
         train_size=args.train_size, test_size=args.test_size, align_size=args.align_size, resize=args.resize,
-        generator=args.seed,
+        generator=args.seed, mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
     )  # fmt: skip
+    _write_manifest(args, data=data.describe())
+    return data
 
 
-def _load_alignment(path: str) -> dict[str, Any]:
-    state = load_checkpoint(path, kind="alignment", required=("perms",))
-    perms = state["perms"]
-    if not isinstance(perms, dict) or not all(isinstance(p, torch.Tensor) for p in perms.values()):
-        raise CheckpointError(f"{path}: 'perms' must be a dict group -> index tensor")
-    return state
+def _model_args(args: argparse.Namespace) -> dict[str, Any]:
+    return _overrides(getattr(args, "model_arg", None) or (), option="--model-arg")
 
 
-def _endpoints(args: argparse.Namespace, device: torch.device):
-    from neuralign.experiments.study import load_endpoint
+def _load_model(path: str, args: argparse.Namespace, num_classes: int | None) -> tuple[torch.nn.Module, dict]:
+    from neuralign.experiments.checkpoints import load_endpoint
 
-    a, meta_a = load_endpoint(args.model_a)
-    b, meta_b = load_endpoint(args.model_b)
-    if meta_a["arch"] != meta_b["arch"]:
+    model, meta = load_endpoint(path, arch=args.arch, num_classes=args.num_classes or num_classes,
+                                model_kwargs=_model_args(args))  # fmt: skip
+    if meta["note"]:
+        print(f"neuralign: {meta['note']}", file=sys.stderr)
+    return model, meta
+
+
+def _endpoints(args: argparse.Namespace, device: torch.device, data=None):
+    num_classes = data.num_classes if data is not None else None
+    a, meta_a = _load_model(args.model_a, args, num_classes)
+    b, meta_b = _load_model(args.model_b, args, num_classes)
+    if meta_a["arch"].lower() != meta_b["arch"].lower():
         raise ValueError(f"--model-a is a {meta_a['arch']} but --model-b is a {meta_b['arch']}")
-    return a.to(device), b.to(device), meta_a
+    return a.to(device), b.to(device), meta_a, meta_b
+
+
+def _load_alignment(path: str, meta_a: dict, meta_b: dict, sd_b: dict[str, torch.Tensor]):
+    """The permutation file at ``path``, refused if it was made for another architecture or pair."""
+    from neuralign.alignment import load_permutation_file
+
+    record = load_permutation_file(path)
+    record.check_pair(arch=meta_a["arch"], model_b=sd_b, hash_a=meta_a["hash"], hash_b=meta_b["hash"])
+    return record
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -134,13 +160,6 @@ def _params(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     return {k: v for k, v in state.items() if k in names}
 
 
-def _spec(model: torch.nn.Module, data) -> Any:
-    from neuralign.alignment import trace_spec
-
-    x = next(iter(data.train))[0][:2].to(next(model.parameters()).device)
-    return trace_spec(model, x)
-
-
 # ------------------------------------------------------------------------------------------------ commands
 def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> list[Path]:
     from neuralign.experiments.report import dataset_label, paper_row
@@ -149,6 +168,9 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
     config = PRESETS["demo" if demo else args.preset]
     overrides: dict[str, Any] = {}
     if not demo:
+        if args.endpoints:
+            overrides["endpoints"] = tuple(args.endpoints)
+            overrides.setdefault("pairs", len(args.endpoints) // 2)
         for key in ("arch", "pairs", "epochs", "curve_epochs", "num_points", "train_size", "test_size", "align_size",
                     "resize", "bn_batches", "width", "batch_size"):  # fmt: skip
             value = getattr(args, key, None)
@@ -178,7 +200,7 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     device = _device(args.device)
     data = _data(args)
     config = StudyConfig(arch=args.arch, width=args.width)
-    kwargs = _model_kwargs(config, data)
+    kwargs = {**_model_kwargs(config, data), **_model_args(args)}
     model = build_model(args.arch, data.num_classes, seed=args.seed, **kwargs).to(device)
     out = Path(args.out)
     path = out / f"{args.arch}_seed{args.seed}.pt"
@@ -200,13 +222,41 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     return [path]
 
 
+def _alignment_record(res, meta_a: dict, meta_b: dict, *, method: str, settings: dict[str, Any]):
+    from neuralign.alignment import PermutationFile
+
+    return PermutationFile(
+        perms={g: p.cpu() for g, p in res.perms.items()}, spec=res.spec, method=method, settings=settings,
+        model_a={"hash": meta_a["hash"], "source": meta_a["path"], "layout": meta_a["layout"]},
+        model_b={"hash": meta_b["hash"], "source": meta_b["path"], "layout": meta_b["layout"]}, arch=meta_a["arch"],
+        results={"correlation_before": getattr(res, "correlation_before", {}),
+                 "correlation_after": getattr(res, "correlation_after", {})},
+    )  # fmt: skip
+
+
+def _export_aligned(model_b: str, record, out: str) -> Path:
+    """Write the weights of the file ``model_b`` permuted by ``record`` to ``out``, in the input's layout."""
+    from neuralign.alignment import apply_permutation, state_dict_hash
+    from neuralign.experiments.checkpoints import read_weights, write_weights
+
+    weights = read_weights(model_b)
+    if weights.note:
+        print(f"neuralign: {weights.note}", file=sys.stderr)
+    record.check_pair(model_b=weights.state_dict, hash_b=state_dict_hash(weights.state_dict))
+    aligned = apply_permutation(weights.state_dict, record.spec, record.perms)
+    metadata = {"neuralign_aligned_to": str(record.model_a.get("hash")), "neuralign_permutation": record.path,
+                "neuralign_method": record.method}  # fmt: skip
+    return write_weights(out, aligned, like=weights, metadata=metadata)
+
+
 def _cmd_align(args: argparse.Namespace, bars: _Bars) -> list[Path]:
-    from neuralign.alignment import align
+    from neuralign.alignment import align, save_permutation_file
 
     device = _device(args.device)
-    a, b, _ = _endpoints(args, device)
     data = _data(args)
+    a, b, meta_a, meta_b = _endpoints(args, device, data)
     total = len(data.align)
+
     def on_batch(n: int) -> None:
         bars({"stage": "align", "label": args.method, "step": n, "total": total})
 
@@ -214,16 +264,27 @@ def _cmd_align(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     example = next(iter(data.train))[0][:2].to(device)
     res = align(a, b, loader, method=args.method, example_input=example, callback=on_batch)
     out = Path(args.out)
-    state = {
-        "kind": "alignment", "method": res.method, "perms": res.perms, "spec": res.spec.to_dict(),
-        "groups": res.spec.groups, "sizes": res.spec.sizes, "correlation_before": res.correlation_before,
-        "correlation_after": res.correlation_after,
-    }  # fmt: skip
-    p1 = atomic_save(state, out / "alignment.pt")
-    summary = {k: v for k, v in state.items() if k not in ("perms", "spec")}
-    summary.update(objective_before=res.objective_before, objective_after=res.objective_after, message=res.message)
+    settings = {"data": data.describe()["name"], "align_images": len(data.align.dataset), "seed": args.seed}
+    record = _alignment_record(res, meta_a, meta_b, method=res.method, settings=settings)
+    p1 = save_permutation_file(out / "alignment.pt", record)
+    record = dataclasses.replace(record, path=str(p1))
+    summary = {k: v for k, v in record.header().items() if k not in ("spec", "results")}
+    summary.update(record.results, sizes=res.spec.sizes, objective_before=res.objective_before,
+                   objective_after=res.objective_after, message=res.message)  # fmt: skip
     p2 = atomic_write_text(out / "alignment.json", json.dumps(summary, indent=1))
-    return [p1, p2]
+    paths = [p1, p2]
+    if args.export:
+        paths.append(_export_aligned(args.model_b, record, args.export))
+    return paths
+
+
+def _cmd_apply(args: argparse.Namespace, bars: _Bars) -> list[Path]:
+    from neuralign.alignment import load_permutation_file
+
+    record = load_permutation_file(args.perms)
+    if args.arch is not None:
+        record.check_pair(arch=args.arch)
+    return [_export_aligned(args.model, record, args.out)]
 
 
 def _optimizer(lr: float):
@@ -236,38 +297,84 @@ def _optimizer(lr: float):
 def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.alignment import apply_permutation
     from neuralign.curves import fit_curve
+    from neuralign.experiments.checkpoints import WEIGHT_SUFFIXES
 
     device = _device(args.device)
-    a, b, _ = _endpoints(args, device)
     data = _data(args)
-    sd_b = _state(b)
-    if args.perms:
-        spec = _spec(a, data)
-        sd_b = apply_permutation(sd_b, spec.restrict(sd_b), _load_alignment(args.perms)["perms"])
+    a, b, meta_a, meta_b = _endpoints(args, device, data)
     out = Path(args.out)
+    if args.export_point is not None:
+        if out.suffix not in WEIGHT_SUFFIXES:
+            raise ValueError(f"with --export-point, --out is the weight file to write and must end in one of "
+                             f"{list(WEIGHT_SUFFIXES)}, got {args.out!r}")  # fmt: skip
+        if not 0.0 <= args.export_point <= 1.0:
+            raise ValueError(f"--export-point must be in [0, 1], got {args.export_point}")
+        folder = out.parent
+    else:
+        if args.source is not None:
+            raise ValueError("--from needs --export-point (a curve read from a file is only exported)")
+        folder = out
+    if args.source is not None:
+        curve = _read_curve(args.source).to(device)
+        paths: list[Path] = []
+    else:
+        sd_b = _state(b)
+        if args.perms:
+            record = _load_alignment(args.perms, meta_a, meta_b, sd_b)
+            sd_b = apply_permutation(sd_b, record.spec.restrict(sd_b), record.perms)
 
-    def on_epoch(record):
-        bars({"stage": "curve", "label": args.curve, "step": record["epoch"] + 1, "total": args.epochs,
-              "record": record})  # fmt: skip
+        def on_epoch(record):
+            bars({"stage": "curve", "label": args.curve, "step": record["epoch"] + 1, "total": args.epochs,
+                  "record": record})  # fmt: skip
 
-    res = fit_curve(a, _params(a, _state(a)), _params(a, sd_b), data.train, curve=args.curve, epochs=args.epochs,
-                    optimizer=_optimizer(args.lr), weight_decay=args.weight_decay, generator=args.seed,
-                    callback=on_epoch, checkpoint=out / "curve.ckpt")  # fmt: skip
-    res.curve.save(out / "curve.pt")
-    (out / "curve.ckpt").unlink(missing_ok=True)
-    p2 = atomic_write_text(out / "curve.json", json.dumps({"history": res.history, "message": res.message}, indent=1))
-    return [out / "curve.pt", p2]
+        res = fit_curve(a, _params(a, _state(a)), _params(a, sd_b), data.train, curve=args.curve,
+                        epochs=args.epochs, optimizer=_optimizer(args.lr), weight_decay=args.weight_decay,
+                        generator=args.seed, callback=on_epoch, checkpoint=folder / "curve.ckpt")  # fmt: skip
+        curve = res.curve
+        curve.save(folder / "curve.pt")
+        (folder / "curve.ckpt").unlink(missing_ok=True)
+        history = json.dumps({"history": res.history, "message": res.message}, indent=1)
+        paths = [folder / "curve.pt", atomic_write_text(folder / "curve.json", history)]
+    if args.export_point is not None:
+        paths.append(_export_point(a, curve, args.export_point, data, args.bn_batches, out))
+    return paths
+
+
+def _read_curve(path: str):
+    from neuralign.curves.families import CURVE_FAMILIES
+
+    state = load_checkpoint(path, kind="curve", required=("family",))
+    family = CURVE_FAMILIES.get(state["family"])
+    if family is None:
+        raise CheckpointError(f"{path}: unknown curve family {state['family']!r}")
+    return family.load(path)
+
+
+def _export_point(model: torch.nn.Module, curve, t: float, data, bn_batches: int | None, out: Path) -> Path:
+    """Write the network at ``t`` of ``curve`` (batch-norm statistics re-estimated on ``data.train``) to ``out``."""
+    from neuralign.curves import reestimate_bn
+    from neuralign.experiments.checkpoints import write_weights
+
+    params = {k: v.detach() for k, v in curve(t).items()}
+    buffers = reestimate_bn(model, params, data.train, max_batches=bn_batches)
+    order = list(model.state_dict())
+    state = {**params, **buffers}
+    missing = [k for k in order if k not in state]
+    if missing:
+        raise CheckpointError(f"the curve lacks the entries {missing[:3]} of the model")
+    return write_weights(out, {k: state[k] for k in order}, metadata={"neuralign_curve_t": repr(t)})
 
 
 def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
+    from neuralign.alignment import save_permutation_file
     from neuralign.curves import fit_curve_pam
 
     device = _device(args.device)
-    a, b, _ = _endpoints(args, device)
     data = _data(args)
+    a, b, meta_a, meta_b = _endpoints(args, device, data)
     init: Any = args.init
     if init not in ("identity", "alignment"):
-        init = _load_alignment(init)["perms"]
+        init = _load_alignment(init, meta_a, meta_b, _state(b)).perms
     out = Path(args.out)
     total = args.iters * args.epochs
 
@@ -284,8 +391,10 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     )  # fmt: skip
     res.curve.save(out / "curve.pt")
     (out / "pam.ckpt").unlink(missing_ok=True)
-    p2 = atomic_save({"kind": "alignment", "method": f"pam-{args.method}", "perms": res.perms,
-                      "spec": res.spec.to_dict()}, out / "perms.pt")  # fmt: skip
+    settings = {"lam": args.lam, "iters": args.iters, "epochs": args.epochs, "init": str(args.init),
+                "local_search": args.local_search, "seed": args.seed}  # fmt: skip
+    record = _alignment_record(res, meta_a, meta_b, method=f"pam-{args.method}", settings=settings)
+    p2 = save_permutation_file(out / "perms.pt", record)
     summary = {"objective": res.history, "changed": res.changed, "backtracks": res.backtracks,
                "status": res.status, "message": res.message, "curve_history": res.curve_history}  # fmt: skip
     p3 = atomic_write_text(out / "pam.json", json.dumps(summary, indent=1, default=str))
@@ -293,19 +402,13 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
 
 
 def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
-    from neuralign.curves import Curve, evaluate_curve
-    from neuralign.curves.families import CURVE_FAMILIES
-    from neuralign.experiments.study import load_endpoint
+    from neuralign.curves import evaluate_curve
 
     device = _device(args.device)
-    model, _ = load_endpoint(args.model_a)
-    model = model.to(device)
-    state = load_checkpoint(args.curve, kind="curve", required=("family",))
-    family = CURVE_FAMILIES.get(state["family"])
-    if family is None:
-        raise CheckpointError(f"{args.curve}: unknown curve family {state['family']!r}")
-    curve: Curve = family.load(args.curve).to(device)
     data = _data(args)
+    model, _ = _load_model(args.model_a, args, data.num_classes)
+    model = model.to(device)
+    curve = _read_curve(args.curve).to(device)
 
     def on_point(record):
         bars({"stage": "evaluate", "label": Path(args.curve).stem, "step": record["index"] + 1,
@@ -326,9 +429,9 @@ def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.verification import CHECKS, verify_alignment
 
     device = _device(args.device)
-    a, b, _ = _endpoints(args, device)
     data = _data(args)
-    perms = _load_alignment(args.perms)["perms"]
+    a, b, meta_a, meta_b = _endpoints(args, device, data)
+    perms = _load_alignment(args.perms, meta_a, meta_b, _state(b)).perms
     curve = Bezier.load(args.curve).to(device) if args.curve else None
     checks = tuple(args.checks) if args.checks else CHECKS
 
@@ -360,11 +463,12 @@ def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="log the library's progress messages")
 
 
-def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+def _add_data(p: argparse.ArgumentParser, *, required: bool = True, stats: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, default=None,
-                   help="dataset: cifar10, cifar100, mnist, tinyimagenet, digits (shipped), or an .npz file with "
-                        "x_train, y_train, x_test, y_test (uint8 images)")  # fmt: skip
+                   help="dataset: cifar10, cifar100, mnist, tinyimagenet, digits (shipped), an .npz file with "
+                        "x_train, y_train, x_test, y_test (uint8 images), or imagefolder:PATH (PATH/train/<class>/ "
+                        "and PATH/val/<class>/ or PATH/test/<class>/ image files)")  # fmt: skip
     g.add_argument("--data-root", default=None, help="folder holding the torchvision dataset (or <name>.npz)")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs network)")
     g.add_argument("--batch-size", type=int, default=128, help="training batch size (default: 128)")
@@ -374,12 +478,34 @@ def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g.add_argument("--align-size", type=_parse_value, default=None,
                    help="alignment images: the first N training images with test transforms (default: the first "
                         "10000, or all if fewer)")  # fmt: skip
-    g.add_argument("--resize", type=int, default=None, help="resize images to this side length")
+    g.add_argument("--resize", type=int, default=None, help="resize images to this side length (imagefolder: "
+                   "to this square size; default the most common size of a sample)")
+    if stats:
+        g.add_argument("--mean", default=None, help="normalisation means, comma-separated, one per channel "
+                       "(default: the dataset's, or computed on the training images)")
+        g.add_argument("--std", default=None, help="normalisation standard deviations, with --mean")
+
+
+def _add_arch(p: argparse.ArgumentParser, *, checkpoints: bool) -> None:
+    g = p.add_argument_group("architecture" + (" of plain checkpoints" if checkpoints else ""))
+    g.add_argument("--arch", required=not checkpoints, default=None,
+                   help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp, torchvision:<name> (any "
+                        "torchvision.models builder, e.g. torchvision:resnet18) or timm:<name> (needs the extra "
+                        "neuralign[timm])" + ("; needed for plain state dicts and .safetensors files, which do not "
+                        "record it (end points of `neuralign train` do)" if checkpoints else ""))  # fmt: skip
+    if checkpoints:
+        g.add_argument("--num-classes", type=int, default=None,
+                       help="classifier outputs of a plain checkpoint (default: the dataset's classes)")  # fmt: skip
+    g.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="keyword argument of the model builder, repeatable (e.g. --model-arg width_per_group=32)")
 
 
 def _add_pair(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-a", required=True, help="end point A (a file written by `neuralign train`)")
-    p.add_argument("--model-b", required=True, help="end point B, of the same architecture")
+    p.add_argument("--model-a", required=True,
+                   help="end point A: a file of `neuralign train`, a plain state dict (.pt/.pth, also wrapped in "
+                        "{'state_dict': ...} or {'model': ...} or with DDP's 'module.' prefix) or .safetensors")
+    p.add_argument("--model-b", required=True, help="end point B, of the same architecture and in any such format")
+    _add_arch(p, checkpoints=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,15 +537,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "verify, verify_iters, verify_swaps, settings, max_batches).")  # fmt: skip
     _add_common(p, out="neuralign-study")
     p.add_argument("--preset", choices=["paper", "cpu", "demo"], default="cpu", help="starting settings (default: cpu)")
-    p.add_argument("--arch", default=None, help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp")
+    p.add_argument("--arch", default=None, help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp, "
+                   "torchvision:<name>, timm:<name>")
     p.add_argument("--pairs", type=int, default=None, help="number of end-point pairs")
+    p.add_argument("--endpoints", nargs="+", default=None, metavar="FILE",
+                   help="given end points instead of training: A1 B1 [A2 B2 ...] in any format `align` reads "
+                        "(plain state dicts and .safetensors are read as --arch with the dataset's classes)")
     p.add_argument("--epochs", type=int, default=None, help="end-point training epochs")
     p.add_argument("--curve-epochs", type=int, default=None, help="curve (and PAM x-step) epochs")
     p.add_argument("--num-points", type=int, default=None, help="points along t for evaluation")
     p.add_argument("--bn-batches", type=int, default=None, help="batches per batch-norm re-estimation")
     p.add_argument("--width", type=float, default=None, help="width multiplier (ResNet, VGG)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any study setting")
-    _add_data(p, required=False)
+    _add_data(p, required=False, stats=False)
     for action in p._actions:  # the study's own defaults apply unless given
         if action.dest == "batch_size":
             action.default = None
@@ -429,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "every 20 epochs), checkpointing every epoch; writes <out>/<arch>_seed<seed>.pt.")  # fmt: skip
     _add_common(p, out="neuralign-endpoints")
     _add_data(p)
-    p.add_argument("--arch", required=True, help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp")
+    _add_arch(p, checkpoints=False)
     p.add_argument("--width", type=float, default=None, help="width multiplier (ResNet, VGG)")
     p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
     p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
@@ -444,6 +574,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--method", choices=["correlation", "l2", "weight"], default="correlation",
                    help="matching method (default: correlation)")  # fmt: skip
+    p.add_argument("--export", default=None, metavar="FILE",
+                   help="also write B permuted into A's frame to FILE (.safetensors, .pt or .pth; see `apply`)")
+
+    p = sub.add_parser("apply", help="write end point B permuted into A's frame",
+                       description="Apply a permutation file (alignment.pt of `align`, perms.pt of `pam`) to the "
+                       "checkpoint it was computed for and write the aligned weights to --out: .safetensors, or "
+                       ".pt/.pth in the input's own layout (same wrapper and key prefix), loadable by the model's "
+                       "own class with load_state_dict(strict=True). A file computed for another architecture or "
+                       "another pair is refused.")  # fmt: skip
+    _add_common(p, out="b_aligned.safetensors")
+    p.add_argument("--model", required=True, help="end point B (any format `align` reads)")
+    p.add_argument("--perms", required=True, help="permutation file (alignment.pt, perms.pt or .safetensors)")
+    p.add_argument("--arch", default=None, help="architecture of --model, checked against the permutation file's")
 
     p = sub.add_parser("curve", help="fit a curve between two end points",
                        description="Fit a quadratic Bezier (or polygonal chain) between A and B, or B aligned by "
@@ -453,6 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--perms", default=None, help="alignment.pt to apply to B first (an aligned curve)")
     p.add_argument("--curve", choices=["bezier", "polychain"], default="bezier", help="family (default: bezier)")
+    p.add_argument("--export-point", type=float, default=None, metavar="T",
+                   help="write the network at t=T of the curve, with batch-norm statistics re-estimated on the "
+                        "training data, to --out, which is then a file (.safetensors, .pt or .pth); the fitted "
+                        "curve's files go next to it")  # fmt: skip
+    p.add_argument("--from", dest="source", default=None, metavar="CURVE",
+                   help="with --export-point: export from this curve.pt instead of fitting one")
+    p.add_argument("--bn-batches", type=int, default=None,
+                   help="batches of the batch-norm re-estimation of --export-point (default: all)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
     p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on w(t) (default: 5e-4)")
@@ -477,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "writes evaluation.json (Avg, Min, barriers, values at t = 0.5).")  # fmt: skip
     _add_common(p, out="neuralign-eval")
     p.add_argument("--model-a", required=True, help="an end point of the curve (gives the architecture)")
+    _add_arch(p, checkpoints=True)
     p.add_argument("--curve", required=True, help="curve.pt")
     _add_data(p)
     p.add_argument("--num-points", type=int, default=65, help="points along t (default: 65)")
@@ -506,6 +658,7 @@ _COMMANDS = {
     "study": _cmd_study,
     "train": _cmd_train,
     "align": _cmd_align,
+    "apply": _cmd_apply,
     "curve": _cmd_curve,
     "pam": _cmd_pam,
     "evaluate": _cmd_evaluate,
@@ -513,8 +666,17 @@ _COMMANDS = {
 }
 
 
-def _write_manifest(args: argparse.Namespace) -> Path:
-    """Record the command, its options, the seed, package versions and the device in ``<out>/manifest_<cmd>.json``."""
+def _manifest_path(args: argparse.Namespace) -> Path:
+    """``<out>/manifest_<cmd>.json``, or beside ``--out`` when it names a weight file (``apply``,
+    ``--export-point``)."""
+    out = Path(args.out)
+    folder = out.parent if out.suffix in (".safetensors", ".pt", ".pth") else out
+    return folder / f"manifest_{args.command}.json"
+
+
+def _write_manifest(args: argparse.Namespace, **extra: Any) -> Path:
+    """Record the command, its options, the seed, package versions and the device (and, once loaded, the data's
+    description: sizes, image size, normalisation statistics) in the command's manifest."""
     from neuralign.experiments.study import _versions
 
     record = {
@@ -525,9 +687,11 @@ def _write_manifest(args: argparse.Namespace) -> Path:
         "versions": _versions(),
         "device": str(_device(args.device)),
         "threads": torch.get_num_threads(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "started": getattr(args, "started", None) or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
     }
-    return atomic_write_text(Path(args.out) / f"manifest_{args.command}.json", json.dumps(record, indent=1))
+    args.started = record["started"]
+    return atomic_write_text(_manifest_path(args), json.dumps(record, indent=1))
 
 
 def _one_line(exc: BaseException) -> str:

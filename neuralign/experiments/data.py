@@ -836,7 +836,7 @@ class SourceData:
         One name per class.
     family : str
         Which augmentation and normalisation defaults apply: ``"cifar"``, ``"tinyimagenet"``, ``"mnist"``,
-        ``"digits"`` or ``"generic"``.
+        ``"digits"``, ``"imagefolder"`` or ``"generic"``.
     provenance : dict
         Where the data came from (source kind, path).
     """
@@ -873,6 +873,7 @@ _FAMILY_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "mnist": (MNIST_MEAN, MNIST_STD),
     "digits": None,  # computed from the training split at load time
     "generic": None,
+    "imagefolder": None,  # computed on a sample of the training split
 }
 _FAMILY_AUGMENTATION = {
     "cifar": "cifar",
@@ -880,6 +881,7 @@ _FAMILY_AUGMENTATION = {
     "mnist": "crop",
     "digits": "crop",
     "generic": "crop",
+    "imagefolder": "flip_crop",
 }
 
 
@@ -1170,7 +1172,9 @@ def _tinyimagenet_val_items(folder: Path, classes: Mapping[str, int]) -> list[tu
     return items
 
 
-def _decode_images(paths: Sequence[Path], origin: str) -> torch.Tensor:
+def _decode_images(paths: Sequence[Path], origin: str, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode RGB images into uint8 ``(N, 3, H, W)``; with ``size=(H, W)`` each is resized to it first (PIL's
+    antialiased bilinear), otherwise all must have the first image's size."""
     from PIL import Image, UnidentifiedImageError
 
     if not paths:
@@ -1180,7 +1184,10 @@ def _decode_images(paths: Sequence[Path], origin: str) -> torch.Tensor:
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                rgb = img.convert("RGB")
+                if size is not None and rgb.size != (size[1], size[0]):
+                    rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
+                array = np.asarray(rgb, dtype=np.uint8)
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"{origin}: could not decode {str(path)!r}: {exc}") from exc
         if out is None:
@@ -1335,8 +1342,87 @@ def reorganize_tinyimagenet_val(root: str | os.PathLike) -> Path:
     return val
 
 
+_IMAGEFOLDER_PREFIX = "imagefolder:"
+_SIZE_SAMPLE = 64
+_STATS_SAMPLE = 10000
+
+
+def _folder_items(split: Path, classes: Mapping[str, int] | None) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+    """``(path, label)`` of every image under ``split/<class>/`` (recursive, sorted like torchvision's
+    ``ImageFolder``) and the class names (sorted folder names, or the given ones)."""
+    if classes is None:
+        names = tuple(sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")))
+        if not names:
+            raise DataError(f"image folder {str(split)!r} has no class subfolders (expected {split}/<class>/*.png)")
+        classes = {name: i for i, name in enumerate(names)}
+    else:
+        extra = sorted(p.name for p in split.iterdir() if p.is_dir() and p.name not in classes)
+        if extra:
+            raise DataError(f"image folder {str(split)!r} has classes {extra[:3]} that train/ does not have")
+        names = tuple(classes)
+    items: list[tuple[Path, int]] = []
+    for name, label in classes.items():
+        folder = split / name
+        if folder.is_dir():
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS)
+            items.extend((p, label) for p in files)
+    if not items:
+        raise DataError(f"image folder {str(split)!r} holds no images ({', '.join(_IMAGE_EXTENSIONS)})")
+    return items, names
+
+
+def _common_size(paths: Sequence[Path], origin: str) -> tuple[tuple[int, int], int]:
+    """The most common ``(H, W)`` among up to 64 evenly spaced images, and how many were looked at."""
+    from PIL import Image, UnidentifiedImageError
+
+    step = max(1, len(paths) // _SIZE_SAMPLE)
+    sample = list(paths[::step][:_SIZE_SAMPLE])
+    sizes: dict[tuple[int, int], int] = {}
+    for path in sample:
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"{origin}: could not decode {str(path)!r}: {exc}") from exc
+        sizes[(h, w)] = sizes.get((h, w), 0) + 1
+    return max(sizes, key=lambda k: sizes[k]), len(sample)
+
+
+def _load_imagefolder(path: Path, size: Sequence[int] | None) -> SourceData:
+    """An ImageFolder layout: ``path/train/<class>/*`` and ``path/val/<class>/*`` (or ``test/``)."""
+    if not (path / "train").is_dir():
+        raise DataError(f"image folder {str(path)!r} has no train/ subfolder (expected train/<class>/ and "
+                        "val/<class>/ or test/<class>/)")  # fmt: skip
+    test_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
+    if test_dir is None:
+        raise DataError(f"image folder {str(path)!r} has no val/ or test/ subfolder")
+    train_items, names = _folder_items(path / "train", None)
+    test_items, _ = _folder_items(test_dir, {n: i for i, n in enumerate(names)})
+    if size is None:
+        image_size, sampled = _common_size([p for p, _ in train_items], str(path))
+        size_from = f"the most common size of {sampled} sampled training images"
+    else:
+        image_size = (int(size[0]), int(size[-1]))
+        size_from = "given"
+    origin = f"image folder {str(path)!r}"
+    x_train = _decode_images([p for p, _ in train_items], origin, image_size)
+    x_test = _decode_images([p for p, _ in test_items], origin, image_size)
+    return SourceData(
+        name=f"imagefolder:{path.name}", x_train=x_train,
+        y_train=torch.tensor([label for _, label in train_items], dtype=torch.int64), x_test=x_test,
+        y_test=torch.tensor([label for _, label in test_items], dtype=torch.int64), class_names=names,
+        family="imagefolder",
+        provenance={"source": "imagefolder", "path": str(path), "test_split": test_dir.name,
+                    "image_size_from": size_from},
+    )  # fmt: skip
+
+
 def load_source(
-    name_or_path: str | os.PathLike, *, root: str | os.PathLike | None = None, download: bool = False
+    name_or_path: str | os.PathLike,
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    image_size: Sequence[int] | None = None,
 ) -> SourceData:
     """Read a dataset into memory as uint8 ``(N, C, H, W)`` images and int64 labels (no transforms, no subsets).
 
@@ -1350,6 +1436,9 @@ def load_source(
         ``digits``.
     download : bool
         Let torchvision download CIFAR-10/100 or MNIST (or fetch Tiny ImageNet's zip) when it is missing.
+    image_size : (int, int) or (int,), optional
+        ``imagefolder:`` only: decode every image at this ``(H, W)`` (a single int: square); default the most
+        common size of 64 sampled training images.
 
     Returns
     -------
@@ -1367,6 +1456,11 @@ def load_source(
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"`name_or_path` must be a str or a path, got {type(name_or_path).__name__}")
     text = os.fspath(name_or_path)
+    if isinstance(name_or_path, str) and text.lower().startswith(_IMAGEFOLDER_PREFIX):
+        folder = Path(text[len(_IMAGEFOLDER_PREFIX) :]).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"no folder at {str(folder)!r} (from {text!r})")
+        return _load_imagefolder(folder, image_size)
     key = _canonical(text) if isinstance(name_or_path, str) and os.sep not in text else None
     if key is not None:
         base = Path(root).expanduser() if root is not None else _default_root()
@@ -1626,6 +1720,8 @@ def load_data(
     pin_memory: bool = False,
     drop_last: bool = False,
     interpolation: str = "nearest",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> DataBundle:
     """Load a dataset into memory and build the paper's ``train``, ``train_eval``, ``test`` and ``align`` loaders.
 
@@ -1653,6 +1749,12 @@ def load_data(
           named like a known dataset (``cifar10.npz``, ``mnist.npz``) gets that dataset's augmentation and
           statistics.
         - a folder path: a Tiny ImageNet layout.
+        - ``"imagefolder:PATH"``: torchvision's ``ImageFolder`` layout, ``PATH/train/<class>/*`` and
+          ``PATH/val/<class>/*`` (or ``PATH/test/``); classes are the sorted folder names of ``train/``, images
+          are decoded as RGB at ``resize`` (an int: square) or else at the most common size of 64 sampled
+          training images (others resized to it), recorded in ``describe()``; augmentation ``flip_crop``;
+          normalisation statistics computed on up to 10,000 training images unless ``mean`` and ``std`` are
+          given.
     root : path-like, optional
         Folder of the named datasets; default ``$NEURALIGN_DATA``, else ``./data``.
     download : bool
@@ -1701,6 +1803,8 @@ def load_data(
         Drop ``train``'s last incomplete batch.
     interpolation : {"nearest", "bilinear"}
         Sampling of the rotation/scale augmentation (torchvision's ``RandomAffine`` default is nearest).
+    mean, std : sequence of float, optional
+        Normalisation statistics (one per channel, in [0, 1] units) instead of the dataset's; both or neither.
 
     Returns
     -------
@@ -1756,20 +1860,38 @@ def load_data(
     sizes = _resize_arg(resize)
     gen = as_generator(generator)
 
-    source = load_source(name_or_path, root=root, download=download)
+    if (mean is None) != (std is None):
+        raise ValueError("give both `mean` and `std` or neither")
+    source = load_source(name_or_path, root=root, download=download, image_size=sizes)
     x_train, x_test = source.x_train, source.x_test
-    if sizes is not None:
+    if sizes is not None and source.family != "imagefolder":  # image folders are decoded at that size
         x_train, x_test = _resize_images(x_train, sizes), _resize_images(x_test, sizes)
     channels = int(x_train.shape[1])
     image_size = (int(x_train.shape[2]), int(x_train.shape[3]))
 
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    if normalize:
+    stats_from = "none (normalize=False)"
+    if normalize and mean is not None and std is not None:
+        given = (tuple(float(m) for m in mean), tuple(float(v) for v in std))
+        if len(given[0]) != channels or len(given[1]) != channels:
+            raise ValueError(f"`mean` and `std` need {channels} values (one per channel), got {mean!r} and {std!r}")
+        if not all(v > 0 for v in given[1]):
+            raise ValueError(f"`std` must be positive, got {std!r}")
+        mean, std = given
+        stats_from = "given"
+    elif normalize:
         stats = _FAMILY_STATS[source.family]
+        stats_from = "the dataset's constants"
         if stats is None or len(stats[0]) != channels:
-            stats = _channel_stats(x_train)
+            sample = x_train
+            if source.family == "imagefolder" and x_train.shape[0] > _STATS_SAMPLE:
+                gen_stats = torch.Generator().manual_seed(stable_seed("stats", subset_seed))
+                pick = torch.randperm(x_train.shape[0], generator=gen_stats)[:_STATS_SAMPLE]
+                sample = x_train[torch.sort(pick).values]
+            stats = _channel_stats(sample)
+            stats_from = f"computed on {sample.shape[0]} training images"
         mean, std = stats
+    else:
+        mean = std = None
     recipe = augmentation or _FAMILY_AUGMENTATION[source.family]
     train_tf = make_transform(
         recipe if augment else "none",
@@ -1807,6 +1929,7 @@ def load_data(
         "train_transform": repr(train_tf),
         "test_transform": repr(test_tf),
         "normalize": normalize,
+        "stats_from": stats_from,
         "resize": sizes,
         "subset": "stratified" if stratified else "first",
         "subset_seed": subset_seed,

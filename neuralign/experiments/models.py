@@ -38,6 +38,7 @@ References
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import math
@@ -47,6 +48,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from neuralign.errors import MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
@@ -891,14 +894,59 @@ def available_models() -> list[str]:
     return list(_MODELS)
 
 
+_PREFIXES = ("torchvision", "timm")
+
+
+def _external_factory(name: str) -> tuple[str, Callable[..., nn.Module]]:
+    """``(canonical name, factory(num_classes, **kwargs))`` of a ``torchvision:<name>`` or ``timm:<name>`` model."""
+    prefix, _, model = name.partition(":")
+    prefix = prefix.lower()
+    if prefix not in _PREFIXES or not model:
+        raise ValueError(
+            f"unknown model {name!r}; expected one of {available_models()}, torchvision:<name> or timm:<name>"
+        )
+    if prefix == "torchvision":
+        import torchvision.models
+
+        known = torchvision.models.list_models()
+        if model not in known:
+            close = difflib.get_close_matches(model, known, n=3)
+            hint = f"; did you mean {close}?" if close else "; see torchvision.models.list_models()"
+            raise ValueError(f"unknown torchvision model {model!r}{hint}")
+
+        def build(num_classes: int, **kwargs: Any) -> nn.Module:
+            return torchvision.models.get_model(model, weights=None, num_classes=num_classes, **kwargs)
+
+        return f"torchvision:{model}", build
+    try:
+        import timm
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"model {name!r} needs timm, which is not installed; install the extra: pip install 'neuralign[timm]'"
+        ) from exc
+    if not timm.is_model(model):
+        close = difflib.get_close_matches(model, timm.list_models(), n=3)
+        hint = f"; did you mean {close}?" if close else "; see timm.list_models()"
+        raise ValueError(f"unknown timm model {model!r}{hint}")
+
+    def build_timm(num_classes: int, **kwargs: Any) -> nn.Module:
+        return timm.create_model(model, pretrained=False, num_classes=num_classes, **kwargs)
+
+    return f"timm:{model}", build_timm
+
+
 def build_model(name: str, num_classes: int, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
-    """Build a model of the zoo by name, optionally with a seeded, RNG-neutral initialisation.
+    """Build a model of the zoo, of torchvision or of timm by name, optionally with a seeded, RNG-neutral
+    initialisation.
 
     Parameters
     ----------
     name : str
         One of :func:`available_models` (case-insensitive): ``tinyten``, ``resnet20``, ``resnet32``,
-        ``vgg11``, ``vgg16``, ``googlenet``, ``mlp``.
+        ``vgg11``, ``vgg16``, ``googlenet``, ``mlp``; or ``"torchvision:<name>"`` for any builder of
+        ``torchvision.models`` (``torchvision.models.list_models()``, built without pretrained weights), or
+        ``"timm:<name>"`` for any model of timm (``timm.list_models()``, ``pretrained=False``; needs the optional
+        extra ``neuralign[timm]``).
     num_classes : int
         Outputs of the classifier.
     seed : int or None
@@ -909,7 +957,9 @@ def build_model(name: str, num_classes: int, *, seed: int | None = None, **kwarg
     **kwargs
         Keyword arguments of the model: ``in_channels`` for every convolutional model; ``width`` for
         ``resnet*`` and ``vgg*``; ``batch_norm`` for ``vgg*`` and ``mlp``; ``aux_logits`` for ``googlenet``;
-        ``in_features`` (required), ``hidden`` and ``dropout`` for ``mlp``.
+        ``in_features`` (required), ``hidden`` and ``dropout`` for ``mlp``. For ``torchvision:`` and ``timm:``
+        models, any keyword argument of the builder (e.g. ``width_per_group`` for torchvision's
+        ``wide_resnet50_2``, ``in_chans`` for timm).
 
     Returns
     -------
@@ -919,10 +969,12 @@ def build_model(name: str, num_classes: int, *, seed: int | None = None, **kwarg
     Raises
     ------
     ValueError
-        Unknown ``name``, or a bad value of a model argument.
+        Unknown ``name`` (for torchvision and timm, with the closest names), or a bad value of a model argument.
     TypeError
         ``name`` is not a string, an argument the model does not take, a missing required argument, an
         argument of the wrong type, or a ``seed`` that is not an int.
+    MissingDependencyError
+        ``timm:<name>`` without timm installed (an :class:`ImportError` naming the extra ``neuralign[timm]``).
 
     Examples
     --------
@@ -932,31 +984,52 @@ def build_model(name: str, num_classes: int, *, seed: int | None = None, **kwarg
     True
     >>> build_model("mlp", 10, in_features=64, hidden=(16,)).fc.in_features
     16
+    >>> build_model("torchvision:resnet18", 7, seed=0).fc.out_features
+    7
     """
     if not isinstance(name, str):
         raise TypeError(f"`name` must be a str, got {type(name).__name__} {name!r}")
     key = name.lower()
-    if key not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {available_models()}")
-    factory = _MODELS[key]
-    params = inspect.signature(factory).parameters
-    accepted = [p for p in params if p != "num_classes"]
-    for arg in kwargs:
-        if arg not in accepted:
-            raise TypeError(
-                f"model {key!r} got an unexpected keyword argument {arg!r}; it accepts {accepted}"
-            )
-    for arg, p in params.items():
-        if arg != "num_classes" and p.default is inspect.Parameter.empty and arg not in kwargs:
-            raise TypeError(f"model {key!r} is missing the required keyword argument {arg!r}")
-    if seed is None:
-        return factory(num_classes=num_classes, **kwargs)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"`seed` must be an int or None, got {type(seed).__name__} {seed!r}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"`seed` must be in [0, 2**64), got {seed}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        model = factory(num_classes=num_classes, **kwargs)
+    if ":" in name:
+        key, factory = _external_factory(name)
+        external = True
+    elif key in _MODELS:
+        factory = _MODELS[key]
+        external = False
+    else:
+        raise ValueError(
+            f"unknown model {name!r}; expected one of {available_models()}, torchvision:<name> or timm:<name>"
+        )
+    if not external:
+        params = inspect.signature(factory).parameters
+        accepted = [p for p in params if p != "num_classes"]
+        for arg in kwargs:
+            if arg not in accepted:
+                raise TypeError(
+                    f"model {key!r} got an unexpected keyword argument {arg!r}; it accepts {accepted}"
+                )
+        for arg, p in params.items():
+            if arg != "num_classes" and p.default is inspect.Parameter.empty and arg not in kwargs:
+                raise TypeError(f"model {key!r} is missing the required keyword argument {arg!r}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"`seed` must be an int or None, got {type(seed).__name__} {seed!r}")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"`seed` must be in [0, 2**64), got {seed}")
+    try:
+        if seed is None:
+            return factory(num_classes=num_classes, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = factory(num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        if not external:
+            raise
+        raise TypeError(f"model {key!r}: {_first_line(exc)}") from exc
     logger.debug("built %s (%d classes) with seed %d", key, num_classes, seed)
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -27,8 +27,17 @@ import torch
 from torch import nn
 
 import neuralign
-from neuralign._utils import atomic_save, atomic_write_text, load_checkpoint, stable_seed
-from neuralign.alignment import align, apply_permutation, trace_spec
+from neuralign._utils import atomic_save, atomic_write_text, stable_seed
+from neuralign.alignment import (
+    PermutationFile,
+    align,
+    apply_permutation,
+    load_permutation_file,
+    save_permutation_file,
+    state_dict_hash,
+    state_dict_layout,
+    trace_spec,
+)
 from neuralign.curves import (
     Bezier,
     CurveEvaluation,
@@ -40,12 +49,13 @@ from neuralign.curves import (
     project_to_plane,
 )
 from neuralign.errors import CheckpointError, ConvergenceWarning
+from neuralign.experiments.checkpoints import load_endpoint
 from neuralign.experiments.data import DataBundle, load_data
 from neuralign.experiments.models import build_model
 from neuralign.experiments.training import train_model
 from neuralign.verification import verify_alignment
 
-__all__ = ["SETTINGS", "PRESETS", "StudyConfig", "run_study", "load_endpoint", "endpoint_model"]
+__all__ = ["SETTINGS", "PRESETS", "StudyConfig", "run_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +81,9 @@ class StudyConfig:
     ``verify_ts`` (held-out batches and times scoring every move), ``verify_local_search`` (swaps PAM tries per
     group), ``verify_random_starts``. ``settings``: which of :data:`SETTINGS` to fit.
     ``max_batches``: cut every epoch short (smoke tests only).
+    ``endpoints``: given end points instead of training them, ``2 * pairs`` files paired in order (any format
+    :func:`~neuralign.experiments.load_endpoint` reads: end points, plain or wrapped state dicts, safetensors;
+    plain files are read as ``arch`` with the dataset's number of classes); ``None`` trains them.
     """
 
     arch: str = "tinyten"
@@ -109,6 +122,7 @@ class StudyConfig:
     verify_random_starts: int = 1
     settings: tuple[str, ...] = SETTINGS
     max_batches: int | None = None
+    endpoints: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("pairs", "epochs", "curve_epochs", "pam_iters", "num_points", "batch_size"):
@@ -121,6 +135,11 @@ class StudyConfig:
         object.__setattr__(self, "settings", tuple(s for s in SETTINGS if s in self.settings))
         if self.hidden is not None:
             object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.endpoints is not None:
+            given = tuple(str(p) for p in self.endpoints)
+            if len(given) != 2 * self.pairs:
+                raise ValueError(f"`endpoints` must name 2 * pairs = {2 * self.pairs} files, got {len(given)}")
+            object.__setattr__(self, "endpoints", given)
         ts = self.verify_ts if isinstance(self.verify_ts, (tuple, list)) else (self.verify_ts,)
         object.__setattr__(self, "verify_ts", tuple(float(t) for t in ts))
 
@@ -137,12 +156,13 @@ class StudyConfig:
         out["settings"] = list(self.settings)
         out["hidden"] = None if self.hidden is None else list(self.hidden)
         out["verify_ts"] = list(self.verify_ts)
+        out["endpoints"] = None if self.endpoints is None else list(self.endpoints)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StudyConfig:
         data = dict(data)
-        for key in ("settings", "hidden", "verify_ts"):
+        for key in ("settings", "hidden", "verify_ts", "endpoints"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls().replace(**data)
@@ -183,6 +203,8 @@ def _versions() -> dict[str, str]:
 
 def _model_kwargs(config: StudyConfig, data: DataBundle) -> dict[str, Any]:
     arch = config.arch.lower()
+    if ":" in arch:  # torchvision:<name>, timm:<name>: their builders' own defaults
+        return {}
     if arch == "mlp":
         h, w = data.image_size
         kw: dict[str, Any] = {"in_features": data.in_channels * h * w, "batch_norm": True}
@@ -193,30 +215,6 @@ def _model_kwargs(config: StudyConfig, data: DataBundle) -> dict[str, Any]:
     if config.width is not None:
         kw["width"] = config.width
     return kw
-
-
-def endpoint_model(arch: str, num_classes: int, model_kwargs: Mapping[str, Any]) -> nn.Module:
-    """An untrained model of the architecture an end point was trained with."""
-    return build_model(arch, num_classes, **dict(model_kwargs))
-
-
-def load_endpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load an end point written by :func:`run_study` or ``neuralign train``: the model (with its weights) and the
-    checkpoint's metadata (``arch``, ``num_classes``, ``model_kwargs``, ``seed``, ``history``, ``test``).
-
-    Raises
-    ------
-    CheckpointError
-        If the file is not an end point or its weights do not fit the recorded architecture.
-    """
-    state = load_checkpoint(path, kind="endpoint", required=("arch", "num_classes", "model_kwargs", "state_dict"),
-                            map_location=map_location)  # fmt: skip
-    model = endpoint_model(state["arch"], int(state["num_classes"]), state["model_kwargs"])
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"end point {str(path)!r} does not fit architecture {state['arch']!r}: {exc}") from exc
-    return model.eval(), {k: v for k, v in state.items() if k != "state_dict"}
 
 
 def _params(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -279,6 +277,14 @@ class _Study:
     # ------------------------------------------------------------------ stages
     def endpoint(self, seed: int) -> tuple[nn.Module, dict]:
         c = self.config
+        if c.endpoints is not None:
+            model, meta = load_endpoint(c.endpoints[seed - 1], arch=c.arch, num_classes=self.data.num_classes,
+                                        model_kwargs=_model_kwargs(c, self.data))  # fmt: skip
+            model = model.to(self.device)
+            if "test" not in meta:
+                test_loss, test_acc = evaluate_model(model, self.data.test)
+                meta["test"] = {"test_loss": test_loss, "test_acc": test_acc}
+            return model, meta
         path = self.out / "endpoints" / f"seed{seed}.pt"
         if path.exists():
             model, meta = load_endpoint(path)
@@ -308,21 +314,33 @@ class _Study:
         self.done(f"endpoint {seed}")
         return model, meta
 
+    def source(self, seed: int) -> str:
+        if self.config.endpoints is not None:
+            return self.config.endpoints[seed - 1]
+        return f"endpoints/seed{seed}.pt"
+
     def alignment(self, k: int, a: nn.Module, b: nn.Module) -> dict[str, Any]:
         path = self.out / f"pair{k}" / "alignment.pt"
-        if path.exists():
-            return load_checkpoint(path, kind="alignment", required=("perms", "correlation_before"))
-        self.emit(stage="align", label=f"pair {k}", step=0, total=1)
-        res = align(a, b, self.data.align)
-        out = {
-            "kind": "alignment", "method": res.method, "perms": res.perms, "spec": res.spec.to_dict(),
-            "groups": res.spec.groups, "sizes": res.spec.sizes, "correlation_before": res.correlation_before,
-            "correlation_after": res.correlation_after,
-        }  # fmt: skip
-        atomic_save(out, path)
-        self.emit(stage="align", label=f"pair {k}", step=1, total=1)
-        self.done(f"pair {k} alignment")
-        return out
+        if not path.exists():
+            self.emit(stage="align", label=f"pair {k}", step=0, total=1)
+            res = align(a, b, self.data.align)
+            record = PermutationFile(
+                perms={g: p.cpu() for g, p in res.perms.items()}, spec=res.spec, method=res.method,
+                settings={"data": self.config.dataset, "align_images": len(self.data.align.dataset)},
+                model_a={"hash": state_dict_hash(a.state_dict()), "source": self.source(2 * k - 1),
+                         "layout": state_dict_layout(a.state_dict())},
+                model_b={"hash": state_dict_hash(b.state_dict()), "source": self.source(2 * k),
+                         "layout": state_dict_layout(b.state_dict())},
+                arch=self.config.arch,
+                results={"correlation_before": res.correlation_before, "correlation_after": res.correlation_after},
+            )  # fmt: skip
+            save_permutation_file(path, record)
+            self.emit(stage="align", label=f"pair {k}", step=1, total=1)
+            self.done(f"pair {k} alignment")
+        record = load_permutation_file(path)
+        record.check_pair(arch=self.config.arch, hash_a=state_dict_hash(a.state_dict()),
+                          hash_b=state_dict_hash(b.state_dict()))  # fmt: skip
+        return {"perms": record.perms, "groups": record.spec.groups, "sizes": record.spec.sizes, **record.results}
 
     def curve(self, k: int, setting: str, a: nn.Module, sd_a: dict, sd_b: dict, perms: dict, spec) -> tuple:
         c = self.config

@@ -18,7 +18,7 @@ DATA = ["--data", "digits", "--resize", "16", "--train-size", "256", "--test-siz
 
 def test_every_command_has_help_that_explains_its_options(capsys):
     parser = build_parser()
-    commands = ["demo", "study", "train", "align", "curve", "pam", "verify", "evaluate"]
+    commands = ["demo", "study", "train", "align", "apply", "curve", "pam", "verify", "evaluate"]
     for cmd in commands:
         with pytest.raises(SystemExit) as info:
             parser.parse_args([cmd, "--help"])
