@@ -6,6 +6,8 @@ A permutation is ``dict[str, torch.LongTensor]``: group -> ``perm`` with ``B_new
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -111,6 +113,9 @@ def apply_permutation(
 ) -> dict[str, torch.Tensor]:
     """A new state dict in which every axis the spec names is permuted; the input is untouched.
 
+    The result is an ``OrderedDict`` in the input's key order and keeps its ``_metadata`` (module versions), so
+    that ``model.load_state_dict`` reads it as it reads ``model.state_dict()``.
+
     .. math::  W' = P_{\\text{out}} \\, W \\, P_{\\text{in}}^\\top, \\qquad b' = P_{\\text{out}} b
 
     for every layer, with ``P_g[i, perm_g[i]] = 1``; batch-norm weights, biases and running statistics follow
@@ -143,7 +148,10 @@ def apply_permutation(
     """
     spec.validate(state_dict)
     validate_permutation(spec, perms)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = OrderedDict()
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # module versions, read by load_state_dict (e.g. torchvision's MNASNet)
+        out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
     for key, value in state_dict.items():
         per_axis = spec.axes.get(key)
         if not per_axis:

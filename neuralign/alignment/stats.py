@@ -336,7 +336,7 @@ def activation_moments(
     if spec is None:
         spec, gm = _trace_graph(model_a, prepare(_first_input(first)))
     else:
-        gm = _fx_graph(model_a, train=False)
+        gm = _fx_graph(model_a, train=False, grad=False)
     present = {n.name for n in gm.graph.nodes}
     absent = {t.node for ts in spec.taps.values() for t in ts if t.node not in present}
     if absent:

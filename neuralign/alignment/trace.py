@@ -575,7 +575,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
         known = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
                  nn.Embedding, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Flatten, nn.Unflatten,
                  *_ACTIVATION_MODULES, *_PASS_MODULES, *_SPATIAL_MODULES)  # fmt: skip
-        if not isinstance(m, known):
+        if not isinstance(m, known) or not _genuine_forward(m):
             return self._unknown(n, value)
         self._account(n, [x_node])
         if isinstance(m, nn.Linear):
@@ -1310,6 +1310,16 @@ class _SpecInterpreter(torch.fx.Interpreter):
         return tuple(out)
 
 
+def _genuine_forward(m: nn.Module) -> bool:
+    """Whether ``m`` runs the forward of a torch.nn class itself (a subclass that overrides forward, or one that
+    only claims a torch.nn module path to be a leaf of the fx trace, is not covered by the rule for its base)."""
+    import sys
+
+    owner = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+    home = sys.modules.get(owner.__module__)
+    return owner.__module__.startswith("torch.nn.") and getattr(home, owner.__name__, None) is owner
+
+
 def _hashable(obj: Any) -> bool:
     try:
         hash(obj)
@@ -1330,10 +1340,10 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 def _trace_graph(
     model: nn.Module, example_input: Any, *, on_unsupported: str = "raise"
 ) -> tuple[PermutationSpec, torch.fx.GraphModule]:
-    """Trace ``model`` in train mode and in eval mode and merge the two traces into one spec.
+    """Trace ``model`` in train and eval mode, each with and without gradients, into one spec.
 
-    Returns the spec and the eval-mode GraphModule, whose node names the spec's taps refer to (alignment reads
-    activations in eval mode). Groups that exist only in the train-mode graph (e.g. auxiliary heads) have no tap.
+    Returns the spec and the eval-mode, no-grad GraphModule, whose node names the spec's taps refer to (alignment
+    reads activations there). Groups that exist only in other graphs (e.g. auxiliary heads) have no tap.
     """
     if on_unsupported not in ("raise", "fix"):
         raise ValueError(f"unknown on_unsupported '{on_unsupported}'; expected one of ['raise', 'fix']")
@@ -1344,21 +1354,22 @@ def _trace_graph(
     inputs = tuple(i.to(device) if isinstance(i, torch.Tensor) else i for i in inputs)
     aliases = _aliases(model)
     shared = None
-    for train in (True, False):
-        gm = _fx_graph(model, train=train)
-        interp = _SpecInterpreter(gm, shared, on_unsupported=on_unsupported, taps=not train, aliases=aliases)
+    # every mode a network runs in: training (grad), batch-norm re-estimation (train, no grad), evaluation with and
+    # without grad; the last is the graph alignment reads activations from, so it records the taps
+    for train, grad in ((True, True), (True, False), (False, True), (False, False)):
+        gm = _fx_graph(model, train=train, grad=grad)
+        last = not train and not grad
+        interp = _SpecInterpreter(gm, shared, on_unsupported=on_unsupported, taps=last, aliases=aliases)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # train-mode dropout must not move the user's RNG
             try:
                 interp.run(*inputs)
             except SpecError:
                 raise
-            except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:
-                shapes = [tuple(i.shape) for i in inputs if isinstance(i, torch.Tensor)]
+            except (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError) as exc:
                 where = f" at fx node `{interp.node.name}`" if interp.node is not None else ""
                 raise SpecError(
-                    f"{type(model).__name__} could not run on `example_input` of shape {', '.join(map(str, shapes))} "
-                    f"in {'train' if train else 'eval'} mode{where}: "
-                    f"{(str(exc).splitlines() or [type(exc).__name__])[0]}"
+                    f"{type(model).__name__} could not run on `example_input` of shape {_describe(inputs)} "
+                    f"in {'train' if train else 'eval'} mode{where}: {_first_line(exc)}"
                 ) from exc
         shared = shared or interp
     spec = _build_spec(shared, interp.taps, aliases, model)
@@ -1366,22 +1377,62 @@ def _trace_graph(
     return spec, gm
 
 
-def _fx_graph(model: nn.Module, *, train: bool) -> torch.fx.GraphModule:
-    """``torch.fx.symbolic_trace`` of a copy of ``model`` in train or eval mode (branches on ``self.training`` are
-    resolved at trace time, so the two graphs can differ). Raises SpecError when fx cannot trace the model."""
+def _check_traceable(model: nn.Module) -> None:
+    """Refuse what a torch.fx graph cannot show: forward hooks (module-level or global; pruning and old-style weight
+    norm are pre-hooks) and parametrizations (the weight is computed in forward, outside the state dict's name)."""
+    from torch.nn.modules import module as _module
+    from torch.nn.utils import parametrize
+
+    for kind in ("_global_forward_hooks", "_global_forward_pre_hooks"):
+        if getattr(_module, kind, None):
+            raise SpecError(
+                "global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook or "
+                "..._pre_hook); the traced graph would not contain them: remove them before tracing"
+            )
+    for name, m in model.named_modules():
+        where = f"module `{name}`" if name else f"the model ({type(m).__name__})"
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise SpecError(
+                f"{where} has forward hooks (pruning and torch.nn.utils.weight_norm add them too); the traced graph "
+                "would not contain them: remove them (e.g. torch.nn.utils.prune.remove) before tracing"
+            )
+        if parametrize.is_parametrized(m):
+            raise SpecError(
+                f"{where} is parametrized (e.g. weight_norm or spectral_norm): its weights are computed in forward; "
+                "remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) before tracing"
+            )
+
+
+def _fx_graph(model: nn.Module, *, train: bool, grad: bool | None = None) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace`` of a copy of ``model`` in train or eval mode, with gradients enabled or not
+    (default: enabled in train mode only). Branches on ``self.training`` or ``torch.is_grad_enabled()`` are resolved
+    at trace time, so the graphs can differ. Raises SpecError when the model cannot be copied or traced."""
     import copy
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    work = copy.deepcopy(model).train(train)
+    _check_traceable(model)
     try:
-        gm = torch.fx.symbolic_trace(work)
+        work = copy.deepcopy(model).train(train)
+    except Exception as exc:
+        raise SpecError(f"could not copy {type(model).__name__} to trace it: {_first_line(exc)}") from exc
+    try:
+        with torch.set_grad_enabled(train if grad is None else grad):
+            gm = torch.fx.symbolic_trace(work)
     except Exception as exc:
         raise SpecError(
-            f"torch.fx could not trace {type(model).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}. "
+            f"torch.fx could not trace {type(model).__name__}: {_first_line(exc)}. "
             "Build the spec by hand with neuralign.alignment.SpecBuilder."
         ) from exc
     return gm.train(train)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _describe(inputs: tuple) -> str:
+    return ", ".join(str(tuple(i.shape)) if isinstance(i, torch.Tensor) else type(i).__name__ for i in inputs)
 
 
 def _build_spec(interp: _SpecInterpreter, taps: list, aliases: dict[str, str], model: nn.Module) -> PermutationSpec:
@@ -1412,7 +1463,10 @@ def _build_spec(interp: _SpecInterpreter, taps: list, aliases: dict[str, str], m
         segs = resolve(action)
         if segs is not None:
             if key not in aliases:
-                raise SpecError(f"traced tensor `{key}` is not in the model's state dict")
+                raise SpecError(
+                    f"traced tensor `{key}` is not in the model's state dict (a weight computed in forward, e.g. by a "
+                    "parametrization, cannot be permuted through its state)"
+                )
             for alias, canonical in aliases.items():
                 if canonical == key:
                     axes.setdefault(alias, {})[axis] = segs

@@ -131,3 +131,16 @@ def test_validate_names_the_group():
 def test_compose_rejects_different_groups():
     with pytest.raises(ValueError, match="different groups"):
         compose_permutations({"a": torch.arange(3)}, {"b": torch.arange(3)})
+
+
+def test_permuted_state_dict_keeps_metadata_so_versioned_modules_load():
+    torchvision = pytest.importorskip("torchvision")
+    from neuralign import trace_spec
+
+    torch.manual_seed(0)
+    model = torchvision.models.mnasnet0_5(weights=None, num_classes=10)  # its BN layers read `version`
+    spec = trace_spec(model, torch.randn(2, 3, 32, 32))
+    state = model.state_dict()
+    permuted = apply_permutation(state, spec, random_permutation(spec, generator=0))
+    assert list(permuted) == list(state) and permuted._metadata == state._metadata
+    torchvision.models.mnasnet0_5(weights=None, num_classes=10).load_state_dict(permuted)  # raised ValueError

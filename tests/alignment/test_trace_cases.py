@@ -11,6 +11,7 @@ from torch import nn
 
 from neuralign import align, apply_permutation, fit_curve, trace_spec
 from neuralign.alignment import PermutationSpec, invert_permutation, random_permutation
+from neuralign.errors import SpecError
 from neuralign.verification import check_equivalence
 
 
@@ -188,3 +189,89 @@ def test_tied_parameters_share_one_group_and_work_everywhere():
     broken["head.weight"] = broken["head.weight"] + 1
     with pytest.raises(Exception, match="tied parameters `emb.weight` and `head.weight` different values"):
         fit_curve(model, model.state_dict(), broken, [(x, y)], epochs=1)
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_forward_hooks_pruning_and_parametrizations_are_refused():
+    import torch.nn.utils.parametrizations as parametrizations
+    import torch.nn.utils.prune as prune
+
+    x = torch.randn(4, 6)
+    net = _mlp()
+    handle = net[0].register_forward_hook(lambda mod, inp, out: out * torch.linspace(0.1, 2.0, 8))
+    with pytest.raises(SpecError, match=r"module `0` has forward hooks"):
+        trace_spec(net, x)  # the hook rescales units: a spec ignoring it changed the function by 0.45
+    handle.remove()
+    handle = net[2].register_forward_pre_hook(lambda mod, inp: (inp[0].roll(1, dims=1),))
+    with pytest.raises(SpecError, match=r"module `2` has forward hooks"):
+        trace_spec(net, x)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, inp, out: out)
+    try:
+        with pytest.raises(SpecError, match="global forward hooks"):
+            trace_spec(net, x)
+    finally:
+        handle.remove()
+    prune.l1_unstructured(net[0], "weight", 0.5)  # crashed in deepcopy with a raw traceback
+    with pytest.raises(SpecError, match=r"prune.remove"):
+        trace_spec(net, x)
+    prune.remove(net[0], "weight")
+    parametrizations.weight_norm(net[2])
+    with pytest.raises(SpecError, match=r"module `2` is parametrized"):
+        trace_spec(net, x)
+
+
+class _Disguised(nn.Linear):
+    """A Linear whose forward differs, claiming a torch.nn path so that torch.fx keeps it as a leaf."""
+
+    def forward(self, x):
+        return super().forward(x) * torch.linspace(0.5, 1.5, self.out_features)
+
+
+_Disguised.__module__ = "torch.nn.modules.linear"
+
+
+def test_a_leaf_module_with_its_own_forward_is_not_taken_for_its_base():
+    torch.manual_seed(0)
+    first = nn.Sequential(_Disguised(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(4, 6)
+    spec = trace_spec(first, x)  # was traced as a plain Linear: the function changed by 0.59
+    assert spec.groups == []  # an opaque module on the input: its units are simply not permuted
+    assert check_equivalence(first, spec, x, generator=0).passed
+    second = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), _Disguised(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(SpecError, match=r"fx node `_2` \(call_module _Disguised\)"):
+        trace_spec(second, x)  # it reads permuted units
+
+
+class _GradBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.c = nn.Linear(8, 3)
+        self.register_buffer("scale", torch.linspace(0.1, 2.0, 8))
+
+    def forward(self, x):
+        h = self.a(x).relu()
+        if not torch.is_grad_enabled():  # inference-only path
+            h = h * self.scale
+        return self.c(h)
+
+
+def test_branches_on_grad_mode_are_traced():
+    torch.manual_seed(0)
+    net = _GradBranch()
+    x = torch.randn(4, 6)
+    spec = trace_spec(net, x)
+    assert ("scale", 0) in spec.perm_to_axes["a"]  # was missing: wrong under torch.no_grad() by 0.60
+    b, _ = _planted(net, spec, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), net(x), rtol=0, atol=1e-5)
+
+
+def test_non_tensor_example_inputs_are_described():
+    with pytest.raises(SpecError, match=r"of shape dict in train mode"):
+        trace_spec(_mlp(), {"x": torch.randn(4, 6)})
