@@ -19,8 +19,26 @@ def test_readme_tour_runs(capsys):
     assert "Verification of an alignment" in out
 
 
-def test_readme_solver_snippet_runs(monkeypatch, capsys):
-    folder = shared_data("qaplib")
-    monkeypatch.chdir(folder)
+def test_readme_solver_snippet_runs_on_the_shipped_instance(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing from the working folder or ../shared/data is needed
     exec(compile(_python_blocks()[1], "README.md", "exec"), {})
     assert float(capsys.readouterr().out.strip()) == 11156.0  # chr12c's known optimum
+
+
+def test_shipped_qaplib_instances_are_the_shared_copies_byte_for_byte():
+    from neuralign.optim import qaplib_path
+
+    folder = shared_data("qaplib")
+    for name in ("chr12c", "nug12"):
+        for solution in (False, True):
+            shipped = qaplib_path(name, solution=solution)
+            assert shipped.read_bytes() == (folder / shipped.name).read_bytes()
+    assert "Burkard" in (qaplib_path("chr12c").parent / "QAPLIB.md").read_text()
+
+
+def test_readme_links_work_on_a_package_index_page():
+    """PyPI renders the README without the repository: every link and image must be absolute."""
+    targets = re.findall(r"\]\(([^)]+)\)", README.read_text())
+    assert targets, "the README has no links to check"
+    relative = [t for t in targets if not t.startswith(("https://", "http://", "#"))]
+    assert relative == []

@@ -62,6 +62,12 @@ class _Bars:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _version() -> str:
+    import neuralign
+
+    return neuralign.__version__
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -382,6 +388,15 @@ def _add_pair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-b", required=True, help="end point B, of the same architecture")
 
 
+def _study_settings() -> str:
+    """The names of every study setting, read from :class:`StudyConfig` so that the help cannot drift from it."""
+    import dataclasses
+
+    from neuralign.experiments.study import StudyConfig
+
+    return ", ".join(f.name for f in dataclasses.fields(StudyConfig))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``neuralign`` (also ``python -m neuralign``)."""
     parser = argparse.ArgumentParser(
@@ -389,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Neuron alignment and mode connectivity (Tatro et al., NeurIPS 2020): train networks, align "
         "them, fit curves between them (plain, aligned, PAM), verify the alignment and report.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the version of neuralign and exit")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="offline end-to-end study on the shipped digits (a few minutes on a CPU)",
@@ -404,11 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Table 1 (Unaligned, PAM Unaligned, PAM Aligned, Aligned), evaluate them along t with batch "
                        "norm re-estimated, verify the alignment, and write results.json, report.md and figures. "
                        "Presets: paper (the paper's settings, for GPUs), cpu (TinyTen on CIFAR-10 in about an hour "
-                       "on 2 cores), demo. Any setting can be overridden with --set KEY=VALUE (settings: arch, "
-                       "dataset, pairs, seed, width, hidden, batch_size, train_size, test_size, align_size, resize, "
-                       "epochs, lr, weight_decay, curve_epochs, curve_lr, curve_weight_decay, pam_iters, pam_lam, "
-                       "pam_method, pam_local_search, pam_gradient_batches, num_points, bn_batches, plane_grid, "
-                       "verify, verify_iters, verify_swaps, settings, max_batches).")  # fmt: skip
+                       "on 2 cores), demo. Any setting can be overridden with --set KEY=VALUE (settings: "
+                       f"{_study_settings()}).")  # fmt: skip
     _add_common(p, out="neuralign-study")
     p.add_argument("--preset", choices=["paper", "cpu", "demo"], default="cpu", help="starting settings (default: cpu)")
     p.add_argument("--arch", default=None, help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp")

@@ -29,6 +29,23 @@ def test_every_command_has_help_that_explains_its_options(capsys):
             assert action.help, f"{cmd} {action.option_strings} has no help"
 
 
+def test_version_and_study_settings_in_help_come_from_the_code(capsys):
+    import dataclasses
+
+    import neuralign
+    from neuralign.experiments.study import StudyConfig
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"neuralign {neuralign.__version__}"
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = text.split("(settings: ", 1)[1].split(")", 1)[0].split(", ")
+    assert listed == [f.name for f in dataclasses.fields(StudyConfig)]
+    assert {"verify_ts", "verify_batches", "verify_local_search", "verify_random_starts"} <= set(listed)
+
+
 def test_python_m_neuralign_runs_the_same_command_line():
     out = subprocess.run([sys.executable, "-m", "neuralign", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout and "study" in out.stdout
