@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,56 @@ def _params(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     return {k: v for k, v in state.items() if k in names}
 
 
+def _finished(what: str, path: Path, args: argparse.Namespace, options: dict[str, Any],
+              recorded: dict[str, Any] | None, leftovers: Sequence[Path] = ()) -> bool:
+    """Whether ``path`` (the final output of ``what``) is already there and is kept: then one line says so.
+
+    With ``--force`` the output and its ``leftovers`` (checkpoints) are removed so that the command starts over. An
+    output made with other options than ``options`` (those it ``recorded``) is refused in one line.
+    """
+    if args.force:
+        for stale in (path, *leftovers):
+            stale.unlink(missing_ok=True)
+        return False
+    if not path.exists():
+        return False
+    differ = [key for key, value in options.items() if recorded is not None and key in recorded
+              and recorded[key] != value]  # fmt: skip
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {recorded[k]!r} (now {options[k]!r})" for k in differ)
+        raise ValueError(f"{path} was made with other options: {shown}; --force redoes it, or choose another --out")
+    print(f"{what} already done: {path}; --force redoes it", file=sys.stderr)
+    return True
+
+
+def _check_image_size(model: torch.nn.Module, data, args: argparse.Namespace) -> None:
+    """Refuse, in one line, data whose images the architecture cannot take (e.g. 8x8 digits for TinyTen)."""
+    from neuralign.experiments.models import smallest_input_size
+
+    h, w = data.image_size
+    need = smallest_input_size(model, data.in_channels, (h, w))
+    if need is None:
+        return
+    if need == 0:
+        raise ValueError(f"--arch {args.arch} cannot take the {h}x{w} images of --data {args.data} at any size up "
+                         "to 256; choose another --arch")  # fmt: skip
+    raise ValueError(f"--arch {args.arch} needs images of at least {need}x{need} but --data {args.data} has {h}x{w}; "
+                     f"add --resize {need} (or larger) to resize them")  # fmt: skip
+
+
+def _announce_resume(what: str, checkpoint: Path, key: str, total: int, unit: str = "epoch") -> None:
+    """One line when ``what`` resumes from ``checkpoint`` (whose ``key`` counts the finished epochs)."""
+    if checkpoint.exists():
+        done = load_checkpoint(checkpoint).get(key)
+        if key == "pam":
+            done = done.get("n_iter") if isinstance(done, dict) else None
+        print(f"resuming {what} from {unit} {done} of {total} ({checkpoint})", file=sys.stderr)
+
+
+def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names}
+
+
 def _spec(model: torch.nn.Module, data) -> Any:
     from neuralign.alignment import trace_spec
 
@@ -182,12 +233,19 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.experiments.training import train_model
 
     device = _device(args.device)
+    out = Path(args.out)
+    path = out / f"{args.arch}_seed{args.seed}.pt"
+    options = _options(args, "arch", "width", "seed", "epochs", "lr", "weight_decay", "data", "resize",
+                       "train_size", "batch_size")  # fmt: skip
+    recorded = load_checkpoint(path, kind="endpoint").get("options") if path.exists() and not args.force else None
+    if _finished("train", path, args, options, recorded, leftovers=[path.with_suffix(".ckpt")]):
+        return [path]
     data = _data(args)
     config = StudyConfig(arch=args.arch, width=args.width)
     kwargs = _model_kwargs(config, data)
     model = build_model(args.arch, data.num_classes, seed=args.seed, **kwargs).to(device)
-    out = Path(args.out)
-    path = out / f"{args.arch}_seed{args.seed}.pt"
+    _check_image_size(model, data, args)
+    _announce_resume("train", path.with_suffix(".ckpt"), "epoch", args.epochs)
 
     def on_epoch(record):
         bars({"stage": "train", "label": path.stem, "step": record["epoch"], "total": args.epochs, "record": record})
@@ -199,7 +257,8 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     atomic_save({
         "kind": "endpoint", "arch": args.arch, "num_classes": data.num_classes, "model_kwargs": kwargs,
         "seed": args.seed, "history": res.history, "test": {"test_loss": test_loss, "test_acc": test_acc},
-        "dataset": data.describe(), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "dataset": data.describe(), "options": options,
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
     }, path)  # fmt: skip
     path.with_suffix(".ckpt").unlink(missing_ok=True)
     print(f"test accuracy {test_acc:.4f}, loss {test_loss:.4f}", file=sys.stderr)
@@ -244,13 +303,21 @@ def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.curves import fit_curve
 
     device = _device(args.device)
+    out = Path(args.out)
+    options = _options(args, "model_a", "model_b", "perms", "curve", "epochs", "lr", "weight_decay", "seed", "data",
+                       "resize", "train_size", "batch_size")  # fmt: skip
+    recorded = None
+    if (out / "curve.json").exists() and (out / "curve.pt").exists() and not args.force:
+        recorded = json.loads((out / "curve.json").read_text()).get("options")
+    if _finished("curve", out / "curve.pt", args, options, recorded, leftovers=[out / "curve.ckpt"]):
+        return [out / "curve.pt", out / "curve.json"]
     a, b, _ = _endpoints(args, device)
     data = _data(args)
     sd_b = _state(b)
     if args.perms:
         spec = _spec(a, data)
         sd_b = apply_permutation(sd_b, spec.restrict(sd_b), _load_alignment(args.perms)["perms"])
-    out = Path(args.out)
+    _announce_resume("curve", out / "curve.ckpt", "epoch", args.epochs)
 
     def on_epoch(record):
         bars({"stage": "curve", "label": args.curve, "step": record["epoch"] + 1, "total": args.epochs,
@@ -259,9 +326,10 @@ def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     res = fit_curve(a, _params(a, _state(a)), _params(a, sd_b), data.train, curve=args.curve, epochs=args.epochs,
                     optimizer=_optimizer(args.lr), weight_decay=args.weight_decay, generator=args.seed,
                     callback=on_epoch, checkpoint=out / "curve.ckpt")  # fmt: skip
-    res.curve.save(out / "curve.pt")
+    p2 = atomic_write_text(out / "curve.json", json.dumps({"history": res.history, "message": res.message,
+                                                           "options": options}, indent=1))  # fmt: skip
+    res.curve.save(out / "curve.pt")  # last: its presence marks the command as done
     (out / "curve.ckpt").unlink(missing_ok=True)
-    p2 = atomic_write_text(out / "curve.json", json.dumps({"history": res.history, "message": res.message}, indent=1))
     return [out / "curve.pt", p2]
 
 
@@ -269,13 +337,23 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.curves import fit_curve_pam
 
     device = _device(args.device)
+    out = Path(args.out)
+    options = _options(args, "model_a", "model_b", "init", "method", "lam", "iters", "epochs", "local_search", "lr",
+                       "weight_decay", "seed", "data", "resize", "train_size", "batch_size")  # fmt: skip
+    recorded = None
+    if (out / "pam.json").exists() and not args.force:
+        recorded = json.loads((out / "pam.json").read_text()).get("options")
+    ckpt = out / "pam.ckpt"
+    leftovers = [out / "curve.pt", out / "perms.pt", ckpt, ckpt.with_name(ckpt.name + ".xstep")]
+    if _finished("pam", out / "pam.json", args, options, recorded, leftovers=leftovers):
+        return [out / "curve.pt", out / "perms.pt", out / "pam.json"]
     a, b, _ = _endpoints(args, device)
     data = _data(args)
     init: Any = args.init
     if init not in ("identity", "alignment"):
         init = _load_alignment(init)["perms"]
-    out = Path(args.out)
     total = args.iters * args.epochs
+    _announce_resume("pam", ckpt, "pam", args.iters, unit="iteration")
 
     def on_event(record):
         if record["stage"] == "x-epoch":
@@ -293,7 +371,8 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     p2 = atomic_save({"kind": "alignment", "method": f"pam-{args.method}", "perms": res.perms,
                       "spec": res.spec.to_dict()}, out / "perms.pt")  # fmt: skip
     summary = {"objective": res.history, "changed": res.changed, "backtracks": res.backtracks,
-               "status": res.status, "message": res.message, "curve_history": res.curve_history}  # fmt: skip
+               "status": res.status, "message": res.message, "curve_history": res.curve_history,
+               "options": options}  # fmt: skip
     p3 = atomic_write_text(out / "pam.json", json.dumps(summary, indent=1, default=str))
     return [out / "curve.pt", p2, p3]
 
@@ -364,6 +443,12 @@ def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="log the library's progress messages")
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="start over even if --out holds the finished result (without it, a rerun prints one line "
+                        "and skips a finished result, and resumes an interrupted one from its checkpoint)")  # fmt: skip
 
 
 def _add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -448,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
     p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+    _add_force(p)
 
     p = sub.add_parser("align", help="align end point B to A",
                        description="Find the permutation of B's hidden units that matches A's: correlation of "
@@ -467,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--perms", default=None, help="alignment.pt to apply to B first (an aligned curve)")
     p.add_argument("--curve", choices=["bezier", "polychain"], default="bezier", help="family (default: bezier)")
+    _add_force(p)
     p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
     p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on w(t) (default: 5e-4)")
@@ -483,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=1, help="outer iterations (default: 1)")
     p.add_argument("--epochs", type=int, default=250, help="curve epochs per x-step (default: 250)")
     p.add_argument("--local-search", type=int, default=0, help="swaps tried per group after each P-step")
+    _add_force(p)
     p.add_argument("--lr", type=float, default=0.1, help="curve learning rate (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on w(t) (default: 5e-4)")
 
@@ -541,13 +629,39 @@ def _write_manifest(args: argparse.Namespace) -> Path:
         "threads": torch.get_num_threads(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    return atomic_write_text(Path(args.out) / f"manifest_{args.command}.json", json.dumps(record, indent=1))
+    name = f"manifest_{args.command}.json"
+    if args.command == "train":  # several seeds may be trained into one folder: one manifest per end point
+        name = f"manifest_train_{args.arch}_seed{args.seed}.json"
+    return atomic_write_text(Path(args.out) / name, json.dumps(record, indent=1))
 
 
 def _one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (its lines joined with "; "), or its type when it has none."""
     text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return text or type(exc).__name__
+
+
+def _in_option_words(text: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """``text`` (a library message) with the Python argument names it mentions replaced by the command's options:
+    "pass download=True" -> "pass --download", "`resize`" -> "--resize"."""
+    import re
+
+    options = {}
+    for action in parser._subparsers._group_actions[0].choices[command]._actions:  # type: ignore[union-attr]
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long:
+            options[action.dest] = long[0]
+    options.setdefault("root", options.get("data_root", "--data-root"))
+    text = re.sub(r"\b(\w+)=True\b", lambda m: options.get(m.group(1), m.group(0)), text)
+    text = text.replace("root (--data-root)", "--data-root")
+    return re.sub(r"`(\w+)`", lambda m: options.get(m.group(1), m.group(0)), text)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """Show a library warning as one line, without Python's source line (replaces ``warnings.showwarning``)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"neuralign: warning: {_one_line(message)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -559,16 +673,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     bars = _Bars(enabled=not args.quiet)
     try:
-        if args.command not in ("demo", "study"):  # a study keeps its own, richer manifest
-            _write_manifest(args)
-        paths = _COMMANDS[args.command](args, bars)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            if args.command not in ("demo", "study"):  # a study keeps its own, richer manifest
+                _write_manifest(args)
+            paths = _COMMANDS[args.command](args, bars)
     except KeyboardInterrupt:
         bars.close()
         print("neuralign: interrupted; run the same command again to resume from the checkpoints", file=sys.stderr)
         return 130
     except (NeuralignError, ValueError, TypeError, OSError) as exc:  # OSError: a full disk, a missing permission
         bars.close()
-        print(f"neuralign: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"neuralign: error: {_in_option_words(_one_line(exc), parser, args.command)}", file=sys.stderr)
         return 2
     bars.close()
     for path in paths:

@@ -1,6 +1,6 @@
 import json
-import logging
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -74,7 +74,7 @@ def _one_error_line(capsys) -> str:
 
 
 def test_a_full_disk_during_train_is_one_line_keeps_the_last_checkpoint_and_a_rerun_resumes(
-    tmp_path, capsys, monkeypatch, caplog
+    tmp_path, capsys, monkeypatch
 ):
     """The disk fills up while `train` saves the checkpoint of epoch 2 (torch.save writes into a file that takes 4 kB
     more): one line, exit 2, the checkpoint of epoch 1 intact; the same command then resumes from it."""
@@ -97,9 +97,8 @@ def test_a_full_disk_during_train_is_one_line_keeps_the_last_checkpoint_and_a_re
     assert saved["epoch"] == 1 and len(saved["history"]) == 1
     assert not endpoint.exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
-    caplog.set_level(logging.INFO, logger="neuralign.experiments.training")
-    assert main(command) == 0
-    assert f"resuming training from {ckpt} at epoch 1" in caplog.text
+    assert main(command) == 0  # without -v, one line says that it resumes
+    assert f"resuming train from epoch 1 of 2 ({ckpt})" in capsys.readouterr().err.splitlines()
     state = torch.load(endpoint, weights_only=True)
     assert len(state["history"]) == 2 and not ckpt.exists()
     assert state["history"][0] == saved["history"][0]  # epoch 1 was not run again: its wall-clock time is the same
@@ -203,3 +202,78 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--out", str(folder), "--quiet", *TINY, "--set", "curve_epochs=2"]) == 2
     assert "holds a study with other settings (curve_epochs)" in capsys.readouterr().err
+
+
+def test_train_and_curve_rerun_skip_in_one_line_and_force_redoes(endpoints, tmp_path, capsys):
+    a, b = endpoints
+    folder = a.parent
+    # every seed trained into one folder keeps its own manifest
+    assert {p.name for p in folder.glob("manifest_train*.json")} == {"manifest_train_tinyten_seed1.json",
+                                                                     "manifest_train_tinyten_seed2.json"}
+    train = ["train", "--arch", "tinyten", "--epochs", "1", "--seed", "1", "--out", str(folder), *DATA]
+    stamp = a.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(train) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"train already done: {a}; --force redoes it"
+    assert captured.out.split() == [str(a)] and a.stat().st_mtime_ns == stamp
+    assert main(train[:4] + ["2"] + train[5:]) == 2  # --epochs 2 into a folder holding a 1-epoch end point
+    assert _one_error_line(capsys) == (f"neuralign: error: {a} was made with other options: --epochs 1 (now 2); "
+                                       "--force redoes it, or choose another --out")  # fmt: skip
+    pair = ["--model-a", str(a), "--model-b", str(b), *DATA]
+    curve = ["curve", *pair, "--epochs", "2", "--out", str(tmp_path / "c")]
+    ckpt = tmp_path / "c" / "curve.ckpt"
+
+    def stop_after_the_first_epoch(self, event):
+        if event["stage"] == "curve":
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("neuralign.experiments.cli._Bars.__call__", stop_after_the_first_epoch)
+        assert main(curve) == 130
+    assert ckpt.exists()
+    capsys.readouterr()
+    assert main(curve) == 0
+    assert f"resuming curve from epoch 1 of 2 ({ckpt})" in capsys.readouterr().err.splitlines()
+    done = tmp_path / "c" / "curve.pt"
+    stamp = done.stat().st_mtime_ns
+    assert main(curve) == 0
+    assert capsys.readouterr().err.strip() == f"curve already done: {done}; --force redoes it"
+    assert done.stat().st_mtime_ns == stamp
+    assert main([*curve, "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "already done" not in err and "resuming" not in err and done.stat().st_mtime_ns != stamp
+    assert len(json.loads((tmp_path / "c" / "curve.json").read_text())["history"]) == 2
+
+
+def test_train_refuses_images_the_architecture_cannot_take_naming_resize(tmp_path, capsys):
+    command = ["train", "--arch", "tinyten", "--data", "digits", "--epochs", "1", "--out", str(tmp_path), "--quiet"]
+    assert main(command) == 2
+    assert _one_error_line(capsys) == ("neuralign: error: --arch tinyten needs images of at least 9x9 but --data "
+                                       "digits has 8x8; add --resize 9 (or larger) to resize them")  # fmt: skip
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_errors_name_command_line_options_not_python_arguments(tmp_path, capsys):
+    command = ["train", "--arch", "tinyten", "--data", "mnist", "--data-root", str(tmp_path / "none"), "--out",
+               str(tmp_path), "--quiet"]  # fmt: skip
+    assert main(command) == 2
+    err = _one_error_line(capsys)
+    assert "pass --download (needs network) or point --data-root at a folder holding MNIST/raw" in err
+    assert "download=True" not in err and "root (" not in err
+    assert main(["train", "--arch", "tinyten", "--epochs", "0", "--out", str(tmp_path), *DATA]) == 2
+    assert _one_error_line(capsys) == "neuralign: error: --epochs must be a positive int, got 0"
+
+
+def test_library_warnings_reach_the_command_line_as_one_line(monkeypatch, capsys, tmp_path):
+    from neuralign.errors import ConvergenceWarning
+
+    def warns(args, bars):
+        warnings.warn("PAM on the curve: 315 units reassigned\nin the last iteration", ConvergenceWarning,
+                      stacklevel=1)  # fmt: skip
+        return []
+
+    monkeypatch.setitem(__import__("neuralign.experiments.cli", fromlist=["_COMMANDS"])._COMMANDS, "align", warns)
+    assert main(["align", "--model-a", "a", "--model-b", "b", "--data", "digits", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err == "neuralign: warning: PAM on the curve: 315 units reassigned; in the last iteration\n"
