@@ -1,7 +1,7 @@
 import json
 import subprocess
-import warnings
 import sys
+import warnings
 
 import pytest
 import torch
