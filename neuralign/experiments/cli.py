@@ -27,11 +27,18 @@ __all__ = ["main", "build_parser"]
 
 # ------------------------------------------------------------------------------------------------ progress
 class _Bars:
-    """tqdm progress bars keyed by label, fed by the library's progress events."""
+    """tqdm progress bars keyed by stage and label, fed by the library's progress events.
+
+    An event ``{"stage", "label", "step", "total", "record"}`` moves the bar ``"<stage>: <label>"`` to ``step``
+    (steps done) and shows the record's loss or accuracy; a bar closes when it reaches ``total``. A bar's clock
+    starts at its first event with ``"start": True`` (sent before the work begins, with ``step`` the steps already
+    done by a resumed run), or else at the previous event, so that its rate and ETA count the first step's time.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bars: dict[str, Any] = {}
+        self.mark = time.time()
 
     def __call__(self, event: dict[str, Any]) -> None:
         if not self.enabled:
@@ -40,21 +47,27 @@ class _Bars:
 
         key = f"{event.get('stage', '')}: {event.get('label', '')}"
         total = event.get("total")
+        step = event.get("step", 0)
         bar = self.bars.get(key)
         if bar is None:
+            initial = step if event.get("start") else 0
             bar = self.bars[key] = tqdm(total=total, desc=key, unit="step", leave=True, file=sys.stderr,
-                                        dynamic_ncols=True)  # fmt: skip
-        step = event.get("step", 0)
-        if step > bar.n:
-            bar.update(step - bar.n)
+                                        dynamic_ncols=True, smoothing=0, initial=initial)  # fmt: skip
+            if not event.get("start"):  # the work began before its first event: count from the previous one
+                bar.start_t = bar.last_print_t = self.mark
+        if total is not None and bar.total != total:  # a bar opened before its work knew its size
+            bar.total = total
         record = event.get("record") or {}
         shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "train_loss", "accuracy", "test_accuracy")
                  and isinstance(v, float)}  # fmt: skip
-        if shown:
+        if shown:  # before the update, so that the line drawn for this step shows this step's numbers
             bar.set_postfix(shown, refresh=False)
+        if step > bar.n:
+            bar.update(step - bar.n)
         if total is not None and step >= total:
             bar.close()
             del self.bars[key]
+        self.mark = time.time()
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -178,13 +191,17 @@ def _check_image_size(model: torch.nn.Module, data, args: argparse.Namespace) ->
                      f"add --resize {need} (or larger) to resize them")  # fmt: skip
 
 
-def _announce_resume(what: str, checkpoint: Path, key: str, total: int, unit: str = "epoch") -> None:
-    """One line when ``what`` resumes from ``checkpoint`` (whose ``key`` counts the finished epochs)."""
-    if checkpoint.exists():
-        done = load_checkpoint(checkpoint).get(key)
-        if key == "pam":
-            done = done.get("n_iter") if isinstance(done, dict) else None
-        print(f"resuming {what} from {unit} {done} of {total} ({checkpoint})", file=sys.stderr)
+def _announce_resume(what: str, checkpoint: Path, key: str, total: int, unit: str = "epoch") -> int:
+    """One line when ``what`` resumes from ``checkpoint`` (whose ``key`` counts the finished epochs); returns the
+    number of finished epochs (0 without a checkpoint)."""
+    if not checkpoint.exists():
+        return 0
+    done = load_checkpoint(checkpoint).get(key)
+    if key == "pam":
+        done = done.get("n_iter") if isinstance(done, dict) else None
+    done = int(done or 0)
+    print(f"resuming {what} from {unit} {done} of {total} ({checkpoint})", file=sys.stderr)
+    return done
 
 
 def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -245,7 +262,8 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     kwargs = _model_kwargs(config, data)
     model = build_model(args.arch, data.num_classes, seed=args.seed, **kwargs).to(device)
     _check_image_size(model, data, args)
-    _announce_resume("train", path.with_suffix(".ckpt"), "epoch", args.epochs)
+    done = _announce_resume("train", path.with_suffix(".ckpt"), "epoch", args.epochs)
+    bars({"stage": "train", "label": path.stem, "step": done, "total": args.epochs, "start": True})
 
     def on_epoch(record):
         bars({"stage": "train", "label": path.stem, "step": record["epoch"], "total": args.epochs, "record": record})
@@ -275,6 +293,7 @@ def _cmd_align(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     def on_batch(n: int) -> None:
         bars({"stage": "align", "label": args.method, "step": n, "total": total})
 
+    bars({"stage": "align", "label": args.method, "step": 0, "total": total, "start": True})
     loader = data.align if args.method != "weight" else None
     example = next(iter(data.train))[0][:2].to(device)
     res = align(a, b, loader, method=args.method, example_input=example, callback=on_batch)
@@ -288,7 +307,42 @@ def _cmd_align(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     summary = {k: v for k, v in state.items() if k not in ("perms", "spec")}
     summary.update(objective_before=res.objective_before, objective_after=res.objective_after, message=res.message)
     p2 = atomic_write_text(out / "alignment.json", json.dumps(summary, indent=1))
+    print(_alignment_table(res), file=sys.stderr)
     return [p1, p2]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table, columns right-aligned except the first."""
+    cells = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    fmt = [(str.ljust if i == 0 else str.rjust) for i in range(len(header))]
+    return "\n".join("  ".join(f(c, w) for f, c, w in zip(fmt, row, widths)) for row in cells)
+
+
+def _alignment_table(res) -> str:
+    """Per group: units, mean correlation of matched units before and after alignment (or the weight objective)."""
+    if res.correlation_before:
+        header = ["group", "units", "corr before", "corr after"]
+        values = [(res.correlation_before.get(g, float("nan")), res.correlation_after.get(g, float("nan")))
+                  for g in res.spec.groups]  # fmt: skip
+    else:
+        header = ["group", "units", "objective before", "objective after"]
+        values = [(res.objective_before.get(g, float("nan")), res.objective_after.get(g, float("nan")))
+                  for g in res.spec.groups]  # fmt: skip
+    rows = [[g, str(res.spec.sizes[g]), f"{before:.4f}", f"{after:.4f}"]
+            for g, (before, after) in zip(res.spec.groups, values)]  # fmt: skip
+    return _table(header, rows)
+
+
+def _pam_table(res) -> str:
+    """Per outer iteration: the monitored objective and the units reassigned (in all groups)."""
+    rows = [["0 (start)", f"{res.history[0]:.6g}", "", ""]]
+    total = sum(res.spec.sizes.values())
+    for k, fun in enumerate(res.history[1:], start=1):
+        moved = sum(c[k - 1] for c in res.changed.values() if len(c) >= k)
+        back = str(res.backtracks[k - 1]) if len(res.backtracks) >= k else ""
+        rows.append([str(k), f"{fun:.6g}", f"{moved}/{total}", back])
+    return _table(["iteration", "objective", "units changed", "backtracks"], rows) + f"\n{res.message}"
 
 
 def _optimizer(lr: float):
@@ -317,7 +371,8 @@ def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     if args.perms:
         spec = _spec(a, data)
         sd_b = apply_permutation(sd_b, spec.restrict(sd_b), _load_alignment(args.perms)["perms"])
-    _announce_resume("curve", out / "curve.ckpt", "epoch", args.epochs)
+    done = _announce_resume("curve", out / "curve.ckpt", "epoch", args.epochs)
+    bars({"stage": "curve", "label": args.curve, "step": done, "total": args.epochs, "start": True})
 
     def on_epoch(record):
         bars({"stage": "curve", "label": args.curve, "step": record["epoch"] + 1, "total": args.epochs,
@@ -353,7 +408,8 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     if init not in ("identity", "alignment"):
         init = _load_alignment(init)["perms"]
     total = args.iters * args.epochs
-    _announce_resume("pam", ckpt, "pam", args.iters, unit="iteration")
+    done = _announce_resume("pam", ckpt, "pam", args.iters, unit="iteration")
+    bars({"stage": "pam", "label": str(args.init), "step": done * args.epochs, "total": total, "start": True})
 
     def on_event(record):
         if record["stage"] == "x-epoch":
@@ -367,13 +423,14 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
         checkpoint=out / "pam.ckpt",
     )  # fmt: skip
     res.curve.save(out / "curve.pt")
-    (out / "pam.ckpt").unlink(missing_ok=True)
     p2 = atomic_save({"kind": "alignment", "method": f"pam-{args.method}", "perms": res.perms,
                       "spec": res.spec.to_dict()}, out / "perms.pt")  # fmt: skip
     summary = {"objective": res.history, "changed": res.changed, "backtracks": res.backtracks,
                "status": res.status, "message": res.message, "curve_history": res.curve_history,
                "options": options}  # fmt: skip
-    p3 = atomic_write_text(out / "pam.json", json.dumps(summary, indent=1, default=str))
+    p3 = atomic_write_text(out / "pam.json", json.dumps(summary, indent=1, default=str))  # last: marks it done
+    ckpt.unlink(missing_ok=True)
+    print(_pam_table(res), file=sys.stderr)
     return [out / "curve.pt", p2, p3]
 
 
@@ -396,6 +453,7 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
         bars({"stage": "evaluate", "label": Path(args.curve).stem, "step": record["index"] + 1,
               "total": args.num_points})  # fmt: skip
 
+    bars({"stage": "evaluate", "label": Path(args.curve).stem, "step": 0, "total": args.num_points, "start": True})
     ev = evaluate_curve(model, curve, data.train, data.test, num_points=args.num_points,
                         max_bn_batches=args.bn_batches, callback=on_point)  # fmt: skip
     out = Path(args.out)
@@ -403,6 +461,11 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     print(f"Avg accuracy {100 * ev.avg_accuracy:.2f}%, Min {100 * ev.min_accuracy:.2f}%, "
           f"loss barrier {ev.loss_barrier:.4f}", file=sys.stderr)  # fmt: skip
     return [p1]
+
+
+def _check_label(name: str, checks: Sequence[str], prefix: str = "") -> str:
+    """``"certificate (2/5)"``: the check and its place among the checks that run."""
+    return f"{prefix}{name} ({list(checks).index(name) + 1}/{len(checks)})"
 
 
 def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> list[Path]:
@@ -418,14 +481,17 @@ def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     checks = tuple(args.checks) if args.checks else CHECKS
 
     def on_check(name):
-        bars({"stage": "verify", "label": "checks", "step": checks.index(name), "total": len(checks)})
+        bars({"stage": "verify", "label": _check_label(name, checks), "step": 0, "total": None, "start": True})
+
+    def on_progress(name, done, total):
+        bars({"stage": "verify", "label": _check_label(name, checks), "step": done, "total": total})
 
     report = verify_alignment(
         a, _state(a), _state(b), perms, data.train, curve=curve, checks=checks, heldout_loader=data.train_eval,
         align_loader=data.align, fit_epochs=args.fit_epochs, lam=args.lam, stability_iters=args.iters,
         n_swaps=args.swaps, local_search=args.local_search, generator=args.seed, callback=on_check,
+        progress=on_progress,
     )  # fmt: skip
-    bars({"stage": "verify", "label": "checks", "step": len(checks), "total": len(checks)})
     out = Path(args.out)
     paths = list(report.save(out))
     if "stability" in report.checks:

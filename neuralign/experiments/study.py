@@ -287,6 +287,7 @@ class _Study:
         model = build_model(c.arch, self.data.num_classes, seed=stable_seed(c.seed, "init", seed), **kwargs)
         model = model.to(self.device)
         self.data.train.generator.manual_seed(stable_seed(c.seed, "data", seed))
+        self.emit(stage="train", label=f"end point {seed}", step=0, total=c.epochs, start=True)
 
         def on_epoch(record: dict[str, Any]) -> None:
             self.emit(stage="train", label=f"end point {seed}", step=record["epoch"], total=c.epochs, record=record)
@@ -343,6 +344,10 @@ class _Study:
                       record=record)  # fmt: skip
 
         meta: dict[str, Any] = {"setting": setting}
+        if setting.startswith("pam"):
+            self.emit(stage="pam", label=label, step=0, total=c.curve_epochs * c.pam_iters, start=True)
+        else:
+            self.emit(stage="curve", label=label, step=0, total=c.curve_epochs, start=True)
         if setting in ("unaligned", "aligned"):
             end_b = sd_b if setting == "unaligned" else apply_permutation(sd_b, spec.restrict(sd_b), perms)
             res = fit_curve(
@@ -393,6 +398,7 @@ class _Study:
                       record=record)  # fmt: skip
 
         self.data.train.generator.manual_seed(stable_seed(c.seed, "bn", k, setting))
+        self.emit(stage="evaluate", label=label, step=0, total=c.num_points, start=True)
         ev = evaluate_curve(a, curve, self.data.train, self.data.test, num_points=c.num_points,
                             max_bn_batches=c.bn_batches, callback=on_point)  # fmt: skip
         atomic_write_text(path, json.dumps(ev.to_dict(), indent=1))
@@ -406,8 +412,14 @@ class _Study:
             return json.loads(path.read_text())
         checks = ("stability", "certificate", "neighbourhood", "gradient", "alignment")
 
+        def label(name: str) -> str:
+            return f"pair {k} {name} ({checks.index(name) + 1}/{len(checks)})"
+
         def on_check(name: str) -> None:
-            self.emit(stage="verify", label=f"pair {k} {name}", step=checks.index(name), total=len(checks))
+            self.emit(stage="verify", label=label(name), step=0, total=None, start=True)
+
+        def on_progress(name: str, done: int, total: int) -> None:
+            self.emit(stage="verify", label=label(name), step=done, total=total)
 
         report = verify_alignment(
             a, sd_a, sd_b, perms, self.data.train, curve=curve, spec=spec, heldout_loader=self.data.train_eval,
@@ -416,9 +428,9 @@ class _Study:
             value_batches=c.verify_batches, value_ts=c.verify_ts, local_search=c.verify_local_search,
             random_starts=c.verify_random_starts,
             max_batches_per_epoch=c.max_batches, generator=stable_seed(c.seed, "verify", k), callback=on_check,
+            progress=on_progress,
         )  # fmt: skip
         report.save(self.out / f"pair{k}")
-        self.emit(stage="verify", label=f"pair {k}", step=len(checks), total=len(checks))
         self.done(f"pair {k} verification")
         return json.loads(report.to_json())
 
@@ -435,6 +447,7 @@ class _Study:
             self.emit(stage="plane", label=f"pair {k}", step=step, total=c.plane_grid**2)
 
         self.data.train.generator.manual_seed(stable_seed(c.seed, "plane", k))
+        self.emit(stage="plane", label=f"pair {k}", step=0, total=c.plane_grid**2, start=True)
         plane = evaluate_plane(a, pa, pb, theta, self.data.train, self.data.test, grid=c.plane_grid,
                                max_bn_batches=c.bn_batches, callback=on_point)  # fmt: skip
         xy = project_to_plane(curve, pa, pb, theta, t=[i / 40 for i in range(41)])

@@ -156,16 +156,29 @@ def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, cap
     state = torch.load(a, weights_only=True)
     assert state["kind"] == "endpoint" and state["arch"] == "tinyten" and len(state["history"]) == 1
     pair = ["--model-a", str(a), "--model-b", str(b), *DATA]
+    capsys.readouterr()
     assert main(["align", *pair, "--out", str(tmp_path / "al")]) == 0
+    table = capsys.readouterr().err.splitlines()
+    assert table[0].split() == ["group", "units", "corr", "before", "corr", "after"]
     manifest = json.loads((tmp_path / "al" / "manifest_align.json").read_text())
     assert manifest["options"]["method"] == "correlation" and manifest["versions"]["torch"] == torch.__version__
     summary = json.loads((tmp_path / "al" / "alignment.json").read_text())
     assert set(summary["correlation_after"]) == set(summary["groups"])
+    assert [line.split()[0] for line in table[1:]] == summary["groups"]
+    for line, g in zip(table[1:], summary["groups"]):  # the table prints what alignment.json holds, to 4 places
+        assert line.split()[1:] == [str(summary["sizes"][g]), f"{summary['correlation_before'][g]:.4f}",
+                                    f"{summary['correlation_after'][g]:.4f}"]  # fmt: skip
     perms = str(tmp_path / "al" / "alignment.pt")
     assert main(["curve", *pair, "--perms", perms, "--epochs", "1", "--out", str(tmp_path / "c")]) == 0
     assert main(["pam", *pair, "--init", perms, "--epochs", "1", "--out", str(tmp_path / "p")]) == 0
     pam = json.loads((tmp_path / "p" / "pam.json").read_text())
     assert len(pam["objective"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    head = next(i for i, line in enumerate(err) if line.startswith("iteration"))
+    assert err[head].split() == ["iteration", "objective", "units", "changed", "backtracks"]
+    assert err[head + 1].split() == ["0", "(start)", f"{pam['objective'][0]:.6g}"]
+    moved = sum(c[0] for c in pam["changed"].values())
+    assert err[head + 2].split()[:3] == ["1", f"{pam['objective'][1]:.6g}", f"{moved}/{sum(summary['sizes'].values())}"]
     assert main(["evaluate", "--model-a", str(a), "--curve", str(tmp_path / "c" / "curve.pt"), *DATA,
                  "--num-points", "3", "--bn-batches", "1", "--out", str(tmp_path / "e")]) == 0  # fmt: skip
     ev = json.loads((tmp_path / "e" / "evaluation.json").read_text())
@@ -277,3 +290,32 @@ def test_library_warnings_reach_the_command_line_as_one_line(monkeypatch, capsys
     assert main(["align", "--model-a", "a", "--model-b", "b", "--data", "digits", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert err == "neuralign: warning: PAM on the curve: 315 units reassigned; in the last iteration\n"
+
+
+def _bar_lines(err: str) -> list[str]:
+    return [line.strip() for chunk in err.split("\n") for line in chunk.split("\r") if line.strip()]
+
+
+def test_progress_bars_count_the_first_step_and_show_the_numbers_of_the_step_drawn(capsys):
+    import re
+    import time
+
+    from neuralign.experiments.cli import _Bars
+
+    bars = _Bars(enabled=True)
+    bars({"stage": "train", "label": "a", "step": 0, "total": 2, "start": True})
+    time.sleep(0.25)
+    bars({"stage": "train", "label": "a", "step": 1, "total": 2, "record": {"train_loss": 2.0}})
+    time.sleep(0.25)
+    bars({"stage": "train", "label": "a", "step": 2, "total": 2, "record": {"train_loss": 1.0}})
+    lines = _bar_lines(capsys.readouterr().err)
+    done = [line for line in lines if "2/2" in line]
+    assert done and all("train_loss=1]" in line for line in done), lines
+    rate = float(re.search(r"([\d.]+)step/s", done[-1]).group(1))
+    assert rate <= 2 / 0.5 * 1.01, done[-1]  # 2 steps took at least 0.5 s (tqdm rounds to 3 significant digits)
+    # a stage whose first event comes after its first step is timed from the previous event
+    time.sleep(0.25)
+    bars({"stage": "pam", "label": "identity", "step": 1, "total": 1})
+    done = [line for line in _bar_lines(capsys.readouterr().err) if "1/1" in line]
+    assert float(re.search(r"([\d.]+)step/s", done[-1]).group(1)) <= 1 / 0.25 * 1.01, done[-1]
+    assert bars.bars == {}
