@@ -434,6 +434,40 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     return [out / "curve.pt", p2, p3]
 
 
+def _seconds_per_pass(model: torch.nn.Module, data, device: torch.device) -> tuple[float, int]:
+    """Seconds of one forward pass of a training batch through ``model`` (eval mode, no gradients; the best of 3
+    after one warm-up) and the batch size. The model is not changed."""
+    x = next(iter(data.train))[0].to(device)
+    was_training = model.training
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for _ in range(4):
+            t0 = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    return min(times[1:]), int(x.shape[0])
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _announce_cost(what: str, passes: int, detail: str, model: torch.nn.Module, data, device) -> None:
+    """One line before a long command starts: its forward passes (a backward pass counted as two) and the time
+    they take at one measured pass."""
+    per, batch = _seconds_per_pass(model, data, device)
+    print(f"{what}: about {passes:,} forward passes of batch {batch} ({detail}) at {1000 * per:.0f} ms each "
+          f"(measured): expect about {_duration(passes * per)}; see --help for cheaper settings", file=sys.stderr)
+
+
 def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.curves import Curve, evaluate_curve
     from neuralign.curves.families import CURVE_FAMILIES
@@ -453,6 +487,10 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
         bars({"stage": "evaluate", "label": Path(args.curve).stem, "step": record["index"] + 1,
               "total": args.num_points})  # fmt: skip
 
+    bn = len(data.train) if args.bn_batches is None else min(args.bn_batches, len(data.train))
+    _announce_cost("evaluate", args.num_points * (bn + len(data.test)),
+                   f"{args.num_points} points x ({bn} batch-norm + {len(data.test)} test batches)", model, data,
+                   device)  # fmt: skip
     bars({"stage": "evaluate", "label": Path(args.curve).stem, "step": 0, "total": args.num_points, "start": True})
     ev = evaluate_curve(model, curve, data.train, data.test, num_points=args.num_points,
                         max_bn_batches=args.bn_batches, callback=on_point)  # fmt: skip
@@ -461,6 +499,25 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     print(f"Avg accuracy {100 * ev.avg_accuracy:.2f}%, Min {100 * ev.min_accuracy:.2f}%, "
           f"loss barrier {ev.loss_barrier:.4f}", file=sys.stderr)  # fmt: skip
     return [p1]
+
+
+def _verify_passes(args: argparse.Namespace, checks: Sequence[str], data, spec, fit: bool) -> tuple[int, str]:
+    """The forward passes ``verify`` makes with its defaults of :func:`verify_alignment` (8 held-out batches at 3
+    times per scored move, 8 certificate steps, 4 gradient batches, 3 PAM starts); a backward pass counts as two."""
+    train, groups = len(data.train), len(spec.sizes)
+    score = 8 * 3  # value_batches x len(value_ts): one scored move
+    epoch = 3 * train  # a training epoch: forward and backward
+    parts = {
+        "curve fit": fit * args.fit_epochs * epoch,
+        "stability": "stability" in checks and 3 * args.iters * (epoch + 3 * 4 * 3 + score * (1 + args.local_search
+                                                                                             * groups)),
+        "certificate": "certificate" in checks and 3 * 4 * 3 + groups * 8 * score,
+        "neighbourhood": "neighbourhood" in checks and groups * args.swaps * score,
+        "gradient": "gradient" in checks and 3 * 4 * 3 + 20,
+        "alignment": "alignment" in checks and 2 * len(data.align),
+    }  # fmt: skip
+    parts = {k: int(v) for k, v in parts.items() if v}
+    return sum(parts.values()), ", ".join(f"{k} {v:,}" for k, v in parts.items())
 
 
 def _check_label(name: str, checks: Sequence[str], prefix: str = "") -> str:
@@ -479,6 +536,9 @@ def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     perms = _load_alignment(args.perms)["perms"]
     curve = Bezier.load(args.curve).to(device) if args.curve else None
     checks = tuple(args.checks) if args.checks else CHECKS
+
+    passes, detail = _verify_passes(args, checks, data, _spec(a, data), curve is None)
+    _announce_cost("verify", passes, detail, a, data, device)
 
     def on_check(name):
         bars({"stage": "verify", "label": _check_label(name, checks), "step": 0, "total": None, "start": True})
@@ -642,18 +702,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a curve along t",
                        description="Loss and accuracy at --num-points values of t with batch norm re-estimated; "
-                       "writes evaluation.json (Avg, Min, barriers, values at t = 0.5).")  # fmt: skip
+                       "writes evaluation.json (Avg, Min, barriers, values at t = 0.5). It prints the expected time "
+                       "before it starts: the cost is num-points x (bn-batches + test batches) forward passes, so the "
+                       "defaults (a full training pass at each of 65 points) take long on a CPU; --num-points 17 "
+                       "--bn-batches 10 is a cheap first look.")  # fmt: skip
     _add_common(p, out="neuralign-eval")
     p.add_argument("--model-a", required=True, help="an end point of the curve (gives the architecture)")
     p.add_argument("--curve", required=True, help="curve.pt")
     _add_data(p)
-    p.add_argument("--num-points", type=int, default=65, help="points along t (default: 65)")
-    p.add_argument("--bn-batches", type=int, default=None, help="batches per BN re-estimation (default: all)")
+    p.add_argument("--num-points", type=int, default=65,
+                   help="points along t (default: 65, the paper's); 17 gives the same picture at a quarter of the "
+                        "cost")  # fmt: skip
+    p.add_argument("--bn-batches", type=int, default=None,
+                   help="batches per BN re-estimation (default: all, a full training pass per point); 10 moves "
+                        "accuracies along a fitted curve by about 0.1 points (benchmarks/bn_subset.py) at a small "
+                        "fraction of the cost")  # fmt: skip
 
     p = sub.add_parser("verify", help="check whether an alignment is locally optimal",
                        description="Run the checks of neuralign.verification.verify_alignment (PAM stability, "
                        "first-order certificate, neighbourhood swaps, gradient Taylor test, correlation "
-                       "optimality); writes verification.json, verification.md and reassignment.png.")  # fmt: skip
+                       "optimality); writes verification.json, verification.md and reassignment.png. It prints the "
+                       "expected time before it starts. Cheaper settings: --checks certificate gradient alignment "
+                       "(minutes: no PAM runs, no swap scoring), --iters 1, --swaps 8, --local-search 4, or a "
+                       "--curve already fitted instead of --fit-epochs.")  # fmt: skip
     _add_common(p, out="neuralign-verify")
     _add_pair(p)
     _add_data(p)

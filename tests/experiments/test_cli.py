@@ -181,13 +181,20 @@ def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, cap
     assert err[head + 2].split()[:3] == ["1", f"{pam['objective'][1]:.6g}", f"{moved}/{sum(summary['sizes'].values())}"]
     assert main(["evaluate", "--model-a", str(a), "--curve", str(tmp_path / "c" / "curve.pt"), *DATA,
                  "--num-points", "3", "--bn-batches", "1", "--out", str(tmp_path / "e")]) == 0  # fmt: skip
+    import re
+
+    cost = re.search(r"evaluate: about ([\d,]+) forward passes of batch \d+ \(3 points x \(1 batch-norm \+ (\d+) "
+                     r"test batches\)\) at \d+ ms each \(measured\): expect about \d+ s", capsys.readouterr().err)
+    assert cost and int(cost.group(1).replace(",", "")) == 3 * (1 + int(cost.group(2)))
     ev = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert ev["t"] == [0.0, 0.5, 1.0]
     assert main(["verify", *pair, "--perms", perms, "--curve", str(tmp_path / "c" / "curve.pt"), "--checks",
                  "certificate", "gradient", "--out", str(tmp_path / "v")]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert re.search(r"verify: about [\d,]+ forward passes .*certificate [\d,]+, gradient 56\)", captured.err)
     report = json.loads((tmp_path / "v" / "verification.json").read_text())
     assert set(report["checks"]) == {"certificate", "gradient"}
-    out = capsys.readouterr().out.split()
+    out = captured.out.split()
     assert str(tmp_path / "v" / "verification.md") in out
 
 
