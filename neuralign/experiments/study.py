@@ -386,6 +386,24 @@ class _Study:
         self.done(f"pair {k} curve {setting}")
         return curve, meta
 
+    def bn_loader(self) -> Any:
+        """The batches batch norm is re-estimated on: with ``bn_batches``, the same ``bn_batches`` training batches
+        (drawn once, with the training augmentation) at every t, on every curve and the plane, so that differences
+        between points and curves are not differences of batches; without, a full pass of the training images
+        without augmentation, in a fixed order."""
+        c = self.config
+        if c.bn_batches is None:
+            return self.data.train_eval
+        if getattr(self, "_bn_batches", None) is None:
+            self.data.train.generator.manual_seed(stable_seed(c.seed, "bn"))
+            batches = []
+            for batch in self.data.train:
+                if len(batches) == c.bn_batches:
+                    break
+                batches.append(batch)
+            self._bn_batches = batches
+        return self._bn_batches
+
     def evaluate(self, k: int, setting: str, a: nn.Module, curve) -> CurveEvaluation:
         c = self.config
         path = self.out / f"pair{k}" / f"eval_{setting}.json"
@@ -397,9 +415,8 @@ class _Study:
             self.emit(stage="evaluate", label=label, step=record.get("index", 0) + 1, total=c.num_points,
                       record=record)  # fmt: skip
 
-        self.data.train.generator.manual_seed(stable_seed(c.seed, "bn", k, setting))
         self.emit(stage="evaluate", label=label, step=0, total=c.num_points, start=True)
-        ev = evaluate_curve(a, curve, self.data.train, self.data.test, num_points=c.num_points,
+        ev = evaluate_curve(a, curve, self.bn_loader(), self.data.test, num_points=c.num_points,
                             max_bn_batches=c.bn_batches, callback=on_point)  # fmt: skip
         atomic_write_text(path, json.dumps(ev.to_dict(), indent=1))
         self.done(f"pair {k} eval {setting}")
@@ -446,9 +463,8 @@ class _Study:
             step = record["i"] * c.plane_grid + record["j"] + 1
             self.emit(stage="plane", label=f"pair {k}", step=step, total=c.plane_grid**2)
 
-        self.data.train.generator.manual_seed(stable_seed(c.seed, "plane", k))
         self.emit(stage="plane", label=f"pair {k}", step=0, total=c.plane_grid**2, start=True)
-        plane = evaluate_plane(a, pa, pb, theta, self.data.train, self.data.test, grid=c.plane_grid,
+        plane = evaluate_plane(a, pa, pb, theta, self.bn_loader(), self.data.test, grid=c.plane_grid,
                                max_bn_batches=c.bn_batches, callback=on_point)  # fmt: skip
         xy = project_to_plane(curve, pa, pb, theta, t=[i / 40 for i in range(41)])
         out = {**plane.to_dict(), "curve_xy": xy.tolist(), "labels": ["w_A", "P w_B", "theta"]}
@@ -538,7 +554,10 @@ def run_study(
             "verification": verification,
             "plane": plane,
         })  # fmt: skip
-    results = {"kind": "study_results", "config": c.to_dict(), "settings": list(c.settings), "pairs": pairs_out}
+    results = {"kind": "study_results", "config": c.to_dict(), "settings": list(c.settings), "pairs": pairs_out,
+               "test_images": len(study.data.test.dataset),
+               "bn_batches": {"count": len(study.bn_loader()) if c.bn_batches is not None else None,
+                              "shared": True}}  # fmt: skip
     write_results_json(results, out)
     figures = plot_study(results, out / "figures")
     report = write_report(results, out, figures=figures, paper_row=paper_row, notes=notes)

@@ -208,6 +208,14 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
     assert "| Aligned |" in text and "figures/curve_metrics.png" in text
     results = json.loads((folder / "results.json").read_text())
     assert results["settings"] == ["unaligned", "pam_unaligned", "pam_aligned", "aligned"]
+    # every curve starts at end point A and batch norm is re-estimated on the same batches everywhere: the four
+    # curves score A identically (they differed by up to half a point when each curve drew its own batches)
+    at_a = {s: ev["test_accuracy"][0] for s, ev in results["pairs"][0]["curves"].items()}
+    assert len(set(at_a.values())) == 1, at_a
+    n = results["test_images"]
+    assert n == 360 and results["bn_batches"] == {"count": 2, "shared": True}  # 360: the shipped digits' test split
+    assert f"Test set: {n} images, so one image is {100 / n:.2g} points" in text
+    assert "Batch norm re-estimated on the same 2 training batches at every t and on every curve." in text
     assert results["pairs"][0]["verification"]["kind"] == "verification_report"
     for name in ("curve_metrics", "layer_correlation", "reassignment", "plane", "verification"):
         assert (folder / "figures" / f"{name}.png").stat().st_size > 1000
