@@ -12,11 +12,18 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_tour_runs(capsys):
+def test_readme_tour_runs_and_shows_what_alignment_does(capsys):
     tour = _python_blocks()[0]
     exec(compile(tour, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "Verification of an alignment" in out
+    ends = [float(v) for v in re.findall(r"end point: ([\d.]+)% test accuracy", out)]
+    assert len(ends) == 2 and min(ends) > 90  # trained end points, not the 10% of untrained ones
+    corr = [(float(u), float(v)) for u, v in re.findall(r"matched units (-?[\d.]+) -> (-?[\d.]+)", out)]
+    assert corr and all(after >= before for before, after in corr)  # the assignment maximises the correlation
+    lines = dict(re.findall(r"(unaligned|aligned): straight line Min ([\d.]+)%", out))
+    # the effect the toolkit exists for: the straight line between the aligned end points keeps far more accuracy
+    assert float(lines["aligned"]) > float(lines["unaligned"]) + 10, lines
 
 
 def test_readme_solver_snippet_runs_on_the_shipped_instance(monkeypatch, tmp_path, capsys):

@@ -161,10 +161,10 @@ class VerificationReport:
             table = c.details.get("per_group")
             if not table:
                 continue
-            cols = list(next(iter(table.values())).keys())
+            cols = list(dict.fromkeys(k for row in table.values() for k in row))  # rows may lack some columns
             lines += [f"## {c.name}", "", "| group | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
             for g, row in table.items():
-                lines.append(f"| {g} | " + " | ".join(_fmt(row[k]) for k in cols) + " |")
+                lines.append(f"| {g} | " + " | ".join(_fmt(row[k]) if k in row else "" for k in cols) + " |")
             lines.append("")
         return "\n".join(lines)
 
