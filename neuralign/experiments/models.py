@@ -973,7 +973,7 @@ def smallest_input_size(model: nn.Module, in_channels: int, image_size: tuple[in
     Examples
     --------
     >>> smallest_input_size(build_model("tinyten", 10, in_channels=1), 1, (8, 8))
-    16
+    9
     >>> smallest_input_size(build_model("tinyten", 10, in_channels=1), 1, (28, 28)) is None
     True
     """
