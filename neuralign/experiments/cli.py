@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,18 @@ __all__ = ["main", "build_parser"]
 
 # ------------------------------------------------------------------------------------------------ progress
 class _Bars:
-    """tqdm progress bars keyed by label, fed by the library's progress events."""
+    """tqdm progress bars keyed by stage and label, fed by the library's progress events.
+
+    An event ``{"stage", "label", "step", "total", "record"}`` moves the bar ``"<stage>: <label>"`` to ``step``
+    (steps done) and shows the record's loss or accuracy; a bar closes when it reaches ``total``. A bar's clock
+    starts at its first event with ``"start": True`` (sent before the work begins, with ``step`` the steps already
+    done by a resumed run), or else at the previous event, so that its rate and ETA count the first step's time.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bars: dict[str, Any] = {}
+        self.mark = time.time()
 
     def __call__(self, event: dict[str, Any]) -> None:
         if not self.enabled:
@@ -40,21 +48,27 @@ class _Bars:
 
         key = f"{event.get('stage', '')}: {event.get('label', '')}"
         total = event.get("total")
+        step = event.get("step", 0)
         bar = self.bars.get(key)
         if bar is None:
+            initial = step if event.get("start") else 0
             bar = self.bars[key] = tqdm(total=total, desc=key, unit="step", leave=True, file=sys.stderr,
-                                        dynamic_ncols=True)  # fmt: skip
-        step = event.get("step", 0)
-        if step > bar.n:
-            bar.update(step - bar.n)
+                                        dynamic_ncols=True, smoothing=0, initial=initial)  # fmt: skip
+            if not event.get("start"):  # the work began before its first event: count from the previous one
+                bar.start_t = bar.last_print_t = self.mark
+        if total is not None and bar.total != total:  # a bar opened before its work knew its size
+            bar.total = total
         record = event.get("record") or {}
         shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "train_loss", "accuracy", "test_accuracy")
                  and isinstance(v, float)}  # fmt: skip
-        if shown:
+        if shown:  # before the update, so that the line drawn for this step shows this step's numbers
             bar.set_postfix(shown, refresh=False)
+        if step > bar.n:
+            bar.update(step - bar.n)
         if total is not None and step >= total:
             bar.close()
             del self.bars[key]
+        self.mark = time.time()
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -63,6 +77,12 @@ class _Bars:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _version() -> str:
+    import neuralign
+
+    return neuralign.__version__
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -160,6 +180,60 @@ def _params(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     return {k: v for k, v in state.items() if k in names}
 
 
+def _finished(what: str, path: Path, args: argparse.Namespace, options: dict[str, Any],
+              recorded: dict[str, Any] | None, leftovers: Sequence[Path] = ()) -> bool:
+    """Whether ``path`` (the final output of ``what``) is already there and is kept: then one line says so.
+
+    With ``--force`` the output and its ``leftovers`` (checkpoints) are removed so that the command starts over. An
+    output made with other options than ``options`` (those it ``recorded``) is refused in one line.
+    """
+    if args.force:
+        for stale in (path, *leftovers):
+            stale.unlink(missing_ok=True)
+        return False
+    if not path.exists():
+        return False
+    differ = [key for key, value in options.items() if recorded is not None and key in recorded
+              and recorded[key] != value]  # fmt: skip
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {recorded[k]!r} (now {options[k]!r})" for k in differ)
+        raise ValueError(f"{path} was made with other options: {shown}; --force redoes it, or choose another --out")
+    print(f"{what} already done: {path}; --force redoes it", file=sys.stderr)
+    return True
+
+
+def _check_image_size(model: torch.nn.Module, data, args: argparse.Namespace) -> None:
+    """Refuse, in one line, data whose images the architecture cannot take (e.g. 8x8 digits for TinyTen)."""
+    from neuralign.experiments.models import smallest_input_size
+
+    h, w = data.image_size
+    need = smallest_input_size(model, data.in_channels, (h, w))
+    if need is None:
+        return
+    if need == 0:
+        raise ValueError(f"--arch {args.arch} cannot take the {h}x{w} images of --data {args.data} at any size up "
+                         "to 256; choose another --arch")  # fmt: skip
+    raise ValueError(f"--arch {args.arch} needs images of at least {need}x{need} but --data {args.data} has {h}x{w}; "
+                     f"add --resize {need} (or larger) to resize them")  # fmt: skip
+
+
+def _announce_resume(what: str, checkpoint: Path, key: str, total: int, unit: str = "epoch") -> int:
+    """One line when ``what`` resumes from ``checkpoint`` (whose ``key`` counts the finished epochs); returns the
+    number of finished epochs (0 without a checkpoint)."""
+    if not checkpoint.exists():
+        return 0
+    done = load_checkpoint(checkpoint).get(key)
+    if key == "pam":
+        done = done.get("n_iter") if isinstance(done, dict) else None
+    done = int(done or 0)
+    print(f"resuming {what} from {unit} {done} of {total} ({checkpoint})", file=sys.stderr)
+    return done
+
+
+def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names}
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> list[Path]:
     from neuralign.experiments.report import dataset_label, paper_row
@@ -198,12 +272,20 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.experiments.training import train_model
 
     device = _device(args.device)
+    out = Path(args.out)
+    path = out / f"{args.arch}_seed{args.seed}.pt"
+    options = _options(args, "arch", "width", "seed", "epochs", "lr", "weight_decay", "data", "resize",
+                       "train_size", "batch_size")  # fmt: skip
+    recorded = load_checkpoint(path, kind="endpoint").get("options") if path.exists() and not args.force else None
+    if _finished("train", path, args, options, recorded, leftovers=[path.with_suffix(".ckpt")]):
+        return [path]
     data = _data(args)
     config = StudyConfig(arch=args.arch, width=args.width)
     kwargs = {**_model_kwargs(config, data), **_model_args(args)}
     model = build_model(args.arch, data.num_classes, seed=args.seed, **kwargs).to(device)
-    out = Path(args.out)
-    path = out / f"{args.arch}_seed{args.seed}.pt"
+    _check_image_size(model, data, args)
+    done = _announce_resume("train", path.with_suffix(".ckpt"), "epoch", args.epochs)
+    bars({"stage": "train", "label": path.stem, "step": done, "total": args.epochs, "start": True})
 
     def on_epoch(record):
         bars({"stage": "train", "label": path.stem, "step": record["epoch"], "total": args.epochs, "record": record})
@@ -215,7 +297,8 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     atomic_save({
         "kind": "endpoint", "arch": args.arch, "num_classes": data.num_classes, "model_kwargs": kwargs,
         "seed": args.seed, "history": res.history, "test": {"test_loss": test_loss, "test_acc": test_acc},
-        "dataset": data.describe(), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "dataset": data.describe(), "options": options,
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
     }, path)  # fmt: skip
     path.with_suffix(".ckpt").unlink(missing_ok=True)
     print(f"test accuracy {test_acc:.4f}, loss {test_loss:.4f}", file=sys.stderr)
@@ -260,6 +343,7 @@ def _cmd_align(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     def on_batch(n: int) -> None:
         bars({"stage": "align", "label": args.method, "step": n, "total": total})
 
+    bars({"stage": "align", "label": args.method, "step": 0, "total": total, "start": True})
     loader = data.align if args.method != "weight" else None
     example = next(iter(data.train))[0][:2].to(device)
     res = align(a, b, loader, method=args.method, example_input=example, callback=on_batch)
@@ -272,6 +356,7 @@ def _cmd_align(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     summary.update(record.results, sizes=res.spec.sizes, objective_before=res.objective_before,
                    objective_after=res.objective_after, message=res.message)  # fmt: skip
     p2 = atomic_write_text(out / "alignment.json", json.dumps(summary, indent=1))
+    print(_alignment_table(res), file=sys.stderr)
     paths = [p1, p2]
     if args.export:
         paths.append(_export_aligned(args.model_b, record, args.export))
@@ -287,6 +372,40 @@ def _cmd_apply(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     return [_export_aligned(args.model, record, args.out)]
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table, columns right-aligned except the first."""
+    cells = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    fmt = [(str.ljust if i == 0 else str.rjust) for i in range(len(header))]
+    return "\n".join("  ".join(f(c, w) for f, c, w in zip(fmt, row, widths)) for row in cells)
+
+
+def _alignment_table(res) -> str:
+    """Per group: units, mean correlation of matched units before and after alignment (or the weight objective)."""
+    if res.correlation_before:
+        header = ["group", "units", "corr before", "corr after"]
+        values = [(res.correlation_before.get(g, float("nan")), res.correlation_after.get(g, float("nan")))
+                  for g in res.spec.groups]  # fmt: skip
+    else:
+        header = ["group", "units", "objective before", "objective after"]
+        values = [(res.objective_before.get(g, float("nan")), res.objective_after.get(g, float("nan")))
+                  for g in res.spec.groups]  # fmt: skip
+    rows = [[g, str(res.spec.sizes[g]), f"{before:.4f}", f"{after:.4f}"]
+            for g, (before, after) in zip(res.spec.groups, values)]  # fmt: skip
+    return _table(header, rows)
+
+
+def _pam_table(res) -> str:
+    """Per outer iteration: the monitored objective and the units reassigned (in all groups)."""
+    rows = [["0 (start)", f"{res.history[0]:.6g}", "", ""]]
+    total = sum(res.spec.sizes.values())
+    for k, fun in enumerate(res.history[1:], start=1):
+        moved = sum(c[k - 1] for c in res.changed.values() if len(c) >= k)
+        back = str(res.backtracks[k - 1]) if len(res.backtracks) >= k else ""
+        rows.append([str(k), f"{fun:.6g}", f"{moved}/{total}", back])
+    return _table(["iteration", "objective", "units changed", "backtracks"], rows) + f"\n{res.message}"
+
+
 def _optimizer(lr: float):
     def make(params):
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
@@ -300,8 +419,6 @@ def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.experiments.checkpoints import WEIGHT_SUFFIXES
 
     device = _device(args.device)
-    data = _data(args)
-    a, b, meta_a, meta_b = _endpoints(args, device, data)
     out = Path(args.out)
     if args.export_point is not None:
         if out.suffix not in WEIGHT_SUFFIXES:
@@ -314,14 +431,28 @@ def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
         if args.source is not None:
             raise ValueError("--from needs --export-point (a curve read from a file is only exported)")
         folder = out
-    if args.source is not None:
-        curve = _read_curve(args.source).to(device)
-        paths: list[Path] = []
+    options = _options(args, "model_a", "model_b", "perms", "curve", "epochs", "lr", "weight_decay", "seed", "data",
+                       "resize", "train_size", "batch_size")  # fmt: skip
+    fitted = False
+    if args.source is None:
+        recorded = None
+        if (folder / "curve.json").exists() and (folder / "curve.pt").exists() and not args.force:
+            recorded = json.loads((folder / "curve.json").read_text()).get("options")
+        fitted = _finished("curve", folder / "curve.pt", args, options, recorded, leftovers=[folder / "curve.ckpt"])
+        if fitted and args.export_point is None:
+            return [folder / "curve.pt", folder / "curve.json"]
+    data = _data(args)
+    a, b, meta_a, meta_b = _endpoints(args, device, data)
+    if args.source is not None or fitted:
+        curve = _read_curve(args.source if args.source is not None else folder / "curve.pt").to(device)
+        paths: list[Path] = [] if args.source is not None else [folder / "curve.pt", folder / "curve.json"]
     else:
         sd_b = _state(b)
         if args.perms:
             record = _load_alignment(args.perms, meta_a, meta_b, sd_b)
             sd_b = apply_permutation(sd_b, record.spec.restrict(sd_b), record.perms)
+        done = _announce_resume("curve", folder / "curve.ckpt", "epoch", args.epochs)
+        bars({"stage": "curve", "label": args.curve, "step": done, "total": args.epochs, "start": True})
 
         def on_epoch(record):
             bars({"stage": "curve", "label": args.curve, "step": record["epoch"] + 1, "total": args.epochs,
@@ -331,10 +462,11 @@ def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
                         epochs=args.epochs, optimizer=_optimizer(args.lr), weight_decay=args.weight_decay,
                         generator=args.seed, callback=on_epoch, checkpoint=folder / "curve.ckpt")  # fmt: skip
         curve = res.curve
-        curve.save(folder / "curve.pt")
+        history = json.dumps({"history": res.history, "message": res.message, "options": options}, indent=1)
+        p2 = atomic_write_text(folder / "curve.json", history)
+        curve.save(folder / "curve.pt")  # last: its presence marks the command as done
         (folder / "curve.ckpt").unlink(missing_ok=True)
-        history = json.dumps({"history": res.history, "message": res.message}, indent=1)
-        paths = [folder / "curve.pt", atomic_write_text(folder / "curve.json", history)]
+        paths = [folder / "curve.pt", p2]
     if args.export_point is not None:
         paths.append(_export_point(a, curve, args.export_point, data, args.bn_batches, out))
     return paths
@@ -370,13 +502,24 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.curves import fit_curve_pam
 
     device = _device(args.device)
+    out = Path(args.out)
+    options = _options(args, "model_a", "model_b", "init", "method", "lam", "iters", "epochs", "local_search", "lr",
+                       "weight_decay", "seed", "data", "resize", "train_size", "batch_size")  # fmt: skip
+    recorded = None
+    if (out / "pam.json").exists() and not args.force:
+        recorded = json.loads((out / "pam.json").read_text()).get("options")
+    ckpt = out / "pam.ckpt"
+    leftovers = [out / "curve.pt", out / "perms.pt", ckpt, ckpt.with_name(ckpt.name + ".xstep")]
+    if _finished("pam", out / "pam.json", args, options, recorded, leftovers=leftovers):
+        return [out / "curve.pt", out / "perms.pt", out / "pam.json"]
     data = _data(args)
     a, b, meta_a, meta_b = _endpoints(args, device, data)
     init: Any = args.init
     if init not in ("identity", "alignment"):
         init = _load_alignment(init, meta_a, meta_b, _state(b)).perms
-    out = Path(args.out)
     total = args.iters * args.epochs
+    done = _announce_resume("pam", ckpt, "pam", args.iters, unit="iteration")
+    bars({"stage": "pam", "label": str(args.init), "step": done * args.epochs, "total": total, "start": True})
 
     def on_event(record):
         if record["stage"] == "x-epoch":
@@ -390,15 +533,51 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
         checkpoint=out / "pam.ckpt",
     )  # fmt: skip
     res.curve.save(out / "curve.pt")
-    (out / "pam.ckpt").unlink(missing_ok=True)
     settings = {"lam": args.lam, "iters": args.iters, "epochs": args.epochs, "init": str(args.init),
                 "local_search": args.local_search, "seed": args.seed}  # fmt: skip
     record = _alignment_record(res, meta_a, meta_b, method=f"pam-{args.method}", settings=settings)
     p2 = save_permutation_file(out / "perms.pt", record)
     summary = {"objective": res.history, "changed": res.changed, "backtracks": res.backtracks,
-               "status": res.status, "message": res.message, "curve_history": res.curve_history}  # fmt: skip
-    p3 = atomic_write_text(out / "pam.json", json.dumps(summary, indent=1, default=str))
+               "status": res.status, "message": res.message, "curve_history": res.curve_history,
+               "options": options}  # fmt: skip
+    p3 = atomic_write_text(out / "pam.json", json.dumps(summary, indent=1, default=str))  # last: marks it done
+    ckpt.unlink(missing_ok=True)
+    print(_pam_table(res), file=sys.stderr)
     return [out / "curve.pt", p2, p3]
+
+
+def _seconds_per_pass(model: torch.nn.Module, data, device: torch.device) -> tuple[float, int]:
+    """Seconds of one forward pass of a training batch through ``model`` (eval mode, no gradients; the best of 3
+    after one warm-up) and the batch size. The model is not changed."""
+    x = next(iter(data.train))[0].to(device)
+    was_training = model.training
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for _ in range(4):
+            t0 = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    return min(times[1:]), int(x.shape[0])
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _announce_cost(what: str, passes: int, detail: str, model: torch.nn.Module, data, device) -> None:
+    """One line before a long command starts: its forward passes (a backward pass counted as two) and the time
+    they take at one measured pass."""
+    per, batch = _seconds_per_pass(model, data, device)
+    print(f"{what}: about {passes:,} forward passes of batch {batch} ({detail}) at {1000 * per:.0f} ms each "
+          f"(measured): expect about {_duration(passes * per)}; see --help for cheaper settings", file=sys.stderr)
 
 
 def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
@@ -414,6 +593,11 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
         bars({"stage": "evaluate", "label": Path(args.curve).stem, "step": record["index"] + 1,
               "total": args.num_points})  # fmt: skip
 
+    bn = len(data.train) if args.bn_batches is None else min(args.bn_batches, len(data.train))
+    _announce_cost("evaluate", args.num_points * (bn + len(data.test)),
+                   f"{args.num_points} points x ({bn} batch-norm + {len(data.test)} test batches)", model, data,
+                   device)  # fmt: skip
+    bars({"stage": "evaluate", "label": Path(args.curve).stem, "step": 0, "total": args.num_points, "start": True})
     ev = evaluate_curve(model, curve, data.train, data.test, num_points=args.num_points,
                         max_bn_batches=args.bn_batches, callback=on_point)  # fmt: skip
     out = Path(args.out)
@@ -421,6 +605,30 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     print(f"Avg accuracy {100 * ev.avg_accuracy:.2f}%, Min {100 * ev.min_accuracy:.2f}%, "
           f"loss barrier {ev.loss_barrier:.4f}", file=sys.stderr)  # fmt: skip
     return [p1]
+
+
+def _verify_passes(args: argparse.Namespace, checks: Sequence[str], data, spec, fit: bool) -> tuple[int, str]:
+    """The forward passes ``verify`` makes with its defaults of :func:`verify_alignment` (8 held-out batches at 3
+    times per scored move, 8 certificate steps, 4 gradient batches, 3 PAM starts); a backward pass counts as two."""
+    train, groups = len(data.train), len(spec.sizes)
+    score = 8 * 3  # value_batches x len(value_ts): one scored move
+    epoch = 3 * train  # a training epoch: forward and backward
+    parts = {
+        "curve fit": fit * args.fit_epochs * epoch,
+        "stability": "stability" in checks and 3 * args.iters * (epoch + 3 * 4 * 3 + score * (1 + args.local_search
+                                                                                             * groups)),
+        "certificate": "certificate" in checks and 3 * 4 * 3 + groups * 8 * score,
+        "neighbourhood": "neighbourhood" in checks and groups * args.swaps * score,
+        "gradient": "gradient" in checks and 3 * 4 * 3 + 20,
+        "alignment": "alignment" in checks and 2 * len(data.align),
+    }  # fmt: skip
+    parts = {k: int(v) for k, v in parts.items() if v}
+    return sum(parts.values()), ", ".join(f"{k} {v:,}" for k, v in parts.items())
+
+
+def _check_label(name: str, checks: Sequence[str], prefix: str = "") -> str:
+    """``"certificate (2/5)"``: the check and its place among the checks that run."""
+    return f"{prefix}{name} ({list(checks).index(name) + 1}/{len(checks)})"
 
 
 def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> list[Path]:
@@ -431,19 +639,26 @@ def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     device = _device(args.device)
     data = _data(args)
     a, b, meta_a, meta_b = _endpoints(args, device, data)
-    perms = _load_alignment(args.perms, meta_a, meta_b, _state(b)).perms
+    record = _load_alignment(args.perms, meta_a, meta_b, _state(b))
+    perms = record.perms
     curve = Bezier.load(args.curve).to(device) if args.curve else None
     checks = tuple(args.checks) if args.checks else CHECKS
 
+    passes, detail = _verify_passes(args, checks, data, record.spec, curve is None)
+    _announce_cost("verify", passes, detail, a, data, device)
+
     def on_check(name):
-        bars({"stage": "verify", "label": "checks", "step": checks.index(name), "total": len(checks)})
+        bars({"stage": "verify", "label": _check_label(name, checks), "step": 0, "total": None, "start": True})
+
+    def on_progress(name, done, total):
+        bars({"stage": "verify", "label": _check_label(name, checks), "step": done, "total": total})
 
     report = verify_alignment(
         a, _state(a), _state(b), perms, data.train, curve=curve, checks=checks, heldout_loader=data.train_eval,
         align_loader=data.align, fit_epochs=args.fit_epochs, lam=args.lam, stability_iters=args.iters,
         n_swaps=args.swaps, local_search=args.local_search, generator=args.seed, callback=on_check,
+        progress=on_progress,
     )  # fmt: skip
-    bars({"stage": "verify", "label": "checks", "step": len(checks), "total": len(checks)})
     out = Path(args.out)
     paths = list(report.save(out))
     if "stability" in report.checks:
@@ -461,6 +676,12 @@ def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="log the library's progress messages")
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="start over even if --out holds the finished result (without it, a rerun prints one line "
+                        "and skips a finished result, and resumes an interrupted one from its checkpoint)")  # fmt: skip
 
 
 def _add_data(p: argparse.ArgumentParser, *, required: bool = True, stats: bool = True) -> None:
@@ -508,6 +729,15 @@ def _add_pair(p: argparse.ArgumentParser) -> None:
     _add_arch(p, checkpoints=True)
 
 
+def _study_settings() -> str:
+    """The names of every study setting, read from :class:`StudyConfig` so that the help cannot drift from it."""
+    import dataclasses
+
+    from neuralign.experiments.study import StudyConfig
+
+    return ", ".join(f.name for f in dataclasses.fields(StudyConfig))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``neuralign`` (also ``python -m neuralign``)."""
     parser = argparse.ArgumentParser(
@@ -515,6 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Neuron alignment and mode connectivity (Tatro et al., NeurIPS 2020): train networks, align "
         "them, fit curves between them (plain, aligned, PAM), verify the alignment and report.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the version of neuralign and exit")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="offline end-to-end study on the shipped digits (a few minutes on a CPU)",
@@ -530,11 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Table 1 (Unaligned, PAM Unaligned, PAM Aligned, Aligned), evaluate them along t with batch "
                        "norm re-estimated, verify the alignment, and write results.json, report.md and figures. "
                        "Presets: paper (the paper's settings, for GPUs), cpu (TinyTen on CIFAR-10 in about an hour "
-                       "on 2 cores), demo. Any setting can be overridden with --set KEY=VALUE (settings: arch, "
-                       "dataset, pairs, seed, width, hidden, batch_size, train_size, test_size, align_size, resize, "
-                       "epochs, lr, weight_decay, curve_epochs, curve_lr, curve_weight_decay, pam_iters, pam_lam, "
-                       "pam_method, pam_local_search, pam_gradient_batches, num_points, bn_batches, plane_grid, "
-                       "verify, verify_iters, verify_swaps, settings, max_batches).")  # fmt: skip
+                       "on 2 cores), demo. Any setting can be overridden with --set KEY=VALUE (settings: "
+                       f"{_study_settings()}).")  # fmt: skip
     _add_common(p, out="neuralign-study")
     p.add_argument("--preset", choices=["paper", "cpu", "demo"], default="cpu", help="starting settings (default: cpu)")
     p.add_argument("--arch", default=None, help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp, "
@@ -564,6 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
     p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+    _add_force(p)
 
     p = sub.add_parser("align", help="align end point B to A",
                        description="Find the permutation of B's hidden units that matches A's: correlation of "
@@ -604,6 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --export-point: export from this curve.pt instead of fitting one")
     p.add_argument("--bn-batches", type=int, default=None,
                    help="batches of the batch-norm re-estimation of --export-point (default: all)")  # fmt: skip
+    _add_force(p)
     p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
     p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on w(t) (default: 5e-4)")
@@ -620,24 +851,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=1, help="outer iterations (default: 1)")
     p.add_argument("--epochs", type=int, default=250, help="curve epochs per x-step (default: 250)")
     p.add_argument("--local-search", type=int, default=0, help="swaps tried per group after each P-step")
+    _add_force(p)
     p.add_argument("--lr", type=float, default=0.1, help="curve learning rate (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on w(t) (default: 5e-4)")
 
     p = sub.add_parser("evaluate", help="evaluate a curve along t",
                        description="Loss and accuracy at --num-points values of t with batch norm re-estimated; "
-                       "writes evaluation.json (Avg, Min, barriers, values at t = 0.5).")  # fmt: skip
+                       "writes evaluation.json (Avg, Min, barriers, values at t = 0.5). It prints the expected time "
+                       "before it starts: the cost is num-points x (bn-batches + test batches) forward passes, so the "
+                       "defaults (a full training pass at each of 65 points) take long on a CPU; --num-points 17 "
+                       "--bn-batches 10 is a cheap first look.")  # fmt: skip
     _add_common(p, out="neuralign-eval")
     p.add_argument("--model-a", required=True, help="an end point of the curve (gives the architecture)")
     _add_arch(p, checkpoints=True)
     p.add_argument("--curve", required=True, help="curve.pt")
     _add_data(p)
-    p.add_argument("--num-points", type=int, default=65, help="points along t (default: 65)")
-    p.add_argument("--bn-batches", type=int, default=None, help="batches per BN re-estimation (default: all)")
+    p.add_argument("--num-points", type=int, default=65,
+                   help="points along t (default: 65, the paper's); 17 gives the same picture at a quarter of the "
+                        "cost")  # fmt: skip
+    p.add_argument("--bn-batches", type=int, default=None,
+                   help="batches per BN re-estimation (default: all, a full training pass per point); 10 moves "
+                        "accuracies along a fitted curve by about 0.1 points (benchmarks/bn_subset.py) at a small "
+                        "fraction of the cost")  # fmt: skip
 
     p = sub.add_parser("verify", help="check whether an alignment is locally optimal",
                        description="Run the checks of neuralign.verification.verify_alignment (PAM stability, "
                        "first-order certificate, neighbourhood swaps, gradient Taylor test, correlation "
-                       "optimality); writes verification.json, verification.md and reassignment.png.")  # fmt: skip
+                       "optimality); writes verification.json, verification.md and reassignment.png. It prints the "
+                       "expected time before it starts. Cheaper settings: --checks certificate gradient alignment "
+                       "(minutes: no PAM runs, no swap scoring), --iters 1, --swaps 8, --local-search 4, or a "
+                       "--curve already fitted instead of --fit-epochs.")  # fmt: skip
     _add_common(p, out="neuralign-verify")
     _add_pair(p)
     _add_data(p)
@@ -668,9 +911,11 @@ _COMMANDS = {
 
 def _manifest_path(args: argparse.Namespace) -> Path:
     """``<out>/manifest_<cmd>.json``, or beside ``--out`` when it names a weight file (``apply``,
-    ``--export-point``)."""
+    ``--export-point``); ``train`` writes one per end point (several seeds may share a folder)."""
     out = Path(args.out)
     folder = out.parent if out.suffix in (".safetensors", ".pt", ".pth") else out
+    if args.command == "train":
+        return folder / f"manifest_train_{args.arch}_seed{args.seed}.json"
     return folder / f"manifest_{args.command}.json"
 
 
@@ -700,6 +945,29 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _in_option_words(text: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """``text`` (a library message) with the Python argument names it mentions replaced by the command's options:
+    "pass download=True" -> "pass --download", "`resize`" -> "--resize"."""
+    import re
+
+    options = {}
+    for action in parser._subparsers._group_actions[0].choices[command]._actions:  # type: ignore[union-attr]
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long:
+            options[action.dest] = long[0]
+    options.setdefault("root", options.get("data_root", "--data-root"))
+    text = re.sub(r"\b(\w+)=True\b", lambda m: options.get(m.group(1), m.group(0)), text)
+    text = text.replace("root (--data-root)", "--data-root")
+    return re.sub(r"`(\w+)`", lambda m: options.get(m.group(1), m.group(0)), text)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """Show a library warning as one line, without Python's source line (replaces ``warnings.showwarning``)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"neuralign: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``neuralign`` and ``python -m neuralign``; returns the exit status."""
     parser = build_parser()
@@ -709,16 +977,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     bars = _Bars(enabled=not args.quiet)
     try:
-        if args.command not in ("demo", "study"):  # a study keeps its own, richer manifest
-            _write_manifest(args)
-        paths = _COMMANDS[args.command](args, bars)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            if args.command not in ("demo", "study"):  # a study keeps its own, richer manifest
+                _write_manifest(args)
+            paths = _COMMANDS[args.command](args, bars)
     except KeyboardInterrupt:
         bars.close()
         print("neuralign: interrupted; run the same command again to resume from the checkpoints", file=sys.stderr)
         return 130
     except (NeuralignError, ValueError, TypeError, OSError) as exc:  # OSError: a full disk, a missing permission
         bars.close()
-        print(f"neuralign: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"neuralign: error: {_in_option_words(_one_line(exc), parser, args.command)}", file=sys.stderr)
         return 2
     bars.close()
     for path in paths:

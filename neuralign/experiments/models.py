@@ -1033,3 +1033,39 @@ def build_model(name: str, num_classes: int, *, seed: int | None = None, **kwarg
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def smallest_input_size(model: nn.Module, in_channels: int, image_size: tuple[int, int], *,
+                        max_size: int = 256) -> int | None:
+    """Whether ``model`` can take images of ``image_size``: ``None`` if it can, else the smallest square side length
+    (up to ``max_size``) it can take, or ``0`` if none up to ``max_size`` works.
+
+    One forward pass of a single zero image per size tried, in eval mode, without gradients (the model is not
+    changed: its mode is restored).
+
+    Examples
+    --------
+    >>> smallest_input_size(build_model("tinyten", 10, in_channels=1), 1, (8, 8))
+    9
+    >>> smallest_input_size(build_model("tinyten", 10, in_channels=1), 1, (28, 28)) is None
+    True
+    """
+
+    def fits(h: int, w: int) -> bool:
+        param = next(model.parameters(), None)
+        x = torch.zeros(1, in_channels, h, w, device=param.device if param is not None else None)
+        try:
+            model(x)
+        except RuntimeError:
+            return False
+        return True
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if fits(*image_size):
+                return None
+            return next((n for n in range(max(image_size) + 1, max_size + 1) if fits(n, n)), 0)
+    finally:
+        model.train(was_training)

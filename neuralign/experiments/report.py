@@ -435,6 +435,22 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _precision_note(results: Mapping[str, Any]) -> str:
+    """The test-set size and its noise floor (one image in percentage points), and which batches batch norm was
+    re-estimated on, when the results record them."""
+    note = ""
+    n = results.get("test_images")
+    if isinstance(n, int) and n > 0:
+        note += (f" Test set: {n:,} images, so one image is {100 / n:.2g} points; differences of that size are "
+                 "noise.")  # fmt: skip
+    bn = results.get("bn_batches")
+    if isinstance(bn, Mapping) and bn.get("shared"):
+        count = bn.get("count")
+        where = f"the same {count} training batches" if count else "one full pass of the training images"
+        note += f" Batch norm re-estimated on {where} at every t and on every curve."
+    return note
+
+
 def format_table(results: Mapping[str, Any], *, decimals: int = 1) -> str:
     """A markdown table laid out like Tatro et al. (2020), Table 1: Avg and Min test accuracy (%) per setting.
 
@@ -489,6 +505,7 @@ def format_table(results: Mapping[str, Any], *, decimals: int = 1) -> str:
         + (f"; Min: minimum over {points} points" if points else "")
         + "; Endpoints: mean accuracy at t = 0 and t = 1"
         + (" (batch norm re-estimated as along the curves)." if table["endpoint_source"] == "curves" else ".")
+        + _precision_note(results)
     )
     curve_rows = [s for s in results["settings"] if "avg_accuracy" in rows[s] and "min_accuracy" in rows[s]]
     best: dict[str, set[str]] = {}

@@ -293,6 +293,7 @@ class _Study:
         model = build_model(c.arch, self.data.num_classes, seed=stable_seed(c.seed, "init", seed), **kwargs)
         model = model.to(self.device)
         self.data.train.generator.manual_seed(stable_seed(c.seed, "data", seed))
+        self.emit(stage="train", label=f"end point {seed}", step=0, total=c.epochs, start=True)
 
         def on_epoch(record: dict[str, Any]) -> None:
             self.emit(stage="train", label=f"end point {seed}", step=record["epoch"], total=c.epochs, record=record)
@@ -361,6 +362,10 @@ class _Study:
                       record=record)  # fmt: skip
 
         meta: dict[str, Any] = {"setting": setting}
+        if setting.startswith("pam"):
+            self.emit(stage="pam", label=label, step=0, total=c.curve_epochs * c.pam_iters, start=True)
+        else:
+            self.emit(stage="curve", label=label, step=0, total=c.curve_epochs, start=True)
         if setting in ("unaligned", "aligned"):
             end_b = sd_b if setting == "unaligned" else apply_permutation(sd_b, spec.restrict(sd_b), perms)
             res = fit_curve(
@@ -399,6 +404,24 @@ class _Study:
         self.done(f"pair {k} curve {setting}")
         return curve, meta
 
+    def bn_loader(self) -> Any:
+        """The batches batch norm is re-estimated on: with ``bn_batches``, the same ``bn_batches`` training batches
+        (drawn once, with the training augmentation) at every t, on every curve and the plane, so that differences
+        between points and curves are not differences of batches; without, a full pass of the training images
+        without augmentation, in a fixed order."""
+        c = self.config
+        if c.bn_batches is None:
+            return self.data.train_eval
+        if getattr(self, "_bn_batches", None) is None:
+            self.data.train.generator.manual_seed(stable_seed(c.seed, "bn"))
+            batches = []
+            for batch in self.data.train:
+                if len(batches) == c.bn_batches:
+                    break
+                batches.append(batch)
+            self._bn_batches = batches
+        return self._bn_batches
+
     def evaluate(self, k: int, setting: str, a: nn.Module, curve) -> CurveEvaluation:
         c = self.config
         path = self.out / f"pair{k}" / f"eval_{setting}.json"
@@ -410,8 +433,8 @@ class _Study:
             self.emit(stage="evaluate", label=label, step=record.get("index", 0) + 1, total=c.num_points,
                       record=record)  # fmt: skip
 
-        self.data.train.generator.manual_seed(stable_seed(c.seed, "bn", k, setting))
-        ev = evaluate_curve(a, curve, self.data.train, self.data.test, num_points=c.num_points,
+        self.emit(stage="evaluate", label=label, step=0, total=c.num_points, start=True)
+        ev = evaluate_curve(a, curve, self.bn_loader(), self.data.test, num_points=c.num_points,
                             max_bn_batches=c.bn_batches, callback=on_point)  # fmt: skip
         atomic_write_text(path, json.dumps(ev.to_dict(), indent=1))
         self.done(f"pair {k} eval {setting}")
@@ -424,8 +447,14 @@ class _Study:
             return json.loads(path.read_text())
         checks = ("stability", "certificate", "neighbourhood", "gradient", "alignment")
 
+        def label(name: str) -> str:
+            return f"pair {k} {name} ({checks.index(name) + 1}/{len(checks)})"
+
         def on_check(name: str) -> None:
-            self.emit(stage="verify", label=f"pair {k} {name}", step=checks.index(name), total=len(checks))
+            self.emit(stage="verify", label=label(name), step=0, total=None, start=True)
+
+        def on_progress(name: str, done: int, total: int) -> None:
+            self.emit(stage="verify", label=label(name), step=done, total=total)
 
         report = verify_alignment(
             a, sd_a, sd_b, perms, self.data.train, curve=curve, spec=spec, heldout_loader=self.data.train_eval,
@@ -434,9 +463,9 @@ class _Study:
             value_batches=c.verify_batches, value_ts=c.verify_ts, local_search=c.verify_local_search,
             random_starts=c.verify_random_starts,
             max_batches_per_epoch=c.max_batches, generator=stable_seed(c.seed, "verify", k), callback=on_check,
+            progress=on_progress,
         )  # fmt: skip
         report.save(self.out / f"pair{k}")
-        self.emit(stage="verify", label=f"pair {k}", step=len(checks), total=len(checks))
         self.done(f"pair {k} verification")
         return json.loads(report.to_json())
 
@@ -452,8 +481,8 @@ class _Study:
             step = record["i"] * c.plane_grid + record["j"] + 1
             self.emit(stage="plane", label=f"pair {k}", step=step, total=c.plane_grid**2)
 
-        self.data.train.generator.manual_seed(stable_seed(c.seed, "plane", k))
-        plane = evaluate_plane(a, pa, pb, theta, self.data.train, self.data.test, grid=c.plane_grid,
+        self.emit(stage="plane", label=f"pair {k}", step=0, total=c.plane_grid**2, start=True)
+        plane = evaluate_plane(a, pa, pb, theta, self.bn_loader(), self.data.test, grid=c.plane_grid,
                                max_bn_batches=c.bn_batches, callback=on_point)  # fmt: skip
         xy = project_to_plane(curve, pa, pb, theta, t=[i / 40 for i in range(41)])
         out = {**plane.to_dict(), "curve_xy": xy.tolist(), "labels": ["w_A", "P w_B", "theta"]}
@@ -543,7 +572,10 @@ def run_study(
             "verification": verification,
             "plane": plane,
         })  # fmt: skip
-    results = {"kind": "study_results", "config": c.to_dict(), "settings": list(c.settings), "pairs": pairs_out}
+    results = {"kind": "study_results", "config": c.to_dict(), "settings": list(c.settings), "pairs": pairs_out,
+               "test_images": len(study.data.test.dataset),
+               "bn_batches": {"count": len(study.bn_loader()) if c.bn_batches is not None else None,
+                              "shared": True}}  # fmt: skip
     write_results_json(results, out)
     figures = plot_study(results, out / "figures")
     report = write_report(results, out, figures=figures, paper_row=paper_row, notes=notes)

@@ -56,6 +56,7 @@ from neuralign.optim.qap import (
     load_qaplib_solution,
     local_search_2opt,
     qap_objective,
+    qaplib_path,
     solve_qap,
 )
 
@@ -95,6 +96,7 @@ __all__ = [
     "load_qaplib",
     "load_qaplib_solution",
     "local_search_2opt",
+    "qaplib_path",
     "qap_objective",
     "solve_qap",
 ]

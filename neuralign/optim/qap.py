@@ -36,6 +36,7 @@ __all__ = [
     "solve_qap",
     "load_qaplib",
     "load_qaplib_solution",
+    "qaplib_path",
     "QAP_METHODS",
 ]
 
@@ -448,6 +449,33 @@ def _size(values: list[float], path: Path, what: str) -> int:
     if n != int(n) or n < 1:
         raise DataError(f"{what} file {str(path)!r} starts with {n!r}, expected the size n (a positive integer)")
     return int(n)
+
+
+#: QAPLIB instances shipped in ``neuralign/optim/_data/qaplib`` (terms and provenance in ``QAPLIB.md`` there).
+SHIPPED_QAPLIB = ("chr12c", "nug12")
+
+
+def qaplib_path(name: str, *, solution: bool = False) -> Path:
+    """Path of a QAPLIB instance shipped with neuralign (``.dat``, or its ``.sln`` with ``solution=True``).
+
+    Two small instances ship (``chr12c``, ``nug12``; Burkard, Karisch & Rendl 1997, see ``QAPLIB.md`` beside them
+    for provenance and terms); read them with :func:`load_qaplib` and :func:`load_qaplib_solution`.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not one of the shipped instances.
+
+    Examples
+    --------
+    >>> A, B = load_qaplib(qaplib_path("chr12c"))
+    >>> load_qaplib_solution(qaplib_path("chr12c", solution=True), A=A, B=B)[0]
+    11156.0
+    """
+    stem = Path(str(name)).stem
+    if stem not in SHIPPED_QAPLIB:
+        raise ValueError(f"unknown shipped QAPLIB instance {name!r}; expected one of {list(SHIPPED_QAPLIB)}")
+    return Path(__file__).resolve().parent / "_data" / "qaplib" / f"{stem}.{'sln' if solution else 'dat'}"
 
 
 def load_qaplib(path: str | os.PathLike, *, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:

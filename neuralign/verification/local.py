@@ -161,10 +161,10 @@ class VerificationReport:
             table = c.details.get("per_group")
             if not table:
                 continue
-            cols = list(next(iter(table.values())).keys())
+            cols = list(dict.fromkeys(k for row in table.values() for k in row))  # rows may lack some columns
             lines += [f"## {c.name}", "", "| group | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
             for g, row in table.items():
-                lines.append(f"| {g} | " + " | ".join(_fmt(row[k]) for k in cols) + " |")
+                lines.append(f"| {g} | " + " | ".join(_fmt(row[k]) if k in row else "" for k in cols) + " |")
             lines.append("")
         return "\n".join(lines)
 
@@ -235,6 +235,12 @@ class _Context:
         return paired_change(self.losses(changes), self.base_losses())
 
 
+def _tick(opts: Mapping[str, Any], name: str, done: int, total: int) -> None:
+    """Report progress inside a check (``done`` of ``total`` units of its work) to the ``progress`` callback."""
+    if opts.get("progress") is not None:
+        opts["progress"](name, done, total)
+
+
 def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, spec, opts, gen) -> CheckResult:
     sizes = spec.sizes
     runs: dict[str, dict[str, Any]] = {}
@@ -242,12 +248,14 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
     for r in range(opts["random_starts"]):
         start = random_permutation(spec, generator=stable_seed(opts["seed"], "start", r))
         starts.append((f"random{r + 1}", start, None))
-    for label, init, start_curve in starts:
+    total = len(starts) * opts["stability_iters"]
+    for index, (label, init, start_curve) in enumerate(starts):
         trace: list[dict[str, torch.Tensor]] = []
 
-        def record(rec: dict[str, Any], trace=trace) -> None:
+        def record(rec: dict[str, Any], trace=trace, index=index) -> None:
             if rec["stage"] == "iteration":
                 trace.append(rec["perms"])
+                _tick(opts, "stability", index * opts["stability_iters"] + len(trace), total)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -260,6 +268,7 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
                 local_search=opts["local_search"], local_search_alpha=opts["alpha"],
                 generator=stable_seed(opts["seed"], "stability", label), callback=record,
             )  # fmt: skip
+        _tick(opts, "stability", (index + 1) * opts["stability_iters"], total)
         start_perm = res.init_perms
         distances = [permutation_distance(start_perm, perms)] + [permutation_distance(p, perms) for p in trace]
         runs[label] = {
@@ -302,7 +311,8 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
     per_group: dict[str, dict[str, Any]] = {}
     candidates: dict[str, list[tuple[float, torch.Tensor]]] = {}
     lp_gaps = []
-    for g, n in ctx.spec.sizes.items():
+    total = 2 * len(ctx.spec.sizes)
+    for index, (g, n) in enumerate(ctx.spec.sizes.items()):
         ident = torch.arange(n)
         bound = proximal_step_bound(G[g], ident)
         # the P-steps a linearised PAM would take from the alignment for steps between lam* and lam
@@ -327,9 +337,11 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
             lp_gaps.append(gap)
         per_group[g] = {"lam_star": bound.lam, "witness_moves": bound.moved, "steps_tested": len(moves),
                         "lap_duality_gap": lap.duality_gap(), "lp_vs_lap_gap": gap}  # fmt: skip
+        _tick(opts, "certificate", index + 1, total)
     z = bonferroni_z(opts["alpha"], sum(len(m) for m in candidates.values()))
     verdicts = []
-    for g, moves in candidates.items():
+    for index, (g, moves) in enumerate(candidates.items()):
+        _tick(opts, "certificate", len(candidates) + index + 1, total)
         row = per_group[g]
         if row["lam_star"] >= lam:
             row.update(best_change=float("nan"), verdict="pass")
@@ -391,12 +403,14 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     total = sum(len(m) for m in moves_by_group.values())
     z = bonferroni_z(opts["alpha"], total)
     per_group, verdicts, examples = {}, [], {}
-    total_sig = 0
+    total_sig = scored = 0
     for g, moves in moves_by_group.items():
         sig = neg = 0
         best = (math.inf, None)
         for kind, where, p in moves:
             mean, se = ctx.delta({g: p})
+            scored += 1
+            _tick(opts, "neighbourhood", scored, total)
             neg += mean < 0
             sig += mean + z * se < 0
             if mean < best[0]:
@@ -476,6 +490,7 @@ def _check_gradient(ctx: _Context, opts, gen: torch.Generator, scale: float = 1.
             return float(p64.objective(x, {g: ident[g] + eps * direction[g] for g in ident}, batches, ts))
 
     res = taylor_test(along, deriv, min_slope=opts["min_slope"])
+    _tick(opts, "gradient", 1, 1)
     verdict = "pass" if res.passed else ("inconclusive" if math.isnan(res.slope) else "fail")
     return CheckResult(
         "gradient", verdict, res.message, {"min_slope": opts["min_slope"]},
@@ -495,7 +510,9 @@ def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
     a.load_state_dict(dict(point_a))
     b.load_state_dict(dict(point_b))
     corr = align(a, b, loader, spec=spec, method="correlation")
+    _tick(opts, "alignment", 1, 2)
     weight = align(a, b, method="weight", spec=spec, generator=opts["seed"])
+    _tick(opts, "alignment", 2, 2)
     per_group, gaps = {}, []
     for g in spec.groups:
         C = corr.similarity[g]
@@ -562,6 +579,7 @@ def verify_alignment(
     max_batches_per_epoch: int | None = None,
     generator: torch.Generator | int | None = None,
     callback: Callable[[str], Any] | None = None,
+    progress: Callable[[str, int, int], Any] | None = None,
 ) -> VerificationReport:
     """Check whether ``perms`` is a local optimum of the joint curve objective, with checks that can fail.
 
@@ -647,6 +665,9 @@ def verify_alignment(
         Seeds every random choice (derived seeds per check).
     callback : callable, optional
         Called with each check's name before it runs (progress).
+    progress : callable, optional
+        Called inside each check as ``progress(name, done, total)`` after each unit of its work (a PAM iteration
+        of a start, a group, a scored move), for progress bars within a check.
 
     Returns
     -------
@@ -696,6 +717,7 @@ def verify_alignment(
         "min_slope": min_slope, "alignment_tol": alignment_tol, "weight_decay": weight_decay,
         "max_batches_per_epoch": max_batches_per_epoch, "heldout_loader": heldout_loader,
         "align_loader": align_loader, "lp_max_size": 256, "model": model, "train_loader": train_loader,
+        "progress": progress,
     }  # fmt: skip
     results: dict[str, CheckResult] = {}
     for name in CHECKS:
@@ -715,7 +737,9 @@ def verify_alignment(
             results[name] = _check_gradient(ctx, opts, sub)
         else:
             results[name] = _check_alignment(model, point_a, point_b, perms, spec, opts)
-    config = {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    config = {
+        k: v for k, v in opts.items() if (isinstance(v, (int, float, str, bool)) or v is None) and k != "progress"
+    }
     config["checks"] = list(checks)
     config["groups"] = dict(spec.sizes)
     return VerificationReport(results, config)

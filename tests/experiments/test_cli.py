@@ -1,7 +1,7 @@
 import json
-import logging
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -27,6 +27,23 @@ def test_every_command_has_help_that_explains_its_options(capsys):
         assert "--out" in text and "--device" in text and "--seed" in text, cmd
         for action in parser._subparsers._group_actions[0].choices[cmd]._actions:
             assert action.help, f"{cmd} {action.option_strings} has no help"
+
+
+def test_version_and_study_settings_in_help_come_from_the_code(capsys):
+    import dataclasses
+
+    import neuralign
+    from neuralign.experiments.study import StudyConfig
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"neuralign {neuralign.__version__}"
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = text.split("(settings: ", 1)[1].split(")", 1)[0].split(", ")
+    assert listed == [f.name for f in dataclasses.fields(StudyConfig)]
+    assert {"verify_ts", "verify_batches", "verify_local_search", "verify_random_starts"} <= set(listed)
 
 
 def test_python_m_neuralign_runs_the_same_command_line():
@@ -57,7 +74,7 @@ def _one_error_line(capsys) -> str:
 
 
 def test_a_full_disk_during_train_is_one_line_keeps_the_last_checkpoint_and_a_rerun_resumes(
-    tmp_path, capsys, monkeypatch, caplog
+    tmp_path, capsys, monkeypatch
 ):
     """The disk fills up while `train` saves the checkpoint of epoch 2 (torch.save writes into a file that takes 4 kB
     more): one line, exit 2, the checkpoint of epoch 1 intact; the same command then resumes from it."""
@@ -80,9 +97,8 @@ def test_a_full_disk_during_train_is_one_line_keeps_the_last_checkpoint_and_a_re
     assert saved["epoch"] == 1 and len(saved["history"]) == 1
     assert not endpoint.exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
-    caplog.set_level(logging.INFO, logger="neuralign.experiments.training")
-    assert main(command) == 0
-    assert f"resuming training from {ckpt} at epoch 1" in caplog.text
+    assert main(command) == 0  # without -v, one line says that it resumes
+    assert f"resuming train from epoch 1 of 2 ({ckpt})" in capsys.readouterr().err.splitlines()
     state = torch.load(endpoint, weights_only=True)
     assert len(state["history"]) == 2 and not ckpt.exists()
     assert state["history"][0] == saved["history"][0]  # epoch 1 was not run again: its wall-clock time is the same
@@ -140,25 +156,45 @@ def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, cap
     state = torch.load(a, weights_only=True)
     assert state["kind"] == "endpoint" and state["arch"] == "tinyten" and len(state["history"]) == 1
     pair = ["--model-a", str(a), "--model-b", str(b), *DATA]
+    capsys.readouterr()
     assert main(["align", *pair, "--out", str(tmp_path / "al")]) == 0
+    table = capsys.readouterr().err.splitlines()
+    assert table[0].split() == ["group", "units", "corr", "before", "corr", "after"]
     manifest = json.loads((tmp_path / "al" / "manifest_align.json").read_text())
     assert manifest["options"]["method"] == "correlation" and manifest["versions"]["torch"] == torch.__version__
     summary = json.loads((tmp_path / "al" / "alignment.json").read_text())
     assert set(summary["correlation_after"]) == set(summary["groups"])
+    assert [line.split()[0] for line in table[1:]] == summary["groups"]
+    for line, g in zip(table[1:], summary["groups"]):  # the table prints what alignment.json holds, to 4 places
+        assert line.split()[1:] == [str(summary["sizes"][g]), f"{summary['correlation_before'][g]:.4f}",
+                                    f"{summary['correlation_after'][g]:.4f}"]  # fmt: skip
     perms = str(tmp_path / "al" / "alignment.pt")
     assert main(["curve", *pair, "--perms", perms, "--epochs", "1", "--out", str(tmp_path / "c")]) == 0
     assert main(["pam", *pair, "--init", perms, "--epochs", "1", "--out", str(tmp_path / "p")]) == 0
     pam = json.loads((tmp_path / "p" / "pam.json").read_text())
     assert len(pam["objective"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    head = next(i for i, line in enumerate(err) if line.startswith("iteration"))
+    assert err[head].split() == ["iteration", "objective", "units", "changed", "backtracks"]
+    assert err[head + 1].split() == ["0", "(start)", f"{pam['objective'][0]:.6g}"]
+    moved = sum(c[0] for c in pam["changed"].values())
+    assert err[head + 2].split()[:3] == ["1", f"{pam['objective'][1]:.6g}", f"{moved}/{sum(summary['sizes'].values())}"]
     assert main(["evaluate", "--model-a", str(a), "--curve", str(tmp_path / "c" / "curve.pt"), *DATA,
                  "--num-points", "3", "--bn-batches", "1", "--out", str(tmp_path / "e")]) == 0  # fmt: skip
+    import re
+
+    cost = re.search(r"evaluate: about ([\d,]+) forward passes of batch \d+ \(3 points x \(1 batch-norm \+ (\d+) "
+                     r"test batches\)\) at \d+ ms each \(measured\): expect about \d+ s", capsys.readouterr().err)
+    assert cost and int(cost.group(1).replace(",", "")) == 3 * (1 + int(cost.group(2)))
     ev = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert ev["t"] == [0.0, 0.5, 1.0]
     assert main(["verify", *pair, "--perms", perms, "--curve", str(tmp_path / "c" / "curve.pt"), "--checks",
                  "certificate", "gradient", "--out", str(tmp_path / "v")]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert re.search(r"verify: about [\d,]+ forward passes .*certificate [\d,]+, gradient 56\)", captured.err)
     report = json.loads((tmp_path / "v" / "verification.json").read_text())
     assert set(report["checks"]) == {"certificate", "gradient"}
-    out = capsys.readouterr().out.split()
+    out = captured.out.split()
     assert str(tmp_path / "v" / "verification.md") in out
 
 
@@ -172,6 +208,14 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
     assert "| Aligned |" in text and "figures/curve_metrics.png" in text
     results = json.loads((folder / "results.json").read_text())
     assert results["settings"] == ["unaligned", "pam_unaligned", "pam_aligned", "aligned"]
+    # every curve starts at end point A and batch norm is re-estimated on the same batches everywhere: the four
+    # curves score A identically (they differed by up to half a point when each curve drew its own batches)
+    at_a = {s: ev["test_accuracy"][0] for s, ev in results["pairs"][0]["curves"].items()}
+    assert len(set(at_a.values())) == 1, at_a
+    n = results["test_images"]
+    assert n == 360 and results["bn_batches"] == {"count": 2, "shared": True}  # 360: the shipped digits' test split
+    assert f"Test set: {n} images, so one image is {100 / n:.2g} points" in text
+    assert "Batch norm re-estimated on the same 2 training batches at every t and on every curve." in text
     assert results["pairs"][0]["verification"]["kind"] == "verification_report"
     for name in ("curve_metrics", "layer_correlation", "reassignment", "plane", "verification"):
         assert (folder / "figures" / f"{name}.png").stat().st_size > 1000
@@ -186,3 +230,107 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--out", str(folder), "--quiet", *TINY, "--set", "curve_epochs=2"]) == 2
     assert "holds a study with other settings (curve_epochs)" in capsys.readouterr().err
+
+
+def test_train_and_curve_rerun_skip_in_one_line_and_force_redoes(endpoints, tmp_path, capsys):
+    a, b = endpoints
+    folder = a.parent
+    # every seed trained into one folder keeps its own manifest
+    assert {p.name for p in folder.glob("manifest_train*.json")} == {"manifest_train_tinyten_seed1.json",
+                                                                     "manifest_train_tinyten_seed2.json"}
+    train = ["train", "--arch", "tinyten", "--epochs", "1", "--seed", "1", "--out", str(folder), *DATA]
+    stamp = a.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(train) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"train already done: {a}; --force redoes it"
+    assert captured.out.split() == [str(a)] and a.stat().st_mtime_ns == stamp
+    assert main(train[:4] + ["2"] + train[5:]) == 2  # --epochs 2 into a folder holding a 1-epoch end point
+    assert _one_error_line(capsys) == (f"neuralign: error: {a} was made with other options: --epochs 1 (now 2); "
+                                       "--force redoes it, or choose another --out")  # fmt: skip
+    pair = ["--model-a", str(a), "--model-b", str(b), *DATA]
+    curve = ["curve", *pair, "--epochs", "2", "--out", str(tmp_path / "c")]
+    ckpt = tmp_path / "c" / "curve.ckpt"
+
+    def stop_after_the_first_epoch(self, event):
+        if event["stage"] == "curve" and event["step"] >= 1:  # after the checkpoint of epoch 1 is written
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("neuralign.experiments.cli._Bars.__call__", stop_after_the_first_epoch)
+        assert main(curve) == 130
+    assert ckpt.exists()
+    capsys.readouterr()
+    assert main(curve) == 0
+    assert f"resuming curve from epoch 1 of 2 ({ckpt})" in capsys.readouterr().err.splitlines()
+    done = tmp_path / "c" / "curve.pt"
+    stamp = done.stat().st_mtime_ns
+    assert main(curve) == 0
+    assert capsys.readouterr().err.strip() == f"curve already done: {done}; --force redoes it"
+    assert done.stat().st_mtime_ns == stamp
+    assert main([*curve, "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "already done" not in err and "resuming" not in err and done.stat().st_mtime_ns != stamp
+    assert len(json.loads((tmp_path / "c" / "curve.json").read_text())["history"]) == 2
+
+
+def test_train_refuses_images_the_architecture_cannot_take_naming_resize(tmp_path, capsys):
+    command = ["train", "--arch", "tinyten", "--data", "digits", "--epochs", "1", "--out", str(tmp_path), "--quiet"]
+    assert main(command) == 2
+    assert _one_error_line(capsys) == ("neuralign: error: --arch tinyten needs images of at least 9x9 but --data "
+                                       "digits has 8x8; add --resize 9 (or larger) to resize them")  # fmt: skip
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_errors_name_command_line_options_not_python_arguments(tmp_path, capsys):
+    command = ["train", "--arch", "tinyten", "--data", "mnist", "--data-root", str(tmp_path / "none"), "--out",
+               str(tmp_path), "--quiet"]  # fmt: skip
+    assert main(command) == 2
+    err = _one_error_line(capsys)
+    assert "pass --download (needs network) or point --data-root at a folder holding MNIST/raw" in err
+    assert "download=True" not in err and "root (" not in err
+    assert main(["train", "--arch", "tinyten", "--epochs", "0", "--out", str(tmp_path), *DATA]) == 2
+    assert _one_error_line(capsys) == "neuralign: error: --epochs must be a positive int, got 0"
+
+
+def test_library_warnings_reach_the_command_line_as_one_line(monkeypatch, capsys, tmp_path):
+    from neuralign.errors import ConvergenceWarning
+
+    def warns(args, bars):
+        warnings.warn("PAM on the curve: 315 units reassigned\nin the last iteration", ConvergenceWarning,
+                      stacklevel=1)  # fmt: skip
+        return []
+
+    monkeypatch.setitem(__import__("neuralign.experiments.cli", fromlist=["_COMMANDS"])._COMMANDS, "align", warns)
+    assert main(["align", "--model-a", "a", "--model-b", "b", "--data", "digits", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err == "neuralign: warning: PAM on the curve: 315 units reassigned; in the last iteration\n"
+
+
+def _bar_lines(err: str) -> list[str]:
+    return [line.strip() for chunk in err.split("\n") for line in chunk.split("\r") if line.strip()]
+
+
+def test_progress_bars_count_the_first_step_and_show_the_numbers_of_the_step_drawn(capsys):
+    import re
+    import time
+
+    from neuralign.experiments.cli import _Bars
+
+    bars = _Bars(enabled=True)
+    bars({"stage": "train", "label": "a", "step": 0, "total": 2, "start": True})
+    time.sleep(0.25)
+    bars({"stage": "train", "label": "a", "step": 1, "total": 2, "record": {"train_loss": 2.0}})
+    time.sleep(0.25)
+    bars({"stage": "train", "label": "a", "step": 2, "total": 2, "record": {"train_loss": 1.0}})
+    lines = _bar_lines(capsys.readouterr().err)
+    done = [line for line in lines if "2/2" in line]
+    assert done and all("train_loss=1]" in line for line in done), lines
+    rate = float(re.search(r"([\d.]+)step/s", done[-1]).group(1))
+    assert rate <= 2 / 0.5 * 1.01, done[-1]  # 2 steps took at least 0.5 s (tqdm rounds to 3 significant digits)
+    # a stage whose first event comes after its first step is timed from the previous event
+    time.sleep(0.25)
+    bars({"stage": "pam", "label": "identity", "step": 1, "total": 1})
+    done = [line for line in _bar_lines(capsys.readouterr().err) if "1/1" in line]
+    assert float(re.search(r"([\d.]+)step/s", done[-1]).group(1)) <= 1 / 0.25 * 1.01, done[-1]
+    assert bars.bars == {}

@@ -73,7 +73,7 @@ def test_image_folder_trains_aligns_and_evaluates_through_the_command_line(tmp_p
     for seed in (1, 2):
         assert main(["train", "--arch", "tinyten", "--epochs", "2", "--lr", "0.05", "--seed", str(seed), "--out",
                      str(tmp_path / "ep"), *data]) == 0, capsys.readouterr().err  # fmt: skip
-    manifest = json.loads((tmp_path / "ep" / "manifest_train.json").read_text())
+    manifest = json.loads((tmp_path / "ep" / "manifest_train_tinyten_seed2.json").read_text())  # one per end point
     assert manifest["data"]["image_size"] == [12, 12] and len(manifest["data"]["mean"]) == 3
     assert manifest["data"]["stats_from"] == "computed on 30 training images"
     assert manifest["data"]["class_names"] == list(CLASSES)

@@ -169,3 +169,15 @@ def test_first_order_certificate_is_blind_to_a_small_swap_damage(planted, plante
     assert row["verdict"] == "pass"
     planted_lam = planted_report.checks["certificate"].details["per_group"][GROUP]["lam_star"]
     assert row["lam_star"] < planted_lam
+
+
+def test_markdown_renders_groups_whose_rows_have_different_columns():
+    """The certificate's row of a group that passes outright has no step statistics; rendering must not fail."""
+    from neuralign.verification.local import CheckResult, VerificationReport
+
+    rows = {"g1": {"lam_star": 2000.0, "verdict": "pass"},
+            "g2": {"lam_star": 10.0, "best_change_se": 0.5, "verdict": "fail"}}  # fmt: skip
+    report = VerificationReport({"certificate": CheckResult("certificate", "fail", "s", {}, {"per_group": rows})})
+    md = report.to_markdown().splitlines()
+    head = md.index("| group | lam_star | verdict | best_change_se |")
+    assert md[head + 2].startswith("| g1 | 2000 | pass |  |") and md[head + 3].startswith("| g2 | 10 | fail | 0.5 |")
