@@ -4,7 +4,7 @@ spec it returns keeps the function unchanged.
 For each model (random weights, seeded, 10 classes) the script traces a permutation spec and reports: traced or
 refused (with the fx node named by the ``SpecError``), the number of permutation groups and units, the share of
 units read from data by correlation alignment (groups with an activation tap), the float64 equivalence
-difference of one random permutation (the larger of eval and train mode, relative to max |output|;
+difference of one random permutation (the larger of eval and train mode, relative to each output entry;
 ``check_equivalence`` with ``trials=1``), the random operations found, and the trace time. A model that raises
 anything other than ``SpecError`` is reported as an error row: that is a bug.
 
@@ -278,7 +278,8 @@ def render_doc(table: str, *, command: str, total: float, threads: int, seed: in
         "split or coarsened, e.g. around grouped convolutions, and train-only branches) are matched by their "
         "weights. *float64 diff* is "
         "`check_equivalence(..., trials=1)`: one random permutation of every group, the larger of the eval-mode "
-        f"and train-mode output differences relative to max |output|, tolerance {TOL:g}. *random ops* are the "
+        "and train-mode output differences relative to each output entry (at least 1e-3 of its tensor's largest), "
+        f"tolerance {TOL:g}. *random ops* are the "
         "random operations found (replaced by their expectation during the check). *trace* is the time of "
         "`trace_spec`, *check* that of `check_equivalence`.",
         table,
