@@ -12,13 +12,17 @@ Compares, in one run and one process:
 - ``eval``: the test-time loader (Normalize only) over the training set;
 - ``TinyTen``: SGD steps (forward, backward, update) at batch 128, scaled to the 391 steps of an epoch.
 
-Usage: ``python benchmarks/bench_data.py [path/to/cifar10.npz] [--threads N]``. Without the real file (default
-``../shared/data/cifar10.npz`` or ``$NEURALIGN_SHARED_DATA/cifar10.npz``) it uses random images of the same shape.
+Usage: ``python benchmarks/bench_data.py [path/to/cifar10.npz] [--threads N] [--compare-with OLD_DATA_PY]``.
+Without the real file (default ``../shared/data/cifar10.npz`` or ``$NEURALIGN_SHARED_DATA/cifar10.npz``) it uses
+random images of the same shape. ``--compare-with`` takes another version of ``neuralign/experiments/data.py``
+(e.g. ``git show REV:neuralign/experiments/data.py > /tmp/old_data.py``) and times its ``ArrayLoader`` against
+today's on the same images and transform, alternating full epochs (``--rounds`` each) and reporting the best.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -61,6 +65,23 @@ def _time_epoch(loader) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
+def _baseline_loader(path: str, loader):
+    """``loader`` rebuilt with the ``ArrayLoader`` of another version of ``data.py`` (same images, transform)."""
+    spec = importlib.util.spec_from_file_location("_bench_data_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    ds = loader.dataset
+    return module.ArrayLoader(
+        module.ArrayDataset(ds.images, ds.labels, ds.transform),
+        batch_size=loader.batch_size,
+        shuffle=loader.shuffle,
+        drop_last=loader.drop_last,
+        generator=0,
+        num_workers=loader.num_workers,
+    )
+
+
 def _time_kornia(images: torch.Tensor, labels: torch.Tensor, n: int) -> float | None:
     """A full epoch of the CIFAR recipe with kornia.augmentation on shuffled uint8 batches of 128 (None without
     kornia)."""
@@ -90,6 +111,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--per-sample-images", type=int, default=5120)
     parser.add_argument("--tinyten-steps", type=int, default=15)
+    parser.add_argument("--compare-with", default=None, help="another version of neuralign/experiments/data.py")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating epochs per loader with --compare-with")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = _cifar_path(args.npz)
@@ -100,6 +123,14 @@ def main() -> None:
 
     t_batched, n = _time_epoch(bundle.train)
     t_eval, _ = _time_epoch(bundle.train_eval)
+    t_baseline = None
+    if args.compare_with:
+        baseline = _baseline_loader(args.compare_with, bundle.train)
+        news, olds = [t_batched], []
+        for _ in range(args.rounds):
+            olds.append(_time_epoch(baseline)[0])
+            news.append(_time_epoch(bundle.train)[0])
+        t_batched, t_baseline = min(news), min(olds)
 
     from torchvision.transforms import v2
 
@@ -149,6 +180,10 @@ def main() -> None:
     out(f"load_data (read npz, build loaders)       {t_load:8.2f} s\n")
     per_batch = t_batched / len(bundle.train) * 1e3
     out(f"batched augmented epoch                   {t_batched:8.2f} s  ({per_batch:.2f} ms/batch)\n")
+    if t_baseline is not None:
+        out(f"same epoch, --compare-with's ArrayLoader  {t_baseline:8.2f} s  (best of {args.rounds}; "
+            f"today's best of {args.rounds + 1})\n")  # fmt: skip
+        out(f"ratio batched / --compare-with            {t_batched / t_baseline:8.2f} x\n")
     out(f"test-transform epoch over train           {t_eval:8.2f} s\n")
     out(f"per-sample torchvision v2 epoch (scaled)  {t_per_sample:8.2f} s  (measured on {m} images)\n")
     if t_kornia is not None:

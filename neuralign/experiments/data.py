@@ -17,8 +17,10 @@ Reproducibility
     A training loader draws one *epoch seed* from its ``generator`` at the start of each epoch; the shuffled
     order comes from that seed and the augmentation of batch ``k`` from ``stable_seed("batch", epoch_seed, k)``.
     The data of an epoch is therefore a pure function of the generator state at the epoch's start, whatever
-    ``num_workers``; :meth:`ArrayLoader.state_dict` records that state and the number of batches already served,
-    so that a trainer resumed from a checkpoint replays exactly the remaining batches.
+    ``num_workers``. Iteration runs on torchdata's ``StatefulDataLoader`` (batches built in the calling process or
+    in worker processes); its state, returned by :meth:`ArrayLoader.state_dict`, holds that generator state and
+    the number of batches already served, so that a trainer resumed from a checkpoint replays exactly the
+    remaining batches.
 
 References
 ----------
@@ -39,6 +41,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from neuralign._utils import as_generator, atomic_write, stable_seed
 from neuralign.errors import DataError
@@ -649,30 +653,92 @@ class ArrayDataset(Dataset):
 
 
 class _EpochBatches(Dataset):
-    """Batch ``k`` of one epoch as item ``k``: a pure function of (order, epoch seed, k), safe in workers."""
+    """Item ``(epoch_seed, k)`` is batch ``k`` of the epoch drawn with ``epoch_seed``: a pure function, safe in workers.
 
-    def __init__(
-        self,
-        dataset: ArrayDataset,
-        order: torch.Tensor,
-        epoch_seed: int | None,
-        batch_size: int,
-        n_batches: int,
-        start: int,
-    ) -> None:
-        self.dataset, self.order, self.epoch_seed = dataset, order, epoch_seed
-        self.batch_size, self.n_batches, self.start = batch_size, n_batches, start
+    The order is ``randperm(N)`` from ``stable_seed("order", epoch_seed)`` (the dataset order without shuffling)
+    and batch ``k`` is augmented with a generator seeded with ``stable_seed("batch", epoch_seed, k)``. The order of
+    the last epoch seen is cached, so that each process computes it once per epoch.
+    """
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, shuffle: bool) -> None:
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self._order: tuple[int | None, torch.Tensor] | None = None
+
+    def _order_for(self, epoch_seed: int | None) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch_seed:
+            n = len(self.dataset)
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(stable_seed("order", epoch_seed))
+                self._order = (epoch_seed, torch.randperm(n, generator=gen))
+            else:
+                self._order = (epoch_seed, torch.arange(n))
+        return self._order[1]
+
+    def __getitem__(self, key: tuple[int | None, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch_seed, k = key
+        idx = self._order_for(epoch_seed)[k * self.batch_size : (k + 1) * self.batch_size]
+        gen = None
+        if epoch_seed is not None:
+            gen = torch.Generator().manual_seed(stable_seed("batch", epoch_seed, k))
+        return self.dataset.get_batch(idx, generator=gen)
+
+
+class _EpochSampler:
+    """Yields ``(epoch_seed, k)`` for the batches of one epoch; the stateful part of :class:`ArrayLoader`.
+
+    ``StatefulDataLoader`` saves and restores iteration (main process and workers) but knows nothing of our epoch
+    seed, which is drawn from the loader's :attr:`ArrayLoader.generator` at the start of each epoch. This sampler
+    draws it and its :meth:`state_dict` records the generator state at the epoch's start and the batches handed
+    out, so that a restored epoch draws the same seed and continues after its last served batch.
+    """
+
+    def __init__(self, n_batches: int, random: bool, generator: torch.Generator) -> None:
+        self.n_batches, self.random, self.generator = n_batches, random, generator
+        self._epoch_start_state: torch.Tensor | None = None
+        self._batches_done = 0
+        self._resume_from = 0
 
     def __len__(self) -> int:
-        return self.n_batches - self.start
+        return self.n_batches
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.start + j
-        idx = self.order[k * self.batch_size : (k + 1) * self.batch_size]
-        gen = None
-        if self.epoch_seed is not None:
-            gen = torch.Generator().manual_seed(stable_seed("batch", self.epoch_seed, k))
-        return self.dataset.get_batch(idx, generator=gen)
+    def __iter__(self) -> Iterator[tuple[int | None, int]]:
+        start, self._resume_from = self._resume_from, 0
+        # until the epoch's first batch is asked for, the state is "the current generator, `start` batches done"
+        self._epoch_start_state, self._batches_done = None, start
+        return self._epoch(start)
+
+    def _epoch(self, start: int) -> Iterator[tuple[int | None, int]]:
+        epoch_seed: int | None = None
+        if self.random:
+            self._epoch_start_state = self.generator.get_state()
+            epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+        for k in range(start, self.n_batches):
+            self._batches_done = k + 1
+            yield epoch_seed, k
+        self._epoch_start_state = None
+        self._batches_done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.generator.get_state() if self._epoch_start_state is None else self._epoch_start_state.clone()
+        return {"generator_state": state, "batches_done": self._batches_done}
+
+    def check_state(self, state: object) -> int:
+        if not isinstance(state, Mapping) or "generator_state" not in state or "batches_done" not in state:
+            raise ValueError("`state` must be a dict from ArrayLoader.state_dict()")
+        done = int(state["batches_done"])
+        if not 0 <= done <= self.n_batches:
+            raise ValueError(f"`state` says {done} batches were served but an epoch has {self.n_batches}")
+        return done
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._resume_from = self.check_state(state)
+        self.generator.set_state(state["generator_state"])
+        self._epoch_start_state = None
+        self._batches_done = 0
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
 
 
 class ArrayLoader:
@@ -692,22 +758,23 @@ class ArrayLoader:
         Source of the epoch seeds (shuffling and augmentation); an int seeds a new generator, ``None`` seeds one
         from torch's global RNG. Exposed as :attr:`generator`.
     num_workers : int
-        ``0`` builds batches in the calling process; more uses a ``torch.utils.data.DataLoader`` over whole
-        batches with that many worker processes (the data are the same: each batch depends only on the epoch seed
-        and its index).
+        ``0`` builds batches in the calling process; more builds whole batches in that many worker processes
+        (the data are the same: each batch depends only on the epoch seed and its index).
     pin_memory : bool
         Pin batches in page-locked memory (only when CUDA is available).
 
     Notes
     -----
-    Each epoch that shuffles or augments draws one epoch seed from :attr:`generator`; the order is
-    ``randperm(N)`` from a generator seeded with it and batch ``k`` is augmented with a generator seeded with
+    Iteration and its saved state are those of torchdata's ``StatefulDataLoader`` over whole batches. Each epoch
+    that shuffles or augments draws one epoch seed from :attr:`generator`; the order is ``randperm(N)`` from a
+    generator seeded with it and batch ``k`` is augmented with a generator seeded with
     ``stable_seed("batch", epoch_seed, k)``. A loader that neither shuffles nor augments never touches the
-    generator. Iteration yields ``(images float32 (B, C, H, W), labels int64 (B,))``.
+    generator, and no loader touches torch's global RNG. Iteration yields
+    ``(images float32 (B, C, H, W), labels int64 (B,))``.
 
     To resume, save :meth:`state_dict` with the model and call :meth:`load_state_dict` after rebuilding the loader
-    with the same data: the next ``iter(loader)`` continues the interrupted epoch after its last served batch, then
-    the following epochs are those of the uninterrupted run.
+    with the same data and ``num_workers``: the next ``iter(loader)`` continues the interrupted epoch after its
+    last served batch, then the following epochs are those of the uninterrupted run.
 
     Examples
     --------
@@ -741,9 +808,20 @@ class ArrayLoader:
         self.generator = as_generator(generator)
         self.num_workers = num_workers
         self.pin_memory = bool(pin_memory)
-        self._epoch_start_state: torch.Tensor | None = None
-        self._batches_done = 0
-        self._resume_from = 0
+        self._sampler = _EpochSampler(len(self), self.random, self.generator)
+        with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch function in its constructor
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            self._loader = StatefulDataLoader(
+                _EpochBatches(dataset, batch_size, self.shuffle),
+                batch_size=None,
+                sampler=self._sampler,
+                num_workers=num_workers,
+                collate_fn=_as_is,
+                pin_memory=self.pin_memory and torch.cuda.is_available(),
+                # the loader's own seed only seeds worker RNGs, which the batches never use; a private generator
+                # keeps it off torch's global RNG
+                generator=torch.Generator(),
+            )
 
     @property
     def random(self) -> bool:
@@ -756,56 +834,27 @@ class ArrayLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        start, self._resume_from = self._resume_from, 0
-        n = len(self.dataset)
-        epoch_seed: int | None = None
-        if self.random:
-            self._epoch_start_state = self.generator.get_state()
-            epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
-        else:
-            self._epoch_start_state = None
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed("order", epoch_seed)))
-        else:
-            order = torch.arange(n)
-        self._batches_done = start
-        view = _EpochBatches(self.dataset, order, epoch_seed, self.batch_size, len(self), min(start, len(self)))
-        pin = self.pin_memory and torch.cuda.is_available()
-        if self.num_workers > 0:
-            batches: Any = DataLoader(
-                view, batch_size=None, shuffle=False, num_workers=self.num_workers, pin_memory=pin
-            )
-        else:
-            batches = (view[j] for j in range(len(view)))
-        for x, y in batches:
-            if pin and self.num_workers == 0:
-                x, y = x.pin_memory(), y.pin_memory()
-            self._batches_done += 1
-            yield x, y
-        self._epoch_start_state = None
-        self._batches_done = 0
+        return iter(self._loader)
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator state at the start of the current epoch and the batches already served in it.
+        """The ``StatefulDataLoader`` state: where the epoch stands, with the generator state at its start.
 
-        Between epochs, the current generator state and ``batches_done = 0``. The dict holds a uint8 tensor and
-        ints, so it can be saved with ``torch.save`` and read back with ``weights_only=True``.
+        Between epochs, the current generator state and no batch served. The dict holds tensors, ints, bools,
+        ``None``, strings, lists and dicts, so it can be saved with ``torch.save`` and read back with
+        ``weights_only=True``.
         """
-        if self._epoch_start_state is not None:
-            return {"generator_state": self._epoch_start_state.clone(), "batches_done": self._batches_done}
-        return {"generator_state": self.generator.get_state(), "batches_done": self._batches_done}
+        return self._loader.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`: the next iteration replays that epoch from its first unserved batch."""
-        if not isinstance(state, Mapping) or "generator_state" not in state or "batches_done" not in state:
-            raise ValueError("`state` must be a dict from ArrayLoader.state_dict() with generator_state, batches_done")
-        done = int(state["batches_done"])
-        if not 0 <= done <= len(self):
-            raise ValueError(f"`state` says {done} batches were served but an epoch has {len(self)}")
-        self.generator.set_state(state["generator_state"])
-        self._resume_from = done
-        self._epoch_start_state = None
-        self._batches_done = 0
+        main = state.get("_snapshot", {}).get("_main_snapshot", state) if isinstance(state, Mapping) else None
+        if not isinstance(main, Mapping) or "_index_sampler_state" not in main:
+            raise ValueError("`state` must be a dict from ArrayLoader.state_dict()")
+        self._sampler.check_state(main["_index_sampler_state"])
+        workers = main.get("_num_workers", 0)
+        if workers != self.num_workers:
+            raise ValueError(f"`state` was saved with num_workers={workers} but this loader has {self.num_workers}")
+        self._loader.load_state_dict(dict(state))
 
 
 def _check_positive_int(value: object, name: str) -> None:

@@ -385,14 +385,16 @@ def test_augmentation_is_reproducible_from_the_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_loader_resumes_mid_epoch_exactly(tmp_path):
-    def fresh() -> ArrayLoader:
-        return load_data("digits", resize=16, batch_size=100, generator=11).train
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resumes_mid_epoch_exactly(tmp_path, num_workers):
+    def fresh(batch_size: int = 100) -> ArrayLoader:
+        return load_data("digits", resize=16, batch_size=batch_size, generator=11, num_workers=num_workers).train
 
     reference = fresh()
     _batches(reference)  # epoch 0
     expected = list(reference)  # epoch 1
     expected_next = list(reference)  # epoch 2
+    expected_after = list(reference)  # epoch 3
 
     run = fresh()
     _batches(run)
@@ -400,7 +402,6 @@ def test_loader_resumes_mid_epoch_exactly(tmp_path):
     for _ in range(3):
         next(it)
     state = run.state_dict()
-    assert state["batches_done"] == 3
     torch.save(state, tmp_path / "state.pt")  # as a trainer's checkpoint would
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
 
@@ -412,10 +413,23 @@ def test_loader_resumes_mid_epoch_exactly(tmp_path):
         assert torch.equal(x, xe) and torch.equal(y, ye)
     for (x, y), (xe, ye) in zip(list(resumed), expected_next):
         assert torch.equal(x, xe) and torch.equal(y, ye)
-    # between epochs, the state is the generator's
-    assert resumed.state_dict()["batches_done"] == 0
-    with pytest.raises(ValueError, match=r"`state` says 99 batches were served but an epoch has 15"):
-        resumed.load_state_dict({"generator_state": state["generator_state"], "batches_done": 99})
+    # between epochs, the state resumes at the next epoch
+    torch.save(resumed.state_dict(), tmp_path / "between.pt")
+    between = fresh()
+    between.load_state_dict(torch.load(tmp_path / "between.pt", weights_only=True))
+    after = list(between)
+    assert len(after) == len(expected_after)
+    for (x, y), (xe, ye) in zip(after, expected_after):
+        assert torch.equal(x, xe) and torch.equal(y, ye)
+    with pytest.raises(ValueError, match=r"`state` must be a dict from ArrayLoader.state_dict\(\)"):
+        resumed.load_state_dict({"generator_state": torch.zeros(1), "batches_done": 99})
+    small = fresh(batch_size=10)
+    it = iter(small)
+    for _ in range(20):
+        next(it)
+    with pytest.raises(ValueError, match=r"`state` says 20 batches were served but an epoch has 15"):
+        resumed.load_state_dict(small.state_dict())
+    del it
 
 
 def test_workers_give_the_same_batches():

@@ -29,11 +29,15 @@ def test_training_learns_and_leaves_the_input_model_alone(data):
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
-def test_interrupted_training_resumes_to_the_same_weights(data, tmp_path):
-    data.train.generator.manual_seed(7)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_interrupted_training_resumes_to_the_same_weights(data, tmp_path, num_workers):
+    loader = data.train
+    if num_workers:
+        loader = load_data("digits", batch_size=64, train_size=512, generator=0, num_workers=num_workers).train
+    loader.generator.manual_seed(7)
     torch.manual_seed(3)
-    reference = train_model(_model(), data.train, epochs=3)
-    data.train.generator.manual_seed(7)
+    reference = train_model(_model(), loader, epochs=3)
+    loader.generator.manual_seed(7)
     torch.manual_seed(3)
     path = tmp_path / "ckpt.pt"
 
@@ -42,10 +46,10 @@ def test_interrupted_training_resumes_to_the_same_weights(data, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_model(_model(), data.train, epochs=3, checkpoint=path, callback=stop_after_two)
+        train_model(_model(), loader, epochs=3, checkpoint=path, callback=stop_after_two)
     torch.manual_seed(12345)  # whatever happens to the global RNG in between is restored from the checkpoint
-    data.train.generator.manual_seed(99)
-    resumed = train_model(_model(), data.train, epochs=3, checkpoint=path)
+    loader.generator.manual_seed(99)
+    resumed = train_model(_model(), loader, epochs=3, checkpoint=path)
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
     for k, v in reference.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[k], v, rtol=0, atol=0)
