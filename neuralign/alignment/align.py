@@ -257,14 +257,15 @@ def _step(S: torch.Tensor, current: torch.Tensor, freedom: _Freedom, group: str)
     return new
 
 
-def _greedy_start(problem: _WeightProblem, perms: Permutation, free: Mapping[str, _Freedom]) -> None:
+def _greedy_start(problem: _WeightProblem, perms: Permutation, free: Mapping[str, _Freedom], step=None) -> None:
     """Set the free groups one at a time (in place), each from the summands that the groups set so far determine.
 
     The next group is the one with the most informative determined entries per unit (the input layer's group
     first: its summand depends on no other group). On a planted problem (``B`` a permutation of ``A``) every
     determined summand is maximised by the planted permutation, uniquely when the rows differ, so this start is
     the planted optimum; coordinate ascent from the identity instead sees mostly summands whose other axes are
-    still wrongly permuted, and stalls far from it.
+    still wrongly permuted, and stalls far from it. ``step(group, S)`` chooses the group's permutation from its
+    weight similarity (default: the best assignment that ``free`` allows).
     """
     spec = problem.spec
     solved = {g for g in spec.groups if g not in free}
@@ -278,7 +279,7 @@ def _greedy_start(problem: _WeightProblem, perms: Permutation, free: Mapping[str
                 best = (info, g, known)
         info, g, known = best
         S = problem.similarity(perms, g, known if info > 0 else None)
-        perms[g] = _step(S, perms[g], free[g], g)
+        perms[g] = step(g, S) if step is not None else _step(S, perms[g], free[g], g)
         solved.add(g)
         pending.remove(g)
 
@@ -524,6 +525,7 @@ def align(
             model_a, model_b, loader, spec, kind=kind, max_batches=max_batches, callback=callback
         )
         data = _data_similarity(moments, spec, method)
+        _warn_few_observations(moments, spec)
     elif spec is None:
         if example_input is None:
             raise ValueError("method 'weight' without a loader needs `spec` or `example_input` to trace the model")
@@ -557,10 +559,17 @@ def align(
     else:
         sim = {g: data[g].similarity for g in spec.groups}
         perms = {g: _solve(S, g) for g, S in sim.items()}
+        perms, tied = _break_ties(problem, sim, perms, max_iter)
         perms, converged, sweeps = _match_dead_units(problem, spec, data, perms, gen, max_iter)
         status = 0 if converged else 1
         n_dead = sum(1 for g in spec.groups if bool(data[g].dead_a.any() | data[g].dead_b.any()))
         message = "solved one assignment per group"
+        if tied:
+            message += (
+                f"; {sum(tied.values())} units in groups {sorted(tied)} had partners the data could not tell apart "
+                f"(exchanging them changes the matched similarity by at most {_TIE:g} of its scale) and were "
+                "matched by weight similarity"
+            )
         if n_dead:
             message += f"; pairs with a dead unit in {n_dead} groups matched by weight similarity " + (
                 f"(converged after {sweeps} sweeps)" if converged else f"(still changing after {sweeps} sweeps)"
@@ -606,6 +615,66 @@ def align(
     )
 
 
+_TIE = 1e-4  # similarities this close (relative to the group's largest) count as ties that weights may break
+
+
+def _tie_clusters(S: torch.Tensor, perm: torch.Tensor, eps: float) -> list[torch.Tensor]:
+    """Groups of A's units that the data cannot tell apart at the assignment ``perm``: units ``i, j`` are tied when
+    exchanging their partners changes the matched similarity by at most ``eps``; clusters are the connected
+    components of that relation (rows of ``S``, at least two units each)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    v = S[torch.arange(S.shape[0]), perm]
+    M = S[:, perm]  # M[i, j] = S[i, perm[j]]
+    cost = v[:, None] + v[None, :] - M - M.T  # loss of the data objective when i and j exchange partners
+    tied = (cost <= eps).numpy()
+    n, labels = connected_components(csr_matrix(tied), directed=False)
+    labels = torch.from_numpy(labels)
+    return [idx for c in range(n) if len(idx := torch.nonzero(labels == c).flatten()) > 1]
+
+
+def _break_ties(problem: _WeightProblem, sim: Mapping[str, torch.Tensor], perms: Permutation, max_iter: int):
+    """Match by weight similarity the units that the data cannot tell apart.
+
+    Within each cluster of :func:`_tie_clusters` (exchanging partners costs at most ``_TIE`` of the group's largest
+    similarity: e.g. two ReLUs that fire on the same single example, correlated 1 with each other up to float32
+    rounding of the moments, ~1e-5; or every unit when the data has two examples) the partners are reassigned
+    among themselves by the weight similarity, other units keep theirs. A group's weight similarity depends on the
+    other groups, so the groups are set in the order of :func:`_greedy_start` and then swept until nothing changes
+    (at most ``max_iter`` sweeps). Returns the permutations and, per group, how many units changed partner."""
+    if not problem.a:
+        return perms, {}
+    first = dict(perms)
+    clusters = {}
+    for g, S in sim.items():
+        scale = float(S.abs().max())
+        clusters[g] = _tie_clusters(S, first[g], _TIE * scale) if scale > 0 and S.shape[0] > 1 else []
+    perms = dict(perms)
+
+    def within(g: str, W: torch.Tensor) -> torch.Tensor:
+        new = perms[g].clone()
+        for rows in clusters[g]:
+            cols = new[rows]
+            new[rows] = cols[_solve(W[rows][:, cols], g)]
+        return new
+
+    busy = {g: None for g in sim if clusters[g]}
+    if not busy:
+        return perms, {}
+    _greedy_start(problem, perms, busy, step=within)
+    for _ in range(max_iter):
+        changed = False
+        for g in busy:
+            new = within(g, problem.similarity(perms, g))
+            if not torch.equal(new, perms[g]):
+                perms[g], changed = new, True
+        if not changed:
+            break
+    tied = {g: int((perms[g] != first[g]).sum()) for g in busy}
+    return perms, {g: k for g, k in tied.items() if k}
+
+
 def _match_dead_units(problem, spec, data, perms, generator, max_iter) -> tuple[Permutation, bool, int]:
     """Reassign, by weight similarity, the pairs that involve a unit dead on the data (live pairs stay)."""
     free: dict[str, _Freedom] = {}
@@ -618,6 +687,22 @@ def _match_dead_units(problem, spec, data, perms, generator, max_iter) -> tuple[
         return perms, True, 0
     perms, sweeps, converged = _ascent(problem, perms, free, greedy=True, generator=generator, max_iter=max_iter)
     return perms, converged, sweeps
+
+
+def _warn_few_observations(moments: Mapping[str, list[ActivationMoments]], spec: PermutationSpec) -> None:
+    """Warn about groups read from fewer observations (examples x positions) than they have units: their K x K
+    correlation matrix has rank below K, so many assignments fit the data about equally (ties are broken by
+    weights, but an underdetermined match can still be wrong)."""
+    few = {g: min(m.count for m in ms) for g, ms in moments.items() if ms and min(m.count for m in ms) < spec.sizes[g]}
+    if few:
+        shown = ", ".join(f"{g} ({n} observations, {spec.sizes[g]} units)" for g, n in list(few.items())[:4])
+        more = f" and {len(few) - 4} more" if len(few) > 4 else ""
+        warnings.warn(
+            f"the data cannot decide the alignment of groups with fewer observations than units: {shown}{more}; "
+            "use more alignment data (or larger inputs)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_undecided(spec: PermutationSpec, data, method: str) -> None:
