@@ -622,16 +622,13 @@ def _tie_clusters(S: torch.Tensor, perm: torch.Tensor, eps: float) -> list[torch
     """Groups of A's units that the data cannot tell apart at the assignment ``perm``: units ``i, j`` are tied when
     exchanging their partners changes the matched similarity by at most ``eps``; clusters are the connected
     components of that relation (rows of ``S``, at least two units each)."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import connected_components
+    import networkx as nx
 
     v = S[torch.arange(S.shape[0]), perm]
     M = S[:, perm]  # M[i, j] = S[i, perm[j]]
     cost = v[:, None] + v[None, :] - M - M.T  # loss of the data objective when i and j exchange partners
-    tied = (cost <= eps).numpy()
-    n, labels = connected_components(csr_matrix(tied), directed=False)
-    labels = torch.from_numpy(labels)
-    return [idx for c in range(n) if len(idx := torch.nonzero(labels == c).flatten()) > 1]
+    graph = nx.Graph(torch.nonzero(torch.triu(cost <= eps, diagonal=1)).tolist())
+    return [torch.tensor(sorted(c)) for c in nx.connected_components(graph) if len(c) > 1]
 
 
 def _break_ties(problem: _WeightProblem, sim: Mapping[str, torch.Tensor], perms: Permutation, max_iter: int):
