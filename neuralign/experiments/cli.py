@@ -86,7 +86,10 @@ def _version() -> str:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name}: {_one_line(exc)}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -190,14 +193,13 @@ def _finished(what: str, path: Path, args: argparse.Namespace, options: dict[str
     if args.force:
         for stale in (path, *leftovers):
             stale.unlink(missing_ok=True)
+            stale.with_name(stale.name + ".options.json").unlink(missing_ok=True)
         return False
     if not path.exists():
         return False
-    differ = [key for key, value in options.items() if recorded is not None and key in recorded
-              and recorded[key] != value]  # fmt: skip
-    if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} {recorded[k]!r} (now {options[k]!r})" for k in differ)
-        raise ValueError(f"{path} was made with other options: {shown}; --force redoes it, or choose another --out")
+    changes = _describe_changes(recorded, options) if recorded is not None else None
+    if changes:
+        raise ValueError(f"{path} was made with other options: {changes}; --force redoes it, or choose another --out")
     print(f"{what} already done: {path}; --force redoes it", file=sys.stderr)
     return True
 
@@ -211,6 +213,10 @@ def _check_image_size(model: torch.nn.Module, data, args: argparse.Namespace) ->
     if need is None:
         return
     if need == 0:
+        first = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+        if first is not None and first.in_channels != data.in_channels:
+            raise ValueError(f"--arch {args.arch} takes {first.in_channels}-channel images but --data {args.data} has "
+                             f"{data.in_channels} channel(s); choose a dataset or architecture that match")  # fmt: skip
         raise ValueError(f"--arch {args.arch} cannot take the {h}x{w} images of --data {args.data} at any size up "
                          "to 256; choose another --arch")  # fmt: skip
     raise ValueError(f"--arch {args.arch} needs images of at least {need}x{need} but --data {args.data} has {h}x{w}; "
@@ -230,8 +236,53 @@ def _announce_resume(what: str, checkpoint: Path, key: str, total: int, unit: st
     return done
 
 
-def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in names}
+_DATA_OPTIONS = ("data", "resize", "train_size", "test_size", "align_size", "batch_size", "mean", "std")
+
+
+def _options(args: argparse.Namespace, *names: str, files: Sequence[str] = ()) -> dict[str, Any]:
+    """The options that make a result (those of the data included), and for each option in ``files`` that names an
+    input file, a fingerprint of its content (so that a result of other inputs at the same paths is not taken for
+    this one)."""
+    options = {name: getattr(args, name, None) for name in (*names, *_DATA_OPTIONS)}
+    for name in files:
+        path = getattr(args, name, None)
+        if path is not None and Path(path).is_file():
+            options[f"{name}#content"] = _file_digest(Path(path))
+    return options
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _describe_changes(recorded: dict[str, Any], options: dict[str, Any]) -> str | None:
+    """The options whose value differs from the ``recorded`` ones, in command-line words (None if none)."""
+    differ = [k for k, v in options.items() if k in recorded and recorded[k] != v]
+    if not differ:
+        return None
+    return ", ".join(
+        f"the content of --{k[: -len('#content')].replace('_', '-')}" if k.endswith("#content")
+        else f"--{k.replace('_', '-')} {recorded[k]!r} (now {options[k]!r})"
+        for k in differ
+    )  # fmt: skip
+
+
+def _resume_guard(what: str, checkpoint: Path, options: dict[str, Any]) -> Path:
+    """Refuse to resume ``checkpoint`` when it was started with other options (one line), then record ``options``
+    beside it for the next resume; returns that record's path (removed once the result is written)."""
+    record = checkpoint.with_name(checkpoint.name + ".options.json")
+    if checkpoint.exists() and record.exists():
+        changes = _describe_changes(json.loads(record.read_text()), options)
+        if changes:
+            raise ValueError(f"{checkpoint} holds an interrupted {what} started with other options: {changes}; "
+                             "--force starts over, or rerun with the same options to resume it")  # fmt: skip
+    return atomic_write_text(record, json.dumps(options, default=str))
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -274,8 +325,7 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     device = _device(args.device)
     out = Path(args.out)
     path = out / f"{args.arch}_seed{args.seed}.pt"
-    options = _options(args, "arch", "width", "seed", "epochs", "lr", "weight_decay", "data", "resize",
-                       "train_size", "batch_size")  # fmt: skip
+    options = _options(args, "arch", "width", "seed", "epochs", "lr", "weight_decay", "model_arg", "num_classes")
     recorded = load_checkpoint(path, kind="endpoint").get("options") if path.exists() and not args.force else None
     if _finished("train", path, args, options, recorded, leftovers=[path.with_suffix(".ckpt")]):
         return [path]
@@ -284,6 +334,7 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     kwargs = {**_model_kwargs(config, data), **_model_args(args)}
     model = build_model(args.arch, data.num_classes, seed=args.seed, **kwargs).to(device)
     _check_image_size(model, data, args)
+    guard = _resume_guard("train", path.with_suffix(".ckpt"), options)
     done = _announce_resume("train", path.with_suffix(".ckpt"), "epoch", args.epochs)
     bars({"stage": "train", "label": path.stem, "step": done, "total": args.epochs, "start": True})
 
@@ -301,6 +352,7 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
     }, path)  # fmt: skip
     path.with_suffix(".ckpt").unlink(missing_ok=True)
+    guard.unlink(missing_ok=True)
     print(f"test accuracy {test_acc:.4f}, loss {test_loss:.4f}", file=sys.stderr)
     return [path]
 
@@ -322,6 +374,8 @@ def _export_aligned(model_b: str, record, out: str) -> Path:
     from neuralign.alignment import apply_permutation, state_dict_hash
     from neuralign.experiments.checkpoints import read_weights, write_weights
 
+    if Path(out).resolve() == Path(model_b).resolve():
+        raise ValueError(f"the aligned weights would overwrite the input {model_b}; write them to another file")
     weights = read_weights(model_b)
     if weights.note:
         print(f"neuralign: {weights.note}", file=sys.stderr)
@@ -431,8 +485,8 @@ def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
         if args.source is not None:
             raise ValueError("--from needs --export-point (a curve read from a file is only exported)")
         folder = out
-    options = _options(args, "model_a", "model_b", "perms", "curve", "epochs", "lr", "weight_decay", "seed", "data",
-                       "resize", "train_size", "batch_size")  # fmt: skip
+    options = _options(args, "model_a", "model_b", "perms", "curve", "epochs", "lr", "weight_decay", "seed",
+                       files=("model_a", "model_b", "perms"))  # fmt: skip
     fitted = False
     if args.source is None:
         recorded = None
@@ -443,14 +497,17 @@ def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
             return [folder / "curve.pt", folder / "curve.json"]
     data = _data(args)
     a, b, meta_a, meta_b = _endpoints(args, device, data)
+    sd_b = _state(b)
+    if args.perms:
+        record = _load_alignment(args.perms, meta_a, meta_b, sd_b)
+        sd_b = apply_permutation(sd_b, record.spec.restrict(sd_b), record.perms)
     if args.source is not None or fitted:
-        curve = _read_curve(args.source if args.source is not None else folder / "curve.pt").to(device)
+        source = args.source if args.source is not None else folder / "curve.pt"
+        curve = _read_curve(source).to(device)
+        _check_curve_ends(curve, _params(a, _state(a)), _params(a, sd_b), source, bool(args.perms))
         paths: list[Path] = [] if args.source is not None else [folder / "curve.pt", folder / "curve.json"]
     else:
-        sd_b = _state(b)
-        if args.perms:
-            record = _load_alignment(args.perms, meta_a, meta_b, sd_b)
-            sd_b = apply_permutation(sd_b, record.spec.restrict(sd_b), record.perms)
+        guard = _resume_guard("curve", folder / "curve.ckpt", options)
         done = _announce_resume("curve", folder / "curve.ckpt", "epoch", args.epochs)
         bars({"stage": "curve", "label": args.curve, "step": done, "total": args.epochs, "start": True})
 
@@ -466,10 +523,21 @@ def _cmd_curve(args: argparse.Namespace, bars: _Bars) -> list[Path]:
         p2 = atomic_write_text(folder / "curve.json", history)
         curve.save(folder / "curve.pt")  # last: its presence marks the command as done
         (folder / "curve.ckpt").unlink(missing_ok=True)
+        guard.unlink(missing_ok=True)
         paths = [folder / "curve.pt", p2]
     if args.export_point is not None:
         paths.append(_export_point(a, curve, args.export_point, data, args.bn_batches, out))
     return paths
+
+
+def _check_curve_ends(curve, point_a: dict, point_b: dict, source, aligned: bool) -> None:
+    """Refuse, in one line, a curve whose ends are not the given end points (exactly: fitting keeps them fixed)."""
+    for t, point, what in ((0.0, point_a, "--model-a"), (1.0, point_b, "--model-b" + (" aligned by --perms" if
+                                                                                      aligned else ""))):  # fmt: skip
+        ends = curve(t)
+        if set(ends) != set(point) or any(not torch.equal(ends[k].detach().cpu(), point[k].detach().cpu())
+                                          for k in point):  # fmt: skip
+            raise ValueError(f"{source} was fitted between other end points: its t={t:g} is not {what}")
 
 
 def _read_curve(path: str):
@@ -504,7 +572,7 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     device = _device(args.device)
     out = Path(args.out)
     options = _options(args, "model_a", "model_b", "init", "method", "lam", "iters", "epochs", "local_search", "lr",
-                       "weight_decay", "seed", "data", "resize", "train_size", "batch_size")  # fmt: skip
+                       "weight_decay", "seed", files=("model_a", "model_b", "init"))  # fmt: skip
     recorded = None
     if (out / "pam.json").exists() and not args.force:
         recorded = json.loads((out / "pam.json").read_text()).get("options")
@@ -518,6 +586,7 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     if init not in ("identity", "alignment"):
         init = _load_alignment(init, meta_a, meta_b, _state(b)).perms
     total = args.iters * args.epochs
+    guard = _resume_guard("pam", ckpt, options)
     done = _announce_resume("pam", ckpt, "pam", args.iters, unit="iteration")
     bars({"stage": "pam", "label": str(args.init), "step": done * args.epochs, "total": total, "start": True})
 
@@ -542,6 +611,7 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
                "options": options}  # fmt: skip
     p3 = atomic_write_text(out / "pam.json", json.dumps(summary, indent=1, default=str))  # last: marks it done
     ckpt.unlink(missing_ok=True)
+    guard.unlink(missing_ok=True)
     print(_pam_table(res), file=sys.stderr)
     return [out / "curve.pt", p2, p3]
 
@@ -552,6 +622,13 @@ def _seconds_per_pass(model: torch.nn.Module, data, device: torch.device) -> tup
     x = next(iter(data.train))[0].to(device)
     was_training = model.training
     model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as exc:
+        model.train(was_training)
+        raise ValueError(f"the model cannot run on the images of --data (shape {tuple(x.shape)}): "
+                         f"{_one_line(exc)}") from None  # fmt: skip
     times = []
     with torch.no_grad():
         for _ in range(4):
@@ -974,6 +1051,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.threads is not None:
+        if args.threads < 1:
+            print(f"neuralign: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+            return 2
         torch.set_num_threads(args.threads)
     bars = _Bars(enabled=not args.quiet)
     try:

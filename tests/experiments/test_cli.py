@@ -334,3 +334,58 @@ def test_progress_bars_count_the_first_step_and_show_the_numbers_of_the_step_dra
     done = [line for line in _bar_lines(capsys.readouterr().err) if "1/1" in line]
     assert float(re.search(r"([\d.]+)step/s", done[-1]).group(1)) <= 1 / 0.25 * 1.01, done[-1]
     assert bars.bars == {}
+
+
+def test_resume_stale_results_foreign_curves_and_overwrites_are_refused(endpoints, tmp_path, capsys):
+    a, b = endpoints
+    pair = ["--model-a", str(a), "--model-b", str(b), *DATA]
+    curve = ["curve", *pair, "--epochs", "2", "--out", str(tmp_path / "c")]
+    ckpt = tmp_path / "c" / "curve.ckpt"
+
+    def stop_after_the_first_epoch(self, event):
+        if event["stage"] == "curve" and event["step"] >= 1:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("neuralign.experiments.cli._Bars.__call__", stop_after_the_first_epoch)
+        assert main(curve) == 130
+    capsys.readouterr()
+    # resuming with another learning rate (or fewer epochs) silently mixed the two runs
+    assert main([*curve, "--lr", "0.05"]) == 2
+    assert _one_error_line(capsys) == (
+        f"neuralign: error: {ckpt} holds an interrupted curve started with other options: --lr 0.1 (now 0.05); "
+        "--force starts over, or rerun with the same options to resume it")  # fmt: skip
+    assert main(curve) == 0  # the same options resume
+    done = tmp_path / "c" / "curve.pt"
+    # an end point changed at the same path: the finished curve is stale, not "already done"
+    b2 = tmp_path / "b2.pt"
+    b2.write_bytes(b.read_bytes())
+    moved = ["curve", "--model-a", str(a), "--model-b", str(b2), *DATA, "--epochs", "2", "--out", str(tmp_path / "d")]
+    assert main(moved) == 0
+    b2.write_bytes(a.read_bytes())  # the user retrains B into the same file
+    capsys.readouterr()
+    assert main(moved) == 2
+    assert "was made with other options: the content of --model-b" in _one_error_line(capsys)
+    # exporting a point of a curve fitted for another pair
+    export = ["curve", "--model-a", str(a), "--model-b", str(b2), *DATA, "--export-point", "0.5", "--from", str(done),
+              "--out", str(tmp_path / "w.safetensors")]  # fmt: skip
+    assert main(export) == 2
+    assert _one_error_line(capsys) == (f"neuralign: error: {done} was fitted between other end points: its t=1 is not "
+                                       "--model-b")  # fmt: skip
+    # the aligned weights never overwrite their input
+    assert main(["align", *pair, "--out", str(tmp_path / "al")]) == 0
+    capsys.readouterr()
+    assert main(["apply", "--model", str(b), "--perms", str(tmp_path / "al" / "alignment.pt"), "--out", str(b)]) == 2
+    assert _one_error_line(capsys).endswith(f"would overwrite the input {b}; write them to another file")
+    assert main(["train", "--arch", "tinyten", "--threads", "0", "--out", str(tmp_path), *DATA]) == 2
+    assert _one_error_line(capsys) == "neuralign: error: --threads must be at least 1, got 0"
+    assert main(["train", "--arch", "tinyten", "--device", "tpu", "--out", str(tmp_path), *DATA]) == 2
+    assert _one_error_line(capsys).startswith("neuralign: error: --device tpu:")
+
+
+def test_a_channel_mismatch_is_named(tmp_path, capsys):
+    command = ["train", "--arch", "torchvision:resnet18", "--data", "digits", "--resize", "32", "--epochs", "1",
+               "--out", str(tmp_path), "--quiet"]  # fmt: skip
+    assert main(command) == 2
+    assert _one_error_line(capsys) == ("neuralign: error: --arch torchvision:resnet18 takes 3-channel images but "
+                                       "--data digits has 1 channel(s); choose a dataset or architecture that match")
