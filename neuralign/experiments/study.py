@@ -238,11 +238,15 @@ class _Study:
     def check_manifest(self) -> dict[str, Any]:
         path = self.out / "manifest.json"
         config = self.config.to_dict()
+        manifest = None
         if path.exists():
             try:
                 manifest = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
                 raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+            if not manifest.get("completed") and not any(p != path for p in self.out.iterdir()):
+                manifest = None  # a study that stopped before any stage (e.g. on a setting error) starts afresh
+        if manifest is not None:
             if manifest.get("config") != config:
                 diff = sorted(k for k in config if manifest.get("config", {}).get(k) != config[k])
                 raise CheckpointError(

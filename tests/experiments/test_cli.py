@@ -389,3 +389,11 @@ def test_a_channel_mismatch_is_named(tmp_path, capsys):
     assert main(command) == 2
     assert _one_error_line(capsys) == ("neuralign: error: --arch torchvision:resnet18 takes 3-channel images but "
                                        "--data digits has 1 channel(s); choose a dataset or architecture that match")
+
+
+def test_a_study_that_failed_before_any_stage_does_not_lock_its_folder(tmp_path, capsys):
+    study = ["study", "--preset", "demo", "--data", "digits", "--out", str(tmp_path / "s"), "--quiet"]
+    assert main([*study, "--test-size", "100000"]) == 2
+    assert "--test-size=100000 exceeds the 360 images available" in _one_error_line(capsys)
+    assert main([*study, "--test-size", "99999"]) == 2  # was: "holds a study with other settings (test_size)"
+    assert "--test-size=99999 exceeds the 360 images available" in _one_error_line(capsys)
