@@ -1033,16 +1033,26 @@ def _in_option_words(text: str, parser: argparse.ArgumentParser, command: str) -
         if long:
             options[action.dest] = long[0]
     options.setdefault("root", options.get("data_root", "--data-root"))
+    # library argument names that the commands pass from differently named options
+    aliases = {"max_iter": "iters", "x_epochs": "epochs", "point_a": "model_a", "point_b": "model_b",
+               "train_loader": "data", "example_input": "data", "lam": "lam"}  # fmt: skip
+    for name, dest in aliases.items():
+        if dest in options:
+            options.setdefault(name, options[dest])
     text = re.sub(r"\b(\w+)=True\b", lambda m: options.get(m.group(1), m.group(0)), text)
     text = text.replace("root (--data-root)", "--data-root")
     return re.sub(r"`(\w+)`", lambda m: options.get(m.group(1), m.group(0)), text)
 
 
-def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
-    """Show a library warning as one line, without Python's source line (replaces ``warnings.showwarning``)."""
+def _warning_printer(parser: argparse.ArgumentParser, command: str):
+    """``warnings.showwarning`` for the command: a library warning on one line, in the command's option words,
+    without Python's source line."""
     from tqdm import tqdm
 
-    tqdm.write(f"neuralign: warning: {_one_line(message)}", file=sys.stderr)
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+        tqdm.write(f"neuralign: warning: {_in_option_words(_one_line(message), parser, command)}", file=sys.stderr)
+
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1058,7 +1068,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bars = _Bars(enabled=not args.quiet)
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _warning_line
+            warnings.showwarning = _warning_printer(parser, args.command)
             if args.command not in ("demo", "study"):  # a study keeps its own, richer manifest
                 _write_manifest(args)
             paths = _COMMANDS[args.command](args, bars)

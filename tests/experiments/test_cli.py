@@ -297,14 +297,14 @@ def test_library_warnings_reach_the_command_line_as_one_line(monkeypatch, capsys
     from neuralign.errors import ConvergenceWarning
 
     def warns(args, bars):
-        warnings.warn("PAM on the curve: 315 units reassigned\nin the last iteration", ConvergenceWarning,
-                      stacklevel=1)  # fmt: skip
+        warnings.warn("PAM on the curve: 315 units reassigned\nin the last iteration; raise `max_iter`",
+                      ConvergenceWarning, stacklevel=1)  # fmt: skip
         return []
 
-    monkeypatch.setitem(__import__("neuralign.experiments.cli", fromlist=["_COMMANDS"])._COMMANDS, "align", warns)
-    assert main(["align", "--model-a", "a", "--model-b", "b", "--data", "digits", "--out", str(tmp_path)]) == 0
-    err = capsys.readouterr().err
-    assert err == "neuralign: warning: PAM on the curve: 315 units reassigned; in the last iteration\n"
+    monkeypatch.setitem(__import__("neuralign.experiments.cli", fromlist=["_COMMANDS"])._COMMANDS, "pam", warns)
+    assert main(["pam", "--model-a", "a", "--model-b", "b", "--data", "digits", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err  # in the command's words: pam passes --iters as max_iter
+    assert err == "neuralign: warning: PAM on the curve: 315 units reassigned; in the last iteration; raise --iters\n"
 
 
 def _bar_lines(err: str) -> list[str]:
