@@ -4,6 +4,10 @@ Every command writes its results into ``--out`` (atomically; long loops checkpoi
 same command resumes), shows progress bars on standard error, and ends by printing the paths it wrote. Errors,
 including I/O failures such as a full disk (which leave the previous checkpoint in place), are one line on standard
 error and exit status 2.
+
+Why one module: every command shares one argparse tree, its option groups, the checkpoint and manifest
+helpers, the skip/resume policy and the one-line error translation; split by command, each file would
+repeat them.
 """
 
 from __future__ import annotations

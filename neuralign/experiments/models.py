@@ -34,6 +34,9 @@ References
    ICML 2019, arXiv:1905.00414.
 .. [5] N. J. Tatro, P.-Y. Chen, P. Das, I. Melnyk, P. Sattigeri, R. Lai, "Optimizing Mode Connectivity via
    Neuron Alignment", NeurIPS 2020, arXiv:2009.02439.
+
+Why one module: the zoo's architectures share their building blocks and the registry behind
+:func:`build_model` (with the torchvision:/timm: adapters), and are read as one catalogue.
 """
 
 from __future__ import annotations

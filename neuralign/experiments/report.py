@@ -17,6 +17,9 @@ A study (``neuralign.experiments.study``) returns a JSON-able dict ``results``:
 the numbers out as the paper's Table 1, :func:`write_report` writes ``report.md`` and :func:`write_results_json`
 writes ``results.json`` (strict JSON: infinities and NaN become the strings ``"inf"``, ``"-inf"``, ``"nan"``, as in
 :meth:`~neuralign.verification.VerificationReport.to_json`; :func:`read_results_json` turns them back into floats).
+
+Why one module: ``results.json``, the Table 1 rows and ``report.md`` are one schema; writing and reading
+it in one place keeps them from drifting apart.
 """
 
 from __future__ import annotations

@@ -55,6 +55,9 @@ Together, :math:`F(x_k, P_k)` is nonincreasing. Stochastic losses (mini-batches)
 expectation at best. Attouch et al. prove convergence of bounded PAM sequences to a critical point for
 Kurdyka–Łojasiewicz functions with exact proximal steps; the discrete constraint makes "critical point" mean a
 point that no further proximal step moves (a local optimum in the assignment sense), not a global optimum.
+
+Why one module: the solver class, its three P-steps, backtracking and resumable state are one algorithm
+whose parts read each other's state.
 """
 
 from __future__ import annotations
