@@ -162,7 +162,10 @@ def _read_error(path: Path, exc: BaseException) -> str:
             )
         return f"{where}: it is not a plain tensor checkpoint ({what}); neuralign only loads tensor data"
     if isinstance(exc, OSError):
-        return f"{where}: {exc.strerror or exc}"
+        if exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR):
+            return f"{where}: {exc.strerror or exc}"
+        # the file opened but its content made the reader fail (e.g. EINVAL on a cut zip archive)
+        return f"{where}: the file is corrupt or truncated ({exc.strerror or exc})"
     if isinstance(exc, EOFError):
         return f"{where}: the file is empty or truncated"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "weights_only" not in line]

@@ -227,3 +227,15 @@ def test_checkpoint_errors_are_one_line_whatever_they_are_given():
     assert str(CheckpointError("end point 'a.pt' does not fit:\n\tMissing key(s): 'w'.\n\n")) == (
         "end point 'a.pt' does not fit:; Missing key(s): 'w'."
     )
+
+
+@pytest.mark.parametrize("keep", [10_000, 50_000])
+def test_a_checkpoint_cut_short_is_called_corrupt_or_truncated(tmp_path, keep):
+    from neuralign._utils import load_checkpoint
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.arange(40_000, dtype=torch.float32)}, path)  # 160 kB of tensor data
+    path.write_bytes(path.read_bytes()[:keep])  # cut inside the zip archive ("Invalid argument" before)
+    with pytest.raises(CheckpointError, match=r"the file is (corrupt or truncated|empty or truncated)") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
