@@ -147,7 +147,14 @@ def _data(args: argparse.Namespace):
 
 
 def _model_args(args: argparse.Namespace) -> dict[str, Any]:
-    return _overrides(getattr(args, "model_arg", None) or (), option="--model-arg")
+    kwargs = _overrides(getattr(args, "model_arg", None) or (), option="--model-arg")
+    reserved = {"num_classes": "--num-classes", "seed": "--seed", "weights": None, "pretrained": None}
+    for key in kwargs.keys() & reserved.keys():
+        instead = reserved[key]
+        raise ValueError(f"--model-arg {key}=... is not a builder argument here: " + (
+            f"use {instead}" if instead else "neuralign builds models without downloaded weights; load a checkpoint "
+            "with --model-a/--model-b instead"))  # fmt: skip
+    return kwargs
 
 
 def _load_model(path: str, args: argparse.Namespace, num_classes: int | None) -> tuple[torch.nn.Module, dict]:

@@ -397,3 +397,11 @@ def test_a_study_that_failed_before_any_stage_does_not_lock_its_folder(tmp_path,
     assert "--test-size=100000 exceeds the 360 images available" in _one_error_line(capsys)
     assert main([*study, "--test-size", "99999"]) == 2  # was: "holds a study with other settings (test_size)"
     assert "--test-size=99999 exceeds the 360 images available" in _one_error_line(capsys)
+
+
+def test_model_args_that_the_command_sets_itself_are_refused_in_its_words(tmp_path, capsys):
+    command = ["train", "--arch", "torchvision:resnet18", "--data", "digits", "--resize", "32", "--epochs", "1",
+               "--out", str(tmp_path), "--quiet"]  # fmt: skip
+    assert main([*command, "--model-arg", "num_classes=10"]) == 2  # was build_model()'s "multiple values"
+    assert _one_error_line(capsys) == ("neuralign: error: --model-arg num_classes=... is not a builder argument "
+                                       "here: use --num-classes")  # fmt: skip
