@@ -318,6 +318,13 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
             overrides["data_root"] = args.data_root
         if args.download:
             overrides["download"] = True
+        if args.num_classes is not None:
+            overrides["num_classes"] = args.num_classes
+        if args.model_arg:
+            overrides["model_args"] = _model_args(args)
+        for key in ("mean", "std"):
+            if getattr(args, key) is not None:
+                overrides[key] = _floats(getattr(args, key), f"--{key}")
     overrides["seed"] = args.seed
     overrides.update(_overrides(args.set))
     config = config.replace(**overrides)
@@ -866,7 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-batches", type=int, default=None, help="batches per batch-norm re-estimation")
     p.add_argument("--width", type=float, default=None, help="width multiplier (ResNet, VGG)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any study setting")
-    _add_data(p, required=False, stats=False)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the models' heads (default: the dataset's), e.g. for given end points")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="builder argument of --arch (repeatable), e.g. width_mult=0.5 for torchvision:mobilenet_v2")
+    _add_data(p, required=False)
     for action in p._actions:  # the study's own defaults apply unless given
         if action.dest == "batch_size":
             action.default = None

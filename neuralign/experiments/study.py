@@ -84,6 +84,8 @@ class StudyConfig:
     ``endpoints``: given end points instead of training them, ``2 * pairs`` files paired in order (any format
     :func:`~neuralign.experiments.load_endpoint` reads: end points, plain or wrapped state dicts, safetensors;
     plain files are read as ``arch`` with the dataset's number of classes); ``None`` trains them.
+    ``num_classes``: classes of the models' heads (default: the dataset's), ``model_args``: extra builder arguments
+    (e.g. for ``torchvision:<name>``), ``mean`` / ``std``: normalisation statistics (default: computed or known).
     """
 
     arch: str = "tinyten"
@@ -123,6 +125,10 @@ class StudyConfig:
     settings: tuple[str, ...] = SETTINGS
     max_batches: int | None = None
     endpoints: tuple[str, ...] | None = None
+    num_classes: int | None = None
+    model_args: dict[str, Any] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("pairs", "epochs", "curve_epochs", "pam_iters", "num_points", "batch_size"):
@@ -142,6 +148,15 @@ class StudyConfig:
             object.__setattr__(self, "endpoints", given)
         ts = self.verify_ts if isinstance(self.verify_ts, (tuple, list)) else (self.verify_ts,)
         object.__setattr__(self, "verify_ts", tuple(float(t) for t in ts))
+        if self.num_classes is not None and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
+                                             or self.num_classes < 1):  # fmt: skip
+            raise ValueError(f"`num_classes` must be a positive int, got {self.num_classes!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.model_args is not None:
+            object.__setattr__(self, "model_args", dict(self.model_args))
 
     def replace(self, **overrides: Any) -> StudyConfig:
         """A copy with some settings changed; unknown names raise ``ValueError`` listing the known ones."""
@@ -157,12 +172,14 @@ class StudyConfig:
         out["hidden"] = None if self.hidden is None else list(self.hidden)
         out["verify_ts"] = list(self.verify_ts)
         out["endpoints"] = None if self.endpoints is None else list(self.endpoints)
+        for name in ("mean", "std"):
+            out[name] = None if getattr(self, name) is None else list(getattr(self, name))
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StudyConfig:
         data = dict(data)
-        for key in ("settings", "hidden", "verify_ts", "endpoints"):
+        for key in ("settings", "hidden", "verify_ts", "endpoints", "mean", "std"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls().replace(**data)
@@ -202,6 +219,11 @@ def _versions() -> dict[str, str]:
 
 
 def _model_kwargs(config: StudyConfig, data: DataBundle) -> dict[str, Any]:
+    """Builder arguments of the study's architecture: the zoo's from the data, then ``model_args``."""
+    return {**_zoo_kwargs(config, data), **(config.model_args or {})}
+
+
+def _zoo_kwargs(config: StudyConfig, data: DataBundle) -> dict[str, Any]:
     arch = config.arch.lower()
     if ":" in arch:  # torchvision:<name>, timm:<name>: their builders' own defaults
         return {}
@@ -282,7 +304,8 @@ class _Study:
     def endpoint(self, seed: int) -> tuple[nn.Module, dict]:
         c = self.config
         if c.endpoints is not None:
-            model, meta = load_endpoint(c.endpoints[seed - 1], arch=c.arch, num_classes=self.data.num_classes,
+            model, meta = load_endpoint(c.endpoints[seed - 1], arch=c.arch,
+                                        num_classes=c.num_classes or self.data.num_classes,
                                         model_kwargs=_model_kwargs(c, self.data))  # fmt: skip
             model = model.to(self.device)
             if "test" not in meta:
@@ -294,7 +317,8 @@ class _Study:
             model, meta = load_endpoint(path)
             return model.to(self.device), meta
         kwargs = _model_kwargs(c, self.data)
-        model = build_model(c.arch, self.data.num_classes, seed=stable_seed(c.seed, "init", seed), **kwargs)
+        model = build_model(c.arch, c.num_classes or self.data.num_classes, seed=stable_seed(c.seed, "init", seed),
+                            **kwargs)  # fmt: skip
         model = model.to(self.device)
         self.data.train.generator.manual_seed(stable_seed(c.seed, "data", seed))
         self.emit(stage="train", label=f"end point {seed}", step=0, total=c.epochs, start=True)
@@ -310,7 +334,8 @@ class _Study:
         model.eval()
         test_loss, test_acc = evaluate_model(model, self.data.test)
         meta = {
-            "kind": "endpoint", "arch": c.arch, "num_classes": self.data.num_classes, "model_kwargs": kwargs,
+            "kind": "endpoint", "arch": c.arch, "num_classes": c.num_classes or self.data.num_classes,
+            "model_kwargs": kwargs,
             "seed": seed, "history": res.history, "test": {"test_loss": test_loss, "test_acc": test_acc},
             "dataset": self.data.describe(),
         }  # fmt: skip
@@ -539,7 +564,7 @@ def run_study(
     c = config
     study.data = load_data(
         c.dataset, root=c.data_root, download=c.download, batch_size=c.batch_size, train_size=c.train_size,
-        test_size=c.test_size, align_size=c.align_size, resize=c.resize, generator=c.seed,
+        test_size=c.test_size, align_size=c.align_size, resize=c.resize, generator=c.seed, mean=c.mean, std=c.std,
     )  # fmt: skip
     study.manifest["data"] = study.data.describe()
     study.save_manifest()

@@ -405,3 +405,23 @@ def test_model_args_that_the_command_sets_itself_are_refused_in_its_words(tmp_pa
     assert main([*command, "--model-arg", "num_classes=10"]) == 2  # was build_model()'s "multiple values"
     assert _one_error_line(capsys) == ("neuralign: error: --model-arg num_classes=... is not a builder argument "
                                        "here: use --num-classes")  # fmt: skip
+
+
+def test_study_takes_the_class_count_builder_arguments_and_statistics_of_given_end_points(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run_study(config, out, **kwargs):
+        seen["config"] = config
+        return {"report": str(tmp_path / "report.md")}
+
+    monkeypatch.setattr("neuralign.experiments.study.run_study", fake_run_study)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert main(["study", "--endpoints", str(a), str(b), "--arch", "torchvision:mobilenet_v2", "--num-classes", "10",
+                 "--model-arg", "width_mult=0.5", "--data", "digits", "--mean", "0.5", "--std", "0.25",
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 0  # fmt: skip
+    config = seen["config"]
+    assert config.num_classes == 10 and config.model_args == {"width_mult": 0.5}
+    assert config.mean == (0.5,) and config.std == (0.25,) and config.pairs == 1
+    from neuralign.experiments.study import StudyConfig
+
+    assert StudyConfig.from_dict(config.to_dict()) == config  # the manifest round trip
