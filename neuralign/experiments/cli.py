@@ -406,7 +406,10 @@ def _export_aligned(model_b: str, record, out: str) -> Path:
 
 def _cmd_align(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.alignment import align, save_permutation_file
+    from neuralign.experiments.checkpoints import WEIGHT_SUFFIXES
 
+    if args.export is not None and Path(args.export).suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"--export must end in one of {list(WEIGHT_SUFFIXES)}, got {args.export!r}")
     device = _device(args.device)
     data = _data(args)
     a, b, meta_a, meta_b = _endpoints(args, device, data)
@@ -763,9 +766,10 @@ def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ parser
-def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
+def _add_common(p: argparse.ArgumentParser, *, out: str, out_help: str | None = None) -> None:
     g = p.add_argument_group("common options")
-    g.add_argument("--out", default=out, help=f"output folder (default: {out}); rerunning resumes from it")
+    g.add_argument("--out", default=out,
+                   help=out_help or f"output folder (default: {out}); rerunning resumes from it")  # fmt: skip
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
     g.add_argument("--seed", type=int, default=0, help="base seed of every random choice (default: 0)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -912,7 +916,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ".pt/.pth in the input's own layout (same wrapper and key prefix), loadable by the model's "
                        "own class with load_state_dict(strict=True). A file computed for another architecture or "
                        "another pair is refused.")  # fmt: skip
-    _add_common(p, out="b_aligned.safetensors")
+    _add_common(p, out="b_aligned.safetensors", out_help="the aligned weights to write: .safetensors, .pt or .pth "
+                "(default: b_aligned.safetensors)")  # fmt: skip
     p.add_argument("--model", required=True, help="end point B (any format `align` reads)")
     p.add_argument("--perms", required=True, help="permutation file (alignment.pt, perms.pt or .safetensors)")
     p.add_argument("--arch", default=None, help="architecture of --model, checked against the permutation file's")
@@ -1096,7 +1101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths = _COMMANDS[args.command](args, bars)
     except KeyboardInterrupt:
         bars.close()
-        print("neuralign: interrupted; run the same command again to resume from the checkpoints", file=sys.stderr)
+        resumable = args.command in ("train", "curve", "pam", "study", "demo")
+        print("neuralign: interrupted" + ("; run the same command again to resume from the checkpoints" if resumable
+                                          else ""), file=sys.stderr)  # fmt: skip
         return 130
     except (NeuralignError, ValueError, TypeError, OSError) as exc:  # OSError: a full disk, a missing permission
         bars.close()

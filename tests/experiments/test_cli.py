@@ -425,3 +425,12 @@ def test_study_takes_the_class_count_builder_arguments_and_statistics_of_given_e
     from neuralign.experiments.study import StudyConfig
 
     assert StudyConfig.from_dict(config.to_dict()) == config  # the manifest round trip
+
+
+def test_align_checks_its_export_file_before_the_work(endpoints, tmp_path, capsys):
+    a, b = endpoints
+    command = ["align", "--model-a", str(a), "--model-b", str(b), *DATA, "--out", str(tmp_path / "al"),
+               "--export", str(tmp_path / "b.npz")]  # fmt: skip
+    assert main(command) == 2
+    assert _one_error_line(capsys).startswith("neuralign: error: --export must end in one of")
+    assert not (tmp_path / "al" / "alignment.pt").exists()  # refused before aligning
