@@ -622,13 +622,19 @@ def _tie_clusters(S: torch.Tensor, perm: torch.Tensor, eps: float) -> list[torch
     """Groups of A's units that the data cannot tell apart at the assignment ``perm``: units ``i, j`` are tied when
     exchanging their partners changes the matched similarity by at most ``eps``; clusters are the connected
     components of that relation (rows of ``S``, at least two units each)."""
-    import networkx as nx
-
-    v = S[torch.arange(S.shape[0]), perm]
+    n = S.shape[0]
+    v = S[torch.arange(n), perm]
     M = S[:, perm]  # M[i, j] = S[i, perm[j]]
-    cost = v[:, None] + v[None, :] - M - M.T  # loss of the data objective when i and j exchange partners
-    graph = nx.Graph(torch.nonzero(torch.triu(cost <= eps, diagonal=1)).tolist())
-    return [torch.tensor(sorted(c)) for c in nx.connected_components(graph) if len(c) > 1]
+    tied = (v[:, None] + v[None, :] - M - M.T) <= eps  # exchanging the partners of i and j loses at most eps
+    # connected components by label propagation on the dense relation (each unit takes its neighbours' smallest
+    # label until nothing changes): no edge list, so a group of thousands of mutually tied units stays cheap
+    labels = torch.arange(n, dtype=torch.int32)
+    while True:
+        new = torch.minimum(labels, torch.where(tied, labels[None, :], n).amin(dim=1).to(torch.int32))
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return [idx for c in torch.unique(labels) if len(idx := torch.nonzero(labels == c).flatten()) > 1]
 
 
 def _break_ties(problem: _WeightProblem, sim: Mapping[str, torch.Tensor], perms: Permutation, max_iter: int):
