@@ -172,7 +172,8 @@ def test_resnet50_has_no_false_alarm():
     model = torchvision.models.resnet50(num_classes=10)
     x = torch.randn(2, 3, 64, 64)
     res = check_equivalence(model, trace_spec(model, x), x, trials=1, generator=0)
-    assert res.passed and res.max_diff_train < 1e-12, res.message  # float32 gave 7.1e-5 against tol 1e-5
+    # float32 gave 7.1e-5 against tol 1e-5; float64 rounding, per output entry (floor 1e-3 of the largest): < 1e-10
+    assert res.passed and res.conclusive and res.max_diff_train < 1e-10, res.message
 
 
 def test_float32_check_keeps_its_own_tolerance():
