@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -81,6 +82,14 @@ class _Bars:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or Slurm's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _version() -> str:
     import neuralign
 
@@ -331,7 +340,16 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
     results = run_study(config, args.out, device=_device(args.device), progress=bars,
                         paper_row=paper_row(config.arch, dataset_label(config.dataset)))  # fmt: skip
     out = Path(args.out)
+    bars.close()
+    print(_stage_times(out / "manifest.json"), file=sys.stderr)
     return [Path(results["report"]), out / "results.json"]
+
+
+def _stage_times(manifest_path: Path) -> str:
+    """The seconds of every stage of the study (recorded in its manifest), as a table with the total."""
+    seconds = json.loads(manifest_path.read_text()).get("stage_seconds", {})
+    rows = [(stage, f"{s:.1f}") for stage, s in seconds.items()]
+    return "time per stage (s):\n" + _table(["stage", "seconds"], [*rows, ("total", f"{sum(seconds.values()):.1f}")])
 
 
 def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
@@ -772,7 +790,9 @@ def _add_common(p: argparse.ArgumentParser, *, out: str, out_help: str | None = 
                    help=out_help or f"output folder (default: {out}); rerunning resumes from it")  # fmt: skip
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
     g.add_argument("--seed", type=int, default=0, help="base seed of every random choice (default: 0)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, capped at the cores this process may use); on a "
+                        "machine shared with other work, --threads 1 keeps idle threads from spinning")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="log the library's progress messages")
 
@@ -1092,6 +1112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"neuralign: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+    else:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), _usable_cores())))
     bars = _Bars(enabled=not args.quiet)
     try:
         with warnings.catch_warnings():

@@ -250,6 +250,7 @@ class _Study:
         self.out = out
         self.device = device
         self.progress = progress
+        self.mark = time.perf_counter()  # end of the previous stage (stages run one after another)
 
     def emit(self, **event: Any) -> Any:
         if self.progress is not None:
@@ -295,9 +296,13 @@ class _Study:
         atomic_write_text(self.out / "manifest.json", json.dumps(self.manifest, indent=1))
 
     def done(self, stage: str) -> None:
+        """Mark ``stage`` completed and record its wall-clock seconds (since the previous stage ended)."""
+        now = time.perf_counter()
+        seconds, self.mark = now - self.mark, now
         if stage not in self.manifest["completed"]:
             self.manifest["completed"].append(stage)
             self.manifest["runs"][-1]["last"] = stage
+            self.manifest.setdefault("stage_seconds", {})[stage] = round(seconds, 2)
             self.save_manifest()
 
     # ------------------------------------------------------------------ stages
@@ -559,6 +564,7 @@ def run_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
+    started = time.perf_counter()
     study = _Study(config, out, device, progress)
     study.check_manifest()
     c = config
@@ -568,6 +574,7 @@ def run_study(
     )  # fmt: skip
     study.manifest["data"] = study.data.describe()
     study.save_manifest()
+    study.mark = time.perf_counter()  # the first stage's time starts after the data is loaded
     pairs_out = []
     for k in range(1, c.pairs + 1):
         (out / f"pair{k}").mkdir(exist_ok=True)
@@ -609,6 +616,7 @@ def run_study(
     figures = plot_study(results, out / "figures")
     report = write_report(results, out, figures=figures, paper_row=paper_row, notes=notes)
     study.manifest["runs"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    study.manifest["runs"][-1]["seconds"] = round(time.perf_counter() - started, 2)
     study.manifest["report"] = str(report)
     study.save_manifest()
     results["report"] = str(report)

@@ -201,7 +201,9 @@ def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, cap
 def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
     folder = tmp_path / "demo"
     assert main(["demo", "--out", str(folder), "--quiet", *TINY]) == 0
-    printed = capsys.readouterr().out.split()
+    captured = capsys.readouterr()
+    printed = captured.out.split()
+    assert "time per stage (s):" in captured.err and "pair 1 alignment" in captured.err and "total" in captured.err
     report = folder / "report.md"
     assert printed[0] == str(report)
     text = report.read_text()
@@ -221,6 +223,9 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
         assert (folder / "figures" / f"{name}.png").stat().st_size > 1000
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["versions"]["torch"] == torch.__version__ and manifest["device"] == "cpu"
+    # every stage's wall-clock time is recorded, and printed at the end of the run with the total
+    assert set(manifest["stage_seconds"]) == set(manifest["completed"]) and manifest["runs"][-1]["seconds"] > 0
+    assert all(s >= 0 for s in manifest["stage_seconds"].values())
     stamps = {p: p.stat().st_mtime_ns for p in folder.glob("pair1/*.pt")}
     # a second run finds every stage done: nothing is recomputed, the results are the same
     assert main(["demo", "--out", str(folder), "--quiet", *TINY]) == 0
@@ -434,3 +439,15 @@ def test_align_checks_its_export_file_before_the_work(endpoints, tmp_path, capsy
     assert main(command) == 2
     assert _one_error_line(capsys).startswith("neuralign: error: --export must end in one of")
     assert not (tmp_path / "al" / "alignment.pt").exists()  # refused before aligning
+
+
+def test_default_threads_are_capped_by_the_cores_this_process_may_use(monkeypatch, tmp_path, capsys):
+    import neuralign.experiments.cli as cli
+
+    monkeypatch.setattr(cli, "_usable_cores", lambda: 1)  # e.g. a Slurm job given one core of a big machine
+    before = torch.get_num_threads()
+    try:
+        main(["train", "--arch", "tinyten", "--epochs", "0", "--out", str(tmp_path), *DATA])  # fails fast (epochs)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
