@@ -341,7 +341,8 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
                         paper_row=paper_row(config.arch, dataset_label(config.dataset)))  # fmt: skip
     out = Path(args.out)
     bars.close()
-    print(_stage_times(out / "manifest.json"), file=sys.stderr)
+    if (out / "manifest.json").exists():
+        print(_stage_times(out / "manifest.json"), file=sys.stderr)
     return [Path(results["report"]), out / "results.json"]
 
 
