@@ -433,14 +433,16 @@ def fit_curve_pam(
         Randomness of t, of the Birkhoff rounding, and (derived) of the x-steps.
     callback : callable, optional
         Receives dict records: ``{"stage": "x-epoch", "iteration": k, ...}`` after each x-step epoch and
-        ``{"stage": "iteration", "iteration": k, "fun": ..., "changed": {...}}`` after each outer iteration;
-        returning True from the latter stops.
+        ``{"stage": "iteration", "iteration": k, "fun": ..., "changed": {...}, "perms": {...}, "curve": Bezier}``
+        after each outer iteration (``perms`` of the raw ``point_b``, ``curve`` the curve after this iteration's
+        x-step); returning True from the latter stops.
     checkpoint : path-like, optional
         PAM state written atomically before each x-step and after each iteration (the x-step itself checkpoints
         to ``<checkpoint>.xstep``); an interrupted run resumes from it.
     **pam_options
-        Further :class:`~neuralign.optim.PAM` options (``birkhoff_steps``, ``birkhoff_lr``,
-        ``birkhoff_samples``, ``birkhoff_prox``, ``max_backtracks``).
+        Further :class:`~neuralign.optim.PAM` options (``max_moved`` and ``p_steps``: small linearised moves,
+        several per P-step; ``birkhoff_steps``, ``birkhoff_lr``, ``birkhoff_samples``, ``birkhoff_prox``,
+        ``max_backtracks``).
 
     Returns
     -------
@@ -542,8 +544,10 @@ def fit_curve_pam(
         save()
         if callback is not None:
             perms = compose_permutations(p0, {g: p.cpu() for g, p in st.perms.items()})
+            pb = apply_permutation(problem.wb, problem.spec, st.perms)
+            now = Bezier([wa, problem.control_point(st.x, st.perms), pb], trainable=(False, True, False))
             record = {"stage": "iteration", "iteration": st.n_iter, "fun": st.fun, "changed": st.changed,
-                      "perms": perms}  # fmt: skip
+                      "perms": perms, "curve": now}  # fmt: skip
             return callback(record)
         return None
 

@@ -9,7 +9,9 @@ A study (``neuralign.experiments.study``) returns a JSON-able dict ``results``:
                 "endpoints": {"a": {"test_loss", "test_acc"}, "b": {...}},           # accuracies in [0, 1]
                 "alignment": {"groups", "sizes", "correlation_before", "correlation_after"} or None,
                 "curves": {setting: CurveEvaluation.to_dict()},
-                "pam": {pam setting: {"history": [...], "changed": {group: [...]}}},
+                "pam": {pam setting: {"history": [...], "changed": {group: [...]},
+                                      "iterations": [{"iteration", "objective", "moved", "avg_accuracy",
+                                                      "min_accuracy"}, ...]}},
                 "verification": VerificationReport.to_dict() or None,
                 "plane": PlaneEvaluation.to_dict() + {"curve_xy", "labels"} or None}, ...]}
 
@@ -657,7 +659,34 @@ def _pam_lines(results: Mapping[str, Any]) -> list[str]:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
+        *_pam_iteration_lines(results),
     ]
+
+
+def _pam_iteration_lines(results: Mapping[str, Any]) -> list[str]:
+    """Per PAM setting and outer iteration: objective, units moved and Min / Avg accuracy, mean ± std over pairs."""
+    table: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for pair in results["pairs"]:
+        for s, run in (pair.get("pam") or {}).items():
+            for row in (run or {}).get("iterations") or []:
+                table.setdefault((s, int(row["iteration"])), []).append(row)
+    if not table:
+        return []
+    lines = [
+        "Per outer iteration (each iteration's curve evaluated like the final one; mean ± std over pairs):",
+        "",
+        "| Setting | Iteration | Objective | Units moved | Avg accuracy (%) | Min accuracy (%) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    order = {s: i for i, s in enumerate(SETTINGS)}
+    for (s, j), rows in sorted(table.items(), key=lambda item: (order.get(item[0][0], 99), item[0][1])):
+        lines.append(
+            f"| {SETTING_LABELS.get(s, s)} | {j} | {_fmt_stat(_stat([r['objective'] for r in rows]), 4)} | "
+            f"{_fmt_stat(_stat([r['moved'] for r in rows]), 1)} | "
+            f"{_fmt_stat(_stat([r['avg_accuracy'] for r in rows], 100.0))} | "
+            f"{_fmt_stat(_stat([r['min_accuracy'] for r in rows], 100.0))} |"
+        )
+    return [*lines, ""]
 
 
 def _verification_lines(results: Mapping[str, Any]) -> list[str]:

@@ -74,12 +74,15 @@ class StudyConfig:
     Models: ``arch``, ``width`` (ResNet/VGG), ``hidden`` (MLP), ``pairs`` (end points ``1 .. 2*pairs``,
     paired (1, 2), (3, 4), ...), ``seed`` (base of every derived seed).
     End points: ``epochs``, ``lr``, ``weight_decay``. Curves: ``curve_epochs``, ``curve_lr``,
-    ``curve_weight_decay``. PAM: ``pam_iters`` outer iterations, ``pam_lam``, ``pam_method``,
-    ``pam_local_search``, ``pam_gradient_batches``. Evaluation: ``num_points``, ``bn_batches`` (``None``: a full
-    training pass per point, as in the paper), ``plane_grid`` (0: no plane). Verification: ``verify`` and the
-    budgets ``verify_iters`` (PAM iterations), ``verify_swaps`` (swaps tested per group), ``verify_batches`` and
-    ``verify_ts`` (held-out batches and times scoring every move), ``verify_local_search`` (swaps PAM tries per
-    group), ``verify_random_starts``. ``settings``: which of :data:`SETTINGS` to fit.
+    ``curve_weight_decay``. PAM: ``pam_iters`` outer iterations of ``pam_x_epochs`` curve epochs each (default
+    ``curve_epochs``), ``pam_lam``, ``pam_method``, ``pam_max_moved`` and ``pam_p_steps`` (bounded linearised
+    P-steps, see :class:`~neuralign.optim.PAM`), ``pam_local_search``, ``pam_gradient_batches``; every outer
+    iteration's curve is evaluated like the final one (Min accuracy per iteration). Evaluation: ``num_points``,
+    ``bn_batches`` (``None``: a full training pass per point, as in the paper), ``plane_grid`` (0: no plane).
+    Verification: ``verify`` and the budgets ``verify_iters`` (PAM iterations), ``verify_swaps`` (swaps tested
+    per group), ``verify_batches`` and ``verify_ts`` (held-out batches and times scoring every move),
+    ``verify_local_search`` (swaps PAM tries per group), ``verify_random_starts``. ``settings``: which of
+    :data:`SETTINGS` to fit.
     ``max_batches``: cut every epoch short (smoke tests only).
     ``endpoints``: given end points instead of training them, ``2 * pairs`` files paired in order (any format
     :func:`~neuralign.experiments.load_endpoint` reads: end points, plain or wrapped state dicts, safetensors;
@@ -108,8 +111,11 @@ class StudyConfig:
     curve_lr: float = 0.1
     curve_weight_decay: float = 5e-4
     pam_iters: int = 1
+    pam_x_epochs: int | None = None
     pam_lam: float = 1000.0
     pam_method: str = "linearized"
+    pam_max_moved: float | None = None
+    pam_p_steps: int = 1
     pam_local_search: int = 0
     pam_gradient_batches: int | None = None
     num_points: int = 65
@@ -131,10 +137,13 @@ class StudyConfig:
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("pairs", "epochs", "curve_epochs", "pam_iters", "num_points", "batch_size"):
+        for name in ("pairs", "epochs", "curve_epochs", "pam_iters", "pam_p_steps", "num_points", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if self.pam_x_epochs is not None and (isinstance(self.pam_x_epochs, bool)
+                                              or not isinstance(self.pam_x_epochs, int) or self.pam_x_epochs < 1):
+            raise ValueError(f"`pam_x_epochs` must be a positive int, got {self.pam_x_epochs!r}")
         unknown = [s for s in self.settings if s not in SETTINGS]
         if unknown or not self.settings:
             raise ValueError(f"unknown settings {unknown}; expected a non-empty subset of {list(SETTINGS)}")
@@ -396,8 +405,9 @@ class _Study:
                       record=record)  # fmt: skip
 
         meta: dict[str, Any] = {"setting": setting}
+        x_epochs = c.pam_x_epochs or c.curve_epochs
         if setting.startswith("pam"):
-            self.emit(stage="pam", label=label, step=0, total=c.curve_epochs * c.pam_iters, start=True)
+            self.emit(stage="pam", label=label, step=0, total=x_epochs * c.pam_iters, start=True)
         else:
             self.emit(stage="curve", label=label, step=0, total=c.curve_epochs, start=True)
         if setting in ("unaligned", "aligned"):
@@ -411,22 +421,25 @@ class _Study:
             meta["history"] = res.history
             (folder / f"curve_{setting}.ckpt").unlink(missing_ok=True)
         else:
-            total = c.curve_epochs * c.pam_iters
+            total = x_epochs * c.pam_iters
 
             def on_event(record: dict[str, Any]) -> None:
                 if record["stage"] == "x-epoch":
-                    step = (record["iteration"] - 1) * c.curve_epochs + record.get("epoch", 0) + 1
+                    step = (record["iteration"] - 1) * x_epochs + record.get("epoch", 0) + 1
                     self.emit(stage="pam", label=label, step=step, total=total, record=record)
+                elif record["iteration"] < c.pam_iters:  # an earlier iteration's curve, evaluated like the last
+                    record["curve"].save(folder / f"curve_{setting}_iter{record['iteration']}.pt")
 
             with warnings.catch_warnings():
                 # the paper's protocol is a fixed number of outer iterations; the status is recorded in the meta
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 res = fit_curve_pam(
                 a, sd_a, sd_b, self.data.train, init="identity" if setting == "pam_unaligned" else perms, spec=spec,
-                method=c.pam_method, lam=c.pam_lam, max_iter=c.pam_iters, x_epochs=c.curve_epochs,
+                method=c.pam_method, lam=c.pam_lam, max_iter=c.pam_iters, x_epochs=x_epochs,
                 optimizer=optimizer, weight_decay=c.curve_weight_decay, gradient_batches=c.pam_gradient_batches,
                 value_loader=self.data.train_eval, local_search=c.pam_local_search, generator=seed,
                 callback=on_event, checkpoint=folder / f"curve_{setting}.ckpt", max_batches_per_epoch=c.max_batches,
+                **({"max_moved": c.pam_max_moved, "p_steps": c.pam_p_steps} if c.pam_method == "linearized" else {}),
                 )  # fmt: skip
             curve = res.curve
             meta.update(history=res.curve_history, objective=res.history, changed=res.changed,
@@ -473,6 +486,23 @@ class _Study:
         atomic_write_text(path, json.dumps(ev.to_dict(), indent=1))
         self.done(f"pair {k} eval {setting}")
         return ev
+
+    def pam_iterations(self, k: int, setting: str, a: nn.Module, meta: Mapping[str, Any],
+                       final: Mapping[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+        """Per outer iteration: the objective, the units moved, and Avg / Min test accuracy of that iteration's
+        curve (evaluated like the final curve; the last iteration is the final curve)."""
+        rows = []
+        objective = meta["objective"]
+        for j in range(1, len(objective)):
+            if j < len(objective) - 1:
+                curve = Bezier.load(self.out / f"pair{k}" / f"curve_{setting}_iter{j}.pt")
+                ev = self.evaluate(k, f"{setting}_iter{j}", a, curve).to_dict()
+            else:
+                ev = final
+            rows.append({"iteration": j, "objective": objective[j],
+                         "moved": sum(int(v[j - 1]) for v in meta["changed"].values()),
+                         "avg_accuracy": ev["avg_accuracy"], "min_accuracy": ev["min_accuracy"]})  # fmt: skip
+        return rows
 
     def verification(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curve) -> dict[str, Any]:
         c = self.config
@@ -591,7 +621,8 @@ def run_study(
             curves[setting] = curve
             evals[setting] = study.evaluate(k, setting, a, curve).to_dict()
             if setting.startswith("pam"):
-                pam[setting] = {"history": meta["objective"], "changed": meta["changed"]}
+                pam[setting] = {"history": meta["objective"], "changed": meta["changed"],
+                                "iterations": study.pam_iterations(k, setting, a, meta, evals[setting])}
         aligned = curves.get("aligned")
         verification = plane = None
         if c.verify and aligned is not None:

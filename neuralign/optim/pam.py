@@ -443,6 +443,17 @@ class PAM:
         the P-step. ``lam`` itself is not changed between iterations.
     max_backtracks : int
         Halvings per P-step with ``backtrack``.
+    max_moved : float, optional
+        For ``"linearized"``: the fraction in (0, 1] of each group's units that one linearised step may reassign
+        (at least 2; when every move of the step family is larger, its smallest move is taken). The step's
+        :math:`\lambda` is then chosen per group, by bisection on :math:`\log\lambda`, as the largest value up
+        to ``lam`` whose assignment moves no more units (block-wise step sizes, as PALM allows). Linearising is
+        only accurate near :math:`P_k`: a step that reassigns every unit at once follows a first-order model far
+        outside where it holds.
+    p_steps : int
+        For ``"linearized"``: linearised steps per P-step, each at a fresh gradient and each backtracked, with
+        :math:`x` fixed (the P-step's proximal problem solved more accurately); stops early when a step moves
+        nothing. ``changed`` counts the units moved by all of them together.
     x_step : callable, optional
         ``x_step(x, perms) -> new x``: a custom x-step replacing the ``x_steps`` optimizer steps (``x_optimizer``
         is then unused). It receives detached copies of the current ``x`` and the new permutations (every group)
@@ -496,6 +507,8 @@ class PAM:
         | None = None,
         backtrack: bool = False,
         max_backtracks: int = 30,
+        max_moved: float | None = None,
+        p_steps: int = 1,
         x_step: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], Sequence[torch.Tensor]] | None = None,
     ) -> None:
         if not isinstance(problem, PermutationProblem):
@@ -528,6 +541,15 @@ class PAM:
         self.custom_x_step = x_step
         self.backtrack = bool(backtrack)
         self.max_backtracks = _nonnegative_int("max_backtracks", max_backtracks)
+        if max_moved is not None and (isinstance(max_moved, bool) or not isinstance(max_moved, (int, float))
+                                      or not 0.0 < max_moved <= 1.0):  # fmt: skip
+            raise ValueError(f"`max_moved` must be a fraction in (0, 1], got {max_moved!r}")
+        self.max_moved = None if max_moved is None else float(max_moved)
+        self.p_steps = _nonnegative_int("p_steps", p_steps)
+        if self.p_steps < 1:
+            raise ValueError("`p_steps` must be at least 1")
+        if method != "linearized" and (self.max_moved is not None or self.p_steps != 1):
+            raise ValueError(f"`max_moved` and `p_steps` apply to method 'linearized', not {method!r}")
         self.backtracks: list[int] = []
         self._pending: dict[str, Any] | None = None
         self.generator = as_generator(generator)
@@ -658,23 +680,68 @@ class PAM:
 
     # ------------------------------------------------------------------ P-steps
     def _p_step_linearized(self) -> dict[str, torch.Tensor]:
-        mats = self._dense(self.perms)
+        current, halvings = dict(self.perms), 0
+        for _ in range(self.p_steps):
+            new, h = self._linearized_move(current)
+            halvings += h
+            if self._key(new) == self._key(current):
+                break
+            current = new
+        self.backtracks.append(halvings)
+        return current
+
+    def _linearized_move(self, perms: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        """One PALM step from ``perms`` (x fixed): per-group steps bounded by ``max_moved``, then backtracked."""
+        mats = self._dense(perms)
         grad = self._gradient(mats)
-        lam = self.lam
-        new = self._assign({r: grad[r] - (1.0 / lam) * mats[r].to(grad[r].dtype) for r in self._free})
-        halvings = 0
+        anchor = {r: mats[r].to(grad[r].dtype) for r in self._free}
+        lams = {r: self.lam for r in self._free}
+        if self.max_moved is not None:
+            lams = {r: self._bounded_lam(grad[r], anchor[r], perms[r]) for r in self._free}
+
+        def solve(lams: Mapping[str, float]) -> dict[str, torch.Tensor]:
+            return self._assign({r: grad[r] - (1.0 / lams[r]) * anchor[r] for r in self._free})
+
+        new, halvings = solve(lams), 0
         if self.backtrack:
-            f0 = self._value(self.x, self.perms, where="before the P-step")
-            while self._key(new) != self._key(self.perms) and halvings < self.max_backtracks:
+            f0 = self._value(self.x, perms, where="before the P-step")
+            while self._key(new) != self._key(perms) and halvings < self.max_backtracks:
                 if self._value(self.x, new, where="for a backtracking trial") <= f0:
                     break
-                lam, halvings = lam / 2.0, halvings + 1
-                new = self._assign({r: grad[r] - (1.0 / lam) * mats[r].to(grad[r].dtype) for r in self._free})
+                lams, halvings = {r: v / 2.0 for r, v in lams.items()}, halvings + 1
+                new = solve(lams)
             else:
-                if self._key(new) != self._key(self.perms) and self._value(self.x, new, where="backtracking") > f0:
-                    new = dict(self.perms)  # out of halvings: keep P_k, which never increases F
-        self.backtracks.append(halvings)
-        return new
+                if self._key(new) != self._key(perms) and self._value(self.x, new, where="backtracking") > f0:
+                    new = dict(perms)  # out of halvings: keep P_k, which never increases F
+        return new, halvings
+
+    def _bounded_lam(self, grad: torch.Tensor, anchor: torch.Tensor, perm: torch.Tensor) -> float:
+        """The largest step up to ``lam`` whose assignment moves at most ``max_moved`` of the group's units."""
+        n = perm.numel()
+        limit = max(2, math.floor(self.max_moved * n))  # type: ignore[operator]
+
+        def moved(lam: float) -> int:
+            p = solve_assignment(grad - (1.0 / lam) * anchor).perm.to(perm.device)
+            return int((p != perm).sum())
+
+        if moved(self.lam) <= limit:
+            return self.lam
+        spread = float(grad.max() - grad.min())
+        if spread == 0.0:
+            return 1.0  # a constant gradient: any finite step keeps P_k, the unique minimiser of -<P_k, P>
+        # Below 1 / spread no assignment beats P_k: a move of k units gains at most k * spread in <G, P> and
+        # loses k / lam in the proximal term.
+        lo, hi = math.log(0.5 / spread), math.log(self.lam) if math.isfinite(self.lam) else math.log(1e6 / spread)
+        lo_moved = 0
+        for _ in range(30):
+            mid = 0.5 * (lo + hi)
+            k = moved(math.exp(mid))
+            if k <= limit:
+                lo, lo_moved = mid, k
+            else:
+                hi = mid
+        # when the fewest units any step moves exceeds the limit (e.g. a 3-cycle for a limit of 2), take that step
+        return math.exp(lo if lo_moved else hi)
 
     def _p_step_exact(self) -> dict[str, torch.Tensor]:
         mats = self._dense(self.perms)

@@ -237,6 +237,25 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
     assert "holds a study with other settings (curve_epochs)" in capsys.readouterr().err
 
 
+def test_study_records_objective_moves_and_accuracy_per_pam_iteration(tmp_path, capsys):
+    folder = tmp_path / "pam"
+    pam = ["--set", "pam_iters=2", "--set", "pam_max_moved=0.25", "--set", "pam_p_steps=2", "--set", "verify=false",
+           "--set", "plane_grid=0", "--set", "settings=pam_unaligned,aligned"]  # fmt: skip
+    assert main(["demo", "--out", str(folder), "--quiet", *TINY, *pam]) == 0
+    results = json.loads((folder / "results.json").read_text())
+    run = results["pairs"][0]["pam"]["pam_unaligned"]
+    rows = run["iterations"]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert [r["objective"] for r in rows] == run["history"][1:]
+    assert [r["moved"] for r in rows] == [sum(v[j] for v in run["changed"].values()) for j in range(2)]
+    # the last iteration is the final curve; the first was saved and evaluated like it
+    final = results["pairs"][0]["curves"]["pam_unaligned"]
+    assert rows[1]["min_accuracy"] == final["min_accuracy"]
+    first = json.loads((folder / "pair1" / "eval_pam_unaligned_iter1.json").read_text())
+    assert rows[0]["min_accuracy"] == first["min_accuracy"] and len(first["t"]) == 3
+    assert "| PAM Unaligned | 2 |" in (folder / "report.md").read_text()
+
+
 def test_train_and_curve_rerun_skip_in_one_line_and_force_redoes(endpoints, tmp_path, capsys):
     a, b = endpoints
     folder = a.parent

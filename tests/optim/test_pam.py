@@ -558,3 +558,60 @@ def test_interrupted_x_step_resumes_without_a_new_p_step():
     assert result.history == reference.history
     assert result.changed == reference.changed
     assert torch.equal(result.perms["rows"], reference.perms["rows"])
+
+
+# ----------------------------------------------------------------------------------------------- bounded moves
+@settings(max_examples=20, deadline=None)
+@given(seed=seeds, n=st.integers(4, 12), frac=st.sampled_from([0.1, 0.25, 0.5]), p_steps=st.integers(1, 4))
+def test_bounded_moves_per_linearized_step_and_monotone_objective(seed, n, frac, p_steps):
+    g = torch.Generator().manual_seed(seed)
+    sizes = {"a": n, "b": n + 3}
+    prob = QuadraticPermProblem(sizes, {}, g, linear_scale=1.0)
+    start = random_perms(sizes, g)
+    solver = PAM(prob, [], start, lam=1e6, max_moved=frac, p_steps=p_steps, backtrack=True)
+    steps: list[tuple[int, int, int]] = []  # (units moved, limit, units moved by a 1e-6 smaller step)
+    bounded = solver._bounded_lam
+
+    def spy(grad, anchor, perm):
+        lam = bounded(grad, anchor, perm)
+
+        def moved(step):
+            return int((solve_assignment(grad - anchor / step).perm != perm).sum())
+
+        steps.append((moved(lam), max(2, math.floor(frac * perm.numel())), moved(lam * math.exp(-1e-6))))
+        return lam
+
+    solver._bounded_lam = spy
+    for _ in range(3):
+        f_old = solver.history[-1]
+        solver.step()
+        assert solver.history[-1] <= f_old + SLACK * max(1.0, abs(f_old))
+    assert steps
+    for k, limit, smaller in steps:
+        # within the limit, or the smallest move the step family offers (a slightly smaller step moves nothing)
+        assert k <= limit or smaller == 0
+
+
+def test_bounded_moves_take_smaller_steps_than_the_full_linearized_step():
+    # a full step (lam = 1e6) reassigns most units of a random instance; max_moved=0.2 moves 2 of 10 here
+    g = torch.Generator().manual_seed(0)
+    prob = QuadraticPermProblem({"a": 10}, {}, g, linear_scale=1.0)
+    start = random_perms({"a": 10}, g)
+    full = PAM(prob, [], start, lam=1e6)
+    full.step()
+    bounded = PAM(prob, [], start, lam=1e6, max_moved=0.2)
+    bounded.step()
+    assert full.changed["a"][-1] > 2
+    assert 0 < bounded.changed["a"][-1] <= 2
+
+
+def test_bounded_move_options_are_validated():
+    _, prob = linear_problem()
+    with pytest.raises(ValueError, match=r"`max_moved` must be a fraction in \(0, 1\], got 0"):
+        PAM(prob, max_moved=0)
+    with pytest.raises(ValueError, match=r"`max_moved` must be a fraction in \(0, 1\], got 1.5"):
+        PAM(prob, max_moved=1.5)
+    with pytest.raises(ValueError, match=r"`p_steps` must be at least 1"):
+        PAM(prob, p_steps=0)
+    with pytest.raises(ValueError, match=r"`max_moved` and `p_steps` apply to method 'linearized', not 'exact'"):
+        PAM(prob, method="exact", max_moved=0.5)
