@@ -248,6 +248,15 @@ def _zoo_kwargs(config: StudyConfig, data: DataBundle) -> dict[str, Any]:
     return kw
 
 
+def _portable_paths(described: Mapping[str, Any]) -> dict[str, Any]:
+    """The data description with its file path relative to the working directory, so that a manifest published
+    with the results names no folder of the machine that ran it."""
+    out = dict(described)
+    if isinstance(out.get("path"), str):
+        out["path"] = os.path.relpath(out["path"])
+    return out
+
+
 def _params(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     names = {k for k, _ in model.named_parameters()}
     return {k: v for k, v in state.items() if k in names}
@@ -293,7 +302,7 @@ class _Study:
                 "versions": _versions(),
                 "device": str(self.device),
                 "threads": torch.get_num_threads(),
-                "command": sys.argv,
+                "command": ["neuralign", *sys.argv[1:]],
                 "runs": [{"started": time.strftime("%Y-%m-%dT%H:%M:%S")}],
                 "completed": [],
             }
@@ -602,7 +611,7 @@ def run_study(
         c.dataset, root=c.data_root, download=c.download, batch_size=c.batch_size, train_size=c.train_size,
         test_size=c.test_size, align_size=c.align_size, resize=c.resize, generator=c.seed, mean=c.mean, std=c.std,
     )  # fmt: skip
-    study.manifest["data"] = study.data.describe()
+    study.manifest["data"] = _portable_paths(study.data.describe())
     study.save_manifest()
     study.mark = time.perf_counter()  # the first stage's time starts after the data is loaded
     pairs_out = []
@@ -648,7 +657,7 @@ def run_study(
     report = write_report(results, out, figures=figures, paper_row=paper_row, notes=notes)
     study.manifest["runs"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     study.manifest["runs"][-1]["seconds"] = round(time.perf_counter() - started, 2)
-    study.manifest["report"] = str(report)
+    study.manifest["report"] = os.path.relpath(report, out)
     study.save_manifest()
     results["report"] = str(report)
     return results

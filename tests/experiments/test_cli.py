@@ -223,6 +223,9 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
         assert (folder / "figures" / f"{name}.png").stat().st_size > 1000
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["versions"]["torch"] == torch.__version__ and manifest["device"] == "cpu"
+    # a published manifest names no folder of the machine that ran it
+    assert manifest["command"][0] == "neuralign" and manifest["report"] == "report.md"
+    assert '"/' not in json.dumps(manifest), [v for v in json.dumps(manifest).split('"') if v.startswith("/")]
     # every stage's wall-clock time is recorded, and printed at the end of the run with the total
     assert set(manifest["stage_seconds"]) == set(manifest["completed"]) and manifest["runs"][-1]["seconds"] > 0
     assert all(s >= 0 for s in manifest["stage_seconds"].values())
