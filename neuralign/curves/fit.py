@@ -28,7 +28,7 @@ from neuralign.curves.bn import (
 from neuralign.curves.families import Bezier, Curve, Line, PolyChain, _flatten_points
 from neuralign.errors import CheckpointError, NonFiniteError
 
-__all__ = ["fit_curve", "CurveResult", "paper_lr_factor"]
+__all__ = ["fit_curve", "CurveResult", "paper_lr_factor", "garipov_lr_factor"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,32 @@ def paper_lr_factor(epoch: int) -> float:
     (1.0, True)
     """
     return 0.5 ** (epoch // 20) * 0.9996**epoch
+
+
+def garipov_lr_factor(epoch: int, epochs: int) -> float:
+    """The learning-rate factor of Garipov et al. (2018), used by Tatro et al. (2020) for robust training.
+
+    With :math:`a = e / E` (epoch :math:`e` of :math:`E`): 1 for :math:`a \\le 0.5`, linear from 1 to 0.01 for
+    :math:`0.5 < a \\le 0.9`, then 0.01. Pass ``functools.partial(garipov_lr_factor, epochs=E)`` as ``lr_lambda``.
+
+    Raises
+    ------
+    ValueError
+        For ``epochs < 1`` or a negative ``epoch``.
+
+    >>> [round(garipov_lr_factor(e, 10), 4) for e in (0, 5, 7, 9)]
+    [1.0, 1.0, 0.505, 0.01]
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"`epochs` must be an int >= 1, got {epochs!r}")
+    if epoch < 0:
+        raise ValueError(f"`epoch` must be >= 0, got {epoch!r}")
+    a = epoch / epochs
+    if a <= 0.5:
+        return 1.0
+    if a <= 0.9:
+        return 1.0 - (a - 0.5) / 0.4 * 0.99
+    return 0.01
 
 
 def _default_optimizer(params: list[torch.Tensor]) -> torch.optim.Optimizer:

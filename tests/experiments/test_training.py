@@ -67,3 +67,46 @@ def test_bad_input(data, tmp_path):
         train_model(_model(), data.train, epochs=2, checkpoint=path)
     with pytest.raises(NonFiniteError, match="training loss is nan"):
         train_model(_model(), data.train, epochs=1, lr=float("nan"))
+
+
+@pytest.fixture(scope="module")
+def raw_data():
+    return load_data("digits", batch_size=64, train_size=128, normalize=False, generator=0)
+
+
+def test_robust_training_resumes_bit_for_bit(raw_data, tmp_path):
+    from functools import partial
+
+    from neuralign.attacks import PGD
+    from neuralign.curves import garipov_lr_factor
+
+    pgd = PGD(eps=0.1, alpha=0.04, steps=2)
+    options = dict(epochs=3, adversarial=pgd, lr_lambda=partial(garipov_lr_factor, epochs=3))
+    loader = raw_data.train
+    loader.generator.manual_seed(7)
+    torch.manual_seed(3)
+    reference = train_model(_model(), loader, generator=11, **options)
+    assert [r["lr"] for r in reference.history] == pytest.approx([0.1, 0.1, 0.1 * (1 - (2 / 3 - 0.5) / 0.4 * 0.99)])
+    loader.generator.manual_seed(7)
+    torch.manual_seed(3)
+    path = tmp_path / "robust.pt"
+
+    def stop_after_one(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(_model(), loader, generator=11, checkpoint=path, callback=stop_after_one, **options)
+    torch.manual_seed(12345)
+    loader.generator.manual_seed(99)
+    resumed = train_model(_model(), loader, generator=11, checkpoint=path, **options)  # generator state restored
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
+    for k, v in reference.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[k], v, rtol=0, atol=0)
+    # the attack matters (another attack seed gives other weights), and other settings cannot resume this run
+    loader.generator.manual_seed(7)
+    torch.manual_seed(3)
+    other = train_model(_model(), loader, generator=12, **options)
+    assert any(not torch.equal(v, reference.state_dict[k]) for k, v in other.state_dict.items())
+    with pytest.raises(CheckpointError, match="was written with adversarial=.*this run has None"):
+        train_model(_model(), loader, epochs=3, checkpoint=path)
