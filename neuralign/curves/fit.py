@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from neuralign._utils import as_generator, atomic_save, classification_loss, load_checkpoint, split_logits
+from neuralign.attacks import PGD
 from neuralign.curves.bn import (
     _buffer_copies,
     _call,
@@ -135,8 +136,12 @@ class _CurveStepper:
         proximal: float | None,
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
         optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None,
+        adversarial: PGD | None = None,
+        attack_generator: torch.Generator | None = None,
     ) -> None:
         self.model = model
+        self.adversarial = adversarial
+        self.attack_generator = attack_generator
         self.curve = curve
         self.device = curve.device
         self.names, self.shapes, self.numels = curve.names, curve.shapes, tuple(s.numel() for s in curve.shapes)
@@ -178,6 +183,17 @@ class _CurveStepper:
             view.grad = None
         with torch.no_grad():
             torch.mv(self.points.t(), c, out=w)
+        if self.adversarial is not None:  # attack the network at w(t), batch statistics (the official code)
+            x = self.adversarial.attack(
+                self.model,
+                x,
+                y,
+                train=True,
+                params=self._params,
+                buffers=self.buffers,
+                generator=self.attack_generator,
+                loss_fn=self.loss_fn,
+            )
         output = _call(self.model, self._params, self.buffers, x, check)
         loss = self.loss_fn(output, y)
         single = len(self.leaves) == 1
@@ -236,8 +252,11 @@ def _ends_match(curve: Curve, flat_ends: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def _config(curve: Curve, weight_decay: float, proximal: float | None, max_batches: int | None) -> dict:
+def _config(
+    curve: Curve, weight_decay: float, proximal: float | None, max_batches: int | None, adversarial: PGD | None
+) -> dict:
     return {
+        "adversarial": None if adversarial is None else adversarial.to_dict(),
         "family": curve.family,
         "num_points": curve.num_points,
         "trainable": list(curve.trainable),
@@ -267,6 +286,7 @@ def fit_curve(
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
     checkpoint: str | os.PathLike | None = None,
     max_batches_per_epoch: int | None = None,
+    adversarial: PGD | None = None,
 ) -> CurveResult:
     """Fit the trainable points of a curve between two fixed networks by SGD over a uniform :math:`t`.
 
@@ -284,7 +304,9 @@ def fit_curve(
     (batch statistics), :math:`\\lambda` = ``weight_decay`` (the L2 term is on the interpolated weights, every
     parameter included: conv/linear weights and biases, batch-norm :math:`\\gamma, \\beta`), :math:`\\mu` =
     ``proximal`` and :math:`\\theta^0` the trainable points at the start of this call. Each mini-batch draws one
-    :math:`t` shared by the whole batch.
+    :math:`t` shared by the whole batch. With ``adversarial`` (robust curves, Tatro et al. 2020 §4, code
+    ``train_curve_adversarial.py``), the batch's inputs are replaced by PGD examples against the network at
+    :math:`w_\\theta(t)` (train mode, batch statistics) for that same :math:`t`, and :math:`\\ell` is the loss on them.
 
     Parameters
     ----------
@@ -317,7 +339,7 @@ def fit_curve(
         ``(model output, targets) -> scalar``. Default :func:`neuralign._utils.classification_loss` (cross-entropy,
         plus 0.3 x each auxiliary head for GoogLeNet's train-mode tuple).
     generator : torch.Generator or int, optional
-        Source of the :math:`t` draws (a CPU generator or a seed).
+        Source of the :math:`t` draws and of the attack's random starts (a CPU generator or a seed).
     callback : callable, optional
         Called after each epoch (and after the checkpoint is written) with the epoch's record; returning True stops.
     checkpoint : path-like, optional
@@ -328,6 +350,9 @@ def fit_curve(
         same result, bit for bit, as an uninterrupted one (a fit stopped by the callback resumes the same way).
     max_batches_per_epoch : int, optional
         Stop each epoch after this many batches.
+    adversarial : PGD, optional
+        Fit a robust curve against this attack (:class:`neuralign.attacks.PGD`; inputs in [0, 1]). Part of the
+        checkpoint's settings: a fit with other attack settings does not resume it.
 
     Returns
     -------
@@ -390,6 +415,8 @@ def fit_curve(
     ):
         raise ValueError(f"`proximal` must be None or a finite number > 0, got {proximal!r}")
     max_batches = _check_max_batches(max_batches_per_epoch, "max_batches_per_epoch")
+    if adversarial is not None and not isinstance(adversarial, PGD):
+        raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
     params_a = _parameters_of(model, point_a, "point_a")
@@ -418,6 +445,9 @@ def fit_curve(
             "'polychain' (or free the end points)"
         )
 
+    t_generator = as_generator(generator)
+    if t_generator.device.type != "cpu":
+        raise ValueError(f"`generator` must be a CPU generator, got one on {t_generator.device}")
     stepper = _CurveStepper(
         model,
         start,
@@ -425,17 +455,16 @@ def fit_curve(
         proximal=proximal,
         loss_fn=loss_fn if loss_fn is not None else classification_loss,
         optimizer=optimizer,
+        adversarial=adversarial,
+        attack_generator=t_generator,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         stepper.optimizer, lr_lambda if lr_lambda is not None else paper_lr_factor
     )
-    t_generator = as_generator(generator)
-    if t_generator.device.type != "cpu":
-        raise ValueError(f"`generator` must be a CPU generator, got one on {t_generator.device}")
     loader_generator = getattr(train_loader, "generator", None)
     if not isinstance(loader_generator, torch.Generator):
         loader_generator = None
-    config = _config(start, weight_decay, proximal, max_batches)
+    config = _config(start, weight_decay, proximal, max_batches, adversarial)
     fingerprint = _fingerprint(start._flat[[0, -1]])
     history: list[dict[str, Any]] = []
     first_epoch = 0
