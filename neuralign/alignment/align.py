@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from neuralign._utils import as_generator, check_compatible
-from neuralign.attacks import PGD
 from neuralign.alignment.permutation import (
     Permutation,
     _axis_index,
@@ -22,6 +21,7 @@ from neuralign.alignment.permutation import (
 from neuralign.alignment.spec import PermutationSpec, Segment, _segments_for
 from neuralign.alignment.stats import ActivationMoments, activation_moments, check_batch_budget
 from neuralign.alignment.trace import trace_spec
+from neuralign.attacks import PGD
 from neuralign.errors import ConvergenceWarning, SpecError
 from neuralign.optim import solve_assignment
 

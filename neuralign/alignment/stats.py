@@ -13,9 +13,9 @@ from torch import nn
 from torch.func import functional_call
 
 from neuralign._utils import check_compatible
-from neuralign.attacks import PGD
 from neuralign.alignment.spec import PermutationSpec, Tap
 from neuralign.alignment.trace import _fx_graph, _trace_graph
+from neuralign.attacks import PGD
 from neuralign.errors import NonFiniteError, SpecError
 
 __all__ = ["ActivationMoments", "activation_moments"]
