@@ -254,10 +254,13 @@ PRESETS: dict[str, StudyConfig] = {
         robust=True, epochs=200, curve_epochs=200, lr_schedule="garipov", settings=("unaligned", "aligned"),
         verify=False, plane_grid=0,
     ),
-    # The robust study at CPU scale: MLPs on MNIST (robust TinyTen on CIFAR-10 costs ~130 s per 10k images and
-    # epoch on this 2-core machine, so end points worth attacking do not fit in an hour); eps 0.1, step 0.025.
+    # The robust study at CPU scale: MLPs (784-256-256-10, batch norm) on MNIST, eps 0.1, step 0.025, PGD-5.
+    # Measured on this 2-core machine (1 thread, shared): a robust TinyTen epoch on CIFAR-10 costs ~130 s per 10k
+    # images, so 4 robust end points and 4 robust curves worth attacking do not fit in an hour; a robust epoch of
+    # this MLP costs ~5.5 s per 20k MNIST images (6 epochs on 20k: 96.1 % clean, 79.2 % robust test accuracy;
+    # standard training: 96.9 % and 9.6 %). All 60k images, 10 + 10 epochs: ~25 min for 2 pairs.
     "robust-cpu": StudyConfig(
-        robust=True, dataset="mnist", arch="mlp", hidden=(256, 256), pairs=2, train_size=20000, test_size=5000,
+        robust=True, dataset="mnist", arch="mlp", hidden=(256, 256), pairs=2, train_size=None, test_size=None,
         align_size=5000, epochs=10, curve_epochs=10, lr=0.05, curve_lr=0.05, lr_schedule="garipov",
         eps=0.1, alpha=0.025, attack_steps=5, num_points=17, bn_batches=10, settings=("unaligned", "aligned"),
         verify=False, plane_grid=0,
