@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         ev = bench_eval(name, pgd, args.bn_batches, args.test_batches, args.points)
         rows.append((name, steps, ev))
         print(f"# {name}: done ({repeats} repeats)", flush=True)
-    print(f"\nCPU, torch {torch.__version__}, {args.threads} threads, batch {args.batch}, PGD-{args.steps}; evaluation: "
-          f"{args.bn_batches} BN batches of 128, {args.test_batches} test batches of 256 per t\n")  # fmt: skip
+    print(f"\nCPU, torch {torch.__version__}, {args.threads} threads, batch {args.batch}, PGD-{args.steps}; "
+          f"evaluation: {args.bn_batches} BN batches of 128, {args.test_batches} test batches of 256 per t\n")  # fmt: skip
     print("| model | robust train step | robust curve step | curve/train | paired | clean eval per t | "
           "robust eval per t | robust/clean |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
