@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((name, steps, ev))
         print(f"# {name}: done ({repeats} repeats)", flush=True)
     print(f"\nCPU, torch {torch.__version__}, {args.threads} threads, batch {args.batch}, PGD-{args.steps}; "
-          f"evaluation: {args.bn_batches} BN batches of 128, {args.test_batches} test batches of 256 per t\n")  # fmt: skip
+          f"evaluation: {args.bn_batches} BN batches of 128, {args.test_batches} test batches of 256 per t\n")
     print("| model | robust train step | robust curve step | curve/train | paired | clean eval per t | "
           "robust eval per t | robust/clean |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
