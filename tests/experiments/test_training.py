@@ -110,3 +110,29 @@ def test_robust_training_resumes_bit_for_bit(raw_data, tmp_path):
     assert any(not torch.equal(v, reference.state_dict[k]) for k, v in other.state_dict.items())
     with pytest.raises(CheckpointError, match="was written with adversarial=.*this run has None"):
         train_model(_model(), loader, epochs=3, checkpoint=path)
+
+
+def test_robust_mlps_on_mnist_are_far_more_robust_than_standard_ones():
+    from neuralign.attacks import PGD
+    from neuralign.curves import evaluate_model
+    from tests.conftest import shared_data
+
+    path = shared_data("mnist.npz")
+    data = load_data(path, batch_size=64, train_size=6000, test_size=1000, normalize=False, generator=0)
+    pgd = PGD(eps=0.1, alpha=0.025, steps=5)
+    accuracy = {}
+    for robust in (True, False):
+        for seed in (1, 2):
+            model = build_model("mlp", 10, in_features=784, hidden=(128,), batch_norm=True, seed=seed)
+            res = train_model(model, data.train, epochs=3, lr=0.05, adversarial=pgd if robust else None,
+                              generator=seed)  # fmt: skip
+            model.load_state_dict(res.state_dict)
+            model.eval()
+            clean = evaluate_model(model, data.test)[1]
+            attacked = evaluate_model(model, data.test, adversarial=pgd, generator=0)[1]
+            accuracy[robust, seed] = clean, attacked
+    # measured (torch 2.14, CPU): robust nets 0.84-0.86 clean / 0.54-0.55 robust, standard 0.90 clean / 0.06-0.07
+    # robust (1,000 test images: one image is 0.001)
+    for seed in (1, 2):
+        assert accuracy[True, seed][0] > 0.75 and accuracy[False, seed][0] > 0.75, accuracy  # both learned
+        assert accuracy[True, seed][1] > accuracy[False, seed][1] + 0.3, accuracy
