@@ -20,7 +20,6 @@ arXiv:2009.02439.
 from __future__ import annotations
 
 from neuralign import errors
-from neuralign.attacks import PGD, pgd_attack
 from neuralign.alignment import (
     AlignmentResult,
     PermutationSpec,
@@ -33,6 +32,7 @@ from neuralign.alignment import (
     random_permutation,
     trace_spec,
 )
+from neuralign.attacks import PGD, pgd_attack
 from neuralign.curves import (
     Bezier,
     CurveEvaluation,
