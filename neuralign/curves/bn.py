@@ -152,6 +152,34 @@ def _call(
         ) from exc
 
 
+def _attack(
+    adversarial: PGD,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    train: bool,
+    params: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    generator: torch.Generator | None,
+    check: str | None = None,
+    loss_fn: Any = None,
+) -> torch.Tensor:
+    """PGD examples of ``(x, y)`` at ``params``; with ``check`` (a loader's name) a failure names the expected shape."""
+    try:
+        return adversarial.attack(model, x, y, train=train, params=params, buffers=buffers, generator=generator,
+                                  loss_fn=loss_fn)  # fmt: skip
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        if check is None:
+            raise
+        raise ValueError(
+            f"`{check}` yielded inputs of shape {tuple(x.shape)} (dtype {x.dtype}) that the model cannot take: "
+            f"{_first_layer_hint(model)}; the model raised: {exc}"
+        ) from exc
+
+
 def _bn_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [
         (name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats
@@ -196,7 +224,8 @@ def _reestimate(
                 if y is None:
                     raise TypeError(f"`{label}` must yield (inputs, targets) pairs to attack them")
                 # train mode (batch statistics), as the official PGD wrapper runs inside bn_update
-                x = adversarial.attack(model, x, y, train=True, params=params, buffers=buffers, generator=generator)
+                x = _attack(adversarial, model, x, y, train=True, params=params, buffers=buffers, generator=generator,
+                            check=label if index == 0 else None)  # fmt: skip
             for mean, var, count, _, _ in slots:
                 mean.zero_()
                 var.zero_()
@@ -240,7 +269,8 @@ def _evaluate(
             if y is None:
                 raise TypeError(f"`{label}` must yield (inputs, targets) pairs to measure loss and accuracy")
             if adversarial is not None:
-                x = adversarial.attack(model, x, y, train=False, params=params, buffers=buffers, generator=generator)
+                x = _attack(adversarial, model, x, y, train=False, params=params, buffers=buffers, generator=generator,
+                            check=label if index == 0 else None)  # fmt: skip
             logits, _ = split_logits(_call(model, params, buffers, x, check=label if index == 0 else None))
             loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(dim=-1) == y).sum()

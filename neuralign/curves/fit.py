@@ -17,6 +17,7 @@ from torch import nn
 from neuralign._utils import as_generator, atomic_save, classification_loss, load_checkpoint, split_logits
 from neuralign.attacks import PGD
 from neuralign.curves.bn import (
+    _attack,
     _buffer_copies,
     _call,
     _check_curve_matches_model,
@@ -184,16 +185,8 @@ class _CurveStepper:
         with torch.no_grad():
             torch.mv(self.points.t(), c, out=w)
         if self.adversarial is not None:  # attack the network at w(t), batch statistics (the official code)
-            x = self.adversarial.attack(
-                self.model,
-                x,
-                y,
-                train=True,
-                params=self._params,
-                buffers=self.buffers,
-                generator=self.attack_generator,
-                loss_fn=self.loss_fn,
-            )
+            x = _attack(self.adversarial, self.model, x, y, train=True, params=self._params, buffers=self.buffers,
+                        generator=self.attack_generator, check=check, loss_fn=self.loss_fn)  # fmt: skip
         output = _call(self.model, self._params, self.buffers, x, check)
         loss = self.loss_fn(output, y)
         single = len(self.leaves) == 1

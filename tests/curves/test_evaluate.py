@@ -288,3 +288,13 @@ def test_robust_summary_from_values() -> None:
         CurveEvaluation.from_values([0, 1], [0, 0], [1, 1], [0, 1], robust_test_loss=[0, 0])
     with pytest.raises(ValueError, match="unknown bn_inputs 'mixed'"):
         evaluate_curve(net(0), bent_bezier(), unit_box_data(1), unit_box_data(1), num_points=2, bn_inputs="mixed")
+
+
+def test_robust_evaluation_names_a_loader_the_model_cannot_take() -> None:
+    from neuralign.attacks import PGD
+
+    bad = [(torch.rand(8, 6), torch.randint(0, 3, (8,)))]
+    with pytest.raises(ValueError, match=r"`bn_loader` yielded inputs of shape \(8, 6\).*expects 5 features"):
+        evaluate_curve(net(0), bent_bezier(), bad, unit_box_data(1), num_points=2, adversarial=PGD())
+    with pytest.raises(ValueError, match=r"`bn_loader` must lie|`x` must lie in \[0, 1\]"):
+        evaluate_curve(net(0), bent_bezier(), data(1), unit_box_data(1), num_points=2, adversarial=PGD())
