@@ -56,8 +56,10 @@ class TrainResult:
     message: str = ""
 
 
-def _loader_state(loader: Any) -> Any:
-    if hasattr(loader, "state_dict") and callable(loader.state_dict):
+def _loader_state(loader: Any, finished: bool = True) -> Any:
+    # an epoch cut short (max_batches_per_epoch) leaves a stateful loader mid-epoch, and restoring that state would
+    # resume the cut epoch; between epochs only its generator matters (the next epoch starts from it)
+    if finished and hasattr(loader, "state_dict") and callable(loader.state_dict):
         return {"kind": "state_dict", "state": loader.state_dict()}
     gen = getattr(loader, "generator", None)
     if isinstance(gen, torch.Generator):
@@ -201,8 +203,10 @@ def train_model(
         t0 = time.perf_counter()
         work.train()
         total, correct, loss_sum = 0, 0, 0.0
+        finished = True
         for index, batch in enumerate(train_loader):
             if max_batches_per_epoch is not None and index >= max_batches_per_epoch:
+                finished = False
                 break
             x, y = batch[0].to(device), batch[1].to(device)
             if adversarial is not None:
@@ -242,7 +246,7 @@ def train_model(
                     "epoch": epoch + 1,
                     "history": history,
                     "rng": torch.get_rng_state(),
-                    "loader": _loader_state(train_loader),
+                    "loader": _loader_state(train_loader, finished),
                     "adversarial": attack_settings,
                     "attack_generator": attack_generator.get_state(),
                 },

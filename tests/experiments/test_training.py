@@ -136,3 +136,27 @@ def test_robust_mlps_on_mnist_are_far_more_robust_than_standard_ones():
     for seed in (1, 2):
         assert accuracy[True, seed][0] > 0.75 and accuracy[False, seed][0] > 0.75, accuracy  # both learned
         assert accuracy[True, seed][1] > accuracy[False, seed][1] + 0.3, accuracy
+
+
+def test_training_with_short_epochs_resumes_bit_for_bit(data, tmp_path):
+    # an epoch cut short by max_batches_per_epoch must not leave the loader's mid-epoch state in the checkpoint
+    # (the resumed run would replay the rest of the cut epoch, or find it empty)
+    loader = data.train
+    loader.generator.manual_seed(7)
+    torch.manual_seed(3)  # dropout
+    reference = train_model(_model(), loader, epochs=3, max_batches_per_epoch=3)
+    loader.generator.manual_seed(7)
+    torch.manual_seed(3)
+    path = tmp_path / "short.pt"
+
+    def stop_after_one(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(_model(), loader, epochs=3, max_batches_per_epoch=3, checkpoint=path, callback=stop_after_one)
+    loader.generator.manual_seed(99)
+    resumed = train_model(_model(), loader, epochs=3, max_batches_per_epoch=3, checkpoint=path)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
+    for k, v in reference.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[k], v, rtol=0, atol=0)
