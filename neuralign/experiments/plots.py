@@ -4,6 +4,9 @@ Every function draws on a :class:`matplotlib.figure.Figure` created directly (no
 figure left behind), saves it atomically (temporary file in the same folder, then :func:`os.replace`) and returns
 the written path. The format follows the suffix of ``path``: ``.png`` (150 dpi), ``.pdf`` or ``.svg``.
 The input ``results`` is a study's dict, described in :mod:`neuralign.experiments.report`.
+
+Why one module: every figure reads the same ``results`` schema and shares one style (setting colours, bands over
+pairs, atomic saving); :func:`plot_study` picks the figures from it in one place.
 """
 
 from __future__ import annotations
