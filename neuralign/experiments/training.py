@@ -165,7 +165,8 @@ def train_model(
     if adversarial is not None and not isinstance(adversarial, PGD):
         raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     attack_settings = None if adversarial is None else adversarial.to_dict()
-    attack_generator = as_generator(generator)
+    # only an attack draws from it (None would otherwise take a seed from, and so shift, the global RNG)
+    attack_generator = as_generator(generator) if adversarial is not None else None
     loss_fn = loss_fn or classification_loss
     lr_lambda = lr_lambda or paper_lr_factor
     work = copy.deepcopy(model)
@@ -195,7 +196,7 @@ def train_model(
         start = int(state["epoch"])
         torch.set_rng_state(state["rng"])
         _restore_loader(train_loader, state.get("loader"))
-        if state.get("attack_generator") is not None:
+        if attack_generator is not None and state.get("attack_generator") is not None:
             attack_generator.set_state(state["attack_generator"])
         logger.info("resuming training from %s at epoch %d", path, start)
     status, message = 0, f"trained for {epochs} epochs"
@@ -248,7 +249,7 @@ def train_model(
                     "rng": torch.get_rng_state(),
                     "loader": _loader_state(train_loader, finished),
                     "adversarial": attack_settings,
-                    "attack_generator": attack_generator.get_state(),
+                    "attack_generator": None if attack_generator is None else attack_generator.get_state(),
                 },
                 path,
             )

@@ -160,3 +160,14 @@ def test_training_with_short_epochs_resumes_bit_for_bit(data, tmp_path):
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
     for k, v in reference.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[k], v, rtol=0, atol=0)
+
+
+def test_standard_training_draws_nothing_more_from_the_global_rng(data):
+    # the attack's generator exists only with an attack: standard runs keep the global RNG stream they had
+    torch.manual_seed(5)
+    train_model(_model(), data.train, epochs=1, max_batches_per_epoch=1)
+    after = torch.get_rng_state()
+    torch.manual_seed(5)
+    model = _model()
+    out = model(next(iter(data.train))[0])  # one training forward: the dropout draws of one batch
+    assert out.shape[0] > 0 and torch.equal(torch.get_rng_state(), after)
