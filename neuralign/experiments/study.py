@@ -444,8 +444,8 @@ class _Study:
         if not path.exists():
             self.emit(stage="align", label=f"pair {k}", step=0, total=1)
             attack = c.attack() if c.align_inputs == "adversarial" else None
-            res = align(a, b, self.data.align, inputs=c.align_inputs, adversarial=attack,
-                        generator=stable_seed(c.seed, "align", k))  # fmt: skip
+            extra = {"inputs": "adversarial", "adversarial": attack, "generator": stable_seed(c.seed, "align", k)}
+            res = align(a, b, self.data.align, **(extra if attack is not None else {}))
             record = PermutationFile(
                 perms={g: p.cpu() for g, p in res.perms.items()}, spec=res.spec, method=res.method,
                 settings={"data": self.config.dataset, "align_images": len(self.data.align.dataset),
