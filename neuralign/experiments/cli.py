@@ -338,7 +338,8 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
     overrides.update(_overrides(args.set))
     config = config.replace(**overrides)
     results = run_study(config, args.out, device=_device(args.device), progress=bars,
-                        paper_row=paper_row(config.arch, dataset_label(config.dataset)))  # fmt: skip
+                        # Table 1 is about standard curves: no reference row beside a robust study
+                        paper_row=None if config.robust else paper_row(config.arch, dataset_label(config.dataset)))
     out = Path(args.out)
     bars.close()
     if (out / "manifest.json").exists():
