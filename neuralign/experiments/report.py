@@ -6,14 +6,16 @@ A study (``neuralign.experiments.study``) returns a JSON-able dict ``results``:
 
     {"kind": "study_results", "config": {...}, "settings": [subset of SETTINGS, in that order],
      "pairs": [{"pair": 1, "seeds": [1, 2],
-                "endpoints": {"a": {"test_loss", "test_acc"}, "b": {...}},           # accuracies in [0, 1]
+                "endpoints": {"a": {"test_loss", "test_acc"[, "robust_test_loss", "robust_test_acc"]},
+                              "b": {...}},                                          # accuracies in [0, 1]
                 "alignment": {"groups", "sizes", "correlation_before", "correlation_after"} or None,
                 "curves": {setting: CurveEvaluation.to_dict()},
                 "pam": {pam setting: {"history": [...], "changed": {group: [...]}}},
                 "verification": VerificationReport.to_dict() or None,
                 "plane": PlaneEvaluation.to_dict() + {"curve_xy", "labels"} or None}, ...]}
 
-:func:`summary_table` reduces it to mean and sample standard deviation over the pairs, :func:`format_table` lays
+:func:`summary_table` reduces it to mean and sample standard deviation over the pairs (:func:`robust_table` the
+robust values of a robust study, whose curve evaluations carry ``robust_test_accuracy``), :func:`format_table` lays
 the numbers out as the paper's Table 1, :func:`write_report` writes ``report.md`` and :func:`write_results_json`
 writes ``results.json`` (strict JSON: infinities and NaN become the strings ``"inf"``, ``"-inf"``, ``"nan"``, as in
 :meth:`~neuralign.verification.VerificationReport.to_json`; :func:`read_results_json` turns them back into floats).
