@@ -1,6 +1,6 @@
 """neuralign: optimisation over permutations and curves for neuron alignment and mode connectivity.
 
-The library has four parts that never import the fifth:
+The library has four packages and one shared module, none of which imports :mod:`neuralign.experiments`:
 
 - :mod:`neuralign.optim`: solvers over permutations and continuous variables (linear assignment, Birkhoff polytope,
   proximal alternating minimisation, QAP) that know nothing about neural networks;
@@ -10,6 +10,7 @@ The library has four parts that never import the fifth:
   evaluation, loss planes, and PAM on curves;
 - :mod:`neuralign.verification`: checks that can fail (functional equivalence, Taylor tests, local optimality of
   an alignment);
+- :mod:`neuralign.attacks`: L-infinity PGD against a network at given weights (robust end points and curves);
 
 and :mod:`neuralign.experiments` holds models, data, training recipes, the paper's study, the command line and
 reports. Reference: Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020,
@@ -31,6 +32,7 @@ from neuralign.alignment import (
     random_permutation,
     trace_spec,
 )
+from neuralign.attacks import PGD, pgd_attack
 from neuralign.curves import (
     Bezier,
     CurveEvaluation,
@@ -53,6 +55,8 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "errors",
+    "PGD",
+    "pgd_attack",
     "AlignmentResult",
     "PermutationSpec",
     "SpecBuilder",

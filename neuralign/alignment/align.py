@@ -21,6 +21,7 @@ from neuralign.alignment.permutation import (
 from neuralign.alignment.spec import PermutationSpec, Segment, _segments_for
 from neuralign.alignment.stats import ActivationMoments, activation_moments, check_batch_budget
 from neuralign.alignment.trace import trace_spec
+from neuralign.attacks import PGD
 from neuralign.errors import ConvergenceWarning, SpecError
 from neuralign.optim import solve_assignment
 
@@ -392,6 +393,8 @@ def align(
     generator: torch.Generator | int | None = None,
     example_input: Any = None,
     callback: Callable[[int], Any] | None = None,
+    inputs: str = "clean",
+    adversarial: PGD | None = None,
 ) -> AlignmentResult:
     """Find the permutation of B's hidden units that best matches A's (neuron alignment).
 
@@ -449,6 +452,13 @@ def align(
         Needed to trace the spec for ``"weight"`` without a loader or spec.
     callback : callable, optional
         Called with the number of batches processed (progress).
+    inputs : {"clean", "adversarial"}
+        ``"adversarial"`` (data methods, for robust models): each model's activations are read on its own PGD
+        examples of every batch, generated in eval mode (the official GoogLeNet ``--adv_flag``; Tatro et al.
+        2020 §4). The loader must yield ``(inputs, targets)`` with inputs in [0, 1].
+    adversarial : PGD, optional
+        The attack for ``inputs="adversarial"``; default ``PGD()`` (CIFAR's 8/255, 2/255, 5 steps). Its random
+        starts come from ``generator``.
 
     Returns
     -------
@@ -513,6 +523,15 @@ def align(
     check_batch_budget(max_batches)
     _check_count(max_iter, "max_iter")
     _check_count(restarts, "restarts")
+    if inputs not in ("clean", "adversarial"):
+        raise ValueError(f"unknown inputs {inputs!r}; expected one of ['clean', 'adversarial']")
+    if adversarial is not None and not isinstance(adversarial, PGD):
+        raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
+    if inputs == "clean" and adversarial is not None:
+        raise ValueError("`adversarial` is given but inputs='clean'; pass inputs='adversarial' to use it")
+    attack = (adversarial or PGD()) if inputs == "adversarial" else None
+    if attack is not None and loader is None:
+        raise ValueError("inputs='adversarial' needs a `loader` of (inputs, targets)")
     gen = as_generator(generator)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_compatible(state_a, state_b)
@@ -522,7 +541,15 @@ def align(
     data = None
     if loader is not None:
         spec, moments = activation_moments(
-            model_a, model_b, loader, spec, kind=kind, max_batches=max_batches, callback=callback
+            model_a,
+            model_b,
+            loader,
+            spec,
+            kind=kind,
+            max_batches=max_batches,
+            callback=callback,
+            adversarial=attack,
+            generator=gen,
         )
         data = _data_similarity(moments, spec, method)
         _warn_few_observations(moments, spec)

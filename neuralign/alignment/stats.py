@@ -15,6 +15,7 @@ from torch.func import functional_call
 from neuralign._utils import check_compatible
 from neuralign.alignment.spec import PermutationSpec, Tap
 from neuralign.alignment.trace import _fx_graph, _trace_graph
+from neuralign.attacks import PGD
 from neuralign.errors import NonFiniteError, SpecError
 
 __all__ = ["ActivationMoments", "activation_moments"]
@@ -266,6 +267,8 @@ def activation_moments(
     kind: str = "post",
     max_batches: int | None = None,
     callback: Callable[[int], Any] | None = None,
+    adversarial: PGD | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[PermutationSpec, dict[str, list[ActivationMoments]]]:
     """Moments of every group's activations in both models, in one pass over ``loader``.
 
@@ -288,6 +291,11 @@ def activation_moments(
         Stop after this many batches (at least 1).
     callback : callable, optional
         Called with the number of batches done after each batch (progress reporting).
+    adversarial : PGD, optional
+        Read each model's activations on its own PGD examples of the batch (generated in eval mode against that
+        model; the loader must yield ``(inputs, targets)`` with inputs in [0, 1]) instead of the clean inputs.
+    generator : torch.Generator, optional
+        Source of the attacks' random starts.
 
     Returns
     -------
@@ -370,9 +378,15 @@ def activation_moments(
         for batch in batches():
             if max_batches is not None and n_batches >= max_batches:
                 break
-            x = prepare(_first_input(batch))
+            x = x_b = prepare(_first_input(batch))
+            if adversarial is not None:
+                y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+                if not isinstance(y, torch.Tensor):
+                    raise TypeError("`loader` must yield (inputs, targets) pairs to align on adversarial inputs")
+                y = y.to(x.device)
+                x, x_b = (adversarial.attack(m, x, y, train=False, generator=generator) for m in (model_a, model_b))
             out_a = dict(zip(nodes, cap(x)))
-            out_b = dict(zip(nodes, functional_call(cap, params_b, (x,), tie_weights=False)))
+            out_b = dict(zip(nodes, functional_call(cap, params_b, (x_b,), tie_weights=False)))
             for (_, t), acc in accs.items():
                 bad = acc.update(out_a[t.node], out_b[t.node], t.axis)
                 if bad is not None:

@@ -20,7 +20,7 @@ from neuralign.curves.evaluate import (
     project_to_plane,
 )
 from neuralign.curves.families import CURVE_FAMILIES, Bezier, Curve, Line, PolyChain
-from neuralign.curves.fit import CurveResult, fit_curve, paper_lr_factor
+from neuralign.curves.fit import CurveResult, fit_curve, garipov_lr_factor, paper_lr_factor
 from neuralign.curves.metrics import evaluate_model
 from neuralign.curves.pam import CurvePAMResult, CurvePermutationProblem, fit_curve_pam
 
@@ -37,6 +37,7 @@ __all__ = [
     "evaluate_model",
     "CurveResult",
     "paper_lr_factor",
+    "garipov_lr_factor",
     "reestimate_bn",
     "evaluate_curve",
     "CurveEvaluation",

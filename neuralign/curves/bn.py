@@ -18,7 +18,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from neuralign._utils import split_logits
+from neuralign._utils import as_generator, split_logits
+from neuralign.attacks import PGD
 from neuralign.errors import ShapeMismatchError
 
 __all__ = ["reestimate_bn"]
@@ -151,6 +152,34 @@ def _call(
         ) from exc
 
 
+def _attack(
+    adversarial: PGD,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    train: bool,
+    params: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    generator: torch.Generator | None,
+    check: str | None = None,
+    loss_fn: Any = None,
+) -> torch.Tensor:
+    """PGD examples of ``(x, y)`` at ``params``; with ``check`` (a loader's name) a failure names the expected shape."""
+    try:
+        return adversarial.attack(model, x, y, train=train, params=params, buffers=buffers, generator=generator,
+                                  loss_fn=loss_fn)  # fmt: skip
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        if check is None:
+            raise
+        raise ValueError(
+            f"`{check}` yielded inputs of shape {tuple(x.shape)} (dtype {x.dtype}) that the model cannot take: "
+            f"{_first_layer_hint(model)}; the model raised: {exc}"
+        ) from exc
+
+
 def _bn_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [
         (name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats
@@ -164,6 +193,8 @@ def _reestimate(
     max_batches: int | None,
     device: torch.device,
     label: str = "loader",
+    adversarial: PGD | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Core of :func:`reestimate_bn` without input validation."""
     buffers = _buffer_copies(model, device)
@@ -188,7 +219,13 @@ def _reestimate(
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break
-            x, _ = _split_batch(batch, device, label)
+            x, y = _split_batch(batch, device, label)
+            if adversarial is not None:
+                if y is None:
+                    raise TypeError(f"`{label}` must yield (inputs, targets) pairs to attack them")
+                # train mode (batch statistics), as the official PGD wrapper runs inside bn_update
+                x = _attack(adversarial, model, x, y, train=True, params=params, buffers=buffers, generator=generator,
+                            check=label if index == 0 else None)  # fmt: skip
             for mean, var, count, _, _ in slots:
                 mean.zero_()
                 var.zero_()
@@ -218,8 +255,11 @@ def _evaluate(
     loader: Iterable,
     device: torch.device,
     label: str,
+    adversarial: PGD | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy of the main logits and accuracy (fraction) over ``loader``, eval mode, no grad."""
+    """Mean cross-entropy of the main logits and accuracy (fraction) over ``loader``, eval mode, no grad (on PGD
+    examples generated in eval mode at ``params``/``buffers`` with ``adversarial``)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
@@ -228,6 +268,9 @@ def _evaluate(
             x, y = _split_batch(batch, device, label)
             if y is None:
                 raise TypeError(f"`{label}` must yield (inputs, targets) pairs to measure loss and accuracy")
+            if adversarial is not None:
+                x = _attack(adversarial, model, x, y, train=False, params=params, buffers=buffers, generator=generator,
+                            check=label if index == 0 else None)  # fmt: skip
             logits, _ = split_logits(_call(model, params, buffers, x, check=label if index == 0 else None))
             loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(dim=-1) == y).sum()
@@ -252,6 +295,8 @@ def reestimate_bn(
     loader: Iterable,
     *,
     max_batches: int | None = None,
+    adversarial: PGD | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Batch-norm running statistics of ``model`` at weights ``params``, re-estimated exactly from ``loader``.
 
@@ -281,6 +326,12 @@ def reestimate_bn(
         Yields input tensors or ``(inputs, targets)`` tuples (targets unused), usually the training loader.
     max_batches : int, optional
         Use only the first ``max_batches`` batches (an approximation; see :func:`evaluate_curve`).
+    adversarial : PGD, optional
+        Re-estimate on PGD examples of each batch instead (:class:`neuralign.attacks.PGD`, generated at ``params``
+        in train mode, as the official robust evaluation does); the loader must yield ``(inputs, targets)`` with
+        inputs in [0, 1].
+    generator : torch.Generator or int, optional
+        Source of the attack's random starts (a CPU generator, whose state advances, or a seed).
 
     Returns
     -------
@@ -328,5 +379,8 @@ def reestimate_bn(
     parameters = _parameters_of(model, params, "params")
     if not parameters:
         raise ValueError("`model` has no parameter")
+    if adversarial is not None and not isinstance(adversarial, PGD):
+        raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     device = next(iter(parameters.values())).device
-    return _reestimate(model, parameters, loader, max_batches, device)
+    gen = None if adversarial is None else as_generator(generator)
+    return _reestimate(model, parameters, loader, max_batches, device, adversarial=adversarial, generator=gen)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuralign._utils import as_generator
+from neuralign.attacks import PGD
 from neuralign.curves.bn import (
     _check_curve_matches_model,
     _check_max_batches,
@@ -202,6 +204,23 @@ class CurveEvaluation:
         The same on the train loader, when one was given.
     max_bn_batches : int or None
         Batches used per batch-norm re-estimation (None: full passes).
+    robust_test_loss, robust_test_accuracy : tuple of float or None
+        With an attack (:func:`evaluate_curve` ``adversarial``): loss and accuracy on the test loader's PGD
+        examples at each ``t`` (eval mode, same batch-norm statistics as the clean values).
+    robust_avg_loss, robust_avg_accuracy : float or None
+        Arc-length-weighted averages of the robust values (the official "line integral" of the robust loss).
+    robust_loss_barrier : float or None
+        :math:`\\max_i [L^{rob}(t_i) - (1 - t_i) L^{rob}_0 - t_i L^{rob}_1]` (never negative).
+    robust_min_accuracy, robust_max_accuracy : float or None
+        Least and most robust accuracy along the curve (the first ``t`` on ties).
+    clean_accuracy_at_robust_min, clean_accuracy_at_robust_max : float or None
+        Clean test accuracy at those two points.
+    robust_endpoint_accuracy : float or None
+        Mean robust accuracy of the end points.
+    adversarial : dict or None
+        The attack's settings (:meth:`neuralign.attacks.PGD.to_dict`).
+    bn_inputs : str or None
+        ``"adversarial"`` or ``"clean"``: what batch norm was re-estimated on, with an attack.
     """
 
     t: tuple[float, ...]
@@ -223,6 +242,18 @@ class CurveEvaluation:
     train_loss: tuple[float, ...] | None = None
     train_accuracy: tuple[float, ...] | None = None
     max_bn_batches: int | None = None
+    robust_test_loss: tuple[float, ...] | None = None
+    robust_test_accuracy: tuple[float, ...] | None = None
+    robust_avg_loss: float | None = None
+    robust_avg_accuracy: float | None = None
+    robust_loss_barrier: float | None = None
+    robust_min_accuracy: float | None = None
+    robust_max_accuracy: float | None = None
+    clean_accuracy_at_robust_min: float | None = None
+    clean_accuracy_at_robust_max: float | None = None
+    robust_endpoint_accuracy: float | None = None
+    adversarial: dict[str, Any] | None = None
+    bn_inputs: str | None = None
 
     @classmethod
     def from_values(
@@ -236,6 +267,10 @@ class CurveEvaluation:
         train_loss: Sequence[float] | None = None,
         train_accuracy: Sequence[float] | None = None,
         max_bn_batches: int | None = None,
+        robust_test_loss: Sequence[float] | None = None,
+        robust_test_accuracy: Sequence[float] | None = None,
+        adversarial: Mapping[str, Any] | None = None,
+        bn_inputs: str | None = None,
     ) -> CurveEvaluation:
         """Build the evaluation, computing the summary from per-point values (``t`` must start at 0, end at 1).
 
@@ -254,6 +289,30 @@ class CurveEvaluation:
         if ts[0] != 0.0 or ts[-1] != 1.0:
             raise ValueError(f"`t` must start at 0 and end at 1, got {ts[0]} and {ts[-1]}")
         mid = min(range(len(ts)), key=lambda i: (round(abs(ts[i] - 0.5), 12), ts[i]))  # ties: smaller t
+        robust: dict[str, Any] = {}
+        if (robust_test_loss is None) != (robust_test_accuracy is None):
+            raise ValueError("give both `robust_test_loss` and `robust_test_accuracy`, or neither")
+        if robust_test_loss is not None:
+            r_loss = tuple(float(v) for v in robust_test_loss)
+            r_acc = tuple(float(v) for v in robust_test_accuracy)
+            if not len(r_loss) == len(r_acc) == len(ts):
+                raise ValueError("`robust_test_loss` and `robust_test_accuracy` must have the length of `t`")
+            worst = min(range(len(ts)), key=lambda i: r_acc[i])
+            best = max(range(len(ts)), key=lambda i: r_acc[i])
+            robust = {
+                "robust_test_loss": r_loss,
+                "robust_test_accuracy": r_acc,
+                "robust_avg_loss": arc_length_average(r_loss, s),
+                "robust_avg_accuracy": arc_length_average(r_acc, s),
+                "robust_loss_barrier": max(v - (1 - u) * r_loss[0] - u * r_loss[-1] for u, v in zip(ts, r_loss)),
+                "robust_min_accuracy": r_acc[worst],
+                "robust_max_accuracy": r_acc[best],
+                "clean_accuracy_at_robust_min": acc[worst],
+                "clean_accuracy_at_robust_max": acc[best],
+                "robust_endpoint_accuracy": (r_acc[0] + r_acc[-1]) / 2.0,
+                "adversarial": None if adversarial is None else dict(adversarial),
+                "bn_inputs": bn_inputs,
+            }
         return cls(
             t=ts,
             test_loss=loss,
@@ -274,6 +333,7 @@ class CurveEvaluation:
             train_loss=None if train_loss is None else tuple(float(v) for v in train_loss),
             train_accuracy=None if train_accuracy is None else tuple(float(v) for v in train_accuracy),
             max_bn_batches=max_bn_batches,
+            **robust,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,6 +360,9 @@ def evaluate_curve(
     train_loader: Iterable | None = None,
     max_bn_batches: int | None = None,
     callback: Callable[[dict[str, Any]], Any] | None = None,
+    adversarial: PGD | None = None,
+    bn_inputs: str = "adversarial",
+    generator: torch.Generator | int | None = None,
 ) -> CurveEvaluation:
     """Test loss and accuracy along a curve, batch norm re-estimated at every point, with the paper's summary.
 
@@ -332,7 +395,24 @@ def evaluate_curve(
         0.73 / 0.55 / 0.28 / 0.38 points along straight lines, whose midpoints fall to 30 % accuracy (conv net).
     callback : callable, optional
         Called after each point with ``{"index", "t", "test_loss", "test_accuracy"[, "train_loss",
-        "train_accuracy"]}`` (for progress; its return value is ignored).
+        "train_accuracy", "robust_test_loss", "robust_test_accuracy"]}`` (for progress; its return value is
+        ignored).
+    adversarial : PGD, optional
+        Also measure robust test loss and accuracy at every ``t`` (Tatro et al. 2020 §4, code
+        ``eval_adversarial_curve.py``): PGD examples of the test batches against the network at :math:`w(t)` in
+        eval mode with the re-estimated statistics. The summary then adds the robust loss barrier, the
+        arc-length average of the robust loss, min and max robust accuracy and the clean accuracy at those points.
+        Inputs must be in [0, 1].
+    bn_inputs : {"adversarial", "clean"}
+        With ``adversarial``: re-estimate batch norm on PGD examples of the ``bn_loader`` batches (generated at
+        :math:`w(t)` in train mode, as the official code does; the default) or on the clean batches. Clean and
+        robust test values use the same statistics.
+    generator : torch.Generator or int, optional
+        Attack randomness. Every ``t`` uses a fresh CPU generator seeded with the same seed (an int as given; a
+        seed drawn once from a Generator, or from the global RNG for None), first for the batch-norm pass's
+        attacks, then for the test attacks, so that points differ by their weights only and the evaluation at
+        ``t`` = 0 equals :func:`reestimate_bn` then :func:`~neuralign.curves.evaluate_model` at the end point with
+        ``generator=torch.Generator().manual_seed(seed)`` passed to both.
 
     Returns
     -------
@@ -343,7 +423,8 @@ def evaluate_curve(
     ShapeMismatchError
         If the curve does not match ``model``'s parameters (names the parameter).
     ValueError
-        For ``num_points < 2``, an empty loader, or inputs the model cannot take.
+        For ``num_points < 2``, an empty loader, inputs the model cannot take, an unknown ``bn_inputs``, or
+        inputs outside [0, 1] with an attack.
 
     References
     ----------
@@ -351,6 +432,8 @@ def evaluate_curve(
        arXiv:1802.10026.
     .. [2] N. J. Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020,
        arXiv:2009.02439.
+    .. [3] P. Zhao, P.-Y. Chen, P. Das, K. N. Ramamurthy, X. Lin, "Bridging Mode Connectivity in Loss Landscapes
+       and Adversarial Robustness", ICLR 2020, arXiv:2005.00060.
 
     Examples
     --------
@@ -375,16 +458,37 @@ def evaluate_curve(
         raise ValueError(f"`num_points` must be an int >= 2, got {num_points!r}")
     max_bn_batches = _check_max_batches(max_bn_batches, "max_bn_batches")
     _check_curve_matches_model(model, curve.names, curve.shapes)
+    if adversarial is not None and not isinstance(adversarial, PGD):
+        raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
+    if bn_inputs not in ("adversarial", "clean"):
+        raise ValueError(f"unknown bn_inputs {bn_inputs!r}; expected one of ['adversarial', 'clean']")
+    seed = 0
+    if adversarial is not None:
+        if isinstance(generator, int) and not isinstance(generator, bool):
+            seed = generator
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=as_generator(generator)).item())
+    bn_attack = adversarial if bn_inputs == "adversarial" else None
     device = curve.device
     ts = [i / (num_points - 1) for i in range(num_points)]
-    test_loss, test_acc, train_loss, train_acc = [], [], [], []
+    test_loss, test_acc, train_loss, train_acc, robust_loss, robust_acc = [], [], [], [], [], []
     for i, t in enumerate(ts):
         params = curve(t)
-        buffers = _reestimate(model, params, bn_loader, max_bn_batches, device, "bn_loader")
+        gen = torch.Generator().manual_seed(seed) if adversarial is not None else None
+        buffers = _reestimate(
+            model, params, bn_loader, max_bn_batches, device, "bn_loader", adversarial=bn_attack, generator=gen
+        )
         loss, acc = _evaluate(model, params, buffers, test_loader, device, "test_loader")
         test_loss.append(loss)
         test_acc.append(acc)
         record: dict[str, Any] = {"index": i, "t": t, "test_loss": loss, "test_accuracy": acc}
+        if adversarial is not None:
+            loss, acc = _evaluate(
+                model, params, buffers, test_loader, device, "test_loader", adversarial=adversarial, generator=gen
+            )
+            robust_loss.append(loss)
+            robust_acc.append(acc)
+            record.update(robust_test_loss=loss, robust_test_accuracy=acc)
         if train_loader is not None:
             loss, acc = _evaluate(model, params, buffers, train_loader, device, "train_loader")
             train_loss.append(loss)
@@ -404,6 +508,10 @@ def evaluate_curve(
         train_loss=train_loss if train_loader is not None else None,
         train_accuracy=train_acc if train_loader is not None else None,
         max_bn_batches=max_bn_batches,
+        robust_test_loss=robust_loss if adversarial is not None else None,
+        robust_test_accuracy=robust_acc if adversarial is not None else None,
+        adversarial=None if adversarial is None else adversarial.to_dict(),
+        bn_inputs=None if adversarial is None else bn_inputs,
     )
 
 

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from neuralign._utils import as_generator, atomic_save, classification_loss, load_checkpoint, split_logits
+from neuralign.attacks import PGD
 from neuralign.curves.bn import (
+    _attack,
     _buffer_copies,
     _call,
     _check_curve_matches_model,
@@ -28,7 +30,7 @@ from neuralign.curves.bn import (
 from neuralign.curves.families import Bezier, Curve, Line, PolyChain, _flatten_points
 from neuralign.errors import CheckpointError, NonFiniteError
 
-__all__ = ["fit_curve", "CurveResult", "paper_lr_factor"]
+__all__ = ["fit_curve", "CurveResult", "paper_lr_factor", "garipov_lr_factor"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,32 @@ def paper_lr_factor(epoch: int) -> float:
     (1.0, True)
     """
     return 0.5 ** (epoch // 20) * 0.9996**epoch
+
+
+def garipov_lr_factor(epoch: int, epochs: int) -> float:
+    """The learning-rate factor of Garipov et al. (2018), used by Tatro et al. (2020) for robust training.
+
+    With :math:`a = e / E` (epoch :math:`e` of :math:`E`): 1 for :math:`a \\le 0.5`, linear from 1 to 0.01 for
+    :math:`0.5 < a \\le 0.9`, then 0.01. Pass ``functools.partial(garipov_lr_factor, epochs=E)`` as ``lr_lambda``.
+
+    Raises
+    ------
+    ValueError
+        For ``epochs < 1`` or a negative ``epoch``.
+
+    >>> [round(garipov_lr_factor(e, 10), 4) for e in (0, 5, 7, 9)]
+    [1.0, 1.0, 0.505, 0.01]
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"`epochs` must be an int >= 1, got {epochs!r}")
+    if epoch < 0:
+        raise ValueError(f"`epoch` must be >= 0, got {epoch!r}")
+    a = epoch / epochs
+    if a <= 0.5:
+        return 1.0
+    if a <= 0.9:
+        return 1.0 - (a - 0.5) / 0.4 * 0.99
+    return 0.01
 
 
 def _default_optimizer(params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -109,8 +137,12 @@ class _CurveStepper:
         proximal: float | None,
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
         optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None,
+        adversarial: PGD | None = None,
+        attack_generator: torch.Generator | None = None,
     ) -> None:
         self.model = model
+        self.adversarial = adversarial
+        self.attack_generator = attack_generator
         self.curve = curve
         self.device = curve.device
         self.names, self.shapes, self.numels = curve.names, curve.shapes, tuple(s.numel() for s in curve.shapes)
@@ -152,6 +184,9 @@ class _CurveStepper:
             view.grad = None
         with torch.no_grad():
             torch.mv(self.points.t(), c, out=w)
+        if self.adversarial is not None:  # attack the network at w(t), batch statistics (the official code)
+            x = _attack(self.adversarial, self.model, x, y, train=True, params=self._params, buffers=self.buffers,
+                        generator=self.attack_generator, check=check, loss_fn=self.loss_fn)  # fmt: skip
         output = _call(self.model, self._params, self.buffers, x, check)
         loss = self.loss_fn(output, y)
         single = len(self.leaves) == 1
@@ -210,8 +245,11 @@ def _ends_match(curve: Curve, flat_ends: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def _config(curve: Curve, weight_decay: float, proximal: float | None, max_batches: int | None) -> dict:
+def _config(
+    curve: Curve, weight_decay: float, proximal: float | None, max_batches: int | None, adversarial: PGD | None
+) -> dict:
     return {
+        "adversarial": None if adversarial is None else adversarial.to_dict(),
         "family": curve.family,
         "num_points": curve.num_points,
         "trainable": list(curve.trainable),
@@ -241,6 +279,7 @@ def fit_curve(
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
     checkpoint: str | os.PathLike | None = None,
     max_batches_per_epoch: int | None = None,
+    adversarial: PGD | None = None,
 ) -> CurveResult:
     """Fit the trainable points of a curve between two fixed networks by SGD over a uniform :math:`t`.
 
@@ -258,7 +297,9 @@ def fit_curve(
     (batch statistics), :math:`\\lambda` = ``weight_decay`` (the L2 term is on the interpolated weights, every
     parameter included: conv/linear weights and biases, batch-norm :math:`\\gamma, \\beta`), :math:`\\mu` =
     ``proximal`` and :math:`\\theta^0` the trainable points at the start of this call. Each mini-batch draws one
-    :math:`t` shared by the whole batch.
+    :math:`t` shared by the whole batch. With ``adversarial`` (robust curves, Tatro et al. 2020 §4, code
+    ``train_curve_adversarial.py``), the batch's inputs are replaced by PGD examples against the network at
+    :math:`w_\\theta(t)` (train mode, batch statistics) for that same :math:`t`, and :math:`\\ell` is the loss on them.
 
     Parameters
     ----------
@@ -291,7 +332,7 @@ def fit_curve(
         ``(model output, targets) -> scalar``. Default :func:`neuralign._utils.classification_loss` (cross-entropy,
         plus 0.3 x each auxiliary head for GoogLeNet's train-mode tuple).
     generator : torch.Generator or int, optional
-        Source of the :math:`t` draws (a CPU generator or a seed).
+        Source of the :math:`t` draws and of the attack's random starts (a CPU generator or a seed).
     callback : callable, optional
         Called after each epoch (and after the checkpoint is written) with the epoch's record; returning True stops.
     checkpoint : path-like, optional
@@ -302,6 +343,9 @@ def fit_curve(
         same result, bit for bit, as an uninterrupted one (a fit stopped by the callback resumes the same way).
     max_batches_per_epoch : int, optional
         Stop each epoch after this many batches.
+    adversarial : PGD, optional
+        Fit a robust curve against this attack (:class:`neuralign.attacks.PGD`; inputs in [0, 1]). Part of the
+        checkpoint's settings: a fit with other attack settings does not resume it.
 
     Returns
     -------
@@ -364,6 +408,8 @@ def fit_curve(
     ):
         raise ValueError(f"`proximal` must be None or a finite number > 0, got {proximal!r}")
     max_batches = _check_max_batches(max_batches_per_epoch, "max_batches_per_epoch")
+    if adversarial is not None and not isinstance(adversarial, PGD):
+        raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
     params_a = _parameters_of(model, point_a, "point_a")
@@ -392,6 +438,9 @@ def fit_curve(
             "'polychain' (or free the end points)"
         )
 
+    t_generator = as_generator(generator)
+    if t_generator.device.type != "cpu":
+        raise ValueError(f"`generator` must be a CPU generator, got one on {t_generator.device}")
     stepper = _CurveStepper(
         model,
         start,
@@ -399,17 +448,16 @@ def fit_curve(
         proximal=proximal,
         loss_fn=loss_fn if loss_fn is not None else classification_loss,
         optimizer=optimizer,
+        adversarial=adversarial,
+        attack_generator=t_generator,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         stepper.optimizer, lr_lambda if lr_lambda is not None else paper_lr_factor
     )
-    t_generator = as_generator(generator)
-    if t_generator.device.type != "cpu":
-        raise ValueError(f"`generator` must be a CPU generator, got one on {t_generator.device}")
     loader_generator = getattr(train_loader, "generator", None)
     if not isinstance(loader_generator, torch.Generator):
         loader_generator = None
-    config = _config(start, weight_decay, proximal, max_batches)
+    config = _config(start, weight_decay, proximal, max_batches, adversarial)
     fingerprint = _fingerprint(start._flat[[0, -1]])
     history: list[dict[str, Any]] = []
     first_epoch = 0

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from neuralign._utils import as_generator
+from neuralign.attacks import PGD
 from neuralign.curves.bn import _evaluate
 
 __all__ = ["evaluate_model"]
@@ -18,8 +20,13 @@ def evaluate_model(
     *,
     params: Mapping[str, torch.Tensor] | None = None,
     buffers: Mapping[str, torch.Tensor] | None = None,
+    adversarial: PGD | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy of the main logits and accuracy (a fraction) over ``loader``, in eval mode.
+
+    With ``adversarial``, the robust loss and accuracy: each batch is replaced by its PGD examples against the
+    model at ``params``/``buffers`` in eval mode (:class:`neuralign.attacks.PGD`; inputs in [0, 1]).
 
     Parameters
     ----------
@@ -29,6 +36,10 @@ def evaluate_model(
         ``(inputs, targets)`` batches, moved to the model's device.
     params, buffers : dict, optional
         Weights and buffers (e.g. a point on a curve and re-estimated batch-norm statistics); default the model's.
+    adversarial : PGD, optional
+        Attack every batch first.
+    generator : torch.Generator or int, optional
+        Source of the attack's random starts (a CPU generator, whose state advances, or a seed).
 
     Returns
     -------
@@ -50,5 +61,8 @@ def evaluate_model(
         params = dict(model.named_parameters())
     if buffers is None:
         buffers = dict(model.named_buffers())
+    if adversarial is not None and not isinstance(adversarial, PGD):
+        raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     device = next(iter(params.values())).device if params else torch.device("cpu")
-    return _evaluate(model, params, buffers, loader, device, "loader")
+    gen = None if adversarial is None else as_generator(generator)
+    return _evaluate(model, params, buffers, loader, device, "loader", adversarial=adversarial, generator=gen)

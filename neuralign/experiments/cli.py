@@ -338,7 +338,8 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
     overrides.update(_overrides(args.set))
     config = config.replace(**overrides)
     results = run_study(config, args.out, device=_device(args.device), progress=bars,
-                        paper_row=paper_row(config.arch, dataset_label(config.dataset)))  # fmt: skip
+                        # Table 1 is about standard curves: no reference row beside a robust study
+                        paper_row=None if config.robust else paper_row(config.arch, dataset_label(config.dataset)))
     out = Path(args.out)
     bars.close()
     if (out / "manifest.json").exists():
@@ -882,10 +883,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "Table 1 (Unaligned, PAM Unaligned, PAM Aligned, Aligned), evaluate them along t with batch "
                        "norm re-estimated, verify the alignment, and write results.json, report.md and figures. "
                        "Presets: paper (the paper's settings, for GPUs), cpu (TinyTen on CIFAR-10 in about an hour "
-                       "on 2 cores), demo. Any setting can be overridden with --set KEY=VALUE (settings: "
+                       "on 2 cores), demo; robust (adversarially trained end points, robust Unaligned and Aligned "
+                       "curves, clean and robust accuracy along t; the paper's §4 settings, for GPUs) and "
+                       "robust-cpu (MLPs on MNIST on 2 cores). Any setting can be overridden with --set KEY=VALUE "
+                       "(settings: "
                        f"{_study_settings()}).")  # fmt: skip
     _add_common(p, out="neuralign-study")
-    p.add_argument("--preset", choices=["paper", "cpu", "demo"], default="cpu", help="starting settings (default: cpu)")
+    p.add_argument("--preset", choices=["paper", "cpu", "demo", "robust", "robust-cpu"], default="cpu",
+                   help="starting settings (default: cpu)")
     p.add_argument("--arch", default=None, help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp, "
                    "torchvision:<name>, timm:<name>")
     p.add_argument("--pairs", type=int, default=None, help="number of end-point pairs")

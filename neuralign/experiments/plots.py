@@ -4,6 +4,9 @@ Every function draws on a :class:`matplotlib.figure.Figure` created directly (no
 figure left behind), saves it atomically (temporary file in the same folder, then :func:`os.replace`) and returns
 the written path. The format follows the suffix of ``path``: ``.png`` (150 dpi), ``.pdf`` or ``.svg``.
 The input ``results`` is a study's dict, described in :mod:`neuralign.experiments.report`.
+
+Why one module: every figure reads the same ``results`` schema and shares one style (setting colours, bands over
+pairs, atomic saving); :func:`plot_study` picks the figures from it in one place.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from neuralign.verification.local import CHECKS
 __all__ = [
     "SETTING_STYLES",
     "plot_curve_metrics",
+    "plot_robust_metrics",
     "plot_layer_correlation",
     "plot_reassignment",
     "plot_plane",
@@ -222,6 +226,48 @@ def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> P
     handles, labels = ax_acc.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle(f"{_title_prefix(results)}test metrics along the curves ({_n_pairs_text(len(pairs))})")
+    return _save_figure(fig, path, fmt)
+
+
+def plot_robust_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Clean and robust test accuracy (%) and robust test loss against :math:`t` (Tatro et al. 2020, §4).
+
+    One line per setting (mean over pairs, a band of ± one sample standard deviation with more than one pair);
+    needs curves evaluated with an attack (``robust_test_accuracy``). Styles follow :data:`SETTING_STYLES`.
+
+    Raises
+    ------
+    ValueError
+        If a curve has no robust evaluation, or for an unsupported file suffix.
+    """
+    path, fmt = _check_path(path)
+    validate_results(results)
+    settings = results["settings"]
+    if not settings or any(p["curves"][s].get("robust_test_accuracy") is None
+                           for p in results["pairs"] for s in settings):  # fmt: skip
+        raise ValueError("every curve needs a robust evaluation (`robust_test_accuracy`) to plot robust metrics")
+    fig = _figure(15.0, 4.6)
+    axes = fig.subplots(1, 3)
+    panels = (
+        ("test_accuracy", 100.0, "Clean test accuracy (%)"),
+        ("robust_test_accuracy", 100.0, "Robust test accuracy (%)"),
+        ("robust_test_loss", 1.0, "Robust test loss (cross-entropy)"),
+    )
+    for ax, (key, scale, name) in zip(axes, panels):
+        for s in settings:
+            style = SETTING_STYLES[s]
+            t, stack = _curve_stack(results, s, key, scale)
+            mean, std = _mean_std(stack)
+            ax.plot(t, mean, label=SETTING_LABELS[s], linewidth=2, **style)
+            if std is not None:
+                ax.fill_between(t, mean - std, mean + std, color=style["color"], alpha=0.18, linewidth=0)
+        ax.set_xlabel("t (position along the curve)")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.suptitle(f"{_title_prefix(results)}robust curves ({_n_pairs_text(len(results['pairs']))})")
     return _save_figure(fig, path, fmt)
 
 
@@ -687,7 +733,8 @@ def plot_verification_summary(verification: Any, path: str | os.PathLike) -> Pat
 def plot_study(results: Mapping[str, Any], folder: str | os.PathLike) -> dict[str, Path]:
     """Draw every figure of a study whose data is present into ``folder``, with stable names.
 
-    ``curve_metrics.png`` (:func:`plot_curve_metrics`, needs a setting), ``layer_correlation.png``
+    ``curve_metrics.png`` (:func:`plot_curve_metrics`, needs a setting), ``robust_metrics.png``
+    (:func:`plot_robust_metrics`, curves evaluated with an attack), ``layer_correlation.png``
     (:func:`plot_layer_correlation`, a pair with ``alignment``), ``reassignment.png`` (:func:`plot_reassignment`,
     the first pair whose verification has a stability check), ``plane.png`` (:func:`plot_plane`, the first pair
     with a ``plane``), ``verification.png`` (:func:`plot_verification_summary`, one column per pair with a
@@ -734,6 +781,8 @@ def plot_study(results: Mapping[str, Any], folder: str | os.PathLike) -> dict[st
     target = {k: folder / name for k, (name, _) in FIGURE_FILES.items()}
     if results["settings"]:
         out["curve_metrics"] = plot_curve_metrics(results, target["curve_metrics"])
+        if all(p["curves"][s].get("robust_test_accuracy") is not None for p in pairs for s in results["settings"]):
+            out["robust_metrics"] = plot_robust_metrics(results, target["robust_metrics"])
     if any(p.get("alignment") for p in pairs):
         out["layer_correlation"] = plot_layer_correlation(results, target["layer_correlation"])
     for i, p in enumerate(pairs):

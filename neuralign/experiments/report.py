@@ -6,7 +6,8 @@ A study (``neuralign.experiments.study``) returns a JSON-able dict ``results``:
 
     {"kind": "study_results", "config": {...}, "settings": [subset of SETTINGS, in that order],
      "pairs": [{"pair": 1, "seeds": [1, 2],
-                "endpoints": {"a": {"test_loss", "test_acc"}, "b": {...}},           # accuracies in [0, 1]
+                "endpoints": {"a": {"test_loss", "test_acc"[, "robust_test_loss", "robust_test_acc"]},
+                              "b": {...}},                                          # accuracies in [0, 1]
                 "alignment": {"groups", "sizes", "correlation_before", "correlation_after"} or None,
                 "curves": {setting: CurveEvaluation.to_dict()},
                 "pam": {pam setting: {"history": [...], "changed": {group: [...]},
@@ -15,7 +16,8 @@ A study (``neuralign.experiments.study``) returns a JSON-able dict ``results``:
                 "verification": VerificationReport.to_dict() or None,
                 "plane": PlaneEvaluation.to_dict() + {"curve_xy", "labels"} or None}, ...]}
 
-:func:`summary_table` reduces it to mean and sample standard deviation over the pairs, :func:`format_table` lays
+:func:`summary_table` reduces it to mean and sample standard deviation over the pairs (:func:`robust_table` the
+robust values of a robust study, whose curve evaluations carry ``robust_test_accuracy``), :func:`format_table` lays
 the numbers out as the paper's Table 1, :func:`write_report` writes ``report.md`` and :func:`write_results_json`
 writes ``results.json`` (strict JSON: infinities and NaN become the strings ``"inf"``, ``"-inf"``, ``"nan"``, as in
 :meth:`~neuralign.verification.VerificationReport.to_json`; :func:`read_results_json` turns them back into floats).
@@ -47,6 +49,7 @@ __all__ = [
     "write_report",
     "write_results_json",
     "read_results_json",
+    "robust_table",
 ]
 
 #: The curve settings of Tatro et al. (2020, Table 1), in the order of the table.
@@ -68,6 +71,7 @@ FIGURE_FILES: dict[str, tuple[str, str]] = {
     "reassignment": ("reassignment.png", "PAM stability: units reassigned per iteration, distance to the alignment"),
     "plane": ("plane.png", "Test loss and accuracy over the plane containing the aligned curve"),
     "verification": ("verification.png", "Verdicts of the verification checks"),
+    "robust_metrics": ("robust_metrics.png", "Clean and robust test accuracy and robust loss along the curves"),
 }
 
 _RESULT_KEYS = ["kind", "config", "settings", "pairs"]
@@ -723,6 +727,90 @@ def _verification_lines(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# robust mode connectivity (Tatro et al. 2020, §4)
+_ROBUST_COLUMNS = (  # (curve summary field, header, scale)
+    ("avg_accuracy", "Avg clean", 100.0),
+    ("min_accuracy", "Min clean", 100.0),
+    ("robust_avg_accuracy", "Avg robust", 100.0),
+    ("robust_min_accuracy", "Min robust", 100.0),
+    ("robust_max_accuracy", "Max robust", 100.0),
+    ("clean_accuracy_at_robust_max", "Clean at max robust", 100.0),
+    ("robust_loss_barrier", "Robust loss barrier", 1.0),
+    ("robust_avg_loss", "Avg robust loss", 1.0),
+)
+
+
+def _is_robust(results: Mapping[str, Any]) -> bool:
+    return bool(results["settings"]) and all(
+        p["curves"][s].get("robust_test_accuracy") is not None for p in results["pairs"] for s in results["settings"]
+    )
+
+
+def robust_table(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Mean and sample std over pairs of the robust summary of each setting's curves, and of the end points.
+
+    End points: clean and robust accuracy at :math:`t = 0` and :math:`t = 1` of the curves (batch norm
+    re-estimated as along the curves), averaged over the settings, with the paper's
+    :math:`\\pm \\tfrac12 (s_a^2 + s_b^2)^{1/2}`. Curves: the columns of ``_ROBUST_COLUMNS`` (accuracies in %).
+
+    Raises
+    ------
+    ValueError
+        If the study has no robust evaluation.
+    """
+    validate_results(results)
+    if not _is_robust(results):
+        raise ValueError("the results hold no robust evaluation (a study with robust=True)")
+    pairs, settings = results["pairs"], results["settings"]
+
+    def ends(key: str, index: int) -> list[float]:
+        return [100.0 * math.fsum(p["curves"][s][key][index] for s in settings) / len(settings) for p in pairs]
+
+    rows: dict[str, Any] = {
+        "endpoints": {
+            "clean": _endpoint_stat(ends("test_accuracy", 0), ends("test_accuracy", -1)),
+            "robust": _endpoint_stat(ends("robust_test_accuracy", 0), ends("robust_test_accuracy", -1)),
+        }
+    }
+    for s in settings:
+        rows[s] = {key: _stat([p["curves"][s][key] for p in pairs], scale) for key, _, scale in _ROBUST_COLUMNS}
+    return {"rows": rows, "n_pairs": len(pairs)}
+
+
+def _robust_lines(results: Mapping[str, Any]) -> list[str]:
+    if not _is_robust(results):
+        return []
+    table = robust_table(results)["rows"]
+    attack = results["pairs"][0]["curves"][results["settings"][0]].get("adversarial") or {}
+    bn = results["pairs"][0]["curves"][results["settings"][0]].get("bn_inputs")
+    header = "| Setting | " + " | ".join(h for _, h, _ in _ROBUST_COLUMNS) + " |"
+    lines = [
+        "## Robust mode connectivity",
+        "",
+        f"L-infinity PGD, eps {attack.get('eps', float('nan')):.4g}, step {attack.get('alpha', float('nan')):.4g}, "
+        f"{attack.get('steps', '?')} steps, random start; batch norm re-estimated on {bn} training inputs at every "
+        "t. Accuracies in % (mean ± std over pairs); Avg: arc-length-weighted average along the curve; robust loss "
+        "barrier: largest rise of the robust test loss above the straight line between its end values.",
+        "",
+        "| End points | Clean | Robust |",
+        "| --- | ---: | ---: |",
+        f"| Curves at t = 0, 1 | {_fmt_stat(table['endpoints']['clean'])} | "
+        f"{_fmt_stat(table['endpoints']['robust'])} |",
+    ]
+    trained = [(p["endpoints"][e].get("test_acc"), p["endpoints"][e].get("robust_test_acc"))
+               for p in results["pairs"] for e in ("a", "b")]  # fmt: skip
+    if all(r is not None for _, r in trained):
+        clean = _stat([c for c, _ in trained], 100.0)
+        robust = _stat([r for _, r in trained], 100.0)
+        lines.append(f"| As trained (own statistics), all end points | {_fmt_stat(clean)} | {_fmt_stat(robust)} |")
+    lines += ["", header, "| --- |" + " ---: |" * len(_ROBUST_COLUMNS)]
+    for s in results["settings"]:
+        cells = [_fmt_stat(table[s][key], 1 if scale == 100.0 else 3) for key, _, scale in _ROBUST_COLUMNS]
+        lines.append(f"| {SETTING_LABELS[s]} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(
     results: Mapping[str, Any],
     folder: str | os.PathLike,
@@ -830,6 +918,7 @@ def write_report(
             _scale_note(results),
             "",
         ]
+    lines += _robust_lines(results)
     if figures:
         lines += ["## Figures", "", *_figure_lines(figures, folder)]
     lines += _alignment_lines(results)

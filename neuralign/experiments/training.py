@@ -14,7 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuralign._utils import atomic_save, check_compatible, classification_loss, load_checkpoint, split_logits
+from neuralign._utils import (
+    as_generator,
+    atomic_save,
+    check_compatible,
+    classification_loss,
+    load_checkpoint,
+    split_logits,
+)
+from neuralign.attacks import PGD
 from neuralign.curves import evaluate_model, paper_lr_factor
 from neuralign.errors import CheckpointError, NonFiniteError
 
@@ -48,8 +56,10 @@ class TrainResult:
     message: str = ""
 
 
-def _loader_state(loader: Any) -> Any:
-    if hasattr(loader, "state_dict") and callable(loader.state_dict):
+def _loader_state(loader: Any, finished: bool = True) -> Any:
+    # an epoch cut short (max_batches_per_epoch) leaves a stateful loader mid-epoch, and restoring that state would
+    # resume the cut epoch; between epochs only its generator matters (the next epoch starts from it)
+    if finished and hasattr(loader, "state_dict") and callable(loader.state_dict):
         return {"kind": "state_dict", "state": loader.state_dict()}
     gen = getattr(loader, "generator", None)
     if isinstance(gen, torch.Generator):
@@ -81,13 +91,20 @@ def train_model(
     checkpoint: str | os.PathLike | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
     max_batches_per_epoch: int | None = None,
+    adversarial: PGD | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> TrainResult:
-    """Train a copy of ``model`` with SGD, the recipe of Tatro et al. (2020) for end points.
+    """Train a copy of ``model`` with SGD, the recipe of Tatro et al. (2020) for end points (standard or robust).
 
     .. math::  \\min_w \\; \\mathbb{E}_{(x, y)} \\, \\ell(f(x; w), y) + \\tfrac{\\lambda}{2} \\|w\\|^2
 
     with Nesterov SGD (momentum 0.9), learning rate ``lr * lr_lambda(epoch)`` stepped once per epoch (default
     :func:`~neuralign.curves.paper_lr_factor`, ``0.5 ** (e // 20) * 0.9996 ** e``), weight decay in the optimizer.
+    With ``adversarial``, Madry et al.'s robust training (arXiv:1706.06083): :math:`x` is replaced by its PGD
+    example :math:`x' = \\mathrm{PGD}(x, y; w)`, generated with the network in train mode (batch statistics), as the
+    official ``train_model_adversarial.py`` does; the loss is on the adversarial examples only. The official robust
+    schedule is ``lr_lambda=functools.partial(garipov_lr_factor, epochs=epochs)``
+    (:func:`~neuralign.curves.garipov_lr_factor`) with the default SGD settings (PAPER_NOTES §4).
 
     Parameters
     ----------
@@ -112,6 +129,11 @@ def train_model(
         Called after every epoch with its record; returning True stops (status 2).
     max_batches_per_epoch : int, optional
         Cut epochs short (smoke tests).
+    adversarial : PGD, optional
+        Train on the attack's examples (:class:`neuralign.attacks.PGD`); inputs must be in [0, 1]. The attack does
+        not update batch-norm running statistics; the forward pass on the adversarial examples does.
+    generator : torch.Generator or int, optional
+        Source of the attack's random starts (CPU; checkpointed with the run). Unused without ``adversarial``.
 
     Returns
     -------
@@ -124,7 +146,7 @@ def train_model(
     NonFiniteError
         If the training loss becomes NaN or infinite.
     CheckpointError
-        If ``checkpoint`` exists but belongs to another model.
+        If ``checkpoint`` exists but belongs to another model or was written with other ``adversarial`` settings.
     WriteError
         If ``checkpoint`` cannot be written (a full disk): the checkpoint of the previous epoch is left in place,
         so a later call resumes from it.
@@ -140,6 +162,11 @@ def train_model(
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"`epochs` must be a positive int, got {epochs!r}")
+    if adversarial is not None and not isinstance(adversarial, PGD):
+        raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
+    attack_settings = None if adversarial is None else adversarial.to_dict()
+    # only an attack draws from it (None would otherwise take a seed from, and so shift, the global RNG)
+    attack_generator = as_generator(generator) if adversarial is not None else None
     loss_fn = loss_fn or classification_loss
     lr_lambda = lr_lambda or paper_lr_factor
     work = copy.deepcopy(model)
@@ -157,6 +184,11 @@ def train_model(
             check_compatible(work.state_dict(), state["model"], ("model", "checkpoint"))
         except Exception as exc:
             raise CheckpointError(f"checkpoint {str(path)!r} belongs to another model: {exc}") from exc
+        if state.get("adversarial") != attack_settings:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written with adversarial={state.get('adversarial')!r}, this run has "
+                f"{attack_settings!r} (delete it or choose another path)"
+            )
         work.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -164,16 +196,22 @@ def train_model(
         start = int(state["epoch"])
         torch.set_rng_state(state["rng"])
         _restore_loader(train_loader, state.get("loader"))
+        if attack_generator is not None and state.get("attack_generator") is not None:
+            attack_generator.set_state(state["attack_generator"])
         logger.info("resuming training from %s at epoch %d", path, start)
     status, message = 0, f"trained for {epochs} epochs"
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         work.train()
         total, correct, loss_sum = 0, 0, 0.0
+        finished = True
         for index, batch in enumerate(train_loader):
             if max_batches_per_epoch is not None and index >= max_batches_per_epoch:
+                finished = False
                 break
             x, y = batch[0].to(device), batch[1].to(device)
+            if adversarial is not None:
+                x = adversarial.attack(work, x, y, train=True, generator=attack_generator, loss_fn=loss_fn)
             out = work(x)
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):
@@ -209,7 +247,9 @@ def train_model(
                     "epoch": epoch + 1,
                     "history": history,
                     "rng": torch.get_rng_state(),
-                    "loader": _loader_state(train_loader),
+                    "loader": _loader_state(train_loader, finished),
+                    "adversarial": attack_settings,
+                    "attack_generator": None if attack_generator is None else attack_generator.get_state(),
                 },
                 path,
             )

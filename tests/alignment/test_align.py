@@ -193,3 +193,45 @@ def test_alignment_lowers_the_midpoint_loss_on_real_mnist():
     assert after < before
     for g in res.spec.groups:
         assert res.correlation_after[g] > res.correlation_before[g] + 0.2
+
+
+def test_adversarial_inputs_correlate_each_models_activations_on_its_own_attack():
+    from neuralign.attacks import PGD
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2))
+    b = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(5, 2, 4, 4, generator=g), torch.randint(0, 2, (5,), generator=g)) for _ in range(4)]
+    pgd = PGD(eps=0.2, alpha=0.1, steps=2, random_start=False)  # deterministic: the replay below is exact
+    gen = torch.Generator().manual_seed(3)
+    _, moments = activation_moments(a, b, batches, adversarial=pgd, generator=gen)
+    (m,) = moments["0"]
+    with torch.no_grad():
+        xa, xb = (
+            torch.cat([F.relu(net[0](pgd.attack(net, x, y, train=False))) for x, y in batches])
+            .permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
+            for net in (a, b)
+        )  # fmt: skip
+        clean_a = torch.cat([F.relu(a[0](x)) for x, _ in batches]).permute(0, 2, 3, 1).reshape(-1, 3).double()
+    assert not np.allclose(clean_a.numpy(), xa)  # the attack moved A's activations
+    # as in the test above, plus an absolute 1e-9 for entries that are exactly 0 in float64 (units that never fire
+    # together) and come out at ~1e-12 from the accumulator's rescaled float32 sums
+    np.testing.assert_allclose(m.cross.numpy(), xa.T @ xb / xa.shape[0], rtol=5e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown inputs 'noisy'"):
+        align(a, b, batches, inputs="noisy")
+    with pytest.raises(ValueError, match="`adversarial` is given but inputs='clean'"):
+        align(a, b, batches, adversarial=pgd)
+
+
+def test_adversarial_alignment_recovers_a_planted_permutation():
+    from neuralign.attacks import PGD
+
+    a, b, spec, p = _planted("mlp", (64, 1, 8, 8), in_features=64, hidden=(32, 24), batch_norm=True)
+    g = torch.Generator().manual_seed(1)
+    loader = [(torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(2)]
+    # with random starts the two models see different examples; B computes A's function, so its attack is A's
+    res = align(a, b, loader, inputs="adversarial", adversarial=PGD(eps=0.1, alpha=0.05, steps=2), generator=0)
+    inverse = invert_permutation(p)
+    for group in spec.groups:
+        assert torch.equal(res.perms[group], inverse[group]), group

@@ -237,3 +237,64 @@ def test_plane_errors() -> None:
         evaluate_plane(model, a, b, params_of(net(2)), data(), data(), grid=1)
     with pytest.raises(ShapeMismatchError, match="`point_c` has no parameter `3.bias`"):
         evaluate_plane(model, a, b, {k: v for k, v in a.items() if k != "3.bias"}, data(), data())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# robust evaluation
+def unit_box_data(n_batches: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(20, 5, generator=g), torch.randint(0, 3, (20,), generator=g)) for _ in range(n_batches)]
+
+
+@pytest.mark.parametrize("bn_inputs", ["adversarial", "clean"])
+def test_robust_evaluation_at_the_ends_equals_evaluating_the_end_points(bn_inputs) -> None:
+    from neuralign.attacks import PGD
+    from neuralign.curves import evaluate_model
+
+    model = net(0)
+    curve = bent_bezier()
+    pgd = PGD(eps=0.1, alpha=0.04, steps=3)
+    bn, test = unit_box_data(2, seed=1), unit_box_data(2, seed=2)
+    ev = evaluate_curve(model, curve, bn, test, num_points=3, adversarial=pgd, bn_inputs=bn_inputs, generator=7)
+    for index, point in ((0, curve.points[0]), (-1, curve.points[-1])):
+        g = torch.Generator().manual_seed(7)
+        attack = pgd if bn_inputs == "adversarial" else None
+        buffers = reestimate_bn(model, point, bn, adversarial=attack, generator=g)
+        clean = evaluate_model(model, test, params=point, buffers=buffers)
+        robust = evaluate_model(model, test, params=point, buffers=buffers, adversarial=pgd, generator=g)
+        assert (ev.test_loss[index], ev.test_accuracy[index]) == clean
+        assert (ev.robust_test_loss[index], ev.robust_test_accuracy[index]) == robust
+    assert ev.bn_inputs == bn_inputs and ev.adversarial == pgd.to_dict()
+    assert all(r >= c for r, c in zip(ev.robust_test_loss, ev.test_loss))  # the attack raises every point's loss
+    # the statistics were re-estimated on adversarial inputs: they differ from clean ones
+    if bn_inputs == "adversarial":
+        clean_bn = evaluate_curve(model, curve, bn, test, num_points=3, adversarial=pgd, bn_inputs="clean",
+                                  generator=7)  # fmt: skip
+        assert clean_bn.test_loss != ev.test_loss
+
+
+def test_robust_summary_from_values() -> None:
+    ev = CurveEvaluation.from_values(
+        [0, 0.5, 1], [0.1, 0.5, 0.3], [0.9, 0.6, 0.8], [0, 1, 2],
+        robust_test_loss=[1.0, 2.5, 1.2], robust_test_accuracy=[0.4, 0.2, 0.5], bn_inputs="adversarial",
+    )  # fmt: skip
+    assert ev.robust_loss_barrier == pytest.approx(2.5 - 1.1)
+    assert ev.robust_avg_loss == pytest.approx((0.5 * 1.0 + 1.0 * 2.5 + 0.5 * 1.2) / 2)
+    assert (ev.robust_min_accuracy, ev.robust_max_accuracy) == (0.2, 0.5)
+    assert (ev.clean_accuracy_at_robust_min, ev.clean_accuracy_at_robust_max) == (0.6, 0.8)
+    assert ev.robust_endpoint_accuracy == pytest.approx(0.45)
+    assert CurveEvaluation.from_dict(json.loads(json.dumps(ev.to_dict()))) == ev
+    with pytest.raises(ValueError, match="give both `robust_test_loss` and `robust_test_accuracy`"):
+        CurveEvaluation.from_values([0, 1], [0, 0], [1, 1], [0, 1], robust_test_loss=[0, 0])
+    with pytest.raises(ValueError, match="unknown bn_inputs 'mixed'"):
+        evaluate_curve(net(0), bent_bezier(), unit_box_data(1), unit_box_data(1), num_points=2, bn_inputs="mixed")
+
+
+def test_robust_evaluation_names_a_loader_the_model_cannot_take() -> None:
+    from neuralign.attacks import PGD
+
+    bad = [(torch.rand(8, 6), torch.randint(0, 3, (8,)))]
+    with pytest.raises(ValueError, match=r"`bn_loader` yielded inputs of shape \(8, 6\).*expects 5 features"):
+        evaluate_curve(net(0), bent_bezier(), bad, unit_box_data(1), num_points=2, adversarial=PGD())
+    with pytest.raises(ValueError, match=r"`bn_loader` must lie|`x` must lie in \[0, 1\]"):
+        evaluate_curve(net(0), bent_bezier(), data(1), unit_box_data(1), num_points=2, adversarial=PGD())

@@ -315,3 +315,67 @@ def test_auxiliary_heads_enter_the_training_loss() -> None:
     start = Bezier.between(a, b).points[1]["aux.weight"]
     assert torch.equal(main_only.curve.points[1]["aux.weight"], start)  # no loss term reaches the aux head
     assert not torch.equal(with_aux.curve.points[1]["aux.weight"], start)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# robust curves
+class UnitBoxDataset(NoisyDataset):
+    """Inputs in [0, 1] (as an attack needs), augmented from the global CPU RNG."""
+
+    def __getitem__(self, i: int):
+        return (self.x[i] + 0.05 * torch.randn(self.x.shape[1])).clamp(0.0, 1.0), self.y[i]
+
+
+def unit_box_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    return DataLoader(UnitBoxDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(11))
+
+
+def test_robust_fit_takes_the_loss_on_attacks_against_w_t() -> None:
+    from neuralign.attacks import PGD
+
+    model = small_net(0)
+    a, b = params_of(model), params_of(small_net(1))
+    pgd = PGD(eps=0.2, alpha=0.1, steps=3)
+    x, y = next(iter(unit_box_loader()))
+    res = fit_curve(model, a, b, [(x, y)], epochs=1, generator=123, adversarial=pgd)
+    # replay the batch: one t from the generator, then the attack's random start from the same generator
+    g = torch.Generator().manual_seed(123)
+    t = float(torch.rand((), dtype=torch.float64, generator=g))
+    w = Bezier.between(a, b)(t)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    adv = pgd.attack(model, x, y, train=True, params=w, buffers=buffers, generator=g)
+    model.train()
+    with torch.no_grad():
+        want = float(nn.functional.cross_entropy(functional_call(model, (w, buffers), (adv,)), y))
+        clean = float(nn.functional.cross_entropy(functional_call(model, (w, buffers), (x,)), y))
+    assert res.history[0]["loss"] == pytest.approx(want, rel=1e-6)  # w(t) by one matrix-vector product: rounding
+    assert want > clean + 0.01  # and the attack changed it
+
+
+def test_interrupted_robust_fit_resumes_bit_for_bit(tmp_path) -> None:
+    from neuralign.attacks import PGD
+
+    model = small_net(0)
+    a, b = params_of(model), params_of(small_net(1))
+    kwargs = {"epochs": 3, "generator": 123, "adversarial": PGD(eps=0.1, alpha=0.05, steps=2)}
+    torch.manual_seed(42)
+    full = fit_curve(model, a, b, unit_box_loader(), **kwargs)
+
+    def interrupt(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "robust.pt"
+    torch.manual_seed(42)
+    with pytest.raises(KeyboardInterrupt):
+        fit_curve(model, a, b, unit_box_loader(), checkpoint=path, callback=interrupt, **kwargs)
+    torch.manual_seed(999)
+    resumed = fit_curve(model, a, b, unit_box_loader(), checkpoint=path, **kwargs)
+    for got, want in zip(resumed.curve.points, full.curve.points):
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    with pytest.raises(CheckpointError, match="belongs to another fit: its adversarial is .*'eps': 0.1"):
+        fit_curve(model, a, b, unit_box_loader(), checkpoint=path, epochs=3, generator=123)

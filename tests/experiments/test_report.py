@@ -384,3 +384,41 @@ def test_bad_arguments(tmp_path):
         write_report(make_results(1), tmp_path, paper_row={"Aligned": ("1", "2", "3")})
     with pytest.raises(TypeError, match="`notes` must be a string of markdown, got int"):
         write_report(make_results(1), tmp_path, notes=3)
+
+
+def _robust_results() -> dict:
+    pairs = []
+    for k, (r0, r1, mid) in enumerate(((0.40, 0.50, 0.20), (0.44, 0.46, 0.30)), start=1):
+        curves = {}
+        for s, lift in (("unaligned", 0.0), ("aligned", 0.25)):
+            curves[s] = CurveEvaluation.from_values(
+                [0, 0.5, 1], [0.2, 0.3, 0.2], [0.9, 0.8, 0.9], [0, 1, 2],
+                robust_test_loss=[1.0, 2.0 - 2 * lift, 1.2], robust_test_accuracy=[r0, mid + lift, r1],
+                adversarial={"eps": 0.1, "alpha": 0.025, "steps": 5, "random_start": True}, bn_inputs="adversarial",
+            ).to_dict()  # fmt: skip
+        ends = {e: {"test_loss": 0.2, "test_acc": 0.9, "robust_test_acc": r} for e, r in (("a", r0), ("b", r1))}
+        pairs.append({"pair": k, "seeds": [2 * k - 1, 2 * k], "endpoints": ends, "curves": curves})
+    config = {"arch": "mlp", "dataset": "mnist"}
+    return {"kind": "study_results", "config": config, "settings": ["unaligned", "aligned"], "pairs": pairs}
+
+
+def test_robust_table_by_hand(tmp_path):
+    from neuralign.experiments.report import robust_table
+
+    rows = robust_table(_robust_results())["rows"]
+    # end points: robust (a + b) / 2 per pair = 45 and 45; +- (1/2) sqrt(s_a^2 + s_b^2) with s_a = s_b = 2.828 (%)
+    assert rows["endpoints"]["robust"]["mean"] == pytest.approx(45.0)
+    assert rows["endpoints"]["robust"]["std"] == pytest.approx(0.5 * math.sqrt(2 * 8.0))
+    assert rows["unaligned"]["robust_min_accuracy"]["mean"] == pytest.approx(25.0)  # 20 and 30
+    assert rows["aligned"]["robust_max_accuracy"]["mean"] == pytest.approx(52.5)  # max(40, 45, 50), max(44, 55, 46)
+    # robust loss barrier: 2.0 - 1.1 unaligned, (2.0 - 0.5) - 1.1 aligned, in both pairs
+    assert rows["unaligned"]["robust_loss_barrier"]["mean"] == pytest.approx(0.9)
+    assert rows["aligned"]["robust_loss_barrier"]["mean"] == pytest.approx(0.4)
+    text = write_report(_robust_results(), tmp_path).read_text(encoding="utf-8")
+    assert "## Robust mode connectivity" in text and "eps 0.1, step 0.025, 5 steps" in text
+    assert "| Unaligned | 85.0 ± 0.0 | 80.0 ± 0.0 |" in text  # Avg: (0.45 + 0.8 + 0.45) / 2
+    clean = CurveEvaluation.from_values([0, 1], [0, 0], [1, 1], [0, 1]).to_dict()
+    standard = {"settings": ["aligned"], "pairs": [{"endpoints": p["endpoints"], "curves": {"aligned": clean}}
+                                                   for p in _robust_results()["pairs"]]}  # fmt: skip
+    with pytest.raises(ValueError, match="no robust evaluation"):
+        robust_table(standard)

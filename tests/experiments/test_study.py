@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from neuralign.experiments.study import PRESETS, SETTINGS, StudyConfig
@@ -22,3 +24,57 @@ def test_config_validation_names_the_setting():
     assert config.settings == ("unaligned", "aligned")  # kept in the paper's order
     assert set(config.settings) <= set(SETTINGS)
 
+
+
+def _tiny_robust() -> StudyConfig:
+    return PRESETS["robust-cpu"].replace(
+        dataset="digits", hidden=(16,), pairs=1, batch_size=64, train_size=None, test_size=None, align_size=128,
+        epochs=2, curve_epochs=2, num_points=3, bn_batches=2, max_batches=2, eps=0.1, alpha=0.05, attack_steps=2,
+    )
+
+
+def test_robust_presets_are_robust_and_refuse_what_is_not():
+    for name in ("robust", "robust-cpu"):
+        config = PRESETS[name]
+        assert config.robust and config.attack() is not None and config.settings == ("unaligned", "aligned")
+        assert config.lr_schedule == "garipov" and not config.verify
+    assert PRESETS["robust"].attack().to_dict() == {"eps": 8 / 255, "alpha": 2 / 255, "steps": 5, "random_start": True}
+    assert PRESETS["robust"].epochs == 200 and PRESETS["robust"].num_points == 65
+    with pytest.raises(ValueError, match=r"settings \['pam_aligned'\] are not robust"):
+        PRESETS["robust"].replace(settings=("pam_aligned", "aligned"))
+    with pytest.raises(ValueError, match="a robust study needs verify=False"):
+        PRESETS["robust"].replace(verify=True)
+    with pytest.raises(ValueError, match="align_inputs='adversarial' needs robust=True"):
+        PRESETS["cpu"].replace(align_inputs="adversarial")
+    with pytest.raises(ValueError, match="`eps` must be >= 0"):
+        PRESETS["robust"].replace(eps=-1.0)
+
+
+def test_tiny_robust_study_runs_resumes_and_reports(tmp_path):
+    from neuralign.experiments.study import run_study
+
+    config = _tiny_robust()
+    full = run_study(config, tmp_path / "full")
+
+    def interrupt(event):
+        if event["stage"] == "curve" and event["label"] == "pair 1 aligned" and event["step"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, tmp_path / "cut", progress=interrupt)
+    assert (tmp_path / "cut" / "pair1" / "curve_aligned.ckpt").exists()
+    trained = (tmp_path / "cut" / "endpoints" / "seed1.pt").stat().st_mtime_ns
+    stages = []
+    resumed = run_study(config, tmp_path / "cut", progress=lambda e: stages.append((e["stage"], e["label"])))
+    assert (tmp_path / "cut" / "endpoints" / "seed1.pt").stat().st_mtime_ns == trained  # finished stages skipped
+    assert {s for s, _ in stages} == {"curve", "evaluate"} and ("curve", "pair 1 unaligned") not in stages
+    assert resumed["pairs"][0]["curves"] == full["pairs"][0]["curves"]  # bit for bit, robust values included
+    assert resumed["pairs"][0]["endpoints"] == full["pairs"][0]["endpoints"]
+    ev = full["pairs"][0]["curves"]["aligned"]
+    assert len(ev["robust_test_accuracy"]) == 3 and ev["bn_inputs"] == "adversarial"
+    assert "robust_test_acc" in full["pairs"][0]["endpoints"]["a"]
+    report = (tmp_path / "full" / "report.md").read_text()
+    assert "## Robust mode connectivity" in report and "| Aligned |" in report
+    assert (tmp_path / "full" / "figures" / "robust_metrics.png").exists()
+    manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    assert manifest["config"]["robust"] is True and "pair 1 eval aligned" in manifest["completed"]

@@ -67,3 +67,107 @@ def test_bad_input(data, tmp_path):
         train_model(_model(), data.train, epochs=2, checkpoint=path)
     with pytest.raises(NonFiniteError, match="training loss is nan"):
         train_model(_model(), data.train, epochs=1, lr=float("nan"))
+
+
+@pytest.fixture(scope="module")
+def raw_data():
+    return load_data("digits", batch_size=64, train_size=128, normalize=False, generator=0)
+
+
+def test_robust_training_resumes_bit_for_bit(raw_data, tmp_path):
+    from functools import partial
+
+    from neuralign.attacks import PGD
+    from neuralign.curves import garipov_lr_factor
+
+    pgd = PGD(eps=0.1, alpha=0.04, steps=2)
+    options = dict(epochs=3, adversarial=pgd, lr_lambda=partial(garipov_lr_factor, epochs=3))
+    loader = raw_data.train
+    loader.generator.manual_seed(7)
+    torch.manual_seed(3)
+    reference = train_model(_model(), loader, generator=11, **options)
+    assert [r["lr"] for r in reference.history] == pytest.approx([0.1, 0.1, 0.1 * (1 - (2 / 3 - 0.5) / 0.4 * 0.99)])
+    loader.generator.manual_seed(7)
+    torch.manual_seed(3)
+    path = tmp_path / "robust.pt"
+
+    def stop_after_one(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(_model(), loader, generator=11, checkpoint=path, callback=stop_after_one, **options)
+    torch.manual_seed(12345)
+    loader.generator.manual_seed(99)
+    resumed = train_model(_model(), loader, generator=11, checkpoint=path, **options)  # generator state restored
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
+    for k, v in reference.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[k], v, rtol=0, atol=0)
+    # the attack matters (another attack seed gives other weights), and other settings cannot resume this run
+    loader.generator.manual_seed(7)
+    torch.manual_seed(3)
+    other = train_model(_model(), loader, generator=12, **options)
+    assert any(not torch.equal(v, reference.state_dict[k]) for k, v in other.state_dict.items())
+    with pytest.raises(CheckpointError, match="was written with adversarial=.*this run has None"):
+        train_model(_model(), loader, epochs=3, checkpoint=path)
+
+
+def test_robust_mlps_on_mnist_are_far_more_robust_than_standard_ones():
+    from neuralign.attacks import PGD
+    from neuralign.curves import evaluate_model
+    from tests.conftest import shared_data
+
+    path = shared_data("mnist.npz")
+    data = load_data(path, batch_size=64, train_size=6000, test_size=1000, normalize=False, generator=0)
+    pgd = PGD(eps=0.1, alpha=0.025, steps=5)
+    accuracy = {}
+    for robust in (True, False):
+        for seed in (1, 2):
+            model = build_model("mlp", 10, in_features=784, hidden=(128,), batch_norm=True, seed=seed)
+            res = train_model(model, data.train, epochs=3, lr=0.05, adversarial=pgd if robust else None,
+                              generator=seed)  # fmt: skip
+            model.load_state_dict(res.state_dict)
+            model.eval()
+            clean = evaluate_model(model, data.test)[1]
+            attacked = evaluate_model(model, data.test, adversarial=pgd, generator=0)[1]
+            accuracy[robust, seed] = clean, attacked
+    # measured (torch 2.14, CPU): robust nets 0.84-0.86 clean / 0.54-0.55 robust, standard 0.90 clean / 0.06-0.07
+    # robust (1,000 test images: one image is 0.001)
+    for seed in (1, 2):
+        assert accuracy[True, seed][0] > 0.75 and accuracy[False, seed][0] > 0.75, accuracy  # both learned
+        assert accuracy[True, seed][1] > accuracy[False, seed][1] + 0.3, accuracy
+
+
+def test_training_with_short_epochs_resumes_bit_for_bit(data, tmp_path):
+    # an epoch cut short by max_batches_per_epoch must not leave the loader's mid-epoch state in the checkpoint
+    # (the resumed run would replay the rest of the cut epoch, or find it empty)
+    loader = data.train
+    loader.generator.manual_seed(7)
+    torch.manual_seed(3)  # dropout
+    reference = train_model(_model(), loader, epochs=3, max_batches_per_epoch=3)
+    loader.generator.manual_seed(7)
+    torch.manual_seed(3)
+    path = tmp_path / "short.pt"
+
+    def stop_after_one(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(_model(), loader, epochs=3, max_batches_per_epoch=3, checkpoint=path, callback=stop_after_one)
+    loader.generator.manual_seed(99)
+    resumed = train_model(_model(), loader, epochs=3, max_batches_per_epoch=3, checkpoint=path)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
+    for k, v in reference.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[k], v, rtol=0, atol=0)
+
+
+def test_standard_training_draws_nothing_more_from_the_global_rng(data):
+    # the attack's generator exists only with an attack: standard runs keep the global RNG stream they had
+    torch.manual_seed(5)
+    train_model(_model(), data.train, epochs=1, max_batches_per_epoch=1)
+    after = torch.get_rng_state()
+    torch.manual_seed(5)
+    model = _model()
+    out = model(next(iter(data.train))[0])  # one training forward: the dropout draws of one batch
+    assert out.shape[0] > 0 and torch.equal(torch.get_rng_state(), after)
