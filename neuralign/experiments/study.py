@@ -80,7 +80,9 @@ class StudyConfig:
     End points: ``epochs``, ``lr``, ``weight_decay``. Curves: ``curve_epochs``, ``curve_lr``,
     ``curve_weight_decay``. PAM: ``pam_iters`` outer iterations of ``pam_x_epochs`` curve epochs each (default
     ``curve_epochs``), ``pam_lam``, ``pam_method``, ``pam_max_moved`` and ``pam_p_steps`` (bounded linearised
-    P-steps, see :class:`~neuralign.optim.PAM`), ``pam_local_search``, ``pam_gradient_batches``; every outer
+    P-steps), ``pam_birkhoff_steps`` and ``pam_birkhoff_lr`` (the relaxed P-step: projected gradient steps on the
+    Birkhoff polytope, each on ``pam_gradient_batches`` batches; see :class:`~neuralign.optim.PAM`),
+    ``pam_local_search``, ``pam_gradient_batches``; every outer
     iteration's curve is evaluated like the final one (Min accuracy per iteration). Evaluation: ``num_points``,
     ``bn_batches`` (``None``: a full training pass per point, as in the paper), ``plane_grid`` (0: no plane).
     Verification: ``verify`` and the budgets ``verify_iters`` (PAM iterations), ``verify_swaps`` (swaps tested
@@ -128,6 +130,8 @@ class StudyConfig:
     pam_method: str = "linearized"
     pam_max_moved: float | None = None
     pam_p_steps: int = 1
+    pam_birkhoff_steps: int = 20
+    pam_birkhoff_lr: float | None = None
     pam_local_search: int = 0
     pam_gradient_batches: int | None = None
     num_points: int = 65
@@ -314,6 +318,12 @@ def _zoo_kwargs(config: StudyConfig, data: DataBundle) -> dict[str, Any]:
     if config.width is not None:
         kw["width"] = config.width
     return kw
+
+
+def _pam_step_options(c: StudyConfig) -> dict[str, Any]:
+    if c.pam_method == "birkhoff":
+        return {"birkhoff_steps": c.pam_birkhoff_steps, "birkhoff_lr": c.pam_birkhoff_lr}
+    return {"max_moved": c.pam_max_moved, "p_steps": c.pam_p_steps}
 
 
 def _portable_paths(described: Mapping[str, Any]) -> dict[str, Any]:
@@ -538,7 +548,7 @@ class _Study:
                 value_loader=self.data.train_eval, local_search=c.pam_local_search, generator=seed,
                 lr_lambda=c.lr_lambda(c.curve_epochs),
                 callback=on_event, checkpoint=folder / f"curve_{setting}.ckpt", max_batches_per_epoch=c.max_batches,
-                **({"max_moved": c.pam_max_moved, "p_steps": c.pam_p_steps} if c.pam_method == "linearized" else {}),
+                **_pam_step_options(c),
                 )  # fmt: skip
             curve = res.curve
             meta.update(history=res.curve_history, objective=res.history, changed=res.changed,

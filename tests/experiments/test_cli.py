@@ -240,10 +240,12 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
     assert "holds a study with other settings (curve_epochs)" in capsys.readouterr().err
 
 
-def test_study_records_objective_moves_and_accuracy_per_pam_iteration(tmp_path, capsys):
+@pytest.mark.parametrize("step", [["pam_max_moved=0.25", "pam_p_steps=2"],
+                                  ["pam_method=birkhoff", "pam_birkhoff_steps=3", "pam_birkhoff_lr=1.0"]])
+def test_study_records_objective_moves_and_accuracy_per_pam_iteration(tmp_path, step):
     folder = tmp_path / "pam"
-    pam = ["--set", "pam_iters=2", "--set", "pam_max_moved=0.25", "--set", "pam_p_steps=2", "--set", "verify=false",
-           "--set", "plane_grid=0", "--set", "settings=pam_unaligned,aligned"]  # fmt: skip
+    pam = ["--set", "pam_iters=2", "--set", "verify=false", "--set", "plane_grid=0",
+           "--set", "settings=pam_unaligned,aligned", *(a for kv in step for a in ("--set", kv))]  # fmt: skip
     assert main(["demo", "--out", str(folder), "--quiet", *TINY, *pam]) == 0
     results = json.loads((folder / "results.json").read_text())
     run = results["pairs"][0]["pam"]["pam_unaligned"]
