@@ -1,7 +1,9 @@
 """The ``neuralign`` command line: demo, train, align, apply, curve, pam, verify, evaluate, study.
 
 Every command writes its results into ``--out`` (atomically; long loops checkpoint every epoch and a rerun of the
-same command resumes), shows progress bars on standard error, and ends by printing the paths it wrote. Errors,
+same command resumes), shows progress bars on standard error, and ends by printing the paths it wrote. Launched
+with ``torchrun --nproc_per_node=N -m neuralign <command>`` it joins the process group (NCCL for a CUDA
+``--device``, gloo for the CPU) and runs data-parallel; rank 0 alone writes files, shows progress and prints. Errors,
 including I/O failures such as a full disk (which leave the previous checkpoint in place), are one line on standard
 error and exit status 2.
 
@@ -25,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 
+from neuralign import _distributed
 from neuralign._utils import atomic_save, atomic_write_text, load_checkpoint
 from neuralign.errors import CheckpointError, NeuralignError
 
@@ -1057,6 +1061,7 @@ def _write_manifest(args: argparse.Namespace, **extra: Any) -> Path:
         "versions": _versions(),
         "device": str(_device(args.device)),
         "threads": torch.get_num_threads(),
+        "distributed": _distributed.describe(),
         "started": getattr(args, "started", None) or time.strftime("%Y-%m-%dT%H:%M:%S"),
         **extra,
     }
@@ -1115,7 +1120,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     else:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), _usable_cores())))
-    bars = _Bars(enabled=not args.quiet)
+    distributed = False
+    if "WORLD_SIZE" in os.environ:
+        # under torchrun: the default process group, backend from --device; every data-driven function then runs
+        # data-parallel and only rank 0 writes files or shows progress
+        try:
+            device = _device(args.device)
+        except ValueError as exc:
+            print(f"neuralign: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        try:
+            distributed = _distributed.init_from_env(device)
+        except (ValueError, RuntimeError) as exc:
+            print(f"neuralign: error: could not join the torchrun process group: {_one_line(exc)}", file=sys.stderr)
+            return 2
+    bars = _Bars(enabled=not args.quiet and _distributed.rank() == 0)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(parser, args.command)
@@ -1133,6 +1152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"neuralign: error: {_in_option_words(_one_line(exc), parser, args.command)}", file=sys.stderr)
         return 2
     bars.close()
-    for path in paths:
-        print(path)
+    if _distributed.rank() == 0:
+        for path in paths:
+            print(path)
+    if distributed:
+        torch.distributed.destroy_process_group()
     return 0
