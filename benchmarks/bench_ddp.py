@@ -16,7 +16,7 @@ Three default runs on this 2-core VM while it was shared with other jobs (load a
 throughput of 2 processes relative to 1: align 0.89x, 0.85x, 0.74x; curve epoch 0.87x, 0.90x, 0.85x. Share of
 the wall time inside collectives, waiting for the slower rank included (ranks 0 / 1): align 1.0/5.2 %, 0.6/2.0 %,
 0.8/10.3 %; curve epoch 12.7/4.5 %, 9.4/12.0 %, 6.6/8.9 %. The communication alone (the curve step's all-reduce of
-all TinyTen parameters with both ranks ready, times the calls) is 0.5-0.7 % of a curve epoch and 1.5-2.1 % of
+all TinyTen parameters with both ranks ready, times the calls) is 0.5-0.7 % of a curve epoch and 1.5 % of
 align: on this machine the rest of the collective time is one rank waiting for the other, which the contention
 for 2 cores makes uneven; the 10 % target holds for the communication, and for the waiting only when the ranks
 have their own cores.
