@@ -281,3 +281,17 @@ def test_cli_under_torchrun_records_the_process_group(tmp_path):
     assert manifest["distributed"] == {"world_size": 2, "backend": "gloo", "rank": 0}
     assert run.stdout.count("mlp_seed0.pt") == 1  # rank 0 alone prints the paths
 
+
+
+@pytest.mark.slow  # a tiny demo study on 2 ranks: ~60 s on 2 cores
+def test_study_under_torchrun_records_the_process_group(tmp_path):
+    tiny = ["--set", "epochs=1", "--set", "curve_epochs=1", "--set", "num_points=3", "--set", "plane_grid=3",
+            "--set", "verify_swaps=2", "--set", "verify_local_search=2", "--set", "max_batches=3",
+            "--set", "bn_batches=2"]  # fmt: skip
+    run = _torchrun("-m", "neuralign", "study", "--preset", "demo", "--quiet", "--out", str(tmp_path), *tiny)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("report.md") == 1 and run.stderr.count("time per stage") == 1
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["runs"][-1]["distributed"] == {"world_size": 2, "backend": "gloo", "rank": 0}
+    record = json.loads((tmp_path / "stages" / "pair_1_curve_aligned.json").read_text())
+    assert record["distributed"]["world_size"] == 2

@@ -285,13 +285,19 @@ class CurvePermutationProblem(PermutationProblem):
     def gradient_at(
         self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor], batches: Sequence, ts: Sequence[float]
     ) -> dict[str, torch.Tensor]:
-        """:math:`\\nabla_P` of :meth:`objective` on given batches and times."""
+        """:math:`\\nabla_P` of :meth:`objective` on given batches and times.
+
+        Under a process group, batches ``(x_r, y_r, share)`` (this class's own) give the gradient of the global
+        objective (summed over the ranks); plain ``(x, y)`` batches give this rank's own, without communication.
+        """
         leaves = {g: m.detach().clone().requires_grad_(True) for g, m in P.items()}
         with torch.enable_grad():
             f = self.objective([t.detach() for t in x], leaves, batches, ts)
             grads = torch.autograd.grad(f, list(leaves.values()), allow_unused=True)
         out = {g: torch.zeros_like(leaves[g]) if gr is None else gr for g, gr in zip(leaves, grads)}
-        if is_distributed():  # each rank's gradient is of its terms of the objective: their sum is the global one
+        if is_distributed() and any(len(b) > 2 for b in batches):
+            # batches that carry this rank's share (its slices of global batches): each rank's gradient is of its
+            # terms of the objective, and their sum is the global one; plain (x, y) batches stay this rank's own
             sizes = [v.numel() for v in out.values()]
             flat = all_reduce_(torch.cat([v.reshape(-1) for v in out.values()]))
             out = {g: part.view_as(out[g]) for g, part in zip(out, flat.split(sizes))}

@@ -369,7 +369,7 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
         print(f"submitted {len(jobs)} jobs; follow them with: neuralign study --status {out}", file=sys.stderr)
         return [out / "jobs.json"]
     bars.close()
-    if (out / "manifest.json").exists():
+    if (out / "manifest.json").exists() and _distributed.rank() == 0:
         print(_stage_times(out / "manifest.json"), file=sys.stderr)
     return [Path(results["report"]), out / "results.json"]
 
