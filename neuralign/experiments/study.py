@@ -16,6 +16,9 @@ its outputs exist, and each stage writes only its own outputs and its record ``s
 job, process group), which the manifest's ``completed`` and ``stage_seconds`` are merged from. Each stage starts
 from seeds of its own (torch's global RNG and the training loader's generator), so its result does not depend on
 which stages ran before it in the same process.
+
+Why one module: the configuration, the stage graph and the stages' bodies share the stage names, the output
+layout and the per-process state (:class:`_Study`); split apart, each piece would have to restate the others.
 """
 
 from __future__ import annotations
