@@ -202,6 +202,10 @@ def run_study_local(
     free = list(range(jobs))
 
     def done(name: str) -> bool:
+        # a stage whose job is still running is not done yet, even once its outputs exist: it may still be
+        # writing its record, which the report merges into the manifest
+        if name in running:
+            return False
         return reported if name == "report" else stage_done(out, by_name[name])
 
     def blocked(stage) -> bool:
@@ -240,7 +244,9 @@ def run_study_local(
     if failed:
         listed = "; ".join(f"{name}: {error}" for name, error in failed.items())
         raise JobError(f"{len(failed)} study job(s) failed ({listed}); rerun the same command to resume")
-    return json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    results["report"] = str(out / "report.md")
+    return results
 
 
 def submit_study_slurm(

@@ -153,6 +153,8 @@ class StudyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if isinstance(self.settings, str):  # one setting from the command line (--set settings=aligned)
+            object.__setattr__(self, "settings", (self.settings,))
         unknown = [s for s in self.settings if s not in SETTINGS]
         if unknown or not self.settings:
             raise ValueError(f"unknown settings {unknown}; expected a non-empty subset of {list(SETTINGS)}")

@@ -22,3 +22,8 @@ def test_config_validation_names_the_setting():
     assert config.settings == ("unaligned", "aligned")  # kept in the paper's order
     assert set(config.settings) <= set(SETTINGS)
 
+
+
+def test_one_setting_given_as_a_string_is_one_setting():
+    # `--set settings=aligned` parses to a string, which once was read as the settings 'a', 'l', 'i', ...
+    assert StudyConfig(settings="aligned").settings == ("aligned",)
