@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from neuralign._distributed import on_rank_zero
 from neuralign.errors import CheckpointError, ShapeMismatchError, WriteError
 
 __all__ = [
@@ -78,6 +79,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     """Call ``write(file)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it to ``path``.
 
     A reader never sees half a file, and an interrupted or failed write leaves the previous file (if any) in place.
+    Under a torch.distributed process group only rank 0 writes; every rank returns (or raises rank 0's error) once
+    the file is in place (:func:`neuralign._distributed.on_rank_zero`), so all ranks must call it together.
 
     Raises
     ------
@@ -85,7 +88,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         If the folder, the temporary file or the rename fails with an :class:`OSError` (a full disk, a read-only
         file system, a missing permission): one line naming ``path`` and the cause, with the ``errno``.
     """
-    path = Path(path)
+    return on_rank_zero(lambda: _atomic_write(Path(path), write))
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

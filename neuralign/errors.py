@@ -15,6 +15,7 @@ __all__ = [
     "WriteError",
     "DataError",
     "MissingDependencyError",
+    "JobError",
     "ConvergenceWarning",
 ]
 
@@ -61,6 +62,11 @@ class DataError(NeuralignError, ValueError):
 class MissingDependencyError(NeuralignError, ImportError):
     """An optional dependency is not installed; the message names the extra that installs it
     (``pip install 'neuralign[timm]'``)."""
+
+
+class JobError(NeuralignError, RuntimeError):
+    """A job of a study (a local process or a Slurm job) failed or was cancelled; rerunning the same command
+    reruns only the stages whose outputs are missing."""
 
 
 class ConvergenceWarning(UserWarning):

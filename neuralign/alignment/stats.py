@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx
 from torch import nn
 from torch.func import functional_call
 
+from neuralign._distributed import all_reduce_, is_distributed, shard_batch
 from neuralign._utils import check_compatible
 from neuralign.alignment.spec import PermutationSpec, Tap
 from neuralign.alignment.trace import _fx_graph, _trace_graph
@@ -159,6 +161,30 @@ class _Accumulator:
         self.low_b, self.high_b = torch.minimum(self.low_b, lo_b), torch.maximum(self.high_b, hi_b)
         self.n = total
         return None
+
+    def all_reduce(self) -> None:
+        """Merge every rank's moments into those of all the ranks' data, alike on every rank (float64 sums).
+
+        The multi-way form of the pairwise update: with the global mean :math:`\\bar a`,
+        :math:`M_2 = \\sum_r M_{2,r} + n_r (\\bar a_r - \\bar a)^2` and likewise for the cross moments, so that only
+        deviations from the global mean are summed (no cancellation).
+        """
+        n = float(self.n)
+        units_a = self.mean_a.numel()
+        first = all_reduce_(torch.cat([self.mean_a * n, self.mean_b * n, self.mean_a.new_tensor([n])]))
+        total = float(first[-1])
+        mean_a, mean_b = first[:units_a] / total, first[units_a:-1] / total
+        da, db = self.mean_a - mean_a, self.mean_b - mean_b
+        cross = self.c_ab + n * torch.outer(da, db)
+        second = all_reduce_(torch.cat([self.m2_a + n * da * da, self.m2_b + n * db * db, cross.flatten()]))
+        units_b = mean_b.numel()
+        self.m2_a, self.m2_b = second[:units_a], second[units_a : units_a + units_b]
+        self.c_ab = second[units_a + units_b :].view(units_a, units_b)
+        self.mean_a, self.mean_b, self.n = mean_a, mean_b, int(round(total))
+        for low in (self.low_a, self.low_b):
+            all_reduce_(low, dist.ReduceOp.MIN)
+        for high in (self.high_a, self.high_b):
+            all_reduce_(high, dist.ReduceOp.MAX)
 
     def moments(self) -> ActivationMoments:
         n = self.n
@@ -369,6 +395,7 @@ def activation_moments(
     params_b = {k: v for k, v in state_b.items() if k in cap.state_dict()}
     accs = {(g, t): _Accumulator() for g, ts in taps.items() for t in ts}
     n_batches = 0
+    distributed = is_distributed()  # each rank accumulates its slice of every batch; merged after the pass
 
     def batches():
         yield first
@@ -379,8 +406,11 @@ def activation_moments(
             if max_batches is not None and n_batches >= max_batches:
                 break
             x = x_b = prepare(_first_input(batch))
+            y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+            if distributed:
+                x, y, _ = shard_batch(x, y if isinstance(y, torch.Tensor) else None, label="loader")
+                x_b = x
             if adversarial is not None:
-                y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
                 if not isinstance(y, torch.Tensor):
                     raise TypeError("`loader` must yield (inputs, targets) pairs to align on adversarial inputs")
                 y = y.to(x.device)
@@ -396,6 +426,8 @@ def activation_moments(
                 callback(n_batches)
     moments: dict[str, list[ActivationMoments]] = {g: [] for g in spec.groups}
     for (g, _), acc in accs.items():
+        if distributed:
+            acc.all_reduce()
         moments[g].append(acc.moments())
     logger.debug("activation moments over %d batches for %d groups", n_batches, len(taps))
     return spec, moments

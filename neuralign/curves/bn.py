@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from neuralign._distributed import all_reduce_, all_reduce_sum, is_distributed, shard_batch
 from neuralign._utils import as_generator, split_logits
 from neuralign.attacks import PGD
 from neuralign.errors import ShapeMismatchError
@@ -220,6 +221,7 @@ def _reestimate(
             if max_batches is not None and index >= max_batches:
                 break
             x, y = _split_batch(batch, device, label)
+            x, y, _ = shard_batch(x, y, label=label)
             if adversarial is not None:
                 if y is None:
                     raise TypeError(f"`{label}` must yield (inputs, targets) pairs to attack them")
@@ -238,6 +240,11 @@ def _reestimate(
                 sum_var.add_(var.double(), alpha=b / factor)
             seen += b
             batches += 1
+    if is_distributed():  # sums over every rank's slices; the batch count is the slices (forward passes) summed
+        for _, _, _, _, sums in slots:
+            for part in sums:
+                all_reduce_(part)
+        seen, batches = (int(v) for v in all_reduce_sum(torch.tensor([seen, batches])).tolist())
     if seen == 0:
         raise ValueError(f"`{label}` yielded no batch: batch-norm statistics cannot be re-estimated")
     for mean, var, count, _, (sum_mean, sum_var) in slots:
@@ -268,6 +275,7 @@ def _evaluate(
             x, y = _split_batch(batch, device, label)
             if y is None:
                 raise TypeError(f"`{label}` must yield (inputs, targets) pairs to measure loss and accuracy")
+            x, y, _ = shard_batch(x, y, label=label)
             if adversarial is not None:
                 x = _attack(adversarial, model, x, y, train=False, params=params, buffers=buffers, generator=generator,
                             check=label if index == 0 else None)  # fmt: skip
@@ -275,6 +283,9 @@ def _evaluate(
             loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(dim=-1) == y).sum()
             count += int(y.shape[0])
+    if is_distributed():
+        totals = all_reduce_sum(torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(count))]))
+        loss_sum, correct, count = totals[0], int(totals[1]), int(totals[2])
     if count == 0:
         raise ValueError(f"`{label}` yielded no batch")
     return float(loss_sum) / count, int(correct) / count
@@ -352,6 +363,11 @@ def reestimate_bn(
     -----
     Runs in train mode under ``torch.no_grad()``. A model without batch norm costs no data pass. Dropout, if any,
     is active during the pass, as in the reference implementations.
+
+    Under a torch.distributed process group (:mod:`neuralign._distributed`) every rank runs its slice of each batch
+    and the float64 sums are all-reduced: the result, identical on every rank, is the exact average above over
+    the slices as batches (each rank's batch norm sees its slice, as under ``DistributedDataParallel``), i.e. what
+    one process computes on a loader yielding the slices; ``num_batches_tracked`` counts the slices.
 
     References
     ----------

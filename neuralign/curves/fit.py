@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuralign._distributed import all_reduce_, all_reduce_sum, broadcast_, is_distributed, shard_batch
 from neuralign._utils import as_generator, atomic_save, classification_loss, load_checkpoint, split_logits
 from neuralign.attacks import PGD
 from neuralign.curves.bn import (
@@ -174,8 +175,16 @@ class _CurveStepper:
                 f"`optimizer` must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}"
             )
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, t: float, check: str | None = None) -> torch.Tensor:
-        """One optimizer step at ``t``; returns ``[data loss, objective, correct]`` (float64, on the device)."""
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, t: float, check: str | None = None, share: float = 1.0
+    ) -> torch.Tensor:
+        """One optimizer step at ``t``; returns ``[data loss, objective, correct]`` (float64, on the device).
+
+        Under a process group ``x, y`` are this rank's slice, ``share`` its fraction of the global batch: the
+        network gradient of ``share * loss`` is summed over the ranks (one all-reduce of the flat ``dL/dw`` buffer)
+        before the weight decay and the chain rule to the control points, which every rank then applies alike.
+        """
+        distributed = is_distributed()
         coeffs = self.curve._coefficient_list(t)
         c = torch.tensor(coeffs, dtype=self.points.dtype, device=self.device)
         w = self._w
@@ -192,14 +201,24 @@ class _CurveStepper:
         single = len(self.leaves) == 1
         # With one trainable point, dL/dp = c (dL/dw): scaling the loss by c gives it from backward for free.
         scale = coeffs[self.train_index[0]] if single else 1.0
-        (loss * scale if single else loss).backward()
+        if distributed:
+            scale_data = scale * share
+            (loss * scale_data).backward()
+        else:
+            (loss * scale if single else loss).backward()
         with torch.no_grad():
             alpha = self.weight_decay * scale
+            # under a process group the decay is added once, after the ranks' data gradients are summed
+            local_alpha = 0.0 if distributed else alpha
             for view, w_part, dw_part in zip(views, self._w_parts, self._dw_parts):
                 if view.grad is None:  # a parameter the loss does not reach
-                    torch.mul(w_part, alpha, out=dw_part)
+                    torch.mul(w_part, local_alpha, out=dw_part)
                 else:
-                    torch.add(view.grad.reshape(-1), w_part, alpha=alpha, out=dw_part)
+                    torch.add(view.grad.reshape(-1), w_part, alpha=local_alpha, out=dw_part)
+            if distributed:
+                all_reduce_(self._dw)
+                if alpha:
+                    self._dw.add_(w, alpha=alpha)
             if not single:
                 for j, g in zip(self.train_index, self._grads):
                     torch.mul(self._dw, coeffs[j], out=g)
@@ -365,6 +384,14 @@ def fit_curve(
 
     Notes
     -----
+    Data-parallel under a torch.distributed process group (:mod:`neuralign._distributed`): every rank iterates the
+    same ``train_loader`` (same seed, so the same global batches), runs its slice of each batch at the same
+    :math:`t` (the ``generator`` is seeded alike on every rank), and the network gradient is summed over the ranks
+    with one all-reduce of the flat ``dL/dw`` buffer per step, so the points stay identical on every rank. Without
+    batch norm an epoch equals the one-process epoch on the same global batches up to float rounding; batch norm
+    normalises each rank's slice with its own statistics (as ``DistributedDataParallel`` does). The loss, accuracy
+    and objective of the history are the global batches' (float64 all-reduce); rank 0 writes the checkpoint.
+
     Speed: all points sit in one contiguous ``(n, D)`` buffer. A step costs one matrix-vector product for
     :math:`w(t)` (into a persistent buffer), the network's forward/backward on persistent views of :math:`w(t)`,
     one pass for :math:`\\lVert w \\rVert^2` and one fused pass for the gradient
@@ -451,6 +478,7 @@ def fit_curve(
         adversarial=adversarial,
         attack_generator=t_generator,
     )
+    broadcast_([stepper.points])  # every rank starts from rank 0's points, as DistributedDataParallel does
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         stepper.optimizer, lr_lambda if lr_lambda is not None else paper_lr_factor
     )
@@ -508,15 +536,19 @@ def fit_curve(
                 x, y = _split_batch(batch, stepper.device, "train_loader")
                 if y is None:
                     raise TypeError("`train_loader` must yield (inputs, targets) pairs")
+                x, y, share = shard_batch(x, y, label="train_loader")
                 t = float(torch.rand((), dtype=torch.float64, generator=t_generator))
                 check = "train_loader" if (epoch == first_epoch and index == 0) else None
-                stats = stepper.step(x, y, t, check)
+                stats = stepper.step(x, y, t, check, share)
                 b = int(y.shape[0])
                 sums += stats * torch.tensor([b, b, 1.0], dtype=torch.float64, device=stats.device)
                 count += b
                 batches += 1
         if batches == 0:
             raise ValueError("`train_loader` yielded no batch")
+        if is_distributed():  # the global batches' sums; `batches` counts global batches, equal on every rank
+            sums = all_reduce_sum(torch.cat([sums, sums.new_tensor([float(count)])]))
+            sums, count = sums[:3], int(sums[3])
         scheduler.step()
         loss_sum, objective_sum, correct = sums.tolist()
         record = {

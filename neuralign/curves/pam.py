@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from neuralign._distributed import all_reduce_, is_distributed, shard_batch, world_size
 from neuralign._utils import as_generator, atomic_save, classification_loss, load_checkpoint, stable_seed
 from neuralign.alignment import (
     PermutationSpec,
@@ -54,6 +55,13 @@ __all__ = ["CurvePermutationProblem", "CurvePAMResult", "fit_curve_pam"]
 logger = logging.getLogger(__name__)
 
 
+def _shard(x: torch.Tensor, y: torch.Tensor, label: str) -> tuple:
+    """``(x, y)``, or under a process group this rank's ``(x_r, y_r, share)`` (see :meth:`batch_loss`)."""
+    if not is_distributed():
+        return x, y
+    return shard_batch(x, y, label=label)
+
+
 def _fixed_batches(loader: Iterable, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for batch in loader:
@@ -62,7 +70,7 @@ def _fixed_batches(loader: Iterable, n: int, device: torch.device) -> list[tuple
         x, y = _split_batch(batch, device, "value_loader")
         if y is None:
             raise TypeError("`value_loader` must yield (inputs, targets) pairs")
-        out.append((x, y))
+        out.append(_shard(x, y, "value_loader"))
     if not out:
         raise ValueError("`value_loader` yielded no batches")
     return out
@@ -156,7 +164,7 @@ class CurvePermutationProblem(PermutationProblem):
         other.wa = {k: v.to(dtype) for k, v in self.wa.items()}
         other.wb = {k: v.to(dtype) for k, v in self.wb.items()}
         other.buffers = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.buffers.items()}
-        other.value_set = [(x.to(dtype) if x.is_floating_point() else x, y) for x, y in self.value_set]
+        other.value_set = [(x.to(dtype) if x.is_floating_point() else x, *rest) for x, *rest in self.value_set]
         other.dtype = dtype
         return other
 
@@ -196,12 +204,19 @@ class CurvePermutationProblem(PermutationProblem):
         self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor],
         t: float,
     ) -> torch.Tensor:  # fmt: skip
-        """:math:`\\ell(\\phi(t)) + \\tfrac{\\lambda_{wd}}{2}\\|\\phi(t)\\|^2` on one batch (differentiable)."""
+        """:math:`\\ell(\\phi(t)) + \\tfrac{\\lambda_{wd}}{2}\\|\\phi(t)\\|^2` on one batch (differentiable).
+
+        Under a process group ``batch`` is ``(x_r, y_r, share)``, this rank's slice: the result is this rank's term
+        ``share * loss_r + penalty / W`` of a sum over the ranks that equals the global batch's value.
+        """
         w = self.weights(x, P, t)
         out = functional_call(self.model, (w, self.buffers), (batch[0],))
         loss = self.loss_fn(out, batch[1])
+        share, penalty_share = (batch[2], 1.0 / world_size()) if len(batch) > 2 else (1.0, 1.0)
+        if share != 1.0:
+            loss = loss * share
         if self.weight_decay:
-            loss = loss + 0.5 * self.weight_decay * sum(v.square().sum() for v in w.values())
+            loss = loss + (0.5 * self.weight_decay * penalty_share) * sum(v.square().sum() for v in w.values())
         return loss
 
     def objective(
@@ -218,6 +233,7 @@ class CurvePermutationProblem(PermutationProblem):
         """Per value batch, the objective averaged over ``value_ts`` (float64, no gradient)."""
         with torch.no_grad():
             values = torch.tensor([float(self.batch_value(x, P, b)) for b in self.value_set], dtype=torch.float64)
+        values = all_reduce_(values)  # the ranks' terms of each value batch, summed (float64)
         bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
         if bad:
             raise NonFiniteError(f"the curve objective is {values[bad[0]].item()} on value batch {bad[0]}")
@@ -234,7 +250,9 @@ class CurvePermutationProblem(PermutationProblem):
             if len(out) >= n:
                 break
             x, y = _split_batch(batch, self.device, "train_loader")
-            out.append((x, y))
+            if y is None:
+                raise TypeError("`train_loader` must yield (inputs, targets) pairs")
+            out.append(_shard(x, y, "train_loader"))
         if not out:
             raise ValueError("`train_loader` yielded no batches")
         return out
@@ -243,7 +261,19 @@ class CurvePermutationProblem(PermutationProblem):
         return torch.rand(n, generator=self.generator, dtype=torch.float64).tolist()
 
     def loss(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """A stochastic estimate of :math:`F` on one training batch at one random :math:`t`."""
+        """A stochastic estimate of :math:`F` on one training batch at one random :math:`t`.
+
+        Raises
+        ------
+        RuntimeError
+            Under a process group: this estimate is not data-parallel (:func:`fit_curve_pam`'s x-step is
+            :func:`fit_curve`, which is).
+        """
+        if is_distributed():
+            raise RuntimeError(
+                "CurvePermutationProblem.loss is not data-parallel; under a process group use fit_curve_pam, whose "
+                "x-step (fit_curve) is"
+            )
         (batch,) = self._train_batches(1)
         return self.batch_loss(x, P, batch, self._draw_t(1)[0])
 
@@ -255,12 +285,23 @@ class CurvePermutationProblem(PermutationProblem):
     def gradient_at(
         self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor], batches: Sequence, ts: Sequence[float]
     ) -> dict[str, torch.Tensor]:
-        """:math:`\\nabla_P` of :meth:`objective` on given batches and times."""
+        """:math:`\\nabla_P` of :meth:`objective` on given batches and times.
+
+        Under a process group, batches ``(x_r, y_r, share)`` (this class's own) give the gradient of the global
+        objective (summed over the ranks); plain ``(x, y)`` batches give this rank's own, without communication.
+        """
         leaves = {g: m.detach().clone().requires_grad_(True) for g, m in P.items()}
         with torch.enable_grad():
             f = self.objective([t.detach() for t in x], leaves, batches, ts)
             grads = torch.autograd.grad(f, list(leaves.values()), allow_unused=True)
-        return {g: torch.zeros_like(leaves[g]) if gr is None else gr for g, gr in zip(leaves, grads)}
+        out = {g: torch.zeros_like(leaves[g]) if gr is None else gr for g, gr in zip(leaves, grads)}
+        if is_distributed() and any(len(b) > 2 for b in batches):
+            # batches that carry this rank's share (its slices of global batches): each rank's gradient is of its
+            # terms of the objective, and their sum is the global one; plain (x, y) batches stay this rank's own
+            sizes = [v.numel() for v in out.values()]
+            flat = all_reduce_(torch.cat([v.reshape(-1) for v in out.values()]))
+            out = {g: part.view_as(out[g]) for g, part in zip(out, flat.split(sizes))}
+        return out
 
     def gradient_p(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:math:`\\nabla_P F` averaged over ``gradient_batches`` training batches, each at its own random t."""
@@ -447,6 +488,13 @@ def fit_curve_pam(
     Returns
     -------
     CurvePAMResult
+
+    Notes
+    -----
+    Data-parallel under a torch.distributed process group (:mod:`neuralign._distributed`): the x-step is
+    :func:`fit_curve` (data-parallel itself); the P-gradient estimate and the monitored values are computed on each
+    rank's slice of the same global batches, each rank weighting its loss by its share of the batch, and summed over
+    the ranks (one all-reduce per estimate), so every rank takes the same P-step. Rank 0 writes the checkpoints.
 
     References
     ----------

@@ -1,7 +1,9 @@
 """The ``neuralign`` command line: demo, train, align, apply, curve, pam, verify, evaluate, study.
 
 Every command writes its results into ``--out`` (atomically; long loops checkpoint every epoch and a rerun of the
-same command resumes), shows progress bars on standard error, and ends by printing the paths it wrote. Errors,
+same command resumes), shows progress bars on standard error, and ends by printing the paths it wrote. Launched
+with ``torchrun --nproc_per_node=N -m neuralign <command>`` it joins the process group (NCCL for a CUDA
+``--device``, gloo for the CPU) and runs data-parallel; rank 0 alone writes files, shows progress and prints. Errors,
 including I/O failures such as a full disk (which leave the previous checkpoint in place), are one line on standard
 error and exit status 2.
 
@@ -25,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 
+from neuralign import _distributed
 from neuralign._utils import atomic_save, atomic_write_text, load_checkpoint
 from neuralign.errors import CheckpointError, NeuralignError
 
@@ -310,6 +314,10 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
     from neuralign.experiments.report import dataset_label, paper_row
     from neuralign.experiments.study import PRESETS, run_study
 
+    if not demo and args.status is not None:
+        _print_status(args.status)
+        return []
+
     config = PRESETS["demo" if demo else args.preset]
     overrides: dict[str, Any] = {}
     if not demo:
@@ -337,14 +345,45 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
     overrides["seed"] = args.seed
     overrides.update(_overrides(args.set))
     config = config.replace(**overrides)
-    results = run_study(config, args.out, device=_device(args.device), progress=bars,
-                        # Table 1 is about standard curves: no reference row beside a robust study
-                        paper_row=None if config.robust else paper_row(config.arch, dataset_label(config.dataset)))
+    # Table 1 is about standard curves: no reference row beside a robust study
+    row = None if config.robust else paper_row(config.arch, dataset_label(config.dataset))
+    executor = "sequential" if demo else args.executor
     out = Path(args.out)
+    if executor == "sequential":
+        results = run_study(config, args.out, device=_device(args.device), progress=bars, paper_row=row)
+    elif executor == "local":
+        from neuralign.experiments.cluster import run_study_local
+
+        def on_event(stage: str, event: str, job_id: str) -> None:
+            if not args.quiet:
+                print(f"{stage}: {event} (job {job_id})", file=sys.stderr)
+
+        results = run_study_local(config, out, jobs=args.jobs, device=_device(args.device), paper_row=row,
+                                  on_event=on_event)  # fmt: skip
+    else:
+        from neuralign.experiments.cluster import submit_study_slurm
+
+        jobs = submit_study_slurm(config, out, device=args.device, partition=args.slurm_partition,
+                                  time_minutes=args.slurm_time, gpus_per_job=args.gpus_per_job, paper_row=row)
+        for stage, job_id in jobs.items():
+            print(f"{stage}: Slurm job {job_id}", file=sys.stderr)
+        print(f"submitted {len(jobs)} jobs; follow them with: neuralign study --status {out}", file=sys.stderr)
+        return [out / "jobs.json"]
     bars.close()
-    if (out / "manifest.json").exists():
+    if (out / "manifest.json").exists() and _distributed.rank() == 0:
         print(_stage_times(out / "manifest.json"), file=sys.stderr)
     return [Path(results["report"]), out / "results.json"]
+
+
+def _print_status(out: str) -> None:
+    from neuralign.experiments.cluster import study_status
+
+    status = study_status(out)
+    for state in ("done", "running", "pending"):
+        entries = status[state]
+        print(f"{state} ({len(entries)}):")
+        for stage, job in entries:
+            print(f"  {stage}" + (f"  [job {job}]" if job else ""))
 
 
 def _stage_times(manifest_path: Path) -> str:
@@ -911,6 +950,20 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:  # the study's own defaults apply unless given
         if action.dest == "batch_size":
             action.default = None
+    g = p.add_argument_group("running the stages as jobs (needs the cluster extra: pip install 'neuralign[cluster]')")
+    g.add_argument("--executor", choices=["sequential", "local", "slurm"], default="sequential",
+                   help="sequential: every stage in this process (default); local: up to --jobs stages at once as "
+                        "local processes (one GPU each when there are several); slurm: every stage as a Slurm job, "
+                        "with job dependencies between stages (returns once they are queued)")  # fmt: skip
+    g.add_argument("--jobs", type=int, default=2, help="concurrent local jobs (default: 2)")
+    g.add_argument("--slurm-partition", default=None, help="Slurm partition of the jobs")
+    g.add_argument("--slurm-time", type=int, default=24 * 60, help="wall time of each Slurm job in minutes "
+                   "(default: 1440)")  # fmt: skip
+    g.add_argument("--gpus-per-job", type=int, default=1,
+                   help="GPUs per Slurm job (default: 1); above 1 each stage runs data-parallel over them")
+    g.add_argument("--status", metavar="OUT", default=None,
+                   help="print which stages of the study in OUT are done, running (with job ids) or pending, "
+                        "and exit")  # fmt: skip
 
     p = sub.add_parser("train", help="train one end point with the paper's recipe",
                        description="Train a network with Nesterov SGD (lr 0.1, momentum 0.9, wd 5e-4, lr halved "
@@ -1062,6 +1115,7 @@ def _write_manifest(args: argparse.Namespace, **extra: Any) -> Path:
         "versions": _versions(),
         "device": str(_device(args.device)),
         "threads": torch.get_num_threads(),
+        "distributed": _distributed.describe(),
         "started": getattr(args, "started", None) or time.strftime("%Y-%m-%dT%H:%M:%S"),
         **extra,
     }
@@ -1120,7 +1174,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     else:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), _usable_cores())))
-    bars = _Bars(enabled=not args.quiet)
+    distributed = False
+    if "WORLD_SIZE" in os.environ:
+        # under torchrun: the default process group, backend from --device; every data-driven function then runs
+        # data-parallel and only rank 0 writes files or shows progress
+        try:
+            device = _device(args.device)
+        except ValueError as exc:
+            print(f"neuralign: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        try:
+            distributed = _distributed.init_from_env(device)
+        except (ValueError, RuntimeError) as exc:
+            print(f"neuralign: error: could not join the torchrun process group: {_one_line(exc)}", file=sys.stderr)
+            return 2
+    bars = _Bars(enabled=not args.quiet and _distributed.rank() == 0)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(parser, args.command)
@@ -1138,6 +1206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"neuralign: error: {_in_option_words(_one_line(exc), parser, args.command)}", file=sys.stderr)
         return 2
     bars.close()
-    for path in paths:
-        print(path)
+    if _distributed.rank() == 0:
+        for path in paths:
+            print(path)
+    if distributed:
+        torch.distributed.destroy_process_group()
     return 0

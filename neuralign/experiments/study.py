@@ -6,6 +6,19 @@ four curves of Tatro et al. (2020, Table 1) — Unaligned, PAM Unaligned, PAM Al
 pairs into ``results.json``, a markdown report and figures. Every stage writes its result atomically into the
 output folder and is skipped when the result is already there; long stages checkpoint every epoch, so an
 interrupted study resumes without losing finished work.
+
+The stages form a graph (:func:`study_stages`: end points -> alignment -> curves -> evaluations ->
+verification, plane -> report; stages of different pairs and settings are independent). :func:`run_stage` runs
+one stage in any process, reading its inputs from the files of the stages it needs; :func:`run_study` runs them
+all in order in this process, and :mod:`neuralign.experiments.cluster` runs them as concurrent local jobs or Slurm
+jobs through the same :func:`run_stage`. The stage files are the single source of truth: a stage is done when all
+its outputs exist, and each stage writes only its own outputs and its record ``stages/<stage>.json`` (seconds,
+job, process group), which the manifest's ``completed`` and ``stage_seconds`` are merged from. Each stage starts
+from seeds of its own (torch's global RNG and the training loader's generator), so its result does not depend on
+which stages ran before it in the same process.
+
+Why one module: the configuration, the stage graph and the stages' bodies share the stage names, the output
+layout and the per-process state (:class:`_Study`); split apart, each piece would have to restate the others.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import torch
 from torch import nn
 
 import neuralign
+from neuralign import _distributed
 from neuralign._utils import atomic_save, atomic_write_text, stable_seed
 from neuralign.alignment import (
     PermutationFile,
@@ -59,7 +73,10 @@ from neuralign.experiments.models import build_model
 from neuralign.experiments.training import train_model
 from neuralign.verification import verify_alignment
 
-__all__ = ["SETTINGS", "PRESETS", "StudyConfig", "run_study"]
+__all__ = [
+    "SETTINGS", "PRESETS", "Stage", "StudyConfig", "prepare_study", "run_stage", "run_study", "stage_done",
+    "study_stages",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +184,8 @@ class StudyConfig:
         if self.pam_x_epochs is not None and (isinstance(self.pam_x_epochs, bool)
                                               or not isinstance(self.pam_x_epochs, int) or self.pam_x_epochs < 1):
             raise ValueError(f"`pam_x_epochs` must be a positive int, got {self.pam_x_epochs!r}")
+        if isinstance(self.settings, str):  # one setting from the command line (--set settings=aligned)
+            object.__setattr__(self, "settings", (self.settings,))
         unknown = [s for s in self.settings if s not in SETTINGS]
         if unknown or not self.settings:
             raise ValueError(f"unknown settings {unknown}; expected a non-empty subset of {list(SETTINGS)}")
@@ -288,6 +307,57 @@ PRESETS: dict[str, StudyConfig] = {
 _DEFAULTS = StudyConfig().to_dict()
 
 
+# ------------------------------------------------------------------------------------------------- the graph
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a study: its ``name`` (as recorded in the manifest), the stages it ``needs``, and its
+    ``outputs`` (paths relative to the study folder; the stage is done when they all exist)."""
+
+    name: str
+    needs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def slug(self) -> str:
+        """The name as a file name (``pair_1_curve_aligned``)."""
+        return self.name.replace(" ", "_")
+
+
+def study_stages(config: StudyConfig) -> list[Stage]:
+    """The stages of a study in an order that respects their dependencies (the order of a sequential run).
+
+    End points (unless given) -> per pair: alignment -> per setting: curve -> evaluation; the aligned curve ->
+    verification and (pair 1) the plane; everything -> ``report``. Stages of different pairs and settings do not
+    depend on each other.
+    """
+    c = config
+    stages: list[Stage] = []
+    if c.endpoints is None:
+        stages += [Stage(f"endpoint {s}", (), (f"endpoints/seed{s}.pt",)) for s in range(1, 2 * c.pairs + 1)]
+    for k in range(1, c.pairs + 1):
+        ends = () if c.endpoints is not None else (f"endpoint {2 * k - 1}", f"endpoint {2 * k}")
+        alignment = Stage(f"pair {k} alignment", ends, (f"pair{k}/alignment.pt",))
+        stages.append(alignment)
+        for setting in c.settings:
+            curve = Stage(f"pair {k} curve {setting}", (alignment.name,),
+                          (f"pair{k}/curve_{setting}.pt", f"pair{k}/curve_{setting}.json"))  # fmt: skip
+            stages += [curve, Stage(f"pair {k} eval {setting}", (curve.name,), (f"pair{k}/eval_{setting}.json",))]
+        if "aligned" in c.settings:
+            needs = (f"pair {k} curve aligned",)
+            if c.verify:
+                stages.append(Stage(f"pair {k} verification", needs,
+                                    (f"pair{k}/verification.json", f"pair{k}/verification.md")))  # fmt: skip
+            if c.plane_grid and k == 1:
+                stages.append(Stage(f"pair {k} plane", needs, (f"pair{k}/plane.json",)))
+    stages.append(Stage("report", tuple(s.name for s in stages), ("results.json", "report.md")))
+    return stages
+
+
+def stage_done(out: str | os.PathLike, stage: Stage) -> bool:
+    """Whether every output of ``stage`` exists in the study folder ``out``."""
+    return all((Path(out) / name).exists() for name in stage.outputs)
+
+
 # ----------------------------------------------------------------------------------------------------- helpers
 def _versions() -> dict[str, str]:
     import numpy
@@ -345,12 +415,25 @@ def _params(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, to
 
 
 class _Study:
+    """The stages' shared state in one process: the data (loaded once) and the inputs read from earlier stages'
+    files (cached), so that a sequential run does not reload them and a job loads only what its stage needs."""
+
     def __init__(self, config: StudyConfig, out: Path, device: torch.device, progress: Progress | None) -> None:
         self.config = config
         self.out = out
         self.device = device
         self.progress = progress
-        self.mark = time.perf_counter()  # end of the previous stage (stages run one after another)
+        self.mark = time.perf_counter()  # start of the running stage
+        self._pairs: dict[int, dict[str, Any]] = {}
+
+    @functools.cached_property
+    def data(self) -> DataBundle:
+        c = self.config
+        return load_data(
+            c.dataset, root=c.data_root, download=c.download, batch_size=c.batch_size, train_size=c.train_size,
+            test_size=c.test_size, align_size=c.align_size, resize=c.resize, generator=c.seed, mean=c.mean,
+            std=c.std, normalize=not c.robust,
+        )  # fmt: skip
 
     def emit(self, **event: Any) -> Any:
         if self.progress is not None:
@@ -390,6 +473,8 @@ class _Study:
                 "runs": [{"started": time.strftime("%Y-%m-%dT%H:%M:%S")}],
                 "completed": [],
             }
+        manifest["runs"][-1]["started_unix"] = time.time()
+        manifest["runs"][-1]["distributed"] = _distributed.describe()
         self.manifest = manifest
         self.save_manifest()
         return manifest
@@ -398,14 +483,27 @@ class _Study:
         atomic_write_text(self.out / "manifest.json", json.dumps(self.manifest, indent=1))
 
     def done(self, stage: str) -> None:
-        """Mark ``stage`` completed and record its wall-clock seconds (since the previous stage ended)."""
-        now = time.perf_counter()
-        seconds, self.mark = now - self.mark, now
-        if stage not in self.manifest["completed"]:
-            self.manifest["completed"].append(stage)
-            self.manifest["runs"][-1]["last"] = stage
-            self.manifest.setdefault("stage_seconds", {})[stage] = round(seconds, 2)
-            self.save_manifest()
+        """Record that ``stage`` has written its outputs: ``stages/<stage>.json`` with its wall-clock seconds (since
+        it started), where it ran (job id, process group) and when it finished. Only this stage writes that file."""
+        record = {
+            "stage": stage, "seconds": round(time.perf_counter() - self.mark, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "job_id": _job_id(),
+            "distributed": _distributed.describe(), "device": str(self.device),
+        }  # fmt: skip
+        atomic_write_text(self.out / "stages" / f"{stage.replace(' ', '_')}.json", json.dumps(record, indent=1))
+
+    def merge_stage_records(self) -> None:
+        """Merge the stage records into the manifest (``completed`` in graph order, ``stage_seconds``) and save it.
+        Called by the one process that owns the manifest at that moment (a sequential run, or the report stage)."""
+        records = {}
+        for stage in study_stages(self.config):
+            path = self.out / "stages" / f"{stage.slug}.json"
+            if path.exists():
+                records[stage.name] = json.loads(path.read_text())
+        self.manifest["completed"] = list(records)
+        self.manifest["stage_seconds"] = {name: r["seconds"] for name, r in records.items()}
+        self.manifest["stage_jobs"] = {name: r["job_id"] for name, r in records.items() if r.get("job_id")}
+        self.save_manifest()
 
     # ------------------------------------------------------------------ stages
     def endpoint(self, seed: int) -> tuple[nn.Module, dict]:
@@ -598,21 +696,18 @@ class _Study:
                             max_bn_batches=c.bn_batches, callback=on_point, adversarial=c.attack(),
                             bn_inputs=c.robust_bn, generator=stable_seed(c.seed, "eval-attack"))  # fmt: skip
         atomic_write_text(path, json.dumps(ev.to_dict(), indent=1))
-        self.done(f"pair {k} eval {setting}")
+        if setting in c.settings:  # not an earlier PAM iteration's curve, which is part of its setting's stage
+            self.done(f"pair {k} eval {setting}")
         return ev
 
-    def pam_iterations(self, k: int, setting: str, a: nn.Module, meta: Mapping[str, Any],
-                       final: Mapping[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    def pam_iterations(self, k: int, setting: str, meta: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Per outer iteration: the objective, the units moved, and Avg / Min test accuracy of that iteration's
-        curve (evaluated like the final curve; the last iteration is the final curve)."""
+        curve (evaluated like the final curve by the setting's eval stage; the last iteration is the final curve)."""
         rows = []
         objective = meta["objective"]
         for j in range(1, len(objective)):
-            if j < len(objective) - 1:
-                curve = Bezier.load(self.out / f"pair{k}" / f"curve_{setting}_iter{j}.pt")
-                ev = self.evaluate(k, f"{setting}_iter{j}", a, curve).to_dict()
-            else:
-                ev = final
+            name = f"eval_{setting}_iter{j}.json" if j < len(objective) - 1 else f"eval_{setting}.json"
+            ev = json.loads((self.out / f"pair{k}" / name).read_text())
             rows.append({"iteration": j, "objective": objective[j],
                          "moved": sum(int(v[j - 1]) for v in meta["changed"].values()),
                          "avg_accuracy": ev["avg_accuracy"], "min_accuracy": ev["min_accuracy"]})  # fmt: skip
@@ -633,6 +728,8 @@ class _Study:
 
         def on_progress(name: str, done: int, total: int) -> None:
             self.emit(stage="verify", label=label(name), step=done, total=total)
+
+        self.data.train.generator.manual_seed(stable_seed(c.seed, "verify-data", k))
 
         report = verify_alignment(
             a, sd_a, sd_b, perms, self.data.train, curve=curve, spec=spec, heldout_loader=self.data.train_eval,
@@ -668,6 +765,181 @@ class _Study:
         self.done(f"pair {k} plane")
         return out
 
+    # ------------------------------------------------------------------ inputs of later stages
+    def pair(self, k: int) -> dict[str, Any]:
+        """End points, alignment and spec of pair ``k``, read from their stages' files (cached)."""
+        if k not in self._pairs:
+            a, meta_a = self.endpoint(2 * k - 1)
+            b, meta_b = self.endpoint(2 * k)
+            al = self.alignment(k, a, b)
+            self._pairs[k] = {
+                "a": a, "meta_a": meta_a, "meta_b": meta_b,
+                "sd_a": {key: v.to(self.device) for key, v in a.state_dict().items()},
+                "sd_b": {key: v.to(self.device) for key, v in b.state_dict().items()},
+                "al": al, "perms": {g: p.cpu() for g, p in al["perms"].items()},
+                # traced on test inputs: the (unshuffled) test loader draws nothing from any generator
+                "spec": trace_spec(a, next(iter(self.data.test))[0][:2].to(self.device)),
+            }  # fmt: skip
+        return self._pairs[k]
+
+    def pair_curve(self, k: int, setting: str) -> tuple:
+        p = self.pair(k)
+        return self.curve(k, setting, p["a"], p["sd_a"], p["sd_b"], p["perms"], p["spec"])
+
+    # ------------------------------------------------------------------ one stage
+    def run(self, stage: Stage, report_options: Mapping[str, Any]) -> None:
+        """Run ``stage`` (its inputs must be done), seeded by its name alone, and record it."""
+        torch.manual_seed(stable_seed(self.config.seed, "stage", stage.name))
+        self.mark = time.perf_counter()
+        words = stage.name.split()
+        if words[0] == "endpoint":
+            self.endpoint(int(words[1]))
+        elif words[0] == "report":
+            self.report(**report_options)
+        elif words[2] == "alignment":
+            self.pair(int(words[1]))
+        elif words[2] == "curve":
+            self.pair_curve(int(words[1]), words[3])
+        elif words[2] == "eval":
+            k, setting = int(words[1]), words[3]
+            curve, meta = self.pair_curve(k, setting)
+            a = self.pair(k)["a"]
+            if setting.startswith("pam"):  # earlier outer iterations first: the stage is done when the last is
+                for j in range(1, len(meta["objective"]) - 1):
+                    self.evaluate(k, f"{setting}_iter{j}", a, Bezier.load(self.out / f"pair{k}" /
+                                                                          f"curve_{setting}_iter{j}.pt"))
+            self.evaluate(k, setting, a, curve)
+        elif words[2] == "verification":
+            p = self.pair(int(words[1]))
+            self.verification(int(words[1]), p["a"], p["sd_a"], p["sd_b"], p["perms"], p["spec"],
+                              self.pair_curve(int(words[1]), "aligned")[0])  # fmt: skip
+        elif words[2] == "plane":
+            p = self.pair(int(words[1]))
+            self.plane(int(words[1]), p["a"], p["sd_a"], p["sd_b"], p["perms"], p["spec"],
+                       self.pair_curve(int(words[1]), "aligned")[0])  # fmt: skip
+        else:  # pragma: no cover - study_stages names every stage
+            raise ValueError(f"unknown study stage {stage.name!r}")
+
+    def report(self, paper_row: Mapping[str, Any] | None = None, notes: str | None = None) -> dict[str, Any]:
+        """Gather every stage's results from its files into ``results.json``, the figures and the report."""
+        from neuralign.experiments.plots import plot_study
+        from neuralign.experiments.report import write_report, write_results_json
+
+        c = self.config
+        pairs_out = []
+        for k in range(1, c.pairs + 1):
+            p = self.pair(k)
+            curves, evals, pam = {}, {}, {}
+            for setting in c.settings:
+                curve, meta = self.pair_curve(k, setting)
+                curves[setting] = curve
+                evals[setting] = self.evaluate(k, setting, p["a"], curve).to_dict()
+                if setting.startswith("pam"):
+                    pam[setting] = {"history": meta["objective"], "changed": meta["changed"],
+                                    "iterations": self.pam_iterations(k, setting, meta)}
+            aligned = curves.get("aligned")
+            verification = plane = None
+            args = (k, p["a"], p["sd_a"], p["sd_b"], p["perms"], p["spec"], aligned)
+            if c.verify and aligned is not None:
+                verification = self.verification(*args)
+            if c.plane_grid and aligned is not None and k == 1:
+                plane = self.plane(*args)
+            al = p["al"]
+            pairs_out.append({
+                "pair": k,
+                "seeds": [2 * k - 1, 2 * k],
+                "endpoints": {"a": p["meta_a"]["test"], "b": p["meta_b"]["test"]},
+                "alignment": {key: al[key] for key in ("groups", "sizes", "correlation_before", "correlation_after")},
+                "curves": evals,
+                "pam": pam,
+                "verification": verification,
+                "plane": plane,
+            })  # fmt: skip
+        results = {"kind": "study_results", "config": c.to_dict(), "settings": list(c.settings), "pairs": pairs_out,
+                   "test_images": len(self.data.test.dataset),
+                   "bn_batches": {"count": len(self.bn_loader()) if c.bn_batches is not None else None,
+                                  "shared": True}}  # fmt: skip
+        write_results_json(results, self.out)
+        figures = plot_study(results, self.out / "figures")
+        report = write_report(results, self.out, figures=figures, paper_row=paper_row, notes=notes)
+        results["report"] = str(report)
+        return results
+
+
+def _job_id() -> str | None:
+    """The scheduler's id of the job running this process (Slurm or submitit's local executor), if any."""
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+def _stage(config: StudyConfig, name: str) -> Stage:
+    stages = {s.name: s for s in study_stages(config)}
+    if name not in stages:
+        raise ValueError(f"unknown study stage {name!r}; this study has {list(stages)}")
+    return stages[name]
+
+
+def run_stage(
+    config: StudyConfig,
+    out: str | os.PathLike,
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    paper_row: Mapping[str, Any] | None = None,
+    notes: str | None = None,
+    progress: Progress | None = None,
+) -> bool:
+    """Run the stage ``name`` of the study in ``out`` in this process, unless it is done; True if it ran.
+
+    The entry point of a study's jobs (:mod:`neuralign.experiments.cluster`). Its inputs are read from the files of
+    the stages it needs; it writes only its own outputs and its record ``stages/<stage>.json``. The ``report``
+    stage always runs (it is cheap and reflects the files present) and then merges the stage records into the
+    manifest, which :func:`prepare_study` wrote before any job started. Under a process group (``--gpus-per-job``
+    above 1) the stage runs data-parallel and rank 0 writes.
+
+    Raises
+    ------
+    ValueError
+        For a stage this study does not have.
+    RuntimeError
+        If a stage it needs is not done (names it).
+    """
+    out = Path(out)
+    stage = _stage(config, name)
+    missing = [n for n in stage.needs if not stage_done(out, _stage(config, n))]
+    if missing:
+        raise RuntimeError(f"study stage {name!r} needs {missing}, which are not done in {out}")
+    if stage.name != "report" and stage_done(out, stage):
+        return False
+    study = _Study(config, out, torch.device(device), progress)
+    study.run(stage, {"paper_row": paper_row, "notes": notes})
+    if stage.name == "report":
+        study.manifest = json.loads((out / "manifest.json").read_text())
+        _finish_manifest(study, stage)
+    return True
+
+
+def _finish_manifest(study: _Study, report: Stage) -> None:
+    run = study.manifest["runs"][-1]
+    run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    run["seconds"] = round(time.time() - run.get("started_unix", time.time()), 2)
+    study.manifest["report"] = report.outputs[1]  # relative to the study folder
+    study.merge_stage_records()
+
+
+def prepare_study(config: StudyConfig, out: str | os.PathLike, *, device: str | torch.device = "cpu") -> None:
+    """Check or start the manifest of a study in ``out`` (refusing a folder that holds other settings) and record
+    this run in it; done once by the process that runs or submits the stages, before any of them."""
+    _prepare(config, Path(out), torch.device(device), None)
+
+
+def _prepare(config: StudyConfig, out: Path, device: torch.device, progress: Progress | None) -> _Study:
+    out.mkdir(parents=True, exist_ok=True)
+    study = _Study(config, out, device, progress)
+    study.check_manifest()
+    study.manifest["data"] = _portable_paths(study.data.describe())
+    study.save_manifest()
+    return study
+
 
 def run_study(
     config: StudyConfig,
@@ -679,6 +951,9 @@ def run_study(
     notes: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a study and write its results, report and figures into ``out``.
+
+    Every stage of :func:`study_stages` that is not done runs in this process, in order (the same
+    :func:`run_stage` work as the jobs of :mod:`neuralign.experiments.cluster`); then the report is written.
 
     Parameters
     ----------
@@ -702,69 +977,14 @@ def run_study(
     dict
         The ``results`` written to ``results.json`` (format documented in :mod:`neuralign.experiments.report`).
     """
-    from neuralign.experiments.plots import plot_study
-    from neuralign.experiments.report import write_report, write_results_json
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
-    started = time.perf_counter()
-    study = _Study(config, out, device, progress)
-    study.check_manifest()
-    c = config
-    study.data = load_data(
-        c.dataset, root=c.data_root, download=c.download, batch_size=c.batch_size, train_size=c.train_size,
-        test_size=c.test_size, align_size=c.align_size, resize=c.resize, generator=c.seed, mean=c.mean, std=c.std,
-        normalize=not c.robust,
-    )  # fmt: skip
-    study.manifest["data"] = _portable_paths(study.data.describe())
-    study.save_manifest()
-    study.mark = time.perf_counter()  # the first stage's time starts after the data is loaded
-    pairs_out = []
-    for k in range(1, c.pairs + 1):
-        (out / f"pair{k}").mkdir(exist_ok=True)
-        a, meta_a = study.endpoint(2 * k - 1)
-        b, meta_b = study.endpoint(2 * k)
-        sd_a = {key: v.to(device) for key, v in a.state_dict().items()}
-        sd_b = {key: v.to(device) for key, v in b.state_dict().items()}
-        al = study.alignment(k, a, b)
-        perms = {g: p.cpu() for g, p in al["perms"].items()}
-        spec = trace_spec(a, next(iter(study.data.train))[0][:2].to(device))
-        curves, evals, pam = {}, {}, {}
-        for setting in c.settings:
-            curve, meta = study.curve(k, setting, a, sd_a, sd_b, perms, spec)
-            curves[setting] = curve
-            evals[setting] = study.evaluate(k, setting, a, curve).to_dict()
-            if setting.startswith("pam"):
-                pam[setting] = {"history": meta["objective"], "changed": meta["changed"],
-                                "iterations": study.pam_iterations(k, setting, a, meta, evals[setting])}
-        aligned = curves.get("aligned")
-        verification = plane = None
-        if c.verify and aligned is not None:
-            verification = study.verification(k, a, sd_a, sd_b, perms, spec, aligned)
-        if c.plane_grid and aligned is not None and k == 1:
-            plane = study.plane(k, a, sd_a, sd_b, perms, spec, aligned)
-        pairs_out.append({
-            "pair": k,
-            "seeds": [2 * k - 1, 2 * k],
-            "endpoints": {"a": meta_a["test"], "b": meta_b["test"]},
-            "alignment": {key: al[key] for key in ("groups", "sizes", "correlation_before", "correlation_after")},
-            "curves": evals,
-            "pam": pam,
-            "verification": verification,
-            "plane": plane,
-        })  # fmt: skip
-    results = {"kind": "study_results", "config": c.to_dict(), "settings": list(c.settings), "pairs": pairs_out,
-               "test_images": len(study.data.test.dataset),
-               "bn_batches": {"count": len(study.bn_loader()) if c.bn_batches is not None else None,
-                              "shared": True}}  # fmt: skip
-    write_results_json(results, out)
-    figures = plot_study(results, out / "figures")
-    report = write_report(results, out, figures=figures, paper_row=paper_row, notes=notes)
-    study.manifest["runs"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    study.manifest["runs"][-1]["seconds"] = round(time.perf_counter() - started, 2)
-    study.manifest["report"] = os.path.relpath(report, out)
-    study.save_manifest()
-    results["report"] = str(report)
+    study = _prepare(config, out, torch.device(device), progress)
+    results: dict[str, Any] = {}
+    for stage in study_stages(config):
+        if stage.name == "report":
+            results = study.report(paper_row=paper_row, notes=notes)
+            _finish_manifest(study, stage)
+        elif not stage_done(out, stage):
+            study.run(stage, {})
+            study.merge_stage_records()
     return results
-

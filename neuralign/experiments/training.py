@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuralign._distributed import all_reduce_sum, broadcast_, is_distributed, shard_batch, sum_gradients_
 from neuralign._utils import (
     as_generator,
     atomic_save,
@@ -151,6 +152,18 @@ def train_model(
         If ``checkpoint`` cannot be written (a full disk): the checkpoint of the previous epoch is left in place,
         so a later call resumes from it.
 
+    Notes
+    -----
+    Data-parallel under a torch.distributed process group (:mod:`neuralign._distributed`): every rank iterates the
+    same ``train_loader`` (same seed, so the same global batches), trains on its slice of each batch, and the
+    gradients of the global batch's mean loss are summed over the ranks in one all-reduce per step (each rank
+    weights its loss by its share of the batch, which averages exactly even when the slices differ in size, where
+    ``DistributedDataParallel``'s plain mean would not; the price is no overlap of communication with the backward
+    pass). Batch norm normalises each slice with its own statistics and its running buffers are rank 0's, broadcast
+    after every epoch (``DistributedDataParallel``'s ``broadcast_buffers``). Without batch norm an epoch equals the
+    one-process epoch on the same global batches up to float rounding. Rank 0 writes the checkpoint; every rank
+    resumes from it.
+
     Examples
     --------
     >>> import torch
@@ -175,6 +188,9 @@ def train_model(
         work.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    distributed = is_distributed()
+    params = [p for p in work.parameters() if p.requires_grad]
+    broadcast_(list(work.parameters()) + list(work.buffers()))  # rank 0's start everywhere, as DDP does
     history: list[dict[str, float]] = []
     start = 0
     path = Path(checkpoint) if checkpoint is not None else None
@@ -209,21 +225,33 @@ def train_model(
             if max_batches_per_epoch is not None and index >= max_batches_per_epoch:
                 finished = False
                 break
-            x, y = batch[0].to(device), batch[1].to(device)
+            x, y, share = shard_batch(batch[0].to(device), batch[1].to(device), label="train_loader")
             if adversarial is not None:
                 x = adversarial.attack(work, x, y, train=True, generator=attack_generator, loss_fn=loss_fn)
             out = work(x)
             loss = loss_fn(out, y)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"training loss is {loss.item()} at epoch {epoch}, batch {index}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if distributed:  # gradients (and the loss) of the global batch: this rank's share, summed over ranks
+                (loss * share).backward()
+                global_loss = sum_gradients_(params, loss.detach() * share)
+            else:
+                global_loss = loss.detach()
+            if not torch.isfinite(global_loss):
+                raise NonFiniteError(f"training loss is {global_loss.item()} at epoch {epoch}, batch {index}")
+            if not distributed:
+                loss.backward()
             optimizer.step()
             main, _ = split_logits(out)
             n = int(y.shape[0])
             total += n
             loss_sum += float(loss.detach()) * n
             correct += int((main.detach().argmax(-1) == y).sum())
+        if distributed:  # the epoch's sums over every rank's slices; rank 0's batch-norm buffers on every rank
+            total, correct, loss_sum = (
+                float(v) for v in all_reduce_sum(torch.tensor([total, correct, loss_sum], dtype=torch.float64))
+            )
+            total, correct = int(total), int(correct)
+            broadcast_(list(work.buffers()))
         if total == 0:
             raise ValueError("`train_loader` yielded no batches")
         record = {

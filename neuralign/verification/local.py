@@ -470,7 +470,8 @@ def _check_gradient(ctx: _Context, opts, gen: torch.Generator, scale: float = 1.
     # A few examples at t = 1/2: the fewer ReLU/max-pool units the data activates, the fewer kinks a step crosses,
     # and the wider the range of steps over which the remainder of a piecewise-smooth network is second order.
     k = opts["gradient_check_examples"]
-    batches = [(x[:k], y[:k]) for x, y in p64.value_set[:1]]
+    # plain (x, y) pairs: under a process group each rank tests the gradient on its own examples (no reduction)
+    batches = [(b[0][:k], b[1][:k]) for b in p64.value_set[:1]]
     ts = [0.5]
     x = [ctx.x[0].double()]
     ident = {g: m.double() for g, m in ctx.identity.items()}

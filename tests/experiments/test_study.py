@@ -78,3 +78,8 @@ def test_tiny_robust_study_runs_resumes_and_reports(tmp_path):
     assert (tmp_path / "full" / "figures" / "robust_metrics.png").exists()
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
     assert manifest["config"]["robust"] is True and "pair 1 eval aligned" in manifest["completed"]
+
+
+def test_one_setting_given_as_a_string_is_one_setting():
+    # `--set settings=aligned` parses to a string, which once was read as the settings 'a', 'l', 'i', ...
+    assert StudyConfig(settings="aligned").settings == ("aligned",)

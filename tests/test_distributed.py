@@ -1,0 +1,297 @@
+"""Data parallelism on CPU with gloo and 2 processes: every data-parallel function against one process.
+
+One ``torch.multiprocessing`` spawn (module fixture) runs every function on 2 ranks and saves what each rank got;
+each test computes the one-process reference on the same global batches and compares. The torchrun tests launch
+``python -m torch.distributed.run --standalone`` in a subprocess (an interrupted run resumed, the CLI manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from neuralign import _distributed
+from neuralign.alignment import align
+from neuralign.curves import evaluate_model, fit_curve, fit_curve_pam, reestimate_bn
+from neuralign.experiments.training import train_model
+
+WORLD = 2
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ shared inputs
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+
+
+def _bn_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5),
+                         nn.BatchNorm1d(5))  # fmt: skip
+
+
+def _batches(sizes, shape, seed: int, classes: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)) for n in sizes]
+
+
+# global batches: even and odd sizes, so that the slices of some batches differ in size (7 -> 4 + 3)
+SIZES = (12, 12, 7, 10)
+
+
+def _inputs() -> dict:
+    a, b = _mlp(1), _mlp(2)
+    # B = A with its hidden units permuted plus a little noise: alignment has a clear answer
+    g = torch.Generator().manual_seed(3)
+    p0, p1 = torch.randperm(16, generator=g), torch.randperm(12, generator=g)
+    sd = {k: v.clone() for k, v in a.state_dict().items()}
+    sd["0.weight"], sd["0.bias"] = sd["0.weight"][p0], sd["0.bias"][p0]
+    sd["2.weight"], sd["2.bias"] = sd["2.weight"][p1][:, p0], sd["2.bias"][p1]
+    sd["4.weight"] = sd["4.weight"][:, p1]
+    planted = _mlp(0)
+    planted.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()})
+    return {
+        "a": a, "b": b, "planted": planted, "bn": _bn_net(4),
+        "data": _batches(SIZES, (6,), 5), "images": _batches(SIZES, (3, 8, 8), 6, classes=5),
+    }  # fmt: skip
+
+
+def _run_all(inp: dict) -> dict:
+    """Every data-parallel function on ``inp``; the same code runs in one process and on each rank."""
+    a, b, data = inp["a"], inp["b"], inp["data"]
+    out = {}
+    res = align(inp["a"], inp["planted"], [x for x, _ in data])
+    out["align"] = {"perms": res.perms, "after": res.correlation_after}
+    bn = inp["bn"]
+    out["bn"] = reestimate_bn(bn, dict(bn.named_parameters()), inp["images"])
+    out["eval"] = evaluate_model(a, data)
+    fit = fit_curve(a, a.state_dict(), b.state_dict(), data, epochs=1, generator=0, weight_decay=5e-4)
+    out["curve"] = fit.curve.points[1]
+    out["curve_history"] = {k: v for k, v in fit.history[0].items() if k != "time"}
+    trained = train_model(a, data, epochs=1, lr=0.05)
+    out["train"] = trained.state_dict
+    out["train_history"] = {k: v for k, v in trained.history[0].items() if k != "seconds"}
+    pam = fit_curve_pam(a, a.state_dict(), b.state_dict(), data, init="identity", x_epochs=1, max_iter=1,
+                        gradient_batches=2, value_batches=2, generator=0, lam=10.0)  # fmt: skip
+    out["pam"] = {"perms": pam.perms, "control": pam.curve.points[1], "history": pam.history}
+    return out
+
+
+def _ranks_only(inp: dict, folder: str) -> dict:
+    """What only a process group has: a stopped-then-resumed run (checkpoint written by rank 0, read by all), and
+    the refusal of a batch smaller than the world."""
+    out = {}
+    data, a = inp["data"], inp["a"]
+    whole = train_model(a, data, epochs=3, lr=0.05, checkpoint=f"{folder}/whole.ckpt")
+    train_model(a, data, epochs=3, lr=0.05, checkpoint=f"{folder}/cut.ckpt", callback=lambda r: r["epoch"] == 1)
+    resumed = train_model(a, data, epochs=3, lr=0.05, checkpoint=f"{folder}/cut.ckpt")
+    out["resume"] = (whole.state_dict, resumed.state_dict)
+    try:
+        evaluate_model(a, [(torch.randn(1, 6), torch.tensor([0]))])
+    except ValueError as exc:
+        out["small_batch_error"] = str(exc)
+    return out
+
+
+def _worker(rank: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        inp = _inputs()
+        torch.save({**_run_all(inp), **_ranks_only(inp, folder)}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(str(folder),), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def inputs() -> dict:
+    return _inputs()
+
+
+def _slices(batches):
+    """The loader one process sees when it runs every rank's slice as its own batch, in order."""
+    return [tuple(part[r] for part in (torch.tensor_split(x, WORLD), torch.tensor_split(y, WORLD)))
+            for x, y in batches for r in range(WORLD)]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_helpers_without_a_process_group_are_identities():
+    x, y = torch.arange(5.0), torch.arange(5)
+    assert _distributed.shard_batch(x, y) == (x, y, 1.0)
+    assert _distributed.describe() == {"world_size": 1, "backend": None, "rank": 0}
+    assert _distributed.on_rank_zero(lambda: 7) == 7
+    assert _distributed.all_reduce_sum(torch.tensor([1, 2])).dtype == torch.float64
+    assert _distributed.backend_for("cuda:1") == "nccl" and _distributed.backend_for("cpu") == "gloo"
+
+
+def test_ranks_agree(ranks):
+    # every rank ends with the same numbers (same global batches, all-reduced sums and gradients)
+    numbers = [{k: v for k, v in r.items() if k != "small_batch_error"} for r in ranks]
+    torch.testing.assert_close(numbers[0], numbers[1], rtol=0, atol=0)
+    assert ranks[0]["small_batch_error"] == ranks[1]["small_batch_error"]
+
+
+def test_align_gives_the_one_process_permutations(ranks, inputs):
+    one = align(inputs["a"], inputs["planted"], [x for x, _ in inputs["data"]])
+    for g, p in one.perms.items():
+        assert torch.equal(ranks[0]["align"]["perms"][g], p), g
+    # the moments are merged in float64: correlations agree far below the float32 inputs' precision
+    for g, c in one.correlation_after.items():
+        assert abs(ranks[0]["align"]["after"][g] - c) < 1e-6
+
+
+def test_reestimate_bn_equals_the_exact_average_over_the_slices(ranks, inputs):
+    bn = inputs["bn"]
+    ref = reestimate_bn(bn, dict(bn.named_parameters()), [x for x, _ in _slices(inputs["images"])])
+    for key, value in ref.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ranks[0]["bn"][key], value, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(ranks[0]["bn"][key], value), key  # num_batches_tracked: slices counted
+
+
+def test_evaluate_model_sums_over_ranks(ranks, inputs):
+    loss, acc = evaluate_model(inputs["a"], inputs["data"])
+    assert ranks[0]["eval"][1] == acc
+    assert abs(ranks[0]["eval"][0] - loss) < 1e-6
+
+
+# Tolerances for the training tests: a rank's slice gradient is summed with the other's instead of being one mean
+# over the batch, which changes the float32 rounding of each gradient by a few ulps (relative ~1e-7); over the 4
+# steps of one epoch with lr <= 0.1 and weights of order 0.3 the difference stays below 1e-6 absolute. 1e-5 leaves
+# a margin of 10 and is still far below a one-step change (lr * |grad| ~ 1e-3).
+ATOL = 1e-5
+
+
+def test_fit_curve_epoch_equals_one_process(ranks, inputs):
+    a, b, data = inputs["a"], inputs["b"], inputs["data"]
+    one = fit_curve(a, a.state_dict(), b.state_dict(), data, epochs=1, generator=0, weight_decay=5e-4)
+    for got, want in zip(ranks[0]["curve"].values(), one.curve.points[1].values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    for key in ("loss", "objective", "accuracy"):
+        assert abs(ranks[0]["curve_history"][key] - one.history[0][key]) < 1e-6, key
+
+
+def test_train_model_epoch_equals_one_process(ranks, inputs):
+    one = train_model(inputs["a"], inputs["data"], epochs=1, lr=0.05)
+    torch.testing.assert_close(ranks[0]["train"], one.state_dict, rtol=0, atol=ATOL)
+    for key in ("train_loss", "train_acc"):
+        assert abs(ranks[0]["train_history"][key] - one.history[0][key]) < 1e-6, key
+
+
+def test_fit_curve_pam_equals_one_process(ranks, inputs):
+    a, b, data = inputs["a"], inputs["b"], inputs["data"]
+    one = fit_curve_pam(a, a.state_dict(), b.state_dict(), data, init="identity", x_epochs=1, max_iter=1,
+                        gradient_batches=2, value_batches=2, generator=0, lam=10.0)  # fmt: skip
+    got = ranks[0]["pam"]
+    for g, p in one.perms.items():
+        assert torch.equal(got["perms"][g], p), g
+    for x, y in zip(got["control"].values(), one.curve.points[1].values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=ATOL)
+    torch.testing.assert_close(torch.tensor(got["history"]), torch.tensor(one.history), rtol=1e-5, atol=1e-6)
+
+
+def test_shard_refuses_a_batch_smaller_than_the_world(ranks):
+    assert "yielded a batch of 1 samples, which cannot be split over 2 ranks" in ranks[0]["small_batch_error"]
+
+
+def test_stopped_run_resumes_on_every_rank_to_the_same_result(ranks):
+    for r in ranks:
+        whole, resumed = r["resume"]
+        torch.testing.assert_close(resumed, whole, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+def _torchrun(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    from torch import nn
+    from neuralign.experiments.data import ArrayDataset, ArrayLoader
+    from neuralign.experiments.training import train_model
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    out, stop = sys.argv[1], int(sys.argv[2])
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(90, 1, 4, 4, generator=g) * 255).to(torch.uint8)
+    loader = ArrayLoader(ArrayDataset(images, torch.randint(0, 3, (90,), generator=g)), batch_size=16, shuffle=True,
+                         generator=7)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    def callback(record):
+        if record["epoch"] == stop and dist.get_rank() == 0:
+            os._exit(3)   # a hard interruption (pre-emption) right after this epoch's checkpoint
+
+    res = train_model(net, loader, epochs=4, lr=0.05, checkpoint=os.path.join(out, "train.ckpt"), callback=callback)
+    if dist.get_rank() == 0:
+        torch.save(res.state_dict, os.path.join(out, "final.pt"))
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow  # three torchrun launches: ~35 s on 2 cores
+def test_interrupted_torchrun_resumes_to_the_same_result(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(RESUME_SCRIPT)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir(), cut.mkdir()
+    done = _torchrun(str(script), str(whole), "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = _torchrun(str(script), str(cut), "2")
+    assert killed.returncode != 0 and (cut / "train.ckpt").exists() and not (cut / "final.pt").exists()
+    assert torch.load(cut / "train.ckpt", weights_only=False)["epoch"] == 2
+    resumed = _torchrun(str(script), str(cut), "0")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    torch.testing.assert_close(torch.load(cut / "final.pt"), torch.load(whole / "final.pt"), rtol=0, atol=0)
+
+
+@pytest.mark.slow  # two torchrun launches: ~30 s on 2 cores
+def test_cli_under_torchrun_records_the_process_group(tmp_path):
+    run = _torchrun("-m", "neuralign", "evaluate", "--help")
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = _torchrun("-m", "neuralign", "train", "--arch", "mlp", "--data", "digits", "--epochs", "1", "--quiet",
+                    "--out", str(tmp_path))  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    manifest = json.loads((tmp_path / "manifest_train_mlp_seed0.json").read_text())
+    assert manifest["distributed"] == {"world_size": 2, "backend": "gloo", "rank": 0}
+    assert run.stdout.count("mlp_seed0.pt") == 1  # rank 0 alone prints the paths
+
+
+
+@pytest.mark.slow  # a tiny demo study on 2 ranks: ~60 s on 2 cores
+def test_study_under_torchrun_records_the_process_group(tmp_path):
+    tiny = ["--set", "epochs=1", "--set", "curve_epochs=1", "--set", "num_points=3", "--set", "plane_grid=3",
+            "--set", "verify_swaps=2", "--set", "verify_local_search=2", "--set", "max_batches=3",
+            "--set", "bn_batches=2"]  # fmt: skip
+    run = _torchrun("-m", "neuralign", "study", "--preset", "demo", "--quiet", "--out", str(tmp_path), *tiny)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("report.md") == 1 and run.stderr.count("time per stage") == 1
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["runs"][-1]["distributed"] == {"world_size": 2, "backend": "gloo", "rank": 0}
+    record = json.loads((tmp_path / "stages" / "pair_1_curve_aligned.json").read_text())
+    assert record["distributed"]["world_size"] == 2
