@@ -66,7 +66,8 @@ def main() -> None:
     spec = trace_spec(a, next(iter(data.test))[0][:2])
     reference = align(a, b, data.align).perms
     units = sum(spec.sizes.values())
-    print("| schedule | P-steps | F before | F after | units reassigned (sum over steps) | agrees with alignment | seconds |")
+    print("| schedule | P-steps | F before | F after | units reassigned (sum over steps) | agrees with alignment | "
+          "seconds |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     f_align = None
     for name in names:
