@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -41,11 +42,13 @@ from neuralign.alignment import (
 from neuralign.curves import (
     Bezier,
     CurveEvaluation,
+    Line,
     evaluate_curve,
     evaluate_model,
     evaluate_plane,
     fit_curve,
     fit_curve_pam,
+    midpoint_alignment,
     project_to_plane,
 )
 from neuralign.errors import CheckpointError, ConvergenceWarning
@@ -239,9 +242,26 @@ def _zoo_kwargs(config: StudyConfig, data: DataBundle) -> dict[str, Any]:
     return kw
 
 
+def _json_floats(obj: Any) -> Any:
+    """NaN and infinities as the strings "nan", "inf", "-inf" (strict JSON; ``read_results_json`` decodes them)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Mapping):
+        return {k: _json_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_floats(v) for v in obj]
+    return obj
+
+
 def _params(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     names = {k for k, _ in model.named_parameters()}
     return {k: v for k, v in state.items() if k in names}
+
+
+def _train_history(history: Any) -> list[dict[str, float]]:
+    """Per curve epoch (1-based, counted over PAM's outer iterations in order), the training loss and accuracy."""
+    return [{"epoch": i + 1, "loss": float(r["loss"]), "accuracy": float(r["accuracy"])}
+            for i, r in enumerate(history)]  # fmt: skip
 
 
 class _Study:
@@ -503,6 +523,34 @@ class _Study:
         self.done(f"pair {k} verification")
         return json.loads(report.to_json())
 
+    def midpoint(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curves: Mapping[str, Any]) -> dict[str, Any]:
+        """Alignment along the curve (Tatro et al. §4; PAPER_NOTES §2.6): the network at t = 0.5 of each case,
+        batch norm re-estimated on the study's batch-norm batches, aligned to each end point by correlation.
+
+        Cases and their end points: ``aligned``, the fitted Aligned curve between A and P·B (P the alignment);
+        ``unaligned``, the fitted Unaligned curve between A and B; ``linear``, the straight line between A and
+        P·B, i.e. the Aligned curve at epoch 0 (its control point starts at that midpoint), the paper's "Linear
+        Midpoint". Written atomically to ``pair<k>/midpoint_alignment.json``; skipped when there."""
+        path = self.out / f"pair{k}" / "midpoint_alignment.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        b_aligned = apply_permutation(sd_b, spec.restrict(sd_b), perms)
+        cases = {"aligned": (curves["aligned"], b_aligned)}
+        if "unaligned" in curves:
+            cases["unaligned"] = (curves["unaligned"], sd_b)
+        cases["linear"] = (Line.between(_params(a, sd_a), _params(a, b_aligned)), b_aligned)
+        out: dict[str, Any] = {"t": 0.5, "end_b": {"aligned": "P w_B", "unaligned": "w_B", "linear": "P w_B"},
+                               "cases": {}}  # fmt: skip
+        for index, (case, (curve, end_b)) in enumerate(cases.items()):
+            self.emit(stage="midpoint alignment", label=f"pair {k}", step=index, total=len(cases), start=index == 0)
+            res = midpoint_alignment(a, curve, sd_a, end_b, self.data.align, self.bn_loader(), t=0.5,
+                                     bn_batches=self.config.bn_batches, spec=spec)  # fmt: skip
+            out["cases"][case] = res.to_dict()
+        self.emit(stage="midpoint alignment", label=f"pair {k}", step=len(cases), total=len(cases))
+        atomic_write_text(path, json.dumps(_json_floats(out), indent=1))
+        self.done(f"pair {k} midpoint alignment")
+        return out
+
     def plane(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curve) -> dict[str, Any]:
         c = self.config
         path = self.out / f"pair{k}" / "plane.json"
@@ -585,15 +633,18 @@ def run_study(
         al = study.alignment(k, a, b)
         perms = {g: p.cpu() for g, p in al["perms"].items()}
         spec = trace_spec(a, next(iter(study.data.train))[0][:2].to(device))
-        curves, evals, pam = {}, {}, {}
+        curves, evals, pam, histories = {}, {}, {}, {}
         for setting in c.settings:
             curve, meta = study.curve(k, setting, a, sd_a, sd_b, perms, spec)
             curves[setting] = curve
+            histories[setting] = _train_history(meta.get("history", []))
             evals[setting] = study.evaluate(k, setting, a, curve).to_dict()
             if setting.startswith("pam"):
                 pam[setting] = {"history": meta["objective"], "changed": meta["changed"]}
         aligned = curves.get("aligned")
-        verification = plane = None
+        verification = plane = midpoint = None
+        if aligned is not None:
+            midpoint = study.midpoint(k, a, sd_a, sd_b, perms, spec, curves)
         if c.verify and aligned is not None:
             verification = study.verification(k, a, sd_a, sd_b, perms, spec, aligned)
         if c.plane_grid and aligned is not None and k == 1:
@@ -607,6 +658,8 @@ def run_study(
             "pam": pam,
             "verification": verification,
             "plane": plane,
+            "midpoint_alignment": midpoint,
+            "train_history": histories,
         })  # fmt: skip
     results = {"kind": "study_results", "config": c.to_dict(), "settings": list(c.settings), "pairs": pairs_out,
                "test_images": len(study.data.test.dataset),
