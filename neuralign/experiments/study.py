@@ -81,8 +81,8 @@ class StudyConfig:
     ``pam_local_search``, ``pam_gradient_batches``. Evaluation: ``num_points``, ``bn_batches`` (``None``: a full
     training pass per point, as in the paper), ``plane_grid`` (0: no plane). Verification: ``verify`` and the
     budgets ``verify_iters`` (PAM iterations), ``verify_swaps`` (best-ranked swaps scored per group),
-    ``verify_batches`` and ``verify_ts`` (held-out batches and times scoring every move), ``verify_local_search`` (swaps PAM tries per
-    group), ``verify_random_starts``. ``settings``: which of :data:`SETTINGS` to fit.
+    ``verify_batches`` and ``verify_ts`` (held-out batches and times scoring every move), ``verify_local_search``
+    (swaps PAM tries per group), ``verify_random_starts``. ``settings``: which of :data:`SETTINGS` to fit.
     ``max_batches``: cut every epoch short (smoke tests only).
     ``endpoints``: given end points instead of training them, ``2 * pairs`` files paired in order (any format
     :func:`~neuralign.experiments.load_endpoint` reads: end points, plain or wrapped state dicts, safetensors;
