@@ -729,7 +729,7 @@ def _verify_passes(args: argparse.Namespace, checks: Sequence[str], data, spec, 
     times per scored move, 8 certificate steps, 4 gradient batches, 3 PAM starts, 8 control swaps per group, every
     transposition screened on the 4 gradient batches at 3 times, 26 Taylor steps); a backward pass counts as two."""
     train, groups = len(data.train), len(spec.sizes)
-    screened = sum(min(n * (n - 1) // 2, 256) for n in spec.sizes.values() if n * (n - 1) // 2 > args.swaps + 8)
+    screened = sum(min(n * (n - 1) // 2, 128) for n in spec.sizes.values() if n * (n - 1) // 2 > args.swaps + 8)
     score = 8 * 3  # value_batches x len(value_ts): one scored move
     epoch = 3 * train  # a training epoch: forward and backward
     parts = {

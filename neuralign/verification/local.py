@@ -674,7 +674,7 @@ def verify_alignment(
     n_swaps: int = 32,
     n_control_swaps: int = 8,
     screen_examples: int = 64,
-    screen_pairs: int = 256,
+    screen_pairs: int = 128,
     n_cycles: int = 0,
     refit_epochs: int = 0,
     alpha: float = 0.05,
