@@ -4,11 +4,13 @@ arXiv:2009.02439).
 A curve (:class:`Line`, :class:`Bezier`, :class:`PolyChain`) holds its points as one flat buffer and gives the
 weights :math:`w(t)` as a dict; any ``nn.Module`` is evaluated there with :func:`torch.func.functional_call`, never
 edited. :func:`fit_curve` trains the control points, :func:`reestimate_bn` recomputes batch-norm statistics at given
-weights, :func:`evaluate_curve` and :func:`evaluate_plane` measure loss and accuracy along a curve or over a plane.
+weights, :func:`evaluate_curve` and :func:`evaluate_plane` measure loss and accuracy along a curve or over a plane,
+:func:`midpoint_alignment` aligns the network at a point of a curve to its end points.
 """
 
 from __future__ import annotations
 
+from neuralign.curves.along import MidpointAlignment, midpoint_alignment
 from neuralign.curves.bn import reestimate_bn
 from neuralign.curves.evaluate import (
     CurveEvaluation,
@@ -46,4 +48,6 @@ __all__ = [
     "evaluate_plane",
     "PlaneEvaluation",
     "project_to_plane",
+    "midpoint_alignment",
+    "MidpointAlignment",
 ]

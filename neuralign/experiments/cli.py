@@ -766,8 +766,10 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
 
 def _verify_passes(args: argparse.Namespace, checks: Sequence[str], data, spec, fit: bool) -> tuple[int, str]:
     """The forward passes ``verify`` makes with its defaults of :func:`verify_alignment` (8 held-out batches at 3
-    times per scored move, 8 certificate steps, 4 gradient batches, 3 PAM starts); a backward pass counts as two."""
+    times per scored move, 8 certificate steps, 4 gradient batches, 3 PAM starts, 8 control swaps per group, every
+    transposition screened on the 4 gradient batches at 3 times, 26 Taylor steps); a backward pass counts as two."""
     train, groups = len(data.train), len(spec.sizes)
+    screened = sum(min(n * (n - 1) // 2, 128) for n in spec.sizes.values() if n * (n - 1) // 2 > args.swaps + 8)
     score = 8 * 3  # value_batches x len(value_ts): one scored move
     epoch = 3 * train  # a training epoch: forward and backward
     parts = {
@@ -775,8 +777,8 @@ def _verify_passes(args: argparse.Namespace, checks: Sequence[str], data, spec, 
         "stability": "stability" in checks and 3 * args.iters * (epoch + 3 * 4 * 3 + score * (1 + args.local_search
                                                                                              * groups)),
         "certificate": "certificate" in checks and 3 * 4 * 3 + groups * 8 * score,
-        "neighbourhood": "neighbourhood" in checks and groups * args.swaps * score,
-        "gradient": "gradient" in checks and 3 * 4 * 3 + 20,
+        "neighbourhood": "neighbourhood" in checks and 3 * 4 * 3 + groups * (args.swaps + 8) * score + screened * 4 * 3,
+        "gradient": "gradient" in checks and 3 * 4 * 3 + 26,
         "alignment": "alignment" in checks and 2 * len(data.align),
     }  # fmt: skip
     parts = {k: int(v) for k, v in parts.items() if v}
@@ -1074,7 +1076,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-epochs", type=int, default=2, help="epochs of the curve fitted when --curve is absent")
     p.add_argument("--lam", type=float, default=1000.0, help="PAM step and certificate threshold (default: 1000)")
     p.add_argument("--iters", type=int, default=2, help="PAM iterations of the stability check (default: 2)")
-    p.add_argument("--swaps", type=int, default=32, help="transpositions tested per group (default: 32)")
+    p.add_argument("--swaps", type=int, default=32,
+                   help="best-ranked transpositions scored per group, besides 8 random ones as a control (default: 32)")
     p.add_argument("--local-search", type=int, default=16, help="swaps PAM tries per group (default: 16)")
     return parser
 

@@ -36,6 +36,8 @@ __all__ = [
     "plot_reassignment",
     "plot_plane",
     "plot_verification_summary",
+    "plot_midpoint_alignment",
+    "plot_learning_speed",
     "plot_study",
 ]
 
@@ -738,7 +740,9 @@ def plot_study(results: Mapping[str, Any], folder: str | os.PathLike) -> dict[st
     (:func:`plot_layer_correlation`, a pair with ``alignment``), ``reassignment.png`` (:func:`plot_reassignment`,
     the first pair whose verification has a stability check), ``plane.png`` (:func:`plot_plane`, the first pair
     with a ``plane``), ``verification.png`` (:func:`plot_verification_summary`, one column per pair with a
-    verification). Figures whose data is missing are skipped.
+    verification), ``midpoint_alignment.png`` (:func:`plot_midpoint_alignment`, pairs with ``midpoint_alignment``),
+    ``learning_speed.png`` (:func:`plot_learning_speed`, pairs with ``train_history``). Figures whose data is
+    missing are skipped.
 
     Parameters
     ----------
@@ -801,4 +805,136 @@ def plot_study(results: Mapping[str, Any], folder: str | os.PathLike) -> dict[st
     reports = {label(i): p["verification"] for i, p in enumerate(pairs) if p.get("verification")}
     if reports:
         out["verification"] = plot_verification_summary(reports, target["verification"])
+    if any(p.get("midpoint_alignment") for p in pairs):
+        out["midpoint_alignment"] = plot_midpoint_alignment(results, target["midpoint_alignment"])
+    if any(p.get("train_history") for p in pairs):
+        out["learning_speed"] = plot_learning_speed(results, target["learning_speed"])
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+_MIDPOINT_STYLES = {
+    "aligned": {"color": SETTING_STYLES["aligned"]["color"], "marker": "s"},
+    "unaligned": {"color": SETTING_STYLES["unaligned"]["color"], "marker": "o"},
+    "linear": {"color": "#555555", "marker": "^"},
+}
+
+
+def plot_midpoint_alignment(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Alignment along the curve (Tatro et al. §4): per layer, the mean correlation of matched units between the
+    midpoint of each case and end point A (left) or B (right), before (solid) and after (dashed) aligning the
+    midpoint to that end point; mean over pairs with error bars of one sample standard deviation.
+
+    The cases are those of ``pair["midpoint_alignment"]["cases"]``
+    (:data:`neuralign.experiments.report.MIDPOINT_CASES`).
+
+    Parameters
+    ----------
+    results : dict
+        A study's results.
+    path : path-like
+        Output file.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        If no pair has ``midpoint_alignment``, or for malformed ``results``.
+    """
+    from neuralign.experiments.report import MIDPOINT_CASES
+
+    path, fmt = _check_path(path)
+    validate_results(results)
+    mids = [p["midpoint_alignment"] for p in results["pairs"] if p.get("midpoint_alignment")]
+    if not mids:
+        raise ValueError("no pair of `results` has 'midpoint_alignment' data")
+    cases = [c for c in MIDPOINT_CASES if any(c in (m.get("cases") or {}) for m in mids)]
+    groups: list[str] = []
+    for m in mids:
+        for res in m["cases"].values():
+            groups += [g for g in res["groups"] if g not in groups]
+    x = np.arange(len(groups))
+    width = min(max(11.0, 0.5 * len(groups) + 5.0), 24.0)
+    fig = _figure(width, 4.8)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, end, name in zip(axes, ("a", "b"), ("A", "B")):
+        for case in cases:
+            runs = [m["cases"][case] for m in mids if case in m["cases"]]
+            for key, linestyle, what in (("before", "-", "before"), ("after", "--", "after aligning")):
+                vals = [[float(r[key][end].get(g, math.nan)) for g in groups] for r in runs]
+                mean, std = _mean_std(_finite(vals))
+                ax.errorbar(x, mean, yerr=std, linestyle=linestyle, capsize=2, markersize=4, linewidth=1.5,
+                            label=f"{MIDPOINT_CASES[case]}, {what}", **_MIDPOINT_STYLES[case])  # fmt: skip
+        ax.set_title(f"Midpoint vs end point {name}")
+        ax.set_xticks(x)
+        many = len(groups) > 8
+        ticks, pattern = _shorten_pattern(groups)
+        ax.set_xticklabels(ticks, rotation=60 if many else 0, ha="right" if many else "center",
+                           fontsize=7 if many else 9)  # fmt: skip
+        ax.set_xlabel("Permutation group (layer" + (f" {pattern}" if pattern else "") + "), input to output")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Mean correlation of matched units")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(f"{_title_prefix(results)}alignment along the curve, t = 0.5 ({_n_pairs_text(len(mids))})")
+    return _save_figure(fig, path, fmt)
+
+
+def plot_learning_speed(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Train loss and train accuracy (%) of each setting's curve fit against the curve epoch (mean over pairs, a
+    band of ± one sample standard deviation), from ``pair["train_history"]``; the Unaligned curve's final train loss
+    is drawn as a horizontal line. Pairs with histories of different lengths are cut to the shortest.
+
+    Parameters
+    ----------
+    results : dict
+        A study's results.
+    path : path-like
+        Output file.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        If no pair has a train history, or for malformed ``results``.
+    """
+    path, fmt = _check_path(path)
+    validate_results(results)
+    hists = [p["train_history"] for p in results["pairs"] if p.get("train_history")]
+    if not hists:
+        raise ValueError("no pair of `results` has a 'train_history'")
+    fig = _figure(11.0, 4.6)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for s in results["settings"]:
+        runs = [h[s] for h in hists if h.get(s)]
+        if not runs:
+            continue
+        n = min(len(r) for r in runs)
+        epochs = np.arange(1, n + 1)
+        style = SETTING_STYLES[s]
+        for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "accuracy", 100.0)):
+            mean, std = _mean_std(_finite([[scale * float(e[key]) for e in r[:n]] for r in runs]))
+            ax.plot(epochs, mean, label=SETTING_LABELS[s], linewidth=2, **style)
+            if std is not None:
+                ax.fill_between(epochs, mean - std, mean + std, color=style["color"], alpha=0.18, linewidth=0)
+    finals = [float(h["unaligned"][-1]["loss"]) for h in hists if h.get("unaligned")]
+    if finals:
+        ax_loss.axhline(float(np.mean(finals)), color="black", linewidth=1, linestyle=":",
+                        label="Unaligned final train loss")  # fmt: skip
+    for ax, name in ((ax_loss, "Train loss (cross-entropy)"), (ax_acc, "Train accuracy (%)")):
+        ax.set_xlabel("Curve epoch (PAM: all outer iterations in order)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = ax_loss.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.suptitle(f"{_title_prefix(results)}learning speed of the curves ({_n_pairs_text(len(hists))})")
+    return _save_figure(fig, path, fmt)

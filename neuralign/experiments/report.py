@@ -42,6 +42,10 @@ __all__ = [
     "SETTING_LABELS",
     "PAPER_TABLE1",
     "FIGURE_FILES",
+    "MIDPOINT_CASES",
+    "MIDPOINT_ALIGNED_GAIN",
+    "midpoint_summary",
+    "learning_speed",
     "paper_row",
     "validate_results",
     "summary_table",
@@ -72,7 +76,20 @@ FIGURE_FILES: dict[str, tuple[str, str]] = {
     "plane": ("plane.png", "Test loss and accuracy over the plane containing the aligned curve"),
     "verification": ("verification.png", "Verdicts of the verification checks"),
     "robust_metrics": ("robust_metrics.png", "Clean and robust test accuracy and robust loss along the curves"),
+    "midpoint_alignment": ("midpoint_alignment.png",
+                           "Alignment along the curve: correlation of the midpoint with each end point, per layer"),
+    "learning_speed": ("learning_speed.png", "Train loss and accuracy per curve epoch (mean ± std over pairs)"),
 }
+
+#: Cases of the alignment along the curve (the study's ``midpoint`` stage), with their display names.
+MIDPOINT_CASES: dict[str, str] = {
+    "aligned": "Aligned curve (A, P·B)",
+    "unaligned": "Unaligned curve (A, B)",
+    "linear": "Linear midpoint (A, P·B; epoch 0)",
+}
+
+#: Largest mean correlation gain (over groups) from aligning the midpoint that still counts as "already aligned".
+MIDPOINT_ALIGNED_GAIN = 0.05
 
 _RESULT_KEYS = ["kind", "config", "settings", "pairs"]
 _CURVE_KEYS = ("t", "test_loss", "test_accuracy", "avg_accuracy", "min_accuracy", "loss_barrier", "mid_accuracy")
@@ -634,6 +651,129 @@ def _alignment_lines(results: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def midpoint_summary(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Alignment along the curve, summarised: per case and end point, the mean over groups of the correlation of
+    matched units between the midpoint and the end point, before and after aligning the midpoint (lists over the
+    pairs that have the case), the largest gain of a single group, and whether the Aligned curve's midpoint is
+    already aligned with both end points: every pair's mean gain below :data:`MIDPOINT_ALIGNED_GAIN` for both.
+    Empty when no pair has ``midpoint_alignment``."""
+    cases: dict[str, dict[str, Any]] = {}
+    for pair in results["pairs"]:
+        mid = pair.get("midpoint_alignment")
+        if not mid:
+            continue
+        for case, res in (mid.get("cases") or {}).items():
+            row = cases.setdefault(case, {e: {"before": [], "after": [], "gain": [], "max_group_gain": []}
+                                          for e in ("a", "b")})  # fmt: skip
+            for end in ("a", "b"):
+                pairs = [(float(res["before"][end][g]), float(res["after"][end][g])) for g in res["groups"]]
+                pairs = [(b, a) for b, a in pairs if math.isfinite(b) and math.isfinite(a)]
+                if not pairs:
+                    continue
+                before = math.fsum(b for b, _ in pairs) / len(pairs)
+                after = math.fsum(a for _, a in pairs) / len(pairs)
+                row[end]["before"].append(before)
+                row[end]["after"].append(after)
+                row[end]["gain"].append(after - before)
+                row[end]["max_group_gain"].append(max(a - b for b, a in pairs))
+    out: dict[str, Any] = {"cases": cases, "threshold": MIDPOINT_ALIGNED_GAIN}
+    aligned = cases.get("aligned")
+    if aligned and aligned["a"]["gain"] and aligned["b"]["gain"]:
+        out["aligned_midpoint_already_aligned"] = all(
+            g < MIDPOINT_ALIGNED_GAIN for end in ("a", "b") for g in aligned[end]["gain"]
+        )
+    return out
+
+
+def learning_speed(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Per setting and pair, the final train loss and accuracy of the curve fit and the first curve epoch (1-based)
+    at which its train loss is at most the Unaligned curve's final train loss of the same pair (None: not reached).
+    Reads ``pair["train_history"]``; empty when no pair has it."""
+    out: dict[str, Any] = {}
+    for pair in results["pairs"]:
+        hist = pair.get("train_history") or {}
+        ref = hist.get("unaligned")
+        target = float(ref[-1]["loss"]) if ref else None
+        for s in results["settings"]:
+            h = hist.get(s)
+            if not h:
+                continue
+            row = out.setdefault(s, {"final_loss": [], "final_accuracy": [], "epochs": [], "first_epoch": []})
+            row["final_loss"].append(float(h[-1]["loss"]))
+            row["final_accuracy"].append(float(h[-1]["accuracy"]))
+            row["epochs"].append(len(h))
+            row["first_epoch"].append(
+                None if target is None else next((int(r["epoch"]) for r in h if float(r["loss"]) <= target), None)
+            )
+    return out
+
+
+def _midpoint_lines(results: Mapping[str, Any]) -> list[str]:
+    summary = midpoint_summary(results)
+    if not summary["cases"]:
+        return []
+    rows = []
+    for case, row in summary["cases"].items():
+        cells = []
+        for end in ("a", "b"):
+            cells += [_fmt_stat(_stat(row[end][k]), 3) if row[end][k] else "" for k in ("before", "after", "gain")]
+            cells.append(f"{max(row[end]['max_group_gain']):+.3f}" if row[end]["max_group_gain"] else "")
+        rows.append(f"| {MIDPOINT_CASES.get(case, case)} | " + " | ".join(cells) + " |")
+    lines = [
+        "## Alignment along the curve",
+        "",
+        "The network at t = 0.5 of each curve (batch norm re-estimated) aligned to each end point by correlation "
+        "(Tatro et al. §4): the mean over layers of the correlation of matched units before and after aligning the "
+        "midpoint, the gain, and the largest gain of one layer (mean ± std over pairs). End points in brackets; P is "
+        "the alignment; the linear midpoint is the Aligned curve at epoch 0.",
+        "",
+        "| Case | vs A before | vs A after | gain | max layer gain | vs B before | vs B after | gain | "
+        "max layer gain |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+    ]
+    verdict = summary.get("aligned_midpoint_already_aligned")
+    if verdict is not None:
+        a, b = summary["cases"]["aligned"]["a"]["gain"], summary["cases"]["aligned"]["b"]["gain"]
+        worst = max(a + b)
+        lines += [
+            f"Criterion: the midpoint counts as already aligned with an end point when aligning it raises the mean "
+            f"layer correlation by less than {summary['threshold']:g}. "
+            + (f"**The Aligned curve's midpoint is already aligned with both end points** (largest mean gain "
+               f"{worst:+.3f}), as the paper claims." if verdict else
+               f"**The Aligned curve's midpoint is not already aligned with both end points** (largest mean gain "
+               f"{worst:+.3f}), contrary to the paper's claim."),
+            "",
+        ]  # fmt: skip
+    return lines
+
+
+def _learning_speed_lines(results: Mapping[str, Any]) -> list[str]:
+    speed = learning_speed(results)
+    if not speed:
+        return []
+    rows = []
+    for s, row in speed.items():
+        first = ", ".join("not reached" if e is None else str(e) for e in row["first_epoch"])
+        rows.append(f"| {SETTING_LABELS.get(s, s)} | {_fmt_stat(_stat(row['final_loss']), 3)} | "
+                    f"{_fmt_stat(_stat(row['final_accuracy'], 100.0), 1)} | {first} |")  # fmt: skip
+    n = max(len(r["epochs"]) for r in speed.values())
+    return [
+        "## Learning speed",
+        "",
+        "Training loss and accuracy of the curve fits (mean over the epoch's batches, each at a random t; for PAM the "
+        "epochs of all outer iterations in order). Last column: per pair, the first curve epoch at which the "
+        "setting's train loss is at most the Unaligned curve's final train loss of the same pair.",
+        "",
+        "| Setting | Final train loss | Final train accuracy (%) | First epoch at Unaligned's final loss "
+        f"({'per pair' if n > 1 else 'pair 1'}) |",
+        "| --- | ---: | ---: | --- |",
+        *rows,
+        "",
+    ]
+
+
 def _pam_lines(results: Mapping[str, Any]) -> list[str]:
     rows = []
     for i, pair in enumerate(results["pairs"]):
@@ -922,6 +1062,8 @@ def write_report(
     if figures:
         lines += ["## Figures", "", *_figure_lines(figures, folder)]
     lines += _alignment_lines(results)
+    lines += _midpoint_lines(results)
+    lines += _learning_speed_lines(results)
     lines += _pam_lines(results)
     lines += _verification_lines(results)
     if notes:

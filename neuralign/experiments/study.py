@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -57,12 +58,14 @@ from neuralign.attacks import PGD
 from neuralign.curves import (
     Bezier,
     CurveEvaluation,
+    Line,
     evaluate_curve,
     evaluate_model,
     evaluate_plane,
     fit_curve,
     fit_curve_pam,
     garipov_lr_factor,
+    midpoint_alignment,
     paper_lr_factor,
     project_to_plane,
 )
@@ -102,8 +105,8 @@ class StudyConfig:
     ``pam_local_search``, ``pam_gradient_batches``; every outer
     iteration's curve is evaluated like the final one (Min accuracy per iteration). Evaluation: ``num_points``,
     ``bn_batches`` (``None``: a full training pass per point, as in the paper), ``plane_grid`` (0: no plane).
-    Verification: ``verify`` and the budgets ``verify_iters`` (PAM iterations), ``verify_swaps`` (swaps tested
-    per group), ``verify_batches`` and ``verify_ts`` (held-out batches and times scoring every move),
+    Verification: ``verify`` and the budgets ``verify_iters`` (PAM iterations), ``verify_swaps`` (best-ranked
+    swaps scored per group), ``verify_batches`` and ``verify_ts`` (held-out batches and times scoring every move),
     ``verify_local_search`` (swaps PAM tries per group), ``verify_random_starts``. ``settings``: which of
     :data:`SETTINGS` to fit.
     ``max_batches``: cut every epoch short (smoke tests only).
@@ -344,6 +347,9 @@ def study_stages(config: StudyConfig) -> list[Stage]:
             stages += [curve, Stage(f"pair {k} eval {setting}", (curve.name,), (f"pair{k}/eval_{setting}.json",))]
         if "aligned" in c.settings:
             needs = (f"pair {k} curve aligned",)
+            stages.append(Stage(f"pair {k} midpoint alignment",
+                                needs + ((f"pair {k} curve unaligned",) if "unaligned" in c.settings else ()),
+                                (f"pair{k}/midpoint_alignment.json",)))  # fmt: skip
             if c.verify:
                 stages.append(Stage(f"pair {k} verification", needs,
                                     (f"pair{k}/verification.json", f"pair{k}/verification.md")))  # fmt: skip
@@ -409,9 +415,26 @@ def _portable_paths(described: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _json_floats(obj: Any) -> Any:
+    """NaN and infinities as the strings "nan", "inf", "-inf" (strict JSON; ``read_results_json`` decodes them)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Mapping):
+        return {k: _json_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_floats(v) for v in obj]
+    return obj
+
+
 def _params(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     names = {k for k, _ in model.named_parameters()}
     return {k: v for k, v in state.items() if k in names}
+
+
+def _train_history(history: Any) -> list[dict[str, float]]:
+    """Per curve epoch (1-based, counted over PAM's outer iterations in order), the training loss and accuracy."""
+    return [{"epoch": i + 1, "loss": float(r["loss"]), "accuracy": float(r["accuracy"])}
+            for i, r in enumerate(history)]  # fmt: skip
 
 
 class _Study:
@@ -744,6 +767,34 @@ class _Study:
         self.done(f"pair {k} verification")
         return json.loads(report.to_json())
 
+    def midpoint(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curves: Mapping[str, Any]) -> dict[str, Any]:
+        """Alignment along the curve (Tatro et al. §4; PAPER_NOTES §2.6): the network at t = 0.5 of each case,
+        batch norm re-estimated on the study's batch-norm batches, aligned to each end point by correlation.
+
+        Cases and their end points: ``aligned``, the fitted Aligned curve between A and P·B (P the alignment);
+        ``unaligned``, the fitted Unaligned curve between A and B; ``linear``, the straight line between A and
+        P·B, i.e. the Aligned curve at epoch 0 (its control point starts at that midpoint), the paper's "Linear
+        Midpoint". Written atomically to ``pair<k>/midpoint_alignment.json``; skipped when there."""
+        path = self.out / f"pair{k}" / "midpoint_alignment.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        b_aligned = apply_permutation(sd_b, spec.restrict(sd_b), perms)
+        cases = {"aligned": (curves["aligned"], b_aligned)}
+        if "unaligned" in curves:
+            cases["unaligned"] = (curves["unaligned"], sd_b)
+        cases["linear"] = (Line.between(_params(a, sd_a), _params(a, b_aligned)), b_aligned)
+        out: dict[str, Any] = {"t": 0.5, "end_b": {"aligned": "P w_B", "unaligned": "w_B", "linear": "P w_B"},
+                               "cases": {}}  # fmt: skip
+        for index, (case, (curve, end_b)) in enumerate(cases.items()):
+            self.emit(stage="midpoint alignment", label=f"pair {k}", step=index, total=len(cases), start=index == 0)
+            res = midpoint_alignment(a, curve, sd_a, end_b, self.data.align, self.bn_loader(), t=0.5,
+                                     bn_batches=self.config.bn_batches, spec=spec)  # fmt: skip
+            out["cases"][case] = res.to_dict()
+        self.emit(stage="midpoint alignment", label=f"pair {k}", step=len(cases), total=len(cases))
+        atomic_write_text(path, json.dumps(_json_floats(out), indent=1))
+        self.done(f"pair {k} midpoint alignment")
+        return out
+
     def plane(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curve) -> dict[str, Any]:
         c = self.config
         path = self.out / f"pair{k}" / "plane.json"
@@ -809,6 +860,11 @@ class _Study:
                     self.evaluate(k, f"{setting}_iter{j}", a, Bezier.load(self.out / f"pair{k}" /
                                                                           f"curve_{setting}_iter{j}.pt"))
             self.evaluate(k, setting, a, curve)
+        elif words[2] == "midpoint":
+            k = int(words[1])
+            p = self.pair(k)
+            curves = {s: self.pair_curve(k, s)[0] for s in ("aligned", "unaligned") if s in self.config.settings}
+            self.midpoint(k, p["a"], p["sd_a"], p["sd_b"], p["perms"], p["spec"], curves)
         elif words[2] == "verification":
             p = self.pair(int(words[1]))
             self.verification(int(words[1]), p["a"], p["sd_a"], p["sd_b"], p["perms"], p["spec"],
@@ -829,17 +885,20 @@ class _Study:
         pairs_out = []
         for k in range(1, c.pairs + 1):
             p = self.pair(k)
-            curves, evals, pam = {}, {}, {}
+            curves, evals, pam, histories = {}, {}, {}, {}
             for setting in c.settings:
                 curve, meta = self.pair_curve(k, setting)
                 curves[setting] = curve
+                histories[setting] = _train_history(meta.get("history", []))
                 evals[setting] = self.evaluate(k, setting, p["a"], curve).to_dict()
                 if setting.startswith("pam"):
                     pam[setting] = {"history": meta["objective"], "changed": meta["changed"],
                                     "iterations": self.pam_iterations(k, setting, meta)}
             aligned = curves.get("aligned")
-            verification = plane = None
+            verification = plane = midpoint = None
             args = (k, p["a"], p["sd_a"], p["sd_b"], p["perms"], p["spec"], aligned)
+            if aligned is not None:
+                midpoint = self.midpoint(*args[:-1], curves)
             if c.verify and aligned is not None:
                 verification = self.verification(*args)
             if c.plane_grid and aligned is not None and k == 1:
@@ -854,6 +913,8 @@ class _Study:
                 "pam": pam,
                 "verification": verification,
                 "plane": plane,
+                "midpoint_alignment": midpoint,
+                "train_history": histories,
             })  # fmt: skip
         results = {"kind": "study_results", "config": c.to_dict(), "settings": list(c.settings), "pairs": pairs_out,
                    "test_images": len(self.data.test.dataset),

@@ -3,7 +3,14 @@ optimality of an alignment for the joint curve objective."""
 
 from neuralign.verification.equivalence import EquivalenceResult, check_equivalence
 from neuralign.verification.gradient import TaylorResult, taylor_test
-from neuralign.verification.local import CHECKS, CheckResult, VerificationReport, verify_alignment, wilson_interval
+from neuralign.verification.local import (
+    CHECKS,
+    CheckResult,
+    VerificationReport,
+    swap_estimates,
+    verify_alignment,
+    wilson_interval,
+)
 
 __all__ = [
     "CHECKS",
@@ -12,6 +19,7 @@ __all__ = [
     "TaylorResult",
     "VerificationReport",
     "check_equivalence",
+    "swap_estimates",
     "taylor_test",
     "verify_alignment",
     "wilson_interval",

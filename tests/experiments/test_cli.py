@@ -191,7 +191,7 @@ def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, cap
     assert main(["verify", *pair, "--perms", perms, "--curve", str(tmp_path / "c" / "curve.pt"), "--checks",
                  "certificate", "gradient", "--out", str(tmp_path / "v")]) == 0  # fmt: skip
     captured = capsys.readouterr()
-    assert re.search(r"verify: about [\d,]+ forward passes .*certificate [\d,]+, gradient 56\)", captured.err)
+    assert re.search(r"verify: about [\d,]+ forward passes .*certificate [\d,]+, gradient 62\)", captured.err)
     report = json.loads((tmp_path / "v" / "verification.json").read_text())
     assert set(report["checks"]) == {"certificate", "gradient"}
     out = captured.out.split()
@@ -219,9 +219,18 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
     assert f"Test set: {n} images, so one image is {100 / n:.2g} points" in text
     assert "Batch norm re-estimated on the same 2 training batches at every t and on every curve." in text
     assert results["pairs"][0]["verification"]["kind"] == "verification_report"
-    for name in ("curve_metrics", "layer_correlation", "reassignment", "plane", "verification"):
+    for name in ("curve_metrics", "layer_correlation", "reassignment", "plane", "verification", "midpoint_alignment",
+                 "learning_speed"):  # fmt: skip
         assert (folder / "figures" / f"{name}.png").stat().st_size > 1000
+    # alignment along the curve (issue #12 item 2) and the train histories of every curve (item 3)
+    mid = results["pairs"][0]["midpoint_alignment"]
+    assert set(mid["cases"]) == {"aligned", "unaligned", "linear"} and mid["t"] == 0.5
+    assert "## Alignment along the curve" in text and "## Learning speed" in text
+    assert "midpoint is already aligned" in text or "midpoint is not already aligned" in text
+    assert {s: len(h) for s, h in results["pairs"][0]["train_history"].items()} == {
+        "unaligned": 1, "pam_unaligned": 1, "pam_aligned": 1, "aligned": 1}  # fmt: skip
     manifest = json.loads((folder / "manifest.json").read_text())
+    assert "pair 1 midpoint alignment" in manifest["completed"]
     assert manifest["versions"]["torch"] == torch.__version__ and manifest["device"] == "cpu"
     # a published manifest names no folder of the machine that ran it
     assert manifest["command"][0] == "neuralign" and manifest["report"] == "report.md"

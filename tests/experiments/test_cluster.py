@@ -145,4 +145,4 @@ def test_status_of_a_folder_and_the_cli(tmp_path, capsys):
     run_study(CONFIG.replace(settings=("aligned",)), tmp_path)
     assert main(["study", "--status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "done (6):" in out and "running (0):" in out and "pending (0):" in out and "  pair 1 eval aligned" in out
+    assert "done (7):" in out and "running (0):" in out and "pending (0):" in out and "  pair 1 eval aligned" in out

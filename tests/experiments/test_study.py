@@ -67,7 +67,8 @@ def test_tiny_robust_study_runs_resumes_and_reports(tmp_path):
     stages = []
     resumed = run_study(config, tmp_path / "cut", progress=lambda e: stages.append((e["stage"], e["label"])))
     assert (tmp_path / "cut" / "endpoints" / "seed1.pt").stat().st_mtime_ns == trained  # finished stages skipped
-    assert {s for s, _ in stages} == {"curve", "evaluate"} and ("curve", "pair 1 unaligned") not in stages
+    assert {s for s, _ in stages} == {"curve", "evaluate", "midpoint alignment"}
+    assert ("curve", "pair 1 unaligned") not in stages
     assert resumed["pairs"][0]["curves"] == full["pairs"][0]["curves"]  # bit for bit, robust values included
     assert resumed["pairs"][0]["endpoints"] == full["pairs"][0]["endpoints"]
     ev = full["pairs"][0]["curves"]["aligned"]
