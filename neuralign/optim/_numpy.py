@@ -37,6 +37,7 @@ __all__ = [
     "solve_birkhoff_lp",
     "LPSolution",
     "LP_SOLVER_PREFERENCE",
+    "student_t_quantile",
 ]
 
 logger = logging.getLogger(__name__)
@@ -223,3 +224,10 @@ def solve_birkhoff_lp(cost: torch.Tensor, solver: str | None = None) -> LPSoluti
     v = None if cols.dual_value is None else -np.asarray(cols.dual_value, dtype=np.float64).reshape(n)
     fun = float(problem.value) if problem.value is not None else float("nan")
     return LPSolution(x, u, v, fun, str(problem.status), name, n_iter)
+
+
+def student_t_quantile(q: float, df: int) -> float:
+    """The ``q`` quantile of Student's t distribution with ``df`` degrees of freedom (``scipy.stats.t.ppf``)."""
+    from scipy.stats import t
+
+    return float(t.ppf(q, df))

@@ -38,7 +38,7 @@ from neuralign.curves.fit import fit_curve
 from neuralign.curves.pam import (
     CurvePermutationProblem,
     _start_offset,
-    bonferroni_z,
+    bonferroni_quantile,
     fit_curve_pam,
     paired_change,
 )
@@ -348,7 +348,7 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
         per_group[g] = {"lam_star": bound.lam, "witness_moves": bound.moved, "steps_tested": len(moves),
                         "lap_duality_gap": lap.duality_gap(), "lp_vs_lap_gap": gap}  # fmt: skip
         _tick(opts, "certificate", index + 1, total)
-    z = bonferroni_z(opts["alpha"], sum(len(m) for m in candidates.values()))
+    z = bonferroni_quantile(opts["alpha"], sum(len(m) for m in candidates.values()), len(ctx.base_losses()))
     verdicts = []
     for index, (g, moves) in enumerate(candidates.items()):
         _tick(opts, "certificate", len(candidates) + index + 1, total)
@@ -489,7 +489,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
                 moves.append(("3-cycle", tuple(idx), "control", _cycle(n, idx)))
         moves_by_group[g] = moves
     total = sum(len(m) for m in moves_by_group.values())
-    z = bonferroni_z(opts["alpha"], total)
+    z = bonferroni_quantile(opts["alpha"], total, len(ctx.base_losses()))
     per_group, verdicts, examples, improving_moves = {}, [], {}, {}
     total_sig = scored = 0
     for g, moves in moves_by_group.items():
@@ -723,8 +723,9 @@ def verify_alignment(
        held-out batches with the curve fixed, and ``n_control_swaps`` drawn at random from the rest as a control
        of the ranking (a group with no more transpositions than both together is tested exhaustively), plus
        ``n_cycles`` random 3-cycles. A move improves significantly if its mean change plus :math:`z` standard
-       errors (paired over batches) is negative, with :math:`z` the one-sided Bonferroni quantile for family-wise
-       level ``alpha`` over all moves scored on the held-out batches. Fail if any move does, pass otherwise (the
+       errors (paired over batches) is negative, with :math:`z` the one-sided Bonferroni quantile of Student's t
+       (held-out batches minus one degrees of freedom) for family-wise level ``alpha`` over all moves scored on
+       the held-out batches. Fail if any move does, pass otherwise (the
        improving moves, split into ranked and control, the smallest change and the 95% Wilson interval of the
        improving fraction are reported). With ``refit_epochs``, the best improving move of each failing group is
        re-scored after a short re-fit of the curve. The first-order estimate alone does not rank well: on the

@@ -43,7 +43,7 @@ def _damaged(perms, fraction, seed=5):
 
 def _verify(planted, perms, **kw):
     data, model, spec, b_state, _ = planted
-    options = dict(heldout_loader=data.train_eval, align_loader=data.align, n_swaps=200, generator=0, fit_epochs=1,
+    options = dict(heldout_loader=data.train_eval, align_loader=data.align, n_swaps=8, generator=0, fit_epochs=1,
                    max_batches_per_epoch=8, stability_iters=1, spec=spec)  # fmt: skip
     options.update(kw)
     return verify_alignment(model, model.state_dict(), b_state, perms, data.train, **options)
