@@ -9,8 +9,9 @@ packages because training (``experiments``), curves and alignment all use it.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +30,23 @@ def _check_number(value: Any, name: str, *, positive: bool) -> float:
     if value < 0 or (positive and value == 0):
         raise ValueError(f"`{name}` must be {'> 0' if positive else '>= 0'}, got {value!r}")
     return float(value)
+
+
+@contextlib.contextmanager
+def _private_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Run the block with the global RNG of the CPU (and of ``device``) seeded from ``generator`` and restored
+    afterwards, so that dropout in a train-mode attack repeats with the attack's seed and leaves the global RNG
+    untouched."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    accelerator = device.type != "cpu"
+    devices = [device] if accelerator else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else "cuda"):
+        torch.default_generator.manual_seed(seed)
+        if accelerator:
+            backend = torch.get_device_module(device.type)
+            with backend.device(device):
+                backend.manual_seed(seed)
+        yield
 
 
 @dataclass(frozen=True)
@@ -146,10 +164,11 @@ def pgd_attack(
         The architecture; run with :func:`torch.func.functional_call`, its parameters, buffers and train/eval
         flags are left as they were.
     x : Tensor
-        Clean inputs in [0, 1] (normalisation belongs inside the model, e.g. a ``Normalize`` module in front),
-        float, shape ``(N, ...)``, on the weights' device.
+        Clean inputs in [0, 1], finite (normalisation belongs inside the model, e.g.
+        ``nn.Sequential(torchvision.transforms.Normalize(mean, std), model)``: torchvision's transforms are
+        modules), float, shape ``(N, ...)``, on the weights' device.
     y : Tensor
-        int64 class labels, shape ``(N,)``.
+        Integer class labels (any integer dtype; used as int64), shape ``(N,)``.
     eps, alpha, steps, random_start : float, float, int, bool
         Ball radius (>= 0), step size (> 0), number of steps (>= 0), uniform random start (see :class:`PGD`).
     train : bool
@@ -162,8 +181,11 @@ def pgd_attack(
         Buffers (batch-norm statistics); default the model's own. They are copied, so a train-mode attack never
         updates running statistics.
     generator : torch.Generator or int, optional
-        Source of the random start: a CPU generator (its state advances) or a seed; the draw is made on the CPU
-        and moved to ``x``'s device, so a seed gives the same start on any device.
+        Source of the random start and, in train mode, of the model's own randomness (dropout): a CPU generator
+        (its state advances) or a seed; the draw is made on the CPU and moved to ``x``'s device, so a seed gives
+        the same start on any device. A train-mode attack runs its forward passes under
+        :func:`torch.random.fork_rng` with the global RNG seeded from this generator, so that it repeats with the
+        seed and leaves the global RNG as it was.
     loss_fn : callable, optional
         ``(model output, targets) -> scalar`` to ascend; default cross-entropy as above.
 
@@ -175,9 +197,9 @@ def pgd_attack(
     Raises
     ------
     TypeError
-        If ``x`` is not a floating-point tensor or ``y`` not an integer tensor.
+        If ``x`` is not a floating-point tensor or ``y`` not an integer tensor (bool and float labels are refused).
     ValueError
-        For bad settings, ``x`` and ``y`` of different lengths, or inputs outside [0, 1].
+        For bad settings, ``x`` and ``y`` of different lengths, or inputs outside [0, 1] or not finite.
 
     Notes
     -----
@@ -210,14 +232,18 @@ def pgd_attack(
         raise TypeError(f"`train` must be a bool (the mode of the attack), got {type(train).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"`x` must be a floating-point Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex():
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"`y` must be an integer Tensor of class labels, got {getattr(y, 'dtype', type(y).__name__)}")
+    y = y.long()
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"`x` has {x.shape[0]} examples but `y` has {y.shape[0]}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("`x` must be finite inputs in [0, 1], got NaN or infinite values")
     if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
         raise ValueError(
             f"`x` must lie in [0, 1], got values in [{float(x.min()):.4g}, {float(x.max()):.4g}]: attack raw images "
-            "and put the normalisation inside the model"
+            "and put the normalisation inside the model, e.g. "
+            "nn.Sequential(torchvision.transforms.Normalize(mean, std), model)"
         )
     loss_fn = loss_fn if loss_fn is not None else classification_loss
     source = params if params is not None else dict(model.named_parameters())
@@ -225,6 +251,7 @@ def pgd_attack(
     own_buffers = buffers if buffers is not None else dict(model.named_buffers())
     x = x.detach()
     low, high = (x - settings.eps).clamp_(0.0, 1.0), (x + settings.eps).clamp_(0.0, 1.0)
+    gen = None
     if settings.random_start and settings.eps > 0:
         gen = as_generator(generator)
         noise = torch.rand(x.shape, generator=gen, dtype=x.dtype, device=gen.device).to(x.device)
@@ -233,10 +260,12 @@ def pgd_attack(
         adv = x.clone()
     if settings.steps == 0 or settings.eps == 0:
         return adv
+    # train mode: dropout draws from a global RNG forked and seeded from the attack's generator
+    rng = _private_rng(gen or as_generator(generator), x.device) if train else contextlib.nullcontext()
     saved = [(m, m.training) for m in model.modules()]
     model.train(train)
     try:
-        with torch.enable_grad():
+        with rng, torch.enable_grad():
             for _ in range(settings.steps):
                 adv.requires_grad_(True)
                 # fresh copies each step: train-mode batch norm writes its running statistics into the buffers

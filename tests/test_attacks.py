@@ -150,3 +150,70 @@ def test_agrees_with_torchattacks():
     ours = pgd_attack(net, x, y, eps=8 / 255, alpha=2 / 255, steps=7, random_start=False, train=False)
     ref = torchattacks.PGD(net, eps=8 / 255, alpha=2 / 255, steps=7, random_start=False)(x, y)
     torch.testing.assert_close(ours, ref, rtol=0.0, atol=1e-12)
+
+
+def _dropout_mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+
+def test_train_mode_dropout_repeats_with_the_seed_and_leaves_the_global_rng_alone():
+    net = _dropout_mlp()
+    x, y = torch.rand(8, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    torch.manual_seed(3)
+    a = pgd_attack(net, x, y, eps=0.2, alpha=0.05, steps=4, train=True, generator=7)
+    after_a = torch.get_rng_state()
+    torch.manual_seed(4)  # another global state: the attack must not depend on it
+    b = pgd_attack(net, x, y, eps=0.2, alpha=0.05, steps=4, train=True, generator=7)
+    torch.testing.assert_close(a, b, rtol=0.0, atol=0.0)
+    torch.manual_seed(3)
+    assert torch.equal(after_a, torch.get_rng_state())  # the global RNG did not advance
+    # without a random start the generator still seeds the dropout masks
+    c = pgd_attack(net, x, y, eps=0.2, alpha=0.05, steps=4, random_start=False, train=True, generator=7)
+    d = pgd_attack(net, x, y, eps=0.2, alpha=0.05, steps=4, random_start=False, train=True, generator=7)
+    torch.testing.assert_close(c, d, rtol=0.0, atol=0.0)
+    assert not torch.equal(c, pgd_attack(net, x, y, eps=0.2, alpha=0.05, steps=4, random_start=False, train=True,
+                                         generator=8))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_label_dtype_is_used_as_int64(dtype):
+    net = nn.Linear(3, 2)
+    x, y = torch.rand(4, 3), torch.tensor([0, 1, 1, 0])
+    ref = pgd_attack(net, x, y, eps=0.1, alpha=0.05, steps=2, train=False, generator=0)
+    torch.testing.assert_close(
+        pgd_attack(net, x, y.to(dtype), eps=0.1, alpha=0.05, steps=2, train=False, generator=0), ref, rtol=0, atol=0
+    )
+
+
+def test_bool_labels_and_non_finite_inputs_are_refused():
+    net = nn.Linear(3, 2)
+    x, y = torch.rand(4, 3), torch.tensor([0, 1, 1, 0])
+    with pytest.raises(TypeError, match="`y` must be an integer Tensor of class labels, got torch.bool"):
+        pgd_attack(net, x, y.bool(), train=False)
+    for bad in (float("nan"), float("inf")):
+        x_bad = x.clone()
+        x_bad[1, 2] = bad
+        with pytest.raises(ValueError, match="`x` must be finite inputs in \\[0, 1\\], got NaN or infinite values"):
+            pgd_attack(net, x_bad, y, train=False)
+
+
+def test_torchvision_normalize_in_front_of_the_model_is_attacked_on_raw_images():
+    transforms = pytest.importorskip("torchvision.transforms", reason="torchvision is not installed")
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    net = nn.Sequential(transforms.Normalize(mean, std), body)
+    x, y = torch.rand(6, 3, 5, 5, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2, 0, 1, 2])
+    adv = pgd_attack(net, x, y, eps=0.1, alpha=0.05, steps=3, train=False, generator=0)
+    assert float((adv - x).abs().max()) <= 0.1 + 1e-6 and float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    # the same attack on the bare body with the standardisation written out: identical up to rounding
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    class Standardise(nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return (z - m) / s
+
+    ref = pgd_attack(nn.Sequential(Standardise(), body), x, y, eps=0.1, alpha=0.05, steps=3, train=False,
+                     generator=0)  # fmt: skip
+    torch.testing.assert_close(adv, ref, rtol=0.0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"nn.Sequential\(torchvision.transforms.Normalize\(mean, std\), model\)"):
+        pgd_attack(net, transforms.Normalize(mean, std)(x), y, train=False)
