@@ -22,6 +22,7 @@ from torch import nn
 
 from neuralign import _distributed
 from neuralign.alignment import align
+from neuralign.attacks import PGD
 from neuralign.curves import evaluate_model, fit_curve, fit_curve_pam, reestimate_bn
 from neuralign.experiments.training import train_model
 
@@ -97,6 +98,14 @@ def _ranks_only(inp: dict, folder: str) -> dict:
     train_model(a, data, epochs=3, lr=0.05, checkpoint=f"{folder}/cut.ckpt", callback=lambda r: r["epoch"] == 1)
     resumed = train_model(a, data, epochs=3, lr=0.05, checkpoint=f"{folder}/cut.ckpt")
     out["resume"] = (whole.state_dict, resumed.state_dict)
+    # a robust fit on batches that split unevenly (5 -> 3 + 2, 7 -> 4 + 3): t must stay in step on the ranks
+    g = torch.Generator().manual_seed(8)
+    boxed = [(torch.rand(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (5, 7, 9)]
+    t_generator = torch.Generator().manual_seed(0)
+    robust = fit_curve(a, a.state_dict(), inp["b"].state_dict(), boxed, epochs=2, generator=t_generator,
+                       adversarial=PGD(eps=0.1, alpha=0.05, steps=2))  # fmt: skip
+    out["robust_curve"] = robust.curve.points[1]
+    out["robust_t_state"] = t_generator.get_state()
     try:
         evaluate_model(a, [(torch.randn(1, 6), torch.tensor([0]))])
     except ValueError as exc:
@@ -207,6 +216,16 @@ def test_fit_curve_pam_equals_one_process(ranks, inputs):
     for x, y in zip(got["control"].values(), one.curve.points[1].values()):
         torch.testing.assert_close(x, y, rtol=0, atol=ATOL)
     torch.testing.assert_close(torch.tensor(got["history"]), torch.tensor(one.history), rtol=1e-5, atol=1e-6)
+
+
+def test_robust_fit_keeps_t_in_step_on_uneven_slices(ranks):
+    # the t generator drew the same values on both ranks (one per global batch, none for the attacks' starts)
+    want = torch.Generator().manual_seed(0)
+    torch.randint(0, 2**62, (1,), generator=want)  # the attack's seed
+    torch.rand(6, dtype=torch.float64, generator=want)  # 3 batches x 2 epochs
+    for r in ranks:
+        assert torch.equal(r["robust_t_state"], want.get_state())
+    torch.testing.assert_close(ranks[0]["robust_curve"], ranks[1]["robust_curve"], rtol=0, atol=0)
 
 
 def test_shard_refuses_a_batch_smaller_than_the_world(ranks):

@@ -14,8 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuralign._distributed import all_reduce_, all_reduce_sum, broadcast_, is_distributed, shard_batch
-from neuralign._utils import as_generator, atomic_save, classification_loss, load_checkpoint, split_logits
+from neuralign._distributed import all_reduce_, all_reduce_sum, broadcast_, is_distributed, rank, shard_batch
+from neuralign._utils import (
+    as_generator,
+    atomic_save,
+    classification_loss,
+    load_checkpoint,
+    split_logits,
+    stable_seed,
+)
 from neuralign.attacks import PGD
 from neuralign.curves.bn import (
     _attack,
@@ -351,15 +358,17 @@ def fit_curve(
         ``(model output, targets) -> scalar``. Default :func:`neuralign._utils.classification_loss` (cross-entropy,
         plus 0.3 x each auxiliary head for GoogLeNet's train-mode tuple).
     generator : torch.Generator or int, optional
-        Source of the :math:`t` draws and of the attack's random starts (a CPU generator or a seed).
+        Source of the :math:`t` draws (one per global batch, the same on every rank) and of the seed of the attack's
+        own generator (random starts and train-mode dropout), which is re-seeded each epoch from that seed, the
+        rank and the epoch (a CPU generator or a seed).
     callback : callable, optional
         Called after each epoch (and after the checkpoint is written) with the epoch's record; returning True stops.
     checkpoint : path-like, optional
-        Written atomically after every epoch with everything needed to resume (points, optimizer and schedule,
-        history, the :math:`t`-generator, the global CPU RNG and the loader generator's states). If the file exists
-        and was written by a fit with the same family, trainable mask, shapes, end points (fingerprint), weight
-        decay, proximal and batch settings, the fit resumes from it: an interrupted then resumed CPU fit gives the
-        same result, bit for bit, as an uninterrupted one (a fit stopped by the callback resumes the same way).
+        Written atomically after every epoch with everything needed to resume (points, optimizer and schedule, history,
+        the :math:`t`-generator, the attack's seed, the global CPU RNG and the loader generator's states). If the file
+        exists and was written by a fit with the same family, trainable mask, shapes, end points (fingerprint), weight
+        decay, proximal and batch settings, the fit resumes from it: an interrupted then resumed CPU fit gives the same
+        result, bit for bit, as an uninterrupted one (a fit stopped by the callback resumes the same way).
     max_batches_per_epoch : int, optional
         Stop each epoch after this many batches.
     adversarial : PGD, optional
@@ -476,8 +485,11 @@ def fit_curve(
         loss_fn=loss_fn if loss_fn is not None else classification_loss,
         optimizer=optimizer,
         adversarial=adversarial,
-        attack_generator=t_generator,
     )
+    # The attack draws its random starts (and dropout masks) from its own generator: the t generator then draws one
+    # value per global batch on every rank, whatever the size of the rank's slice, and each rank attacks its slice
+    # with its own noise. Re-seeded per epoch from (seed, rank, epoch), so a resumed fit needs only the seed.
+    attack_seed = int(torch.randint(0, 2**62, (1,), generator=t_generator)) if adversarial is not None else None
     broadcast_([stepper.points])  # every rank starts from rank 0's points, as DistributedDataParallel does
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         stepper.optimizer, lr_lambda if lr_lambda is not None else paper_lr_factor
@@ -517,6 +529,13 @@ def fit_curve(
         history = [dict(r) for r in state["history"]]
         first_epoch = int(state["epoch"])
         t_generator.set_state(state["t_generator"])
+        if attack_seed is not None:
+            if state.get("attack_seed") is None:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r} records no attack seed (written by an older neuralign); delete it "
+                    "or choose another path"
+                )
+            attack_seed = int(state["attack_seed"])
         torch.set_rng_state(state["rng"])
         if loader_generator is not None and state.get("loader_generator") is not None:
             loader_generator.set_state(state["loader_generator"])
@@ -529,6 +548,10 @@ def fit_curve(
         sums = torch.zeros(3, dtype=torch.float64, device=stepper.device)
         count = 0
         batches = 0
+        if attack_seed is not None:
+            stepper.attack_generator = torch.Generator().manual_seed(
+                stable_seed("fit_curve attack", attack_seed, rank(), epoch)
+            )
         with _module_mode(model, True):
             for index, batch in enumerate(train_loader):
                 if max_batches is not None and index >= max_batches:
@@ -581,6 +604,7 @@ def fit_curve(
                     "epoch": epoch + 1,
                     "history": history,
                     "t_generator": t_generator.get_state(),
+                    "attack_seed": attack_seed,
                     "rng": torch.get_rng_state(),
                     "loader_generator": None if loader_generator is None else loader_generator.get_state(),
                 },

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from neuralign._utils import stable_seed
 from neuralign.curves import Bezier, Line, PolyChain, evaluate_curve, fit_curve, paper_lr_factor
 from neuralign.errors import CheckpointError, NonFiniteError, ShapeMismatchError
 from tests.conftest import shared_data
@@ -340,12 +341,15 @@ def test_robust_fit_takes_the_loss_on_attacks_against_w_t() -> None:
     pgd = PGD(eps=0.2, alpha=0.1, steps=3)
     x, y = next(iter(unit_box_loader()))
     res = fit_curve(model, a, b, [(x, y)], epochs=1, generator=123, adversarial=pgd)
-    # replay the batch: one t from the generator, then the attack's random start from the same generator
+    # replay the batch: the attack's seed, then one t from the generator; the attack's own generator seeded from
+    # (seed, rank 0, epoch 0)
     g = torch.Generator().manual_seed(123)
+    attack_seed = int(torch.randint(0, 2**62, (1,), generator=g))
     t = float(torch.rand((), dtype=torch.float64, generator=g))
     w = Bezier.between(a, b)(t)
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    adv = pgd.attack(model, x, y, train=True, params=w, buffers=buffers, generator=g)
+    attack_gen = torch.Generator().manual_seed(stable_seed("fit_curve attack", attack_seed, 0, 0))
+    adv = pgd.attack(model, x, y, train=True, params=w, buffers=buffers, generator=attack_gen)
     model.train()
     with torch.no_grad():
         want = float(nn.functional.cross_entropy(functional_call(model, (w, buffers), (adv,)), y))
