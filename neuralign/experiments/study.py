@@ -54,7 +54,7 @@ from neuralign.alignment import (
     state_dict_layout,
     trace_spec,
 )
-from neuralign.attacks import PGD
+from neuralign.attacks import PGD, _check_number
 from neuralign.curves import (
     Bezier,
     CurveEvaluation,
@@ -180,6 +180,9 @@ class StudyConfig:
     align_inputs: str = "clean"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # `--set robust=no` or robust=0 must not pass as true or be kept as int
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"`{f.name}` must be a bool (true or false), got {getattr(self, f.name)!r}")
         for name in ("pairs", "epochs", "curve_epochs", "pam_iters", "pam_p_steps", "num_points", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -217,7 +220,11 @@ class StudyConfig:
             raise ValueError(f"unknown robust_bn {self.robust_bn!r}; expected one of ['adversarial', 'clean']")
         if self.align_inputs not in ("clean", "adversarial"):
             raise ValueError(f"unknown align_inputs {self.align_inputs!r}; expected one of ['clean', 'adversarial']")
-        self.attack()  # validates eps, alpha, attack_steps
+        # the attack's settings under the study's names (PGD would name `steps`)
+        _check_number(self.eps, "eps", positive=False)
+        _check_number(self.alpha, "alpha", positive=True)
+        if isinstance(self.attack_steps, bool) or not isinstance(self.attack_steps, int) or self.attack_steps < 0:
+            raise ValueError(f"`attack_steps` must be an int >= 0, got {self.attack_steps!r}")
         if self.robust:
             pam = [s for s in self.settings if s.startswith("pam")]
             if pam:

@@ -84,3 +84,30 @@ def test_tiny_robust_study_runs_resumes_and_reports(tmp_path):
 def test_one_setting_given_as_a_string_is_one_setting():
     # `--set settings=aligned` parses to a string, which once was read as the settings 'a', 'l', 'i', ...
     assert StudyConfig(settings="aligned").settings == ("aligned",)
+
+
+@pytest.mark.parametrize("name", ["robust", "verify", "download"])
+@pytest.mark.parametrize("value", ["no", 0, 1, "false", None])
+def test_bool_settings_must_be_bools(name, value):
+    # `--set robust=no` parses to the string 'no', which once ran a robust study; robust=0 was kept as an int
+    with pytest.raises(ValueError, match=rf"^`{name}` must be a bool \(true or false\), got {value!r}$"):
+        StudyConfig(**{name: value})
+
+
+def test_bool_settings_from_the_command_line():
+    from neuralign.experiments.cli import _overrides
+
+    assert PRESETS["robust-cpu"].replace(**_overrides(["robust=false", "verify=false"])).robust is False
+    with pytest.raises(ValueError, match=r"`robust` must be a bool \(true or false\), got 'no'"):
+        PRESETS["cpu"].replace(**_overrides(["robust=no"]))
+
+
+def test_attack_settings_are_named_as_in_the_study():
+    with pytest.raises(ValueError, match=r"^`attack_steps` must be an int >= 0, got -1$"):
+        PRESETS["robust"].replace(attack_steps=-1)
+    with pytest.raises(ValueError, match=r"^`attack_steps` must be an int >= 0, got 1.5$"):
+        PRESETS["robust"].replace(attack_steps=1.5)
+    with pytest.raises(ValueError, match=r"^`alpha` must be > 0, got 0$"):
+        PRESETS["robust"].replace(alpha=0)
+    with pytest.raises(ValueError, match=r"^`eps` must be a finite number, got nan$"):
+        PRESETS["robust"].replace(eps=float("nan"))
