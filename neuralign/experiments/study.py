@@ -112,7 +112,9 @@ class StudyConfig:
     ``max_batches``: cut every epoch short (smoke tests only).
     ``endpoints``: given end points instead of training them, ``2 * pairs`` files paired in order (any format
     :func:`~neuralign.experiments.load_endpoint` reads: end points, plain or wrapped state dicts, safetensors;
-    plain files are read as ``arch`` with the dataset's number of classes); ``None`` trains them.
+    plain files are read as ``arch`` with the dataset's number of classes); ``None`` trains them. A robust study
+    refuses an end point whose recorded data description has normalisation statistics (``neuralign train``
+    records them); plain files record nothing and are taken as trained on [0, 1] inputs.
     ``num_classes``: classes of the models' heads (default: the dataset's), ``model_args``: extra builder arguments
     (e.g. for ``torchvision:<name>``), ``mean`` / ``std``: normalisation statistics (default: computed or known).
     ``lr_schedule``: ``"paper"`` (:func:`~neuralign.curves.paper_lr_factor`) or ``"garipov"``
@@ -542,6 +544,13 @@ class _Study:
             model, meta = load_endpoint(c.endpoints[seed - 1], arch=c.arch,
                                         num_classes=c.num_classes or self.data.num_classes,
                                         model_kwargs=_model_kwargs(c, self.data))  # fmt: skip
+            described = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
+            if c.robust and (described.get("mean") is not None or described.get("std") is not None):
+                raise ValueError(
+                    f"end point {c.endpoints[seed - 1]!r} was trained on normalised inputs (mean "
+                    f"{described.get('mean')}, std {described.get('std')}), but a robust study attacks and evaluates "
+                    "[0, 1] inputs: give end points trained without normalisation (or with it inside the model)"
+                )
             model = model.to(self.device)
             if "test" not in meta:
                 test_loss, test_acc = evaluate_model(model, self.data.test)

@@ -111,3 +111,47 @@ def test_attack_settings_are_named_as_in_the_study():
         PRESETS["robust"].replace(alpha=0)
     with pytest.raises(ValueError, match=r"^`eps` must be a finite number, got nan$"):
         PRESETS["robust"].replace(eps=float("nan"))
+
+
+def _endpoint_file(path, seed: int, dataset: dict | None) -> str:
+    # an end point as `neuralign train` writes it, for the tiny robust study's MLP on 8x8 digits
+    import torch
+
+    from neuralign._utils import atomic_save
+    from neuralign.experiments.models import build_model
+
+    kwargs = {"in_features": 64, "batch_norm": True, "hidden": (16,)}
+    model = build_model("mlp", 10, seed=seed, **kwargs)
+    record = {"kind": "endpoint", "arch": "mlp", "num_classes": 10, "model_kwargs": kwargs,
+              "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}  # fmt: skip
+    if dataset is not None:
+        record["dataset"] = dataset
+    atomic_save(record, path)
+    assert torch.load(path, weights_only=False)["kind"] == "endpoint"
+    return str(path)
+
+
+def test_robust_study_refuses_end_points_trained_on_normalised_inputs(tmp_path):
+    from neuralign.experiments.study import run_study
+
+    normalised = {"name": "digits", "mean": [0.3], "std": [0.35]}
+    given = (_endpoint_file(tmp_path / "a.pt", 1, normalised), _endpoint_file(tmp_path / "b.pt", 2, normalised))
+    config = _tiny_robust().replace(endpoints=given)
+    with pytest.raises(ValueError, match=r"a.pt' was trained on normalised inputs \(mean \[0.3\], std \[0.35\]\), "
+                                         r"but a robust study attacks and evaluates \[0, 1\] inputs"):  # fmt: skip
+        run_study(config, tmp_path / "study")
+    # raw [0, 1] inputs recorded (mean/std None), or nothing recorded: accepted, the study goes on to the curves
+    raw = {"name": "digits", "mean": None, "std": None}
+    for name, dataset in (("raw", raw), ("plain", None)):
+        given = (_endpoint_file(tmp_path / f"{name}a.pt", 1, dataset),
+                 _endpoint_file(tmp_path / f"{name}b.pt", 2, dataset))  # fmt: skip
+        stages = []
+
+        def stop_at_the_curves(event, stages=stages):
+            stages.append(event["stage"])
+            if event["stage"] == "curve":
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            run_study(config.replace(endpoints=given), tmp_path / f"study_{name}", progress=stop_at_the_curves)
+        assert "curve" in stages and "train" not in stages, name
