@@ -930,8 +930,11 @@ def _robust_lines(results: Mapping[str, Any]) -> list[str]:
         "",
         f"L-infinity PGD, eps {attack.get('eps', float('nan')):.4g}, step {attack.get('alpha', float('nan')):.4g}, "
         f"{attack.get('steps', '?')} steps, random start; batch norm re-estimated on {bn} training inputs at every "
-        "t. Accuracies in % (mean ± std over pairs); Avg: arc-length-weighted average along the curve; robust loss "
-        "barrier: largest rise of the robust test loss above the straight line between its end values.",
+        "t. Accuracies in % (mean ± std over pairs, except: \"Curves at t = 0, 1\" gives the mean of (a + b) / 2 "
+        "± ½·√(s_a² + s_b²), s_a and s_b the stds over pairs at t = 0 and t = 1, the paper's convention for end "
+        "points; \"As trained\" gives mean ± std over all end points); Avg: arc-length-weighted average along the "
+        "curve; robust loss barrier: largest rise of the robust test loss above the straight line between its end "
+        "values.",
         "",
         "| End points | Clean | Robust |",
         "| --- | ---: | ---: |",

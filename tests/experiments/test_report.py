@@ -416,6 +416,9 @@ def test_robust_table_by_hand(tmp_path):
     assert rows["aligned"]["robust_loss_barrier"]["mean"] == pytest.approx(0.4)
     text = write_report(_robust_results(), tmp_path).read_text(encoding="utf-8")
     assert "## Robust mode connectivity" in text and "eps 0.1, step 0.025, 5 steps" in text
+    # the end-point row's spread is not a std over pairs, and the caption says so
+    assert '"Curves at t = 0, 1" gives the mean of (a + b) / 2 ± ½·√(s_a² + s_b²)' in text
+    assert "| Curves at t = 0, 1 | 90.0 ± 0.0 | 45.0 ± 2.0 |" in text
     assert "| Unaligned | 85.0 ± 0.0 | 80.0 ± 0.0 |" in text  # Avg: (0.45 + 0.8 + 0.45) / 2
     clean = CurveEvaluation.from_values([0, 1], [0, 0], [1, 1], [0, 1]).to_dict()
     standard = {"settings": ["aligned"], "pairs": [{"endpoints": p["endpoints"], "curves": {"aligned": clean}}
