@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from neuralign._distributed import all_reduce_, all_reduce_sum, is_distributed, shard_batch
 from neuralign._utils import as_generator, split_logits
-from neuralign.attacks import PGD
+from neuralign.attacks import PGD, _private_rng
 from neuralign.errors import ShapeMismatchError
 
 __all__ = ["reestimate_bn"]
@@ -216,7 +216,11 @@ def _reestimate(
         slots.append((mean, var, count, factor, sums))
     seen = 0
     batches = 0
-    with torch.no_grad(), _module_mode(model, True):
+    # with an attack, the pass's own dropout also draws from a global RNG forked and seeded from the attack's
+    # generator: a seeded robust evaluation repeats, whatever the global RNG
+    forked = adversarial is not None and generator is not None
+    rng = _private_rng(generator, device) if forked else contextlib.nullcontext()
+    with torch.no_grad(), _module_mode(model, True), rng:
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break
@@ -342,7 +346,9 @@ def reestimate_bn(
         in train mode, as the official robust evaluation does); the loader must yield ``(inputs, targets)`` with
         inputs in [0, 1].
     generator : torch.Generator or int, optional
-        Source of the attack's random starts (a CPU generator, whose state advances, or a seed).
+        Source of the attack's random starts and, with ``adversarial``, of the pass's dropout masks (run under
+        :func:`torch.random.fork_rng`, leaving the global RNG as it was): a CPU generator, whose state advances, or
+        a seed.
 
     Returns
     -------

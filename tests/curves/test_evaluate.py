@@ -298,3 +298,34 @@ def test_robust_evaluation_names_a_loader_the_model_cannot_take() -> None:
         evaluate_curve(net(0), bent_bezier(), bad, unit_box_data(1), num_points=2, adversarial=PGD())
     with pytest.raises(ValueError, match=r"`bn_loader` must lie|`x` must lie in \[0, 1\]"):
         evaluate_curve(net(0), bent_bezier(), data(1), unit_box_data(1), num_points=2, adversarial=PGD())
+
+
+def dropout_net(seed: int) -> nn.Module:
+    # dropout before batch norm: its masks change the re-estimated statistics, and the attacks' gradients
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.3), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_seeded_robust_evaluation_of_a_dropout_net_repeats_and_matches_the_end_points() -> None:
+    from neuralign.attacks import PGD
+    from neuralign.curves import evaluate_model
+
+    model = dropout_net(0)
+    curve = Bezier([params_of(dropout_net(s)) for s in range(3)])
+    pgd = PGD(eps=0.1, alpha=0.04, steps=3)
+    bn, test = unit_box_data(2, seed=1), unit_box_data(2, seed=2)
+    torch.manual_seed(11)
+    ev = evaluate_curve(model, curve, bn, test, num_points=3, adversarial=pgd, generator=7)
+    torch.manual_seed(11)
+    torch.rand(1)  # another global state: the seeded evaluation must not depend on it
+    again = evaluate_curve(model, curve, bn, test, num_points=3, adversarial=pgd, generator=7)
+    assert again.robust_test_loss == ev.robust_test_loss and again.test_loss == ev.test_loss
+    before = torch.get_rng_state()
+    for index, point in ((0, curve.points[0]), (-1, curve.points[-1])):
+        g = torch.Generator().manual_seed(7)
+        buffers = reestimate_bn(model, point, bn, adversarial=pgd, generator=g)
+        clean = evaluate_model(model, test, params=point, buffers=buffers)
+        robust = evaluate_model(model, test, params=point, buffers=buffers, adversarial=pgd, generator=g)
+        assert (ev.test_loss[index], ev.test_accuracy[index]) == clean
+        assert (ev.robust_test_loss[index], ev.robust_test_accuracy[index]) == robust
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG was left alone
