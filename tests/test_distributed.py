@@ -313,6 +313,7 @@ def test_cli_under_torchrun_records_the_process_group(tmp_path):
     manifest = json.loads((tmp_path / "manifest_train_mlp_seed0.json").read_text())
     assert manifest["distributed"] == {"world_size": 2, "backend": "gloo", "rank": 0}
     assert run.stdout.count("mlp_seed0.pt") == 1  # rank 0 alone prints the paths
+    assert run.stderr.count("test accuracy") == 1  # and the result
 
 
 
