@@ -10,10 +10,15 @@ exactly as in one process.
 Design
 ------
 Every rank iterates **the same global loader** (built with the same seed, so the same global batches in the same
-order, by construction) and keeps its slice of each batch (:func:`shard_batch`: contiguous slices whose sizes differ
-by at most one). This gives ``DistributedSampler`` semantics (each sample of a global batch is seen by exactly one
-rank; the epoch order is the seed's) without touching the loaders, their resumable state or their augmentation.
-What it costs: every rank loads and augments the whole global batch, so the data pipeline is not divided by the
+order, by construction; :func:`check_same_batch` refuses a run whose ranks' first batches differ). Gradient steps
+keep each rank's slice of each batch (:func:`shard_batch`: contiguous slices whose sizes differ by at most one).
+Passes without a gradient step (batch-norm re-estimation, evaluation) instead give each rank **whole batches,
+round-robin** (:func:`owns_batch`: rank ``r`` of ``W`` takes batches ``r, r + W, ...``), so that every per-batch
+statistic, in particular the batch statistics batch norm sees in train mode, is exactly the one-process one and the
+all-reduced sums equal one process's, whatever the world size. Both give ``DistributedSampler`` semantics (each
+sample of a global batch is seen by exactly one rank; the epoch order is the seed's) without touching the loaders,
+their resumable state or their augmentation. What it costs: every rank loads and augments every global batch
+(round-robin passes skip the batches of the other ranks after loading them), so the data pipeline is not divided by the
 world size (cheap for the in-memory :class:`~neuralign.experiments.ArrayLoader`; with a slow decoding pipeline put
 the loading on more workers).
 
@@ -43,10 +48,12 @@ __all__ = [
     "all_reduce_sum",
     "backend_for",
     "broadcast_",
+    "check_same_batch",
     "describe",
     "init_from_env",
     "is_distributed",
     "on_rank_zero",
+    "owns_batch",
     "rank",
     "shard_batch",
     "sum_gradients_",
@@ -120,13 +127,51 @@ def shard_batch(
     n, size = int(x.shape[0]), world_size()
     if n < size:
         raise ValueError(
-            f"`{label}` yielded a batch of {n} samples, which cannot be split over {size} ranks; use batches of at "
-            f"least {size} samples (or drop the last, short batch)"
+            f"`{label}` yielded a batch of {n} samples, which cannot be split over {size} ranks; choose a batch size "
+            f"and a data-set size (e.g. --batch-size, --train-size) for which every batch, the last one included, "
+            f"has at least {size} samples"
         )
     r = rank()
     xs = torch.tensor_split(x, size)[r]
     ys = torch.tensor_split(y, size)[r] if y is not None else None
     return xs, ys, int(xs.shape[0]) / n
+
+
+def owns_batch(index: int) -> bool:
+    """Whether this rank takes global batch ``index`` in a round-robin pass (rank ``r`` of ``W`` takes the batches
+    ``r, r + W, r + 2W, ...``); always True in one process."""
+    return not is_distributed() or index % world_size() == rank()
+
+
+def _checksum(t: torch.Tensor) -> list[float]:
+    flat = t.detach().reshape(-1).to(torch.float64)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) / max(flat.numel(), 1)
+    return [float(flat.numel()), float(flat.sum()), float((flat * weights).sum())]
+
+
+def check_same_batch(x: torch.Tensor, y: torch.Tensor | None = None, *, label: str = "loader") -> None:
+    """Refuse ranks whose loaders yield different global batches (no-op in one process).
+
+    Every rank must call it with its (unsharded) first global batch; a checksum of the inputs and targets (size,
+    sum and a position-weighted sum, in float64) is compared across the ranks with one all-reduce, so a loader
+    built with another seed (another order) on some rank is caught.
+
+    Raises
+    ------
+    ValueError
+        On every rank, if the checksums differ (relative 1e-6, far above the rounding of equal data).
+    """
+    if not is_distributed():
+        return
+    parts = _checksum(x) + (_checksum(y) if isinstance(y, torch.Tensor) else [0.0, 0.0, 0.0])
+    local = torch.tensor(parts, dtype=torch.float64)
+    both = all_reduce_(torch.cat([local, -local]), dist.ReduceOp.MAX)
+    high, low = both[: len(parts)], -both[len(parts) :]
+    if not torch.all((high - low).abs() <= 1e-6 * torch.maximum(high.abs(), low.abs()).clamp_min(1.0)):
+        raise ValueError(
+            f"`{label}` yields different first batches on different ranks: under a process group every rank must "
+            "iterate the same global loader (same data, batch size and seed)"
+        )
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:

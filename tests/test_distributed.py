@@ -23,7 +23,7 @@ from torch import nn
 from neuralign import _distributed
 from neuralign.alignment import align
 from neuralign.attacks import PGD
-from neuralign.curves import evaluate_model, fit_curve, fit_curve_pam, reestimate_bn
+from neuralign.curves import Line, evaluate_curve, evaluate_model, fit_curve, fit_curve_pam, reestimate_bn
 from neuralign.experiments.training import train_model
 
 WORLD = 2
@@ -68,6 +68,14 @@ def _inputs() -> dict:
     }  # fmt: skip
 
 
+def _bn_curve_summary(inp: dict) -> dict:
+    """evaluate_curve on a segment between two batch-norm nets (a batch-norm pass and an evaluation per point)."""
+    bn = inp["bn"]
+    line = Line.between(dict(bn.named_parameters()), dict(_bn_net(7).named_parameters()))
+    ev = evaluate_curve(bn, line, inp["images"], inp["images"], num_points=3)
+    return {"loss": ev.test_loss, "accuracy": ev.test_accuracy}
+
+
 def _run_all(inp: dict) -> dict:
     """Every data-parallel function on ``inp``; the same code runs in one process and on each rank."""
     a, b, data = inp["a"], inp["b"], inp["data"]
@@ -76,6 +84,7 @@ def _run_all(inp: dict) -> dict:
     out["align"] = {"perms": res.perms, "after": res.correlation_after}
     bn = inp["bn"]
     out["bn"] = reestimate_bn(bn, dict(bn.named_parameters()), inp["images"])
+    out["bn_curve"] = _bn_curve_summary(inp)
     out["eval"] = evaluate_model(a, data)
     fit = fit_curve(a, a.state_dict(), b.state_dict(), data, epochs=1, generator=0, weight_decay=5e-4)
     out["curve"] = fit.curve.points[1]
@@ -107,9 +116,19 @@ def _ranks_only(inp: dict, folder: str) -> dict:
     out["robust_curve"] = robust.curve.points[1]
     out["robust_t_state"] = t_generator.get_state()
     try:
-        evaluate_model(a, [(torch.randn(1, 6), torch.tensor([0]))])
+        train_model(a, [(torch.randn(1, 6), torch.tensor([0]))], epochs=1, lr=0.05)
     except ValueError as exc:
         out["small_batch_error"] = str(exc)
+    # a loader built with another seed on each rank (here: the same batches, rank r's order starting at batch r) is
+    # refused on every rank
+    order = [(i + _distributed.rank()) % len(data) for i in range(len(data))]
+    own, own_images = [data[i] for i in order], [inp["images"][i] for i in order]
+    for name, call in (("bn", lambda: reestimate_bn(inp["bn"], dict(inp["bn"].named_parameters()), own_images)),
+                       ("train", lambda: train_model(a, own, epochs=1, lr=0.05))):  # fmt: skip
+        try:
+            call()
+        except ValueError as exc:
+            out[f"{name}_mismatch_error"] = str(exc)
     return out
 
 
@@ -135,12 +154,6 @@ def inputs() -> dict:
     return _inputs()
 
 
-def _slices(batches):
-    """The loader one process sees when it runs every rank's slice as its own batch, in order."""
-    return [tuple(part[r] for part in (torch.tensor_split(x, WORLD), torch.tensor_split(y, WORLD)))
-            for x, y in batches for r in range(WORLD)]  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------------------ tests
 def test_helpers_without_a_process_group_are_identities():
     x, y = torch.arange(5.0), torch.arange(5)
@@ -153,7 +166,7 @@ def test_helpers_without_a_process_group_are_identities():
 
 def test_ranks_agree(ranks):
     # every rank ends with the same numbers (same global batches, all-reduced sums and gradients)
-    numbers = [{k: v for k, v in r.items() if k != "small_batch_error"} for r in ranks]
+    numbers = [{k: v for k, v in r.items() if not k.endswith("_error")} for r in ranks]
     torch.testing.assert_close(numbers[0], numbers[1], rtol=0, atol=0)
     assert ranks[0]["small_batch_error"] == ranks[1]["small_batch_error"]
 
@@ -167,14 +180,32 @@ def test_align_gives_the_one_process_permutations(ranks, inputs):
         assert abs(ranks[0]["align"]["after"][g] - c) < 1e-6
 
 
-def test_reestimate_bn_equals_the_exact_average_over_the_slices(ranks, inputs):
+def test_reestimate_bn_equals_the_one_process_average(ranks, inputs):
+    # whole batches round-robin: every batch's statistics are the one-process ones, whatever the world size (with
+    # slices, running_var differed by ~1% and num_batches_tracked doubled); the float64 sums differ only in order
     bn = inputs["bn"]
-    ref = reestimate_bn(bn, dict(bn.named_parameters()), [x for x, _ in _slices(inputs["images"])])
+    ref = reestimate_bn(bn, dict(bn.named_parameters()), inputs["images"])
     for key, value in ref.items():
         if value.is_floating_point():
             torch.testing.assert_close(ranks[0]["bn"][key], value, rtol=0, atol=1e-6)
         else:
-            assert torch.equal(ranks[0]["bn"][key], value), key  # num_batches_tracked: slices counted
+            assert torch.equal(ranks[0]["bn"][key], value), key  # num_batches_tracked: the global batches
+    assert int(ranks[0]["bn"]["1.num_batches_tracked"]) == len(SIZES)
+
+
+def test_evaluate_curve_with_batch_norm_equals_one_process(ranks, inputs):
+    # the study's numbers: a batch-norm pass (train mode) then an evaluation at each point; float32 logits of the
+    # same whole batches, summed in float64 in another order: equal to far below 1e-6
+    want = _bn_curve_summary(inputs)
+    got = ranks[0]["bn_curve"]
+    assert got["accuracy"] == want["accuracy"]
+    torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(want["loss"]), rtol=0, atol=1e-6)
+
+
+def test_ranks_with_different_loaders_are_refused(ranks):
+    for r in ranks:
+        for name in ("bn", "train"):
+            assert "yields different first batches on different ranks" in r[f"{name}_mismatch_error"], name
 
 
 def test_evaluate_model_sums_over_ranks(ranks, inputs):
@@ -229,7 +260,9 @@ def test_robust_fit_keeps_t_in_step_on_uneven_slices(ranks):
 
 
 def test_shard_refuses_a_batch_smaller_than_the_world(ranks):
-    assert "yielded a batch of 1 samples, which cannot be split over 2 ranks" in ranks[0]["small_batch_error"]
+    message = ranks[0]["small_batch_error"]
+    assert "yielded a batch of 1 samples, which cannot be split over 2 ranks" in message
+    assert "drop the last" not in message and "--batch-size" in message
 
 
 def test_stopped_run_resumes_on_every_rank_to_the_same_result(ranks):
@@ -299,6 +332,7 @@ def test_cli_under_torchrun_records_the_process_group(tmp_path):
     manifest = json.loads((tmp_path / "manifest_train_mlp_seed0.json").read_text())
     assert manifest["distributed"] == {"world_size": 2, "backend": "gloo", "rank": 0}
     assert run.stdout.count("mlp_seed0.pt") == 1  # rank 0 alone prints the paths
+    assert run.stderr.count("test accuracy") == 1  # and the result
 
 
 

@@ -13,7 +13,7 @@ import torch.fx
 from torch import nn
 from torch.func import functional_call
 
-from neuralign._distributed import all_reduce_, is_distributed, shard_batch
+from neuralign._distributed import all_reduce_, check_same_batch, is_distributed, shard_batch
 from neuralign._utils import check_compatible
 from neuralign.alignment.spec import PermutationSpec, Tap
 from neuralign.alignment.trace import _fx_graph, _trace_graph
@@ -408,6 +408,8 @@ def activation_moments(
             x = x_b = prepare(_first_input(batch))
             y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
             if distributed:
+                if n_batches == 0:
+                    check_same_batch(x, y if isinstance(y, torch.Tensor) else None, label="loader")
                 x, y, _ = shard_batch(x, y if isinstance(y, torch.Tensor) else None, label="loader")
                 x_b = x
             if adversarial is not None:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from neuralign._distributed import all_reduce_, all_reduce_sum, is_distributed, shard_batch
+from neuralign._distributed import all_reduce_, all_reduce_sum, check_same_batch, is_distributed, owns_batch
 from neuralign._utils import as_generator, split_logits
 from neuralign.attacks import PGD, _private_rng
 from neuralign.errors import ShapeMismatchError
@@ -225,26 +225,30 @@ def _reestimate(
             if max_batches is not None and index >= max_batches:
                 break
             x, y = _split_batch(batch, device, label)
-            x, y, _ = shard_batch(x, y, label=label)
+            if index == 0:
+                check_same_batch(x, y, label=label)
+            if not owns_batch(index):  # whole batches round-robin: each batch's statistics are one process's
+                continue
+            check = label if batches == 0 else None
             if adversarial is not None:
                 if y is None:
                     raise TypeError(f"`{label}` must yield (inputs, targets) pairs to attack them")
                 # train mode (batch statistics), as the official PGD wrapper runs inside bn_update
                 x = _attack(adversarial, model, x, y, train=True, params=params, buffers=buffers, generator=generator,
-                            check=label if index == 0 else None)  # fmt: skip
+                            check=check)  # fmt: skip
             for mean, var, count, _, _ in slots:
                 mean.zero_()
                 var.zero_()
                 if count is not None:
                     count.zero_()
-            _call(model, params, buffers, x, check=label if index == 0 else None)
+            _call(model, params, buffers, x, check=check)
             b = int(x.shape[0])
             for mean, var, _, factor, (sum_mean, sum_var) in slots:
                 sum_mean.add_(mean.double(), alpha=b / factor)
                 sum_var.add_(var.double(), alpha=b / factor)
             seen += b
             batches += 1
-    if is_distributed():  # sums over every rank's slices; the batch count is the slices (forward passes) summed
+    if is_distributed():  # sums over every rank's whole batches; the batch count is the global one
         for _, _, _, _, sums in slots:
             for part in sums:
                 all_reduce_(part)
@@ -279,11 +283,15 @@ def _evaluate(
             x, y = _split_batch(batch, device, label)
             if y is None:
                 raise TypeError(f"`{label}` must yield (inputs, targets) pairs to measure loss and accuracy")
-            x, y, _ = shard_batch(x, y, label=label)
+            if index == 0:
+                check_same_batch(x, y, label=label)
+            if not owns_batch(index):  # whole batches round-robin, as in _reestimate
+                continue
+            check = label if count == 0 else None
             if adversarial is not None:
                 x = _attack(adversarial, model, x, y, train=False, params=params, buffers=buffers, generator=generator,
-                            check=label if index == 0 else None)  # fmt: skip
-            logits, _ = split_logits(_call(model, params, buffers, x, check=label if index == 0 else None))
+                            check=check)  # fmt: skip
+            logits, _ = split_logits(_call(model, params, buffers, x, check=check))
             loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(dim=-1) == y).sum()
             count += int(y.shape[0])
@@ -370,10 +378,12 @@ def reestimate_bn(
     Runs in train mode under ``torch.no_grad()``. A model without batch norm costs no data pass. Dropout, if any,
     is active during the pass, as in the reference implementations.
 
-    Under a torch.distributed process group (:mod:`neuralign._distributed`) every rank runs its slice of each batch
-    and the float64 sums are all-reduced: the result, identical on every rank, is the exact average above over
-    the slices as batches (each rank's batch norm sees its slice, as under ``DistributedDataParallel``), i.e. what
-    one process computes on a loader yielding the slices; ``num_batches_tracked`` counts the slices.
+    Under a torch.distributed process group (:mod:`neuralign._distributed`) every rank iterates the same loader and
+    runs whole batches round-robin (rank ``r`` of ``W`` takes batches ``r, r + W, ...``); the float64 sums and the
+    counts are all-reduced, so the result, identical on every rank, is the one-process average above (to float64
+    summation order) and ``num_batches_tracked`` the one-process batch count, whatever the world size. With
+    ``adversarial`` each rank draws its batches' random starts from its own ``generator``, so those starts (and the
+    result, in distribution only) differ from one process's.
 
     References
     ----------

@@ -14,7 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuralign._distributed import all_reduce_, all_reduce_sum, broadcast_, is_distributed, rank, shard_batch
+from neuralign._distributed import (
+    all_reduce_,
+    all_reduce_sum,
+    broadcast_,
+    check_same_batch,
+    is_distributed,
+    rank,
+    shard_batch,
+)
 from neuralign._utils import (
     as_generator,
     atomic_save,
@@ -559,6 +567,8 @@ def fit_curve(
                 x, y = _split_batch(batch, stepper.device, "train_loader")
                 if y is None:
                     raise TypeError("`train_loader` must yield (inputs, targets) pairs")
+                if epoch == first_epoch and index == 0:
+                    check_same_batch(x, y, label="train_loader")
                 x, y, share = shard_batch(x, y, label="train_loader")
                 t = float(torch.rand((), dtype=torch.float64, generator=t_generator))
                 check = "train_loader" if (epoch == first_epoch and index == 0) else None

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from neuralign._distributed import all_reduce_, is_distributed, shard_batch, world_size
+from neuralign._distributed import all_reduce_, check_same_batch, is_distributed, shard_batch, world_size
 from neuralign._utils import as_generator, atomic_save, classification_loss, load_checkpoint, stable_seed
 from neuralign.alignment import (
     PermutationSpec,
@@ -72,6 +72,8 @@ def _fixed_batches(loader: Iterable, n: int, device: torch.device) -> list[tuple
         x, y = _split_batch(batch, device, "value_loader")
         if y is None:
             raise TypeError("`value_loader` must yield (inputs, targets) pairs")
+        if not out:
+            check_same_batch(x, y, label="value_loader")
         out.append(_shard(x, y, "value_loader"))
     if not out:
         raise ValueError("`value_loader` yielded no batches")

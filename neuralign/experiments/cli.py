@@ -100,6 +100,12 @@ def _version() -> str:
     return neuralign.__version__
 
 
+def _info(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only (under torchrun every rank runs the command; one report is enough)."""
+    if _distributed.rank() == 0:
+        print(*args, **kwargs)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,7 +182,7 @@ def _load_model(path: str, args: argparse.Namespace, num_classes: int | None) ->
     model, meta = load_endpoint(path, arch=args.arch, num_classes=args.num_classes or num_classes,
                                 model_kwargs=_model_args(args))  # fmt: skip
     if meta["note"]:
-        print(f"neuralign: {meta['note']}", file=sys.stderr)
+        _info(f"neuralign: {meta['note']}", file=sys.stderr)
     return model, meta
 
 
@@ -224,7 +230,7 @@ def _finished(what: str, path: Path, args: argparse.Namespace, options: dict[str
     changes = _describe_changes(recorded, options) if recorded is not None else None
     if changes:
         raise ValueError(f"{path} was made with other options: {changes}; --force redoes it, or choose another --out")
-    print(f"{what} already done: {path}; --force redoes it", file=sys.stderr)
+    _info(f"{what} already done: {path}; --force redoes it", file=sys.stderr)
     return True
 
 
@@ -256,7 +262,7 @@ def _announce_resume(what: str, checkpoint: Path, key: str, total: int, unit: st
     if key == "pam":
         done = done.get("n_iter") if isinstance(done, dict) else None
     done = int(done or 0)
-    print(f"resuming {what} from {unit} {done} of {total} ({checkpoint})", file=sys.stderr)
+    _info(f"resuming {what} from {unit} {done} of {total} ({checkpoint})", file=sys.stderr)
     return done
 
 
@@ -363,6 +369,9 @@ def _cmd_study(args: argparse.Namespace, bars: _Bars, *, demo: bool = False) -> 
     else:
         from neuralign.experiments.cluster import submit_study_slurm
 
+        if args.device == "auto":
+            raise ValueError("--executor slurm needs --device cuda or --device cpu: auto would be resolved on this "
+                             "machine, not on the compute nodes")  # fmt: skip
         jobs = submit_study_slurm(config, out, device=args.device, partition=args.slurm_partition,
                                   time_minutes=args.slurm_time, gpus_per_job=args.gpus_per_job, paper_row=row)
         for stage, job_id in jobs.items():
@@ -379,11 +388,22 @@ def _print_status(out: str) -> None:
     from neuralign.experiments.cluster import study_status
 
     status = study_status(out)
-    for state in ("done", "running", "pending"):
+    hints = {
+        "blocked": "these Slurm jobs wait on a failed job and can never start: cancel them (scancel {ids}), or rerun "
+                   "the study, which cancels them and resubmits",
+        "failed": "these stages' jobs ended without their outputs (see the logs under {out}/jobs/); rerun the study "
+                  "to run them again",
+        "unknown": "squeue is not on PATH: whether these Slurm jobs are alive cannot be told from this machine",
+    }  # fmt: skip
+    for state in ("done", "running", "pending", "blocked", "failed", "unknown"):
         entries = status[state]
+        if not entries and state in hints:
+            continue
         print(f"{state} ({len(entries)}):")
         for stage, job in entries:
             print(f"  {stage}" + (f"  [job {job}]" if job else ""))
+        if state in hints:
+            print("  -> " + hints[state].format(ids=" ".join(job for _, job in entries if job), out=out))
 
 
 def _stage_times(manifest_path: Path) -> str:
@@ -430,7 +450,7 @@ def _cmd_train(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     }, path)  # fmt: skip
     path.with_suffix(".ckpt").unlink(missing_ok=True)
     guard.unlink(missing_ok=True)
-    print(f"test accuracy {test_acc:.4f}, loss {test_loss:.4f}", file=sys.stderr)
+    _info(f"test accuracy {test_acc:.4f}, loss {test_loss:.4f}", file=sys.stderr)
     return [path]
 
 
@@ -455,7 +475,7 @@ def _export_aligned(model_b: str, record, out: str) -> Path:
         raise ValueError(f"the aligned weights would overwrite the input {model_b}; write them to another file")
     weights = read_weights(model_b)
     if weights.note:
-        print(f"neuralign: {weights.note}", file=sys.stderr)
+        _info(f"neuralign: {weights.note}", file=sys.stderr)
     record.check_pair(model_b=weights.state_dict, hash_b=state_dict_hash(weights.state_dict))
     aligned = apply_permutation(weights.state_dict, record.spec, record.perms)
     metadata = {"neuralign_aligned_to": str(record.model_a.get("hash")), "neuralign_permutation": record.path,
@@ -733,7 +753,7 @@ def _announce_cost(what: str, passes: int, detail: str, model: torch.nn.Module, 
     """One line before a long command starts: its forward passes (a backward pass counted as two) and the time
     they take at one measured pass."""
     per, batch = _seconds_per_pass(model, data, device)
-    print(f"{what}: about {passes:,} forward passes of batch {batch} ({detail}) at {1000 * per:.0f} ms each "
+    _info(f"{what}: about {passes:,} forward passes of batch {batch} ({detail}) at {1000 * per:.0f} ms each "
           f"(measured): expect about {_duration(passes * per)}; see --help for cheaper settings", file=sys.stderr)
 
 
@@ -759,7 +779,7 @@ def _cmd_evaluate(args: argparse.Namespace, bars: _Bars) -> list[Path]:
                         max_bn_batches=args.bn_batches, callback=on_point)  # fmt: skip
     out = Path(args.out)
     p1 = atomic_write_text(out / "evaluation.json", json.dumps(ev.to_dict(), indent=1))
-    print(f"Avg accuracy {100 * ev.avg_accuracy:.2f}%, Min {100 * ev.min_accuracy:.2f}%, "
+    _info(f"Avg accuracy {100 * ev.avg_accuracy:.2f}%, Min {100 * ev.min_accuracy:.2f}%, "
           f"loss barrier {ev.loss_barrier:.4f}", file=sys.stderr)  # fmt: skip
     return [p1]
 
@@ -822,7 +842,7 @@ def _cmd_verify(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     paths = list(report.save(out))
     if "stability" in report.checks:
         paths.append(plot_reassignment(report.to_dict(), out / "reassignment.png"))
-    print(f"verdict: {report.verdict}", file=sys.stderr)
+    _info(f"verdict: {report.verdict}", file=sys.stderr)
     return paths
 
 
@@ -1145,7 +1165,7 @@ def _in_option_words(text: str, parser: argparse.ArgumentParser, command: str) -
     options.setdefault("root", options.get("data_root", "--data-root"))
     # library argument names that the commands pass from differently named options
     aliases = {"max_iter": "iters", "x_epochs": "epochs", "point_a": "model_a", "point_b": "model_b",
-               "train_loader": "data", "example_input": "data", "lam": "lam"}  # fmt: skip
+               "train_loader": "data", "example_input": "data", "lam": "lam", "time_minutes": "slurm_time"}  # fmt: skip
     for name, dest in aliases.items():
         if dest in options:
             options.setdefault(name, options[dest])
@@ -1178,6 +1198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), _usable_cores())))
     distributed = False
+    if args.command == "study" and getattr(args, "executor", "sequential") != "sequential" and (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):  # every rank would submit every stage: refused once, by rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"neuralign: error: --executor {args.executor} submits the stages as jobs itself: run it as one "
+                  "process, not under torchrun (--gpus-per-job runs each Slurm job data-parallel)",
+                  file=sys.stderr)  # fmt: skip
+        return 2
     if "WORLD_SIZE" in os.environ:
         # under torchrun: the default process group, backend from --device; every data-driven function then runs
         # data-parallel and only rank 0 writes files or shows progress

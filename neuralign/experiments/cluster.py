@@ -4,15 +4,19 @@
 Every job runs :func:`~neuralign.experiments.study.run_stage` for one stage of
 :func:`~neuralign.experiments.study.study_stages`, so a job does exactly what the sequential
 :func:`~neuralign.experiments.study.run_study` does for that stage. The stage files are the single source of truth:
-a stage is done when its outputs exist; a failed, cancelled or pre-empted job is simply run again by the next
-command, and a finished one never is. Two jobs never write the same file: each stage writes only its own outputs
-and record, a stage is submitted only once the stages it needs are done (local) or with a Slurm dependency on their
-jobs (``afterok``), and a command refuses to submit a stage whose earlier job is still queued or running. The
+a stage is done when its outputs exist; a failed, cancelled or pre-empted job is run again by the next command,
+and a finished one never is. Two jobs never write the same file: each stage writes only its own outputs and
+record, a stage is submitted only once the stages it needs are done (local) or with a Slurm dependency on their
+jobs (``afterok``), and every way of running a study (these executors and the sequential
+:func:`~neuralign.experiments.study.run_study`) refuses to start while a job of the folder is queued or running
+(:func:`neuralign.experiments.jobs.refuse_live_jobs`; Slurm jobs left waiting on a failed job, which can never
+start, are cancelled then, as the rerun resubmits them). The
 manifest has one writer at a time: the submitting command before any job starts, then the ``report`` stage, which
 runs last and merges the per-stage records.
 
 ``jobs.json`` in the study folder (written by the submitting command only) lists the job id of every stage it
-submitted; submitit keeps each job's pickled call and its stdout/stderr logs under ``jobs/``.
+submitted (local jobs: process id and process start time, :mod:`neuralign.experiments.jobs`); submitit keeps
+each job's pickled call and its stdout/stderr logs under ``jobs/``.
 
 Requires the ``cluster`` extra: ``pip install 'neuralign[cluster]'`` (submitit).
 """
@@ -23,7 +27,7 @@ import json
 import logging
 import os
 import shutil
-import subprocess
+import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,8 +36,8 @@ from typing import Any
 import torch
 
 from neuralign import _distributed
-from neuralign._utils import atomic_write_text
 from neuralign.errors import JobError, MissingDependencyError
+from neuralign.experiments.jobs import job_states, process_start, read_jobs, write_jobs
 from neuralign.experiments.study import StudyConfig, prepare_study, run_stage, stage_done, study_stages
 
 __all__ = ["run_study_local", "study_status", "submit_study_slurm"]
@@ -72,82 +76,60 @@ def _stage_job(config: dict[str, Any], out: str, name: str, device: str, report:
     return name
 
 
-def _write_jobs(out: Path, executor: str, jobs: Mapping[str, str]) -> None:
-    record = {"executor": executor, "jobs": dict(jobs), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write_text(out / "jobs.json", json.dumps(record, indent=1))
-
-
-def _read_jobs(out: Path) -> dict[str, Any]:
-    path = out / "jobs.json"
-    return json.loads(path.read_text()) if path.exists() else {"executor": None, "jobs": {}}
-
-
-def _job_states(executor: str | None, jobs: Mapping[str, str]) -> dict[str, str]:
-    """Per stage whose job is still alive: ``"running"`` or ``"pending"`` (Slurm's queue), from this machine's
-    processes (local) or ``squeue`` (Slurm; without ``squeue`` a submitted job counts as pending)."""
-    alive: dict[str, str] = {}
-    if executor == "local":
-        for stage, job_id in jobs.items():
-            try:
-                os.kill(int(job_id), 0)
-            except (ProcessLookupError, ValueError):
-                continue
-            except PermissionError:  # a process of another user took the pid: not ours
-                continue
-            alive[stage] = "running"
-    elif executor == "slurm" and jobs:
-        if shutil.which("squeue") is None:
-            return {stage: "pending" for stage in jobs}
-        ids = ",".join(sorted(set(jobs.values())))
-        listing = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T"], capture_output=True, text=True)
-        states = dict(line.split() for line in listing.stdout.splitlines() if len(line.split()) == 2)
-        for stage, job_id in jobs.items():
-            state = states.get(job_id)
-            if state is not None:
-                alive[stage] = "running" if state in ("RUNNING", "COMPLETING") else "pending"
-    return alive
-
-
 def study_status(out: str | os.PathLike) -> dict[str, list[tuple[str, str | None]]]:
-    """The stages of the study in ``out`` by state: ``{"done": [...], "running": [...], "pending": [...]}``.
+    """The stages of the study in ``out`` by state.
 
-    Each entry is ``(stage, job id or None)``. Done: its outputs exist. Running: its job (from ``jobs.json``) is
-    alive (Slurm: running, or queued, then listed as pending with its job id). Pending: neither.
+    Returns ``{"done", "running", "pending", "blocked", "failed", "unknown": [(stage, job id or None), ...]}``.
+    Done: its outputs exist (whatever its job). Running: its job (from ``jobs.json``) is alive (Slurm: running;
+    queued ones are pending with their job id). Blocked: its Slurm job waits on a failed job and can never start
+    (``DependencyNeverSatisfied``; cancel it, or rerun the study, which cancels it). Failed: its recorded job ended
+    without the stage's outputs. Unknown: a Slurm job, and no ``squeue`` on PATH to ask. Pending: none of these.
 
     Raises
     ------
     ValueError
-        If ``out`` holds no study manifest.
+        If ``out`` holds no study manifest (a missing, invalid or non-study ``manifest.json``: names the file).
     """
     out = Path(out)
     path = out / "manifest.json"
     if not path.exists():
         raise ValueError(f"{out} holds no study (no manifest.json)")
-    config = StudyConfig.from_dict(json.loads(path.read_text())["config"])
-    recorded = _read_jobs(out)
-    alive = _job_states(recorded["executor"], recorded["jobs"])
-    status: dict[str, list[tuple[str, str | None]]] = {"done": [], "running": [], "pending": []}
-    for stage in study_stages(config):
+    try:
+        manifest = json.loads(path.read_text())
+        config = StudyConfig.from_dict(manifest["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        reason = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else "not a study's manifest"
+        raise ValueError(f"{out} holds no study ({path} is {reason})") from None
+    recorded = read_jobs(out)
+    stages = study_stages(config)
+    done = {s.name for s in stages if stage_done(out, s)}
+    alive = job_states(recorded, skip=done)
+    status: dict[str, list[tuple[str, str | None]]] = {
+        k: [] for k in ("done", "running", "pending", "blocked", "failed", "unknown")
+    }
+    for stage in stages:
         job = recorded["jobs"].get(stage.name)
-        if stage.name in alive:
-            status[alive[stage.name]].append((stage.name, job))
-        elif stage_done(out, stage):
+        if stage.name in done:
             status["done"].append((stage.name, None))
+        elif stage.name in alive:
+            status[alive[stage.name]].append((stage.name, job))
+        elif job is not None:
+            status["failed"].append((stage.name, job))
         else:
             status["pending"].append((stage.name, None))
     return status
 
 
-def _refuse_live(out: Path) -> None:
-    recorded = _read_jobs(out)
-    alive = _job_states(recorded["executor"], recorded["jobs"])
-    if alive:
-        listed = ", ".join(f"{s} (job {recorded['jobs'][s]})" for s in alive)
-        raise JobError(f"{out} still has jobs queued or running: {listed}; wait for them or cancel them first")
-
-
 def _failure(job: Any) -> str | None:
-    """None if the job returned, else the last line of its error."""
+    """None if the job returned, else the last line of its error (a local job killed by a signal: that signal)."""
+    process = getattr(job, "_process", None)  # submitit's LocalJob keeps its Popen (no public return code)
+    code = process.poll() if process is not None else None
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"its process was killed by signal {-code} ({name})"
     try:
         job.result()
     except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's own exception, or UncompletedJobError
@@ -187,8 +169,7 @@ def run_study_local(
     submitit = _submitit()
     out = Path(out)
     device = torch.device(device)
-    _refuse_live(out)
-    prepare_study(config, out, device=device)
+    prepare_study(config, out, device=device)  # refuses while a job of `out` is alive
     executor = submitit.LocalExecutor(folder=out / "jobs" / "%j")
     executor.update_parameters(timeout_min=_LOCAL_TIMEOUT_MIN, tasks_per_node=1)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -196,6 +177,7 @@ def run_study_local(
     stages = study_stages(config)
     by_name = {s.name: s for s in stages}
     submitted: dict[str, str] = {}
+    starts: dict[str, str | None] = {}
     running: dict[str, tuple[Any, int]] = {}
     failed: dict[str, str] = {}
     reported = False
@@ -235,7 +217,8 @@ def run_study_local(
             job = executor.submit(_stage_job, config.to_dict(), str(out), stage.name, str(device), report)
             running[stage.name] = (job, slot)
             submitted[stage.name] = str(job.job_id)
-            _write_jobs(out, "local", submitted)
+            starts[stage.name] = process_start(int(job.job_id))  # the pid with its start time: not a recycled pid
+            write_jobs(out, "local", submitted, starts)
             if on_event is not None:
                 on_event(stage.name, "submitted", job.job_id)
         if not running:
@@ -273,19 +256,26 @@ def submit_study_slurm(
     Raises
     ------
     JobError
-        If a stage of this study still has a live job.
+        If a stage of this study still has a live job, or ``sbatch``/``srun`` are not on PATH (before anything is
+        written).
     ValueError
-        For ``gpus_per_job < 1`` or ``time_minutes < 1``.
+        For ``gpus_per_job < 1``, ``time_minutes < 1`` or a ``device`` that is not one.
     """
     for label, value in (("gpus_per_job", gpus_per_job), ("time_minutes", time_minutes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{label}` must be an int >= 1, got {value!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"`device` must name a device (cuda or cpu) for the Slurm jobs, got {device!r}") from None
     submitit = _submitit()
+    missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]
+    if missing:
+        raise JobError(f"--executor slurm needs Slurm, and {' and '.join(missing)} is not on PATH: submit from the "
+                       "cluster's login node (or use --executor local)")  # fmt: skip
     out = Path(out)
-    device = torch.device(device)
-    _refuse_live(out)
-    prepare_study(config, out, device=device)
     executor = submitit.SlurmExecutor(folder=out / "jobs" / "%j")
+    prepare_study(config, out, device=device)  # refuses while a job of `out` is alive
     tasks = gpus_per_job if device.type == "cuda" else 1
     base: dict[str, Any] = {"time": time_minutes, "nodes": 1, "ntasks_per_node": tasks}
     if device.type == "cuda":
@@ -305,5 +295,5 @@ def submit_study_slurm(
         job = executor.submit(_stage_job, config.to_dict(), str(out), stage.name, str(device), report)
         submitted[stage.name] = str(job.job_id)
         logger.info("submitted %s as Slurm job %s", stage.name, job.job_id)
-    _write_jobs(out, "slurm", submitted)
+    write_jobs(out, "slurm", submitted)
     return submitted

@@ -72,6 +72,7 @@ from neuralign.curves import (
 from neuralign.errors import CheckpointError, ConvergenceWarning
 from neuralign.experiments.checkpoints import load_endpoint
 from neuralign.experiments.data import DataBundle, load_data
+from neuralign.experiments.jobs import refuse_live_jobs
 from neuralign.experiments.models import build_model
 from neuralign.experiments.training import train_model
 from neuralign.verification import verify_alignment
@@ -1004,12 +1005,15 @@ def _finish_manifest(study: _Study, report: Stage) -> None:
 
 
 def prepare_study(config: StudyConfig, out: str | os.PathLike, *, device: str | torch.device = "cpu") -> None:
-    """Check or start the manifest of a study in ``out`` (refusing a folder that holds other settings) and record
-    this run in it; done once by the process that runs or submits the stages, before any of them."""
+    """Check or start the manifest of a study in ``out`` (refusing a folder that holds other settings, or one with
+    a job still queued or running: :func:`neuralign.experiments.jobs.refuse_live_jobs`) and record this run in it;
+    done once by the process that runs or submits the stages, before any of them."""
     _prepare(config, Path(out), torch.device(device), None)
 
 
 def _prepare(config: StudyConfig, out: Path, device: torch.device, progress: Progress | None) -> _Study:
+    if out.is_dir():  # no run of any kind while a job of this folder is queued or running
+        refuse_live_jobs(out, done={s.name for s in study_stages(config) if s.name != "report" and stage_done(out, s)})
     out.mkdir(parents=True, exist_ok=True)
     study = _Study(config, out, device, progress)
     study.check_manifest()
@@ -1053,6 +1057,11 @@ def run_study(
     -------
     dict
         The ``results`` written to ``results.json`` (format documented in :mod:`neuralign.experiments.report`).
+
+    Raises
+    ------
+    JobError
+        While a job of ``out`` (``--executor local|slurm``, listed in ``jobs.json``) is queued or running.
     """
     out = Path(out)
     study = _prepare(config, out, torch.device(device), progress)

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuralign._distributed import all_reduce_sum, broadcast_, is_distributed, shard_batch, sum_gradients_
+from neuralign._distributed import (
+    all_reduce_sum,
+    broadcast_,
+    check_same_batch,
+    is_distributed,
+    shard_batch,
+    sum_gradients_,
+)
 from neuralign._utils import (
     as_generator,
     atomic_save,
@@ -225,7 +232,10 @@ def train_model(
             if max_batches_per_epoch is not None and index >= max_batches_per_epoch:
                 finished = False
                 break
-            x, y, share = shard_batch(batch[0].to(device), batch[1].to(device), label="train_loader")
+            x, y = batch[0].to(device), batch[1].to(device)
+            if distributed and index == 0 and epoch == start:
+                check_same_batch(x, y, label="train_loader")
+            x, y, share = shard_batch(x, y, label="train_loader")
             if adversarial is not None:
                 x = adversarial.attack(work, x, y, train=True, generator=attack_generator, loss_fn=loss_fn)
             out = work(x)

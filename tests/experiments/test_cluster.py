@@ -7,19 +7,23 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from neuralign.errors import JobError
 from neuralign.experiments.cli import main
-from neuralign.experiments.study import PRESETS, run_study, stage_done, study_stages
+from neuralign.experiments.jobs import job_states, process_start, write_jobs
+from neuralign.experiments.study import PRESETS, prepare_study, run_stage, run_study, stage_done, study_stages
 
 pytest.importorskip("submitit", reason="the cluster extra (submitit) is not installed")
 
-from neuralign.experiments.cluster import run_study_local, study_status, submit_study_slurm  # noqa: E402
+from neuralign.experiments.cluster import _failure, run_study_local, study_status, submit_study_slurm  # noqa: E402
 
 # demo-sized: 2 end points, 2 curves, their evaluations and the report (8 stages); 3 batches per epoch
 CONFIG = PRESETS["demo"].replace(epochs=1, curve_epochs=3, num_points=3, max_batches=3, bn_batches=2,
@@ -84,7 +88,7 @@ def test_a_killed_job_is_rerun_and_done_stages_are_not(sequential, tmp_path):
     assert not stage_done(tmp_path, stages["pair 1 curve aligned"])
     assert stage_done(tmp_path, stages["pair 1 curve unaligned"])  # independent of the killed stage: finished
     status = study_status(tmp_path)
-    assert ("pair 1 curve aligned", None) in status["pending"] and ("pair 1 eval aligned", None) in status["pending"]
+    assert ("pair 1 curve aligned", job) in status["failed"] and ("pair 1 eval aligned", None) in status["pending"]
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.suffix in (".pt", ".json")
               and "jobs" not in p.parts and p.parent.name != "stages" and p.name not in ("manifest.json", "jobs.json")}
     results = run_study_local(CONFIG, tmp_path, jobs=2, poll_seconds=0.1)
@@ -146,3 +150,119 @@ def test_status_of_a_folder_and_the_cli(tmp_path, capsys):
     assert main(["study", "--status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "done (7):" in out and "running (0):" in out and "pending (0):" in out and "  pair 1 eval aligned" in out
+
+
+# ------------------------------------------------------------------------------------------------ live jobs
+def _bin(folder: Path, **scripts: str) -> Path:
+    """A folder of fake commands (``name=shell body``), for PATH."""
+    folder.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (folder / name).write_text("#!/bin/sh\n" + body + "\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def test_a_local_job_is_its_pid_and_start_time_not_a_recycled_pid():
+    me = {"executor": "local", "jobs": {"endpoint 1": str(os.getpid())}}
+    assert job_states({**me, "starts": {"endpoint 1": process_start(os.getpid())}}) == {"endpoint 1": "running"}
+    # the same pid with another start time: a new process took the finished job's pid
+    assert job_states({**me, "starts": {"endpoint 1": "1"}}) == {}
+
+
+def test_every_way_of_running_refuses_a_folder_with_a_live_job(tmp_path):
+    write_jobs(tmp_path, "local", {"endpoint 1": str(os.getpid())}, {"endpoint 1": process_start(os.getpid())})
+    with pytest.raises(JobError, match=r"still has jobs queued or running: endpoint 1 \(job \d+, running\)"):
+        run_study(CONFIG, tmp_path)  # the sequential run too, not only a second executor run
+    assert not (tmp_path / "manifest.json").exists()
+    with pytest.raises(JobError, match="still has jobs"):
+        run_study_local(CONFIG, tmp_path, jobs=1)
+
+
+def test_a_local_job_killed_by_a_signal_says_so():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    proc.kill()
+    proc.wait()
+    job = SimpleNamespace(_process=proc, result=lambda: None)
+    assert _failure(job) == "its process was killed by signal 9 (SIGKILL)"
+
+
+def test_executors_are_refused_under_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["study", "--preset", "demo", "--executor", "local", "--out", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == lines and (lines == 0 or "not under torchrun" in err)
+    assert not (tmp_path / "s").exists()
+
+
+def test_slurm_without_slurm_or_with_device_auto_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(_bin(tmp_path / "bin")))  # no sbatch, no srun
+    out = tmp_path / "s"
+    for device, words in (("cpu", "sbatch and srun is not on PATH"), ("auto", "--device cuda or --device cpu")):
+        assert main(["study", "--preset", "demo", "--executor", "slurm", "--device", device, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not out.exists()
+    _fake_slurm(tmp_path / "slurm")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'slurm'}{os.pathsep}{os.environ['PATH']}")
+    assert main(["study", "--preset", "demo", "--executor", "slurm", "--slurm-time", "0", "--out", str(out)]) == 2
+    assert "--slurm-time must be an int >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"command": "train"})])
+def test_status_of_a_folder_whose_manifest_is_not_a_study(tmp_path, capsys, text):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match="holds no study .*manifest.json is"):
+        study_status(tmp_path)
+    assert main(["study", "--status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "holds no study" in err
+
+
+ONE = CONFIG.replace(settings=("aligned",))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A study folder with its manifest and its two end points done (the later stages' jobs are faked)."""
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_study(ONE, out)
+    for name in ("endpoint 1", "endpoint 2"):
+        run_stage(ONE, out, name)
+    return out
+
+
+def test_slurm_status_files_first_then_squeue_blocked_and_failed(prepared, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    subprocess.run(["cp", "-r", str(prepared), str(out)], check=True)
+    names = [s.name for s in study_stages(ONE)]
+    assert names[:5] == ["endpoint 1", "endpoint 2", "pair 1 alignment", "pair 1 curve aligned",
+                         "pair 1 eval aligned"] and names[-1] == "report"  # fmt: skip
+    # endpoint 1's job is still listed (completing) but its outputs exist: done; the alignment's job failed (gone,
+    # no outputs); the curve's job waits on it forever; the later ones are queued
+    jobs = {n: str(101 + i) for i, n in enumerate(names)}
+    write_jobs(out, "slurm", jobs)
+    listing = [f"{jobs['endpoint 1']} COMPLETING None", f"{jobs[names[3]]} PENDING DependencyNeverSatisfied"]
+    listing += [f"{jobs[n]} PENDING Dependency" for n in names[4:]]
+    log = tmp_path / "scancel.log"
+    squeue = "printf '" + "".join(line + "\\n" for line in listing) + "'"
+    monkeypatch.setenv("PATH", str(_bin(tmp_path / "bin", squeue=squeue, scancel=f'echo "$@" >> {log}')))
+    status = study_status(out)
+    assert status["done"] == [("endpoint 1", None), ("endpoint 2", None)]
+    assert status["failed"] == [("pair 1 alignment", jobs["pair 1 alignment"])]
+    assert status["blocked"] == [("pair 1 curve aligned", jobs["pair 1 curve aligned"])]
+    assert status["pending"] == [(n, jobs[n]) for n in names[4:]]
+    assert main(["study", "--status", str(out)]) == 0
+    assert f"scancel {jobs['pair 1 curve aligned']}" in capsys.readouterr().out
+    # rerunning cancels the job that can never start; the queued ones still refuse the rerun
+    with pytest.raises(JobError, match=r"still has jobs queued or running: pair 1 eval aligned \(job 105, pending\)"):
+        run_study(ONE, out)  # the end points are done: their jobs are not asked about
+    assert log.read_text().split() == [jobs["pair 1 curve aligned"]]
+    # without squeue: said so, not taken for alive
+    monkeypatch.setenv("PATH", str(_bin(tmp_path / "empty")))
+    assert [n for n, _ in study_status(out)["unknown"]] == names[2:]
+    with pytest.raises(JobError, match="`squeue` is not on PATH"):
+        run_study(ONE, out)
+    assert main(["study", "--status", str(out)]) == 0
+    assert "squeue is not on PATH" in capsys.readouterr().out
