@@ -193,6 +193,22 @@ class StudyConfig:
         if self.pam_x_epochs is not None and (isinstance(self.pam_x_epochs, bool)
                                               or not isinstance(self.pam_x_epochs, int) or self.pam_x_epochs < 1):
             raise ValueError(f"`pam_x_epochs` must be a positive int, got {self.pam_x_epochs!r}")
+        if self.pam_method not in ("linearized", "birkhoff"):
+            raise ValueError(f"`pam_method` must be 'linearized' or 'birkhoff', got {self.pam_method!r}")
+        if self.pam_method != "linearized" and (self.pam_max_moved is not None or self.pam_p_steps != 1):
+            raise ValueError("`pam_max_moved` and `pam_p_steps` apply to pam_method='linearized', not "
+                             f"{self.pam_method!r}")  # fmt: skip
+        if self.pam_max_moved is not None and (isinstance(self.pam_max_moved, bool)
+                                               or not isinstance(self.pam_max_moved, (int, float))
+                                               or not 0.0 < self.pam_max_moved <= 1.0):  # fmt: skip
+            raise ValueError(f"`pam_max_moved` must be a fraction in (0, 1], got {self.pam_max_moved!r}")
+        if isinstance(self.pam_birkhoff_steps, bool) or not isinstance(self.pam_birkhoff_steps, int) \
+                or self.pam_birkhoff_steps < 1:  # fmt: skip
+            raise ValueError(f"`pam_birkhoff_steps` must be a positive int, got {self.pam_birkhoff_steps!r}")
+        if self.pam_birkhoff_lr is not None and (isinstance(self.pam_birkhoff_lr, bool)
+                                                 or not isinstance(self.pam_birkhoff_lr, (int, float))
+                                                 or not self.pam_birkhoff_lr > 0):  # fmt: skip
+            raise ValueError(f"`pam_birkhoff_lr` must be a positive number, got {self.pam_birkhoff_lr!r}")
         if isinstance(self.settings, str):  # one setting from the command line (--set settings=aligned)
             object.__setattr__(self, "settings", (self.settings,))
         unknown = [s for s in self.settings if s not in SETTINGS]

@@ -526,6 +526,8 @@ class PAM:
         self.mu = _positive("mu", mu, allow_inf=True)
         self.x_steps = _nonnegative_int("x_steps", x_steps)
         self.birkhoff_steps = _nonnegative_int("birkhoff_steps", birkhoff_steps)
+        if method == "birkhoff" and self.birkhoff_steps < 1:
+            raise ValueError("method 'birkhoff' needs `birkhoff_steps` >= 1 (0 never leaves P_k)")
         self.birkhoff_samples = _nonnegative_int("birkhoff_samples", birkhoff_samples)
         self.birkhoff_lr = _positive("birkhoff_lr", birkhoff_lr, allow_inf=False, allow_none=True)
         self.birkhoff_prox = _positive("birkhoff_prox", birkhoff_prox, allow_inf=True, allow_none=True)

@@ -155,3 +155,19 @@ def test_robust_study_refuses_end_points_trained_on_normalised_inputs(tmp_path):
         with pytest.raises(KeyboardInterrupt):
             run_study(config.replace(endpoints=given), tmp_path / f"study_{name}", progress=stop_at_the_curves)
         assert "curve" in stages and "train" not in stages, name
+
+
+ONLY_LINEARIZED = "`pam_max_moved` and `pam_p_steps` apply to pam_method='linearized'"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"pam_method": "birkhoff", "pam_max_moved": 0.1}, ONLY_LINEARIZED),
+    ({"pam_method": "birkhoff", "pam_p_steps": 4}, ONLY_LINEARIZED),
+    ({"pam_method": "exact"}, "`pam_method` must be 'linearized' or 'birkhoff', got 'exact'"),
+    ({"pam_max_moved": 0}, r"`pam_max_moved` must be a fraction in \(0, 1\], got 0"),
+    ({"pam_birkhoff_steps": 0}, "`pam_birkhoff_steps` must be a positive int, got 0"),
+    ({"pam_birkhoff_lr": 0.0}, "`pam_birkhoff_lr` must be a positive number, got 0.0"),
+])  # fmt: skip
+def test_pam_settings_are_checked_under_their_study_names(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PRESETS["demo"].replace(**overrides)
