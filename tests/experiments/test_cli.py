@@ -250,7 +250,8 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("step", [["pam_max_moved=0.25", "pam_p_steps=2"],
-                                  ["pam_method=birkhoff", "pam_birkhoff_steps=3", "pam_birkhoff_lr=1.0"]])
+                                  pytest.param(["pam_method=birkhoff", "pam_birkhoff_steps=3", "pam_birkhoff_lr=1.0"],
+                                               marks=pytest.mark.slow)])  # fmt: skip
 def test_study_records_objective_moves_and_accuracy_per_pam_iteration(tmp_path, step):
     folder = tmp_path / "pam"
     pam = ["--set", "pam_iters=2", "--set", "verify=false", "--set", "plane_grid=0",
