@@ -3,6 +3,9 @@
 Tatro et al. (2020) support the claim that the correlation alignment is (nearly) locally optimal for
 :math:`\\min_{\\theta, P} F(\\theta, P)` by running PAM from it and seeing it stay. :func:`verify_alignment` turns that
 into five checks, each with numbers, the thresholds used, and a verdict that can come out either way.
+
+Why one module: the five checks share one context (the fitted curve, the held-out batches, the Bonferroni control)
+and one report format; split apart, each would rebuild that context and the verdicts could drift apart.
 """
 
 from __future__ import annotations
