@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from neuralign.alignment import PermutationSpec, align, identity_permutation
-from neuralign.curves.bn import _check_max_batches, _check_model, _parameters_of, _reestimate
+from neuralign.curves.bn import _bn_modules, _check_max_batches, _check_model, _parameters_of, _reestimate
 from neuralign.curves.families import Curve, _check_t
 
 __all__ = ["MidpointAlignment", "midpoint_alignment"]
@@ -93,7 +93,9 @@ def midpoint_alignment(
     """Align the network at :math:`w(t)` of a curve to each of its end points and report the correlations.
 
     The network :math:`M_t` has the curve's weights :math:`w(t)` and batch-norm statistics re-estimated at them
-    (:func:`~neuralign.curves.reestimate_bn` on ``bn_loader``). For each end point :math:`E \\in \\{A, B\\}`,
+    (:func:`~neuralign.curves.reestimate_bn` on ``bn_loader``); the end points' batch-norm statistics are
+    re-estimated on the same batches (not the stored ones), so that at ``t = 0`` :math:`M_t` is :math:`A` itself.
+    For each end point :math:`E \\in \\{A, B\\}`,
     :func:`~neuralign.alignment.align` (correlation, post-activation) matches :math:`M_t`'s units to :math:`E`'s;
     per group :math:`g` with correlation matrix :math:`C_g` between :math:`E`'s and :math:`M_t`'s units,
 
@@ -117,7 +119,8 @@ def midpoint_alignment(
     align_loader : iterable
         Inputs for the correlations (e.g. the paper's first 10k training images, test-time transforms).
     bn_loader : iterable
-        Batches on which the batch-norm statistics at :math:`w(t)` are re-estimated (training batches).
+        Batches on which the batch-norm statistics at :math:`w(t)` and at both end points are re-estimated
+        (training batches).
     t : float
         Position on the curve, in [0, 1] (default the midpoint).
     bn_batches, max_batches : int, optional
@@ -164,11 +167,17 @@ def midpoint_alignment(
     params = _parameters_of(model, {k: v.detach() for k, v in curve(t).items()}, "curve")
     device = next(iter(params.values())).device
     buffers = _reestimate(model, params, bn_loader, bn_batches, device, "bn_loader")
+    bn_keys = {f"{name}.{k}" if name else k for name, _ in _bn_modules(model)
+               for k in ("running_mean", "running_var", "num_batches_tracked")}  # fmt: skip
     ends = {}
     for end, point in zip(_ENDS, (point_a, point_b)):
-        _parameters_of(model, point, f"point_{end}")
+        end_params = {k: v.to(device) for k, v in _parameters_of(model, point, f"point_{end}").items()}
+        # the end point's batch-norm statistics are re-estimated on the same batches as w(t)'s, so that like is
+        # compared with like: at t = 0 the network is A itself, correlation 1 and nothing moved
+        end_buffers = _reestimate(model, end_params, bn_loader, bn_batches, device, "bn_loader")
         net = copy.deepcopy(model)
-        net.load_state_dict({**dict(net.state_dict()), **dict(point)})
+        net.load_state_dict({**dict(net.state_dict()), **dict(point),
+                             **{k: v for k, v in end_buffers.items() if k in bn_keys}})  # fmt: skip
         ends[end] = net.eval()
     mid = copy.deepcopy(model)
     mid.load_state_dict({**params, **buffers})

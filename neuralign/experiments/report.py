@@ -687,8 +687,9 @@ def midpoint_summary(results: Mapping[str, Any]) -> dict[str, Any]:
 
 def learning_speed(results: Mapping[str, Any]) -> dict[str, Any]:
     """Per setting and pair, the final train loss and accuracy of the curve fit and the first curve epoch (1-based)
-    at which its train loss is at most the Unaligned curve's final train loss of the same pair (None: not reached).
-    Reads ``pair["train_history"]``; empty when no pair has it."""
+    at which its train loss is at most the Unaligned curve's final train loss of the same pair (None: not reached;
+    ``"n/a"``: the pair has no Unaligned curve to compare with). Reads ``pair["train_history"]``; empty when no pair
+    has it."""
     out: dict[str, Any] = {}
     for pair in results["pairs"]:
         hist = pair.get("train_history") or {}
@@ -703,7 +704,7 @@ def learning_speed(results: Mapping[str, Any]) -> dict[str, Any]:
             row["final_accuracy"].append(float(h[-1]["accuracy"]))
             row["epochs"].append(len(h))
             row["first_epoch"].append(
-                None if target is None else next((int(r["epoch"]) for r in h if float(r["loss"]) <= target), None)
+                "n/a" if target is None else next((int(r["epoch"]) for r in h if float(r["loss"]) <= target), None)
             )
     return out
 
@@ -755,7 +756,7 @@ def _learning_speed_lines(results: Mapping[str, Any]) -> list[str]:
         return []
     rows = []
     for s, row in speed.items():
-        first = ", ".join("not reached" if e is None else str(e) for e in row["first_epoch"])
+        first = ", ".join("not reached" if e is None else str(e) for e in row["first_epoch"])  # "n/a" stays
         rows.append(f"| {SETTING_LABELS.get(s, s)} | {_fmt_stat(_stat(row['final_loss']), 3)} | "
                     f"{_fmt_stat(_stat(row['final_accuracy'], 100.0), 1)} | {first} |")  # fmt: skip
     n = max(len(r["epochs"]) for r in speed.values())

@@ -102,7 +102,9 @@ class StudyConfig:
     ``curve_weight_decay``. PAM: ``pam_iters`` outer iterations of ``pam_x_epochs`` curve epochs each (default
     ``curve_epochs``), ``pam_lam``, ``pam_method``, ``pam_max_moved`` and ``pam_p_steps`` (bounded linearised
     P-steps), ``pam_birkhoff_steps`` and ``pam_birkhoff_lr`` (the relaxed P-step: projected gradient steps on the
-    Birkhoff polytope, each on ``pam_gradient_batches`` batches; see :class:`~neuralign.optim.PAM`),
+    Birkhoff polytope, each on ``pam_gradient_batches`` batches; see :class:`~neuralign.optim.PAM`) and
+    ``pam_birkhoff_samples`` (Birkhoff-von Neumann draws among its rounding candidates), ``pam_value_batches``
+    (training batches, each at t = 0.25, 0.5, 0.75, on which every P-step candidate's objective is evaluated),
     ``pam_local_search``, ``pam_gradient_batches``; every outer
     iteration's curve is evaluated like the final one (Min accuracy per iteration). Evaluation: ``num_points``,
     ``bn_batches`` (``None``: a full training pass per point, as in the paper), ``plane_grid`` (0: no plane).
@@ -155,6 +157,8 @@ class StudyConfig:
     pam_p_steps: int = 1
     pam_birkhoff_steps: int = 20
     pam_birkhoff_lr: float | None = None
+    pam_birkhoff_samples: int = 32
+    pam_value_batches: int = 8
     pam_local_search: int = 0
     pam_gradient_batches: int | None = None
     num_points: int = 65
@@ -205,6 +209,15 @@ class StudyConfig:
         if isinstance(self.pam_birkhoff_steps, bool) or not isinstance(self.pam_birkhoff_steps, int) \
                 or self.pam_birkhoff_steps < 1:  # fmt: skip
             raise ValueError(f"`pam_birkhoff_steps` must be a positive int, got {self.pam_birkhoff_steps!r}")
+        if self.pam_method != "birkhoff" and self.pam_birkhoff_samples != 32:
+            raise ValueError("`pam_birkhoff_samples` applies to pam_method='birkhoff', not "
+                             f"{self.pam_method!r}")  # fmt: skip
+        if isinstance(self.pam_birkhoff_samples, bool) or not isinstance(self.pam_birkhoff_samples, int) \
+                or self.pam_birkhoff_samples < 0:  # fmt: skip
+            raise ValueError(f"`pam_birkhoff_samples` must be an int >= 0, got {self.pam_birkhoff_samples!r}")
+        if isinstance(self.pam_value_batches, bool) or not isinstance(self.pam_value_batches, int) \
+                or self.pam_value_batches < 1:  # fmt: skip
+            raise ValueError(f"`pam_value_batches` must be a positive int, got {self.pam_value_batches!r}")
         if self.pam_birkhoff_lr is not None and (isinstance(self.pam_birkhoff_lr, bool)
                                                  or not isinstance(self.pam_birkhoff_lr, (int, float))
                                                  or not self.pam_birkhoff_lr > 0):  # fmt: skip
@@ -304,8 +317,8 @@ PRESETS: dict[str, StudyConfig] = {
     "cpu": StudyConfig(
         pairs=3, train_size=10000, test_size=5000, align_size=5000, epochs=20, curve_epochs=10, num_points=17,
         bn_batches=10, plane_grid=9, pam_iters=2, pam_x_epochs=5, pam_method="birkhoff", pam_birkhoff_steps=160,
-        pam_birkhoff_lr=1.0, pam_gradient_batches=1, verify_iters=1, verify_swaps=16, verify_batches=4,
-        verify_ts=(0.5,), verify_local_search=8, verify_random_starts=1,
+        pam_birkhoff_lr=1.0, pam_birkhoff_samples=8, pam_value_batches=4, pam_gradient_batches=1, verify_iters=1,
+        verify_swaps=16, verify_batches=4, verify_ts=(0.5,), verify_local_search=8, verify_random_starts=1,
     ),
     # The offline demo on the shipped UCI digits (8x8, resized to 16x16 for TinyTen): a few minutes on a CPU.
     "demo": StudyConfig(
@@ -428,7 +441,8 @@ def _zoo_kwargs(config: StudyConfig, data: DataBundle) -> dict[str, Any]:
 
 def _pam_step_options(c: StudyConfig) -> dict[str, Any]:
     if c.pam_method == "birkhoff":
-        return {"birkhoff_steps": c.pam_birkhoff_steps, "birkhoff_lr": c.pam_birkhoff_lr}
+        return {"birkhoff_steps": c.pam_birkhoff_steps, "birkhoff_lr": c.pam_birkhoff_lr,
+                "birkhoff_samples": c.pam_birkhoff_samples}
     return {"max_moved": c.pam_max_moved, "p_steps": c.pam_p_steps}
 
 
@@ -703,7 +717,8 @@ class _Study:
                 a, sd_a, sd_b, self.data.train, init="identity" if setting == "pam_unaligned" else perms, spec=spec,
                 method=c.pam_method, lam=c.pam_lam, max_iter=c.pam_iters, x_epochs=x_epochs,
                 optimizer=optimizer, weight_decay=c.curve_weight_decay, gradient_batches=c.pam_gradient_batches,
-                value_loader=self.data.train_eval, local_search=c.pam_local_search, generator=seed,
+                value_loader=self.data.train_eval, value_batches=c.pam_value_batches, local_search=c.pam_local_search,
+                generator=seed,
                 lr_lambda=c.lr_lambda(c.curve_epochs),
                 callback=on_event, checkpoint=folder / f"curve_{setting}.ckpt", max_batches_per_epoch=c.max_batches,
                 **_pam_step_options(c),

@@ -11,6 +11,7 @@ import numpy as np
 __all__ = ["TaylorResult", "taylor_test"]
 
 _WINDOW = 4  # consecutive steps (one decade at the default spacing) over which the asymptotic slope is fitted
+_FIRST_ORDER = 1.4  # a fitted slope at most this is first order (a wrong gradient); between it and min_slope: mixed
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,8 @@ class TaylorResult:
     verdict : str
         ``"pass"``, ``"fail"`` or ``"inconclusive"`` (see :func:`taylor_test`).
     relative_error : float
-        :math:`\\operatorname{median}_{\\text{used}} (e / \\varepsilon) / |d|`: the size of a first-order part of
-        the remainder relative to the derivative (the relative error of :math:`d` if the remainder is first order).
+        :math:`\\min_{\\text{used}} (e / \\varepsilon) / |d|`: the size of a first-order part of the remainder
+        relative to the derivative (the relative error of :math:`d` if the remainder is first order).
     min_slope, max_relative_error : float
         The thresholds.
     message : str
@@ -69,6 +70,19 @@ class TaylorResult:
         }
 
 
+def _value_eps(values: Sequence[float]) -> float:
+    """Machine epsilon of the precision ``f`` computes in, read off its values: float16 / bfloat16 / float32 when
+    every value is exactly representable there (a float64 computation almost never is), else float64."""
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and all(float(np.float16(v)) == v for v in finite):
+        return float(np.finfo(np.float16).eps)
+    if finite and all(float(np.float32(v)) == v for v in finite):
+        if all(int(np.array(v, dtype=np.float32).view(np.uint32)) & 0xFFFF == 0 for v in finite):
+            return 2.0**-7  # bfloat16: float32 with the low 16 bits of the mantissa zero
+        return float(np.finfo(np.float32).eps)
+    return float(np.finfo(np.float64).eps)
+
+
 def taylor_test(
     f: Callable[[float], float],
     directional_derivative: float,
@@ -90,12 +104,18 @@ def taylor_test(
 
     The slope is fitted where it means something: over the ``4`` smallest consecutive steps whose remainder is
     above the noise floor (below it the remainder is rounding; at larger steps a ReLU or max-pool network crosses
-    kinks, which add first-order pieces to the remainder of a correct gradient). Verdicts:
+    kinks, which add first-order pieces to the remainder of a correct gradient). The default floor follows the
+    rounding of ``f`` itself: 10 times the larger of 8 ulp of :math:`\\max(1, |g(0)|)` in the precision ``f``
+    computes in (float16, bfloat16, float32 or float64, read off its values) and the remainder measured at three
+    steps 10^3 to 10^5 times below the smallest (where even a first-order remainder is 1000 times smaller than
+    at the smallest step tested),
+    so rounding is at most a tenth of every remainder fitted. Verdicts:
 
     * ``"pass"``: slope :math:`\\ge` ``min_slope`` there (second order).
-    * ``"fail"``: the remainder is not second order and its first-order part
-      :math:`\\operatorname{median}(e/\\varepsilon)` is more than ``max_relative_error`` of :math:`|d|`: the
-      derivative is off by about that fraction.
+    * ``"fail"``: the remainder is not second order and its first-order part, the smallest
+      :math:`e/\\varepsilon` over the fitted steps, is more than ``max_relative_error`` of :math:`|d|`: the
+      derivative is off by at least about that fraction (a kink adds to :math:`e/\\varepsilon` only beyond it,
+      so the smallest steps bound the error of :math:`d` best).
     * ``"inconclusive"``: no 3 consecutive steps above the noise floor, or a remainder that is not second order but
       whose first-order part is at most ``max_relative_error`` of :math:`|d|` (a kink within the smallest
       resolvable step looks exactly like that; so does a gradient error below the tolerance).
@@ -110,14 +130,15 @@ def taylor_test(
     directional_derivative : float
         The claimed :math:`d`.
     steps : sequence of float, optional
-        Default ``logspace(-8, 0, 25)`` (three per decade); sorted ascending.
+        Default ``logspace(-8, 0, 25)`` (three per decade); distinct, positive, finite; sorted ascending.
     min_slope : float
-        Smallest fitted slope accepted as second order.
+        Smallest fitted slope accepted as second order, in (1, 2].
     max_relative_error : float
-        Largest first-order part of the remainder, relative to :math:`|d|`, that is not called a wrong gradient.
+        Largest first-order part of the remainder, relative to :math:`|d|`, that is not called a wrong gradient
+        (positive).
     noise_floor : float, optional
-        Errors at or below this are rounding noise and left out of the fit (default :math:`10^{4}` ulp of
-        :math:`\\max(1, |g(0)|)`: a float64 network sums many rounded terms).
+        Errors at or below this are rounding noise and left out of the fit (non-negative; default: measured, as
+        above).
 
     Returns
     -------
@@ -126,7 +147,8 @@ def taylor_test(
     Raises
     ------
     ValueError
-        Fewer than 3 steps, a step that is not positive, or a non-finite :math:`g(0)` or :math:`d`.
+        Fewer than 3 steps, a step that is not positive and finite, repeated steps, ``min_slope`` outside (1, 2],
+        ``max_relative_error`` not positive, a negative ``noise_floor``, or a non-finite :math:`g(0)` or :math:`d`.
 
     References
     ----------
@@ -144,18 +166,36 @@ def taylor_test(
     'inconclusive'
     """
     eps = sorted(float(s) for s in (steps if steps is not None else np.logspace(-8, 0, 25)))
-    if len(eps) < 3 or any(s <= 0 for s in eps):
-        raise ValueError(f"`steps` must hold at least 3 positive step sizes, got {eps}")
+    if len(eps) < 3 or any(not (0 < s < math.inf) for s in eps):
+        raise ValueError(f"`steps` must hold at least 3 positive finite step sizes, got {eps}")
+    if len(set(eps)) != len(eps):
+        raise ValueError(f"`steps` must be distinct, got {eps}")
+    if not 1.0 < float(min_slope) <= 2.0:
+        raise ValueError(f"`min_slope` must be in (1, 2] (1: a wrong gradient, 2: a correct one), got {min_slope}")
+    if not float(max_relative_error) > 0:
+        raise ValueError(f"`max_relative_error` must be positive, got {max_relative_error}")
+    if noise_floor is not None and not float(noise_floor) >= 0:
+        raise ValueError(f"`noise_floor` must be >= 0, got {noise_floor}")
     f0 = float(f(0.0))
     d = float(directional_derivative)
     if not math.isfinite(f0) or not math.isfinite(d):
         raise ValueError(f"the function value {f0} or the derivative {d} is not finite")
-    floor = noise_floor if noise_floor is not None else 1e4 * np.finfo(np.float64).eps * max(1.0, abs(f0))
-    errors = [abs(float(f(s)) - f0 - s * d) for s in eps]
-    above = [e > floor and math.isfinite(e) for e in errors]
+    values = [float(f(s)) for s in eps]
+    errors = [abs(v - f0 - s * d) for s, v in zip(eps, values)]
+    if noise_floor is None:
+        probes = [eps[0] * 10.0**-k for k in (3, 4, 5)]
+        probe_values = [float(f(s)) for s in probes]
+        rounding = 8 * _value_eps([f0, *values, *probe_values]) * abs(f0)
+        measured = max((abs(v - f0 - s * d) for s, v in zip(probes, probe_values)), default=0.0)
+        floor = 10.0 * max(rounding, measured if math.isfinite(measured) else math.inf)
+    else:
+        floor = float(noise_floor)
+    # a step whose value rounds to g(0) itself (the perturbation vanished in f's precision) says nothing
+    above = [e > floor and math.isfinite(e) and v != f0 for e, v in zip(errors, values)]
     start = next((i for i in range(len(eps) - 2) if all(above[i : i + 3])), None)
     if start is None:
-        message = "fewer than 3 consecutive steps have a remainder above the noise floor: the test cannot judge"
+        message = (f"fewer than 3 consecutive steps have a remainder above the noise floor {floor:.2g}: the test "
+                   "cannot judge")  # fmt: skip
         return TaylorResult(eps, errors, math.nan, [], "inconclusive", math.nan, min_slope, max_relative_error,
                             message)  # fmt: skip
     used = [start]
@@ -164,12 +204,12 @@ def taylor_test(
     x = np.log([eps[i] for i in used])
     y = np.log([errors[i] for i in used])
     slope = float(np.polyfit(x, y, 1)[0])
-    relative = float(np.median([errors[i] / eps[i] for i in used])) / abs(d) if d else math.inf
+    relative = min(errors[i] / eps[i] for i in used) / abs(d) if d else math.inf
     window = f"steps {eps[used[0]]:.2g}-{eps[used[-1]]:.2g}"
     if slope >= min_slope:
         verdict = "pass"
         message = f"remainder decays with slope {slope:.2f} over {window} (second order: gradient consistent)"
-    elif relative > max_relative_error:
+    elif slope <= _FIRST_ORDER and relative > max_relative_error:
         verdict = "fail"
         message = (
             f"remainder decays with slope {slope:.2f} over {window}, below {min_slope}, and its first-order part "
@@ -178,6 +218,9 @@ def taylor_test(
     else:
         verdict = "inconclusive"
         message = (
+            f"remainder decays with slope {slope:.2f} over {window}, between first order ({_FIRST_ORDER}) and "
+            f"{min_slope}: neither a wrong gradient nor a clean second-order decay (higher-order terms or kinks)"
+        ) if slope > _FIRST_ORDER else (
             f"remainder decays with slope {slope:.2f} over {window}, below {min_slope}, but its first-order part "
             f"is only {relative:.2g} of |d| (at most {max_relative_error:g}): a kink within the smallest resolvable "
             "step, or a gradient error below the tolerance"
