@@ -671,8 +671,21 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
 
     device = _device(args.device)
     out = Path(args.out)
+    step: dict[str, Any] = {}  # the P-step schedule's options, each only with its method
+    if args.method == "linearized":
+        step = {"max_moved": args.max_moved, "p_steps": args.p_steps}
+    elif args.max_moved is not None or args.p_steps != 1:
+        raise SystemExit("neuralign pam: --max-moved and --p-steps apply to --method linearized")
+    if args.method == "birkhoff":
+        step = {"birkhoff_steps": args.birkhoff_steps, "birkhoff_lr": args.birkhoff_lr,
+                "birkhoff_samples": args.birkhoff_samples}  # fmt: skip
+    elif (args.birkhoff_steps, args.birkhoff_lr, args.birkhoff_samples) != (20, None, 32):
+        raise SystemExit("neuralign pam: --birkhoff-steps, --birkhoff-lr and --birkhoff-samples apply to "
+                         "--method birkhoff")  # fmt: skip
     options = _options(args, "model_a", "model_b", "init", "method", "lam", "iters", "epochs", "local_search", "lr",
-                       "weight_decay", "seed", files=("model_a", "model_b", "init"))  # fmt: skip
+                       "weight_decay", "seed", "max_moved", "p_steps", "birkhoff_steps", "birkhoff_lr",
+                       "birkhoff_samples", "gradient_batches", "value_batches",
+                       files=("model_a", "model_b", "init"))  # fmt: skip
     recorded = None
     if (out / "pam.json").exists() and not args.force:
         recorded = json.loads((out / "pam.json").read_text()).get("options")
@@ -699,11 +712,12 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
         a, _state(a), _state(b), data.train, init=init, align_loader=data.align, method=args.method, lam=args.lam,
         max_iter=args.iters, x_epochs=args.epochs, optimizer=_optimizer(args.lr), weight_decay=args.weight_decay,
         value_loader=data.train_eval, local_search=args.local_search, generator=args.seed, callback=on_event,
-        checkpoint=out / "pam.ckpt",
+        checkpoint=out / "pam.ckpt", gradient_batches=args.gradient_batches, value_batches=args.value_batches,
+        **step,
     )  # fmt: skip
     res.curve.save(out / "curve.pt")
     settings = {"lam": args.lam, "iters": args.iters, "epochs": args.epochs, "init": str(args.init),
-                "local_search": args.local_search, "seed": args.seed}  # fmt: skip
+                "local_search": args.local_search, "seed": args.seed, **step}  # fmt: skip
     record = _alignment_record(res, meta_a, meta_b, method=f"pam-{args.method}", settings=settings)
     p2 = save_permutation_file(out / "perms.pt", record)
     summary = {"objective": res.history, "changed": res.changed, "backtracks": res.backtracks,
@@ -1056,6 +1070,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=1, help="outer iterations (default: 1)")
     p.add_argument("--epochs", type=int, default=250, help="curve epochs per x-step (default: 250)")
     p.add_argument("--local-search", type=int, default=0, help="swaps tried per group after each P-step")
+    p.add_argument("--max-moved", type=float, default=None,
+                   help="linearized: the largest fraction of a group's units one P-step may reassign (a bounded "
+                        "step, lambda found by bisection; default: unbounded)")  # fmt: skip
+    p.add_argument("--p-steps", type=int, default=1, help="linearized: P-steps per outer iteration (default: 1)")
+    p.add_argument("--birkhoff-steps", type=int, default=20,
+                   help="birkhoff: projected gradient steps on the Birkhoff polytope per P-step (default: 20)")
+    p.add_argument("--birkhoff-lr", type=float, default=None, help="birkhoff: their step size (default: PAM's)")
+    p.add_argument("--birkhoff-samples", type=int, default=32,
+                   help="birkhoff: Birkhoff-von Neumann draws among the rounding candidates (default: 32)")
+    p.add_argument("--gradient-batches", type=int, default=None,
+                   help="training batches per P-gradient estimate (default: PAM's)")
+    p.add_argument("--value-batches", type=int, default=8,
+                   help="training batches (at t = 0.25, 0.5, 0.75) scoring each P-step candidate (default: 8)")
     _add_force(p)
     p.add_argument("--lr", type=float, default=0.1, help="curve learning rate (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on w(t) (default: 5e-4)")

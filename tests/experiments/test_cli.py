@@ -151,6 +151,28 @@ def endpoints(tmp_path_factory):
     return folder / "tinyten_seed1.pt", folder / "tinyten_seed2.pt"
 
 
+def test_pam_command_takes_the_p_step_schedules(endpoints, tmp_path):
+    """`neuralign pam` offers the schedules the study has (a reviewer found it lacked them); an option of the other
+    P-step is refused rather than ignored."""
+    a, b = endpoints
+    pair = ["--model-a", str(a), "--model-b", str(b), *DATA, "--epochs", "1"]
+    assert main(["pam", *pair, "--method", "birkhoff", "--birkhoff-steps", "2", "--birkhoff-lr", "1.0",
+                 "--birkhoff-samples", "2", "--value-batches", "2", "--gradient-batches", "1",
+                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    options = json.loads((tmp_path / "b" / "pam.json").read_text())["options"]
+    assert (options["birkhoff_steps"], options["birkhoff_samples"], options["value_batches"]) == (2, 2, 2)
+    assert main(["pam", *pair, "--max-moved", "0.1", "--p-steps", "2", "--value-batches", "2",
+                 "--out", str(tmp_path / "l")]) == 0  # fmt: skip
+    changed = json.loads((tmp_path / "l" / "pam.json").read_text())["changed"]
+    sizes = {g: len(p) for g, p in torch.load(tmp_path / "l" / "perms.pt", weights_only=True)["perms"].items()}
+    for g, moved in changed.items():  # at most 10 % of a group per P-step, two P-steps
+        assert moved[0] <= 2 * int(0.1 * sizes[g]) + 2, (g, moved, sizes[g])
+    with pytest.raises(SystemExit, match="--max-moved and --p-steps apply to --method linearized"):
+        main(["pam", *pair, "--method", "birkhoff", "--max-moved", "0.1", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="apply to --method birkhoff"):
+        main(["pam", *pair, "--birkhoff-samples", "4", "--out", str(tmp_path / "y")])
+
+
 def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, capsys):
     a, b = endpoints
     state = torch.load(a, weights_only=True)
