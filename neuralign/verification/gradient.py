@@ -74,7 +74,7 @@ def _value_eps(values: Sequence[float]) -> float:
     """Machine epsilon of the precision ``f`` computes in, read off its values: float16 / bfloat16 / float32 when
     every value is exactly representable there (a float64 computation almost never is), else float64."""
     finite = [v for v in values if math.isfinite(v)]
-    if finite and all(float(np.float16(v)) == v for v in finite):
+    if finite and all(abs(v) <= 65504.0 and float(np.float16(v)) == v for v in finite):
         return float(np.finfo(np.float16).eps)
     if finite and all(float(np.float32(v)) == v for v in finite):
         if all(int(np.array(v, dtype=np.float32).view(np.uint32)) & 0xFFFF == 0 for v in finite):
@@ -105,17 +105,20 @@ def taylor_test(
     The slope is fitted where it means something: over the ``4`` smallest consecutive steps whose remainder is
     above the noise floor (below it the remainder is rounding; at larger steps a ReLU or max-pool network crosses
     kinks, which add first-order pieces to the remainder of a correct gradient). The default floor follows the
-    rounding of ``f`` itself: 10 times the larger of 8 ulp of :math:`\\max(1, |g(0)|)` in the precision ``f``
+    rounding of ``f`` itself: 10 times the larger of 8 ulp of :math:`|g(0)|` in the precision ``f``
     computes in (float16, bfloat16, float32 or float64, read off its values) and the remainder measured at three
     steps 10^3 to 10^5 times below the smallest (where even a first-order remainder is 1000 times smaller than
     at the smallest step tested),
     so rounding is at most a tenth of every remainder fitted. Verdicts:
 
-    * ``"pass"``: slope :math:`\\ge` ``min_slope`` there (second order).
-    * ``"fail"``: the remainder is not second order and its first-order part, the smallest
+    * ``"pass"``: slope :math:`\\ge` ``min_slope`` there (second order) and the remainder at the smallest
+      fitted step is small enough to show a gradient error of ``max_relative_error`` (else a large second-order
+      part could hide it: inconclusive).
+    * ``"fail"``: the remainder is first order (slope at most 1.4), ``f`` computes in float64 (in lower
+      precision rounding hides the steps below the first kink: inconclusive) and its first-order part, the smallest
       :math:`e/\\varepsilon` over the fitted steps, is more than ``max_relative_error`` of :math:`|d|`: the
       derivative is off by at least about that fraction (a kink adds to :math:`e/\\varepsilon` only beyond it,
-      so the smallest steps bound the error of :math:`d` best).
+      so the smallest steps bound the error of :math:`d` best; with :math:`d = 0` the part is absolute).
     * ``"inconclusive"``: no 3 consecutive steps above the noise floor, or a remainder that is not second order but
       whose first-order part is at most ``max_relative_error`` of :math:`|d|` (a kink within the smallest
       resolvable step looks exactly like that; so does a gradient error below the tolerance).
@@ -172,20 +175,21 @@ def taylor_test(
         raise ValueError(f"`steps` must be distinct, got {eps}")
     if not 1.0 < float(min_slope) <= 2.0:
         raise ValueError(f"`min_slope` must be in (1, 2] (1: a wrong gradient, 2: a correct one), got {min_slope}")
-    if not float(max_relative_error) > 0:
-        raise ValueError(f"`max_relative_error` must be positive, got {max_relative_error}")
-    if noise_floor is not None and not float(noise_floor) >= 0:
-        raise ValueError(f"`noise_floor` must be >= 0, got {noise_floor}")
+    if not 0 < float(max_relative_error) < math.inf:
+        raise ValueError(f"`max_relative_error` must be positive and finite, got {max_relative_error}")
+    if noise_floor is not None and not 0 <= float(noise_floor) < math.inf:
+        raise ValueError(f"`noise_floor` must be finite and >= 0, got {noise_floor}")
     f0 = float(f(0.0))
     d = float(directional_derivative)
     if not math.isfinite(f0) or not math.isfinite(d):
         raise ValueError(f"the function value {f0} or the derivative {d} is not finite")
     values = [float(f(s)) for s in eps]
     errors = [abs(v - f0 - s * d) for s, v in zip(eps, values)]
+    probes = [eps[0] * 10.0**-k for k in (3, 4, 5)]
+    probe_values = [float(f(s)) for s in probes]
+    unit = _value_eps([f0, *values, *probe_values])
     if noise_floor is None:
-        probes = [eps[0] * 10.0**-k for k in (3, 4, 5)]
-        probe_values = [float(f(s)) for s in probes]
-        rounding = 8 * _value_eps([f0, *values, *probe_values]) * abs(f0)
+        rounding = 8 * unit * abs(f0)
         measured = max((abs(v - f0 - s * d) for s, v in zip(probes, probe_values)), default=0.0)
         floor = 10.0 * max(rounding, measured if math.isfinite(measured) else math.inf)
     else:
@@ -204,11 +208,27 @@ def taylor_test(
     x = np.log([eps[i] for i in used])
     y = np.log([errors[i] for i in used])
     slope = float(np.polyfit(x, y, 1)[0])
-    relative = min(errors[i] / eps[i] for i in used) / abs(d) if d else math.inf
+    # the first-order part relative to |d| (absolute when d = 0)
+    relative = min(errors[i] / eps[i] for i in used) / (abs(d) if d else 1.0)
     window = f"steps {eps[used[0]]:.2g}-{eps[used[-1]]:.2g}"
-    if slope >= min_slope:
+    low = unit > np.finfo(np.float64).eps  # f computes in float32 or less
+    if slope >= min_slope and relative <= max_relative_error:
         verdict = "pass"
         message = f"remainder decays with slope {slope:.2f} over {window} (second order: gradient consistent)"
+    elif slope >= min_slope:
+        verdict = "inconclusive"
+        message = (
+            f"remainder decays with slope {slope:.2f} over {window}, but the smallest resolvable step is so large "
+            f"that its second-order part ({relative:.2g} of |d|) would hide a gradient error above "
+            f"{max_relative_error:g} (rounding of a large |g(0)|, or low precision): evaluate f in float64"
+        )
+    elif slope <= _FIRST_ORDER and relative > max_relative_error and low:
+        verdict = "inconclusive"
+        message = (
+            f"remainder decays with slope {slope:.2f} over {window}, first order, but f computes in float32 or "
+            "less: its rounding hides the small steps below the first ReLU/max-pool kinks, where a correct "
+            "gradient's remainder is second order; evaluate f in float64 to tell a wrong gradient from kinks"
+        )
     elif slope <= _FIRST_ORDER and relative > max_relative_error:
         verdict = "fail"
         message = (

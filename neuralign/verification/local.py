@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -472,12 +474,14 @@ def _neighbourhood_moves(ctx: _Context, g: str, G: torch.Tensor, screen, opts, g
 def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResult:
     prob = ctx.problem
     # rank on training batches, not on the held-out ones that score the moves (a selection on the same batches
-    # would bias the held-out test): the first-order estimate and the exact change on the first ``screen_examples``
-    # examples of the ``gradient_batches`` training batches (one forward pass per time), at the value times
+    # would bias the held-out test): the first-order estimate on the ``gradient_batches`` training batches, and the
+    # exact change on ``screen_examples`` training examples (one forward pass per time), at the value times
     batches = prob._train_batches(prob.gradient_batches)
     ts = list(opts["value_ts"])
     G = prob.gradient_at(ctx.x, ctx.identity, [b for b in batches for _ in ts], [t for _ in batches for t in ts])
-    screen_batch = tuple(torch.cat([b[i] for b in batches])[: opts["screen_examples"]] for i in (0, 1))
+    needed = -(-opts["screen_examples"] // int(batches[0][0].shape[0]))  # training batches to fill the set
+    screening = batches if needed <= len(batches) else prob._train_batches(needed)
+    screen_batch = tuple(torch.cat([b[i] for b in screening])[: opts["screen_examples"]] for i in (0, 1))
 
     def screen(changes: Mapping[str, torch.Tensor]) -> float:
         with torch.no_grad():
@@ -667,18 +671,21 @@ def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
 
 def _check_options(ints, open_unit, nonnegative, positive) -> None:
     """One-line errors naming the option: ints ``name: (value, least)``, fractions in (0, 1), numbers >= 0, > 0."""
+    def real(v: Any) -> bool:  # NumPy scalars count; bools do not
+        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(float(v))
+
     for name, (value, least) in ints.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < least:
             raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}")
     for name, value in open_unit.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        if not real(value) or not 0.0 < value < 1.0:
             raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
     for name, value in nonnegative.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
-            raise ValueError(f"`{name}` must be a number >= 0, got {value!r}")
+        if not real(value) or not value >= 0.0:
+            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
     for name, value in positive.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0.0:
-            raise ValueError(f"`{name}` must be a positive number, got {value!r}")
+        if not real(value) or not value > 0.0:
+            raise ValueError(f"`{name}` must be a finite positive number, got {value!r}")
 
 
 def verify_alignment(
@@ -702,10 +709,10 @@ def verify_alignment(
     random_starts: int = 1,
     reassign_threshold: float = 0.05,
     certificate_lam: float | None = None,
-    n_swaps: int = 32,
-    n_control_swaps: int = 8,
-    screen_examples: int = 64,
-    screen_pairs: int = 128,
+    n_swaps: int = 8,
+    n_control_swaps: int = 4,
+    screen_examples: int = 256,
+    screen_pairs: int = 512,
     n_cycles: int = 0,
     refit_epochs: int = 0,
     alpha: float = 0.05,
@@ -747,9 +754,8 @@ def verify_alignment(
        ``certificate_lam`` is cross-checked against its Birkhoff-polytope LP relaxation (cvxpy), whose optimum is a
        vertex: the objectives must agree.
     3. ``neighbourhood``: all transpositions :math:`T_{ij}` of each group are ranked by a cheap estimate of their
-       effect, the exact change of the curve objective on a screening set (the first ``screen_examples`` examples
-       of the ``gradient_batches`` training batches, at ``value_ts``; not the held-out batches, so that the
-       selection does not bias the held-out test);
+       effect, the exact change of the curve objective on a screening set (``screen_examples`` training examples,
+       at ``value_ts``; not the held-out batches, so that the selection does not bias the held-out test);
        a group with more than ``screen_pairs`` transpositions screens only those with the largest first-order
        estimate :math:`|\\langle G, T_{ij} - I\\rangle|` (:func:`swap_estimates`, ``G`` on ``gradient_batches``
        training batches). The ``n_swaps`` best-ranked are scored by the change of the curve objective on the
@@ -848,6 +854,8 @@ def verify_alignment(
     NonFiniteError
         If the curve objective is NaN or infinite.
     """
+    if isinstance(checks, str) or not checks:
+        raise ValueError(f"`checks` must be a non-empty sequence of check names from {list(CHECKS)}, got {checks!r}")
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         raise ValueError(f"unknown checks {unknown}; expected a subset of {list(CHECKS)}")
@@ -861,10 +869,12 @@ def verify_alignment(
               "value_batches": (value_batches, 2), "gradient_batches": (gradient_batches, 1),
               "gradient_check_examples": (gradient_check_examples, 1)},
         open_unit={"alpha": alpha, "reassign_threshold": reassign_threshold},
-        nonnegative={"min_improvement": min_improvement, "alignment_tol": alignment_tol,
-                     "weight_decay": weight_decay, "max_relative_error": max_relative_error},
-        positive={"lam": lam, "certificate_lam": lam if certificate_lam is None else certificate_lam},
+        nonnegative={"min_improvement": min_improvement, "alignment_tol": alignment_tol, "weight_decay": weight_decay},
+        positive={"lam": lam, "certificate_lam": lam if certificate_lam is None else certificate_lam,
+                  "max_relative_error": max_relative_error},
     )  # fmt: skip
+    if not isinstance(min_slope, numbers.Real) or not 1.0 < float(min_slope) <= 2.0:
+        raise ValueError(f"`min_slope` must be in (1, 2] (1: a wrong gradient, 2: a correct one), got {min_slope!r}")
     if not value_ts or any(not 0.0 <= float(t) <= 1.0 for t in value_ts):
         raise ValueError(f"`value_ts` must be a non-empty sequence of times in [0, 1], got {list(value_ts)}")
     gen = as_generator(generator)
@@ -888,6 +898,11 @@ def verify_alignment(
         value_loader=heldout_loader, value_batches=value_batches, value_ts=value_ts, gradient_batches=gradient_batches,
         generator=stable_seed(seed, "problem"),
     )  # fmt: skip
+    if len(problem.value_set) < 2:
+        raise ValueError(f"`heldout_loader` yielded {len(problem.value_set)} batch; the paired tests need 2 at least")
+    if len(problem.value_set) < value_batches:  # fewer held-out batches: fewer degrees of freedom, less power
+        warnings.warn(f"the held-out loader yielded {len(problem.value_set)} batches, fewer than value_batches="
+                      f"{value_batches}: the checks use {len(problem.value_set)}", stacklevel=2)  # fmt: skip
     x_star = [_start_offset(problem, curve)]
     ctx = _Context(problem, x_star, spec)
     opts = {
@@ -898,7 +913,7 @@ def verify_alignment(
         "screen_pairs": screen_pairs, "refit_epochs": refit_epochs, "alpha": alpha,
         "min_improvement": min_improvement,
         "certificate_steps": certificate_steps,
-        "value_batches": value_batches, "value_ts": tuple(value_ts),
+        "value_batches": value_batches, "heldout_batches": len(problem.value_set), "value_ts": tuple(value_ts),
         "gradient_batches": gradient_batches, "gradient_check_examples": gradient_check_examples,
         "min_slope": min_slope, "max_relative_error": max_relative_error, "alignment_tol": alignment_tol,
         "weight_decay": weight_decay,
