@@ -8,6 +8,7 @@ after: for a curve between aligned end points the midpoint is claimed to be alig
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -77,6 +78,19 @@ class MidpointAlignment:
                    {e: {g: int(v) for g, v in data["moved"][e].items()} for e in _ENDS})  # fmt: skip
 
 
+def _first_batch(loader: Iterable) -> Any:
+    return next(iter(loader), None)
+
+
+def _same_batch(a: Any, b: Any) -> bool:
+    a = a if isinstance(a, (tuple, list)) else (a,)
+    b = b if isinstance(b, (tuple, list)) else (b,)
+    return len(a) == len(b) and all(
+        torch.equal(u, v) if isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) else u == v
+        for u, v in zip(a, b)
+    )
+
+
 def midpoint_alignment(
     model: nn.Module,
     curve: Curve,
@@ -120,7 +134,8 @@ def midpoint_alignment(
         Inputs for the correlations (e.g. the paper's first 10k training images, test-time transforms).
     bn_loader : iterable
         Batches on which the batch-norm statistics at :math:`w(t)` and at both end points are re-estimated
-        (training batches).
+        (training batches). With ``bn_batches`` its first ``bn_batches`` batches are drawn once and used for all
+        three; without, it must yield the same batches on every pass (a shuffling loader is refused).
     t : float
         Position on the curve, in [0, 1] (default the midpoint).
     bn_batches, max_batches : int, optional
@@ -137,7 +152,8 @@ def midpoint_alignment(
     ShapeMismatchError
         If the curve or an end point lacks a parameter of ``model`` or has another shape.
     ValueError
-        For ``t`` outside [0, 1], an empty loader, or a bad batch count.
+        For ``t`` outside [0, 1], an empty loader, a bad batch count, or a shuffling ``bn_loader`` without
+        ``bn_batches``.
 
     References
     ----------
@@ -166,6 +182,13 @@ def midpoint_alignment(
     bn_batches = _check_max_batches(bn_batches, "bn_batches")
     params = _parameters_of(model, {k: v.detach() for k, v in curve(t).items()}, "curve")
     device = next(iter(params.values())).device
+    # the same batches for w(t) and both end points: with bn_batches they are drawn once; without, a loader that
+    # reshuffles between passes is refused (its first batch differs between two passes)
+    if bn_batches is not None:
+        bn_loader = list(itertools.islice(iter(bn_loader), bn_batches))
+    elif _first_batch(bn_loader) is not None and not _same_batch(_first_batch(bn_loader), _first_batch(bn_loader)):
+        raise ValueError("`bn_loader` yields other batches on each pass (a shuffling loader): give bn_batches=N (its "
+                         "first N batches are drawn once) or a fixed-order loader")  # fmt: skip
     buffers = _reestimate(model, params, bn_loader, bn_batches, device, "bn_loader")
     bn_keys = {f"{name}.{k}" if name else k for name, _ in _bn_modules(model)
                for k in ("running_mean", "running_var", "num_batches_tracked")}  # fmt: skip

@@ -665,30 +665,35 @@ def _export_point(model: torch.nn.Module, curve, t: float, data, bn_batches: int
     return write_weights(out, {k: state[k] for k in order}, metadata={"neuralign_curve_t": repr(t)})
 
 
+# fit_curve_pam's defaults of the options `neuralign pam` gained later (None: PAM's own)
+_PAM_STEP_DEFAULTS = {"max_moved": None, "p_steps": 1, "birkhoff_steps": 20, "birkhoff_lr": None,
+                      "birkhoff_samples": 32, "gradient_batches": None, "value_batches": 8}  # fmt: skip
+
+
 def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     from neuralign.alignment import save_permutation_file
     from neuralign.curves import fit_curve_pam
 
     device = _device(args.device)
     out = Path(args.out)
-    step: dict[str, Any] = {}  # the P-step schedule's options, each only with its method
-    if args.method == "linearized":
-        step = {"max_moved": args.max_moved, "p_steps": args.p_steps}
-    elif args.max_moved is not None or args.p_steps != 1:
-        raise SystemExit("neuralign pam: --max-moved and --p-steps apply to --method linearized")
-    if args.method == "birkhoff":
-        step = {"birkhoff_steps": args.birkhoff_steps, "birkhoff_lr": args.birkhoff_lr,
-                "birkhoff_samples": args.birkhoff_samples}  # fmt: skip
-    elif (args.birkhoff_steps, args.birkhoff_lr, args.birkhoff_samples) != (20, None, 32):
-        raise SystemExit("neuralign pam: --birkhoff-steps, --birkhoff-lr and --birkhoff-samples apply to "
-                         "--method birkhoff")  # fmt: skip
+    # the P-step schedule's options, each only with its method (given at all with the other one: refused)
+    own = {"linearized": ("max_moved", "p_steps"), "birkhoff": ("birkhoff_steps", "birkhoff_lr", "birkhoff_samples")}
+    for method, names in own.items():
+        given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+        if method != args.method and given:
+            raise ValueError(f"{', '.join(given)} apply to --method {method}, not {args.method}")
+    for name, default in _PAM_STEP_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    step = {n: getattr(args, n) for n in own[args.method]}
     options = _options(args, "model_a", "model_b", "init", "method", "lam", "iters", "epochs", "local_search", "lr",
                        "weight_decay", "seed", "max_moved", "p_steps", "birkhoff_steps", "birkhoff_lr",
                        "birkhoff_samples", "gradient_batches", "value_batches",
                        files=("model_a", "model_b", "init"))  # fmt: skip
     recorded = None
     if (out / "pam.json").exists() and not args.force:
-        recorded = json.loads((out / "pam.json").read_text()).get("options")
+        # a record from before an option existed ran with its default
+        recorded = {**_PAM_STEP_DEFAULTS, **json.loads((out / "pam.json").read_text()).get("options", {})}
     ckpt = out / "pam.ckpt"
     leftovers = [out / "curve.pt", out / "perms.pt", ckpt, ckpt.with_name(ckpt.name + ".xstep")]
     if _finished("pam", out / "pam.json", args, options, recorded, leftovers=leftovers):
@@ -717,7 +722,8 @@ def _cmd_pam(args: argparse.Namespace, bars: _Bars) -> list[Path]:
     )  # fmt: skip
     res.curve.save(out / "curve.pt")
     settings = {"lam": args.lam, "iters": args.iters, "epochs": args.epochs, "init": str(args.init),
-                "local_search": args.local_search, "seed": args.seed, **step}  # fmt: skip
+                "local_search": args.local_search, "seed": args.seed, "gradient_batches": args.gradient_batches,
+                "value_batches": args.value_batches, **step}  # fmt: skip
     record = _alignment_record(res, meta_a, meta_b, method=f"pam-{args.method}", settings=settings)
     p2 = save_permutation_file(out / "perms.pt", record)
     summary = {"objective": res.history, "changed": res.changed, "backtracks": res.backtracks,
@@ -1073,11 +1079,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-moved", type=float, default=None,
                    help="linearized: the largest fraction of a group's units one P-step may reassign (a bounded "
                         "step, lambda found by bisection; default: unbounded)")  # fmt: skip
-    p.add_argument("--p-steps", type=int, default=1, help="linearized: P-steps per outer iteration (default: 1)")
-    p.add_argument("--birkhoff-steps", type=int, default=20,
+    p.add_argument("--p-steps", type=int, default=None, help="linearized: P-steps per outer iteration (default: 1)")
+    p.add_argument("--birkhoff-steps", type=int, default=None,
                    help="birkhoff: projected gradient steps on the Birkhoff polytope per P-step (default: 20)")
     p.add_argument("--birkhoff-lr", type=float, default=None, help="birkhoff: their step size (default: PAM's)")
-    p.add_argument("--birkhoff-samples", type=int, default=32,
+    p.add_argument("--birkhoff-samples", type=int, default=None,
                    help="birkhoff: Birkhoff-von Neumann draws among the rounding candidates (default: 32)")
     p.add_argument("--gradient-batches", type=int, default=None,
                    help="training batches per P-gradient estimate (default: PAM's)")

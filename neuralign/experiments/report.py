@@ -688,18 +688,23 @@ def midpoint_summary(results: Mapping[str, Any]) -> dict[str, Any]:
 def learning_speed(results: Mapping[str, Any]) -> dict[str, Any]:
     """Per setting and pair, the final train loss and accuracy of the curve fit and the first curve epoch (1-based)
     at which its train loss is at most the Unaligned curve's final train loss of the same pair (None: not reached;
-    ``"n/a"``: the pair has no Unaligned curve to compare with). Reads ``pair["train_history"]``; empty when no pair
+    ``"n/a"``: the pair has no Unaligned curve to compare with; ``"-"``: the pair has no history of the setting, so
+    that the entries line up with the pairs). Reads ``pair["train_history"]``; empty when no pair
     has it."""
     out: dict[str, Any] = {}
-    for pair in results["pairs"]:
-        hist = pair.get("train_history") or {}
-        ref = hist.get("unaligned")
-        target = float(ref[-1]["loss"]) if ref else None
-        for s in results["settings"]:
+    pairs = results["pairs"]
+    for s in results["settings"]:
+        if not any((pair.get("train_history") or {}).get(s) for pair in pairs):
+            continue
+        row = out[s] = {"final_loss": [], "final_accuracy": [], "epochs": [], "first_epoch": []}
+        for pair in pairs:  # first_epoch has one entry per pair ("-": no history of this setting), in pair order
+            hist = pair.get("train_history") or {}
             h = hist.get(s)
             if not h:
+                row["first_epoch"].append("-")
                 continue
-            row = out.setdefault(s, {"final_loss": [], "final_accuracy": [], "epochs": [], "first_epoch": []})
+            ref = hist.get("unaligned")
+            target = float(ref[-1]["loss"]) if ref else None
             row["final_loss"].append(float(h[-1]["loss"]))
             row["final_accuracy"].append(float(h[-1]["accuracy"]))
             row["epochs"].append(len(h))
@@ -759,7 +764,7 @@ def _learning_speed_lines(results: Mapping[str, Any]) -> list[str]:
         first = ", ".join("not reached" if e is None else str(e) for e in row["first_epoch"])  # "n/a" stays
         rows.append(f"| {SETTING_LABELS.get(s, s)} | {_fmt_stat(_stat(row['final_loss']), 3)} | "
                     f"{_fmt_stat(_stat(row['final_accuracy'], 100.0), 1)} | {first} |")  # fmt: skip
-    n = max(len(r["epochs"]) for r in speed.values())
+    n = len(results["pairs"])
     return [
         "## Learning speed",
         "",

@@ -103,7 +103,8 @@ class StudyConfig:
     ``curve_epochs``), ``pam_lam``, ``pam_method``, ``pam_max_moved`` and ``pam_p_steps`` (bounded linearised
     P-steps), ``pam_birkhoff_steps`` and ``pam_birkhoff_lr`` (the relaxed P-step: projected gradient steps on the
     Birkhoff polytope, each on ``pam_gradient_batches`` batches; see :class:`~neuralign.optim.PAM`) and
-    ``pam_birkhoff_samples`` (Birkhoff-von Neumann draws among its rounding candidates), ``pam_value_batches``
+    ``pam_birkhoff_samples`` (Birkhoff-von Neumann draws among its rounding candidates; the ``pam_birkhoff_*``
+    settings are unused with ``pam_method="linearized"``, so that a preset's can stay), ``pam_value_batches``
     (training batches, each at t = 0.25, 0.5, 0.75, on which every P-step candidate's objective is evaluated),
     ``pam_local_search``, ``pam_gradient_batches``; every outer
     iteration's curve is evaluated like the final one (Min accuracy per iteration). Evaluation: ``num_points``,
@@ -209,9 +210,6 @@ class StudyConfig:
         if isinstance(self.pam_birkhoff_steps, bool) or not isinstance(self.pam_birkhoff_steps, int) \
                 or self.pam_birkhoff_steps < 1:  # fmt: skip
             raise ValueError(f"`pam_birkhoff_steps` must be a positive int, got {self.pam_birkhoff_steps!r}")
-        if self.pam_method != "birkhoff" and self.pam_birkhoff_samples != 32:
-            raise ValueError("`pam_birkhoff_samples` applies to pam_method='birkhoff', not "
-                             f"{self.pam_method!r}")  # fmt: skip
         if isinstance(self.pam_birkhoff_samples, bool) or not isinstance(self.pam_birkhoff_samples, int) \
                 or self.pam_birkhoff_samples < 0:  # fmt: skip
             raise ValueError(f"`pam_birkhoff_samples` must be an int >= 0, got {self.pam_birkhoff_samples!r}")

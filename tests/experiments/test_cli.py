@@ -151,7 +151,7 @@ def endpoints(tmp_path_factory):
     return folder / "tinyten_seed1.pt", folder / "tinyten_seed2.pt"
 
 
-def test_pam_command_takes_the_p_step_schedules(endpoints, tmp_path):
+def test_pam_command_takes_the_p_step_schedules(endpoints, tmp_path, capsys):
     """`neuralign pam` offers the schedules the study has (a reviewer found it lacked them); an option of the other
     P-step is refused rather than ignored."""
     a, b = endpoints
@@ -167,10 +167,21 @@ def test_pam_command_takes_the_p_step_schedules(endpoints, tmp_path):
     sizes = {g: len(p) for g, p in torch.load(tmp_path / "l" / "perms.pt", weights_only=True)["perms"].items()}
     for g, moved in changed.items():  # at most 10 % of a group per P-step, two P-steps
         assert moved[0] <= 2 * int(0.1 * sizes[g]) + 2, (g, moved, sizes[g])
-    with pytest.raises(SystemExit, match="--max-moved and --p-steps apply to --method linearized"):
-        main(["pam", *pair, "--method", "birkhoff", "--max-moved", "0.1", "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="apply to --method birkhoff"):
-        main(["pam", *pair, "--birkhoff-samples", "4", "--out", str(tmp_path / "y")])
+    capsys.readouterr()
+    # given at all (even at its default) with the other method: refused, as every bad option, with status 2
+    for extra, words in ((["--method", "birkhoff", "--max-moved", "0.1"], "--max-moved apply to --method linearized"),
+                         (["--method", "birkhoff", "--p-steps", "1"], "--p-steps apply to --method linearized"),
+                         (["--birkhoff-samples", "32"], "--birkhoff-samples apply to --method birkhoff")):
+        assert main(["pam", *pair, *extra, "--out", str(tmp_path / "x")]) == 2
+        assert words in capsys.readouterr().err
+    # a pam.json from before the schedule options existed ran with their defaults: a rerun asking for another
+    # schedule is refused, not taken as done
+    record = json.loads((tmp_path / "l" / "pam.json").read_text())
+    record["options"] = {k: v for k, v in record["options"].items() if k not in ("max_moved", "p_steps")}
+    (tmp_path / "l" / "pam.json").write_text(json.dumps(record))
+    assert main(["pam", *pair, "--max-moved", "0.1", "--p-steps", "2", "--value-batches", "2",
+                 "--out", str(tmp_path / "l")]) == 2  # fmt: skip
+    assert "made with other options: --max-moved None (now 0.1), --p-steps 1 (now 2)" in capsys.readouterr().err
 
 
 def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, capsys):

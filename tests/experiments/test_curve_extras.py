@@ -87,6 +87,9 @@ def test_learning_speed_first_epoch_at_the_unaligned_final_loss(tmp_path):
                     for p in res["pairs"]]  # fmt: skip
     assert learning_speed(res)["aligned"]["first_epoch"] == ["n/a", "n/a"]
     assert "| Aligned | 0.100 ± 0.000 | 70.0 ± 0.0 | n/a, n/a |" in write_report(res, tmp_path).read_text()
+    # a pair without a setting's history keeps its place in the per-pair column
+    res["pairs"][0]["train_history"].pop("aligned")
+    assert learning_speed(res)["aligned"]["first_epoch"] == ["-", "n/a"]
 
 
 def test_figures_of_the_extras(tmp_path):
