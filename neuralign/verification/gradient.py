@@ -111,9 +111,11 @@ def taylor_test(
     at the smallest step tested),
     so rounding is at most a tenth of every remainder fitted. Verdicts:
 
-    * ``"pass"``: slope :math:`\\ge` ``min_slope`` there (second order) and the remainder at the smallest
-      fitted step is small enough to show a gradient error of ``max_relative_error`` (else a large second-order
-      part could hide it: inconclusive).
+    * ``"pass"``: slope :math:`\\ge` ``min_slope`` there (second order) and :math:`e/\\varepsilon` at every
+      fitted step is at most ``max_relative_error`` of :math:`|d|`, so that a gradient error of that size would
+      show (a curvature of the opposite sign can cancel an error at one step, not over the window): a pass bounds
+      the relative error of :math:`d` by about 1.6 ``max_relative_error``. Else a large second-order part could
+      hide it: inconclusive.
     * ``"fail"``: the remainder is first order (slope at most 1.4), ``f`` computes in float64 (in lower
       precision rounding hides the steps below the first kink: inconclusive) and its first-order part, the smallest
       :math:`e/\\varepsilon` over the fitted steps, is more than ``max_relative_error`` of :math:`|d|`: the
@@ -208,18 +210,23 @@ def taylor_test(
     x = np.log([eps[i] for i in used])
     y = np.log([errors[i] for i in used])
     slope = float(np.polyfit(x, y, 1)[0])
-    # the first-order part relative to |d| (absolute when d = 0)
-    relative = min(errors[i] / eps[i] for i in used) / (abs(d) if d else 1.0)
+    # the first-order part relative to |d| (absolute when d = 0): to call a fail, the smallest e/eps over the fitted
+    # steps (kinks add to it only beyond them); to call a pass, the largest (a curvature of the opposite sign can
+    # cancel a gradient error at one step, never over a window whose steps span a factor >= 4.6: then a pass means
+    # |d - g'(0)| < 1.6 max_relative_error |d|)
+    scale = abs(d) if d else 1.0
+    relative = min(errors[i] / eps[i] for i in used) / scale
+    resolved = max(errors[i] / eps[i] for i in used) / scale
     window = f"steps {eps[used[0]]:.2g}-{eps[used[-1]]:.2g}"
     low = unit > np.finfo(np.float64).eps  # f computes in float32 or less
-    if slope >= min_slope and relative <= max_relative_error:
+    if slope >= min_slope and resolved <= max_relative_error:
         verdict = "pass"
         message = f"remainder decays with slope {slope:.2f} over {window} (second order: gradient consistent)"
     elif slope >= min_slope:
         verdict = "inconclusive"
         message = (
-            f"remainder decays with slope {slope:.2f} over {window}, but the smallest resolvable step is so large "
-            f"that its second-order part ({relative:.2g} of |d|) would hide a gradient error above "
+            f"remainder decays with slope {slope:.2f} over {window}, but the resolvable steps are so large that "
+            f"their second-order part (up to {resolved:.2g} of |d|) could hide a gradient error above "
             f"{max_relative_error:g} (rounding of a large |g(0)|, or low precision): evaluate f in float64"
         )
     elif slope <= _FIRST_ORDER and relative > max_relative_error and low:

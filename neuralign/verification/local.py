@@ -447,8 +447,8 @@ def swap_estimates(G: torch.Tensor) -> torch.Tensor:
 def _neighbourhood_moves(ctx: _Context, g: str, G: torch.Tensor, screen, opts, gen: torch.Generator):
     """Transpositions ``(i, j)`` (i < j) of group ``g`` to score: every pair when they are no more than
     ``n_swaps + n_control_swaps``; else the ``n_swaps`` with the lowest screening estimate (the exact change of the
-    objective on the screening set, over at most ``screen_pairs`` candidates: all pairs, or those with the
-    largest first-order estimate in magnitude) and ``n_control_swaps`` drawn uniformly from the others."""
+    objective on the screening set, over at most ``screen_pairs`` candidates: all pairs, or the best of a coarse
+    exact change on 32 screening examples) and ``n_control_swaps`` drawn uniformly from the others."""
     n = G.shape[0]
     rows, cols = torch.triu_indices(n, n, offset=1)
     n_ranked, n_control = opts["n_swaps"], opts["n_control_swaps"]
@@ -456,8 +456,16 @@ def _neighbourhood_moves(ctx: _Context, g: str, G: torch.Tensor, screen, opts, g
         return [(int(i), int(j), "all") for i, j in zip(rows, cols)], rows.numel()
     candidates = torch.arange(rows.numel())
     if rows.numel() > opts["screen_pairs"]:
-        first = swap_estimates(G.double().cpu())[rows, cols].abs()
-        candidates = torch.argsort(first, descending=True, stable=True)[: opts["screen_pairs"]]
+        # a coarse exact change on the first 32 screening examples for every transposition (at most 16 times
+        # screen_pairs of them, those with the largest first-order estimate in magnitude: that estimate ranks
+        # badly), then the screen_pairs best of it on the whole screening set
+        if rows.numel() > 16 * opts["screen_pairs"]:
+            first = swap_estimates(G.double().cpu())[rows, cols].abs()
+            candidates = torch.argsort(first, descending=True, stable=True)[: 16 * opts["screen_pairs"]]
+        coarse_base = screen({}, coarse=True)
+        coarse = torch.tensor([screen({g: _swap(n, int(rows[k]), int(cols[k]))}, coarse=True) - coarse_base
+                               for k in candidates.tolist()])  # fmt: skip
+        candidates = candidates[torch.argsort(coarse, stable=True)[: opts["screen_pairs"]]]
     base = screen({})
     est = torch.tensor([screen({g: _swap(n, int(rows[k]), int(cols[k]))}) - base for k in candidates.tolist()])
     order = candidates[torch.argsort(est, stable=True)]
@@ -483,9 +491,12 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     screening = batches if needed <= len(batches) else prob._train_batches(needed)
     screen_batch = tuple(torch.cat([b[i] for b in screening])[: opts["screen_examples"]] for i in (0, 1))
 
-    def screen(changes: Mapping[str, torch.Tensor]) -> float:
+    coarse_batch = tuple(v[:32] for v in screen_batch)
+
+    def screen(changes: Mapping[str, torch.Tensor], coarse: bool = False) -> float:
         with torch.no_grad():
-            return float(prob.objective(ctx.x, ctx.mats(changes), [screen_batch] * len(ts), ts))
+            batch = coarse_batch if coarse else screen_batch
+            return float(prob.objective(ctx.x, ctx.mats(changes), [batch] * len(ts), ts))
 
     moves_by_group: dict[str, list[tuple[str, tuple, str, torch.Tensor]]] = {}
     pairs_in_group: dict[str, int] = {}
@@ -756,11 +767,13 @@ def verify_alignment(
     3. ``neighbourhood``: all transpositions :math:`T_{ij}` of each group are ranked by a cheap estimate of their
        effect, the exact change of the curve objective on a screening set (``screen_examples`` training examples,
        at ``value_ts``; not the held-out batches, so that the selection does not bias the held-out test);
-       a group with more than ``screen_pairs`` transpositions screens only those with the largest first-order
-       estimate :math:`|\\langle G, T_{ij} - I\\rangle|` (:func:`swap_estimates`, ``G`` on ``gradient_batches``
-       training batches). The ``n_swaps`` best-ranked are scored by the change of the curve objective on the
-       held-out batches with the curve fixed, and ``n_control_swaps`` drawn at random from the rest as a control
-       of the ranking (a group with no more transpositions than both together is tested exhaustively), plus
+       a group with more than ``screen_pairs`` transpositions screens only the ``screen_pairs`` best of a coarse
+       exact change on 32 of the screening examples (over at most ``16 * screen_pairs`` transpositions, those with
+       the largest first-order estimate :math:`|\\langle G, T_{ij} - I\\rangle|`: :func:`swap_estimates`, ``G`` on
+       ``gradient_batches`` training batches). The ``n_swaps`` best-ranked are scored by the change of the curve
+       objective on the held-out batches with the curve fixed, and ``n_control_swaps`` drawn at random from the
+       rest as a control of the ranking (a group with no more transpositions than both together is tested
+       exhaustively), plus
        ``n_cycles`` random 3-cycles. A move improves significantly if its mean change plus :math:`z` standard
        errors (paired over batches) is below :math:`-` ``min_improvement`` times the objective (a one-sided test
        of a minimum effect: a real but negligible change is no evidence against local optimality), with
@@ -791,6 +804,12 @@ def verify_alignment(
     13.0 at the planted optimum) while the neighbourhood test finds 12 significantly improving swaps and PAM with a
     swap local search reassigns 12.5% of the group; with 8 of 16 swapped, the certificate fails too
     (:math:`\\lambda^*` 3.8). PAM stability without local search is therefore weak evidence of local optimality.
+
+    A pass of the neighbourhood check means that no scored move improves the objective by more than the margin at
+    the power the held-out batches give, not that none does. Measured (10 generator seeds, defaults): on the
+    16-unit fixtures of the tests, 2 swapped pairs are flagged in 10 of 10 and the planted optimum passes in 10
+    of 10; on a 64-48 MLP without batch norm (digits, 6 held-out batches: t with 5 degrees of freedom), 1 and 2
+    swapped pairs of the 64-unit group are flagged in only 1 and 4 of 10, the planted optimum passes in 10 of 10.
 
     Parameters
     ----------
@@ -854,6 +873,7 @@ def verify_alignment(
     NonFiniteError
         If the curve objective is NaN or infinite.
     """
+    checks = checks if isinstance(checks, str) else tuple(checks)  # an iterator is read once, here
     if isinstance(checks, str) or not checks:
         raise ValueError(f"`checks` must be a non-empty sequence of check names from {list(CHECKS)}, got {checks!r}")
     unknown = [c for c in checks if c not in CHECKS]
@@ -873,6 +893,12 @@ def verify_alignment(
         positive={"lam": lam, "certificate_lam": lam if certificate_lam is None else certificate_lam,
                   "max_relative_error": max_relative_error},
     )  # fmt: skip
+    # NumPy integers become ints before the functions below check them again
+    fit_epochs, stability_iters, stability_x_epochs, value_batches, gradient_batches = (
+        int(v) for v in (fit_epochs, stability_iters, stability_x_epochs, value_batches, gradient_batches))
+    if max_batches_per_epoch is not None:
+        _check_options({"max_batches_per_epoch": (max_batches_per_epoch, 1)}, {}, {}, {})
+        max_batches_per_epoch = int(max_batches_per_epoch)
     if not isinstance(min_slope, numbers.Real) or not 1.0 < float(min_slope) <= 2.0:
         raise ValueError(f"`min_slope` must be in (1, 2] (1: a wrong gradient, 2: a correct one), got {min_slope!r}")
     if not value_ts or any(not 0.0 <= float(t) <= 1.0 for t in value_ts):

@@ -156,18 +156,34 @@ def test_taylor_test_floor_follows_the_precision_of_f():
         assert taylor_test(lambda e, f=f, g0=g0: float(np.float32(f(e)) - np.float32(g0)), d).verdict != "fail"
     # a large |g(0)|: only steps where curvature dominates are above its rounding, so a 5 % error cannot show
     big = taylor_test(lambda e: 1e12 + math.exp(1.0 + e), 1.05 * math.e)
-    assert big.verdict == "inconclusive" and "would hide a gradient error" in big.message
+    assert big.verdict == "inconclusive" and "could hide a gradient error" in big.message
     assert taylor_test(lambda e: 1e6 + math.exp(1.0 + e), 1.05 * math.e).verdict == "fail"
 
 
+def test_taylor_test_does_not_pass_an_error_that_curvature_cancels_at_one_step():
+    """A reviewer's case: g = 1 + e + 5e5 e^2 with d = 1.01. The remainder |5e5 e^2 - 0.01 e| dips to zero at
+    e = 2e-8, inside the fitted window, which steepened the slope and made the smallest e/eps tiny: "pass". A pass
+    now needs e/eps small at every fitted step."""
+    def f(e: float) -> float:
+        return 1.0 + e + 5e5 * e * e
+
+    for wrong in (1.01, 0.99, 1.05):
+        assert taylor_test(f, wrong).verdict != "pass", wrong
+    assert taylor_test(f, 1.0).verdict != "fail"
+    assert taylor_test(f, 1.02).verdict == "fail"
+
+
 def test_taylor_test_rounding_noise_and_kinks_do_not_fail_a_correct_gradient():
-    """Deterministic noise of 1e-9 (far above float64 rounding) is measured, not fitted; ReLU-like kinks beyond the
+    """Deterministic noise of 1e-10 (far above float64 rounding) is measured, not fitted; ReLU-like kinks beyond the
     smallest resolvable steps give a mixed slope, reported as pass or inconclusive, never as a wrong gradient."""
-    def noisy(e: float) -> float:
-        return math.exp(0.3 + e) + 1e-9 * math.sin(1e12 * e + 1.0)
+    def noisy(e: float, amplitude: float = 1e-10) -> float:
+        return math.exp(0.3 + e) + amplitude * math.sin(1e12 * e + 1.0)
 
     assert taylor_test(noisy, math.exp(0.3)).verdict == "pass"
     assert taylor_test(noisy, 1.01 * math.exp(0.3)).verdict == "fail"
+    # at 1e-9 the resolvable steps start where curvature alone is 1e-3 of |d|: a pass could not bound the error
+    louder = taylor_test(lambda e: noisy(e, 1e-9), math.exp(0.3))
+    assert louder.verdict == "inconclusive" and "could hide" in louder.message
     rng = np.random.default_rng(0)
     kinks = rng.uniform(1e-5, 1.0, size=50)  # 50 ReLUs switching on along the direction, none below 1e-5
     weights = rng.normal(size=50) * 0.02
@@ -224,6 +240,11 @@ def test_bad_input_is_named(planted):
             verify_alignment(model, sd, b_state, perms, data.train, spec=spec, **kwargs)
     with pytest.raises(ValueError, match="unknown verdict 'maybe'"):
         CheckResult("gradient", "maybe", "")
+    # an iterator of checks is read once (it ran nothing before); NumPy integers are ints
+    report = verify_alignment(model, sd, b_state, perms, data.train, spec=spec, checks=iter(["alignment"]),
+                              align_loader=data.align, value_batches=np.int64(6), fit_epochs=np.int64(1),
+                              heldout_loader=data.train_eval, max_batches_per_epoch=np.int64(2))  # fmt: skip
+    assert list(report.checks) == ["alignment"]
     params = {k: v for k, v in sd.items() if k in dict(model.named_parameters())}
     wrong = Bezier.between(params, {k: v + 1.0 for k, v in params.items()})
     with pytest.raises(ValueError, match="`curve` was fitted for other end points"):
