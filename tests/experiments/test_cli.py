@@ -221,8 +221,9 @@ def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, cap
     assert cost and int(cost.group(1).replace(",", "")) == 3 * (1 + int(cost.group(2)))
     ev = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert ev["t"] == [0.0, 0.5, 1.0]
-    assert main(["verify", *pair, "--perms", perms, "--curve", str(tmp_path / "c" / "curve.pt"), "--checks",
-                 "certificate", "gradient", "--out", str(tmp_path / "v")]) == 0  # fmt: skip
+    # 512 training images: two held-out batches of 256, the fewest the certificate's paired test takes
+    assert main(["verify", *pair, "--train-size", "512", "--perms", perms, "--curve", str(tmp_path / "c" / "curve.pt"),
+                 "--checks", "certificate", "gradient", "--out", str(tmp_path / "v")]) == 0  # fmt: skip
     captured = capsys.readouterr()
     assert re.search(r"verify: about [\d,]+ forward passes .*certificate [\d,]+, gradient 62\)", captured.err)
     report = json.loads((tmp_path / "v" / "verification.json").read_text())
