@@ -406,6 +406,7 @@ def fit_curve_pam(
     value_ts: Sequence[float] = (0.25, 0.5, 0.75),
     local_search: int = 0,
     local_search_alpha: float = 0.05,
+    local_search_min_improvement: float = 0.0,
     max_batches_per_epoch: int | None = None,
     generator: torch.Generator | int | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
@@ -472,6 +473,9 @@ def fit_curve_pam(
         ``local_search_alpha``). Linearised steps cannot see improvements that lie behind a barrier of the
         relaxation (averaging two units' weights is worse than either), which swaps reach directly. 0: off.
     local_search_alpha : float
+    local_search_min_improvement : float
+        A swap of the local search must lower the objective by more than this fraction of it (default 0; the
+        verification's ``min_improvement``).
     max_batches_per_epoch : int, optional
         Cut the x-step epochs short.
     generator : torch.Generator or int, optional
@@ -577,7 +581,8 @@ def fit_curve_pam(
         x0 = [torch.zeros(sum(problem.numels), dtype=problem.dtype, device=problem.device)]
     else:
         x0 = [_start_offset(problem, curve)]
-    search = _swap_search(problem, local_search, local_search_alpha, gen) if local_search else None
+    search = (_swap_search(problem, local_search, local_search_alpha, gen, local_search_min_improvement)
+              if local_search else None)  # fmt: skip
     solver = PAM(problem, x0, method=method, lam=lam, backtrack=backtrack, generator=gen, x_step=x_step,
                  local_search=search, **pam_options)  # fmt: skip
     if path is not None and path.exists():
@@ -659,9 +664,11 @@ def paired_change(after: torch.Tensor, before: torch.Tensor) -> tuple[float, flo
     return float(d.mean()), se
 
 
-def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, generator: torch.Generator):
+def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, generator: torch.Generator,
+                 min_improvement: float = 0.0):
     """A local search on the P-step: per group, ``trials`` random transpositions scored on the value batches; the
-    best one that lowers the objective significantly (Bonferroni over the trials) is applied."""
+    best one that lowers the objective significantly (Bonferroni over the trials) by more than ``min_improvement``
+    of it is applied."""
 
     def search(x: list[torch.Tensor], perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         current = {g: p.clone() for g, p in perms.items()}
@@ -683,7 +690,7 @@ def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, ge
                 cand[i], cand[j] = p[j], p[i]
                 vals = problem.batch_values(x, mats({**current, g: cand}))
                 mean, se = paired_change(vals, base)
-                if mean + z * se < 0 and (best is None or mean < best[0]):
+                if mean + z * se < -min_improvement * abs(float(base.mean())) and (best is None or mean < best[0]):
                     best = (mean, cand, vals)
             if best is not None:
                 current[g], base = best[1], best[2]

@@ -285,6 +285,7 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
                 value_loader=opts["heldout_loader"], value_batches=opts["value_batches"], value_ts=opts["value_ts"],
                 max_batches_per_epoch=opts["max_batches_per_epoch"], weight_decay=opts["weight_decay"],
                 local_search=opts["local_search"], local_search_alpha=opts["alpha"],
+                local_search_min_improvement=opts["min_improvement"],
                 generator=stable_seed(opts["seed"], "stability", label), callback=record,
             )  # fmt: skip
         _tick(opts, "stability", (index + 1) * opts["stability_iters"], total)
@@ -750,8 +751,10 @@ def verify_alignment(
 
     1. ``stability``: PAM started at ``perms`` (from the fitted curve) reassigns at most ``reassign_threshold`` of
        any group's units per outer iteration (in a group of fewer than ``2 / reassign_threshold`` units one
-       transposition is more: PAM with ``backtrack`` only keeps a P-step that lowers the objective, so one swap
-       there is an improving move found); also PAM from the identity and from random starts, with the
+       transposition is more; PAM with ``backtrack`` keeps a linearised P-step that lowers the objective on the
+       held-out batches at all, significantly or not, so a single swap there can fail this check while the
+       certificate and neighbourhood checks find no significant improvement); also PAM from the identity and from
+       random starts, with the
        Hamming distance to ``perms`` over the iterations (does PAM move toward the alignment?).
     2. ``certificate``: with :math:`G = \\nabla_P F(\\theta^*, I)` on the held-out batches, the largest proximal
        step :math:`\\lambda^*` for which :math:`I` stays the minimiser of the linearised P-step

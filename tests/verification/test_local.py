@@ -396,3 +396,21 @@ def test_neighbourhood_verdict_is_stable_on_a_wider_trained_pair():
             for seed in range(10)
         ]  # fmt: skip
         assert verdicts.count(expected) >= (9 if case == "planted" else 7), (case, verdicts)
+
+
+def test_swap_search_counts_only_improvements_beyond_the_margin(planted):
+    """PAM's swap local search (used by the stability check) applies a swap only if it lowers the objective
+    significantly by more than ``min_improvement`` of it, as the neighbourhood check counts moves."""
+    from neuralign.curves.pam import CurvePermutationProblem, _swap_search
+
+    data, model, spec, b_state, perms = planted
+    damaged = _damaged(perms, 0.3)
+    prob = CurvePermutationProblem(model, model.state_dict(), apply_permutation(b_state, spec, damaged), spec,
+                                   data.train, value_loader=data.train_eval, value_batches=6)  # fmt: skip
+    x = [torch.zeros(sum(prob.numels), dtype=prob.dtype)]  # the straight line
+    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    moved = {}
+    for margin in (0.0, 1.0):  # 1.0: an improvement of the whole objective, never reached
+        found = _swap_search(prob, 200, 0.05, torch.Generator().manual_seed(0), margin)(x, dict(ident))
+        moved[margin] = sum(int((found[g] != ident[g]).sum()) for g in ident)
+    assert moved[0.0] >= 2 and moved[1.0] == 0, moved
