@@ -308,10 +308,11 @@ class StudyConfig:
 PRESETS: dict[str, StudyConfig] = {
     # PAPER_NOTES §5.4: 250 epochs, 65 points, full BN passes, 3 pairs; for GPUs.
     "paper": StudyConfig(),
-    # TinyTen on CIFAR-10 scaled to about an hour on 2 CPU cores (benchmarked in the README). PAM: the official
-    # relaxed P-step (projected SGD on the Birkhoff polytope, then BvN rounding) over 2 epochs of single batches
-    # (the official code: 20 epochs at lr 0.05; lr 1 moves as far in 1/10 of the steps), in 2 outer iterations
-    # whose x-steps add up to the other curves' 10 epochs (README, "PAM from the identity").
+    # TinyTen on CIFAR-10 scaled to 2 CPU cores: 82 min with --executor local --jobs 2 (README, Table 1 evidence).
+    # PAM: the official relaxed P-step (projected SGD on the Birkhoff polytope, then BvN rounding) over 2 epochs of
+    # single batches (the official code: 20 epochs at lr 0.05; lr 1 moves as far in 1/10 of the steps), in 2 outer
+    # iterations whose x-steps add up to the other curves' 10 epochs; rounding among 10 candidates on 4 batches
+    # (32 draws on 8 batches: ~20 min per P-step here under load, most of PAM's time; pair 1 Min 64.7 against 64.5).
     "cpu": StudyConfig(
         pairs=3, train_size=10000, test_size=5000, align_size=5000, epochs=20, curve_epochs=10, num_points=17,
         bn_batches=10, plane_grid=9, pam_iters=2, pam_x_epochs=5, pam_method="birkhoff", pam_birkhoff_steps=160,
