@@ -441,7 +441,7 @@ def fit_curve_pam(
         permuted by ``init`` first and PAM starts at the identity relative to it; the result is composed back.
     curve : Bezier, optional
         A quadratic Bezier curve from ``point_a`` to ``point_b`` permuted by ``init`` to start from (e.g. the
-        fitted aligned curve); default the straight line (:math:`\theta_{\text{off}} = 0`).
+        fitted aligned curve); default the straight line (:math:`\\theta_{\\text{off}} = 0`).
     spec : PermutationSpec, optional
         Traced from ``model`` on the first training batch when omitted.
     align_loader : iterable, optional
@@ -700,7 +700,7 @@ def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, ge
 
 
 def _start_offset(problem: CurvePermutationProblem, curve: Bezier) -> torch.Tensor:
-    """:math:`\theta_{\text{off}}` of a given quadratic Bezier curve whose end points are the problem's."""
+    """:math:`\\theta_{\\text{off}}` of a given quadratic Bezier curve whose end points are the problem's."""
     if not isinstance(curve, Bezier) or curve.num_points != 3:
         raise ValueError("`curve` must be a quadratic Bezier curve (3 points)")
     a, theta, b = curve.points
