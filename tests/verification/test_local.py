@@ -17,17 +17,23 @@ from neuralign.verification.local import CheckResult, _check_gradient, _Context
 GROUP = "hidden.0.fc"
 
 
+def _planted_mlp(hidden, perm_seed, **train):
+    """A batch-norm MLP A trained on the shipped digits, B = A with every group permuted at random (``perm_seed``):
+    ``(data, model, spec, b_state, perms)`` with perms the inverse permutation."""
+    data = load_data("digits", batch_size=64, generator=0)
+    model = build_model("mlp", 10, in_features=64, hidden=hidden, batch_norm=True, seed=1)
+    model.load_state_dict(train_model(model, data.train, **train).state_dict)
+    model.eval()
+    spec = trace_spec(model, next(iter(data.train))[0])
+    p = random_permutation(spec, generator=perm_seed)
+    b_state = apply_permutation(model.state_dict(), spec, p)
+    return data, model, spec, b_state, invert_permutation(p)
+
+
 @pytest.fixture(scope="module")
 def planted():
     """A trained MLP A on the shipped digits, B = A with every group permuted at random: perms = the inverse."""
-    data = load_data("digits", batch_size=64, generator=0)
-    model = build_model("mlp", 10, in_features=64, hidden=(16, 16), batch_norm=True, seed=1)
-    model.load_state_dict(train_model(model, data.train, epochs=40, lr=0.1).state_dict)
-    model.eval()
-    spec = trace_spec(model, next(iter(data.train))[0])
-    p = random_permutation(spec, generator=3)
-    b_state = apply_permutation(model.state_dict(), spec, p)
-    return data, model, spec, b_state, invert_permutation(p)
+    return _planted_mlp((16, 16), 3, epochs=40, lr=0.1)
 
 
 def _damaged(perms, fraction, seed=5):
@@ -372,14 +378,7 @@ def test_neighbourhood_verdict_is_stable_on_a_wider_trained_pair():
     one: with 6 held-out batches the paired t-test has 5 degrees of freedom, z ~ 5 after Bonferroni)."""
     from neuralign.curves import fit_curve
 
-    data = load_data("digits", batch_size=64, generator=0)
-    model = build_model("mlp", 10, in_features=64, hidden=(32, 32), batch_norm=True, seed=1)
-    model.load_state_dict(train_model(model, data.train, epochs=20, generator=0).state_dict)
-    model.eval()
-    spec = trace_spec(model, next(iter(data.train))[0])
-    p = random_permutation(spec, generator=123)
-    b_state = apply_permutation(model.state_dict(), spec, p)
-    perms = invert_permutation(p)
+    data, model, spec, b_state, perms = _planted_mlp((32, 32), 123, epochs=20, generator=0)
     idx = torch.randperm(32, generator=torch.Generator().manual_seed(7))[:10]
     pairs = {g: q.clone() for g, q in perms.items()}
     for u, v in idx.view(-1, 2).tolist():
