@@ -186,7 +186,7 @@ def midpoint_alignment(
     # reshuffles between passes is refused (its first batch differs between two passes)
     if bn_batches is not None:
         bn_loader = list(itertools.islice(iter(bn_loader), bn_batches))
-    elif _first_batch(bn_loader) is not None and not _same_batch(_first_batch(bn_loader), _first_batch(bn_loader)):
+    elif (first := _first_batch(bn_loader)) is not None and not _same_batch(first, _first_batch(bn_loader)):
         raise ValueError("`bn_loader` yields other batches on each pass (a shuffling loader): give bn_batches=N (its "
                          "first N batches are drawn once) or a fixed-order loader")  # fmt: skip
     buffers = _reestimate(model, params, bn_loader, bn_batches, device, "bn_loader")

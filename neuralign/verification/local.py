@@ -249,6 +249,10 @@ class _Context:
             self._base = self.losses({})
         return self._base
 
+    def margin(self, fraction: float) -> float:
+        """``fraction`` of the objective at the candidate: the least improvement a move must show to count."""
+        return fraction * abs(float(self.base_losses().mean()))
+
     def delta(self, changes: Mapping[str, torch.Tensor]) -> tuple[float, float]:
         """Mean change of the objective over the held-out batches and its standard error (paired by batch)."""
         return paired_change(self.losses(changes), self.base_losses())
@@ -359,7 +363,7 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
                         "lap_duality_gap": lap.duality_gap(), "lp_vs_lap_gap": gap}  # fmt: skip
         _tick(opts, "certificate", index + 1, total)
     z = bonferroni_quantile(opts["alpha"], sum(len(m) for m in candidates.values()), len(ctx.base_losses()))
-    margin = opts["min_improvement"] * abs(float(ctx.base_losses().mean()))  # as in the neighbourhood check
+    margin = ctx.margin(opts["min_improvement"])  # as in the neighbourhood check
     verdicts = []
     for index, (g, moves) in enumerate(candidates.items()):
         _tick(opts, "certificate", len(candidates) + index + 1, total)
@@ -517,7 +521,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     z = bonferroni_quantile(opts["alpha"], total, len(ctx.base_losses()))
     # an improvement counts only if it is significantly larger than min_improvement of the objective: a change of
     # 1e-5 measured with a smaller standard error is real but no evidence against local optimality
-    margin = opts["min_improvement"] * abs(float(ctx.base_losses().mean()))
+    margin = ctx.margin(opts["min_improvement"])
     per_group, verdicts, examples, improving_moves = {}, [], {}, {}
     total_sig = scored = 0
     for g, moves in moves_by_group.items():
@@ -927,10 +931,11 @@ def verify_alignment(
         value_loader=heldout_loader, value_batches=value_batches, value_ts=value_ts, gradient_batches=gradient_batches,
         generator=stable_seed(seed, "problem"),
     )  # fmt: skip
-    paired = {"certificate", "neighbourhood"} & set(checks) or ("stability" in checks and local_search)
-    if paired and len(problem.value_set) < 2:  # the gradient and alignment checks need no paired test
+    # the checks with paired tests on the held-out batches (the gradient and alignment checks have none)
+    paired = [c for c in checks if c in ("certificate", "neighbourhood") or (c == "stability" and local_search)]
+    if paired and len(problem.value_set) < 2:
         raise ValueError(f"`heldout_loader` yielded {len(problem.value_set)} batch; the paired tests of the checks "
-                         f"{sorted(paired) if isinstance(paired, set) else ['stability']} need 2 at least")
+                         f"{paired} need 2 at least")
     if len(problem.value_set) < value_batches:  # fewer held-out batches: fewer degrees of freedom, less power
         warnings.warn(f"the held-out loader yielded {len(problem.value_set)} batches, fewer than value_batches="
                       f"{value_batches}: the checks use {len(problem.value_set)}", stacklevel=2)  # fmt: skip
