@@ -815,8 +815,9 @@ def verify_alignment(
     A pass of the neighbourhood check means that no scored move improves the objective by more than the margin at
     the power the held-out batches give, not that none does. Measured (10 generator seeds, defaults): on the
     16-unit fixtures of the tests, 2 swapped pairs are flagged in 10 of 10 and the planted optimum passes in 10
-    of 10; on a 64-48 MLP without batch norm (digits, 6 held-out batches: t with 5 degrees of freedom), 1 and 2
-    swapped pairs of the 64-unit group are flagged in only 1 and 4 of 10, the planted optimum passes in 10 of 10.
+    of 10; on a 64-48 MLP without batch norm (digits, 6 held-out batches: t with 5 degrees of freedom; a
+    reviewer's script, not in the repository), 1 and 2 swapped pairs of the 64-unit group are flagged in only 1
+    and 4 of 10, the planted optimum passes in 10 of 10.
 
     Parameters
     ----------
