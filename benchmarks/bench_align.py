@@ -38,8 +38,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(0)
-    a = build_model("resnet32", 10, seed=1)
-    b = build_model("resnet32", 10, seed=2)
+    a = build_model("resnet32", 10, generator=1)
+    b = build_model("resnet32", 10, generator=2)
     batches = [
         (torch.randn(min(args.batch_size, args.inputs - i), 3, 32, 32, generator=gen), torch.zeros(1))
         for i in range(0, args.inputs, args.batch_size)

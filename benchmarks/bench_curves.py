@@ -47,15 +47,15 @@ def _sgd(params):
 
 
 def make_steps(name: str, batch: int):
-    model_a = build_model(name, 10, seed=0)
-    model_b = build_model(name, 10, seed=1)
+    model_a = build_model(name, 10, generator=0)
+    model_b = build_model(name, 10, generator=1)
     point_a = {k: v.detach().clone() for k, v in model_a.named_parameters()}
     point_b = {k: v.detach().clone() for k, v in model_b.named_parameters()}
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=generator)
     y = torch.randint(0, 10, (batch,), generator=generator)
 
-    plain_model = build_model(name, 10, seed=0).train()
+    plain_model = build_model(name, 10, generator=0).train()
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=LR, momentum=0.9, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
 
@@ -65,7 +65,7 @@ def make_steps(name: str, batch: int):
         loss.backward()
         plain_opt.step()
 
-    curve_model = build_model(name, 10, seed=2).train()
+    curve_model = build_model(name, 10, generator=2).train()
     stepper = _CurveStepper(
         curve_model,
         Bezier.between(point_a, point_b),
@@ -79,7 +79,7 @@ def make_steps(name: str, batch: int):
         t = float(torch.rand((), dtype=torch.float64, generator=generator))
         stepper.step(x, y, t)
 
-    naive_model = build_model(name, 10, seed=3).train()
+    naive_model = build_model(name, 10, generator=3).train()
     theta = {k: ((point_a[k] + point_b[k]) / 2).requires_grad_(True) for k in point_a}
     buffers = {k: v.detach().clone() for k, v in naive_model.named_buffers()}
     naive_opt = _sgd(list(theta.values()))

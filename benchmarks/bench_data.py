@@ -159,7 +159,7 @@ def main() -> None:
 
     t_kornia = _time_kornia(images, labels, n)
 
-    model = build_model("tinyten", 10, seed=0)
+    model = build_model("tinyten", 10, generator=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     batches = iter(bundle.train)
     x, y = next(batches)

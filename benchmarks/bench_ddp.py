@@ -66,7 +66,7 @@ class _CollectiveClock:
 
 def _workloads(arch: str, batches: int, batch: int) -> dict[str, float]:
     data = _data(batches, batch)
-    a, b = build_model(arch, 10, seed=1), build_model(arch, 10, seed=2)
+    a, b = build_model(arch, 10, generator=1), build_model(arch, 10, generator=2)
     seconds = {}
     start = time.perf_counter()
     align(a, b, [x for x, _ in data])
@@ -84,7 +84,7 @@ def _rank(rank: int, folder: str, arch: str, batches: int, batch: int) -> None:
     _workloads(arch, 2, batch)  # warm-up, as in one process
     result = {}
     data = _data(batches, batch)
-    a, b = build_model(arch, 10, seed=1), build_model(arch, 10, seed=2)
+    a, b = build_model(arch, 10, generator=1), build_model(arch, 10, generator=2)
     for name in ("align", "curve epoch"):  # one workload at a time, so that the clock can be attributed
         dist.barrier()
         clock.calls = 0

@@ -38,8 +38,8 @@ def main() -> None:
         (torch.randn(128, 3, 32, 32, generator=gen), torch.randint(0, 10, (128,), generator=gen))
         for _ in range(args.batches)
     ]
-    a = build_model("tinyten", 10, seed=1)
-    b = build_model("tinyten", 10, seed=2)
+    a = build_model("tinyten", 10, generator=1)
+    b = build_model("tinyten", 10, generator=2)
     sa, sb = a.state_dict(), b.state_dict()
     spec = trace_spec(a, loader[0][0][:2])
     gradient_batches = max(1, args.batches // 10)

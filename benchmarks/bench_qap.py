@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         best_known, _ = load_qaplib_solution(args.data / f"{name}.sln", A=A, B=B)  # validated against A, B
         An, Bn = A.numpy(), B.numpy()
         t0 = time.perf_counter()
-        ours = solve_qap(A, B, restarts=args.restarts, seed=args.seed, max_iter=args.max_iter)
+        ours = solve_qap(A, B, restarts=args.restarts, generator=args.seed, max_iter=args.max_iter)
         t_ours = time.perf_counter() - t0
         assert qap_objective(A, B, ours.perm) == ours.fun
         t0 = time.perf_counter()

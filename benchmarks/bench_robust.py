@@ -41,8 +41,8 @@ SHAPES = {"mlp": (1, 28, 28), "tinyten": (3, 32, 32)}
 
 def _build(name: str, seed: int) -> torch.nn.Module:
     if name == "mlp":
-        return build_model("mlp", 10, in_features=784, hidden=(256, 256), batch_norm=True, seed=seed)
-    return build_model(name, 10, seed=seed, in_channels=SHAPES.get(name, (3,))[0])
+        return build_model("mlp", 10, in_features=784, hidden=(256, 256), batch_norm=True, generator=seed)
+    return build_model(name, 10, generator=seed, in_channels=SHAPES.get(name, (3,))[0])
 
 
 def _points(name: str) -> tuple[dict, dict]:

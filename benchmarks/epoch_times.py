@@ -50,7 +50,7 @@ def _median(fn, repeats: int) -> float:
 def measure(arch: str, batch: int, repeats: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
-    net = build_model(arch, 10, seed=0).train()
+    net = build_model(arch, 10, generator=0).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     def train():
@@ -58,7 +58,7 @@ def measure(arch: str, batch: int, repeats: int) -> dict[str, float]:
         classification_loss(net(x), y).backward()
         opt.step()
 
-    other = build_model(arch, 10, seed=1)
+    other = build_model(arch, 10, generator=1)
     pa, pb = dict(net.named_parameters()), dict(other.named_parameters())
     stepper = _CurveStepper(net, Bezier.between(pa, pb, degree=2), weight_decay=5e-4, proximal=None,
                             loss_fn=classification_loss, optimizer=None)  # fmt: skip

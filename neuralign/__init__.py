@@ -20,6 +20,7 @@ arXiv:2009.02439.
 from __future__ import annotations
 
 from neuralign import errors
+from neuralign._version import __version__
 from neuralign.alignment import (
     AlignmentResult,
     PermutationSpec,
@@ -48,13 +49,13 @@ from neuralign.curves import (
     reestimate_bn,
 )
 from neuralign.optim import PAM, PAMResult, pam, solve_assignment, solve_qap
+from neuralign.status import Status
 from neuralign.verification import VerificationReport, check_equivalence, verify_alignment
-
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "errors",
+    "Status",
     "PGD",
     "pgd_attack",
     "AlignmentResult",

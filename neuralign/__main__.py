@@ -2,7 +2,7 @@
 
 import sys
 
-from neuralign.experiments.cli import main
+from neuralign.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,13 +5,14 @@ Nothing here knows about a particular algorithm.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import pickle
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -23,6 +24,9 @@ from neuralign.errors import CheckpointError, ShapeMismatchError, WriteError
 __all__ = [
     "stable_seed",
     "as_generator",
+    "as_seed",
+    "seeded_rng",
+    "split_batch",
     "atomic_write",
     "atomic_save",
     "atomic_write_text",
@@ -31,6 +35,7 @@ __all__ = [
     "named_parameter_keys",
     "split_logits",
     "classification_loss",
+    "environment_versions",
 ]
 
 
@@ -57,6 +62,51 @@ def as_generator(generator: torch.Generator | int | None, device: torch.device |
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
+
+
+def as_seed(generator: torch.Generator | int | None) -> int:
+    """An int seed from ``generator``: an int itself, a draw from a ``torch.Generator``, or (``None``) a draw from
+    torch's global RNG, so that ``torch.manual_seed`` still controls it. The value a function derives its
+    per-part seeds from with :func:`stable_seed`.
+
+    >>> as_seed(7)
+    7
+    """
+    if isinstance(generator, torch.Generator):
+        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    if generator is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise TypeError(f"`generator` must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    return int(generator)
+
+
+def split_batch(batch: Any, device: torch.device, label: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, y)`` on ``device`` from a loader item: a tensor, or a tuple/list whose first two entries are x, y."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True), None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        x = batch[0].to(device, non_blocking=True)
+        y = batch[1].to(device, non_blocking=True) if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return x, y
+    raise TypeError(f"`{label}` must yield tensors or (inputs, targets) tuples, got {type(batch).__name__}")
+
+
+@contextlib.contextmanager
+def seeded_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Run the block with the global RNG of the CPU (and of ``device``) seeded from ``generator`` and restored
+    afterwards, so that dropout in a train-mode attack repeats with the attack's seed and leaves the global RNG
+    untouched."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    accelerator = device.type != "cpu"
+    devices = [device] if accelerator else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else "cuda"):
+        torch.default_generator.manual_seed(seed)
+        if accelerator:
+            backend = torch.get_device_module(device.type)
+            with backend.device(device):
+                backend.manual_seed(seed)
+        yield
 
 
 def _umask() -> int:
@@ -288,3 +338,31 @@ def classification_loss(
     for a in aux:
         loss = loss + aux_weight * torch.nn.functional.cross_entropy(a, target)
     return loss
+
+
+def environment_versions() -> dict[str, str]:
+    """Python, the platform and the versions of neuralign and the numerical packages it runs on (for manifests).
+
+    torch's own ``__version__`` (with its build tag, e.g. ``+cu130``); the others from the installed distributions'
+    metadata, so that nothing is imported to learn a version.
+    """
+    import platform
+    import sys
+    from importlib import metadata
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    from neuralign._version import __version__
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "neuralign": __version__,
+        "torch": torch.__version__,
+        "numpy": version("numpy"),
+        "scipy": version("scipy"),
+    }

@@ -10,47 +10,23 @@ packages because training (``experiments``), curves and alignment all use it.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from neuralign._utils import as_generator, classification_loss
+from neuralign._options import Options
+from neuralign._utils import as_generator, classification_loss, seeded_rng
+from neuralign._validate import check_bool, check_int, check_real
 
 __all__ = ["PGD", "pgd_attack"]
 
 
-def _check_number(value: Any, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"`{name}` must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
-
-
-@contextlib.contextmanager
-def _private_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
-    """Run the block with the global RNG of the CPU (and of ``device``) seeded from ``generator`` and restored
-    afterwards, so that dropout in a train-mode attack repeats with the attack's seed and leaves the global RNG
-    untouched."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    accelerator = device.type != "cpu"
-    devices = [device] if accelerator else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else "cuda"):
-        torch.default_generator.manual_seed(seed)
-        if accelerator:
-            backend = torch.get_device_module(device.type)
-            with backend.device(device):
-                backend.manual_seed(seed)
-        yield
-
-
 @dataclass(frozen=True)
-class PGD:
+class PGD(Options):
     """Settings of an L-infinity PGD attack (see :func:`pgd_attack`); :meth:`attack` runs it.
 
     Attributes
@@ -84,21 +60,10 @@ class PGD:
     random_start: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", _check_number(self.eps, "eps", positive=False))
-        object.__setattr__(self, "alpha", _check_number(self.alpha, "alpha", positive=True))
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"`steps` must be an int >= 0, got {self.steps!r}")
-        if not isinstance(self.random_start, bool):
-            raise TypeError(f"`random_start` must be a bool, got {type(self.random_start).__name__}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-able dict (recorded in checkpoints and manifests)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PGD:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**dict(data))
+        object.__setattr__(self, "eps", check_real(self.eps, "eps", low=0.0))
+        object.__setattr__(self, "alpha", check_real(self.alpha, "alpha", low=0.0, low_open=True))
+        object.__setattr__(self, "steps", check_int(self.steps, "steps", minimum=0))
+        check_bool(self.random_start, "random_start")
 
     def attack(
         self,
@@ -261,7 +226,7 @@ def pgd_attack(
     if settings.steps == 0 or settings.eps == 0:
         return adv
     # train mode: dropout draws from a global RNG forked and seeded from the attack's generator
-    rng = _private_rng(gen or as_generator(generator), x.device) if train else contextlib.nullcontext()
+    rng = seeded_rng(gen or as_generator(generator), x.device) if train else contextlib.nullcontext()
     saved = [(m, m.training) for m in model.modules()]
     model.train(train)
     try:

@@ -122,12 +122,14 @@ def test_bad_inputs_are_refused():
     x, y = torch.rand(4, 3), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"`x` must lie in \[0, 1\].*normalisation inside the model"):
         pgd_attack(net, x * 3 - 1, y, train=False)
-    with pytest.raises(ValueError, match="`eps` must be >= 0, got -0.1"):
+    with pytest.raises(ValueError, match=r"^`eps` must be a finite number >= 0, got -0.1$"):
         PGD(eps=-0.1)
-    with pytest.raises(ValueError, match="`alpha` must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"^`alpha` must be a finite number > 0, got 0$"):
         PGD(alpha=0)
-    with pytest.raises(ValueError, match="`steps` must be an int >= 0, got 1.5"):
+    with pytest.raises(TypeError, match=r"^`steps` must be an int >= 0, got float 1.5$"):
         PGD(steps=1.5)
+    with pytest.raises(ValueError, match=r"^`eps` must be a finite number >= 0, got nan$"):
+        PGD(eps=float("nan"))
     with pytest.raises(TypeError, match="`train` must be a bool"):
         pgd_attack(net, x, y, train=None)
     with pytest.raises(ValueError, match="`x` has 4 examples but `y` has 3"):

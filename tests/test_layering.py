@@ -1,5 +1,5 @@
 """The package's layering (STYLE.md): the library never imports `experiments`; `optim` knows nothing of neural
-networks; only `optim/_numpy.py` hands tensors to scipy / cvxpy."""
+networks; only `_numpy.py` hands tensors to scipy / cvxpy."""
 
 import ast
 from pathlib import Path
@@ -41,4 +41,4 @@ def test_only_one_module_calls_scipy_or_cvxpy():
         for p in PACKAGE.rglob("*.py")
         if any(n.split(".")[0] in ("scipy", "cvxpy") for n in _imports(p))
     )
-    assert callers == ["experiments/study.py", "optim/_numpy.py"]  # study.py only records scipy's version
+    assert callers == ["_numpy.py"]

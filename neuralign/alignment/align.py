@@ -24,6 +24,7 @@ from neuralign.alignment.trace import trace_spec
 from neuralign.attacks import PGD
 from neuralign.errors import ConvergenceWarning, SpecError
 from neuralign.optim import solve_assignment
+from neuralign.status import Status
 
 __all__ = ["AlignmentResult", "align", "weight_similarity", "ALIGNMENT_METHODS"]
 
@@ -84,7 +85,7 @@ class AlignmentResult:
     fun: float = 0.0
     n_iter: int = 1
     converged: bool = True
-    status: int = 0
+    status: Status = Status.SUCCESS
     message: str = ""
     dead_units: dict[str, tuple[int, int]] = field(default_factory=dict)
     restarts: int = 1
@@ -392,7 +393,7 @@ def align(
     restarts: int = 4,
     generator: torch.Generator | int | None = None,
     example_input: Any = None,
-    callback: Callable[[int], Any] | None = None,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
     inputs: str = "clean",
     adversarial: PGD | None = None,
 ) -> AlignmentResult:
@@ -451,7 +452,7 @@ def align(
     example_input : Tensor, optional
         Needed to trace the spec for ``"weight"`` without a loader or spec.
     callback : callable, optional
-        Called with the number of batches processed (progress).
+        Called after each batch with the progress record ``{"stage": "align", "step": batches done}``.
     inputs : {"clean", "adversarial"}
         ``"adversarial"`` (data methods, for robust models): each model's activations are read on its own PGD
         examples of every batch, generated in eval mode (the official GoogLeNet ``--adv_flag``; Tatro et al.
@@ -561,7 +562,7 @@ def align(
     keys = {k for k, _ in model_a.named_parameters()}
     problem = _WeightProblem(state_a, state_b, spec, keys)
 
-    n_iter, converged, status, message = 1, True, 0, "solved one assignment per group"
+    n_iter, converged, status, message = 1, True, Status.SUCCESS, "solved one assignment per group"
     n_runs, agreed, objectives = 1, 1, ()
     if method == "weight":
         if not any(k in keys for k in spec.axes):
@@ -571,7 +572,7 @@ def align(
         n_runs, objectives = len(runs), tuple(r[0] for r in runs)
         n_iter = sum(r[2] for r in runs)
         converged = runs[best][3]
-        status = 0 if converged else 1
+        status = Status.SUCCESS if converged else Status.MAX_ITER
         sweeps = runs[best][2]
         message = (
             f"weight matching: best of {n_runs} restarts (objective {runs[best][0]:.10g}, run {best}), reached by "
@@ -588,7 +589,7 @@ def align(
         perms = {g: _solve(S, g) for g, S in sim.items()}
         perms, tied = _break_ties(problem, sim, perms, max_iter)
         perms, converged, sweeps = _match_dead_units(problem, spec, data, perms, gen, max_iter)
-        status = 0 if converged else 1
+        status = Status.SUCCESS if converged else Status.MAX_ITER
         n_dead = sum(1 for g in spec.groups if bool(data[g].dead_a.any() | data[g].dead_b.any()))
         message = "solved one assignment per group"
         if tied:

@@ -230,7 +230,7 @@ def save_permutation_file(path: str | os.PathLike, record: PermutationFile) -> P
         raise ValueError(f"a permutation file must end in one of {list(_SUFFIXES)}, got {str(path)!r}")
     validate_permutation(record.spec, record.perms)
     if not record.neuralign_version:
-        from neuralign import __version__
+        from neuralign._version import __version__
 
         record = PermutationFile(**{**record.__dict__, "neuralign_version": __version__})
     header = json.dumps(record.header(), sort_keys=True)

@@ -292,7 +292,7 @@ def activation_moments(
     *,
     kind: str = "post",
     max_batches: int | None = None,
-    callback: Callable[[int], Any] | None = None,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
     adversarial: PGD | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[PermutationSpec, dict[str, list[ActivationMoments]]]:
@@ -316,7 +316,7 @@ def activation_moments(
     max_batches : int, optional
         Stop after this many batches (at least 1).
     callback : callable, optional
-        Called with the number of batches done after each batch (progress reporting).
+        Called after each batch with the progress record ``{"stage": "align", "step": batches done}``.
     adversarial : PGD, optional
         Read each model's activations on its own PGD examples of the batch (generated in eval mode against that
         model; the loader must yield ``(inputs, targets)`` with inputs in [0, 1]) instead of the clean inputs.
@@ -425,7 +425,7 @@ def activation_moments(
                     raise NonFiniteError(f"activations of layer `{t.node}` in `{bad}` contain NaN or inf")
             n_batches += 1
             if callback is not None:
-                callback(n_batches)
+                callback({"stage": "align", "step": n_batches})
     moments: dict[str, list[ActivationMoments]] = {g: [] for g in spec.groups}
     for (g, _), acc in accs.items():
         if distributed:

@@ -15,7 +15,7 @@ other tensor operands carry a group. The graph is traced in both train and eval 
 ``self.training`` differ), and the two traces share their groups. ``tests/alignment/test_trace_fuzz.py`` proves
 every rule by a float64 equivalence check on a family of generated modules.
 
-This is one module because the rules share the interpreter's state (the union-find over groups, the records of
+Why one module: the rules share the interpreter's state (the union-find over groups, the records of
 which tensor axis carries which group) and are only meaningful together.
 """
 

@@ -24,7 +24,7 @@ from neuralign.curves.evaluate import (
 from neuralign.curves.families import CURVE_FAMILIES, Bezier, Curve, Line, PolyChain
 from neuralign.curves.fit import CurveResult, fit_curve, garipov_lr_factor, paper_lr_factor
 from neuralign.curves.metrics import evaluate_model
-from neuralign.curves.pam import CurvePAMResult, CurvePermutationProblem, fit_curve_pam
+from neuralign.curves.pam import CurvePAMOptions, CurvePAMResult, CurvePermutationProblem, fit_curve_pam
 
 __all__ = [
     "Curve",
@@ -34,6 +34,7 @@ __all__ = [
     "CURVE_FAMILIES",
     "fit_curve",
     "fit_curve_pam",
+    "CurvePAMOptions",
     "CurvePAMResult",
     "CurvePermutationProblem",
     "evaluate_model",

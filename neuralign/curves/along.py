@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuralign._options import renamed_keywords
 from neuralign.alignment import PermutationSpec, align, identity_permutation
 from neuralign.curves.bn import _bn_modules, _check_max_batches, _check_model, _parameters_of, _reestimate
 from neuralign.curves.families import Curve, _check_t
@@ -100,9 +101,10 @@ def midpoint_alignment(
     bn_loader: Iterable,
     *,
     t: float = 0.5,
-    bn_batches: int | None = None,
-    max_batches: int | None = None,
+    max_bn_batches: int | None = None,
+    max_align_batches: int | None = None,
     spec: PermutationSpec | None = None,
+    **renamed: Any,
 ) -> MidpointAlignment:
     """Align the network at :math:`w(t)` of a curve to each of its end points and report the correlations.
 
@@ -134,12 +136,13 @@ def midpoint_alignment(
         Inputs for the correlations (e.g. the paper's first 10k training images, test-time transforms).
     bn_loader : iterable
         Batches on which the batch-norm statistics at :math:`w(t)` and at both end points are re-estimated
-        (training batches). With ``bn_batches`` its first ``bn_batches`` batches are drawn once and used for all
-        three; without, it must yield the same batches on every pass (a shuffling loader is refused).
+        (training batches). With ``max_bn_batches`` its first ``max_bn_batches`` batches are drawn once and used
+        for all three; without, it must yield the same batches on every pass (a shuffling loader is refused).
     t : float
         Position on the curve, in [0, 1] (default the midpoint).
-    bn_batches, max_batches : int, optional
-        Use at most this many batches of ``bn_loader`` / ``align_loader``.
+    max_bn_batches, max_align_batches : int, optional
+        Use at most this many batches of ``bn_loader`` / ``align_loader`` (``bn_batches`` / ``max_batches`` before
+        0.2, still accepted with a :class:`DeprecationWarning`).
     spec : PermutationSpec, optional
         Traced from ``model`` when absent (by :func:`~neuralign.alignment.align`).
 
@@ -153,7 +156,7 @@ def midpoint_alignment(
         If the curve or an end point lacks a parameter of ``model`` or has another shape.
     ValueError
         For ``t`` outside [0, 1], an empty loader, a bad batch count, or a shuffling ``bn_loader`` without
-        ``bn_batches``.
+        ``max_bn_batches``.
 
     References
     ----------
@@ -179,7 +182,10 @@ def midpoint_alignment(
     if not isinstance(curve, Curve):
         raise TypeError(f"`curve` must be a Curve, got {type(curve).__name__}")
     t = _check_t(t)
-    bn_batches = _check_max_batches(bn_batches, "bn_batches")
+    old = renamed_keywords(renamed, {"bn_batches": "max_bn_batches", "max_batches": "max_align_batches"},
+                           where="midpoint_alignment")  # fmt: skip
+    bn_batches = _check_max_batches(old.get("max_bn_batches", max_bn_batches), "max_bn_batches")
+    max_batches = old.get("max_align_batches", max_align_batches)
     params = _parameters_of(model, {k: v.detach() for k, v in curve(t).items()}, "curve")
     device = next(iter(params.values())).device
     # the same batches for w(t) and both end points: with bn_batches they are drawn once; without, a loader that
@@ -187,8 +193,8 @@ def midpoint_alignment(
     if bn_batches is not None:
         bn_loader = list(itertools.islice(iter(bn_loader), bn_batches))
     elif (first := _first_batch(bn_loader)) is not None and not _same_batch(first, _first_batch(bn_loader)):
-        raise ValueError("`bn_loader` yields other batches on each pass (a shuffling loader): give bn_batches=N (its "
-                         "first N batches are drawn once) or a fixed-order loader")  # fmt: skip
+        raise ValueError("`bn_loader` yields other batches on each pass (a shuffling loader): give max_bn_batches=N "
+                         "(its first N batches are drawn once) or a fixed-order loader")  # fmt: skip
     buffers = _reestimate(model, params, bn_loader, bn_batches, device, "bn_loader")
     bn_keys = {f"{name}.{k}" if name else k for name, _ in _bn_modules(model)
                for k in ("running_mean", "running_var", "num_batches_tracked")}  # fmt: skip

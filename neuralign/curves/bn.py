@@ -19,8 +19,8 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from neuralign._distributed import all_reduce_, all_reduce_sum, check_same_batch, is_distributed, owns_batch
-from neuralign._utils import as_generator, split_logits
-from neuralign.attacks import PGD, _private_rng
+from neuralign._utils import as_generator, seeded_rng, split_batch, split_logits
+from neuralign.attacks import PGD
 from neuralign.errors import ShapeMismatchError
 
 __all__ = ["reestimate_bn"]
@@ -102,17 +102,6 @@ def _module_mode(model: nn.Module, training: bool) -> Iterator[None]:
     finally:
         for m, flag in saved:
             m.training = flag
-
-
-def _split_batch(batch: Any, device: torch.device, label: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(x, y)`` on ``device`` from a loader item: a tensor, or a tuple/list whose first two entries are x, y."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True), None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        x = batch[0].to(device, non_blocking=True)
-        y = batch[1].to(device, non_blocking=True) if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return x, y
-    raise TypeError(f"`{label}` must yield tensors or (inputs, targets) tuples, got {type(batch).__name__}")
 
 
 def _first_layer_hint(model: nn.Module) -> str:
@@ -219,12 +208,12 @@ def _reestimate(
     # with an attack, the pass's own dropout also draws from a global RNG forked and seeded from the attack's
     # generator: a seeded robust evaluation repeats, whatever the global RNG
     forked = adversarial is not None and generator is not None
-    rng = _private_rng(generator, device) if forked else contextlib.nullcontext()
+    rng = seeded_rng(generator, device) if forked else contextlib.nullcontext()
     with torch.no_grad(), _module_mode(model, True), rng:
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break
-            x, y = _split_batch(batch, device, label)
+            x, y = split_batch(batch, device, label)
             if index == 0:
                 check_same_batch(x, y, label=label)
             if not owns_batch(index):  # whole batches round-robin: each batch's statistics are one process's
@@ -280,7 +269,7 @@ def _evaluate(
     count = 0
     with torch.no_grad(), _module_mode(model, False):
         for index, batch in enumerate(loader):
-            x, y = _split_batch(batch, device, label)
+            x, y = split_batch(batch, device, label)
             if y is None:
                 raise TypeError(f"`{label}` must yield (inputs, targets) pairs to measure loss and accuracy")
             if index == 0:

@@ -8,7 +8,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,35 +22,35 @@ from neuralign._distributed import (
     rank,
     shard_batch,
 )
+from neuralign._epochs import EpochCheckpoint
+from neuralign._options import renamed_keywords
 from neuralign._utils import (
     as_generator,
-    atomic_save,
     classification_loss,
-    load_checkpoint,
+    split_batch,
     split_logits,
     stable_seed,
 )
+from neuralign._validate import check_int
 from neuralign.attacks import PGD
 from neuralign.curves.bn import (
     _attack,
     _buffer_copies,
     _call,
     _check_curve_matches_model,
-    _check_max_batches,
     _check_model,
     _module_mode,
     _parameters_of,
-    _split_batch,
 )
 from neuralign.curves.families import Bezier, Curve, Line, PolyChain, _flatten_points
-from neuralign.errors import CheckpointError, NonFiniteError
+from neuralign.errors import NonFiniteError
+from neuralign.status import Status
 
 __all__ = ["fit_curve", "CurveResult", "paper_lr_factor", "garipov_lr_factor"]
 
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT_KIND = "fit_curve"
-_CHECKPOINT_VERSION = 1
 _CURVE_BUILDERS: dict[str, Callable[[Mapping, Mapping], Curve]] = {
     "bezier": lambda a, b: Bezier.between(a, b, degree=2),
     "polychain": lambda a, b: PolyChain.between(a, b, bends=1),
@@ -117,8 +116,8 @@ class CurveResult:
         Number of epochs completed.
     converged : bool
         True when all requested epochs ran (a fixed-budget fit has no other stopping rule).
-    status : int
-        0: all epochs ran; 1: stopped by the callback.
+    status : Status
+        SUCCESS: all epochs ran; CALLBACK: stopped by the callback.
     message : str
         Why it stopped.
     fun : float
@@ -129,7 +128,7 @@ class CurveResult:
     history: tuple[dict[str, Any], ...] = field(repr=False)
     n_iter: int
     converged: bool
-    status: int
+    status: Status
     message: str
     fun: float
 
@@ -292,7 +291,7 @@ def _config(
         "dtype": str(curve.dtype),
         "weight_decay": float(weight_decay),
         "proximal": None if proximal is None else float(proximal),
-        "max_batches_per_epoch": max_batches,
+        "max_batches": max_batches,
     }
 
 
@@ -312,8 +311,9 @@ def fit_curve(
     generator: torch.Generator | int | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
     checkpoint: str | os.PathLike | None = None,
-    max_batches_per_epoch: int | None = None,
+    max_batches: int | None = None,
     adversarial: PGD | None = None,
+    **renamed: Any,
 ) -> CurveResult:
     """Fit the trainable points of a curve between two fixed networks by SGD over a uniform :math:`t`.
 
@@ -377,8 +377,9 @@ def fit_curve(
         exists and was written by a fit with the same family, trainable mask, shapes, end points (fingerprint), weight
         decay, proximal and batch settings, the fit resumes from it: an interrupted then resumed CPU fit gives the same
         result, bit for bit, as an uninterrupted one (a fit stopped by the callback resumes the same way).
-    max_batches_per_epoch : int, optional
-        Stop each epoch after this many batches.
+    max_batches : int, optional
+        Stop each epoch after this many batches (``max_batches_per_epoch`` before 0.2, still accepted with a
+        :class:`DeprecationWarning`).
     adversarial : PGD, optional
         Fit a robust curve against this attack (:class:`neuralign.attacks.PGD`; inputs in [0, 1]). Part of the
         checkpoint's settings: a fit with other attack settings does not resume it.
@@ -451,7 +452,9 @@ def fit_curve(
         or not (math.isfinite(proximal) and proximal > 0)
     ):
         raise ValueError(f"`proximal` must be None or a finite number > 0, got {proximal!r}")
-    max_batches = _check_max_batches(max_batches_per_epoch, "max_batches_per_epoch")
+    max_batches = renamed_keywords(renamed, {"max_batches_per_epoch": "max_batches"}, where="fit_curve").get(
+        "max_batches", max_batches)
+    max_batches = check_int(max_batches, "max_batches", minimum=1, allow_none=True)
     if adversarial is not None and not isinstance(adversarial, PGD):
         raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     if callback is not None and not callable(callback):
@@ -502,54 +505,23 @@ def fit_curve(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         stepper.optimizer, lr_lambda if lr_lambda is not None else paper_lr_factor
     )
-    loader_generator = getattr(train_loader, "generator", None)
-    if not isinstance(loader_generator, torch.Generator):
-        loader_generator = None
     config = _config(start, weight_decay, proximal, max_batches, adversarial)
-    fingerprint = _fingerprint(start._flat[[0, -1]])
+    config["end points"] = _fingerprint(start._flat[[0, -1]])
     history: list[dict[str, Any]] = []
     first_epoch = 0
-
-    path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.exists():
-        state = load_checkpoint(
-            path,
-            kind=_CHECKPOINT_KIND,
-            required=("config", "fingerprint", "points", "optimizer", "scheduler", "epoch", "history"),
-        )
-        for key, value in config.items():
-            if state["config"].get(key) != value:
-                raise CheckpointError(
-                    f"checkpoint {str(path)!r} belongs to another fit: its {key} is {state['config'].get(key)!r}, "
-                    f"this fit's is {value!r} (delete it or choose another path)"
-                )
-        if not torch.allclose(state["fingerprint"], fingerprint, rtol=1e-9, atol=0.0):
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} belongs to another fit: its end points differ from `point_a`/`point_b` "
-                "(delete it or choose another path)"
-            )
-        with torch.no_grad():
-            stepper.points.copy_(state["points"])
-        if stepper.anchor is not None:
-            stepper.anchor.copy_(state["anchor"])
-        stepper.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = [dict(r) for r in state["history"]]
-        first_epoch = int(state["epoch"])
-        t_generator.set_state(state["t_generator"])
+    saved = EpochCheckpoint(
+        checkpoint, _CHECKPOINT_KIND, config=config, loader=train_loader,
+        objects={"points": stepper.points, "anchor": stepper.anchor, "optimizer": stepper.optimizer,
+                 "scheduler": scheduler, "t_generator": t_generator},
+    )  # fmt: skip
+    resumed = saved.restore()
+    if resumed is not None:
+        history, first_epoch = [dict(r) for r in resumed["history"]], int(resumed["epoch"])
         if attack_seed is not None:
-            if state.get("attack_seed") is None:
-                raise CheckpointError(
-                    f"checkpoint {str(path)!r} records no attack seed (written by an older neuralign); delete it "
-                    "or choose another path"
-                )
-            attack_seed = int(state["attack_seed"])
-        torch.set_rng_state(state["rng"])
-        if loader_generator is not None and state.get("loader_generator") is not None:
-            loader_generator.set_state(state["loader_generator"])
-        logger.info("resuming curve fit from %s at epoch %d", path, first_epoch)
+            attack_seed = int(resumed["attack_seed"])
+        logger.info("resuming curve fit from %s at epoch %d", checkpoint, first_epoch)
 
-    status, message = 0, f"completed {epochs} epochs"
+    status, message = Status.SUCCESS, f"completed {epochs} epochs"
     for epoch in range(first_epoch, epochs):
         lr = float(stepper.optimizer.param_groups[0]["lr"])
         started = time.perf_counter()
@@ -564,7 +536,7 @@ def fit_curve(
             for index, batch in enumerate(train_loader):
                 if max_batches is not None and index >= max_batches:
                     break
-                x, y = _split_batch(batch, stepper.device, "train_loader")
+                x, y = split_batch(batch, stepper.device, "train_loader")
                 if y is None:
                     raise TypeError("`train_loader` must yield (inputs, targets) pairs")
                 if epoch == first_epoch and index == 0:
@@ -600,28 +572,11 @@ def fit_curve(
             )
         history.append(record)
         logger.debug("curve epoch %d: %s", epoch, record)
-        if path is not None:
-            atomic_save(
-                {
-                    "kind": _CHECKPOINT_KIND,
-                    "version": _CHECKPOINT_VERSION,
-                    "config": config,
-                    "fingerprint": fingerprint,
-                    "points": stepper.points.detach(),
-                    "anchor": stepper.anchor,
-                    "optimizer": stepper.optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "t_generator": t_generator.get_state(),
-                    "attack_seed": attack_seed,
-                    "rng": torch.get_rng_state(),
-                    "loader_generator": None if loader_generator is None else loader_generator.get_state(),
-                },
-                path,
-            )
+        saved.save({"epoch": epoch + 1, "history": history, "attack_seed": attack_seed},
+                   at_epoch_end=max_batches is None or batches < max_batches)  # fmt: skip
         if callback is not None and callback(dict(record)) is True:
-            status, message = 1, f"stopped by the callback after epoch {epoch} ({epoch + 1} of {epochs} done)"
+            status = Status.CALLBACK
+            message = f"stopped by the callback after epoch {epoch} ({epoch + 1} of {epochs} done)"
             break
 
     n_iter = len(history)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,7 +33,11 @@ from torch import nn
 from torch.func import functional_call
 
 from neuralign._distributed import all_reduce_, check_same_batch, is_distributed, shard_batch, world_size
-from neuralign._utils import as_generator, atomic_save, classification_loss, load_checkpoint, stable_seed
+from neuralign._epochs import EpochCheckpoint
+from neuralign._options import Options, nested, renamed_keywords, resolve_options
+from neuralign._stats import bonferroni_quantile, paired_change
+from neuralign._utils import as_generator, classification_loss, split_batch, stable_seed
+from neuralign._validate import check_int, check_real
 from neuralign.alignment import (
     PermutationSpec,
     align,
@@ -45,16 +48,109 @@ from neuralign.alignment import (
     trace_spec,
     validate_permutation,
 )
-from neuralign.curves.bn import _parameters_of, _split_batch
+from neuralign.curves.bn import _parameters_of
 from neuralign.curves.families import Bezier
 from neuralign.curves.fit import fit_curve
-from neuralign.errors import CheckpointError, ConvergenceWarning, NonFiniteError
-from neuralign.optim import PAM, PAMResult, PAMState, PermutationProblem, perm_to_matrix
-from neuralign.optim._numpy import student_t_quantile
+from neuralign.errors import ConvergenceWarning, NonFiniteError
+from neuralign.optim import (
+    PAM,
+    BirkhoffStep,
+    LinearizedStep,
+    PAMResult,
+    PAMState,
+    PermutationProblem,
+    PStep,
+    p_step,
+    perm_to_matrix,
+)
+from neuralign.status import Status
 
-__all__ = ["CurvePermutationProblem", "CurvePAMResult", "fit_curve_pam"]
+__all__ = ["CurvePAMOptions", "CurvePermutationProblem", "CurvePAMResult", "fit_curve_pam"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CurvePAMOptions(Options):
+    """The options of PAM on a curve (:func:`fit_curve_pam`), defined and validated once; the study's ``pam``
+    settings are this object.
+
+    Attributes
+    ----------
+    step : LinearizedStep or BirkhoffStep
+        The P-step (:class:`~neuralign.optim.LinearizedStep`, backtracked by default so that the monitored objective
+        never increases, or :class:`~neuralign.optim.BirkhoffStep`, the official code's relaxed steps with
+        Birkhoff–von Neumann rounding); a name (``"linearized"``, ``"birkhoff"``) gives its default here. The exact
+        step does not apply: the curve objective is not linear in P.
+    lam : float
+        P proximal step :math:`\\lambda > 0` (the official code's :math:`\\nu = 1000`).
+    max_iter : int
+        Outer iterations (>= 1; the paper uses 1).
+    tol : float
+        Convergence tolerance of :meth:`~neuralign.optim.PAM.run` (>= 0).
+    x_epochs : int
+        Curve-fitting epochs per x-step (>= 1; the paper: 250).
+    mu : float, optional
+        Proximal parameter of the x-step, :math:`\\frac{1}{2\\mu}\\|\\theta - \\theta_k\\|^2` (default none: plain
+        curve fitting; the official code's pull is ``mu=1000``).
+    gradient_batches : int, optional
+        Training batches for each :math:`\\nabla_P F` estimate (>= 1); default a tenth of an epoch (at least 1).
+    value_batches : int
+        Held-out batches (each at every time of ``value_ts``) on which the monitored objective, and so every P-step
+        candidate, is evaluated (>= 1; default 8).
+    value_ts : tuple of float
+        Times in [0, 1] at which every value batch is evaluated (default 0.25, 0.5, 0.75).
+    local_search : int
+        After each P-step, try this many random transpositions per group, scored on the value batches, and apply
+        the best one that lowers the objective significantly (paired over batches, Bonferroni at family-wise level
+        ``local_search_alpha``). Linearised steps cannot see improvements that lie behind a barrier of the
+        relaxation (averaging two units' weights is worse than either), which swaps reach directly. 0 (default):
+        off.
+    local_search_alpha : float
+        Family-wise level of the local search's tests, in (0, 1) (default 0.05).
+    local_search_min_improvement : float
+        A swap of the local search must lower the objective by more than this fraction of it (>= 0; default 0;
+        the verification's ``min_improvement``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For an option of the wrong kind or out of its range (names it).
+    """
+
+    step: PStep = nested(LinearizedStep, BirkhoffStep, default=LinearizedStep(backtrack=True),
+                         named=(LinearizedStep(backtrack=True),))  # fmt: skip
+    lam: float = 1000.0
+    max_iter: int = 1
+    tol: float = 0.0
+    x_epochs: int = 1
+    mu: float | None = None
+    gradient_batches: int | None = None
+    value_batches: int = 8
+    value_ts: tuple[float, ...] = (0.25, 0.5, 0.75)
+    local_search: int = 0
+    local_search_alpha: float = 0.05
+    local_search_min_improvement: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.step, (LinearizedStep, BirkhoffStep)):
+            raise ValueError(f"`step` must be a LinearizedStep or a BirkhoffStep (the curve objective is not linear "
+                             f"in P), got {self.step!r}")  # fmt: skip
+        check_real(self.lam, "lam", low=0.0, low_open=True, allow_inf=True)
+        check_int(self.max_iter, "max_iter", minimum=1)
+        check_real(self.tol, "tol", low=0.0)
+        check_int(self.x_epochs, "x_epochs", minimum=1)
+        check_real(self.mu, "mu", low=0.0, low_open=True, allow_none=True, allow_inf=True)
+        check_int(self.gradient_batches, "gradient_batches", minimum=1, allow_none=True)
+        check_int(self.value_batches, "value_batches", minimum=1)
+        ts = self.value_ts if isinstance(self.value_ts, (tuple, list)) else (self.value_ts,)
+        object.__setattr__(self, "value_ts", tuple(check_real(t, "value_ts", low=0.0, high=1.0) for t in ts))
+        if not self.value_ts:
+            raise ValueError("`value_ts` must be a non-empty sequence of times in [0, 1], got ()")
+        check_int(self.local_search, "local_search", minimum=0)
+        check_real(self.local_search_alpha, "local_search_alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        check_real(self.local_search_min_improvement, "local_search_min_improvement", low=0.0)
+
 
 
 def _shard(x: torch.Tensor, y: torch.Tensor, label: str) -> tuple:
@@ -69,14 +165,14 @@ def _fixed_batches(loader: Iterable, n: int, device: torch.device) -> list[tuple
     for batch in loader:
         if len(out) >= n:
             break
-        x, y = _split_batch(batch, device, "value_loader")
+        x, y = split_batch(batch, device, "heldout_loader")
         if y is None:
-            raise TypeError("`value_loader` must yield (inputs, targets) pairs")
+            raise TypeError("`heldout_loader` must yield (inputs, targets) pairs")
         if not out:
-            check_same_batch(x, y, label="value_loader")
-        out.append(_shard(x, y, "value_loader"))
+            check_same_batch(x, y, label="heldout_loader")
+        out.append(_shard(x, y, "heldout_loader"))
     if not out:
-        raise ValueError("`value_loader` yielded no batches")
+        raise ValueError("`heldout_loader` yielded no batches")
     return out
 
 
@@ -97,7 +193,7 @@ class CurvePermutationProblem(PermutationProblem):
         :math:`\\lambda_{wd}` of the penalty on :math:`\\phi(t)`.
     loss_fn : callable, optional
         Default cross-entropy (with GoogLeNet's auxiliary heads).
-    value_loader : iterable, optional
+    heldout_loader : iterable, optional
         Fixed-order batches (default ``train_loader``): the first ``value_batches`` of them, each evaluated at every
         time in ``value_ts``, define the deterministic monitored value (the official code scores permutations on a
         full training pass with :math:`t` swept across batches; a fixed time grid per batch makes per-batch
@@ -126,12 +222,15 @@ class CurvePermutationProblem(PermutationProblem):
         *,
         weight_decay: float = 5e-4,
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
-        value_loader: Iterable | None = None,
+        heldout_loader: Iterable | None = None,
         value_batches: int = 8,
         value_ts: Sequence[float] = (0.25, 0.5, 0.75),
         gradient_batches: int = 8,
         generator: torch.Generator | int | None = None,
+        **renamed: Any,
     ) -> None:
+        heldout_loader = renamed_keywords(renamed, {"value_loader": "heldout_loader"},
+                                          where="CurvePermutationProblem").get("heldout_loader", heldout_loader)
         if weight_decay < 0:
             raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay}")
         for name, value in (("value_batches", value_batches), ("gradient_batches", gradient_batches)):
@@ -155,7 +254,7 @@ class CurvePermutationProblem(PermutationProblem):
         self.gradient_batches = gradient_batches
         self.generator = as_generator(generator)
         self.buffers = {k: b.detach().to(self.device, copy=True) for k, b in self.model.named_buffers()}
-        self.value_set = _fixed_batches(value_loader if value_loader is not None else train_loader,
+        self.value_set = _fixed_batches(heldout_loader if heldout_loader is not None else train_loader,
                                         value_batches, self.device)  # fmt: skip
         self.value_ts = tuple(float(t) for t in value_ts)
         if not self.value_ts or any(not 0.0 <= t <= 1.0 for t in self.value_ts):
@@ -202,6 +301,24 @@ class CurvePermutationProblem(PermutationProblem):
         """:math:`\\theta_{\\text{off}} = \\theta - \\tfrac12 w_A - \\tfrac12 P w_B` as a flat vector."""
         pb = apply_permutation(self.wb, self.spec, perms)
         return self.flatten({k: theta[k].detach() - 0.5 * (self.wa[k] + pb[k]) for k in self.names})
+
+    def start_offset(self, curve: Bezier) -> torch.Tensor:
+        """:math:`\\theta_{\\text{off}}` (flat) of a quadratic Bezier curve whose end points are the problem's.
+
+        Raises
+        ------
+        ValueError
+            If ``curve`` is not a quadratic Bezier curve or was fitted for other end points (names the parameter).
+        """
+        if not isinstance(curve, Bezier) or curve.num_points != 3:
+            raise ValueError("`curve` must be a quadratic Bezier curve (3 points)")
+        a, theta, b = curve.points
+        for name, given, expected in (("point_a", a, self.wa), ("the permuted point_b", b, self.wb)):
+            for k in self.names:
+                if k not in given or not torch.allclose(given[k].to(expected[k]), expected[k], rtol=1e-6, atol=1e-7,
+                                                        equal_nan=True):
+                    raise ValueError(f"`curve` was fitted for other end points: its end differs from {name} at `{k}`")
+        return self.offset({k: theta[k].to(self.wa[k]) for k in self.names}, identity_permutation(self.spec))
 
     # ------------------------------------------------------------------ objective
     def batch_loss(
@@ -253,7 +370,7 @@ class CurvePermutationProblem(PermutationProblem):
         for batch in self.train_loader:
             if len(out) >= n:
                 break
-            x, y = _split_batch(batch, self.device, "train_loader")
+            x, y = split_batch(batch, self.device, "train_loader")
             if y is None:
                 raise TypeError("`train_loader` must yield (inputs, targets) pairs")
             out.append(_shard(x, y, "train_loader"))
@@ -352,7 +469,7 @@ class CurvePAMResult:
     backtracks: list[int] = field(default_factory=list)
     n_iter: int = 0
     converged: bool = False
-    status: int = 1
+    status: Status = Status.MAX_ITER
     message: str = ""
 
 
@@ -389,29 +506,17 @@ def fit_curve_pam(
     curve: Bezier | None = None,
     spec: PermutationSpec | None = None,
     align_loader: Iterable | None = None,
-    method: str = "linearized",
-    lam: float = 1000.0,
-    backtrack: bool = True,
-    max_iter: int = 1,
-    tol: float = 0.0,
-    x_epochs: int = 1,
-    mu: float | None = None,
+    heldout_loader: Iterable | None = None,
+    options: CurvePAMOptions | None = None,
     optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
     lr_lambda: Callable[[int], float] | None = None,
     weight_decay: float = 5e-4,
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
-    gradient_batches: int | None = None,
-    value_loader: Iterable | None = None,
-    value_batches: int = 8,
-    value_ts: Sequence[float] = (0.25, 0.5, 0.75),
-    local_search: int = 0,
-    local_search_alpha: float = 0.05,
-    local_search_min_improvement: float = 0.0,
-    max_batches_per_epoch: int | None = None,
+    max_batches: int | None = None,
     generator: torch.Generator | int | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
     checkpoint: str | os.PathLike | None = None,
-    **pam_options: Any,
+    **option_overrides: Any,
 ) -> CurvePAMResult:
     """Fit a quadratic Bezier curve jointly with the permutation of end point B by PAM.
 
@@ -446,38 +551,16 @@ def fit_curve_pam(
         Traced from ``model`` on the first training batch when omitted.
     align_loader : iterable, optional
         Inputs for ``init="alignment"``.
-    method : {"linearized", "birkhoff"}
-        The P-step (``"exact"`` does not apply: the curve objective is not linear in P).
-    lam : float
-        P proximal step :math:`\\lambda` (the official code's :math:`\\nu = 1000`).
-    backtrack : bool
-        Backtrack ``lam`` so that the P-step never increases the monitored objective.
-    max_iter : int
-        Outer iterations (the paper uses 1).
-    tol : float
-        Convergence tolerance of :meth:`PAM.run`.
-    x_epochs : int
-        Curve-fitting epochs per x-step (the paper: 250).
-    mu : float, optional
-        Proximal parameter of the x-step (default none: plain curve fitting, the official code's
-        :math:`\\nu = 1000` pull is ``mu=1000``).
+    heldout_loader : iterable, optional
+        Fixed-order batches of the monitored objective, held out from the gradient estimates (default
+        ``train_loader``; see :class:`CurvePermutationProblem`): give training images without augmentation.
+    options : CurvePAMOptions, optional
+        The PAM options (P-step, ``lam``, ``max_iter``, ``x_epochs``, batches, local search); keyword arguments
+        of the same names (``x_epochs=2``, ``step="birkhoff"``) override single ones.
     optimizer, lr_lambda, weight_decay, loss_fn
         As in :func:`~neuralign.curves.fit_curve` (the schedule restarts at every x-step).
-    gradient_batches : int, optional
-        Batches for each :math:`\\nabla_P F` estimate; default a tenth of an epoch (at least 1).
-    value_loader, value_batches, value_ts
-        Fixed batches and times of the monitored objective (see :class:`CurvePermutationProblem`).
-    local_search : int
-        After each P-step, try this many random transpositions per group, scored on the value batches, and apply
-        the best one that lowers the objective significantly (paired over batches, Bonferroni at family-wise level
-        ``local_search_alpha``). Linearised steps cannot see improvements that lie behind a barrier of the
-        relaxation (averaging two units' weights is worse than either), which swaps reach directly. 0: off.
-    local_search_alpha : float
-    local_search_min_improvement : float
-        A swap of the local search must lower the objective by more than this fraction of it (default 0; the
-        verification's ``min_improvement``).
-    max_batches_per_epoch : int, optional
-        Cut the x-step epochs short.
+    max_batches : int, optional
+        Cut the x-step epochs short (at most this many batches each).
     generator : torch.Generator or int, optional
         Randomness of t, of the Birkhoff rounding, and (derived) of the x-steps.
     callback : callable, optional
@@ -488,10 +571,11 @@ def fit_curve_pam(
     checkpoint : path-like, optional
         PAM state written atomically before each x-step and after each iteration (the x-step itself checkpoints
         to ``<checkpoint>.xstep``); an interrupted run resumes from it.
-    **pam_options
-        Further :class:`~neuralign.optim.PAM` options (``max_moved`` and ``p_steps``: small linearised moves,
-        several per P-step; ``birkhoff_steps``, ``birkhoff_lr``, ``birkhoff_samples``, ``birkhoff_prox``,
-        ``max_backtracks``).
+    **option_overrides
+        Options of :class:`CurvePAMOptions` by name. The keywords of before 0.2 still work with a
+        :class:`DeprecationWarning`: ``method`` (now ``step``), the P-step's own (``backtrack``, ``max_moved``,
+        ``p_steps``, ``birkhoff_steps``, ...; now fields of ``step``), ``value_loader`` (now ``heldout_loader``)
+        and ``max_batches_per_epoch`` (now ``max_batches``).
 
     Returns
     -------
@@ -511,19 +595,21 @@ def fit_curve_pam(
     .. [2] H. Attouch, J. Bolte, P. Redont, A. Soubeyran, Math. Oper. Res. 35(2), 2010, arXiv:0801.1780.
     .. [3] T. Garipov et al., NeurIPS 2018, arXiv:1802.10026.
     """
-    if method not in ("linearized", "birkhoff"):
-        raise ValueError(f"unknown method '{method}'; expected one of ['linearized', 'birkhoff']")
-    if isinstance(x_epochs, bool) or not isinstance(x_epochs, int) or x_epochs < 1:
-        raise ValueError(f"`x_epochs` must be an int >= 1, got {x_epochs!r}")
+    opts = _curve_pam_options(options, option_overrides)
+    renamed = renamed_keywords({k: option_overrides.pop(k) for k in ("value_loader", "max_batches_per_epoch")
+                                if k in option_overrides}, _RENAMED, where="fit_curve_pam")  # fmt: skip
+    heldout_loader = renamed.get("heldout_loader", heldout_loader)
+    max_batches = check_int(renamed.get("max_batches", max_batches), "max_batches", minimum=1, allow_none=True)
     gen = as_generator(generator)
     base_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     if spec is None:
         first = next(iter(train_loader), None)
         if first is None:
             raise ValueError("`train_loader` yielded no batches")
-        spec = trace_spec(model, _split_batch(first, torch.device("cpu"), "train_loader")[0][:2])
+        spec = trace_spec(model, split_batch(first, torch.device("cpu"), "train_loader")[0][:2])
     p0 = _resolve_init(init, model, point_a, point_b, spec, align_loader)
     b0 = apply_permutation(point_b, spec.restrict(point_b), p0)
+    gradient_batches = opts.gradient_batches
     if gradient_batches is None:
         try:
             gradient_batches = max(1, len(train_loader) // 10)  # type: ignore[arg-type]
@@ -531,29 +617,18 @@ def fit_curve_pam(
             gradient_batches = 8
     problem = CurvePermutationProblem(
         model, point_a, b0, spec, train_loader, weight_decay=weight_decay, loss_fn=loss_fn,
-        value_loader=value_loader, value_batches=value_batches, value_ts=value_ts, gradient_batches=gradient_batches,
-        generator=gen,
+        heldout_loader=heldout_loader, value_batches=opts.value_batches, value_ts=opts.value_ts,
+        gradient_batches=gradient_batches, generator=gen,
     )  # fmt: skip
     wa = problem.wa
-    path = Path(checkpoint) if checkpoint is not None else None
-    x_path = path.with_name(path.name + ".xstep") if path is not None else None
+    x_path = None if checkpoint is None else Path(checkpoint).with_name(Path(checkpoint).name + ".xstep")
     curve_history: list[dict[str, Any]] = []
     solver: PAM
+    saved: EpochCheckpoint
 
     def save() -> None:
-        if path is not None:
-            atomic_save(
-                {
-                    "kind": "fit_curve_pam",
-                    "pam": solver.state_dict(),
-                    "init": {g: p.clone() for g, p in p0.items()},
-                    "sizes": dict(spec.sizes),
-                    "curve_history": curve_history,
-                    "rng": torch.get_rng_state(),
-                    "loader": _loader_state(train_loader),
-                },
-                path,
-            )
+        # the loader may be mid-epoch (the P-step reads a few batches): its generator is what a resume needs
+        saved.save({"curve_history": curve_history}, at_epoch_end=False)
 
     def x_step(x: list[torch.Tensor], perms: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         k = solver.n_iter + 1
@@ -569,9 +644,10 @@ def fit_curve_pam(
                 callback(rec)
 
         fitted = fit_curve(
-            model, wa, pb, train_loader, curve=start, epochs=x_epochs, optimizer=optimizer, lr_lambda=lr_lambda,
-            weight_decay=weight_decay, proximal=mu, loss_fn=loss_fn, generator=stable_seed(base_seed, "x-step", k),
-            callback=on_epoch, checkpoint=x_path, max_batches_per_epoch=max_batches_per_epoch,
+            model, wa, pb, train_loader, curve=start, epochs=opts.x_epochs, optimizer=optimizer,
+            lr_lambda=lr_lambda, weight_decay=weight_decay, proximal=opts.mu, loss_fn=loss_fn,
+            generator=stable_seed(base_seed, "x-step", k), callback=on_epoch, checkpoint=x_path,
+            max_batches=max_batches,
         )  # fmt: skip
         if x_path is not None:
             x_path.unlink(missing_ok=True)
@@ -580,22 +656,16 @@ def fit_curve_pam(
     if curve is None:
         x0 = [torch.zeros(sum(problem.numels), dtype=problem.dtype, device=problem.device)]
     else:
-        x0 = [_start_offset(problem, curve)]
-    search = (_swap_search(problem, local_search, local_search_alpha, gen, local_search_min_improvement)
-              if local_search else None)  # fmt: skip
-    solver = PAM(problem, x0, method=method, lam=lam, backtrack=backtrack, generator=gen, x_step=x_step,
-                 local_search=search, **pam_options)  # fmt: skip
-    if path is not None and path.exists():
-        state = load_checkpoint(path, kind="fit_curve_pam", required=("pam", "init", "sizes"))
-        if dict(state["sizes"]) != dict(spec.sizes) or any(
-            not torch.equal(state["init"][g].cpu(), p0[g].cpu()) for g in p0
-        ):
-            raise CheckpointError(f"checkpoint {str(path)!r} belongs to another PAM run (other groups or start)")
-        solver.load_state_dict(state["pam"])
-        curve_history.extend(state.get("curve_history", []))
-        torch.set_rng_state(state["rng"])
-        _restore_loader(train_loader, state.get("loader"))
-        logger.info("resuming PAM from %s after %d iterations", path, solver.n_iter)
+        x0 = [problem.start_offset(curve)]
+    search = (_swap_search(problem, opts.local_search, opts.local_search_alpha, gen, opts.local_search_min_improvement)
+              if opts.local_search else None)  # fmt: skip
+    solver = PAM(problem, x0, method=opts.step, lam=opts.lam, generator=gen, x_step=x_step, local_search=search)
+    saved = EpochCheckpoint(checkpoint, "fit_curve_pam", config={"sizes": dict(spec.sizes), "initial permutation": p0},
+                            objects={"pam": solver}, loader=train_loader)  # fmt: skip
+    resumed = saved.restore()
+    if resumed is not None:
+        curve_history.extend(resumed["curve_history"])
+        logger.info("resuming PAM from %s after %d iterations", checkpoint, solver.n_iter)
 
     def on_iteration(st: PAMState) -> bool | None:
         save()
@@ -608,16 +678,17 @@ def fit_curve_pam(
             return callback(record)
         return None
 
-    remaining = max(0, max_iter - solver.n_iter)
+    remaining = max(0, opts.max_iter - solver.n_iter)
     with warnings.catch_warnings():
         # the x-step is a fixed budget of epochs, so x never stops moving: judge convergence by P alone below
         warnings.simplefilter("ignore", ConvergenceWarning)
-        result: PAMResult = solver.run(max_iter=remaining, tol=tol, callback=on_iteration)
+        result: PAMResult = solver.run(max_iter=remaining, tol=opts.tol, callback=on_iteration)
     status, message = result.status, result.message
     moved = sum(c[-1] for c in result.changed.values()) if result.n_iter else 0
-    if status == 1 and result.n_iter and moved == 0:
-        status, message = 0, f"permutation stable: no unit was reassigned in outer iteration {result.n_iter}"
-    elif status == 1:
+    if status == Status.MAX_ITER and result.n_iter and moved == 0:
+        status = Status.SUCCESS
+        message = f"permutation stable: no unit was reassigned in outer iteration {result.n_iter}"
+    elif status == Status.MAX_ITER:
         message = f"{moved} units were still reassigned in the last of {result.n_iter} outer iterations"
         warnings.warn(f"PAM on the curve: {message}; more iterations (`max_iter`) may move P further",
                       ConvergenceWarning, stacklevel=2)  # fmt: skip
@@ -642,26 +713,27 @@ def fit_curve_pam(
     )
 
 
-def bonferroni_quantile(alpha: float, tests: int, batches: int) -> float:
-    """One-sided critical value for ``tests`` simultaneous paired tests at family-wise level ``alpha``.
-
-    A change is significant when ``mean + q * se < 0``, with ``mean`` and ``se`` the mean and standard error of
-    the per-batch differences over ``batches`` paired batches (:func:`paired_change`). Under the null hypothesis
-    (no change, normal batch differences) ``mean / se`` follows Student's t with ``batches - 1`` degrees of
-    freedom, so ``q`` is its ``1 - alpha / tests`` quantile: with 4 batches and 128 tests at 5% it is 10.2, where
-    the normal quantile (3.4) would call several random swaps significant. ``inf`` for fewer than 2 batches
-    (no spread to judge a change by: nothing is significant).
-    """
-    if batches < 2:
-        return math.inf
-    return student_t_quantile(1.0 - alpha / max(1, tests), batches - 1)
+# keywords of fit_curve_pam before neuralign 0.2 -> their names now
+_RENAMED = {"value_loader": "heldout_loader", "max_batches_per_epoch": "max_batches"}
+# P-step keywords of fit_curve_pam before neuralign 0.2 (now fields of CurvePAMOptions.step)
+_STEP_KEYWORDS = ("method", "backtrack", "max_backtracks", "max_moved", "p_steps", "birkhoff_steps", "birkhoff_lr",
+                  "birkhoff_samples", "birkhoff_prox")  # fmt: skip
 
 
-def paired_change(after: torch.Tensor, before: torch.Tensor) -> tuple[float, float]:
-    """Mean of the per-batch differences ``after - before`` and its standard error."""
-    d = after - before
-    se = float(d.std(correction=1) / d.numel() ** 0.5) if d.numel() > 1 else 0.0
-    return float(d.mean()), se
+def _curve_pam_options(options: CurvePAMOptions | None, overrides: dict[str, Any]) -> CurvePAMOptions:
+    """``options`` with the keyword overrides of :func:`fit_curve_pam` (the P-step keywords of before 0.2 folded
+    into ``step`` with a DeprecationWarning). Removes what it uses from ``overrides``."""
+    legacy = {k: overrides.pop(k) for k in _STEP_KEYWORDS if k in overrides}
+    own = {k: overrides.pop(k) for k in list(overrides) if k not in _RENAMED}
+    opts = resolve_options(CurvePAMOptions, options, own, where="fit_curve_pam")
+    if legacy:
+        method = legacy.pop("method", None)
+        base = opts.step if method is None else CurvePAMOptions().replace(step=method).step
+        if method is not None:
+            warnings.warn("fit_curve_pam(): `method` is deprecated since neuralign 0.2; use `step`",
+                          DeprecationWarning, stacklevel=3)  # fmt: skip
+        opts = opts.replace(step=p_step(base, **legacy) if legacy else base)
+    return opts
 
 
 def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, generator: torch.Generator,
@@ -697,27 +769,3 @@ def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, ge
         return current
 
     return search
-
-
-def _start_offset(problem: CurvePermutationProblem, curve: Bezier) -> torch.Tensor:
-    """:math:`\\theta_{\\text{off}}` of a given quadratic Bezier curve whose end points are the problem's."""
-    if not isinstance(curve, Bezier) or curve.num_points != 3:
-        raise ValueError("`curve` must be a quadratic Bezier curve (3 points)")
-    a, theta, b = curve.points
-    for name, given, expected in (("point_a", a, problem.wa), ("the permuted point_b", b, problem.wb)):
-        for k in problem.names:
-            if k not in given or not torch.allclose(given[k].to(expected[k]), expected[k], rtol=1e-6, atol=1e-7,
-                                                    equal_nan=True):
-                raise ValueError(f"`curve` was fitted for other end points: its end differs from {name} at `{k}`")
-    return problem.offset({k: theta[k].to(problem.wa[k]) for k in problem.names}, identity_permutation(problem.spec))
-
-
-def _loader_state(loader: Any) -> Any:
-    gen = getattr(loader, "generator", None)
-    return gen.get_state() if isinstance(gen, torch.Generator) else None
-
-
-def _restore_loader(loader: Any, saved: Any) -> None:
-    gen = getattr(loader, "generator", None)
-    if saved is not None and isinstance(gen, torch.Generator):
-        gen.set_state(saved)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,21 +22,63 @@ from neuralign._distributed import (
     shard_batch,
     sum_gradients_,
 )
-from neuralign._utils import (
-    as_generator,
-    atomic_save,
-    check_compatible,
-    classification_loss,
-    load_checkpoint,
-    split_logits,
-)
+from neuralign._epochs import EpochCheckpoint
+from neuralign._options import Options, renamed_keywords
+from neuralign._utils import as_generator, classification_loss, split_logits
+from neuralign._validate import check_choice, check_int, check_real
 from neuralign.attacks import PGD
-from neuralign.curves import evaluate_model, paper_lr_factor
-from neuralign.errors import CheckpointError, NonFiniteError
+from neuralign.curves import evaluate_model, garipov_lr_factor, paper_lr_factor
+from neuralign.errors import NonFiniteError
+from neuralign.status import Status
 
-__all__ = ["TrainResult", "train_model"]
+__all__ = ["LR_SCHEDULES", "TrainResult", "TrainingOptions", "train_model"]
 
 logger = logging.getLogger(__name__)
+
+
+#: The learning-rate schedules of :class:`TrainingOptions`.
+LR_SCHEDULES = ("paper", "garipov")
+
+
+@dataclass(frozen=True)
+class TrainingOptions(Options):
+    """A training recipe of the study: epochs, learning rate, weight decay and schedule of Nesterov SGD (momentum
+    0.9), for end points (:func:`train_model`) and curves (:func:`~neuralign.curves.fit_curve`).
+
+    Attributes
+    ----------
+    epochs : int
+        Epochs (>= 1; the paper: 250).
+    lr : float
+        Initial learning rate (> 0; default 0.1).
+    weight_decay : float
+        L2 penalty (>= 0; default 5e-4).
+    schedule : {"paper", "garipov"}
+        The learning-rate factor per epoch: ``"paper"`` (:func:`~neuralign.curves.paper_lr_factor`, halved every 20
+        epochs) or ``"garipov"`` (:func:`~neuralign.curves.garipov_lr_factor`, the official robust schedule).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a setting of the wrong kind or out of its range (names it).
+    """
+
+    epochs: int = 250
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    schedule: str = "paper"
+
+    def __post_init__(self) -> None:
+        check_int(self.epochs, "epochs", minimum=1)
+        check_real(self.lr, "lr", low=0.0, low_open=True)
+        check_real(self.weight_decay, "weight_decay", low=0.0)
+        check_choice(self.schedule, "schedule", LR_SCHEDULES)
+
+    def lr_lambda(self) -> Callable[[int], float]:
+        """The learning-rate factor per epoch for a run of ``epochs`` epochs (for ``LambdaLR``)."""
+        if self.schedule == "garipov":
+            return functools.partial(garipov_lr_factor, epochs=self.epochs)
+        return paper_lr_factor
 
 
 @dataclass(frozen=True)
@@ -53,35 +95,15 @@ class TrainResult:
     n_iter : int
         Epochs completed.
     converged, status, message
-        ``status`` 0: all epochs done; 2: stopped by the callback.
+        ``status``: ``Status.SUCCESS`` when all epochs ran, ``Status.CALLBACK`` when the callback stopped it.
     """
 
     state_dict: dict[str, torch.Tensor]
     history: list[dict[str, float]] = field(default_factory=list)
     n_iter: int = 0
     converged: bool = True
-    status: int = 0
+    status: Status = Status.SUCCESS
     message: str = ""
-
-
-def _loader_state(loader: Any, finished: bool = True) -> Any:
-    # an epoch cut short (max_batches_per_epoch) leaves a stateful loader mid-epoch, and restoring that state would
-    # resume the cut epoch; between epochs only its generator matters (the next epoch starts from it)
-    if finished and hasattr(loader, "state_dict") and callable(loader.state_dict):
-        return {"kind": "state_dict", "state": loader.state_dict()}
-    gen = getattr(loader, "generator", None)
-    if isinstance(gen, torch.Generator):
-        return {"kind": "generator", "state": gen.get_state()}
-    return None
-
-
-def _restore_loader(loader: Any, saved: Any) -> None:
-    if saved is None:
-        return
-    if saved["kind"] == "state_dict" and hasattr(loader, "load_state_dict"):
-        loader.load_state_dict(saved["state"])
-    elif saved["kind"] == "generator" and isinstance(getattr(loader, "generator", None), torch.Generator):
-        loader.generator.set_state(saved["state"])
 
 
 def train_model(
@@ -98,9 +120,10 @@ def train_model(
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
     checkpoint: str | os.PathLike | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
-    max_batches_per_epoch: int | None = None,
+    max_batches: int | None = None,
     adversarial: PGD | None = None,
     generator: torch.Generator | int | None = None,
+    **renamed: Any,
 ) -> TrainResult:
     """Train a copy of ``model`` with SGD, the recipe of Tatro et al. (2020) for end points (standard or robust).
 
@@ -134,9 +157,10 @@ def train_model(
         Written atomically after every epoch; if it exists when the call starts, training resumes from it (the same
         model shapes are required), giving the same result as an uninterrupted run on CPU.
     callback : callable, optional
-        Called after every epoch with its record; returning True stops (status 2).
-    max_batches_per_epoch : int, optional
-        Cut epochs short (smoke tests).
+        Called after every epoch with its record; returning True stops (``Status.CALLBACK``).
+    max_batches : int, optional
+        Cut epochs short (smoke tests; ``max_batches_per_epoch`` before 0.2, still accepted with a
+        :class:`DeprecationWarning`).
     adversarial : PGD, optional
         Train on the attack's examples (:class:`neuralign.attacks.PGD`); inputs must be in [0, 1]. The attack does
         not update batch-norm running statistics; the forward pass on the adversarial examples does.
@@ -180,8 +204,10 @@ def train_model(
     >>> len(res.history), res.status
     (3, 0)
     """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"`epochs` must be a positive int, got {epochs!r}")
+    check_int(epochs, "epochs", minimum=1)
+    max_batches = renamed_keywords(renamed, {"max_batches_per_epoch": "max_batches"}, where="train_model").get(
+        "max_batches", max_batches)
+    check_int(max_batches, "max_batches", minimum=1, allow_none=True)
     if adversarial is not None and not isinstance(adversarial, PGD):
         raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     attack_settings = None if adversarial is None else adversarial.to_dict()
@@ -200,36 +226,22 @@ def train_model(
     broadcast_(list(work.parameters()) + list(work.buffers()))  # rank 0's start everywhere, as DDP does
     history: list[dict[str, float]] = []
     start = 0
-    path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.exists():
-        state = load_checkpoint(path, kind="train_model", required=("model", "optimizer", "scheduler", "epoch"))
-        try:
-            check_compatible(work.state_dict(), state["model"], ("model", "checkpoint"))
-        except Exception as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r} belongs to another model: {exc}") from exc
-        if state.get("adversarial") != attack_settings:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} was written with adversarial={state.get('adversarial')!r}, this run has "
-                f"{attack_settings!r} (delete it or choose another path)"
-            )
-        work.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = list(state.get("history", []))
-        start = int(state["epoch"])
-        torch.set_rng_state(state["rng"])
-        _restore_loader(train_loader, state.get("loader"))
-        if attack_generator is not None and state.get("attack_generator") is not None:
-            attack_generator.set_state(state["attack_generator"])
-        logger.info("resuming training from %s at epoch %d", path, start)
-    status, message = 0, f"trained for {epochs} epochs"
+    saved = EpochCheckpoint(
+        checkpoint, "train_model", config={"adversarial": attack_settings}, loader=train_loader,
+        objects={"model": work, "optimizer": optimizer, "scheduler": scheduler, "attack_generator": attack_generator},
+    )  # fmt: skip
+    resumed = saved.restore()
+    if resumed is not None:
+        history, start = list(resumed["history"]), int(resumed["epoch"])
+        logger.info("resuming training from %s at epoch %d", checkpoint, start)
+    status, message = Status.SUCCESS, f"trained for {epochs} epochs"
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         work.train()
         total, correct, loss_sum = 0, 0, 0.0
         finished = True
         for index, batch in enumerate(train_loader):
-            if max_batches_per_epoch is not None and index >= max_batches_per_epoch:
+            if max_batches is not None and index >= max_batches:
                 finished = False
                 break
             x, y = batch[0].to(device), batch[1].to(device)
@@ -275,25 +287,10 @@ def train_model(
             record["test_loss"], record["test_acc"] = evaluate_model(work, test_loader)
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
-        if path is not None:
-            atomic_save(
-                {
-                    "kind": "train_model",
-                    "model": work.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "rng": torch.get_rng_state(),
-                    "loader": _loader_state(train_loader, finished),
-                    "adversarial": attack_settings,
-                    "attack_generator": None if attack_generator is None else attack_generator.get_state(),
-                },
-                path,
-            )
+        saved.save({"epoch": epoch + 1, "history": history}, at_epoch_end=finished)
         logger.info("epoch %d: %s", epoch + 1, record)
         if callback is not None and callback(record):
-            status, message = 2, f"stopped by the callback after epoch {epoch + 1}"
+            status, message = Status.CALLBACK, f"stopped by the callback after epoch {epoch + 1}"
             break
     final = {k: v.detach().clone() for k, v in work.state_dict().items()}
     if any(not torch.isfinite(v).all() for v in final.values() if v.is_floating_point()):

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from neuralign import _numpy
+from neuralign._numpy import accepts_arrays
 from neuralign.errors import NonFiniteError
-from neuralign.optim import _numpy
-from neuralign.optim._numpy import accepts_arrays
+from neuralign.status import Status
 
 __all__ = [
     "AssignmentResult",
@@ -74,7 +75,7 @@ class AssignmentResult:
     u: torch.Tensor | None = None
     v: torch.Tensor | None = None
     converged: bool = True
-    status: int = 0
+    status: Status = Status.SUCCESS
     message: str = "optimal assignment"
     n_iter: int = 1
 
@@ -119,7 +120,7 @@ class AssignmentLPResult:
     v: torch.Tensor | None
     solver: str
     converged: bool
-    status: int
+    status: Status
     message: str
     n_iter: int
 
@@ -324,7 +325,7 @@ def solve_assignments(
     }
 
 
-_LP_STATUS = {"optimal": 0, "optimal_inaccurate": 1}
+_LP_STATUS = {"optimal": Status.SUCCESS}
 
 
 @accepts_arrays("cost")
@@ -382,13 +383,13 @@ def solve_assignment_lp(cost: torch.Tensor, *, solver: str | None = None) -> Ass
             raise ValueError(f"unknown or uninstalled LP solver {solver!r}; expected one of {available}")
         solver = solver.upper()
     sol = _numpy.solve_birkhoff_lp(cost, solver)
-    status = _LP_STATUS.get(sol.status, 2)
+    status = _LP_STATUS.get(sol.status, Status.INACCURATE)
     device = cost.device
 
     def back(a):
         return None if a is None else torch.as_tensor(a, dtype=torch.float64).to(device)
 
-    if status == 2:
+    if status != Status.SUCCESS:
         logger.warning("Birkhoff LP with solver %s ended with status %s", sol.solver, sol.status)
     fun = sol.fun if math.isfinite(sol.fun) else float("nan")
     return AssignmentLPResult(

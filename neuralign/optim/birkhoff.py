@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neuralign._numpy import accepts_arrays, as_tensor, to_caller_kind
 from neuralign._utils import as_generator
 from neuralign.errors import ConvergenceWarning, NonFiniteError
-from neuralign.optim._numpy import accepts_arrays, as_tensor, to_caller_kind
 from neuralign.optim.assignment import solve_assignment
 
 __all__ = [

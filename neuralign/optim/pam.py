@@ -63,6 +63,7 @@ whose parts read each other's state.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import warnings
@@ -70,11 +71,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from neuralign._options import Options
 from neuralign._utils import as_generator
+from neuralign._validate import check_bool, check_int, check_real
 from neuralign.errors import ConvergenceWarning, NonFiniteError
 from neuralign.optim.assignment import solve_assignment
 from neuralign.optim.birkhoff import (
@@ -85,8 +88,13 @@ from neuralign.optim.birkhoff import (
     project_doubly_stochastic,
     sample_permutations,
 )
+from neuralign.status import Status
 
 __all__ = [
+    "BirkhoffStep",
+    "ExactStep",
+    "LinearizedStep",
+    "PStep",
     "PermutationProblem",
     "FunctionProblem",
     "PAM",
@@ -96,6 +104,7 @@ __all__ = [
     "resolve_ties",
     "PAM_METHODS",
     "DEFAULT_X_LR",
+    "p_step",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,8 +112,152 @@ logger = logging.getLogger(__name__)
 #: Learning rate of the default x optimizer (plain SGD, no momentum).
 DEFAULT_X_LR = 1e-2
 
-#: The P-step methods of :class:`PAM` (registry keys).
-PAM_METHODS = ("linearized", "exact", "birkhoff")
+
+
+@dataclass(frozen=True)
+class LinearizedStep(Options):
+    r"""The linearised P-step of :class:`PAM` (the PALM step of Bolte, Sabach, Teboulle 2014).
+
+    :math:`P_{k+1} = \arg\min_{P \in \Pi} \langle G_k, P\rangle + \frac{1}{2\lambda}\|P - P_k\|_F^2` with
+    :math:`G_k = \nabla_P F(x_k, P_k)`: one linear assignment per free group with cost :math:`G_k - P_k/\lambda`.
+
+    Attributes
+    ----------
+    backtrack : bool
+        When the step would increase :math:`F(x_k, \cdot)` (the problem's ``value``), halve :math:`\lambda` and
+        solve again, up to ``max_backtracks`` times (the step with :math:`P_{k+1} = P_k` always qualifies): PALM
+        with a backtracked step for an unknown :math:`L_P`; the monitored objective then never increases in the
+        P-step. ``lam`` itself is not changed between iterations. Default False.
+    max_backtracks : int
+        Halvings per P-step with ``backtrack`` (>= 0; default 30).
+    max_moved : float, optional
+        The fraction in (0, 1] of each group's units that one step may reassign (at least 2; when every move of
+        the step family is larger, its smallest move is taken). The step's :math:`\lambda` is then chosen per
+        group, by bisection on :math:`\log\lambda`, as the largest value up to ``lam`` whose assignment moves no
+        more units (block-wise step sizes, as PALM allows). Linearising is only accurate near :math:`P_k`.
+        Default None: unbounded.
+    p_steps : int
+        Linearised steps per P-step (>= 1), each at a fresh gradient and each backtracked, with :math:`x` fixed;
+        stops early when a step moves nothing. Default 1.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For an option of the wrong kind or out of its range (names it).
+    """
+
+    method: ClassVar[str] = "linearized"
+    backtrack: bool = False
+    max_backtracks: int = 30
+    max_moved: float | None = None
+    p_steps: int = 1
+
+    def __post_init__(self) -> None:
+        check_bool(self.backtrack, "backtrack")
+        check_int(self.max_backtracks, "max_backtracks", minimum=0)
+        check_real(self.max_moved, "max_moved", low=0.0, high=1.0, low_open=True, allow_none=True)
+        check_int(self.p_steps, "p_steps", minimum=1)
+
+
+@dataclass(frozen=True)
+class ExactStep(Options):
+    r"""The exact proximal P-step of :class:`PAM`, for problems linear in :math:`P` given :math:`x`
+    (:math:`F(x, P) = \langle C(x), P\rangle + c(x)`): one linear assignment with cost :math:`C(x_k) - P_k/\lambda`.
+    It has no options."""
+
+    method: ClassVar[str] = "exact"
+
+
+@dataclass(frozen=True)
+class BirkhoffStep(Options):
+    r"""The relaxed P-step of :class:`PAM` (the scheme of Tatro et al.'s code): projected gradient steps on the
+    Birkhoff polytope, then rounding to a permutation.
+
+    ``steps`` steps of size :math:`\eta` on :math:`F(x_k, P) + \frac{1}{2\nu}\|P - P_k\|_F^2`, each followed by
+    the projection onto the doubly stochastic matrices; the candidates of the rounding are the nearest permutation
+    of the relaxed matrices, :math:`P_k` itself and ``samples`` Birkhoff–von Neumann draws; the one with the lowest
+    monitored objective wins (ties keep :math:`P_k`).
+
+    Attributes
+    ----------
+    steps : int
+        Projected gradient steps per P-step (>= 1; default 20).
+    lr : float, optional
+        Their step size :math:`\eta > 0` (default: PAM's ``lam``).
+    samples : int
+        Birkhoff–von Neumann draws among the rounding candidates (>= 0; default 32).
+    prox : float, optional
+        :math:`\nu > 0` of the relaxed proximal term (``math.inf``: none; default: PAM's ``lam``). Tatro et al. use
+        :math:`\eta = 0.05, \nu = 1000`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For an option of the wrong kind or out of its range (names it).
+    """
+
+    method: ClassVar[str] = "birkhoff"
+    steps: int = 20
+    lr: float | None = None
+    samples: int = 32
+    prox: float | None = None
+
+    def __post_init__(self) -> None:
+        check_int(self.steps, "steps", minimum=1)
+        check_real(self.lr, "lr", low=0.0, low_open=True, allow_none=True)
+        check_int(self.samples, "samples", minimum=0)
+        check_real(self.prox, "prox", low=0.0, low_open=True, allow_none=True, allow_inf=True)
+
+
+#: A P-step of :class:`PAM` and its options.
+PStep = LinearizedStep | ExactStep | BirkhoffStep
+
+#: The P-step methods of :class:`PAM` by name (the registry of ``method=``).
+PAM_METHODS: dict[str, type] = {"linearized": LinearizedStep, "exact": ExactStep, "birkhoff": BirkhoffStep}
+
+# the P-step options :class:`PAM` took as keywords before 0.2 -> (method, field of its step object)
+_LEGACY_STEP_OPTIONS = {
+    "backtrack": ("linearized", "backtrack"), "max_backtracks": ("linearized", "max_backtracks"),
+    "max_moved": ("linearized", "max_moved"), "p_steps": ("linearized", "p_steps"),
+    "birkhoff_steps": ("birkhoff", "steps"), "birkhoff_lr": ("birkhoff", "lr"),
+    "birkhoff_samples": ("birkhoff", "samples"), "birkhoff_prox": ("birkhoff", "prox"),
+}  # fmt: skip
+
+
+def p_step(method: str | PStep, **legacy: Any) -> PStep:
+    """The P-step object of ``method`` (a name of :data:`PAM_METHODS`, or a step object itself).
+
+    ``legacy`` takes the keyword options of before 0.2 (``birkhoff_steps=``, ``max_moved=``, ...) with a
+    :class:`DeprecationWarning`, folded into the step object.
+
+    Raises
+    ------
+    ValueError
+        For an unknown method, or a legacy option of another method (names both).
+    TypeError
+        For an unknown keyword.
+    """
+    if isinstance(method, (LinearizedStep, ExactStep, BirkhoffStep)):
+        step = method
+    elif isinstance(method, str) and method in PAM_METHODS:
+        step = PAM_METHODS[method]()
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(PAM_METHODS)} or a step object")
+    if not legacy:
+        return step
+    unknown = sorted(k for k in legacy if k not in _LEGACY_STEP_OPTIONS)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}")
+    changes = {}
+    for name, value in legacy.items():
+        owner, field_name = _LEGACY_STEP_OPTIONS[name]
+        if owner != step.method:
+            raise ValueError(f"`{name}` applies to method {owner!r}, not {step.method!r}")
+        changes[field_name] = value
+    warnings.warn(f"the P-step keywords {sorted(legacy)} are deprecated since neuralign 0.2: pass "
+                  f"method={type(step).__name__}({', '.join(f'{k}=...' for k in changes)})", DeprecationWarning,
+                  stacklevel=3)  # fmt: skip
+    return step.replace(**changes)
 
 
 def resolve_ties(sizes: Mapping[str, int], ties: Mapping[str, str] | None) -> dict[str, str]:
@@ -307,6 +460,16 @@ class FunctionProblem(PermutationProblem):
         return self._linear_cost is not None
 
 
+class _Record(dict):
+    """A callback's record: a dict whose keys also read as attributes (``record.fun``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 @dataclass(frozen=True)
 class PAMState:
     r"""What a ``callback`` sees after each outer iteration (copies; changing them does not affect the solver).
@@ -355,9 +518,9 @@ class PAMResult:
         Iterations done (in total, for a resumed solver).
     converged : bool
         ``status == 0``.
-    status : int
-        0: converged (no assignment changed and objective and x moved by at most ``tol``); 1: ``max_iter`` reached;
-        2: stopped by the callback.
+    status : Status
+        SUCCESS: converged (no assignment changed and objective and x moved by at most ``tol``); MAX_ITER:
+        ``max_iter`` reached; CALLBACK: stopped by the callback.
     message : str
         Why it stopped.
     """
@@ -369,26 +532,8 @@ class PAMResult:
     changed: dict[str, list[int]]
     n_iter: int
     converged: bool
-    status: int
+    status: Status
     message: str
-
-
-def _positive(name: str, value: Any, *, allow_inf: bool, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a positive number, got {type(value).__name__}")
-    value = float(value)
-    if not value > 0 or (math.isinf(value) and not allow_inf):
-        hint = " (math.inf for no proximal term)" if allow_inf else ""
-        raise ValueError(f"`{name}` must be a positive number{hint}, got {value!r}")
-    return value
-
-
-def _nonnegative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be a nonnegative int, got {value!r}")
-    return value
 
 
 def _default_x_optimizer(params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -408,8 +553,10 @@ class PAM:
     perms0 : Mapping[str, torch.Tensor], optional
         Initial permutations (index tensors). Missing groups start at the identity; a tied group may be omitted or
         must equal its representative. Default: identities.
-    method : {"linearized", "exact", "birkhoff"}
-        The P-step.
+    method : str or LinearizedStep or ExactStep or BirkhoffStep
+        The P-step: a name of :data:`PAM_METHODS` (``"linearized"``, ``"exact"``, ``"birkhoff"``) for its default
+        options, or a step object with its options (:class:`LinearizedStep`, :class:`ExactStep`,
+        :class:`BirkhoffStep`).
     lam : float
         P proximal parameter :math:`\lambda > 0` (``math.inf``: no proximal term). For ``"linearized"`` the step
         decreases :math:`F` when :math:`\lambda < 1/L_P`.
@@ -424,36 +571,9 @@ class PAM:
     generator : torch.Generator or int or None
         Randomness of the ``"birkhoff"`` rounding. A stochastic problem that draws its mini-batches from this same
         generator is resumed exactly by :meth:`load_state_dict`.
-    birkhoff_steps : int
-        Projected gradient steps of the relaxed P-step (``"birkhoff"``).
-    birkhoff_lr : float, optional
-        Their step size :math:`\eta` (default ``lam``).
-    birkhoff_samples : int
-        Birkhoff–von Neumann draws among the rounding candidates.
-    birkhoff_prox : float, optional
-        :math:`\nu` of the relaxed proximal term :math:`\frac1{2\nu}\|P - P_k\|^2` (default ``lam``; Tatro et al.
-        use :math:`\eta = 0.05, \nu = 1000`).
     local_search : callable, optional
         ``local_search(x, perms) -> perms`` (dicts keyed by the free groups) applied after each P-step, e.g. a
         2-opt for QAP; it must not increase :math:`F(x, \cdot)` for the decrease guarantee to hold.
-    backtrack : bool
-        For ``"linearized"``: when the step would increase :math:`F(x_k, \cdot)` (``value``), halve ``lam`` and
-        solve again, up to ``max_backtracks`` times (the step with :math:`P_{k+1} = P_k` always qualifies). This is
-        PALM with a backtracked step for an unknown :math:`L_P`; the monitored objective then never increases in
-        the P-step. ``lam`` itself is not changed between iterations.
-    max_backtracks : int
-        Halvings per P-step with ``backtrack``.
-    max_moved : float, optional
-        For ``"linearized"``: the fraction in (0, 1] of each group's units that one linearised step may reassign
-        (at least 2; when every move of the step family is larger, its smallest move is taken). The step's
-        :math:`\lambda` is then chosen per group, by bisection on :math:`\log\lambda`, as the largest value up
-        to ``lam`` whose assignment moves no more units (block-wise step sizes, as PALM allows). Linearising is
-        only accurate near :math:`P_k`: a step that reassigns every unit at once follows a first-order model far
-        outside where it holds.
-    p_steps : int
-        For ``"linearized"``: linearised steps per P-step, each at a fresh gradient and each backtracked, with
-        :math:`x` fixed (the P-step's proximal problem solved more accurately); stops early when a step moves
-        nothing. ``changed`` counts the units moved by all of them together.
     x_step : callable, optional
         ``x_step(x, perms) -> new x``: a custom x-step replacing the ``x_steps`` optimizer steps (``x_optimizer``
         is then unused). It receives detached copies of the current ``x`` and the new permutations (every group)
@@ -493,46 +613,32 @@ class PAM:
         x0: Sequence[torch.Tensor] = (),
         perms0: Mapping[str, torch.Tensor] | None = None,
         *,
-        method: str = "linearized",
+        method: str | PStep = "linearized",
         lam: float = 1.0,
         mu: float = math.inf,
         x_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
         x_steps: int = 1,
         generator: torch.Generator | int | None = None,
-        birkhoff_steps: int = 20,
-        birkhoff_lr: float | None = None,
-        birkhoff_samples: int = 32,
-        birkhoff_prox: float | None = None,
         local_search: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
         | None = None,
-        backtrack: bool = False,
-        max_backtracks: int = 30,
-        max_moved: float | None = None,
-        p_steps: int = 1,
         x_step: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], Sequence[torch.Tensor]] | None = None,
+        **legacy_step_options: Any,
     ) -> None:
         if not isinstance(problem, PermutationProblem):
             raise TypeError(f"`problem` must be a PermutationProblem, got {type(problem).__name__}")
-        if method not in _P_STEPS:
-            raise ValueError(f"unknown method {method!r}; expected one of {sorted(_P_STEPS)}")
-        if method == "exact" and not problem.has_linear_cost():
+        self.step_options = p_step(method, **legacy_step_options)
+        self.method = self.step_options.method
+        if self.method == "exact" and not problem.has_linear_cost():
             raise ValueError(
                 f"method 'exact' needs a problem linear in P that defines linear_cost(x); "
                 f"{type(problem).__name__} does not (use method='linearized')"
             )
         self.problem = problem
-        self.method = method
-        self.lam = _positive("lam", lam, allow_inf=True)
-        self.mu = _positive("mu", mu, allow_inf=True)
-        self.x_steps = _nonnegative_int("x_steps", x_steps)
-        self.birkhoff_steps = _nonnegative_int("birkhoff_steps", birkhoff_steps)
-        if method == "birkhoff" and self.birkhoff_steps < 1:
-            raise ValueError("method 'birkhoff' needs `birkhoff_steps` >= 1 (0 never leaves P_k)")
-        self.birkhoff_samples = _nonnegative_int("birkhoff_samples", birkhoff_samples)
-        self.birkhoff_lr = _positive("birkhoff_lr", birkhoff_lr, allow_inf=False, allow_none=True)
-        self.birkhoff_prox = _positive("birkhoff_prox", birkhoff_prox, allow_inf=True, allow_none=True)
-        if method == "birkhoff" and self.birkhoff_lr is None and math.isinf(self.lam):
-            raise ValueError("method 'birkhoff' needs a finite step: set `birkhoff_lr` when `lam` is inf")
+        self.lam = check_real(lam, "lam", low=0.0, low_open=True, allow_inf=True)
+        self.mu = check_real(mu, "mu", low=0.0, low_open=True, allow_inf=True)
+        self.x_steps = check_int(x_steps, "x_steps", minimum=0)
+        if self.method == "birkhoff" and self.step_options.lr is None and math.isinf(self.lam):
+            raise ValueError("method 'birkhoff' needs a finite step: set BirkhoffStep(lr=...) when `lam` is inf")
         if x_optimizer is not None and not callable(x_optimizer):
             raise TypeError(f"`x_optimizer` must be a callable params -> Optimizer, got {type(x_optimizer).__name__}")
         if local_search is not None and not callable(local_search):
@@ -541,17 +647,6 @@ class PAM:
         if x_step is not None and not callable(x_step):
             raise TypeError(f"`x_step` must be callable, got {type(x_step).__name__}")
         self.custom_x_step = x_step
-        self.backtrack = bool(backtrack)
-        self.max_backtracks = _nonnegative_int("max_backtracks", max_backtracks)
-        if max_moved is not None and (isinstance(max_moved, bool) or not isinstance(max_moved, (int, float))
-                                      or not 0.0 < max_moved <= 1.0):  # fmt: skip
-            raise ValueError(f"`max_moved` must be a fraction in (0, 1], got {max_moved!r}")
-        self.max_moved = None if max_moved is None else float(max_moved)
-        self.p_steps = _nonnegative_int("p_steps", p_steps)
-        if self.p_steps < 1:
-            raise ValueError("`p_steps` must be at least 1")
-        if method != "linearized" and (self.max_moved is not None or self.p_steps != 1):
-            raise ValueError(f"`max_moved` and `p_steps` apply to method 'linearized', not {method!r}")
         self.backtracks: list[int] = []
         self._pending: dict[str, Any] | None = None
         self.generator = as_generator(generator)
@@ -683,7 +778,7 @@ class PAM:
     # ------------------------------------------------------------------ P-steps
     def _p_step_linearized(self) -> dict[str, torch.Tensor]:
         current, halvings = dict(self.perms), 0
-        for _ in range(self.p_steps):
+        for _ in range(self.step_options.p_steps):
             new, h = self._linearized_move(current)
             halvings += h
             if self._key(new) == self._key(current):
@@ -698,16 +793,16 @@ class PAM:
         grad = self._gradient(mats)
         anchor = {r: mats[r].to(grad[r].dtype) for r in self._free}
         lams = {r: self.lam for r in self._free}
-        if self.max_moved is not None:
+        if self.step_options.max_moved is not None:
             lams = {r: self._bounded_lam(grad[r], anchor[r], perms[r]) for r in self._free}
 
         def solve(lams: Mapping[str, float]) -> dict[str, torch.Tensor]:
             return self._assign({r: grad[r] - (1.0 / lams[r]) * anchor[r] for r in self._free})
 
         new, halvings = solve(lams), 0
-        if self.backtrack:
+        if self.step_options.backtrack:
             f0 = self._value(self.x, perms, where="before the P-step")
-            while self._key(new) != self._key(perms) and halvings < self.max_backtracks:
+            while self._key(new) != self._key(perms) and halvings < self.step_options.max_backtracks:
                 if self._value(self.x, new, where="for a backtracking trial") <= f0:
                     break
                 lams, halvings = {r: v / 2.0 for r, v in lams.items()}, halvings + 1
@@ -720,7 +815,7 @@ class PAM:
     def _bounded_lam(self, grad: torch.Tensor, anchor: torch.Tensor, perm: torch.Tensor) -> float:
         """The largest step up to ``lam`` whose assignment moves at most ``max_moved`` of the group's units."""
         n = perm.numel()
-        limit = max(2, math.floor(self.max_moved * n))  # type: ignore[operator]
+        limit = max(2, math.floor(self.step_options.max_moved * n))  # type: ignore[operator]
 
         def moved(lam: float) -> int:
             p = solve_assignment(grad - (1.0 / lam) * anchor).perm.to(perm.device)
@@ -754,12 +849,13 @@ class PAM:
         return self._assign({r: cost[r] - inv * mats[r].to(cost[r].dtype) for r in self._free})
 
     def _p_step_birkhoff(self) -> dict[str, torch.Tensor]:
-        eta = self.birkhoff_lr if self.birkhoff_lr is not None else self.lam
-        nu = self.birkhoff_prox if self.birkhoff_prox is not None else self.lam
+        options = self.step_options
+        eta = options.lr if options.lr is not None else self.lam
+        nu = options.prox if options.prox is not None else self.lam
         anchor = {r: perm_to_matrix(self.perms[r], dtype=self._dtype, device=self._device) for r in self._free}
         relaxed = {r: m.clone() for r, m in anchor.items()}
         pull = 0.0 if math.isinf(nu) else eta / nu
-        for _ in range(self.birkhoff_steps):
+        for _ in range(options.steps):
             grad = self._gradient(self._full(relaxed))
             for r in self._free:
                 q = relaxed[r] - eta * grad[r].to(self._dtype)
@@ -771,15 +867,15 @@ class PAM:
         best_value = self._value(self.x, best, where="for the previous permutation in the Birkhoff rounding")
         seen = {self._key(best)}
         candidates = [{r: nearest_permutation(relaxed[r], name=r).to(self._device) for r in self._free}]
-        if self.birkhoff_samples:
+        if options.samples:
             draws = {}
             for r in self._free:
                 dec = birkhoff_decomposition(relaxed[r])
                 if dec.coefficients.numel():
-                    draws[r] = sample_permutations(dec, self.birkhoff_samples, generator=self.generator)
+                    draws[r] = sample_permutations(dec, options.samples, generator=self.generator)
                 else:
-                    draws[r] = candidates[0][r].expand(self.birkhoff_samples, -1)
-            for s in range(self.birkhoff_samples):
+                    draws[r] = candidates[0][r].expand(options.samples, -1)
+            for s in range(options.samples):
                 candidates.append({r: draws[r][s].to(self._device) for r in self._free})
         for cand in candidates:
             key = self._key(cand)
@@ -901,7 +997,7 @@ class PAM:
             return False
         return self._last_x_change <= tol * max(1.0, getattr(self, "_last_x_norm", 0.0))
 
-    def result(self, status: int = 1, message: str = "") -> PAMResult:
+    def result(self, status: Status = Status.MAX_ITER, message: str = "") -> PAMResult:
         """The current iterate as a :class:`PAMResult` (``run`` fills ``status`` and ``message``)."""
         return PAMResult(
             x=[t.detach().clone() for t in self.x],
@@ -911,7 +1007,7 @@ class PAM:
             changed={g: list(c) for g, c in self.changed.items()},
             n_iter=self.n_iter,
             converged=status == 0,
-            status=status,
+            status=Status(status),
             message=message,
         )
 
@@ -920,7 +1016,7 @@ class PAM:
         *,
         max_iter: int = 100,
         tol: float = 1e-6,
-        callback: Callable[[PAMState], bool | None] | None = None,
+        callback: Callable[[dict[str, Any]], bool | None] | None = None,
     ) -> PAMResult:
         r"""Iterate until convergence, ``max_iter`` iterations, or the callback asks to stop.
 
@@ -935,27 +1031,29 @@ class PAM:
         tol : float
             Relative tolerance (nonnegative).
         callback : callable, optional
-            ``callback(state: PAMState)`` after every iteration; returning ``True`` stops (status 2).
+            ``callback(record)`` after every iteration, with the record ``{"stage": "iteration", "n_iter",
+            "fun", "x", "perms", "changed", "x_change"}`` (the fields of :class:`PAMState`, also readable as
+            attributes: ``record.fun``); returning ``True`` stops (``Status.CALLBACK``).
 
         Returns
         -------
         PAMResult
-            Status 1 (with a :class:`ConvergenceWarning`) when ``max_iter`` is reached first.
+            ``Status.MAX_ITER`` (with a :class:`ConvergenceWarning`) when ``max_iter`` is reached first.
         """
-        max_iter = _nonnegative_int("max_iter", max_iter)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-            raise ValueError(f"`tol` must be a nonnegative number, got {tol!r}")
+        max_iter = check_int(max_iter, "max_iter", minimum=0)
+        tol = check_real(tol, "tol", low=0.0)
         if callback is not None and not callable(callback):
             raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
         for _ in range(max_iter):
             state = self.step()
-            if callback is not None and callback(state):
-                return self.result(2, f"stopped by the callback after iteration {self.n_iter}")
+            record = _Record(stage="iteration", **{f.name: getattr(state, f.name) for f in dataclasses.fields(state)})
+            if callback is not None and callback(record):
+                return self.result(Status.CALLBACK, f"stopped by the callback after iteration {self.n_iter}")
             if self._converged(tol):
-                return self.result(0, f"converged after {self.n_iter} iterations: no assignment changed and the "
-                                      f"objective moved by at most tol={tol:g}")
+                return self.result(Status.SUCCESS, f"converged after {self.n_iter} iterations: no assignment changed "
+                                                   f"and the objective moved by at most tol={tol:g}")
         if max_iter == 0:
-            return self.result(1, "max_iter=0: no iteration was run")
+            return self.result(Status.MAX_ITER, "max_iter=0: no iteration was run")
         moved = sum(self.changed[g][-1] for g in self._sizes) if self.n_iter else 0
         message = (
             f"max_iter={max_iter} reached before tol={tol:g} was met ({moved} assignments changed in the last "
@@ -963,7 +1061,7 @@ class PAM:
         )
         hint = "a smaller `lam` (stronger proximal pull on P), a smaller x step size, or a larger `max_iter`"
         warnings.warn(f"PAM: {message}; try {hint}", ConvergenceWarning, stacklevel=2)
-        return self.result(1, message)
+        return self.result(Status.MAX_ITER, message)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: x, permutations, the optimizer's state, iteration count, history,
@@ -1050,14 +1148,13 @@ def pam(
     *,
     max_iter: int = 100,
     tol: float = 1e-6,
-    callback: Callable[[PAMState], bool | None] | None = None,
+    callback: Callable[[dict[str, Any]], bool | None] | None = None,
     **options: Any,
 ) -> PAMResult:
     r"""Solve :math:`\min_{x, P} F(x, P) + \delta_\Pi(P)` by proximal alternating minimisation.
 
     Builds :class:`PAM` with ``options`` (``method``, ``lam``, ``mu``, ``x_optimizer``, ``x_steps``,
-    ``generator``, ``birkhoff_steps``, ``birkhoff_lr``, ``birkhoff_samples``, ``birkhoff_prox``, ``local_search``;
-    see :class:`PAM`) and calls :meth:`PAM.run`.
+    ``generator``, ``local_search``, ``x_step``; see :class:`PAM`) and calls :meth:`PAM.run`.
 
     Parameters
     ----------

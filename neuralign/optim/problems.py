@@ -22,13 +22,16 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from neuralign._utils import as_generator, stable_seed
+from neuralign._numpy import accepts_arrays
+from neuralign._options import renamed_keywords
+from neuralign._utils import as_generator, as_seed, stable_seed
 from neuralign.errors import ConvergenceWarning
-from neuralign.optim._numpy import accepts_arrays
-from neuralign.optim.pam import PAM, PAMResult, PermutationProblem
+from neuralign.optim.pam import PAM, BirkhoffStep, PAMResult, PermutationProblem
+from neuralign.status import Status
 
 __all__ = ["ShuffledRegressionProblem", "solve_shuffled_regression"]
 
@@ -144,19 +147,20 @@ def solve_shuffled_regression(
     *,
     method: str = "exact",
     restarts: int = 20,
-    seed: int | None = None,
+    generator: torch.Generator | int | None = None,
     max_iter: int = 100,
     tol: float = 1e-9,
     lam: float = math.inf,
     x_steps: int = 10,
     l2: float = 0.0,
+    **renamed: Any,
 ) -> PAMResult:
     r"""Shuffled linear regression :math:`\min_{x, P}\|y - PAx\|^2 + \alpha\|x\|^2` by PAM with random restarts.
 
     Each restart draws :math:`x_0 \sim \mathcal N(0, s^2 I)` with :math:`s = \|y\| / \|A\|_F`, starts from the
     identity permutation and runs :class:`PAM` on :class:`ShuffledRegressionProblem` (linear extension), with
     ``x_steps`` gradient steps of size :math:`1/L_x` per x-step; the restart with the lowest objective is returned.
-    Restart ``r`` is seeded with ``stable_seed("shuffled_regression", seed, r)``.
+    Restart ``r`` is seeded with ``stable_seed("shuffled_regression", generator, r)``.
 
     Parameters
     ----------
@@ -169,8 +173,9 @@ def solve_shuffled_regression(
     restarts : int
         Number of random starts (at least 1). Alternating minimisation reaches the planted solution from a
         fraction of the starts only (about one in five for :math:`n = 12, d = 2`, fewer as :math:`d` grows).
-    seed : int, optional
-        Base seed (default: drawn from torch's global RNG).
+    generator : torch.Generator or int, optional
+        The base seed of the restarts: an int, a draw from the generator, or (default) a draw from torch's global
+        RNG (``seed=`` before 0.2, still accepted with a :class:`DeprecationWarning`).
     max_iter, tol
         Per restart, as in :meth:`PAM.run`.
     lam : float
@@ -199,7 +204,7 @@ def solve_shuffled_regression(
     >>> A = torch.randn(12, 2, generator=g, dtype=torch.float64)
     >>> perm = torch.randperm(12, generator=g)
     >>> y = (A @ torch.tensor([1.0, -2.0], dtype=torch.float64))[perm]
-    >>> res = solve_shuffled_regression(A, y, seed=0)
+    >>> res = solve_shuffled_regression(A, y, generator=0)
     >>> bool(torch.equal(res.perms["rows"], perm)), res.x[0].round(decimals=4).tolist()
     (True, [1.0, -2.0])
     """
@@ -209,7 +214,9 @@ def solve_shuffled_regression(
     lr = 1.0 / prob.lipschitz_x()
     # relaxed ("birkhoff") steps: entries of C(x) = -2 y (Ax)^T are about 2 ||y||^2 / n at a fit
     birkhoff_lr = prob.A.shape[0] / max(2 * float(prob.y.square().sum().item()), 1e-300)
-    base = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    old = renamed_keywords(renamed, {"seed": "generator"}, where="solve_shuffled_regression")
+    generator = old.get("generator", generator)
+    base = as_seed(generator)
     scale = float(prob.y.norm().item()) / max(float(prob.A.norm().item()), 1e-300)
     w_shape = (prob.A.shape[1],) if prob.y.dim() == 1 else (prob.A.shape[1], prob.y.shape[1])
     best: PAMResult | None = None
@@ -219,12 +226,11 @@ def solve_shuffled_regression(
         solver = PAM(
             prob,
             [w0],
-            method=method,
+            method=BirkhoffStep(lr=birkhoff_lr) if method == "birkhoff" else method,
             lam=lam,
             x_steps=x_steps,
             x_optimizer=lambda params: torch.optim.SGD(params, lr=lr),
             generator=gen,
-            birkhoff_lr=birkhoff_lr,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -232,7 +238,7 @@ def solve_shuffled_regression(
         logger.debug("shuffled regression restart %d: F=%.6g after %d iterations", r, res.fun, res.n_iter)
         if best is None or res.fun < best.fun:
             best = res
-    if best.status == 1:
+    if best.status == Status.MAX_ITER:
         warnings.warn(
             f"solve_shuffled_regression: the best restart did not converge ({best.message}); "
             "try a larger `max_iter` or `x_steps`",

@@ -18,14 +18,17 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from neuralign._utils import as_generator, stable_seed
+from neuralign._numpy import accepts_arrays
+from neuralign._options import renamed_keywords
+from neuralign._utils import as_generator, as_seed, stable_seed
 from neuralign.errors import ConvergenceWarning, DataError
-from neuralign.optim._numpy import accepts_arrays
 from neuralign.optim.birkhoff import is_permutation
 from neuralign.optim.pam import PAM, PermutationProblem
+from neuralign.status import Status
 
 __all__ = [
     "QAPResult",
@@ -252,7 +255,7 @@ class QAPResult:
     converged : bool
         Whether the best restart's run ended by itself: an iteration changed nothing, or the (deterministic)
         iterates revisited a permutation and would cycle from then on; for ``"2opt"``, no improving swap is left.
-    status : int
+    status : Status
         0 converged, 1 the best restart hit ``max_iter`` (with a
         :class:`~neuralign.errors.ConvergenceWarning`).
     message : str
@@ -265,7 +268,7 @@ class QAPResult:
     fun: float
     n_iter: int
     converged: bool
-    status: int
+    status: Status
     message: str
     history: list[float]
 
@@ -281,10 +284,11 @@ def solve_qap(
     *,
     method: str = "pam",
     restarts: int = 1,
-    seed: int | None = None,
+    generator: torch.Generator | int | None = None,
     max_iter: int = 100,
     local_search: bool = True,
     lam: float | None = None,
+    **renamed: Any,
 ) -> QAPResult:
     r"""Minimise :math:`\sum_{i,j} A_{ij} B_{p(i)p(j)}` over permutations :math:`p` (QAPLIB convention).
 
@@ -311,9 +315,10 @@ def solve_qap(
         Algorithm.
     restarts : int
         Number of random starts (at least 1); restart ``r`` starts from a permutation drawn with seed
-        ``stable_seed("qap", seed, r)``.
-    seed : int, optional
-        Base seed (default: drawn from torch's global RNG).
+        ``stable_seed("qap", generator, r)``.
+    generator : torch.Generator or int, optional
+        The base seed of the restarts: an int, a draw from the generator, or (default) a draw from torch's global
+        RNG (``seed=`` before 0.2, still accepted with a :class:`DeprecationWarning`).
     max_iter : int
         PAM iterations per restart.
     local_search : bool
@@ -344,7 +349,7 @@ def solve_qap(
     >>> import torch
     >>> A = torch.tensor([[0.0, 5.0, 1.0], [5.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
     >>> B = torch.tensor([[0.0, 1.0, 4.0], [1.0, 0.0, 4.0], [4.0, 4.0, 0.0]])
-    >>> res = solve_qap(A, B, restarts=2, seed=0)
+    >>> res = solve_qap(A, B, restarts=2, generator=0)
     >>> res.fun, res.status
     (26.0, 0)
     """
@@ -360,7 +365,8 @@ def solve_qap(
     if lam is None:
         L = problem.lipschitz()
         lam = 1000.0 * n / L if L > 0 else math.inf
-    base = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    generator = renamed_keywords(renamed, {"seed": "generator"}, where="solve_qap").get("generator", generator)
+    base = as_seed(generator)
 
     At, SA, eps = A.T.contiguous(), _pair_factor(A), _two_opt_tolerance(A, B)
 
@@ -369,7 +375,7 @@ def solve_qap(
 
     best_perm: torch.Tensor | None = None
     best_fun = math.inf
-    best_status = 0
+    best_status = Status.SUCCESS
     total_iter = 0
     history: list[float] = []
     for r in range(restarts):
@@ -377,7 +383,8 @@ def solve_qap(
         p0 = torch.randperm(n, generator=gen).to(A.device)
         if method == "2opt" or n < 2:
             two = local_search_2opt(A, B, p0)
-            perm, fun, status, iters = two.perm, two.fun, 0 if two.converged else 1, two.n_iter
+            perm, fun, iters = two.perm, two.fun, two.n_iter
+            status = Status.SUCCESS if two.converged else Status.MAX_ITER
         else:
             solver = PAM(problem, [], {"p": p0}, method="linearized", lam=lam, x_steps=0, generator=gen,
                          local_search=hook if local_search else None)
@@ -401,7 +408,7 @@ def solve_qap(
             perm = seen["perm"]
             if not local_search:
                 perm = local_search_2opt(A, B, perm).perm
-            status = 0 if res.status == 0 or seen["cycle"] else 1
+            status = Status.SUCCESS if res.status == Status.SUCCESS or seen["cycle"] else Status.MAX_ITER
             fun, iters = qap_objective(A, B, perm), res.n_iter
         total_iter += iters
         logger.debug("QAP restart %d: %.6g (%d iterations)", r, fun, iters)
@@ -410,7 +417,7 @@ def solve_qap(
         history.append(best_fun)
     assert best_perm is not None
     message = f"best of {restarts} restart(s) of {method}: {best_fun:.10g}"
-    if best_status == 1:
+    if best_status == Status.MAX_ITER:
         message += f" (the best restart hit max_iter={max_iter})"
         warnings.warn(f"solve_qap: {message}; try a larger `max_iter` or a smaller `lam`", ConvergenceWarning,
                       stacklevel=2)

@@ -6,6 +6,7 @@ from neuralign.verification.gradient import TaylorResult, taylor_test
 from neuralign.verification.local import (
     CHECKS,
     CheckResult,
+    VerificationOptions,
     VerificationReport,
     swap_estimates,
     verify_alignment,
@@ -17,6 +18,7 @@ __all__ = [
     "CheckResult",
     "EquivalenceResult",
     "TaylorResult",
+    "VerificationOptions",
     "VerificationReport",
     "check_equivalence",
     "swap_estimates",

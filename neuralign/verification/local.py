@@ -14,7 +14,6 @@ import copy
 import json
 import logging
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,11 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from neuralign._utils import as_generator, atomic_write_text, stable_seed
+from neuralign import _json
+from neuralign._options import Options, renamed_keywords, resolve_options
+from neuralign._stats import bonferroni_quantile, paired_change, wilson_interval
+from neuralign._utils import as_generator, atomic_write_text, split_batch, stable_seed
+from neuralign._validate import check_bool, check_int, check_real
 from neuralign.alignment import (
     PermutationSpec,
     align,
@@ -37,42 +39,27 @@ from neuralign.alignment import (
     trace_spec,
     validate_permutation,
 )
-from neuralign.curves.bn import _split_batch
 from neuralign.curves.families import Bezier
 from neuralign.curves.fit import fit_curve
-from neuralign.curves.pam import (
-    CurvePermutationProblem,
-    _start_offset,
-    bonferroni_quantile,
-    fit_curve_pam,
-    paired_change,
-)
+from neuralign.curves.pam import CurvePAMOptions, CurvePermutationProblem, fit_curve_pam
 from neuralign.errors import ConvergenceWarning
-from neuralign.optim import perm_to_matrix, proximal_step_bound, solve_assignment, solve_assignment_lp
+from neuralign.optim import LinearizedStep, perm_to_matrix, proximal_step_bound, solve_assignment, solve_assignment_lp
 from neuralign.verification.gradient import taylor_test
 
-__all__ = ["CHECKS", "CheckResult", "VerificationReport", "swap_estimates", "verify_alignment", "wilson_interval"]
+__all__ = [
+    "CHECKS",
+    "CheckResult",
+    "VerificationOptions",
+    "VerificationReport",
+    "swap_estimates",
+    "verify_alignment",
+    "wilson_interval",
+]
 
 logger = logging.getLogger(__name__)
 
 CHECKS = ("stability", "certificate", "neighbourhood", "gradient", "alignment")
 VERDICTS = ("pass", "fail", "inconclusive")
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% for ``z = 1.96``).
-
-    >>> lo, hi = wilson_interval(0, 40)
-    >>> lo, round(hi, 3)
-    (0.0, 0.088)
-    """
-    if trials <= 0:
-        return (0.0, 1.0)
-    p = successes / trials
-    denom = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True)
@@ -142,7 +129,7 @@ class VerificationReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(_jsonable(self.to_dict()), indent=1)
+        return _json.dumps(self.to_dict(), where="report")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VerificationReport:
@@ -208,18 +195,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
-    return obj
-
-
 # ---------------------------------------------------------------------------------------------------------------
 class _Context:
     """Everything the checks share: the problem in the frame of the aligned B (where ``perms`` is the identity)."""
@@ -258,41 +233,42 @@ class _Context:
         return paired_change(self.losses(changes), self.base_losses())
 
 
-def _tick(opts: Mapping[str, Any], name: str, done: int, total: int) -> None:
-    """Report progress inside a check (``done`` of ``total`` units of its work) to the ``progress`` callback."""
-    if opts.get("progress") is not None:
-        opts["progress"](name, done, total)
+def _tick(opts: _Run, name: str, done: int, total: int | None, start: bool = False) -> None:
+    """Report progress inside a check (``done`` of ``total`` units of its work) to the callback."""
+    if opts.callback is not None:
+        opts.callback({"stage": "verify", "check": name, "step": done, "total": total, "start": start})
 
 
 def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, spec, opts, gen) -> CheckResult:
     sizes = spec.sizes
     runs: dict[str, dict[str, Any]] = {}
     starts: list[tuple[str, Any, Any]] = [("alignment", perms, curve), ("identity", "identity", None)]
-    for r in range(opts["random_starts"]):
-        start = random_permutation(spec, generator=stable_seed(opts["seed"], "start", r))
+    for r in range(opts.random_starts):
+        start = random_permutation(spec, generator=stable_seed(opts.seed, "start", r))
         starts.append((f"random{r + 1}", start, None))
-    total = len(starts) * opts["stability_iters"]
+    total = len(starts) * opts.stability_iters
     for index, (label, init, start_curve) in enumerate(starts):
         trace: list[dict[str, torch.Tensor]] = []
 
         def record(rec: dict[str, Any], trace=trace, index=index) -> None:
             if rec["stage"] == "iteration":
                 trace.append(rec["perms"])
-                _tick(opts, "stability", index * opts["stability_iters"] + len(trace), total)
+                _tick(opts, "stability", index * opts.stability_iters + len(trace), total)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
+            pam_options = CurvePAMOptions(
+                step=LinearizedStep(backtrack=opts.backtrack), lam=opts.lam, max_iter=opts.stability_iters,
+                x_epochs=opts.stability_x_epochs, gradient_batches=opts.gradient_batches,
+                value_batches=opts.value_batches, value_ts=opts.value_ts, local_search=opts.local_search,
+                local_search_alpha=opts.alpha, local_search_min_improvement=opts.min_improvement,
+            )  # fmt: skip
             res = fit_curve_pam(
                 model, point_a, point_b, train_loader, init=init, curve=start_curve, spec=spec,
-                lam=opts["lam"], backtrack=opts["backtrack"], max_iter=opts["stability_iters"],
-                x_epochs=opts["stability_x_epochs"], gradient_batches=opts["gradient_batches"],
-                value_loader=opts["heldout_loader"], value_batches=opts["value_batches"], value_ts=opts["value_ts"],
-                max_batches_per_epoch=opts["max_batches_per_epoch"], weight_decay=opts["weight_decay"],
-                local_search=opts["local_search"], local_search_alpha=opts["alpha"],
-                local_search_min_improvement=opts["min_improvement"],
-                generator=stable_seed(opts["seed"], "stability", label), callback=record,
+                heldout_loader=opts.heldout_loader, options=pam_options, max_batches=opts.max_batches,
+                weight_decay=opts.weight_decay, generator=stable_seed(opts.seed, "stability", label), callback=record,
             )  # fmt: skip
-        _tick(opts, "stability", (index + 1) * opts["stability_iters"], total)
+        _tick(opts, "stability", (index + 1) * opts.stability_iters, total)
         start_perm = res.init_perms
         distances = [permutation_distance(start_perm, perms)] + [permutation_distance(p, perms) for p in trace]
         runs[label] = {
@@ -302,7 +278,7 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
         }
     frac = runs["alignment"]["reassigned_fraction"]
     worst = max((max(v) if v else 0.0) for v in frac.values())
-    thr = opts["reassign_threshold"]
+    thr = opts.reassign_threshold
     verdict = "pass" if worst <= thr else "fail"
     toward = {
         label: {g: run["distance_to_perms"][g][-1] <= run["distance_to_perms"][g][0] for g in sizes}
@@ -323,7 +299,7 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
         for g in sizes
     }
     return CheckResult(
-        "stability", verdict, summary, {"max_reassigned_fraction": thr, "lam": opts["lam"]},
+        "stability", verdict, summary, {"max_reassigned_fraction": thr, "lam": opts.lam},
         {"runs": runs, "moves_toward_perms": toward, "per_group": per_group},
     )  # fmt: skip
 
@@ -331,7 +307,7 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
 def _check_certificate(ctx: _Context, opts) -> CheckResult:
     prob = ctx.problem
     G = prob.gradient_at(ctx.x, ctx.identity, *prob.value_pairs())
-    lam = opts["certificate_lam"]
+    lam = opts.certificate_lam
     per_group: dict[str, dict[str, Any]] = {}
     candidates: dict[str, list[tuple[float, torch.Tensor]]] = {}
     lp_gaps = []
@@ -342,7 +318,7 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
         # the P-steps a linearised PAM would take from the alignment for steps between lam* and lam
         seen, moves = set(), []
         if bound.lam < lam:
-            grid = torch.logspace(math.log10(bound.lam * 1.0001), math.log10(lam), opts["certificate_steps"])
+            grid = torch.logspace(math.log10(bound.lam * 1.0001), math.log10(lam), opts.certificate_steps)
             eye = torch.eye(n, dtype=torch.float64)
             for step in grid.tolist():
                 q = solve_assignment(G[g].double().cpu() - eye / step).perm.cpu()
@@ -355,15 +331,15 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
         cost = G[g].double().cpu() - torch.eye(n, dtype=torch.float64) / lam
         lap = solve_assignment(cost, certificate=True)
         gap = float("nan")
-        if n <= opts["lp_max_size"]:
+        if n <= opts.lp_max_size:
             lp = solve_assignment_lp(cost)
             gap = abs(lp.fun - lap.fun) / max(1.0, abs(lap.fun))
             lp_gaps.append(gap)
         per_group[g] = {"lam_star": bound.lam, "witness_moves": bound.moved, "steps_tested": len(moves),
                         "lap_duality_gap": lap.duality_gap(), "lp_vs_lap_gap": gap}  # fmt: skip
         _tick(opts, "certificate", index + 1, total)
-    z = bonferroni_quantile(opts["alpha"], sum(len(m) for m in candidates.values()), len(ctx.base_losses()))
-    margin = ctx.margin(opts["min_improvement"])  # as in the neighbourhood check
+    z = bonferroni_quantile(opts.alpha, sum(len(m) for m in candidates.values()), len(ctx.base_losses()))
+    margin = ctx.margin(opts.min_improvement)  # as in the neighbourhood check
     verdicts = []
     for index, (g, moves) in enumerate(candidates.items()):
         _tick(opts, "certificate", len(candidates) + index + 1, total)
@@ -392,7 +368,7 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
         summary += f"; LP relaxation agrees with the assignment to {max(lp_gaps):.1e}"
     return CheckResult(
         "certificate", verdict, summary,
-        {"lam": lam, "family_alpha": opts["alpha"], "z": z, "min_improvement": opts["min_improvement"],
+        {"lam": lam, "family_alpha": opts.alpha, "z": z, "min_improvement": opts.min_improvement,
          "margin": margin, "lp_tolerance": 1e-6},
         {"per_group": per_group, "gradient_norm": {g: float(G[g].norm()) for g in G}},
     )  # fmt: skip
@@ -456,21 +432,21 @@ def _neighbourhood_moves(ctx: _Context, g: str, G: torch.Tensor, screen, opts, g
     exact change on 32 screening examples) and ``n_control_swaps`` drawn uniformly from the others."""
     n = G.shape[0]
     rows, cols = torch.triu_indices(n, n, offset=1)
-    n_ranked, n_control = opts["n_swaps"], opts["n_control_swaps"]
+    n_ranked, n_control = opts.n_swaps, opts.n_control_swaps
     if rows.numel() <= n_ranked + n_control:
         return [(int(i), int(j), "all") for i, j in zip(rows, cols)], rows.numel()
     candidates = torch.arange(rows.numel())
-    if rows.numel() > opts["screen_pairs"]:
+    if rows.numel() > opts.screen_pairs:
         # a coarse exact change on the first 32 screening examples for every transposition (at most 16 times
         # screen_pairs of them, those with the largest first-order estimate in magnitude: that estimate ranks
         # badly), then the screen_pairs best of it on the whole screening set
-        if rows.numel() > 16 * opts["screen_pairs"]:
+        if rows.numel() > 16 * opts.screen_pairs:
             first = swap_estimates(G.double().cpu())[rows, cols].abs()
-            candidates = torch.argsort(first, descending=True, stable=True)[: 16 * opts["screen_pairs"]]
+            candidates = torch.argsort(first, descending=True, stable=True)[: 16 * opts.screen_pairs]
         coarse_base = screen({}, coarse=True)
         coarse = torch.tensor([screen({g: _swap(n, int(rows[k]), int(cols[k]))}, coarse=True) - coarse_base
                                for k in candidates.tolist()])  # fmt: skip
-        candidates = candidates[torch.argsort(coarse, stable=True)[: opts["screen_pairs"]]]
+        candidates = candidates[torch.argsort(coarse, stable=True)[: opts.screen_pairs]]
     base = screen({})
     est = torch.tensor([screen({g: _swap(n, int(rows[k]), int(cols[k]))}) - base for k in candidates.tolist()])
     order = candidates[torch.argsort(est, stable=True)]
@@ -490,11 +466,11 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     # would bias the held-out test): the first-order estimate on the ``gradient_batches`` training batches, and the
     # exact change on ``screen_examples`` training examples (one forward pass per time), at the value times
     batches = prob._train_batches(prob.gradient_batches)
-    ts = list(opts["value_ts"])
+    ts = list(opts.value_ts)
     G = prob.gradient_at(ctx.x, ctx.identity, [b for b in batches for _ in ts], [t for _ in batches for t in ts])
-    needed = -(-opts["screen_examples"] // int(batches[0][0].shape[0]))  # training batches to fill the set
+    needed = -(-opts.screen_examples // int(batches[0][0].shape[0]))  # training batches to fill the set
     screening = batches if needed <= len(batches) else prob._train_batches(needed)
-    screen_batch = tuple(torch.cat([b[i] for b in screening])[: opts["screen_examples"]] for i in (0, 1))
+    screen_batch = tuple(torch.cat([b[i] for b in screening])[: opts.screen_examples] for i in (0, 1))
 
     coarse_batch = tuple(v[:32] for v in screen_batch)
 
@@ -513,15 +489,15 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         swaps, pairs_in_group[g] = _neighbourhood_moves(ctx, g, G[g], screen, opts, gen)
         moves = [("swap", (i, j), how, _swap(n, i, j)) for i, j, how in swaps]
         if n >= 3:
-            for _ in range(opts["n_cycles"]):
+            for _ in range(opts.n_cycles):
                 idx = torch.randperm(n, generator=gen)[:3].tolist()
                 moves.append(("3-cycle", tuple(idx), "control", _cycle(n, idx)))
         moves_by_group[g] = moves
     total = sum(len(m) for m in moves_by_group.values())
-    z = bonferroni_quantile(opts["alpha"], total, len(ctx.base_losses()))
+    z = bonferroni_quantile(opts.alpha, total, len(ctx.base_losses()))
     # an improvement counts only if it is significantly larger than min_improvement of the objective: a change of
     # 1e-5 measured with a smaller standard error is real but no evidence against local optimality
-    margin = ctx.margin(opts["min_improvement"])
+    margin = ctx.margin(opts.min_improvement)
     per_group, verdicts, examples, improving_moves = {}, [], {}, {}
     total_sig = scored = 0
     for g, moves in moves_by_group.items():
@@ -559,20 +535,20 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     exhaustive = sum(r["exhaustive"] for r in per_group.values())
     summary = (
         f"{total_sig}/{total} transpositions improve the curve objective significantly by more than "
-        f"{opts['min_improvement']:g} of it (family-wise alpha {opts['alpha']:g}); per group the "
-        f"{opts['n_swaps']} best of all transpositions on a screening set "
-        f"and {opts['n_control_swaps']} random others as a control were scored "
+        f"{opts.min_improvement:g} of it (family-wise alpha {opts.alpha:g}); per group the "
+        f"{opts.n_swaps} best of all transpositions on a screening set "
+        f"and {opts.n_control_swaps} random others as a control were scored "
         f"({exhaustive}/{len(per_group)} groups small enough to test every transposition)"
     )
     details = {"per_group": per_group, "best_move": examples, "improving_moves": improving_moves,
                "base_objective": float(ctx.base_losses().mean()),
                "first_order_best": {g: float(e.min()) for g, e in estimates.items()}}  # fmt: skip
-    if opts["refit_epochs"] and total_sig:
+    if opts.refit_epochs and total_sig:
         details["refit"] = _refit_best(ctx, opts, per_group, examples)
-    thresholds = {"family_alpha": opts["alpha"], "z": z, "min_improvement": opts["min_improvement"],
-                  "margin": margin, "ranked_swaps_per_group": opts["n_swaps"],
-                  "control_swaps_per_group": opts["n_control_swaps"], "cycles_per_group": opts["n_cycles"],
-                  "screen_examples": opts["screen_examples"], "screen_pairs": opts["screen_pairs"]}  # fmt: skip
+    thresholds = {"family_alpha": opts.alpha, "z": z, "min_improvement": opts.min_improvement,
+                  "margin": margin, "ranked_swaps_per_group": opts.n_swaps,
+                  "control_swaps_per_group": opts.n_control_swaps, "cycles_per_group": opts.n_cycles,
+                  "screen_examples": opts.screen_examples, "screen_pairs": opts.screen_pairs}  # fmt: skip
     return CheckResult("neighbourhood", _overall(verdicts), summary, thresholds, details)
 
 
@@ -580,7 +556,7 @@ def _refit_best(ctx: _Context, opts, per_group, examples) -> dict[str, Any]:
     """Re-fit the curve briefly after the best improving move of each failing group, and after no move."""
     prob = ctx.problem
     out = {}
-    model = opts["model"]
+    model = opts.model
 
     def refit_value(changes):
         perms = {**identity_permutation(ctx.spec), **changes}
@@ -588,9 +564,9 @@ def _refit_best(ctx: _Context, opts, per_group, examples) -> dict[str, Any]:
         theta = prob.control_point(ctx.x, perms)
         start = Bezier([prob.wa, theta, pb], trainable=(False, True, False))
         fitted = fit_curve(
-            model, prob.wa, pb, opts["train_loader"], curve=start, epochs=opts["refit_epochs"],
-            weight_decay=opts["weight_decay"], generator=opts["seed"],
-            max_batches_per_epoch=opts["max_batches_per_epoch"],
+            model, prob.wa, pb, opts.train_loader, curve=start, epochs=opts.refit_epochs,
+            weight_decay=opts.weight_decay, generator=opts.seed,
+            max_batches=opts.max_batches,
         )  # fmt: skip
         x = [prob.offset(fitted.curve.points[1], perms)]
         return prob.value(x, ctx.mats(changes))
@@ -610,7 +586,7 @@ def _check_gradient(ctx: _Context, opts, gen: torch.Generator, scale: float = 1.
     p64 = ctx.problem.to(torch.float64)
     # A few examples at t = 1/2: the fewer ReLU/max-pool units the data activates, the fewer kinks a step crosses,
     # and the wider the range of steps over which the remainder of a piecewise-smooth network is second order.
-    k = opts["gradient_check_examples"]
+    k = opts.gradient_check_examples
     # plain (x, y) pairs: under a process group each rank tests the gradient on its own examples (no reduction)
     batches = [(b[0][:k], b[1][:k]) for b in p64.value_set[:1]]
     ts = [0.5]
@@ -631,17 +607,17 @@ def _check_gradient(ctx: _Context, opts, gen: torch.Generator, scale: float = 1.
         with torch.no_grad():
             return float(p64.objective(x, {g: ident[g] + eps * direction[g] for g in ident}, batches, ts))
 
-    res = taylor_test(along, deriv, min_slope=opts["min_slope"], max_relative_error=opts["max_relative_error"])
+    res = taylor_test(along, deriv, min_slope=opts.min_slope, max_relative_error=opts.max_relative_error)
     _tick(opts, "gradient", 1, 1)
     return CheckResult(
         "gradient", res.verdict, res.message,
-        {"min_slope": opts["min_slope"], "max_relative_error": opts["max_relative_error"]},
+        {"min_slope": opts.min_slope, "max_relative_error": opts.max_relative_error},
         {"taylor": res.to_dict(), "directional_derivative": deriv},
     )  # fmt: skip
 
 
 def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
-    loader = opts["align_loader"]
+    loader = opts.align_loader
     if loader is None:
         return CheckResult("alignment", "inconclusive", "no `align_loader` given: the correlation objective was not "
                            "computed")  # fmt: skip
@@ -653,7 +629,7 @@ def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
     b.load_state_dict(dict(point_b))
     corr = align(a, b, loader, spec=spec, method="correlation")
     _tick(opts, "alignment", 1, 2)
-    weight = align(a, b, method="weight", spec=spec, generator=opts["seed"])
+    weight = align(a, b, method="weight", spec=spec, generator=opts.seed)
     _tick(opts, "alignment", 2, 2)
     per_group, gaps = {}, []
     for g in spec.groups:
@@ -673,7 +649,7 @@ def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
             "weight_matching_objective": theirs,
             "distance_to_weight_matching": int((perms[g].cpu() != weight.perms[g].cpu()).sum()) / n,
         }
-    tol = opts["alignment_tol"]
+    tol = opts.alignment_tol
     worst = max(gaps) if gaps else 0.0
     verdict = "pass" if worst <= tol else "fail"
     ours_total = sum(r["objective"] for r in per_group.values())
@@ -685,23 +661,146 @@ def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
     return CheckResult("alignment", verdict, summary, {"relative_gap": tol}, {"per_group": per_group})
 
 
-def _check_options(ints, open_unit, nonnegative, positive) -> None:
-    """One-line errors naming the option: ints ``name: (value, least)``, fractions in (0, 1), numbers >= 0, > 0."""
-    def real(v: Any) -> bool:  # NumPy scalars count; bools do not
-        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(float(v))
 
-    for name, (value, least) in ints.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < least:
-            raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}")
-    for name, value in open_unit.items():
-        if not real(value) or not 0.0 < value < 1.0:
-            raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
-    for name, value in nonnegative.items():
-        if not real(value) or not value >= 0.0:
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-    for name, value in positive.items():
-        if not real(value) or not value > 0.0:
-            raise ValueError(f"`{name}` must be a finite positive number, got {value!r}")
+@dataclass(frozen=True)
+class VerificationOptions(Options):
+    """The options of :func:`verify_alignment`, defined and validated once (the study's ``verification``
+    settings are this object). Every check has its own group of fields; see :func:`verify_alignment` for what each
+    check does with them.
+
+    Attributes
+    ----------
+    fit_epochs : int
+        Epochs of the curve fitted when none is given (>= 0; default 2).
+    lam : float
+        PAM's proximal step in the stability check and the default certificate threshold (> 0; default 1000).
+    backtrack : bool
+        PAM's linearised steps are backtracked (default True).
+    stability_iters, stability_x_epochs : int
+        PAM's outer iterations (>= 1) and curve epochs per x-step (>= 0) in the stability check (defaults 2, 1).
+    local_search : int
+        Transpositions PAM tries per group after each P-step in the stability check (>= 0; default 16).
+    random_starts : int
+        PAM runs from random permutations besides the identity and the alignment (>= 0; default 1).
+    reassign_threshold : float
+        The largest fraction of a group's units PAM from the alignment may reassign per iteration, in (0, 1)
+        (default 0.05).
+    certificate_lam : float, optional
+        Threshold of the certificate check (> 0; default ``lam``).
+    certificate_steps : int
+        Step sizes tried between the certified step and ``certificate_lam`` (>= 1; default 8).
+    n_swaps, n_control_swaps, n_cycles : int
+        Neighbourhood check: best-ranked transpositions (>= 1), random control transpositions (>= 0) and random
+        3-cycles (>= 0) scored per group (defaults 8, 4, 0).
+    screen_examples, screen_pairs : int
+        The screening set's size in training examples and the most transpositions screened per group (>= 1;
+        defaults 256, 512).
+    refit_epochs : int
+        Epochs of the curve re-fitted around the best improving move of a failing group (>= 0; default 0).
+    alpha : float
+        Family-wise significance level of the certificate and neighbourhood checks, in (0, 1) (default 0.05).
+    min_improvement : float
+        The smallest improvement, as a fraction of the curve objective, that counts (>= 0; default 1e-3).
+    value_batches : int
+        Held-out batches scoring every move (>= 2: a paired test needs two; default 8).
+    value_ts : tuple of float
+        Times in [0, 1] at which every held-out batch is scored (default 0.25, 0.5, 0.75).
+    gradient_batches : int
+        Training batches of each gradient estimate (>= 1; default 4).
+    gradient_check_examples : int
+        Examples of the gradient check's Taylor test (>= 1; default 8).
+    min_slope : float
+        Log-log slope in (1, 2] that the Taylor remainder must reach to pass (default 1.8).
+    max_relative_error : float
+        Gradient error, relative to the derivative, that fails the gradient check (> 0; default 1e-3).
+    alignment_tol : float
+        Relative gap to each group's assignment optimum accepted by the alignment check (>= 0; default 1e-9).
+    weight_decay : float
+        :math:`\\lambda_{wd}` of the curve objective (>= 0; default 5e-4).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For an option of the wrong kind or out of its range (names it).
+    """
+
+    fit_epochs: int = 2
+    lam: float = 1000.0
+    backtrack: bool = True
+    stability_iters: int = 2
+    stability_x_epochs: int = 1
+    local_search: int = 16
+    random_starts: int = 1
+    reassign_threshold: float = 0.05
+    certificate_lam: float | None = None
+    certificate_steps: int = 8
+    n_swaps: int = 8
+    n_control_swaps: int = 4
+    n_cycles: int = 0
+    screen_examples: int = 256
+    screen_pairs: int = 512
+    refit_epochs: int = 0
+    alpha: float = 0.05
+    min_improvement: float = 1e-3
+    value_batches: int = 8
+    value_ts: tuple[float, ...] = (0.25, 0.5, 0.75)
+    gradient_batches: int = 4
+    gradient_check_examples: int = 8
+    min_slope: float = 1.8
+    max_relative_error: float = 1e-3
+    alignment_tol: float = 1e-9
+    weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        for name, least in (("fit_epochs", 0), ("stability_iters", 1), ("stability_x_epochs", 0),
+                            ("local_search", 0), ("random_starts", 0), ("certificate_steps", 1), ("n_swaps", 1),
+                            ("n_control_swaps", 0), ("n_cycles", 0), ("screen_examples", 1), ("screen_pairs", 1),
+                            ("refit_epochs", 0), ("value_batches", 2), ("gradient_batches", 1),
+                            ("gradient_check_examples", 1)):  # fmt: skip
+            object.__setattr__(self, name, check_int(getattr(self, name), name, minimum=least))
+        for name in ("alpha", "reassign_threshold"):
+            check_real(getattr(self, name), name, low=0.0, high=1.0, low_open=True, high_open=True)
+        for name in ("min_improvement", "alignment_tol", "weight_decay"):
+            check_real(getattr(self, name), name, low=0.0)
+        for name in ("lam", "max_relative_error"):
+            check_real(getattr(self, name), name, low=0.0, low_open=True)
+        check_real(self.certificate_lam, "certificate_lam", low=0.0, low_open=True, allow_none=True)
+        check_bool(self.backtrack, "backtrack")
+        check_real(self.min_slope, "min_slope", low=1.0, high=2.0, low_open=True)
+        ts = self.value_ts if isinstance(self.value_ts, (tuple, list)) else (self.value_ts,)
+        if not ts:
+            raise ValueError("`value_ts` must be a non-empty sequence of times in [0, 1], got ()")
+        object.__setattr__(self, "value_ts", tuple(check_real(v, "value_ts", low=0.0, high=1.0) for v in ts))
+
+
+# the options recorded in a report's config, in this order (the scalar ones)
+_REPORTED_OPTIONS = (
+    "lam", "backtrack", "stability_iters", "stability_x_epochs", "random_starts", "local_search",
+    "reassign_threshold", "certificate_lam", "n_swaps", "n_control_swaps", "n_cycles", "screen_examples",
+    "screen_pairs", "refit_epochs", "alpha", "min_improvement", "certificate_steps", "value_batches",
+    "gradient_batches", "gradient_check_examples", "min_slope", "max_relative_error", "alignment_tol", "weight_decay",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One run of :func:`verify_alignment`: its options (readable as attributes of the run) and what the run
+    derived from its inputs."""
+
+    options: VerificationOptions
+    seed: int
+    certificate_lam: float
+    heldout_batches: int
+    heldout_loader: Any
+    align_loader: Any
+    train_loader: Any
+    model: nn.Module
+    max_batches: int | None
+    callback: Callable[[dict[str, Any]], Any] | None
+    lp_max_size: int = 256
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.options, name)
 
 
 def verify_alignment(
@@ -716,36 +815,11 @@ def verify_alignment(
     spec: PermutationSpec | None = None,
     heldout_loader: Iterable | None = None,
     align_loader: Iterable | None = None,
-    fit_epochs: int = 2,
-    lam: float = 1000.0,
-    backtrack: bool = True,
-    stability_iters: int = 2,
-    stability_x_epochs: int = 1,
-    local_search: int = 16,
-    random_starts: int = 1,
-    reassign_threshold: float = 0.05,
-    certificate_lam: float | None = None,
-    n_swaps: int = 8,
-    n_control_swaps: int = 4,
-    screen_examples: int = 256,
-    screen_pairs: int = 512,
-    n_cycles: int = 0,
-    refit_epochs: int = 0,
-    alpha: float = 0.05,
-    min_improvement: float = 1e-3,
-    certificate_steps: int = 8,
-    value_batches: int = 8,
-    value_ts: Sequence[float] = (0.25, 0.5, 0.75),
-    gradient_batches: int = 4,
-    gradient_check_examples: int = 8,
-    min_slope: float = 1.8,
-    max_relative_error: float = 1e-3,
-    alignment_tol: float = 1e-9,
-    weight_decay: float = 5e-4,
-    max_batches_per_epoch: int | None = None,
+    options: VerificationOptions | None = None,
+    max_batches: int | None = None,
     generator: torch.Generator | int | None = None,
-    callback: Callable[[str], Any] | None = None,
-    progress: Callable[[str, int, int], Any] | None = None,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+    **option_overrides: Any,
 ) -> VerificationReport:
     """Check whether ``perms`` is a local optimum of the joint curve objective, with checks that can fail.
 
@@ -841,33 +915,17 @@ def verify_alignment(
         without augmentation (e.g. ``DataBundle.train_eval``), not the test set, or generalisation effects mix in.
     align_loader : iterable, optional
         Inputs for the correlation objective (check 5).
-    lam, backtrack, stability_iters, stability_x_epochs, local_search, random_starts, reassign_threshold
-        PAM settings (``local_search``: transpositions tried per group after each P-step, see
-        :func:`~neuralign.curves.fit_curve_pam`) and the stability threshold (check 1).
-    certificate_lam : float, optional
-        Threshold of check 2 (default ``lam``: the step PAM uses).
-    n_swaps, n_control_swaps, screen_examples, screen_pairs, n_cycles, refit_epochs
-        Check 3: best-ranked and random control transpositions per group, the screening set's size and the
-        most transpositions screened per group, random 3-cycles per group.
-    alpha : float
-        Family-wise significance level of checks 2 and 3 (Bonferroni over the moves tested), in (0, 1).
-    min_improvement : float
-        Checks 2 and 3: the smallest improvement, as a fraction of the curve objective, that counts (>= 0; default
-        1e-3). A reviewer found a random control swap changing the objective by -6.9e-5 (of ~1) flagged with
-        ``0``.
-    certificate_steps : int
-        Step sizes tried between :math:`\\lambda^*` and ``certificate_lam`` in check 2.
-    value_batches, value_ts, gradient_batches, gradient_check_examples, min_slope, max_relative_error, \
-    alignment_tol, weight_decay, max_batches_per_epoch
-        Sizes, thresholds and budgets (``value_ts``: the times at which every held-out batch is scored; the cost
-        of every scored move is ``value_batches * len(value_ts)`` forward passes).
+    options : VerificationOptions, optional
+        Every threshold and budget of the checks (the names used above); keyword arguments of the same names
+        (``n_swaps=16``) override single ones.
+    max_batches : int, optional
+        Cut the epochs of curve fitting and PAM short (smoke tests; ``max_batches_per_epoch`` before 0.2).
     generator : torch.Generator or int, optional
         Seeds every random choice (derived seeds per check).
     callback : callable, optional
-        Called with each check's name before it runs (progress).
-    progress : callable, optional
-        Called inside each check as ``progress(name, done, total)`` after each unit of its work (a PAM iteration
-        of a start, a group, a scored move), for progress bars within a check.
+        Called with progress records ``{"stage": "verify", "check": name, "step": done, "total": total,
+        "start": bool}``: once before each check runs (``start`` True, ``step`` 0) and after each unit of its work
+        (a PAM iteration of a start, a group, a scored move).
 
     Returns
     -------
@@ -887,83 +945,57 @@ def verify_alignment(
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         raise ValueError(f"unknown checks {unknown}; expected a subset of {list(CHECKS)}")
-    _check_options(
-        ints={"fit_epochs": (fit_epochs, 0), "stability_iters": (stability_iters, 1),
-              "stability_x_epochs": (stability_x_epochs, 0), "local_search": (local_search, 0),
-              "random_starts": (random_starts, 0), "n_swaps": (n_swaps, 1), "n_control_swaps": (n_control_swaps, 0),
-              "screen_examples": (screen_examples, 1), "screen_pairs": (screen_pairs, 1), "n_cycles": (n_cycles, 0),
-              "refit_epochs": (refit_epochs, 0), "certificate_steps": (certificate_steps, 1),
-              # a standard error needs two held-out batches at least
-              "value_batches": (value_batches, 2), "gradient_batches": (gradient_batches, 1),
-              "gradient_check_examples": (gradient_check_examples, 1)},
-        open_unit={"alpha": alpha, "reassign_threshold": reassign_threshold},
-        nonnegative={"min_improvement": min_improvement, "alignment_tol": alignment_tol, "weight_decay": weight_decay},
-        positive={"lam": lam, "certificate_lam": lam if certificate_lam is None else certificate_lam,
-                  "max_relative_error": max_relative_error},
-    )  # fmt: skip
-    # NumPy integers become ints before the functions below check them again
-    fit_epochs, stability_iters, stability_x_epochs, value_batches, gradient_batches = (
-        int(v) for v in (fit_epochs, stability_iters, stability_x_epochs, value_batches, gradient_batches))
-    if max_batches_per_epoch is not None:
-        _check_options({"max_batches_per_epoch": (max_batches_per_epoch, 1)}, {}, {}, {})
-        max_batches_per_epoch = int(max_batches_per_epoch)
-    if not isinstance(min_slope, numbers.Real) or not 1.0 < float(min_slope) <= 2.0:
-        raise ValueError(f"`min_slope` must be in (1, 2] (1: a wrong gradient, 2: a correct one), got {min_slope!r}")
-    if not value_ts or any(not 0.0 <= float(t) <= 1.0 for t in value_ts):
-        raise ValueError(f"`value_ts` must be a non-empty sequence of times in [0, 1], got {list(value_ts)}")
+    renamed = {k: option_overrides.pop(k) for k in ("max_batches_per_epoch", "progress") if k in option_overrides}
+    if "progress" in renamed:
+        raise TypeError("verify_alignment(): `progress` was merged into `callback` in neuralign 0.2 (one callback "
+                        "signature: records with 'check', 'step' and 'total')")  # fmt: skip
+    opts0 = resolve_options(VerificationOptions, options, option_overrides, where="verify_alignment")
+    max_batches = renamed_keywords(renamed, {"max_batches_per_epoch": "max_batches"}, where="verify_alignment").get(
+        "max_batches", max_batches)
+    max_batches = check_int(max_batches, "max_batches", minimum=1, allow_none=True)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
     gen = as_generator(generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     if spec is None:
         first = next(iter(train_loader), None)
         if first is None:
             raise ValueError("`train_loader` yielded no batches")
-        spec = trace_spec(model, _split_batch(first, torch.device("cpu"), "train_loader")[0][:2])
+        spec = trace_spec(model, split_batch(first, torch.device("cpu"), "train_loader")[0][:2])
     validate_permutation(spec, perms, name="perms")
     perms = {g: p.detach().long().cpu() for g, p in perms.items()}
     b_aligned = apply_permutation(point_b, spec.restrict(point_b), perms)
     if curve is None:
         fitted = fit_curve(
-            model, point_a, b_aligned, train_loader, epochs=fit_epochs, weight_decay=weight_decay,
-            generator=stable_seed(seed, "fit"), max_batches_per_epoch=max_batches_per_epoch,
+            model, point_a, b_aligned, train_loader, epochs=opts0.fit_epochs, weight_decay=opts0.weight_decay,
+            generator=stable_seed(seed, "fit"), max_batches=max_batches,
         )  # fmt: skip
         curve = fitted.curve
     problem = CurvePermutationProblem(
-        model, point_a, b_aligned, spec, train_loader, weight_decay=weight_decay,
-        value_loader=heldout_loader, value_batches=value_batches, value_ts=value_ts, gradient_batches=gradient_batches,
+        model, point_a, b_aligned, spec, train_loader, weight_decay=opts0.weight_decay, heldout_loader=heldout_loader,
+        value_batches=opts0.value_batches, value_ts=opts0.value_ts, gradient_batches=opts0.gradient_batches,
         generator=stable_seed(seed, "problem"),
     )  # fmt: skip
     # the checks with paired tests on the held-out batches (the gradient and alignment checks have none)
-    paired = [c for c in checks if c in ("certificate", "neighbourhood") or (c == "stability" and local_search)]
+    paired = [c for c in checks if c in ("certificate", "neighbourhood") or (c == "stability" and opts0.local_search)]
     if paired and len(problem.value_set) < 2:
         raise ValueError(f"`heldout_loader` yielded {len(problem.value_set)} batch; the paired tests of the checks "
                          f"{paired} need 2 at least")
-    if len(problem.value_set) < value_batches:  # fewer held-out batches: fewer degrees of freedom, less power
+    if len(problem.value_set) < opts0.value_batches:  # fewer held-out batches: fewer degrees of freedom, less power
         warnings.warn(f"the held-out loader yielded {len(problem.value_set)} batches, fewer than value_batches="
-                      f"{value_batches}: the checks use {len(problem.value_set)}", stacklevel=2)  # fmt: skip
-    x_star = [_start_offset(problem, curve)]
+                      f"{opts0.value_batches}: the checks use {len(problem.value_set)}", stacklevel=2)  # fmt: skip
+    x_star = [problem.start_offset(curve)]
     ctx = _Context(problem, x_star, spec)
-    opts = {
-        "seed": seed, "lam": lam, "backtrack": backtrack, "stability_iters": stability_iters,
-        "stability_x_epochs": stability_x_epochs, "random_starts": random_starts, "local_search": local_search,
-        "reassign_threshold": reassign_threshold, "certificate_lam": certificate_lam or lam, "n_swaps": n_swaps,
-        "n_control_swaps": n_control_swaps, "n_cycles": n_cycles, "screen_examples": screen_examples,
-        "screen_pairs": screen_pairs, "refit_epochs": refit_epochs, "alpha": alpha,
-        "min_improvement": min_improvement,
-        "certificate_steps": certificate_steps,
-        "value_batches": value_batches, "heldout_batches": len(problem.value_set), "value_ts": tuple(value_ts),
-        "gradient_batches": gradient_batches, "gradient_check_examples": gradient_check_examples,
-        "min_slope": min_slope, "max_relative_error": max_relative_error, "alignment_tol": alignment_tol,
-        "weight_decay": weight_decay,
-        "max_batches_per_epoch": max_batches_per_epoch, "heldout_loader": heldout_loader,
-        "align_loader": align_loader, "lp_max_size": 256, "model": model, "train_loader": train_loader,
-        "progress": progress,
-    }  # fmt: skip
+    opts = _Run(
+        opts0, seed=seed, certificate_lam=opts0.certificate_lam or opts0.lam, heldout_batches=len(problem.value_set),
+        heldout_loader=heldout_loader, align_loader=align_loader, train_loader=train_loader, model=model,
+        max_batches=max_batches, callback=callback,
+    )  # fmt: skip
     results: dict[str, CheckResult] = {}
     for name in CHECKS:
         if name not in checks:
             continue
-        if callback is not None:
-            callback(name)
+        _tick(opts, name, 0, None, start=True)
         logger.info("verification check %s", name)
         sub = as_generator(stable_seed(seed, name))
         if name == "stability":
@@ -976,9 +1008,9 @@ def verify_alignment(
             results[name] = _check_gradient(ctx, opts, sub)
         else:
             results[name] = _check_alignment(model, point_a, point_b, perms, spec, opts)
-    config = {
-        k: v for k, v in opts.items() if (isinstance(v, (int, float, str, bool)) or v is None) and k != "progress"
-    }
-    config["checks"] = list(checks)
-    config["groups"] = dict(spec.sizes)
+    config: dict[str, Any] = {"seed": seed}
+    for name in _REPORTED_OPTIONS:
+        config[name] = getattr(opts, name)
+    config.update(heldout_batches=opts.heldout_batches, max_batches=max_batches, lp_max_size=opts.lp_max_size,
+                  checks=list(checks), groups=dict(spec.sizes))  # fmt: skip
     return VerificationReport(results, config)

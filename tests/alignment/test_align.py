@@ -24,10 +24,10 @@ def _batches(shape, n=3, seed=0):
 
 
 def _planted(name, shape, seed=0, **kw):
-    a = calibrate_bn(randomize_bn(build_model(name, 10, seed=seed, **kw), seed=seed), _batches(shape, n=2))
+    a = calibrate_bn(randomize_bn(build_model(name, 10, generator=seed, **kw), seed=seed), _batches(shape, n=2))
     spec = trace_spec(a, torch.randn(*shape))
     p = random_permutation(spec, generator=seed + 1)
-    b = build_model(name, 10, seed=seed + 5, **kw)
+    b = build_model(name, 10, generator=seed + 5, **kw)
     b.load_state_dict(apply_permutation(a.state_dict(), spec, p))
     return a, b, spec, p
 
@@ -94,8 +94,8 @@ def test_moments_survive_a_mean_that_dwarfs_the_spread():
 
 
 def test_tied_groups_sum_the_correlations_of_all_their_activations():
-    a = randomize_bn(build_model("resnet20", 10, seed=0))
-    b = randomize_bn(build_model("resnet20", 10, seed=1), seed=1)
+    a = randomize_bn(build_model("resnet20", 10, generator=0))
+    b = randomize_bn(build_model("resnet20", 10, generator=1), seed=1)
     batches = _batches((8, 3, 32, 32), n=1)
     spec, moments = activation_moments(a, b, batches)
     assert len(moments["conv1"]) == 4  # the stem and the three block outputs of stage 1
@@ -105,8 +105,8 @@ def test_tied_groups_sum_the_correlations_of_all_their_activations():
 
 
 def test_weight_matching_objective_improves_and_is_consistent():
-    a = build_model("tinyten", 10, seed=0)
-    b = build_model("tinyten", 10, seed=1)
+    a = build_model("tinyten", 10, generator=0)
+    b = build_model("tinyten", 10, generator=1)
     res = align(a, b, method="weight", example_input=torch.randn(2, 3, 32, 32), generator=0)
     assert res.converged and res.status == 0 and res.n_iter >= 2
     for g in res.spec.groups:
@@ -146,8 +146,8 @@ def test_bad_input_is_rejected_with_clear_messages():
 
 
 def test_models_are_not_modified():
-    a = randomize_bn(build_model("resnet20", 10, seed=0))
-    b = randomize_bn(build_model("resnet20", 10, seed=1), seed=2)
+    a = randomize_bn(build_model("resnet20", 10, generator=0))
+    b = randomize_bn(build_model("resnet20", 10, generator=1), seed=2)
     a.train()
     before = {k: v.clone() for k, v in b.state_dict().items()}
     align(a, b, _batches((4, 3, 32, 32), n=1))
@@ -158,7 +158,7 @@ def test_models_are_not_modified():
 
 def _mnist_mlp(x, y, seed):
     torch.manual_seed(seed)
-    model = build_model("mlp", 10, in_features=784, hidden=(128, 128), seed=seed)
+    model = build_model("mlp", 10, in_features=784, hidden=(128, 128), generator=seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(2):

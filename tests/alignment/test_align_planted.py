@@ -52,7 +52,7 @@ ZOO = [
 @pytest.mark.parametrize("method", ["correlation", "l2", "weight"])
 def test_planted_permutation_is_recovered_on_the_zoo(name, shape, kw, method):
     loader = _batches(shape)
-    a = calibrate_bn(randomize_bn(build_model(name, 10, seed=3, **kw), seed=3), loader)
+    a = calibrate_bn(randomize_bn(build_model(name, 10, generator=3, **kw), seed=3), loader)
     b, spec, inverse = _plant(a, shape, seed=4)
     res = align(a, b, loader if method != "weight" else None, method=method, spec=spec, generator=0)
     _assert_exact(res, a, b, spec, inverse)

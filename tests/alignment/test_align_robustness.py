@@ -39,7 +39,7 @@ def _inputs(n=256, features=16, seed=1):
 
 
 def _mlp(seed=0, hidden=(32, 24)):
-    return build_model("mlp", 10, in_features=16, hidden=hidden, seed=seed).eval()
+    return build_model("mlp", 10, in_features=16, hidden=hidden, generator=seed).eval()
 
 
 def _permuted(a, spec, seed=2):
@@ -164,7 +164,7 @@ def test_dead_channels_in_a_conv_net_are_matched_by_their_weights():
     shape = (8, 3, 32, 32)
     gen = torch.Generator().manual_seed(0)
     loader = [(torch.randn(*shape, generator=gen), torch.zeros(8)) for _ in range(2)]
-    a = calibrate_bn(randomize_bn(build_model("tinyten", 10, seed=0)), loader)
+    a = calibrate_bn(randomize_bn(build_model("tinyten", 10, generator=0)), loader)
     with torch.no_grad():
         bn = a.features[2].bn
         bn.bias[:5] = -1e3  # five channels of the third layer never pass the ReLU
@@ -383,8 +383,8 @@ def test_budgets_are_validated_at_the_boundary():
 
 
 def test_weight_matching_reports_every_restart():
-    a = build_model("tinyten", 10, seed=0)
-    b = build_model("tinyten", 10, seed=1)
+    a = build_model("tinyten", 10, generator=0)
+    b = build_model("tinyten", 10, generator=1)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     res = align(a, b, method="weight", example_input=x, restarts=5, generator=7)
     assert res.restarts == 5 and len(res.restart_objectives) == 5

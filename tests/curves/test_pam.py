@@ -26,7 +26,7 @@ def _data(n=512, seed=0):
 
 
 def _trained(seed, batches, hidden=(12, 10)):
-    model = build_model("mlp", 3, in_features=16, hidden=hidden, batch_norm=True, seed=seed)
+    model = build_model("mlp", 3, in_features=16, hidden=hidden, batch_norm=True, generator=seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model.train()
     for _ in range(15):

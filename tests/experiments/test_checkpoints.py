@@ -11,10 +11,10 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 from neuralign.alignment import load_permutation_file, state_dict_hash
+from neuralign.cli import main
 from neuralign.curves import Bezier, reestimate_bn
 from neuralign.errors import CheckpointError, MissingDependencyError, ShapeMismatchError
 from neuralign.experiments.checkpoints import load_endpoint, read_weights, write_weights
-from neuralign.experiments.cli import main
 from neuralign.experiments.data import load_data
 from neuralign.experiments.models import build_model
 
@@ -53,10 +53,10 @@ def _data(folder) -> list[str]:
 
 
 def test_build_model_takes_torchvision_and_timm_names_seeded(monkeypatch):
-    a, b = build_model(ARCH, 7, seed=3), build_model(ARCH, 7, seed=3)
+    a, b = build_model(ARCH, 7, generator=3), build_model(ARCH, 7, generator=3)
     assert isinstance(a, torchvision.models.ResNet) and a.fc.out_features == 7
     torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
-    wide = build_model("torchvision:resnet50", 3, width_per_group=128, seed=0)
+    wide = build_model("torchvision:resnet50", 3, width_per_group=128, generator=0)
     assert wide.layer1[0].conv1.out_channels == 128 and wide.fc.out_features == 3
     with pytest.raises(ValueError, match=r"unknown torchvision model 'resnet1'; did you mean \['resnet18'"):
         build_model("torchvision:resnet1", 10)
@@ -258,7 +258,7 @@ def test_curve_fitted_and_exported_in_one_command_then_evaluated(tmp_path, capsy
     next to the weight file), then evaluate the curve from the plain checkpoint."""
     data = ["--data", "digits", "--resize", "16", "--train-size", "128", "--test-size", "64", "--quiet"]
     for seed in (1, 2):
-        torch.save(build_model("tinyten", 10, seed=seed, in_channels=1).state_dict(), tmp_path / f"t{seed}.pt")
+        torch.save(build_model("tinyten", 10, generator=seed, in_channels=1).state_dict(), tmp_path / f"t{seed}.pt")
     pair_args = ["--model-a", str(tmp_path / "t1.pt"), "--model-b", str(tmp_path / "t2.pt"), "--arch", "tinyten",
                  "--model-arg", "in_channels=1"]  # fmt: skip
     out = tmp_path / "run" / "mid.pt"
@@ -296,7 +296,7 @@ def test_timm_pair_aligned_from_safetensors(tmp_path, capsys):
 
 def test_study_runs_on_given_end_points(tmp_path, capsys):
     for seed in (1, 2):
-        torch.save({"state_dict": build_model("tinyten", 10, seed=seed, in_channels=1).state_dict()},
+        torch.save({"state_dict": build_model("tinyten", 10, generator=seed, in_channels=1).state_dict()},
                    tmp_path / f"e{seed}.pt")  # fmt: skip
     tiny = ["--set", "curve_epochs=1", "--set", "num_points=3", "--set", "plane_grid=0", "--set", "verify=false",
             "--set", "max_batches=2", "--set", "bn_batches=1", "--set", "settings=aligned,"]  # fmt: skip

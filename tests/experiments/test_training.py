@@ -13,7 +13,7 @@ def data():
 
 
 def _model():
-    return build_model("mlp", 10, in_features=64, hidden=(32,), batch_norm=True, dropout=0.1, seed=0)
+    return build_model("mlp", 10, in_features=64, hidden=(32,), batch_norm=True, dropout=0.1, generator=0)
 
 
 def test_training_learns_and_leaves_the_input_model_alone(data):
@@ -123,7 +123,7 @@ def test_robust_mlps_on_mnist_are_far_more_robust_than_standard_ones():
     accuracy = {}
     for robust in (True, False):
         for seed in (1, 2):
-            model = build_model("mlp", 10, in_features=784, hidden=(128,), batch_norm=True, seed=seed)
+            model = build_model("mlp", 10, in_features=784, hidden=(128,), batch_norm=True, generator=seed)
             res = train_model(model, data.train, epochs=3, lr=0.05, adversarial=pgd if robust else None,
                               generator=seed)  # fmt: skip
             model.load_state_dict(res.state_dict)

@@ -440,7 +440,7 @@ def test_shuffled_regression_recovers_planted_solution(method, seed):
     """n = 12, d = 2, noise 0.002 (signal std ~1.4): about one restart in five reaches the planted solution, so 30
     seeded restarts are used. The solution found is also checked to be at least as good as the planted one."""
     A, y, x_star, perm = planted_regression(12, 2, 0.002, seed)
-    res = solve_shuffled_regression(A, y, method=method, restarts=30, seed=0)
+    res = solve_shuffled_regression(A, y, method=method, restarts=30, generator=0)
     assert res.perms["rows"].tolist() == perm.tolist()
     torch.testing.assert_close(res.x[0], x_star, atol=5e-3, rtol=0)  # noise-limited least-squares error
     fit = torch.linalg.lstsq(A[perm], y.unsqueeze(1)).solution.squeeze(1)

@@ -77,7 +77,7 @@ def test_two_opt_ends_at_a_local_minimum(seed):
 @pytest.mark.parametrize("method", ["pam", "2opt"])
 def test_small_instances_reach_brute_force_optimum(n, seed, method):
     A, B = random_instance(n, seed, symmetric=seed % 2 == 0)
-    res = solve_qap(A, B, method=method, restarts=8, seed=seed)
+    res = solve_qap(A, B, method=method, restarts=8, generator=seed)
     assert res.fun == brute_force(A, B)
     assert res.fun == qap_objective(A, B, res.perm)
     assert res.perm.dtype == torch.int64 and sorted(res.perm.tolist()) == list(range(n))
@@ -90,7 +90,7 @@ def test_qaplib_known_optimum(name):
     opt, opt_perm = load_qaplib_solution(shared_data(f"qaplib/{name}.sln"))
     assert A.shape == B.shape == (12, 12)
     assert qap_objective(A, B, opt_perm) == opt  # the file's permutation attains the file's objective
-    res = solve_qap(A, B, restarts=64, seed=0)  # chr12c: about one random start in 50 reaches the optimum
+    res = solve_qap(A, B, restarts=64, generator=0)  # chr12c: about one random start in 50 reaches the optimum
     assert res.fun == opt
     assert qap_objective(A, B, res.perm) == res.fun
     assert res.history == sorted(res.history, reverse=True)
@@ -99,9 +99,9 @@ def test_qaplib_known_optimum(name):
 def test_max_iter_warning_and_no_local_search():
     A, B = random_instance(9, 11)
     with pytest.warns(ConvergenceWarning, match=r"solve_qap: best of 1 restart\(s\) of pam.*hit max_iter=1"):
-        res = solve_qap(A, B, seed=0, max_iter=1)
+        res = solve_qap(A, B, generator=0, max_iter=1)
     assert res.status == 1 and not res.converged
-    plain = solve_qap(A, B, seed=0, local_search=False, restarts=3)
+    plain = solve_qap(A, B, generator=0, local_search=False, restarts=3)
     assert plain.fun == qap_objective(A, B, plain.perm)
     two = local_search_2opt(A, B, plain.perm)
     assert two.n_iter == 0  # the final 2-opt already ran on the best iterate
@@ -134,7 +134,7 @@ def test_solve_qap_errors():
     with pytest.raises(ValueError, match=r"`perm` must be a permutation of 0..3"):
         qap_objective(A, B, torch.tensor([0, 1, 1, 2]))
     assert solve_qap(A[:1, :1], B[:1, :1]).perm.tolist() == [0]
-    assert solve_qap(A.to(torch.int64), B.to(torch.int64), restarts=2, seed=1).fun == brute_force(A, B)
+    assert solve_qap(A.to(torch.int64), B.to(torch.int64), restarts=2, generator=1).fun == brute_force(A, B)
 
 
 def write(tmp_path, name, text):

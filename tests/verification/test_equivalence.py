@@ -26,7 +26,7 @@ _SPECS: dict = {}
 def _zoo(name):
     if name not in _SPECS:
         kw, shape = ZOO[name]
-        model = randomize_bn(build_model(name, 10, seed=0, **kw))
+        model = randomize_bn(build_model(name, 10, generator=0, **kw))
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
         _SPECS[name] = (model, trace_spec(model, x), x)
     return _SPECS[name]

@@ -21,7 +21,7 @@ def _planted_mlp(hidden, perm_seed, **train):
     """A batch-norm MLP A trained on the shipped digits, B = A with every group permuted at random (``perm_seed``):
     ``(data, model, spec, b_state, perms)`` with perms the inverse permutation."""
     data = load_data("digits", batch_size=64, generator=0)
-    model = build_model("mlp", 10, in_features=64, hidden=hidden, batch_norm=True, seed=1)
+    model = build_model("mlp", 10, in_features=64, hidden=hidden, batch_norm=True, generator=1)
     model.load_state_dict(train_model(model, data.train, **train).state_dict)
     model.eval()
     spec = trace_spec(model, next(iter(data.train))[0])

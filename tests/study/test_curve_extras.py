@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from neuralign.experiments.plots import plot_learning_speed, plot_midpoint_alignment, plot_study  # noqa: E402
-from neuralign.experiments.report import (  # noqa: E402
+from neuralign.study.plots import plot_learning_speed, plot_midpoint_alignment, plot_study  # noqa: E402
+from neuralign.study.report import (  # noqa: E402
     MIDPOINT_ALIGNED_GAIN,
     learning_speed,
     midpoint_summary,
@@ -20,7 +20,7 @@ from neuralign.experiments.report import (  # noqa: E402
     write_report,
     write_results_json,
 )
-from tests.experiments.test_report import GROUPS, make_results  # noqa: E402
+from tests.study.test_report import GROUPS, make_results  # noqa: E402
 
 
 def _case(before_a: float, gain_a: float, before_b: float, gain_b: float) -> dict:

@@ -1,4 +1,4 @@
-"""Tests of neuralign.experiments.plots: every figure is written (a PNG), atomically, with no figure left open."""
+"""Tests of neuralign.study.plots: every figure is written (a PNG), atomically, with no figure left open."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # the tests import pyplot only to count open figures; the
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from neuralign.experiments.plots import (  # noqa: E402
+from neuralign.study.plots import (  # noqa: E402
     _shorten_pattern,
     plot_curve_metrics,
     plot_layer_correlation,
@@ -21,7 +21,7 @@ from neuralign.experiments.plots import (  # noqa: E402
     plot_verification_summary,
 )
 from neuralign.verification import VerificationReport  # noqa: E402
-from tests.experiments.test_report import make_results  # noqa: E402
+from tests.study.test_report import make_results  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""Tests of neuralign.experiments.report: summary numbers checked by hand, Table 1 layout, report.md, JSON."""
+"""Tests of neuralign.study.report: summary numbers checked by hand, Table 1 layout, report.md, JSON."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import pytest
 
 from neuralign.curves import CurveEvaluation, PlaneEvaluation
-from neuralign.experiments.report import (
+from neuralign.study.report import (
     PAPER_TABLE1,
     SETTINGS,
     format_table,
@@ -86,7 +86,7 @@ def make_results(
     pam: bool = True,
     num_points: int = 17,
 ) -> dict:
-    """Synthetic study results with the exact structure of ``neuralign.experiments.study``."""
+    """Synthetic study results with the exact structure of ``neuralign.study``."""
     ts = [i / (num_points - 1) for i in range(num_points)]
     pairs = []
     for k in range(n_pairs):
@@ -403,7 +403,7 @@ def _robust_results() -> dict:
 
 
 def test_robust_table_by_hand(tmp_path):
-    from neuralign.experiments.report import robust_table
+    from neuralign.study.report import robust_table
 
     rows = robust_table(_robust_results())["rows"]
     # end points: robust (a + b) / 2 per pair = 45 and 45; +- (1/2) sqrt(s_a^2 + s_b^2) with s_a = s_b = 2.828 (%)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from neuralign._numpy import as_tensor, to_caller_kind
 from neuralign.optim import (
     QAPProblem,
     ShuffledRegressionProblem,
@@ -29,7 +30,6 @@ from neuralign.optim import (
     solve_qap,
     solve_shuffled_regression,
 )
-from neuralign.optim._numpy import as_tensor, to_caller_kind
 
 
 def assert_same(from_numpy, from_torch):

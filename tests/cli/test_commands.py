@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neuralign._utils import load_checkpoint
-from neuralign.experiments.cli import build_parser, main
+from neuralign.cli import build_parser, main
 from tests.conftest import FullDisk
 
 TINY = ["--set", "epochs=1", "--set", "curve_epochs=1", "--set", "num_points=3", "--set", "plane_grid=3",
@@ -30,10 +30,9 @@ def test_every_command_has_help_that_explains_its_options(capsys):
 
 
 def test_version_and_study_settings_in_help_come_from_the_code(capsys):
-    import dataclasses
-
     import neuralign
-    from neuralign.experiments.study import StudyConfig
+    from neuralign._options import setting_paths
+    from neuralign.study import StudyConfig
 
     with pytest.raises(SystemExit) as info:
         main(["--version"])
@@ -42,8 +41,22 @@ def test_version_and_study_settings_in_help_come_from_the_code(capsys):
         main(["study", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     listed = text.split("(settings: ", 1)[1].split(")", 1)[0].split(", ")
-    assert listed == [f.name for f in dataclasses.fields(StudyConfig)]
-    assert {"verify_ts", "verify_batches", "verify_local_search", "verify_random_starts"} <= set(listed)
+    assert listed == setting_paths(StudyConfig)
+    assert {"pam.step.lr", "verification.value_ts", "verification.local_search", "robust.attack.eps"} <= set(listed)
+    from neuralign.study import PRESETS
+
+    def resolves(config, path):
+        try:
+            for part in path.split("."):
+                config = getattr(config, part)
+        except AttributeError:
+            return False
+        return True
+
+    # every listed path exists: in the paper preset (linearised P-step, verification) or a robust one (Birkhoff
+    # P-step of the cpu preset for pam.step's other fields)
+    configs = (PRESETS["paper"], PRESETS["robust"], PRESETS["cpu"])
+    assert [p for p in listed if not any(resolves(c, p) for c in configs)] == []
 
 
 def test_python_m_neuralign_runs_the_same_command_line():
@@ -60,7 +73,7 @@ def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     code = main(["demo", "--out", str(tmp_path / "d"), "--set", "nonsense=1", "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "unknown study settings ['nonsense']" in err and len(err.splitlines()) == 1
+    assert code == 2 and "unknown setting 'nonsense': StudyConfig has no 'nonsense'" in err and len(err.splitlines()) == 1
     code = main(["train", "--arch", "tinyten", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("neuralign: error:") and len(err.splitlines()) == 1
@@ -137,7 +150,7 @@ def test_a_pickled_object_is_refused_in_one_line_without_advice_to_unpickle(tmp_
     assert code == 2
     assert err == (
         f"neuralign: error: checkpoint {str(evil)!r} could not be read as data: it is not a plain tensor checkpoint "
-        "(it holds the Python object tests.experiments.test_cli.Payload); neuralign only loads tensor data"
+        "(it holds the Python object tests.cli.test_commands.Payload); neuralign only loads tensor data"
     )
     assert "weights_only" not in err
 
@@ -330,7 +343,7 @@ def test_train_and_curve_rerun_skip_in_one_line_and_force_redoes(endpoints, tmp_
             raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("neuralign.experiments.cli._Bars.__call__", stop_after_the_first_epoch)
+        mp.setattr("neuralign.cli.progress.ProgressBars.__call__", stop_after_the_first_epoch)
         assert main(curve) == 130
     assert ckpt.exists()
     capsys.readouterr()
@@ -374,7 +387,7 @@ def test_library_warnings_reach_the_command_line_as_one_line(monkeypatch, capsys
                       ConvergenceWarning, stacklevel=1)  # fmt: skip
         return []
 
-    monkeypatch.setitem(__import__("neuralign.experiments.cli", fromlist=["_COMMANDS"])._COMMANDS, "pam", warns)
+    monkeypatch.setitem(__import__("neuralign.cli.app", fromlist=["COMMANDS"]).COMMANDS, "pam", warns)
     assert main(["pam", "--model-a", "a", "--model-b", "b", "--data", "digits", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err  # in the command's words: pam passes --iters as max_iter
     assert err == "neuralign: warning: PAM on the curve: 315 units reassigned; in the last iteration; raise --iters\n"
@@ -388,7 +401,7 @@ def test_progress_bars_count_the_first_step_and_show_the_numbers_of_the_step_dra
     import re
     import time
 
-    from neuralign.experiments.cli import _Bars
+    from neuralign.cli.progress import ProgressBars as _Bars
 
     bars = _Bars(enabled=True)
     bars({"stage": "train", "label": "a", "step": 0, "total": 2, "start": True})
@@ -420,7 +433,7 @@ def test_resume_stale_results_foreign_curves_and_overwrites_are_refused(endpoint
             raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("neuralign.experiments.cli._Bars.__call__", stop_after_the_first_epoch)
+        mp.setattr("neuralign.cli.progress.ProgressBars.__call__", stop_after_the_first_epoch)
         assert main(curve) == 130
     capsys.readouterr()
     # resuming with another learning rate (or fewer epochs) silently mixed the two runs
@@ -487,7 +500,7 @@ def test_study_takes_the_class_count_builder_arguments_and_statistics_of_given_e
         seen["config"] = config
         return {"report": str(tmp_path / "report.md")}
 
-    monkeypatch.setattr("neuralign.experiments.study.run_study", fake_run_study)
+    monkeypatch.setattr("neuralign.study.run_study", fake_run_study)
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     assert main(["study", "--endpoints", str(a), str(b), "--arch", "torchvision:mobilenet_v2", "--num-classes", "10",
                  "--model-arg", "width_mult=0.5", "--data", "digits", "--mean", "0.5", "--std", "0.25",
@@ -495,7 +508,7 @@ def test_study_takes_the_class_count_builder_arguments_and_statistics_of_given_e
     config = seen["config"]
     assert config.num_classes == 10 and config.model_args == {"width_mult": 0.5}
     assert config.mean == (0.5,) and config.std == (0.25,) and config.pairs == 1
-    from neuralign.experiments.study import StudyConfig
+    from neuralign.study import StudyConfig
 
     assert StudyConfig.from_dict(config.to_dict()) == config  # the manifest round trip
 
@@ -510,9 +523,9 @@ def test_align_checks_its_export_file_before_the_work(endpoints, tmp_path, capsy
 
 
 def test_default_threads_are_capped_by_the_cores_this_process_may_use(monkeypatch, tmp_path, capsys):
-    import neuralign.experiments.cli as cli
+    import neuralign.cli.app as app
 
-    monkeypatch.setattr(cli, "_usable_cores", lambda: 1)  # e.g. a Slurm job given one core of a big machine
+    monkeypatch.setattr(app, "usable_cores", lambda: 1)  # e.g. a Slurm job given one core of a big machine
     before = torch.get_num_threads()
     try:
         main(["train", "--arch", "tinyten", "--epochs", "0", "--out", str(tmp_path), *DATA])  # fails fast (epochs)

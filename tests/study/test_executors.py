@@ -16,18 +16,21 @@ from types import SimpleNamespace
 
 import pytest
 
+from neuralign.cli import main
 from neuralign.errors import JobError
-from neuralign.experiments.cli import main
-from neuralign.experiments.jobs import job_states, process_start, write_jobs
-from neuralign.experiments.study import PRESETS, prepare_study, run_stage, run_study, stage_done, study_stages
+from neuralign.study import PRESETS, prepare_study, run_stage, run_study, stage_done, study_stages
+from neuralign.study.jobs import job_states, process_start, write_jobs
 
 pytest.importorskip("submitit", reason="the cluster extra (submitit) is not installed")
 
-from neuralign.experiments.cluster import _failure, run_study_local, study_status, submit_study_slurm  # noqa: E402
+from neuralign.study.executors import _failure, run_study_local, study_status, submit_study_slurm  # noqa: E402
 
 # demo-sized: 2 end points, 2 curves, their evaluations and the report (8 stages); 3 batches per epoch
-CONFIG = PRESETS["demo"].replace(epochs=1, curve_epochs=3, num_points=3, max_batches=3, bn_batches=2,
-                                 settings=("unaligned", "aligned"), verify=False, plane_grid=0)  # fmt: skip
+CONFIG = PRESETS["demo"].apply({
+    "train.epochs": 1, "curve.epochs": 3, "evaluation.num_points": 3, "max_batches": 3,
+    "evaluation.max_bn_batches": 2, "settings": ("unaligned", "aligned"), "verification": None,
+    "evaluation.plane_grid": 0,
+})  # fmt: skip
 
 
 def _curves(results: dict) -> dict:
@@ -146,7 +149,7 @@ def test_slurm_gpus_per_job_ask_one_task_per_gpu(tmp_path, monkeypatch):
 def test_status_of_a_folder_and_the_cli(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds no study"):
         study_status(tmp_path)
-    run_study(CONFIG.replace(settings=("aligned",)), tmp_path)
+    run_study(CONFIG.set("settings", ("aligned",)), tmp_path)
     assert main(["study", "--status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "done (7):" in out and "running (0):" in out and "pending (0):" in out and "  pair 1 eval aligned" in out
@@ -220,7 +223,7 @@ def test_status_of_a_folder_whose_manifest_is_not_a_study(tmp_path, capsys, text
     assert len(err.splitlines()) == 1 and "holds no study" in err
 
 
-ONE = CONFIG.replace(settings=("aligned",))
+ONE = CONFIG.set("settings", ("aligned",))
 
 
 @pytest.fixture(scope="module")

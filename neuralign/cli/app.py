@@ -1,0 +1,143 @@
+"""The entry point of ``neuralign`` (also ``python -m neuralign``): demo, train, align, apply, curve, pam, verify,
+evaluate, study.
+
+Every command writes its results into ``--out`` (atomically; long loops checkpoint every epoch and a rerun of the
+same command resumes), shows progress bars on standard error, and ends by printing the paths it wrote. Launched
+with ``torchrun --nproc_per_node=N -m neuralign <command>`` it joins the process group (NCCL for a CUDA
+``--device``, gloo for the CPU) and runs data-parallel; rank 0 alone writes files, shows progress and prints. Errors,
+including I/O failures such as a full disk (which leave the previous checkpoint in place), are one line on standard
+error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.distributed
+
+from neuralign import _distributed
+from neuralign.cli.commands.align import cmd_align, cmd_apply
+from neuralign.cli.commands.curve import cmd_curve
+from neuralign.cli.commands.evaluate import cmd_evaluate
+from neuralign.cli.commands.pam import cmd_pam
+from neuralign.cli.commands.study import cmd_study
+from neuralign.cli.commands.train import cmd_train
+from neuralign.cli.commands.verify import cmd_verify
+from neuralign.cli.common import one_line, parse_device, usable_cores, write_manifest
+from neuralign.cli.parser import build_parser
+from neuralign.cli.progress import ProgressBars
+from neuralign.errors import NeuralignError
+
+__all__ = ["COMMANDS", "in_option_words", "warning_printer", "main"]
+
+
+COMMANDS = {
+    "demo": lambda a, b: cmd_study(a, b, demo=True),
+    "study": cmd_study,
+    "train": cmd_train,
+    "align": cmd_align,
+    "apply": cmd_apply,
+    "curve": cmd_curve,
+    "pam": cmd_pam,
+    "evaluate": cmd_evaluate,
+    "verify": cmd_verify,
+}
+
+
+def in_option_words(text: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """``text`` (a library message) with the Python argument names it mentions replaced by the command's options:
+    "pass download=True" -> "pass --download", "`resize`" -> "--resize"."""
+    import re
+
+    options = {}
+    for action in parser._subparsers._group_actions[0].choices[command]._actions:  # type: ignore[union-attr]
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long:
+            options[action.dest] = long[0]
+    options.setdefault("root", options.get("data_root", "--data-root"))
+    # library argument names that the commands pass from differently named options
+    aliases = {"max_iter": "iters", "x_epochs": "epochs", "point_a": "model_a", "point_b": "model_b",
+               "train_loader": "data", "example_input": "data", "lam": "lam", "time_minutes": "slurm_time"}  # fmt: skip
+    for name, dest in aliases.items():
+        if dest in options:
+            options.setdefault(name, options[dest])
+    text = re.sub(r"\b(\w+)=True\b", lambda m: options.get(m.group(1), m.group(0)), text)
+    text = text.replace("root (--data-root)", "--data-root")
+    return re.sub(r"`(\w+)`", lambda m: options.get(m.group(1), m.group(0)), text)
+
+
+def warning_printer(parser: argparse.ArgumentParser, command: str):
+    """``warnings.showwarning`` for the command: a library warning on one line, in the command's option words,
+    without Python's source line."""
+    from tqdm import tqdm
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+        tqdm.write(f"neuralign: warning: {in_option_words(one_line(message), parser, command)}", file=sys.stderr)
+
+    return show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``neuralign`` and ``python -m neuralign``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"neuralign: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    else:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores())))
+    distributed = False
+    if args.command == "study" and getattr(args, "executor", "sequential") != "sequential" and (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):  # every rank would submit every stage: refused once, by rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"neuralign: error: --executor {args.executor} submits the stages as jobs itself: run it as one "
+                  "process, not under torchrun (--gpus-per-job runs each Slurm job data-parallel)",
+                  file=sys.stderr)  # fmt: skip
+        return 2
+    if "WORLD_SIZE" in os.environ:
+        # under torchrun: the default process group, backend from --device; every data-driven function then runs
+        # data-parallel and only rank 0 writes files or shows progress
+        try:
+            device = parse_device(args.device)
+        except ValueError as exc:
+            print(f"neuralign: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        try:
+            distributed = _distributed.init_from_env(device)
+        except (ValueError, RuntimeError) as exc:
+            print(f"neuralign: error: could not join the torchrun process group: {one_line(exc)}", file=sys.stderr)
+            return 2
+    bars = ProgressBars(enabled=not args.quiet and _distributed.rank() == 0)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = warning_printer(parser, args.command)
+            if args.command not in ("demo", "study"):  # a study keeps its own, richer manifest
+                write_manifest(args)
+            paths = COMMANDS[args.command](args, bars)
+    except KeyboardInterrupt:
+        bars.close()
+        resumable = args.command in ("train", "curve", "pam", "study", "demo")
+        print("neuralign: interrupted" + ("; run the same command again to resume from the checkpoints" if resumable
+                                          else ""), file=sys.stderr)  # fmt: skip
+        return 130
+    except (NeuralignError, ValueError, TypeError, OSError) as exc:  # OSError: a full disk, a missing permission
+        bars.close()
+        print(f"neuralign: error: {in_option_words(one_line(exc), parser, args.command)}", file=sys.stderr)
+        return 2
+    bars.close()
+    if _distributed.rank() == 0:
+        for path in paths:
+            print(path)
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0

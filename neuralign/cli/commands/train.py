@@ -1,0 +1,53 @@
+"""``neuralign train``: one end point with the paper's recipe."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from neuralign._utils import atomic_save, load_checkpoint
+from neuralign.cli.common import check_image_size, info, load_command_data, model_args, parse_device
+from neuralign.cli.progress import ProgressBars
+from neuralign.cli.runfolder import announce_resume, command_options, finished, resume_guard
+
+__all__ = ["cmd_train"]
+
+
+def cmd_train(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
+    from neuralign.curves import evaluate_model
+    from neuralign.experiments.models import build_model, builder_kwargs
+    from neuralign.experiments.training import train_model
+
+    device = parse_device(args.device)
+    out = Path(args.out)
+    path = out / f"{args.arch}_seed{args.seed}.pt"
+    options = command_options(args, "arch", "width", "seed", "epochs", "lr", "weight_decay", "model_arg", "num_classes")
+    recorded = load_checkpoint(path, kind="endpoint").get("options") if path.exists() and not args.force else None
+    if finished("train", path, args, options, recorded, leftovers=[path.with_suffix(".ckpt")]):
+        return [path]
+    data = load_command_data(args)
+    kwargs = {**builder_kwargs(args.arch, data.in_channels, data.image_size, width=args.width), **model_args(args)}
+    model = build_model(args.arch, data.num_classes, generator=args.seed, **kwargs).to(device)
+    check_image_size(model, data, args)
+    guard = resume_guard("train", path.with_suffix(".ckpt"), options)
+    done = announce_resume("train", path.with_suffix(".ckpt"), args.epochs)
+    bars({"stage": "train", "label": path.stem, "step": done, "total": args.epochs, "start": True})
+
+    def on_epoch(record):
+        bars({"stage": "train", "label": path.stem, "step": record["epoch"], "total": args.epochs, "record": record})
+
+    res = train_model(model, data.train, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                      checkpoint=path.with_suffix(".ckpt"), callback=on_epoch)  # fmt: skip
+    model.load_state_dict(res.state_dict)
+    test_loss, test_acc = evaluate_model(model.eval(), data.test)
+    atomic_save({
+        "kind": "endpoint", "arch": args.arch, "num_classes": data.num_classes, "model_kwargs": kwargs,
+        "seed": args.seed, "history": res.history, "test": {"test_loss": test_loss, "test_acc": test_acc},
+        "dataset": data.describe(), "options": options,
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+    }, path)  # fmt: skip
+    path.with_suffix(".ckpt").unlink(missing_ok=True)
+    guard.unlink(missing_ok=True)
+    info(f"test accuracy {test_acc:.4f}, loss {test_loss:.4f}", file=sys.stderr)
+    return [path]

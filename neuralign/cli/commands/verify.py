@@ -1,0 +1,86 @@
+"""``neuralign verify``: check whether an alignment is locally optimal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from neuralign.cli.common import (
+    announce_cost,
+    info,
+    load_alignment,
+    load_command_data,
+    load_endpoints,
+    parse_device,
+    state_of,
+)
+from neuralign.cli.progress import ProgressBars
+
+__all__ = ["verify_passes", "check_label", "cmd_verify"]
+
+
+def verify_passes(options, checks: Sequence[str], data, spec, fit: bool) -> tuple[int, str]:
+    """The forward passes :func:`~neuralign.verification.verify_alignment` makes with ``options`` (a
+    :class:`~neuralign.verification.VerificationOptions`), by check; a backward pass counts as two. A scored move
+    costs ``value_batches * len(value_ts)`` passes, a gradient estimate ``3 * gradient_batches * len(value_ts)``."""
+    o = options
+    train, groups, ts = len(data.train), len(spec.sizes), len(o.value_ts)
+    score, grad, epoch = o.value_batches * ts, 3 * o.gradient_batches * ts, 3 * train
+    screen_batches = -(-o.screen_examples // max(1, data.batch_size))
+    screened = sum(min(n * (n - 1) // 2, o.screen_pairs) for n in spec.sizes.values()
+                   if n * (n - 1) // 2 > o.n_swaps + o.n_control_swaps)  # fmt: skip
+    starts = 2 + o.random_starts
+    per_iteration = o.stability_x_epochs * epoch + grad + score * (1 + o.local_search * groups)
+    parts = {
+        "curve fit": fit * o.fit_epochs * epoch,
+        "stability": "stability" in checks and starts * o.stability_iters * per_iteration,
+        "certificate": "certificate" in checks and grad + groups * o.certificate_steps * score,
+        "neighbourhood": "neighbourhood" in checks and grad + groups * (o.n_swaps + o.n_control_swaps) * score
+        + screened * screen_batches * ts,
+        "gradient": "gradient" in checks and grad + 26,
+        "alignment": "alignment" in checks and 2 * len(data.align),
+    }  # fmt: skip
+    parts = {k: int(v) for k, v in parts.items() if v}
+    return sum(parts.values()), ", ".join(f"{k} {v:,}" for k, v in parts.items())
+
+
+def check_label(name: str, checks: Sequence[str], prefix: str = "") -> str:
+    """``"certificate (2/5)"``: the check and its place among the checks that run."""
+    return f"{prefix}{name} ({list(checks).index(name) + 1}/{len(checks)})"
+
+
+def cmd_verify(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
+    from neuralign.curves import Bezier
+    from neuralign.study.plots import plot_reassignment
+    from neuralign.verification import CHECKS, VerificationOptions, verify_alignment
+
+    device = parse_device(args.device)
+    data = load_command_data(args)
+    a, b, meta_a, meta_b = load_endpoints(args, device, data)
+    record = load_alignment(args.perms, meta_a, meta_b, state_of(b))
+    perms = record.perms
+    curve = Bezier.load(args.curve).to(device) if args.curve else None
+    checks = tuple(args.checks) if args.checks else CHECKS
+
+    given = {"fit_epochs": args.fit_epochs, "lam": args.lam, "stability_iters": args.iters, "n_swaps": args.swaps,
+             "local_search": args.local_search}  # fmt: skip
+    options = VerificationOptions(**{k: v for k, v in given.items() if v is not None})
+    passes, detail = verify_passes(options, checks, data, record.spec, curve is None)
+    announce_cost("verify", passes, detail, a, data, device)
+
+    def on_progress(event):
+        bars({"stage": "verify", "label": check_label(event["check"], checks), "step": event["step"],
+              "total": event["total"], "start": event["start"]})  # fmt: skip
+
+    report = verify_alignment(
+        a, state_of(a), state_of(b), perms, data.train, curve=curve, checks=checks, heldout_loader=data.train_eval,
+        align_loader=data.align, options=options, generator=args.seed, callback=on_progress,
+    )  # fmt: skip
+    out = Path(args.out)
+    paths = list(report.save(out))
+    if "stability" in report.checks:
+        paths.append(plot_reassignment(report.to_dict(), out / "reassignment.png"))
+    info(f"verdict: {report.verdict}", file=sys.stderr)
+    return paths

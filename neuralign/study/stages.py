@@ -1,0 +1,91 @@
+"""The stage graph of a study: which stages there are, what each needs and writes, and when one is done."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from neuralign.study.config import StudyConfig
+
+__all__ = ["STAGE_KINDS", "Stage", "stage_done", "study_stages"]
+
+
+# ------------------------------------------------------------------------------------------------- the graph
+#: The kinds of stage, in the order of a sequential run.
+STAGE_KINDS = ("endpoint", "alignment", "curve", "eval", "midpoint", "verification", "plane", "report")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a study.
+
+    Attributes
+    ----------
+    name : str
+        As recorded in the manifest and shown to users (``"pair 1 curve aligned"``).
+    needs : tuple of str
+        The names of the stages it needs.
+    outputs : tuple of str
+        Paths relative to the study folder; the stage is done when they all exist.
+    kind : str
+        One of :data:`STAGE_KINDS`: what the stage does (the runner dispatches on it).
+    index : int, optional
+        The end point's seed (``endpoint``) or the pair (the per-pair stages).
+    setting : str, optional
+        The curve setting (``curve``, ``eval``).
+    """
+
+    name: str
+    needs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    kind: str = "report"
+    index: int | None = None
+    setting: str | None = None
+
+    @property
+    def slug(self) -> str:
+        """The name as a file name (``pair_1_curve_aligned``)."""
+        return self.name.replace(" ", "_")
+
+
+def study_stages(config: StudyConfig) -> list[Stage]:
+    """The stages of a study in an order that respects their dependencies (the order of a sequential run).
+
+    End points (unless given) -> per pair: alignment -> per setting: curve -> evaluation; the aligned curve ->
+    verification and (pair 1) the plane; everything -> ``report``. Stages of different pairs and settings do not
+    depend on each other.
+    """
+    c = config
+    stages: list[Stage] = []
+    if c.endpoints is None:
+        stages += [Stage(f"endpoint {s}", (), (f"endpoints/seed{s}.pt",), "endpoint", s)
+                   for s in range(1, 2 * c.pairs + 1)]  # fmt: skip
+    for k in range(1, c.pairs + 1):
+        ends = () if c.endpoints is not None else (f"endpoint {2 * k - 1}", f"endpoint {2 * k}")
+        alignment = Stage(f"pair {k} alignment", ends, (f"pair{k}/alignment.pt",), "alignment", k)
+        stages.append(alignment)
+        for setting in c.settings:
+            curve = Stage(f"pair {k} curve {setting}", (alignment.name,),
+                          (f"pair{k}/curve_{setting}.pt", f"pair{k}/curve_{setting}.json"), "curve", k, setting)
+            stages += [curve, Stage(f"pair {k} eval {setting}", (curve.name,), (f"pair{k}/eval_{setting}.json",),
+                                    "eval", k, setting)]  # fmt: skip
+        if "aligned" in c.settings:
+            needs = (f"pair {k} curve aligned",)
+            stages.append(Stage(f"pair {k} midpoint alignment",
+                                needs + ((f"pair {k} curve unaligned",) if "unaligned" in c.settings else ()),
+                                (f"pair{k}/midpoint_alignment.json",), "midpoint", k))  # fmt: skip
+            if c.verification is not None:
+                stages.append(Stage(f"pair {k} verification", needs,
+                                    (f"pair{k}/verification.json", f"pair{k}/verification.md"), "verification", k))
+            if c.evaluation.plane_grid and k == 1:
+                stages.append(Stage(f"pair {k} plane", needs, (f"pair{k}/plane.json",), "plane", k))
+    stages.append(Stage("report", tuple(s.name for s in stages), ("results.json", "report.md"), "report"))
+    return stages
+
+
+def stage_done(out: str | os.PathLike, stage: Stage) -> bool:
+    """Whether every output of ``stage`` exists in the study folder ``out``."""
+    return all((Path(out) / name).exists() for name in stage.outputs)
+
+
