@@ -26,7 +26,8 @@ __all__ = ["check_bool", "check_choice", "check_int", "check_real", "is_real"]
 
 
 def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy.bool_ without importing numpy
+    kind = type(value)  # numpy.bool_ (named "bool" in NumPy 2) without importing numpy
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
 
 
 def is_real(value: Any) -> bool:

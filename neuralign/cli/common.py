@@ -4,7 +4,6 @@ manifests."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,8 +15,9 @@ import torch
 import torch.distributed
 
 from neuralign import _distributed
-from neuralign._utils import atomic_write_text, environment_versions, load_checkpoint
+from neuralign._utils import environment_versions, load_checkpoint
 from neuralign.errors import CheckpointError
+from neuralign.experiments.runfolder import RunFolder
 
 __all__ = [
     "usable_cores",
@@ -38,7 +38,7 @@ __all__ = [
     "table",
     "sgd_optimizer",
     "one_line",
-    "manifest_path",
+    "run_folder",
     "write_manifest",
     "alignment_record",
     "export_aligned",
@@ -216,33 +216,39 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def manifest_path(args: argparse.Namespace) -> Path:
-    """``<out>/manifest_<cmd>.json``, or beside ``--out`` when it names a weight file (``apply``,
-    ``--export-point``); ``train`` writes one per end point (several seeds may share a folder)."""
+def run_folder(args: argparse.Namespace) -> RunFolder:
+    """The command's run folder: ``--out`` (or its folder when it names a weight file: ``apply``,
+    ``--export-point``) with the manifest ``manifest_<cmd>.json``; ``train`` keeps one per end point (several seeds
+    may share a folder)."""
     out = Path(args.out)
     folder = out.parent if out.suffix in (".safetensors", ".pt", ".pth") else out
-    if args.command == "train":
-        return folder / f"manifest_train_{args.arch}_seed{args.seed}.json"
-    return folder / f"manifest_{args.command}.json"
+    name = f"manifest_train_{args.arch}_seed{args.seed}.json" if args.command == "train" else \
+        f"manifest_{args.command}.json"  # fmt: skip
+    return RunFolder(folder, name)
 
 
 def write_manifest(args: argparse.Namespace, **extra: Any) -> Path:
-    """Record the command, its options, the seed, package versions and the device (and, once loaded, the data's
-    description: sizes, image size, normalisation statistics) in the command's manifest."""
-    record = {
+    """Record the command, its arguments, the seed, package versions and the device (and, once loaded, the data's
+    description: sizes, image size, normalisation statistics) in the command's manifest. The ``options`` that
+    identify its result (:func:`neuralign.cli.runfolder.check_run`) are kept: they are recorded when the run
+    starts, after the check against the previous run's."""
+    folder = run_folder(args)
+    record = folder.manifest() or {}
+    record.update({
         "kind": "command_manifest",
         "command": args.command,
         "argv": sys.argv,
-        "options": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list)) or v is None},
+        "arguments": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list)) or v is None},
         "versions": environment_versions(),
         "device": str(parse_device(args.device)),
         "threads": torch.get_num_threads(),
         "distributed": _distributed.describe(),
         "started": getattr(args, "started", None) or time.strftime("%Y-%m-%dT%H:%M:%S"),
         **extra,
-    }
+    })  # fmt: skip
     args.started = record["started"]
-    return atomic_write_text(manifest_path(args), json.dumps(record, indent=1))
+    folder.save(record)
+    return folder.path
 
 
 def alignment_record(res, meta_a: dict, meta_b: dict, *, method: str, settings: dict[str, Any]):

@@ -4,45 +4,55 @@ other options."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from neuralign._utils import atomic_write_text, load_checkpoint
-from neuralign.cli.common import info
+from neuralign._utils import load_checkpoint
+from neuralign.cli.common import info, run_folder
 
-__all__ = [
-    "finished",
-    "announce_resume",
-    "DATA_OPTIONS",
-    "command_options",
-    "file_digest",
-    "describe_changes",
-    "resume_guard",
-]
+__all__ = ["DATA_OPTIONS", "announce_resume", "check_run", "command_options", "describe_changes", "file_digest"]
 
 
-def finished(what: str, path: Path, args: argparse.Namespace, options: dict[str, Any],
-              recorded: dict[str, Any] | None, leftovers: Sequence[Path] = ()) -> bool:
-    """Whether ``path`` (the final output of ``what``) is already there and is kept: then one line says so.
+def check_run(
+    args: argparse.Namespace,
+    what: str,
+    options: dict[str, Any],
+    *,
+    outputs: Sequence[Path],
+    checkpoints: Sequence[Path] = (),
+    words: dict[str, str] | None = None,
+) -> str:
+    """The command's run under the one run-folder policy (:class:`~neuralign.experiments.runfolder.RunFolder`):
+    ``"done"`` (its ``outputs`` exist, made with these options: one line says it is skipped), ``"resume"`` (a
+    checkpoint exists) or ``"start"``; with ``--force`` the outputs and checkpoints are removed (``"start"``).
+    When the run goes on, ``options`` are recorded in the command's manifest, before any work. ``words`` maps
+    (dotted) option names to the command's options where they differ (``pam.max_iter`` -> ``--iters``).
 
-    With ``--force`` the output and its ``leftovers`` (checkpoints) are removed so that the command starts over. An
-    output made with other options than ``options`` (those it ``recorded``) is refused in one line.
+    Raises
+    ------
+    CheckpointError
+        One line, if the outputs or the checkpoint were made with other options (naming them in option words).
     """
-    if args.force:
-        for stale in (path, *leftovers):
-            stale.unlink(missing_ok=True)
-            stale.with_name(stale.name + ".options.json").unlink(missing_ok=True)
-        return False
-    if not path.exists():
-        return False
-    changes = describe_changes(recorded, options) if recorded is not None else None
-    if changes:
-        raise ValueError(f"{path} was made with other options: {changes}; --force redoes it, or choose another --out")
-    info(f"{what} already done: {path}; --force redoes it", file=sys.stderr)
-    return True
+    folder = run_folder(args)
+    recorded = folder.recorded() or {}
+
+    def refuse(state: str, changes: list[str]) -> str:
+        said = describe_changes(recorded, options, changes, words)
+        if state == "done":
+            return f"{outputs[0]} was made with other options: {said}; --force redoes it, or choose another --out"
+        return (f"{checkpoints[0]} holds an interrupted {what} started with other options: {said}; --force starts "
+                "over, or rerun with the same options to resume it")  # fmt: skip
+
+    state = folder.state(options, outputs=outputs, checkpoints=checkpoints, force=args.force, refuse=refuse)
+    if state == "done":
+        info(f"{what} already done: {outputs[0]}; --force redoes it", file=sys.stderr)
+    else:
+        record = folder.manifest() or {}
+        record["options"] = options
+        folder.save(record)
+    return state
 
 
 def announce_resume(what: str, checkpoint: Path, total: int, unit: str = "epoch") -> int:
@@ -85,25 +95,23 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def describe_changes(recorded: dict[str, Any], options: dict[str, Any]) -> str | None:
-    """The options whose value differs from the ``recorded`` ones, in command-line words (None if none)."""
-    differ = [k for k, v in options.items() if k in recorded and recorded[k] != v]
-    if not differ:
-        return None
+def _get(options: Any, path: str) -> Any:
+    for part in path.split("."):
+        options = options.get(part) if isinstance(options, dict) else None
+    return options
+
+
+def describe_changes(
+    recorded: dict[str, Any], options: dict[str, Any], changes: Sequence[str], words: dict[str, str] | None = None
+) -> str:
+    """The ``changes`` (dotted option names) in command-line words: ``--epochs 2 (now 3)``."""
+    words = words or {}
+
+    def flag(name: str) -> str:
+        return words.get(name, f"--{name.replace('_', '-')}")
+
     return ", ".join(
-        f"the content of --{k[: -len('#content')].replace('_', '-')}" if k.endswith("#content")
-        else f"--{k.replace('_', '-')} {recorded[k]!r} (now {options[k]!r})"
-        for k in differ
+        f"the content of {flag(k[: -len('#content')])}" if k.endswith("#content")
+        else f"{flag(k)} {_get(recorded, k)!r} (now {_get(options, k)!r})"
+        for k in changes
     )  # fmt: skip
-
-
-def resume_guard(what: str, checkpoint: Path, options: dict[str, Any]) -> Path:
-    """Refuse to resume ``checkpoint`` when it was started with other options (one line), then record ``options``
-    beside it for the next resume; returns that record's path (removed once the result is written)."""
-    record = checkpoint.with_name(checkpoint.name + ".options.json")
-    if checkpoint.exists() and record.exists():
-        changes = describe_changes(json.loads(record.read_text()), options)
-        if changes:
-            raise ValueError(f"{checkpoint} holds an interrupted {what} started with other options: {changes}; "
-                             "--force starts over, or rerun with the same options to resume it")  # fmt: skip
-    return atomic_write_text(record, json.dumps(options, default=str))

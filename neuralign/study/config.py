@@ -295,6 +295,31 @@ class StudyConfig(Options):
                 raise ValueError("a robust study attacks [0, 1] inputs, which are not normalised: drop data.mean and "
                                  "data.std")  # fmt: skip
 
+    def __getattr__(self, name: str) -> Any:
+        # the flat names of before 0.2 still read, with a DeprecationWarning (``config.pam_lam``)
+        if name in LEGACY_NAMES and name not in _FIELDS:
+            path = LEGACY_NAMES[name]
+            path = path if isinstance(path, str) else path[0]
+            warnings.warn(f"the study setting {name!r} is {_shown(LEGACY_NAMES[name])!r} since neuralign 0.2",
+                          DeprecationWarning, stacklevel=2)  # fmt: skip
+            if name == "verify":
+                return self.verification is not None
+            value: Any = self
+            for part in path.split("."):
+                value = getattr(value, part, None)
+            return value.method if name == "pam_method" else value
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def replace(self, **changes: Any) -> StudyConfig:
+        """A copy with ``changes`` (field names; the flat names of before 0.2 with a :class:`DeprecationWarning`)."""
+        config = self
+        legacy = {k: changes.pop(k) for k in list(changes) if k not in _FIELDS and k in LEGACY_NAMES}
+        if changes:
+            config = super().replace(**changes)
+        for name, value in legacy.items():
+            config = config.set(name, value)
+        return config
+
     def attack(self) -> PGD | None:
         """The study's attack, or None for a standard study."""
         return None if self.robust is None else self.robust.attack

@@ -63,6 +63,7 @@ from neuralign.errors import CheckpointError, ConvergenceWarning
 from neuralign.experiments.checkpoints import load_endpoint
 from neuralign.experiments.data import DataBundle, load_data
 from neuralign.experiments.models import build_model, builder_kwargs
+from neuralign.experiments.runfolder import RunFolder
 from neuralign.experiments.training import train_model
 from neuralign.study.config import StudyConfig
 from neuralign.study.jobs import refuse_live_jobs
@@ -91,18 +92,6 @@ def _portable_paths(described: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(described)
     if isinstance(out.get("path"), str):
         out["path"] = os.path.relpath(out["path"])
-    return out
-
-
-def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """The dotted paths of the settings whose values differ between two nested configurations."""
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}")
     return out
 
 
@@ -146,25 +135,25 @@ class _Study:
 
     # ------------------------------------------------------------------ manifest
     def check_manifest(self) -> dict[str, Any]:
-        path = self.out / "manifest.json"
+        """Open the study's run folder under the one run-folder policy
+        (:class:`~neuralign.experiments.runfolder.RunFolder`, the study's settings as its options): a folder that
+        holds a study with other settings is refused; this run is recorded in the manifest."""
+        folder = RunFolder(self.out, key="config", normalize=lambda c: StudyConfig.from_dict(c).to_dict())
         config = self.config.to_dict()
-        manifest = None
-        if path.exists():
-            try:
-                manifest = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-            if not manifest.get("completed") and not any(p != path for p in self.out.iterdir()):
-                manifest = None  # a study that stopped before any stage (e.g. on a setting error) starts afresh
+        manifest = folder.manifest()
+        if manifest is not None and not manifest.get("completed") and not any(
+            p != folder.path for p in self.out.iterdir()
+        ):
+            manifest = None  # a study that stopped before any stage (e.g. on a setting error) starts afresh
         if manifest is not None:
             # settings added after the folder was written take their defaults (which reproduce the older behaviour);
             # a flat configuration of before 0.2 is read as such
-            saved = StudyConfig.from_dict(manifest.get("config", {})).to_dict()
-            if saved != config:
-                diff = _differences(saved, config)
+            changes = folder.changes(config)
+            if changes:
                 raise CheckpointError(
-                    f"{self.out} holds a study with other settings ({', '.join(diff)}); use another --out folder"
+                    f"{self.out} holds a study with other settings ({', '.join(changes)}); use another --out folder"
                 )
+            manifest["config"] = config
             manifest.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         else:
             manifest = {

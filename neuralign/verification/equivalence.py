@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 from neuralign._utils import as_generator
 from neuralign.alignment.permutation import apply_permutation, random_permutation
 from neuralign.alignment.spec import PermutationSpec
+from neuralign.verification._verdict import Verdict
 
 __all__ = ["EquivalenceResult", "check_equivalence"]
 
@@ -74,13 +75,15 @@ class _Expectations(TorchFunctionMode):
 
 
 @dataclass(frozen=True)
-class EquivalenceResult:
+class EquivalenceResult(Verdict):
     """Outcome of :func:`check_equivalence`.
 
     Attributes
     ----------
-    passed : bool
-        Whether every trial matched within ``tol`` in every mode.
+    verdict : str
+        ``"pass"`` when every trial matched within ``tol`` in every mode, ``"fail"`` when one did not,
+        ``"inconclusive"`` when rounding cannot be told from a wrong spec (see ``sensitivity``); ``passed`` is
+        ``verdict == "pass"``.
     max_diff_eval, max_diff_train : float
         Largest output difference over the trials in eval mode (running statistics) and train mode (batch
         statistics), elementwise relative to each output entry (at least 1e-3 of its tensor's largest entry).
@@ -95,15 +98,11 @@ class EquivalenceResult:
     stochastic : list of str
         Random operations the model called (dropout, stochastic depth, ``rand_like``...); during the check they
         were replaced by their expectation (or, for draws without one, run from identical seeds).
-    conclusive : bool
-        False when the model's own outputs move by more than ``tol`` under a perturbation of its weights by
-        1e-13 (relative): then rounding cannot be told from a wrong spec and ``passed`` is False (typically
-        train-mode batch statistics over a batch of 2 at 1x1 resolution).
     sensitivity : float
         That largest change (relative, as the differences).
     """
 
-    passed: bool
+    verdict: str
     max_diff_eval: float
     max_diff_train: float
     unpermuted: list[str]
@@ -112,8 +111,14 @@ class EquivalenceResult:
     message: str
     dtype: torch.dtype = torch.float64
     stochastic: list[str] = ()
-    conclusive: bool = True
     sensitivity: float = 0.0
+
+    @property
+    def conclusive(self) -> bool:
+        """False when the model's own outputs move by more than ``tol`` under a perturbation of its weights by
+        1e-13 (relative): then rounding cannot be told from a wrong spec (typically train-mode batch statistics
+        over a batch of 2 at 1x1 resolution) and the verdict is ``"inconclusive"``."""
+        return self.verdict != "inconclusive"
 
 
 def _outputs(model: nn.Module, state: dict[str, torch.Tensor], x: tuple, mode: _Expectations) -> list[torch.Tensor]:
@@ -263,7 +268,7 @@ def _check(model, spec, example_input, trials, generator, tol, dtype, note) -> E
     # A permutation reorders sums, a rounding-sized change; if the model's own outputs move by more than tol when
     # its weights move by 1e-13 (relative), rounding cannot be told apart from a wrong spec: inconclusive.
     unclear = [w for w, v in sensitivity.items() if v > tol]
-    passed = not unclear and diffs["eval"] <= tol and diffs["train"] <= tol
+    verdict = "inconclusive" if unclear else ("pass" if diffs["eval"] <= tol and diffs["train"] <= tol else "fail")
     found = sorted(mode.seen)
     precision = _name(dtype) if dtype is not None else _name(next(iter(state.values())).dtype)
     message = (
@@ -280,6 +285,6 @@ def _check(model, spec, example_input, trials, generator, tol, dtype, note) -> E
     if found:
         message += f"; random operations replaced by their expectation: {', '.join(found)}"
     return EquivalenceResult(
-        passed, diffs["eval"], diffs["train"], spec.unpermuted(state), trials, tol, message + note,
-        dtype or next(iter(state.values())).dtype, found, not unclear, max(sensitivity.values()),
+        verdict, diffs["eval"], diffs["train"], spec.unpermuted(state), trials, tol, message + note,
+        dtype or next(iter(state.values())).dtype, found, max(sensitivity.values()),
     )  # fmt: skip

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from neuralign.verification._verdict import Verdict
+
 __all__ = ["TaylorResult", "taylor_test"]
 
 _WINDOW = 4  # consecutive steps (one decade at the default spacing) over which the asymptotic slope is fitted
@@ -15,7 +17,7 @@ _FIRST_ORDER = 1.4  # a fitted slope at most this is first order (a wrong gradie
 
 
 @dataclass(frozen=True)
-class TaylorResult:
+class TaylorResult(Verdict):
     """Outcome of :func:`taylor_test`.
 
     Attributes
@@ -48,11 +50,6 @@ class TaylorResult:
     min_slope: float
     max_relative_error: float
     message: str
-
-    @property
-    def passed(self) -> bool:
-        """``verdict == "pass"``."""
-        return self.verdict == "pass"
 
     def to_dict(self) -> dict:
         """JSON-able fields."""

@@ -44,6 +44,7 @@ from neuralign.curves.fit import fit_curve
 from neuralign.curves.pam import CurvePAMOptions, CurvePermutationProblem, fit_curve_pam
 from neuralign.errors import ConvergenceWarning
 from neuralign.optim import LinearizedStep, perm_to_matrix, proximal_step_bound, solve_assignment, solve_assignment_lp
+from neuralign.verification._verdict import VERDICTS, Verdict
 from neuralign.verification.gradient import taylor_test
 
 __all__ = [
@@ -59,11 +60,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKS = ("stability", "certificate", "neighbourhood", "gradient", "alignment")
-VERDICTS = ("pass", "fail", "inconclusive")
 
 
 @dataclass(frozen=True)
-class CheckResult:
+class CheckResult(Verdict):
     """One check: its verdict (``pass``, ``fail`` or ``inconclusive``), a one-line summary, the thresholds used,
     and JSON-able details (per-group numbers)."""
 
@@ -97,7 +97,7 @@ def _overall(verdicts: Iterable[str]) -> str:
 
 
 @dataclass(frozen=True)
-class VerificationReport:
+class VerificationReport(Verdict):
     """The outcome of :func:`verify_alignment`: per-check results and an overall verdict.
 
     The overall verdict is ``fail`` if any check fails, ``inconclusive`` if none fails and one is inconclusive,
@@ -946,9 +946,18 @@ def verify_alignment(
     if unknown:
         raise ValueError(f"unknown checks {unknown}; expected a subset of {list(CHECKS)}")
     renamed = {k: option_overrides.pop(k) for k in ("max_batches_per_epoch", "progress") if k in option_overrides}
-    if "progress" in renamed:
-        raise TypeError("verify_alignment(): `progress` was merged into `callback` in neuralign 0.2 (one callback "
-                        "signature: records with 'check', 'step' and 'total')")  # fmt: skip
+    progress = renamed.pop("progress", None)
+    if progress is not None:  # before 0.2: progress(name, done, total) besides callback(name)
+        warnings.warn("verify_alignment(): `progress` is deprecated since neuralign 0.2: `callback` receives the "
+                      "records {'stage': 'verify', 'check', 'step', 'total', 'start'}", DeprecationWarning,
+                      stacklevel=2)  # fmt: skip
+        named = callback
+
+        def callback(record: dict[str, Any]) -> None:
+            if record["start"] and named is not None:
+                named(record["check"])
+            elif not record["start"]:
+                progress(record["check"], record["step"], record["total"])
     opts0 = resolve_options(VerificationOptions, options, option_overrides, where="verify_alignment")
     max_batches = renamed_keywords(renamed, {"max_batches_per_epoch": "max_batches"}, where="verify_alignment").get(
         "max_batches", max_batches)

@@ -10,9 +10,10 @@ from neuralign._utils import load_checkpoint
 from neuralign.cli import build_parser, main
 from tests.conftest import FullDisk
 
-TINY = ["--set", "epochs=1", "--set", "curve_epochs=1", "--set", "num_points=3", "--set", "plane_grid=3",
-        "--set", "verify_swaps=2", "--set", "verify_local_search=2", "--set", "max_batches=3",
-        "--set", "bn_batches=2"]  # fmt: skip
+TINY = ["--set", "train.epochs=1", "--set", "curve.epochs=1", "--set", "pam.x_epochs=1",
+        "--set", "evaluation.num_points=3", "--set", "evaluation.plane_grid=3", "--set", "verification.n_swaps=2",
+        "--set", "verification.local_search=2", "--set", "max_batches=3",
+        "--set", "evaluation.max_bn_batches=2"]  # fmt: skip
 DATA = ["--data", "digits", "--resize", "16", "--train-size", "256", "--test-size", "128", "--quiet"]
 
 
@@ -73,7 +74,8 @@ def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     code = main(["demo", "--out", str(tmp_path / "d"), "--set", "nonsense=1", "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "unknown setting 'nonsense': StudyConfig has no 'nonsense'" in err and len(err.splitlines()) == 1
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "unknown setting 'nonsense': StudyConfig has no 'nonsense'" in err
     code = main(["train", "--arch", "tinyten", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("neuralign: error:") and len(err.splitlines()) == 1
@@ -97,7 +99,7 @@ def test_a_full_disk_during_train_is_one_line_keeps_the_last_checkpoint_and_a_re
     real_save = torch.save
 
     def save_on_a_disk_that_fills(obj, f, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("kind") == "train_model" and obj["epoch"] == 2:
+        if isinstance(obj, dict) and obj.get("kind") == "train_model" and obj["data"]["epoch"] == 2:
             f = FullDisk(f, room=4096)
         return real_save(obj, f, *args, **kwargs)
 
@@ -106,7 +108,7 @@ def test_a_full_disk_during_train_is_one_line_keeps_the_last_checkpoint_and_a_re
     err = _one_error_line(capsys)
     assert err == f"neuralign: error: could not write {str(ckpt)!r}: No space left on device"
     monkeypatch.undo()
-    saved = load_checkpoint(ckpt, kind="train_model")
+    saved = load_checkpoint(ckpt, kind="train_model")["data"]
     assert saved["epoch"] == 1 and len(saved["history"]) == 1
     assert not endpoint.exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -172,8 +174,8 @@ def test_pam_command_takes_the_p_step_schedules(endpoints, tmp_path, capsys):
     assert main(["pam", *pair, "--method", "birkhoff", "--birkhoff-steps", "2", "--birkhoff-lr", "1.0",
                  "--birkhoff-samples", "2", "--value-batches", "2", "--gradient-batches", "1",
                  "--out", str(tmp_path / "b")]) == 0  # fmt: skip
-    options = json.loads((tmp_path / "b" / "pam.json").read_text())["options"]
-    assert (options["birkhoff_steps"], options["birkhoff_samples"], options["value_batches"]) == (2, 2, 2)
+    options = json.loads((tmp_path / "b" / "pam.json").read_text())["options"]["pam"]
+    assert (options["step"]["steps"], options["step"]["samples"], options["value_batches"]) == (2, 2, 2)
     assert main(["pam", *pair, "--max-moved", "0.1", "--p-steps", "2", "--value-batches", "2",
                  "--out", str(tmp_path / "l")]) == 0  # fmt: skip
     changed = json.loads((tmp_path / "l" / "pam.json").read_text())["changed"]
@@ -187,14 +189,14 @@ def test_pam_command_takes_the_p_step_schedules(endpoints, tmp_path, capsys):
                          (["--birkhoff-samples", "32"], "--birkhoff-samples apply to --method birkhoff")):
         assert main(["pam", *pair, *extra, "--out", str(tmp_path / "x")]) == 2
         assert words in capsys.readouterr().err
-    # a pam.json from before the schedule options existed ran with their defaults: a rerun asking for another
-    # schedule is refused, not taken as done
-    record = json.loads((tmp_path / "l" / "pam.json").read_text())
-    record["options"] = {k: v for k, v in record["options"].items() if k not in ("max_moved", "p_steps")}
-    (tmp_path / "l" / "pam.json").write_text(json.dumps(record))
-    assert main(["pam", *pair, "--max-moved", "0.1", "--p-steps", "2", "--value-batches", "2",
+    # the same folder asked for another schedule: refused, naming the options in the command's words, not taken as
+    # done; a rerun with the same options is
+    assert main(["pam", *pair, "--max-moved", "0.2", "--p-steps", "2", "--value-batches", "2",
                  "--out", str(tmp_path / "l")]) == 2  # fmt: skip
-    assert "made with other options: --max-moved None (now 0.1), --p-steps 1 (now 2)" in capsys.readouterr().err
+    assert "made with other options: --max-moved 0.1 (now 0.2); --force redoes it" in capsys.readouterr().err
+    assert main(["pam", *pair, "--max-moved", "0.1", "--p-steps", "2", "--value-batches", "2",
+                 "--out", str(tmp_path / "l")]) == 0  # fmt: skip
+    assert "pam already done" in capsys.readouterr().err
 
 
 def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, capsys):
@@ -207,7 +209,7 @@ def test_train_align_curve_pam_evaluate_verify_pipeline(endpoints, tmp_path, cap
     table = capsys.readouterr().err.splitlines()
     assert table[0].split() == ["group", "units", "corr", "before", "corr", "after"]
     manifest = json.loads((tmp_path / "al" / "manifest_align.json").read_text())
-    assert manifest["options"]["method"] == "correlation" and manifest["versions"]["torch"] == torch.__version__
+    assert manifest["arguments"]["method"] == "correlation" and manifest["versions"]["torch"] == torch.__version__
     summary = json.loads((tmp_path / "al" / "alignment.json").read_text())
     assert set(summary["correlation_after"]) == set(summary["groups"])
     assert [line.split()[0] for line in table[1:]] == summary["groups"]
@@ -292,16 +294,16 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
     assert json.loads((folder / "results.json").read_text())["pairs"] == results["pairs"]
     # the same folder with other settings is refused
     capsys.readouterr()
-    assert main(["demo", "--out", str(folder), "--quiet", *TINY, "--set", "curve_epochs=2"]) == 2
-    assert "holds a study with other settings (curve_epochs)" in capsys.readouterr().err
+    assert main(["demo", "--out", str(folder), "--quiet", *TINY, "--set", "curve.epochs=2"]) == 2
+    assert "holds a study with other settings (curve.epochs)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("step", [["pam_max_moved=0.25", "pam_p_steps=2"],
-                                  pytest.param(["pam_method=birkhoff", "pam_birkhoff_steps=3", "pam_birkhoff_lr=1.0"],
+@pytest.mark.parametrize("step", [["pam.step.max_moved=0.25", "pam.step.p_steps=2"],
+                                  pytest.param(["pam.step=birkhoff", "pam.step.steps=3", "pam.step.lr=1.0"],
                                                marks=pytest.mark.slow)])  # fmt: skip
 def test_study_records_objective_moves_and_accuracy_per_pam_iteration(tmp_path, step):
     folder = tmp_path / "pam"
-    pam = ["--set", "pam_iters=2", "--set", "verify=false", "--set", "plane_grid=0",
+    pam = ["--set", "pam.max_iter=2", "--set", "verification=false", "--set", "evaluation.plane_grid=0",
            "--set", "settings=pam_unaligned,aligned", *(a for kv in step for a in ("--set", kv))]  # fmt: skip
     assert main(["demo", "--out", str(folder), "--quiet", *TINY, *pam]) == 0
     results = json.loads((folder / "results.json").read_text())
@@ -506,8 +508,8 @@ def test_study_takes_the_class_count_builder_arguments_and_statistics_of_given_e
                  "--model-arg", "width_mult=0.5", "--data", "digits", "--mean", "0.5", "--std", "0.25",
                  "--out", str(tmp_path / "s"), "--quiet"]) == 0  # fmt: skip
     config = seen["config"]
-    assert config.num_classes == 10 and config.model_args == {"width_mult": 0.5}
-    assert config.mean == (0.5,) and config.std == (0.25,) and config.pairs == 1
+    assert config.model.num_classes == 10 and config.model.args == {"width_mult": 0.5}
+    assert config.data.mean == (0.5,) and config.data.std == (0.25,) and config.pairs == 1
     from neuralign.study import StudyConfig
 
     assert StudyConfig.from_dict(config.to_dict()) == config  # the manifest round trip

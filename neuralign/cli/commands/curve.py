@@ -21,7 +21,7 @@ from neuralign.cli.common import (
     state_of,
 )
 from neuralign.cli.progress import ProgressBars
-from neuralign.cli.runfolder import announce_resume, command_options, finished, resume_guard
+from neuralign.cli.runfolder import announce_resume, check_run, command_options
 from neuralign.errors import CheckpointError
 
 __all__ = ["cmd_curve", "check_curve_ends", "export_point"]
@@ -49,10 +49,8 @@ def cmd_curve(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
                        files=("model_a", "model_b", "perms"))  # fmt: skip
     fitted = False
     if args.source is None:
-        recorded = None
-        if (folder / "curve.json").exists() and (folder / "curve.pt").exists() and not args.force:
-            recorded = json.loads((folder / "curve.json").read_text()).get("options")
-        fitted = finished("curve", folder / "curve.pt", args, options, recorded, leftovers=[folder / "curve.ckpt"])
+        fitted = check_run(args, "curve", options, outputs=[folder / "curve.pt", folder / "curve.json"],
+                           checkpoints=[folder / "curve.ckpt"]) == "done"  # fmt: skip
         if fitted and args.export_point is None:
             return [folder / "curve.pt", folder / "curve.json"]
     data = load_command_data(args)
@@ -67,7 +65,6 @@ def cmd_curve(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
         check_curve_ends(curve, params_of(a, state_of(a)), params_of(a, sd_b), source, bool(args.perms))
         paths: list[Path] = [] if args.source is not None else [folder / "curve.pt", folder / "curve.json"]
     else:
-        guard = resume_guard("curve", folder / "curve.ckpt", options)
         done = announce_resume("curve", folder / "curve.ckpt", args.epochs)
         bars({"stage": "curve", "label": args.curve, "step": done, "total": args.epochs, "start": True})
 
@@ -83,7 +80,6 @@ def cmd_curve(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
         p2 = atomic_write_text(folder / "curve.json", history)
         curve.save(folder / "curve.pt")  # last: its presence marks the command as done
         (folder / "curve.ckpt").unlink(missing_ok=True)
-        guard.unlink(missing_ok=True)
         paths = [folder / "curve.pt", p2]
     if args.export_point is not None:
         paths.append(export_point(a, curve, args.export_point, data, args.bn_batches, out))

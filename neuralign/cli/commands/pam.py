@@ -20,7 +20,7 @@ from neuralign.cli.common import (
     table,
 )
 from neuralign.cli.progress import ProgressBars
-from neuralign.cli.runfolder import announce_resume, command_options, finished, resume_guard
+from neuralign.cli.runfolder import announce_resume, check_run, command_options
 
 __all__ = ["cmd_pam", "pam_options", "pam_table"]
 
@@ -30,6 +30,14 @@ _STEP_OPTIONS = {
     "linearized": {"max_moved": "max_moved", "p_steps": "p_steps"},
     "birkhoff": {"birkhoff_steps": "steps", "birkhoff_lr": "lr", "birkhoff_samples": "samples"},
 }
+
+
+# the options of CurvePAMOptions that the command sets -> its option words
+_WORDS = {"pam.step.method": "--method", "pam.step.max_moved": "--max-moved", "pam.step.p_steps": "--p-steps",
+          "pam.step.steps": "--birkhoff-steps", "pam.step.lr": "--birkhoff-lr",
+          "pam.step.samples": "--birkhoff-samples", "pam.lam": "--lam", "pam.max_iter": "--iters",
+          "pam.x_epochs": "--epochs", "pam.local_search": "--local-search",
+          "pam.gradient_batches": "--gradient-batches", "pam.value_batches": "--value-batches"}  # fmt: skip
 
 
 def pam_options(args: argparse.Namespace) -> Any:
@@ -60,12 +68,11 @@ def cmd_pam(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     options = command_options(args, "model_a", "model_b", "init", "lr", "weight_decay", "seed",
                               files=("model_a", "model_b", "init"))  # fmt: skip
     options["pam"] = opts.to_dict()
-    recorded = None
-    if (out / "pam.json").exists() and not args.force:
-        recorded = json.loads((out / "pam.json").read_text()).get("options", {})
     ckpt = out / "pam.ckpt"
-    leftovers = [out / "curve.pt", out / "perms.pt", ckpt, ckpt.with_name(ckpt.name + ".xstep")]
-    if finished("pam", out / "pam.json", args, options, recorded, leftovers=leftovers):
+    outputs = [out / "pam.json", out / "curve.pt", out / "perms.pt"]  # pam.json is written last
+    state = check_run(args, "pam", options, outputs=outputs, checkpoints=[ckpt, ckpt.with_name(ckpt.name + ".xstep")],
+                      words=_WORDS)  # fmt: skip
+    if state == "done":
         return [out / "curve.pt", out / "perms.pt", out / "pam.json"]
     data = load_command_data(args)
     a, b, meta_a, meta_b = load_endpoints(args, device, data)
@@ -73,7 +80,6 @@ def cmd_pam(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     if init not in ("identity", "alignment"):
         init = load_alignment(init, meta_a, meta_b, state_of(b)).perms
     total = args.iters * args.epochs
-    guard = resume_guard("pam", ckpt, options)
     done = announce_resume("pam", ckpt, args.iters, unit="iteration")
     bars({"stage": "pam", "label": str(args.init), "step": done * args.epochs, "total": total, "start": True})
 
@@ -96,7 +102,6 @@ def cmd_pam(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
                "options": options}  # fmt: skip
     p3 = atomic_write_text(out / "pam.json", json.dumps(summary, indent=1, default=str))  # last: marks it done
     ckpt.unlink(missing_ok=True)
-    guard.unlink(missing_ok=True)
     print(pam_table(res), file=sys.stderr)
     return [out / "curve.pt", p2, p3]
 

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from neuralign._utils import atomic_save, load_checkpoint
+from neuralign._utils import atomic_save
 from neuralign.cli.common import check_image_size, info, load_command_data, model_args, parse_device
 from neuralign.cli.progress import ProgressBars
-from neuralign.cli.runfolder import announce_resume, command_options, finished, resume_guard
+from neuralign.cli.runfolder import announce_resume, check_run, command_options
 
 __all__ = ["cmd_train"]
 
@@ -23,14 +23,12 @@ def cmd_train(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     out = Path(args.out)
     path = out / f"{args.arch}_seed{args.seed}.pt"
     options = command_options(args, "arch", "width", "seed", "epochs", "lr", "weight_decay", "model_arg", "num_classes")
-    recorded = load_checkpoint(path, kind="endpoint").get("options") if path.exists() and not args.force else None
-    if finished("train", path, args, options, recorded, leftovers=[path.with_suffix(".ckpt")]):
+    if check_run(args, "train", options, outputs=[path], checkpoints=[path.with_suffix(".ckpt")]) == "done":
         return [path]
     data = load_command_data(args)
     kwargs = {**builder_kwargs(args.arch, data.in_channels, data.image_size, width=args.width), **model_args(args)}
     model = build_model(args.arch, data.num_classes, generator=args.seed, **kwargs).to(device)
     check_image_size(model, data, args)
-    guard = resume_guard("train", path.with_suffix(".ckpt"), options)
     done = announce_resume("train", path.with_suffix(".ckpt"), args.epochs)
     bars({"stage": "train", "label": path.stem, "step": done, "total": args.epochs, "start": True})
 
@@ -48,6 +46,5 @@ def cmd_train(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
     }, path)  # fmt: skip
     path.with_suffix(".ckpt").unlink(missing_ok=True)
-    guard.unlink(missing_ok=True)
     info(f"test accuracy {test_acc:.4f}, loss {test_loss:.4f}", file=sys.stderr)
     return [path]

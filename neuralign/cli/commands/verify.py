@@ -28,7 +28,7 @@ def verify_passes(options, checks: Sequence[str], data, spec, fit: bool) -> tupl
     o = options
     train, groups, ts = len(data.train), len(spec.sizes), len(o.value_ts)
     score, grad, epoch = o.value_batches * ts, 3 * o.gradient_batches * ts, 3 * train
-    screen_batches = -(-o.screen_examples // max(1, data.batch_size))
+    screen_batches = -(-o.screen_examples // max(1, data.train.batch_size))
     screened = sum(min(n * (n - 1) // 2, o.screen_pairs) for n in spec.sizes.values()
                    if n * (n - 1) // 2 > o.n_swaps + o.n_control_swaps)  # fmt: skip
     starts = 2 + o.random_starts
