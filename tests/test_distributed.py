@@ -338,9 +338,10 @@ def test_cli_under_torchrun_records_the_process_group(tmp_path):
 
 @pytest.mark.slow  # a tiny demo study on 2 ranks: ~60 s on 2 cores
 def test_study_under_torchrun_records_the_process_group(tmp_path):
-    tiny = ["--set", "epochs=1", "--set", "curve_epochs=1", "--set", "num_points=3", "--set", "plane_grid=3",
-            "--set", "verify_swaps=2", "--set", "verify_local_search=2", "--set", "max_batches=3",
-            "--set", "bn_batches=2"]  # fmt: skip
+    tiny = ["--set", "train.epochs=1", "--set", "curve.epochs=1", "--set", "pam.x_epochs=1",
+            "--set", "evaluation.num_points=3", "--set", "evaluation.plane_grid=3", "--set", "verification.n_swaps=2",
+            "--set", "verification.swap_trials=2", "--set", "max_batches=3",
+            "--set", "evaluation.max_bn_batches=2"]  # fmt: skip
     run = _torchrun("-m", "neuralign", "study", "--preset", "demo", "--quiet", "--out", str(tmp_path), *tiny)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("report.md") == 1 and run.stderr.count("time per stage") == 1

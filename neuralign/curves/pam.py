@@ -100,15 +100,15 @@ class CurvePAMOptions(Options):
         candidate, is evaluated (>= 1; default 8).
     value_ts : tuple of float
         Times in [0, 1] at which every value batch is evaluated (default 0.25, 0.5, 0.75).
-    local_search : int
-        After each P-step, try this many random transpositions per group, scored on the value batches, and apply
-        the best one that lowers the objective significantly (paired over batches, Bonferroni at family-wise level
-        ``local_search_alpha``). Linearised steps cannot see improvements that lie behind a barrier of the
+    swap_trials : int
+        The swap local search after each P-step: try this many random transpositions per group, scored on the value
+        batches, and apply the best one that lowers the objective significantly (paired over batches, Bonferroni at
+        family-wise level ``swap_alpha``). Linearised steps cannot see improvements that lie behind a barrier of the
         relaxation (averaging two units' weights is worse than either), which swaps reach directly. 0 (default):
         off.
-    local_search_alpha : float
+    swap_alpha : float
         Family-wise level of the local search's tests, in (0, 1) (default 0.05).
-    local_search_min_improvement : float
+    swap_min_improvement : float
         A swap of the local search must lower the objective by more than this fraction of it (>= 0; default 0;
         the verification's ``min_improvement``).
 
@@ -128,9 +128,9 @@ class CurvePAMOptions(Options):
     gradient_batches: int | None = None
     value_batches: int = 8
     value_ts: tuple[float, ...] = (0.25, 0.5, 0.75)
-    local_search: int = 0
-    local_search_alpha: float = 0.05
-    local_search_min_improvement: float = 0.0
+    swap_trials: int = 0
+    swap_alpha: float = 0.05
+    swap_min_improvement: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.step, (LinearizedStep, BirkhoffStep)):
@@ -147,9 +147,9 @@ class CurvePAMOptions(Options):
         object.__setattr__(self, "value_ts", tuple(check_real(t, "value_ts", low=0.0, high=1.0) for t in ts))
         if not self.value_ts:
             raise ValueError("`value_ts` must be a non-empty sequence of times in [0, 1], got ()")
-        check_int(self.local_search, "local_search", minimum=0)
-        check_real(self.local_search_alpha, "local_search_alpha", low=0.0, high=1.0, low_open=True, high_open=True)
-        check_real(self.local_search_min_improvement, "local_search_min_improvement", low=0.0)
+        check_int(self.swap_trials, "swap_trials", minimum=0)
+        check_real(self.swap_alpha, "swap_alpha", low=0.0, high=1.0, low_open=True, high_open=True)
+        check_real(self.swap_min_improvement, "swap_min_improvement", low=0.0)
 
 
 
@@ -574,8 +574,9 @@ def fit_curve_pam(
     **option_overrides
         Options of :class:`CurvePAMOptions` by name. The keywords of before 0.2 still work with a
         :class:`DeprecationWarning`: ``method`` (now ``step``), the P-step's own (``backtrack``, ``max_moved``,
-        ``p_steps``, ``birkhoff_steps``, ...; now fields of ``step``), ``value_loader`` (now ``heldout_loader``)
-        and ``max_batches_per_epoch`` (now ``max_batches``).
+        ``p_steps``, ``birkhoff_steps``, ...; now fields of ``step``), ``value_loader`` (now ``heldout_loader``),
+        ``max_batches_per_epoch`` (now ``max_batches``) and ``local_search``, ``local_search_alpha``,
+        ``local_search_min_improvement`` (now ``swap_trials``, ``swap_alpha``, ``swap_min_improvement``).
 
     Returns
     -------
@@ -657,8 +658,8 @@ def fit_curve_pam(
         x0 = [torch.zeros(sum(problem.numels), dtype=problem.dtype, device=problem.device)]
     else:
         x0 = [problem.start_offset(curve)]
-    search = (_swap_search(problem, opts.local_search, opts.local_search_alpha, gen, opts.local_search_min_improvement)
-              if opts.local_search else None)  # fmt: skip
+    search = (_swap_search(problem, opts.swap_trials, opts.swap_alpha, gen, opts.swap_min_improvement)
+              if opts.swap_trials else None)  # fmt: skip
     solver = PAM(problem, x0, method=opts.step, lam=opts.lam, generator=gen, x_step=x_step, local_search=search)
     saved = EpochCheckpoint(checkpoint, "fit_curve_pam", config={"sizes": dict(spec.sizes), "initial permutation": p0},
                             objects={"pam": solver}, loader=train_loader)  # fmt: skip
@@ -715,6 +716,8 @@ def fit_curve_pam(
 
 # keywords of fit_curve_pam before neuralign 0.2 -> their names now
 _RENAMED = {"value_loader": "heldout_loader", "max_batches_per_epoch": "max_batches"}
+_RENAMED_OPTIONS = {"local_search": "swap_trials", "local_search_alpha": "swap_alpha",
+                    "local_search_min_improvement": "swap_min_improvement"}  # fmt: skip
 # P-step keywords of fit_curve_pam before neuralign 0.2 (now fields of CurvePAMOptions.step)
 _STEP_KEYWORDS = ("method", "backtrack", "max_backtracks", "max_moved", "p_steps", "birkhoff_steps", "birkhoff_lr",
                   "birkhoff_samples", "birkhoff_prox")  # fmt: skip
@@ -724,6 +727,8 @@ def _curve_pam_options(options: CurvePAMOptions | None, overrides: dict[str, Any
     """``options`` with the keyword overrides of :func:`fit_curve_pam` (the P-step keywords of before 0.2 folded
     into ``step`` with a DeprecationWarning). Removes what it uses from ``overrides``."""
     legacy = {k: overrides.pop(k) for k in _STEP_KEYWORDS if k in overrides}
+    overrides.update(renamed_keywords({k: overrides.pop(k) for k in _RENAMED_OPTIONS if k in overrides},
+                                      _RENAMED_OPTIONS, where="fit_curve_pam"))  # fmt: skip
     own = {k: overrides.pop(k) for k in list(overrides) if k not in _RENAMED}
     opts = resolve_options(CurvePAMOptions, options, own, where="fit_curve_pam")
     if legacy:

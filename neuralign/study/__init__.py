@@ -2,7 +2,8 @@
 
 :class:`StudyConfig` holds every setting (start from a :data:`PRESETS` entry); :func:`study_stages` is the stage
 graph; :func:`run_study` runs it in this process and :mod:`neuralign.study.executors` as local or Slurm jobs;
-:mod:`neuralign.study.report` and :mod:`neuralign.study.plots` turn the results into ``report.md`` and figures.
+its results are a :class:`StudyResults` (:mod:`neuralign.study.results`, ``results.json``), which
+:mod:`neuralign.study.report` and :mod:`neuralign.study.plots` turn into ``report.md`` and figures.
 """
 
 from neuralign.study.config import (
@@ -15,6 +16,7 @@ from neuralign.study.config import (
     RobustOptions,
     StudyConfig,
 )
+from neuralign.study.results import PairResults, StudyResults
 from neuralign.study.runner import prepare_study, run_stage, run_study
 from neuralign.study.stages import STAGE_KINDS, Stage, stage_done, study_stages
 
@@ -24,11 +26,13 @@ __all__ = [
     "DataOptions",
     "EvaluationOptions",
     "ModelOptions",
+    "PairResults",
     "RobustOptions",
     "SETTINGS",
     "STAGE_KINDS",
     "Stage",
     "StudyConfig",
+    "StudyResults",
     "prepare_study",
     "run_stage",
     "run_study",

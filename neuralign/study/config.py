@@ -373,12 +373,12 @@ LEGACY_NAMES: dict[str, str | tuple[str, ...]] = {
     "pam_iters": "pam.max_iter", "pam_x_epochs": "pam.x_epochs", "pam_lam": "pam.lam", "pam_method": "pam.step",
     "pam_max_moved": "pam.step.max_moved", "pam_p_steps": "pam.step.p_steps", "pam_birkhoff_steps": "pam.step.steps",
     "pam_birkhoff_lr": "pam.step.lr", "pam_birkhoff_samples": "pam.step.samples",
-    "pam_value_batches": "pam.value_batches", "pam_local_search": "pam.local_search",
+    "pam_value_batches": "pam.value_batches", "pam_local_search": "pam.swap_trials",
     "pam_gradient_batches": "pam.gradient_batches", "num_points": "evaluation.num_points",
     "bn_batches": "evaluation.max_bn_batches", "plane_grid": "evaluation.plane_grid", "verify": "verification",
     "verify_iters": "verification.stability_iters", "verify_swaps": "verification.n_swaps",
     "verify_batches": "verification.value_batches", "verify_ts": "verification.value_ts",
-    "verify_local_search": "verification.local_search", "verify_random_starts": "verification.random_starts",
+    "verify_local_search": "verification.swap_trials", "verify_random_starts": "verification.random_starts",
     "num_classes": "model.num_classes", "model_args": "model.args", "mean": "data.mean", "std": "data.std",
     "lr_schedule": ("train.schedule", "curve.schedule"), "robust": "robust", "eps": "robust.attack.eps",
     "alpha": "robust.attack.alpha", "attack_steps": "robust.attack.steps", "robust_bn": "robust.bn_inputs",
@@ -435,7 +435,7 @@ def _from_legacy(flat: Mapping[str, Any]) -> StudyConfig:
     if c["verify"]:
         verification = VerificationOptions(
             lam=c["pam_lam"], stability_iters=c["verify_iters"], n_swaps=c["verify_swaps"],
-            value_batches=c["verify_batches"], value_ts=tuple(c["verify_ts"]), local_search=c["verify_local_search"],
+            value_batches=c["verify_batches"], value_ts=tuple(c["verify_ts"]), swap_trials=c["verify_local_search"],
             random_starts=c["verify_random_starts"], gradient_batches=c["pam_gradient_batches"] or 4,
         )  # fmt: skip
     robust = None
@@ -456,7 +456,7 @@ def _from_legacy(flat: Mapping[str, Any]) -> StudyConfig:
                               schedule=c["lr_schedule"]),
         pam=CurvePAMOptions(step=step, lam=c["pam_lam"], max_iter=c["pam_iters"],
                             x_epochs=c["pam_x_epochs"] or c["curve_epochs"], gradient_batches=c["pam_gradient_batches"],
-                            value_batches=c["pam_value_batches"], local_search=c["pam_local_search"]),
+                            value_batches=c["pam_value_batches"], swap_trials=c["pam_local_search"]),
         evaluation=EvaluationOptions(num_points=c["num_points"], max_bn_batches=c["bn_batches"],
                                      plane_grid=c["plane_grid"]),
         verification=verification,
@@ -483,7 +483,7 @@ PRESETS: dict[str, StudyConfig] = {
                             value_batches=4, gradient_batches=1),  # fmt: skip
         evaluation=EvaluationOptions(num_points=17, max_bn_batches=10, plane_grid=9),
         verification=VerificationOptions(stability_iters=1, n_swaps=16, value_batches=4, value_ts=(0.5,),
-                                         local_search=8, random_starts=1, gradient_batches=1),  # fmt: skip
+                                         swap_trials=8, random_starts=1, gradient_batches=1),  # fmt: skip
     ),
     # The offline demo on the shipped UCI digits (8x8, resized to 16x16 for TinyTen): a few minutes on a CPU.
     "demo": StudyConfig(
@@ -494,7 +494,7 @@ PRESETS: dict[str, StudyConfig] = {
         pam=CurvePAMOptions(x_epochs=6, gradient_batches=4),
         evaluation=EvaluationOptions(num_points=11, max_bn_batches=4, plane_grid=7),
         verification=VerificationOptions(stability_iters=1, n_swaps=8, value_batches=4, value_ts=(0.5,),
-                                         local_search=4, random_starts=0, gradient_batches=4),  # fmt: skip
+                                         swap_trials=4, random_starts=0, gradient_batches=4),  # fmt: skip
     ),
     # Robust curves between adversarially trained end points (PAPER_NOTES §4): PGD-5 at 8/255 (step 2/255),
     # 200 epochs for end points and curves with Garipov's schedule, 65 points; for GPUs.

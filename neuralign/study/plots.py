@@ -3,10 +3,12 @@
 Every function draws on a :class:`matplotlib.figure.Figure` created directly (no pyplot, no global state, no open
 figure left behind), saves it atomically (temporary file in the same folder, then :func:`os.replace`) and returns
 the written path. The format follows the suffix of ``path``: ``.png`` (150 dpi), ``.pdf`` or ``.svg``.
-The input ``results`` is a study's dict, described in :mod:`neuralign.study.report`.
+The input ``results`` is a study's :class:`~neuralign.study.results.StudyResults` or its JSON form (a dict, read with
+:meth:`StudyResults.from_dict <neuralign.study.results.StudyResults.from_dict>`), described in
+:mod:`neuralign.study.results`.
 
-Why one module: every figure reads the same ``results`` schema and shares one style (setting colours, bands over
-pairs, atomic saving); :func:`plot_study` picks the figures from it in one place.
+Why one module: every figure reads the same :class:`~neuralign.study.results.StudyResults` and shares one style
+(setting colours, bands over pairs, atomic saving); :func:`plot_study` picks the figures from it in one place.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from neuralign._utils import atomic_write
-from neuralign.study.report import FIGURE_FILES, SETTING_LABELS, _require, dataset_label, validate_results
+from neuralign.study.report import FIGURE_FILES, MIDPOINT_CASES, SETTING_LABELS, dataset_label
+from neuralign.study.results import PlaneResults, StudyResults, as_study_results
 from neuralign.verification.local import CHECKS
 
 __all__ = [
@@ -55,8 +58,20 @@ _VERDICT_COLOURS = {"pass": "#4caf50", "fail": "#e53935", "inconclusive": "#ffb3
 _POINT_LABELS = {"w_A": r"$w_A$", "w_B": r"$w_B$", "P w_B": r"$P\,w_B$", "theta": r"$\theta$"}
 
 
+Results = StudyResults | Mapping[str, Any]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
+def _lookup(mapping: Any, key: str, where: str) -> Any:
+    """``mapping[key]``, or the error naming ``where`` (for the figures' inputs that are not a study's results)."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"`{where}` must be a dict, got {type(mapping).__name__}")
+    if key not in mapping:
+        raise ValueError(f"`{where}` lacks the key {key!r}")
+    return mapping[key]
+
+
 def _check_path(path: str | os.PathLike) -> tuple[Path, str]:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a str or path-like, got {type(path).__name__}")
@@ -91,11 +106,9 @@ def _mean_std(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return mean, np.nanstd(stack, axis=0, ddof=1)
 
 
-def _title_prefix(results: Mapping[str, Any]) -> str:
-    config = results.get("config") or {}
-    arch = config.get("arch", config.get("model")) if isinstance(config, Mapping) else None
-    dataset = config.get("dataset") if isinstance(config, Mapping) else None
-    parts = [str(p) for p in (arch, None if dataset is None else dataset_label(dataset)) if p is not None]
+def _title_prefix(res: StudyResults) -> str:
+    dataset = res.dataset
+    parts = [p for p in (res.arch, None if dataset is None else dataset_label(dataset)) if p is not None]
     return " on ".join(parts) + ": " if parts else ""
 
 
@@ -140,31 +153,31 @@ def _pretty_label(label: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _curve_stack(results: Mapping[str, Any], setting: str, key: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """The values of ``key`` along each pair's curve, on the first pair's ``t`` (others interpolated)."""
-    curves = [p["curves"][setting] for p in results["pairs"]]
-    t = np.array(curves[0]["t"], dtype=np.float64)
+def _curve_stack(res: StudyResults, setting: str, key: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The values of the field ``key`` along each pair's curve, on the first pair's ``t`` (others interpolated)."""
+    curves = [p.curves[setting] for p in res.pairs]
+    t = np.array(curves[0].t, dtype=np.float64)
     rows = []
     for c in curves:
-        tc = np.array(c["t"], dtype=np.float64)
-        v = scale * _finite(c[key])
+        tc = np.array(c.t, dtype=np.float64)
+        v = scale * _finite(getattr(c, key))
         rows.append(v if tc.shape == t.shape and np.allclose(tc, t) else np.interp(t, tc, v))
     return t, np.stack(rows)
 
 
-def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def plot_curve_metrics(results: Results, path: str | os.PathLike) -> Path:
     """Test accuracy (%) and test loss against :math:`t` along each setting's curve (the paper's Figure 1).
 
-    One line per setting of ``results["settings"]`` (mean over pairs, a shaded band of ± one sample standard
+    One line per setting of ``results.settings`` (mean over pairs, a shaded band of ± one sample standard
     deviation when there is more than one pair), with the end points marked at :math:`t = 0` (A) and
     :math:`t = 1` (B): the curves' own values there, averaged over the settings, as in the report's table (the
-    accuracies as trained, ``pair["endpoints"]``, can differ through batch-norm statistics). Colours and line
+    accuracies as trained, ``pair.endpoints``, can differ through batch-norm statistics). Colours and line
     styles follow :data:`SETTING_STYLES`.
 
     Parameters
     ----------
-    results : dict
-        A study's results (see :func:`neuralign.study.report.validate_results`).
+    results : StudyResults or dict
+        A study's results.
     path : path-like
         Output file (``.png``, ``.pdf`` or ``.svg``).
 
@@ -191,16 +204,15 @@ def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> P
     >>> tmp.cleanup()
     """
     path, fmt = _check_path(path)
-    validate_results(results)
-    if not results["settings"]:
+    res = as_study_results(results)
+    if not res.settings:
         raise ValueError("`results['settings']` is empty: there is no curve to plot")
-    pairs = results["pairs"]
     fig = _figure(11.0, 4.6)
     ax_acc, ax_loss = fig.subplots(1, 2)
-    for s in results["settings"]:
+    for s in res.settings:
         style = SETTING_STYLES[s]
         for ax, key, scale in ((ax_acc, "test_accuracy", 100.0), (ax_loss, "test_loss", 1.0)):
-            t, stack = _curve_stack(results, s, key, scale)
+            t, stack = _curve_stack(res, s, key, scale)
             mean, std = _mean_std(stack)
             ax.plot(t, mean, label=SETTING_LABELS[s], linewidth=2, **style)
             if std is not None:
@@ -208,13 +220,13 @@ def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> P
     for ax, key, scale in ((ax_acc, "test_accuracy", 100.0), (ax_loss, "test_loss", 1.0)):
         # the curves' own t = 0 and t = 1 values, averaged over the settings (they share their end points): the
         # end-point values of the table (neuralign.study.report.summary_table)
-        ends = np.mean([_curve_stack(results, s, key, scale)[1][:, [0, -1]] for s in results["settings"]], axis=0)
+        ends = np.mean([_curve_stack(res, s, key, scale)[1][:, [0, -1]] for s in res.settings], axis=0)
         mean, std = _mean_std(ends)  # ends: (pairs, 2)
         ax.errorbar(
             [0.0, 1.0], mean, yerr=std, fmt="o", color="black", markersize=7, capsize=4, zorder=5,
             label="End points (A at t=0, B at t=1)",
         )  # fmt: skip
-    losses = np.concatenate([_curve_stack(results, s, "test_loss", 1.0)[1].ravel() for s in results["settings"]])
+    losses = np.concatenate([_curve_stack(res, s, "test_loss", 1.0)[1].ravel() for s in res.settings])
     losses = losses[np.isfinite(losses) & (losses > 0)]
     if losses.size and losses.max() / losses.min() > 30:
         ax_loss.set_yscale("log")
@@ -227,11 +239,11 @@ def plot_curve_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> P
         ax.grid(alpha=0.3)
     handles, labels = ax_acc.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
-    fig.suptitle(f"{_title_prefix(results)}test metrics along the curves ({_n_pairs_text(len(pairs))})")
+    fig.suptitle(f"{_title_prefix(res)}test metrics along the curves ({_n_pairs_text(len(res.pairs))})")
     return _save_figure(fig, path, fmt)
 
 
-def plot_robust_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def plot_robust_metrics(results: Results, path: str | os.PathLike) -> Path:
     """Clean and robust test accuracy (%) and robust test loss against :math:`t` (Tatro et al. 2020, §4).
 
     One line per setting (mean over pairs, a band of ± one sample standard deviation with more than one pair);
@@ -243,10 +255,9 @@ def plot_robust_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> 
         If a curve has no robust evaluation, or for an unsupported file suffix.
     """
     path, fmt = _check_path(path)
-    validate_results(results)
-    settings = results["settings"]
-    if not settings or any(p["curves"][s].get("robust_test_accuracy") is None
-                           for p in results["pairs"] for s in settings):  # fmt: skip
+    res = as_study_results(results)
+    settings = res.settings
+    if not res.robust:
         raise ValueError("every curve needs a robust evaluation (`robust_test_accuracy`) to plot robust metrics")
     fig = _figure(15.0, 4.6)
     axes = fig.subplots(1, 3)
@@ -258,7 +269,7 @@ def plot_robust_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> 
     for ax, (key, scale, name) in zip(axes, panels):
         for s in settings:
             style = SETTING_STYLES[s]
-            t, stack = _curve_stack(results, s, key, scale)
+            t, stack = _curve_stack(res, s, key, scale)
             mean, std = _mean_std(stack)
             ax.plot(t, mean, label=SETTING_LABELS[s], linewidth=2, **style)
             if std is not None:
@@ -269,21 +280,21 @@ def plot_robust_metrics(results: Mapping[str, Any], path: str | os.PathLike) -> 
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
-    fig.suptitle(f"{_title_prefix(results)}robust curves ({_n_pairs_text(len(results['pairs']))})")
+    fig.suptitle(f"{_title_prefix(res)}robust curves ({_n_pairs_text(len(res.pairs))})")
     return _save_figure(fig, path, fmt)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def plot_layer_correlation(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def plot_layer_correlation(results: Results, path: str | os.PathLike) -> Path:
     """Layerwise mean correlation of matched units before and after alignment (the "correlation signature").
 
-    For each permutation group (x axis, in the order of ``alignment["groups"]``), the mean over pairs of
+    For each permutation group (x axis, in the order of ``alignment.groups``), the mean over pairs of
     ``correlation_before`` and ``correlation_after`` with error bars of one sample standard deviation (more than
     one pair); the gap between them is shaded. Pairs whose ``alignment`` is missing or None are left out.
 
     Parameters
     ----------
-    results : dict
+    results : StudyResults or dict
         A study's results.
     path : path-like
         Output file.
@@ -313,33 +324,30 @@ def plot_layer_correlation(results: Mapping[str, Any], path: str | os.PathLike) 
     >>> tmp.cleanup()
     """
     path, fmt = _check_path(path)
-    validate_results(results)
-    aligned = [(i, p["alignment"]) for i, p in enumerate(results["pairs"]) if p.get("alignment")]
+    res = as_study_results(results)
+    aligned = [p.alignment for p in res.pairs if p.alignment is not None]
     if not aligned:
         raise ValueError("no pair of `results` has alignment data ('alignment' is missing or None in every pair)")
     groups: list[str] = []
-    for i, al in aligned:
-        where = f"results['pairs'][{i}]['alignment']"
-        groups += [g for g in _require(al, "groups", where) if g not in groups]
-        _require(al, "correlation_before", where)
-        _require(al, "correlation_after", where)
+    for al in aligned:
+        groups += [g for g in al.groups if g not in groups]
     x = np.arange(len(groups))
     n = len(aligned)
     width = min(max(6.5, 0.28 * len(groups) + 2.5), 22.0)
     fig = _figure(width, 4.4)
     ax = fig.subplots()
-    means = {}
+    means = []
     for key, label, colour, marker in (
         ("correlation_before", "Before alignment", "#7f7f7f", "o"),
         ("correlation_after", "After alignment", "#1f77b4", "s"),
     ):
-        vals = [[float(al[key][g]) if g in al[key] else math.nan for g in groups] for _, al in aligned]
-        mean, std = _mean_std(_finite(vals))
-        means[key] = mean
+        by_group = [getattr(al, key) for al in aligned]
+        mean, std = _mean_std(_finite([[float(c[g]) if g in c else math.nan for g in groups] for c in by_group]))
+        means.append(mean)
         ax.errorbar(
             x, mean, yerr=std, fmt=f"-{marker}", color=colour, label=label, capsize=3, markersize=5, linewidth=1.5
         )
-    ax.fill_between(x, means["correlation_before"], means["correlation_after"], color="#1f77b4", alpha=0.12)
+    ax.fill_between(x, *means, color="#1f77b4", alpha=0.12)
     ax.set_xticks(x)
     many = len(groups) > 8
     ticks, pattern = _shorten_pattern(groups)
@@ -350,7 +358,7 @@ def plot_layer_correlation(results: Mapping[str, Any], path: str | os.PathLike) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     spread = "1 pair" if n == 1 else f"{n} pairs, mean ± std"
-    ax.set_title(f"{_title_prefix(results)}correlation signature ({spread})")
+    ax.set_title(f"{_title_prefix(res)}correlation signature ({spread})")
     return _save_figure(fig, path, fmt)
 
 
@@ -366,7 +374,7 @@ def _stability_runs(obj: Any) -> tuple[dict[str, Any], float | None]:
         )
     threshold = None
     if obj.get("kind") == "verification_report":
-        checks = _require(obj, "checks", "verification_or_runs")
+        checks = _lookup(obj, "checks", "verification_or_runs")
         if "stability" not in checks:
             raise ValueError(
                 "the verification report has no 'stability' check; run the verification with the 'stability' check"
@@ -374,7 +382,7 @@ def _stability_runs(obj: Any) -> tuple[dict[str, Any], float | None]:
         obj = checks["stability"]
     if "details" in obj and isinstance(obj.get("details"), Mapping):
         threshold = (obj.get("thresholds") or {}).get("max_reassigned_fraction")
-        obj = _require(obj["details"], "runs", "verification_or_runs['details']")
+        obj = _lookup(obj["details"], "runs", "verification_or_runs['details']")
     if not obj or not all(isinstance(r, Mapping) and "reassigned_fraction" in r for r in obj.values()):
         raise ValueError(
             "`verification_or_runs` must be a verification report, its 'stability' check, or a dict of runs "
@@ -499,12 +507,12 @@ def plot_reassignment(
 
 # ----------------------------------------------------------------------------------------------------------------
 def _plane_dict(plane: Any) -> Mapping[str, Any]:
-    if hasattr(plane, "to_dict") and hasattr(plane, "point_coordinates"):
+    if isinstance(plane, PlaneResults) or (hasattr(plane, "to_dict") and hasattr(plane, "point_coordinates")):
         plane = plane.to_dict()
     if not isinstance(plane, Mapping):
         raise TypeError(f"`plane` must be a PlaneEvaluation or its dict, got {type(plane).__name__}")
     for key in ("x", "y", "test_loss", "point_coordinates"):
-        _require(plane, key, "plane")
+        _lookup(plane, key, "plane")
     nx, ny = len(plane["x"]), len(plane["y"])
     grid = plane["test_loss"]
     if nx < 2 or ny < 2 or len(grid) != nx or any(len(row) != ny for row in grid):
@@ -560,7 +568,8 @@ def plot_plane(plane: Mapping[str, Any] | Any, path: str | os.PathLike, *, title
 
     Parameters
     ----------
-    plane : dict or PlaneEvaluation
+    plane : dict, PlaneEvaluation or PlaneResults
+        A study's :class:`~neuralign.study.results.PlaneResults`, or
         :meth:`~neuralign.curves.PlaneEvaluation.to_dict` (keys ``x``, ``y``, ``test_loss``, ``test_accuracy``,
         ``point_coordinates``), optionally with ``curve_xy`` (``[[x, y], ...]``) and ``labels`` (names of the
         three points, default ``["w_A", "w_B", "w_C"]``; ``w_A``, ``P w_B``, ``theta`` are typeset).
@@ -639,7 +648,7 @@ def _reports(verification: Any) -> dict[str, Mapping[str, Any] | None]:
             rep = rep.to_dict()
         if not isinstance(rep, Mapping) or rep.get("kind") != "verification_report":
             raise ValueError(f"`{where}` is not a verification report (its 'kind' is not 'verification_report')")
-        _require(rep, "checks", where)
+        _lookup(rep, "checks", where)
         return rep
 
     if hasattr(verification, "to_dict") and hasattr(verification, "checks"):
@@ -732,7 +741,7 @@ def plot_verification_summary(verification: Any, path: str | os.PathLike) -> Pat
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def plot_study(results: Mapping[str, Any], folder: str | os.PathLike) -> dict[str, Path]:
+def plot_study(results: Results, folder: str | os.PathLike) -> dict[str, Path]:
     """Draw every figure of a study whose data is present into ``folder``, with stable names.
 
     ``curve_metrics.png`` (:func:`plot_curve_metrics`, needs a setting), ``robust_metrics.png``
@@ -746,7 +755,7 @@ def plot_study(results: Mapping[str, Any], folder: str | os.PathLike) -> dict[st
 
     Parameters
     ----------
-    results : dict
+    results : StudyResults or dict
         A study's results.
     folder : path-like
         Output folder (created if needed).
@@ -774,41 +783,36 @@ def plot_study(results: Mapping[str, Any], folder: str | os.PathLike) -> dict[st
     ['curve_metrics']
     >>> tmp.cleanup()
     """
-    validate_results(results)
+    res = as_study_results(results)
     folder = Path(folder)
-    pairs = results["pairs"]
-
-    def label(i: int) -> str:
-        return f"pair {pairs[i].get('pair', i + 1)}"
-
+    pairs = res.pairs
     out: dict[str, Path] = {}
     target = {k: folder / name for k, (name, _) in FIGURE_FILES.items()}
-    if results["settings"]:
-        out["curve_metrics"] = plot_curve_metrics(results, target["curve_metrics"])
-        if all(p["curves"][s].get("robust_test_accuracy") is not None for p in pairs for s in results["settings"]):
-            out["robust_metrics"] = plot_robust_metrics(results, target["robust_metrics"])
-    if any(p.get("alignment") for p in pairs):
-        out["layer_correlation"] = plot_layer_correlation(results, target["layer_correlation"])
-    for i, p in enumerate(pairs):
-        ver = p.get("verification")
-        if ver and "stability" in (ver.get("checks") or {}):
-            title = f"{_title_prefix(results)}PAM stability of the alignment ({label(i)})"
-            out["reassignment"] = plot_reassignment(ver, target["reassignment"], title=title)
+    if res.settings:
+        out["curve_metrics"] = plot_curve_metrics(res, target["curve_metrics"])
+        if res.robust:
+            out["robust_metrics"] = plot_robust_metrics(res, target["robust_metrics"])
+    if any(p.alignment is not None for p in pairs):
+        out["layer_correlation"] = plot_layer_correlation(res, target["layer_correlation"])
+    for p in pairs:
+        if p.verification is not None and "stability" in p.verification.checks:
+            title = f"{_title_prefix(res)}PAM stability of the alignment (pair {p.pair})"
+            out["reassignment"] = plot_reassignment(p.verification, target["reassignment"], title=title)
             break
-    for i, p in enumerate(pairs):
-        if p.get("plane"):
-            labels = [_pretty_label(n) for n in (p["plane"].get("labels") or [])]
+    for p in pairs:
+        if p.plane is not None:
+            labels = [_pretty_label(n) for n in p.plane.labels or ()]
             through = f" through {', '.join(labels)}" if labels else ""
-            title = f"{_title_prefix(results)}plane{through} ({label(i)})"
-            out["plane"] = plot_plane(p["plane"], target["plane"], title=title)
+            title = f"{_title_prefix(res)}plane{through} (pair {p.pair})"
+            out["plane"] = plot_plane(p.plane, target["plane"], title=title)
             break
-    reports = {label(i): p["verification"] for i, p in enumerate(pairs) if p.get("verification")}
+    reports = {f"pair {p.pair}": p.verification for p in pairs if p.verification is not None}
     if reports:
         out["verification"] = plot_verification_summary(reports, target["verification"])
-    if any(p.get("midpoint_alignment") for p in pairs):
-        out["midpoint_alignment"] = plot_midpoint_alignment(results, target["midpoint_alignment"])
-    if any(p.get("train_history") for p in pairs):
-        out["learning_speed"] = plot_learning_speed(results, target["learning_speed"])
+    if any(p.midpoint_alignment is not None for p in pairs):
+        out["midpoint_alignment"] = plot_midpoint_alignment(res, target["midpoint_alignment"])
+    if any(p.train_history for p in pairs):
+        out["learning_speed"] = plot_learning_speed(res, target["learning_speed"])
     return out
 
 
@@ -820,17 +824,16 @@ _MIDPOINT_STYLES = {
 }
 
 
-def plot_midpoint_alignment(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def plot_midpoint_alignment(results: Results, path: str | os.PathLike) -> Path:
     """Alignment along the curve (Tatro et al. §4): per layer, the mean correlation of matched units between the
     midpoint of each case and end point A (left) or B (right), before (solid) and after (dashed) aligning the
     midpoint to that end point; mean over pairs with error bars of one sample standard deviation.
 
-    The cases are those of ``pair["midpoint_alignment"]["cases"]``
-    (:data:`neuralign.study.report.MIDPOINT_CASES`).
+    The cases are those of ``pair.midpoint_alignment.cases`` (:data:`neuralign.study.report.MIDPOINT_CASES`).
 
     Parameters
     ----------
-    results : dict
+    results : StudyResults or dict
         A study's results.
     path : path-like
         Output file.
@@ -845,27 +848,25 @@ def plot_midpoint_alignment(results: Mapping[str, Any], path: str | os.PathLike)
     ValueError
         If no pair has ``midpoint_alignment``, or for malformed ``results``.
     """
-    from neuralign.study.report import MIDPOINT_CASES
-
     path, fmt = _check_path(path)
-    validate_results(results)
-    mids = [p["midpoint_alignment"] for p in results["pairs"] if p.get("midpoint_alignment")]
+    res = as_study_results(results)
+    mids = [p.midpoint_alignment.cases for p in res.pairs if p.midpoint_alignment is not None]
     if not mids:
         raise ValueError("no pair of `results` has 'midpoint_alignment' data")
-    cases = [c for c in MIDPOINT_CASES if any(c in (m.get("cases") or {}) for m in mids)]
+    cases = [c for c in MIDPOINT_CASES if any(c in m for m in mids)]
     groups: list[str] = []
     for m in mids:
-        for res in m["cases"].values():
-            groups += [g for g in res["groups"] if g not in groups]
+        for mid in m.values():
+            groups += [g for g in mid.groups if g not in groups]
     x = np.arange(len(groups))
     width = min(max(11.0, 0.5 * len(groups) + 5.0), 24.0)
     fig = _figure(width, 4.8)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, end, name in zip(axes, ("a", "b"), ("A", "B")):
         for case in cases:
-            runs = [m["cases"][case] for m in mids if case in m["cases"]]
+            runs = [m[case] for m in mids if case in m]
             for key, linestyle, what in (("before", "-", "before"), ("after", "--", "after aligning")):
-                vals = [[float(r[key][end].get(g, math.nan)) for g in groups] for r in runs]
+                vals = [[float(getattr(r, key)[end].get(g, math.nan)) for g in groups] for r in runs]
                 mean, std = _mean_std(_finite(vals))
                 ax.errorbar(x, mean, yerr=std, linestyle=linestyle, capsize=2, markersize=4, linewidth=1.5,
                             label=f"{MIDPOINT_CASES[case]}, {what}", **_MIDPOINT_STYLES[case])  # fmt: skip
@@ -880,18 +881,18 @@ def plot_midpoint_alignment(results: Mapping[str, Any], path: str | os.PathLike)
     axes[0].set_ylabel("Mean correlation of matched units")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(f"{_title_prefix(results)}alignment along the curve, t = 0.5 ({_n_pairs_text(len(mids))})")
+    fig.suptitle(f"{_title_prefix(res)}alignment along the curve, t = 0.5 ({_n_pairs_text(len(mids))})")
     return _save_figure(fig, path, fmt)
 
 
-def plot_learning_speed(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def plot_learning_speed(results: Results, path: str | os.PathLike) -> Path:
     """Train loss and train accuracy (%) of each setting's curve fit against the curve epoch (mean over pairs, a
-    band of ± one sample standard deviation), from ``pair["train_history"]``; the Unaligned curve's final train loss
+    band of ± one sample standard deviation), from ``pair.train_history``; the Unaligned curve's final train loss
     is drawn as a horizontal line. Pairs with histories of different lengths are cut to the shortest.
 
     Parameters
     ----------
-    results : dict
+    results : StudyResults or dict
         A study's results.
     path : path-like
         Output file.
@@ -907,13 +908,13 @@ def plot_learning_speed(results: Mapping[str, Any], path: str | os.PathLike) -> 
         If no pair has a train history, or for malformed ``results``.
     """
     path, fmt = _check_path(path)
-    validate_results(results)
-    hists = [p["train_history"] for p in results["pairs"] if p.get("train_history")]
+    res = as_study_results(results)
+    hists = [p.train_history for p in res.pairs if p.train_history]
     if not hists:
         raise ValueError("no pair of `results` has a 'train_history'")
     fig = _figure(11.0, 4.6)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    for s in results["settings"]:
+    for s in res.settings:
         runs = [h[s] for h in hists if h.get(s)]
         if not runs:
             continue
@@ -921,11 +922,11 @@ def plot_learning_speed(results: Mapping[str, Any], path: str | os.PathLike) -> 
         epochs = np.arange(1, n + 1)
         style = SETTING_STYLES[s]
         for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "accuracy", 100.0)):
-            mean, std = _mean_std(_finite([[scale * float(e[key]) for e in r[:n]] for r in runs]))
+            mean, std = _mean_std(_finite([[scale * float(getattr(e, key)) for e in r[:n]] for r in runs]))
             ax.plot(epochs, mean, label=SETTING_LABELS[s], linewidth=2, **style)
             if std is not None:
                 ax.fill_between(epochs, mean - std, mean + std, color=style["color"], alpha=0.18, linewidth=0)
-    finals = [float(h["unaligned"][-1]["loss"]) for h in hists if h.get("unaligned")]
+    finals = [float(h["unaligned"][-1].loss) for h in hists if h.get("unaligned")]
     if finals:
         ax_loss.axhline(float(np.mean(finals)), color="black", linewidth=1, linestyle=":",
                         label="Unaligned final train loss")  # fmt: skip
@@ -936,5 +937,5 @@ def plot_learning_speed(results: Mapping[str, Any], path: str | os.PathLike) -> 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, labels = ax_loss.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
-    fig.suptitle(f"{_title_prefix(results)}learning speed of the curves ({_n_pairs_text(len(hists))})")
+    fig.suptitle(f"{_title_prefix(res)}learning speed of the curves ({_n_pairs_text(len(hists))})")
     return _save_figure(fig, path, fmt)

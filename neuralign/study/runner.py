@@ -22,7 +22,6 @@ which stages ran before it in the same process.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -67,8 +66,19 @@ from neuralign.experiments.runfolder import RunFolder
 from neuralign.experiments.training import train_model
 from neuralign.study.config import StudyConfig
 from neuralign.study.jobs import refuse_live_jobs
+from neuralign.study.results import (
+    AlignmentSummary,
+    BNBatches,
+    Endpoints,
+    MidpointResults,
+    PairResults,
+    PAMRun,
+    PlaneResults,
+    StudyResults,
+    TrainEpoch,
+)
 from neuralign.study.stages import Stage, stage_done, study_stages
-from neuralign.verification import CHECKS, verify_alignment
+from neuralign.verification import CHECKS, VerificationReport, verify_alignment
 
 __all__ = ["model_kwargs", "prepare_study", "run_stage", "run_study"]
 
@@ -174,7 +184,7 @@ class _Study:
         return manifest
 
     def save_manifest(self) -> None:
-        atomic_write_text(self.out / "manifest.json", json.dumps(self.manifest, indent=1))
+        atomic_write_text(self.out / "manifest.json", _json.dumps(self.manifest))
 
     def done(self, stage: str) -> None:
         """Record that ``stage`` has written its outputs: ``stages/<stage>.json`` with its wall-clock seconds (since
@@ -184,7 +194,7 @@ class _Study:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "job_id": _job_id(),
             "distributed": _distributed.describe(), "device": str(self.device),
         }  # fmt: skip
-        atomic_write_text(self.out / "stages" / f"{stage.replace(' ', '_')}.json", json.dumps(record, indent=1))
+        atomic_write_text(self.out / "stages" / f"{stage.replace(' ', '_')}.json", _json.dumps(record))
 
     def merge_stage_records(self) -> None:
         """Merge the stage records into the manifest (``completed`` in graph order, ``stage_seconds``) and save it.
@@ -193,7 +203,7 @@ class _Study:
         for stage in study_stages(self.config):
             path = self.out / "stages" / f"{stage.slug}.json"
             if path.exists():
-                records[stage.name] = json.loads(path.read_text())
+                records[stage.name] = _json.loads(path.read_text())
         self.manifest["completed"] = list(records)
         self.manifest["stage_seconds"] = {name: r["seconds"] for name, r in records.items()}
         self.manifest["stage_jobs"] = {name: r["job_id"] for name, r in records.items() if r.get("job_id")}
@@ -303,7 +313,7 @@ class _Study:
         path = folder / f"curve_{setting}.pt"
         meta_path = folder / f"curve_{setting}.json"
         if path.exists() and meta_path.exists():
-            return Bezier.load(path), json.loads(meta_path.read_text())
+            return Bezier.load(path), _json.loads(meta_path.read_text())
         seed = stable_seed(c.seed, "curve", k, setting)
         self.data.train.generator.manual_seed(stable_seed(c.seed, "curve-data", k, setting))
         label = f"pair {k} {setting.replace('_', ' ')}"
@@ -358,7 +368,7 @@ class _Study:
                         perms={g: p.tolist() for g, p in res.perms.items()})  # fmt: skip
             (folder / f"curve_{setting}.ckpt").unlink(missing_ok=True)
         curve.save(path)
-        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+        atomic_write_text(meta_path, _json.dumps(meta))
         self.done(f"pair {k} curve {setting}")
         return curve, meta
 
@@ -385,7 +395,7 @@ class _Study:
         c = self.config
         path = self.out / f"pair{k}" / f"eval_{setting}.json"
         if path.exists():
-            return CurveEvaluation.from_dict(json.loads(path.read_text()))
+            return CurveEvaluation.from_dict(_json.loads(path.read_text()))
         label = f"pair {k} {setting.replace('_', ' ')}"
 
         def on_point(record: dict[str, Any]) -> None:
@@ -398,7 +408,7 @@ class _Study:
                             max_bn_batches=ev_opts.max_bn_batches, callback=on_point, adversarial=c.attack(),
                             bn_inputs="adversarial" if c.robust is None else c.robust.bn_inputs,
                             generator=stable_seed(c.seed, "eval-attack"))  # fmt: skip
-        atomic_write_text(path, json.dumps(ev.to_dict(), indent=1))
+        atomic_write_text(path, _json.dumps(ev.to_dict()))
         if setting in c.settings:  # not an earlier PAM iteration's curve, which is part of its setting's stage
             self.done(f"pair {k} eval {setting}")
         return ev
@@ -410,7 +420,7 @@ class _Study:
         objective = meta["objective"]
         for j in range(1, len(objective)):
             name = f"eval_{setting}_iter{j}.json" if j < len(objective) - 1 else f"eval_{setting}.json"
-            ev = json.loads((self.out / f"pair{k}" / name).read_text())
+            ev = _json.loads((self.out / f"pair{k}" / name).read_text())
             rows.append({"iteration": j, "objective": objective[j],
                          "moved": sum(int(v[j - 1]) for v in meta["changed"].values()),
                          "avg_accuracy": ev["avg_accuracy"], "min_accuracy": ev["min_accuracy"]})  # fmt: skip
@@ -420,7 +430,7 @@ class _Study:
         c = self.config
         path = self.out / f"pair{k}" / "verification.json"
         if path.exists():
-            return json.loads(path.read_text())
+            return _json.loads(path.read_text())
         def on_progress(record: dict[str, Any]) -> None:
             name = record["check"]
             label = f"pair {k} {name} ({CHECKS.index(name) + 1}/{len(CHECKS)})"
@@ -434,7 +444,7 @@ class _Study:
         )  # fmt: skip
         report.save(self.out / f"pair{k}")
         self.done(f"pair {k} verification")
-        return json.loads(report.to_json())
+        return _json.loads(report.to_json())
 
     def midpoint(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curves: Mapping[str, Any]) -> dict[str, Any]:
         """Alignment along the curve (Tatro et al. §4; PAPER_NOTES §2.6): the network at t = 0.5 of each case,
@@ -446,7 +456,7 @@ class _Study:
         Midpoint". Written atomically to ``pair<k>/midpoint_alignment.json``; skipped when there."""
         path = self.out / f"pair{k}" / "midpoint_alignment.json"
         if path.exists():
-            return json.loads(path.read_text())
+            return _json.loads(path.read_text())
         b_aligned = apply_permutation(sd_b, spec.restrict(sd_b), perms)
         cases = {"aligned": (curves["aligned"], b_aligned)}
         if "unaligned" in curves:
@@ -468,7 +478,7 @@ class _Study:
         c = self.config
         path = self.out / f"pair{k}" / "plane.json"
         if path.exists():
-            return json.loads(path.read_text())
+            return _json.loads(path.read_text())
         pa, pb = _params(a, sd_a), _params(a, apply_permutation(sd_b, spec.restrict(sd_b), perms))
         theta = curve.points[1]
 
@@ -482,7 +492,7 @@ class _Study:
                                max_bn_batches=c.evaluation.max_bn_batches, callback=on_point)  # fmt: skip
         xy = project_to_plane(curve, pa, pb, theta, t=[i / 40 for i in range(41)])
         out = {**plane.to_dict(), "curve_xy": xy.tolist(), "labels": ["w_A", "P w_B", "theta"]}
-        atomic_write_text(path, json.dumps(out, indent=1))
+        atomic_write_text(path, _json.dumps(out))
         self.done(f"pair {k} plane")
         return out
 
@@ -539,54 +549,53 @@ class _Study:
             body(k, p["a"], p["sd_a"], p["sd_b"], p["perms"], p["spec"], self.pair_curve(k, "aligned")[0])
 
     def report(self, paper_row: Mapping[str, Any] | None = None, notes: str | None = None) -> dict[str, Any]:
-        """Gather every stage's results from its files into ``results.json``, the figures and the report."""
+        """Gather every stage's results from its files into a :class:`~neuralign.study.results.StudyResults`, write
+        it (``results.json``), the figures and the report; return its JSON form with ``"report"``, the report's
+        path."""
         from neuralign.study.plots import plot_study
-        from neuralign.study.report import write_report, write_results_json
+        from neuralign.study.report import write_report
+
+        def record(cls: type, data: Any, where: str) -> Any:  # a stage's output as plain JSON data, validated
+            return cls.from_dict(_json.decode(_json.encode(data, where)), where=where)
 
         c = self.config
-        pairs_out = []
+        pairs = []
         for k in range(1, c.pairs + 1):
             p = self.pair(k)
+            where = f"results['pairs'][{k - 1}]"
             curves, evals, pam, histories = {}, {}, {}, {}
             for setting in c.settings:
                 curve, meta = self.pair_curve(k, setting)
                 curves[setting] = curve
-                histories[setting] = _train_history(meta.get("history", []))
-                evals[setting] = self.evaluate(k, setting, p["a"], curve).to_dict()
+                histories[setting] = tuple(TrainEpoch(**row) for row in _train_history(meta.get("history", [])))
+                evals[setting] = self.evaluate(k, setting, p["a"], curve)
                 if setting.startswith("pam"):
-                    pam[setting] = {"history": meta["objective"], "changed": meta["changed"],
-                                    "iterations": self.pam_iterations(k, setting, meta)}
+                    run = {"history": meta["objective"], "changed": meta["changed"],
+                           "iterations": self.pam_iterations(k, setting, meta)}  # fmt: skip
+                    pam[setting] = record(PAMRun, run, f"{where}['pam'][{setting!r}]")
             aligned = curves.get("aligned")
             verification = plane = midpoint = None
             args = (k, p["a"], p["sd_a"], p["sd_b"], p["perms"], p["spec"], aligned)
             if aligned is not None:
-                midpoint = self.midpoint(*args[:-1], curves)
+                midpoint = record(MidpointResults, self.midpoint(*args[:-1], curves), f"{where}['midpoint_alignment']")
             if c.verification is not None and aligned is not None:
-                verification = self.verification(*args)
+                verification = VerificationReport.from_dict(_json.decode(self.verification(*args)))
             if c.evaluation.plane_grid and aligned is not None and k == 1:
-                plane = self.plane(*args)
-            al = p["al"]
-            pairs_out.append({
-                "pair": k,
-                "seeds": [2 * k - 1, 2 * k],
-                "endpoints": {"a": p["meta_a"]["test"], "b": p["meta_b"]["test"]},
-                "alignment": {key: al[key] for key in ("groups", "sizes", "correlation_before", "correlation_after")},
-                "curves": evals,
-                "pam": pam,
-                "verification": verification,
-                "plane": plane,
-                "midpoint_alignment": midpoint,
-                "train_history": histories,
-            })  # fmt: skip
-        results = {"kind": "study_results", "config": c.to_dict(), "settings": list(c.settings), "pairs": pairs_out,
-                   "test_images": len(self.data.test.dataset),
-                   "bn_batches": {"count": len(self.bn_loader()) if c.evaluation.max_bn_batches is not None else None,
-                                  "shared": True}}  # fmt: skip
-        write_results_json(results, self.out)
+                plane = record(PlaneResults, self.plane(*args), f"{where}['plane']")
+            al = {key: p["al"][key] for key in ("groups", "sizes", "correlation_before", "correlation_after")}
+            ends = {"a": p["meta_a"]["test"], "b": p["meta_b"]["test"]}
+            pairs.append(PairResults(
+                pair=k, seeds=(2 * k - 1, 2 * k), endpoints=record(Endpoints, ends, f"{where}['endpoints']"),
+                alignment=record(AlignmentSummary, al, f"{where}['alignment']"), curves=evals, pam=pam,
+                verification=verification, plane=plane, midpoint_alignment=midpoint, train_history=histories,
+            ))  # fmt: skip
+        bn_count = len(self.bn_loader()) if c.evaluation.max_bn_batches is not None else None
+        results = StudyResults(config=c, settings=c.settings, pairs=pairs, test_images=len(self.data.test.dataset),
+                               bn_batches=BNBatches(count=bn_count, shared=True))  # fmt: skip
+        results.write(self.out)
         figures = plot_study(results, self.out / "figures")
         report = write_report(results, self.out, figures=figures, paper_row=paper_row, notes=notes)
-        results["report"] = str(report)
-        return results
+        return {**results.to_dict(), "report": str(report)}
 
 
 def _job_id() -> str | None:
@@ -636,7 +645,7 @@ def run_stage(
     study = _Study(config, out, torch.device(device), progress)
     study.run(stage, {"paper_row": paper_row, "notes": notes})
     if stage.name == "report":
-        study.manifest = json.loads((out / "manifest.json").read_text())
+        study.manifest = _json.loads((out / "manifest.json").read_text())
         _finish_manifest(study, stage)
     return True
 

@@ -260,8 +260,8 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
             pam_options = CurvePAMOptions(
                 step=LinearizedStep(backtrack=opts.backtrack), lam=opts.lam, max_iter=opts.stability_iters,
                 x_epochs=opts.stability_x_epochs, gradient_batches=opts.gradient_batches,
-                value_batches=opts.value_batches, value_ts=opts.value_ts, local_search=opts.local_search,
-                local_search_alpha=opts.alpha, local_search_min_improvement=opts.min_improvement,
+                value_batches=opts.value_batches, value_ts=opts.value_ts, swap_trials=opts.swap_trials,
+                swap_alpha=opts.alpha, swap_min_improvement=opts.min_improvement,
             )  # fmt: skip
             res = fit_curve_pam(
                 model, point_a, point_b, train_loader, init=init, curve=start_curve, spec=spec,
@@ -678,8 +678,9 @@ class VerificationOptions(Options):
         PAM's linearised steps are backtracked (default True).
     stability_iters, stability_x_epochs : int
         PAM's outer iterations (>= 1) and curve epochs per x-step (>= 0) in the stability check (defaults 2, 1).
-    local_search : int
-        Transpositions PAM tries per group after each P-step in the stability check (>= 0; default 16).
+    swap_trials : int
+        Transpositions PAM's swap local search tries per group after each P-step in the stability check (>= 0;
+        default 16).
     random_starts : int
         PAM runs from random permutations besides the identity and the alignment (>= 0; default 1).
     reassign_threshold : float
@@ -729,7 +730,7 @@ class VerificationOptions(Options):
     backtrack: bool = True
     stability_iters: int = 2
     stability_x_epochs: int = 1
-    local_search: int = 16
+    swap_trials: int = 16
     random_starts: int = 1
     reassign_threshold: float = 0.05
     certificate_lam: float | None = None
@@ -753,7 +754,7 @@ class VerificationOptions(Options):
 
     def __post_init__(self) -> None:
         for name, least in (("fit_epochs", 0), ("stability_iters", 1), ("stability_x_epochs", 0),
-                            ("local_search", 0), ("random_starts", 0), ("certificate_steps", 1), ("n_swaps", 1),
+                            ("swap_trials", 0), ("random_starts", 0), ("certificate_steps", 1), ("n_swaps", 1),
                             ("n_control_swaps", 0), ("n_cycles", 0), ("screen_examples", 1), ("screen_pairs", 1),
                             ("refit_epochs", 0), ("value_batches", 2), ("gradient_batches", 1),
                             ("gradient_check_examples", 1)):  # fmt: skip
@@ -775,7 +776,7 @@ class VerificationOptions(Options):
 
 # the options recorded in a report's config, in this order (the scalar ones)
 _REPORTED_OPTIONS = (
-    "lam", "backtrack", "stability_iters", "stability_x_epochs", "random_starts", "local_search",
+    "lam", "backtrack", "stability_iters", "stability_x_epochs", "random_starts", "swap_trials",
     "reassign_threshold", "certificate_lam", "n_swaps", "n_control_swaps", "n_cycles", "screen_examples",
     "screen_pairs", "refit_epochs", "alpha", "min_improvement", "certificate_steps", "value_batches",
     "gradient_batches", "gradient_check_examples", "min_slope", "max_relative_error", "alignment_tol", "weight_decay",
@@ -877,7 +878,7 @@ def verify_alignment(
 
     Notes
     -----
-    First-order evidence (the certificate, and linearised PAM steps without ``local_search``) cannot see an
+    First-order evidence (the certificate, and linearised PAM steps without ``swap_trials``) cannot see an
     improvement that lies behind a barrier of the relaxation: on the segment :math:`(1-s)I + sQ` the weights of two
     units are averaged, which is worse than either, so :math:`\\partial_s F` at :math:`s = 0` can be positive although
     :math:`F(Q) < F(I)`. Measured on a 64-16-16-10 MLP on the shipped digits (``tests/verification/test_local.py``):
@@ -945,6 +946,9 @@ def verify_alignment(
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         raise ValueError(f"unknown checks {unknown}; expected a subset of {list(CHECKS)}")
+    if "local_search" in option_overrides:  # before 0.2
+        option_overrides.update(renamed_keywords({"local_search": option_overrides.pop("local_search")},
+                                                 {"local_search": "swap_trials"}, where="verify_alignment"))
     renamed = {k: option_overrides.pop(k) for k in ("max_batches_per_epoch", "progress") if k in option_overrides}
     progress = renamed.pop("progress", None)
     if progress is not None:  # before 0.2: progress(name, done, total) besides callback(name)
@@ -986,7 +990,7 @@ def verify_alignment(
         generator=stable_seed(seed, "problem"),
     )  # fmt: skip
     # the checks with paired tests on the held-out batches (the gradient and alignment checks have none)
-    paired = [c for c in checks if c in ("certificate", "neighbourhood") or (c == "stability" and opts0.local_search)]
+    paired = [c for c in checks if c in ("certificate", "neighbourhood") or (c == "stability" and opts0.swap_trials)]
     if paired and len(problem.value_set) < 2:
         raise ValueError(f"`heldout_loader` yielded {len(problem.value_set)} batch; the paired tests of the checks "
                          f"{paired} need 2 at least")

@@ -12,7 +12,7 @@ from tests.conftest import FullDisk
 
 TINY = ["--set", "train.epochs=1", "--set", "curve.epochs=1", "--set", "pam.x_epochs=1",
         "--set", "evaluation.num_points=3", "--set", "evaluation.plane_grid=3", "--set", "verification.n_swaps=2",
-        "--set", "verification.local_search=2", "--set", "max_batches=3",
+        "--set", "verification.swap_trials=2", "--set", "max_batches=3",
         "--set", "evaluation.max_bn_batches=2"]  # fmt: skip
 DATA = ["--data", "digits", "--resize", "16", "--train-size", "256", "--test-size", "128", "--quiet"]
 
@@ -43,7 +43,7 @@ def test_version_and_study_settings_in_help_come_from_the_code(capsys):
     text = " ".join(capsys.readouterr().out.split())
     listed = text.split("(settings: ", 1)[1].split(")", 1)[0].split(", ")
     assert listed == setting_paths(StudyConfig)
-    assert {"pam.step.lr", "verification.value_ts", "verification.local_search", "robust.attack.eps"} <= set(listed)
+    assert {"pam.step.lr", "verification.value_ts", "verification.swap_trials", "robust.attack.eps"} <= set(listed)
     from neuralign.study import PRESETS
 
     def resolves(config, path):

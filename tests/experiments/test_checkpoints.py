@@ -298,8 +298,9 @@ def test_study_runs_on_given_end_points(tmp_path, capsys):
     for seed in (1, 2):
         torch.save({"state_dict": build_model("tinyten", 10, generator=seed, in_channels=1).state_dict()},
                    tmp_path / f"e{seed}.pt")  # fmt: skip
-    tiny = ["--set", "curve_epochs=1", "--set", "num_points=3", "--set", "plane_grid=0", "--set", "verify=false",
-            "--set", "max_batches=2", "--set", "bn_batches=1", "--set", "settings=aligned,"]  # fmt: skip
+    tiny = ["--set", "curve.epochs=1", "--set", "pam.x_epochs=1", "--set", "evaluation.num_points=3",
+            "--set", "evaluation.plane_grid=0", "--set", "verification=false", "--set", "max_batches=2",
+            "--set", "evaluation.max_bn_batches=1", "--set", "settings=aligned,"]  # fmt: skip
     code = main(["study", "--preset", "demo", "--arch", "tinyten", "--endpoints", str(tmp_path / "e1.pt"),
                  str(tmp_path / "e2.pt"), "--data", "digits", "--resize", "16", "--train-size", "128",
                  "--test-size", "64", "--quiet", "--out", str(tmp_path / "s"), *tiny])  # fmt: skip

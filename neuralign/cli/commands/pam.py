@@ -36,7 +36,7 @@ _STEP_OPTIONS = {
 _WORDS = {"pam.step.method": "--method", "pam.step.max_moved": "--max-moved", "pam.step.p_steps": "--p-steps",
           "pam.step.steps": "--birkhoff-steps", "pam.step.lr": "--birkhoff-lr",
           "pam.step.samples": "--birkhoff-samples", "pam.lam": "--lam", "pam.max_iter": "--iters",
-          "pam.x_epochs": "--epochs", "pam.local_search": "--local-search",
+          "pam.x_epochs": "--epochs", "pam.swap_trials": "--local-search",
           "pam.gradient_batches": "--gradient-batches", "pam.value_batches": "--value-batches"}  # fmt: skip
 
 
@@ -55,7 +55,7 @@ def pam_options(args: argparse.Namespace) -> Any:
     given = {name: getattr(args, name) for name in ("gradient_batches", "value_batches")
              if getattr(args, name) is not None}  # fmt: skip
     return CurvePAMOptions(step=step, lam=args.lam, max_iter=args.iters, x_epochs=args.epochs,
-                           local_search=args.local_search, **given)  # fmt: skip
+                           swap_trials=args.local_search, **given)  # fmt: skip
 
 
 def cmd_pam(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:

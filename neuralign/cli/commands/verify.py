@@ -32,7 +32,7 @@ def verify_passes(options, checks: Sequence[str], data, spec, fit: bool) -> tupl
     screened = sum(min(n * (n - 1) // 2, o.screen_pairs) for n in spec.sizes.values()
                    if n * (n - 1) // 2 > o.n_swaps + o.n_control_swaps)  # fmt: skip
     starts = 2 + o.random_starts
-    per_iteration = o.stability_x_epochs * epoch + grad + score * (1 + o.local_search * groups)
+    per_iteration = o.stability_x_epochs * epoch + grad + score * (1 + o.swap_trials * groups)
     parts = {
         "curve fit": fit * o.fit_epochs * epoch,
         "stability": "stability" in checks and starts * o.stability_iters * per_iteration,
@@ -65,7 +65,7 @@ def cmd_verify(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     checks = tuple(args.checks) if args.checks else CHECKS
 
     given = {"fit_epochs": args.fit_epochs, "lam": args.lam, "stability_iters": args.iters, "n_swaps": args.swaps,
-             "local_search": args.local_search}  # fmt: skip
+             "swap_trials": args.local_search}  # fmt: skip
     options = VerificationOptions(**{k: v for k, v in given.items() if v is not None})
     passes, detail = verify_passes(options, checks, data, record.spec, curve is None)
     announce_cost("verify", passes, detail, a, data, device)
