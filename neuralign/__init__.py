@@ -15,42 +15,50 @@ The library has four packages and one shared module, none of which imports :mod:
 and :mod:`neuralign.experiments` holds models, data, training recipes, the paper's study, the command line and
 reports. Reference: Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020,
 arXiv:2009.02439.
+
+The public names below are imported on first use (PEP 562), so that ``import neuralign`` and ``neuralign
+--version`` cost no torch; ``neuralign.__version__`` is always there.
 """
 
 from __future__ import annotations
 
-from neuralign import errors
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from neuralign._version import __version__
-from neuralign.alignment import (
-    AlignmentResult,
-    PermutationSpec,
-    SpecBuilder,
-    align,
-    apply_permutation,
-    compose_permutations,
-    identity_permutation,
-    invert_permutation,
-    random_permutation,
-    trace_spec,
-)
-from neuralign.attacks import PGD, pgd_attack
-from neuralign.curves import (
-    Bezier,
-    CurveEvaluation,
-    CurvePAMResult,
-    CurveResult,
-    Line,
-    PolyChain,
-    evaluate_curve,
-    evaluate_model,
-    evaluate_plane,
-    fit_curve,
-    fit_curve_pam,
-    reestimate_bn,
-)
-from neuralign.optim import PAM, PAMResult, pam, solve_assignment, solve_qap
-from neuralign.status import Status
-from neuralign.verification import VerificationReport, check_equivalence, verify_alignment
+
+if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports each name on first use
+    from neuralign import errors
+    from neuralign.alignment import (
+        AlignmentResult,
+        PermutationSpec,
+        SpecBuilder,
+        align,
+        apply_permutation,
+        compose_permutations,
+        identity_permutation,
+        invert_permutation,
+        random_permutation,
+        trace_spec,
+    )
+    from neuralign.attacks import PGD, pgd_attack
+    from neuralign.curves import (
+        Bezier,
+        CurveEvaluation,
+        CurvePAMResult,
+        CurveResult,
+        Line,
+        PolyChain,
+        evaluate_curve,
+        evaluate_model,
+        evaluate_plane,
+        fit_curve,
+        fit_curve_pam,
+        reestimate_bn,
+    )
+    from neuralign.optim import PAM, PAMResult, pam, solve_assignment, solve_qap
+    from neuralign.status import Status
+    from neuralign.verification import VerificationReport, check_equivalence, verify_alignment
 
 __all__ = [
     "__version__",
@@ -89,3 +97,57 @@ __all__ = [
     "check_equivalence",
     "verify_alignment",
 ]
+
+# the home of every public name but __version__ and errors (the modules re-exported here, PEP 562)
+_HOMES = {
+    name: module
+    for module, names in {
+        "neuralign.status": ("Status",),
+        "neuralign.attacks": ("PGD", "pgd_attack"),
+        "neuralign.alignment": (
+            "AlignmentResult",
+            "PermutationSpec",
+            "SpecBuilder",
+            "align",
+            "apply_permutation",
+            "compose_permutations",
+            "identity_permutation",
+            "invert_permutation",
+            "random_permutation",
+            "trace_spec",
+        ),
+        "neuralign.curves": (
+            "Bezier",
+            "CurveEvaluation",
+            "CurvePAMResult",
+            "CurveResult",
+            "Line",
+            "PolyChain",
+            "evaluate_curve",
+            "evaluate_model",
+            "evaluate_plane",
+            "fit_curve",
+            "fit_curve_pam",
+            "reestimate_bn",
+        ),
+        "neuralign.optim": ("PAM", "PAMResult", "pam", "solve_assignment", "solve_qap"),
+        "neuralign.verification": ("VerificationReport", "check_equivalence", "verify_alignment"),
+    }.items()
+    for name in names
+}
+# the modules that ``import neuralign`` bound as attributes before its names were lazy
+_SUBMODULES = ("alignment", "attacks", "curves", "errors", "optim", "status", "verification")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # the import binds it here
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value  # later look-ups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})

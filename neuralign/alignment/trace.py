@@ -21,6 +21,7 @@ which tensor axis carries which group) and are only meaningful together.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import operator
@@ -127,6 +128,7 @@ _OPERATORS = {
 }  # fmt: skip
 
 
+@functools.cache  # built on first trace: torchvision.ops (imported here) costs a second at import
 def _function_table() -> dict[Any, str]:
     table: dict[Any, str] = dict(_OPERATORS)
     namespaces: list[Any] = [torch, F, torch.linalg, torch.special]
@@ -145,7 +147,6 @@ def _function_table() -> dict[Any, str]:
     return table
 
 
-_FUNCTIONS = _function_table()
 _TENSOR_ATTRS = {"T", "mT", "H", "mH", "data"}
 
 _ACTIVATION_MODULES = (
@@ -527,7 +528,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
             fields = list(n.args) + [n.kwargs[f] for f in n.target._fields[len(n.args) :] if f in n.kwargs]
             return _Seq(self._state(a) for a in fields) if len(fields) == len(value) else self._unknown(n, value)
         else:
-            name = _FUNCTIONS.get(n.target) if _hashable(n.target) else None
+            name = _function_table().get(n.target) if _hashable(n.target) else None
             if name == "getattr":
                 owner = self._value(n.args[0])
                 fields = getattr(type(owner), "_fields", None) or getattr(type(owner), "__match_args__", ())

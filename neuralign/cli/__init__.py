@@ -2,9 +2,30 @@
 
 :mod:`neuralign.cli.app` holds the entry point, :mod:`neuralign.cli.parser` the options, :mod:`neuralign.cli.commands`
 one module per command, :mod:`neuralign.cli.runfolder` the skip / resume / refuse policy of an output folder.
+:func:`main` answers ``neuralign --version`` before torch or the library is imported (building the full parser
+reads the study's settings) and hands every other command line to :func:`neuralign.cli.app.main`.
 """
 
-from neuralign.cli.app import main
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
 from neuralign.cli.parser import build_parser
 
 __all__ = ["build_parser", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``neuralign`` and ``python -m neuralign``; returns the exit status."""
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["--version"]:
+        # the full parser stops at a leading --version too, whatever follows: same output, same SystemExit(0)
+        from neuralign._version import __version__
+
+        version = argparse.ArgumentParser(prog="neuralign")
+        version.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+        version.parse_args(["--version"])
+    from neuralign.cli.app import main as run
+
+    return run(argv)

@@ -12,23 +12,18 @@ error and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed
 
 from neuralign import _distributed
-from neuralign.cli.commands.align import cmd_align, cmd_apply
-from neuralign.cli.commands.curve import cmd_curve
-from neuralign.cli.commands.evaluate import cmd_evaluate
-from neuralign.cli.commands.pam import cmd_pam
-from neuralign.cli.commands.study import cmd_study
-from neuralign.cli.commands.train import cmd_train
-from neuralign.cli.commands.verify import cmd_verify
 from neuralign.cli.common import one_line, parse_device, usable_cores, write_manifest
 from neuralign.cli.parser import build_parser
 from neuralign.cli.progress import ProgressBars
@@ -37,16 +32,25 @@ from neuralign.errors import NeuralignError
 __all__ = ["COMMANDS", "in_option_words", "warning_printer", "main"]
 
 
+def _command(module: str, name: str, **kwargs: bool) -> Callable[[argparse.Namespace, ProgressBars], list[Path]]:
+    """``neuralign.cli.commands.<module>.<name>``, imported when the command runs (not for every command)."""
+
+    def run(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
+        return getattr(importlib.import_module(f"neuralign.cli.commands.{module}"), name)(args, bars, **kwargs)
+
+    return run
+
+
 COMMANDS = {
-    "demo": lambda a, b: cmd_study(a, b, demo=True),
-    "study": cmd_study,
-    "train": cmd_train,
-    "align": cmd_align,
-    "apply": cmd_apply,
-    "curve": cmd_curve,
-    "pam": cmd_pam,
-    "evaluate": cmd_evaluate,
-    "verify": cmd_verify,
+    "demo": _command("study", "cmd_study", demo=True),
+    "study": _command("study", "cmd_study"),
+    "train": _command("train", "cmd_train"),
+    "align": _command("align", "cmd_align"),
+    "apply": _command("align", "cmd_apply"),
+    "curve": _command("curve", "cmd_curve"),
+    "pam": _command("pam", "cmd_pam"),
+    "evaluate": _command("evaluate", "cmd_evaluate"),
+    "verify": _command("verify", "cmd_verify"),
 }
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
-from neuralign.cli.common import parse_value, version
+import textwrap
 
 __all__ = ["add_common", "add_force", "add_data", "add_arch", "add_pair", "study_settings", "build_parser"]
 
@@ -29,6 +28,8 @@ def add_force(p: argparse.ArgumentParser) -> None:
 
 
 def add_data(p: argparse.ArgumentParser, *, required: bool = True, stats: bool = True) -> None:
+    from neuralign.cli.common import parse_value  # imports torch: not at module level (see cli/__init__)
+
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, default=None,
                    help="dataset: cifar10, cifar100, mnist, tinyimagenet, digits (shipped), an .npz file with "
@@ -73,6 +74,19 @@ def add_pair(p: argparse.ArgumentParser) -> None:
     add_arch(p, checkpoints=True)
 
 
+def _list_settings_in_help(p: argparse.ArgumentParser) -> None:
+    """End ``p``'s help with every study setting, read when the help is shown (reading them imports the study,
+    which a command line that only runs a command does not need)."""
+    shown = p.format_help
+
+    def format_help() -> str:
+        listed = textwrap.fill(study_settings(), width=100, initial_indent="  ", subsequent_indent="  ",
+                               break_on_hyphens=False)  # fmt: skip
+        return f"{shown()}\nstudy settings (--set PATH=VALUE):\n{listed}\n"
+
+    p.format_help = format_help  # type: ignore[method-assign]
+
+
 def study_settings() -> str:
     """The dotted paths of every study setting, read from :class:`StudyConfig` so that the help cannot drift from
     it."""
@@ -84,6 +98,8 @@ def study_settings() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``neuralign`` (also ``python -m neuralign``)."""
+    from neuralign.cli.common import version
+
     parser = argparse.ArgumentParser(
         prog="neuralign",
         description="Neuron alignment and mode connectivity (Tatro et al., NeurIPS 2020): train networks, align "
@@ -99,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "figures. Ends with the path of the report.")  # fmt: skip
     add_common(p, out="neuralign-demo")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a study setting, e.g. --set epochs=2 (see `neuralign study --help`)")  # fmt: skip
+                   help="override a study setting, e.g. --set train.epochs=2 (see `neuralign study --help`)")
 
     p = sub.add_parser("study", help="the paper's Table 1 protocol at any scale",
                        description="Train or load 2 x pairs end points, align each pair, fit the four curves of "
@@ -108,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "Presets: paper (the paper's settings, for GPUs), cpu (TinyTen on CIFAR-10 in about an hour "
                        "on 2 cores), demo; robust (adversarially trained end points, robust Unaligned and Aligned "
                        "curves, clean and robust accuracy along t; the paper's §4 settings, for GPUs) and "
-                       "robust-cpu (MLPs on MNIST on 2 cores). Any setting can be overridden with --set KEY=VALUE "
-                       "(settings: "
-                       f"{study_settings()}).")  # fmt: skip
+                       "robust-cpu (MLPs on MNIST on 2 cores). Any setting can be overridden with --set PATH=VALUE, "
+                       "the settings listed at the end (e.g. --set pam.lam=10 --set verification=false).")  # fmt: skip
+    _list_settings_in_help(p)
     add_common(p, out="neuralign-study")
     p.add_argument("--preset", choices=["paper", "cpu", "demo", "robust", "robust-cpu"], default="cpu",
                    help="starting settings (default: cpu)")

@@ -41,7 +41,7 @@ def test_version_and_study_settings_in_help_come_from_the_code(capsys):
     with pytest.raises(SystemExit):
         main(["study", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    listed = text.split("(settings: ", 1)[1].split(")", 1)[0].split(", ")
+    listed = text.split("study settings (--set PATH=VALUE): ", 1)[1].split(", ")
     assert listed == setting_paths(StudyConfig)
     assert {"pam.step.lr", "verification.value_ts", "verification.swap_trials", "robust.attack.eps"} <= set(listed)
     from neuralign.study import PRESETS

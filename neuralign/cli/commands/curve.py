@@ -28,8 +28,6 @@ __all__ = ["cmd_curve", "check_curve_ends", "export_point"]
 
 
 def cmd_curve(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
-    from neuralign.alignment import apply_permutation
-    from neuralign.curves import fit_curve
     from neuralign.experiments.checkpoints import WEIGHT_SUFFIXES
 
     device = parse_device(args.device)
@@ -53,6 +51,9 @@ def cmd_curve(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
                            checkpoints=[folder / "curve.ckpt"]) == "done"  # fmt: skip
         if fitted and args.export_point is None:
             return [folder / "curve.pt", folder / "curve.json"]
+    from neuralign.alignment import apply_permutation  # past the skip: a finished result costs only the start-up
+    from neuralign.curves import fit_curve
+
     data = load_command_data(args)
     a, b, meta_a, meta_b = load_endpoints(args, device, data)
     sd_b = state_of(b)

@@ -59,9 +59,6 @@ def pam_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_pam(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
-    from neuralign.alignment import save_permutation_file
-    from neuralign.curves import fit_curve_pam
-
     device = parse_device(args.device)
     out = Path(args.out)
     opts = pam_options(args)
@@ -74,6 +71,9 @@ def cmd_pam(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
                       words=_WORDS)  # fmt: skip
     if state == "done":
         return [out / "curve.pt", out / "perms.pt", out / "pam.json"]
+    from neuralign.alignment import save_permutation_file  # past the skip: a finished result costs only the start-up
+    from neuralign.curves import fit_curve_pam
+
     data = load_command_data(args)
     a, b, meta_a, meta_b = load_endpoints(args, device, data)
     init: Any = args.init

@@ -15,16 +15,16 @@ __all__ = ["cmd_train"]
 
 
 def cmd_train(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
-    from neuralign.curves import evaluate_model
-    from neuralign.experiments.models import build_model, builder_kwargs
-    from neuralign.experiments.training import train_model
-
     device = parse_device(args.device)
     out = Path(args.out)
     path = out / f"{args.arch}_seed{args.seed}.pt"
     options = command_options(args, "arch", "width", "seed", "epochs", "lr", "weight_decay", "model_arg", "num_classes")
     if check_run(args, "train", options, outputs=[path], checkpoints=[path.with_suffix(".ckpt")]) == "done":
         return [path]
+    from neuralign.curves import evaluate_model  # past the skip: a finished result costs only the start-up
+    from neuralign.experiments.models import build_model, builder_kwargs
+    from neuralign.experiments.training import train_model
+
     data = load_command_data(args)
     kwargs = {**builder_kwargs(args.arch, data.in_channels, data.image_size, width=args.width), **model_args(args)}
     model = build_model(args.arch, data.num_classes, generator=args.seed, **kwargs).to(device)

@@ -27,10 +27,10 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
 
 from neuralign.errors import DataError
 from neuralign.experiments.data.sources import SourceData
@@ -58,6 +58,13 @@ _SIZE_SAMPLE = 64
 # --- listing and decoding ------------------------------------------------------------------------------------------
 
 
+
+def _folder() -> Any:
+    """``torchvision.datasets.folder``, imported on first use (it costs about a second: not at ``import``)."""
+    from torchvision.datasets import folder
+
+    return folder
+
 def find_image_classes(directory: str | os.PathLike) -> tuple[str, ...]:
     """The class folders of an ``ImageFolder`` split: torchvision's ``find_classes`` less hidden folders.
 
@@ -65,7 +72,7 @@ def find_image_classes(directory: str | os.PathLike) -> tuple[str, ...]:
     none or ``directory`` is not a folder.
     """
     try:
-        classes, _ = find_classes(directory)
+        classes, _ = _folder().find_classes(directory)
     except FileNotFoundError:  # no sub-folder at all, or no such folder
         return ()
     return tuple(name for name in classes if not name.startswith("."))
@@ -81,7 +88,9 @@ def list_images(directory: str | os.PathLike, class_to_idx: Mapping[str, int]) -
     """
     if not class_to_idx:
         return []
-    return make_dataset(os.fspath(directory), dict(class_to_idx), extensions=IMG_EXTENSIONS, allow_empty=True)
+    folder = _folder()
+    return folder.make_dataset(os.fspath(directory), dict(class_to_idx), extensions=folder.IMG_EXTENSIONS,
+                               allow_empty=True)  # fmt: skip
 
 
 def decode_images(paths: Sequence[str | os.PathLike], origin: str, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -104,7 +113,7 @@ def decode_images(paths: Sequence[str | os.PathLike], origin: str, size: tuple[i
     out: np.ndarray | None = None
     for i, path in enumerate(paths):
         try:
-            rgb = pil_loader(path)
+            rgb = _folder().pil_loader(path)
             if size is not None and rgb.size != (size[1], size[0]):
                 rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
             array = np.asarray(rgb, dtype=np.uint8)
@@ -194,7 +203,7 @@ def load_tinyimagenet(root: Path, download: bool, *, explicit_folder: bool = Fal
             f"{TINYIMAGENET_URL}) or point root (--data-root) at the folder holding tiny-imagenet-200"
         )
     try:
-        wnids, classes = find_classes(folder / "train")
+        wnids, classes = _folder().find_classes(folder / "train")
     except FileNotFoundError:
         raise DataError(f"Tiny ImageNet under {str(folder)!r}: train/ holds no class folders") from None
     train_items = list_images(folder / "train", classes)
@@ -337,7 +346,7 @@ def _folder_items(split: Path, classes: Mapping[str, int] | None) -> tuple[list[
         names = tuple(classes)
     items = list_images(split, classes)
     if not items:
-        raise DataError(f"image folder {str(split)!r} holds no images ({', '.join(IMG_EXTENSIONS)})")
+        raise DataError(f"image folder {str(split)!r} holds no images ({', '.join(_folder().IMG_EXTENSIONS)})")
     return items, names
 
 
