@@ -35,13 +35,13 @@ from neuralign.alignment import align, trace_spec
 from neuralign.curves.pam import CurvePermutationProblem
 from neuralign.experiments.checkpoints import load_endpoint
 from neuralign.experiments.data import load_data
-from neuralign.optim import PAM, perm_to_matrix
+from neuralign.optim import PAM, BirkhoffStep, LinearizedStep, perm_to_matrix
 
 SCHEDULES = {
-    "full": ({"method": "linearized", "lam": 1000.0, "backtrack": True}, 8),
-    "bounded": ({"method": "linearized", "lam": 1000.0, "backtrack": True, "max_moved": 0.1, "p_steps": 10}, 8),
-    "birkhoff-0.05": ({"method": "birkhoff", "lam": 1000.0, "birkhoff_steps": 160, "birkhoff_lr": 0.05}, 1),
-    "birkhoff-1": ({"method": "birkhoff", "lam": 1000.0, "birkhoff_steps": 160, "birkhoff_lr": 1.0}, 1),
+    "full": (LinearizedStep(backtrack=True), 8),
+    "bounded": (LinearizedStep(backtrack=True, max_moved=0.1, p_steps=10), 8),
+    "birkhoff-0.05": (BirkhoffStep(steps=160, lr=0.05), 1),
+    "birkhoff-1": (BirkhoffStep(steps=160, lr=1.0), 1),
 }
 
 
@@ -71,14 +71,14 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     f_align = None
     for name in names:
-        options, gradient_batches = SCHEDULES[name]
+        step, gradient_batches = SCHEDULES[name]
         data.train.generator.manual_seed(0)
         problem = CurvePermutationProblem(a, a.state_dict(), b.state_dict(), spec, data.train, weight_decay=5e-4,
-                                          value_loader=data.train_eval, gradient_batches=gradient_batches,
+                                          heldout_loader=data.train_eval, gradient_batches=gradient_batches,
                                           generator=1)  # fmt: skip
         x0 = [torch.zeros(sum(problem.numels))]
         start = time.perf_counter()
-        solver = PAM(problem, x0, x_steps=0, generator=2, **options)
+        solver = PAM(problem, x0, method=step, lam=1000.0, x_steps=0, generator=2)
         if f_align is None:
             f_align = problem.value(x0, {g: perm_to_matrix(p, dtype=torch.float32) for g, p in reference.items()})
         moved = 0

@@ -1,6 +1,6 @@
 """neuralign: optimisation over permutations and curves for neuron alignment and mode connectivity.
 
-The library has four packages and one shared module, none of which imports :mod:`neuralign.experiments`:
+The library (five packages, none of which imports the top floor: ``experiments``, ``study``, ``cli``):
 
 - :mod:`neuralign.optim`: solvers over permutations and continuous variables (linear assignment, Birkhoff polytope,
   proximal alternating minimisation, QAP) that know nothing about neural networks;
@@ -12,9 +12,11 @@ The library has four packages and one shared module, none of which imports :mod:
   an alignment);
 - :mod:`neuralign.attacks`: L-infinity PGD against a network at given weights (robust end points and curves);
 
-and :mod:`neuralign.experiments` holds models, data, training recipes, the paper's study, the command line and
-reports. Reference: Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020,
-arXiv:2009.02439.
+and the top floor: :mod:`neuralign.experiments` (reusable tools: data, models, training recipes, checkpoint
+formats, the run-folder policy), :mod:`neuralign.study` (the paper's protocols, their results, report and plots, the
+job executors) and :mod:`neuralign.cli` (the ``neuralign`` command line). The layers and the rules between them are
+in the README's "Architecture" section and ``.importlinter``. Reference: Tatro et al., "Optimizing Mode Connectivity
+via Neuron Alignment", NeurIPS 2020, arXiv:2009.02439.
 
 The public names below are imported on first use (PEP 562), so that ``import neuralign`` and ``neuralign
 --version`` cost no torch; ``neuralign.__version__`` is always there.

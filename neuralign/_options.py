@@ -85,6 +85,11 @@ def _decode_option(value: Any, field: dataclasses.Field, owner: str) -> Any:
 class Options:
     """Base class of the frozen option dataclasses (see the module documentation)."""
 
+    def _check(self, name: str, check: Any, **bounds: Any) -> None:
+        """Validate the field ``name`` with ``check(value, name, **bounds)`` (a :mod:`neuralign._validate` helper)
+        and keep what it returns (``10`` for a float option becomes ``10.0``, a NumPy integer an ``int``)."""
+        object.__setattr__(self, name, check(getattr(self, name), name, **bounds))
+
     def to_dict(self) -> dict[str, Any]:
         """The options as a JSON-able dict (nested option objects as dicts)."""
         return {f.name: _encode(getattr(self, f.name), _choices(f)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]

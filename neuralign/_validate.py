@@ -82,6 +82,7 @@ def check_real(
     high_open: bool = False,
     allow_inf: bool = False,
     allow_none: bool = False,
+    hint: str = "",
 ) -> float | None:
     """``value`` as a ``float`` within the given bounds (``None`` passes with ``allow_none``; ``math.inf`` with
     ``allow_inf``; NaN never).
@@ -96,6 +97,7 @@ def check_real(
     if value is None and allow_none:
         return None
     expected = _real_range(low, high, low_open, high_open, not allow_inf) + (" or None" if allow_none else "")
+    expected += f" ({hint})" if hint else ""
     if not is_real(value):
         raise TypeError(f"`{name}` must be {expected}, got {type(value).__name__} {value!r}")
     number = float(value)

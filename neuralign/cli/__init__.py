@@ -1,9 +1,10 @@
 """The ``neuralign`` command line (also ``python -m neuralign``): thin commands over the library and the study.
 
-:mod:`neuralign.cli.app` holds the entry point, :mod:`neuralign.cli.parser` the options, :mod:`neuralign.cli.commands`
-one module per command, :mod:`neuralign.cli.runfolder` the skip / resume / refuse policy of an output folder.
-:func:`main` answers ``neuralign --version`` before torch or the library is imported (building the full parser
-reads the study's settings) and hands every other command line to :func:`neuralign.cli.app.main`.
+:mod:`neuralign.cli.app` holds the entry point, :mod:`neuralign.cli.parser` the option groups the commands share,
+:mod:`neuralign.cli.commands` one module per command (its sub-parser and its body, registered in the module's
+``COMMANDS``), :mod:`neuralign.cli.runfolder` the command's side of the run-folder policy (skip, resume, refuse).
+:func:`main` answers ``neuralign --version`` before torch or the library is imported and hands every other command
+line to :func:`neuralign.cli.app.main`.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import torch
 import torch.distributed
 
 from neuralign import _distributed
+from neuralign.cli.commands import COMMAND_MODULES
 from neuralign.cli.common import one_line, parse_device, usable_cores, write_manifest
 from neuralign.cli.parser import build_parser
 from neuralign.cli.progress import ProgressBars
@@ -32,26 +33,15 @@ from neuralign.errors import NeuralignError
 __all__ = ["COMMANDS", "in_option_words", "warning_printer", "main"]
 
 
-def _command(module: str, name: str, **kwargs: bool) -> Callable[[argparse.Namespace, ProgressBars], list[Path]]:
-    """``neuralign.cli.commands.<module>.<name>``, imported when the command runs (not for every command)."""
-
-    def run(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
-        return getattr(importlib.import_module(f"neuralign.cli.commands.{module}"), name)(args, bars, **kwargs)
-
-    return run
+#: Command name -> its body, filled by :func:`main` from the command modules' registries (which building the parser
+#: imported); entries set beforehand, e.g. by a test, are kept.
+COMMANDS: dict[str, Callable[[argparse.Namespace, ProgressBars], list[Path]]] = {}
 
 
-COMMANDS = {
-    "demo": _command("study", "cmd_study", demo=True),
-    "study": _command("study", "cmd_study"),
-    "train": _command("train", "cmd_train"),
-    "align": _command("align", "cmd_align"),
-    "apply": _command("align", "cmd_apply"),
-    "curve": _command("curve", "cmd_curve"),
-    "pam": _command("pam", "cmd_pam"),
-    "evaluate": _command("evaluate", "cmd_evaluate"),
-    "verify": _command("verify", "cmd_verify"),
-}
+def _register_commands() -> None:
+    for module in COMMAND_MODULES:  # imported by build_parser already
+        for name, (_, run) in importlib.import_module(f"neuralign.cli.commands.{module}").COMMANDS.items():
+            COMMANDS.setdefault(name, run)
 
 
 def in_option_words(text: str, parser: argparse.ArgumentParser, command: str) -> str:
@@ -127,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = warning_printer(parser, args.command)
             if args.command not in ("demo", "study"):  # a study keeps its own, richer manifest
                 write_manifest(args)
+            _register_commands()
             paths = COMMANDS[args.command](args, bars)
     except KeyboardInterrupt:
         bars.close()

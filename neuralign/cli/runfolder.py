@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,14 @@ def check_run(
     outputs: Sequence[Path],
     checkpoints: Sequence[Path] = (),
     words: dict[str, str] | None = None,
+    normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> str:
     """The command's run under the one run-folder policy (:class:`~neuralign.experiments.runfolder.RunFolder`):
     ``"done"`` (its ``outputs`` exist, made with these options: one line says it is skipped), ``"resume"`` (a
     checkpoint exists) or ``"start"``; with ``--force`` the outputs and checkpoints are removed (``"start"``).
     When the run goes on, ``options`` are recorded in the command's manifest, before any work. ``words`` maps
-    (dotted) option names to the command's options where they differ (``pam.max_iter`` -> ``--iters``).
+    (dotted) option names to the command's options where they differ (``pam.max_iter`` -> ``--iters``);
+    ``normalize`` reads recorded options of an older version (e.g. fills an option added since).
 
     Raises
     ------
@@ -36,6 +38,7 @@ def check_run(
         One line, if the outputs or the checkpoint were made with other options (naming them in option words).
     """
     folder = run_folder(args)
+    folder.normalize = normalize
     recorded = folder.recorded() or {}
 
     def refuse(state: str, changes: list[str]) -> str:

@@ -136,20 +136,20 @@ class CurvePAMOptions(Options):
         if not isinstance(self.step, (LinearizedStep, BirkhoffStep)):
             raise ValueError(f"`step` must be a LinearizedStep or a BirkhoffStep (the curve objective is not linear "
                              f"in P), got {self.step!r}")  # fmt: skip
-        check_real(self.lam, "lam", low=0.0, low_open=True, allow_inf=True)
-        check_int(self.max_iter, "max_iter", minimum=1)
-        check_real(self.tol, "tol", low=0.0)
-        check_int(self.x_epochs, "x_epochs", minimum=1)
-        check_real(self.mu, "mu", low=0.0, low_open=True, allow_none=True, allow_inf=True)
-        check_int(self.gradient_batches, "gradient_batches", minimum=1, allow_none=True)
-        check_int(self.value_batches, "value_batches", minimum=1)
+        self._check("lam", check_real, low=0.0, low_open=True, allow_inf=True)
+        self._check("max_iter", check_int, minimum=1)
+        self._check("tol", check_real, low=0.0)
+        self._check("x_epochs", check_int, minimum=1)
+        self._check("mu", check_real, low=0.0, low_open=True, allow_none=True, allow_inf=True)
+        self._check("gradient_batches", check_int, minimum=1, allow_none=True)
+        self._check("value_batches", check_int, minimum=1)
         ts = self.value_ts if isinstance(self.value_ts, (tuple, list)) else (self.value_ts,)
         object.__setattr__(self, "value_ts", tuple(check_real(t, "value_ts", low=0.0, high=1.0) for t in ts))
         if not self.value_ts:
             raise ValueError("`value_ts` must be a non-empty sequence of times in [0, 1], got ()")
-        check_int(self.swap_trials, "swap_trials", minimum=0)
-        check_real(self.swap_alpha, "swap_alpha", low=0.0, high=1.0, low_open=True, high_open=True)
-        check_real(self.swap_min_improvement, "swap_min_improvement", low=0.0)
+        self._check("swap_trials", check_int, minimum=0)
+        self._check("swap_alpha", check_real, low=0.0, high=1.0, low_open=True, high_open=True)
+        self._check("swap_min_improvement", check_real, low=0.0)
 
 
 
@@ -733,10 +733,10 @@ def _curve_pam_options(options: CurvePAMOptions | None, overrides: dict[str, Any
     opts = resolve_options(CurvePAMOptions, options, own, where="fit_curve_pam")
     if legacy:
         method = legacy.pop("method", None)
-        base = opts.step if method is None else CurvePAMOptions().replace(step=method).step
         if method is not None:
             warnings.warn("fit_curve_pam(): `method` is deprecated since neuralign 0.2; use `step`",
                           DeprecationWarning, stacklevel=3)  # fmt: skip
+        base = opts.step if method is None else CurvePAMOptions().replace(step=method).step
         opts = opts.replace(step=p_step(base, **legacy) if legacy else base)
     return opts
 

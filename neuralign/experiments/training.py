@@ -69,9 +69,9 @@ class TrainingOptions(Options):
     schedule: str = "paper"
 
     def __post_init__(self) -> None:
-        check_int(self.epochs, "epochs", minimum=1)
-        check_real(self.lr, "lr", low=0.0, low_open=True)
-        check_real(self.weight_decay, "weight_decay", low=0.0)
+        self._check("epochs", check_int, minimum=1)
+        self._check("lr", check_real, low=0.0, low_open=True)
+        self._check("weight_decay", check_real, low=0.0)
         check_choice(self.schedule, "schedule", LR_SCHEDULES)
 
     def lr_lambda(self) -> Callable[[int], float]:

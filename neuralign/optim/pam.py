@@ -154,9 +154,9 @@ class LinearizedStep(Options):
 
     def __post_init__(self) -> None:
         check_bool(self.backtrack, "backtrack")
-        check_int(self.max_backtracks, "max_backtracks", minimum=0)
-        check_real(self.max_moved, "max_moved", low=0.0, high=1.0, low_open=True, allow_none=True)
-        check_int(self.p_steps, "p_steps", minimum=1)
+        self._check("max_backtracks", check_int, minimum=0)
+        self._check("max_moved", check_real, low=0.0, high=1.0, low_open=True, allow_none=True)
+        self._check("p_steps", check_int, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -203,10 +203,10 @@ class BirkhoffStep(Options):
     prox: float | None = None
 
     def __post_init__(self) -> None:
-        check_int(self.steps, "steps", minimum=1)
-        check_real(self.lr, "lr", low=0.0, low_open=True, allow_none=True)
-        check_int(self.samples, "samples", minimum=0)
-        check_real(self.prox, "prox", low=0.0, low_open=True, allow_none=True, allow_inf=True)
+        self._check("steps", check_int, minimum=1)
+        self._check("lr", check_real, low=0.0, low_open=True, allow_none=True)
+        self._check("samples", check_int, minimum=0)
+        self._check("prox", check_real, low=0.0, low_open=True, allow_none=True, allow_inf=True)
 
 
 #: A P-step of :class:`PAM` and its options.
@@ -634,8 +634,8 @@ class PAM:
                 f"{type(problem).__name__} does not (use method='linearized')"
             )
         self.problem = problem
-        self.lam = check_real(lam, "lam", low=0.0, low_open=True, allow_inf=True)
-        self.mu = check_real(mu, "mu", low=0.0, low_open=True, allow_inf=True)
+        self.lam = check_real(lam, "lam", low=0.0, low_open=True, allow_inf=True, hint="math.inf for no proximal term")
+        self.mu = check_real(mu, "mu", low=0.0, low_open=True, allow_inf=True, hint="math.inf for no proximal term")
         self.x_steps = check_int(x_steps, "x_steps", minimum=0)
         if self.method == "birkhoff" and self.step_options.lr is None and math.isinf(self.lam):
             raise ValueError("method 'birkhoff' needs a finite step: set BirkhoffStep(lr=...) when `lam` is inf")

@@ -98,10 +98,10 @@ class DataOptions(Options):
         if not isinstance(self.dataset, str) or not self.dataset:
             raise TypeError(f"`dataset` must be a dataset name or path, got {self.dataset!r}")
         check_bool(self.download, "download")
-        check_int(self.batch_size, "batch_size", minimum=1)
+        self._check("batch_size", check_int, minimum=1)
         for name in ("train_size", "test_size", "align_size"):
             _size(getattr(self, name), name)
-        check_int(self.resize, "resize", minimum=1, allow_none=True)
+        self._check("resize", check_int, minimum=1, allow_none=True)
         object.__setattr__(self, "mean", _floats(self.mean, "mean"))
         object.__setattr__(self, "std", _floats(self.std, "std"))
 
@@ -133,11 +133,11 @@ class ModelOptions(Options):
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or not self.arch:
             raise TypeError(f"`arch` must be an architecture name, got {self.arch!r}")
-        check_real(self.width, "width", low=0.0, low_open=True, allow_none=True)
+        self._check("width", check_real, low=0.0, low_open=True, allow_none=True)
         if self.hidden is not None:
             hidden = self.hidden if isinstance(self.hidden, (tuple, list)) else (self.hidden,)
             object.__setattr__(self, "hidden", tuple(check_int(h, "hidden", minimum=1) for h in hidden))
-        check_int(self.num_classes, "num_classes", minimum=1, allow_none=True)
+        self._check("num_classes", check_int, minimum=1, allow_none=True)
         if self.args is not None:
             if not isinstance(self.args, Mapping):
                 raise TypeError(f"`args` must be a dict of builder arguments, got {type(self.args).__name__}")
@@ -166,8 +166,8 @@ class EvaluationOptions(Options):
     plane_grid: int = 17
 
     def __post_init__(self) -> None:
-        check_int(self.num_points, "num_points", minimum=2)
-        check_int(self.max_bn_batches, "max_bn_batches", minimum=1, allow_none=True)
+        self._check("num_points", check_int, minimum=2)
+        self._check("max_bn_batches", check_int, minimum=1, allow_none=True)
         if check_int(self.plane_grid, "plane_grid", minimum=0) == 1:
             raise ValueError("`plane_grid` must be 0 (no plane) or at least 2, got 1")
 
@@ -260,9 +260,9 @@ class StudyConfig(Options):
     robust: RobustOptions | None = nested(RobustOptions, optional=True, default=None)
 
     def __post_init__(self) -> None:
-        check_int(self.pairs, "pairs", minimum=1)
-        check_int(self.seed, "seed")
-        check_int(self.max_batches, "max_batches", minimum=1, allow_none=True)
+        self._check("pairs", check_int, minimum=1)
+        self._check("seed", check_int)
+        self._check("max_batches", check_int, minimum=1, allow_none=True)
         settings = (self.settings,) if isinstance(self.settings, str) else tuple(self.settings)
         unknown = [s for s in settings if s not in SETTINGS]
         if unknown or not settings:
@@ -317,26 +317,27 @@ class StudyConfig(Options):
         if changes:
             config = super().replace(**changes)
         for name, value in legacy.items():
-            config = config.set(name, value)
+            config = config.set(name, value, _stacklevel=3)
         return config
 
     def attack(self) -> PGD | None:
         """The study's attack, or None for a standard study."""
         return None if self.robust is None else self.robust.attack
 
-    def set(self, path: str, value: Any) -> StudyConfig:
+    def set(self, path: str, value: Any, *, _stacklevel: int = 2) -> StudyConfig:
         """A copy with the setting at the dotted ``path`` changed (``"pam.lam"``, ``"verification"``); a flat name
         of before 0.2 (:data:`LEGACY_NAMES`) is translated with a :class:`DeprecationWarning`.
 
         Raises
         ------
-        ValueError
-            For an unknown path (names the known settings there) or a value the setting refuses.
+        TypeError, ValueError
+            For an unknown path (names the known settings there) or a value the setting refuses (names the
+            setting by its path: "`pam.lam` must be a number > 0 ...").
         """
         if path in LEGACY_NAMES and path not in _FIELDS:
             new = LEGACY_NAMES[path]
             warnings.warn(f"the study setting {path!r} is {_shown(new)!r} since neuralign 0.2", DeprecationWarning,
-                          stacklevel=2)  # fmt: skip
+                          stacklevel=_stacklevel)  # fmt: skip
             return _set_legacy(self, path, value)
         if path in ("verification", "robust") and not isinstance(value, (Options, Mapping)) and value is not None:
             kind = VerificationOptions if path == "verification" else RobustOptions
@@ -344,13 +345,19 @@ class StudyConfig(Options):
                 raise TypeError(f"`{path}` must be true, false or {kind.__name__} settings, got {value!r}")
             current = getattr(self, path)  # on (with its defaults when it was off), or off
             value = (current if current is not None else kind()) if value else None
-        return set_path(self, path, value)
+        try:
+            return set_path(self, path, value)
+        except (TypeError, ValueError) as exc:
+            leaf, message = path.rsplit(".", 1)[-1], str(exc)
+            if "." in path and message.startswith(f"`{leaf}`"):  # say which `lam`: pam's or verification's
+                raise type(exc)(f"`{path}`{message[len(leaf) + 2:]}") from None
+            raise
 
     def apply(self, settings: Mapping[str, Any]) -> StudyConfig:
         """A copy with every ``{path: value}`` of ``settings`` set, in order (see :meth:`set`)."""
         config = self
         for path, value in settings.items():
-            config = config.set(path, value)
+            config = config.set(path, value, _stacklevel=3)
         return config
 
     @classmethod
@@ -399,7 +406,7 @@ def _set_legacy(config: StudyConfig, name: str, value: Any) -> StudyConfig:
     if name.startswith("pam_birkhoff") and config.pam.step.method != "birkhoff":
         return config  # before 0.2 the Birkhoff settings were kept (unused) with the linearised step
     for path in (new,) if isinstance(new, str) else new:
-        config = set_path(config, path, value)
+        config = config.set(path, value)
     return config
 
 

@@ -758,16 +758,16 @@ class VerificationOptions(Options):
                             ("n_control_swaps", 0), ("n_cycles", 0), ("screen_examples", 1), ("screen_pairs", 1),
                             ("refit_epochs", 0), ("value_batches", 2), ("gradient_batches", 1),
                             ("gradient_check_examples", 1)):  # fmt: skip
-            object.__setattr__(self, name, check_int(getattr(self, name), name, minimum=least))
+            self._check(name, check_int, minimum=least)
         for name in ("alpha", "reassign_threshold"):
-            check_real(getattr(self, name), name, low=0.0, high=1.0, low_open=True, high_open=True)
+            self._check(name, check_real, low=0.0, high=1.0, low_open=True, high_open=True)
         for name in ("min_improvement", "alignment_tol", "weight_decay"):
-            check_real(getattr(self, name), name, low=0.0)
+            self._check(name, check_real, low=0.0)
         for name in ("lam", "max_relative_error"):
-            check_real(getattr(self, name), name, low=0.0, low_open=True)
-        check_real(self.certificate_lam, "certificate_lam", low=0.0, low_open=True, allow_none=True)
+            self._check(name, check_real, low=0.0, low_open=True)
+        self._check("certificate_lam", check_real, low=0.0, low_open=True, allow_none=True)
         check_bool(self.backtrack, "backtrack")
-        check_real(self.min_slope, "min_slope", low=1.0, high=2.0, low_open=True)
+        self._check("min_slope", check_real, low=1.0, high=2.0, low_open=True)
         ts = self.value_ts if isinstance(self.value_ts, (tuple, list)) else (self.value_ts,)
         if not ts:
             raise ValueError("`value_ts` must be a non-empty sequence of times in [0, 1], got ()")

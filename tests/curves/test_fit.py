@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from neuralign._utils import stable_seed
 from neuralign.curves import Bezier, Line, PolyChain, evaluate_curve, fit_curve, paper_lr_factor
 from neuralign.errors import CheckpointError, NonFiniteError, ShapeMismatchError
+from neuralign.status import Status
 from tests.conftest import shared_data
 
 
@@ -117,10 +118,10 @@ def test_callback_can_stop_and_max_batches_limits_epochs() -> None:
     model = small_net(0)
     a, b = params_of(model), params_of(small_net(1))
     result = fit_curve(
-        model, a, b, toy_batches(5), epochs=10, generator=0, max_batches_per_epoch=2,
+        model, a, b, toy_batches(5), epochs=10, generator=0, max_batches=2,
         callback=lambda r: r["epoch"] == 1,
     )
-    assert result.status == 1 and not result.converged and result.n_iter == 2
+    assert result.status == Status.CALLBACK == 2 and not result.converged and result.n_iter == 2
     assert "stopped by the callback after epoch 1" in result.message
     assert all(r["batches"] == 2 for r in result.history)
 
@@ -192,11 +193,11 @@ def test_checkpoint_of_another_fit_is_refused(tmp_path) -> None:
     path = tmp_path / "fit.pt"
     fit_curve(model, a, b, toy_batches(2), epochs=1, generator=0, checkpoint=path)
     other_b = params_of(small_net(2))
-    with pytest.raises(CheckpointError, match="belongs to another fit: its end points differ"):
+    with pytest.raises(CheckpointError, match="belongs to another run: its end points entry differs from this run's"):
         fit_curve(model, a, other_b, toy_batches(2), epochs=2, checkpoint=path)
-    with pytest.raises(CheckpointError, match="belongs to another fit: its weight_decay is 0.0005"):
+    with pytest.raises(CheckpointError, match="belongs to another run: its weight_decay is 0.0005"):
         fit_curve(model, a, b, toy_batches(2), epochs=2, weight_decay=0.0, checkpoint=path)
-    with pytest.raises(CheckpointError, match="belongs to another fit: its family is 'bezier'"):
+    with pytest.raises(CheckpointError, match="belongs to another run: its family is 'bezier'"):
         fit_curve(model, a, b, toy_batches(2), epochs=2, curve="polychain", checkpoint=path)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="could not be read"):
@@ -381,5 +382,5 @@ def test_interrupted_robust_fit_resumes_bit_for_bit(tmp_path) -> None:
         for k in want:
             assert torch.equal(got[k], want[k]), k
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
-    with pytest.raises(CheckpointError, match="belongs to another fit: its adversarial is .*'eps': 0.1"):
+    with pytest.raises(CheckpointError, match="belongs to another run: its adversarial is .*'eps': 0.1"):
         fit_curve(model, a, b, unit_box_loader(), checkpoint=path, epochs=3, generator=123)

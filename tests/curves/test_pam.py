@@ -129,9 +129,13 @@ def test_resume_after_interrupt_equals_uninterrupted(planted, tmp_path):
 def test_bad_input(planted):
     a, spec, p, b_state, batches = planted
     sd = a.state_dict()
-    with pytest.raises(ValueError, match="unknown method 'exact'; expected one of"):
+    with pytest.raises(ValueError, match=r"unknown CurvePAMOptions.step 'exact'; expected one of \['birkhoff', "
+                                         r"'linearized'\]"):  # fmt: skip
+        fit_curve_pam(a, sd, b_state, batches, step="exact", spec=spec)
+    with pytest.warns(DeprecationWarning, match="`method` is deprecated since neuralign 0.2; use `step`"), \
+            pytest.raises(ValueError, match=r"unknown CurvePAMOptions.step 'exact'"):  # fmt: skip
         fit_curve_pam(a, sd, b_state, batches, method="exact", spec=spec)
-    with pytest.raises(ValueError, match="`x_epochs` must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="`x_epochs` must be a positive int, got 0"):
         fit_curve_pam(a, sd, b_state, batches, x_epochs=0, spec=spec)
     with pytest.raises(ValueError, match="init='alignment' needs `align_loader`"):
         fit_curve_pam(a, sd, b_state, batches, init="alignment", spec=spec)

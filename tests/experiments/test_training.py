@@ -62,7 +62,7 @@ def test_bad_input(data, tmp_path):
         train_model(_model(), [], epochs=1)
     path = tmp_path / "other.pt"
     train_model(build_model("mlp", 10, in_features=64, hidden=(8,)), data.train, epochs=1, checkpoint=path,
-                max_batches_per_epoch=1)  # fmt: skip
+                max_batches=1)  # fmt: skip
     with pytest.raises(CheckpointError, match="belongs to another model"):
         train_model(_model(), data.train, epochs=2, checkpoint=path)
     with pytest.raises(NonFiniteError, match="training loss is nan"):
@@ -108,7 +108,7 @@ def test_robust_training_resumes_bit_for_bit(raw_data, tmp_path):
     torch.manual_seed(3)
     other = train_model(_model(), loader, generator=12, **options)
     assert any(not torch.equal(v, reference.state_dict[k]) for k, v in other.state_dict.items())
-    with pytest.raises(CheckpointError, match="was written with adversarial=.*this run has None"):
+    with pytest.raises(CheckpointError, match="belongs to another run: its adversarial is .*this run's is None"):
         train_model(_model(), loader, epochs=3, checkpoint=path)
 
 
@@ -139,12 +139,12 @@ def test_robust_mlps_on_mnist_are_far_more_robust_than_standard_ones():
 
 
 def test_training_with_short_epochs_resumes_bit_for_bit(data, tmp_path):
-    # an epoch cut short by max_batches_per_epoch must not leave the loader's mid-epoch state in the checkpoint
+    # an epoch cut short by max_batches must not leave the loader's mid-epoch state in the checkpoint
     # (the resumed run would replay the rest of the cut epoch, or find it empty)
     loader = data.train
     loader.generator.manual_seed(7)
     torch.manual_seed(3)  # dropout
-    reference = train_model(_model(), loader, epochs=3, max_batches_per_epoch=3)
+    reference = train_model(_model(), loader, epochs=3, max_batches=3)
     loader.generator.manual_seed(7)
     torch.manual_seed(3)
     path = tmp_path / "short.pt"
@@ -154,9 +154,9 @@ def test_training_with_short_epochs_resumes_bit_for_bit(data, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_model(_model(), loader, epochs=3, max_batches_per_epoch=3, checkpoint=path, callback=stop_after_one)
+        train_model(_model(), loader, epochs=3, max_batches=3, checkpoint=path, callback=stop_after_one)
     loader.generator.manual_seed(99)
-    resumed = train_model(_model(), loader, epochs=3, max_batches_per_epoch=3, checkpoint=path)
+    resumed = train_model(_model(), loader, epochs=3, max_batches=3, checkpoint=path)
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
     for k, v in reference.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[k], v, rtol=0, atol=0)
@@ -165,7 +165,7 @@ def test_training_with_short_epochs_resumes_bit_for_bit(data, tmp_path):
 def test_standard_training_draws_nothing_more_from_the_global_rng(data):
     # the attack's generator exists only with an attack: standard runs keep the global RNG stream they had
     torch.manual_seed(5)
-    train_model(_model(), data.train, epochs=1, max_batches_per_epoch=1)
+    train_model(_model(), data.train, epochs=1, max_batches=1)
     after = torch.get_rng_state()
     torch.manual_seed(5)
     model = _model()

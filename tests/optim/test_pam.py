@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from neuralign.errors import ConvergenceWarning, NonFiniteError
 from neuralign.optim import (
     PAM,
+    BirkhoffStep,
     FunctionProblem,
+    LinearizedStep,
     PermutationProblem,
     is_permutation,
     pam,
@@ -167,7 +169,8 @@ def test_p_step_returns_valid_tied_permutations(seed, n, method, lam):
         return C  # only used by "exact" (a different problem than loss, but a linear one)
 
     prob = FunctionProblem(sizes, loss, ties=ties, linear_cost=linear_cost, dtype=DT)
-    solver = PAM(prob, [], method=method, lam=lam, birkhoff_steps=3, birkhoff_samples=4, generator=seed)
+    step = BirkhoffStep(steps=3, samples=4) if method == "birkhoff" else method
+    solver = PAM(prob, [], method=step, lam=lam, generator=seed)
     for _ in range(3):
         state = solver.step()
         for k, m in sizes.items():
@@ -216,8 +219,7 @@ def test_birkhoff_rounding_never_accepts_a_worse_candidate():
     C = torch.randn(n, n, generator=g, dtype=DT)
     prob = FunctionProblem({"p": n}, lambda x, P: (C * P["p"]).sum(), gradient_p=lambda x, P: {"p": -C}, dtype=DT)
     start = solve_assignment(C).perm  # the optimum: every other candidate is worse
-    res = pam(prob, [], {"p": start}, method="birkhoff", lam=0.5, birkhoff_steps=5, birkhoff_samples=16,
-              generator=0, max_iter=4)
+    res = pam(prob, [], {"p": start}, method=BirkhoffStep(steps=5, samples=16), lam=0.5, generator=0, max_iter=4)
     assert res.perms["p"].tolist() == start.tolist()
     assert res.history == [res.history[0]] * 2
     assert res.converged and res.n_iter == 1
@@ -229,8 +231,8 @@ def test_birkhoff_monotone_and_improves_on_qap(seed):
     sizes = {"p": 7}
     prob = QuadraticPermProblem(sizes, {}, g, linear_scale=10.0)
     worst = solve_assignment(prob.C["p"], maximize=True).perm  # a poor start that the linear part pulls away from
-    res = pam(prob, [], {"p": worst}, method="birkhoff", lam=0.05, birkhoff_steps=10,
-              birkhoff_samples=8, generator=seed, max_iter=8, tol=0.0)
+    res = pam(prob, [], {"p": worst}, method=BirkhoffStep(steps=10, samples=8), lam=0.05, generator=seed,
+              max_iter=8, tol=0.0)
     h = torch.tensor(res.history)
     assert bool((h[1:] <= h[:-1] + SLACK).all())
     assert res.fun < res.history[0]
@@ -265,9 +267,9 @@ def test_resume_from_state_dict_equals_uninterrupted_run(method):
     def build(seed):
         gen = torch.Generator().manual_seed(seed)
         prob = NoisyProblem(gen)
-        return PAM(prob, [torch.ones(3, dtype=DT)], method=method, lam=0.3, x_steps=3, generator=gen,
-                   x_optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), birkhoff_steps=4,
-                   birkhoff_samples=6)
+        step = BirkhoffStep(steps=4, samples=6) if method == "birkhoff" else method
+        return PAM(prob, [torch.ones(3, dtype=DT)], method=step, lam=0.3, x_steps=3, generator=gen,
+                   x_optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
 
     full = build(11)
     for _ in range(6):
@@ -361,15 +363,17 @@ def test_option_errors():
     with pytest.raises(ValueError, match=r"unknown method 'newton'; expected one of \['birkhoff', 'exact', "
                                          r"'linearized'\]"):
         PAM(prob, method="newton")
-    with pytest.raises(ValueError, match=r"`lam` must be a positive number \(math.inf for no proximal term\), got 0.0"):
+    with pytest.raises(ValueError, match=r"^`lam` must be a number > 0 \(math.inf for no proximal term\), got 0$"):
         PAM(prob, lam=0)
-    with pytest.raises(ValueError, match=r"`lam` must be a positive number.*got -1.0"):
+    with pytest.raises(ValueError, match=r"`lam` must be a number > 0.*got -1.0"):
         PAM(prob, lam=-1.0)
-    with pytest.raises(ValueError, match=r"`mu` must be a positive number \(math.inf for no proximal term\), got 0.0"):
+    with pytest.raises(ValueError, match=r"^`mu` must be a number > 0 \(math.inf for no proximal term\), got 0.0$"):
         PAM(prob, mu=0.0)
+    with pytest.raises(ValueError, match=r"^`lam` must be a number > 0 \(math.inf for no proximal term\), got nan$"):
+        PAM(prob, lam=math.nan)
     with pytest.raises(ValueError, match=r"method 'exact' needs a problem linear in P that defines linear_cost"):
         PAM(no_lin, method="exact")
-    with pytest.raises(ValueError, match=r"`x_steps` must be a nonnegative int, got -1"):
+    with pytest.raises(ValueError, match=r"^`x_steps` must be an int >= 0, got -1$"):
         PAM(prob, x_steps=-1)
     with pytest.raises(TypeError, match=r"`problem` must be a PermutationProblem, got dict"):
         PAM({"p": 2})
@@ -379,7 +383,8 @@ def test_option_errors():
         PAM(prob, [], {"q": torch.tensor([0, 1])})
     with pytest.raises(TypeError, match=r"`x0\[0\]` must be a floating-point tensor, got torch.int64"):
         PAM(prob, [torch.tensor([1, 2])])
-    with pytest.raises(ValueError, match=r"method 'birkhoff' needs a finite step: set `birkhoff_lr` when `lam` is inf"):
+    with pytest.raises(ValueError, match=r"method 'birkhoff' needs a finite step: set BirkhoffStep\(lr=...\) when "
+                                         r"`lam` is inf"):  # fmt: skip
         PAM(prob, method="birkhoff", lam=math.inf)
     tied = FunctionProblem({"a": 2, "b": 2}, lambda x, P: P["a"].sum(), ties={"b": "a"})
     with pytest.raises(ValueError, match=r"`perms0` gives tied groups `b` and `a` different permutations"):
@@ -507,7 +512,7 @@ def test_backtracking_keeps_the_objective_from_increasing_for_any_lam(seed, n):
     prob = QuadraticPermProblem(sizes, {}, g, linear_scale=1.0)
     start = random_perms(sizes, g)
     plain = PAM(prob, [], start, lam=1e6)
-    tracked = PAM(prob, [], start, lam=1e6, backtrack=True)
+    tracked = PAM(prob, [], start, method=LinearizedStep(backtrack=True), lam=1e6)
     for _ in range(5):
         f_old = tracked.history[-1]
         tracked.step()
@@ -568,7 +573,7 @@ def test_bounded_moves_per_linearized_step_and_monotone_objective(seed, n, frac,
     sizes = {"a": n, "b": n + 3}
     prob = QuadraticPermProblem(sizes, {}, g, linear_scale=1.0)
     start = random_perms(sizes, g)
-    solver = PAM(prob, [], start, lam=1e6, max_moved=frac, p_steps=p_steps, backtrack=True)
+    solver = PAM(prob, [], start, method=LinearizedStep(max_moved=frac, p_steps=p_steps, backtrack=True), lam=1e6)
     steps: list[tuple[int, int, int]] = []  # (units moved, limit, units moved by a 1e-6 smaller step)
     bounded = solver._bounded_lam
 
@@ -599,19 +604,37 @@ def test_bounded_moves_take_smaller_steps_than_the_full_linearized_step():
     start = random_perms({"a": 10}, g)
     full = PAM(prob, [], start, lam=1e6)
     full.step()
-    bounded = PAM(prob, [], start, lam=1e6, max_moved=0.2)
+    bounded = PAM(prob, [], start, method=LinearizedStep(max_moved=0.2), lam=1e6)
     bounded.step()
     assert full.changed["a"][-1] > 2
     assert 0 < bounded.changed["a"][-1] <= 2
 
 
 def test_bounded_move_options_are_validated():
+    with pytest.raises(ValueError, match=r"^`max_moved` must be a finite number in \(0, 1\] or None, got 0$"):
+        LinearizedStep(max_moved=0)
+    with pytest.raises(ValueError, match=r"^`max_moved` must be a finite number in \(0, 1\] or None, got 1.5$"):
+        LinearizedStep(max_moved=1.5)
+    with pytest.raises(ValueError, match=r"^`p_steps` must be a positive int, got 0$"):
+        LinearizedStep(p_steps=0)
+    with pytest.raises(ValueError, match=r"^`steps` must be a positive int, got 0$"):
+        BirkhoffStep(steps=0)
+    with pytest.raises(ValueError, match=r"unknown method 'newton'; expected one of \['birkhoff', 'exact', "
+                                         r"'linearized'\] or a step object"):  # fmt: skip
+        PAM(linear_problem()[1], method="newton")
+
+
+def test_the_step_keywords_of_0_1_still_work_with_a_warning():
     _, prob = linear_problem()
-    with pytest.raises(ValueError, match=r"`max_moved` must be a fraction in \(0, 1\], got 0"):
+    with pytest.warns(DeprecationWarning, match=r"the P-step keywords \['max_moved', 'p_steps'\] are deprecated "
+                                                r"since neuralign 0.2: pass method=LinearizedStep\(max_moved=...,"):
+        solver = PAM(prob, max_moved=0.5, p_steps=2)
+    assert solver.step_options == LinearizedStep(max_moved=0.5, p_steps=2)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"`max_moved` must be a finite number"):
         PAM(prob, max_moved=0)
-    with pytest.raises(ValueError, match=r"`max_moved` must be a fraction in \(0, 1\], got 1.5"):
-        PAM(prob, max_moved=1.5)
-    with pytest.raises(ValueError, match=r"`p_steps` must be at least 1"):
-        PAM(prob, p_steps=0)
-    with pytest.raises(ValueError, match=r"`max_moved` and `p_steps` apply to method 'linearized', not 'exact'"):
+    # a keyword of another method is refused, naming both
+    with pytest.raises(ValueError, match=r"^`max_moved` applies to method 'linearized', not 'exact'$"):
         PAM(prob, method="exact", max_moved=0.5)
+    with pytest.warns(DeprecationWarning):
+        birkhoff = PAM(prob, method="birkhoff", birkhoff_steps=3, birkhoff_lr=0.5)
+    assert birkhoff.step_options == BirkhoffStep(steps=3, lr=0.5)

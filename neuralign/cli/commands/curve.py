@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed
 
+from neuralign import _json
 from neuralign._utils import atomic_write_text
 from neuralign.cli.common import (
     load_alignment,
@@ -20,11 +21,12 @@ from neuralign.cli.common import (
     sgd_optimizer,
     state_of,
 )
+from neuralign.cli.parser import add_common, add_data, add_force, add_pair
 from neuralign.cli.progress import ProgressBars
 from neuralign.cli.runfolder import announce_resume, check_run, command_options
 from neuralign.errors import CheckpointError
 
-__all__ = ["cmd_curve", "check_curve_ends", "export_point"]
+__all__ = ["cmd_curve", "check_curve_ends", "export_point", "COMMANDS"]
 
 
 def cmd_curve(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
@@ -77,7 +79,7 @@ def cmd_curve(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
                         epochs=args.epochs, optimizer=sgd_optimizer(args.lr), weight_decay=args.weight_decay,
                         generator=args.seed, callback=on_epoch, checkpoint=folder / "curve.ckpt")  # fmt: skip
         curve = res.curve
-        history = json.dumps({"history": res.history, "message": res.message, "options": options}, indent=1)
+        history = _json.dumps({"history": res.history, "message": res.message, "options": options})
         p2 = atomic_write_text(folder / "curve.json", history)
         curve.save(folder / "curve.pt")  # last: its presence marks the command as done
         (folder / "curve.ckpt").unlink(missing_ok=True)
@@ -110,3 +112,33 @@ def export_point(model: torch.nn.Module, curve, t: float, data, bn_batches: int 
     if missing:
         raise CheckpointError(f"the curve lacks the entries {missing[:3]} of the model")
     return write_weights(out, {k: state[k] for k in order}, metadata={"neuralign_curve_t": repr(t)})
+
+
+def add_curve_parser(sub: Any) -> None:
+    """The sub-parser of ``neuralign curve``."""
+    p = sub.add_parser("curve", help="fit a curve between two end points",
+                       description="Fit a quadratic Bezier (or polygonal chain) between A and B, or B aligned by "
+                       "--perms; writes curve.pt and curve.json.")  # fmt: skip
+    add_common(p, out="neuralign-curve")
+    add_pair(p)
+    add_data(p)
+    p.add_argument("--perms", default=None, help="alignment.pt to apply to B first (an aligned curve)")
+    p.add_argument("--curve", choices=["bezier", "polychain"], default="bezier", help="family (default: bezier)")
+    p.add_argument("--export-point", type=float, default=None, metavar="T",
+                   help="write the network at t=T of the curve, with batch-norm statistics re-estimated on the "
+                        "training data, to --out, which is then a file (.safetensors, .pt or .pth); the fitted "
+                        "curve's files go next to it")  # fmt: skip
+    p.add_argument("--from", dest="source", default=None, metavar="CURVE",
+                   help="with --export-point: export from this curve.pt instead of fitting one")
+    p.add_argument("--bn-batches", type=int, default=None,
+                   help="batches of the batch-norm re-estimation of --export-point (default: all)")  # fmt: skip
+    add_force(p)
+    p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
+    p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on w(t) (default: 5e-4)")
+
+
+# the commands of this module: name -> (add its sub-parser, run it)
+COMMANDS = {
+    "curve": (add_curve_parser, cmd_curve),
+}

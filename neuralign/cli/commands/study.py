@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from neuralign import _distributed
 from neuralign.cli.common import model_args, parse_device, parse_floats, parse_overrides, table
+from neuralign.cli.parser import add_common, add_data, list_settings_in_help
 from neuralign.cli.progress import ProgressBars
 
-__all__ = ["cmd_study", "print_status", "stage_times"]
+__all__ = ["cmd_study", "print_status", "stage_times", "COMMANDS"]
 
 # the options of `neuralign study` that set a study setting directly -> its path
 _OPTION_PATHS = {
@@ -53,7 +56,9 @@ def cmd_study(args: argparse.Namespace, bars: ProgressBars, *, demo: bool = Fals
     settings["seed"] = args.seed
     if "endpoints" in settings and "pairs" in settings:  # pairs first: the end points are checked against it
         settings = {"pairs": settings.pop("pairs"), **settings}
-    config = config.apply({**settings, **parse_overrides(args.set)})
+    with warnings.catch_warnings():  # the flat names of 0.1 say what they are now, on the command line too
+        warnings.simplefilter("always", DeprecationWarning)
+        config = config.apply({**settings, **parse_overrides(args.set)})
     # Table 1 is about standard curves: no reference row beside a robust study
     row = None if config.robust is not None else paper_row(config.model.arch, dataset_label(config.data.dataset))
     executor = "sequential" if demo else args.executor
@@ -114,3 +119,72 @@ def stage_times(manifest_path: Path) -> str:
     seconds = json.loads(manifest_path.read_text()).get("stage_seconds", {})
     rows = [(stage, f"{s:.1f}") for stage, s in seconds.items()]
     return "time per stage (s):\n" + table(["stage", "seconds"], [*rows, ("total", f"{sum(seconds.values()):.1f}")])
+
+
+def add_demo_parser(sub: Any) -> None:
+    """The sub-parser of ``neuralign demo``."""
+    p = sub.add_parser("demo", help="offline end-to-end study on the shipped digits (a few minutes on a CPU)",
+                       description="Train two TinyTen networks on the shipped UCI digits (resized to 16x16), align "
+                       "them, fit unaligned / PAM / aligned curves, verify the alignment and write a report with "
+                       "figures. Ends with the path of the report.")  # fmt: skip
+    add_common(p, out="neuralign-demo")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a study setting, e.g. --set train.epochs=2 (see `neuralign study --help`)")
+
+
+def add_study_parser(sub: Any) -> None:
+    """The sub-parser of ``neuralign study``."""
+    p = sub.add_parser("study", help="the paper's Table 1 protocol at any scale",
+                       description="Train or load 2 x pairs end points, align each pair, fit the four curves of "
+                       "Table 1 (Unaligned, PAM Unaligned, PAM Aligned, Aligned), evaluate them along t with batch "
+                       "norm re-estimated, verify the alignment, and write results.json, report.md and figures. "
+                       "Presets: paper (the paper's settings, for GPUs), cpu (TinyTen on CIFAR-10 in about an hour "
+                       "on 2 cores), demo; robust (adversarially trained end points, robust Unaligned and Aligned "
+                       "curves, clean and robust accuracy along t; the paper's §4 settings, for GPUs) and "
+                       "robust-cpu (MLPs on MNIST on 2 cores). Any setting can be overridden with --set PATH=VALUE, "
+                       "the settings listed at the end (e.g. --set pam.lam=10 --set verification=false).")  # fmt: skip
+    list_settings_in_help(p)
+    add_common(p, out="neuralign-study")
+    p.add_argument("--preset", choices=["paper", "cpu", "demo", "robust", "robust-cpu"], default="cpu",
+                   help="starting settings (default: cpu)")
+    p.add_argument("--arch", default=None, help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp, "
+                   "torchvision:<name>, timm:<name>")
+    p.add_argument("--pairs", type=int, default=None, help="number of end-point pairs")
+    p.add_argument("--endpoints", nargs="+", default=None, metavar="FILE",
+                   help="given end points instead of training: A1 B1 [A2 B2 ...] in any format `align` reads "
+                        "(plain state dicts and .safetensors are read as --arch with the dataset's classes)")
+    p.add_argument("--epochs", type=int, default=None, help="end-point training epochs")
+    p.add_argument("--curve-epochs", type=int, default=None, help="curve (and PAM x-step) epochs")
+    p.add_argument("--num-points", type=int, default=None, help="points along t for evaluation")
+    p.add_argument("--bn-batches", type=int, default=None, help="batches per batch-norm re-estimation")
+    p.add_argument("--width", type=float, default=None, help="width multiplier (ResNet, VGG)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any study setting")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the models' heads (default: the dataset's), e.g. for given end points")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="builder argument of --arch (repeatable), e.g. width_mult=0.5 for torchvision:mobilenet_v2")
+    add_data(p, required=False)
+    for action in p._actions:  # the study's own defaults apply unless given
+        if action.dest == "batch_size":
+            action.default = None
+    g = p.add_argument_group("running the stages as jobs (needs the cluster extra: pip install 'neuralign[cluster]')")
+    g.add_argument("--executor", choices=["sequential", "local", "slurm"], default="sequential",
+                   help="sequential: every stage in this process (default); local: up to --jobs stages at once as "
+                        "local processes (one GPU each when there are several); slurm: every stage as a Slurm job, "
+                        "with job dependencies between stages (returns once they are queued)")  # fmt: skip
+    g.add_argument("--jobs", type=int, default=2, help="concurrent local jobs (default: 2)")
+    g.add_argument("--slurm-partition", default=None, help="Slurm partition of the jobs")
+    g.add_argument("--slurm-time", type=int, default=24 * 60, help="wall time of each Slurm job in minutes "
+                   "(default: 1440)")  # fmt: skip
+    g.add_argument("--gpus-per-job", type=int, default=1,
+                   help="GPUs per Slurm job (default: 1); above 1 each stage runs data-parallel over them")
+    g.add_argument("--status", metavar="OUT", default=None,
+                   help="print which stages of the study in OUT are done, running (with job ids) or pending, "
+                        "and exit")  # fmt: skip
+
+
+# the commands of this module: name -> (add its sub-parser, run it)
+COMMANDS = {
+    "demo": (add_demo_parser, functools.partial(cmd_study, demo=True)),
+    "study": (add_study_parser, cmd_study),
+}

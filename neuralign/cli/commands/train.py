@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from neuralign._utils import atomic_save
 from neuralign.cli.common import check_image_size, info, load_command_data, model_args, parse_device
+from neuralign.cli.parser import add_arch, add_common, add_data, add_force
 from neuralign.cli.progress import ProgressBars
 from neuralign.cli.runfolder import announce_resume, check_run, command_options
 
-__all__ = ["cmd_train"]
+__all__ = ["cmd_train", "COMMANDS"]
 
 
 def cmd_train(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
@@ -48,3 +50,24 @@ def cmd_train(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     path.with_suffix(".ckpt").unlink(missing_ok=True)
     info(f"test accuracy {test_acc:.4f}, loss {test_loss:.4f}", file=sys.stderr)
     return [path]
+
+
+def add_train_parser(sub: Any) -> None:
+    """The sub-parser of ``neuralign train``."""
+    p = sub.add_parser("train", help="train one end point with the paper's recipe",
+                       description="Train a network with Nesterov SGD (lr 0.1, momentum 0.9, wd 5e-4, lr halved "
+                       "every 20 epochs), checkpointing every epoch; writes <out>/<arch>_seed<seed>.pt.")  # fmt: skip
+    add_common(p, out="neuralign-endpoints")
+    add_data(p)
+    add_arch(p, checkpoints=False)
+    p.add_argument("--width", type=float, default=None, help="width multiplier (ResNet, VGG)")
+    p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
+    p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+    add_force(p)
+
+
+# the commands of this module: name -> (add its sub-parser, run it)
+COMMANDS = {
+    "train": (add_train_parser, cmd_train),
+}

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from neuralign.cli.common import (
     announce_cost,
@@ -16,9 +17,11 @@ from neuralign.cli.common import (
     parse_device,
     state_of,
 )
+from neuralign.cli.parser import add_common, add_data, add_force, add_pair
 from neuralign.cli.progress import ProgressBars
+from neuralign.cli.runfolder import check_run, command_options
 
-__all__ = ["verify_passes", "check_label", "cmd_verify"]
+__all__ = ["verify_passes", "check_label", "cmd_verify", "COMMANDS"]
 
 
 def verify_passes(options, checks: Sequence[str], data, spec, fit: bool) -> tuple[int, str]:
@@ -57,6 +60,13 @@ def cmd_verify(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     from neuralign.verification import CHECKS, VerificationOptions, verify_alignment
 
     device = parse_device(args.device)
+    out = Path(args.out)
+    options = command_options(args, "model_a", "model_b", "perms", "curve", "checks", "fit_epochs", "lam", "iters",
+                              "swaps", "local_search", "seed", "arch", "model_arg", "num_classes",
+                              files=("model_a", "model_b", "perms", "curve"))  # fmt: skip
+    outputs = [out / "verification.json", out / "verification.md"]
+    if check_run(args, "verify", options, outputs=outputs) == "done":
+        return outputs
     data = load_command_data(args)
     a, b, meta_a, meta_b = load_endpoints(args, device, data)
     record = load_alignment(args.perms, meta_a, meta_b, state_of(b))
@@ -78,9 +88,44 @@ def cmd_verify(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
         a, state_of(a), state_of(b), perms, data.train, curve=curve, checks=checks, heldout_loader=data.train_eval,
         align_loader=data.align, options=options, generator=args.seed, callback=on_progress,
     )  # fmt: skip
-    out = Path(args.out)
     paths = list(report.save(out))
     if "stability" in report.checks:
         paths.append(plot_reassignment(report.to_dict(), out / "reassignment.png"))
     info(f"verdict: {report.verdict}", file=sys.stderr)
     return paths
+
+
+def add_verify_parser(sub: Any) -> None:
+    """The sub-parser of ``neuralign verify``."""
+    p = sub.add_parser("verify", help="check whether an alignment is locally optimal",
+                       description="Run the checks of neuralign.verification.verify_alignment (PAM stability, "
+                       "first-order certificate, neighbourhood swaps, gradient Taylor test, correlation "
+                       "optimality); writes verification.json, verification.md and reassignment.png. It prints the "
+                       "expected time before it starts. Cheaper settings: --checks certificate gradient alignment "
+                       "(minutes: no PAM runs, no swap scoring), --iters 1, --swaps 8, --local-search 4, or a "
+                       "--curve already fitted instead of --fit-epochs.")  # fmt: skip
+    add_common(p, out="neuralign-verify")
+    add_pair(p)
+    add_data(p)
+    p.add_argument("--perms", required=True, help="alignment.pt to verify")
+    p.add_argument("--curve", default=None, help="a curve fitted for the aligned pair (fitted briefly if absent)")
+    p.add_argument("--checks", nargs="*", default=None, help="subset of: stability certificate neighbourhood "
+                   "gradient alignment")  # fmt: skip
+    p.add_argument("--fit-epochs", type=int, default=None,
+                   help="epochs of the curve fitted when --curve is absent (default: VerificationOptions', 2)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="PAM step and certificate threshold (default: VerificationOptions', 1000)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="PAM iterations of the stability check (default: VerificationOptions', 2)")
+    p.add_argument("--swaps", type=int, default=32,
+                   help="best-ranked transpositions scored per group, besides 4 random ones as a control (default: 32, "
+                        "more than the library's 8: a command is run once, by hand)")
+    p.add_argument("--local-search", type=int, default=None,
+                   help="swaps PAM tries per group (default: VerificationOptions', 16)")
+    add_force(p)
+
+
+# the commands of this module: name -> (add its sub-parser, run it)
+COMMANDS = {
+    "verify": (add_verify_parser, cmd_verify),
+}

@@ -132,8 +132,8 @@ BAD_ARGUMENTS = [
     ),
     ("mlp", 10, {"in_features": 64, "hidden": "12"}, TypeError, r"`hidden` must be a sequence of positive ints"),
     ("mlp", 10, {"in_features": 64, "hidden": (8, 0)}, ValueError, r"`hidden\[1\]` must be a positive int"),
-    ("tinyten", 10, {"seed": "1"}, TypeError, r"`seed` must be an int or None, got str"),
-    ("tinyten", 10, {"seed": -1}, ValueError, r"`seed` must be in \[0, 2\*\*64\), got -1"),
+    ("tinyten", 10, {"generator": "1"}, TypeError, r"`generator` must be an int or None, got str '1'"),
+    ("tinyten", 10, {"generator": -1}, ValueError, r"`generator` must be a seed in \[0, 2\*\*64\), got -1"),
 ]
 
 
