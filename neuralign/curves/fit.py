@@ -435,7 +435,7 @@ def fit_curve(
     >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(4)]
     >>> result = fit_curve(model, a, b, data, epochs=2, generator=0)
     >>> result.status, result.n_iter, len(result.history)
-    (0, 2, 2)
+    (<Status.SUCCESS: 0>, 2, 2)
     >>> torch.equal(result.curve(1.0)["0.weight"], b["0.weight"])
     True
     """

@@ -202,7 +202,7 @@ def train_model(
     >>> x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
     >>> res = train_model(nn.Linear(4, 2), [(x, y)], epochs=3, lr=0.1)
     >>> len(res.history), res.status
-    (3, 0)
+    (3, <Status.SUCCESS: 0>)
     """
     check_int(epochs, "epochs", minimum=1)
     max_batches = renamed_keywords(renamed, {"max_batches_per_epoch": "max_batches"}, where="train_model").get(

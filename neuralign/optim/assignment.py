@@ -370,7 +370,7 @@ def solve_assignment_lp(cost: torch.Tensor, *, solver: str | None = None) -> Ass
     >>> import torch
     >>> res = solve_assignment_lp(torch.tensor([[4.0, 1.0], [2.0, 3.0]]))
     >>> res.status, round(res.fun, 6)
-    (0, 3.0)
+    (<Status.SUCCESS: 0>, 3.0)
     """
     cost = _check_cost(cost, None)
     if cost.shape[0] != cost.shape[1]:

@@ -351,7 +351,7 @@ def solve_qap(
     >>> B = torch.tensor([[0.0, 1.0, 4.0], [1.0, 0.0, 4.0], [4.0, 4.0, 0.0]])
     >>> res = solve_qap(A, B, restarts=2, generator=0)
     >>> res.fun, res.status
-    (26.0, 0)
+    (26.0, <Status.SUCCESS: 0>)
     """
     A, B = _check_qap(A, B)
     if method not in QAP_METHODS:

@@ -404,9 +404,16 @@ def _config_lines(res: StudyResults) -> list[str]:
     if not config:
         return ["(no configuration recorded)"]
     lines = []
-    for k, v in config.items():
-        text = v if isinstance(v, str) else json.dumps(_json.encode(v, "config"), ensure_ascii=False)
-        lines.append(f"- **{k}**: `{text}`")
+
+    def add(items: Mapping[str, Any], prefix: str) -> None:  # nested settings by their dotted paths
+        for k, v in items.items():
+            if isinstance(v, Mapping) and v:
+                add(v, f"{prefix}{k}.")
+                continue
+            text = v if isinstance(v, str) else json.dumps(_json.encode(v, "config"), ensure_ascii=False)
+            lines.append(f"- **{prefix}{k}**: `{text}`")
+
+    add(config, "")
     return lines
 
 
