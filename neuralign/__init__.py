@@ -25,118 +25,25 @@ The public names below are imported on first use (PEP 562), so that ``import neu
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from neuralign._version import __version__
 
-if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports each name on first use
-    from neuralign import errors
-    from neuralign.alignment import (
-        AlignmentResult,
-        PermutationSpec,
-        SpecBuilder,
-        align,
-        apply_permutation,
-        compose_permutations,
-        identity_permutation,
-        invert_permutation,
-        random_permutation,
-        trace_spec,
-    )
-    from neuralign.attacks import PGD, pgd_attack
-    from neuralign.curves import (
-        Bezier,
-        CurveEvaluation,
-        CurvePAMResult,
-        CurveResult,
-        Line,
-        PolyChain,
-        evaluate_curve,
-        evaluate_model,
-        evaluate_plane,
-        fit_curve,
-        fit_curve_pam,
-        reestimate_bn,
-    )
-    from neuralign.optim import PAM, PAMResult, pam, solve_assignment, solve_qap
-    from neuralign.status import Status
-    from neuralign.verification import VerificationReport, check_equivalence, verify_alignment
-
-__all__ = [
-    "__version__",
-    "errors",
-    "Status",
-    "PGD",
-    "pgd_attack",
-    "AlignmentResult",
-    "PermutationSpec",
-    "SpecBuilder",
-    "align",
-    "apply_permutation",
-    "compose_permutations",
-    "identity_permutation",
-    "invert_permutation",
-    "random_permutation",
-    "trace_spec",
-    "Bezier",
-    "CurveEvaluation",
-    "CurvePAMResult",
-    "CurveResult",
-    "Line",
-    "PolyChain",
-    "evaluate_curve",
-    "evaluate_model",
-    "evaluate_plane",
-    "fit_curve",
-    "fit_curve_pam",
-    "reestimate_bn",
-    "PAM",
-    "PAMResult",
-    "pam",
-    "solve_assignment",
-    "solve_qap",
-    "VerificationReport",
-    "check_equivalence",
-    "verify_alignment",
-]
-
-# the home of every public name but __version__ and errors (the modules re-exported here, PEP 562)
-_HOMES = {
-    name: module
-    for module, names in {
-        "neuralign.status": ("Status",),
-        "neuralign.attacks": ("PGD", "pgd_attack"),
-        "neuralign.alignment": (
-            "AlignmentResult",
-            "PermutationSpec",
-            "SpecBuilder",
-            "align",
-            "apply_permutation",
-            "compose_permutations",
-            "identity_permutation",
-            "invert_permutation",
-            "random_permutation",
-            "trace_spec",
-        ),
-        "neuralign.curves": (
-            "Bezier",
-            "CurveEvaluation",
-            "CurvePAMResult",
-            "CurveResult",
-            "Line",
-            "PolyChain",
-            "evaluate_curve",
-            "evaluate_model",
-            "evaluate_plane",
-            "fit_curve",
-            "fit_curve_pam",
-            "reestimate_bn",
-        ),
-        "neuralign.optim": ("PAM", "PAMResult", "pam", "solve_assignment", "solve_qap"),
-        "neuralign.verification": ("VerificationReport", "check_equivalence", "verify_alignment"),
-    }.items()
-    for name in names
-}
+# the public names by home module (imported on first use, PEP 562); __all__ is read from here
+_EXPORTS = {
+    "neuralign.status": ("Status",),
+    "neuralign.attacks": ("PGD", "pgd_attack"),
+    "neuralign.alignment": ("AlignmentResult", "PermutationSpec", "SpecBuilder", "align", "apply_permutation",
+                            "compose_permutations", "identity_permutation", "invert_permutation", "random_permutation",
+                            "trace_spec"),
+    "neuralign.curves": ("Bezier", "CurveEvaluation", "CurvePAMResult", "CurveResult", "Line", "PolyChain",
+                         "evaluate_curve", "evaluate_model", "evaluate_plane", "fit_curve", "fit_curve_pam",
+                         "reestimate_bn"),
+    "neuralign.optim": ("PAM", "PAMResult", "pam", "solve_assignment", "solve_qap"),
+    "neuralign.verification": ("VerificationReport", "check_equivalence", "verify_alignment"),
+}  # fmt: skip
+_HOMES = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = ["__version__", "errors", *_HOMES]
 # the modules that ``import neuralign`` bound as attributes before its names were lazy
 _SUBMODULES = ("alignment", "attacks", "curves", "errors", "optim", "status", "verification")
 

@@ -1,7 +1,6 @@
 """Start-up: what ``import neuralign``, ``neuralign --version`` and a skipped rerun import, checked in fresh
 processes by module name, never by time (``benchmarks/bench_startup.py`` times them)."""
 
-import ast
 import importlib
 import json
 import subprocess
@@ -87,13 +86,11 @@ assert neuralign.optim.solve_qap is neuralign.solve_qap
     _modules_after(checks)
 
 
-def test_names_for_type_checkers_are_all_and_come_from_their_homes():
-    tree = ast.parse((ROOT / "neuralign" / "__init__.py").read_text())
-    block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
-    homes = {alias.name: node.module for node in block.body for alias in node.names}
-    assert sorted([*homes, "__version__"]) == sorted(neuralign.__all__)
-    for name, module in homes.items():
-        assert getattr(neuralign, name) is getattr(importlib.import_module(module), name), name
+def test_every_public_name_comes_from_its_home_module():
+    for module, names in neuralign._EXPORTS.items():
+        for name in names:
+            assert getattr(neuralign, name) is getattr(importlib.import_module(module), name), name
+    assert neuralign.__all__ == ["__version__", "errors", *(n for names in neuralign._EXPORTS.values() for n in names)]
 
 
 def test_unknown_names_raise_attribute_error():

@@ -24,7 +24,8 @@ from neuralign.curves.evaluate import (
 from neuralign.curves.families import CURVE_FAMILIES, Bezier, Curve, Line, PolyChain
 from neuralign.curves.fit import CurveResult, fit_curve, garipov_lr_factor, paper_lr_factor
 from neuralign.curves.metrics import evaluate_model
-from neuralign.curves.pam import CurvePAMOptions, CurvePAMResult, CurvePermutationProblem, fit_curve_pam
+from neuralign.curves.pam import CurvePAMOptions, CurvePAMResult, fit_curve_pam
+from neuralign.curves.problem import CurvePermutationProblem
 
 __all__ = [
     "Curve",

@@ -41,7 +41,8 @@ from neuralign.alignment import (
 )
 from neuralign.curves.families import Bezier
 from neuralign.curves.fit import fit_curve
-from neuralign.curves.pam import CurvePAMOptions, CurvePermutationProblem, fit_curve_pam
+from neuralign.curves.pam import CurvePAMOptions, fit_curve_pam
+from neuralign.curves.problem import CurvePermutationProblem
 from neuralign.errors import ConvergenceWarning
 from neuralign.optim import LinearizedStep, perm_to_matrix, proximal_step_bound, solve_assignment, solve_assignment_lp
 from neuralign.verification._verdict import VERDICTS, Verdict

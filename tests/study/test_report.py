@@ -240,7 +240,8 @@ def test_write_report_contents(tmp_path):
     assert (
         "End points evaluated as trained (their own batch-norm statistics): 89.5 ± 0.3 %."
     )  # 89.45 ± sqrt(.5² + .4²) / 2 in text
-    assert "- **arch**: `tinyten`" in text and "- **schedule.lr**: `0.1`" in text and "- **schedule.drop**: `20`" in text
+    assert "- **arch**: `tinyten`" in text and "- **schedule.lr**: `0.1`" in text
+    assert "- **schedule.drop**: `20`" in text
     assert "![Test accuracy and loss along the curves (mean ± std over pairs)](figs/curve_metrics.png)" in text
     assert "![extra](x y.png)" in text
     assert "| Aligned | 88.5 ± 0.1 | 87.8 ± 0.1 |" in text and "| Endpoints | 89.0 ± 0.1 |  |" in text
