@@ -29,7 +29,9 @@ import torch
 
 from neuralign._utils import classification_loss
 from neuralign.curves import Bezier
-from neuralign.curves.bn import _buffer_copies, _call, _module_mode
+from neuralign.curves._weights import buffer_copies as _buffer_copies
+from neuralign.curves._weights import call as _call
+from neuralign.curves._weights import module_mode as _module_mode
 from neuralign.curves.fit import _CurveStepper
 from neuralign.experiments.models import build_model
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from neuralign._options import renamed_keywords
 from neuralign.alignment import PermutationSpec, align, identity_permutation
-from neuralign.curves.bn import _bn_modules, _check_max_batches, _check_model, _parameters_of, _reestimate
+from neuralign.curves._weights import bn_modules, check_max_batches, check_model, parameters_of, reestimate
 from neuralign.curves.families import Curve, _check_t
 
 __all__ = ["MidpointAlignment", "midpoint_alignment"]
@@ -178,15 +178,15 @@ def midpoint_alignment(
     >>> round(res.mean("before", "a"), 3), res.moved["a"]        # at t = 0 the network is A itself
     (1.0, {'0': 0})
     """
-    model = _check_model(model)
+    model = check_model(model)
     if not isinstance(curve, Curve):
         raise TypeError(f"`curve` must be a Curve, got {type(curve).__name__}")
     t = _check_t(t)
     old = renamed_keywords(renamed, {"bn_batches": "max_bn_batches", "max_batches": "max_align_batches"},
                            where="midpoint_alignment")  # fmt: skip
-    bn_batches = _check_max_batches(old.get("max_bn_batches", max_bn_batches), "max_bn_batches")
+    bn_batches = check_max_batches(old.get("max_bn_batches", max_bn_batches), "max_bn_batches")
     max_batches = old.get("max_align_batches", max_align_batches)
-    params = _parameters_of(model, {k: v.detach() for k, v in curve(t).items()}, "curve")
+    params = parameters_of(model, {k: v.detach() for k, v in curve(t).items()}, "curve")
     device = next(iter(params.values())).device
     # the same batches for w(t) and both end points: with bn_batches they are drawn once; without, a loader that
     # reshuffles between passes is refused (its first batch differs between two passes)
@@ -195,15 +195,15 @@ def midpoint_alignment(
     elif (first := _first_batch(bn_loader)) is not None and not _same_batch(first, _first_batch(bn_loader)):
         raise ValueError("`bn_loader` yields other batches on each pass (a shuffling loader): give max_bn_batches=N "
                          "(its first N batches are drawn once) or a fixed-order loader")  # fmt: skip
-    buffers = _reestimate(model, params, bn_loader, bn_batches, device, "bn_loader")
-    bn_keys = {f"{name}.{k}" if name else k for name, _ in _bn_modules(model)
+    buffers = reestimate(model, params, bn_loader, bn_batches, device, "bn_loader")
+    bn_keys = {f"{name}.{k}" if name else k for name, _ in bn_modules(model)
                for k in ("running_mean", "running_var", "num_batches_tracked")}  # fmt: skip
     ends = {}
     for end, point in zip(_ENDS, (point_a, point_b)):
-        end_params = {k: v.to(device) for k, v in _parameters_of(model, point, f"point_{end}").items()}
+        end_params = {k: v.to(device) for k, v in parameters_of(model, point, f"point_{end}").items()}
         # the end point's batch-norm statistics are re-estimated on the same batches as w(t)'s, so that like is
         # compared with like: at t = 0 the network is A itself, correlation 1 and nothing moved
-        end_buffers = _reestimate(model, end_params, bn_loader, bn_batches, device, "bn_loader")
+        end_buffers = reestimate(model, end_params, bn_loader, bn_batches, device, "bn_loader")
         net = copy.deepcopy(model)
         net.load_state_dict({**dict(net.state_dict()), **dict(point),
                              **{k: v for k, v in end_buffers.items() if k in bn_keys}})  # fmt: skip

@@ -18,14 +18,7 @@ from torch import nn
 
 from neuralign._utils import as_generator
 from neuralign.attacks import PGD
-from neuralign.curves.bn import (
-    _check_curve_matches_model,
-    _check_max_batches,
-    _check_model,
-    _evaluate,
-    _parameters_of,
-    _reestimate,
-)
+from neuralign.curves import _weights
 from neuralign.curves.families import Bezier, Curve, _check_t, _flatten_points
 
 __all__ = [
@@ -451,13 +444,13 @@ def evaluate_curve(
     >>> ev.geometry, ev.min_accuracy <= ev.avg_accuracy
     ('planar', True)
     """
-    model = _check_model(model)
+    model = _weights.check_model(model)
     if not isinstance(curve, Curve):
         raise TypeError(f"`curve` must be a Curve, got {type(curve).__name__}")
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
         raise ValueError(f"`num_points` must be an int >= 2, got {num_points!r}")
-    max_bn_batches = _check_max_batches(max_bn_batches, "max_bn_batches")
-    _check_curve_matches_model(model, curve.names, curve.shapes)
+    max_bn_batches = _weights.check_max_batches(max_bn_batches, "max_bn_batches")
+    _weights.check_curve_matches_model(model, curve.names, curve.shapes)
     if adversarial is not None and not isinstance(adversarial, PGD):
         raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     if bn_inputs not in ("adversarial", "clean"):
@@ -475,22 +468,22 @@ def evaluate_curve(
     for i, t in enumerate(ts):
         params = curve(t)
         gen = torch.Generator().manual_seed(seed) if adversarial is not None else None
-        buffers = _reestimate(
+        buffers = _weights.reestimate(
             model, params, bn_loader, max_bn_batches, device, "bn_loader", adversarial=bn_attack, generator=gen
         )
-        loss, acc = _evaluate(model, params, buffers, test_loader, device, "test_loader")
+        loss, acc = _weights.evaluate(model, params, buffers, test_loader, device, "test_loader")
         test_loss.append(loss)
         test_acc.append(acc)
         record: dict[str, Any] = {"index": i, "t": t, "test_loss": loss, "test_accuracy": acc}
         if adversarial is not None:
-            loss, acc = _evaluate(
+            loss, acc = _weights.evaluate(
                 model, params, buffers, test_loader, device, "test_loader", adversarial=adversarial, generator=gen
             )
             robust_loss.append(loss)
             robust_acc.append(acc)
             record.update(robust_test_loss=loss, robust_test_accuracy=acc)
         if train_loader is not None:
-            loss, acc = _evaluate(model, params, buffers, train_loader, device, "train_loader")
+            loss, acc = _weights.evaluate(model, params, buffers, train_loader, device, "train_loader")
             train_loss.append(loss)
             train_acc.append(acc)
             record.update(train_loss=loss, train_accuracy=acc)
@@ -713,8 +706,8 @@ def evaluate_plane(
     >>> plane.alpha, len(plane.test_accuracy), plane.point_coordinates[0]
     ((0.0, 0.5, 1.0), 3, (0.0, 0.0))
     """
-    model = _check_model(model)
-    max_bn_batches = _check_max_batches(max_bn_batches, "max_bn_batches")
+    model = _weights.check_model(model)
+    max_bn_batches = _weights.check_max_batches(max_bn_batches, "max_bn_batches")
     nx, ny = (grid, grid) if isinstance(grid, int) and not isinstance(grid, bool) else tuple(grid)
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in (nx, ny)):
         raise ValueError(f"`grid` must be an int >= 2 or a pair of them, got {grid!r}")
@@ -722,7 +715,7 @@ def evaluate_plane(
         raise ValueError(f"`margin` must be 4 finite numbers (left, right, bottom, top), got {margin!r}")
     left, right, bottom, top = (float(m) for m in margin)
     labelled = ((point_a, "point_a"), (point_b, "point_b"), (point_c, "point_c"))
-    params = [_parameters_of(model, p, label) for p, label in labelled]
+    params = [_weights.parameters_of(model, p, label) for p, label in labelled]
     flat, names, shapes = _flatten_points(params, label="points")
     dx, cx, dy, ratio = _plane_frame(flat)
     with torch.no_grad():
@@ -739,8 +732,8 @@ def evaluate_plane(
             with torch.no_grad():
                 w = flat[0] + alpha * u + beta * v_perp
             point = {n: part.view(s) for n, part, s in zip(names, w.split(numels), shapes)}
-            buffers = _reestimate(model, point, bn_loader, max_bn_batches, device, "bn_loader")
-            losses[i][j], accs[i][j] = _evaluate(model, point, buffers, test_loader, device, "test_loader")
+            buffers = _weights.reestimate(model, point, bn_loader, max_bn_batches, device, "bn_loader")
+            losses[i][j], accs[i][j] = _weights.evaluate(model, point, buffers, test_loader, device, "test_loader")
             if callback is not None:
                 callback(
                     {"i": i, "j": j, "alpha": alpha, "beta": beta, "test_loss": losses[i][j],

@@ -33,15 +33,7 @@ from neuralign._utils import (
 )
 from neuralign._validate import check_int
 from neuralign.attacks import PGD
-from neuralign.curves.bn import (
-    _attack,
-    _buffer_copies,
-    _call,
-    _check_curve_matches_model,
-    _check_model,
-    _module_mode,
-    _parameters_of,
-)
+from neuralign.curves import _weights
 from neuralign.curves.families import Bezier, Curve, Line, PolyChain, _flatten_points
 from neuralign.errors import NonFiniteError
 from neuralign.status import Status
@@ -166,7 +158,7 @@ class _CurveStepper:
         self.leaves = [self.points[j] for j in self.train_index]
         for leaf in self.leaves:
             leaf.requires_grad_(True)
-        self.buffers = _buffer_copies(model, self.device)
+        self.buffers = _weights.buffer_copies(model, self.device)
         self.weight_decay = float(weight_decay)
         self.proximal = proximal
         self.anchor = self.points[self.train_index].clone() if proximal is not None else None
@@ -208,9 +200,10 @@ class _CurveStepper:
         with torch.no_grad():
             torch.mv(self.points.t(), c, out=w)
         if self.adversarial is not None:  # attack the network at w(t), batch statistics (the official code)
-            x = _attack(self.adversarial, self.model, x, y, train=True, params=self._params, buffers=self.buffers,
-                        generator=self.attack_generator, check=check, loss_fn=self.loss_fn)  # fmt: skip
-        output = _call(self.model, self._params, self.buffers, x, check)
+            x = _weights.attack(self.adversarial, self.model, x, y, train=True, params=self._params,
+                                buffers=self.buffers, generator=self.attack_generator, check=check,
+                                loss_fn=self.loss_fn)  # fmt: skip
+        output = _weights.call(self.model, self._params, self.buffers, x, check)
         loss = self.loss_fn(output, y)
         single = len(self.leaves) == 1
         # With one trainable point, dL/dp = c (dL/dw): scaling the loss by c gives it from backward for free.
@@ -439,7 +432,7 @@ def fit_curve(
     >>> torch.equal(result.curve(1.0)["0.weight"], b["0.weight"])
     True
     """
-    model = _check_model(model)
+    model = _weights.check_model(model)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"`epochs` must be an int >= 0, got {epochs!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (
@@ -459,8 +452,8 @@ def fit_curve(
         raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
-    params_a = _parameters_of(model, point_a, "point_a")
-    params_b = _parameters_of(model, point_b, "point_b")
+    params_a = _weights.parameters_of(model, point_a, "point_a")
+    params_b = _weights.parameters_of(model, point_b, "point_b")
     if not params_a:
         raise ValueError("`model` has no parameter to interpolate")
 
@@ -469,7 +462,7 @@ def fit_curve(
             raise ValueError(f"unknown curve {curve!r}; expected one of {sorted(_CURVE_BUILDERS)}")
         start = _CURVE_BUILDERS[curve](params_a, params_b)
     elif isinstance(curve, Curve):
-        _check_curve_matches_model(model, curve.names, curve.shapes)
+        _weights.check_curve_matches_model(model, curve.names, curve.shapes)
         ordered_a = {k: params_a[k] for k in curve.names}
         ordered_b = {k: params_b[k] for k in curve.names}
         ends, _, _ = _flatten_points([ordered_a, ordered_b], label="end points")
@@ -532,7 +525,7 @@ def fit_curve(
             stepper.attack_generator = torch.Generator().manual_seed(
                 stable_seed("fit_curve attack", attack_seed, rank(), epoch)
             )
-        with _module_mode(model, True):
+        with _weights.module_mode(model, True):
             for index, batch in enumerate(train_loader):
                 if max_batches is not None and index >= max_batches:
                     break

@@ -9,7 +9,7 @@ from torch import nn
 
 from neuralign._utils import as_generator
 from neuralign.attacks import PGD
-from neuralign.curves.bn import _evaluate
+from neuralign.curves._weights import evaluate
 
 __all__ = ["evaluate_model"]
 
@@ -65,4 +65,4 @@ def evaluate_model(
         raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     device = next(iter(params.values())).device if params else torch.device("cpu")
     gen = None if adversarial is None else as_generator(generator)
-    return _evaluate(model, params, buffers, loader, device, "loader", adversarial=adversarial, generator=gen)
+    return evaluate(model, params, buffers, loader, device, "loader", adversarial=adversarial, generator=gen)

@@ -20,7 +20,7 @@ from neuralign._distributed import all_reduce_, check_same_batch, is_distributed
 from neuralign._options import renamed_keywords
 from neuralign._utils import as_generator, classification_loss, split_batch
 from neuralign.alignment import PermutationSpec, apply_permutation, apply_permutation_matrices, identity_permutation
-from neuralign.curves.bn import _parameters_of
+from neuralign.curves._weights import parameters_of
 from neuralign.curves.families import Bezier
 from neuralign.errors import NonFiniteError
 from neuralign.optim import PermutationProblem
@@ -112,8 +112,8 @@ class CurvePermutationProblem(PermutationProblem):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
         self.model = copy.deepcopy(model).train()
-        self.wa = {k: v.detach() for k, v in _parameters_of(model, point_a, "point_a").items()}
-        self.wb = {k: v.detach() for k, v in _parameters_of(model, point_b, "point_b").items()}
+        self.wa = {k: v.detach() for k, v in parameters_of(model, point_a, "point_a").items()}
+        self.wb = {k: v.detach() for k, v in parameters_of(model, point_b, "point_b").items()}
         self.names = list(self.wa)
         self.shapes = [self.wa[k].shape for k in self.names]
         self.numels = [self.wa[k].numel() for k in self.names]

@@ -24,7 +24,7 @@ from neuralign.curves import (
     project_to_plane,
     reestimate_bn,
 )
-from neuralign.curves.bn import _evaluate
+from neuralign.curves._weights import evaluate as _evaluate
 from neuralign.errors import ShapeMismatchError
 
 
