@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 __all__ = ["check_bool", "check_choice", "check_int", "check_real", "is_real"]
@@ -135,3 +135,13 @@ def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(choices)}")
     return value
+
+
+def require_key(mapping: Any, key: str, where: str) -> Any:
+    """``mapping[key]``; a ``TypeError`` if ``mapping`` (named ``where``) is not a dict, a ``ValueError`` naming
+    ``where`` if it lacks ``key``."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"`{where}` must be a dict, got {type(mapping).__name__}")
+    if key not in mapping:
+        raise ValueError(f"`{where}` lacks the key {key!r}")
+    return mapping[key]

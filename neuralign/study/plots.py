@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from neuralign._utils import atomic_write
+from neuralign._validate import require_key
 from neuralign.study.report import FIGURE_FILES, MIDPOINT_CASES, SETTING_LABELS, dataset_label
 from neuralign.study.results import PlaneResults, StudyResults, as_study_results
 from neuralign.verification.local import CHECKS
@@ -63,13 +64,6 @@ Results = StudyResults | Mapping[str, Any]
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-def _lookup(mapping: Any, key: str, where: str) -> Any:
-    """``mapping[key]``, or the error naming ``where`` (for the figures' inputs that are not a study's results)."""
-    if not isinstance(mapping, Mapping):
-        raise TypeError(f"`{where}` must be a dict, got {type(mapping).__name__}")
-    if key not in mapping:
-        raise ValueError(f"`{where}` lacks the key {key!r}")
-    return mapping[key]
 
 
 def _check_path(path: str | os.PathLike) -> tuple[Path, str]:
@@ -374,7 +368,7 @@ def _stability_runs(obj: Any) -> tuple[dict[str, Any], float | None]:
         )
     threshold = None
     if obj.get("kind") == "verification_report":
-        checks = _lookup(obj, "checks", "verification_or_runs")
+        checks = require_key(obj, "checks", "verification_or_runs")
         if "stability" not in checks:
             raise ValueError(
                 "the verification report has no 'stability' check; run the verification with the 'stability' check"
@@ -382,7 +376,7 @@ def _stability_runs(obj: Any) -> tuple[dict[str, Any], float | None]:
         obj = checks["stability"]
     if "details" in obj and isinstance(obj.get("details"), Mapping):
         threshold = (obj.get("thresholds") or {}).get("max_reassigned_fraction")
-        obj = _lookup(obj["details"], "runs", "verification_or_runs['details']")
+        obj = require_key(obj["details"], "runs", "verification_or_runs['details']")
     if not obj or not all(isinstance(r, Mapping) and "reassigned_fraction" in r for r in obj.values()):
         raise ValueError(
             "`verification_or_runs` must be a verification report, its 'stability' check, or a dict of runs "
@@ -512,7 +506,7 @@ def _plane_dict(plane: Any) -> Mapping[str, Any]:
     if not isinstance(plane, Mapping):
         raise TypeError(f"`plane` must be a PlaneEvaluation or its dict, got {type(plane).__name__}")
     for key in ("x", "y", "test_loss", "point_coordinates"):
-        _lookup(plane, key, "plane")
+        require_key(plane, key, "plane")
     nx, ny = len(plane["x"]), len(plane["y"])
     grid = plane["test_loss"]
     if nx < 2 or ny < 2 or len(grid) != nx or any(len(row) != ny for row in grid):
@@ -648,7 +642,7 @@ def _reports(verification: Any) -> dict[str, Mapping[str, Any] | None]:
             rep = rep.to_dict()
         if not isinstance(rep, Mapping) or rep.get("kind") != "verification_report":
             raise ValueError(f"`{where}` is not a verification report (its 'kind' is not 'verification_report')")
-        _lookup(rep, "checks", where)
+        require_key(rep, "checks", where)
         return rep
 
     if hasattr(verification, "to_dict") and hasattr(verification, "checks"):

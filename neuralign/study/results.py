@@ -54,6 +54,7 @@ from typing import Any
 
 from neuralign import _json
 from neuralign._utils import atomic_write_text
+from neuralign._validate import require_key
 from neuralign.curves import CurveEvaluation, MidpointAlignment, PlaneEvaluation
 from neuralign.study.config import SETTINGS, StudyConfig
 from neuralign.verification import VerificationReport
@@ -93,12 +94,6 @@ _MIDPOINT_KEYS = ("t", "groups", "before", "after", "moved")
 
 # ----------------------------------------------------------------------------------------------------------------
 # validation of the JSON form
-def _require(mapping: Any, key: str, where: str) -> Any:
-    if not isinstance(mapping, Mapping):
-        raise TypeError(f"`{where}` must be a dict, got {type(mapping).__name__}")
-    if key not in mapping:
-        raise ValueError(f"`{where}` lacks the key {key!r}")
-    return mapping[key]
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
@@ -171,7 +166,7 @@ def _check_settings(settings: Any) -> tuple[str, ...]:
 
 def _curve(data: Any, where: str) -> CurveEvaluation:
     for key in _CURVE_KEYS:
-        _require(data, key, where)
+        require_key(data, key, where)
     n = len(data["t"])
     if n < 2 or len(data["test_loss"]) != n or len(data["test_accuracy"]) != n:
         raise ValueError(
@@ -179,14 +174,14 @@ def _curve(data: Any, where: str) -> CurveEvaluation:
             f"{n}, {len(data['test_loss'])} and {len(data['test_accuracy'])}"
         )
     for key in _CURVE_REQUIRED:
-        _require(data, key, where)
+        require_key(data, key, where)
     return _library(CurveEvaluation, data, where)
 
 
 def _verification(data: Any, where: str) -> VerificationReport:
-    for i, check in _mapping(_require(data, "checks", where), f"{where}['checks']").items():
+    for i, check in _mapping(require_key(data, "checks", where), f"{where}['checks']").items():
         for key in ("name", "verdict", "summary"):
-            _require(check, key, f"{where}['checks'][{i!r}]")
+            require_key(check, key, f"{where}['checks'][{i!r}]")
     return _library(VerificationReport, copy.deepcopy(data), where)
 
 
@@ -214,7 +209,7 @@ class EndpointMetrics:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "endpoint") -> EndpointMetrics:
         """Inverse of :meth:`to_dict`; ``where`` names the dict in error messages."""
-        acc = _require(data, "test_acc", where)
+        acc = require_key(data, "test_acc", where)
         if not _is_number(acc):
             raise TypeError(f"`{where}['test_acc']` must be a number, got {acc!r}")
         values = {k: _optional_number(data.get(k), f"{where}[{k!r}]") for k in _ENDPOINT_KEYS}
@@ -234,7 +229,7 @@ class Endpoints:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "endpoints") -> Endpoints:
-        ends = {e: EndpointMetrics.from_dict(_require(data, e, where), where=f"{where}[{e!r}]") for e in ("a", "b")}
+        ends = {e: EndpointMetrics.from_dict(require_key(data, e, where), where=f"{where}[{e!r}]") for e in ("a", "b")}
         _closed(data, ("a", "b"), where)
         return cls(**ends)
 
@@ -258,9 +253,9 @@ class AlignmentSummary:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "alignment") -> AlignmentSummary:
-        groups = tuple(str(g) for g in _sequence(_require(data, "groups", where), f"{where}['groups']"))
-        before = _by_group(_require(data, "correlation_before", where), f"{where}['correlation_before']")
-        after = _by_group(_require(data, "correlation_after", where), f"{where}['correlation_after']")
+        groups = tuple(str(g) for g in _sequence(require_key(data, "groups", where), f"{where}['groups']"))
+        before = _by_group(require_key(data, "correlation_before", where), f"{where}['correlation_before']")
+        after = _by_group(require_key(data, "correlation_after", where), f"{where}['correlation_after']")
         sizes = data.get("sizes")
         _closed(data, ("groups", "sizes", "correlation_before", "correlation_after"), where)
         sizes = None if sizes is None else _by_group(sizes, f"{where}['sizes']", _integer)
@@ -284,7 +279,7 @@ class PAMIteration:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "iteration") -> PAMIteration:
         names = [f.name for f in dataclasses.fields(cls)]
-        values = {k: _require(data, k, where) for k in names}
+        values = {k: require_key(data, k, where) for k in names}
         _closed(data, names, where)
         for k in ("iteration", "moved"):
             _integer(values[k], f"{where}[{k!r}]")
@@ -310,8 +305,8 @@ class PAMRun:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "pam") -> PAMRun:
-        history = _numbers(_require(data, "history", where), f"{where}['history']")
-        changed = _by_group(_require(data, "changed", where), f"{where}['changed']",
+        history = _numbers(require_key(data, "history", where), f"{where}['history']")
+        changed = _by_group(require_key(data, "changed", where), f"{where}['changed']",
                             lambda v, w: tuple(_integer(c, f"{w}[{i}]") for i, c in enumerate(_sequence(v, w))))
         _closed(data, ("history", "changed", "iterations"), where)
         rows = data.get("iterations")
@@ -341,7 +336,7 @@ class TrainEpoch:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "epoch") -> TrainEpoch:
-        values = {k: _require(data, k, where) for k in ("epoch", "loss", "accuracy")}
+        values = {k: require_key(data, k, where) for k in ("epoch", "loss", "accuracy")}
         _closed(data, ("epoch", "loss", "accuracy"), where)
         _integer(values["epoch"], f"{where}['epoch']")
         for k in ("loss", "accuracy"):
@@ -371,7 +366,7 @@ class PlaneResults:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "plane") -> PlaneResults:
         for key in _PLANE_REQUIRED:
-            _require(data, key, where)
+            require_key(data, key, where)
         evaluation = _library(PlaneEvaluation, {k: v for k, v in data.items() if k not in ("curve_xy", "labels")},
                               where)  # fmt: skip
         xy, labels = data.get("curve_xy"), data.get("labels")
@@ -402,12 +397,12 @@ class MidpointResults:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "midpoint_alignment") -> MidpointResults:
-        t = _number(_require(data, "t", where), f"{where}['t']")
+        t = _number(require_key(data, "t", where), f"{where}['t']")
         cases = {}
-        for case, res in _mapping(_require(data, "cases", where), f"{where}['cases']").items():
+        for case, res in _mapping(require_key(data, "cases", where), f"{where}['cases']").items():
             cw = f"{where}['cases'][{case!r}]"
             for key in _MIDPOINT_KEYS:
-                _require(res, key, cw)
+                require_key(res, key, cw)
             _closed(res, _MIDPOINT_KEYS, cw)
             cases[str(case)] = _library(MidpointAlignment, res, cw)
         end_b = data.get("end_b")
@@ -428,7 +423,7 @@ class BNBatches:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "results['bn_batches']") -> BNBatches:
-        count, shared = _require(data, "count", where), _require(data, "shared", where)
+        count, shared = require_key(data, "count", where), require_key(data, "shared", where)
         _closed(data, ("count", "shared"), where)
         if count is not None:
             _integer(count, f"{where}['count']")
@@ -522,8 +517,8 @@ class PairResults:
         numbers a pair that does not record its number, ``where`` names it in error messages (default
         ``results['pairs'][index]``)."""
         where = f"results['pairs'][{index}]" if where is None else where
-        endpoints = Endpoints.from_dict(_require(data, "endpoints", where), where=f"{where}['endpoints']")
-        curves_in = _mapping(_require(data, "curves", where), f"{where}['curves']")
+        endpoints = Endpoints.from_dict(require_key(data, "endpoints", where), where=f"{where}['endpoints']")
+        curves_in = _mapping(require_key(data, "curves", where), f"{where}['curves']")
         for s in settings:
             if s not in curves_in:
                 raise ValueError(f"`{where}['curves']` lacks the setting {s!r} listed in `results['settings']`")
