@@ -53,17 +53,17 @@ from neuralign.optim.pam import (
 )
 from neuralign.optim.problems import ShuffledRegressionProblem, solve_shuffled_regression
 from neuralign.optim.qap import (
+    QAP_LOCAL_SEARCHES,
     QAP_METHODS,
     QAPProblem,
     QAPResult,
     TwoOptResult,
-    load_qaplib,
-    load_qaplib_solution,
     local_search_2opt,
     qap_objective,
-    qaplib_path,
     solve_qap,
+    tabu_search,
 )
+from neuralign.optim.qaplib import load_qaplib, load_qaplib_solution, qaplib_path
 
 __all__ = [
     "StepBoundResult",
@@ -100,6 +100,7 @@ __all__ = [
     "ShuffledRegressionProblem",
     "solve_shuffled_regression",
     "QAP_METHODS",
+    "QAP_LOCAL_SEARCHES",
     "QAPProblem",
     "QAPResult",
     "TwoOptResult",
@@ -109,4 +110,5 @@ __all__ = [
     "qaplib_path",
     "qap_objective",
     "solve_qap",
+    "tabu_search",
 ]

@@ -1,4 +1,5 @@
-r"""The quadratic assignment problem (QAP), solved by PAM over one permutation plus a 2-opt local search.
+r"""The quadratic assignment problem (QAP): robust tabu search, 2-opt, and PAM over one permutation with a local
+search on its P-step.
 
 .. math::
 
@@ -8,24 +9,30 @@ r"""The quadratic assignment problem (QAP), solved by PAM over one permutation p
 in the QAPLIB convention (Burkard, Karisch, Rendl 1997): :math:`A` is the flow matrix, :math:`B` the distance
 matrix and facility :math:`i` goes to location :math:`p(i)`. The gradient is
 :math:`\nabla F(P) = A P B^\top + A^\top P B` and is Lipschitz with :math:`L \le 2\|A\|_2\|B\|_2`.
+
+The swap-move kernels of the tabu search and the 2-opt are compiled with numba (:mod:`neuralign.optim._swaps`,
+which says why) and imported on first use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from neuralign._numpy import accepts_arrays
+from neuralign._numpy import accepts_arrays, to_numpy
 from neuralign._options import renamed_keywords
 from neuralign._utils import as_generator, as_seed, stable_seed
-from neuralign.errors import ConvergenceWarning, DataError
+from neuralign._validate import check_choice, check_int, check_real
+from neuralign.errors import ConvergenceWarning
 from neuralign.optim.birkhoff import is_permutation
 from neuralign.optim.pam import PAM, PermutationProblem
 from neuralign.status import Status
@@ -36,11 +43,10 @@ __all__ = [
     "TwoOptResult",
     "qap_objective",
     "local_search_2opt",
+    "tabu_search",
     "solve_qap",
-    "load_qaplib",
-    "load_qaplib_solution",
-    "qaplib_path",
     "QAP_METHODS",
+    "QAP_LOCAL_SEARCHES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,54 +147,151 @@ class TwoOptResult:
     converged: bool
 
 
-def _swap_deltas(A: torch.Tensor, At: torch.Tensor, SA: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    r"""All :math:`\Delta_{rs} = F(p \circ (r\,s)) - F(p)` at once, with :math:`Q = B[p][:, p]`.
-
-    Swapping :math:`p(r)` and :math:`p(s)` swaps rows and columns :math:`r, s` of :math:`Q`. Summing the changed
-    terms over all rows and columns gives, with :math:`K = AQ^\top + A^\top Q`,
-
-    .. math::
-
-        \Delta_{rs} = K_{rs} + K_{sr} - K_{rr} - K_{ss}
-        + (A_{rr} + A_{ss} - A_{rs} - A_{sr})(Q_{rr} + Q_{ss} - Q_{rs} - Q_{sr}),
-
-    where the last product corrects the four entries :math:`(i, j) \in \{r, s\}^2` counted by the first part.
-    ``SA`` is the precomputed first factor.
-    """
-    K = A @ Q.T + At @ Q
-    dK = torch.diagonal(K)
-    q = torch.diagonal(Q)
-    SQ = (q[:, None] + q[None, :]) - (Q + Q.T)
-    return (K + K.T) - (dK[:, None] + dK[None, :]) + SA * SQ
+# Pair visits per call of a compiled kernel (a few milliseconds): the time budget is checked between calls.
+_CHUNK_WORK = 1 << 21
 
 
-def _pair_factor(A: torch.Tensor) -> torch.Tensor:
-    a = torch.diagonal(A)
-    return (a[:, None] + a[None, :]) - (A + A.T)
+def _kernels() -> Any:
+    from neuralign.optim import _swaps  # numba compiles (or loads from its cache) on first use
+
+    return _swaps
 
 
-def _two_opt(
-    A: torch.Tensor, At: torch.Tensor, SA: torch.Tensor, B: torch.Tensor, p: torch.Tensor, eps: float, limit: int
-) -> tuple[torch.Tensor, int, bool]:
-    """Best-improvement 2-opt on validated inputs; returns (perm, swaps, converged)."""
-    p = p.clone()
-    n = p.numel()
+def _tolerance(A: np.ndarray, B: np.ndarray) -> float:
+    """Moves must gain more than this to count as improving: :math:`10^{-12}` of the objective's scale, so that
+    rounding cannot make a local search cycle."""
+    return 1e-12 * max(float(np.abs(A).sum() * np.abs(B).max()), 1e-300)
+
+
+def _as_arrays(A: torch.Tensor, B: torch.Tensor) -> _Matrices:
+    """``(A, A^T, B)`` as C-contiguous float64 arrays, the form the kernels read."""
+    An, Bn = to_numpy(A), to_numpy(B)
+    return np.ascontiguousarray(An), np.ascontiguousarray(An.T), np.ascontiguousarray(Bn)
+
+
+_Matrices = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _permuted(B: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:math:`Q = B_{p,p}` and its transpose, C-contiguous: the kernels keep them up to date with ``p``."""
+    Q = B[np.ix_(p, p)]
+    return Q, np.ascontiguousarray(Q.T)
+
+
+def _two_opt(mats: _Matrices, p: np.ndarray, *, max_swaps: int, deadline: float) -> tuple[np.ndarray, int, bool]:
+    """Best-improvement 2-opt from ``p`` (not modified): ``(perm, swaps, converged)``."""
+    K = _kernels()
+    A, At, B = mats
+    p = p.astype(np.int64, copy=True)
+    n = p.size
+    if n < 2:
+        return p, 0, True
+    Q, Qt = _permuted(B, p)
+    D = np.empty((n, n))
+    K.all_values(A, At, Q, Qt, D)
+    eps = _tolerance(A, B)
+    chunk = max(1, _CHUNK_WORK // (n * n))
     swaps = 0
-    while swaps < limit:
-        Q = B[p][:, p]
-        delta = _swap_deltas(A, At, SA, Q)
-        flat = int(torch.argmin(delta).item())
-        r, s = divmod(flat, n)
-        if not float(delta[r, s].item()) < -eps:
+    while swaps < max_swaps and time.perf_counter() < deadline:
+        steps = min(chunk, max_swaps - swaps)
+        made = K.two_opt_chunk(A, At, p, Q, Qt, D, eps, steps)
+        swaps += made
+        if made < steps:
             return p, swaps, True
-        p[[r, s]] = p[[s, r]]
-        swaps += 1
-    return p, swaps, n < 2
+    return p, swaps, not bool(D[np.triu_indices(n, 1)].min() < -eps)
 
 
-def _two_opt_tolerance(A: torch.Tensor, B: torch.Tensor) -> float:
-    scale = float((A.abs().sum() * B.abs().max()).item())
-    return 1e-12 * max(scale, 1e-300)
+def _tabu(
+    mats: _Matrices,
+    p: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    max_iter: int,
+    tenure: tuple[int, int],
+    aspiration: float,
+    deadline: float,
+    target: float,
+) -> tuple[np.ndarray, float, int]:
+    """Robust tabu search from ``p`` (not modified): ``(best perm, its objective, iterations)``; see
+    :func:`tabu_search`."""
+    K = _kernels()
+    A, At, B = mats
+    p = p.astype(np.int64, copy=True)
+    n = p.size
+    Q, Qt = _permuted(B, p)
+    current = K.objective(A, Q)
+    if n < 2:
+        return p, current, 0
+    D = np.empty((n, n))
+    K.all_values(A, At, Q, Qt, D)
+    barred, left = np.zeros((n, n)), np.zeros((n, n))
+    best_p = p.copy()
+    state = np.array([0.0, current, current])
+    t_min, t_max = tenure
+    period = 2 * t_max
+    lengths: list[int] = []  # the tenure of each block of `period` iterations, drawn in order
+    chunk = max(1, _CHUNK_WORK // (n * n))
+    eps = _tolerance(A, B)
+    it = 0
+    while it < max_iter and state[2] > target and time.perf_counter() < deadline:
+        steps = min(chunk, max_iter - it)
+        last = (it + steps - 1) // period
+        lengths += [int(rng.integers(t_min, t_max + 1)) for _ in range(last + 1 - len(lengths))]
+        blocks = np.array(lengths[it // period : last + 1], dtype=np.float64)
+        K.tabu_chunk(A, At, p, Q, Qt, D, barred, left, best_p, state, blocks, period, float(aspiration), eps,
+                     float(target), steps)  # fmt: skip
+        it = int(state[0])
+    return best_p, K.objective(A, _permuted(B, best_p)[0]), it
+
+
+@contextlib.contextmanager
+def _one_torch_thread(n: int) -> Iterator[None]:
+    """Run a small problem's torch work on the calling thread only: torch's intra-op pool spins when the cores are
+    taken by other work and gains nothing on :math:`n \\times n` matrices this small. Restores the setting."""
+    threads = torch.get_num_threads()
+    if n > _SMALL or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+#: Problems up to this size run PAM's torch work on one thread (:func:`_one_torch_thread`).
+_SMALL = 512
+
+
+def _check_budget(max_iter: Any, time_limit: Any, target: Any) -> tuple[int | None, float, float]:
+    max_iter = check_int(max_iter, "max_iter", minimum=1, allow_none=True)
+    time_limit = check_real(time_limit, "time_limit", low=0.0, low_open=True, allow_none=True)
+    target = check_real(target, "target", allow_none=True)
+    deadline = math.inf if time_limit is None else time.perf_counter() + float(time_limit)
+    return max_iter, deadline, -math.inf if target is None else float(target)
+
+
+def _check_tenure(tenure: Any, aspiration: Any, n: int) -> tuple[tuple[int, int], float]:
+    if tenure is None:
+        tenure = (max(1, math.floor(0.9 * n)), max(1, math.ceil(1.1 * n)))
+    if not isinstance(tenure, (tuple, list)) or len(tenure) != 2:
+        raise TypeError(f"`tenure` must be a pair (t_min, t_max) of iterations, got {tenure!r}")
+    t_min = check_int(tenure[0], "tenure[0]", minimum=1)
+    t_max = check_int(tenure[1], "tenure[1]", minimum=1)
+    if t_min > t_max:
+        raise ValueError(f"`tenure` must have t_min <= t_max, got {tuple(tenure)!r}")
+    aspiration = check_real(5.0 * n * n if aspiration is None else aspiration, "aspiration", low=0.0)
+    return (t_min, t_max), float(aspiration)
+
+
+def _check_perm(perm: torch.Tensor, n: int) -> np.ndarray:
+    if not is_permutation(perm) or perm.numel() != n:
+        raise ValueError(f"`perm` must be a permutation of 0..{n - 1}")
+    return perm.detach().cpu().numpy().astype(np.int64)
+
+
+def _as_perm(p: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(p, dtype=torch.int64).to(like.device)
 
 
 @accepts_arrays("A", "B", "perm")
@@ -205,17 +308,27 @@ def local_search_2opt(
     perm : torch.Tensor or array-like
         Starting permutation (not modified).
     max_iter : int, optional
-        Maximum number of swaps (default :math:`n^2`... unbounded until a local minimum, at most ``100 n^2``).
+        Maximum number of swaps (default :math:`100 n^2`).
 
     Returns
     -------
     TwoOptResult
 
+    Raises
+    ------
+    ValueError
+        For non-square or mismatched matrices, or a ``perm`` that is not a permutation of ``0..n-1``.
+
     Notes
     -----
-    The :math:`n(n-1)/2` swap gains are evaluated together in :math:`O(n^3)` flops (two matrix products and
-    :math:`O(n^2)` elementwise work), i.e. :math:`O(n)` per swap, instead of :math:`O(n^2)` each. A swap is taken
-    only if it gains more than :math:`10^{-12}` times the scale of the objective, so rounding cannot cycle.
+    The swap values are computed once in :math:`O(n^3)`, then kept up to date in :math:`O(n^2)` per swap
+    (Taillard's :math:`O(1)` update of the moves disjoint from the last one, [1]_); a compiled loop on the calling
+    thread. A swap is taken only if it gains more than :math:`10^{-12}` times the scale of the objective, so rounding
+    cannot cycle; ties go to the first pair :math:`(r, s)`, :math:`r < s`, in row-major order.
+
+    References
+    ----------
+    .. [1] E. Taillard, "Robust taboo search for the quadratic assignment problem", Parallel Computing 17, 1991.
 
     Examples
     --------
@@ -228,21 +341,16 @@ def local_search_2opt(
     """
     A, B = _check_qap(A, B)
     n = A.shape[0]
-    if not is_permutation(perm) or perm.numel() != n:
-        raise ValueError(f"`perm` must be a permutation of 0..{n - 1}")
-    limit = 100 * n * n + 1 if max_iter is None else int(max_iter)
-    p0 = perm.to(device=A.device, dtype=torch.int64)
-    if n < 2:
-        p, swaps, converged = p0.clone(), 0, True
-    else:
-        At = A.T.contiguous()
-        p, swaps, converged = _two_opt(A, At, _pair_factor(A), B, p0, _two_opt_tolerance(A, B), limit)
-    return TwoOptResult(perm=p, fun=qap_objective(A, B, p), n_iter=swaps, converged=converged)
+    p0 = _check_perm(perm, n)
+    limit = 100 * n * n if max_iter is None else check_int(max_iter, "max_iter", minimum=0)
+    p, swaps, converged = _two_opt(_as_arrays(A, B), p0, max_swaps=limit, deadline=math.inf)
+    perm_out = _as_perm(p, A)
+    return TwoOptResult(perm=perm_out, fun=qap_objective(A, B, perm_out), n_iter=swaps, converged=converged)
 
 
 @dataclass(frozen=True)
 class QAPResult:
-    """Result of :func:`solve_qap`.
+    """Result of :func:`solve_qap` and :func:`tabu_search`.
 
     Attributes
     ----------
@@ -251,17 +359,19 @@ class QAPResult:
     fun : float
         :math:`\\sum_{ij} A_{ij} B_{p(i)p(j)}` at ``perm``.
     n_iter : int
-        PAM iterations summed over restarts.
+        Iterations summed over restarts: PAM iterations, 2-opt swaps or tabu-search iterations.
     converged : bool
-        Whether the best restart's run ended by itself: an iteration changed nothing, or the (deterministic)
-        iterates revisited a permutation and would cycle from then on; for ``"2opt"``, no improving swap is left.
+        Whether the best restart ended by its own stopping rule: for ``"pam"``, an iteration changed nothing or the
+        (deterministic) iterates revisited a permutation; for ``"2opt"``, no improving swap is left; for ``"tabu"``,
+        which has no convergence test, always ``True`` (it ends on its budget or on ``target``).
     status : Status
-        0 converged, 1 the best restart hit ``max_iter`` (with a
-        :class:`~neuralign.errors.ConvergenceWarning`).
+        ``SUCCESS``, or ``MAX_ITER`` when ``max_iter`` or ``time_limit`` stopped the best restart of ``"pam"`` or
+        ``"2opt"`` early (with a :class:`~neuralign.errors.ConvergenceWarning`).
     message : str
-        Summary.
+        Summary, saying when ``time_limit`` or ``target`` ended the call.
     history : list[float]
-        Best objective after each restart.
+        Best objective after each restart run (fewer than ``restarts`` when ``time_limit`` or ``target`` ended the
+        call).
     """
 
     perm: torch.Tensor
@@ -274,7 +384,102 @@ class QAPResult:
 
 
 #: Methods of :func:`solve_qap`.
-QAP_METHODS = ("pam", "2opt")
+QAP_METHODS = ("tabu", "pam", "2opt")
+
+#: Local searches of :func:`solve_qap`'s ``"pam"`` method, run after every P-step.
+QAP_LOCAL_SEARCHES = ("2opt", "tabu", None)
+
+
+@accepts_arrays("A", "B", "perm")
+def tabu_search(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    perm: torch.Tensor,
+    *,
+    max_iter: int | None = None,
+    time_limit: float | None = None,
+    target: float | None = None,
+    tenure: tuple[int, int] | None = None,
+    aspiration: float | None = None,
+    generator: torch.Generator | int | None = None,
+) -> QAPResult:
+    r"""Robust tabu search for the QAP (Taillard 1991) from ``perm``: a local search over pair swaps that makes the
+    best allowed swap at every iteration, improving or not, and keeps the best permutation seen.
+
+    .. math::
+
+        \min_{p \in S_n} \sum_{i,j} A_{ij} B_{p(i) p(j)}
+
+    - **Tabu list.** When a swap moves unit :math:`i` off location :math:`l`, :math:`i` may not go back to
+      :math:`l` for the current tenure; a swap is tabu when it would put *both* its units back on barred locations.
+    - **Randomised tenure.** The tenure is drawn uniformly from ``tenure = (t_min, t_max)`` and drawn again every
+      :math:`2 t_{max}` iterations.
+    - **Aspiration.** A swap leading below the best objective so far is made even when tabu. Otherwise, a swap that
+      puts both its units on locations they have not held for ``aspiration`` iterations is made first
+      (diversification), whatever its value; otherwise the best swap that is not tabu (the best swap if all are).
+    - **Move values** are computed once in :math:`O(n^3)` and then updated in :math:`O(n^2)` per iteration
+      (:math:`O(1)` for each of the swaps disjoint from the last one); a compiled loop on the calling thread.
+
+    Parameters
+    ----------
+    A, B : torch.Tensor or array-like
+        ``(n, n)`` real matrices (flow, distance).
+    perm : torch.Tensor or array-like
+        Starting permutation (not modified).
+    max_iter : int, optional
+        Iterations (default :math:`200 n`).
+    time_limit : float, optional
+        Seconds of wall-clock time, checked every few milliseconds.
+    target : float, optional
+        Stop as soon as the objective is at most ``target`` (e.g. a known optimum: time-to-target studies).
+    tenure : (int, int), optional
+        Range of the tabu tenure in iterations, :math:`1 \le t_{min} \le t_{max}`; default
+        :math:`(\lfloor 0.9 n\rfloor, \lceil 1.1 n\rceil)` ([1]_).
+    aspiration : float, optional
+        Iterations after which a location not held counts for the long-term aspiration; default :math:`5 n^2`.
+    generator : torch.Generator or int, optional
+        Seed of the tenure draws (an int, a draw from the generator, or a draw from torch's global RNG).
+
+    Returns
+    -------
+    QAPResult
+        ``history`` has one entry; ``converged`` is ``True`` and ``status`` ``SUCCESS``.
+
+    Raises
+    ------
+    ValueError
+        For non-square or mismatched matrices, non-finite entries, a ``perm`` that is not a permutation of
+        ``0..n-1``, or budgets out of range (``max_iter < 1``, ``time_limit <= 0``, ``t_min > t_max``).
+    TypeError
+        For budgets of the wrong type.
+
+    References
+    ----------
+    .. [1] E. Taillard, "Robust taboo search for the quadratic assignment problem", Parallel Computing 17, 1991.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neuralign.optim import load_qaplib, qaplib_path
+    >>> A, B = load_qaplib(qaplib_path("nug12"))
+    >>> res = tabu_search(A.numpy(), B.numpy(), np.arange(12), max_iter=3000, generator=0)
+    >>> res.fun  # the optimum of nug12
+    578.0
+    """
+    A, B = _check_qap(A, B)
+    n = A.shape[0]
+    p0 = _check_perm(perm, n)
+    max_iter, deadline, target_value = _check_budget(max_iter, time_limit, target)
+    tenure, aspiration = _check_tenure(tenure, aspiration, n)
+    rng = np.random.default_rng(as_seed(generator))
+    budget = 200 * n if max_iter is None else max_iter
+    p, fun, iters = _tabu(_as_arrays(A, B), p0, rng=rng, max_iter=budget, tenure=tenure, aspiration=aspiration,
+                          deadline=deadline, target=target_value)  # fmt: skip
+    perm_out = _as_perm(p, A)
+    fun = qap_objective(A, B, perm_out)
+    message = f"tabu search: {fun:.10g} after {iters} iterations"
+    return QAPResult(perm=perm_out, fun=fun, n_iter=iters, converged=True, status=Status.SUCCESS, message=message,
+                     history=[fun])  # fmt: skip
 
 
 @accepts_arrays("A", "B")
@@ -282,12 +487,16 @@ def solve_qap(
     A: torch.Tensor,
     B: torch.Tensor,
     *,
-    method: str = "pam",
+    method: str = "tabu",
     restarts: int = 1,
     generator: torch.Generator | int | None = None,
-    max_iter: int = 100,
-    local_search: bool = True,
+    max_iter: int | None = None,
+    time_limit: float | None = None,
+    target: float | None = None,
+    local_search: str | None = "2opt",
     lam: float | None = None,
+    tenure: tuple[int, int] | None = None,
+    aspiration: float | None = None,
     **renamed: Any,
 ) -> QAPResult:
     r"""Minimise :math:`\sum_{i,j} A_{ij} B_{p(i)p(j)}` over permutations :math:`p` (QAPLIB convention).
@@ -296,37 +505,54 @@ def solve_qap(
 
         \min_{P \in \Pi_n} \langle A, P B P^\top \rangle .
 
-    ``method="pam"`` runs, from each of ``restarts`` random permutations, :class:`~neuralign.optim.PAM` on
-    :class:`QAPProblem` with no continuous variable (``x_steps=0``) and linearised proximal P-steps
+    From each of ``restarts`` random permutations:
 
-    .. math:: P_{k+1} = \arg\min_{P \in \Pi_n} \langle \nabla F(P_k) - P_k/\lambda, P\rangle,
+    - ``method="tabu"`` (default): robust tabu search (:func:`tabu_search`), ``max_iter`` iterations (default
+      :math:`200 n`).
+    - ``method="pam"``: :class:`~neuralign.optim.PAM` on :class:`QAPProblem` with no continuous variable
+      (``x_steps=0``) and linearised proximal P-steps
 
-    each followed (``local_search=True``) by a best-improvement 2-opt (:func:`local_search_2opt`) as PAM's
-    ``local_search`` hook ("a local search on the P-step"); it stops when an iteration changes nothing or when the
-    deterministic iterates revisit a permutation (they would cycle from then on), and keeps the best iterate.
-    Without ``local_search`` the 2-opt runs once on that best iterate. ``method="2opt"`` is the 2-opt alone from
-    the same random starts. The best restart is returned.
+      .. math:: P_{k+1} = \arg\min_{P \in \Pi_n} \langle \nabla F(P_k) - P_k/\lambda, P\rangle,
+
+      each followed by ``local_search`` as PAM's local search on the P-step: ``"2opt"``
+      (:func:`local_search_2opt`), ``"tabu"`` (a tabu search of :math:`10 n` iterations from the P-step's result)
+      or ``None`` (then the 2-opt runs once, on the best iterate). It stops when an iteration changes nothing or
+      when the deterministic iterates revisit a permutation (they would cycle from then on), after ``max_iter``
+      iterations (default 100), and keeps the best iterate.
+    - ``method="2opt"``: best-improvement 2-opt alone, at most ``max_iter`` swaps (default :math:`100 n^2`).
+
+    The best restart is returned. PAM's torch work on problems up to :math:`n = 512` runs on one thread (restored
+    after), and the 2-opt and tabu search are compiled loops on the calling thread, so that a machine busy with other
+    work slows a call no more than it slows any single-threaded code.
 
     Parameters
     ----------
     A, B : torch.Tensor or array-like
         ``(n, n)`` real matrices (flow, distance).
-    method : {"pam", "2opt"}
-        Algorithm.
+    method : {"tabu", "pam", "2opt"}
+        Algorithm (:data:`QAP_METHODS`).
     restarts : int
         Number of random starts (at least 1); restart ``r`` starts from a permutation drawn with seed
-        ``stable_seed("qap", generator, r)``.
+        ``stable_seed("qap", generator, r)``, which also seeds its tabu tenures.
     generator : torch.Generator or int, optional
         The base seed of the restarts: an int, a draw from the generator, or (default) a draw from torch's global
         RNG (``seed=`` before 0.2, still accepted with a :class:`DeprecationWarning`).
-    max_iter : int
-        PAM iterations per restart.
-    local_search : bool
-        Run the 2-opt after every P-step.
+    max_iter : int, optional
+        Budget of each restart, in the method's iterations (see above).
+    time_limit : float, optional
+        Seconds of wall-clock time for the whole call: a restart running at the limit stops (tabu search and 2-opt
+        within a few milliseconds, PAM after its current iteration) and no further restart starts.
+    target : float, optional
+        Stop as soon as a restart reaches an objective of at most ``target``.
+    local_search : {"2opt", "tabu", None}
+        PAM's local search on the P-step (``"pam"`` only). ``True`` and ``False`` (before 0.2) still mean
+        ``"2opt"`` and ``None``, with a :class:`DeprecationWarning`.
     lam : float, optional
-        P proximal parameter. Default :math:`4/L` with :math:`L = 2\|A\|_2\|B\|_2`: beyond the monotone range
-        :math:`\lambda < 1/L`, where the linearised step would hardly ever leave :math:`P_k`; the 2-opt restores
-        descent and the best iterate is kept.
+        P proximal parameter (``"pam"`` only). Default :math:`1000 n/L` with :math:`L = 2\|A\|_2\|B\|_2`: far beyond
+        the monotone range :math:`\lambda < 1/L`, where the linearised step would hardly ever leave :math:`P_k`;
+        the local search restores descent and the best iterate is kept.
+    tenure, aspiration : optional
+        Tabu-search settings (``"tabu"``, and ``"pam"`` with ``local_search="tabu"``); see :func:`tabu_search`.
 
     Returns
     -------
@@ -335,13 +561,17 @@ def solve_qap(
     Raises
     ------
     ValueError
-        For non-square or mismatched matrices, an unknown ``method`` or ``restarts < 1``.
+        For non-square or mismatched matrices, an unknown ``method`` or ``local_search``, ``restarts < 1`` or
+        budgets out of range.
+    TypeError
+        For options of the wrong type.
 
     References
     ----------
     .. [1] R. E. Burkard, S. E. Karisch, F. Rendl, "QAPLIB – a quadratic assignment problem library", J. Global
        Optim. 10, 1997.
-    .. [2] J. Bolte, S. Sabach, M. Teboulle, "Proximal alternating linearized minimization for nonconvex and
+    .. [2] E. Taillard, "Robust taboo search for the quadratic assignment problem", Parallel Computing 17, 1991.
+    .. [3] J. Bolte, S. Sabach, M. Teboulle, "Proximal alternating linearized minimization for nonconvex and
        nonsmooth problems", Math. Program. 146, 2014.
 
     Examples
@@ -352,227 +582,141 @@ def solve_qap(
     >>> res = solve_qap(A, B, restarts=2, generator=0)
     >>> res.fun, res.status
     (26.0, <Status.SUCCESS: 0>)
+    >>> solve_qap(A, B, method="pam", local_search="tabu", generator=0).fun
+    26.0
     """
     A, B = _check_qap(A, B)
-    if method not in QAP_METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {list(QAP_METHODS)}")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"`restarts` must be a positive int, got {restarts!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"`max_iter` must be a positive int, got {max_iter!r}")
+    method = check_choice(method, "method", QAP_METHODS)
+    restarts = check_int(restarts, "restarts", minimum=1)
+    max_iter, deadline, target_value = _check_budget(max_iter, time_limit, target)
+    if isinstance(local_search, bool):
+        warnings.warn("solve_qap(local_search=True/False) is deprecated; use local_search='2opt' or None",
+                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        local_search = "2opt" if local_search else None
+    if local_search not in QAP_LOCAL_SEARCHES:
+        raise ValueError(f"unknown local_search {local_search!r}; expected one of {list(QAP_LOCAL_SEARCHES)}")
     n = A.shape[0]
-    problem = QAPProblem(A, B)
-    if lam is None:
-        L = problem.lipschitz()
-        lam = 1000.0 * n / L if L > 0 else math.inf
+    tenure, aspiration = _check_tenure(tenure, aspiration, n)
     generator = renamed_keywords(renamed, {"seed": "generator"}, where="solve_qap").get("generator", generator)
     base = as_seed(generator)
+    mats = _as_arrays(A, B)
+    if method == "pam":
+        problem = QAPProblem(A, B)
+        if lam is None:
+            L = problem.lipschitz()
+            lam = 1000.0 * n / L if L > 0 else math.inf
 
-    At, SA, eps = A.T.contiguous(), _pair_factor(A), _two_opt_tolerance(A, B)
-
-    def hook(x, perms):
-        return {"p": _two_opt(A, At, SA, B, perms["p"], eps, 100 * n * n + 1)[0]}
-
-    best_perm: torch.Tensor | None = None
+    best_perm: np.ndarray | None = None
     best_fun = math.inf
     best_status = Status.SUCCESS
     total_iter = 0
     history: list[float] = []
+    stop = ""
     for r in range(restarts):
-        gen = as_generator(stable_seed("qap", base, r))
-        p0 = torch.randperm(n, generator=gen).to(A.device)
-        if method == "2opt" or n < 2:
-            two = local_search_2opt(A, B, p0)
-            perm, fun, iters = two.perm, two.fun, two.n_iter
-            status = Status.SUCCESS if two.converged else Status.MAX_ITER
+        if r > 0 and time.perf_counter() >= deadline:
+            stop = f"; time_limit reached after {r} of {restarts} restarts"
+            break
+        seed = stable_seed("qap", base, r)
+        gen = as_generator(seed)
+        p0 = torch.randperm(n, generator=gen).numpy()
+        rng = np.random.default_rng(seed)
+        if method == "tabu":
+            budget = 200 * n if max_iter is None else max_iter
+            perm, _, iters = _tabu(mats, p0, rng=rng, max_iter=budget, tenure=tenure, aspiration=aspiration,
+                                   deadline=deadline, target=target_value)  # fmt: skip
+            status = Status.SUCCESS
+        elif method == "2opt" or n < 2:
+            perm, iters, converged = _two_opt(mats, p0, max_swaps=100 * n * n if max_iter is None else max_iter,
+                                              deadline=deadline)  # fmt: skip
+            status = Status.SUCCESS if converged else Status.MAX_ITER
         else:
-            solver = PAM(problem, [], {"p": p0}, method="linearized", lam=lam, x_steps=0, generator=gen,
-                         local_search=hook if local_search else None)
-            # PAM's iterates need not decrease for lam > 1/L: keep the best one seen. The step is deterministic,
-            # so revisiting a permutation means the iterates cycle from then on: stop there.
-            seen = {"fun": solver.history[0], "perm": p0, "visited": {tuple(p0.tolist())}, "cycle": False}
-
-            def track(state, seen=seen):
-                if state.fun < seen["fun"]:
-                    seen["fun"], seen["perm"] = state.fun, state.perms["p"]
-                key = tuple(state.perms["p"].tolist())
-                if key in seen["visited"]:
-                    seen["cycle"] = True
-                    return True
-                seen["visited"].add(key)
-                return False
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                res = solver.run(max_iter=max_iter, tol=0.0, callback=track)
-            perm = seen["perm"]
-            if not local_search:
-                perm = local_search_2opt(A, B, perm).perm
-            status = Status.SUCCESS if res.status == Status.SUCCESS or seen["cycle"] else Status.MAX_ITER
-            fun, iters = qap_objective(A, B, perm), res.n_iter
+            perm, iters, status = _pam_restart(problem, mats, p0, gen=gen, rng=rng, lam=lam,
+                                               max_iter=100 if max_iter is None else max_iter,
+                                               local_search=local_search, tenure=tenure, aspiration=aspiration,
+                                               deadline=deadline)  # fmt: skip
+        fun = float(_kernels().objective(mats[0], _permuted(mats[2], perm)[0]))
         total_iter += iters
         logger.debug("QAP restart %d: %.6g (%d iterations)", r, fun, iters)
         if fun < best_fun:
             best_perm, best_fun, best_status = perm, fun, status
         history.append(best_fun)
+        if best_fun <= target_value:
+            if r + 1 < restarts:
+                stop = f"; target reached after {r + 1} of {restarts} restarts"
+            break
     assert best_perm is not None
-    message = f"best of {restarts} restart(s) of {method}: {best_fun:.10g}"
+    perm_out = _as_perm(best_perm, A)
+    best_fun = qap_objective(A, B, perm_out)
+    message = f"best of {len(history)} restart(s) of {method}: {best_fun:.10g}{stop}"
     if best_status == Status.MAX_ITER:
-        message += f" (the best restart hit max_iter={max_iter})"
-        warnings.warn(f"solve_qap: {message}; try a larger `max_iter` or a smaller `lam`", ConvergenceWarning,
+        message += f" (the best restart hit max_iter={max_iter} or time_limit)"
+        warnings.warn(f"solve_qap: {message}; try a larger `max_iter` or `time_limit`", ConvergenceWarning,
                       stacklevel=2)
     return QAPResult(
-        perm=best_perm,
+        perm=perm_out,
         fun=best_fun,
         n_iter=total_iter,
-        converged=best_status == 0,
+        converged=best_status == Status.SUCCESS,
         status=best_status,
         message=message,
         history=history,
     )
 
 
-def _read_numbers(path: Path, what: str) -> list[float]:
-    if not path.is_file():
-        raise DataError(f"{what} file {str(path)!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8", errors="strict")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{what} file {str(path)!r} could not be read as text: {exc}") from exc
-    tokens = text.replace(",", " ").split()
-    values = []
-    for k, tok in enumerate(tokens):
-        try:
-            values.append(float(tok))
-        except ValueError:
-            raise DataError(f"{what} file {str(path)!r}: token {k} ({tok!r}) is not a number") from None
-    return values
+def _pam_restart(
+    problem: QAPProblem,
+    mats: _Matrices,
+    p0: np.ndarray,
+    *,
+    gen: torch.Generator,
+    rng: np.random.Generator,
+    lam: float,
+    max_iter: int,
+    local_search: str | None,
+    tenure: tuple[int, int],
+    aspiration: float,
+    deadline: float,
+) -> tuple[np.ndarray, int, Status]:
+    """One restart of :func:`solve_qap`'s ``"pam"`` method: ``(best perm, PAM iterations, status)``."""
+    n = p0.size
+    device = problem.A.device
 
+    def hook(x, perms):
+        p = perms["p"].cpu().numpy()
+        if local_search == "2opt":
+            p = _two_opt(mats, p, max_swaps=100 * n * n, deadline=math.inf)[0]
+        else:
+            p = _tabu(mats, p, rng=rng, max_iter=10 * n, tenure=tenure, aspiration=aspiration, deadline=math.inf,
+                      target=-math.inf)[0]  # fmt: skip
+        return {"p": torch.as_tensor(p).to(device)}
 
-def _size(values: list[float], path: Path, what: str) -> int:
-    if not values:
-        raise DataError(f"{what} file {str(path)!r} is empty")
-    n = values[0]
-    if n != int(n) or n < 1:
-        raise DataError(f"{what} file {str(path)!r} starts with {n!r}, expected the size n (a positive integer)")
-    return int(n)
+    start = torch.as_tensor(p0).to(device)
+    with _one_torch_thread(n):
+        solver = PAM(problem, [], {"p": start}, method="linearized", lam=lam, x_steps=0, generator=gen,
+                     local_search=hook if local_search is not None else None)  # fmt: skip
+        # PAM's iterates need not decrease for lam > 1/L: keep the best one seen. The step is deterministic (but for
+        # a tabu local search's draws), so revisiting a permutation means the iterates cycle from then on: stop.
+        seen = {"fun": solver.history[0], "perm": start, "visited": {tuple(p0.tolist())}, "cycle": False,
+                "late": False}  # fmt: skip
 
+        def track(state, seen=seen):
+            if state.fun < seen["fun"]:
+                seen["fun"], seen["perm"] = state.fun, state.perms["p"]
+            key = tuple(state.perms["p"].tolist())
+            if key in seen["visited"]:
+                seen["cycle"] = True
+                return True
+            seen["visited"].add(key)
+            if time.perf_counter() >= deadline:
+                seen["late"] = True
+                return True
+            return False
 
-#: QAPLIB instances shipped in ``neuralign/optim/_data/qaplib`` (terms and provenance in ``QAPLIB.md`` there).
-SHIPPED_QAPLIB = ("chr12c", "nug12")
-
-
-def qaplib_path(name: str, *, solution: bool = False) -> Path:
-    """Path of a QAPLIB instance shipped with neuralign (``.dat``, or its ``.sln`` with ``solution=True``).
-
-    Two small instances ship (``chr12c``, ``nug12``; Burkard, Karisch & Rendl 1997, see ``QAPLIB.md`` beside them
-    for provenance and terms); read them with :func:`load_qaplib` and :func:`load_qaplib_solution`.
-
-    Raises
-    ------
-    ValueError
-        If ``name`` is not one of the shipped instances.
-
-    Examples
-    --------
-    >>> A, B = load_qaplib(qaplib_path("chr12c"))
-    >>> load_qaplib_solution(qaplib_path("chr12c", solution=True), A=A, B=B)[0]
-    11156.0
-    """
-    stem = Path(str(name)).stem
-    if stem not in SHIPPED_QAPLIB:
-        raise ValueError(f"unknown shipped QAPLIB instance {name!r}; expected one of {list(SHIPPED_QAPLIB)}")
-    return Path(__file__).resolve().parent / "_data" / "qaplib" / f"{stem}.{'sln' if solution else 'dat'}"
-
-
-def load_qaplib(path: str | os.PathLike, *, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a QAPLIB instance (``.dat``): ``n``, then the ``n x n`` matrix ``A``, then ``B`` (whitespace separated).
-
-    Returns
-    -------
-    A, B : torch.Tensor
-        ``(n, n)`` tensors of ``dtype``, with the objective ``sum_ij A[i, j] * B[p[i], p[j]]``.
-
-    Raises
-    ------
-    DataError
-        If the file is missing, not numeric, or does not hold exactly ``1 + 2 n^2`` numbers.
-    """
-    path = Path(path)
-    values = _read_numbers(path, "QAPLIB instance")
-    n = _size(values, path, "QAPLIB instance")
-    expected = 1 + 2 * n * n
-    if len(values) != expected:
-        raise DataError(
-            f"QAPLIB instance file {str(path)!r} holds {len(values)} numbers, expected 1 + 2*{n}^2 = {expected}"
-        )
-    data = torch.tensor(values[1:], dtype=torch.float64)
-    A = data[: n * n].reshape(n, n).to(dtype)
-    B = data[n * n :].reshape(n, n).to(dtype)
-    return A, B
-
-
-@accepts_arrays("A", "B")
-def load_qaplib_solution(
-    path: str | os.PathLike, *, A: torch.Tensor | None = None, B: torch.Tensor | None = None
-) -> tuple[float, torch.Tensor]:
-    """Read a QAPLIB solution (``.sln``): ``n``, the objective, then the 1-based permutation.
-
-    Distributed copies are not all in one convention: a permutation of ``0..n-1`` (as in some copies of
-    ``tai40a.sln``) is read as 0-based, and when the instance ``A, B`` is given the permutation is checked against
-    the stated objective; if only its inverse attains it (as in some copies of ``nug30``, ``tai60a``, ``tai80a``),
-    the inverse is returned. Both cases are logged as warnings.
-
-    Parameters
-    ----------
-    path : path-like
-        The ``.sln`` file.
-    A, B : torch.Tensor or array-like, optional
-        The instance (from :func:`load_qaplib`), to validate the permutation against the objective.
-
-    Returns
-    -------
-    fun : float
-        The optimal or best known objective.
-    perm : torch.Tensor
-        The permutation, 0-based int64, with ``qap_objective(A, B, perm) == fun`` when ``A, B`` are given.
-
-    Raises
-    ------
-    DataError
-        If the file is missing or malformed, the permutation is not one of ``1..n``, or (with ``A, B``) neither
-        the permutation nor its inverse attains the stated objective, or the sizes differ.
-    """
-    path = Path(path)
-    values = _read_numbers(path, "QAPLIB solution")
-    n = _size(values, path, "QAPLIB solution")
-    if len(values) != n + 2:
-        raise DataError(f"QAPLIB solution file {str(path)!r} holds {len(values)} numbers, expected 2 + {n}")
-    raw = values[2:]
-    if any(v != int(v) for v in raw):
-        raise DataError(f"QAPLIB solution file {str(path)!r}: the permutation holds non-integers")
-    perm = torch.tensor([int(v) for v in raw], dtype=torch.int64)
-    if is_permutation(perm):
-        # 0..n-1 and 1..n cannot be confused
-        logger.warning("QAPLIB solution file %r holds a 0-based permutation; read it as such", str(path))
-    elif is_permutation(perm - 1):
-        perm = perm - 1
-    else:
-        raise DataError(f"QAPLIB solution file {str(path)!r}: the permutation is not one of 1..{n}")
-    fun = float(values[1])
-    if A is not None or B is not None:
-        if A is None or B is None:
-            raise ValueError("give both `A` and `B` to validate the solution, or neither")
-        if A.shape[0] != n:
-            raise DataError(f"QAPLIB solution file {str(path)!r} is for n={n}, the instance has n={A.shape[0]}")
-        if qap_objective(A, B, perm) != fun:
-            inverse = torch.argsort(perm)
-            if qap_objective(A, B, inverse) != fun:
-                raise DataError(
-                    f"QAPLIB solution file {str(path)!r}: its permutation has objective "
-                    f"{qap_objective(A, B, perm):.10g} (its inverse {qap_objective(A, B, inverse):.10g}), "
-                    f"not the stated {fun:.10g}"
-                )
-            logger.warning("QAPLIB solution file %r lists the inverse permutation; returned its inverse", str(path))
-            perm = inverse
-    return fun, perm
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            res = solver.run(max_iter=max_iter, tol=0.0, callback=track)
+    perm = seen["perm"].cpu().numpy().astype(np.int64)
+    if local_search is None:
+        perm = _two_opt(mats, perm, max_swaps=100 * n * n, deadline=math.inf)[0]
+    done = (res.status == Status.SUCCESS or seen["cycle"]) and not seen["late"]
+    return perm, res.n_iter, Status.SUCCESS if done else Status.MAX_ITER
