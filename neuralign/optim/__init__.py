@@ -55,6 +55,7 @@ from neuralign.optim.problems import ShuffledRegressionProblem, solve_shuffled_r
 from neuralign.optim.qap import (
     QAP_LOCAL_SEARCHES,
     QAP_METHODS,
+    TABU_ITERATIONS,
     QAPProblem,
     QAPResult,
     TwoOptResult,
@@ -101,6 +102,7 @@ __all__ = [
     "solve_shuffled_regression",
     "QAP_METHODS",
     "QAP_LOCAL_SEARCHES",
+    "TABU_ITERATIONS",
     "QAPProblem",
     "QAPResult",
     "TwoOptResult",
