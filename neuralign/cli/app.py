@@ -57,7 +57,7 @@ def in_option_words(text: str, parser: argparse.ArgumentParser, command: str) ->
     options.setdefault("root", options.get("data_root", "--data-root"))
     # library argument names that the commands pass from differently named options
     aliases = {"max_iter": "iters", "x_epochs": "epochs", "point_a": "model_a", "point_b": "model_b",
-               "train_loader": "data", "example_input": "data", "lam": "lam", "time_minutes": "slurm_time"}  # fmt: skip
+               "train_loader": "data", "example_input": "data", "lam": "lam"}  # fmt: skip
     for name, dest in aliases.items():
         if dest in options:
             options.setdefault(name, options[dest])

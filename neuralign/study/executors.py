@@ -1,5 +1,6 @@
 """A study's stages as jobs, with submitit: concurrent local processes (``--executor local --jobs N``) or Slurm jobs
-(``--executor slurm``), and the status of a study folder (``neuralign study --status OUT``).
+(``--executor slurm``), the status of a study folder (``neuralign study --status OUT``) and cancelling its Slurm
+jobs (``neuralign study --cancel OUT``).
 
 Every job runs :func:`~neuralign.study.run_stage` for one stage of
 :func:`~neuralign.study.study_stages`, so a job does exactly what the sequential
@@ -7,44 +8,245 @@ Every job runs :func:`~neuralign.study.run_stage` for one stage of
 a stage is done when its outputs exist; a failed, cancelled or pre-empted job is run again by the next command,
 and a finished one never is. Two jobs never write the same file: each stage writes only its own outputs and
 record, a stage is submitted only once the stages it needs are done (local) or with a Slurm dependency on their
-jobs (``afterok``), and every way of running a study (these executors and the sequential
-:func:`~neuralign.study.run_study`) refuses to start while a job of the folder is queued or running
-(:func:`neuralign.study.jobs.refuse_live_jobs`; Slurm jobs left waiting on a failed job, which can never
-start, are cancelled then, as the rerun resubmits them). The
-manifest has one writer at a time: the submitting command before any job starts, then the ``report`` stage, which
-runs last and merges the per-stage records.
+jobs (``afterok``), a stage with a live job is never submitted again, and a run in one process (sequential, or the
+local executor's) refuses to start while a job of the folder is queued or running
+(:func:`neuralign.study.jobs.refuse_live_jobs`). A Slurm rerun keeps the live jobs and submits only the stages that
+are neither done nor live, each depending on the live jobs of the stages it needs
+(:func:`submit_study_slurm`). The manifest has one writer at a time: the submitting command before the jobs it
+submits start (the only job that writes the manifest, the ``report`` stage's, waits on every other), then the
+``report`` stage, which runs last and merges the per-stage records.
 
-``jobs.json`` in the study folder (written by the submitting command only) lists the job id of every stage it
-submitted (local jobs: process id and process start time, :mod:`neuralign.study.jobs`); submitit keeps
-each job's pickled call and its stdout/stderr logs under ``jobs/``.
+Each job asks Slurm for the resources of :class:`SlurmOptions` (CPUs per task, memory, GPUs, time, partition,
+account, QoS, further ``sbatch`` options) through submitit's parameters; they are recorded in the manifest, and
+inside a job torch uses as many threads as the job has CPUs per task (:func:`job_threads`).
+
+``jobs.json`` in the study folder (written by the submitting command and ``--cancel`` only) lists the job id of
+every stage it submitted (local jobs: process id and process start time, :mod:`neuralign.study.jobs`) and the jobs
+that ``--cancel`` cancelled; submitit keeps each job's pickled call and its stdout/stderr logs under ``jobs/``.
 
 Requires the ``cluster`` extra: ``pip install 'neuralign[cluster]'`` (submitit).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from neuralign import _distributed
+from neuralign._options import Options, renamed_keywords, resolve_options
+from neuralign._validate import check_int
 from neuralign.errors import JobError, MissingDependencyError
 from neuralign.study import StudyConfig, prepare_study, run_stage, stage_done, study_stages
-from neuralign.study.jobs import job_states, process_start, read_jobs, write_jobs
+from neuralign.study.jobs import (
+    cancel_jobs,
+    process_start,
+    read_jobs,
+    record_cancelled,
+    survey_jobs,
+    write_jobs,
+)
+from neuralign.study.runner import _prepare, check_study_folder
 
-__all__ = ["run_study_local", "study_status", "submit_study_slurm"]
+__all__ = [
+    "SlurmOptions",
+    "SlurmSubmission",
+    "cancel_study",
+    "job_threads",
+    "run_study_local",
+    "study_status",
+    "submit_study_slurm",
+]
 
 logger = logging.getLogger(__name__)
 
 _LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local executor kills a job after 2 minutes unless told otherwise
+
+# Slurm's --mem: an integer with an optional unit (K, M, G, T; M when none)
+_MEMORY = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
+# sbatch options that the study sets itself, or that a field of SlurmOptions sets: refused in `extra`
+_RESERVED = {
+    "partition": "`partition`", "time": "`time_minutes`", "gpus": "`gpus_per_job`", "gpus-per-node": "`gpus_per_job`",
+    "ntasks": "`tasks_per_job`", "ntasks-per-node": "`tasks_per_job`", "cpus-per-task": "`cpus_per_task`",
+    "mem": "`memory`", "account": "`account`", "qos": "`qos`", "nodes": "the study (one node per job)",
+    "dependency": "the study (the jobs of the stages a stage needs)", "job-name": "the study (the stage's name)",
+    "output": "submitit (the job's log)", "error": "submitit (the job's log)", "open-mode": "submitit",
+    "signal": "submitit (pre-emption)", "array": "the study (one job per stage)",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SlurmOptions(Options):
+    """The resources of every Slurm job of a study (:func:`submit_study_slurm`), passed to Slurm as the parameters
+    of submitit's :class:`submitit.SlurmExecutor` (``#SBATCH`` lines of each job's script).
+
+    Attributes
+    ----------
+    partition : str, optional
+        Slurm partition (``--partition``; default: the cluster's default partition).
+    time_minutes : int
+        Wall-time limit of each job, in minutes (``--time``; >= 1; default 1440, one day).
+    gpus_per_job : int, optional
+        GPUs of each job on its node (``--gpus-per-node``; >= 0). Default: 1 with a CUDA device, 0 on the CPU. A
+        CUDA study needs at least 1; a CPU study asks for none (0; more would sit idle).
+    tasks_per_job : int, optional
+        Processes of each job (``--ntasks-per-node``, one node; >= 1), which run the stage data-parallel (NCCL on
+        CUDA, gloo on the CPU). Default: one per GPU on CUDA (it must then equal ``gpus_per_job``), 1 on the CPU.
+    cpus_per_task : int, optional
+        CPUs of each process (``--cpus-per-task``; >= 1); torch inside the job uses as many threads
+        (:func:`job_threads`). Default: the cluster's (usually 1).
+    memory : str, optional
+        Memory of each job on its node (``--mem``): an integer with an optional unit ``K``, ``M``, ``G`` or ``T``
+        (megabytes without one), e.g. ``"4G"``. Default: the cluster's, which on many clusters is the whole node's
+        memory, so that jobs that could share a node wait for each other.
+    account, qos : str, optional
+        Slurm account (``--account``) and quality of service (``--qos``).
+    extra : dict of str to str, optional
+        Further ``sbatch`` options by long name without dashes (``{"constraint": "a100", "exclusive": ""}``; an
+        empty value gives the flag alone), passed as submitit's ``additional_parameters``. Options that the fields
+        above or the study set (``mem``, ``dependency``, ``job-name``, ...) are refused.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a field of the wrong kind or value (one line naming it), e.g. a memory that Slurm would not read.
+
+    Examples
+    --------
+    >>> SlurmOptions(cpus_per_task=2, memory="4G").sbatch_parameters("cpu")
+    {'time': 1440, 'nodes': 1, 'ntasks_per_node': 1, 'cpus_per_task': 2, 'mem': '4G'}
+    >>> SlurmOptions(gpus_per_job=2).sbatch_parameters("cuda")["ntasks_per_node"]
+    2
+    """
+
+    partition: str | None = None
+    time_minutes: int = 24 * 60
+    gpus_per_job: int | None = None
+    tasks_per_job: int | None = None
+    cpus_per_task: int | None = None
+    memory: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    extra: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        self._check("time_minutes", check_int, minimum=1)
+        self._check("gpus_per_job", check_int, minimum=0, allow_none=True)
+        self._check("tasks_per_job", check_int, minimum=1, allow_none=True)
+        self._check("cpus_per_task", check_int, minimum=1, allow_none=True)
+        for name in ("partition", "account", "qos"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not re.fullmatch(r"\S+", value)):
+                raise ValueError(f"`{name}` must be a Slurm name without spaces, got {value!r}")
+        if self.memory is not None:
+            memory = str(self.memory).strip() if isinstance(self.memory, (str, int)) else None
+            if memory is None or isinstance(self.memory, bool) or not _MEMORY.fullmatch(memory):
+                raise ValueError(f"`memory` must be an amount Slurm reads for --mem, an integer with an optional unit "
+                                 f"K, M, G or T (e.g. 4G, 500M), got {self.memory!r}")  # fmt: skip
+            object.__setattr__(self, "memory", memory.upper())
+        if self.extra is not None:
+            if not isinstance(self.extra, Mapping):
+                raise TypeError(f"`extra` must be a dict of sbatch options, got {type(self.extra).__name__}")
+            extra = {}
+            for key, value in self.extra.items():
+                name = str(key).lstrip("-").replace("_", "-").lower()
+                if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+                    raise ValueError(f"`extra` holds {key!r}, which is not an sbatch option's long name")
+                if name in _RESERVED:
+                    raise ValueError(f"`extra` holds the sbatch option {name!r}, which {_RESERVED[name]} sets")
+                if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                    raise TypeError(f"`extra` option {name!r} must have a string value, got {value!r}")
+                extra[name] = str(value)
+            object.__setattr__(self, "extra", extra)
+
+    def __hash__(self) -> int:  # `extra` is a dict
+        values = dataclasses.astuple(dataclasses.replace(self, extra=None))
+        return hash((values, tuple(sorted((self.extra or {}).items()))))
+
+    def sbatch_parameters(self, device: str | torch.device) -> dict[str, Any]:
+        """The parameters of submitit's :class:`submitit.SlurmExecutor` for a job running on ``device``
+        (``additional_parameters`` holds :attr:`extra`; an empty value is a flag).
+
+        Raises
+        ------
+        ValueError
+            For a CUDA device with ``gpus_per_job == 0`` or ``tasks_per_job`` other than ``gpus_per_job``, or a CPU
+            device with GPUs.
+        """
+        cuda = torch.device(device).type == "cuda"
+        gpus = self.gpus_per_job if self.gpus_per_job is not None else (1 if cuda else 0)
+        if cuda and gpus == 0:
+            raise ValueError("`gpus_per_job` is 0 but the jobs run on CUDA: give at least 1, or run the jobs on the "
+                             "CPU (--device cpu)")  # fmt: skip
+        if not cuda and gpus > 0:
+            raise ValueError(f"`gpus_per_job` is {gpus} but the jobs run on the CPU, which would leave the GPUs idle: "
+                             "give 0, or run the jobs on CUDA (--device cuda)")  # fmt: skip
+        tasks = self.tasks_per_job if self.tasks_per_job is not None else max(gpus, 1)
+        if cuda and tasks != gpus:
+            raise ValueError(f"`tasks_per_job` is {tasks} but a CUDA job runs one task per GPU (`gpus_per_job` "
+                             f"{gpus}): leave `tasks_per_job` out or give {gpus}")  # fmt: skip
+        params: dict[str, Any] = {"time": self.time_minutes, "nodes": 1, "ntasks_per_node": tasks}
+        if gpus:
+            params["gpus_per_node"] = gpus
+        for name, key in (("cpus_per_task", "cpus_per_task"), ("memory", "mem"), ("partition", "partition"),
+                          ("account", "account"), ("qos", "qos")):  # fmt: skip
+            if getattr(self, name) is not None:
+                params[key] = getattr(self, name)
+        if self.extra:
+            params["additional_parameters"] = {k: (v if v != "" else True) for k, v in self.extra.items()}
+        return params
+
+
+def job_threads(environ: Mapping[str, str] | None = None) -> int | None:
+    """The torch threads a process of a Slurm job should use: the job's CPUs per task, or None outside a Slurm job.
+
+    ``SLURM_CPUS_PER_TASK`` when the job asked for CPUs per task; otherwise the job's CPUs on this node
+    (``SLURM_JOB_CPUS_PER_NODE``) shared among its tasks on this node (``SLURM_NTASKS_PER_NODE`` or
+    ``SLURM_TASKS_PER_NODE``); at most the cores this process may run on, at least 1.
+
+    Parameters
+    ----------
+    environ : mapping of str to str, optional
+        The environment to read (default ``os.environ``).
+
+    Examples
+    --------
+    >>> job_threads({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1"})
+    1
+    >>> job_threads({}) is None
+    True
+    """
+    env = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+
+    def first(name: str) -> int | None:  # "2", "2(x3)" or "2,1": the first node's count
+        match = re.match(r"\s*([0-9]+)", env.get(name, ""))
+        return int(match.group(1)) if match else None
+
+    threads = first("SLURM_CPUS_PER_TASK")
+    if threads is None:
+        cpus = first("SLURM_JOB_CPUS_PER_NODE")
+        tasks = first("SLURM_NTASKS_PER_NODE") or first("SLURM_TASKS_PER_NODE") or 1
+        if cpus is None:
+            return None
+        threads = cpus // tasks
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(threads, cores))
 
 
 def _submitit() -> Any:
@@ -58,8 +260,12 @@ def _submitit() -> Any:
 
 
 def _stage_job(config: dict[str, Any], out: str, name: str, device: str, report: dict[str, Any]) -> str:
-    """The body of every job: one stage, data-parallel over the job's tasks when it has several (one per GPU)."""
+    """The body of every job: one stage, data-parallel over the job's tasks when it has several (one per GPU, or
+    CPU tasks with gloo), with as many torch threads as the job has CPUs per task."""
     submitit = _submitit()
+    threads = job_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     distributed = False
     try:
         tasks = submitit.JobEnvironment().num_tasks
@@ -76,48 +282,50 @@ def _stage_job(config: dict[str, Any], out: str, name: str, device: str, report:
     return name
 
 
+#: The states of :func:`study_status`, in the order ``neuralign study --status`` lists them.
+STATES = ("done", "running", "pending", "blocked", "failed", "cancelled", "unknown")
+
+
 def study_status(out: str | os.PathLike) -> dict[str, list[tuple[str, str | None]]]:
     """The stages of the study in ``out`` by state.
 
-    Returns ``{"done", "running", "pending", "blocked", "failed", "unknown": [(stage, job id or None), ...]}``.
-    Done: its outputs exist (whatever its job). Running: its job (from ``jobs.json``) is alive (Slurm: running;
-    queued ones are pending with their job id). Blocked: its Slurm job waits on a failed job and can never start
-    (``DependencyNeverSatisfied``; cancel it, or rerun the study, which cancels it). Failed: its recorded job ended
-    without the stage's outputs. Unknown: a Slurm job, and no ``squeue`` on PATH to ask. Pending: none of these.
+    Returns ``{"done", "running", "pending", "blocked", "failed", "cancelled", "unknown": [(stage, job id or None),
+    ...]}`` (:func:`neuralign.study.jobs.survey_jobs`). Done: its outputs exist (whatever its job). Running: its job
+    (from ``jobs.json``) is alive (Slurm: running; queued ones are pending with their job id). Blocked: its Slurm job
+    is queued and can never start, as it waits on a job that failed or was cancelled (cancel it, or rerun the study
+    with ``--executor slurm``, which replaces it). Failed: its recorded job ended without the stage's outputs.
+    Cancelled: ``neuralign study --cancel`` cancelled its job. Unknown: a Slurm job, and no ``squeue`` on PATH to
+    ask. Pending: none of these (queued, or not submitted: job None).
 
     Raises
     ------
     ValueError
         If ``out`` holds no study manifest (a missing, invalid or non-study ``manifest.json``: names the file).
+    JobError
+        If ``squeue`` fails (the Slurm controller does not answer).
     """
     out = Path(out)
+    config = _study_config(out)
+    stages = study_stages(config)
+    survey = survey_jobs(out, stages)
+    status: dict[str, list[tuple[str, str | None]]] = {k: [] for k in STATES}
+    for stage in stages:
+        state = survey.state(stage.name)
+        job = survey.jobs.get(stage.name) if state not in ("done", "missing") else None
+        status["pending" if state == "missing" else state].append((stage.name, job))
+    return status
+
+
+def _study_config(out: Path) -> StudyConfig:
     path = out / "manifest.json"
     if not path.exists():
         raise ValueError(f"{out} holds no study (no manifest.json)")
     try:
         manifest = json.loads(path.read_text())
-        config = StudyConfig.from_dict(manifest["config"])
+        return StudyConfig.from_dict(manifest["config"])
     except (ValueError, KeyError, TypeError) as exc:
         reason = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else "not a study's manifest"
         raise ValueError(f"{out} holds no study ({path} is {reason})") from None
-    recorded = read_jobs(out)
-    stages = study_stages(config)
-    done = {s.name for s in stages if stage_done(out, s)}
-    alive = job_states(recorded, skip=done)
-    status: dict[str, list[tuple[str, str | None]]] = {
-        k: [] for k in ("done", "running", "pending", "blocked", "failed", "unknown")
-    }
-    for stage in stages:
-        job = recorded["jobs"].get(stage.name)
-        if stage.name in done:
-            status["done"].append((stage.name, None))
-        elif stage.name in alive:
-            status[alive[stage.name]].append((stage.name, job))
-        elif job is not None:
-            status["failed"].append((stage.name, job))
-        else:
-            status["pending"].append((stage.name, None))
-    return status
 
 
 def _failure(job: Any) -> str | None:
@@ -232,68 +440,169 @@ def run_study_local(
     return results
 
 
+@dataclass(frozen=True)
+class SlurmSubmission:
+    """What :func:`submit_study_slurm` did.
+
+    Attributes
+    ----------
+    submitted : dict of str to str
+        Stage -> the id of the Slurm job submitted for it now (graph order).
+    kept : dict of str to str
+        Stage -> the id of its job still queued or running, left as it is (the new jobs depend on it).
+    replaced : dict of str to str
+        Stage -> the id of its queued job that could never start (it waited on a job that failed or was
+        cancelled), which this call cancelled before submitting the stage again.
+    done : tuple of str
+        Stages whose outputs exist.
+    parameters : dict
+        The submitit parameters of the new jobs (:meth:`SlurmOptions.sbatch_parameters`).
+    """
+
+    submitted: dict[str, str]
+    kept: dict[str, str]
+    replaced: dict[str, str]
+    done: tuple[str, ...]
+    parameters: dict[str, Any]
+
+
 def submit_study_slurm(
     config: StudyConfig,
     out: str | os.PathLike,
     *,
     device: str | torch.device = "cuda",
-    partition: str | None = None,
-    time_minutes: int = 24 * 60,
-    gpus_per_job: int = 1,
+    options: SlurmOptions | None = None,
     paper_row: Mapping[str, Any] | None = None,
     notes: str | None = None,
-    additional_parameters: Mapping[str, Any] | None = None,
-) -> dict[str, str]:
-    """Submit every stage of the study in ``out`` that is not done as a Slurm job (submitit), each depending on
-    the jobs of the stages it needs (``--dependency=afterok:...``); returns ``{stage: job id}``.
+    **overrides: Any,
+) -> SlurmSubmission:
+    """Submit every stage of the study in ``out`` that is neither done nor live as a Slurm job (submitit), each
+    depending (``--dependency=afterok:...``) on the queued or running jobs of the stages it needs.
 
-    Each job asks for ``gpus_per_job`` GPUs on one node with one task per GPU (the stage then runs data-parallel
-    over them, NCCL on CUDA), ``time_minutes`` of wall time, on ``partition``. The ``report`` stage is submitted
-    last, depending on every other submitted job. Returns as soon as the jobs are queued; ``neuralign study
-    --status OUT`` follows them. A stage whose earlier job is still queued or running is refused (cancel it or
-    wait), so that two jobs never write the same file.
+    A first call submits every stage; a rerun of the same call keeps the jobs that are queued or running and
+    submits only the stages whose outputs are missing and whose jobs failed, were cancelled or can never start
+    (queued behind a failed job: those are cancelled first, and replaced). The ``report`` stage, which needs every
+    other, is submitted last. Returns as soon as the jobs are queued; ``neuralign study --status OUT`` follows
+    them. The jobs' resources (:class:`SlurmOptions`) and device are recorded in this run's entry of the manifest.
+
+    Parameters
+    ----------
+    config : StudyConfig
+        The study's settings (the folder's, if it holds a study).
+    out : path-like
+        The study folder.
+    device : str or torch.device
+        Where the jobs compute: ``"cuda"`` (one task per GPU) or ``"cpu"``.
+    options : SlurmOptions, optional
+        The jobs' resources; keyword ``overrides`` of the same names (``partition=``, ``time_minutes=``,
+        ``gpus_per_job=``, ``cpus_per_task=``, ``memory=``, ...) replace single fields.
+    paper_row, notes
+        Passed to the report (see :func:`~neuralign.study.run_study`).
+
+    Returns
+    -------
+    SlurmSubmission
+        The jobs submitted, kept and replaced.
 
     Raises
     ------
     JobError
-        If a stage of this study still has a live job, or ``sbatch``/``srun`` are not on PATH (before anything is
-        written).
+        Before anything is written or cancelled: if ``sbatch``, ``srun`` or ``squeue`` is not on PATH, ``squeue``
+        fails, or a local job (``--executor local``) of the folder is alive. After: if ``sbatch`` fails, naming the
+        jobs this call cancelled and submitted until then (all recorded in ``jobs.json``).
+    CheckpointError
+        If ``out`` holds a study with other settings (nothing written).
     ValueError
-        For ``gpus_per_job < 1``, ``time_minutes < 1`` or a ``device`` that is not one.
+        For resources that contradict each other or the device (:meth:`SlurmOptions.sbatch_parameters`), or a
+        ``device`` that is not one.
     """
-    for label, value in (("gpus_per_job", gpus_per_job), ("time_minutes", time_minutes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{label}` must be an int >= 1, got {value!r}")
+    legacy = {k: overrides.pop(k) for k in ("additional_parameters",) if k in overrides}
+    if legacy:
+        overrides.update(renamed_keywords(legacy, {"additional_parameters": "extra"}, where="submit_study_slurm"))
+    options = resolve_options(SlurmOptions, options, overrides, where="submit_study_slurm")
     try:
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"`device` must name a device (cuda or cpu) for the Slurm jobs, got {device!r}") from None
+    parameters = options.sbatch_parameters(device)
     submitit = _submitit()
-    missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]
+    missing = [cmd for cmd in ("sbatch", "srun", "squeue") if shutil.which(cmd) is None]
     if missing:
-        raise JobError(f"--executor slurm needs Slurm, and {' and '.join(missing)} is not on PATH: submit from the "
-                       "cluster's login node (or use --executor local)")  # fmt: skip
+        listed = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+        raise JobError(f"--executor slurm needs Slurm, and {listed} {'is' if len(missing) == 1 else 'are'} not on "
+                       "PATH: submit from the cluster's login node (or use --executor local)")  # fmt: skip
     out = Path(out)
+    stages = study_stages(config)
+    # every check before anything is written or cancelled: a refused command changes nothing
+    check_study_folder(config, out)
+    survey = survey_jobs(out, stages)
+    if survey.executor == "local" and survey.live:
+        listed = ", ".join(f"{s} (process {survey.jobs[s]})" for s in survey.live)
+        raise JobError(f"{out} still has local jobs running: {listed}; wait for them or stop their command first")
+    kept = {s: survey.jobs[s] for s in survey.live} if survey.executor == "slurm" else {}
+    todo = [s for s in stages if s.name not in survey.done and s.name not in kept]
+    replaced = {s: survey.jobs[s] for s in survey.blocked}
+    if not todo:
+        logger.info("nothing to submit for %s: %d stages done, %d jobs live", out, len(survey.done), len(kept))
+        return SlurmSubmission(submitted={}, kept=kept, replaced={}, done=survey.done, parameters=parameters)
+    _prepare(config, out, device, None, live_jobs=True,
+             run={"executor": "slurm", "slurm": options.to_dict(), "sbatch": parameters})  # fmt: skip
+    record = read_jobs(out) if survey.executor == "slurm" else {"jobs": {}, "cancelled": {}}
+    jobs = dict(record["jobs"])
+    cancelled = {s: j for s, j in record["cancelled"].items() if jobs.get(s) == j}
+    cancel_jobs(list(replaced.values()))
+    if replaced:
+        logger.warning("cancelled Slurm jobs %s of %s: they waited on a failed job; submitting their stages again",
+                       " ".join(replaced.values()), out)  # fmt: skip
     executor = submitit.SlurmExecutor(folder=out / "jobs" / "%j")
-    prepare_study(config, out, device=device)  # refuses while a job of `out` is alive
-    tasks = gpus_per_job if device.type == "cuda" else 1
-    base: dict[str, Any] = {"time": time_minutes, "nodes": 1, "ntasks_per_node": tasks}
-    if device.type == "cuda":
-        base["gpus_per_node"] = gpus_per_job
-    if partition is not None:
-        base["partition"] = partition
-    if additional_parameters:
-        base["additional_parameters"] = dict(additional_parameters)
     report = {"paper_row": dict(paper_row) if paper_row is not None else None, "notes": notes}
     submitted: dict[str, str] = {}
-    for stage in study_stages(config):
-        if stage.name != "report" and stage_done(out, stage):
-            continue
-        after = sorted({submitted[n] for n in stage.needs if n in submitted}, key=int)
-        executor.update_parameters(**base, job_name=f"neuralign {stage.name}",
+    for stage in todo:
+        after = sorted({submitted.get(n) or kept[n] for n in stage.needs if n in submitted or n in kept}, key=int)
+        executor.update_parameters(**parameters, job_name=f"neuralign {stage.name}",
                                    dependency=f"afterok:{':'.join(after)}" if after else None)  # fmt: skip
-        job = executor.submit(_stage_job, config.to_dict(), str(out), stage.name, str(device), report)
+        try:
+            job = executor.submit(_stage_job, config.to_dict(), str(out), stage.name, str(device), report)
+        except Exception as exc:  # noqa: BLE001 - submitit raises what sbatch said, in several exception types
+            said = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            done_so_far = (f"before that, this command cancelled {', '.join(replaced.values())} (queued behind a "
+                           "failed job) and " if replaced else "before that, this command ")
+            done_so_far += (f"submitted {len(submitted)} jobs ({', '.join(submitted.values())}; recorded in "
+                            f"{out / 'jobs.json'})" if submitted else "submitted no job")  # fmt: skip
+            raise JobError(f"sbatch refused the job of stage {stage.name!r}: {said[-1] if said else type(exc).__name__}"
+                           f"; {done_so_far}; rerun the same command to submit the rest") from None  # fmt: skip
         submitted[stage.name] = str(job.job_id)
+        jobs[stage.name] = str(job.job_id)
+        cancelled.pop(stage.name, None)
+        write_jobs(out, "slurm", jobs, cancelled=cancelled)  # after every job: the record is never behind Slurm
         logger.info("submitted %s as Slurm job %s", stage.name, job.job_id)
-    write_jobs(out, "slurm", submitted)
-    return submitted
+    return SlurmSubmission(submitted=submitted, kept=kept, replaced=replaced, done=survey.done, parameters=parameters)
+
+
+def cancel_study(out: str | os.PathLike) -> dict[str, str]:
+    """Cancel every queued or running Slurm job of the study in ``out`` (``scancel``) and record them as cancelled in
+    ``jobs.json``, so that ``neuralign study --status`` says "cancelled" for their stages; returns ``{stage: job id}``
+    of the jobs cancelled. Rerunning the study with ``--executor slurm`` submits those stages again.
+
+    Raises
+    ------
+    ValueError
+        If ``out`` holds no study.
+    JobError
+        If the study's jobs are local processes (they stop with the command that runs them), or ``squeue`` /
+        ``scancel`` is not on PATH or fails (nothing cancelled then).
+    """
+    out = Path(out)
+    stages = study_stages(_study_config(out))
+    survey = survey_jobs(out, stages)
+    if survey.executor == "local":
+        raise JobError(f"the jobs of {out} are local processes: stop the `neuralign study --executor local` command "
+                       "that runs them (Ctrl-C)")  # fmt: skip
+    if survey.unknown:
+        raise JobError(f"cancelling the Slurm jobs of {out} needs squeue and scancel, and squeue is not on PATH: run "
+                       "this on the cluster's login node")  # fmt: skip
+    targets = {s: survey.jobs[s] for s in [*survey.live, *survey.blocked]}
+    cancel_jobs(list(targets.values()))
+    if targets:
+        record_cancelled(out, targets)
+    return targets

@@ -80,7 +80,7 @@ from neuralign.study.results import (
 from neuralign.study.stages import Stage, stage_done, study_stages
 from neuralign.verification import CHECKS, VerificationReport, verify_alignment
 
-__all__ = ["model_kwargs", "prepare_study", "run_stage", "run_study"]
+__all__ = ["check_study_folder", "model_kwargs", "prepare_study", "run_stage", "run_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class _Study:
         self.device = device
         self.progress = progress
         self.mark = time.perf_counter()  # start of the running stage
+        self.started = time.time()  # the same instant, as a date (stage records: which stages ran side by side)
         self._pairs: dict[int, dict[str, Any]] = {}
 
     @functools.cached_property
@@ -148,21 +149,9 @@ class _Study:
         """Open the study's run folder under the one run-folder policy
         (:class:`~neuralign.experiments.runfolder.RunFolder`, the study's settings as its options): a folder that
         holds a study with other settings is refused; this run is recorded in the manifest."""
-        folder = RunFolder(self.out, key="config", normalize=lambda c: StudyConfig.from_dict(c).to_dict())
         config = self.config.to_dict()
-        manifest = folder.manifest()
-        if manifest is not None and not manifest.get("completed") and not any(
-            p != folder.path for p in self.out.iterdir()
-        ):
-            manifest = None  # a study that stopped before any stage (e.g. on a setting error) starts afresh
+        manifest = _recorded_study(self.config, self.out)  # refuses other settings
         if manifest is not None:
-            # settings added after the folder was written take their defaults (which reproduce the older behaviour);
-            # a flat configuration of before 0.2 is read as such
-            changes = folder.changes(config)
-            if changes:
-                raise CheckpointError(
-                    f"{self.out} holds a study with other settings ({', '.join(changes)}); use another --out folder"
-                )
             manifest["config"] = config
             manifest.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         else:
@@ -193,6 +182,8 @@ class _Study:
             "stage": stage, "seconds": round(time.perf_counter() - self.mark, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "job_id": _job_id(),
             "distributed": _distributed.describe(), "device": str(self.device),
+            "started_unix": round(self.started, 3), "finished_unix": round(time.time(), 3),
+            "threads": torch.get_num_threads(),
         }  # fmt: skip
         atomic_write_text(self.out / "stages" / f"{stage.replace(' ', '_')}.json", _json.dumps(record))
 
@@ -521,7 +512,7 @@ class _Study:
     def run(self, stage: Stage, report_options: Mapping[str, Any]) -> None:
         """Run ``stage`` (its inputs must be done), seeded by its name alone, and record it."""
         torch.manual_seed(stable_seed(self.config.seed, "stage", stage.name))
-        self.mark = time.perf_counter()
+        self.mark, self.started = time.perf_counter(), time.time()
         k = stage.index
         if stage.kind == "endpoint":
             self.endpoint(k)
@@ -658,19 +649,66 @@ def _finish_manifest(study: _Study, report: Stage) -> None:
     study.merge_stage_records()
 
 
-def prepare_study(config: StudyConfig, out: str | os.PathLike, *, device: str | torch.device = "cpu") -> None:
+def prepare_study(
+    config: StudyConfig,
+    out: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    run: Mapping[str, Any] | None = None,
+) -> None:
     """Check or start the manifest of a study in ``out`` (refusing a folder that holds other settings, or one with
-    a job still queued or running: :func:`neuralign.study.jobs.refuse_live_jobs`) and record this run in it;
-    done once by the process that runs or submits the stages, before any of them."""
-    _prepare(config, Path(out), torch.device(device), None)
+    a job still queued or running: :func:`neuralign.study.jobs.refuse_live_jobs`) and record this run in it, with
+    the entries of ``run`` (e.g. the executor and the jobs' resources); done once by the process that runs or
+    submits the stages, before any of them."""
+    _prepare(config, Path(out), torch.device(device), None, run=run)
 
 
-def _prepare(config: StudyConfig, out: Path, device: torch.device, progress: Progress | None) -> _Study:
-    if out.is_dir():  # no run of any kind while a job of this folder is queued or running
-        refuse_live_jobs(out, done={s.name for s in study_stages(config) if s.name != "report" and stage_done(out, s)})
+def check_study_folder(config: StudyConfig, out: str | os.PathLike) -> None:
+    """Refuse, writing nothing, a folder ``out`` that holds a study with other settings than ``config`` (the check
+    :func:`prepare_study` makes before it records a run).
+
+    Raises
+    ------
+    CheckpointError
+        Naming the settings that differ.
+    """
+    if Path(out).is_dir():
+        _recorded_study(config, Path(out))
+
+
+def _recorded_study(config: StudyConfig, out: Path) -> dict[str, Any] | None:
+    """The manifest of the study in ``out`` under the one run-folder policy
+    (:class:`~neuralign.experiments.runfolder.RunFolder`, the study's settings as its options), or None for a
+    folder to start afresh; a study with other settings is refused (:class:`CheckpointError`)."""
+    folder = RunFolder(out, key="config", normalize=lambda c: StudyConfig.from_dict(c).to_dict())
+    manifest = folder.manifest()
+    if manifest is not None and not manifest.get("completed") and not any(p != folder.path for p in out.iterdir()):
+        return None  # a study that stopped before any stage (e.g. on a setting error) starts afresh
+    if manifest is not None:
+        # settings added after the folder was written take their defaults (which reproduce the older behaviour);
+        # a flat configuration of before 0.2 is read as such
+        changes = folder.changes(config.to_dict())
+        if changes:
+            raise CheckpointError(f"{out} holds a study with other settings ({', '.join(changes)}); use another --out "
+                                  "folder")  # fmt: skip
+    return manifest
+
+
+def _prepare(
+    config: StudyConfig,
+    out: Path,
+    device: torch.device,
+    progress: Progress | None,
+    *,
+    run: Mapping[str, Any] | None = None,
+    live_jobs: bool = False,
+) -> _Study:
+    if out.is_dir() and not live_jobs:  # no run in this process while a job of this folder is queued or running
+        refuse_live_jobs(out, study_stages(config))
     out.mkdir(parents=True, exist_ok=True)
     study = _Study(config, out, device, progress)
     study.check_manifest()
+    study.manifest["runs"][-1].update(run or {})
     study.manifest["data"] = _portable_paths(study.data.describe())
     study.save_manifest()
     return study

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -23,7 +24,14 @@ from neuralign.study.jobs import job_states, process_start, write_jobs
 
 pytest.importorskip("submitit", reason="the cluster extra (submitit) is not installed")
 
-from neuralign.study.executors import _failure, run_study_local, study_status, submit_study_slurm  # noqa: E402
+from neuralign.study.executors import (  # noqa: E402
+    SlurmOptions,
+    _failure,
+    job_threads,
+    run_study_local,
+    study_status,
+    submit_study_slurm,
+)
 
 # demo-sized: 2 end points, 2 curves, their evaluations and the report (8 stages); 3 batches per epoch
 CONFIG = PRESETS["demo"].apply({
@@ -100,50 +108,138 @@ def test_a_killed_job_is_rerun_and_done_stages_are_not(sequential, tmp_path):
     assert _curves(results) == _curves(sequential)
 
 
-def _fake_slurm(folder: Path) -> Path:
-    """A fake ``sbatch`` that records its arguments and answers like Slurm, and an ``srun`` that submitit only looks
-    up at submission time (it runs inside jobs, which never start here)."""
+def _fake_slurm(folder: Path, fail_after: int | None = None) -> Path:
+    """A fake ``sbatch`` that records its arguments and answers like Slurm (refusing every job after the first
+    ``fail_after``), a ``squeue`` that lists nothing and an ``srun`` that submitit only looks up at submission time
+    (it runs inside jobs, which never start here). For what the single-node Slurm of the slow tests
+    (tests/study/test_slurm.py) cannot show: GPU jobs, and sbatch refusing a job in the middle of a submission."""
     folder.mkdir()
     log = folder / "sbatch.log"
+    refuse = "" if fail_after is None else (
+        f'[ "$n" -gt {100 + fail_after} ] && {{ echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; exit 1; }}\n')
     (folder / "sbatch").write_text(
         "#!/bin/sh\n"
         f"n=$(($(wc -l < {log} 2>/dev/null || echo 0) + 101))\n"
+        + refuse +
         f'echo "$@" >> {log}\n'
         'echo "Submitted batch job $n"\n'
-    )
+    )  # fmt: skip
     (folder / "srun").write_text("#!/bin/sh\nexit 1\n")
-    for name in ("sbatch", "srun"):
+    (folder / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    for name in ("sbatch", "srun", "squeue"):
         (folder / name).chmod((folder / name).stat().st_mode | stat.S_IEXEC)
     return log
 
 
-def test_slurm_submission_specifies_dependencies_partition_time_and_gpus(tmp_path, monkeypatch):
-    # Only the `sbatch` command is faked (a script on PATH): submitit writes the real submission files and parses
-    # the fake's answer; nothing runs.
+def _script(out: Path, job: str) -> str:
+    return (out / "jobs" / job / f"{job}_submission.sh").read_text()
+
+
+def test_cuda_jobs_ask_one_task_per_gpu_and_record_their_resources(tmp_path, monkeypatch):
+    # Only the Slurm commands are faked (scripts on PATH): submitit writes the real submission files and parses the
+    # fake's answer; nothing runs. The single-node Slurm of the slow tests has no GPU, so GPU jobs are checked here.
     log = _fake_slurm(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the submitting node needs no GPU
     out = tmp_path / "study"
-    jobs = submit_study_slurm(CONFIG, out, device="cpu", partition="gpu", time_minutes=90, gpus_per_job=1)
+    sent = submit_study_slurm(CONFIG, out, device="cuda", gpus_per_job=4, partition="gpu", time_minutes=90,
+                              cpus_per_task=8, memory="64g", account="lab", qos="high",
+                              extra={"constraint": "a100", "--exclusive": ""})  # fmt: skip
     names = [s.name for s in study_stages(CONFIG)]
-    assert list(jobs) == names and len(log.read_text().splitlines()) == len(names)
-    scripts = {stage: (out / "jobs" / job / f"{job}_submission.sh").read_text() for stage, job in jobs.items()}
-    assert "#SBATCH --partition=gpu" in scripts["endpoint 1"] and "#SBATCH --time=90" in scripts["endpoint 1"]
-    assert "--dependency" not in scripts["endpoint 1"]
-    assert f"#SBATCH --dependency=afterok:{jobs['endpoint 1']}:{jobs['endpoint 2']}" in scripts["pair 1 alignment"]
-    assert f"#SBATCH --dependency=afterok:{jobs['pair 1 curve aligned']}" in scripts["pair 1 eval aligned"]
-    assert scripts["report"].count(":") >= len(names) - 1  # the report waits for every other job
-    recorded = json.loads((out / "jobs.json").read_text())
-    assert recorded["executor"] == "slurm" and recorded["jobs"] == jobs
+    assert list(sent.submitted) == names and len(log.read_text().splitlines()) == len(names)
+    assert sent.kept == {} and sent.replaced == {}
+    script = _script(out, sent.submitted["endpoint 1"])
+    for line in ("--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=8", "--mem=64G", "--partition=gpu",
+                 "--time=90", "--account=lab", "--qos=high", "--constraint=a100"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script, line
+    assert "#SBATCH --exclusive\n" in script and "--dependency" not in script
+    assert f"#SBATCH --dependency=afterok:{sent.submitted['endpoint 1']}:{sent.submitted['endpoint 2']}" in _script(
+        out, sent.submitted["pair 1 alignment"])
+    # the resources are recorded in this run's entry of the manifest, with the parameters submitit was given
+    run = json.loads((out / "manifest.json").read_text())["runs"][-1]
+    assert run["executor"] == "slurm" and run["slurm"]["memory"] == "64G" and run["slurm"]["gpus_per_job"] == 4
+    assert run["sbatch"]["gpus_per_node"] == 4 and run["sbatch"]["additional_parameters"]["exclusive"] is True
 
 
-def test_slurm_gpus_per_job_ask_one_task_per_gpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("options, device, error, match", [
+    ({"memory": "4 GB"}, "cpu", ValueError, "`memory` must be an amount Slurm reads for --mem"),
+    ({"memory": True}, "cpu", ValueError, "`memory` must be an amount"),
+    ({"gpus_per_job": -1}, "cpu", ValueError, "`gpus_per_job` must be an int >= 0 or None, got -1"),
+    ({"cpus_per_task": 0}, "cpu", ValueError, "`cpus_per_task` must be a positive int or None, got 0"),
+    ({"time_minutes": 1.5}, "cpu", TypeError, "`time_minutes` must be a positive int, got float"),
+    ({"partition": "a b"}, "cpu", ValueError, "`partition` must be a Slurm name without spaces, got 'a b'"),
+    ({"extra": {"mem": "4G"}}, "cpu", ValueError, "`extra` holds the sbatch option 'mem', which `memory` sets"),
+    ({"extra": {"dependency": "x"}}, "cpu", ValueError, "which the study .the jobs of the stages"),
+    ({"extra": {"no such!": "x"}}, "cpu", ValueError, "`extra` holds 'no such!', which is not an sbatch option"),
+    ({"extra": ["constraint"]}, "cpu", TypeError, "`extra` must be a dict of sbatch options, got list"),
+    ({"gpus_per_job": 0}, "cuda", ValueError, "`gpus_per_job` is 0 but the jobs run on CUDA"),
+    ({"gpus_per_job": 2}, "cpu", ValueError, "`gpus_per_job` is 2 but the jobs run on the CPU"),
+    ({"gpus_per_job": 2, "tasks_per_job": 1}, "cuda", ValueError, "a CUDA job runs one task per GPU"),
+])  # fmt: skip
+def test_slurm_options_refuse_bad_values_naming_them(options, device, error, match):
+    with pytest.raises(error, match=match):
+        SlurmOptions(**options).sbatch_parameters(device)
+
+
+def test_slurm_options_for_cpu_jobs_and_their_round_trip():
+    none = SlurmOptions(gpus_per_job=0).sbatch_parameters("cpu")  # "no GPU" can be said (0 was refused before)
+    assert none == {"time": 1440, "nodes": 1, "ntasks_per_node": 1}
+    cpu = SlurmOptions(tasks_per_job=2, cpus_per_task=3, memory=2048, extra={"mail_type": "END"})
+    assert cpu.memory == "2048" and cpu.extra == {"mail-type": "END"}  # Slurm's spelling; megabytes by default
+    assert cpu.sbatch_parameters("cpu") == {"time": 1440, "nodes": 1, "ntasks_per_node": 2, "cpus_per_task": 3,
+                                            "mem": "2048", "additional_parameters": {"mail-type": "END"}}  # fmt: skip
+    assert SlurmOptions.from_dict(json.loads(json.dumps(cpu.to_dict()))) == cpu
+    assert len({cpu, SlurmOptions.from_dict(cpu.to_dict())}) == 1  # hashable despite its dict
+
+
+def test_job_threads_follow_the_allocation():
+    assert job_threads({}) is None  # not in a Slurm job: torch's own choice stays
+    job = {"SLURM_JOB_ID": "3"}
+    assert job_threads({**job, "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_CPUS_PER_NODE": "2"}) == 1
+    # no --cpus-per-task: the job's CPUs on this node shared among its tasks there ("2(x3)": 2 on each of 3 nodes)
+    assert job_threads({**job, "SLURM_JOB_CPUS_PER_NODE": "2(x3)", "SLURM_TASKS_PER_NODE": "2(x3)"}) == 1
+    cores = len(os.sched_getaffinity(0))
+    assert job_threads({**job, "SLURM_CPUS_PER_TASK": "64"}) == min(64, cores)  # never more than the usable cores
+
+
+def test_a_refused_sbatch_in_the_middle_says_what_was_submitted(tmp_path, monkeypatch):
+    _fake_slurm(tmp_path / "bin", fail_after=3)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "study"
+    with pytest.raises(JobError, match=r"sbatch refused the job of stage 'pair 1 curve unaligned': sbatch: error: "
+                       r"QOSMaxSubmitJobPerUserLimit; before that, this command submitted 3 jobs \(101, 102, 103; "
+                       r"recorded in .*jobs.json\); rerun the same command"):  # fmt: skip
+        submit_study_slurm(CONFIG, out, device="cpu")
+    assert json.loads((out / "jobs.json").read_text())["jobs"] == {
+        "endpoint 1": "101", "endpoint 2": "102", "pair 1 alignment": "103"}  # fmt: skip
+
+
+def test_slurm_options_on_the_command_line(tmp_path, monkeypatch, capsys):
     _fake_slurm(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the submitting node needs no GPU
-    jobs = submit_study_slurm(CONFIG, tmp_path / "study", device="cuda", gpus_per_job=4)
-    job = jobs["endpoint 1"]
-    script = (tmp_path / "study" / "jobs" / job / f"{job}_submission.sh").read_text()
-    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --ntasks-per-node=4" in script
+    out = tmp_path / "s"
+    base = ["study", "--preset", "demo", "--out", str(out), "--quiet"]
+    cases = [  # one line each, in option words, and nothing written
+        (["--executor", "slurm", "--device", "cpu", "--slurm-mem", "4GB"], "--slurm-mem must be an amount"),
+        (["--executor", "slurm", "--device", "cpu", "--slurm-extra", "mem=4G"], "which --slurm-mem sets"),
+        (["--executor", "slurm", "--device", "cpu", "--slurm-extra", "exclusive"], "--slurm-extra expects KEY=VALUE"),
+        (["--executor", "slurm", "--device", "cpu", "--gpus-per-job", "1"], "--gpus-per-job is 1 but the jobs run"),
+        (["--executor", "slurm", "--device", "cpu", "--cpus-per-task", "0"], "--cpus-per-task must be a positive"),
+        (["--cpus-per-task", "2", "--slurm-mem", "1G"], "--cpus-per-task, --slurm-mem set the resources of Slurm "
+                                                        "jobs: use it with --executor slurm"),
+    ]  # fmt: skip
+    for extra, words in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not out.exists()
+    assert main([*base, "--executor", "slurm", "--device", "cpu", "--gpus-per-job", "0", "--cpus-per-task", "2",
+                 "--slurm-mem", "3G", "--slurm-extra", "constraint=skylake", "--slurm-extra", "exclusive="]) == 0
+    jobs = json.loads((out / "jobs.json").read_text())["jobs"]
+    script = _script(out, jobs["endpoint 1"])
+    assert "#SBATCH --cpus-per-task=2\n" in script and "#SBATCH --mem=3G\n" in script and "gpus" not in script
+    assert "#SBATCH --constraint=skylake\n" in script and "#SBATCH --exclusive\n" in script
+    assert f"submitted {len(jobs)} jobs" in capsys.readouterr().err
 
 
 def test_status_of_a_folder_and_the_cli(tmp_path, capsys):
@@ -202,7 +298,8 @@ def test_executors_are_refused_under_torchrun(tmp_path, monkeypatch, capsys):
 def test_slurm_without_slurm_or_with_device_auto_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(_bin(tmp_path / "bin")))  # no sbatch, no srun
     out = tmp_path / "s"
-    for device, words in (("cpu", "sbatch and srun is not on PATH"), ("auto", "--device cuda or --device cpu")):
+    for device, words in (("cpu", "sbatch, srun and squeue are not on PATH"),
+                          ("auto", "--device cuda or --device cpu")):  # fmt: skip
         assert main(["study", "--preset", "demo", "--executor", "slurm", "--device", device, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and words in err, err
@@ -210,7 +307,7 @@ def test_slurm_without_slurm_or_with_device_auto_is_one_line_and_writes_nothing(
     _fake_slurm(tmp_path / "slurm")
     monkeypatch.setenv("PATH", f"{tmp_path / 'slurm'}{os.pathsep}{os.environ['PATH']}")
     assert main(["study", "--preset", "demo", "--executor", "slurm", "--slurm-time", "0", "--out", str(out)]) == 2
-    assert "--slurm-time must be an int >= 1" in capsys.readouterr().err
+    assert "--slurm-time must be a positive int, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["{not json", json.dumps({"command": "train"})])
@@ -236,36 +333,88 @@ def prepared(tmp_path_factory) -> Path:
     return out
 
 
+def _squeue_listing(tmp_path: Path, monkeypatch, listing: list[str], *, also: Path | None = None) -> Path:
+    """Fake ``squeue`` (answering ``listing``) and ``scancel`` (logging its arguments) on PATH, before the folder
+    ``also`` (e.g. of a fake sbatch) and nothing else; returns the log."""
+    log = tmp_path / "scancel.log"
+    log.unlink(missing_ok=True)
+    squeue = "printf '" + "".join(line + "\\n" for line in listing) + "'"
+    folder = _bin(tmp_path / "bin", squeue=squeue, scancel=f'echo "$@" >> {log}')
+    monkeypatch.setenv("PATH", os.pathsep.join(str(p) for p in (folder, also) if p is not None))
+    return log
+
+
 def test_slurm_status_files_first_then_squeue_blocked_and_failed(prepared, tmp_path, monkeypatch, capsys):
+    # Fakes squeue for a state that a real Slurm shows only for a moment: a job still "PENDING Dependency" although a
+    # job it waits on has failed (Slurm marks it DependencyNeverSatisfied at its next scheduling pass).
     out = tmp_path / "study"
     subprocess.run(["cp", "-r", str(prepared), str(out)], check=True)
     names = [s.name for s in study_stages(ONE)]
-    assert names[:5] == ["endpoint 1", "endpoint 2", "pair 1 alignment", "pair 1 curve aligned",
-                         "pair 1 eval aligned"] and names[-1] == "report"  # fmt: skip
-    # endpoint 1's job is still listed (completing) but its outputs exist: done; the alignment's job failed (gone,
-    # no outputs); the curve's job waits on it forever; the later ones are queued
+    assert names == ["endpoint 1", "endpoint 2", "pair 1 alignment", "pair 1 curve aligned", "pair 1 eval aligned",
+                     "pair 1 midpoint alignment", "report"]  # fmt: skip
     jobs = {n: str(101 + i) for i, n in enumerate(names)}
     write_jobs(out, "slurm", jobs)
-    listing = [f"{jobs['endpoint 1']} COMPLETING None", f"{jobs[names[3]]} PENDING DependencyNeverSatisfied"]
-    listing += [f"{jobs[n]} PENDING Dependency" for n in names[4:]]
-    log = tmp_path / "scancel.log"
-    squeue = "printf '" + "".join(line + "\\n" for line in listing) + "'"
-    monkeypatch.setenv("PATH", str(_bin(tmp_path / "bin", squeue=squeue, scancel=f'echo "$@" >> {log}')))
+    # 1. the alignment's job is running: every later job can still start; endpoint 1's job is still listed
+    # (completing) but its outputs exist: done
+    log = _squeue_listing(tmp_path, monkeypatch, [f"{jobs['endpoint 1']} COMPLETING None", "103 RUNNING None"] +
+                          [f"{jobs[n]} PENDING Dependency" for n in names[3:]])  # fmt: skip
     status = study_status(out)
     assert status["done"] == [("endpoint 1", None), ("endpoint 2", None)]
-    assert status["failed"] == [("pair 1 alignment", jobs["pair 1 alignment"])]
-    assert status["blocked"] == [("pair 1 curve aligned", jobs["pair 1 curve aligned"])]
-    assert status["pending"] == [(n, jobs[n]) for n in names[4:]]
-    assert main(["study", "--status", str(out)]) == 0
-    assert f"scancel {jobs['pair 1 curve aligned']}" in capsys.readouterr().out
-    # rerunning cancels the job that can never start; the queued ones still refuse the rerun
-    with pytest.raises(JobError, match=r"still has jobs queued or running: pair 1 eval aligned \(job 105, pending\)"):
-        run_study(ONE, out)  # the end points are done: their jobs are not asked about
-    assert log.read_text().split() == [jobs["pair 1 curve aligned"]]
-    # without squeue: said so, not taken for alive
-    monkeypatch.setenv("PATH", str(_bin(tmp_path / "empty")))
-    assert [n for n, _ in study_status(out)["unknown"]] == names[2:]
-    with pytest.raises(JobError, match="`squeue` is not on PATH"):
+    assert status["running"] == [("pair 1 alignment", "103")]
+    assert status["pending"] == [(n, jobs[n]) for n in names[3:]]
+    # a run in this process is refused and changes nothing: no job cancelled, no manifest entry
+    manifest = (out / "manifest.json").read_text()
+    with pytest.raises(JobError, match=r"still has jobs queued or running: pair 1 alignment \(job 103, running\), "
+                       r".*cancel them \(neuralign study --cancel .*\) or rerun it with --executor slurm"):  # fmt: skip
         run_study(ONE, out)
+    assert not log.exists() and (out / "manifest.json").read_text() == manifest
+    # 2. the alignment's job failed (gone, no outputs): the curve's job is marked, the later ones wait on it
+    log = _squeue_listing(tmp_path, monkeypatch, [f"{jobs[names[3]]} PENDING DependencyNeverSatisfied"] +
+                          [f"{jobs[n]} PENDING Dependency" for n in names[4:]])  # fmt: skip
+    status = study_status(out)
+    assert status["failed"] == [("pair 1 alignment", "103")]
+    assert status["blocked"] == [(n, jobs[n]) for n in names[3:]]  # waiting on the failed job: never to start
+    assert status["pending"] == []
     assert main(["study", "--status", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "blocked (4):" in shown and "scancel 104 105 106 107" in shown and "--executor slurm" in shown
+    # without a live job, a run in this process cancels the jobs that can never start (recorded), then runs
+    results = run_study(ONE, out)
+    assert log.read_text().split() == [jobs[n] for n in names[3:]]
+    assert json.loads((out / "jobs.json").read_text())["cancelled"] == {n: jobs[n] for n in names[3:]}
+    assert results["pairs"][0]["curves"]["aligned"]["test_accuracy"]
+    # 3. without squeue: said so, not taken for alive
+    out2 = tmp_path / "study2"
+    shutil.copytree(prepared, out2)
+    write_jobs(out2, "slurm", jobs)
+    monkeypatch.setenv("PATH", str(_bin(tmp_path / "empty")))
+    assert [n for n, _ in study_status(out2)["unknown"]] == names[2:]
+    with pytest.raises(JobError, match="`squeue` is not on PATH"):
+        run_study(ONE, out2)
+    assert main(["study", "--status", str(out2)]) == 0
     assert "squeue is not on PATH" in capsys.readouterr().out
+
+
+def test_slurm_rerun_keeps_live_jobs_and_replaces_those_that_can_never_start(prepared, tmp_path, monkeypatch):
+    # The state of step 2 above, but with the curve's job still able to start (its alignment job running): a rerun
+    # with --executor slurm keeps every live job and submits nothing for them. Then the alignment job fails: the rerun
+    # cancels the jobs waiting on it and submits those stages again, each after the jobs it needs.
+    out = tmp_path / "study"
+    subprocess.run(["cp", "-r", str(prepared), str(out)], check=True)
+    names = [s.name for s in study_stages(ONE)]
+    jobs = {n: str(101 + i) for i, n in enumerate(names)}
+    write_jobs(out, "slurm", jobs)
+    sbatch = _fake_slurm(tmp_path / "slurm")
+    live = ["103 RUNNING None"] + [f"{jobs[n]} PENDING Dependency" for n in names[3:]]
+    log = _squeue_listing(tmp_path, monkeypatch, live, also=tmp_path / "slurm")
+    sent = submit_study_slurm(ONE, out, device="cpu")
+    assert sent.submitted == {} and sent.replaced == {} and sent.kept == {n: jobs[n] for n in names[2:]}
+    assert sent.done == ("endpoint 1", "endpoint 2") and not sbatch.exists() and not log.exists()
+    # the alignment's job has failed: everything after it is replaced, in graph order, each after the new jobs
+    log = _squeue_listing(tmp_path, monkeypatch, live[1:], also=tmp_path / "slurm")
+    sent = submit_study_slurm(ONE, out, device="cpu")
+    assert sent.kept == {} and sent.replaced == {n: jobs[n] for n in names[3:]}
+    assert list(sent.submitted) == names[2:] and log.read_text().split() == [jobs[n] for n in names[3:]]
+    new = sent.submitted
+    assert f"--dependency=afterok:{new['pair 1 alignment']}\n" in _script(out, new["pair 1 curve aligned"])
+    assert json.loads((out / "jobs.json").read_text())["jobs"] == {**jobs, **new}

@@ -15,7 +15,8 @@ from neuralign.cli.common import model_args, parse_device, parse_floats, parse_o
 from neuralign.cli.parser import add_common, add_data, list_settings_in_help
 from neuralign.cli.progress import ProgressBars
 
-__all__ = ["cmd_study", "print_status", "stage_times", "COMMANDS"]
+__all__ = ["cmd_study", "parse_extra", "print_cancel", "print_status", "slurm_options", "stage_times", "COMMANDS",
+           "SLURM_OPTIONS"]
 
 # the options of `neuralign study` that set a study setting directly -> its path
 _OPTION_PATHS = {
@@ -33,6 +34,9 @@ def cmd_study(args: argparse.Namespace, bars: ProgressBars, *, demo: bool = Fals
 
     if not demo and args.status is not None:
         print_status(args.status)
+        return []
+    if not demo and args.cancel is not None:
+        print_cancel(args.cancel)
         return []
 
     config = PRESETS["demo" if demo else args.preset]
@@ -62,6 +66,11 @@ def cmd_study(args: argparse.Namespace, bars: ProgressBars, *, demo: bool = Fals
     # Table 1 is about standard curves: no reference row beside a robust study
     row = None if config.robust is not None else paper_row(config.model.arch, dataset_label(config.data.dataset))
     executor = "sequential" if demo else args.executor
+    if executor != "slurm":
+        given = [flag for flag, field, _, _ in SLURM_OPTIONS if getattr(args, field, None) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the resources of Slurm jobs: "
+                             "use it with --executor slurm")  # fmt: skip
     out = Path(args.out)
     if executor == "sequential":
         results = run_study(config, args.out, device=parse_device(args.device), progress=bars, paper_row=row)
@@ -80,12 +89,21 @@ def cmd_study(args: argparse.Namespace, bars: ProgressBars, *, demo: bool = Fals
         if args.device == "auto":
             raise ValueError("--executor slurm needs --device cuda or --device cpu: auto would be resolved on this "
                              "machine, not on the compute nodes")  # fmt: skip
-        jobs = submit_study_slurm(config, out, device=args.device, partition=args.slurm_partition,
-                                  time_minutes=args.slurm_time, gpus_per_job=args.gpus_per_job, paper_row=row)
-        for stage, job_id in jobs.items():
+        sent = submit_study_slurm(config, out, device=args.device, options=slurm_options(args), paper_row=row)
+        for stage, job_id in sent.replaced.items():
+            print(f"{stage}: cancelled Slurm job {job_id} (queued behind a failed job, it could never start)",
+                  file=sys.stderr)  # fmt: skip
+        for stage, job_id in sent.kept.items():
+            print(f"{stage}: Slurm job {job_id} is queued or running, kept", file=sys.stderr)
+        for stage, job_id in sent.submitted.items():
             print(f"{stage}: Slurm job {job_id}", file=sys.stderr)
-        print(f"submitted {len(jobs)} jobs; follow them with: neuralign study --status {out}", file=sys.stderr)
-        return [out / "jobs.json"]
+        if sent.submitted:
+            print(f"submitted {len(sent.submitted)} jobs; follow them with: neuralign study --status {out}",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"nothing to submit: {len(sent.done)} stages done, {len(sent.kept)} jobs queued or running; "
+                  f"follow them with: neuralign study --status {out}", file=sys.stderr)  # fmt: skip
+        return [out / "jobs.json"] if (out / "jobs.json").exists() else []
     bars.close()
     if (out / "manifest.json").exists() and _distributed.rank() == 0:
         print(stage_times(out / "manifest.json"), file=sys.stderr)
@@ -93,17 +111,19 @@ def cmd_study(args: argparse.Namespace, bars: ProgressBars, *, demo: bool = Fals
 
 
 def print_status(out: str) -> None:
-    from neuralign.study.executors import study_status
+    from neuralign.study.executors import STATES, study_status
 
     status = study_status(out)
     hints = {
-        "blocked": "these Slurm jobs wait on a failed job and can never start: cancel them (scancel {ids}), or rerun "
-                   "the study, which cancels them and resubmits",
+        "blocked": "these Slurm jobs wait on a job that failed or was cancelled and can never start: rerun the study "
+                   "with --executor slurm, which cancels and resubmits them (or cancel them: scancel {ids})",
         "failed": "these stages' jobs ended without their outputs (see the logs under {out}/jobs/); rerun the study "
                   "to run them again",
+        "cancelled": "these stages' jobs were cancelled (neuralign study --cancel); rerun the study to submit them "
+                     "again",
         "unknown": "squeue is not on PATH: whether these Slurm jobs are alive cannot be told from this machine",
     }  # fmt: skip
-    for state in ("done", "running", "pending", "blocked", "failed", "unknown"):
+    for state in STATES:
         entries = status[state]
         if not entries and state in hints:
             continue
@@ -112,6 +132,37 @@ def print_status(out: str) -> None:
             print(f"  {stage}" + (f"  [job {job}]" if job else ""))
         if state in hints:
             print("  -> " + hints[state].format(ids=" ".join(job for _, job in entries if job), out=out))
+
+
+def print_cancel(out: str) -> None:
+    from neuralign.study.executors import cancel_study
+
+    cancelled = cancel_study(out)
+    for stage, job in cancelled.items():
+        print(f"{stage}: cancelled Slurm job {job}")
+    print(f"cancelled {len(cancelled)} jobs of {out}" + ("; rerun the study to submit them again" if cancelled else
+                                                         " (none was queued or running)"))  # fmt: skip
+
+
+def slurm_options(args: argparse.Namespace) -> Any:
+    """The :class:`~neuralign.study.executors.SlurmOptions` of the command line's Slurm options (validated there)."""
+    from neuralign.study.executors import SlurmOptions
+
+    given = {field: getattr(args, field) for _, field, _, _ in SLURM_OPTIONS if getattr(args, field) is not None}
+    if given.get("extra") is not None:
+        given["extra"] = parse_extra(given["extra"])
+    return SlurmOptions(**given)
+
+
+def parse_extra(items: list[str]) -> dict[str, str]:
+    """``--slurm-extra KEY=VALUE`` options as ``{KEY: VALUE}`` (the values kept as text; ``KEY=`` is a flag)."""
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--slurm-extra expects KEY=VALUE (an sbatch option and its value), got {item!r}")
+        extra[key.strip()] = value.strip()
+    return extra
 
 
 def stage_times(manifest_path: Path) -> str:
@@ -173,14 +224,36 @@ def add_study_parser(sub: Any) -> None:
                         "local processes (one GPU each when there are several); slurm: every stage as a Slurm job, "
                         "with job dependencies between stages (returns once they are queued)")  # fmt: skip
     g.add_argument("--jobs", type=int, default=2, help="concurrent local jobs (default: 2)")
-    g.add_argument("--slurm-partition", default=None, help="Slurm partition of the jobs")
-    g.add_argument("--slurm-time", type=int, default=24 * 60, help="wall time of each Slurm job in minutes "
-                   "(default: 1440)")  # fmt: skip
-    g.add_argument("--gpus-per-job", type=int, default=1,
-                   help="GPUs per Slurm job (default: 1); above 1 each stage runs data-parallel over them")
+    for flag, field, kind, text in SLURM_OPTIONS:
+        g.add_argument(flag, dest=field, type=kind, default=None, help=text,
+                       **({"action": "append", "metavar": "KEY=VALUE"} if field == "extra" else {}))  # fmt: skip
     g.add_argument("--status", metavar="OUT", default=None,
-                   help="print which stages of the study in OUT are done, running (with job ids) or pending, "
-                        "and exit")  # fmt: skip
+                   help="print which stages of the study in OUT are done, running or pending (with job ids), "
+                        "blocked, failed or cancelled, and exit")  # fmt: skip
+    g.add_argument("--cancel", metavar="OUT", default=None,
+                   help="cancel every queued or running Slurm job of the study in OUT (recorded: --status then says "
+                        "cancelled) and exit; rerunning the study submits those stages again")  # fmt: skip
+
+
+# The Slurm resources of `neuralign study --executor slurm`: (option, SlurmOptions field, type, help). The fields are
+# validated and documented by neuralign.study.executors.SlurmOptions; the options' dests are the fields' names, so
+# that its messages ("`memory` must be ...") read in option words (--slurm-mem).
+SLURM_OPTIONS = (
+    ("--slurm-partition", "partition", str, "Slurm partition of the jobs (default: the cluster's default)"),
+    ("--slurm-time", "time_minutes", int, "wall time of each Slurm job in minutes (default: 1440)"),
+    ("--gpus-per-job", "gpus_per_job", int, "GPUs per Slurm job (default: 1 with --device cuda, 0 with --device "
+     "cpu); above 1 each stage runs data-parallel over them, one task per GPU"),
+    ("--tasks-per-job", "tasks_per_job", int, "processes per Slurm job, running each stage data-parallel (gloo on "
+     "the CPU; default: one per GPU, or 1)"),
+    ("--cpus-per-task", "cpus_per_task", int, "CPUs per process of a Slurm job; torch uses as many threads "
+     "(default: the cluster's, usually 1)"),
+    ("--slurm-mem", "memory", str, "memory per Slurm job, e.g. 4G or 500M (default: the cluster's, often the whole "
+     "node, so that jobs do not share a node)"),
+    ("--slurm-account", "account", str, "Slurm account to charge"),
+    ("--slurm-qos", "qos", str, "Slurm quality of service"),
+    ("--slurm-extra", "extra", str, "any other sbatch option, repeatable: --slurm-extra constraint=a100 "
+     "(KEY= for a flag: --slurm-extra exclusive=)"),
+)  # fmt: skip
 
 
 # the commands of this module: name -> (add its sub-parser, run it)
