@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import numbers
 import os
 import pickle
 import re
@@ -56,7 +57,7 @@ def as_generator(generator: torch.Generator | int | None, device: torch.device |
     """
     if isinstance(generator, torch.Generator):
         return generator
-    if generator is not None and not isinstance(generator, int):
+    if generator is not None and (isinstance(generator, bool) or not isinstance(generator, numbers.Integral)):
         raise TypeError(f"`generator` must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
     seed = int(torch.randint(0, 2**62, (1,)).item()) if generator is None else int(generator)
     gen = torch.Generator(device=device)
@@ -76,7 +77,7 @@ def as_seed(generator: torch.Generator | int | None) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     if generator is None:
         return int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(generator, bool) or not isinstance(generator, int):
+    if isinstance(generator, bool) or not isinstance(generator, numbers.Integral):
         raise TypeError(f"`generator` must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
     return int(generator)
 

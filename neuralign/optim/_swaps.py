@@ -80,8 +80,8 @@ def _exchange(M: np.ndarray, u: int, v: int) -> None:
 
 
 @njit(cache=True)
-def make_move(A: np.ndarray, At: np.ndarray, p: np.ndarray, Q: np.ndarray, Qt: np.ndarray, D: np.ndarray, u: int,
-              v: int) -> None:  # fmt: skip
+def make_move(A: np.ndarray, At: np.ndarray, p: np.ndarray, Q: np.ndarray, Qt: np.ndarray, D: np.ndarray,
+              work: np.ndarray, u: int, v: int) -> None:  # fmt: skip
     r"""Swap ``p[u]`` and ``p[v]`` (and rows and columns :math:`u, v` of ``Q``, ``Qt``) and bring ``D`` up to date
     in :math:`O(n^2)`.
 
@@ -96,14 +96,14 @@ def make_move(A: np.ndarray, At: np.ndarray, p: np.ndarray, Q: np.ndarray, Qt: n
     ([1]_, in the notation :math:`B_{p(i)p(j)} = Q_{ij}`). It is computed as :math:`(\alpha_r - \alpha_s)
     (\beta_r - \beta_s) + (\gamma_r - \gamma_s)(\delta_r - \delta_s)` with :math:`\alpha_k = A_{ku} - A_{kv}`,
     :math:`\beta_k = Q_{kv} - Q_{ku}`, :math:`\gamma_k = A_{uk} - A_{vk}`, :math:`\delta_k = Q_{vk} - Q_{uk}`, read
-    once per move. The :math:`2n` moves touching :math:`u` or :math:`v` are recomputed (:func:`move_value`).
+    once per move into the rows of ``work`` (``(4, n)``, scratch). The :math:`2n` moves touching :math:`u` or
+    :math:`v` are recomputed (:func:`move_value`).
     """
     n = p.size
     p[u], p[v] = p[v], p[u]
     _exchange(Q, u, v)
     _exchange(Qt, u, v)
-    alpha, beta = np.empty(n), np.empty(n)
-    gamma, delta = np.empty(n), np.empty(n)
+    alpha, beta, gamma, delta = work[0], work[1], work[2], work[3]
     for k in range(n):
         alpha[k] = At[u, k] - At[v, k]
         beta[k] = Qt[v, k] - Qt[u, k]
@@ -126,7 +126,7 @@ def make_move(A: np.ndarray, At: np.ndarray, p: np.ndarray, Q: np.ndarray, Qt: n
 
 @njit(cache=True)
 def two_opt_chunk(A: np.ndarray, At: np.ndarray, p: np.ndarray, Q: np.ndarray, Qt: np.ndarray, D: np.ndarray,
-                  eps: float, steps: int) -> int:  # fmt: skip
+                  work: np.ndarray, eps: float, steps: int) -> int:  # fmt: skip
     """At most ``steps`` best-improvement swaps on ``p`` (in place, ``D`` its move values, kept up to date); returns
     the number made, fewer than ``steps`` only when no move improves by more than ``eps`` (a 2-opt local minimum).
     Ties go to the first pair in row-major order."""
@@ -139,7 +139,7 @@ def two_opt_chunk(A: np.ndarray, At: np.ndarray, p: np.ndarray, Q: np.ndarray, Q
                     best, bu, bv = D[r, s], r, s
         if bu < 0:
             return step
-        make_move(A, At, p, Q, Qt, D, bu, bv)
+        make_move(A, At, p, Q, Qt, D, work, bu, bv)
     return steps
 
 
@@ -151,6 +151,7 @@ def tabu_chunk(
     Q: np.ndarray,
     Qt: np.ndarray,
     D: np.ndarray,
+    work: np.ndarray,
     barred: np.ndarray,
     left: np.ndarray,
     best_p: np.ndarray,
@@ -218,7 +219,7 @@ def tabu_chunk(
         for w in (u, v):
             barred[w, p[w]] = it + length
             left[w, p[w]] = it
-        make_move(A, At, p, Q, Qt, D, u, v)
+        make_move(A, At, p, Q, Qt, D, work, u, v)
         if it % (4 * n) == 0:
             all_values(A, At, Q, Qt, D)
             current = objective(A, Q)

@@ -16,14 +16,14 @@ which says why) and imported on first use.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +52,33 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+#: Problems up to this size run their torch work on one thread (:func:`_small_on_one_thread`).
+_SMALL = 512
+
+
+def _small_on_one_thread(fn: _F) -> _F:
+    """Run a public solver on a problem of at most :data:`_SMALL` units with torch on the calling thread only,
+    restoring the setting after: torch's intra-op pool gains nothing on matrices this small and, when other work
+    takes the cores, its threads spin (measured: ``qap_objective`` at n = 100 took 20 ms instead of 0.16 ms beside
+    two busy processes). Not thread-safe: the setting is global to the process."""
+
+    @functools.wraps(fn)
+    def wrapper(A: Any, B: Any, *args: Any, **kwargs: Any) -> Any:
+        threads = torch.get_num_threads()
+        n = A.shape[0] if isinstance(A, torch.Tensor) and A.dim() else 0
+        if n > _SMALL or threads == 1:
+            return fn(A, B, *args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(A, B, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper  # type: ignore[return-value]
+
 
 def _check_qap(A: object, B: object) -> tuple[torch.Tensor, torch.Tensor]:
     for name, M in (("A", A), ("B", B)):
@@ -68,10 +95,16 @@ def _check_qap(A: object, B: object) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = torch.promote_types(A.dtype, B.dtype)
     if not dtype.is_floating_point:
         dtype = torch.float64
+    elif dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # no linear algebra below single precision
+    if A.numel() and not math.isfinite(float(A.double().abs().sum()) * float(B.double().abs().max())):
+        raise ValueError("`A` and `B` are too large: the objective's scale sum|A| * max|B| overflows float64; scale "
+                         "them down")  # fmt: skip
     return A.to(dtype), B.to(dtype=dtype, device=A.device)
 
 
 @accepts_arrays("A", "B", "perm")
+@_small_on_one_thread
 def qap_objective(A: torch.Tensor, B: torch.Tensor, perm: torch.Tensor) -> float:
     r""":math:`\sum_{i,j} A_{ij} B_{p(i)p(j)}` in float64.
 
@@ -148,8 +181,35 @@ class TwoOptResult:
     converged: bool
 
 
-# Pair visits per call of a compiled kernel (a few milliseconds): the time budget is checked between calls.
-_CHUNK_WORK = 1 << 21
+# The compiled kernels run in chunks of iterations, the clock read between them (numba cannot read it): the first
+# chunk is _FIRST_CHUNK iterations, each next one as many as take about _CHUNK_SECONDS at the rate measured so far
+# (fewer when the deadline is nearer), so that a time limit is overshot by a few milliseconds at most, whatever n.
+_FIRST_CHUNK = 8
+_CHUNK_SECONDS = 0.002
+
+
+class _Chunks:
+    """Sizes of successive kernel calls toward ``deadline`` (``time.perf_counter``)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline, self.size, self.rate = deadline, _FIRST_CHUNK, 0.0
+
+    def late(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+    def next(self, remaining: int) -> int:
+        steps = self.size
+        if self.rate and math.isfinite(self.deadline):
+            steps = min(steps, max(1, int(self.rate * (self.deadline - time.perf_counter()))))
+        return max(1, min(steps, remaining))
+
+    def run(self, kernel: Any, *args: Any, steps: int) -> int:
+        start = time.perf_counter()
+        made = kernel(*args, steps)
+        if made:
+            self.rate = made / max(time.perf_counter() - start, 1e-7)
+            self.size = max(1, int(self.rate * _CHUNK_SECONDS))
+        return made
 
 
 def _kernels() -> Any:
@@ -164,13 +224,13 @@ def _tolerance(A: np.ndarray, B: np.ndarray) -> float:
     return 1e-12 * max(float(np.abs(A).sum() * np.abs(B).max()), 1e-300)
 
 
+_Matrices = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def _as_arrays(A: torch.Tensor, B: torch.Tensor) -> _Matrices:
     """``(A, A^T, B)`` as C-contiguous float64 arrays, the form the kernels read."""
     An, Bn = to_numpy(A), to_numpy(B)
     return np.ascontiguousarray(An), np.ascontiguousarray(An.T), np.ascontiguousarray(Bn)
-
-
-_Matrices = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _permuted(B: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,27 +239,31 @@ def _permuted(B: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return Q, np.ascontiguousarray(Q.T)
 
 
-def _two_opt(mats: _Matrices, p: np.ndarray, *, max_swaps: int, deadline: float) -> tuple[np.ndarray, int, bool]:
-    """Best-improvement 2-opt from ``p`` (not modified): ``(perm, swaps, converged)``."""
+def _two_opt(mats: _Matrices, p: np.ndarray, *, max_swaps: int, deadline: float) -> tuple[np.ndarray, int, str]:
+    """Best-improvement 2-opt from ``p`` (not modified): ``(perm, swaps, why)``, ``why`` one of ``"converged"``
+    (no improving swap left), ``"max_iter"`` and ``"time_limit"``."""
     K = _kernels()
     A, At, B = mats
     p = p.astype(np.int64, copy=True)
     n = p.size
     if n < 2:
-        return p, 0, True
+        return p, 0, "converged"
     Q, Qt = _permuted(B, p)
     D = np.empty((n, n))
     K.all_values(A, At, Q, Qt, D)
+    work = np.empty((4, n))
     eps = _tolerance(A, B)
-    chunk = max(1, _CHUNK_WORK // (n * n))
+    chunks = _Chunks(deadline)
     swaps = 0
-    while swaps < max_swaps and time.perf_counter() < deadline:
-        steps = min(chunk, max_swaps - swaps)
-        made = K.two_opt_chunk(A, At, p, Q, Qt, D, eps, steps)
+    while swaps < max_swaps:
+        if chunks.late():
+            return p, swaps, "time_limit"
+        steps = chunks.next(max_swaps - swaps)
+        made = chunks.run(K.two_opt_chunk, A, At, p, Q, Qt, D, work, eps, steps=steps)
         swaps += made
         if made < steps:
-            return p, swaps, True
-    return p, swaps, not bool(D[np.triu_indices(n, 1)].min() < -eps)
+            return p, swaps, "converged"
+    return p, swaps, "max_iter" if D[np.triu_indices(n, 1)].min() < -eps else "converged"
 
 
 def _tabu(
@@ -212,56 +276,47 @@ def _tabu(
     aspiration: float,
     deadline: float,
     target: float,
-) -> tuple[np.ndarray, float, int]:
-    """Robust tabu search from ``p`` (not modified): ``(best perm, its objective, iterations)``; see
-    :func:`tabu_search`."""
+) -> tuple[np.ndarray, float, int, str]:
+    """Robust tabu search from ``p`` (not modified): ``(best perm, its objective, iterations, why)``, ``why`` one
+    of ``"max_iter"``, ``"time_limit"`` and ``"target"``; see :func:`tabu_search`."""
     K = _kernels()
     A, At, B = mats
     p = p.astype(np.int64, copy=True)
     n = p.size
     Q, Qt = _permuted(B, p)
     current = K.objective(A, Q)
+    if current <= target:
+        return p, current, 0, "target"
     if n < 2:
-        return p, current, 0
+        return p, current, 0, "max_iter"
     D = np.empty((n, n))
     K.all_values(A, At, Q, Qt, D)
-    barred, left = np.zeros((n, n)), np.zeros((n, n))
+    work, barred, left = np.empty((4, n)), np.zeros((n, n)), np.zeros((n, n))
     best_p = p.copy()
     state = np.array([0.0, current, current])
     t_min, t_max = tenure
     period = 2 * t_max
     lengths: list[int] = []  # the tenure of each block of `period` iterations, drawn in order
-    chunk = max(1, _CHUNK_WORK // (n * n))
     eps = _tolerance(A, B)
-    it = 0
-    while it < max_iter and state[2] > target and time.perf_counter() < deadline:
-        steps = min(chunk, max_iter - it)
+    chunks = _Chunks(deadline)
+    it, why = 0, "max_iter"
+    while it < max_iter:
+        if state[2] <= target:
+            why = "target"
+            break
+        if chunks.late():
+            why = "time_limit"
+            break
+        steps = chunks.next(max_iter - it)
         last = (it + steps - 1) // period
         lengths += [int(rng.integers(t_min, t_max + 1)) for _ in range(last + 1 - len(lengths))]
         blocks = np.array(lengths[it // period : last + 1], dtype=np.float64)
-        K.tabu_chunk(A, At, p, Q, Qt, D, barred, left, best_p, state, blocks, period, float(aspiration), eps,
-                     float(target), steps)  # fmt: skip
+        chunks.run(K.tabu_chunk, A, At, p, Q, Qt, D, work, barred, left, best_p, state, blocks, period,
+                   float(aspiration), eps, float(target), steps=steps)  # fmt: skip
         it = int(state[0])
-    return best_p, K.objective(A, _permuted(B, best_p)[0]), it
-
-
-@contextlib.contextmanager
-def _one_torch_thread(n: int) -> Iterator[None]:
-    """Run a small problem's torch work on the calling thread only: torch's intra-op pool spins when the cores are
-    taken by other work and gains nothing on :math:`n \\times n` matrices this small. Restores the setting."""
-    threads = torch.get_num_threads()
-    if n > _SMALL or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-#: Problems up to this size run PAM's torch work on one thread (:func:`_one_torch_thread`).
-_SMALL = 512
+    if why == "max_iter" and state[2] <= target:
+        why = "target"
+    return best_p, K.objective(A, _permuted(B, best_p)[0]), it, why
 
 
 def _check_budget(max_iter: Any, time_limit: Any, target: Any) -> tuple[int | None, float, float]:
@@ -296,6 +351,7 @@ def _as_perm(p: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 
 
 @accepts_arrays("A", "B", "perm")
+@_small_on_one_thread
 def local_search_2opt(
     A: torch.Tensor, B: torch.Tensor, perm: torch.Tensor, *, max_iter: int | None = None
 ) -> TwoOptResult:
@@ -318,7 +374,8 @@ def local_search_2opt(
     Raises
     ------
     ValueError
-        For non-square or mismatched matrices, or a ``perm`` that is not a permutation of ``0..n-1``.
+        For non-square or mismatched matrices, entries that are not finite or so large that the objective would
+        overflow float64, or a ``perm`` that is not a permutation of ``0..n-1``.
 
     Notes
     -----
@@ -344,9 +401,9 @@ def local_search_2opt(
     n = A.shape[0]
     p0 = _check_perm(perm, n)
     limit = 100 * n * n if max_iter is None else check_int(max_iter, "max_iter", minimum=0)
-    p, swaps, converged = _two_opt(_as_arrays(A, B), p0, max_swaps=limit, deadline=math.inf)
+    p, swaps, why = _two_opt(_as_arrays(A, B), p0, max_swaps=limit, deadline=math.inf)
     perm_out = _as_perm(p, A)
-    return TwoOptResult(perm=perm_out, fun=qap_objective(A, B, perm_out), n_iter=swaps, converged=converged)
+    return TwoOptResult(perm=perm_out, fun=qap_objective(A, B, perm_out), n_iter=swaps, converged=why == "converged")
 
 
 @dataclass(frozen=True)
@@ -355,8 +412,9 @@ class QAPResult:
 
     Attributes
     ----------
-    perm : torch.Tensor
-        Best permutation found (0-based int64): facility ``i`` at location ``perm[i]``.
+    perm : torch.Tensor or numpy.ndarray
+        Best permutation found (0-based int64): facility ``i`` at location ``perm[i]``; a numpy array when no
+        matrix argument (nor ``perm`` of :func:`tabu_search`) was a tensor, on ``A``'s device otherwise.
     fun : float
         :math:`\\sum_{ij} A_{ij} B_{p(i)p(j)}` at ``perm``.
     n_iter : int
@@ -389,6 +447,9 @@ class QAPResult:
 #: scipy's 2-opt from the same starts (README, "Benchmarks").
 TABU_ITERATIONS = 500
 
+# How a run ended, as the end of a message.
+_STOPS = {"max_iter": "", "converged": "", "time_limit": " (stopped by time_limit)", "target": " (target reached)"}
+
 #: Methods of :func:`solve_qap`.
 QAP_METHODS = ("tabu", "pam", "2opt")
 
@@ -397,6 +458,7 @@ QAP_LOCAL_SEARCHES = ("2opt", "tabu", None)
 
 
 @accepts_arrays("A", "B", "perm")
+@_small_on_one_thread
 def tabu_search(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -435,7 +497,8 @@ def tabu_search(
     max_iter : int, optional
         Iterations (default :data:`TABU_ITERATIONS` :math:`\times n`).
     time_limit : float, optional
-        Seconds of wall-clock time, checked every few milliseconds.
+        Seconds of wall-clock time: the compiled loop runs in chunks of about 2 ms between readings of the clock,
+        so the limit is overshot by about that much.
     target : float, optional
         Stop as soon as the objective is at most ``target`` (e.g. a known optimum: time-to-target studies).
     tenure : (int, int), optional
@@ -454,8 +517,9 @@ def tabu_search(
     Raises
     ------
     ValueError
-        For non-square or mismatched matrices, non-finite entries, a ``perm`` that is not a permutation of
-        ``0..n-1``, or budgets out of range (``max_iter < 1``, ``time_limit <= 0``, ``t_min > t_max``).
+        For non-square or mismatched matrices, entries that are not finite or so large that the objective would
+        overflow float64, a ``perm`` that is not a permutation of ``0..n-1``, or budgets out of range
+        (``max_iter < 1``, ``time_limit <= 0``, ``t_min > t_max``).
     TypeError
         For budgets of the wrong type.
 
@@ -479,16 +543,17 @@ def tabu_search(
     tenure, aspiration = _check_tenure(tenure, aspiration, n)
     rng = np.random.default_rng(as_seed(generator))
     budget = TABU_ITERATIONS * n if max_iter is None else max_iter
-    p, fun, iters = _tabu(_as_arrays(A, B), p0, rng=rng, max_iter=budget, tenure=tenure, aspiration=aspiration,
-                          deadline=deadline, target=target_value)  # fmt: skip
+    p, fun, iters, why = _tabu(_as_arrays(A, B), p0, rng=rng, max_iter=budget, tenure=tenure, aspiration=aspiration,
+                               deadline=deadline, target=target_value)  # fmt: skip
     perm_out = _as_perm(p, A)
     fun = qap_objective(A, B, perm_out)
-    message = f"tabu search: {fun:.10g} after {iters} iterations"
+    message = f"tabu search: {fun:.10g} after {iters} of {budget} iterations{_STOPS[why]}"
     return QAPResult(perm=perm_out, fun=fun, n_iter=iters, converged=True, status=Status.SUCCESS, message=message,
                      history=[fun])  # fmt: skip
 
 
 @accepts_arrays("A", "B")
+@_small_on_one_thread
 def solve_qap(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -547,7 +612,9 @@ def solve_qap(
         Budget of each restart, in the method's iterations (see above).
     time_limit : float, optional
         Seconds of wall-clock time for the whole call: a restart running at the limit stops (tabu search and 2-opt
-        within a few milliseconds, PAM after its current iteration) and no further restart starts.
+        within about 2 ms, their compiled loops running in chunks between readings of the clock; PAM after its
+        current iteration) and no further restart starts. The first call in a process also loads (or, the very
+        first time, compiles: several seconds) the compiled kernels, inside the limit.
     target : float, optional
         Stop as soon as a restart reaches an objective of at most ``target``.
     local_search : {"2opt", "tabu", None}
@@ -567,8 +634,8 @@ def solve_qap(
     Raises
     ------
     ValueError
-        For non-square or mismatched matrices, an unknown ``method`` or ``local_search``, ``restarts < 1`` or
-        budgets out of range.
+        For non-square or mismatched matrices, entries that are not finite or so large that the objective would
+        overflow float64, an unknown ``method`` or ``local_search``, ``restarts < 1`` or budgets out of range.
     TypeError
         For options of the wrong type.
 
@@ -597,7 +664,7 @@ def solve_qap(
     max_iter, deadline, target_value = _check_budget(max_iter, time_limit, target)
     if isinstance(local_search, bool):
         warnings.warn("solve_qap(local_search=True/False) is deprecated; use local_search='2opt' or None",
-                      DeprecationWarning, stacklevel=2)  # fmt: skip
+                      DeprecationWarning, stacklevel=4)  # fmt: skip
         local_search = "2opt" if local_search else None
     if local_search not in QAP_LOCAL_SEARCHES:
         raise ValueError(f"unknown local_search {local_search!r}; expected one of {list(QAP_LOCAL_SEARCHES)}")
@@ -614,13 +681,12 @@ def solve_qap(
 
     best_perm: np.ndarray | None = None
     best_fun = math.inf
-    best_status = Status.SUCCESS
+    best_why = "converged"
     total_iter = 0
     history: list[float] = []
-    stop = ""
+    why = ""
     for r in range(restarts):
         if r > 0 and time.perf_counter() >= deadline:
-            stop = f"; time_limit reached after {r} of {restarts} restarts"
             break
         seed = stable_seed("qap", base, r)
         gen = as_generator(seed)
@@ -628,42 +694,46 @@ def solve_qap(
         rng = np.random.default_rng(seed)
         if method == "tabu":
             budget = TABU_ITERATIONS * n if max_iter is None else max_iter
-            perm, _, iters = _tabu(mats, p0, rng=rng, max_iter=budget, tenure=tenure, aspiration=aspiration,
-                                   deadline=deadline, target=target_value)  # fmt: skip
-            status = Status.SUCCESS
+            perm, _, iters, why = _tabu(mats, p0, rng=rng, max_iter=budget, tenure=tenure, aspiration=aspiration,
+                                        deadline=deadline, target=target_value)  # fmt: skip
         elif method == "2opt" or n < 2:
-            perm, iters, converged = _two_opt(mats, p0, max_swaps=100 * n * n if max_iter is None else max_iter,
-                                              deadline=deadline)  # fmt: skip
-            status = Status.SUCCESS if converged else Status.MAX_ITER
+            budget = 100 * n * n if max_iter is None else max_iter
+            perm, iters, why = _two_opt(mats, p0, max_swaps=budget, deadline=deadline)
         else:
-            perm, iters, status = _pam_restart(problem, mats, p0, gen=gen, rng=rng, lam=lam,
-                                               max_iter=100 if max_iter is None else max_iter,
-                                               local_search=local_search, tenure=tenure, aspiration=aspiration,
-                                               deadline=deadline)  # fmt: skip
+            budget = 100 if max_iter is None else max_iter
+            perm, iters, why = _pam_restart(problem, mats, p0, gen=gen, rng=rng, lam=lam, max_iter=budget,
+                                            local_search=local_search, tenure=tenure, aspiration=aspiration,
+                                            deadline=deadline)  # fmt: skip
         fun = float(_kernels().objective(mats[0], _permuted(mats[2], perm)[0]))
+        if why != "target" and fun <= target_value:
+            why = "target"
         total_iter += iters
-        logger.debug("QAP restart %d: %.6g (%d iterations)", r, fun, iters)
+        logger.debug("QAP restart %d: %.6g (%d iterations, %s)", r, fun, iters, why)
         if fun < best_fun:
-            best_perm, best_fun, best_status = perm, fun, status
+            best_perm, best_fun, best_why = perm, fun, why
         history.append(best_fun)
-        if best_fun <= target_value:
-            if r + 1 < restarts:
-                stop = f"; target reached after {r + 1} of {restarts} restarts"
+        if why == "target":
             break
     assert best_perm is not None
     perm_out = _as_perm(best_perm, A)
     best_fun = qap_objective(A, B, perm_out)
-    message = f"best of {len(history)} restart(s) of {method}: {best_fun:.10g}{stop}"
-    if best_status == Status.MAX_ITER:
-        message += f" (the best restart hit max_iter={max_iter} or time_limit)"
+    message = f"best of {len(history)} restart(s) of {method}: {best_fun:.10g}"
+    if why in ("time_limit", "target"):
+        message += f"; {why} reached in restart {len(history)} of {restarts}"
+    # a tabu search has no convergence test: its budget is its stopping rule
+    cut = method != "tabu" and best_why in ("max_iter", "time_limit")
+    status = Status.MAX_ITER if cut else Status.SUCCESS
+    if cut:
+        limit = f"max_iter={budget}" if best_why == "max_iter" else f"time_limit={time_limit}s"
+        message += f" (the best restart was stopped by {limit})"
         warnings.warn(f"solve_qap: {message}; try a larger `max_iter` or `time_limit`", ConvergenceWarning,
-                      stacklevel=2)
+                      stacklevel=4)  # fmt: skip
     return QAPResult(
         perm=perm_out,
         fun=best_fun,
         n_iter=total_iter,
-        converged=best_status == Status.SUCCESS,
-        status=best_status,
+        converged=not cut,
+        status=status,
         message=message,
         history=history,
     )
@@ -682,47 +752,48 @@ def _pam_restart(
     tenure: tuple[int, int],
     aspiration: float,
     deadline: float,
-) -> tuple[np.ndarray, int, Status]:
-    """One restart of :func:`solve_qap`'s ``"pam"`` method: ``(best perm, PAM iterations, status)``."""
+) -> tuple[np.ndarray, int, str]:
+    """One restart of :func:`solve_qap`'s ``"pam"`` method: ``(best perm, PAM iterations, why)``, ``why`` one of
+    ``"converged"`` (a fixed point or a cycle), ``"max_iter"`` and ``"time_limit"``."""
     n = p0.size
     device = problem.A.device
 
     def hook(x, perms):
         p = perms["p"].cpu().numpy()
         if local_search == "2opt":
-            p = _two_opt(mats, p, max_swaps=100 * n * n, deadline=math.inf)[0]
+            p = _two_opt(mats, p, max_swaps=100 * n * n, deadline=deadline)[0]
         else:
-            p = _tabu(mats, p, rng=rng, max_iter=10 * n, tenure=tenure, aspiration=aspiration, deadline=math.inf,
+            p = _tabu(mats, p, rng=rng, max_iter=10 * n, tenure=tenure, aspiration=aspiration, deadline=deadline,
                       target=-math.inf)[0]  # fmt: skip
         return {"p": torch.as_tensor(p).to(device)}
 
     start = torch.as_tensor(p0).to(device)
-    with _one_torch_thread(n):
-        solver = PAM(problem, [], {"p": start}, method="linearized", lam=lam, x_steps=0, generator=gen,
-                     local_search=hook if local_search is not None else None)  # fmt: skip
-        # PAM's iterates need not decrease for lam > 1/L: keep the best one seen. The step is deterministic (but for
-        # a tabu local search's draws), so revisiting a permutation means the iterates cycle from then on: stop.
-        seen = {"fun": solver.history[0], "perm": start, "visited": {tuple(p0.tolist())}, "cycle": False,
-                "late": False}  # fmt: skip
+    solver = PAM(problem, [], {"p": start}, method="linearized", lam=lam, x_steps=0, generator=gen,
+                 local_search=hook if local_search is not None else None)  # fmt: skip
+    # PAM's iterates need not decrease for lam > 1/L: keep the best one seen. The step is deterministic (but for
+    # a tabu local search's draws), so revisiting a permutation means the iterates cycle from then on: stop.
+    seen = {"fun": solver.history[0], "perm": start, "visited": {tuple(p0.tolist())}, "cycle": False,
+            "late": False}  # fmt: skip
 
-        def track(state, seen=seen):
-            if state.fun < seen["fun"]:
-                seen["fun"], seen["perm"] = state.fun, state.perms["p"]
-            key = tuple(state.perms["p"].tolist())
-            if key in seen["visited"]:
-                seen["cycle"] = True
-                return True
-            seen["visited"].add(key)
-            if time.perf_counter() >= deadline:
-                seen["late"] = True
-                return True
-            return False
+    def track(state, seen=seen):
+        if state.fun < seen["fun"]:
+            seen["fun"], seen["perm"] = state.fun, state.perms["p"]
+        key = tuple(state.perms["p"].tolist())
+        if key in seen["visited"]:
+            seen["cycle"] = True
+            return True
+        seen["visited"].add(key)
+        if time.perf_counter() >= deadline:
+            seen["late"] = True
+            return True
+        return False
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            res = solver.run(max_iter=max_iter, tol=0.0, callback=track)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = solver.run(max_iter=max_iter, tol=0.0, callback=track)
     perm = seen["perm"].cpu().numpy().astype(np.int64)
     if local_search is None:
         perm = _two_opt(mats, perm, max_swaps=100 * n * n, deadline=math.inf)[0]
-    done = (res.status == Status.SUCCESS or seen["cycle"]) and not seen["late"]
-    return perm, res.n_iter, Status.SUCCESS if done else Status.MAX_ITER
+    if seen["late"]:
+        return perm, res.n_iter, "time_limit"
+    return perm, res.n_iter, "converged" if res.status == Status.SUCCESS or seen["cycle"] else "max_iter"

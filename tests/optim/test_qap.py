@@ -94,7 +94,7 @@ def test_move_value_updates_match_recomputation(data):
         Q, Qt, D = kernel_state(A, B, p)
         for step in range(60):
             u, v = sorted(r.choice(n, 2, replace=False).tolist())
-            kernels.make_move(A, At, p, Q, Qt, D, u, v)
+            kernels.make_move(A, At, p, Q, Qt, D, np.empty((4, n)), u, v)
             assert np.array_equal(Q, B[np.ix_(p, p)]) and np.array_equal(Qt, Q.T)
             for (i, j), value in values_from_scratch(A, B, p).items():
                 if data == "integer":
@@ -138,9 +138,10 @@ def test_tabu_search_follows_its_definition(seed, monkeypatch):
     A, B = r.integers(0, 20, (n, n)).astype(float), r.integers(0, 20, (n, n)).astype(float)
     p0, iters = r.permutation(n), int(r.integers(1, 250))
     aspiration, tenure = float(r.integers(5, 60)), (1, n)
-    monkeypatch.setattr(qap, "_CHUNK_WORK", int(r.integers(1, 400)))
+    monkeypatch.setattr(qap, "_FIRST_CHUNK", int(r.integers(1, 40)))
+    monkeypatch.setattr(qap, "_CHUNK_SECONDS", float(r.uniform(0, 2e-5)))
     mats = qap._as_arrays(torch.from_numpy(A), torch.from_numpy(B))
-    got_p, got, done = qap._tabu(mats, p0, rng=np.random.default_rng(seed), max_iter=iters, tenure=tenure,
+    got_p, got, done, _ = qap._tabu(mats, p0, rng=np.random.default_rng(seed), max_iter=iters, tenure=tenure,
                                  aspiration=aspiration, deadline=math.inf, target=-math.inf)  # fmt: skip
     want_p, want = reference_tabu(A, B, p0, np.random.default_rng(seed), iters, tenure, aspiration,
                                   qap._tolerance(A, B))  # fmt: skip
@@ -208,23 +209,32 @@ def test_determinism_under_a_seed():
 
 def test_budgets_time_limit_and_target():
     A, B = load_qaplib(qaplib_path("nug12"))
-    start = time.perf_counter()
-    res = solve_qap(A, B, restarts=50, max_iter=10**9, time_limit=0.3, generator=0)
-    elapsed = time.perf_counter() - start
-    # the clock is read between chunks of a few milliseconds; allow a loaded machine 1 s
-    assert elapsed < 0.3 + 1.0 and len(res.history) == 1 and "time_limit reached after 1 of 50" in res.message
-    assert res.status == 0 and res.fun == qap_objective(A, B, res.perm)
+    solve_qap(A, B, max_iter=10, generator=0)  # the kernels compiled or loaded: not part of the timings below
+    for n, limit in ((2, 0.01), (12, 0.3), (60, 0.05)):
+        r = np.random.default_rng(n)
+        M = r.integers(0, 9, (n, n)).astype(float)
+        start = time.perf_counter()
+        res = solve_qap(M, M.T.copy(), restarts=50, max_iter=10**9, time_limit=limit, generator=0)
+        elapsed = time.perf_counter() - start
+        # the clock is read every ~2 ms of kernel work; allow a loaded machine 0.25 s more
+        assert elapsed < limit + 0.25, (n, elapsed)
+        assert len(res.history) == 1 and "time_limit reached in restart 1 of 50" in res.message
+        assert res.status == 0 and res.fun == qap_objective(M, M.T.copy(), res.perm)
     hit = solve_qap(A, B, restarts=20, target=578.0, generator=0)  # nug12's optimum
-    assert hit.fun == 578.0 and len(hit.history) < 20 and "target reached" in hit.message
-    assert tabu_search(A, B, torch.arange(12), max_iter=10**9, target=578.0, generator=0).fun == 578.0
-    with pytest.warns(ConvergenceWarning, match=r"hit max_iter=1 or time_limit"):
+    assert hit.fun == 578.0 and len(hit.history) < 20 and "target reached in restart" in hit.message
+    one = tabu_search(A, B, torch.arange(12), max_iter=10**9, target=578.0, generator=0)
+    assert one.fun == 578.0 and one.message.endswith("(target reached)")
+    assert "(stopped by time_limit)" in tabu_search(A, B, torch.arange(12), max_iter=10**9, time_limit=0.01).message
+    with pytest.warns(ConvergenceWarning, match=r"the best restart was stopped by max_iter=1"):
         late = solve_qap(A, B, method="2opt", max_iter=1, generator=0)
     assert late.status == 1 and not late.converged
+    with pytest.warns(ConvergenceWarning, match=r"the best restart was stopped by time_limit=0.001s"):
+        solve_qap(A, B, method="pam", max_iter=10**6, time_limit=0.001, generator=0)
 
 
 def test_pam_local_searches_and_threads():
     A, B = random_instance(9, 11)
-    with pytest.warns(ConvergenceWarning, match=r"solve_qap: best of 1 restart\(s\) of pam.*hit max_iter=1"):
+    with pytest.warns(ConvergenceWarning, match=r"solve_qap: best of 1 restart\(s\) of pam.*stopped by max_iter=1"):
         res = solve_qap(A, B, method="pam", generator=0, max_iter=1)
     assert res.status == 1 and not res.converged
     plain = solve_qap(A, B, method="pam", generator=0, local_search=None, restarts=3)
@@ -244,7 +254,9 @@ def test_pam_local_searches_and_threads():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(qap.PAM, "run", spy)
         solve_qap(A, B, method="pam", generator=0)
-    assert seen == [1] and torch.get_num_threads() == threads  # one thread inside, restored after
+        big = torch.zeros(qap._SMALL + 1, qap._SMALL + 1, dtype=DT)
+        solve_qap(big, big, method="pam", generator=0, max_iter=1, local_search=None)
+    assert seen == [1, threads] and torch.get_num_threads() == threads  # one thread for a small problem only
 
 
 def test_qap_problem_gradient_and_value():
@@ -285,6 +297,11 @@ def test_solve_qap_errors():
         solve_qap(A, B[:, :3])
     with pytest.raises(ValueError, match=r"`A` holds NaN or infinite entries"):
         solve_qap(torch.full((4, 4), math.nan), B)
+    for method in ("tabu", "pam", "2opt"):
+        with pytest.raises(ValueError, match=r"`A` and `B` are too large: .* overflows float64"):
+            solve_qap(A * 1e200, B * 1e200, method=method)
+    assert solve_qap(A.half(), B.bfloat16(), method="pam", restarts=2, generator=1).fun == brute_force(A, B)
+    assert tabu_search(A, B, torch.arange(4), generator=np.int64(3)).fun == brute_force(A, B)
     with pytest.raises(ValueError, match=r"`perm` must be a permutation of 0..3"):
         qap_objective(A, B, torch.tensor([0, 1, 1, 2]))
     with pytest.raises(ValueError, match=r"`perm` must be a permutation of 0..3"):
