@@ -14,7 +14,8 @@ Garipov et al.'s curve code runs its curve step at 0.99-1.09x its plain step; ru
 Reported: median milliseconds per step and the ratios of the medians.
 
 Run: ``python benchmarks/bench_curves.py`` (about a minute on 2 idle threads, several when the machine is
-shared); ``--repeats``, ``--models``, ``--threads`` and ``--batch`` change the defaults.
+shared); ``--repeats``, ``--models``, ``--threads``, ``--batch`` and ``--device`` (e.g. ``cuda``; the clock is read
+after ``torch.cuda.synchronize``) change the defaults.
 
 Two default runs on an idle 2-core VM (torch 2.14, CPU), curve/plain ratio of medians (paired): TinyTen 1.022
 (0.983) and 0.944 (0.991); ResNet32 0.991 (1.019) and 1.073 (1.085); VGG16 1.050 (1.036) and 0.938 (0.991); the
@@ -39,6 +40,7 @@ from neuralign.curves.fit import _CurveStepper
 from neuralign.experiments.models import build_model
 
 WEIGHT_DECAY = 5e-4
+CPU = torch.device("cpu")
 LR = 0.01  # small, so that repeated steps on one batch stay finite; it does not change the cost
 
 
@@ -46,16 +48,22 @@ def _sgd(params):
     return torch.optim.SGD(params, lr=LR, momentum=0.9, nesterov=True, weight_decay=0.0)
 
 
-def make_steps(name: str, batch: int):
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: the clock is read after it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_steps(name: str, batch: int, device: torch.device = CPU):
     model_a = build_model(name, 10, generator=0)
     model_b = build_model(name, 10, generator=1)
-    point_a = {k: v.detach().clone() for k, v in model_a.named_parameters()}
-    point_b = {k: v.detach().clone() for k, v in model_b.named_parameters()}
+    point_a = {k: v.detach().clone().to(device) for k, v in model_a.named_parameters()}
+    point_b = {k: v.detach().clone().to(device) for k, v in model_b.named_parameters()}
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32, generator=generator)
-    y = torch.randint(0, 10, (batch,), generator=generator)
+    x = torch.randn(batch, 3, 32, 32, generator=generator).to(device)
+    y = torch.randint(0, 10, (batch,), generator=generator).to(device)
 
-    plain_model = build_model(name, 10, generator=0).train()
+    plain_model = build_model(name, 10, generator=0).to(device).train()
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=LR, momentum=0.9, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
 
@@ -65,7 +73,7 @@ def make_steps(name: str, batch: int):
         loss.backward()
         plain_opt.step()
 
-    curve_model = build_model(name, 10, generator=2).train()
+    curve_model = build_model(name, 10, generator=2).to(device).train()
     stepper = _CurveStepper(
         curve_model,
         Bezier.between(point_a, point_b),
@@ -79,7 +87,7 @@ def make_steps(name: str, batch: int):
         t = float(torch.rand((), dtype=torch.float64, generator=generator))
         stepper.step(x, y, t)
 
-    naive_model = build_model(name, 10, generator=3).train()
+    naive_model = build_model(name, 10, generator=3).to(device).train()
     theta = {k: ((point_a[k] + point_b[k]) / 2).requires_grad_(True) for k in point_a}
     buffers = {k: v.detach().clone() for k, v in naive_model.named_buffers()}
     naive_opt = _sgd(list(theta.values()))
@@ -99,8 +107,9 @@ def make_steps(name: str, batch: int):
     return {"plain": plain, "curve": curve, "naive": naive}, n_params
 
 
-def bench(name: str, repeats: int, warmup: int, batch: int) -> dict[str, object]:
-    steps, n_params = make_steps(name, batch)
+def bench(name: str, repeats: int, warmup: int, batch: int, device: torch.device = CPU
+          ) -> dict[str, object]:  # fmt: skip
+    steps, n_params = make_steps(name, batch, device)
     order = list(steps)
     for _ in range(warmup):
         for key in order:
@@ -111,8 +120,10 @@ def bench(name: str, repeats: int, warmup: int, batch: int) -> dict[str, object]
     orders = list(itertools.permutations(order))
     for r in range(repeats):
         for key in orders[r % len(orders)]:
+            sync(device)
             start = time.perf_counter()
             steps[key]()
+            sync(device)
             times[key].append(time.perf_counter() - start)
     med = {key: statistics.median(v) for key, v in times.items()}
     paired = {
@@ -130,16 +141,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     default_repeats = {"tinyten": 12, "resnet32": 6, "vgg16": 8}
     rows = []
     for name in args.models:
         repeats = args.repeats or default_repeats.get(name, 10)
-        rows.append(bench(name, repeats, args.warmup, args.batch))
+        rows.append(bench(name, repeats, args.warmup, args.batch, device))
         r = rows[-1]
         print(f"# {name}: done ({repeats} repeats)", flush=True)
-    print(f"\nCPU, torch {torch.__version__}, {args.threads} threads, batch {args.batch}x3x32x32, quadratic Bezier\n")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"\n{where}, torch {torch.__version__}, batch {args.batch}x3x32x32, quadratic Bezier\n")
     print("| model | params | plain ms | curve ms | naive ms | curve/plain | naive/plain | paired curve/plain |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

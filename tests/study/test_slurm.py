@@ -356,8 +356,11 @@ def test_a_stage_data_parallel_over_two_tasks_equals_one_process(slurm, sequenti
     got, want = (load_permutation_file(p / "pair1" / "alignment.pt") for p in (out, sequential))
     for group, perm in want.perms.items():
         assert torch.equal(got.perms[group], perm), group
+    # the correlations are per-batch float32 sums (over every position of a conv layer's 16x16 maps) merged in
+    # float64: each rank sums half of every batch, which rounds differently in float32 (measured 2e-5 on the first
+    # conv layer; the MLP of tests/test_distributed.py, with one value per example, agrees to 1e-6)
     for group, value in want.results["correlation_after"].items():
-        assert abs(got.results["correlation_after"][group] - value) < 1e-6, group
+        assert abs(got.results["correlation_after"][group] - value) < 1e-4, group
     _same_evaluation(out / "pair1" / "eval_aligned.json", sequential / "pair1" / "eval_aligned.json")
     # torchrun inside a Slurm job: one task with 2 CPUs, 2 processes; the sequential command runs data-parallel
     out2 = tmp_path / "torchrun"
