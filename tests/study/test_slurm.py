@@ -311,14 +311,17 @@ def test_cancel_stops_the_study_and_a_refused_rerun_changes_nothing(slurm, tmp_p
     assert cancelled and cancelled.items() <= jobs.items()
     wait_for(lambda: not squeue(jobs), "the cancelled jobs to leave the queue", 60)
     states = status_of(out)
-    assert states["cancelled"] == cancelled and "failed" not in states  # said as cancelled, not failed
-    assert set(states["done"]) | set(cancelled) == {s.name for s in STAGES}
+    # said as cancelled, not failed; a running job may still finish its stage in the seconds Slurm leaves it between
+    # SIGTERM and SIGKILL (KillWait): that stage is done
+    stopped = {stage: job for stage, job in cancelled.items() if stage not in states["done"]}
+    assert stopped and states["cancelled"] == stopped and "failed" not in states
+    assert set(states["done"]) | set(stopped) == {s.name for s in STAGES}
     # the next run submits the cancelled stages again
     code, _, err = neuralign(*STUDY, *SLURM, "--out", str(out))
-    assert code == 0 and f"submitted {len(cancelled)} jobs" in err
+    assert code == 0 and f"submitted {len(stopped)} jobs" in err
     assert "cancelled" not in status_of(out)
     code, text, _ = neuralign("study", "--cancel", str(out))
-    assert code == 0 and f"cancelled {len(cancelled)} jobs" in text
+    assert code == 0 and re.search(r"cancelled \d+ jobs", text)
     wait_for(lambda: not squeue(jobs_of(out)), "the cancelled jobs to leave the queue", 60)
 
 
