@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):  # every rank would submit every stage: refused once, by rank 0
         if os.environ.get("RANK", "0") == "0":
             print(f"neuralign: error: --executor {args.executor} submits the stages as jobs itself: run it as one "
-                  "process, not under torchrun (--gpus-per-job runs each Slurm job data-parallel)",
+                  "process, not under torchrun (--gpus-per-job and --tasks-per-job run each Slurm job "
+                  "data-parallel)",
                   file=sys.stderr)  # fmt: skip
         return 2
     if "WORLD_SIZE" in os.environ:

@@ -60,6 +60,7 @@ from neuralign.study.jobs import (
 from neuralign.study.runner import _prepare, check_study_folder
 
 __all__ = [
+    "STATES",
     "SlurmOptions",
     "SlurmSubmission",
     "cancel_study",

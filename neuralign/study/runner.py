@@ -616,8 +616,9 @@ def run_stage(
     The entry point of a study's jobs (:mod:`neuralign.study.executors`). Its inputs are read from the files of
     the stages it needs; it writes only its own outputs and its record ``stages/<stage>.json``. The ``report``
     stage always runs (it is cheap and reflects the files present) and then merges the stage records into the
-    manifest, which :func:`prepare_study` wrote before any job started. Under a process group (``--gpus-per-job``
-    above 1) the stage runs data-parallel and rank 0 writes.
+    manifest, which :func:`prepare_study` wrote before any job started. Under a process group (a Slurm job with
+    several tasks, ``--gpus-per-job`` or ``--tasks-per-job`` above 1, or ``torchrun``) the stage runs data-parallel
+    and rank 0 writes.
 
     Raises
     ------

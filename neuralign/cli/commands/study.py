@@ -119,8 +119,8 @@ def print_status(out: str) -> None:
                    "with --executor slurm, which cancels and resubmits them (or cancel them: scancel {ids})",
         "failed": "these stages' jobs ended without their outputs (see the logs under {out}/jobs/); rerun the study "
                   "to run them again",
-        "cancelled": "these stages' jobs were cancelled (neuralign study --cancel); rerun the study to submit them "
-                     "again",
+        "cancelled": "these stages' jobs were cancelled (by neuralign study --cancel, or by a run that replaced jobs "
+                     "waiting on a failed one); rerun the study to submit them again",
         "unknown": "squeue is not on PATH: whether these Slurm jobs are alive cannot be told from this machine",
     }  # fmt: skip
     for state in STATES:
