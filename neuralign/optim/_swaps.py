@@ -109,19 +109,36 @@ def make_move(A: np.ndarray, At: np.ndarray, p: np.ndarray, Q: np.ndarray, Qt: n
         beta[k] = Qt[v, k] - Qt[u, k]
         gamma[k] = A[u, k] - A[v, k]
         delta[k] = Q[v, k] - Q[u, k]
-    for r in range(n):
-        if r == u or r == v:
-            continue
+    for r in range(n):  # every pair, branch-free (the compiler vectorises it): rows u, v are rewritten below
         ar, br, gr, dr = alpha[r], beta[r], gamma[r], delta[r]
         for s in range(r + 1, n):
-            if s != u and s != v:
-                D[r, s] += (ar - alpha[s]) * (br - beta[s]) + (gr - gamma[s]) * (dr - delta[s])
-    for w in (u, v):
-        for s in range(n):
+            D[r, s] += (ar - alpha[s]) * (br - beta[s]) + (gr - gamma[s]) * (dr - delta[s])
+    _two_rows(A, At, Q, Qt, D, u, v)
+
+
+@njit(cache=True, fastmath={"reassoc", "nsz"})
+def _two_rows(A: np.ndarray, At: np.ndarray, Q: np.ndarray, Qt: np.ndarray, D: np.ndarray, u: int, v: int) -> None:
+    """The values of the :math:`2n - 3` moves touching :math:`u` or :math:`v`, from scratch: :func:`move_value`
+    for both rows at once, so that each row :math:`s` of the four matrices is read once for the two (the value is
+    symmetric in its two units)."""
+    n = Q.shape[0]
+    for s in range(n):
+        du = 0.0
+        dv = 0.0
+        for k in range(n):
+            a, q, b, c = At[s, k], Qt[s, k], A[s, k], Q[s, k]
+            du += (At[u, k] - a) * (q - Qt[u, k]) + (A[u, k] - b) * (c - Q[u, k])
+            dv += (At[v, k] - a) * (q - Qt[v, k]) + (A[v, k] - b) * (c - Q[v, k])
+        for w, d in ((u, du), (v, dv)):
+            if s == w:
+                continue
+            for k in (w, s):
+                d -= (At[w, k] - At[s, k]) * (Qt[s, k] - Qt[w, k]) + (A[w, k] - A[s, k]) * (Q[s, k] - Q[w, k])
+            d += (A[w, w] - A[s, s]) * (Q[s, s] - Q[w, w]) + (A[w, s] - A[s, w]) * (Q[s, w] - Q[w, s])
             if s < w:
-                D[s, w] = move_value(A, At, Q, Qt, s, w)
-            elif s > w:
-                D[w, s] = move_value(A, At, Q, Qt, w, s)
+                D[s, w] = d
+            else:
+                D[w, s] = d
 
 
 @njit(cache=True)
