@@ -546,6 +546,10 @@ def submit_study_slurm(
     if not todo:
         logger.info("nothing to submit for %s: %d stages done, %d jobs live", out, len(survey.done), len(kept))
         return SlurmSubmission(submitted={}, kept=kept, replaced={}, done=survey.done, parameters=parameters)
+    # what the folder held before this command, to put back if sbatch refuses the first job (nothing submitted)
+    existed, manifest = out.exists(), out / "manifest.json"
+    manifest_before = manifest.read_text() if manifest.exists() else None
+    jobs_folder_existed = (out / "jobs").exists()
     _prepare(config, out, device, None, live_jobs=True,
              run={"executor": "slurm", "slurm": options.to_dict(), "sbatch": parameters})  # fmt: skip
     record = read_jobs(out) if survey.executor == "slurm" else {"jobs": {}, "cancelled": {}}
@@ -565,19 +569,44 @@ def submit_study_slurm(
         try:
             job = executor.submit(_stage_job, config.to_dict(), str(out), stage.name, str(device), report)
         except Exception as exc:  # noqa: BLE001 - submitit raises what sbatch said, in several exception types
-            said = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            # sbatch's reason, not its closing 'Try "sbatch --help"' hint
+            said = [line.strip() for line in str(exc).splitlines()
+                    if line.strip() and not line.strip().startswith("Try ")]  # fmt: skip
+            reason = said[-1] if said else type(exc).__name__
+            if not submitted:
+                _restore_folder(out, existed, manifest_before, jobs_folder_existed)
+                cancelled_note = (f"; it cancelled {', '.join(replaced.values())} (queued behind a failed job) "
+                                  "first" if replaced else "")  # fmt: skip
+                raise JobError(f"sbatch refused the job of stage {stage.name!r}: {reason}; no job was submitted and "
+                               f"{out} is as it was{cancelled_note}") from None  # fmt: skip
             done_so_far = (f"before that, this command cancelled {', '.join(replaced.values())} (queued behind a "
                            "failed job) and " if replaced else "before that, this command ")
             done_so_far += (f"submitted {len(submitted)} jobs ({', '.join(submitted.values())}; recorded in "
-                            f"{out / 'jobs.json'})" if submitted else "submitted no job")  # fmt: skip
-            raise JobError(f"sbatch refused the job of stage {stage.name!r}: {said[-1] if said else type(exc).__name__}"
-                           f"; {done_so_far}; rerun the same command to submit the rest") from None  # fmt: skip
+                            f"{out / 'jobs.json'})")  # fmt: skip
+            raise JobError(f"sbatch refused the job of stage {stage.name!r}: {reason}; {done_so_far}; rerun the same "
+                           "command to submit the rest") from None  # fmt: skip
         submitted[stage.name] = str(job.job_id)
         jobs[stage.name] = str(job.job_id)
         cancelled.pop(stage.name, None)
         write_jobs(out, "slurm", jobs, cancelled=cancelled)  # after every job: the record is never behind Slurm
         logger.info("submitted %s as Slurm job %s", stage.name, job.job_id)
     return SlurmSubmission(submitted=submitted, kept=kept, replaced=replaced, done=survey.done, parameters=parameters)
+
+
+def _restore_folder(out: Path, existed: bool, manifest_before: str | None, jobs_folder_existed: bool) -> None:
+    """Undo what preparing a Slurm submission wrote when its first ``sbatch`` is refused: a folder this command
+    made is removed; otherwise the manifest is put back as it was and a ``jobs`` folder this command made (submitit's
+    files of the refused job) is removed."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    manifest = out / "manifest.json"
+    if manifest_before is None:
+        manifest.unlink(missing_ok=True)
+    else:
+        manifest.write_text(manifest_before)
+    if not jobs_folder_existed:
+        shutil.rmtree(out / "jobs", ignore_errors=True)
 
 
 def cancel_study(out: str | os.PathLike) -> dict[str, str]:

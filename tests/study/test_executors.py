@@ -214,6 +214,23 @@ def test_a_refused_sbatch_in_the_middle_says_what_was_submitted(tmp_path, monkey
         "endpoint 1": "101", "endpoint 2": "102", "pair 1 alignment": "103"}  # fmt: skip
 
 
+def test_a_refused_first_sbatch_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    # sbatch refusing the very first job (a partition that does not exist, an option it does not know): no job was
+    # submitted, so the folder must be as before (no manifest locking its settings, no submitit files)
+    _fake_slurm(tmp_path / "bin", fail_after=0)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "study"
+    with pytest.raises(JobError, match=r"sbatch refused the job of stage 'endpoint 1': sbatch: error: "
+                       r"QOSMaxSubmitJobPerUserLimit; no job was submitted and .*study is as it was$"):  # fmt: skip
+        submit_study_slurm(CONFIG, out, device="cpu")
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(JobError, match="no job was submitted"):
+        submit_study_slurm(CONFIG, out, device="cpu")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_slurm_options_on_the_command_line(tmp_path, monkeypatch, capsys):
     _fake_slurm(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
@@ -226,7 +243,7 @@ def test_slurm_options_on_the_command_line(tmp_path, monkeypatch, capsys):
         (["--executor", "slurm", "--device", "cpu", "--gpus-per-job", "1"], "--gpus-per-job is 1 but the jobs run"),
         (["--executor", "slurm", "--device", "cpu", "--cpus-per-task", "0"], "--cpus-per-task must be a positive"),
         (["--cpus-per-task", "2", "--slurm-mem", "1G"], "--cpus-per-task, --slurm-mem set the resources of Slurm "
-                                                        "jobs: use it with --executor slurm"),
+                                                        "jobs: use them with --executor slurm"),
     ]  # fmt: skip
     for extra, words in cases:
         assert main([*base, *extra]) == 2

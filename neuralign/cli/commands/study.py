@@ -70,7 +70,7 @@ def cmd_study(args: argparse.Namespace, bars: ProgressBars, *, demo: bool = Fals
         given = [flag for flag, field, _, _ in SLURM_OPTIONS if getattr(args, field, None) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the resources of Slurm jobs: "
-                             "use it with --executor slurm")  # fmt: skip
+                             f"use {'it' if len(given) == 1 else 'them'} with --executor slurm")  # fmt: skip
     out = Path(args.out)
     if executor == "sequential":
         results = run_study(config, args.out, device=parse_device(args.device), progress=bars, paper_row=row)
