@@ -10,8 +10,8 @@ iteration instead of :math:`O(n^3)`. The kernels keep :math:`Q = B_{p,p}` (and i
 :math:`p`, so that with ``A`` and its transpose (C-contiguous) every loop reads rows.
 
 Why numba and not numpy: an iteration is a scan over :math:`n^2/2` pairs with a few branches (tabu status,
-aspiration). Written as numpy array operations it costs about forty calls of 1–7 µs each, 50 µs per iteration at
-:math:`n = 12` whatever the batching (measured), where the compiled loop takes about 1 µs; a tabu search needs
+aspiration). Written as numpy array operations it costs about forty numpy calls per iteration, each paying
+numpy's per-call overhead, which dominates for small :math:`n` whatever the batching; a tabu search needs
 thousands of iterations. The kernels run on the caller's thread only (no ``parallel=True``, no BLAS, no torch), so
 that a machine busy with other work slows them no more than it slows any single-threaded code. They are compiled on
 first use and cached on disk (``cache=True``); ``import neuralign`` does not import numba.
@@ -49,9 +49,9 @@ def move_value(A: np.ndarray, At: np.ndarray, Q: np.ndarray, Qt: np.ndarray, r: 
         + \sum_{k \ne r, s} (A_{kr} - A_{ks})(Q_{ks} - Q_{kr}) + (A_{rk} - A_{sk})(Q_{sk} - Q_{rk}).
 
     The sum runs over every :math:`k` and the terms :math:`k \in \{r, s\}` are taken off after, so that the
-    compiler can vectorise it: the sum may be reassociated (``fastmath`` reassoc, 3x faster at :math:`n = 100`,
-    measured), which is exact on integer data such as QAPLIB's and otherwise can change the last bits of a value
-    from one CPU's vector width to another's (results are reproducible on one machine).
+    compiler can vectorise it: the sum may be reassociated (``fastmath`` reassoc), which is exact on integer data
+    such as QAPLIB's and otherwise can change the last bits of a value from one CPU's vector width to another's
+    (results are reproducible on one machine).
     """
     d = 0.0
     for k in range(Q.shape[0]):

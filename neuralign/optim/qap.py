@@ -62,8 +62,7 @@ _SMALL = 512
 def _small_on_one_thread(fn: _F) -> _F:
     """Run a public solver on a problem of at most :data:`_SMALL` units with torch on the calling thread only,
     restoring the setting after: torch's intra-op pool gains nothing on matrices this small and, when other work
-    takes the cores, its threads spin (measured: ``qap_objective`` at n = 100 took 20 ms instead of 0.16 ms beside
-    two busy processes). Not thread-safe: the setting is global to the process."""
+    takes the cores, its threads spin. Not thread-safe: the setting is global to the process."""
 
     @functools.wraps(fn)
     def wrapper(A: Any, B: Any, *args: Any, **kwargs: Any) -> Any:
@@ -614,7 +613,7 @@ def solve_qap(
         Seconds of wall-clock time for the whole call: a restart running at the limit stops (tabu search and 2-opt
         within about 2 ms, their compiled loops running in chunks between readings of the clock; PAM after its
         current iteration) and no further restart starts. The first call in a process also loads (or, the very
-        first time, compiles: several seconds) the compiled kernels, inside the limit.
+        first time, compiles) the compiled kernels, inside the limit.
     target : float, optional
         Stop as soon as a restart reaches an objective of at most ``target``.
     local_search : {"2opt", "tabu", None}
