@@ -49,6 +49,7 @@ __all__ = [
     "backend_for",
     "broadcast_",
     "check_same_batch",
+    "close",
     "describe",
     "init_from_env",
     "is_distributed",
@@ -107,6 +108,17 @@ def init_from_env(device: torch.device | str) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
+
+
+def close() -> None:
+    """Wait for every rank, then destroy the default process group (nothing without one).
+
+    The barrier keeps any rank from tearing down its connections while another still uses them: a gloo rank whose
+    peer had already shut down was seen to abort at exit (``terminate called without an active exception``).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard_batch(

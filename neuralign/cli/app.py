@@ -112,6 +112,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, RuntimeError) as exc:
             print(f"neuralign: error: could not join the torchrun process group: {one_line(exc)}", file=sys.stderr)
             return 2
+    try:
+        code = _run(parser, args)
+    except BaseException:
+        if distributed:  # no barrier: the other ranks may never reach it
+            torch.distributed.destroy_process_group()
+        raise
+    if distributed:
+        if code == 0:
+            _distributed.close()
+        else:
+            torch.distributed.destroy_process_group()
+    return code
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The command of ``args``: its exit status (0, 2 on an error, 130 when interrupted)."""
     bars = ProgressBars(enabled=not args.quiet and _distributed.rank() == 0)
     try:
         with warnings.catch_warnings():
@@ -134,6 +150,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _distributed.rank() == 0:
         for path in paths:
             print(path)
-    if distributed:
-        torch.distributed.destroy_process_group()
     return 0

@@ -277,9 +277,12 @@ def _stage_job(config: dict[str, Any], out: str, name: str, device: str, report:
         distributed = _distributed.init_from_env(device)
     try:
         run_stage(StudyConfig.from_dict(config), out, name, device=device, **report)
-    finally:
-        if distributed:
+    except BaseException:
+        if distributed:  # no barrier: the other ranks may never reach it
             torch.distributed.destroy_process_group()
+        raise
+    if distributed:
+        _distributed.close()
     return name
 
 
