@@ -25,17 +25,13 @@ from neuralign.alignment import align
 from neuralign.attacks import PGD
 from neuralign.curves import Line, evaluate_curve, evaluate_model, fit_curve, fit_curve_pam, reestimate_bn
 from neuralign.experiments.training import train_model
+from tests.planted import planted_copy, small_mlp
 
 WORLD = 2
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ shared inputs
-def _mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
-
-
 def _bn_net(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5),
@@ -52,16 +48,8 @@ SIZES = (12, 12, 7, 10)
 
 
 def _inputs() -> dict:
-    a, b = _mlp(1), _mlp(2)
-    # B = A with its hidden units permuted plus a little noise: alignment has a clear answer
-    g = torch.Generator().manual_seed(3)
-    p0, p1 = torch.randperm(16, generator=g), torch.randperm(12, generator=g)
-    sd = {k: v.clone() for k, v in a.state_dict().items()}
-    sd["0.weight"], sd["0.bias"] = sd["0.weight"][p0], sd["0.bias"][p0]
-    sd["2.weight"], sd["2.bias"] = sd["2.weight"][p1][:, p0], sd["2.bias"][p1]
-    sd["4.weight"] = sd["4.weight"][:, p1]
-    planted = _mlp(0)
-    planted.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()})
+    a, b = small_mlp(1), small_mlp(2)
+    planted = planted_copy(a)  # B = A permuted plus a little noise: alignment has a clear answer
     return {
         "a": a, "b": b, "planted": planted, "bn": _bn_net(4),
         "data": _batches(SIZES, (6,), 5), "images": _batches(SIZES, (3, 8, 8), 6, classes=5),
@@ -285,6 +273,7 @@ RESUME_SCRIPT = textwrap.dedent("""
     from torch import nn
     from neuralign.experiments.data import ArrayDataset, ArrayLoader
     from neuralign.experiments.training import train_model
+from tests.planted import planted_copy, small_mlp
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out, stop = sys.argv[1], int(sys.argv[2])

@@ -7,18 +7,13 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from neuralign.alignment import align
 from neuralign.curves import fit_curve
 from neuralign.study import PRESETS, run_study
+from tests.planted import planted_copy, small_mlp
 
 pytestmark = pytest.mark.gpu
-
-
-def _mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
 
 
 def _batches(device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -27,23 +22,9 @@ def _batches(device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(4)]  # fmt: skip
 
 
-def _planted(a: nn.Module) -> nn.Module:
-    """``a`` with its hidden units permuted and a little noise: alignment has a clear answer (no near-ties that
-    float rounding on another device could flip)."""
-    g = torch.Generator().manual_seed(3)
-    p0, p1 = torch.randperm(16, generator=g), torch.randperm(12, generator=g)
-    sd = {k: v.clone() for k, v in a.state_dict().items()}
-    sd["0.weight"], sd["0.bias"] = sd["0.weight"][p0], sd["0.bias"][p0]
-    sd["2.weight"], sd["2.bias"] = sd["2.weight"][p1][:, p0], sd["2.bias"][p1]
-    sd["4.weight"] = sd["4.weight"][:, p1]
-    planted = _mlp(0)
-    planted.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()})
-    return planted
-
-
 def test_align_on_cuda_gives_the_cpu_permutations():
-    a = _mlp(1)
-    b = _planted(a)
+    a = small_mlp(1)
+    b = planted_copy(a)
     cpu = align(a, b, [x for x, _ in _batches("cpu")])
     gpu = align(a.cuda(), b.cuda(), [x for x, _ in _batches("cuda")])
     for group, perm in cpu.perms.items():
@@ -53,10 +34,10 @@ def test_align_on_cuda_gives_the_cpu_permutations():
 
 
 def test_fit_curve_on_cuda_stays_there_and_follows_the_cpu_fit():
-    a, b = _mlp(1), _mlp(2)
+    a, b = small_mlp(1), small_mlp(2)
     fits = {}
     for device in ("cpu", "cuda"):
-        model = _mlp(1).to(device)
+        model = small_mlp(1).to(device)
         sd_a = {k: v.to(device) for k, v in a.state_dict().items()}
         sd_b = {k: v.to(device) for k, v in b.state_dict().items()}
         fits[device] = fit_curve(model, sd_a, sd_b, _batches(device), epochs=1, generator=0)
