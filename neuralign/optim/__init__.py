@@ -65,6 +65,7 @@ from neuralign.optim.qap import (
     tabu_search,
 )
 from neuralign.optim.qaplib import load_qaplib, load_qaplib_solution, qaplib_path
+from neuralign.optim.sinkhorn import sinkhorn
 
 __all__ = [
     "StepBoundResult",
@@ -113,4 +114,5 @@ __all__ = [
     "qap_objective",
     "solve_qap",
     "tabu_search",
+    "sinkhorn",
 ]
