@@ -6,6 +6,9 @@ weights :math:`w(t)` as a dict; any ``nn.Module`` is evaluated there with :func:
 edited. :func:`fit_curve` trains the control points, :func:`reestimate_bn` recomputes batch-norm statistics at given
 weights, :func:`evaluate_curve` and :func:`evaluate_plane` measure loss and accuracy along a curve or over a plane,
 :func:`midpoint_alignment` aligns the network at a point of a curve to its end points.
+:func:`evaluate_interpolation` evaluates the segment between two end points under one
+:class:`InterpolationProtocol` (both barrier definitions, area under the curve, batch norm re-estimated, interpolated
+or REPAIRed by :func:`repair`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ from neuralign.curves.fit import CurveResult, fit_curve, garipov_lr_factor, pape
 from neuralign.curves.metrics import evaluate_model
 from neuralign.curves.pam import CurvePAMOptions, CurvePAMResult, fit_curve_pam
 from neuralign.curves.problem import CurvePermutationProblem
+from neuralign.curves.protocol import (
+    BARRIER_DEFINITIONS,
+    BN_MODES,
+    InterpolationProtocol,
+    InterpolationResult,
+    SplitSummary,
+    area_under_curve,
+    barrier,
+    evaluate_interpolation,
+)
+from neuralign.curves.repair import RepairStatistics, repair, repair_points, repair_statistics
 
 __all__ = [
     "Curve",
@@ -52,4 +66,16 @@ __all__ = [
     "project_to_plane",
     "midpoint_alignment",
     "MidpointAlignment",
+    "InterpolationProtocol",
+    "InterpolationResult",
+    "SplitSummary",
+    "BARRIER_DEFINITIONS",
+    "BN_MODES",
+    "barrier",
+    "area_under_curve",
+    "evaluate_interpolation",
+    "repair",
+    "repair_statistics",
+    "repair_points",
+    "RepairStatistics",
 ]
