@@ -9,6 +9,15 @@ from neuralign.alignment.io import (
     state_dict_hash,
     state_dict_layout,
 )
+from neuralign.alignment.learned import (
+    LEARNED_METHODS,
+    LearnedCost,
+    LearnedOptions,
+    LearnedResult,
+    learned_from_weight_matching,
+    sinkhorn_rebasin,
+    straight_through,
+)
 from neuralign.alignment.permutation import (
     Permutation,
     apply_permutation,
@@ -37,6 +46,13 @@ __all__ = [
     "activation_moments",
     "align",
     "weight_similarity",
+    "LEARNED_METHODS",
+    "LearnedCost",
+    "LearnedOptions",
+    "LearnedResult",
+    "learned_from_weight_matching",
+    "sinkhorn_rebasin",
+    "straight_through",
     "Permutation",
     "PermutationSpec",
     "Segment",
