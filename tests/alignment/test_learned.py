@@ -3,6 +3,8 @@ problems, the straight-through forward pass, descent on a seeded toy problem, de
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -268,3 +270,95 @@ def test_bad_input_is_named(call, error, match):
 def test_options_round_trip():
     opts = LearnedOptions(epochs=3, loss="random", lam_range=(0.4, 0.6))
     assert LearnedOptions.from_dict(opts.to_dict()) == opts
+
+
+# ------------------------------------------------------------------------------------------------ data parallel
+WORLD = 2
+# global batches of even and odd sizes, so that some slices differ in size (7 -> 4 + 3)
+SIZES = (12, 12, 7, 10)
+
+
+def _parallel_inputs():
+    g = torch.Generator().manual_seed(11)
+    data = [(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in SIZES]
+    return mlp(1), mlp(2), data
+
+
+def _parallel_runs() -> dict:
+    a, b, data = _parallel_inputs()
+    out = {}
+    for method in METHODS:
+        res = run(method, a, b, data, epochs=2, generator=0, init="identity", lr=RATES[method])
+        out[method] = {"perms": res.perms, "losses": [h["loss"] for h in res.history], "samples": res.cost.samples}
+    return out
+
+
+def _worker(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        torch.save(_parallel_runs(), f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: ~20 s on 2 busy cores, mostly imports
+def test_data_parallel_runs_equal_the_one_process_run(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    one = _parallel_runs()
+    for method in METHODS:
+        for g, p in one[method]["perms"].items():
+            assert torch.equal(ranks[0][method]["perms"][g], p) and torch.equal(ranks[1][method]["perms"][g], p)
+        # every rank sees the global batches' objective (all-reduced, so both ranks agree exactly); it equals the
+        # one-process objective up to float32 rounding of the slices' sums
+        assert ranks[0][method]["losses"] == ranks[1][method]["losses"]
+        torch.testing.assert_close(torch.tensor(ranks[0][method]["losses"]), torch.tensor(one[method]["losses"]),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        assert ranks[0][method]["samples"] == one[method]["samples"] == 2 * sum(SIZES)
+
+
+# ------------------------------------------------------------------------------------------------ SIGKILL
+KILLED = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {root!r})
+from tests.alignment.test_learned import run, toy_data, batches, trained
+a, b = trained(1), trained(2)
+x, y = toy_data()
+
+
+def die(record):
+    if record["epoch"] == 1:  # after the checkpoint of epoch 1 is written
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+run({method!r}, a, b, batches(x, y), checkpoint={path!r}, callback=die, epochs=3, generator=7, init="identity",
+    loss="random")
+"""
+
+
+@pytest.mark.slow  # a subprocess per method
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_after_sigkill_is_bit_identical(method, pair, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    path = str(tmp_path / "run.pt")
+    proc = subprocess.run([sys.executable, "-c", KILLED.format(root=root, method=method, path=path)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    a, b = pair
+    x, y = toy_data()
+    kwargs = {"epochs": 3, "generator": 7, "init": "identity", "loss": "random"}
+    resumed = run(method, a, b, batches(x, y), checkpoint=path, **kwargs)
+    whole = run(method, a, b, batches(x, y), **kwargs)
+    assert all(torch.equal(whole.perms[g], resumed.perms[g]) for g in whole.perms)
+    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
