@@ -6,4 +6,4 @@ modules in the order of ``neuralign --help``. A new command is a new module here
 """
 
 #: The command modules, in the order their commands are listed by ``neuralign --help``.
-COMMAND_MODULES = ("study", "train", "align", "curve", "pam", "evaluate", "verify")
+COMMAND_MODULES = ("study", "compare", "train", "align", "curve", "pam", "evaluate", "verify")

@@ -1,0 +1,47 @@
+"""``neuralign compare`` on the shipped digits (offline): end to end with a tiny budget, resumed, refused with
+other settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neuralign.cli import build_parser, main
+
+TINY = ["--set", "train.epochs=1", "--set", "max_batches=2", "--set", "data.train_size=256",
+        "--set", "data.test_size=128", "--set", "protocol.max_bn_batches=2", "--num-points", "3"]  # fmt: skip
+
+
+def test_help_lists_methods_and_settings(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["compare", "--help"])
+    text = capsys.readouterr().out
+    assert info.value.code == 0 and "--out" in text and "--methods" in text
+    assert "methods: identity, correlation, l2, weight, pam" in text and "protocol.bn" in text
+    for action in build_parser()._subparsers._group_actions[0].choices["compare"]._actions:
+        assert action.help, action.option_strings
+
+
+def test_compare_runs_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
+    folder = tmp_path / "cmp"
+    command = ["compare", "--out", str(folder), "--quiet", "--methods", "identity", "weight", "correlation",
+               "--bn", "repair", *TINY]  # fmt: skip
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split()[0] == str(folder / "report.md")
+    assert "time per stage (s):" in captured.err and "pair 2 eval correlation" in captured.err
+    results = json.loads((folder / "results.json").read_text())
+    assert results["methods"] == ["identity", "weight", "correlation"] and len(results["pairs"]) == 2
+    assert results["protocol"]["bn"] == "repair" and results["protocol"]["alignment_size"] == 256
+    ev = results["pairs"][0]["methods"]["weight"]["evaluation"]
+    assert ev["t"] == [0.0, 0.5, 1.0] and set(ev["splits"]) == {"test", "train"}
+    text = (folder / "report.md").read_text()
+    assert "| identity |" in text and "| correlation |" in text and "batch norm: repair" in text
+    assert (folder / "figures" / "compare.png").stat().st_size > 1000
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("pair*/*")}
+    assert main(command) == 0
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("pair*/*")} == stamps
+    capsys.readouterr()
+    assert main([*command, "--set", "protocol.num_points=5"]) == 2
+    assert "holds a comparison with other settings (protocol.num_points)" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""The method comparison: settings, stage graph, agreement matrix, and a planted pair on which every matching
+recovers B's permutation and the aligned interpolation has no barrier."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from neuralign.alignment import apply_permutation, random_permutation, trace_spec
+from neuralign.cli.commands.compare import PRESET_NAMES
+from neuralign.errors import CheckpointError
+from neuralign.experiments import build_model
+from neuralign.study.compare import COMPARE_PRESETS, CompareConfig, agreement_matrix, compare_stages, run_compare
+
+
+def test_presets_round_trip_and_are_the_command_line_choices() -> None:
+    assert tuple(sorted(COMPARE_PRESETS)) == PRESET_NAMES
+    for config in COMPARE_PRESETS.values():
+        assert CompareConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert COMPARE_PRESETS["demo"].protocol.num_points == 11
+    assert CompareConfig().protocol.num_points == 25
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="unknown methods \\['hungarian'\\]"):
+        CompareConfig(methods=("weight", "hungarian"))
+    with pytest.raises(ValueError, match="must name distinct methods"):
+        CompareConfig(methods=("weight", "weight"))
+    with pytest.raises(ValueError, match="`endpoints` must name 2 \\* pairs = 2 files, got 3"):
+        CompareConfig(pairs=1, endpoints=("a", "b", "c"))
+    with pytest.raises(ValueError, match="unknown learned_init 'l2'"):
+        CompareConfig(methods=("weight",), learned_init="l2")
+    assert CompareConfig().set("protocol.bn", "repair").protocol.bn == "repair"
+
+
+def test_stage_graph() -> None:
+    config = CompareConfig(pairs=2, methods=("identity", "weight"), fit_curves=True)
+    names = [s.name for s in compare_stages(config)]
+    assert names[:4] == ["endpoint 1", "endpoint 2", "endpoint 3", "endpoint 4"]
+    assert names[4:7] == ["pair 1 align identity", "pair 1 eval identity", "pair 1 curve identity"]
+    assert names[-1] == "report" and len(names) == 4 + 2 * 2 * 3 + 1
+    stages = {s.name: s for s in compare_stages(config)}
+    assert stages["pair 2 align weight"].needs == ("endpoint 3", "endpoint 4")
+    assert stages["pair 2 eval weight"].outputs == ("pair2/eval_weight.json",)
+
+
+def test_agreement_matrix() -> None:
+    perms = {"a": {"g": torch.tensor([0, 1, 2]), "h": torch.tensor([1, 0])},
+             "b": {"g": torch.tensor([0, 2, 1]), "h": torch.tensor([1, 0])},
+             "c": {"g": torch.tensor([2, 1, 0]), "h": torch.tensor([0, 1])}}  # fmt: skip
+    m = agreement_matrix(perms)
+    # a-b: g agrees on 1 of 3, h on 2 of 2 -> 3/5; a-c: 1 + 0 -> 1/5; b-c: 0 + 0 -> 0
+    np.testing.assert_allclose(m, [[1, 0.6, 0.2], [0.6, 1, 0.0], [0.2, 0.0, 1]], rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="permute different groups"):
+        agreement_matrix({"a": {"g": torch.arange(2)}, "b": {"h": torch.arange(2)}})
+
+
+def test_planted_pair_every_matching_recovers_it(tmp_path) -> None:
+    # B is A with its hidden units permuted: correlation, l2 and weight matching must find the inverse, the
+    # interpolation between A and the aligned B is then A all along (no barrier at all), the identity is not
+    model = build_model("mlp", 10, in_features=64, hidden=(24, 16), batch_norm=True, generator=1)
+    sd_a = model.state_dict()
+    spec = trace_spec(model, torch.randn(2, 1, 8, 8))
+    sd_b = apply_permutation(sd_a, spec, random_permutation(spec, generator=3))
+    torch.save(sd_a, tmp_path / "a.pt")
+    torch.save(sd_b, tmp_path / "b.pt")
+    config = COMPARE_PRESETS["demo"]
+    for path, value in {"pairs": 1, "endpoints": (str(tmp_path / "a.pt"), str(tmp_path / "b.pt")),
+                        "model.arch": "mlp", "model.hidden": (24, 16), "data.resize": None,
+                        "data.train_size": 128, "data.test_size": 96, "protocol.num_points": 5,
+                        "protocol.max_bn_batches": 1, "learned.epochs": 1, "learned.max_batches": 2,
+                        "methods": ("identity", "correlation", "l2", "weight", "straight_through",
+                                    "learned")}.items():  # fmt: skip
+        config = config.set(path, value)
+    res = run_compare(config, tmp_path / "out")
+    methods = res["pairs"][0]["methods"]
+    for m in ("correlation", "l2", "weight"):
+        for split in ("test", "train"):
+            s = methods[m]["evaluation"]["splits"][split]
+            assert s["loss_barrier_average"] <= 1e-6 and s["loss_barrier_linear"] <= 1e-6
+            assert s["accuracy_barrier_average"] == 0.0
+            assert max(s["loss"]) - min(s["loss"]) <= 1e-6
+    naive = methods["identity"]["evaluation"]["splits"]["test"]["loss"]
+    assert max(naive) - min(naive) > 1e-3  # the test can fail: unaligned, the path is not constant
+    agree = np.array(res["agreement"])
+    np.testing.assert_allclose(agree[1:4, 1:4], np.ones((3, 3)), rtol=0, atol=0)  # all three found the same perms
+    assert agree[0, 1] < 0.5
+    assert methods["correlation"]["cost"]["data_passes"] == 1.0 and methods["weight"]["cost"]["data_passes"] == 0.0
+    for m in ("straight_through", "learned"):  # the learned methods report their own cost (2 of 2 batches: 1 pass)
+        cost = methods[m]["cost"]
+        assert cost["data_passes"] == 1.0 and cost["assignments"] > 0 and cost["seconds"] > 0, cost
+        assert len(cost["history"]) == 1 and cost["init"] == "weight"
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| weight | 0.000" in text and "## Agreement" in text and "figures/compare.png" in text
+    assert (tmp_path / "out" / "figures" / "compare.png").stat().st_size > 1000
+    # a rerun recomputes nothing; other settings are refused
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("pair1/*")}
+    run_compare(config, tmp_path / "out")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("pair1/*")} == stamps
+    with pytest.raises(CheckpointError, match="holds a comparison with other settings \\(protocol.num_points\\)"):
+        run_compare(config.set("protocol.num_points", 7), tmp_path / "out")
