@@ -123,9 +123,10 @@ class CompareConfig(Options):
     learned : LearnedOptions
         Options of the learned methods (:class:`~neuralign.alignment.LearnedOptions`; the fields left None take
         each method's own default).
-    learned_init : str
-        Start of the learned methods: ``"weight"`` (weight matching, default), ``"identity"``, or a non-learned
-        method of ``methods`` whose permutation is used.
+    learned_init : {"weight", "identity", "correlation", "l2"}
+        Start of the learned methods: weight matching (default; run by the method, its cost included), the
+        identity, or the permutation of the ``correlation`` or ``l2`` stage (which must be among ``methods``; its
+        seconds and data passes are added to the learned method's cost).
 
     Raises
     ------
@@ -170,10 +171,10 @@ class CompareConfig(Options):
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"`{name}` must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         check_bool(self.fit_curves, "fit_curves")
-        starts = ("weight", "identity", *(m for m in methods if m in _ALIGN_METHODS))
+        starts = ("weight", "identity", *(m for m in ("correlation", "l2") if m in methods))
         if self.learned_init not in starts:
-            raise ValueError(f"unknown learned_init {self.learned_init!r}; expected one of "
-                             f"{list(dict.fromkeys(starts))} (a matching must also be among `methods`)")  # fmt: skip
+            raise ValueError(f"unknown learned_init {self.learned_init!r}; expected one of {list(starts)} "
+                             "(correlation or l2 must also be among `methods`)")  # fmt: skip
 
     def set(self, path: str, value: Any) -> CompareConfig:
         """A copy with the setting at the dotted ``path`` changed (``"protocol.bn"``, ``"pairs"``)."""
@@ -244,7 +245,7 @@ def compare_stages(config: CompareConfig) -> list[Stage]:
         ends = () if c.endpoints is not None else (f"endpoint {2 * k - 1}", f"endpoint {2 * k}")
         for m in c.methods:
             needs = ends
-            if m in LEARNED_METHODS and c.learned_init in c.methods:
+            if m in LEARNED_METHODS and c.learned_init in ("correlation", "l2"):
                 needs = (*ends, f"pair {k} align {c.learned_init}")
             alignment = Stage(f"pair {k} align {m}", needs, (f"pair{k}/align_{m}.pt",), "alignment", k, m)
             stages += [alignment, Stage(f"pair {k} eval {m}", (alignment.name,), (f"pair{k}/eval_{m}.json",),
@@ -404,16 +405,19 @@ class _Compare:
                                "history": [float(v) for v in res.history], "status": int(res.status)}  # fmt: skip
         fn = LEARNED_METHODS[method]
         init: Any = c.learned_init
-        if init in _ALIGN_METHODS and init in c.methods:
-            init = self.alignment(k, init)
+        start_cost = {"seconds": 0.0, "data_passes": 0.0}
+        if init in ("correlation", "l2"):  # the stage's permutation; its cost is part of this method's
+            init = self.alignment(k, c.learned_init)
+            start_cost = load_permutation_file(folder / f"align_{c.learned_init}.pt").results
         self.data.train.generator.manual_seed(stable_seed(c.seed, "compare-data", k, method))
         res = fn(a, b, self.data.train, spec=spec, init=init, options=c.learned, generator=seed,
                  checkpoint=folder / f"align_{method}.ckpt")  # fmt: skip
         (folder / f"align_{method}.ckpt").unlink(missing_ok=True)
         cost = res.cost
-        return res.perms, {"seconds": float(cost.wall_seconds), "data_passes": float(cost.data_passes),
+        return res.perms, {"seconds": float(cost.wall_seconds) + start_cost["seconds"],
+                           "data_passes": float(cost.data_passes) + start_cost["data_passes"],
                            "assignments": int(cost.assignments), "history": res.history,
-                           "init": init if isinstance(init, str) else c.learned_init}  # fmt: skip
+                           "init": c.learned_init}  # fmt: skip
 
     def aligned_b(self, k: int, method: str) -> dict[str, torch.Tensor]:
         p = self.pair(k)

@@ -31,8 +31,10 @@ def test_settings_are_validated() -> None:
         CompareConfig(methods=("weight", "weight"))
     with pytest.raises(ValueError, match="`endpoints` must name 2 \\* pairs = 2 files, got 3"):
         CompareConfig(pairs=1, endpoints=("a", "b", "c"))
-    with pytest.raises(ValueError, match="unknown learned_init 'l2'"):
+    with pytest.raises(ValueError, match="unknown learned_init 'l2'; expected one of \\['weight', 'identity'\\]"):
         CompareConfig(methods=("weight",), learned_init="l2")
+    stages = {s.name: s for s in compare_stages(CompareConfig(methods=("l2", "sinkhorn"), learned_init="l2"))}
+    assert stages["pair 1 align sinkhorn"].needs == ("endpoint 1", "endpoint 2", "pair 1 align l2")
     assert CompareConfig().set("protocol.bn", "repair").protocol.bn == "repair"
 
 
