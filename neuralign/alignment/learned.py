@@ -62,6 +62,7 @@ __all__ = [
     "LearnedCost",
     "LearnedOptions",
     "LearnedResult",
+    "learn_permutation",
     "learned_from_weight_matching",
     "sinkhorn_rebasin",
     "straight_through",
@@ -733,3 +734,24 @@ LEARNED_METHODS: dict[str, Callable[..., LearnedResult]] = {
     "sinkhorn": sinkhorn_rebasin,
     "learned": learned_from_weight_matching,
 }
+
+
+def learn_permutation(model_a: nn.Module, model_b: nn.Module, loader: Iterable | None = None, *, method: str,
+                      **kwargs: Any) -> LearnedResult:  # fmt: skip
+    """Run the learned-permutation method named ``method`` (a key of :data:`LEARNED_METHODS`) with ``kwargs``.
+
+    Raises
+    ------
+    ValueError
+        ``unknown method 'x'; expected one of [...]``; otherwise as the method.
+
+    Examples
+    --------
+    >>> learn_permutation(None, None, method="gumbel")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown method 'gumbel'; expected one of ['learned', 'sinkhorn', 'straight_through']
+    """
+    if method not in LEARNED_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(LEARNED_METHODS)}")
+    return LEARNED_METHODS[method](model_a, model_b, loader, **kwargs)

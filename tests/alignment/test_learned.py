@@ -15,6 +15,7 @@ from neuralign.alignment import (
     LearnedOptions,
     SpecBuilder,
     apply_permutation,
+    learn_permutation,
     learned_from_weight_matching,
     random_permutation,
     sinkhorn_rebasin,
@@ -74,11 +75,7 @@ def barrier(losses: list[float]) -> float:
 
 
 def run(method: str, a, b, loader, **kwargs):
-    if method == "sinkhorn":
-        return sinkhorn_rebasin(a, b, loader, **kwargs)
-    if method == "learned":
-        return learned_from_weight_matching(a, b, loader, **kwargs)
-    return straight_through(a, b, loader, **kwargs)
+    return learn_permutation(a, b, loader, method=method, **kwargs)
 
 
 @pytest.mark.parametrize("method", METHODS)
