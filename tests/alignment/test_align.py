@@ -107,7 +107,7 @@ def test_tied_groups_sum_the_correlations_of_all_their_activations():
 def test_weight_matching_objective_improves_and_is_consistent():
     a = build_model("tinyten", 10, generator=0)
     b = build_model("tinyten", 10, generator=1)
-    res = align(a, b, method="weight", example_input=torch.randn(2, 3, 32, 32), generator=0)
+    res = align(a, b, method="weight", example_input=torch.randn(2, 3, 32, 32), generator=0, tol=0.0)
     assert res.converged and res.status == 0 and res.n_iter >= 2
     for g in res.spec.groups:
         assert res.objective_after[g] >= res.objective_before[g] - 1e-9

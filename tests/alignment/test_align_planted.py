@@ -59,7 +59,7 @@ def test_planted_permutation_is_recovered_on_the_zoo(name, shape, kw, method):
     assert res.status == 0 and res.converged
     if method == "weight":
         assert "global optimum" in res.message
-        assert res.restarts == 4 and len(res.restart_objectives) == 4
+        assert res.restarts == 1 and len(res.restart_objectives) == 1
         assert res.fun == pytest.approx(sum(res.objective_after.values()), rel=1e-12)
     else:
         # vgg11's classifier has units that never fire on this data: they are matched by weights (see dead_units)
@@ -97,7 +97,6 @@ def test_weight_matching_recovers_the_planted_mobilenet_v2():
     assert "reached by 1 of 3" in res.message and "global optimum" in res.message
 
 
-@pytest.mark.slow
 def test_weight_matching_recovers_the_planted_resnet18():
     torch.manual_seed(0)
     a = torchvision.models.resnet18(num_classes=10).eval()
