@@ -24,13 +24,15 @@ from neuralign.alignment.permutation import (
     apply_permutation,
     apply_permutation_matrices,
     compose_permutations,
+    heads_permutation,
     identity_permutation,
     invert_permutation,
     permutation_distance,
     random_permutation,
+    split_heads_permutation,
     validate_permutation,
 )
-from neuralign.alignment.spec import PermutationSpec, Segment, SpecBuilder, Tap, spec_from_axes
+from neuralign.alignment.spec import Heads, PermutationSpec, Segment, SpecBuilder, Tap, spec_from_axes
 from neuralign.alignment.stats import ActivationMoments, activation_moments
 from neuralign.alignment.trace import trace_spec
 
@@ -55,6 +57,9 @@ __all__ = [
     "learned_from_weight_matching",
     "sinkhorn_rebasin",
     "straight_through",
+    "Heads",
+    "heads_permutation",
+    "split_heads_permutation",
     "Permutation",
     "PermutationSpec",
     "Segment",

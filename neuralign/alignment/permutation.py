@@ -1,7 +1,10 @@
 """Permutations of a spec's groups: make, check, combine, and apply them to state dicts.
 
 A permutation is ``dict[str, torch.LongTensor]``: group -> ``perm`` with ``B_new[i] = B_old[perm[i]]``
-(dense form ``P[i, perm[i]] = 1``, ``B_new = P B_old``).
+(dense form ``P[i, perm[i]] = 1``, ``B_new = P B_old``). Groups with an attention-head structure
+(:class:`~neuralign.alignment.spec.Heads`) take only permutations that keep heads whole, move them with their head
+group and share the permutations inside heads with the groups of the same ``inner`` key; the functions here draw and
+check exactly those.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from neuralign._utils import as_generator
-from neuralign.alignment.spec import Action, PermutationSpec, _segments_for
+from neuralign.alignment.spec import Action, Heads, PermutationSpec, _segments_for
 
 __all__ = [
     "Permutation",
@@ -22,6 +25,8 @@ __all__ = [
     "invert_permutation",
     "compose_permutations",
     "validate_permutation",
+    "heads_permutation",
+    "split_heads_permutation",
     "apply_permutation",
     "apply_permutation_matrices",
     "permutation_distance",
@@ -43,9 +48,64 @@ def identity_permutation(spec: PermutationSpec, *, device: torch.device | str | 
 def random_permutation(
     spec: PermutationSpec, *, generator: torch.Generator | int | None = None, device: torch.device | str | None = None
 ) -> Permutation:
-    """A uniformly random permutation of every group, drawn from ``generator`` (a seed or torch.Generator)."""
+    """A uniformly random permutation of every group, drawn from ``generator`` (a seed or torch.Generator).
+
+    Groups with a head structure (``spec.heads``) get a uniformly random structured permutation: their head group's
+    permutation and, per ``inner`` key, one uniformly random permutation inside each head block.
+    """
     gen = as_generator(generator)
-    return {g: torch.randperm(n, generator=gen).to(device) for g, n in spec.sizes.items()}
+    out = {g: torch.randperm(n, generator=gen) for g, n in spec.sizes.items()}
+    inner: dict[str, torch.Tensor] = {}
+    for g, h in spec.heads.items():
+        if h.inner is not None and h.inner not in inner:
+            inner[h.inner] = torch.stack([torch.randperm(h.size, generator=gen) for _ in range(h.blocks)])
+        out[g] = heads_permutation(h, out[h.heads] if h.heads is not None else None, inner.get(h.inner))
+    return {g: p.to(device) for g, p in out.items()}
+
+
+def heads_permutation(heads: Heads, block_perm: torch.Tensor | None, inner: torch.Tensor | None) -> torch.Tensor:
+    """The flat permutation of a group with head structure ``heads`` (see :class:`~neuralign.alignment.Heads`).
+
+    Parameters
+    ----------
+    heads : Heads
+    block_perm : LongTensor of shape (heads.blocks,) or None
+        :math:`\\pi`, the permutation of the head blocks (None: the identity).
+    inner : LongTensor of shape (heads.blocks, heads.size) or None
+        Row ``p`` is :math:`\\sigma_p`, the permutation inside the heads of (old) block ``p`` (None: the identity).
+
+    Returns
+    -------
+    LongTensor of shape (heads.count * heads.size,)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neuralign.alignment import Heads
+    >>> heads_permutation(Heads(2, 2, "h", "qk"), torch.tensor([1, 0]), torch.tensor([[0, 1], [1, 0]])).tolist()
+    [3, 2, 0, 1]
+    """
+    b, t, d = heads.blocks, heads.tie, heads.size
+    pi = torch.arange(b) if block_perm is None else block_perm.cpu().long()
+    sigma = torch.arange(d).expand(b, d) if inner is None else inner.cpu().long()
+    old = (pi[:, None, None] * t + torch.arange(t)[None, :, None]) * d
+    return (old + sigma[pi][:, None, :]).reshape(-1)
+
+
+def split_heads_permutation(heads: Heads, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Read :math:`(\\pi, \\sigma)` back from a flat permutation (the inverse of :func:`heads_permutation`), or
+    None if ``perm`` moves a unit out of its head, splits a block of tied heads or treats them unlike."""
+    b, t, d = heads.blocks, heads.tie, heads.size
+    p = perm.cpu().long().reshape(b, t, d)
+    pi = torch.div(p[:, 0, 0], t * d, rounding_mode="floor")
+    if not torch.equal(torch.sort(pi).values, torch.arange(b)):
+        return None
+    sigma = torch.empty(b, d, dtype=torch.long)
+    sigma[pi] = p[:, 0, :] - pi[:, None] * t * d
+    in_range = bool(((sigma >= 0) & (sigma < d)).all())
+    if not in_range or not torch.equal(heads_permutation(heads, pi, sigma), p.flatten()):
+        return None
+    return pi, sigma
 
 
 def invert_permutation(perms: Mapping[str, torch.Tensor]) -> Permutation:
@@ -93,6 +153,26 @@ def validate_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor
             seen[p.long()] = True
         if not in_range or not bool(seen.all()):
             raise ValueError(f"`{name}` group `{g}` is not a permutation of 0..{n - 1}")
+    inner: dict[str, torch.Tensor] = {}
+    for g, h in spec.heads.items():
+        parts = split_heads_permutation(h, perms[g])
+        if parts is None:
+            raise ValueError(
+                f"`{name}` group `{g}` moves units between its {h.count} attention heads of {h.size} units"
+                + (f" or splits blocks of {h.tie} tied heads" if h.tie > 1 else "")
+            )
+        pi, sigma = parts
+        expected = perms[h.heads].cpu().long() if h.heads is not None else torch.arange(h.blocks)
+        if not torch.equal(pi, expected):
+            which = f"its head group `{h.heads}`" if h.heads is not None else "the identity (its heads are fixed)"
+            raise ValueError(f"`{name}` group `{g}` moves its heads unlike {which}")
+        if h.inner is None:
+            if not torch.equal(sigma, torch.arange(h.size).expand_as(sigma)):
+                raise ValueError(f"`{name}` group `{g}` permutes units inside heads, which must stay in place")
+        elif not torch.equal(inner.setdefault(h.inner, sigma), sigma):
+            raise ValueError(
+                f"`{name}` group `{g}` permutes the units inside its heads unlike the other groups of key `{h.inner}`"
+            )
 
 
 def _axis_index(action: Action, perms: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:

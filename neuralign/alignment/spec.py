@@ -8,6 +8,19 @@ produces them, the columns of the layers that consume them, the batch-norm vecto
 Most axes are acted on by a single group. Two structures need more: channel concatenation (the axis is a
 block-diagonal product of the branches' groups) and flattening (each channel covers ``H*W`` consecutive
 entries). Both are expressed as a sequence of :class:`Segment` objects per axis.
+
+Attention adds a third: the ``H * d`` output units of a query, key or value projection form ``H`` heads of ``d``
+units. Heads may be permuted as blocks, and the units inside each head by a permutation of its own, but a unit may
+not leave its head. Design: such a projection's units stay one ordinary flat group (so that
+:func:`~neuralign.alignment.apply_permutation`, the statistics and the alignment code work unchanged on it), and the
+spec records its structure in :attr:`PermutationSpec.heads` (a :class:`Heads` per flat group). The head permutation
+is itself a group of the spec (``Heads.heads``, one unit per block of heads), shared by the query/key group and the
+value/output group of one attention and by any tensor indexed by head (a per-head scale); the permutations inside
+heads are shared by the groups with equal ``Heads.inner`` key (the query and key units, whose dot product is
+invariant; under grouped-query attention the value units and the output projection's input columns of every query
+head of the group). A flat permutation that does not keep this structure changes the network's function, so
+:func:`~neuralign.alignment.random_permutation` draws structured permutations and
+:func:`~neuralign.alignment.validate_permutation` refuses unstructured ones.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ import torch
 
 from neuralign.errors import ShapeMismatchError, SpecError
 
-__all__ = ["Segment", "Tap", "PermutationSpec", "SpecBuilder", "spec_from_axes"]
+__all__ = ["Segment", "Tap", "Heads", "PermutationSpec", "SpecBuilder", "spec_from_axes"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,50 @@ Action = tuple[Segment, ...]
 
 
 @dataclass(frozen=True)
+class Heads:
+    """The attention-head structure of a flat group of ``count * size`` units (Vaswani et al. 2017,
+    arXiv:1706.03762; the symmetry as in Verma & Elbayad 2024, arXiv:2402.04051, and Imfeld et al. 2024,
+    arXiv:2310.05719).
+
+    Unit ``h * size + j`` is dimension ``j`` of head ``h``. A permutation of the flat group keeps heads whole:
+
+    .. math::  \\text{perm}[(b\\,t + r)\\,d + j] = (\\pi[b]\\,t + r)\\,d + \\sigma_{\\pi[b]}[j],
+               \\quad 0 \\le r < t,\\ 0 \\le j < d,
+
+    with :math:`d` = ``size``, :math:`t` = ``tie``, :math:`\\pi` the permutation of the ``count / tie`` head blocks
+    (the group named ``heads``; the identity when ``heads`` is None) and :math:`\\sigma_p` the permutation inside
+    the heads of block ``p`` (the identity for every block when ``inner`` is None, e.g. under rotary position
+    embeddings, whose rotated pairs of dimensions have distinct frequencies).
+
+    Parameters
+    ----------
+    count : int
+        Number of heads ``H`` on the flat axis.
+    size : int
+        Units per head ``d``.
+    heads : str or None
+        The spec group (``count // tie`` units) whose permutation moves the head blocks; groups naming the same one
+        move their heads alike (queries, keys and values of one attention).
+    inner : str or None
+        Key of the permutations inside heads: flat groups with equal keys share them (block by block).
+    tie : int
+        Consecutive heads that move as one block and share one permutation inside (the query heads of one
+        key/value head under grouped-query attention, Ainslie et al. 2023, arXiv:2305.13245); 1 otherwise.
+    """
+
+    count: int
+    size: int
+    heads: str | None
+    inner: str | None
+    tie: int = 1
+
+    @property
+    def blocks(self) -> int:
+        """Number of head blocks (``count // tie``)."""
+        return self.count // self.tie
+
+
+@dataclass(frozen=True)
 class Tap:
     """A place in the traced graph where a group's units can be observed.
 
@@ -78,6 +135,8 @@ class PermutationSpec:
         from ``axes`` are never permuted.
     taps : Mapping[str, tuple[Tap, ...]]
         Group -> where its activations can be read in the traced graph (empty for hand-built specs without taps).
+    heads : Mapping[str, Heads]
+        Flat group -> its attention-head structure (see :class:`Heads`); groups absent from it have none.
 
     Notes
     -----
@@ -99,6 +158,7 @@ class PermutationSpec:
     sizes: Mapping[str, int]
     axes: Mapping[str, Mapping[int, Action]]
     taps: Mapping[str, tuple[Tap, ...]] = field(default_factory=dict)
+    heads: Mapping[str, Heads] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         sizes = {str(g): int(n) for g, n in self.sizes.items()}
@@ -126,9 +186,12 @@ class PermutationSpec:
             if clean:
                 axes[str(name)] = dict(sorted(clean.items()))
         taps = {str(g): tuple(t) for g, t in self.taps.items() if g in sizes}
+        heads = {str(g): h for g, h in self.heads.items()}
+        _check_heads(sizes, heads)
         object.__setattr__(self, "sizes", sizes)
         object.__setattr__(self, "axes", axes)
         object.__setattr__(self, "taps", taps)
+        object.__setattr__(self, "heads", heads)
 
     # ------------------------------------------------------------------ views
     @property
@@ -168,7 +231,7 @@ class PermutationSpec:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PermutationSpec):
             return NotImplemented
-        return self.sizes == other.sizes and self.axes == other.axes
+        return self.sizes == other.sizes and self.axes == other.axes and self.heads == other.heads
 
     def __hash__(self) -> int:  # specs are compared by content; hashing by identity is enough for dict use
         return id(self)
@@ -212,7 +275,7 @@ class PermutationSpec:
     def restrict(self, keys: Iterable[str]) -> PermutationSpec:
         """The same groups acting only on ``keys`` (e.g. the parameters, leaving out batch-norm buffers)."""
         keys = set(keys)
-        return PermutationSpec(self.sizes, {k: v for k, v in self.axes.items() if k in keys}, self.taps)
+        return PermutationSpec(self.sizes, {k: v for k, v in self.axes.items() if k in keys}, self.taps, self.heads)
 
     def unpermuted(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         """Keys of ``state_dict`` the spec leaves untouched (``num_batches_tracked`` counters excluded)."""
@@ -252,6 +315,7 @@ class PermutationSpec:
                 for k, per in self.axes.items()
             },
             "taps": {g: [[t.node, t.axis, t.kind] for t in ts] for g, ts in self.taps.items()},
+            "heads": {g: [h.count, h.size, h.heads, h.inner, h.tie] for g, h in self.heads.items()},
         }
 
     @classmethod
@@ -263,7 +327,10 @@ class PermutationSpec:
                 for k, per in data["axes"].items()
             }
             taps = {g: tuple(Tap(str(n), int(a), str(kd)) for n, a, kd in ts) for g, ts in data.get("taps", {}).items()}
-            return cls(dict(data["sizes"]), axes, taps)
+            heads = {
+                g: Heads(int(c), int(d), hd, inn, int(t)) for g, (c, d, hd, inn, t) in data.get("heads", {}).items()
+            }
+            return cls(dict(data["sizes"]), axes, taps, heads)
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"not a valid spec description: {exc}") from exc
 
@@ -291,6 +358,7 @@ class SpecBuilder:
         self._sizes: dict[str, int] = {}
         self._axes: dict[str, dict[int, Action]] = {}
         self._taps: dict[str, list[Tap]] = {}
+        self._heads: dict[str, Heads] = {}
 
     def group(self, name: str, size: int) -> SpecBuilder:
         """Declare group ``name`` with ``size`` units."""
@@ -314,6 +382,11 @@ class SpecBuilder:
         self._axes[key][axis] = segs
         return self
 
+    def heads(self, group: str, heads: Heads) -> SpecBuilder:
+        """Declare the attention-head structure of ``group`` (see :class:`Heads`)."""
+        self._heads[group] = heads
+        return self
+
     def tap(self, group: str, node: str, axis: int = 1, kind: str = "post") -> SpecBuilder:
         """Declare where ``group``'s activations are read (a torch.fx node name of the traced model)."""
         self._taps.setdefault(group, []).append(Tap(node, axis, kind))
@@ -321,7 +394,8 @@ class SpecBuilder:
 
     def build(self) -> PermutationSpec:
         """The spec (validated for internal consistency)."""
-        return PermutationSpec(dict(self._sizes), self._axes, {g: tuple(t) for g, t in self._taps.items()})
+        taps = {g: tuple(t) for g, t in self._taps.items()}
+        return PermutationSpec(dict(self._sizes), self._axes, taps, dict(self._heads))
 
 
 def spec_from_axes(
@@ -351,6 +425,27 @@ def spec_from_axes(
                 raise SpecError(f"group `{g}` acts on axes of lengths {sizes[g]} and {n} (`{key}` axis {axis})")
             axes.setdefault(key, {})[axis] = (Segment(g, n),)
     return PermutationSpec(sizes, axes)
+
+
+def _check_heads(sizes: Mapping[str, int], heads: Mapping[str, Heads]) -> None:
+    """Refuse head structures that do not fit their groups or contradict each other."""
+    inner: dict[str, tuple] = {}
+    for g, h in heads.items():
+        if not isinstance(h, Heads):
+            raise SpecError(f"heads of group `{g}`: expected a Heads, got {type(h).__name__}")
+        if g not in sizes:
+            raise SpecError(f"heads are given for unknown group `{g}`")
+        if h.count < 1 or h.size < 1 or h.tie < 1 or h.count % h.tie:
+            raise SpecError(f"group `{g}`: {h.count} heads of {h.size} units tied by {h.tie} is not a head structure")
+        if h.count * h.size != sizes[g]:
+            raise SpecError(f"group `{g}` has {sizes[g]} units, not {h.count} heads of {h.size}")
+        if h.heads is not None and sizes.get(h.heads) != h.blocks:
+            raise SpecError(
+                f"group `{g}`: its head group `{h.heads}` must have {h.blocks} units, has {sizes.get(h.heads)}"
+            )
+        if h.inner is not None and inner.setdefault(h.inner, (h.heads, h.blocks, h.size)) != (h.heads, h.blocks,
+                                                                                             h.size):
+            raise SpecError(f"group `{g}`: the groups sharing inner key `{h.inner}` differ in heads or head size")
 
 
 def _segments_for(action: Iterable[Segment]) -> list[tuple[int, Segment]]:

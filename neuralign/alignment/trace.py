@@ -8,6 +8,16 @@ concatenation builds a block-structured axis; reshapes expand a group over the p
 contractions (matmul, einsum, ``F.linear``) tie the contracted axes. Groups that reach the network's output are
 fixed (never permuted), as is the input.
 
+Attention heads: a reshape that splits an axis of ``H * d`` units into ``(H, d)`` axes (or ``(3, H, d)``, a fused
+query/key/value projection, whose parts are then taken apart by ``unbind`` or indexing) gives the group a *head
+axis* and an axis *inside heads* instead of a refusal. The permutation inside heads may differ from head to head, so
+it is kept only if every tensor that carries the inside axis also carries its head axis (a parameter shared by all
+heads, a reduction over heads, or RoPE's constant frequencies fix it: the heads still move); the query/key dot
+product ties their insides, the batch axes of matmul / ``scaled_dot_product_attention`` tie the heads of queries,
+keys and values (key/value heads repeated for grouped-query attention coarsen the query heads into blocks), and
+merging the two axes back gives the flat group again. The spec records the result as
+:class:`~neuralign.alignment.spec.Heads`.
+
 The tracer is default-deny: every fx node whose value holds a tensor is handled by a rule below or, if one of its
 inputs carries a group, refused with :class:`~neuralign.errors.SpecError` naming the node. Every input of a node
 (positional, keyword, inside lists) is accounted for: a rule that reads only its first operand refuses a node whose
@@ -34,7 +44,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from neuralign.alignment.spec import PermutationSpec, Segment, Tap
+from neuralign.alignment.spec import Heads, PermutationSpec, Segment, Tap
 from neuralign.errors import SpecError
 
 __all__ = ["trace_spec"]
@@ -59,6 +69,16 @@ class _Poisoned:
     def __init__(self, why: str, action: tuple) -> None:
         self.why = why
         self.action = action
+
+
+class _Stack:
+    """The state of a tensor whose axis ``axis`` enumerates parts with states of their own: the query, key and value
+    of a fused projection after ``reshape(B, N, 3, H, d)``. Only moving axes and taking a part are proven; any
+    other use is refused (``parts`` holds one tensor state per part, over the other axes)."""
+
+    def __init__(self, axis: int, parts: tuple) -> None:
+        self.axis = axis
+        self.parts = parts
 
 
 class _Unsupported(Exception):
@@ -173,6 +193,7 @@ class _Groups:
         self.name: list[str] = []
         self.fixed: list[bool] = []
         self.layer: list[bool] = []
+        self.on_union: Any = None  # called with (root, child) after a union (the interpreter merges head splits)
 
     def new(self, name: str, size: int, *, layer: bool = True) -> int:
         gid = len(self.parent)
@@ -202,6 +223,8 @@ class _Groups:
         self.parent[child] = root
         self.fixed[root] = self.fixed[root] or self.fixed[child]
         self.layer[root] = self.layer[root] or self.layer[child]
+        if self.on_union is not None:
+            self.on_union(root, child, node)
 
     def fix(self, gid: int) -> None:
         self.fixed[self.find(gid)] = True
@@ -251,6 +274,8 @@ def _none_state(value: Any) -> Any:
 def _state_fits(value: Any, state: Any) -> bool:
     """Whether ``state`` describes every tensor inside ``value`` (the default-deny invariant)."""
     if isinstance(value, torch.Tensor):
+        if isinstance(state, _Stack):
+            return value.shape[state.axis] == len(state.parts) and all(len(p) == value.ndim - 1 for p in state.parts)
         return isinstance(state, _Poisoned) or (_is_tensor_state(state) and len(state) == value.ndim)
     if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
         return isinstance(state, _Seq) and len(state) == len(value) and all(map(_state_fits, value, state))
@@ -265,6 +290,10 @@ def _iter_segments(state: Any):
     """Every traced segment inside a (possibly nested) state."""
     if isinstance(state, _Poisoned):
         yield from state.action or ()
+    elif isinstance(state, _Stack):
+        for part in state.parts:
+            for action in part:
+                yield from action or ()
     elif _is_tensor_state(state):
         for action in state:
             yield from action or ()
@@ -313,6 +342,12 @@ class _SpecInterpreter(torch.fx.Interpreter):
         self.node: torch.fx.Node | None = None
         self.extra_traceback = False  # our errors name the node in one line; fx would append the graph
         self.used: set[str] = shared.used if shared else set()  # names of the table's rules applied (for tests)
+        # attention heads: a flat group (root) split by a reshape into (heads, inside) axes -> (head gid, inner gid,
+        # H, d); every interpreter's node states, for the final check that inside axes travel with their heads
+        self.split: dict[int, tuple[int, int, int, int]] = shared.split if shared else {}
+        self.all_states: list[dict[str, Any]] = shared.all_states if shared else []
+        self.all_states.append(self.states)
+        self.groups.on_union = self._on_union
 
     # -------------------------------------------------------------- helpers
     def _fail(self, why: str) -> None:
@@ -324,6 +359,8 @@ class _SpecInterpreter(torch.fx.Interpreter):
 
     def _subgroup(self, root: int, size: int) -> int:
         """A new group that replaces part of ``root`` (after a split or coarsening); it stays fixed if root was."""
+        if root in self.split:
+            self._fail("it regroups the units of a projection that is split into attention heads")
         gid = self.groups.new(self.groups.name[root], size)
         if self.groups.fixed[root]:
             self.groups.fix(gid)
@@ -442,6 +479,8 @@ class _SpecInterpreter(torch.fx.Interpreter):
         st = self._state(arg)
         if isinstance(st, _Poisoned):
             self._fail(f"it uses {st.why}")
+        if isinstance(st, _Stack):
+            self._fail("it uses the fused query/key/value parts of an attention before they are taken apart")
         if not _is_tensor_state(st):
             self._fail("an operand the tracer expected to be a tensor is not one")
         return st
@@ -563,6 +602,168 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 )
         return _none_state(value)
 
+    # ---------------------------------------------------------------- attention heads
+    def _on_union(self, root: int, child: int, node: str) -> None:
+        """Two flat groups are tied: their splits into heads must agree (heads tied to heads, insides to insides)."""
+        theirs = self.split.pop(child, None)
+        if theirs is None:
+            return
+        mine = self.split.setdefault(root, theirs)
+        if mine is theirs:
+            return
+        if mine[2:] != theirs[2:]:
+            raise _Unsupported(
+                f"it ties units split into {mine[2]} heads of {mine[3]} with units split into {theirs[2]} heads of "
+                f"{theirs[3]}"
+            )
+        self.groups.union(mine[0], theirs[0], node)
+        self.groups.union(mine[1], theirs[1], node)
+
+    def _rooted(self, action) -> tuple:
+        """``action`` normalised with every group replaced by its root (for comparing actions)."""
+        return tuple((self.groups.find(g) if g is not None else None, c, e) for g, c, e in self._norm(action) or ())
+
+    def _roots(self, action) -> list[int]:
+        return [self.groups.find(g) for g, _, _ in self._norm(action) or () if g is not None]
+
+    def _live_norm(self, action):
+        """``action`` normalised, or None when no live group acts on it (fixed groups are the identity)."""
+        action = self._norm(action)
+        if action is None or all(g is None or self.groups.fixed[self.groups.find(g)] for g, _, _ in action):
+            return None
+        return action
+
+    def _split_group(self, gid: int, heads: int, size: int) -> tuple[int, int]:
+        """Split the flat group of ``gid`` into ``heads`` heads of ``size`` units: (head gid, inner gid)."""
+        root = self.groups.find(gid)
+        if root in self.split:
+            h, i, n_heads, n_inner = self.split[root]
+            if (n_heads, n_inner) != (heads, size):
+                self._fail(f"a reshape splits units into {heads} heads of {size} that were split into {n_heads} "
+                           f"heads of {n_inner} elsewhere")  # fmt: skip
+            return h, i
+        name = self.groups.name[root]
+        h = self.groups.new(f"{name}.heads", heads)
+        i = self.groups.new(f"{name}.inner", size)
+        if self.groups.fixed[root]:
+            self.groups.fix(h)
+            self.groups.fix(i)
+        self.split[root] = (h, i, heads, size)
+        return h, i
+
+    def _split_heads(self, action, sizes: list[int]) -> list | None:
+        """A reshape of one axis into ``(H, d)`` or ``(c, H, d)``: per part (c of them, or one), the actions of the
+        head axis and of the axis inside heads; None when a part is not one whole group of single units."""
+        *lead, heads, size = sizes
+        count, length = (lead[0] if lead else 1), heads * size
+        for k in range(1, count):
+            self._cut(action, 0, k * length)
+        parts = []
+        for k in range(count):
+            part = self._live_norm(self._cut(action, k * length, (k + 1) * length) if count > 1 else action)
+            if part is None:
+                parts.append((None, None))
+                continue
+            if len(part) != 1 or part[0][2] != 1:
+                return None
+            h, i = self._split_group(part[0][0], heads, size)
+            parts.append((((h, heads, 1),), ((i, size, 1),)))
+        return parts
+
+    def _merge_heads(self, head, inner, *, create: bool = True):
+        """A reshape merging a head axis (outer) with the axis inside heads (inner): the flat group they were split
+        from, or a new flat group over these heads (value heads repeated for groups of query heads); None if the
+        two axes are not a head split."""
+        head, inner = self._norm(head), self._norm(inner)
+        inner_roots = {self.groups.find(i): (h, n, d) for h, i, n, d in self.split.values()}
+        if len(inner) != 1 or inner[0][2] != 1 or self.groups.find(inner[0][0]) not in inner_roots:
+            return None
+        ri, size = self.groups.find(inner[0][0]), inner[0][1]
+        for f, (h, i, n, d) in self.split.items():
+            if self.groups.find(i) == ri and d == size and self._rooted(((h, n, 1),)) == self._rooted(head):
+                return self._norm(((f, n * d, 1),))
+        h0, n0, _ = inner_roots[ri]
+        if not create or not set(self._roots(head)) <= set(self._roots(((h0, n0, 1),))):
+            return None
+        count = _length(head)
+        if len(head) == 1 and head[0][2] == 1:
+            h = head[0][0]
+        else:
+            h = self.groups.new(self.groups.name[head[0][0]], count)
+            self.subst[h] = head
+        f = self.groups.new(self.groups.name[ri].removesuffix(".inner"), count * size)
+        self.split[f] = (h, ri, count, size)
+        return ((f, count * size, 1),)
+
+    def _release(self, inner_root: int, keep: str) -> None:
+        """Give up the permutations inside the heads of every split whose inside is ``inner_root``: ``keep="heads"``
+        fixes the insides (each flat group becomes its heads, ``d`` units wide); ``keep="inner"`` fixes the heads
+        (the flat group becomes the inside permutation tiled over the heads, e.g. a channel shuffle's view)."""
+        for f, (h, i, n, d) in list(self.split.items()):
+            if inner_root not in self._roots(((i, d, 1),)):
+                continue
+            del self.split[f]
+            if keep == "heads":
+                self._fix_action(((i, d, 1),))
+                self.subst[f] = ((h, n, d),)
+            else:
+                self._fix_action(((h, n, 1),))
+                self.groups.name[self.groups.find(i)] = self.groups.name[f]
+                self.subst[f] = ((i, d, 1),) * n
+
+    def _settle_heads(self) -> None:
+        """After tracing: keep a permutation inside heads only where every tensor and parameter that carries the
+        inside axis also carries its head axis (the inside permutation is chosen per head), and where the split is
+        whole (one head group, one inside group); release the others (:meth:`_release`). Then flat groups with
+        the same heads and insides are tied (the query and key units of one attention)."""
+        while True:
+            heads_of: dict[int, frozenset] = {}
+            bad: set[int] = set()
+            for f, (h, i, n, d) in self.split.items():
+                hr, inner = frozenset(self._roots(((h, n, 1),))), self._norm(((i, d, 1),))
+                for r in self._roots(inner):
+                    if heads_of.setdefault(r, hr) != hr:
+                        bad.add(r)
+                whole = len(inner) == 1 and len(self._norm(((h, n, 1),))) == 1
+                if not whole or self.groups.fixed[self.groups.find(f)] or self._live_norm(inner) is None:
+                    if self.groups.fixed[self.groups.find(f)]:
+                        self._fix_action(((h, n, 1),))
+                    bad.update(self._roots(inner))
+            for states in self.all_states:
+                for st in states.values():
+                    bad.update(self._orphan_insides(st, heads_of))
+            for (_, _), action in self.records.items():  # a parameter axis cannot be permuted per head
+                bad.update(r for r in self._roots(action) if r in heads_of)
+            if not bad:
+                break
+            for r in bad:
+                self._release(r, "heads")
+        keys: dict[tuple, int] = {}
+        for f in list(self.split):
+            if f in self.split:
+                h, i, n, d = self.split[f]
+                key = (self._rooted(((h, n, 1),)), self.groups.find(i), n, d)
+                other = keys.setdefault(key, f)
+                if other != f:
+                    self.groups.union(other, f, "heads")
+
+    def _orphan_insides(self, state: Any, heads_of: dict[int, frozenset]) -> set[int]:
+        """Inside-head groups of ``state`` carried by a tensor that has no axis of their heads."""
+        if isinstance(state, _Stack):
+            return set().union(*(self._orphan_insides(p, heads_of) for p in state.parts))
+        if isinstance(state, (_Seq, dict)):
+            return set().union(set(), *(self._orphan_insides(s, heads_of) for s in (
+                state.values() if isinstance(state, dict) else state)))  # fmt: skip
+        if not _is_tensor_state(state):
+            return set()
+        axes = [set(self._roots(a)) for a in state]
+        out = set()
+        for roots in axes:
+            for r in roots & heads_of.keys():
+                if not any(a and a <= heads_of[r] for a in axes):
+                    out.add(r)
+        return out
+
     # ---------------------------------------------------------------- modules
     def _module_rule(self, n: torch.fx.Node, m: nn.Module, value: Any) -> Any:
         x_node = self._arg(n, 0, "input")
@@ -574,7 +775,8 @@ class _SpecInterpreter(torch.fx.Interpreter):
         st = self._tstate(x_node)
         name = n.target
         known = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
-                 nn.Embedding, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Flatten, nn.Unflatten,
+                 nn.RMSNorm, nn.Embedding, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Flatten,
+                 nn.Unflatten,
                  *_ACTIVATION_MODULES, *_PASS_MODULES, *_SPATIAL_MODULES)  # fmt: skip
         if not isinstance(m, known) or not _genuine_forward(m):
             return self._unknown(n, value)
@@ -597,7 +799,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 if getattr(m, attr, None) is not None:
                     self._record(f"{name}.{attr}", 0, st[1])
             return st
-        if isinstance(m, nn.LayerNorm):
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
             k = len(m.normalized_shape)
             for j in range(k):
                 for attr in ("weight", "bias"):
@@ -728,11 +930,15 @@ class _SpecInterpreter(torch.fx.Interpreter):
 
     def _mha(self, n, m: nn.MultiheadAttention, value) -> Any:
         """nn.MultiheadAttention: the model dimension of query/key/value is read by the input projections and a
-        new group is produced by the output projection; sequence and batch axes must be unpermuted."""
+        new group is produced by the output projection; sequence and batch axes must be unpermuted. The
+        projections' ``H * d`` rows form heads: one group for the query and key rows, one for the value rows and
+        the output projection's columns, sharing one head permutation (a per-head ``attn_mask`` of shape
+        ``(B * H, L, S)`` fixes the heads; per-head weights returned with ``average_attn_weights=False`` carry
+        it)."""
         q, k, v = (self._arg(n, i, nm) for i, nm in enumerate(("query", "key", "value")))
         used = [q, k, v]
-        for extra in ("key_padding_mask", "attn_mask"):
-            used.append(self._arg(n, {"key_padding_mask": 3, "attn_mask": 5}[extra], extra))
+        for extra, pos in (("key_padding_mask", 3), ("attn_mask", 5)):
+            used.append(self._arg(n, pos, extra))
             if _has_group(self._state(used[-1])):
                 self._fail(f"its `{extra}` is permuted")
         self._account(n, used)
@@ -747,12 +953,36 @@ class _SpecInterpreter(torch.fx.Interpreter):
         else:
             for st, w in zip(sts, ("q_proj_weight", "k_proj_weight", "v_proj_weight")):
                 self._record(f"{name}.{w}", 1, st[-1])
-        out = self._new(f"{name}.out_proj", m.embed_dim)  # no tap: the node's value is a tuple
+        n_heads, size, dim = m.num_heads, m.head_dim, m.embed_dim
+        qk, vo = self.groups.new(f"{name}.qk", dim), self.groups.new(f"{name}.vo", dim)
+        if n_heads > 1:
+            heads = self.groups.new(f"{name}.heads", n_heads)
+            self.split[qk] = (heads, self.groups.new(f"{name}.qk.inner", size), n_heads, size)
+            self.split[vo] = (heads, self.groups.new(f"{name}.vo.inner", size), n_heads, size)
+            mask = self._value(self._arg(n, 5, "attn_mask"))
+            if isinstance(mask, torch.Tensor) and mask.ndim == 3:  # one mask per (batch, head): heads stay put
+                self.groups.fix(heads)
+        rows = {"q": (qk, dim, 1), "k": (qk, dim, 1), "v": (vo, dim, 1)}
+        if m._qkv_same_embed_dim:
+            self._record(f"{name}.in_proj_weight", 0, (rows["q"], rows["k"], rows["v"]))
+        else:
+            for p in "qkv":
+                self._record(f"{name}.{p}_proj_weight", 0, (rows[p],))
+        if m.in_proj_bias is not None:
+            self._record(f"{name}.in_proj_bias", 0, (rows["q"], rows["k"], rows["v"]))
+        for p, attr in (("k", "bias_k"), ("v", "bias_v")):
+            if getattr(m, attr) is not None:
+                self._record(f"{name}.{attr}", 2, (rows[p],))
+        self._record(f"{name}.out_proj.weight", 1, (rows["v"],))
+        out = self._new(f"{name}.out_proj", dim)  # no tap: the node's value is a tuple
         self._record(f"{name}.out_proj.weight", 0, out)
         if m.out_proj.bias is not None:
             self._record(f"{name}.out_proj.bias", 0, out)
         attn_out = sts[0][:-1] + (out,)
-        return _Seq((attn_out, _none_state(value[1])))
+        weights = _none_state(value[1])
+        if isinstance(value[1], torch.Tensor) and n_heads > 1 and value[1].ndim == value[0].ndim + 1:
+            weights = weights[:-3] + (((heads, n_heads, 1),), None, None)  # per-head weights
+        return _Seq((attn_out, weights))
 
     # ------------------------------------------------------- functions/methods
     def _r_factory(self, n, name, value) -> Any:
@@ -807,6 +1037,8 @@ class _SpecInterpreter(torch.fx.Interpreter):
         # extra tensor operands (x.to(y), x.type_as(y)) contribute only their dtype and device
         if not isinstance(value, torch.Tensor):
             return self._unknown(n, value)
+        if isinstance(self._state(n.args[0]), _Stack):
+            return self._state(n.args[0])
         return self._tstate(n.args[0])
 
     def _r_equi(self, n, name, value) -> Any:
@@ -817,7 +1049,8 @@ class _SpecInterpreter(torch.fx.Interpreter):
     def _r_axes(self, n, name, value) -> Any:
         x = n.args[0] if n.args else n.kwargs["input"]
         self._account(n, [x])
-        st, nd = self._tstate(x), self._value(x).ndim
+        raw, nd = self._state(x), self._value(x).ndim
+        st = raw if isinstance(raw, _Stack) else self._tstate(x)
         if name in ("transpose", "swapaxes", "swapdims"):
             a, b = (int(self._value(self._arg(n, i, nm))) % nd for i, nm in ((1, "dim0"), (2, "dim1")))
             order = list(range(nd))
@@ -844,6 +1077,9 @@ class _SpecInterpreter(torch.fx.Interpreter):
             order = [o if o is not None else next(it) for o in order]
         if sorted(order) != list(range(nd)) or len(order) != value.ndim:
             self._fail("an axis permutation the tracer cannot read")
+        if isinstance(st, _Stack):  # the parts' axes follow, the parts' axis moves
+            rest = [o - (o > st.axis) for o in order if o != st.axis]
+            return _Stack(order.index(st.axis), tuple(tuple(p[o] for o in rest) for p in st.parts))
         return tuple(st[o] for o in order)
 
     def _r_reshape(self, n, name, value) -> Any:
@@ -857,7 +1093,11 @@ class _SpecInterpreter(torch.fx.Interpreter):
             )
         if name in ("repeat", "repeat_interleave"):
             return self._repeat(n, name, st, xv, value)
-        return self._reshape(st, xv, value)
+        self.merged_heads = False
+        out = self._reshape(st, xv, value)
+        if self.merged_heads:  # the attention's output before its output projection (Verma & Elbayad's features)
+            self._tap(out, "post", n.name)
+        return out
 
     def _repeat(self, n, name, st, xv, value) -> tuple:
         if name == "repeat":
@@ -957,7 +1197,12 @@ class _SpecInterpreter(torch.fx.Interpreter):
             return self._getitem(n, value)
         x = self._arg(n, 0, "input")
         self._account(n, [x])
-        st, xv = self._tstate(x), self._value(x)
+        raw, xv = self._state(x), self._value(x)
+        if isinstance(raw, _Stack) and name == "select":
+            if int(self._value(self._arg(n, 1, "dim"))) % xv.ndim != raw.axis:
+                self._fail("it selects inside the fused parts of an attention")
+            return raw.parts[int(self._value(self._arg(n, 2, "index")))]
+        st = self._tstate(x)
         if name in ("gather", "take_along_dim"):
             if any(a is not None for a in st):
                 self._fail(f"`{name}` on a tensor with a permuted axis")
@@ -989,8 +1234,23 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 except (IndexError, KeyError, TypeError):
                     pass
             return self._unknown(n, value)
-        st = self._tstate(container)
         idx = index if isinstance(index, tuple) else (index,)
+        if isinstance(self._state(container), _Stack):  # one part of a fused projection: x[0], x[:, :, 1]
+            stack = self._state(container)
+            k = stack.axis
+            whole = all(isinstance(i, slice) and i == slice(None) for i in idx[:k])
+            if len(idx) <= k or not whole or not isinstance(idx[k], int):
+                self._fail("it indexes the fused parts of an attention other than by taking one part")
+            part = stack.parts[idx[k]]
+            if len(idx) == k + 1:
+                return part
+            return self._index(part, idx[:k] + idx[k + 1 :], torch.Size(s for a, s in enumerate(cv.shape) if a != k),
+                               value)  # fmt: skip
+        return self._index(self._tstate(container), idx, cv.shape, value)
+
+    def _index(self, st: tuple, idx: tuple, shape: torch.Size, value: torch.Tensor) -> tuple:
+        """Basic indexing (ints, slices, None, Ellipsis) of a tensor of ``shape`` with state ``st``."""
+        n = self.node
         if any(isinstance(i, (torch.Tensor, list)) or (isinstance(i, bool)) for i in idx):
             # advanced indexing: only on tensors whose every axis is unpermuted
             if _has_group(self._state(n.args[1])) or any(a is not None for a in st):
@@ -998,7 +1258,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
             return (None,) * value.ndim
         if any(i is Ellipsis for i in idx):
             k = idx.index(Ellipsis)
-            fill = cv.ndim - (len(idx) - 1 - sum(i is None for i in idx))
+            fill = len(shape) - (len(idx) - 1 - sum(i is None for i in idx))
             idx = idx[:k] + (slice(None),) * fill + idx[k + 1 :]
         out, ax = [], 0
         for i in idx:
@@ -1009,10 +1269,10 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 if isinstance(i, slice):
                     out.append(None)
             elif isinstance(i, slice) and i.step in (None, 1):
-                a, b, _ = slice(i.start, i.stop).indices(cv.shape[ax])
+                a, b, _ = slice(i.start, i.stop).indices(shape[ax])
                 out.append(self._cut(st[ax], a, max(a, b)))
             elif isinstance(i, int):
-                self._cut(st[ax], i % cv.shape[ax], i % cv.shape[ax] + 1)  # one unit, a group of its own
+                self._cut(st[ax], i % shape[ax], i % shape[ax] + 1)  # one unit, a group of its own
             else:
                 self._fail("indexing selects a strided part of a permuted axis")
             ax += 1
@@ -1056,8 +1316,11 @@ class _SpecInterpreter(torch.fx.Interpreter):
     def _r_split(self, n, name, value) -> Any:
         x = self._arg(n, 0, "input")
         self._account(n, [x])
-        st, xv = self._tstate(x), self._value(x)
+        raw, xv = self._state(x), self._value(x)
         dim = int(self._value(self._arg(n, 2 if name != "unbind" else 1, "dim", 0))) % xv.ndim
+        if isinstance(raw, _Stack) and name == "unbind" and dim == raw.axis:  # q, k, v = qkv.unbind(0)
+            return _Seq(raw.parts)
+        st = self._tstate(x)
         if name == "unbind":
             if st[dim] is not None:
                 self._fail("unbind along a permuted axis")
@@ -1248,21 +1511,58 @@ class _SpecInterpreter(torch.fx.Interpreter):
         return st
 
     def _r_attention(self, n, name, value) -> Any:
+        """``F.scaled_dot_product_attention``: the batch axes (batch, heads) of query, key, value and mask are tied
+        (a head axis moves the heads of all four alike; under ``enable_gqa`` each key/value head serves a block of
+        query heads); the query and key feature axes are tied (their dot product), the output's feature axis is the
+        value's. Sequence axes and the mask's last two axes must stay unpermuted."""
         q, k, v = (self._arg(n, i, nm) for i, nm in enumerate(("query", "key", "value")))
-        self._account(n, [q, k, v])
+        mask = self._arg(n, 3, "attn_mask")
+        self._account(n, [q, k, v, mask])
         sq, sk, sv = (self._tstate(t) for t in (q, k, v))
+        vq, vk, vv = (self._value(t) for t in (q, k, v))
+        if vq.ndim < 2 or not (vq.ndim == vk.ndim == vv.ndim):
+            self._fail("attention with query, key and value of different numbers of axes")
         for st in (sq, sk, sv):
-            if any(a is not None for a in st[:-1]):
-                self._fail("attention mixes positions, and a batch, head or sequence axis is permuted")
+            if st[-2] is not None:
+                self._fail("attention mixes positions, and a sequence axis is permuted")
+        batch = list(sq[:-2])
+        for st, val in ((sk, vk), (sv, vv)):
+            for ax in range(vq.ndim - 2):
+                a = st[ax]
+                if val.shape[ax] != vq.shape[ax] and a is not None:
+                    if ax != vq.ndim - 3 or vq.shape[ax] % val.shape[ax]:
+                        self._fail("attention with key/value axes that do not match the query's")
+                    rep = vq.shape[ax] // val.shape[ax]  # enable_gqa: key/value head j serves query heads j*rep..
+                    a = tuple((g, c, e * rep) for g, c, e in self._norm(a))
+                batch[ax] = self._unify(batch[ax], a)
         self._unify(sq[-1], sk[-1])
-        return sq[:-1] + (sv[-1],)
+        if mask is not None and isinstance(self._value(mask), torch.Tensor):
+            sm, vm = self._tstate(mask), self._value(mask)
+            if any(a is not None for a in sm[-2:]):
+                self._fail("its attention mask is permuted along a query or key position")
+            lead = vm.ndim - 2
+            for j in range(lead):
+                ax = vq.ndim - 2 - lead + j
+                if ax < 0:
+                    self._fail("an attention mask with more axes than the query")
+                if vm.shape[j] == 1 and vq.shape[ax] != 1:
+                    self._fix_action(sm[j])
+                else:
+                    batch[ax] = self._unify(batch[ax], sm[j])
+        return tuple(batch) + (None, sv[-1])
 
     # ------------------------------------------------------------------ rules
-    def _reshape(self, st: tuple, x: torch.Tensor, value: torch.Tensor) -> tuple:
-        """Carry groups through a reshape by matching blocks of input and output axes with equal products."""
+    def _reshape(self, st: tuple, x: torch.Tensor, value: torch.Tensor) -> Any:
+        """Carry groups through a reshape by matching blocks of input and output axes with equal products.
+
+        Attention heads: an axis of ``H * d`` units split into ``(H, d)`` (or ``(c, H, d)``, a fused projection's
+        parts) gains a head axis and an axis inside heads (:meth:`_split_heads`); merging the two back (head axis
+        outer) gives the flat group again (:meth:`_merge_heads`)."""
+        original = st
         ins, outs = list(x.shape), list(value.shape)
         out: list = [None] * len(outs)
-        st = tuple(self._norm(a) for a in st)
+        stack = None
+        st = tuple(self._live_norm(a) for a in st)
         i = j = 0
         while i < len(ins) or j < len(outs):
             bi, bj = [i], [j]
@@ -1299,15 +1599,40 @@ class _SpecInterpreter(torch.fx.Interpreter):
             elif len(nin) == 1 and len(nout) > 1:
                 action = st[nin[0]]
                 rest = math.prod(outs[b] for b in nout[1:])
+                split = None
+                if any(e % rest for _, _, e in action) and len(nout) in (2, 3) and stack is None:
+                    split = self._split_heads(action, [outs[b] for b in nout])
                 if not any(e % rest for _, _, e in action):
                     out[nout[0]] = tuple((g, k, e // rest) for g, k, e in action)
+                elif split is not None and len(nout) == 2:
+                    out[nout[0]], out[nout[1]] = split[0]
+                elif split is not None:
+                    stack = (nout[0], nout[1], nout[2], split)
                 elif len(nout) == 2:
                     # the leading factor indexes equal chunks (e.g. a channel shuffle's view): tie the chunks
                     out[nout[1]] = self._chunks(action, outs[nout[0]])  # None when nothing stays permuted
                 else:
                     self._fail("a reshape splits permuted units")
+            elif len(nout) == 1 and len(permuted) == 2 and permuted[1] == nin[nin.index(permuted[0]) + 1]:
+                # a head axis merged with the axis inside heads (and unpermuted positions around them)
+                merged = self._merge_heads(st[permuted[0]], st[permuted[1]])
+                if merged is None and self._merge_heads(st[permuted[1]], st[permuted[0]], create=False) is not None:
+                    # the inside axis outer, heads inner (a channel shuffle's view): heads stay fixed
+                    self._release(self._roots(st[permuted[0]])[0], "inner")
+                    return self._reshape(original, x, value)
+                if merged is None:
+                    self._fail(f"a reshape from {tuple(ins)} to {tuple(outs)} interleaves permuted units")
+                inner = math.prod(ins[a] for a in nin if a > permuted[1])
+                outer = math.prod(ins[a] for a in nin if a < permuted[0])
+                out[nout[0]] = tuple((g, k, e * inner) for g, k, e in merged) * outer
+                self.merged_heads = True
             else:
                 self._fail(f"a reshape from {tuple(ins)} to {tuple(outs)} interleaves permuted units")
+        if stack is not None:
+            c, ha, ia, parts = stack
+            rest = [a for a in range(len(outs)) if a != c]
+            return _Stack(c, tuple(tuple(hd if a == ha else inn if a == ia else out[a] for a in rest)
+                                   for hd, inn in parts))  # fmt: skip
         return tuple(out)
 
 
@@ -1438,11 +1763,17 @@ def _describe(inputs: tuple) -> str:
 
 def _build_spec(interp: _SpecInterpreter, taps: list, aliases: dict[str, str], model: nn.Module) -> PermutationSpec:
     groups = interp.groups
+    try:
+        interp._settle_heads()
+    except _Unsupported as exc:
+        what = type(model).__name__
+        raise SpecError(f"cannot prove that the attention heads of {what} are safe to permute: {exc}") from None
+    insides = {groups.find(i) for _, i, _, _ in interp.split.values()}
     names: dict[int, str] = {}
     used: set[str] = set()
     for gid in range(len(groups.parent)):
         root = groups.find(gid)
-        if root == gid and groups.live(gid) and gid not in interp.subst:
+        if root == gid and groups.live(gid) and gid not in interp.subst and gid not in insides:
             base = name = groups.name[gid]
             k = 1
             while name in used:
@@ -1480,7 +1811,16 @@ def _build_spec(interp: _SpecInterpreter, taps: list, aliases: dict[str, str], m
     for g, ts in by_group.items():
         chosen = [t for t in ts if t.kind != "out"] or ts
         final_taps[g] = tuple(dict.fromkeys(chosen))
-    return PermutationSpec(sizes, axes, final_taps)
+    heads: dict[str, Heads] = {}
+    inner_keys: dict[int, str] = {}
+    for f, (h, i, n, d) in sorted(interp.split.items()):
+        if groups.find(f) not in names:
+            continue
+        ((hg, _, tie),) = interp._norm(((h, n, 1),))
+        key = inner_keys.setdefault(groups.find(i), f"{names[groups.find(f)]}.inner")
+        head_group = names.get(groups.find(hg)) if groups.live(hg) else None
+        heads[names[groups.find(f)]] = Heads(n, d, head_group, key, tie)
+    return PermutationSpec(sizes, axes, final_taps, heads)
 
 
 def trace_spec(model: nn.Module, example_input: Any, *, on_unsupported: str = "raise") -> PermutationSpec:
@@ -1520,8 +1860,10 @@ def trace_spec(model: nn.Module, example_input: Any, *, on_unsupported: str = "r
     Default-deny: every fx node that produces a tensor is handled by a proven rule or refused. Handled:
     Linear, Conv1d/2d/3d and ConvTranspose (any stride, padding, bias; grouped convolutions permute whole groups
     of channels as blocks, depthwise ones channel by channel), BatchNorm / InstanceNorm / GroupNorm / LayerNorm
-    (modules and functional forms, channels-last included), Embedding, nn.MultiheadAttention and
-    ``F.scaled_dot_product_attention`` (model dimension only), elementwise functions of any number of operands
+    (modules and functional forms, channels-last included), RMSNorm (module), Embedding, attention heads (see the
+    module docstring: ``nn.MultiheadAttention``'s projection rows, ``F.scaled_dot_product_attention`` with masks,
+    causal and grouped-query, and attention written by hand with ``reshape(B, N, 3, H, d)`` or ``view(B, N, H,
+    d)``, matmul or einsum and softmax), elementwise functions of any number of operands
     with broadcasting (activations, arithmetic, ``clamp`` with tensor bounds, ``where``, ``masked_fill``,
     dropout and stochastic depth), softmax/normalize, pooling, padding and interpolation of unpermuted axes,
     residual additions (operands' groups are tied into one; a group added to an unpermuted tensor is fixed),

@@ -19,10 +19,12 @@ References
 
 from neuralign.experiments.models.googlenet import GoogLeNet, Inception, InceptionAux
 from neuralign.experiments.models.layers import ConvBNReLU
+from neuralign.experiments.models.lm import TinyLM
 from neuralign.experiments.models.mlp import MLP
 from neuralign.experiments.models.resnet import BasicBlock, ResNet, resnet20, resnet32
 from neuralign.experiments.models.tinyten import TinyTen
 from neuralign.experiments.models.vgg import VGG, vgg11, vgg16
+from neuralign.experiments.models.vit import ViT
 from neuralign.experiments.models.zoo import available_models, build_model, builder_kwargs, smallest_input_size
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "InceptionAux",
     "GoogLeNet",
     "MLP",
+    "ViT",
+    "TinyLM",
     "build_model",
     "available_models",
     "smallest_input_size",

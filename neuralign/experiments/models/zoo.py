@@ -55,10 +55,12 @@ from neuralign._utils import as_seed
 from neuralign._validate import check_int
 from neuralign.errors import MissingDependencyError
 from neuralign.experiments.models.googlenet import GoogLeNet
+from neuralign.experiments.models.lm import TinyLM
 from neuralign.experiments.models.mlp import MLP
 from neuralign.experiments.models.resnet import resnet20, resnet32
 from neuralign.experiments.models.tinyten import TinyTen
 from neuralign.experiments.models.vgg import vgg11, vgg16
+from neuralign.experiments.models.vit import ViT
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,16 @@ def _mlp(
     return MLP(in_features, num_classes, hidden=hidden, batch_norm=batch_norm, dropout=dropout)
 
 
+def _vit(num_classes: int, in_channels: int = 3, image_size: int = 32, patch_size: int = 4, width: int = 64,
+         depth: int = 4, heads: int = 4, mlp_dim: int = 128, dropout: float = 0.0) -> nn.Module:  # fmt: skip
+    return ViT(num_classes, in_channels, image_size, patch_size, width, depth, heads, mlp_dim, dropout)
+
+
+def _tinylm(num_classes: int, width: int = 64, depth: int = 2, heads: int = 4, kv_heads: int = 2,
+            hidden: int = 128) -> nn.Module:  # fmt: skip
+    return TinyLM(num_classes, width, depth, heads, kv_heads, hidden)  # the classes are the vocabulary
+
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "tinyten": _tinyten,
     "resnet20": resnet20,
@@ -91,6 +103,8 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg16": vgg16,
     "googlenet": _googlenet,
     "mlp": _mlp,
+    "vit": _vit,
+    "tinylm": _tinylm,
 }
 
 
@@ -100,7 +114,7 @@ def available_models() -> list[str]:
     Examples
     --------
     >>> available_models()
-    ['tinyten', 'resnet20', 'resnet32', 'vgg11', 'vgg16', 'googlenet', 'mlp']
+    ['tinyten', 'resnet20', 'resnet32', 'vgg11', 'vgg16', 'googlenet', 'mlp', 'vit', 'tinylm']
     """
     return list(_MODELS)
 
@@ -156,7 +170,8 @@ def build_model(
     ----------
     name : str
         One of :func:`available_models` (case-insensitive): ``tinyten``, ``resnet20``, ``resnet32``,
-        ``vgg11``, ``vgg16``, ``googlenet``, ``mlp``; or ``"torchvision:<name>"`` for any builder of
+        ``vgg11``, ``vgg16``, ``googlenet``, ``mlp``, ``vit`` (a small Vision Transformer), ``tinylm`` (an
+        LLM-style decoder; ``num_classes`` is its vocabulary); or ``"torchvision:<name>"`` for any builder of
         ``torchvision.models`` (``torchvision.models.list_models()``, built without pretrained weights), or
         ``"timm:<name>"`` for any model of timm (``timm.list_models()``, ``pretrained=False``; needs the optional
         extra ``neuralign[timm]``).
@@ -171,7 +186,9 @@ def build_model(
     **kwargs
         Keyword arguments of the model: ``in_channels`` for every convolutional model; ``width`` for
         ``resnet*`` and ``vgg*``; ``batch_norm`` for ``vgg*`` and ``mlp``; ``aux_logits`` for ``googlenet``;
-        ``in_features`` (required), ``hidden`` and ``dropout`` for ``mlp``. For ``torchvision:`` and ``timm:``
+        ``in_features`` (required), ``hidden`` and ``dropout`` for ``mlp``; ``image_size``, ``patch_size``,
+        ``width`` (an int), ``depth``, ``heads``, ``mlp_dim``, ``dropout`` for ``vit``; ``width``, ``depth``,
+        ``heads``, ``kv_heads``, ``hidden`` for ``tinylm``. For ``torchvision:`` and ``timm:``
         models, any keyword argument of the builder (e.g. ``width_per_group`` for torchvision's
         ``wide_resnet50_2``, ``in_chans`` for timm).
 
@@ -267,6 +284,15 @@ def builder_kwargs(
     name = arch.lower()
     if ":" in name:
         return {}
+    if name == "tinylm":
+        raise ValueError("`tinylm` is a language model: it reads token ids, not images")
+    if name == "vit":
+        if image_size[0] != image_size[1]:
+            raise ValueError(f"`vit` takes square images, got {image_size[0]}x{image_size[1]}")
+        kw = {"in_channels": in_channels, "image_size": image_size[0]}
+        if width is not None:  # a multiplier of the default 64, kept a multiple of the 4 heads
+            kw["width"] = 4 * max(1, round(16 * width))
+        return kw
     if name == "mlp":
         kw: dict[str, Any] = {"in_features": in_channels * image_size[0] * image_size[1], "batch_norm": True}
         if hidden is not None:
