@@ -424,3 +424,88 @@ def test_swap_search_counts_only_improvements_beyond_the_margin(planted):
         found = _swap_search(prob, 200, 0.05, torch.Generator().manual_seed(0), margin)(x, dict(ident))
         moved[margin] = sum(int((found[g] != ident[g]).sum()) for g in ident)
     assert moved[0.0] >= 2 and moved[1.0] == 0, moved
+
+
+def _context(planted, value_batches=3):
+    from neuralign.curves.pam import CurvePermutationProblem
+
+    data, model, spec, b_state, perms = planted
+    aligned = apply_permutation(b_state, spec, perms)
+    prob = CurvePermutationProblem(model, model.state_dict(), aligned, spec, data.train,
+                                   heldout_loader=data.train_eval, value_batches=value_batches)  # fmt: skip
+    x = [torch.randn(sum(prob.numels), generator=torch.Generator().manual_seed(0)) * 0.01]
+    return _Context(prob, x, spec)
+
+
+def test_per_example_losses_average_to_the_batch_objective_and_pair_by_example(planted):
+    """Two computations of the held-out objective agree: the mean of the per-example losses of each batch (the
+    paired tests' unit) and the problem's batch value (float32 means of 256 terms: 1e-5 relative). The paired
+    change is the mean and standard error of the per-example differences, with examples - 1 degrees of freedom."""
+    from neuralign.verification.local import _swap
+
+    ctx = _context(planted)
+    change = {GROUP: _swap(16, 2, 5)}
+    per_example = ctx.losses(change)
+    sizes = [b[0].shape[0] for b in ctx.problem.value_set]
+    means = torch.stack([v.mean() for v in per_example.split(sizes)])
+    torch.testing.assert_close(means, ctx.problem.batch_values(ctx.x, ctx.mats(change)), rtol=1e-5, atol=0)
+    d = per_example - ctx.base_losses()
+    mean, se = ctx.delta(change)
+    assert mean == pytest.approx(float(d.mean()), rel=1e-9)
+    assert se == pytest.approx(float(d.std(correction=1)) / len(d) ** 0.5, rel=1e-9)
+    assert ctx.examples == len(d) == sum(sizes) > 3 * 64
+
+
+def test_batched_screen_equals_one_network_per_candidate(planted):
+    """The screen's batched evaluation (vmap over the stacked layers of the permuted group) computes what one
+    network per transposition computes, for every group, batch norm on each candidate's batch statistics (float32
+    losses near 0.1-1: 1e-5 relative). Its first call for a group measures both ways and keeps the batched
+    values."""
+    from neuralign.verification.local import _Screen, _swap
+
+    ctx = _context(planted)
+    data = planted[0]
+    x, y = next(iter(data.train))
+    screen = _Screen(ctx, (x, y), (0.25, 0.5))
+    for g, n in ctx.spec.sizes.items():
+        cands = [_swap(n, i, j) for i, j in ((0, 1), (2, 9), (n - 1, 3))]
+        one = screen._one_by_one(g, cands)
+        torch.testing.assert_close(screen._batched(g, cands), one, rtol=1e-5, atol=0)
+        assert g not in screen.batched
+        torch.testing.assert_close(screen(g, cands), screen._batched(g, cands), rtol=0, atol=0)
+        assert g in screen.batched and screen.seconds[g] > 0
+        assert len(set(one.tolist())) == 3  # the swaps change the objective: the comparison is not vacuous
+
+
+def test_stability_counts_only_significant_moves(planted, damaged_report, monkeypatch):
+    """With 4 of 16 units swapped in pairs, PAM from the damaged permutation reassigns more than 5% of the group and
+    the move improves the held-out objective significantly: the failure names the group, the units, the change
+    and its t. The same run, with every move's held-out change made 0 +- 1 (no evidence), passes although PAM
+    reassigns as many units."""
+    stab = damaged_report.checks["stability"]
+    assert stab.verdict == "fail"
+    moves = [m for m in stab.details["moves"] if m["significant"]]
+    assert moves and all(m["change"] + stab.thresholds["z"] * m["se"] < -stab.thresholds["margin"] for m in moves)
+    m = moves[0]
+    assert m["group"] == GROUP and m["reassigned_fraction"] > 0.05 and m["t"] < -stab.thresholds["z"]
+    assert set(m["units"]) <= set(range(16)) and len(m["units"]) >= 2
+    assert f"{GROUP} units" in stab.summary and "t = " in stab.summary
+    monkeypatch.setattr(_Context, "delta", lambda self, changes: (0.0, 1.0))
+    lenient = _verify(planted, _damaged(planted[4], 0.3), checks=("stability",))
+    check = lenient.checks["stability"]
+    frac = check.details["runs"]["alignment"]["reassigned_fraction"][GROUP]
+    assert max(frac) > 0.05 and check.verdict == "pass", check.summary
+    assert check.details["moves"] and not any(m["significant"] for m in check.details["moves"])
+
+
+def test_neighbourhood_progress_announces_its_time_and_ends_at_its_total(planted):
+    """The neighbourhood check's progress: after a measured first step, a record with the expected seconds; then
+    steps (estimated milliseconds of work) that never decrease and end at the total."""
+    records = []
+    _verify(planted, _damaged(planted[4], 0.3), checks=("neighbourhood",), n_swaps=2, n_control_swaps=1,
+            screen_pairs=16, callback=records.append)  # fmt: skip
+    mine = [r for r in records if r["check"] == "neighbourhood" and not r["start"]]
+    announced = [r for r in mine if "expected_seconds" in r]
+    assert len(announced) == 1 and announced[0]["expected_seconds"] > 0 and mine[0] is announced[0]
+    steps = [r["step"] for r in mine]
+    assert steps == sorted(steps) and steps[-1] == mine[-1]["total"] == announced[0]["total"]

@@ -1,0 +1,123 @@
+"""Benchmark: the neighbourhood check's screening, one network per candidate (the path before 0.3) against the
+batched path of :func:`neuralign.verification.verify_alignment` (the layers before the permuted group run once per
+chunk of candidates, the candidates of a chunk in one :func:`torch.func.vmap` call), side by side in one run; and
+how well a screen on fewer examples agrees with the exhaustive one.
+
+Two TinyTen networks trained on the shipped UCI digits (resized to 16x16, as ``neuralign demo``), aligned by
+correlation, a quadratic Bezier curve fitted between them. Per permutation group: the seconds to screen
+``--candidates`` transpositions (the objective on ``--examples`` training examples at t = 0.5) both ways, their
+ratio (old / new: > 1 is a speed-up) and the largest difference of the values (float32 rounding); then, for screens
+on fewer examples, the fraction of the exhaustive screen's ``--top`` best transpositions they rank among their own
+``--top`` best, and Spearman's rank correlation over every transposition of the group.
+
+Then ``verify_alignment`` with the demo's options on the same pair, its progress records timed: per check the
+seconds it took, the seconds it announced before its work (``expected_seconds``, neighbourhood) and the largest
+ratio between the time left that a progress bar estimates (elapsed / steps done * steps left) and the time that
+was left, over every record after the first tenth of the check's steps.
+
+    python benchmarks/bench_verification.py [--epochs 15] [--candidates 64] [--examples 256] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from scipy.stats import spearmanr
+
+from neuralign.alignment import align, apply_permutation, trace_spec
+from neuralign.curves import fit_curve
+from neuralign.curves.problem import CurvePermutationProblem
+from neuralign.experiments.data import load_data
+from neuralign.experiments.models import build_model
+from neuralign.experiments.training import train_model
+from neuralign.study.config import PRESETS
+from neuralign.verification import verify_alignment
+from neuralign.verification.local import _Context, _Screen, _swap
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs of each end point (demo: 15)")
+    parser.add_argument("--candidates", type=int, default=64, help="transpositions timed per group")
+    parser.add_argument("--examples", type=int, default=256, help="screening examples (the default screen)")
+    parser.add_argument("--top", type=int, default=8, help="best transpositions compared (n_swaps)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_data("digits", batch_size=64, resize=16, generator=0)
+    nets = []
+    for seed in (1, 2):
+        model = build_model("tinyten", 10, in_channels=1, generator=seed)
+        model.load_state_dict(train_model(model, data.train, epochs=args.epochs, generator=seed).state_dict)
+        nets.append(model.eval())
+    a, b = nets
+    spec = trace_spec(a, next(iter(data.train))[0][:2])
+    perms = align(a, b, data.align, spec=spec).perms
+    aligned = apply_permutation(b.state_dict(), spec, perms)
+    curve = fit_curve(a, a.state_dict(), aligned, data.train, epochs=2, generator=0).curve
+    prob = CurvePermutationProblem(a, a.state_dict(), aligned, spec, data.train, heldout_loader=data.train_eval,
+                                   value_batches=4, value_ts=(0.5,))  # fmt: skip
+    ctx = _Context(prob, [prob.start_offset(curve)], spec)
+    xs, ys = zip(*[(x, y) for x, y in data.train_eval])
+    batch = (torch.cat(xs)[: args.examples], torch.cat(ys)[: args.examples])
+    ts = [0.5]
+    new = _Screen(ctx, batch, ts)
+    print(f"TinyTen on digits 16x16, {args.examples} screening examples, {args.threads} thread(s)")
+    print(f"{'group':18} {'n':>3} {'old s':>7} {'new s':>7} {'old/new':>7} {'max |diff|':>10}")
+    total_old = total_new = 0.0
+    for g, n in spec.sizes.items():
+        pairs = torch.triu_indices(n, n, offset=1).t().tolist()[: args.candidates]
+        cands = [_swap(n, i, j) for i, j in pairs]
+        start = time.perf_counter()
+        with torch.no_grad():
+            old = torch.tensor([float(prob.objective(ctx.x, ctx.mats({g: p}), [batch], ts)) for p in cands],
+                               dtype=torch.float64)  # fmt: skip
+        mid = time.perf_counter()
+        fast = new._batched(g, cands)
+        end = time.perf_counter()
+        total_old += mid - start
+        total_new += end - mid
+        print(f"{g:18} {n:>3} {mid - start:7.2f} {end - mid:7.2f} {(mid - start) / (end - mid):7.2f} "
+              f"{float((old - fast).abs().max()):10.2e}")
+    print(f"{'all groups':22} {total_old:7.2f} {total_new:7.2f} {total_old / total_new:7.2f}")
+    print(f"\nagreement with the exhaustive screen on {args.examples} examples (top {args.top}; Spearman)")
+    sizes = [m for m in (16, 32, 64, 128) if m < args.examples]
+    print(f"{'group':18} {'pairs':>5} " + " ".join(f"{f'top@{m}':>7} {f'rho@{m}':>7}" for m in sizes))
+    for g, n in spec.sizes.items():
+        pairs = torch.triu_indices(n, n, offset=1).t().tolist()
+        cands = [_swap(n, i, j) for i, j in pairs]
+        full = new(g, cands)
+        best = set(torch.argsort(full, stable=True)[: args.top].tolist())
+        row = []
+        for m in sizes:
+            part = _Screen(ctx, tuple(v[:m] for v in batch), ts)(g, cands)
+            mine = set(torch.argsort(part, stable=True)[: args.top].tolist())
+            row.append(f"{len(best & mine) / args.top:7.2f} {spearmanr(full, part).statistic:7.2f}")
+        print(f"{g:18} {len(pairs):>5} " + " ".join(row))
+    records: list[tuple[float, dict]] = []
+    started = time.perf_counter()
+    report = verify_alignment(a, a.state_dict(), b.state_dict(), perms, data.train, curve=curve, spec=spec,
+                              heldout_loader=data.train_eval, align_loader=data.align,
+                              options=PRESETS["demo"].verification, generator=0,
+                              callback=lambda r: records.append((time.perf_counter(), r)))  # fmt: skip
+    print(f"\nverify_alignment with the demo's options: {time.perf_counter() - started:.1f} s, verdict "
+          f"{report.verdict}")
+    print(f"{'check':14} {'seconds':>8} {'expected':>8} {'worst ETA ratio after 1/10':>27}")
+    for name in report.checks:
+        mine = [(t, r) for t, r in records if r["check"] == name]
+        begin, end = mine[0][0], mine[-1][0]
+        expected = next((r["expected_seconds"] for _, r in mine if "expected_seconds" in r), float("nan"))
+        worst = 1.0
+        for t, r in mine:
+            total, step = r["total"], r["step"]
+            if not total or step < total / 10 or step >= total or end - t <= 0:
+                continue
+            eta = (t - begin) / step * (total - step)
+            worst = max(worst, eta / (end - t), (end - t) / eta)
+        print(f"{name:14} {end - begin:8.2f} {expected:8.2f} {worst:27.2f}")
+
+
+if __name__ == "__main__":
+    main()
