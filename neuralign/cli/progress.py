@@ -16,6 +16,8 @@ class ProgressBars:
     (steps done) and shows the record's loss or accuracy; a bar closes when it reaches ``total``. A bar's clock
     starts at its first event with ``"start": True`` (sent before the work begins, with ``step`` the steps already
     done by a resumed run), or else at the previous event, so that its rate and ETA count the first step's time.
+    An event with ``"expected_seconds"`` (a verification check's estimate from its measured first step) prints
+    that estimate above the bars.
     """
 
     def __init__(self, enabled: bool) -> None:
@@ -40,6 +42,8 @@ class ProgressBars:
                 bar.start_t = bar.last_print_t = self.mark
         if total is not None and bar.total != total:  # a bar opened before its work knew its size
             bar.total = total
+        if event.get("expected_seconds") is not None:  # a measured first step's estimate of the whole
+            bar.write(f"{key}: expected {bar.format_interval(event['expected_seconds'])} (from its first step)")
         record = event.get("record") or {}
         shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "train_loss", "accuracy", "test_accuracy")
                  and isinstance(v, float)}  # fmt: skip

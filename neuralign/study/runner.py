@@ -425,7 +425,9 @@ class _Study:
         def on_progress(record: dict[str, Any]) -> None:
             name = record["check"]
             label = f"pair {k} {name} ({CHECKS.index(name) + 1}/{len(CHECKS)})"
-            self.emit(stage="verify", label=label, step=record["step"], total=record["total"], start=record["start"])
+            expected = {"expected_seconds": record["expected_seconds"]} if "expected_seconds" in record else {}
+            self.emit(stage="verify", label=label, step=record["step"], total=record["total"], start=record["start"],
+                      **expected)
 
         self.data.train.generator.manual_seed(stable_seed(c.seed, "verify-data", k))
         report = verify_alignment(

@@ -311,6 +311,25 @@ def _tick(opts: _Run, name: str, done: int, total: int | None, start: bool = Fal
         opts.callback(record)
 
 
+def _announcing(callback: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """``callback`` receiving, in the first record of each check after its start, ``expected_seconds``: the time
+    the whole check is expected to take, from its measured first step (the check's own estimate where it gives
+    one, as the neighbourhood check does)."""
+    began: dict[str, float] = {}
+
+    def announce(record: dict[str, Any]) -> Any:
+        name = record["check"]
+        if record["start"]:
+            began[name] = time.perf_counter()
+        elif name in began and record.get("total") and record["step"] > 0:
+            elapsed = time.perf_counter() - began.pop(name)
+            if "expected_seconds" not in record:
+                record = {**record, "expected_seconds": elapsed / record["step"] * record["total"]}
+        return callback(record)
+
+    return announce
+
+
 def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, spec, opts, gen) -> CheckResult:
     sizes = spec.sizes
     runs: dict[str, dict[str, Any]] = {}
@@ -1181,7 +1200,10 @@ def verify_alignment(
     callback : callable, optional
         Called with progress records ``{"stage": "verify", "check": name, "step": done, "total": total,
         "start": bool}``: once before each check runs (``start`` True, ``step`` 0) and after each unit of its work
-        (a PAM iteration of a start, a group, a scored move).
+        (a PAM iteration of a start, a group; for the neighbourhood check, estimated milliseconds of screening and
+        scoring, so that a progress bar's rate holds while the cost per transposition varies between groups). The
+        first record of a check after its start also carries ``expected_seconds``, the time the check is
+        expected to take from its measured first step.
 
     Returns
     -------
@@ -1223,6 +1245,8 @@ def verify_alignment(
     max_batches = check_int(max_batches, "max_batches", minimum=1, allow_none=True)
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
+    if callback is not None:
+        callback = _announcing(callback)
     gen = as_generator(generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     if spec is None:
