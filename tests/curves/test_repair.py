@@ -120,3 +120,25 @@ def test_errors() -> None:
     shared = nn.Linear(3, 3)
     with pytest.raises(ValueError, match="`0` is called 2 times"):
         repair_points(nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(3, 2)))
+
+
+def test_conv_net_channels_get_the_interpolated_statistics_over_positions() -> None:
+    # per channel over (N, H, W), as batch norm would: conv -> ReLU -> conv -> ReLU -> pool -> linear head
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).double()  # fmt: skip
+    assert repair_points(model) == ("0", "2")
+    sa, sb = random_state(model, 8), random_state(model, 9)
+    x = torch.randn(6, 2, 7, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    stats_a, stats_b = (repair_statistics(model, s, [x]) for s in (sa, sb))
+    assert stats_a.count == 6 * 5 * 5
+    t = 0.25
+    point = {k: (1 - t) * sa[k] + t * sb[k] for k in sa}
+    out = repair(model, point, stats_a, stats_b, [x], t=t, eps=0.0)
+    h0 = nn.functional.conv2d(x, out["0.weight"], out["0.bias"])
+    h2 = nn.functional.conv2d(torch.relu(h0), out["2.weight"], out["2.bias"], padding=1)
+    for name, h in (("0", h0), ("2", h2)):
+        target_mean = (1 - t) * stats_a.mean[name] + t * stats_b.mean[name]
+        target_std = (1 - t) * stats_a.std[name] + t * stats_b.std[name]
+        torch.testing.assert_close(h.mean((0, 2, 3)), target_mean, rtol=0, atol=1e-10)
+        torch.testing.assert_close(h.std((0, 2, 3), unbiased=False), target_std, rtol=1e-10, atol=0)
