@@ -1252,10 +1252,22 @@ class _SpecInterpreter(torch.fx.Interpreter):
         """Basic indexing (ints, slices, None, Ellipsis) of a tensor of ``shape`` with state ``st``."""
         n = self.node
         if any(isinstance(i, (torch.Tensor, list)) or (isinstance(i, bool)) for i in idx):
-            # advanced indexing: only on tensors whose every axis is unpermuted
-            if _has_group(self._state(n.args[1])) or any(a is not None for a in st):
+            # advanced indexing: index tensors that carry no group, on unpermuted axes, while every permuted axis is
+            # taken whole (a relative-position bias table ``biases[:, idx]`` whose first axis is the heads)
+            if not self._opaque(self._state(n.args[1])):  # index tensors: constants (buffers are fixed)
+                self._fail("advanced indexing with a permuted index")
+            advanced = [k for k, i in enumerate(idx) if isinstance(i, (torch.Tensor, list))]
+            st = tuple(None if k in advanced and self._opaque((a,)) else a for k, a in enumerate(st))
+            if all(a is None for a in st):
+                return (None,) * value.ndim
+            whole = all(isinstance(i, slice) and i == slice(None) for k, i in enumerate(idx) if k not in advanced)
+            if len(idx) > len(st) or not whole or any(st[k] is not None for k in advanced):
                 self._fail("advanced indexing of a tensor with a permuted axis")
-            return (None,) * value.ndim
+            new = value.ndim - (len(st) - len(advanced))  # the axes the broadcast index tensors create
+            adjacent = advanced == list(range(advanced[0], advanced[-1] + 1))
+            rest = [st[k] for k in range(len(st)) if k not in advanced]
+            at = advanced[0] if adjacent else 0
+            return tuple(rest[:at]) + (None,) * new + tuple(rest[at:])
         if any(i is Ellipsis for i in idx):
             k = idx.index(Ellipsis)
             fill = len(shape) - (len(idx) - 1 - sum(i is None for i in idx))
@@ -1619,6 +1631,14 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 if merged is None and self._merge_heads(st[permuted[1]], st[permuted[0]], create=False) is not None:
                     # the inside axis outer, heads inner (a channel shuffle's view): heads stay fixed
                     self._release(self._roots(st[permuted[0]])[0], "inner")
+                    return self._reshape(original, x, value)
+                insides = {r for h, i, c, d in self.split.values() for r in self._roots(((i, d, 1),))}
+                cut = [r for r in self._roots(st[permuted[1]]) if r in insides]
+                if merged is None and cut:
+                    # one part of the axis inside heads (a query/key/value split of each head's units, as in LeViT):
+                    # the parts cannot be expressed as flat groups, so the units inside heads stay in place
+                    for r in cut:
+                        self._release(r, "heads")
                     return self._reshape(original, x, value)
                 if merged is None:
                     self._fail(f"a reshape from {tuple(ins)} to {tuple(outs)} interleaves permuted units")

@@ -225,6 +225,42 @@ class _PerDimScale(nn.Module):
         return self.proj((a @ v).transpose(1, 2).reshape(b, n, d)).mean(1)
 
 
+class _RelativeBias(nn.Module):
+    """Per-head relative-position biases read from a table by a constant index (Swin, CoAtNet, LeViT)."""
+
+    def __init__(self, split_inside: bool) -> None:
+        super().__init__()
+        self.split_inside = split_inside
+        self.qkv = nn.Linear(D, 3 * D)
+        self.table = nn.Parameter(torch.randn(H, 2 * N - 1))
+        pos = torch.arange(N)
+        self.register_buffer("index", pos[:, None] - pos[None, :] + N - 1)  # persistent: a constant all the same
+        self.proj = nn.Linear(D, 2)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        if self.split_inside:  # LeViT: each head's units split into its query, key and value parts
+            q, k, v = self.qkv(x).view(b, n, H, -1).split([d // H] * 3, dim=3)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            q, k, v = self.qkv(x).reshape(b, n, 3, H, d // H).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) + self.table[:, self.index]).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, d)).mean(1)
+
+
+@pytest.mark.parametrize("split_inside", [False, True])
+def test_relative_position_biases_move_with_their_heads(split_inside):
+    model = _double(_RelativeBias(split_inside), seed=13)
+    x = torch.randn(2, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    spec = trace_spec(model, x)
+    heads = next(g for g, pairs in spec.perm_to_axes.items() if ("table", 0) in pairs)
+    assert spec.sizes[heads] == H
+    # a fused projection keeps both inside permutations; per-head query/key/value parts keep none (the parts of
+    # each head are not a flat group), the heads still move
+    assert len(spec.heads) == (0 if split_inside else 2)
+    _assert_exact(model, spec, x)
+
+
 def test_an_operation_on_the_fused_parts_is_refused_naming_the_node():
     with pytest.raises(SpecError, match=r"fx node `sum_1` .*fused query/key/value parts"):
         trace_spec(_SumParts(), torch.randn(2, N, D))
