@@ -490,7 +490,7 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
     return CheckResult(
         "certificate", verdict, summary,
         {"lam": lam, "family_alpha": opts.alpha, "z": z, "min_improvement": opts.min_improvement,
-         "margin": margin, "lp_tolerance": 1e-6},
+         "margin": margin, "lp_tolerance": 1e-6, "heldout_examples": ctx.examples},
         {"per_group": per_group, "gradient_norm": {g: float(G[g].norm()) for g in G}},
     )  # fmt: skip
 
@@ -801,7 +801,8 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     thresholds = {"family_alpha": opts.alpha, "z": z, "min_improvement": opts.min_improvement,
                   "margin": margin, "ranked_swaps_per_group": opts.n_swaps,
                   "control_swaps_per_group": opts.n_control_swaps, "cycles_per_group": opts.n_cycles,
-                  "screen_examples": opts.screen_examples, "screen_pairs": opts.screen_pairs}  # fmt: skip
+                  "screen_examples": opts.screen_examples, "screen_pairs": opts.screen_pairs,
+                  "heldout_examples": ctx.examples}  # fmt: skip
     return CheckResult("neighbourhood", _overall(verdicts), summary, thresholds, details)
 
 
@@ -1160,7 +1161,11 @@ def verify_alignment(
     12 moves at 5%, against 5 with 6 batches).
 
     A pass of the neighbourhood check means that no scored move improves the objective by more than the margin at
-    the power the held-out examples give, not that none does. A fail means a move improves the objective of the
+    the power the held-out examples give, not that none does. Measured (the slow tests of
+    ``tests/verification/test_local.py``, 10 generator seeds, defaults, curve fixed): on a batch-norm MLP
+    64-32-32-10 with 10 of 32 units mis-assigned, 5 swapped pairs are flagged in at least 9 of 10 seeds and 10
+    shuffled units in 8 of 10 (paired per batch: 5 of 10); on a 64-48 MLP without batch norm the planted
+    permutation passes in 10 of 10, no random control swap is flagged. A fail means a move improves the objective of the
     fixed curve, which is not always a defect of the alignment: on the 32-unit MLP of the slow tests, a curve
     fitted for 2 epochs between a network and a relabelled copy of itself, some transpositions of the planted
     permutation improve the held-out objective by 4-5% of it (t = -4 to -6), and the same moves improve the
