@@ -593,7 +593,12 @@ class _Screen:
             return cached[1]
         if g not in self.batched:
             start = time.perf_counter()
-            values = self._batched(g, perms)
+            try:
+                values = self._batched(g, perms)
+            except (RuntimeError, NotImplementedError) as error:  # an operation vmap cannot batch
+                logger.info("screening group %s one network per candidate: %s", g, error)
+                self.batched[g] = False
+                return self._one_by_one(g, perms)
             middle = time.perf_counter()
             self._one_by_one(g, perms)
             self.batched[g] = middle - start <= time.perf_counter() - middle
@@ -628,7 +633,8 @@ class _Screen:
                     permuted = [apply_permutation(sub_b, sub_spec, {**ident, g: p}) for p in perms[lo:lo + self.chunk]]
                     stacked = {k: torch.stack([(1.0 - t) * prob.wa[k] + t * pb[k] + c * off[k] for pb in permuted])
                                for k in keys}  # fmt: skip
-                    out[lo:lo + len(permuted)] += torch.func.vmap(loss)(stacked).double()
+                    # dropout, if any: its own mask per candidate, as in one network per candidate
+                    out[lo:lo + len(permuted)] += torch.func.vmap(loss, randomness="different")(stacked).double()
         return out / len(self.ts)
 
 

@@ -580,3 +580,21 @@ def test_neighbourhood_progress_announces_its_time_and_ends_at_its_total(planted
     assert len(announced) == 1 and announced[0]["expected_seconds"] > 0 and mine[0] is announced[0]
     steps = [r["step"] for r in mine]
     assert steps == sorted(steps) and steps[-1] == mine[-1]["total"] == announced[0]["total"]
+
+
+def test_batched_screen_runs_networks_with_dropout():
+    """Dropout in the objective's train mode: the batched screen draws a mask per candidate (vmap's
+    randomness="different") instead of refusing; the values are losses of the right shape."""
+    from neuralign.curves.pam import CurvePermutationProblem
+    from neuralign.verification.local import _Screen, _swap
+
+    data = load_data("digits", batch_size=64, generator=0)
+    model = build_model("mlp", 10, in_features=64, hidden=(16, 16), batch_norm=True, dropout=0.2, generator=1)
+    x, y = next(iter(data.train))
+    spec = trace_spec(model, x)
+    prob = CurvePermutationProblem(model, model.state_dict(), model.state_dict(), spec, data.train,
+                                   heldout_loader=data.train_eval, value_batches=2)  # fmt: skip
+    screen = _Screen(_Context(prob, [torch.zeros(sum(prob.numels))], spec), (x, y), (0.5,))
+    torch.manual_seed(0)
+    values = screen._batched("hidden.0.fc", [_swap(16, 0, 1), _swap(16, 2, 3), _swap(16, 4, 5)])
+    assert values.shape == (3,) and bool(torch.isfinite(values).all()) and bool((values > 0).all())
