@@ -633,6 +633,17 @@ class _SpecInterpreter(torch.fx.Interpreter):
             return None
         return action
 
+    def _tie(self, a, b):
+        """:meth:`_unify`, except that a head axis tied to an unpermuted one stays in the result, fixed: it still
+        says which head each entry belongs to, and so which permutation acts inside it (ALiBi's constant slopes)."""
+        tied = self._unify(a, b)
+        kept = a if a is not None else b
+        if tied is None and kept is not None and self.split:
+            heads = {r for h, _, n, _ in self.split.values() for r in self._roots(((h, n, 1),))}
+            if set(self._roots(kept)) & heads:
+                return self._norm(kept)
+        return tied
+
     def _split_group(self, gid: int, heads: int, size: int) -> tuple[int, int]:
         """Split the flat group of ``gid`` into ``heads`` heads of ``size`` units: (head gid, inner gid)."""
         root = self.groups.find(gid)
@@ -939,7 +950,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
         used = [q, k, v]
         for extra, pos in (("key_padding_mask", 3), ("attn_mask", 5)):
             used.append(self._arg(n, pos, extra))
-            if _has_group(self._state(used[-1])):
+            if not self._opaque(self._state(used[-1])):  # a stored mask is a constant: its axes are pinned
                 self._fail(f"its `{extra}` is permuted")
         self._account(n, used)
         sts = [self._tstate(t) for t in (q, k, v)]
@@ -1026,7 +1037,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
                     if a is not None:
                         self._fix_action(a)
                     continue
-                action = a if first else self._unify(action, a)
+                action = a if first else self._tie(action, a)
                 first = False
             out.append(action)
         if any(v.ndim > value.ndim for _, v in operands):
@@ -1484,7 +1495,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
                     if a is not None:
                         self._fix_action(a)
                     continue
-                letter_action[ch] = self._unify(letter_action[ch], a) if ch in letter_action else a
+                letter_action[ch] = self._tie(letter_action[ch], a) if ch in letter_action else a
         out = tuple(letter_action.get(ch) for ch in rhs)
         for a in out:
             self._promote(a)
@@ -1546,11 +1557,11 @@ class _SpecInterpreter(torch.fx.Interpreter):
                         self._fail("attention with key/value axes that do not match the query's")
                     rep = vq.shape[ax] // val.shape[ax]  # enable_gqa: key/value head j serves query heads j*rep..
                     a = tuple((g, c, e * rep) for g, c, e in self._norm(a))
-                batch[ax] = self._unify(batch[ax], a)
+                batch[ax] = self._tie(batch[ax], a)
         self._unify(sq[-1], sk[-1])
         if mask is not None and isinstance(self._value(mask), torch.Tensor):
             sm, vm = self._tstate(mask), self._value(mask)
-            if any(a is not None for a in sm[-2:]):
+            if not self._opaque(tuple(sm[-2:])):  # a stored mask's position axes are pinned
                 self._fail("its attention mask is permuted along a query or key position")
             lead = vm.ndim - 2
             for j in range(lead):
@@ -1560,7 +1571,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 if vm.shape[j] == 1 and vq.shape[ax] != 1:
                     self._fix_action(sm[j])
                 else:
-                    batch[ax] = self._unify(batch[ax], sm[j])
+                    batch[ax] = self._tie(batch[ax], sm[j])
         return tuple(batch) + (None, sv[-1])
 
     # ------------------------------------------------------------------ rules
@@ -1574,6 +1585,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
         ins, outs = list(x.shape), list(value.shape)
         out: list = [None] * len(outs)
         stack = None
+        full = tuple(self._norm(a) for a in st)  # fixed groups kept: a fixed head axis still indexes its insides
         st = tuple(self._live_norm(a) for a in st)
         i = j = 0
         while i < len(ins) or j < len(outs):
@@ -1597,6 +1609,16 @@ class _SpecInterpreter(torch.fx.Interpreter):
             nin = [a for a in bi if ins[a] > 1]
             nout = [b for b in bj if outs[b] > 1]
             permuted = [a for a in bi if st[a] is not None]
+            both = [a for a in bi if full[a] is not None]
+            if len(nout) == 1 and len(both) == 2 and both[1] == nin[nin.index(both[0]) + 1]:
+                # a head axis merged with the axis inside heads (and unpermuted positions around them)
+                merged = self._merge_heads(full[both[0]], full[both[1]])
+                if merged is not None:
+                    inner = math.prod(ins[a] for a in nin if a > both[1])
+                    outer = math.prod(ins[a] for a in nin if a < both[0])
+                    out[nout[0]] = tuple((g, k, e * inner) for g, k, e in merged) * outer
+                    self.merged_heads = True
+                    continue
             if not permuted:
                 continue
             if len(nin) == 1 and len(nout) == 1:
@@ -1626,26 +1648,20 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 else:
                     self._fail("a reshape splits permuted units")
             elif len(nout) == 1 and len(permuted) == 2 and permuted[1] == nin[nin.index(permuted[0]) + 1]:
-                # a head axis merged with the axis inside heads (and unpermuted positions around them)
-                merged = self._merge_heads(st[permuted[0]], st[permuted[1]])
-                if merged is None and self._merge_heads(st[permuted[1]], st[permuted[0]], create=False) is not None:
+                # two permuted axes merged that are not a head axis and its inside (tried above)
+                if self._merge_heads(st[permuted[1]], st[permuted[0]], create=False) is not None:
                     # the inside axis outer, heads inner (a channel shuffle's view): heads stay fixed
                     self._release(self._roots(st[permuted[0]])[0], "inner")
                     return self._reshape(original, x, value)
                 insides = {r for h, i, c, d in self.split.values() for r in self._roots(((i, d, 1),))}
                 cut = [r for r in self._roots(st[permuted[1]]) if r in insides]
-                if merged is None and cut:
+                if cut:
                     # one part of the axis inside heads (a query/key/value split of each head's units, as in LeViT):
                     # the parts cannot be expressed as flat groups, so the units inside heads stay in place
                     for r in cut:
                         self._release(r, "heads")
                     return self._reshape(original, x, value)
-                if merged is None:
-                    self._fail(f"a reshape from {tuple(ins)} to {tuple(outs)} interleaves permuted units")
-                inner = math.prod(ins[a] for a in nin if a > permuted[1])
-                outer = math.prod(ins[a] for a in nin if a < permuted[0])
-                out[nout[0]] = tuple((g, k, e * inner) for g, k, e in merged) * outer
-                self.merged_heads = True
+                self._fail(f"a reshape from {tuple(ins)} to {tuple(outs)} interleaves permuted units")
             else:
                 self._fail(f"a reshape from {tuple(ins)} to {tuple(outs)} interleaves permuted units")
         if stack is not None:

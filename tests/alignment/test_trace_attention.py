@@ -261,6 +261,91 @@ def test_relative_position_biases_move_with_their_heads(split_inside):
     _assert_exact(model, spec, x)
 
 
+class _Variants(nn.Module):
+    """Separate q/k/v projections viewed as (B, N, H, d); SDPA with enable_gqa or ALiBi slopes as an additive mask."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        kv = 2 if kind == "enable_gqa" else H
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, kv * D // H), nn.Linear(D, kv * D // H)
+        self.o = nn.Linear(D, 2)
+        slopes = 2.0 ** -torch.arange(1, H + 1, dtype=torch.float64)
+        pos = torch.arange(N, dtype=torch.float64)
+        alibi = -slopes[:, None, None] * (pos[None, :, None] - pos[None, None, :]).abs()
+        self.register_buffer("alibi", alibi, persistent=kind == "alibi_buffer")
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, H, -1).transpose(1, 2)
+        k = self.k(x).view(b, n, -1, d // H).transpose(1, 2)
+        v = self.v(x).view(b, n, -1, d // H).transpose(1, 2)
+        if self.kind == "enable_gqa":
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        elif self.kind == "alibi_hand":
+            o = (q @ k.transpose(-2, -1) * (d // H) ** -0.5 + self.alibi).softmax(-1) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.alibi.to(x.dtype))
+        return self.o(o.transpose(1, 2).reshape(b, n, d)).mean(1)
+
+
+def test_grouped_query_attention_through_enable_gqa():
+    model = _double(_Variants("enable_gqa"), seed=15)
+    x = torch.randn(2, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(16))
+    spec = trace_spec(model, x)
+    v = next(g for g in spec.heads if ("v.weight", 0) in spec.perm_to_axes[g])
+    o = next(g for g in spec.heads if ("o.weight", 1) in spec.perm_to_axes[g])
+    assert (spec.heads[v].count, spec.heads[o].count, spec.heads[o].tie) == (2, H, 2)
+    assert spec.heads[v].inner == spec.heads[o].inner and spec.heads[v].heads == spec.heads[o].heads
+    _assert_exact(model, spec, x)
+    assert not check_equivalence(model, _flat(spec), x, trials=3, generator=0).passed
+
+
+@pytest.mark.parametrize("kind", ["alibi_constant", "alibi_hand", "alibi_buffer"])
+def test_alibi_slopes_fix_or_move_the_heads(kind):
+    model = _double(_Variants(kind), seed=17)
+    x = torch.randn(2, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
+    spec = trace_spec(model, x)
+    # constant slopes (not in the state dict) pin every head to its slope; a stored table moves with the heads
+    assert {h.heads is None for h in spec.heads.values()} == {kind != "alibi_buffer"}
+    assert (("alibi", 0) in {p for pairs in spec.perm_to_axes.values() for p in pairs}) == (kind == "alibi_buffer")
+    assert len(spec.heads) == 2  # the units inside heads move either way
+    _assert_exact(model, spec, x)
+
+
+class _MHAVariants(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.emb = nn.Linear(5, D)
+        kdim = 6 if kind == "kdim" else None
+        self.mha = nn.MultiheadAttention(D, H, batch_first=True, kdim=kdim, vdim=kdim, add_bias_kv=kind == "bias_kv")
+        self.side = nn.Linear(5, 6)
+        self.fc = nn.Linear(D, 3)
+        self.register_buffer("masks", torch.randn(2 * H, N, N))
+        self.register_buffer("padding", torch.tensor([[False] * N, [False] * (N - 1) + [True]]))
+
+    def forward(self, x):
+        h = self.emb(x)
+        kv = self.side(x) if self.kind == "kdim" else h
+        if self.kind == "per_head_mask":
+            a, _ = self.mha(h, kv, kv, attn_mask=self.masks, need_weights=False)
+        else:
+            a, _ = self.mha(h, kv, kv, key_padding_mask=self.padding)
+        return self.fc(a).mean(1)
+
+
+@pytest.mark.parametrize("kind", ["kdim", "bias_kv", "per_head_mask"])
+def test_multihead_attention_variants(kind):
+    model = _double(_MHAVariants(kind), seed=19)
+    x = torch.randn(2, N, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(20))
+    spec = trace_spec(model, x)
+    assert (spec.heads["mha.qk"].heads is None) == (kind == "per_head_mask")  # one mask per (batch, head)
+    if kind == "bias_kv":
+        assert ("mha.bias_k", 2) in spec.perm_to_axes["mha.qk"] and ("mha.bias_v", 2) in spec.perm_to_axes["mha.vo"]
+    _assert_exact(model, spec, x)
+
+
 def test_an_operation_on_the_fused_parts_is_refused_naming_the_node():
     with pytest.raises(SpecError, match=r"fx node `sum_1` .*fused query/key/value parts"):
         trace_spec(_SumParts(), torch.randn(2, N, D))
