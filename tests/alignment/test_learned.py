@@ -23,6 +23,7 @@ from neuralign.alignment import (
     trace_spec,
 )
 from neuralign.errors import ShapeMismatchError
+from tests.alignment.nets import ResCatNet, randomize_bn
 
 METHODS = sorted(LEARNED_METHODS)
 
@@ -359,3 +360,24 @@ def test_resume_after_sigkill_is_bit_identical(method, pair, tmp_path):
     whole = run(method, a, b, batches(x, y), **kwargs)
     assert all(torch.equal(whole.perms[g], resumed.perms[g]) for g in whole.perms)
     assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_traced_net_with_batch_norm_residuals_and_concatenation(method):
+    """ResCatNet: batch norm (run in train mode on the method's own buffer copies), a residual addition tying two
+    groups, a channel concatenation and a LayerNorm over a permuted axis; the planted permutation is recovered and
+    neither model is modified."""
+    torch.manual_seed(0)
+    a = randomize_bn(ResCatNet(), 0)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
+    spec = trace_spec(a, data[0][0][:2])
+    b = ResCatNet()
+    b.load_state_dict(apply_permutation(a.state_dict(), spec, random_permutation(spec, generator=1)))
+    before = {k: v.clone() for k, v in [*a.state_dict().items(), *(("b." + k, v) for k, v in b.state_dict().items())]}
+    res = run(method, a, b, data, spec=spec, epochs=2, generator=0)
+    aligned = apply_permutation(b.state_dict(), spec, res.perms)
+    assert all(torch.equal(aligned[k], v) for k, v in a.state_dict().items())
+    after = {**a.state_dict(), **{"b." + k: v for k, v in b.state_dict().items()}}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert a.training and b.training  # the caller's flags are left as they were
