@@ -164,8 +164,10 @@ class LearnedCost:
     steps : int
         Gradient steps.
     assignments : int
-        Linear assignment problems solved (one per group for each weight-matching sweep, each hard forward pass and
-        each rounding; the start's included).
+        Linear assignment problems solved: one per group for each hard forward pass and each rounding, and for
+        weight matching (the start, the straight-through projections) one per group and sweep of its coordinate
+        ascent plus one per group for its greedy start (an upper bound if the ascent skips a group whose neighbours
+        did not change since its last step).
     """
 
     wall_seconds: float = 0.0
