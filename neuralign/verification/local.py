@@ -652,12 +652,12 @@ class _Meter:
 
 
 def _screen_group(g: str, n: int, G: torch.Tensor, screen: _Screen, coarse: _Screen, opts, gen: torch.Generator,
-                  meter: _Meter, cost: dict[str, float]):
+                  meter: _Meter):
     """Transpositions ``(i, j)`` (i < j) of group ``g`` to score: every pair when they are no more than
     ``n_swaps + n_control_swaps``; else the ``n_swaps`` with the lowest screening estimate (the exact change of the
     objective on the screening set, over at most ``screen_pairs`` candidates: all pairs, or the best of a coarse
-    exact change on 32 screening examples) and ``n_control_swaps`` drawn uniformly from the others. ``cost[g]``:
-    milliseconds per candidate and screening example, for the meter."""
+    exact change on 32 screening examples) and ``n_control_swaps`` drawn uniformly from the others. The meter
+    advances by each stage's measured seconds per candidate."""
     rows, cols = torch.triu_indices(n, n, offset=1)
     n_ranked, n_control = opts.n_swaps, opts.n_control_swaps
 
@@ -666,7 +666,7 @@ def _screen_group(g: str, n: int, G: torch.Tensor, screen: _Screen, coarse: _Scr
         for lo in range(0, candidates.numel(), which.chunk):
             part = candidates[lo:lo + which.chunk].tolist()
             out.append(which(g, [_swap(n, int(rows[k]), int(cols[k])) for k in part]))
-            meter.add(cost[g] * len(part) * which.examples)
+            meter.add(1000.0 * which.seconds[g] * len(part))
         return torch.cat(out)
 
     candidates = _first_stage(n, G, opts)
@@ -713,7 +713,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     started = time.perf_counter()
     ctx.losses({})
     per_move = 1000.0 * (time.perf_counter() - started)
-    meter, cost, work = _Meter(opts), {}, 0.0
+    meter, work = _Meter(opts), 0.0
     started = time.perf_counter()
     for g, n in ctx.spec.sizes.items():
         pairs = n * (n - 1) // 2
@@ -727,9 +727,11 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         probe = _first_stage(n, G[g], opts)[: first.chunk]
         rows, cols = torch.triu_indices(n, n, offset=1)
         first(g, [_swap(n, int(rows[k]), int(cols[k])) for k in probe.tolist()])  # measured (and cached) here
-        cost[g] = 1000.0 * first.seconds[g] / first.examples
-        work += cost[g] * (_first_stage(n, G[g], opts).numel() * first.examples
-                           + (opts.screen_pairs * screen.examples if first is coarse else 0))  # fmt: skip
+        work += 1000.0 * first.seconds[g] * _first_stage(n, G[g], opts).numel()
+        if first is coarse:  # the second stage's cost per candidate is not the first's scaled: measure it too
+            probe = probe[: screen.chunk]
+            screen(g, [_swap(n, int(rows[k]), int(cols[k])) for k in probe.tolist()])
+            work += 1000.0 * screen.seconds[g] * opts.screen_pairs
     meter.done = 1000.0 * (time.perf_counter() - started)  # the probes: done, and part of the work
     meter.total = work + meter.done
     _tick(opts, "neighbourhood", int(meter.done), int(meter.total), expected=meter.total / 1000.0)
@@ -745,7 +747,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         if pairs_in_group[g] <= opts.n_swaps + opts.n_control_swaps:
             swaps = [(int(i), int(j), "all") for i, j in torch.triu_indices(n, n, offset=1).t()]
         else:
-            swaps = _screen_group(g, n, G[g], screen, coarse, opts, gen, meter, cost)
+            swaps = _screen_group(g, n, G[g], screen, coarse, opts, gen, meter)
         moves = [("swap", (i, j), how, _swap(n, i, j)) for i, j, how in swaps]
         if n >= 3:
             for _ in range(opts.n_cycles):
@@ -790,6 +792,8 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         per_group[g] = row
         examples[g] = best[1]
         improving_moves[g] = sorted(found, key=lambda r: r[2])
+    if int(min(meter.done, meter.total)) < int(meter.total):  # estimates summed in another order: close the bar
+        meter.add(meter.total - meter.done)
     lo, hi = wilson_interval(total_sig, total)
     exhaustive = sum(r["exhaustive"] for r in per_group.values())
     summary = (
