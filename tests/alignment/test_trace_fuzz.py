@@ -143,6 +143,14 @@ OPS = [
     ("sdpa", lambda h, p, t: F.scaled_dot_product_attention(*(h.transpose(1, 2)[:, None],) * 3)[:, 0], "ok", "ok"),
     ("multihead_attention", lambda h, p, t: p.mha(*(h.transpose(1, 2),) * 3)[0], "ok", "ok"),
     ("setitem", lambda h, p, t: h.clone().index_fill_(1, torch.tensor([0]), 0.0), "refuse", "ok"),
+    # attention heads split from the channels (2 heads of 4): per-head attention over positions, merged back
+    ("heads_attention", lambda h, p, t: ((lambda q: ((q @ q.transpose(-2, -1)).softmax(-1) @ q).transpose(2, 3)
+                                          .reshape(h.shape))(h.view(h.shape[0], 2, C // 2, L).transpose(2, 3))),
+     "ok", "ok"),
+    ("heads_sdpa", lambda h, p, t: ((lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True)
+                                     .transpose(2, 3).reshape(h.shape))(h.view(h.shape[0], 2, C // 2, L)
+                                                                        .transpose(2, 3))), "ok", "ok"),
+    ("heads_summed", lambda h, p, t: h.view(h.shape[0], 2, C // 2, L).sum(1), "ok", "ok"),
 ]  # fmt: skip
 
 
