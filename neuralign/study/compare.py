@@ -613,7 +613,8 @@ def write_comparison_report(results: Mapping[str, Any], path: Path, *, figure: P
 
 
 def plot_comparison(results: Mapping[str, Any], path: Path) -> Path:
-    """Loss and accuracy against λ, one band (mean ± std over pairs) per method, per split; saved atomically."""
+    """Loss (log scale, so that small barriers stay visible beside large ones) and accuracy against λ, one band
+    (mean ± std over pairs) per method, per split; saved atomically."""
     from neuralign.study.plots import _figure, _save_figure
 
     splits = results["protocol"]["splits"]
@@ -632,6 +633,8 @@ def plot_comparison(results: Mapping[str, Any], path: Path) -> Path:
                     ax.fill_between(t, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
             ax.set_xlabel("λ")
             ax.set_ylabel(f"{split} {label}")
+            if field == "loss":
+                ax.set_yscale("log")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
