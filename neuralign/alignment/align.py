@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from neuralign._utils import as_generator, check_compatible
-from neuralign.alignment.heads import match_heads
+from neuralign.alignment.heads import head_blocks, match_heads
 from neuralign.alignment.permutation import (
     Permutation,
     _axis_index,
     identity_permutation,
+    random_permutation,
     validate_permutation,
 )
 from neuralign.alignment.spec import Action, PermutationSpec, Segment, _segments_for
@@ -288,21 +289,25 @@ class _WeightProblem:
             S += self._summand(t, perms)
         return S
 
-    def gain(self, S: torch.Tensor, group: str, old: torch.Tensor, new: torch.Tensor) -> float:
-        """How much more of ``S`` ``new`` matches than ``old``; 0 unless more than the rounding of the exchanged
-        entries.
+    def gain(self, sims: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]):
+        """How much more of the similarities ``sims`` (group -> ``S_g``) the permutations ``new`` match than ``old``;
+        0 unless more than the rounding of the exchanged entries.
 
         The difference is summed in float64 over the rows that change only; it must exceed
-        ``_ROUNDING_SLACK * eps(dtype) * sum_i |a_i| (|b_old(i)| + |b_new(i)|)`` (their Cauchy-Schwarz bounds), so
-        rounding noise between equal assignments is never an improvement and the ascent cannot cycle on it.
+        ``_ROUNDING_SLACK * eps(dtype) * sum_i |a_i| (|b_old(i)| + |b_new(i)|)`` (their Cauchy-Schwarz bounds, summed
+        over the groups), so rounding noise between equal assignments is never an improvement and the ascent cannot
+        cycle on it.
         """
-        rows = torch.nonzero(old != new).flatten()
-        if not len(rows):
-            return 0.0
-        delta = float((S[rows, new[rows]].double() - S[rows, old[rows]].double()).sum())
-        na, nb = self.norms[group]
-        bound = float((na[rows] * (nb[old[rows]] + nb[new[rows]])).sum())
-        return delta if delta > _ROUNDING_SLACK * torch.finfo(self.dtype).eps * bound else 0.0
+        delta, bound = 0.0, 0.0
+        for g, S in sims.items():
+            rows = torch.nonzero(old[g] != new[g]).flatten()
+            if not len(rows):
+                continue
+            o, n = old[g][rows], new[g][rows]
+            delta += float((S[rows, n].double() - S[rows, o].double()).sum())
+            na, nb = self.norms[g]
+            bound += float((na[rows] * (nb[o] + nb[n])).sum())
+        return delta if bound > 0 and delta > _ROUNDING_SLACK * torch.finfo(self.dtype).eps * bound else 0.0
 
     def upper_bound(self) -> float:
         r""":math:`\sum_\ell \|W^A_\ell\| \|W^B_\ell\|` (Cauchy-Schwarz): no permutation scores more, and one
@@ -343,6 +348,40 @@ def _step(S: torch.Tensor, current: torch.Tensor, freedom: _Freedom, group: str)
     return new
 
 
+_Block = tuple[tuple[str, ...], bool]  # a coordinate of the ascent: its groups, and whether it is head-structured
+
+
+def _blocks(problem: _WeightProblem, free: Mapping[str, _Freedom], plain: bool) -> list[_Block]:
+    """The coordinates of the ascent over the groups in ``free``, in spec order. The groups sharing a head
+    permutation (:func:`~neuralign.alignment.heads.head_blocks`) form one structured coordinate when every one of
+    them is free without restriction and ``plain``; every other group is an unstructured coordinate of its own."""
+    spec = problem.spec
+    joint: dict[str, tuple[str, ...]] = {}
+    if plain:
+        for members in head_blocks(spec).values():
+            if all(g in free and free[g] is None for g in members):
+                joint.update(dict.fromkeys(members, members))
+    out, seen = [], set()
+    for g in spec.groups:
+        if g in free and g not in seen:
+            block = joint.get(g, (g,))
+            seen.update(block)
+            out.append((block, g in joint))
+    return out
+
+
+def _step_block(problem: _WeightProblem, perms: Permutation, block: _Block, sims, free) -> Permutation:
+    """The best permutations of the block's groups for their similarities ``sims`` (every other group held): the
+    structured assignment of :func:`match_heads` for a head block (exact when no tensor carries two of its groups),
+    else one assignment (:func:`_step`)."""
+    groups, structured = block
+    if not structured:
+        return {groups[0]: _step(sims[groups[0]], perms[groups[0]], free[groups[0]], groups[0])}
+    head = next(problem.spec.heads[g].heads for g in groups if g in problem.spec.heads)
+    found = match_heads(problem.spec, sims.__getitem__, perms, heads={head})
+    return {g: found[g] for g in groups}
+
+
 def _greedy_start(problem: _WeightProblem, perms: Permutation, free: Mapping[str, _Freedom], step=None) -> None:
     """Set the free groups one at a time (in place), each from the summands that the groups set so far determine.
 
@@ -355,19 +394,24 @@ def _greedy_start(problem: _WeightProblem, perms: Permutation, free: Mapping[str
     """
     spec = problem.spec
     solved = {g for g in spec.groups if g not in free}
-    pending = [g for g in spec.groups if g in free]
+    pending = _blocks(problem, free, plain=step is None)
     while pending:
         best = None
-        for g in pending:
-            known = [t for t in problem.terms[g] if t.informative and g not in t.deps and t.deps <= solved]
-            info = sum(t.width for t in known)
+        for block in pending:
+            known = {g: [t for t in problem.terms[g] if t.informative and g not in t.deps and t.deps <= solved]
+                     for g in block[0]}  # fmt: skip
+            info = sum(t.width for ts in known.values() for t in ts)
             if best is None or info > best[0]:
-                best = (info, g, known)
-        info, g, known = best
-        S = problem.similarity(perms, g, known if info > 0 else None)
-        perms[g] = step(g, S) if step is not None else _step(S, perms[g], free[g], g)
-        solved.add(g)
-        pending.remove(g)
+                best = (info, block, known)
+        info, block, known = best
+        groups = block[0]
+        sims = {g: problem.similarity(perms, g, known[g] if info > 0 else None) for g in groups}
+        if step is not None:
+            perms[groups[0]] = step(groups[0], sims[groups[0]])
+        else:
+            perms.update(_step_block(problem, perms, block, sims, free))
+        solved.update(groups)
+        pending.remove(block)
 
 
 def _ascent(
@@ -382,32 +426,44 @@ def _ascent(
 ) -> tuple[Permutation, int, bool]:
     """Block coordinate ascent of the weight-matching objective over the groups in ``free`` (others fixed).
 
-    Each step solves one group's assignment exactly with the others held; a step is kept only if it strictly
-    improves (by more than rounding, see :meth:`_WeightProblem.gain`, so ties cannot make a sweep cycle). A group
-    whose neighbours (the groups on the other axes of its tensors) are unchanged since its last step is skipped:
-    its similarity, hence its step, would be the same. Stops after a sweep (random group order) without change, or
+    Each step solves one coordinate exactly with the others held: one group's assignment, or for the groups that
+    share a head permutation (attention; :func:`_blocks`) the structured assignment of :func:`match_heads` on
+    their similarities jointly, so every iterate keeps heads whole when the start does. A step is kept only if it
+    strictly improves (by more than rounding, see :meth:`_WeightProblem.gain`, so ties cannot make a sweep cycle;
+    for a head block with a tensor carrying two of its groups, where the similarities are not additive, by the
+    float64 objective itself), so the objective never decreases. A coordinate whose neighbours (the groups on the
+    other axes of its tensors) are unchanged since its last step is skipped: its similarities, hence its step,
+    would be the same. Stops after a sweep (random group order) without change, or
     (``tol > 0``) one that raised the objective by at most ``tol`` times its absolute value.
     """
     perms = {g: p.clone() for g, p in perms.items()}
     if greedy:
         _greedy_start(problem, perms, free)
     level = problem.objective(perms) if tol > 0 else 0.0
-    names = [g for g in problem.spec.groups if g in free]
-    stepped_at: dict[str, list[torch.Tensor]] = {}  # the neighbours' permutations at each group's last step
+    blocks = _blocks(problem, free, plain=True)
+    around_of = {b: sorted(set().union(*(problem.neighbours[g] for g in b[0])) - set(b[0])) for b in blocks}
+    # a tensor carrying two groups of one block: the block's similarities are not additive, so its step is judged
+    # by the objective itself
+    coupled = {b for b in blocks if any(h in b[0] for g in b[0] for h in problem.neighbours[g])}
+    stepped_at: dict[_Block, list[torch.Tensor]] = {}  # the neighbours' permutations at each last step
     for sweep in range(1, max_iter + 1):
         changed, rise = False, 0.0
-        for i in torch.randperm(len(names), generator=generator).tolist():
-            g = names[i]
-            around = [perms[h] for h in problem.neighbours[g]]
-            last = stepped_at.get(g)
+        for i in torch.randperm(len(blocks), generator=generator).tolist():
+            block = blocks[i]
+            around = [perms[h] for h in around_of[block]]
+            last = stepped_at.get(block)
             if last is not None and all(x is y for x, y in zip(last, around, strict=True)):
                 continue
-            stepped_at[g] = around
-            S = problem.similarity(perms, g)
-            new = _step(S, perms[g], free[g], g)
-            step_rise = problem.gain(S, g, perms[g], new)
+            stepped_at[block] = around
+            sims = {g: problem.similarity(perms, g) for g in block[0]}
+            new = _step_block(problem, perms, block, sims, free)
+            if block in coupled:
+                step_rise = problem.objective({**perms, **new}) - problem.objective(perms)
+                step_rise = step_rise if step_rise > _ROUNDING_SLACK * 2.0**-52 * problem.upper_bound() else 0.0
+            else:
+                step_rise = problem.gain(sims, perms, new)
             if step_rise > 0:
-                perms[g] = new
+                perms.update(new)
                 changed, rise = True, rise + step_rise
         if not changed or rise <= tol * abs(level):
             return perms, sweep, True
@@ -462,7 +518,7 @@ def _weight_matching(
         if r == 0:
             start = identity_permutation(spec)
         else:
-            start = {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
+            start = random_permutation(spec, generator=generator)  # structured where the spec has heads
         perms, sweeps, converged = _ascent(
             problem, start, free, greedy=r == 0, generator=generator, max_iter=max_iter, tol=tol
         )
@@ -519,6 +575,9 @@ def align(
       permutations and the run with the largest :math:`J` is returned (a non-convex problem with many
       coordinate-wise optima; on torchvision ResNet-18 and MobileNetV2 with independent random weights the
       greedy run ends above the random ones, see ``benchmarks/bench_weight_matching.py``).
+      With attention heads (``spec.heads``) the groups sharing a head permutation are one coordinate, set by the
+      structured assignment (:func:`~neuralign.alignment.heads.match_heads` on their similarities jointly): every
+      iterate keeps heads whole and :math:`J` never decreases; random restarts start structured.
       The similarities are accumulated in float32 (float64 when some weight's magnitude leaves
       :math:`[2^{-40}, 2^{40}]`), each summand cached until a group on its other axes changes; objectives are
       float64.
@@ -716,7 +775,8 @@ def align(
             )
     if not converged:
         warnings.warn(message + "; raise `max_iter`", ConvergenceWarning, stacklevel=2)
-    if spec.heads:  # attention: a head assignment, then one inside each matched pair of heads (alignment/heads.py)
+    if spec.heads and method != "weight":  # weight matching's ascent is structured; the data methods' similarities
+        # give a head assignment, then one inside each matched pair of heads (alignment/heads.py)
         similar = {g: sim[g] if data is None or data[g].correlation is not None else problem.similarity(perms, g)
                    for g in spec.groups}  # fmt: skip
         perms = match_heads(spec, similar, perms)

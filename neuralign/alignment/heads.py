@@ -20,7 +20,7 @@ step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 
@@ -28,13 +28,15 @@ from neuralign.alignment.permutation import Permutation, heads_permutation
 from neuralign.alignment.spec import PermutationSpec
 from neuralign.optim import solve_assignment
 
-__all__ = ["match_heads"]
+__all__ = ["match_heads", "head_blocks"]
 
 
 def match_heads(
     spec: PermutationSpec,
     similarity: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
     perms: Mapping[str, torch.Tensor],
+    *,
+    heads: Collection[str | None] | None = None,
 ) -> Permutation:
     """Replace the permutations of every head group and every group with heads by the best structured ones.
 
@@ -47,6 +49,9 @@ def match_heads(
         function of the group name returning it (read only for the head groups and the groups with heads).
     perms : Mapping[str, LongTensor]
         The current permutation of every group (unstructured ones are replaced).
+    heads : collection of (str or None), optional
+        Match only the groups whose ``Heads.heads`` is in it (with those head groups); default every group with
+        heads. One such key is one block of the weight-matching ascent (:func:`head_blocks`).
 
     Returns
     -------
@@ -74,6 +79,8 @@ def match_heads(
     for g, h in spec.heads.items():
         by_head.setdefault(h.heads, []).append(g)
     for head, groups in by_head.items():
+        if heads is not None and head not in heads:
+            continue
         sims = {g: _checked(get(g), spec.sizes[g], g) for g in groups}
         structures = {g: spec.heads[g] for g in groups}
         blocks = next(iter(structures.values())).blocks
@@ -119,3 +126,19 @@ def _checked(S: torch.Tensor, n: int, group: str) -> torch.Tensor:
         shape = tuple(S.shape) if isinstance(S, torch.Tensor) else type(S).__name__
         raise ValueError(f"the similarity of group `{group}` must have shape ({n}, {n}), got {shape}")
     return S.detach().to(torch.float64).cpu()
+
+
+def head_blocks(spec: PermutationSpec) -> dict[str | None, tuple[str, ...]]:
+    """The groups that one structured assignment of :func:`match_heads` sets together, by head key.
+
+    Returns
+    -------
+    dict[str or None, tuple[str, ...]]
+        ``Heads.heads`` (the head group, or None for groups whose heads never move) -> that head group (when it is a
+        group of the spec) followed by the groups with heads naming it, in spec order. Groups outside every block
+        are matched unstructured.
+    """
+    out: dict[str | None, list[str]] = {h.heads: [] for h in spec.heads.values()}
+    for head, members in out.items():
+        members.extend(g for g in spec.groups if g == head or (g in spec.heads and spec.heads[g].heads == head))
+    return {head: tuple(members) for head, members in out.items()}

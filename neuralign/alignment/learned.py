@@ -44,6 +44,7 @@ from neuralign._options import Options, resolve_options
 from neuralign._utils import as_generator, check_compatible, classification_loss, split_batch, stable_seed
 from neuralign._validate import check_choice, check_int, check_real
 from neuralign.alignment.align import AlignmentResult, _ascent, _WeightProblem, align
+from neuralign.alignment.heads import match_heads
 from neuralign.alignment.permutation import (
     apply_permutation,
     apply_permutation_matrices,
@@ -493,8 +494,9 @@ def straight_through(
         \\operatorname{proj}(\\tilde\\theta_B) = \\pi(\\theta_B), \\qquad
         \\pi = \\arg\\max_{\\pi} \\sum_\\ell \\langle \\tilde\\theta_{B,\\ell}, \\pi(\\theta_B)_\\ell \\rangle,
 
-    weight matching (block coordinate ascent, one exact assignment per group, warm-started from the previous
-    step's :math:`\\pi`, at most ``projection_iter`` sweeps), and the backward pass treats the projection as the
+    weight matching (block coordinate ascent, one exact assignment per group, or one structured assignment per
+    block of groups sharing an attention-head permutation, warm-started from the previous step's :math:`\\pi`, at
+    most ``projection_iter`` sweeps), and the backward pass treats the projection as the
     identity: the gradient of :math:`\\ell((1-\\lambda)\\theta_A + \\lambda \\operatorname{proj}(\\tilde\\theta_B))`
     is applied to :math:`\\tilde\\theta_B`. The loss is at the midpoint (default) or at
     :math:`\\lambda \\sim U(a, b)` per batch. The permutation with the lowest batch objective seen is returned.
@@ -568,9 +570,12 @@ def _scores(run: _Run, noise: float) -> dict[str, torch.Tensor]:
 
 
 def _round(run: _Run, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The hard permutation of the scores: one linear assignment per group (maximising)."""
+    """The hard permutation of the scores, :math:`\\arg\\max_P \\sum_g \\langle Z_g, P_g\\rangle`: one linear
+    assignment per group, and for the groups with attention heads the structured assignment of
+    :func:`~neuralign.alignment.heads.match_heads` (heads kept whole), which replaces theirs."""
     run.cost["assignments"] += len(scores)
-    return {g: solve_assignment(z.detach(), maximize=True, name=g).perm.cpu() for g, z in scores.items()}
+    perms = {g: solve_assignment(z.detach(), maximize=True, name=g).perm.cpu() for g, z in scores.items()}
+    return match_heads(run.spec, {g: z.detach() for g, z in scores.items()}, perms) if run.spec.heads else perms
 
 
 @_document
@@ -599,6 +604,12 @@ def sinkhorn_rebasin(
     per batch (default, Peña et al.'s ``RndLoss``) or the data-free weight distance (``"l1"``, ``"l2"``; then
     ``loader`` may be omitted and each epoch is one step). The result is the linear assignment of the final scores
     (Peña et al. round the parameter, not the Sinkhorn output).
+
+    With attention heads (``spec.heads``) the soft permutation of a group with heads is still a point of the
+    Birkhoff polytope of its whole flat group of ``H * d`` units (it may mix units of different heads): a
+    relaxation of the structured permutations (head blocks moved whole, a permutation inside each), whose convex
+    hull is smaller. The hard permutations (each epoch's and the result) are structured: the rounding is the
+    structured assignment on the scores (:func:`~neuralign.alignment.heads.match_heads`).
 
     {parameters}
     The gradient through the Sinkhorn sweeps is unrolled autograd (see :func:`~neuralign.optim.sinkhorn`: the exact
@@ -671,9 +682,10 @@ def learned_from_weight_matching(
 
     One latent score matrix :math:`Z_g` per group, started at the one-hot matrix of ``init`` (weight matching by
     default). The forward pass uses the hard permutation :math:`P_g = \\arg\\max_P \\langle Z_g, P\\rangle` (one
-    linear assignment per group and step) and the backward pass passes the gradient with respect to :math:`P_g`
-    straight to :math:`Z_g` (:math:`P_g + Z_g - \\operatorname{sg}(Z_g)`, exactly :math:`P_g` in the forward
-    pass, so B's end point stays an exact permutation). Adam minimises the loss at
+    linear assignment per group and step; with attention heads the structured assignment over the groups sharing a
+    head permutation, :func:`~neuralign.alignment.heads.match_heads`) and the backward pass passes the gradient
+    with respect to :math:`P_g` straight to :math:`Z_g` (:math:`P_g + Z_g - \\operatorname{sg}(Z_g)`, exactly
+    :math:`P_g` in the forward pass, so B's end point stays an exact permutation). Adam minimises the loss at
     :math:`\\lambda \\sim U(0.4, 0.6)` per batch (their ablation's best, App. C.1.1). The final hard permutation is
     returned.
 
