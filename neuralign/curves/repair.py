@@ -344,7 +344,9 @@ def repair(
     Cost: one pass over ``loader`` for the corrections and one for batch norm (none without batch norm), besides
     the end points' statistics (one pass each, reusable for every ``t``). In a network with batch norm the points
     are the batch norms' outputs, so REPAIR sets each batch norm's :math:`\\beta` and :math:`|\\gamma|` to the
-    interpolation of the end points' output statistics.
+    interpolation of the end points' output statistics: what re-estimating batch norm alone gives when the end
+    points' :math:`\\gamma` have one sign (up to :math:`\\epsilon`). The two differ at layers without batch norm
+    and at channels whose :math:`\\gamma` change sign; residual streams (after additions) are not renormalised.
 
     References
     ----------
