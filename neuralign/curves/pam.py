@@ -45,6 +45,7 @@ from neuralign.alignment import (
     trace_spec,
     validate_permutation,
 )
+from neuralign.alignment.heads import head_blocks
 from neuralign.curves.families import Bezier
 from neuralign.curves.fit import fit_curve
 from neuralign.curves.problem import CurvePermutationProblem
@@ -99,9 +100,10 @@ class CurvePAMOptions(Options):
     swap_trials : int
         The swap local search after each P-step: try this many random transpositions per group, scored on the value
         batches, and apply the best one that lowers the objective significantly (paired over batches, Bonferroni at
-        family-wise level ``swap_alpha``). Linearised steps cannot see improvements that lie behind a barrier of the
-        relaxation (averaging two units' weights is worse than either), which swaps reach directly. 0 (default):
-        off.
+        family-wise level ``swap_alpha``); with attention heads, per block of groups sharing a head permutation,
+        this many random exchanges of two whole heads or of two units inside one head (moves that keep heads whole).
+        Linearised steps cannot see improvements that lie behind a barrier of the relaxation (averaging two units'
+        weights is worse than either), which swaps reach directly. 0 (default): off.
     swap_alpha : float
         Family-wise level of the local search's tests, in (0, 1) (default 0.05).
     swap_min_improvement : float
@@ -244,7 +246,8 @@ def fit_curve_pam(
 
     1. a P-step: with :math:`G = \\nabla_P F(\\theta_{\\text{off}}, P_k)` estimated on ``gradient_batches``
        training batches, :math:`P_{k+1} = \\arg\\min_P \\langle G, P\\rangle + \\frac{1}{2\\lambda}\\|P - P_k\\|^2`
-       (one linear assignment per group; ``method="birkhoff"`` gives the official code's relaxed steps with
+       (one linear assignment per group, or with attention heads the structured assignment that keeps heads whole,
+       :meth:`CurvePermutationProblem.assign`; ``method="birkhoff"`` gives the official code's relaxed steps with
        Birkhoff–von Neumann rounding instead); with ``backtrack`` the step is halved until the monitored objective
        does not increase;
     2. an x-step: ``x_epochs`` epochs of :func:`~neuralign.curves.fit_curve` on the curve between :math:`w_A` and
@@ -462,9 +465,57 @@ def _curve_pam_options(options: CurvePAMOptions | None, overrides: dict[str, Any
 
 def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, generator: torch.Generator,
                  min_improvement: float = 0.0):
-    """A local search on the P-step: per group, ``trials`` random transpositions scored on the value batches; the
-    best one that lowers the objective significantly (Bonferroni over the trials) by more than ``min_improvement``
-    of it is applied."""
+    """A local search on the P-step: per coordinate, ``trials`` random moves scored on the value batches; the best
+    one that lowers the objective significantly (Bonferroni over the trials) by more than ``min_improvement`` of it
+    is applied. A coordinate is a group (a move: a transposition of two units), or with attention heads the groups
+    sharing one head permutation (:func:`~neuralign.alignment.heads.head_blocks`; a move: the exchange of two whole
+    head blocks in all of them, or a transposition of two units inside one head block in the groups sharing that
+    inside permutation), so every move keeps heads whole."""
+    spec = problem.spec
+    blocks = head_blocks(spec)
+    in_block = {g: head for head, members in blocks.items() for g in members}
+
+    def moves(current: dict[str, torch.Tensor], coordinate: str | tuple) -> list[dict[str, torch.Tensor]]:
+        if not isinstance(coordinate, tuple):  # a plain group: transpositions
+            p = current[coordinate]
+            n = p.numel()
+            if n < 2:
+                return []
+            out = []
+            for i, j in torch.randint(0, n, (trials, 2), generator=generator).tolist():
+                if i != j:
+                    cand = p.clone()
+                    cand[i], cand[j] = p[j], p[i]
+                    out.append({coordinate: cand})
+            return out
+        head, members = coordinate
+        flat = [g for g in members if g in spec.heads]
+        n_blocks = spec.heads[flat[0]].blocks
+        kinds = [None] if head is not None and n_blocks > 1 else []  # None: exchange two head blocks
+        kinds += sorted({spec.heads[g].inner for g in flat if spec.heads[g].inner is not None
+                         and spec.heads[g].size > 1})  # fmt: skip
+        out = []
+        for _ in range(trials if kinds else 0):
+            kind = kinds[int(torch.randint(0, len(kinds), (), generator=generator))]
+            cand = {g: current[g].clone() for g in members}
+            if kind is None:
+                p, q = torch.randperm(n_blocks, generator=generator)[:2].tolist()
+                for g in members:
+                    w = 1 if g not in spec.heads else spec.heads[g].tie * spec.heads[g].size
+                    cand[g][p * w : (p + 1) * w] = current[g][q * w : (q + 1) * w]
+                    cand[g][q * w : (q + 1) * w] = current[g][p * w : (p + 1) * w]
+            else:
+                size = next(spec.heads[g].size for g in flat if spec.heads[g].inner == kind)
+                block = int(torch.randint(0, n_blocks, (), generator=generator))
+                j, k = torch.randperm(size, generator=generator)[:2].tolist()
+                for g in flat:
+                    h = spec.heads[g]
+                    if h.inner == kind:
+                        for r in range(h.tie):
+                            base = (block * h.tie + r) * h.size
+                            cand[g][base + j], cand[g][base + k] = current[g][base + k], current[g][base + j]
+            out.append(cand)
+        return out
 
     def search(x: list[torch.Tensor], perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         current = {g: p.clone() for g, p in perms.items()}
@@ -473,23 +524,19 @@ def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, ge
             return {g: perm_to_matrix(p, dtype=problem.dtype, device=problem.device) for g, p in ps.items()}
 
         base = problem.batch_values(x, mats(current))
-        for g, p in list(current.items()):
-            n = p.numel()
-            if n < 2:
-                continue
-            pairs = torch.randint(0, n, (trials, 2), generator=generator)
-            pairs = [(int(i), int(j)) for i, j in pairs if i != j]
-            z = bonferroni_quantile(alpha, len(pairs), len(base))
+        coordinates = list(dict.fromkeys((in_block[g], blocks[in_block[g]]) if g in in_block else g for g in current))
+        for coordinate in coordinates:
+            candidates = moves(current, coordinate)
+            z = bonferroni_quantile(alpha, len(candidates), len(base)) if candidates else 0.0
             best = None
-            for i, j in pairs:
-                cand = p.clone()
-                cand[i], cand[j] = p[j], p[i]
-                vals = problem.batch_values(x, mats({**current, g: cand}))
+            for cand in candidates:
+                vals = problem.batch_values(x, mats({**current, **cand}))
                 mean, se = paired_change(vals, base)
                 if mean + z * se < -min_improvement * abs(float(base.mean())) and (best is None or mean < best[0]):
                     best = (mean, cand, vals)
             if best is not None:
-                current[g], base = best[1], best[2]
+                current.update(best[1])
+                base = best[2]
         return current
 
     return search

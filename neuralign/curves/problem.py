@@ -20,6 +20,7 @@ from neuralign._distributed import all_reduce_, check_same_batch, is_distributed
 from neuralign._options import renamed_keywords
 from neuralign._utils import as_generator, classification_loss, split_batch
 from neuralign.alignment import PermutationSpec, apply_permutation, apply_permutation_matrices, identity_permutation
+from neuralign.alignment.heads import match_heads
 from neuralign.curves._weights import parameters_of
 from neuralign.curves.families import Bezier
 from neuralign.errors import NonFiniteError
@@ -84,7 +85,9 @@ class CurvePermutationProblem(PermutationProblem):
 
     Notes
     -----
-    :math:`x` is a list holding one flat tensor :math:`\\theta_{\\text{off}}` over all parameters.
+    :math:`x` is a list holding one flat tensor :math:`\\theta_{\\text{off}}` over all parameters. With attention
+    heads in ``spec`` the feasible permutations are the structured ones (:meth:`assign`), so every P-step of
+    :class:`~neuralign.optim.PAM` keeps heads whole.
     """
 
     def __init__(
@@ -298,6 +301,17 @@ class CurvePermutationProblem(PermutationProblem):
             flat = all_reduce_(torch.cat([v.reshape(-1) for v in out.values()]))
             out = {g: part.view_as(out[g]) for g, part in zip(out, flat.split(sizes))}
         return out
+
+    def assign(self, costs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The permutations minimising :math:`\\sum_g \\langle C_g, P_g\\rangle` that keep attention heads whole:
+        one linear assignment per group, then for the groups with heads (``spec.heads``) and their head groups the
+        structured assignment of :func:`~neuralign.alignment.heads.match_heads` on :math:`-C_g` (exact for this
+        objective, which is a sum over groups). ``costs`` has every group; the result's index tensors are on the
+        costs' device."""
+        perms = super().assign(costs)
+        if not self.spec.heads:
+            return perms
+        return match_heads(self.spec, {g: -c for g, c in costs.items()}, perms)
 
     def gradient_p(self, x: Sequence[torch.Tensor], P: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:math:`\\nabla_P F` averaged over ``gradient_batches`` training batches, each at its own random t."""

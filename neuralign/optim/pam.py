@@ -32,6 +32,10 @@ Three P-steps are offered (``method=``):
     relaxed matrices, :math:`P_k` itself and ``birkhoff_samples`` Birkhoff–von Neumann draws; the one with the lowest
     monitored objective wins (ties keep :math:`P_k`).
 
+Every assignment of these steps is :meth:`PermutationProblem.assign`: one linear assignment per free group by
+default, or the problem's own minimiser over a smaller feasible set of permutations (e.g. attention heads that move
+whole, supplied by the curve problem of :mod:`neuralign.curves`), so that every iterate stays feasible.
+
 The x-step runs ``x_steps`` steps of a torch optimizer (default plain SGD) on the proximal objective
 :math:`\Phi_k(x) = F(x, P_{k+1}) + \frac{1}{2\mu}\|x - x_k\|^2`.
 
@@ -83,7 +87,6 @@ from neuralign.optim.assignment import solve_assignment
 from neuralign.optim.birkhoff import (
     birkhoff_decomposition,
     is_permutation,
-    nearest_permutation,
     perm_to_matrix,
     project_doubly_stochastic,
     sample_permutations,
@@ -382,6 +385,22 @@ class PermutationProblem(ABC):
     def has_linear_cost(self) -> bool:
         """Whether :meth:`linear_cost` is implemented."""
         return type(self).linear_cost is not PermutationProblem.linear_cost
+
+    def assign(self, costs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        r"""The feasible permutations minimising :math:`\sum_g \langle C_g, P_g\rangle`: what every P-step solves.
+
+        ``costs`` maps each free group (one per tied set, its representative) to an ``(n_g, n_g)`` float tensor;
+        the result maps the same groups to int64 index tensors ``perm`` (``P[i, perm[i]] = 1``). Default: every
+        permutation is feasible, one linear assignment per group (:func:`~neuralign.optim.solve_assignment`). A
+        problem whose feasible set is smaller (e.g. blocks of units that move whole, with a permutation inside each)
+        overrides it with the exact minimiser over its set; :class:`PAM` then keeps every iterate feasible (the
+        Birkhoff rounding's candidates are mapped to their nearest feasible permutation by the same method).
+        """
+        return {g: solve_assignment(c, name=g).perm for g, c in costs.items()}
+
+    def has_structure(self) -> bool:
+        """Whether :meth:`assign` is overridden (the feasible set is smaller than all permutations)."""
+        return type(self).assign is not PermutationProblem.assign
 
 
 class FunctionProblem(PermutationProblem):
@@ -773,7 +792,8 @@ class PAM:
         return self._collect(raw, "gradient dF/dP")
 
     def _assign(self, costs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {r: solve_assignment(costs[r], name=r).perm.to(self._device) for r in self._free}
+        out = self.problem.assign({r: costs[r] for r in self._free})
+        return {r: out[r].to(self._device) for r in self._free}
 
     # ------------------------------------------------------------------ P-steps
     def _p_step_linearized(self) -> dict[str, torch.Tensor]:
@@ -866,7 +886,7 @@ class PAM:
         best = dict(self.perms)
         best_value = self._value(self.x, best, where="for the previous permutation in the Birkhoff rounding")
         seen = {self._key(best)}
-        candidates = [{r: nearest_permutation(relaxed[r], name=r).to(self._device) for r in self._free}]
+        candidates = [self._assign({r: -m for r, m in relaxed.items()})]  # the nearest (feasible) permutations
         if options.samples:
             draws = {}
             for r in self._free:
@@ -876,7 +896,10 @@ class PAM:
                 else:
                     draws[r] = candidates[0][r].expand(options.samples, -1)
             for s in range(options.samples):
-                candidates.append({r: draws[r][s].to(self._device) for r in self._free})
+                draw = {r: draws[r][s].to(self._device) for r in self._free}
+                if self.problem.has_structure():  # the nearest feasible permutation to the draw
+                    draw = self._assign({r: -perm_to_matrix(p, dtype=self._dtype) for r, p in draw.items()})
+                candidates.append(draw)
         for cand in candidates:
             key = self._key(cand)
             if key in seen:

@@ -1,6 +1,7 @@
 """Every consumer of permutations keeps attention heads whole (issue 21): weight matching's coordinate ascent steps
-the groups sharing a head permutation by the structured assignment (monotone objective, structured iterates), and
-the learned methods (straight-through, Sinkhorn, learned from weight matching) round to structured permutations.
+the groups sharing a head permutation by the structured assignment (monotone objective, structured iterates), the
+learned methods (straight-through, Sinkhorn, learned from weight matching) round to structured permutations, and
+PAM on curves takes structured P-steps (the curve problem's assignment hook) and structured swaps.
 On the zoo's ViT and LLM-style decoder at tiny sizes with random weights and a planted structured permutation."""
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from neuralign.alignment import (
     validate_permutation,
 )
 from neuralign.alignment.align import _ascent, _WeightProblem
+from neuralign.curves import CurvePermutationProblem, fit_curve_pam
+from neuralign.curves.pam import _swap_search
 from neuralign.experiments.models.lm import TinyLM
 from neuralign.experiments.models.vit import ViT
+from neuralign.optim import BirkhoffStep, LinearizedStep, perm_to_matrix
 
 
 def _lm_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -117,3 +121,62 @@ def test_sinkhorn_rounds_noisy_scores_to_structured_permutations(case):
                             init="identity", score_noise=3.0)  # fmt: skip
     validate_permutation(spec, res.perms)
     assert any(not torch.equal(p, torch.arange(len(p))) for p in res.perms.values())
+
+
+@pytest.mark.filterwarnings("ignore::neuralign.errors.ConvergenceWarning")  # two iterations on purpose
+@pytest.mark.parametrize("step", ["linearized", "birkhoff"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fit_curve_pam_keeps_heads_whole(case, step):
+    # a large step (lam) from the unaligned start moves many units; swaps propose whole-head and inside-head moves
+    a, b, spec, _, data, loss = _planted(case, dtype=torch.float32)
+    p_step = LinearizedStep(backtrack=False) if step == "linearized" else BirkhoffStep(samples=3, steps=2, lr=10.0)
+    res = fit_curve_pam(a, a.state_dict(), b.state_dict(), data, spec=spec, init="identity", max_iter=2, x_epochs=1,
+                        lam=1e6, value_batches=2, gradient_batches=1, loss_fn=loss, generator=0, step=p_step,
+                        swap_trials=4, swap_alpha=0.5)  # fmt: skip
+    validate_permutation(spec, res.perms)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_curve_problem_assign_is_the_structured_minimiser(case):
+    # the P-step's hook: on a cost minimised by a planted structured permutation it returns that permutation; on
+    # random costs a structured permutation that no random structured permutation beats
+    a, b, spec, expected, data, loss = _planted(case, dtype=torch.float64)
+    problem = CurvePermutationProblem(a, a.state_dict(), b.state_dict(), spec, data, loss_fn=loss, value_batches=1)
+    costs = {g: -perm_to_matrix(p, dtype=torch.float64) for g, p in expected.items()}
+    found = problem.assign(costs)
+    validate_permutation(spec, found)
+    assert all(torch.equal(found[g], expected[g]) for g in spec.groups)
+    gen = torch.Generator().manual_seed(0)
+    costs = {g: torch.randn(n, n, generator=gen, dtype=torch.float64) for g, n in spec.sizes.items()}
+    found = problem.assign(costs)
+    validate_permutation(spec, found)
+    for _ in range(20):  # no random structured permutation beats it (it is the exact structured minimiser)
+        other = random_permutation(spec, generator=gen)
+        assert sum(float(c[torch.arange(len(c)), found[g]].sum()) for g, c in costs.items()) <= sum(
+            float(c[torch.arange(len(c)), other[g]].sum()) for g, c in costs.items()) + 1e-9  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_swap_search_proposes_only_structured_moves(case):
+    # every candidate the search scores is recorded: each keeps heads whole, and both kinds of move occur (whole
+    # head blocks exchanged: the head group moves; units exchanged inside a head: only flat groups move)
+    a, b, spec, _, data, loss = _planted(case, dtype=torch.float32)
+    problem = CurvePermutationProblem(a, a.state_dict(), b.state_dict(), spec, data, loss_fn=loss, value_batches=2)
+    seen = []
+    score = problem.batch_values
+
+    def recording(x, mats):
+        seen.append({g: m.argmax(1) for g, m in mats.items()})
+        return score(x, mats)
+
+    problem.batch_values = recording
+    search = _swap_search(problem, trials=6, alpha=0.5, generator=torch.Generator().manual_seed(0))
+    start = identity_permutation(spec)
+    validate_permutation(spec, search([torch.zeros(sum(problem.numels))], start))  # the straight line
+    assert len(seen) > len(spec.groups)
+    for perms in seen:
+        validate_permutation(spec, perms)
+    heads = {h.heads for h in spec.heads.values()}
+    moved = [{g for g in spec.groups if not torch.equal(p[g], start[g])} for p in seen[1:]]
+    assert any(m & heads for m in moved)  # a head exchange
+    assert any(m and m <= set(spec.heads) for m in moved)  # a move inside heads only
