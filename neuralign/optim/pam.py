@@ -137,8 +137,10 @@ class LinearizedStep(Options):
         The fraction in (0, 1] of each group's units that one step may reassign (at least 2; when every move of
         the step family is larger, its smallest move is taken). The step's :math:`\lambda` is then chosen per
         group, by bisection on :math:`\log\lambda`, as the largest value up to ``lam`` whose assignment moves no
-        more units (block-wise step sizes, as PALM allows). Linearising is only accurate near :math:`P_k`.
-        Default None: unbounded.
+        more units (block-wise step sizes, as PALM allows). Linearising is only accurate near :math:`P_k`. The
+        bisection counts the moves of each group's unconstrained assignment; the step taken at the chosen
+        :math:`\lambda` is the problem's (:meth:`PermutationProblem.assign`), so on a structured problem the bound
+        is approximate. Default None: unbounded.
     p_steps : int
         Linearised steps per P-step (>= 1), each at a fresh gradient and each backtracked, with :math:`x` fixed;
         stops early when a step moves nothing. Default 1.
