@@ -47,7 +47,9 @@ from neuralign.curves.fit import fit_curve
 from neuralign.curves.pam import CurvePAMOptions, fit_curve_pam
 from neuralign.curves.problem import CurvePermutationProblem
 from neuralign.errors import ConvergenceWarning, NonFiniteError
-from neuralign.optim import LinearizedStep, perm_to_matrix, proximal_step_bound, solve_assignment, solve_assignment_lp
+from neuralign.optim import LinearizedStep, perm_to_matrix, solve_assignment, solve_assignment_lp
+from neuralign.verification._moves import Coordinate, Move, MoveSet, coordinates, move_changes
+from neuralign.verification._moves import transposition as _swap  # noqa: F401  (tests and benchmarks build moves)
 from neuralign.verification._verdict import VERDICTS, Verdict
 from neuralign.verification.gradient import taylor_test
 
@@ -212,6 +214,7 @@ class _Context:
         self._base: torch.Tensor | None = None
         self.x = x_star
         self.spec = spec
+        self.coordinates = coordinates(spec)  # a group, or the groups sharing one head permutation
         self.identity = {
             g: perm_to_matrix(torch.arange(n), dtype=problem.dtype, device=problem.device)
             for g, n in spec.sizes.items()
@@ -375,18 +378,23 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
     # a reassignment beyond the threshold counts against stability only if the move it leads to (from the
     # alignment, per group, after that iteration) improves the held-out objective significantly by more than
     # min_improvement, by the neighbourhood check's paired test on the same fixed curve
+    # per coordinate: the groups sharing one head permutation move together (a move of one of them alone would
+    # break heads apart)
     inverse = {g: torch.argsort(p) for g, p in perms.items()}
-    beyond = [(i, g) for g in sizes for i, f in enumerate(frac[g]) if f > thr]
+    beyond = [(i, c) for c in ctx.coordinates for i in range(len(frac[c.groups[0]]))
+              if max(frac[g][i] for g in c.groups) > thr]  # fmt: skip
     z = bonferroni_quantile(opts.alpha, len(beyond), ctx.examples) if beyond else math.inf
     margin = ctx.margin(opts.min_improvement) if beyond else 0.0
     moves = []
-    for i, g in beyond:
-        q = inverse[g][trace_alignment[i][g].cpu()]
-        mean, se = ctx.delta({g: q})
-        moved = (q != torch.arange(sizes[g])).nonzero().flatten().tolist()
+    for i, c in beyond:
+        q = {g: inverse[g][trace_alignment[i][g].cpu()] for g in c.groups}
+        mean, se = ctx.delta(q)
+        moved = {g: (q[g] != torch.arange(sizes[g])).nonzero().flatten().tolist() for g in c.groups}
+        moved = moved[c.label] if not c.structured else {g: u for g, u in moved.items() if u}
         t = mean / se if se > 0 else (math.copysign(math.inf, mean) if mean else 0.0)
-        moves.append({"iteration": i + 1, "group": g, "reassigned_fraction": frac[g][i], "units": moved,
-                      "change": mean, "se": se, "t": t, "significant": mean + z * se < -margin})  # fmt: skip
+        moves.append({"iteration": i + 1, "group": c.label, "reassigned_fraction": max(frac[g][i] for g in c.groups),
+                      "units": moved, "change": mean, "se": se, "t": t,
+                      "significant": mean + z * se < -margin})  # fmt: skip
     significant = [m for m in moves if m["significant"]]
     verdict = "fail" if significant else "pass"
     toward = {
@@ -425,51 +433,97 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
     )  # fmt: skip
 
 
+def _step_bounds(problem: CurvePermutationProblem, G: Mapping[str, torch.Tensor], coords: Sequence[Coordinate],
+                 max_iter: int = 100) -> dict[str, tuple[float, int]]:
+    """Per coordinate, :math:`\\lambda^*` and the units its witness moves: the largest step for which the identity
+    is the minimiser of the linearised P-step over the problem's feasible permutations (structured with attention
+    heads), by Dinkelbach's method as :func:`~neuralign.optim.proximal_step_bound` (which it equals on a group
+    without heads), every iteration one :meth:`~neuralign.optim.PermutationProblem.assign` over all groups with
+    cost :math:`G_g - r_c I` (the assignment separates by coordinate, so each coordinate has its own ratio
+    :math:`r_c`)."""
+    eye = {g: torch.eye(G[g].shape[0], dtype=torch.float64) for g in G}
+    base = {g: float(torch.diagonal(G[g]).sum()) for g in G}
+    scale = {c.label: max(1.0, sum(float(G[g].abs().max()) * G[g].shape[0] for g in c.groups)) for c in coords}
+    ratio = {c.label: 0.0 for c in coords}
+    moved = {c.label: 0 for c in coords}
+    active = {c.label for c in coords}
+    for _ in range(max_iter):
+        q = problem.assign({g: G[g] - ratio[c.label] * eye[g] for c in coords for g in c.groups})
+        for c in coords:
+            if c.label not in active:
+                continue
+            qs = {g: q[g].cpu() for g in c.groups}
+            d = sum(int((qs[g] != torch.arange(qs[g].numel())).sum()) for g in c.groups)
+            gain = sum(base[g] - float(G[g][torch.arange(qs[g].numel()), qs[g]].sum()) for g in c.groups)
+            if d == 0 or gain - ratio[c.label] * d <= 1e-12 * scale[c.label]:
+                active.discard(c.label)
+            else:
+                ratio[c.label], moved[c.label] = gain / d, d
+        if not active:
+            break
+    return {label: (1.0 / r if r > 0 else math.inf, moved[label]) for label, r in ratio.items()}
+
+
 def _check_certificate(ctx: _Context, opts) -> CheckResult:
     prob = ctx.problem
     G = prob.gradient_at(ctx.x, ctx.identity, *prob.value_pairs())
+    G = {g: G[g].detach().double().cpu() for g in ctx.spec.sizes}
     lam = opts.certificate_lam
+    coords = ctx.coordinates
     per_group: dict[str, dict[str, Any]] = {}
-    candidates: dict[str, list[tuple[float, torch.Tensor]]] = {}
-    lp_gaps = []
-    total = 2 * len(ctx.spec.sizes)
-    for index, (g, n) in enumerate(ctx.spec.sizes.items()):
-        ident = torch.arange(n)
-        bound = proximal_step_bound(G[g], ident)
-        # the P-steps a linearised PAM would take from the alignment for steps between lam* and lam
-        seen, moves = set(), []
-        if bound.lam < lam:
-            grid = torch.logspace(math.log10(bound.lam * 1.0001), math.log10(lam), opts.certificate_steps)
-            eye = torch.eye(n, dtype=torch.float64)
-            for step in grid.tolist():
-                q = solve_assignment(G[g].double().cpu() - eye / step).perm.cpu()
-                key = tuple(q.tolist())
-                if key not in seen and not torch.equal(q, ident):
-                    seen.add(key)
-                    moves.append((step, q))
-        candidates[g] = moves
-        # cross-check the assignment at the threshold step with its Birkhoff-polytope LP relaxation (cvxpy)
-        cost = G[g].double().cpu() - torch.eye(n, dtype=torch.float64) / lam
-        lap = solve_assignment(cost, certificate=True)
-        gap = float("nan")
-        if n <= opts.lp_max_size:
-            lp = solve_assignment_lp(cost)
-            gap = abs(lp.fun - lap.fun) / max(1.0, abs(lap.fun))
-            lp_gaps.append(gap)
-        per_group[g] = {"lam_star": bound.lam, "witness_moves": bound.moved, "steps_tested": len(moves),
-                        "lap_duality_gap": lap.duality_gap(), "lp_vs_lap_gap": gap}  # fmt: skip
+    candidates: dict[str, list[tuple[float, dict[str, torch.Tensor]]]] = {c.label: [] for c in coords}
+    lp_gaps, uncovered = [], []
+    total = 2 * len(coords)
+    bounds = _step_bounds(prob, G, coords)
+    # the P-steps a linearised PAM would take from the alignment for steps between lam* and lam, per coordinate:
+    # the k-th step of every coordinate's grid in one assignment of the problem (structured with heads), the
+    # coordinates already certified held at the identity (cost -I)
+    grids = {c.label: torch.logspace(math.log10(bounds[c.label][0] * 1.0001), math.log10(lam),
+                                     opts.certificate_steps).tolist()
+             for c in coords if bounds[c.label][0] < lam}  # fmt: skip
+    eye = {g: torch.eye(n, dtype=torch.float64) for g, n in ctx.spec.sizes.items()}
+    seen: dict[str, set] = {c.label: set() for c in coords}
+    for k in range(opts.certificate_steps if grids else 0):
+        costs = {g: G[g] - eye[g] / grids[c.label][k] if c.label in grids else -eye[g] for c in coords
+                 for g in c.groups}  # fmt: skip
+        q = prob.assign(costs)
+        for c in coords:
+            if c.label not in grids:
+                continue
+            changes = {g: q[g].cpu() for g in c.groups if not torch.equal(q[g].cpu(), torch.arange(eye[g].shape[0]))}
+            key = tuple((g, tuple(p.tolist())) for g, p in changes.items())
+            if changes and key not in seen[c.label]:
+                seen[c.label].add(key)
+                candidates[c.label].append((grids[c.label][k], changes))
+    for index, c in enumerate(coords):
+        row = {"lam_star": bounds[c.label][0], "witness_moves": bounds[c.label][1],
+               "steps_tested": len(candidates[c.label])}  # fmt: skip
+        if c.structured:  # the LP relaxation is over all permutations, not the structured set: no cross-check
+            uncovered.extend(c.groups)
+        else:
+            # cross-check the assignment at the threshold step with its Birkhoff-polytope LP relaxation (cvxpy)
+            n = ctx.spec.sizes[c.label]
+            cost = G[c.label] - eye[c.label] / lam
+            lap = solve_assignment(cost, certificate=True)
+            gap = float("nan")
+            if n <= opts.lp_max_size:
+                lp = solve_assignment_lp(cost)
+                gap = abs(lp.fun - lap.fun) / max(1.0, abs(lap.fun))
+                lp_gaps.append(gap)
+            row.update(lap_duality_gap=lap.duality_gap(), lp_vs_lap_gap=gap)
+        per_group[c.label] = row
         _tick(opts, "certificate", index + 1, total)
     z = bonferroni_quantile(opts.alpha, sum(len(m) for m in candidates.values()), ctx.examples)
     margin = ctx.margin(opts.min_improvement)  # as in the neighbourhood check
     verdicts = []
-    for index, (g, moves) in enumerate(candidates.items()):
+    for index, (label, moves) in enumerate(candidates.items()):
         _tick(opts, "certificate", len(candidates) + index + 1, total)
-        row = per_group[g]
+        row = per_group[label]
         if row["lam_star"] >= lam:
             row.update(best_change=float("nan"), verdict="pass")
             verdicts.append("pass")
             continue
-        stats = [(step, *ctx.delta({g: q})) for step, q in moves]
+        stats = [(step, *ctx.delta(q)) for step, q in moves]
         best = min(stats, key=lambda r: r[1])
         improving = [r for r in stats if r[1] + z * r[2] < -margin]
         v = "fail" if improving else "pass"
@@ -487,25 +541,16 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
     )
     if lp_gaps:
         summary += f"; LP relaxation agrees with the assignment to {max(lp_gaps):.1e}"
+    if uncovered:
+        summary += (f"; the {len(uncovered)} groups sharing head permutations are not covered by the LP "
+                    "cross-check (it relaxes all permutations, not the structured ones)")  # fmt: skip
     return CheckResult(
         "certificate", verdict, summary,
         {"lam": lam, "family_alpha": opts.alpha, "z": z, "min_improvement": opts.min_improvement,
          "margin": margin, "lp_tolerance": 1e-6, "heldout_examples": ctx.examples},
-        {"per_group": per_group, "gradient_norm": {g: float(G[g].norm()) for g in G}},
+        {"per_group": per_group, "gradient_norm": {g: float(G[g].norm()) for g in G},
+         "lp_uncovered_groups": uncovered},
     )  # fmt: skip
-
-
-def _swap(n: int, i: int, j: int) -> torch.Tensor:
-    p = torch.arange(n)
-    p[i], p[j] = j, i
-    return p
-
-
-def _cycle(n: int, idx: Sequence[int]) -> torch.Tensor:
-    p = torch.arange(n)
-    rolled = list(idx[1:]) + [idx[0]]
-    p[list(idx)] = torch.tensor(rolled)
-    return p
 
 
 def swap_estimates(G: torch.Tensor) -> torch.Tensor:
@@ -546,14 +591,20 @@ def swap_estimates(G: torch.Tensor) -> torch.Tensor:
     return est.fill_diagonal_(0.0)
 
 
-class _Screen:
-    """The curve objective on one screening batch for many permutations of one group at once.
+def _as_changes(g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Moves as group -> permutation maps; a tensor is a permutation of group ``g``."""
+    return [{g: p} if isinstance(p, torch.Tensor) else dict(p) for p in perms]
 
-    A permutation of group ``g`` changes only the parameters on ``g``'s axes (the layers that produce and consume
-    ``g``): those are stacked over the candidates and the network is evaluated with :func:`torch.func.vmap` over
-    them, so that every layer before the first changed one runs once per chunk of candidates, not once per
-    candidate (an unbatched input meets unbatched weights there). Batch norm normalises each candidate's batch with
-    its own statistics, as in the objective (the running statistics are not tracked).
+
+class _Screen:
+    """The curve objective on one screening batch for many moves of one coordinate at once.
+
+    A move of a coordinate (a group, or the groups sharing one head permutation) changes only the parameters on
+    its groups' axes (the layers that produce and consume them): those are stacked over the candidates and the
+    network is evaluated with :func:`torch.func.vmap` over them, so that every layer before the first changed one
+    runs once per chunk of candidates, not once per candidate (an unbatched input meets unbatched weights there).
+    Batch norm normalises each candidate's batch with its own statistics, as in the objective (the running
+    statistics are not tracked).
 
     A batched layer costs more per candidate than the same layer run alone (on a CPU: a grouped convolution and a
     decomposed batch norm), so vmap pays only where the unchanged layers before the group are a large part of the
@@ -574,22 +625,25 @@ class _Screen:
             self.base = [prob.weights(ctx.x, ctx.identity, t) for t in self.ts]
         # candidates per vmap call: about 2048 examples' activations at a time
         self.chunk = max(1, 2048 // int(batch[0].shape[0]))
-        self.batched: dict[str, bool] = {}  # per group: is the batched way the faster one?
+        self.batched: dict[str, bool] = {}  # per coordinate: is the batched way the faster one?
         self.examples = int(batch[0].shape[0])
-        self.seconds: dict[str, float] = {}  # per group: seconds per candidate the faster way, measured
-        self._cached: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self.seconds: dict[str, float] = {}  # per coordinate: seconds per candidate the faster way, measured
+        self._cached: dict[str, tuple[list[dict[str, torch.Tensor]], torch.Tensor]] = {}
 
-    def _one_by_one(self, g: str, perms: Sequence[torch.Tensor]) -> torch.Tensor:
-        ctx = self.ctx
+    def _one_by_one(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor]) -> torch.Tensor:
+        ctx, perms = self.ctx, _as_changes(g, perms)
         with torch.no_grad():
-            return torch.tensor([float(ctx.problem.objective(ctx.x, ctx.mats({g: p}), [self.batch] * len(self.ts),
+            return torch.tensor([float(ctx.problem.objective(ctx.x, ctx.mats(p), [self.batch] * len(self.ts),
                                                              self.ts)) for p in perms], dtype=torch.float64)
 
-    def __call__(self, g: str, perms: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``(len(perms),)`` float64: the objective (mean over ``ts``) with group ``g`` permuted by each of
-        ``perms``."""
+    def __call__(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor]) -> torch.Tensor:
+        """``(len(perms),)`` float64: the objective (mean over ``ts``) with each of ``perms`` (group -> index
+        permutation, the groups of coordinate ``g``; a tensor: the permutation of group ``g``) applied to the
+        identity."""
+        perms = _as_changes(g, perms)
         cached = self._cached.get(g)
-        if cached is not None and len(cached[0]) == len(perms) and all(map(torch.equal, cached[0], perms)):
+        if cached is not None and len(cached[0]) == len(perms) and all(
+                a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(cached[0], perms)):
             return cached[1]
         if g not in self.batched:
             start = time.perf_counter()
@@ -607,9 +661,10 @@ class _Screen:
             return values
         return self._batched(g, perms) if self.batched[g] else self._one_by_one(g, perms)
 
-    def _batched(self, g: str, perms: Sequence[torch.Tensor]) -> torch.Tensor:
-        prob = self.ctx.problem
-        keys = sorted({k for k, _ in prob.spec.perm_to_axes[g]} & set(prob.names))
+    def _batched(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor]) -> torch.Tensor:
+        prob, perms = self.ctx.problem, _as_changes(g, perms)
+        groups = {h for p in perms for h in p}
+        keys = sorted({k for h in groups for k, _ in prob.spec.perm_to_axes[h]} & set(prob.names))
         sub_b = {k: prob.wb[k] for k in keys}
         sub_spec = prob.spec.restrict(keys)
         ident = identity_permutation(sub_spec)
@@ -630,7 +685,7 @@ class _Screen:
                     return value
 
                 for lo in range(0, len(perms), self.chunk):
-                    permuted = [apply_permutation(sub_b, sub_spec, {**ident, g: p}) for p in perms[lo:lo + self.chunk]]
+                    permuted = [apply_permutation(sub_b, sub_spec, {**ident, **p}) for p in perms[lo:lo + self.chunk]]
                     stacked = {k: torch.stack([(1.0 - t) * prob.wa[k] + t * pb[k] + c * off[k] for pb in permuted])
                                for k in keys}  # fmt: skip
                     # dropout, if any: its own mask per candidate, as in one network per candidate
@@ -651,48 +706,44 @@ class _Meter:
         _tick(self.opts, "neighbourhood", int(min(self.done, self.total)), int(self.total))
 
 
-def _screen_group(g: str, n: int, G: torch.Tensor, screen: _Screen, coarse: _Screen, opts, gen: torch.Generator,
-                  meter: _Meter):
-    """Transpositions ``(i, j)`` (i < j) of group ``g`` to score: every pair when they are no more than
-    ``n_swaps + n_control_swaps``; else the ``n_swaps`` with the lowest screening estimate (the exact change of the
-    objective on the screening set, over at most ``screen_pairs`` candidates: all pairs, or the best of a coarse
-    exact change on 32 screening examples) and ``n_control_swaps`` drawn uniformly from the others. The meter
-    advances by each stage's measured seconds per candidate."""
-    rows, cols = torch.triu_indices(n, n, offset=1)
+def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen: _Screen, coarse: _Screen, opts,
+                  gen: torch.Generator, meter: _Meter) -> list[tuple[Move, str]]:
+    """Moves of coordinate ``label`` to score (its transpositions, or its structured swaps with attention heads):
+    every one when they are no more than ``n_swaps + n_control_swaps``; else the ``n_swaps`` with the lowest
+    screening estimate (the exact change of the objective on the screening set, over at most ``screen_pairs``
+    candidates: all moves, or the best of a coarse exact change on 32 screening examples) and ``n_control_swaps``
+    drawn uniformly from the others. The meter advances by each stage's measured seconds per candidate."""
     n_ranked, n_control = opts.n_swaps, opts.n_control_swaps
 
     def values(which: _Screen, candidates: torch.Tensor) -> torch.Tensor:
         out = []
         for lo in range(0, candidates.numel(), which.chunk):
             part = candidates[lo:lo + which.chunk].tolist()
-            out.append(which(g, [_swap(n, int(rows[k]), int(cols[k])) for k in part]))
-            meter.add(1000.0 * which.seconds[g] * len(part))
+            out.append(which(label, [moves.changes(k) for k in part]))
+            meter.add(1000.0 * which.seconds[label] * len(part))
         return torch.cat(out)
 
-    candidates = _first_stage(n, G, opts)
-    if rows.numel() > opts.screen_pairs:
+    candidates = _first_stage(first_order, opts)
+    if moves.count > opts.screen_pairs:
         candidates = candidates[torch.argsort(values(coarse, candidates), stable=True)[: opts.screen_pairs]]
     order = candidates[torch.argsort(values(screen, candidates), stable=True)]
     ranked = order[:n_ranked]
-    chosen = torch.zeros(rows.numel(), dtype=torch.bool)
+    chosen = torch.zeros(moves.count, dtype=torch.bool)
     chosen[ranked] = True
     rest = (~chosen).nonzero().flatten()
     control = rest[torch.randperm(rest.numel(), generator=gen)[:n_control]]
-    moves = [(int(rows[k]), int(cols[k]), "ranked") for k in ranked.tolist()]
-    moves += [(int(rows[k]), int(cols[k]), "control") for k in control.tolist()]
-    return moves
+    return [(moves[k], "ranked") for k in ranked.tolist()] + [(moves[k], "control") for k in control.tolist()]
 
 
-def _first_stage(n: int, G: torch.Tensor, opts) -> torch.Tensor:
-    """Indices into ``triu_indices(n, n, 1)`` of the transpositions a group screens first: every one, or (more
-    than ``16 * screen_pairs``) those with the largest first-order estimate in magnitude (that estimate ranks
-    badly; it only bounds the work). More than ``screen_pairs`` of them are screened coarsely on 32 examples, then
-    the ``screen_pairs`` best of that on the whole screening set."""
-    rows, cols = torch.triu_indices(n, n, offset=1)
-    if rows.numel() > 16 * opts.screen_pairs:
-        first = swap_estimates(G.double().cpu())[rows, cols].abs()
-        return torch.argsort(first, descending=True, stable=True)[: 16 * opts.screen_pairs]
-    return torch.arange(rows.numel())
+def _first_stage(first_order: torch.Tensor, opts) -> torch.Tensor:
+    """Indices of the moves a coordinate screens first (``first_order``: every move's first-order estimate, see
+    :class:`~neuralign.verification._moves.MoveSet`): every one, or (more than ``16 * screen_pairs``) those with
+    the largest first-order estimate in magnitude (that estimate ranks badly; it only bounds the work). More than
+    ``screen_pairs`` of them are screened coarsely on 32 examples, then the ``screen_pairs`` best of that on the
+    whole screening set."""
+    if first_order.numel() > 16 * opts.screen_pairs:
+        return torch.argsort(first_order.abs(), descending=True, stable=True)[: 16 * opts.screen_pairs]
+    return torch.arange(first_order.numel())
 
 
 def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResult:
@@ -715,45 +766,45 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     per_move = 1000.0 * (time.perf_counter() - started)
     meter, work = _Meter(opts), 0.0
     started = time.perf_counter()
-    for g, n in ctx.spec.sizes.items():
-        pairs = n * (n - 1) // 2
-        if n < 2:
+    # per coordinate (a group, or the groups sharing one head permutation): its moves (transpositions, or the
+    # structured swaps that keep heads whole) and their first-order estimates (sums over the member groups')
+    estimates = {g: swap_estimates(G[g].double().cpu()) for g in ctx.spec.sizes}
+    move_sets = {c.label: MoveSet(ctx.spec, c) for c in ctx.coordinates}
+    first_order = {label: m.estimates(estimates) for label, m in move_sets.items()}
+    for c in ctx.coordinates:
+        label, moves = c.label, move_sets[c.label]
+        cycles = opts.n_cycles if not c.structured and ctx.spec.sizes[label] >= 3 else 0
+        work += per_move * (min(moves.count, opts.n_swaps + opts.n_control_swaps) + cycles)
+        if moves.count <= opts.n_swaps + opts.n_control_swaps:
             continue
-        scored = min(pairs, opts.n_swaps + opts.n_control_swaps) + (opts.n_cycles if n >= 3 else 0)
-        work += per_move * scored
-        if pairs <= opts.n_swaps + opts.n_control_swaps:
-            continue
-        first = coarse if pairs > opts.screen_pairs else screen
-        probe = _first_stage(n, G[g], opts)[: first.chunk]
-        rows, cols = torch.triu_indices(n, n, offset=1)
-        first(g, [_swap(n, int(rows[k]), int(cols[k])) for k in probe.tolist()])  # measured (and cached) here
-        work += 1000.0 * first.seconds[g] * _first_stage(n, G[g], opts).numel()
+        first = coarse if moves.count > opts.screen_pairs else screen
+        stage = _first_stage(first_order[label], opts)
+        probe = stage[: first.chunk]
+        first(label, [moves.changes(k) for k in probe.tolist()])  # measured (and cached) here
+        work += 1000.0 * first.seconds[label] * stage.numel()
         if first is coarse:  # the second stage's cost per candidate is not the first's scaled: measure it too
             probe = probe[: screen.chunk]
-            screen(g, [_swap(n, int(rows[k]), int(cols[k])) for k in probe.tolist()])
-            work += 1000.0 * screen.seconds[g] * opts.screen_pairs
+            screen(label, [moves.changes(k) for k in probe.tolist()])
+            work += 1000.0 * screen.seconds[label] * opts.screen_pairs
     meter.done = 1000.0 * (time.perf_counter() - started)  # the probes: done, and part of the work
     meter.total = work + meter.done
     _tick(opts, "neighbourhood", int(meter.done), int(meter.total), expected=meter.total / 1000.0)
 
-    moves_by_group: dict[str, list[tuple[str, tuple, str, torch.Tensor]]] = {}
-    pairs_in_group: dict[str, int] = {}
-    estimates: dict[str, torch.Tensor] = {}
-    for g, n in ctx.spec.sizes.items():
-        if n < 2:
+    moves_by_group: dict[str, list[tuple[Move, str]]] = {}
+    coordinate = {c.label: c for c in ctx.coordinates}
+    for c in ctx.coordinates:
+        label, move_set = c.label, move_sets[c.label]
+        if not move_set.count:
             continue
-        estimates[g] = swap_estimates(G[g].double().cpu())
-        pairs_in_group[g] = n * (n - 1) // 2
-        if pairs_in_group[g] <= opts.n_swaps + opts.n_control_swaps:
-            swaps = [(int(i), int(j), "all") for i, j in torch.triu_indices(n, n, offset=1).t()]
+        if move_set.count <= opts.n_swaps + opts.n_control_swaps:
+            moves = [(move_set[k], "all") for k in range(move_set.count)]
         else:
-            swaps = _screen_group(g, n, G[g], screen, coarse, opts, gen, meter)
-        moves = [("swap", (i, j), how, _swap(n, i, j)) for i, j, how in swaps]
-        if n >= 3:
+            moves = _screen_group(label, move_set, first_order[label], screen, coarse, opts, gen, meter)
+        n = ctx.spec.sizes[label] if not c.structured else 0
+        if n >= 3:  # 3-cycles of a group without heads
             for _ in range(opts.n_cycles):
-                idx = torch.randperm(n, generator=gen)[:3].tolist()
-                moves.append(("3-cycle", tuple(idx), "control", _cycle(n, idx)))
-        moves_by_group[g] = moves
+                moves.append((Move("3-cycle", tuple(torch.randperm(n, generator=gen)[:3].tolist())), "control"))
+        moves_by_group[label] = moves
     total = sum(len(m) for m in moves_by_group.values())
     z = bonferroni_quantile(opts.alpha, total, ctx.examples)
     # an improvement counts only if it is significantly larger than min_improvement of the objective: a change of
@@ -767,23 +818,23 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         neg = 0
         best = (math.inf, None)
         found = []
-        for kind, where, how, p in moves:
-            mean, se = ctx.delta({g: p})
+        for move, how in moves:
+            mean, se = ctx.delta(move_changes(ctx.spec, coordinate[g], move))
             scored += 1
             meter.add(per_move)
             tested[how] += 1
             neg += mean < 0
             if mean + z * se < -margin:
                 sig[how] += 1
-                found.append([kind, list(where), mean, how])
+                found.append([move.describe().split(" ")[0], list(move.where), mean, how])
             if mean < best[0]:
-                best = (mean, f"{kind} {where}")
+                best = (mean, move)
         n_sig = sum(sig.values())
         lo, hi = wilson_interval(n_sig, len(moves))
         total_sig += n_sig
         v = "fail" if n_sig else ("pass" if moves else "inconclusive")
         verdicts.append(v)
-        row = {"transpositions": pairs_in_group[g], "tested": len(moves), "exhaustive": tested["all"] > 0,
+        row = {"transpositions": move_sets[g].count, "tested": len(moves), "exhaustive": tested["all"] > 0,
                "improving": n_sig, "improving_fraction_ci": [lo, hi], "mean_below_zero": neg,
                "best_change": best[0], "verdict": v}  # fmt: skip
         if not tested["all"]:
@@ -803,11 +854,11 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         f"and {opts.n_control_swaps} random others as a control were scored "
         f"({exhaustive}/{len(per_group)} groups small enough to test every transposition)"
     )
-    details = {"per_group": per_group, "best_move": examples, "improving_moves": improving_moves,
-               "base_objective": float(ctx.base_losses().mean()),
-               "first_order_best": {g: float(e.min()) for g, e in estimates.items()}}  # fmt: skip
+    details = {"per_group": per_group, "best_move": {g: m.describe() for g, m in examples.items() if m is not None},
+               "improving_moves": improving_moves, "base_objective": float(ctx.base_losses().mean()),
+               "first_order_best": {g: float(e.min()) for g, e in first_order.items() if e.numel()}}  # fmt: skip
     if opts.refit_epochs and total_sig:
-        details["refit"] = _refit_best(ctx, opts, per_group, examples)
+        details["refit"] = _refit_best(ctx, opts, per_group, {g: (coordinate[g], m) for g, m in examples.items()})
     thresholds = {"family_alpha": opts.alpha, "z": z, "min_improvement": opts.min_improvement,
                   "margin": margin, "ranked_swaps_per_group": opts.n_swaps,
                   "control_swaps_per_group": opts.n_control_swaps, "cycles_per_group": opts.n_cycles,
@@ -817,7 +868,8 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
 
 
 def _refit_best(ctx: _Context, opts, per_group, examples) -> dict[str, Any]:
-    """Re-fit the curve briefly after the best improving move of each failing group, and after no move."""
+    """Re-fit the curve briefly after the best improving move of each failing coordinate (``examples``: label ->
+    (coordinate, move)), and after no move."""
     prob = ctx.problem
     out = {}
     model = opts.model
@@ -838,11 +890,9 @@ def _refit_best(ctx: _Context, opts, per_group, examples) -> dict[str, Any]:
     reference = refit_value({})
     for g, row in per_group.items():
         if row["improving"]:
-            kind, where = examples[g].split(" ", 1)
-            idx = [int(s) for s in where.strip("()").split(",") if s.strip()]
-            n = ctx.spec.sizes[g]
-            p = _swap(n, *idx) if kind == "swap" else _cycle(n, idx)
-            out[g] = {"move": examples[g], "after_refit": refit_value({g: p}), "reference_after_refit": reference}
+            c, move = examples[g]
+            out[g] = {"move": move.describe(), "after_refit": refit_value(move_changes(ctx.spec, c, move)),
+                      "reference_after_refit": reference}
     return out
 
 
@@ -943,8 +993,8 @@ class VerificationOptions(Options):
     stability_iters, stability_x_epochs : int
         PAM's outer iterations (>= 1) and curve epochs per x-step (>= 0) in the stability check (defaults 2, 1).
     swap_trials : int
-        Transpositions PAM's swap local search tries per group after each P-step in the stability check (>= 0;
-        default 16).
+        Transpositions PAM's swap local search tries per group after each P-step in the stability check (with
+        attention heads: structured swaps per block of groups sharing a head permutation) (>= 0; default 16).
     random_starts : int
         PAM runs from random permutations besides the identity and the alignment (>= 0; default 1).
     reassign_threshold : float
@@ -956,7 +1006,8 @@ class VerificationOptions(Options):
         Step sizes tried between the certified step and ``certificate_lam`` (>= 1; default 8).
     n_swaps, n_control_swaps, n_cycles : int
         Neighbourhood check: best-ranked transpositions (>= 1), random control transpositions (>= 0) and random
-        3-cycles (>= 0) scored per group (defaults 8, 4, 0).
+        3-cycles (>= 0) scored per group (defaults 8, 4, 0); with attention heads, structured swaps per block of
+        groups sharing a head permutation, and no 3-cycles there.
     screen_examples, screen_pairs : int
         The screening set's size in training examples and the most transpositions screened per group (>= 1;
         defaults 256, 512).
@@ -1155,6 +1206,21 @@ def verify_alignment(
     13.0 at the planted optimum) while the neighbourhood test finds 12 significantly improving swaps and PAM with a
     swap local search reassigns 12.5% of the group; with 8 of 16 swapped, the certificate fails too
     (:math:`\\lambda^*` 3.8). PAM stability without local search is therefore weak evidence of local optimality.
+
+    With attention heads in ``spec`` (``spec.heads``) the feasible permutations are the structured ones that keep
+    heads whole (Verma & Elbayad 2024, arXiv:2402.04051, Sec. 3), and every check moves only among them: the groups
+    sharing one head permutation (:func:`~neuralign.alignment.heads.head_blocks`) are one coordinate, reported under
+    their names joined by ``+``. PAM (check 1) takes structured P-steps and swaps
+    (:meth:`~neuralign.curves.CurvePermutationProblem.assign`), and a reassignment beyond the threshold is scored
+    as the move of the whole coordinate. The certificate's :math:`\\lambda^*` and P-steps are over the structured
+    set (every assignment is the problem's ``assign``); its LP cross-check relaxes all permutations of a group (the
+    Birkhoff polytope), so the groups with heads are not covered by it: they are listed in the check's
+    ``lp_uncovered_groups`` and its summary. The neighbourhood check scores structured swaps instead of
+    transpositions: the exchange of two whole head blocks in every group of the coordinate, or the transposition
+    of two units inside one head block in every group sharing that inside permutation (``Heads.inner``); their
+    first-order estimate is the sum of the member groups' (:func:`swap_estimates`), the random control is drawn
+    among them, and no 3-cycles are drawn for a head block. The gradient check's direction lies in each flat
+    group's Birkhoff polytope (a relaxed point, no permutation is evaluated).
 
     The paired tests (checks 1-3) are per held-out example, not per batch: the curve objective is a mean over
     examples at the fixed times ``value_ts``, and the change under a move is, per example, the difference of its
