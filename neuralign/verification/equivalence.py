@@ -24,6 +24,7 @@ __all__ = ["EquivalenceResult", "check_equivalence"]
 _DROPOUTS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
              "rrelu"}  # fmt: skip
 _RANDOM_LIKE = {"rand_like": 0.5, "randn_like": 0.0}
+_ATTENTION_DROPOUT = {"scaled_dot_product_attention": 4, "multi_head_attention_forward": 10}  # position of dropout_p
 _NUDGE = 1e-13  # relative perturbation of the weights that measures the model's own conditioning
 _RANDOM_FILL = {"bernoulli_", "uniform_", "normal_", "exponential_", "geometric_", "log_normal_", "cauchy_",
                 "random_"}  # fmt: skip
@@ -49,6 +50,17 @@ class _Expectations(TorchFunctionMode):
                 lower, upper = kwargs.get("lower", lower), kwargs.get("upper", upper)
                 return torch.where(x >= 0, x, x * (lower + upper) / 2)
             return x
+        if name in _ATTENTION_DROPOUT:  # attention weights dropped with probability dropout_p; the composite
+            # multi_head_attention_forward runs its inner calls without this mode, so its dropout is zeroed here
+            at = _ATTENTION_DROPOUT[name]
+            dropout_p = args[at] if len(args) > at else kwargs.get("dropout_p", 0.0)
+            if dropout_p:
+                self.seen.add("attention dropout")
+                if len(args) > at:
+                    args = (*args[:at], 0.0, *args[at + 1 :])
+                else:
+                    kwargs = {**kwargs, "dropout_p": 0.0}
+            return func(*args, **kwargs)
         if name in _RANDOM_LIKE:
             self.seen.add(name)
             return torch.full_like(args[0], _RANDOM_LIKE[name])
@@ -145,7 +157,8 @@ def check_equivalence(
     :math:`f(x; \\theta)` are compared in eval mode (batch norm with its running statistics, which must have been
     permuted consistently) and in train mode (batch statistics). The check runs on a copy of the model in float64
     by default, so that float error (~1e-13 relative) and a wrong spec (an O(1) change of the function) are
-    decades apart; every random operation (dropout of any kind, stochastic depth, ``rand_like``, ``bernoulli``)
+    decades apart; every random operation (dropout of any kind, also the attention dropout ``dropout_p`` of
+    ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``, stochastic depth, ``rand_like``, ``bernoulli``)
     is replaced by its expectation in both runs, and the ones found are reported. Outputs may be tensors or any
     nesting of tuples, lists, dicts and named tuples of tensors.
 

@@ -130,6 +130,36 @@ def test_stochastic_operations_are_replaced_by_their_expectation_and_reported():
     assert res.message.startswith("INCONCLUSIVE in train mode")
 
 
+class _AttentionWithDropout(nn.Module):
+    """Attention whose weights are dropped: inside nn.MultiheadAttention (``dropout``) or by SDPA's ``dropout_p``,
+    which drops even in eval mode."""
+
+    def __init__(self, kind: str, need_weights: bool = False) -> None:
+        super().__init__()
+        self.kind, self.need_weights = kind, need_weights
+        self.mha = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.kind == "mha":
+            y, _ = self.mha(x, x, x, need_weights=self.need_weights)
+        else:
+            b, n, d = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4).unbind(0)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5).transpose(1, 2).reshape(b, n, d)
+        return self.out(x + y)
+
+
+@pytest.mark.parametrize("kind, need_weights", [("mha", False), ("mha", True), ("sdpa", False)])
+def test_attention_dropout_is_replaced_by_its_expectation(kind, need_weights):
+    torch.manual_seed(0)
+    model, x = _AttentionWithDropout(kind, need_weights), torch.randn(2, 5, 8)
+    spec = trace_spec(model, x)
+    assert spec.heads  # the heads are permuted: a dropped attention weight would not follow them
+    res = check_equivalence(model, spec, x, generator=0)
+    assert res.passed and res.stochastic == ["attention dropout"], res.message  # was a false "fail" (diff ~1)
+
+
 def test_a_large_output_does_not_hide_a_change_of_the_others():
     class Net(nn.Module):  # a regression head: one output carries a large constant offset
         def __init__(self):
