@@ -722,9 +722,13 @@ def align(
             callback=callback,
             adversarial=attack,
             generator=gen,
+            require_taps=method != "weight",  # weight matching reads the data only to report correlations
         )
-        data = _data_similarity(moments, spec, method)
-        _warn_few_observations(moments, spec)
+        if moments:
+            data = _data_similarity(moments, spec, method)
+            _warn_few_observations(moments, spec)
+        else:
+            logger.info("the spec has no '%s' activation tap: weight matching reports no correlations", kind)
     elif spec is None:
         if example_input is None:
             raise ValueError("method 'weight' without a loader needs `spec` or `example_input` to trace the model")

@@ -295,6 +295,7 @@ def activation_moments(
     callback: Callable[[dict[str, Any]], Any] | None = None,
     adversarial: PGD | None = None,
     generator: torch.Generator | None = None,
+    require_taps: bool = True,
 ) -> tuple[PermutationSpec, dict[str, list[ActivationMoments]]]:
     """Moments of every group's activations in both models, in one pass over ``loader``.
 
@@ -322,6 +323,8 @@ def activation_moments(
         model; the loader must yield ``(inputs, targets)`` with inputs in [0, 1]) instead of the clean inputs.
     generator : torch.Generator, optional
         Source of the attacks' random starts.
+    require_taps : bool
+        Whether a spec without any tap of ``kind`` is an error (default) or gives empty moments without a pass.
 
     Returns
     -------
@@ -340,7 +343,8 @@ def activation_moments(
     ShapeMismatchError
         If the models' state dicts differ.
     SpecError
-        If the spec has groups but no tap of this ``kind`` at all, taps fx nodes that the model's graph has in
+        If the spec has groups but no tap of this ``kind`` at all (unless ``require_taps=False``: then the moments
+        are empty and no pass is made), taps fx nodes that the model's graph has in
         neither mode, or torch.fx cannot trace the model.
     NonFiniteError
         If an activation is NaN or infinite (names the fx node and the model). Finite activations of any size
@@ -385,6 +389,8 @@ def activation_moments(
         chosen = [t for t in spec.taps.get(g, ()) if t.kind in (kind, "out") and t.node in present]
         if chosen:
             taps[g] = chosen
+    if spec.groups and not taps and not require_taps:
+        return spec, {}
     if spec.groups and not taps:
         raise SpecError(
             f"the spec has no '{kind}' or 'out' activation tap for any group; add taps with SpecBuilder.tap or use "

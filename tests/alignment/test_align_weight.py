@@ -13,6 +13,7 @@ import torch
 
 from neuralign.alignment import identity_permutation, random_permutation, trace_spec
 from neuralign.alignment.align import align, weight_similarity
+from neuralign.errors import SpecError
 from neuralign.experiments.models import build_model
 from neuralign.optim import solve_assignment
 
@@ -120,3 +121,24 @@ def test_tol_is_validated():
         align(a, b, method="weight", spec=spec, tol=-0.1)
     with pytest.raises(TypeError, match=r"^`tol` must be a float, got str$"):
         align(a, b, method="weight", spec=spec, tol="0")
+
+
+def test_weight_matching_with_a_loader_on_a_spec_without_taps_matches_as_without_one():
+    # attention alone has no activation function, so no tap: the loader only reports correlations, of which there are
+    # none; it used to refuse, telling the user to use method='weight' (a new-user trial)
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.out = torch.nn.MultiheadAttention(8, 2, batch_first=True), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(x + self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    a, b, x = Attention(), Attention(), torch.randn(2, 5, 8)
+    with_loader = align(a, b, [x], method="weight")
+    without = align(a, b, method="weight", example_input=x)
+    assert with_loader.spec.groups and with_loader.correlation_after == {}
+    assert all(torch.equal(with_loader.perms[g], without.perms[g]) for g in without.perms)
+    with pytest.raises(SpecError, match="activation tap"):  # the data methods still need a tap
+        align(a, b, [x], method="correlation")
