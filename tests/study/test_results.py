@@ -34,7 +34,9 @@ from tests.study.test_curve_extras import _with_extras
 from tests.study.test_report import _robust_results, make_results
 
 GROUP = "features.0.conv"
-EVIDENCE = sorted((Path(__file__).parents[2] / "docs" / "evidence").glob("*/results.json"))
+# the documented studies' results (docs/evidence also holds a `neuralign compare` result, of another kind)
+EVIDENCE = sorted(p for p in (Path(__file__).parents[2] / "docs" / "evidence").glob("*/results.json")
+                  if json.loads(p.read_text(encoding="utf-8")).get("kind", "study_results") == "study_results")
 # the order in which neuralign.study.plots.plot_study draws the figures (the runner links them in that order)
 PLOT_ORDER = ("curve_metrics", "robust_metrics", "layer_correlation", "reassignment", "plane", "verification",
               "midpoint_alignment", "learning_speed")  # fmt: skip
