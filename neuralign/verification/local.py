@@ -1006,7 +1006,8 @@ class VerificationOptions(Options):
     backtrack : bool
         PAM's linearised steps are backtracked (default True).
     stability_iters, stability_x_epochs : int
-        PAM's outer iterations (>= 1) and curve epochs per x-step (>= 0) in the stability check (defaults 2, 1).
+        PAM's outer iterations (>= 1) and curve epochs per x-step (>= 1, as PAM requires) in the stability check
+        (defaults 2, 1).
     swap_trials : int
         Transpositions PAM's swap local search tries per group after each P-step in the stability check (with
         attention heads: structured swaps per block of groups sharing a head permutation) (>= 0; default 16).
@@ -1083,7 +1084,7 @@ class VerificationOptions(Options):
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        for name, least in (("fit_epochs", 0), ("stability_iters", 1), ("stability_x_epochs", 0),
+        for name, least in (("fit_epochs", 0), ("stability_iters", 1), ("stability_x_epochs", 1),
                             ("swap_trials", 0), ("random_starts", 0), ("certificate_steps", 1), ("n_swaps", 1),
                             ("n_control_swaps", 0), ("n_cycles", 0), ("screen_examples", 1), ("screen_pairs", 1),
                             ("refit_epochs", 0), ("value_batches", 2), ("gradient_batches", 1),

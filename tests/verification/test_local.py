@@ -240,6 +240,7 @@ def test_bad_input_is_named(planted):
                           ({"alpha": 1.5}, "`alpha`"),
                           ({"value_batches": 1}, "`value_batches` must be an int >= 2"),
                           ({"screen_pairs": 0}, "`screen_pairs` must be a positive int"),
+                          ({"stability_x_epochs": 0}, "`stability_x_epochs` must be a positive int"),  # PAM's minimum
                           ({"min_improvement": -1e-3}, "`min_improvement` must be a finite number >= 0"),
                           ({"lam": 0}, "`lam` must be a finite number > 0"),
                           ({"lam": math.inf}, "`lam` must be a finite"), ({"min_improvement": math.inf}, "`min_impr"),
