@@ -323,7 +323,7 @@ class _Run:
         """Run the epochs: ``step(x, y, share)`` takes one gradient step and returns the batch objective (global),
         ``hard()`` is the current hard permutation. ``state`` holds the method's plain values to checkpoint."""
         opts = self.options
-        config = {"method": self.method, "options": opts.to_dict(), "sizes": dict(self.spec.sizes),
+        config = {"method": self.method, "options": opts.to_dict(), "sizes": dict(self.spec.sizes), "seed": self.seed,
                   "init": self.init_perms, "fingerprint": _fingerprint(self.params_a, self.params_b)}  # fmt: skip
         saved = EpochCheckpoint(checkpoint, f"learned permutation ({self.method})", config=config,
                                 objects={**objects, "generator": self.generator}, loader=self.loader)  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ def barrier(t: Sequence[float], values: Sequence[float], *, definition: str = "a
     Returns
     -------
     float
+        NaN when any value is NaN (a diverged point), infinite when one is infinite.
 
     Raises
     ------
@@ -104,6 +106,8 @@ def barrier(t: Sequence[float], values: Sequence[float], *, definition: str = "a
     ts, vs = _values(t, values)
     sign = -1.0 if higher_is_better else 1.0
     v = [sign * x for x in vs]
+    if any(math.isnan(x) for x in v):  # a diverged point (max() would skip it) is no barrier of 0
+        return math.nan
     if definition == "average":
         out = max(v) - (v[0] + v[-1]) / 2.0
     else:

@@ -689,15 +689,23 @@ def run_compare(
         manifest = {"kind": "compare_manifest", "config": config.to_dict(), "versions": environment_versions(),
                     "device": str(device), "threads": torch.get_num_threads(),
                     "command": ["neuralign", *sys.argv[1:]], "runs": []}  # fmt: skip
+    fresh = not manifest["runs"]
     manifest["runs"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     out.mkdir(parents=True, exist_ok=True)
     folder.save(manifest)
-    run = _Compare(config, out, torch.device(device), progress)
     stages = compare_stages(config)
-    for stage in stages:
-        if stage.kind != "report" and not stage_done(out, stage):
-            run.run(stage)
-    results = run.report()
+    try:
+        run = _Compare(config, out, torch.device(device), progress)
+        for stage in stages:
+            if stage.kind != "report" and not stage_done(out, stage):
+                run.run(stage)
+        results = run.report()
+    except BaseException:
+        # a first run that failed before finishing any stage (a missing dataset, a typo in --arch) leaves no
+        # manifest: it would lock the folder to the settings of a run that never ran
+        if fresh and not any(stage_done(out, s) for s in stages if s.kind != "report"):
+            folder.path.unlink(missing_ok=True)
+        raise
     seconds = {}
     for stage in stages:
         record = out / "stages" / f"{stage.slug}.json"

@@ -22,7 +22,7 @@ from neuralign.alignment import (
     straight_through,
     trace_spec,
 )
-from neuralign.errors import ShapeMismatchError
+from neuralign.errors import CheckpointError, ShapeMismatchError
 from tests.alignment.nets import ResCatNet, randomize_bn
 
 METHODS = sorted(LEARNED_METHODS)
@@ -228,6 +228,9 @@ def test_resume_after_an_interrupt_is_bit_identical(method, pair, tmp_path):
     assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
     assert (whole.cost.steps, whole.cost.samples, whole.cost.data_passes) == (
         resumed.cost.steps, resumed.cost.samples, resumed.cost.data_passes)  # fmt: skip
+    # another seed is another run: refused, not answered with the stored one (a new-user trial found it reused)
+    with pytest.raises(CheckpointError, match="seed"):
+        run(method, a, b, batches(x, y), checkpoint=path, **{**kwargs, "generator": 8})
 
 
 def test_defaults_follow_the_papers():

@@ -45,3 +45,14 @@ def test_compare_runs_end_to_end_resumes_and_refuses_other_settings(tmp_path, ca
     capsys.readouterr()
     assert main([*command, "--set", "protocol.num_points=5"]) == 2
     assert "holds a comparison with other settings (protocol.num_points)" in capsys.readouterr().err
+
+
+def test_a_first_run_that_fails_before_any_stage_does_not_lock_the_folder(tmp_path, capsys):
+    # a new-user trial: a typo in --data left a manifest behind, and the corrected command was refused for "other
+    # settings" (and a second wrong dataset was reported as a change of settings, not as missing)
+    folder = tmp_path / "cmp"
+    assert main(["compare", "--out", str(folder), "--quiet", "--data", "nosuch", *TINY]) == 2
+    assert "nosuch" in capsys.readouterr().err and not (folder / "manifest.json").exists()
+    assert main(["compare", "--out", str(folder), "--quiet", "--data", str(tmp_path / "none.npz"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" not in err and "none.npz" in err

@@ -3,6 +3,8 @@ one, and a planted permutation whose aligned interpolation has no barrier."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -49,6 +51,15 @@ def test_barrier_errors() -> None:
         barrier([0, 0.7, 0.5], [0, 0, 0])
     with pytest.raises(ValueError, match="one equal length >= 2"):
         area_under_curve([0, 1], [0.0])
+
+
+def test_a_diverged_point_gives_no_finite_barrier() -> None:
+    # max() skips NaN: an interior NaN loss gave a barrier of 1.0 (average) and 0.0 (linear), a new-user trial found
+    nan = float("nan")
+    for definition in ("average", "linear"):
+        assert math.isnan(barrier([0, 0.5, 1], [1.0, nan, 3.0], definition=definition))
+        assert math.isnan(barrier([0, 0.5, 1], [0.9, nan, 0.9], definition=definition, higher_is_better=True))
+        assert barrier([0, 0.5, 1], [1.0, math.inf, 3.0], definition=definition) == math.inf
 
 
 def test_protocol_options() -> None:
