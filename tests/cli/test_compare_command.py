@@ -56,3 +56,6 @@ def test_a_first_run_that_fails_before_any_stage_does_not_lock_the_folder(tmp_pa
     assert main(["compare", "--out", str(folder), "--quiet", "--data", str(tmp_path / "none.npz"), *TINY]) == 2
     err = capsys.readouterr().err
     assert "other settings" not in err and "none.npz" in err
+    # one end point file: the message names --endpoints, not "--pairs must be a positive int, got 0"
+    assert main(["compare", "--out", str(folder), "--quiet", "--endpoints", str(tmp_path / "a.pt"), *TINY]) == 2
+    assert "--endpoints takes A and B of each pair (an even number of files), got 1" in capsys.readouterr().err

@@ -22,6 +22,9 @@ def cmd_compare(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     config = COMPARE_PRESETS[args.preset]
     settings: dict[str, Any] = {"seed": args.seed}
     if args.endpoints:
+        if args.pairs is None and len(args.endpoints) % 2:
+            raise ValueError(f"--endpoints takes A and B of each pair (an even number of files), got "
+                             f"{len(args.endpoints)}")  # fmt: skip
         settings["pairs"] = args.pairs if args.pairs is not None else len(args.endpoints) // 2
         settings["endpoints"] = tuple(args.endpoints)
     elif args.pairs is not None:
