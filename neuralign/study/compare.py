@@ -630,13 +630,19 @@ def plot_comparison(results: Mapping[str, Any], path: Path) -> Path:
                 (line,) = ax.plot(t, mean, label=m)
                 if stack.shape[0] > 1:
                     std = scale * stack.std(axis=0, ddof=1)
-                    ax.fill_between(t, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+                    low, high = mean - std, mean + std
+                    if field == "accuracy":  # the band of a bounded quantity stays within its bounds
+                        low, high = np.clip(low, 0.0, scale), np.clip(high, 0.0, scale)
+                    ax.fill_between(t, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
             ax.set_xlabel("λ")
             ax.set_ylabel(f"{split} {label}")
             if field == "loss":
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    pairs = len(results["pairs"])
+    fig.suptitle(f"mean over {pairs} pairs" + ("; bands: ± 1 standard deviation over the pairs" if pairs > 1 else ""),
+                 fontsize=9)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     return _save_figure(fig, path, "png")
 
