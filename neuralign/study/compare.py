@@ -67,7 +67,7 @@ from neuralign.experiments.training import TrainingOptions
 from neuralign.study.config import PRESETS, DataOptions, EvaluationOptions, ModelOptions, StudyConfig
 from neuralign.study.report import _fmt_number, _mean_std
 from neuralign.study.runner import _Study
-from neuralign.study.stages import Stage, stage_done
+from neuralign.study.stages import Stage, endpoint_stages, stage_done
 
 __all__ = [
     "COMPARE_METHODS",
@@ -237,12 +237,8 @@ def compare_stages(config: CompareConfig) -> list[Stage]:
     alignment.
     """
     c = config
-    stages: list[Stage] = []
-    if c.endpoints is None:
-        stages += [Stage(f"endpoint {s}", (), (f"endpoints/seed{s}.pt",), "endpoint", s)
-                   for s in range(1, 2 * c.pairs + 1)]  # fmt: skip
-    for k in range(1, c.pairs + 1):
-        ends = () if c.endpoints is not None else (f"endpoint {2 * k - 1}", f"endpoint {2 * k}")
+    stages, pair_ends = endpoint_stages(c.pairs, given=c.endpoints is not None)
+    for k, ends in enumerate(pair_ends, start=1):
         for m in c.methods:
             needs = ends
             if m in LEARNED_METHODS and c.learned_init in ("correlation", "l2"):

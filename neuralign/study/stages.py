@@ -8,7 +8,7 @@ from pathlib import Path
 
 from neuralign.study.config import StudyConfig
 
-__all__ = ["STAGE_KINDS", "Stage", "stage_done", "study_stages"]
+__all__ = ["STAGE_KINDS", "Stage", "endpoint_stages", "stage_done", "study_stages"]
 
 
 # ------------------------------------------------------------------------------------------------- the graph
@@ -49,6 +49,16 @@ class Stage:
         return self.name.replace(" ", "_")
 
 
+def endpoint_stages(pairs: int, given: bool) -> tuple[list[Stage], list[tuple[str, ...]]]:
+    """The end-point stages of ``pairs`` pairs (none when the end points are ``given``) and, per pair, the names
+    of the stages its alignment needs (pair ``k`` is seeds ``2k - 1`` and ``2k``); shared by the study and
+    ``neuralign compare``."""
+    if given:
+        return [], [()] * pairs
+    stages = [Stage(f"endpoint {s}", (), (f"endpoints/seed{s}.pt",), "endpoint", s) for s in range(1, 2 * pairs + 1)]
+    return stages, [(f"endpoint {2 * k - 1}", f"endpoint {2 * k}") for k in range(1, pairs + 1)]
+
+
 def study_stages(config: StudyConfig) -> list[Stage]:
     """The stages of a study in an order that respects their dependencies (the order of a sequential run).
 
@@ -57,12 +67,8 @@ def study_stages(config: StudyConfig) -> list[Stage]:
     depend on each other.
     """
     c = config
-    stages: list[Stage] = []
-    if c.endpoints is None:
-        stages += [Stage(f"endpoint {s}", (), (f"endpoints/seed{s}.pt",), "endpoint", s)
-                   for s in range(1, 2 * c.pairs + 1)]  # fmt: skip
-    for k in range(1, c.pairs + 1):
-        ends = () if c.endpoints is not None else (f"endpoint {2 * k - 1}", f"endpoint {2 * k}")
+    stages, pair_ends = endpoint_stages(c.pairs, given=c.endpoints is not None)
+    for k, ends in enumerate(pair_ends, start=1):
         alignment = Stage(f"pair {k} alignment", ends, (f"pair{k}/alignment.pt",), "alignment", k)
         stages.append(alignment)
         for setting in c.settings:
