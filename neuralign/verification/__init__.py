@@ -5,6 +5,7 @@ from neuralign.verification.equivalence import EquivalenceResult, check_equivale
 from neuralign.verification.gradient import TaylorResult, taylor_test
 from neuralign.verification.local import (
     CHECKS,
+    MIN_HELDOUT_EXAMPLES,
     CheckResult,
     VerificationOptions,
     VerificationReport,
@@ -15,6 +16,7 @@ from neuralign.verification.local import (
 
 __all__ = [
     "CHECKS",
+    "MIN_HELDOUT_EXAMPLES",
     "CheckResult",
     "EquivalenceResult",
     "TaylorResult",

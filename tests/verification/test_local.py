@@ -13,7 +13,7 @@ from neuralign.experiments.data import load_data
 from neuralign.experiments.models import build_model
 from neuralign.experiments.training import train_model
 from neuralign.verification import VerificationReport, taylor_test, verify_alignment, wilson_interval
-from neuralign.verification.local import CheckResult, _check_gradient, _Context
+from neuralign.verification.local import CheckResult, _Change, _check_gradient, _Context
 
 GROUP = "hidden.0.fc"
 
@@ -427,8 +427,8 @@ def test_moves_flagged_at_the_planted_permutation_improve_the_test_split_too():
         flagged += [(g, tuple(m[1])) for g, found in check.details["improving_moves"].items() for m in found]
     assert len(flagged) <= 6, flagged  # a flag in at most 3 of 10 seeds, as measured, at most 2 moves each
     for g, (i, j) in set(flagged):
-        mean, se = ctx.delta({g: _swap(spec.sizes[g], i, j)})
-        assert mean < 0, (g, i, j, mean, se)
+        change = ctx.delta({g: _swap(spec.sizes[g], i, j)})
+        assert change.change < 0, (g, i, j, change)
 
 
 @pytest.fixture(scope="module")
@@ -466,8 +466,8 @@ def test_neighbourhood_on_an_mlp_without_batch_norm(unnormalised_pair):
     damaged = CurvePermutationProblem(model, model.state_dict(), apply_permutation(b_state, spec, swapped), spec,
                                       data.train, heldout_loader=data.train_eval, value_batches=6)  # fmt: skip
     ctx = _Context(damaged, [damaged.start_offset(curves["swapped"])], spec)
-    mean, se = ctx.delta({group: _swap(64, 3, 40)})
-    assert mean - 3 * se > 0, (mean, se)  # undoing the damage makes the fitted curve worse
+    change = ctx.delta({group: _swap(64, 3, 40)})
+    assert change.change - 3 * change.se > 0, change  # undoing the damage makes the fitted curve worse
     counts = {"planted": 0, "control": 0, "swapped": 0}
     for seed in range(10):
         planted = _neighbourhood(data, model, spec, b_state, perms, curves["planted"], seed)
@@ -507,21 +507,25 @@ def _context(planted, value_batches=3):
 
 
 def test_per_example_losses_average_to_the_batch_objective_and_pair_by_example(planted):
-    """Two computations of the held-out objective agree: the mean of the per-example losses of each batch (the
-    paired tests' unit) and the problem's batch value (float32 means of 256 terms: 1e-5 relative). The paired
-    change is the mean and standard error of the per-example differences, with examples - 1 degrees of freedom."""
+    """Two computations of the held-out objective agree: the mean of the per-example data terms of each batch (the
+    paired tests' unit) plus the weight-decay term, and the problem's batch value (float32 means of 256 terms: 1e-5
+    relative). The paired change is the mean and standard error of the per-example differences of the data term,
+    with examples - 1 degrees of freedom, and the regulariser's change beside it."""
     from neuralign.verification.local import _swap
 
     ctx = _context(planted)
     change = {GROUP: _swap(16, 2, 5)}
-    per_example = ctx.losses(change)
+    per_example, penalty = ctx.losses(change)
     sizes = [b[0].shape[0] for b in ctx.problem.value_set]
-    means = torch.stack([v.mean() for v in per_example.split(sizes)])
+    means = torch.stack([v.mean() for v in per_example.split(sizes)]) + penalty
     torch.testing.assert_close(means, ctx.problem.batch_values(ctx.x, ctx.mats(change)), rtol=1e-5, atol=0)
-    d = per_example - ctx.base_losses()
-    mean, se = ctx.delta(change)
-    assert mean == pytest.approx(float(d.mean()), rel=1e-9)
-    assert se == pytest.approx(float(d.std(correction=1)) / len(d) ** 0.5, rel=1e-9)
+    base, base_penalty = ctx.base_losses()
+    d = per_example - base
+    result = ctx.delta(change)
+    assert result.change == pytest.approx(float(d.mean()), rel=1e-9)
+    assert result.se == pytest.approx(float(d.std(correction=1)) / len(d) ** 0.5, rel=1e-9)
+    assert result.regulariser == pytest.approx(penalty - base_penalty, rel=1e-12) and result.regulariser != 0
+    assert not result.regulariser_only and result.t == pytest.approx(result.change / result.se, rel=1e-12)
     assert ctx.examples == len(d) == sum(sizes) > 3 * 64
 
 
@@ -559,7 +563,7 @@ def test_stability_counts_only_significant_moves(planted, damaged_report, monkey
     assert m["group"] == GROUP and m["reassigned_fraction"] > 0.05 and m["t"] < -stab.thresholds["z"]
     assert set(m["units"]) <= set(range(16)) and len(m["units"]) >= 2
     assert f"{GROUP} units" in stab.summary and "t = " in stab.summary
-    monkeypatch.setattr(_Context, "delta", lambda self, changes: (0.0, 1.0))
+    monkeypatch.setattr(_Context, "delta", lambda self, changes: _Change(0.0, 1.0, 0.0, False))
     lenient = _verify(planted, _damaged(planted[4], 0.3), checks=("stability",))
     check = lenient.checks["stability"]
     frac = check.details["runs"]["alignment"]["reassigned_fraction"][GROUP]
@@ -599,3 +603,94 @@ def test_batched_screen_runs_networks_with_dropout():
     torch.manual_seed(0)
     values = screen._batched("hidden.0.fc", [_swap(16, 0, 1), _swap(16, 2, 3), _swap(16, 4, 5)])
     assert values.shape == (3,) and bool(torch.isfinite(values).all()) and bool((values > 0).all())
+
+
+@pytest.fixture(scope="module")
+def dead_units():
+    """A 64-32-32-10 MLP without batch norm trained 30 epochs on the digits, the first 16 units of GROUP made dead
+    (their bias lowered below every pre-activation on the shipped data, so that no example activates them) and
+    trained 10 epochs more (the live units adapt, the dead stay dead), B a relabelled copy:
+    ``(data, model, state, spec, b_state, perms)``."""
+    data = load_data("digits", batch_size=64, generator=0)
+    model = build_model("mlp", 10, in_features=64, hidden=(32, 32), batch_norm=False, generator=1)
+    xs = torch.cat([b[0] for loader in (data.train_eval, data.test, data.align) for b in loader]).flatten(1)
+    def kill(state):  # the first 16 units' largest pre-activation on the shipped data lowered to -0.5
+        state = {k: v.clone() for k, v in state.items()}
+        pre = xs @ state[f"{GROUP}.weight"].T + state[f"{GROUP}.bias"]
+        state[f"{GROUP}.bias"][:16] -= pre.max(0).values[:16] + 0.5
+        return state
+
+    model.load_state_dict(kill(train_model(model, data.train, epochs=30, generator=0).state_dict))
+    # the training batches are augmented: a dead unit that one of them activates is killed again after
+    state = kill(train_model(model, data.train, epochs=10, generator=1).state_dict)
+    pre = xs @ state[f"{GROUP}.weight"].T + state[f"{GROUP}.bias"]
+    assert bool((pre[:, :16] < 0).all()) and bool((pre[:, 16:] > 0).any(0).all())  # 16 dead units, the others live
+    model.load_state_dict(state)
+    model.eval()
+    spec = trace_spec(model, next(iter(data.train))[0])
+    p = random_permutation(spec, generator=3)
+    return data, model, state, spec, apply_permutation(state, spec, p), invert_permutation(p)
+
+
+def _verify_dead(dead_units, perms, **kw):
+    """The checks on the straight line from A to B aligned by ``perms`` (at the planted ``perms``: A itself, the
+    curve objective's optimum over curves, so that no move can improve its data term)."""
+    data, model, state, spec, b_state, _ = dead_units
+    aligned = apply_permutation(b_state, spec, perms)
+    line = Bezier.between(*({k: sd[k] for k, _ in model.named_parameters()} for sd in (state, aligned)))
+    options = dict(heldout_loader=data.train_eval, value_batches=6, align_loader=data.align, n_swaps=8,
+                   n_control_swaps=16, generator=0, curve=line, max_batches=8, stability_iters=2, spec=spec)
+    options.update(kw)
+    return verify_alignment(model, state, b_state, perms, data.train, **options)
+
+
+def test_moves_of_dead_units_change_only_the_regulariser_and_are_not_flagged(dead_units):
+    """Exchanging two units that no held-out example activates leaves every example's data term bit for bit the
+    same and changes only the weight-decay term, by the same amount for every example (the paired test of the total
+    had standard error 0 and t = -inf, so such moves, random controls included, were flagged). They are reported
+    apart and never flagged: the planted optimum passes, while a damaged pair of live units is still flagged."""
+    from neuralign.curves.pam import CurvePermutationProblem
+    from neuralign.verification.local import _swap
+
+    data, model, state, spec, b_state, perms = dead_units
+    prob = CurvePermutationProblem(model, state, apply_permutation(b_state, spec, perms), spec, data.train,
+                                   heldout_loader=data.train_eval, value_batches=6)  # fmt: skip
+    ctx = _Context(prob, [torch.randn(sum(prob.numels), generator=torch.Generator().manual_seed(0)) * 0.01], spec)
+    dead = ctx.delta({GROUP: _swap(32, 2, 13)})
+    assert dead.regulariser_only and dead.change == 0.0 and dead.se == 0.0 and dead.regulariser < 0
+    assert not dead.significant(1.0, 0.0)
+    live = ctx.delta({GROUP: _swap(32, 20, 21)})
+    assert not live.regulariser_only and live.se > 0
+    report = _verify_dead(dead_units, perms, checks=("stability", "certificate", "neighbourhood"))
+    for name, check in report.checks.items():
+        assert check.verdict == "pass", (name, check.summary)
+    neigh = report.checks["neighbourhood"]
+    apart = neigh.details["regulariser_only_moves"]
+    assert all(m[0] == GROUP and m[3] < 0 for m in apart), apart
+    # control swaps among dead units whose regulariser change alone is beyond the margin (with standard error 0 the
+    # test of the whole objective flagged them)
+    assert any(m[4] == "control" and m[3] < -neigh.thresholds["margin"] for m in apart), apart
+    assert neigh.details["per_group"][GROUP]["regulariser_only"] == len(apart)
+    assert "change only the weight-decay term" in neigh.summary
+    damaged = {g: q.clone() for g, q in perms.items()}
+    damaged[GROUP][[20, 21]] = perms[GROUP][[21, 20]]
+    flagged = _verify_dead(dead_units, damaged, checks=("neighbourhood",)).checks["neighbourhood"]
+    assert flagged.verdict == "fail", flagged.summary
+    assert [20, 21] in [m[1] for m in flagged.details["improving_moves"][GROUP]]
+
+
+def test_too_few_heldout_examples_are_refused(planted):
+    """The paired tests need MIN_HELDOUT_EXAMPLES examples (a Bonferroni t-test at 1 or 2 degrees of freedom would
+    decide nothing): 2 batches of 8 examples are refused with a line naming the argument and the count."""
+    from neuralign.verification import MIN_HELDOUT_EXAMPLES
+
+    data, model, spec, b_state, perms = planted
+    few = [(x[:8], y[:8]) for x, y in list(data.train_eval)[:2]]
+    with pytest.raises(ValueError, match=rf"^`heldout_loader` gave 16 held-out examples in 2 batches; the paired "
+                                         rf"tests of the checks \['neighbourhood'\] need {MIN_HELDOUT_EXAMPLES} "
+                                         r"at least$"):  # fmt: skip
+        verify_alignment(model, model.state_dict(), b_state, perms, data.train, spec=spec, heldout_loader=few,
+                         value_batches=2, checks=("neighbourhood",), fit_epochs=1, max_batches=2)  # fmt: skip
+    report = verify_alignment(model, model.state_dict(), b_state, perms, data.train, spec=spec, heldout_loader=few,
+                              value_batches=2, checks=("gradient",), fit_epochs=1, max_batches=2)  # fmt: skip
+    assert list(report.checks) == ["gradient"]  # a check without a paired test runs
