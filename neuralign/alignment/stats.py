@@ -373,14 +373,15 @@ def activation_moments(
 
     if spec is None:
         spec, gm = _trace_graph(model_a, prepare(_first_input(first)))
-    else:
-        gm = _fx_graph(model_a, train=False, grad=False)
+    else:  # torch.export on the first batch where torch.fx cannot trace the model, as trace_spec does
+        gm = _fx_graph(model_a, train=False, grad=False, example_input=prepare(_first_input(first)))
     present = {n.name for n in gm.graph.nodes}
     absent = {t.node for ts in spec.taps.values() for t in ts if t.node not in present}
     if absent:
         # taps on train-only branches (e.g. auxiliary heads) do not exist in eval mode: those units do not affect
         # the eval-mode function, and their groups are matched by weights; any other unknown node is an error
-        train_only = {n.name for n in _fx_graph(model_a, train=True).graph.nodes} & absent
+        train_graph = _fx_graph(model_a, train=True, example_input=prepare(_first_input(first)))
+        train_only = {n.name for n in train_graph.graph.nodes} & absent
         if absent - train_only:
             raise SpecError(f"the spec's taps name fx nodes {sorted(absent - train_only)} that the model does not have")
         logger.debug("ignoring taps on train-only fx nodes %s", sorted(train_only))

@@ -1,4 +1,4 @@
-"""Discover a network's permutation groups automatically by tracing it with torch.fx.
+"""Discover a network's permutation groups automatically by tracing it with torch.fx (or torch.export).
 
 The tracer runs the model's fx graph on an example input and propagates, for every tensor, which permutation group
 (if any) acts on each of its axes. Layers that mix features (Linear, Conv) start a new group on their output axis
@@ -17,6 +17,10 @@ product ties their insides, the batch axes of matmul / ``scaled_dot_product_atte
 keys and values (key/value heads repeated for grouped-query attention coarsen the query heads into blocks), and
 merging the two axes back gives the flat group again. The spec records the result as
 :class:`~neuralign.alignment.spec.Heads`.
+
+Where torch.fx cannot trace a model (control flow on shapes), the graph is the one ``torch.export`` records on the
+example input, its ATen operations rewritten into the torch functions below (:mod:`neuralign.alignment._export`;
+an operation without a mapping has no rule): the same rules prove it.
 
 The tracer is default-deny: every fx node whose value holds a tensor is handled by a rule below or, if one of its
 inputs carries a group, refused with :class:`~neuralign.errors.SpecError` naming the node. Every input of a node
@@ -44,6 +48,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from neuralign.alignment._export import aten_name, exported_graph
 from neuralign.alignment.spec import Heads, PermutationSpec, Segment, Tap
 from neuralign.errors import SpecError
 
@@ -130,7 +135,9 @@ _KINDS: dict[str, tuple[str, ...]] = {
     ),
     "pixel": ("pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle"),
     "contract": ("matmul", "mm", "bmm", "einsum", "linear"),
-    "fnorm": ("layer_norm", "batch_norm", "group_norm", "instance_norm"),
+    "conv": ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+    "embedding": ("embedding",),
+    "fnorm": ("layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm"),
     "attention": ("scaled_dot_product_attention",),
     "factory": ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"),
     # metadata: methods and attribute reads (any non-tensor attribute is "getattr_meta") that return no tensor
@@ -164,6 +171,8 @@ def _function_table() -> dict[Any, str]:
             if callable(obj) and not isinstance(obj, type):
                 table.setdefault(obj, name)
     table[torch._assert] = "_assert"
+    table.pop(torch.embedding, None)  # torch.embedding(weight, indices), unlike F.embedding(input, weight)
+    table[F.embedding] = "embedding"
     return table
 
 
@@ -255,6 +264,15 @@ def _segment_at(action, position: int) -> tuple:
         if position < offset:
             return seg
     raise IndexError(position)
+
+
+def _grouped_output(blocks, per_in: int, per_out: int):
+    """The output channels of a grouped convolution whose input channels are ``blocks`` (whole blocks of ``per_in``
+    channels per unit): each block of ``per_in`` inputs gives a block of ``per_out`` outputs."""
+    if blocks is None:
+        return None
+    return tuple((g, k, e // per_in * per_out) if g is not None else (None, k * e // per_in * per_out, 1)
+                 for g, k, e in blocks)  # fmt: skip
 
 
 def _is_tensor_state(state: Any) -> bool:
@@ -539,8 +557,9 @@ class _SpecInterpreter(torch.fx.Interpreter):
         except _Unsupported as exc:
             if self.on_unsupported != "fix":
                 what = n.target if n.op != "call_module" else type(self.module.get_submodule(n.target)).__name__
+                what = aten_name(what) or getattr(what, "__name__", what)
                 raise SpecError(
-                    f"cannot prove that fx node `{n.name}` ({n.op} {getattr(what, '__name__', what)}) is safe to "
+                    f"cannot prove that fx node `{n.name}` ({n.op} {what}) is safe to "
                     f"permute: {exc}. Build the spec by hand with neuralign.alignment.SpecBuilder, or pass "
                     f"on_unsupported='fix' to leave the groups it touches unpermuted."
                 ) from None
@@ -597,8 +616,11 @@ class _SpecInterpreter(torch.fx.Interpreter):
         """An operation of unknown meaning is safe only if none of its inputs carries a group."""
         for a in n.all_input_nodes:
             if not self._opaque(self.states[a.name]):
+                what = aten_name(n.target)
                 self._fail(
-                    f"it is not a known permutation-equivariant operation and its operand `{a.name}` is permuted"
+                    (f"the ATen operation `{what}` of the torch.export graph has no rule (no mapping to a torch "
+                     f"function the tracer knows)" if what else "it is not a known permutation-equivariant operation")
+                    + f" and its operand `{a.name}` is permuted"
                 )
         return _none_state(value)
 
@@ -858,11 +880,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
             # groups, so channels cannot move within a block): every unit of the input must cover whole blocks
             # of in_channels / groups channels (a finer group is coarsened); the output follows block by block
             blocks = self._coarsen(st[1], m.groups, "a grouped convolution")
-            per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
-            out = None if blocks is None else tuple(
-                (g, k, e // per_in * per_out) if g is not None else (None, k * e // per_in * per_out, 1)
-                for g, k, e in blocks
-            )
+            out = _grouped_output(blocks, m.in_channels // m.groups, m.out_channels // m.groups)
             self._record(f"{name}.weight", 0, blocks if transposed else out)
         if m.bias is not None:
             self._record(f"{name}.bias", 0, out)
@@ -1465,7 +1483,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
             out = sw[0]
             if b is not None:
                 out = self._unify(out, self._tstate(b)[0])
-            self._promote(out)
+            self._layer_output(n, w, out, value.ndim - 1)
             return sx[:-1] + (out,)
         a, b = self._arg(n, 0, "input"), self._arg(n, 1, "other" if name == "matmul" else "mat2")
         self._account(n, [a, b])
@@ -1478,6 +1496,64 @@ class _SpecInterpreter(torch.fx.Interpreter):
         la = letters[batch - (va.ndim - 2) :] + "xy"
         lb = letters[batch - (vb.ndim - 2) :] + "yz"
         return self._einsum(f"{la},{lb}->{letters}xz", [self._tstate(a), self._tstate(b)], [va, vb], value)
+
+    def _layer_output(self, n, w, out, axis: int) -> None:
+        """The output units of a functional layer (``F.linear``, ``F.conv2d``, ``F.embedding``) are a layer's. A
+        weight read from a state-dict entry ``<module>.weight`` names the group after the module and taps it here,
+        as the rules for the nn modules do, so that a torch.export graph gives the spec of the fx graph."""
+        segments = self._norm(out) or ()
+        fresh = [g for g, _, _ in segments if g is not None and not self.groups.layer[self.groups.find(g)]]
+        self._promote(out)
+        key = self.aliases.get(w.target) if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None
+        if key is None or not key.endswith(".weight") or len(segments) != 1 or segments[0][0] is None:
+            return
+        if len(fresh) == 1:  # the first trace that reads this weight names its units
+            self.groups.name[self.groups.find(fresh[0])] = key[: -len(".weight")]
+        if self.collect_taps and segments[0][2] == 1:
+            self.taps.append((self.groups.find(segments[0][0]), Tap(n.name, axis, "out")))
+
+    def _r_conv(self, n, name, value) -> Any:
+        """``F.conv1d/2d/3d`` and ``F.conv_transpose1d/2d/3d`` with any weight: the rule of the nn modules
+        (:meth:`_conv`) on the weight's own axes: its input-channel axis is tied to the input's channels, its
+        output-channel axis gives the output's; kernel positions are never permuted. With ``groups > 1`` the
+        weight's in-block axis is shared by every group, so it is fixed and channels move as whole blocks."""
+        x, w, b = self._arg(n, 0, "input"), self._arg(n, 1, "weight"), self._arg(n, 2, "bias")
+        groups = int(self._value(self._arg(n, 6, "groups", 1)))
+        self._account(n, [x, w, b])
+        st, sw = self._tstate(x), self._tstate(w)
+        xv, wv = self._value(x), self._value(w)
+        if xv.ndim != wv.ndim:
+            self._fail(f"unbatched input of shape {tuple(xv.shape)}")
+        for ax in range(2, xv.ndim):
+            if st[ax] is not None:
+                self._fail(f"a convolution mixes spatial positions, and axis {ax} is permuted")
+            self._fix_action(sw[ax])
+        transposed = name.startswith("conv_transpose")
+        in_axis, out_axis = (0, 1) if transposed else (1, 0)
+        if groups == 1:
+            self._unify(st[1], sw[in_axis])
+            out = sw[out_axis]
+        else:
+            blocks = self._coarsen(st[1], groups, "a grouped convolution")
+            out = _grouped_output(blocks, xv.shape[1] // groups, value.shape[1] // groups)
+            self._fix_action(sw[1])
+            self._unify(sw[0], blocks if transposed else out)
+        if b is not None:
+            out = self._unify(out, self._tstate(b)[0])
+        self._layer_output(n, w, out, 1)
+        return (st[0], out) + (None,) * (value.ndim - 2)
+
+    def _r_embedding(self, n, name, value) -> Any:
+        """``F.embedding(input, weight)``: the rows are addressed by the index values, so they stay in place; the
+        embedding axis gives the output's last axis; the output's other axes are the indices'."""
+        idx, w = self._arg(n, 0, "input"), self._arg(n, 1, "weight")
+        self._account(n, [idx, w])
+        si, sw = self._tstate(idx), self._tstate(w)
+        if self._value(w).ndim != 2:
+            self._fail("an embedding table that is not a matrix")
+        self._fix_action(sw[0])
+        self._layer_output(n, w, sw[1], value.ndim - 1)
+        return si + (sw[1],)
 
     def _einsum(self, eq: str, states, vals, value) -> tuple:
         eq = eq.replace(" ", "")
@@ -1506,9 +1582,9 @@ class _SpecInterpreter(torch.fx.Interpreter):
         axis they scale; batch/instance/group norm act on axis 1, layer norm on the trailing axes."""
         x = self._arg(n, 0, "input")
         st, xv = self._tstate(x), self._value(x)
-        if name == "layer_norm":
+        if name in ("layer_norm", "rms_norm"):  # both normalise over the trailing axes (mean and variance / RMS)
             shape = list(self._value(self._arg(n, 1, "normalized_shape")))
-            params = [self._arg(n, 2, "weight"), self._arg(n, 3, "bias")]
+            params = [self._arg(n, 2, "weight")] + ([self._arg(n, 3, "bias")] if name == "layer_norm" else [])
             self._account(n, [x, *params])
             k = len(shape)
             for p in params:
@@ -1700,7 +1776,7 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 
 
 def _trace_graph(
-    model: nn.Module, example_input: Any, *, on_unsupported: str = "raise"
+    model: nn.Module, example_input: Any, *, on_unsupported: str = "raise", tracer: str = "auto"
 ) -> tuple[PermutationSpec, torch.fx.GraphModule]:
     """Trace ``model`` in train and eval mode, each with and without gradients, into one spec.
 
@@ -1709,6 +1785,8 @@ def _trace_graph(
     """
     if on_unsupported not in ("raise", "fix"):
         raise ValueError(f"unknown on_unsupported '{on_unsupported}'; expected one of ['raise', 'fix']")
+    if tracer not in _TRACERS:
+        raise ValueError(f"unknown tracer '{tracer}'; expected one of {list(_TRACERS)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
@@ -1719,7 +1797,7 @@ def _trace_graph(
     # every mode a network runs in: training (grad), batch-norm re-estimation (train, no grad), evaluation with and
     # without grad; the last is the graph alignment reads activations from, so it records the taps
     for train, grad in ((True, True), (True, False), (False, True), (False, False)):
-        gm = _fx_graph(model, train=train, grad=grad)
+        gm = _fx_graph(model, train=train, grad=grad, example_input=inputs, tracer=tracer)
         last = not train and not grad
         interp = _SpecInterpreter(gm, shared, on_unsupported=on_unsupported, taps=last, aliases=aliases)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # train-mode dropout must not move the user's RNG
@@ -1737,6 +1815,9 @@ def _trace_graph(
     spec = _build_spec(shared, interp.taps, aliases, model)
     gm.meta["rules_used"] = frozenset(shared.used)  # which rules of the table proved this spec (tests read it)
     return spec, gm
+
+
+_TRACERS = ("auto", "fx", "export")
 
 
 def _check_traceable(model: nn.Module) -> None:
@@ -1765,10 +1846,16 @@ def _check_traceable(model: nn.Module) -> None:
             )
 
 
-def _fx_graph(model: nn.Module, *, train: bool, grad: bool | None = None) -> torch.fx.GraphModule:
-    """``torch.fx.symbolic_trace`` of a copy of ``model`` in train or eval mode, with gradients enabled or not
-    (default: enabled in train mode only). Branches on ``self.training`` or ``torch.is_grad_enabled()`` are resolved
-    at trace time, so the graphs can differ. Raises SpecError when the model cannot be copied or traced."""
+def _fx_graph(
+    model: nn.Module, *, train: bool, grad: bool | None = None, example_input: Any = None, tracer: str = "auto"
+) -> torch.fx.GraphModule:
+    """The graph of a copy of ``model`` in train or eval mode, with gradients enabled or not (default: enabled in
+    train mode only). Branches on ``self.training`` or ``torch.is_grad_enabled()`` are resolved at trace time, so
+    the graphs can differ.
+
+    ``tracer="fx"``: ``torch.fx.symbolic_trace``; ``"export"``: ``torch.export`` on ``example_input`` (shapes
+    specialised to it, see :mod:`neuralign.alignment._export`); ``"auto"``: fx, and export where fx fails (if an
+    ``example_input`` is given). Raises SpecError when the model cannot be copied or traced."""
     import copy
 
     if not isinstance(model, nn.Module):
@@ -1778,15 +1865,28 @@ def _fx_graph(model: nn.Module, *, train: bool, grad: bool | None = None) -> tor
         work = copy.deepcopy(model).train(train)
     except Exception as exc:
         raise SpecError(f"could not copy {type(model).__name__} to trace it: {_first_line(exc)}") from exc
+    what = type(model).__name__
+    failed = ""
+    if tracer != "export":
+        try:
+            with torch.set_grad_enabled(train if grad is None else grad):
+                return torch.fx.symbolic_trace(work).train(train)
+        except Exception as exc:
+            failed = f"torch.fx could not trace {what}: {_first_line(exc)}"
+            if tracer == "fx" or example_input is None:
+                raise SpecError(f"{failed}. Build the spec by hand with neuralign.alignment.SpecBuilder.") from exc
+            logger.info("%s; tracing it with torch.export instead", failed)
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     try:
         with torch.set_grad_enabled(train if grad is None else grad):
-            gm = torch.fx.symbolic_trace(work)
+            gm = exported_graph(work, tuple(inputs))
     except Exception as exc:
         raise SpecError(
-            f"torch.fx could not trace {type(model).__name__}: {_first_line(exc)}. "
-            "Build the spec by hand with neuralign.alignment.SpecBuilder."
+            (f"{failed}, and " if failed else "") + f"torch.export could not export {what} on `example_input` of "
+            f"shape {_describe(tuple(inputs))}: {_first_line(exc)}. Build the spec by hand with "
+            "neuralign.alignment.SpecBuilder."
         ) from exc
-    return gm.train(train)
+    return gm  # an exported module refuses .train(): its graph already holds the mode it was exported in
 
 
 def _first_line(exc: BaseException) -> str:
@@ -1859,8 +1959,10 @@ def _build_spec(interp: _SpecInterpreter, taps: list, aliases: dict[str, str], m
     return PermutationSpec(sizes, axes, final_taps, heads)
 
 
-def trace_spec(model: nn.Module, example_input: Any, *, on_unsupported: str = "raise") -> PermutationSpec:
-    """Discover the permutation groups of ``model`` by tracing it with torch.fx.
+def trace_spec(
+    model: nn.Module, example_input: Any, *, on_unsupported: str = "raise", tracer: str = "auto"
+) -> PermutationSpec:
+    """Discover the permutation groups of ``model`` by tracing it with torch.fx (or torch.export where fx fails).
 
     A relabelling :math:`P_\\ell` of the units of each hidden layer leaves the network's function unchanged when
     every tensor that reads or writes those units is permuted consistently
@@ -1870,13 +1972,22 @@ def trace_spec(model: nn.Module, example_input: Any, *, on_unsupported: str = "r
     Parameters
     ----------
     model : nn.Module
-        Any module torch.fx can trace. It is copied; the model itself is not modified.
+        Any module torch.fx can trace, or torch.export can export on ``example_input``. It is copied; the model
+        itself is not modified.
     example_input : Tensor or tuple of Tensor
         An input batch (values are irrelevant, shapes matter: flattening is resolved from them). Use a batch of
         at least 2 for models with BatchNorm1d.
     on_unsupported : {"raise", "fix"}
         What to do with an operation that cannot be proven safe: raise :class:`SpecError` naming the fx node
         (default), or keep the groups it touches unpermuted.
+    tracer : {"auto", "fx", "export"}
+        How the graph is obtained: ``torch.fx.symbolic_trace`` ("fx"), ``torch.export.export(..., strict=False)``
+        on ``example_input`` ("export"), or fx and, where fx cannot trace the model (control flow on shapes, such
+        as "same" padding computed from ``x.shape``), export ("auto", default). An exported graph is specialised to
+        the shapes of ``example_input`` (the batch axis stays symbolic where the model allows it); its ATen
+        operations are rewritten into the torch functions the rules know and proven by the same rules (an
+        operation without a mapping is refused as soon as it touches a group). A permutation does not depend on
+        shapes, so the spec holds for every input the model accepts; the taps name the exported graph's nodes.
 
     Returns
     -------
@@ -1887,17 +1998,20 @@ def trace_spec(model: nn.Module, example_input: Any, *, on_unsupported: str = "r
 
     Raises
     ------
+    ValueError
+        If ``on_unsupported`` or ``tracer`` is not one of its values.
     SpecError
-        If torch.fx cannot trace the model, the model cannot run on ``example_input``, or an operation is not
-        provably safe (naming the fx node).
+        If neither torch.fx nor (where allowed) torch.export can trace the model, the model cannot run on
+        ``example_input``, or an operation is not provably safe (naming the graph node).
 
     Notes
     -----
     Default-deny: every fx node that produces a tensor is handled by a proven rule or refused. Handled:
-    Linear, Conv1d/2d/3d and ConvTranspose (any stride, padding, bias; grouped convolutions permute whole groups
-    of channels as blocks, depthwise ones channel by channel), BatchNorm / InstanceNorm / GroupNorm / LayerNorm
-    (modules and functional forms, channels-last included), RMSNorm (module), Embedding, attention heads (see the
-    module docstring: ``nn.MultiheadAttention``'s projection rows, ``F.scaled_dot_product_attention`` with masks,
+    Linear, Conv1d/2d/3d and ConvTranspose (modules and functional forms; any stride, padding, bias; grouped
+    convolutions permute whole groups of channels as blocks, depthwise ones channel by channel), BatchNorm /
+    InstanceNorm / GroupNorm / LayerNorm / RMSNorm (modules and functional forms, channels-last included),
+    Embedding (module and ``F.embedding``), attention heads (see the module docstring: ``nn.MultiheadAttention``'s
+    projection rows, ``F.scaled_dot_product_attention`` with masks,
     causal and grouped-query, and attention written by hand with ``reshape(B, N, 3, H, d)`` or ``view(B, N, H,
     d)``, matmul or einsum and softmax), elementwise functions of any number of operands
     with broadcasting (activations, arithmetic, ``clamp`` with tensor bounds, ``where``, ``masked_fill``,
@@ -1927,5 +2041,5 @@ def trace_spec(model: nn.Module, example_input: Any, *, on_unsupported: str = "r
     >>> sorted(spec.perm_to_axes["0"])
     [('0.bias', 0), ('0.weight', 0), ('2.weight', 1)]
     """
-    spec, _ = _trace_graph(model, example_input, on_unsupported=on_unsupported)
+    spec, _ = _trace_graph(model, example_input, on_unsupported=on_unsupported, tracer=tracer)
     return spec

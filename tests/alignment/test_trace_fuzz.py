@@ -43,6 +43,16 @@ class _Params(nn.Module):
         self.depth = torchvision.ops.StochasticDepth(0.5, "row")
         self.register_buffer("rm", torch.randn(C))
         self.register_buffer("rv", torch.rand(C) + 0.5)
+        # functional layers (the forms torch.export writes every layer in)
+        self.conv1 = nn.Parameter(torch.randn(5, C, 3) * 0.3)
+        self.gconv = nn.Parameter(torch.randn(4, C // 2, 3) * 0.3)
+        self.conv2 = nn.Parameter(torch.randn(5, C, 1, 2) * 0.3)
+        self.conv3 = nn.Parameter(torch.randn(5, C, 1, 1, 1) * 0.3)
+        self.convt1 = nn.Parameter(torch.randn(C, 5, 3) * 0.3)
+        self.convt2 = nn.Parameter(torch.randn(C, 3, 1, 2) * 0.3)
+        self.convt3 = nn.Parameter(torch.randn(C, 2, 1, 1, 1) * 0.3)
+        self.conv_b = nn.Parameter(torch.randn(5))
+        self.emb = nn.Parameter(torch.randn(L, C))
 
 
 # (name, op(h, p, training), expectation on "after", expectation on "before"): "ok" traces with a group and passes
@@ -151,6 +161,18 @@ OPS = [
                                      .transpose(2, 3).reshape(h.shape))(h.view(h.shape[0], 2, C // 2, L)
                                                                         .transpose(2, 3))), "ok", "ok"),
     ("heads_summed", lambda h, p, t: h.view(h.shape[0], 2, C // 2, L).sum(1), "ok", "ok"),
+    ("conv1d_functional", lambda h, p, t: F.conv1d(h, p.conv1, p.conv_b, padding=1), "ok", "ok"),
+    ("conv1d_grouped", lambda h, p, t: F.conv1d(h, p.gconv, groups=2), "ok", "ok"),
+    ("conv2d_functional", lambda h, p, t: F.conv2d(h[:, :, None], p.conv2, p.conv_b)[:, :, 0], "ok", "ok"),
+    ("conv3d_functional", lambda h, p, t: F.conv3d(h[:, :, None, None], p.conv3)[:, :, 0, 0], "ok", "ok"),
+    ("conv_transpose1d_functional", lambda h, p, t: F.conv_transpose1d(h, p.convt1, p.conv_b), "ok", "ok"),
+    ("conv_transpose2d_functional", lambda h, p, t: F.conv_transpose2d(h[:, :, None], p.convt2)[:, :, 0], "ok",
+     "ok"),
+    ("conv_transpose3d_functional", lambda h, p, t: F.conv_transpose3d(h[:, :, None, None], p.convt3)[:, :, 0, 0],
+     "ok", "ok"),
+    ("embedding_functional", lambda h, p, t: h + F.embedding(torch.arange(L), p.emb).T, "ok", "ok"),
+    ("rms_norm_channels_last", lambda h, p, t: F.rms_norm(h.transpose(1, 2), (C,), p.ln_w).transpose(1, 2), "ok",
+     "ok"),
 ]  # fmt: skip
 
 

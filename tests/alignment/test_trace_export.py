@@ -1,0 +1,230 @@
+"""The torch.export front end of the tracer (issue 21): models torch.fx cannot trace (control flow on shapes) are
+exported on the example input and proven by the same default-deny rules.
+
+Every traced spec is checked by ``check_equivalence`` in float64 (train and eval mode, random permutations); the
+same spec with its permuted groups ignored would leave the check nothing to fail on, so each test also asserts which
+groups were found.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuralign.alignment import apply_permutation, invert_permutation, random_permutation, trace_spec
+from neuralign.alignment.align import align
+from neuralign.errors import SpecError
+from neuralign.verification import check_equivalence
+from tests.alignment.nets import ResCatNet, randomize_bn
+
+
+class SamePadNet(nn.Module):
+    """TensorFlow-style "same" padding computed from ``x.shape`` and a branch on a spatial size (timm's
+    ``Conv2dSame`` pattern): torch.fx cannot trace either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, stride=2)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 6, 3, groups=3)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+        self.out = nn.Linear(4, 2)
+
+    @staticmethod
+    def pad_same(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
+        pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
+        return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+    def forward(self, x):
+        h = F.silu(self.bn1(self.c1(self.pad_same(x, 3, 2))))
+        if h.shape[-1] > 3:  # control flow on a shape
+            h = h[:, :, 1:, 1:]
+        h = F.relu(h + self.bn2(self.c2(self.pad_same(h, 3, 1))))
+        return self.out(torch.tanh(self.fc(h.mean((2, 3)))))
+
+
+class ShapeAttention(nn.Module):
+    """Hand-written multi-head attention with fused qkv whose number of heads is read from the input's width."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+        self.heads = heads
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, d = h.shape
+        heads = self.heads if d % self.heads == 0 else 1  # a Python branch on a traced size
+        q, k, v = self.qkv(self.norm(h)).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = torch.softmax(q @ k.transpose(-2, -1) * (d // heads) ** -0.5, dim=-1) @ v
+        h = h + self.proj(a.transpose(1, 2).reshape(b, n, d))
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
+class UnmappedOpNet(nn.Module):
+    """An operation torch.export writes as an ATen op the tracer has no mapping for (``special_erfcx``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if h.shape[0] > 0:
+            h = torch.special.erfcx(h)
+        return self.fc2(h)
+
+
+def _image(seed: int, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 12, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _assert_exact(model: nn.Module, spec, x, seed: int) -> None:
+    """Random permutations keep the function, in float64, in train and eval mode (batch statistics included)."""
+    res = check_equivalence(model, spec, x, trials=2, generator=seed)
+    assert res.verdict == "pass", res.message
+    assert res.max_diff_train is not None and res.max_diff_eval is not None
+
+
+def test_fx_cannot_trace_control_flow_on_shapes():
+    model = SamePadNet().double()
+    with pytest.raises(SpecError, match=r"torch\.fx could not trace SamePadNet"):
+        trace_spec(model, _image(0), tracer="fx")
+
+
+@pytest.mark.parametrize("tracer", ["auto", "export"])
+def test_same_padding_and_shape_branch_traced_through_export_exactly(tracer):
+    torch.manual_seed(0)
+    model = randomize_bn(SamePadNet().double(), seed=1)
+    x = _image(2)
+    spec = trace_spec(model, x, tracer=tracer)
+    # c1's 6 channels move as 3 blocks of 2 (the grouped c2 reads them in blocks), tied to c2's output by the
+    # residual addition; fc's 4 units are free; the output stays put
+    assert spec.sizes == {"c1": 3, "fc": 4}
+    assert ("c2.weight", 0) in spec.perm_to_axes["c1"] and ("bn2.running_var", 0) in spec.perm_to_axes["c1"]
+    for seed in (3, 4):
+        _assert_exact(model, spec, x, seed)
+
+
+def test_attention_heads_traced_through_export_exactly():
+    torch.manual_seed(0)
+    model = ShapeAttention().double()
+    x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(SpecError, match="torch.fx could not trace"):
+        trace_spec(model, x, tracer="fx")
+    spec = trace_spec(model, x)
+    heads = {g: (h.count, h.size) for g, h in spec.heads.items()}
+    assert sorted(heads.values()) == [(4, 4), (4, 4)]  # query/key and value/output rows: 4 heads of 4
+    assert len({h.heads for h in spec.heads.values()}) == 1  # one head permutation shared by both
+    assert spec.sizes["embed"] == 16 and spec.sizes["fc1"] == 32
+    for seed in (5, 6):
+        _assert_exact(model, spec, x, seed)
+
+
+@pytest.mark.parametrize(
+    "build,shape",
+    [(lambda: randomize_bn(ResCatNet(), seed=0), (2, 3, 8, 8)), (lambda: ShapeAttention(heads=2), (2, 6, 5))],
+    ids=["ResCatNet", "attention"],
+)
+def test_fx_traceable_models_give_the_same_spec_either_way(build, shape):
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    try:
+        fx = trace_spec(model, x, tracer="fx")
+    except SpecError:  # ShapeAttention branches on a size: fx cannot trace it, so compare a fixed-head copy
+        model.forward = _fixed_heads(model)
+        fx = trace_spec(model, x, tracer="fx")
+    ex = trace_spec(model, x, tracer="export")
+    assert fx.sizes == ex.sizes and fx.heads == ex.heads
+    assert {g: sorted(a) for g, a in fx.perm_to_axes.items()} == {g: sorted(a) for g, a in ex.perm_to_axes.items()}
+    kinds = lambda s: {g: sorted((t.axis, t.kind) for t in ts) for g, ts in s.taps.items()}  # noqa: E731
+    assert kinds(fx) == kinds(ex)  # the same activations are read (node names differ between the graphs)
+
+
+def _fixed_heads(model: ShapeAttention):
+    class Fixed(ShapeAttention):
+        def forward(self, x):
+            h = self.embed(x)
+            b, n, d = h.shape
+            q, k, v = self.qkv(self.norm(h)).reshape(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            a = torch.softmax(q @ k.transpose(-2, -1) * 8**-0.5, dim=-1) @ v
+            h = h + self.proj(a.transpose(1, 2).reshape(b, n, d))
+            h = h + self.fc2(F.gelu(self.fc1(h)))
+            return self.head(h.mean(1))
+
+    model.__class__ = Fixed
+    return model.forward
+
+
+def test_aten_operation_without_a_mapping_is_refused_naming_it():
+    model = UnmappedOpNet()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SpecError, match=r"fx node `special_erfcx` .*`aten\.special_erfcx\.default` .* has no rule"):
+        trace_spec(model, x)
+    spec = trace_spec(model, x, on_unsupported="fix")  # the group it touches stays unpermuted
+    assert spec.groups == []
+
+
+def test_unknown_tracer_is_refused():
+    with pytest.raises(ValueError, match=r"unknown tracer 'jit'; expected one of \['auto', 'fx', 'export'\]"):
+        trace_spec(nn.Linear(2, 2), torch.zeros(1, 2), tracer="jit")
+
+
+def test_planted_permutation_recovered_through_the_exported_graph():
+    """Activation alignment reads the exported graph's nodes, on batches of another size than the example."""
+    torch.manual_seed(0)
+    a = randomize_bn(SamePadNet(), seed=1).eval()
+    g = torch.Generator().manual_seed(2)
+    loader = [(torch.randn(n, 3, 12, 12, generator=g), torch.zeros(n, dtype=torch.long)) for n in (16, 16, 7)]
+    spec = trace_spec(a, loader[0][0][:2])
+    p = random_permutation(spec, generator=3)
+    b = copy.deepcopy(a)
+    b.load_state_dict(apply_permutation(a.state_dict(), spec, p))
+    with pytest.warns(UserWarning, match=r"groups \['c1'\] have no activation tap"):  # c1 moves in blocks
+        res = align(a, b, loader, spec=spec, generator=0)
+    assert spec.taps["fc"] and "fc" in res.correlation_after  # fc was matched on its activations
+    inverse = invert_permutation(p)
+    assert all(torch.equal(res.perms[g], inverse[g]) for g in spec.groups)
+
+
+TIMM = [("tf_efficientnetv2_b0", 64), ("tiny_vit_5m_224", 224)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,side", TIMM, ids=[t[0] for t in TIMM])
+def test_timm_models_fx_cannot_trace_are_exact_through_export(name, side):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).double()
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spec = trace_spec(model, x)
+    assert len(spec.groups) >= 20
+    res = check_equivalence(model, spec, x, trials=1, generator=0)
+    assert res.verdict == "pass", res.message
+
+
+@pytest.mark.slow
+def test_timm_mobilevit_is_refused_at_its_patch_unfolding():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevit_xxs", num_classes=10)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SpecError, match=r"a reshape from \(2, 64, 8, 8\) to \(512, 2, 4, 2\) interleaves permuted"):
+        trace_spec(model, x)
