@@ -694,3 +694,50 @@ def test_too_few_heldout_examples_are_refused(planted):
     report = verify_alignment(model, model.state_dict(), b_state, perms, data.train, spec=spec, heldout_loader=few,
                               value_batches=2, checks=("gradient",), fit_epochs=1, max_batches=2)  # fmt: skip
     assert list(report.checks) == ["gradient"]  # a check without a paired test runs
+
+
+def test_alignment_check_accepts_aligns_own_tie_breaking_and_fails_a_damaged_pair():
+    """align() matches by weights the units the data cannot tell apart: here 4 units of each of two random MLPs fire
+    on one alignment example only, so their correlations tie up to float rounding and the weight-matched assignment
+    leaves the correlation optimum (by about 1e-6 relative, above the 1e-9 tolerance). The check passes align()'s
+    own output (it matches align()'s rule) and fails it with two live units swapped."""
+    from neuralign.alignment import align
+    from neuralign.optim import solve_assignment
+
+    data = load_data("digits", batch_size=64, generator=0)
+    xs = torch.cat([b[0] for b in data.align]).flatten(1)
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(64, generator=gen)
+    u /= u.norm()
+    top = (xs @ u).sort(descending=True).values
+    threshold = float(top[:2].mean())  # between the largest projection on u and the second largest
+    models = []
+    for seed in (1, 2):
+        m = build_model("mlp", 10, in_features=64, hidden=(16, 16), batch_norm=False, generator=seed)
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        scale = torch.rand(4, generator=gen) + 0.5
+        state[f"{GROUP}.weight"][:4] = scale[:, None] * u
+        state[f"{GROUP}.bias"][:4] = -scale * threshold
+        m.load_state_dict(state)
+        models.append(m.eval())
+    a, b = models
+    spec = trace_spec(a, xs[:2])
+    found = align(a, b, data.align, spec=spec, method="correlation")
+    assert "could not tell apart" in found.message
+    C = found.similarity[GROUP]
+    optimum = solve_assignment(C, maximize=True).fun
+    assert (optimum - float(C[torch.arange(16), found.perms[GROUP]].sum())) / optimum > 1e-7  # not the optimum
+
+    def check(perms):
+        return verify_alignment(a, a.state_dict(), b.state_dict(), perms, data.train, spec=spec,
+                                checks=("alignment",), align_loader=data.align).checks["alignment"]  # fmt: skip
+
+    own = check(found.perms)
+    assert own.verdict == "pass", own.summary
+    assert own.details["per_group"][GROUP]["relative_gap"] > own.thresholds["relative_gap"]
+    assert own.details["per_group"][GROUP]["relative_gap_to_align"] == 0.0
+    damaged = {g: p.clone() for g, p in found.perms.items()}
+    damaged[GROUP][[8, 9]] = found.perms[GROUP][[9, 8]]
+    bad = check(damaged)
+    assert bad.verdict == "fail" and bad.details["per_group"][GROUP]["relative_gap_to_align"] > 1e-3, bad.summary
+    assert f"below both the optimum and align()'s own correlation alignment: {GROUP}" in bad.summary
