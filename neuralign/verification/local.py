@@ -540,6 +540,7 @@ def _step_bounds(problem: CurvePermutationProblem, G: Mapping[str, torch.Tensor]
 
 
 def _check_certificate(ctx: _Context, opts) -> CheckResult:
+    started = time.perf_counter()
     prob = ctx.problem
     G = prob.gradient_at(ctx.x, ctx.identity, *prob.value_pairs())
     G = {g: G[g].detach().double().cpu() for g in ctx.spec.sizes}
@@ -548,7 +549,6 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
     per_group: dict[str, dict[str, Any]] = {}
     candidates: dict[str, list[tuple[float, dict[str, torch.Tensor]]]] = {c.label: [] for c in coords}
     lp_gaps, uncovered = [], []
-    total = 2 * len(coords)
     bounds = _step_bounds(prob, G, coords)
     # the P-steps a linearised PAM would take from the alignment for steps between lam* and lam, per coordinate:
     # the k-th step of every coordinate's grid in one assignment of the problem (structured with heads), the
@@ -570,7 +570,7 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
             if changes and key not in seen[c.label]:
                 seen[c.label].add(key)
                 candidates[c.label].append((grids[c.label][k], changes))
-    for index, c in enumerate(coords):
+    for c in coords:
         row = {"lam_star": bounds[c.label][0], "witness_moves": bounds[c.label][1],
                "steps_tested": len(candidates[c.label])}  # fmt: skip
         if c.structured:  # the LP relaxation is over all permutations, not the structured set: no cross-check
@@ -587,18 +587,28 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
                 lp_gaps.append(gap)
             row.update(lap_duality_gap=lap.duality_gap(), lp_vs_lap_gap=gap)
         per_group[c.label] = row
-        _tick(opts, "certificate", index + 1, total)
     z = bonferroni_quantile(opts.alpha, sum(len(m) for m in candidates.values()), ctx.examples)
     margin = ctx.margin(opts.min_improvement)  # as in the neighbourhood check
+    # progress in held-out evaluations (the check's cost): step 1 is everything before them (gradient, lam*, the
+    # P-steps, the LP cross-check), then one step per scored move; the first move's measured time, times the
+    # moves, plus the time so far is the expected time (the steps before cost a fraction of one move each)
+    jobs = [(label, step, q) for label, moves in candidates.items() for step, q in moves]
+    stats_by: dict[str, list[tuple[float, _Change]]] = {label: [] for label in candidates}
+    scoring = time.perf_counter()
+    for k, (label, step, q) in enumerate(jobs):
+        stats_by[label].append((step, ctx.delta(q)))
+        expected = scoring - started + (time.perf_counter() - scoring) * len(jobs) if k == 0 else None
+        _tick(opts, "certificate", k + 2, len(jobs) + 1, expected=expected)
+    if not jobs:
+        _tick(opts, "certificate", 1, 1)
     verdicts = []
-    for index, (label, moves) in enumerate(candidates.items()):
-        _tick(opts, "certificate", len(candidates) + index + 1, total)
+    for label in candidates:
         row = per_group[label]
         if row["lam_star"] >= lam:
             row.update(best_change=float("nan"), verdict="pass")
             verdicts.append("pass")
             continue
-        stats = [(step, ctx.delta(q)) for step, q in moves]
+        stats = stats_by[label]
         tested = [r for r in stats if not r[1].regulariser_only]
         improving = [r for r in tested if r[1].significant(z, margin)]
         v = "fail" if improving else "pass"

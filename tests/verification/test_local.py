@@ -576,10 +576,14 @@ def test_neighbourhood_progress_announces_its_time_and_ends_at_its_total(planted
     steps (estimated milliseconds of work) that never decrease and end at the total. Every other check announces
     its expected time with its first step."""
     records = []
-    _verify(planted, _damaged(planted[4], 0.3), checks=("neighbourhood", "gradient"), n_swaps=2, n_control_swaps=1,
-            screen_pairs=16, callback=records.append)  # fmt: skip
+    _verify(planted, _damaged(planted[4], 0.5), checks=("neighbourhood", "gradient", "certificate"), n_swaps=2,
+            n_control_swaps=1, screen_pairs=16, callback=records.append)  # fmt: skip
     gradient = [r for r in records if r["check"] == "gradient"]
     assert gradient[0]["start"] and gradient[1]["expected_seconds"] > 0  # every check: from its first step
+    # the certificate counts held-out evaluations: everything before them, then one step per scored move
+    certificate = [r for r in records if r["check"] == "certificate" and not r["start"]]
+    assert len(certificate) > 2 and "expected_seconds" in certificate[0] and certificate[0]["step"] == 2
+    assert [r["step"] for r in certificate] == list(range(2, certificate[0]["total"] + 1))
     mine = [r for r in records if r["check"] == "neighbourhood" and not r["start"]]
     announced = [r for r in mine if "expected_seconds" in r]
     assert len(announced) == 1 and announced[0]["expected_seconds"] > 0 and mine[0] is announced[0]
