@@ -35,6 +35,7 @@ __all__ = [
     "check_compatible",
     "named_parameter_keys",
     "split_logits",
+    "flat_logits",
     "classification_loss",
     "environment_versions",
 ]
@@ -326,18 +327,31 @@ def split_logits(output: torch.Tensor | tuple | list) -> tuple[torch.Tensor, lis
     raise TypeError(f"a model output must be a tensor or a tuple of tensors, got {type(output).__name__}")
 
 
+def flat_logits(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits with the classes on the last axis and one target per leading position, as ``(N, K)`` and ``(N,)``.
+
+    A classifier's ``(B, K)`` logits and ``(B,)`` targets are returned as they are; a language model's ``(B, T, V)``
+    next-token logits and ``(B, T)`` targets become ``(B*T, V)`` and ``(B*T,)`` (every token one example). Other
+    shapes are returned unchanged (``cross_entropy``'s own conventions apply).
+    """
+    if logits.dim() > 2 and target.dim() == logits.dim() - 1 and logits.shape[:-1] == target.shape:
+        return logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    return logits, target
+
+
 def classification_loss(
     output: torch.Tensor | tuple | list, target: torch.Tensor, *, aux_weight: float = 0.3
 ) -> torch.Tensor:
     """Mean cross-entropy of the main logits plus ``aux_weight`` times that of each auxiliary head.
 
     This is the GoogLeNet training criterion of Tatro et al. (``CE + 0.3 CE_aux1 + 0.3 CE_aux2``) and plain
-    cross-entropy for single-output models.
+    cross-entropy for single-output models; for a language model's ``(B, T, V)`` logits and ``(B, T)`` targets the
+    mean over all ``B*T`` tokens (:func:`flat_logits`).
     """
     main, aux = split_logits(output)
-    loss = torch.nn.functional.cross_entropy(main, target)
+    loss = torch.nn.functional.cross_entropy(*flat_logits(main, target))
     for a in aux:
-        loss = loss + aux_weight * torch.nn.functional.cross_entropy(a, target)
+        loss = loss + aux_weight * torch.nn.functional.cross_entropy(*flat_logits(a, target))
     return loss
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from neuralign._utils import as_generator, check_compatible
+from neuralign._validate import check_bool
 from neuralign.alignment.heads import head_blocks, match_heads
 from neuralign.alignment.permutation import (
     Permutation,
@@ -551,6 +552,7 @@ def align(
     callback: Callable[[dict[str, Any]], Any] | None = None,
     inputs: str = "clean",
     adversarial: PGD | None = None,
+    heads: bool = True,
 ) -> AlignmentResult:
     """Find the permutation of B's hidden units that best matches A's (neuron alignment).
 
@@ -627,6 +629,14 @@ def align(
     adversarial : PGD, optional
         The attack for ``inputs="adversarial"``; default ``PGD()`` (CIFAR's 8/255, 2/255, 5 steps). Its random
         starts come from ``generator``.
+    heads : bool
+        ``True``: attention heads move as blocks wherever the spec has a head structure (``spec.heads``), so the
+        permuted model computes the same function. ``False``: the head structure is ignored, the ablation
+        "ignore heads" of Verma & Elbayad (2024, Table 1): every group, attention units included, is
+        one flat ``K x K`` assignment. This is **not function-preserving**: units move between heads (and the
+        head permutation of the queries and keys is chosen apart from the values'), so the permuted model B
+        generally computes another function than B. The result's ``spec`` is the spec without its head
+        structure; apply the permutation with it.
 
     Returns
     -------
@@ -662,6 +672,8 @@ def align(
     ----------
     .. [1] Tatro et al., "Optimizing Mode Connectivity via Neuron Alignment", NeurIPS 2020, arXiv:2009.02439.
     .. [2] Ainsworth, Hayase, Srinivasa, "Git Re-Basin", ICLR 2023, arXiv:2209.04836.
+    .. [3] Verma, Elbayad, "Merging Text Transformer Models from Different Initializations", TMLR 2024,
+       arXiv:2403.00986.
 
     Examples
     --------
@@ -701,6 +713,7 @@ def align(
         raise TypeError(f"`adversarial` must be a neuralign.attacks.PGD or None, got {type(adversarial).__name__}")
     if inputs == "clean" and adversarial is not None:
         raise ValueError("`adversarial` is given but inputs='clean'; pass inputs='adversarial' to use it")
+    check_bool(heads, "heads")
     attack = (adversarial or PGD()) if inputs == "adversarial" else None
     if attack is not None and loader is None:
         raise ValueError("inputs='adversarial' needs a `loader` of (inputs, targets)")
@@ -733,6 +746,8 @@ def align(
         if example_input is None:
             raise ValueError("method 'weight' without a loader needs `spec` or `example_input` to trace the model")
         spec = trace_spec(model_a, example_input)
+    if not heads and spec.heads:  # the ablation: flat assignments, units free to leave their heads
+        spec = replace(spec, heads={})
     spec.validate(state_a, name="model_a")
     keys = {k for k, _ in model_a.named_parameters()}
     problem = _WeightProblem(state_a, state_b, spec, keys)

@@ -1,5 +1,5 @@
 r"""Head-structured matching: the permutation of attention heads and the permutations inside heads, from per-unit
-similarities (Verma & Elbayad 2024, arXiv:2402.04051, Sec. 3).
+similarities (Verma & Elbayad 2024, arXiv:2403.00986, Sec. 3).
 
 For every group of flat units with a head structure (:class:`~neuralign.alignment.spec.Heads`) the similarity
 :math:`S_g` between the units of model A (rows) and model B (columns) is cut into ``d x d`` blocks, one per pair of

@@ -19,7 +19,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from neuralign._distributed import all_reduce_, all_reduce_sum, check_same_batch, is_distributed, owns_batch
-from neuralign._utils import seeded_rng, split_batch, split_logits
+from neuralign._utils import flat_logits, seeded_rng, split_batch, split_logits
 from neuralign.attacks import PGD
 from neuralign.errors import ShapeMismatchError
 
@@ -291,6 +291,7 @@ def evaluate(
                 x = attack(adversarial, model, x, y, train=False, params=params, buffers=buffers, generator=generator,
                             check=check)  # fmt: skip
             logits, _ = split_logits(call(model, params, buffers, x, check=check))
+            logits, y = flat_logits(logits, y)  # a language model: every token one example
             loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(dim=-1) == y).sum()
             count += int(y.shape[0])

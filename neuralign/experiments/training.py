@@ -24,20 +24,22 @@ from neuralign._distributed import (
 )
 from neuralign._epochs import EpochCheckpoint
 from neuralign._options import Options, renamed_keywords
-from neuralign._utils import as_generator, classification_loss, split_logits
+from neuralign._utils import as_generator, classification_loss, flat_logits, split_logits
 from neuralign._validate import check_choice, check_int, check_real
 from neuralign.attacks import PGD
 from neuralign.curves import evaluate_model, garipov_lr_factor, paper_lr_factor
 from neuralign.errors import NonFiniteError
 from neuralign.status import Status
 
-__all__ = ["LR_SCHEDULES", "TrainResult", "TrainingOptions", "train_model"]
+__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "TrainResult", "TrainingOptions", "train_model"]
 
 logger = logging.getLogger(__name__)
 
 
 #: The learning-rate schedules of :class:`TrainingOptions`.
 LR_SCHEDULES = ("paper", "garipov")
+#: The optimizers of :func:`train_model`.
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ def train_model(
     max_batches: int | None = None,
     adversarial: PGD | None = None,
     generator: torch.Generator | int | None = None,
+    optimizer: str = "sgd",
     **renamed: Any,
 ) -> TrainResult:
     """Train a copy of ``model`` with SGD, the recipe of Tatro et al. (2020) for end points (standard or robust).
@@ -166,6 +169,11 @@ def train_model(
         not update batch-norm running statistics; the forward pass on the adversarial examples does.
     generator : torch.Generator or int, optional
         Source of the attack's random starts (CPU; checkpointed with the run). Unused without ``adversarial``.
+    optimizer : {"sgd", "adamw"}
+        ``"sgd"``: the paper's SGD above. ``"adamw"``: AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101; torch's
+        betas (0.9, 0.999)) with ``lr`` and ``weight_decay`` (decoupled), ``momentum`` and ``nesterov`` unused:
+        the usual optimizer of transformers such as ``tinylm``, on which SGD at a learning rate fast enough to
+        learn diverges (tried on ``pydoc``: lr 0.3 and 1.0 gave a NaN loss within the first epoch).
 
     Returns
     -------
@@ -213,22 +221,30 @@ def train_model(
     attack_settings = None if adversarial is None else adversarial.to_dict()
     # only an attack draws from it (None would otherwise take a seed from, and so shift, the global RNG)
     attack_generator = as_generator(generator) if adversarial is not None else None
+    check_choice(optimizer, "optimizer", OPTIMIZERS)
     loss_fn = loss_fn or classification_loss
     lr_lambda = lr_lambda or paper_lr_factor
     work = copy.deepcopy(model)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
-    optimizer = torch.optim.SGD(
-        work.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    config: dict[str, Any] = {"adversarial": attack_settings}
+    opt: torch.optim.Optimizer
+    if optimizer == "adamw":  # recorded only then, so that SGD checkpoints of before stay resumable
+        config["optimizer"] = optimizer
+        opt = torch.optim.AdamW(work.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(
+            work.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+            weight_decay=weight_decay,
+        )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     distributed = is_distributed()
     params = [p for p in work.parameters() if p.requires_grad]
     broadcast_(list(work.parameters()) + list(work.buffers()))  # rank 0's start everywhere, as DDP does
     history: list[dict[str, float]] = []
     start = 0
     saved = EpochCheckpoint(
-        checkpoint, "train_model", config={"adversarial": attack_settings}, loader=train_loader,
-        objects={"model": work, "optimizer": optimizer, "scheduler": scheduler, "attack_generator": attack_generator},
+        checkpoint, "train_model", config=config, loader=train_loader,
+        objects={"model": work, "optimizer": opt, "scheduler": scheduler, "attack_generator": attack_generator},
     )  # fmt: skip
     resumed = saved.restore()
     if resumed is not None:
@@ -252,7 +268,7 @@ def train_model(
                 x = adversarial.attack(work, x, y, train=True, generator=attack_generator, loss_fn=loss_fn)
             out = work(x)
             loss = loss_fn(out, y)
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             if distributed:  # gradients (and the loss) of the global batch: this rank's share, summed over ranks
                 (loss * share).backward()
                 global_loss = sum_gradients_(params, loss.detach() * share)
@@ -262,8 +278,9 @@ def train_model(
                 raise NonFiniteError(f"training loss is {global_loss.item()} at epoch {epoch}, batch {index}")
             if not distributed:
                 loss.backward()
-            optimizer.step()
+            opt.step()
             main, _ = split_logits(out)
+            main, y = flat_logits(main, y)  # a language model: every token one example
             n = int(y.shape[0])
             total += n
             loss_sum += float(loss.detach()) * n
@@ -278,7 +295,7 @@ def train_model(
             raise ValueError("`train_loader` yielded no batches")
         record = {
             "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": opt.param_groups[0]["lr"],
             "train_loss": loss_sum / total,
             "train_acc": correct / total,
         }

@@ -10,7 +10,9 @@
   ``digits`` sources, :func:`load_source`, :func:`export_npz`;
 - :mod:`~neuralign.experiments.data.folders`: ``imagefolder:PATH`` and Tiny ImageNet, listed and decoded with
   torchvision's ``ImageFolder`` helpers;
-- :mod:`~neuralign.experiments.data.bundle`: :class:`DataBundle`, :func:`load_data`, :func:`stratified_indices`.
+- :mod:`~neuralign.experiments.data.bundle`: :class:`DataBundle`, :func:`load_data`, :func:`stratified_indices`;
+- :mod:`~neuralign.experiments.data.text`: the byte-level text corpus ``pydoc`` (:func:`pydoc_corpus`,
+  :func:`byte_windows`, :class:`TokenIds`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from neuralign.experiments.data.sources import (
     export_npz,
     load_source,
 )
+from neuralign.experiments.data.text import TextCorpus, TokenIds, byte_windows, pydoc_corpus
 
 __all__ = [
     "KNOWN_DATASETS",
@@ -70,4 +73,8 @@ __all__ = [
     "reorganize_tinyimagenet_val",
     "digits_path",
     "canonical_dataset",
+    "TextCorpus",
+    "TokenIds",
+    "byte_windows",
+    "pydoc_corpus",
 ]

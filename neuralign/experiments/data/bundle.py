@@ -27,7 +27,8 @@ from neuralign._utils import as_generator, stable_seed
 from neuralign._validate import check_bool, check_choice, check_int, check_real, is_real
 from neuralign.experiments.data.augment import AUGMENTATIONS, INTERPOLATIONS, make_transform
 from neuralign.experiments.data.loader import ArrayDataset, ArrayLoader
-from neuralign.experiments.data.sources import FAMILY_AUGMENTATION, FAMILY_STATS, load_source
+from neuralign.experiments.data.sources import FAMILY_AUGMENTATION, FAMILY_STATS, SourceData, load_source
+from neuralign.experiments.data.text import TokenIds
 
 __all__ = ["DataBundle", "load_data", "stratified_indices"]
 
@@ -182,15 +183,18 @@ class DataBundle:
         The paper's alignment set: the first ``align_size`` training images (or a stratified subset), test-time
         transforms, fixed order.
     num_classes, in_channels : int
-        Number of classes and image channels.
+        Number of classes and image channels (a text dataset: the vocabulary, 256 bytes, and 0 channels).
     image_size : (int, int)
-        ``(H, W)`` of the images the model sees (after ``resize``).
+        ``(H, W)`` of the images the model sees (after ``resize``); a text dataset: ``(1, T)``.
     class_names : tuple of str
         Class names.
     mean, std : tuple of float or None
         Normalisation statistics applied (``None`` with ``normalize=False``: inputs in [0, 1]).
     provenance : dict
         How the bundle was built (source, sizes, options, index fingerprints); see :meth:`describe`.
+    context_length : int or None
+        A text dataset's tokens per sequence ``T``: its loaders yield int64 ``(B, T)`` inputs and ``(B, T)``
+        next-token targets; ``None`` for images.
     """
 
     name: str
@@ -205,6 +209,7 @@ class DataBundle:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     provenance: dict[str, Any] = field(default_factory=dict)
+    context_length: int | None = None
 
     def describe(self) -> dict[str, Any]:
         """A JSON-serialisable summary: name, shapes, sizes of each split, statistics, provenance."""
@@ -222,6 +227,7 @@ class DataBundle:
             "mean": list(self.mean) if self.mean is not None else None,
             "std": list(self.std) if self.std is not None else None,
             "class_names": list(self.class_names),
+            **({"context_length": self.context_length} if self.context_length is not None else {}),
             **{k: v for k, v in self.provenance.items() if k not in ("sizes",)},
         }
 
@@ -271,6 +277,12 @@ def load_data(
           The 110,000 JPEGs are decoded at each call; :func:`export_npz` caches them.
         - ``"digits"``: the 1,797 8x8 UCI handwritten digits shipped in the package (1,437 train / 360 test;
           see ``_data/DIGITS.md``); works offline. Use ``resize=16`` for TinyTen (it needs at least 12x12).
+        - ``"pydoc"`` or ``"pydoc:T"``: a byte-level language-modelling corpus, the Python documentation topics
+          of the running interpreter (``pydoc_data.topics``, PSF-2.0; :mod:`~neuralign.experiments.data.text`),
+          split by de-duplicated paragraph, in next-token windows of ``T`` bytes (default 64); works offline.
+          Loaders yield int64 ``(B, T)`` inputs and ``(B, T)`` targets (for ``tinylm``); the sizes count windows;
+          ``resize``, ``mean``/``std``, ``augmentation`` and ``stratified`` do not apply (refused), ``augment``
+          and ``normalize`` are ignored.
         - a path ending in ``.npz``: arrays ``x_train``, ``y_train``, ``x_test``, ``y_test`` (uint8 images
           ``(N, H, W)`` or ``(N, H, W, C)``, integer labels ``0..K-1``) and optionally ``class_names``. A file
           named like a known dataset (``cifar10.npz``, ``mnist.npz``) gets that dataset's augmentation and
@@ -387,6 +399,16 @@ def load_data(
     if (mean is None) != (std is None):
         raise ValueError("give both `mean` and `std` or neither")
     source = load_source(name_or_path, root=root, download=download, image_size=sizes)
+    if source.family == "text":
+        given = {"resize": resize, "mean": mean, "std": std, "augmentation": augmentation}
+        for option, value in given.items():
+            if value is not None:
+                raise ValueError(f"`{option}` applies to images; the text dataset {source.name!r} takes none")
+        if stratified:
+            raise ValueError(f"`stratified` draws class-balanced images; the text dataset {source.name!r} has "
+                             "next-token targets: use stratified=False (the first windows)")  # fmt: skip
+        return _text_bundle(source, batch_size, eval_batch_size, train_size, test_size, align_size, subset_seed,
+                            gen, num_workers, pin_memory, drop_last)  # fmt: skip
     x_train, x_test = source.x_train, source.x_test
     if sizes is not None and source.family != "imagefolder":  # image folders are decoded at that size
         x_train, x_test = _resize_images(x_train, sizes), _resize_images(x_test, sizes)
@@ -493,4 +515,59 @@ def load_data(
         mean=mean,
         std=std,
         provenance=provenance,
+    )
+
+
+def _text_bundle(source: SourceData, batch_size: int, eval_batch_size: int, train_size: int | float | None,
+                 test_size: int | float | None, align_size: int | float | None, subset_seed: int,
+                 gen: torch.Generator, num_workers: int, pin_memory: bool, drop_last: bool) -> DataBundle:  # fmt: skip
+    """The loaders of a text dataset: the first ``train_size`` / ``test_size`` windows, ``align`` the first
+    ``align_size`` training windows; int64 token ids, no augmentation."""
+    tokens = TokenIds()
+    n_train = _resolve_size(train_size, source.x_train.shape[0], "train_size")
+    n_test = _resolve_size(test_size, source.x_test.shape[0], "test_size")
+    n_align = min(10000, n_train) if align_size is None else _resolve_size(align_size, n_train, "align_size")
+    train_ds = ArrayDataset(source.x_train, source.y_train, tokens).subset(torch.arange(n_train))
+    test_ds = ArrayDataset(source.x_test, source.y_test, tokens).subset(torch.arange(n_test))
+    align_ds = train_ds.subset(torch.arange(n_align))
+
+    def loader(ds: ArrayDataset, size: int, **kw: Any) -> ArrayLoader:
+        return ArrayLoader(ds, batch_size=size, num_workers=num_workers, pin_memory=pin_memory, **kw)
+
+    context = int(source.x_train.shape[1])
+    provenance = {
+        "dataset": source.name,
+        **source.provenance,
+        "family": source.family,
+        "augmentation": "none",
+        "train_transform": repr(tokens),
+        "test_transform": repr(tokens),
+        "normalize": False,
+        "stats_from": "none (token ids)",
+        "resize": None,
+        "subset": "first",
+        "subset_seed": subset_seed,
+        "full_sizes": {"train": int(source.x_train.shape[0]), "test": int(source.x_test.shape[0])},
+        "fingerprints": {
+            "train_indices": _sha256_short(train_ds.source_indices),
+            "test_indices": _sha256_short(test_ds.source_indices),
+            "align_indices": _sha256_short(align_ds.source_indices),
+        },
+    }
+    logger.info("loaded %s: %d train, %d test, %d align windows of %d tokens", source.name, n_train, n_test,
+                n_align, context)  # fmt: skip
+    return DataBundle(
+        name=source.name,
+        train=loader(train_ds, batch_size, shuffle=True, drop_last=drop_last, generator=gen),
+        train_eval=loader(train_ds, eval_batch_size, generator=0),
+        test=loader(test_ds, eval_batch_size, generator=0),
+        align=loader(align_ds, eval_batch_size, generator=0),
+        num_classes=source.num_classes,
+        in_channels=0,
+        image_size=(1, context),
+        class_names=source.class_names,
+        mean=None,
+        std=None,
+        provenance=provenance,
+        context_length=context,
     )

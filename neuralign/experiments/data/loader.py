@@ -33,17 +33,19 @@ __all__ = ["ArrayDataset", "ArrayLoader"]
 
 
 class ArrayDataset(Dataset):
-    """Images held in memory as uint8 ``(N, C, H, W)`` with int64 labels, transformed on the fly as tensors.
+    """Images held in memory as uint8 ``(N, C, H, W)`` with int64 labels, transformed on the fly as tensors; or
+    token sequences, uint8 ``(N, T)`` with int64 ``(N, T)`` next-token targets (a text dataset).
 
     Parameters
     ----------
     images : torch.Tensor
-        uint8 ``(N, C, H, W)``.
+        uint8 ``(N, C, H, W)``, or uint8 ``(N, T)`` token sequences.
     labels : torch.Tensor
-        Integer ``(N,)``; stored as int64.
+        Integer ``(N,)``, or ``(N, T)`` (one target per token) with token sequences; stored as int64.
     transform : callable, optional
         ``transform(images, generator) -> float images`` on a batch, e.g. a :class:`BatchTransform`; ``None``
-        only converts to float in [0, 1].
+        only converts to float in [0, 1]. Token sequences take :class:`~neuralign.experiments.data.text.TokenIds`
+        (int64 token ids).
     generator : torch.Generator, optional
         Used by ``__getitem__`` (per-sample access from a plain ``DataLoader``); ``None`` uses torch's global RNG.
         :class:`ArrayLoader` passes its own per-batch generators instead.
@@ -77,11 +79,20 @@ class ArrayDataset(Dataset):
             raise TypeError(
                 f"`images` and `labels` must be torch tensors, got {type(images).__name__} and {type(labels).__name__}"
             )
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"`images` must be uint8 (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}")
-        if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        if images.dtype != torch.uint8 or images.dim() not in (2, 4):
             raise ValueError(
-                f"`labels` must be an integer (N,) tensor, got {labels.dtype} of shape {tuple(labels.shape)}"
+                f"`images` must be uint8 (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)} (or uint8 "
+                "(N, T) token sequences)"
+            )
+        shape = "(N,)" if images.dim() == 4 else "(N, T)"
+        if (labels.dim() != (1 if images.dim() == 4 else 2) or labels.is_floating_point() or labels.is_complex()
+                or labels.dtype == torch.bool):  # fmt: skip
+            raise ValueError(
+                f"`labels` must be an integer {shape} tensor, got {labels.dtype} of shape {tuple(labels.shape)}"
+            )
+        if images.dim() == 2 and labels.shape != images.shape:
+            raise ValueError(
+                f"`labels` must have one target per token, shape {tuple(images.shape)}, got {tuple(labels.shape)}"
             )
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f"`images` has {images.shape[0]} images but `labels` has {labels.shape[0]} labels")

@@ -2,14 +2,18 @@
 
 Every source (torchvision CIFAR-10 / CIFAR-100 / MNIST, an ``.npz`` file, the ``digits`` set shipped inside the
 package, and through :mod:`~neuralign.experiments.data.folders` a Tiny ImageNet folder or an ``imagefolder:PATH``)
-is read once into memory as uint8 tensors ``(N, C, H, W)`` with int64 labels. :func:`load_source` is the dispatcher;
-the registry below names the datasets, their aliases (:func:`canonical_dataset`) and each family's normalisation
-statistics and default augmentation. :func:`export_npz` writes a source back as an ``.npz`` that reads faster.
+is read once into memory as uint8 tensors ``(N, C, H, W)`` with int64 labels; the text dataset ``pydoc``
+(:mod:`~neuralign.experiments.data.text`) as uint8 token windows ``(N, T)`` with int64 next-token targets
+``(N, T)``. :func:`load_source` is the dispatcher; the registry below names the datasets, their aliases
+(:func:`canonical_dataset`) and each family's normalisation statistics and default augmentation.
+:func:`export_npz` writes a source back as an ``.npz`` that reads faster.
 
 References
 ----------
 .. [1] E. Alpaydin, C. Kaynak, "Optical Recognition of Handwritten Digits", UCI Machine Learning Repository,
    1998, DOI 10.24432/C50P49 (the shipped ``digits`` set, CC BY 4.0; see ``neuralign/experiments/_data/DIGITS.md``).
+.. [2] Python Software Foundation, ``pydoc_data.topics`` of the Python standard library (the ``pydoc`` text,
+   PSF-2.0; see :mod:`~neuralign.experiments.data.text`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from neuralign.experiments.data.augment import (
     MNIST_MEAN,
     MNIST_STD,
 )
+from neuralign.experiments.data.text import byte_windows, parse_text_dataset, pydoc_corpus
 
 __all__ = [
     "FAMILY_AUGMENTATION",
@@ -57,21 +62,23 @@ _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 @dataclass(frozen=True)
 class SourceData:
-    """One dataset as read from its source: uint8 images ``(N, C, H, W)`` and int64 labels for both splits.
+    """One dataset as read from its source: uint8 images ``(N, C, H, W)`` and int64 labels for both splits, or
+    (family ``"text"``) uint8 token windows ``(N, T)`` and their int64 next-token targets ``(N, T)``.
 
     Attributes
     ----------
     name : str
-        Canonical name (``"cifar10"``, ``"digits"``, ``"npz:<stem>"``, ...).
+        Canonical name (``"cifar10"``, ``"digits"``, ``"pydoc"``, ``"npz:<stem>"``, ...).
     x_train, x_test : torch.Tensor
-        uint8 ``(N, C, H, W)``.
+        uint8 ``(N, C, H, W)``; text: ``(N, T)`` byte values.
     y_train, y_test : torch.Tensor
-        int64 ``(N,)`` in ``0..num_classes-1``.
+        int64 ``(N,)`` in ``0..num_classes-1``; text: ``(N, T)``, the byte after each input byte.
     class_names : tuple of str
-        One name per class.
+        One name per class (text: the 256 byte values, ``"0x00"`` ... ``"0xff"``).
     family : str
         Which augmentation and normalisation defaults apply: ``"cifar"``, ``"tinyimagenet"``, ``"mnist"``,
-        ``"digits"``, ``"imagefolder"`` or ``"generic"``.
+        ``"digits"``, ``"imagefolder"``, ``"generic"`` or ``"text"`` (none: tokens are neither augmented nor
+        normalised).
     provenance : dict
         Where the data came from (source kind, path).
     """
@@ -98,6 +105,7 @@ _DATASETS: dict[str, tuple[str, str]] = {
     "mnist": ("MNIST", "mnist"),
     "tinyimagenet": ("Tiny ImageNet", "tinyimagenet"),
     "digits": ("digits (UCI optical recognition of handwritten digits)", "digits"),
+    "pydoc": ("pydoc (Python documentation topics, bytes)", "text"),
 }
 #: Dataset names :func:`load_data` knows (besides paths of ``.npz`` files and Tiny ImageNet folders).
 KNOWN_DATASETS: tuple[str, ...] = tuple(sorted(_DATASETS))
@@ -112,6 +120,7 @@ FAMILY_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "digits": None,  # computed from the training split at load time
     "generic": None,
     "imagefolder": None,  # computed on a sample of the training split
+    "text": None,  # token ids are not normalised
 }
 #: Default training augmentation (a key of :data:`~neuralign.experiments.data.augment.AUGMENTATIONS`) per family.
 FAMILY_AUGMENTATION: dict[str, str] = {
@@ -121,6 +130,7 @@ FAMILY_AUGMENTATION: dict[str, str] = {
     "digits": "crop",
     "generic": "crop",
     "imagefolder": "flip_crop",
+    "text": "none",  # token ids are not augmented
 }
 
 
@@ -281,6 +291,17 @@ def _load_npz(path: Path, *, name: str | None = None, family: str | None = None)
     )
 
 
+def _load_text(key: str, context_length: int) -> SourceData:
+    """A text dataset (:mod:`~neuralign.experiments.data.text`) as next-token windows of ``context_length`` bytes."""
+    corpus = pydoc_corpus()
+    x_train, y_train = byte_windows(corpus.train, context_length)
+    x_test, y_test = byte_windows(corpus.test, context_length)
+    provenance = {**corpus.provenance, "context_length": context_length,
+                  "bytes": {"train": len(corpus.train), "test": len(corpus.test)}}  # fmt: skip
+    names = tuple(f"0x{b:02x}" for b in range(256))
+    return SourceData(key, x_train, y_train, x_test, y_test, names, "text", provenance)
+
+
 def _load_digits() -> SourceData:
     resource = importlib.resources.files("neuralign.experiments").joinpath("_data", "digits.npz")
     with importlib.resources.as_file(resource) as path:
@@ -382,8 +403,9 @@ def load_source(
     ----------
     name_or_path : str or path-like
         A name of :data:`KNOWN_DATASETS` (case, ``-`` and ``_`` ignored: ``"CIFAR-10"`` works, see
-        :func:`canonical_dataset`), the path of an ``.npz`` file, the path of a Tiny ImageNet folder, or
-        ``"imagefolder:PATH"``. See :func:`~neuralign.experiments.data.load_data` for where each is looked for.
+        :func:`canonical_dataset`), ``"pydoc:T"`` (the text dataset with context length ``T``), the path of an
+        ``.npz`` file, the path of a Tiny ImageNet folder, or ``"imagefolder:PATH"``. See
+        :func:`~neuralign.experiments.data.load_data` for where each is looked for.
     root : path-like, optional
         Folder holding the named datasets; default ``$NEURALIGN_DATA`` or ``./data``. Unused for paths and
         ``digits``.
@@ -418,6 +440,9 @@ def load_source(
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"`name_or_path` must be a str or a path, got {type(name_or_path).__name__}")
     text = os.fspath(name_or_path)
+    parsed = parse_text_dataset(text) if isinstance(name_or_path, str) else None
+    if parsed is not None:
+        return _load_text(*parsed)
     if isinstance(name_or_path, str) and text.lower().startswith(IMAGEFOLDER_PREFIX):
         folder = Path(text[len(IMAGEFOLDER_PREFIX) :]).expanduser()
         if not folder.is_dir():

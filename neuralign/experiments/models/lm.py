@@ -105,6 +105,14 @@ class TinyLM(nn.Module):
     ValueError
         Sizes that are not positive, or heads that do not divide as stated.
 
+    Notes
+    -----
+    The token embedding, tied to the output head, starts at :math:`\mathcal N(0, 0.02^2)` as in GPT-2 (Radford
+    et al. 2019); the other layers keep torch's defaults. At ``nn.Embedding``'s :math:`\mathcal N(0, 1)` the
+    initial logits (unit-RMS features times the embedding) have a standard deviation of about
+    :math:`\sqrt{D}`: on the ``pydoc`` bytes AdamW (lr 3e-3) began at a mean training loss of 9.5 nats in its
+    first epoch against 4.0 with this initialisation, and SGD diverged.
+
     Examples
     --------
     >>> TinyLM(256, width=32, depth=1, heads=4, kv_heads=2, hidden=64)(torch.zeros(2, 5, dtype=torch.long)).shape
@@ -122,6 +130,7 @@ class TinyLM(nn.Module):
         self.norm = nn.RMSNorm(width, eps=1e-6)
         self.head = nn.Linear(width, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied input and output embeddings
+        nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.blocks(self.embed(tokens))))

@@ -276,16 +276,22 @@ def builder_kwargs(
 ) -> dict[str, Any]:
     """The builder arguments of a zoo architecture for images of ``in_channels`` channels and ``image_size``:
     ``in_channels`` (and ``width``) for the convolutional models, ``in_features`` (and ``hidden``, with batch norm)
-    for ``mlp``; none for ``torchvision:`` and ``timm:`` models, which keep their builders' own defaults.
+    for ``mlp``; none for ``torchvision:`` and ``timm:`` models, which keep their builders' own defaults. Token
+    data (a text dataset's bundle: ``in_channels`` 0) fit ``tinylm`` only (its ``width`` scaled by ``width``).
 
     >>> builder_kwargs("mlp", 1, (28, 28), hidden=(256,))
     {'in_features': 784, 'batch_norm': True, 'hidden': (256,)}
     """
     name = arch.lower()
+    if name == "tinylm":
+        if in_channels != 0:
+            raise ValueError("`tinylm` is a language model: it reads token ids, not images")
+        # a multiplier of the default 64, kept a multiple of 8 (4 heads of an even size)
+        return {} if width is None else {"width": 8 * max(1, round(8 * width))}
+    if in_channels == 0:
+        raise ValueError(f"`{arch}` takes images but the data are token sequences; use `tinylm`")
     if ":" in name:
         return {}
-    if name == "tinylm":
-        raise ValueError("`tinylm` is a language model: it reads token ids, not images")
     if name == "vit":
         if image_size[0] != image_size[1]:
             raise ValueError(f"`vit` takes square images, got {image_size[0]}x{image_size[1]}")
@@ -315,7 +321,7 @@ def smallest_input_size(model: nn.Module, in_channels: int, image_size: tuple[in
     (up to ``max_size``) it can take, or ``0`` if none up to ``max_size`` works.
 
     One forward pass of a single zero image per size tried, in eval mode, without gradients (the model is not
-    changed: its mode is restored).
+    changed: its mode is restored). ``in_channels`` 0 (token sequences, a text dataset) is not an image: ``None``.
 
     Examples
     --------
@@ -334,6 +340,8 @@ def smallest_input_size(model: nn.Module, in_channels: int, image_size: tuple[in
             return False
         return True
 
+    if in_channels == 0:
+        return None
     was_training = model.training
     model.eval()
     try:

@@ -121,10 +121,10 @@ def test_missing_and_unknown_sources(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"unknown dataset 'imagenet-22k'; expected one of \['cifar10', 'cifar100', "
-        r"'digits', 'mnist', 'tinyimagenet'\]",
+        r"'digits', 'mnist', 'pydoc', 'tinyimagenet'\]",
     ):
         load_data("imagenet-22k")
-    assert KNOWN_DATASETS == ("cifar10", "cifar100", "digits", "mnist", "tinyimagenet")
+    assert KNOWN_DATASETS == ("cifar10", "cifar100", "digits", "mnist", "pydoc", "tinyimagenet")
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError, match=r"is not a Tiny ImageNet layout \(no train/<wnid>/ class folders"):
         load_data(tmp_path / "plain")
