@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores())))
     distributed = False
-    if args.command == "study" and getattr(args, "executor", "sequential") != "sequential" and (
+    if args.command in ("study", "compare") and getattr(args, "executor", "sequential") != "sequential" and (
         int(os.environ.get("WORLD_SIZE", "1")) > 1
     ):  # every rank would submit every stage: refused once, by rank 0
         if os.environ.get("RANK", "0") == "0":
@@ -132,13 +132,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = warning_printer(parser, args.command)
-            if args.command not in ("demo", "study"):  # a study keeps its own, richer manifest
+            # a study keeps its own, richer manifest; --status and --cancel look at another folder than --out
+            if args.command not in ("demo", "study") and not (getattr(args, "status", None)
+                                                               or getattr(args, "cancel", None)):  # fmt: skip
                 write_manifest(args)
             _register_commands()
             paths = COMMANDS[args.command](args, bars)
     except KeyboardInterrupt:
         bars.close()
-        resumable = args.command in ("train", "curve", "pam", "study", "demo")
+        resumable = args.command in ("train", "curve", "pam", "study", "demo", "compare")
         print("neuralign: interrupted" + ("; run the same command again to resume from the checkpoints" if resumable
                                           else ""), file=sys.stderr)  # fmt: skip
         return 130

@@ -27,6 +27,8 @@ __all__ = [
     "parse_value",
     "parse_overrides",
     "parse_floats",
+    "DATA_SETTINGS",
+    "data_settings",
     "load_command_data",
     "model_args",
     "load_model",
@@ -114,6 +116,26 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"{option} expects comma-separated numbers, got {text!r}") from None
+
+
+#: The data options of :func:`neuralign.cli.parser.add_data` -> the dotted paths of the settings they override.
+DATA_SETTINGS = {
+    "data": "data.dataset", "data_root": "data.root", "download": "data.download", "batch_size": "data.batch_size",
+    "train_size": "data.train_size", "test_size": "data.test_size", "align_size": "data.align_size",
+    "resize": "data.resize", "mean": "data.mean", "std": "data.std",
+}  # fmt: skip
+
+
+def data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The data options given on the command line (:func:`neuralign.cli.parser.add_data` with ``settings=True``)
+    as ``{setting path: value}`` (``--mean``, ``--std`` as tuples of floats; ``--download`` only when given)."""
+    out: dict[str, Any] = {}
+    for option, path in DATA_SETTINGS.items():
+        value = getattr(args, option, None)
+        if value is None or value is False:
+            continue
+        out[path] = parse_floats(value, f"--{option}") if option in ("mean", "std") else value
+    return out
 
 
 def load_command_data(args: argparse.Namespace):

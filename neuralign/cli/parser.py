@@ -39,7 +39,10 @@ def add_force(p: argparse.ArgumentParser) -> None:
                         "and skips a finished result, and resumes an interrupted one from its checkpoint)")  # fmt: skip
 
 
-def add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+def add_data(p: argparse.ArgumentParser, *, required: bool = True, settings: bool = False) -> None:
+    """The data options, defined once for every command. With ``settings`` they override a preset's data settings
+    (``neuralign study``, ``neuralign compare``: :func:`~neuralign.cli.common.data_settings`), so that none has a
+    default of its own."""
     from neuralign.cli.common import parse_value  # imports torch: not at module level (see cli/__init__)
 
     g = p.add_argument_group("data")
@@ -49,7 +52,8 @@ def add_data(p: argparse.ArgumentParser, *, required: bool = True) -> None:
                         "and PATH/val/<class>/ or PATH/test/<class>/ image files)")  # fmt: skip
     g.add_argument("--data-root", default=None, help="folder holding the torchvision dataset (or <name>.npz)")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs network)")
-    g.add_argument("--batch-size", type=int, default=128, help="training batch size (default: 128)")
+    g.add_argument("--batch-size", type=int, default=None if settings else 128,
+                   help="training batch size (default: " + ("the preset's)" if settings else "128)"))  # fmt: skip
     g.add_argument("--train-size", type=parse_value, default=None,
                    help="use a subset of the training set: a count or a fraction (default: all)")  # fmt: skip
     g.add_argument("--test-size", type=parse_value, default=None, help="subset of the test set (default: all)")

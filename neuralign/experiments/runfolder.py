@@ -10,7 +10,9 @@ every start of the run. Then, for a rerun:
   checkpoint; with other options it is refused;
 - **start**: neither; the run starts (and records its options before any work).
 
-``force`` removes the outputs and checkpoints first, so that the run starts over. Options recorded by an older
+``force`` removes the outputs and checkpoints first, so that the run starts over. A first run that fails before it
+has produced anything leaves no manifest (:meth:`RunFolder.first_run`): it would lock the folder to the settings of
+a run that never ran (a missing dataset, a typo in an architecture's name). Options recorded by an older
 version that lacks a newer option are compared on the options both know (an option added later ran with its
 default). The study is one run whose units are its stages: a stage is done when its outputs exist
 (:func:`neuralign.study.stage_done`), under the options of the whole study.
@@ -18,9 +20,10 @@ default). The study is one run whose units are its stages: a stage is done when 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +152,33 @@ class RunFolder:
                 raise CheckpointError(refuse(state, changes) if refuse is not None else
                                       f"{self.folder} holds a run with other options ({', '.join(changes)})")
         return state
+
+    @contextlib.contextmanager
+    def first_run(self, started: Callable[[], bool]) -> Iterator[None]:
+        """The with-block of a run that may be the folder's first: if no manifest existed when it was entered and
+        the block raises before ``started()`` is true (the run has produced something, e.g. a stage's outputs), the
+        manifest the block wrote is removed, so that the folder is fresh again for the corrected command.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> folder = RunFolder(tempfile.mkdtemp())
+        >>> try:
+        ...     with folder.first_run(started=lambda: False):
+        ...         folder.save({"options": {"data": "nosuch"}})
+        ...         raise FileNotFoundError("nosuch")
+        ... except FileNotFoundError:
+        ...     pass
+        >>> folder.manifest() is None
+        True
+        """
+        first = not self.path.exists()
+        try:
+            yield
+        except BaseException:
+            if first and not started():
+                self.path.unlink(missing_ok=True)
+            raise
 
     def save(self, record: Mapping[str, Any]) -> None:
         """Write the manifest atomically (rank 0 under a process group)."""

@@ -12,7 +12,9 @@ method x method agreement matrix: the share of hidden units two methods map alik
 
 The stages form a graph (:func:`compare_stages`), each writing its own files and skipped when they exist, so an
 interrupted comparison resumes where it stopped (the learned methods and PAM checkpoint every epoch). They run
-sequentially in one process; the study's executors (local jobs, Slurm) run only the study's stage graph.
+sequentially in one process (:func:`run_compare`) or as jobs through the study's executors
+(:mod:`neuralign.study.executors`: concurrent local processes, or Slurm jobs with dependencies), each job running
+one stage with :func:`run_compare_stage`.
 
 Methods are chosen by name (:data:`COMPARE_METHODS`). ``identity`` (the naive interpolation), ``correlation``,
 ``l2`` and ``weight`` (:func:`~neuralign.alignment.align`), ``pam`` (:func:`~neuralign.curves.fit_curve_pam` from
@@ -53,6 +55,7 @@ from neuralign.alignment import (
     trace_spec,
 )
 from neuralign.curves import (
+    Bezier,
     CurvePAMOptions,
     InterpolationProtocol,
     InterpolationResult,
@@ -64,18 +67,24 @@ from neuralign.curves import (
 from neuralign.errors import CheckpointError, ConvergenceWarning
 from neuralign.experiments.runfolder import RunFolder
 from neuralign.experiments.training import TrainingOptions
+from neuralign.study.compare_report import plot_comparison, summary_table, write_comparison_report
 from neuralign.study.config import PRESETS, DataOptions, EvaluationOptions, ModelOptions, StudyConfig
-from neuralign.study.report import _fmt_number, _mean_std
+from neuralign.study.jobs import refuse_live_jobs
 from neuralign.study.runner import _Study
-from neuralign.study.stages import Stage, endpoint_stages, stage_done
+from neuralign.study.stages import Stage, endpoint_stages, first_run, stage_done
+from neuralign.verification import VerificationOptions
 
 __all__ = [
     "COMPARE_METHODS",
     "COMPARE_PRESETS",
     "CompareConfig",
     "agreement_matrix",
+    "check_compare_folder",
     "compare_stages",
+    "prepare_compare",
     "run_compare",
+    "run_compare_stage",
+    "verdicts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,6 +136,11 @@ class CompareConfig(Options):
         Start of the learned methods: weight matching (default; run by the method, its cost included), the
         identity, or the permutation of the ``correlation`` or ``l2`` stage (which must be among ``methods``; its
         seconds and data passes are added to the learned method's cost).
+    verification : VerificationOptions, optional
+        Also check each method's permutation for local optimality on its Bezier curve
+        (:func:`~neuralign.verification.verify_alignment`, as the study's verification stage does); needs
+        ``fit_curves``. None (default): no verification. ``set("verification", True)`` turns it on with the
+        default options.
 
     Raises
     ------
@@ -148,6 +162,7 @@ class CompareConfig(Options):
     pam: CurvePAMOptions = nested(CurvePAMOptions, default=CurvePAMOptions())
     learned: LearnedOptions = nested(LearnedOptions, default=LearnedOptions())
     learned_init: str = "weight"
+    verification: VerificationOptions | None = nested(VerificationOptions, optional=True, default=None)
 
     def __post_init__(self) -> None:
         self._check("pairs", check_int, minimum=1)
@@ -171,15 +186,25 @@ class CompareConfig(Options):
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"`{name}` must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         check_bool(self.fit_curves, "fit_curves")
+        if self.verification is not None:
+            if not isinstance(self.verification, VerificationOptions):
+                raise TypeError(f"`verification` must be a VerificationOptions or None, got "
+                                f"{type(self.verification).__name__}")  # fmt: skip
+            if not self.fit_curves:
+                raise ValueError("`verification` checks each method's permutation on its Bezier curve: it needs "
+                                 "fit_curves=True")  # fmt: skip
         starts = ("weight", "identity", *(m for m in ("correlation", "l2") if m in methods))
         if self.learned_init not in starts:
             raise ValueError(f"unknown learned_init {self.learned_init!r}; expected one of {list(starts)} "
                              "(correlation or l2 must also be among `methods`)")  # fmt: skip
 
     def set(self, path: str, value: Any) -> CompareConfig:
-        """A copy with the setting at the dotted ``path`` changed (``"protocol.bn"``, ``"pairs"``)."""
+        """A copy with the setting at the dotted ``path`` changed (``"protocol.bn"``, ``"pairs"``); ``"verification"``
+        also takes true (its default options, or the current ones) and false (None)."""
         from neuralign._options import set_path
 
+        if path == "verification" and isinstance(value, bool):
+            value = (self.verification or VerificationOptions()) if value else None
         return set_path(self, path, value)
 
     def study_config(self) -> StudyConfig:
@@ -187,7 +212,7 @@ class CompareConfig(Options):
         return StudyConfig(
             pairs=self.pairs, seed=self.seed, settings=("aligned",), endpoints=self.endpoints,
             max_batches=self.max_batches, data=self.data, model=self.model, train=self.train, curve=self.curve,
-            pam=self.pam, verification=None,
+            pam=self.pam, verification=self.verification,
             evaluation=EvaluationOptions(max_bn_batches=self.protocol.max_bn_batches, plane_grid=0),
         )  # fmt: skip
 
@@ -233,8 +258,8 @@ def compare_stages(config: CompareConfig) -> list[Stage]:
     """The stages of a comparison in an order that respects their dependencies.
 
     End points (unless given) -> per pair and method: alignment -> evaluation (and, with ``fit_curves``, the
-    Bezier curve) -> ``report``. A learned method started from another method's permutation needs that method's
-    alignment.
+    Bezier curve -> with ``verification``, its verification) -> ``report``. A learned method started from another
+    method's permutation needs that method's alignment.
     """
     c = config
     stages, pair_ends = endpoint_stages(c.pairs, given=c.endpoints is not None)
@@ -247,8 +272,12 @@ def compare_stages(config: CompareConfig) -> list[Stage]:
             stages += [alignment, Stage(f"pair {k} eval {m}", (alignment.name,), (f"pair{k}/eval_{m}.json",),
                                         "eval", k, m)]  # fmt: skip
             if c.fit_curves:
-                stages.append(Stage(f"pair {k} curve {m}", (alignment.name,), (f"pair{k}/curve_{m}.json",), "curve",
-                                    k, m))  # fmt: skip
+                curve = Stage(f"pair {k} curve {m}", (alignment.name,), (f"pair{k}/curve_{m}.json",), "curve", k, m)
+                stages.append(curve)
+                if c.verification is not None:
+                    stages.append(Stage(f"pair {k} verify {m}", (curve.name,),
+                                        (f"pair{k}/verify_{m}.json", f"pair{k}/verify_{m}.md"), "verification", k,
+                                        m))  # fmt: skip
     stages.append(Stage("report", tuple(s.name for s in stages), ("results.json", "report.md"), "report"))
     return stages
 
@@ -296,6 +325,26 @@ def agreement_matrix(perms: Mapping[str, Mapping[str, torch.Tensor]]) -> np.ndar
                 total += p.numel()
             out[i, j] = out[j, i] = same / total if total else 1.0
     return out
+
+
+def verdicts(report: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """A verification report (:meth:`~neuralign.verification.VerificationReport.to_dict`) as the comparison
+    records it: the overall verdict, each check's verdict, the summary of each failing check (it names the move
+    that improves the objective) and the path of the full report.
+
+    Examples
+    --------
+    >>> v = verdicts({"verdict": "fail", "checks": {"stability": {"verdict": "pass", "summary": "stable"},
+    ...               "neighbourhood": {"verdict": "fail", "summary": "swap (3, 7) of fc1 improves it"}}}, "v.md")
+    >>> v["verdict"], v["checks"]
+    ('fail', {'stability': 'pass', 'neighbourhood': 'fail'})
+    >>> v["failing"]
+    {'neighbourhood': 'swap (3, 7) of fc1 improves it'}
+    """
+    checks = report["checks"]
+    return {"verdict": report["verdict"], "checks": {name: c["verdict"] for name, c in checks.items()},
+            "failing": {name: c["summary"] for name, c in checks.items() if c["verdict"] == "fail"},
+            "report": path}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- the runner
@@ -469,6 +518,15 @@ class _Compare:
         self.study.done(f"pair {k} curve {method}")
         return out
 
+    def verify(self, k: int, method: str) -> dict[str, Any]:
+        """The verification of ``method``'s permutation on its Bezier curve (the study's verification stage, on
+        this method's files): the report as JSON data."""
+        self.curve(k, method)
+        p = self.pair(k)
+        curve = Bezier.load(self.out / f"pair{k}" / f"curve_{method}.pt")
+        return self.study.verification(k, p["a"], p["sd_a"], p["sd_b"], self.alignment(k, method), p["spec"], curve,
+                                       method=method)  # fmt: skip
+
     def run(self, stage: Stage) -> None:
         torch.manual_seed(stable_seed(self.config.seed, "stage", stage.name))
         self.study.mark, self.study.started = time.perf_counter(), time.time()
@@ -480,6 +538,11 @@ class _Compare:
             self.evaluate(stage.index, stage.setting)
         elif stage.kind == "curve":
             self.curve(stage.index, stage.setting)
+        elif stage.kind == "verification":
+            self.verify(stage.index, stage.setting)
+        elif stage.kind == "report":
+            self.reported = self.report()
+            self.finish(stage)
 
     # ------------------------------------------------------------------ the report
     def results(self) -> dict[str, Any]:
@@ -491,7 +554,9 @@ class _Compare:
             for m in c.methods:
                 record = load_permutation_file(self.out / f"pair{k}" / f"align_{m}.pt")
                 methods[m] = {"cost": record.results, "evaluation": self.evaluate(k, m).to_dict(),
-                              "curve": self.curve(k, m)["evaluation"] if c.fit_curves else None}  # fmt: skip
+                              "curve": self.curve(k, m)["evaluation"] if c.fit_curves else None,
+                              "verification": (verdicts(self.verify(k, m), f"pair{k}/verify_{m}.md")
+                                               if c.verification is not None else None)}  # fmt: skip
             perms = {m: self.alignment(k, m) for m in c.methods}
             pairs.append({"pair": k, "seeds": [2 * k - 1, 2 * k],
                           "endpoints": {"a": p["meta_a"]["test"], "b": p["meta_b"]["test"]},
@@ -508,142 +573,124 @@ class _Compare:
         report = write_comparison_report(results, self.out / "report.md", figure=figure)
         return {**results, "report": str(report)}
 
-
-# ------------------------------------------------------------------------------------------------- summary
-_ROWS = (  # (results key path, column title, percent?)
-    ("test.loss_barrier_average", "test loss barrier", False),
-    ("test.accuracy_barrier_average", "test acc. barrier (pts)", True),
-    ("train.loss_barrier_average", "train loss barrier", False),
-    ("train.accuracy_barrier_average", "train acc. barrier (pts)", True),
-    ("test.loss_barrier_linear", "test loss barrier (linear)", False),
-    ("test.accuracy_barrier_linear", "test acc. barrier (linear, pts)", True),
-    ("test.midpoint_accuracy", "midpoint test acc. (%)", True),
-    ("test.loss_auc", "test loss AUC", False),
-)
-
-
-def _value(entry: Mapping[str, Any], key: str) -> float | None:
-    if key in ("seconds", "data_passes"):
-        v = entry["cost"].get(key)
-        return None if v is None else float(v)
-    if key == "curve_min":
-        return None if entry.get("curve") is None else float(entry["curve"]["min_accuracy"])
-    split, field = key.split(".")
-    splits = entry["evaluation"]["splits"]
-    return float(splits[split][field]) if split in splits else None
+    def finish(self, report: Stage) -> None:
+        """Close this run in the manifest: the seconds (and jobs) of the stages from their records, the run's end
+        and the report. Only the ``report`` stage, which runs last, writes the manifest after it was prepared."""
+        folder = _folder(self.out)
+        manifest = folder.manifest()
+        if manifest is None:
+            raise CheckpointError(f"{self.out} holds no comparison manifest: run the comparison (neuralign compare), "
+                                  "which writes it before any stage")  # fmt: skip
+        records = {}
+        for stage in compare_stages(self.config):
+            path = self.out / "stages" / f"{stage.slug}.json"
+            if path.exists():
+                records[stage.name] = _json.loads(path.read_text())
+        manifest["stage_seconds"] = {name: r["seconds"] for name, r in records.items()}
+        jobs = {name: r["job_id"] for name, r in records.items() if r.get("job_id")}
+        if jobs:
+            manifest["stage_jobs"] = jobs
+        manifest["runs"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        manifest["report"] = report.outputs[1]
+        folder.save(manifest)
 
 
-def summary_table(pairs: list[Mapping[str, Any]], methods: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """Per method and quantity, mean and sample std over pairs (``{"mean", "std", "n"}``; std None for one pair)."""
-    keys = [k for k, _, _ in _ROWS] + ["curve_min", "seconds", "data_passes"]
-    out: dict[str, Any] = {}
-    for m in methods:
-        out[m] = {}
-        for key in keys:
-            values = [_value(p["methods"][m], key) for p in pairs]
-            if any(v is None for v in values):
-                continue
-            mean, std = _mean_std(values)
-            out[m][key] = {"mean": mean, "std": std, "n": len(values)}
-    return out
+# ------------------------------------------------------------------------------------------------- entry points
+def _folder(out: Path) -> RunFolder:
+    return RunFolder(out, key="config", normalize=lambda c: CompareConfig.from_dict(c).to_dict())
 
 
-def _fmt(stat: Mapping[str, Any] | None, scale: float, decimals: int) -> str:
-    if not stat:
-        return "—"
-    text = _fmt_number(scale * stat["mean"], decimals)
-    if stat.get("std") is not None:
-        text += " ± " + _fmt_number(scale * stat["std"], decimals)
-    return text
+def check_compare_folder(config: CompareConfig, out: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of the comparison in ``out`` (None for a folder to start afresh), refusing, writing nothing, one
+    that holds a comparison with other settings than ``config``.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the settings that differ.
+    """
+    folder = _folder(Path(out))
+    manifest = folder.manifest()
+    if manifest is not None:
+        changes = folder.changes(config.to_dict())
+        if changes:
+            raise CheckpointError(f"{out} holds a comparison with other settings ({', '.join(changes)}); use another "
+                                  "--out folder")  # fmt: skip
+    return manifest
 
 
-def write_comparison_report(results: Mapping[str, Any], path: Path, *, figure: Path | None = None) -> Path:
-    """Write the comparison's markdown report (the table, the agreement matrix, the protocol) atomically."""
-    methods = results["methods"]
-    summary = results["summary"]
-    protocol = results["protocol"]
-    config = results["config"]
-    n = len(results["pairs"])
-    lines = [f"# Alignment methods compared: {config['model']['arch']} on {config['data']['dataset']}", "",
-             f"{n} pair{'s' if n != 1 else ''} of end points"
-             + (", mean ± sample std over pairs." if n > 1 else "."), ""]  # fmt: skip
-    ends = [(q["endpoints"]["a"]["test_acc"] + q["endpoints"]["b"]["test_acc"]) / 2 for q in results["pairs"]]
-    lines += [f"End points' test accuracy (mean of A and B): "
-              f"{', '.join(_fmt_number(100 * e, 2) for e in ends)} % (pairs 1..{n}). "
-              f"Test set: {results['test_images']} images (one image is {100 / results['test_images']:.2g} points).",
-              ""]  # fmt: skip
-    columns = [(k, title, pct) for k, title, pct in _ROWS]
-    if config.get("fit_curves"):
-        columns.append(("curve_min", "Bezier curve Min test acc. (%)", True))
-    columns += [("seconds", "wall seconds", False), ("data_passes", "data passes", False)]
-    header = ["method", *(title for _, title, _ in columns)]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for m in methods:
-        cells = [m]
-        for key, _, pct in columns:
-            decimals = 1 if key == "seconds" else 2 if pct or key == "data_passes" else 3
-            cells.append(_fmt(summary[m].get(key), 100.0 if pct else 1.0, decimals))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Barriers: *average* is max_λ L(λ) − ½(L_A + L_B) (Ainsworth et al. 2023); *linear* is "
-              "max_λ [L(λ) − ((1−λ)L_A + λL_B)] (Garipov et al. 2018, Entezari et al. 2022, Theus et al. 2025). "
-              "Accuracy barriers are the drop (positive is worse), in percentage points. AUC: trapezoid of the test "
-              "loss over λ ∈ [0, 1]. Wall seconds and data passes are the method's cost (data passes: epochs over "
-              "the training data for the learned methods and PAM's curve epochs, one pass over the alignment data "
-              "for correlation and l2, none for weight matching and the identity).", ""]  # fmt: skip
-    lines += ["## Protocol", "", f"- λ grid: {protocol['num_points']} evenly spaced points in [0, 1]",
-              f"- batch norm: {protocol['bn']}"
-              + (f" ({protocol['max_bn_batches']} training batches per estimate)" if protocol['max_bn_batches'] else
-                 " (full passes)"),
-              f"- splits: {', '.join(protocol['splits'])}",
-              f"- alignment data: {protocol['alignment_data']} ({protocol['alignment_size']} examples)",
-              ""]  # fmt: skip
-    if figure is not None:
-        lines += [f"![loss and accuracy along λ]({figure.relative_to(path.parent).as_posix()})", ""]
-    lines += ["## Agreement", "", "Share of hidden units two methods map alike (mean over pairs).", "",
-              "| | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]  # fmt: skip
-    for m, row in zip(methods, results["agreement"]):
-        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
-    lines.append("")
-    atomic_write_text(path, "\n".join(lines))
-    return path
+def prepare_compare(
+    config: CompareConfig,
+    out: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    run: Mapping[str, Any] | None = None,
+    live_jobs: bool = False,
+) -> None:
+    """Check or start the manifest of a comparison in ``out`` and record this run in it, with the entries of ``run``
+    (e.g. the executor and the jobs' resources); done once by the process that runs or submits the stages, before
+    any of them.
+
+    Refuses a folder that holds other settings (:func:`check_compare_folder`) and, unless ``live_jobs`` (a Slurm
+    submission, which keeps them), one with a job still queued or running
+    (:func:`neuralign.study.jobs.refuse_live_jobs`).
+
+    Raises
+    ------
+    CheckpointError, JobError
+        As said above; nothing is written then.
+    """
+    if not isinstance(config, CompareConfig):
+        raise TypeError(f"`config` must be a CompareConfig, got {type(config).__name__}")
+    out = Path(out)
+    if out.is_dir() and not live_jobs:
+        refuse_live_jobs(out, compare_stages(config), command="compare")
+    manifest = check_compare_folder(config, out)
+    if manifest is None:
+        manifest = {"kind": "compare_manifest", "config": config.to_dict(), "versions": environment_versions(),
+                    "device": str(device), "threads": torch.get_num_threads(),
+                    "command": ["neuralign", *sys.argv[1:]], "runs": []}  # fmt: skip
+    manifest["runs"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), **(run or {})})
+    out.mkdir(parents=True, exist_ok=True)
+    _folder(out).save(manifest)
 
 
-def plot_comparison(results: Mapping[str, Any], path: Path) -> Path:
-    """Loss (log scale, so that small barriers stay visible beside large ones) and accuracy against λ, one band
-    (mean ± std over pairs) per method, per split; saved atomically."""
-    from neuralign.study.plots import _figure, _save_figure
+def run_compare_stage(
+    config: CompareConfig,
+    out: str | os.PathLike,
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    progress: Callable[[dict[str, Any]], Any] | None = None,
+) -> bool:
+    """Run the stage ``name`` of the comparison in ``out`` in this process, unless it is done; True if it ran.
 
-    splits = results["protocol"]["splits"]
-    fig = _figure(5.0 * len(splits), 6.5)
-    axes = fig.subplots(2, len(splits), squeeze=False)
-    for j, split in enumerate(splits):
-        for i, (field, label, scale) in enumerate((("loss", "loss", 1.0), ("accuracy", "accuracy (%)", 100.0))):
-            ax = axes[i][j]
-            for m in results["methods"]:
-                stack = np.array([q["methods"][m]["evaluation"]["splits"][split][field] for q in results["pairs"]])
-                t = np.array(results["pairs"][0]["methods"][m]["evaluation"]["t"])
-                mean = scale * stack.mean(axis=0)
-                (line,) = ax.plot(t, mean, label=m)
-                if stack.shape[0] > 1:
-                    std = scale * stack.std(axis=0, ddof=1)
-                    low, high = mean - std, mean + std
-                    if field == "accuracy":  # the band of a bounded quantity stays within its bounds
-                        low, high = np.clip(low, 0.0, scale), np.clip(high, 0.0, scale)
-                    ax.fill_between(t, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-            ax.set_xlabel("λ")
-            ax.set_ylabel(f"{split} {label}")
-            if field == "loss":
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    pairs = len(results["pairs"])
-    fig.suptitle(f"mean over {pairs} pairs" + ("; bands: ± 1 standard deviation over the pairs" if pairs > 1 else ""),
-                 fontsize=9)  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _save_figure(fig, path, "png")
+    The entry point of a comparison's jobs (:mod:`neuralign.study.executors`), and the work of
+    :func:`run_compare` for that stage. Its inputs are read from the files of the stages it needs; it writes only
+    its own outputs and its record ``stages/<stage>.json``. The ``report`` stage always runs (it reflects the files
+    present) and then closes the run in the manifest, which :func:`prepare_compare` wrote before any job started.
+
+    Raises
+    ------
+    ValueError
+        For a stage this comparison does not have.
+    RuntimeError
+        If a stage it needs is not done (names it).
+    """
+    out = Path(out)
+    stages = {s.name: s for s in compare_stages(config)}
+    if name not in stages:
+        raise ValueError(f"unknown comparison stage {name!r}; this comparison has {list(stages)}")
+    stage = stages[name]
+    missing = [n for n in stage.needs if not stage_done(out, stages[n])]
+    if missing:
+        raise RuntimeError(f"comparison stage {name!r} needs {missing}, which are not done in {out}")
+    if stage.kind != "report" and stage_done(out, stage):
+        return False
+    _Compare(config, out, torch.device(device), progress).run(stage)
+    return True
 
 
-# ------------------------------------------------------------------------------------------------- entry point
 def run_compare(
     config: CompareConfig,
     out: str | os.PathLike,
@@ -653,8 +700,10 @@ def run_compare(
 ) -> dict[str, Any]:
     """Run (or resume) a comparison and write ``results.json``, ``report.md`` and ``figures/compare.png`` in ``out``.
 
-    Every stage of :func:`compare_stages` that is not done runs in this process, in order; then the report is
-    written from the stages' files.
+    Every stage of :func:`compare_stages` that is not done runs in this process, in order (the same
+    :func:`run_compare_stage` work as the jobs of :mod:`neuralign.study.executors`); then the report is written
+    from the stages' files. A first run that fails before any stage is done leaves no manifest
+    (:meth:`~neuralign.experiments.runfolder.RunFolder.first_run`).
 
     Parameters
     ----------
@@ -676,46 +725,17 @@ def run_compare(
     ------
     CheckpointError
         If ``out`` holds a comparison with other settings (names them).
+    JobError
+        While a job of ``out`` (``--executor local|slurm``, listed in ``jobs.json``) is queued or running.
     """
     if not isinstance(config, CompareConfig):
         raise TypeError(f"`config` must be a CompareConfig, got {type(config).__name__}")
     out = Path(out)
-    folder = RunFolder(out, key="config", normalize=lambda c: CompareConfig.from_dict(c).to_dict())
-    manifest = folder.manifest()
-    if manifest is not None:
-        changes = folder.changes(config.to_dict())
-        if changes:
-            raise CheckpointError(f"{out} holds a comparison with other settings ({', '.join(changes)}); use another "
-                                  "--out folder")  # fmt: skip
-    else:
-        manifest = {"kind": "compare_manifest", "config": config.to_dict(), "versions": environment_versions(),
-                    "device": str(device), "threads": torch.get_num_threads(),
-                    "command": ["neuralign", *sys.argv[1:]], "runs": []}  # fmt: skip
-    fresh = not manifest["runs"]
-    manifest["runs"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    out.mkdir(parents=True, exist_ok=True)
-    folder.save(manifest)
     stages = compare_stages(config)
-    try:
+    with first_run(out, stages):
+        prepare_compare(config, out, device=device)
         run = _Compare(config, out, torch.device(device), progress)
         for stage in stages:
-            if stage.kind != "report" and not stage_done(out, stage):
+            if stage.kind == "report" or not stage_done(out, stage):
                 run.run(stage)
-        results = run.report()
-    except BaseException:
-        # a first run that failed before finishing any stage (a missing dataset, a typo in --arch) leaves no
-        # manifest: it would lock the folder to the settings of a run that never ran
-        if fresh and not any(stage_done(out, s) for s in stages if s.kind != "report"):
-            folder.path.unlink(missing_ok=True)
-        raise
-    seconds = {}
-    for stage in stages:
-        record = out / "stages" / f"{stage.slug}.json"
-        if record.exists():
-            seconds[stage.name] = _json.loads(record.read_text())["seconds"]
-    manifest["stage_seconds"] = seconds
-    manifest["runs"][-1]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    manifest["report"] = "report.md"
-    folder.save(manifest)
-    return results
-
+    return run.reported

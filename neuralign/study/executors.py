@@ -1,10 +1,14 @@
-"""A study's stages as jobs, with submitit: concurrent local processes (``--executor local --jobs N``) or Slurm jobs
-(``--executor slurm``), the status of a study folder (``neuralign study --status OUT``) and cancelling its Slurm
-jobs (``neuralign study --cancel OUT``).
+"""The stages of a study or a comparison as jobs, with submitit: concurrent local processes (``--executor local
+--jobs N``) or Slurm jobs (``--executor slurm``), the status of a folder (``neuralign study --status OUT``,
+``neuralign compare --status OUT``) and cancelling its Slurm jobs (``--cancel OUT``).
 
-Every job runs :func:`~neuralign.study.run_stage` for one stage of
-:func:`~neuralign.study.study_stages`, so a job does exactly what the sequential
-:func:`~neuralign.study.run_study` does for that stage. The stage files are the single source of truth:
+The executors run any :class:`RunKind` (:data:`RUN_KINDS`): the study (:func:`~neuralign.study.study_stages`, each
+stage run by :func:`~neuralign.study.run_stage`, the manifest prepared by :func:`~neuralign.study.prepare_study`)
+and the comparison of ``neuralign compare`` (:func:`~neuralign.study.compare.compare_stages`,
+:func:`~neuralign.study.compare.run_compare_stage`, :func:`~neuralign.study.compare.prepare_compare`). Every job runs
+one stage with its kind's stage runner, so a job does exactly what the sequential run
+(:func:`~neuralign.study.run_study`, :func:`~neuralign.study.compare.run_compare`) does for that stage. The
+guarantees below hold for both kinds. The stage files are the single source of truth:
 a stage is done when its outputs exist; a failed, cancelled or pre-empted job is run again by the next command,
 and a finished one never is. Two jobs never write the same file: each stage writes only its own outputs and
 record, a stage is submitted only once the stages it needs are done (local) or with a Slurm dependency on their
@@ -12,7 +16,7 @@ jobs (``afterok``), a stage with a live job is never submitted again, and a run 
 local executor's) refuses to start while a job of the folder is queued or running
 (:func:`neuralign.study.jobs.refuse_live_jobs`). A Slurm rerun keeps the live jobs and submits only the stages that
 are neither done nor live, each depending on the live jobs of the stages it needs
-(:func:`submit_study_slurm`). The manifest has one writer at a time: the submitting command before the jobs it
+(:func:`submit_slurm`). The manifest has one writer at a time: the submitting command before the jobs it
 submits start (the only job that writes the manifest, the ``report`` stage's, waits on every other), then the
 ``report`` stage, which runs last and merges the per-stage records.
 
@@ -20,7 +24,7 @@ Each job asks Slurm for the resources of :class:`SlurmOptions` (CPUs per task, m
 account, QoS, further ``sbatch`` options) through submitit's parameters; they are recorded in the manifest, and
 inside a job torch uses as many threads as the job has CPUs per task (:func:`job_threads`).
 
-``jobs.json`` in the study folder (written by the submitting command and ``--cancel`` only) lists the job id of
+``jobs.json`` in the folder (written by the submitting command and ``--cancel`` only) lists the job id of
 every stage it submitted (local jobs: process id and process start time, :mod:`neuralign.study.jobs`) and the jobs
 that ``--cancel`` cancelled; submitit keeps each job's pickled call and its stdout/stderr logs under ``jobs/``.
 
@@ -48,7 +52,14 @@ from neuralign import _distributed
 from neuralign._options import Options, renamed_keywords, resolve_options
 from neuralign._validate import check_int
 from neuralign.errors import JobError, MissingDependencyError
-from neuralign.study import StudyConfig, prepare_study, run_stage, stage_done, study_stages
+from neuralign.study import StudyConfig, run_stage, stage_done, study_stages
+from neuralign.study.compare import (
+    CompareConfig,
+    check_compare_folder,
+    compare_stages,
+    prepare_compare,
+    run_compare_stage,
+)
 from neuralign.study.jobs import (
     cancel_jobs,
     process_start,
@@ -58,16 +69,20 @@ from neuralign.study.jobs import (
     write_jobs,
 )
 from neuralign.study.runner import _prepare, check_study_folder
+from neuralign.study.stages import Stage, first_run
 
 __all__ = [
+    "RUN_KINDS",
     "STATES",
+    "RunKind",
     "SlurmOptions",
     "SlurmSubmission",
-    "cancel_study",
+    "cancel_slurm",
     "job_threads",
-    "run_study_local",
-    "study_status",
-    "submit_study_slurm",
+    "run_kind",
+    "run_local",
+    "stage_status",
+    "submit_slurm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,9 +103,85 @@ _RESERVED = {
 
 
 @dataclass(frozen=True)
+class RunKind:
+    """A kind of staged run that the executors run: what they need to know of it.
+
+    Attributes
+    ----------
+    name : str
+        The run's name in messages (``"study"``, ``"comparison"``).
+    command : str
+        The ``neuralign`` command that runs it (``"study"``, ``"compare"``), named in hints (``neuralign compare
+        --status OUT``).
+    manifest : str
+        The ``kind`` entry of its manifest (``manifest.json``), by which a folder's kind is told.
+    config : type
+        Its settings' class (``StudyConfig``, ``CompareConfig``), with ``to_dict`` / ``from_dict``.
+    stages : callable
+        ``stages(config) -> list of Stage``: its stage graph, in an order that respects the dependencies, the
+        ``report`` stage last.
+    prepare : callable
+        ``prepare(config, out, *, device, run, live_jobs)``: refuse a folder with other settings (and, unless
+        ``live_jobs``, one with a live job), then record this run in the manifest with the entries of ``run``.
+    check_folder : callable
+        ``check_folder(config, out)``: refuse a folder with other settings, writing nothing.
+    run_stage : callable
+        ``run_stage(config, out, name, *, device, **report)``: run one stage in this process; the ``report`` stage
+        closes the run in the manifest.
+    """
+
+    name: str
+    command: str
+    manifest: str
+    config: type
+    stages: Callable[[Any], list[Stage]]
+    prepare: Callable[..., Any]
+    check_folder: Callable[[Any, Path], Any]
+    run_stage: Callable[..., bool]
+
+
+def _prepare_study(config: StudyConfig, out: str | os.PathLike, *, device: str | torch.device,
+                   run: Mapping[str, Any] | None, live_jobs: bool) -> None:  # fmt: skip
+    _prepare(config, Path(out), torch.device(device), None, run=run, live_jobs=live_jobs)
+
+
+#: The kinds of run the executors run, by the name of the command that runs them.
+RUN_KINDS: dict[str, RunKind] = {
+    "study": RunKind("study", "study", "study_manifest", StudyConfig, study_stages, _prepare_study,
+                     check_study_folder, run_stage),
+    "compare": RunKind("comparison", "compare", "compare_manifest", CompareConfig, compare_stages, prepare_compare,
+                       check_compare_folder, run_compare_stage),
+}  # fmt: skip
+
+
+def run_kind(config: Any) -> RunKind:
+    """The :class:`RunKind` of ``config`` (a ``StudyConfig`` or a ``CompareConfig``).
+
+    Raises
+    ------
+    TypeError
+        For another kind of settings.
+    """
+    for kind in RUN_KINDS.values():
+        if isinstance(config, kind.config):
+            return kind
+    expected = " or ".join(k.config.__name__ for k in RUN_KINDS.values())
+    raise TypeError(f"`config` must be a {expected}, got {type(config).__name__}")
+
+
+def _report_options(kind: RunKind, paper_row: Mapping[str, Any] | None, notes: str | None) -> dict[str, Any]:
+    """The keyword arguments of the kind's ``report`` stage: a study's paper row and notes; none for a comparison."""
+    if kind.command == "study":
+        return {"paper_row": dict(paper_row) if paper_row is not None else None, "notes": notes}
+    if paper_row is not None or notes is not None:
+        raise ValueError(f"`paper_row` and `notes` belong to a study's report; a {kind.name} has neither")
+    return {}
+
+
+@dataclass(frozen=True)
 class SlurmOptions(Options):
-    """The resources of every Slurm job of a study (:func:`submit_study_slurm`), passed to Slurm as the parameters
-    of submitit's :class:`submitit.SlurmExecutor` (``#SBATCH`` lines of each job's script).
+    """The resources of every Slurm job of a study or comparison (:func:`submit_slurm`), passed to Slurm as the
+    parameters of submitit's :class:`submitit.SlurmExecutor` (``#SBATCH`` lines of each job's script).
 
     Attributes
     ----------
@@ -255,14 +346,15 @@ def _submitit() -> Any:
         import submitit
     except ImportError:
         raise MissingDependencyError(
-            "running a study as jobs needs submitit: pip install 'neuralign[cluster]'"
+            "running a study or comparison as jobs needs submitit: pip install 'neuralign[cluster]'"
         ) from None
     return submitit
 
 
-def _stage_job(config: dict[str, Any], out: str, name: str, device: str, report: dict[str, Any]) -> str:
-    """The body of every job: one stage, data-parallel over the job's tasks when it has several (one per GPU, or
-    CPU tasks with gloo), with as many torch threads as the job has CPUs per task."""
+def _stage_job(kind: str, config: dict[str, Any], out: str, name: str, device: str, report: dict[str, Any]) -> str:
+    """The body of every job: one stage of a run of ``kind`` (a key of :data:`RUN_KINDS`), data-parallel over the
+    job's tasks when it has several (one per GPU, or CPU tasks with gloo), with as many torch threads as the job has
+    CPUs per task."""
     submitit = _submitit()
     threads = job_threads()
     if threads is not None:
@@ -276,7 +368,8 @@ def _stage_job(config: dict[str, Any], out: str, name: str, device: str, report:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         distributed = _distributed.init_from_env(device)
     try:
-        run_stage(StudyConfig.from_dict(config), out, name, device=device, **report)
+        runs = RUN_KINDS[kind]
+        runs.run_stage(runs.config.from_dict(config), out, name, device=device, **report)
     except BaseException:
         if distributed:  # no barrier: the other ranks may never reach it
             torch.distributed.destroy_process_group()
@@ -286,31 +379,32 @@ def _stage_job(config: dict[str, Any], out: str, name: str, device: str, report:
     return name
 
 
-#: The states of :func:`study_status`, in the order ``neuralign study --status`` lists them.
+#: The states of :func:`stage_status`, in the order ``neuralign study --status`` lists them.
 STATES = ("done", "running", "pending", "blocked", "failed", "cancelled", "unknown")
 
 
-def study_status(out: str | os.PathLike) -> dict[str, list[tuple[str, str | None]]]:
-    """The stages of the study in ``out`` by state.
+def stage_status(out: str | os.PathLike) -> dict[str, list[tuple[str, str | None]]]:
+    """The stages of the study or comparison in ``out`` (told by its manifest) by state.
 
     Returns ``{"done", "running", "pending", "blocked", "failed", "cancelled", "unknown": [(stage, job id or None),
     ...]}`` (:func:`neuralign.study.jobs.survey_jobs`). Done: its outputs exist (whatever its job). Running: its job
     (from ``jobs.json``) is alive (Slurm: running; queued ones are pending with their job id). Blocked: its Slurm job
     is queued and can never start, as it waits on a job that failed or was cancelled (cancel it, or rerun the study
     with ``--executor slurm``, which replaces it). Failed: its recorded job ended without the stage's outputs.
-    Cancelled: ``neuralign study --cancel`` cancelled its job. Unknown: a Slurm job, and no ``squeue`` on PATH to
+    Cancelled: ``--cancel`` cancelled its job. Unknown: a Slurm job, and no ``squeue`` on PATH to
     ask. Pending: none of these (queued, or not submitted: job None).
 
     Raises
     ------
     ValueError
-        If ``out`` holds no study manifest (a missing, invalid or non-study ``manifest.json``: names the file).
+        If ``out`` holds no study or comparison (a missing or invalid ``manifest.json``, or another command's: names
+        the file).
     JobError
         If ``squeue`` fails (the Slurm controller does not answer).
     """
     out = Path(out)
-    config = _study_config(out)
-    stages = study_stages(config)
+    kind, config = _recorded(out)
+    stages = kind.stages(config)
     survey = survey_jobs(out, stages)
     status: dict[str, list[tuple[str, str | None]]] = {k: [] for k in STATES}
     for stage in stages:
@@ -320,16 +414,19 @@ def study_status(out: str | os.PathLike) -> dict[str, list[tuple[str, str | None
     return status
 
 
-def _study_config(out: Path) -> StudyConfig:
+def _recorded(out: Path) -> tuple[RunKind, Any]:
+    """The kind and settings of the run in ``out``, from its manifest (a comparison's by its ``kind``; a study's
+    otherwise, as manifests of every version record it)."""
     path = out / "manifest.json"
     if not path.exists():
-        raise ValueError(f"{out} holds no study (no manifest.json)")
+        raise ValueError(f"{out} holds no study or comparison (no manifest.json)")
     try:
         manifest = json.loads(path.read_text())
-        return StudyConfig.from_dict(manifest["config"])
-    except (ValueError, KeyError, TypeError) as exc:
-        reason = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else "not a study's manifest"
-        raise ValueError(f"{out} holds no study ({path} is {reason})") from None
+        kind = RUN_KINDS["compare" if manifest.get("kind") == RUN_KINDS["compare"].manifest else "study"]
+        return kind, kind.config.from_dict(manifest["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else "not a study's or comparison's manifest"
+        raise ValueError(f"{out} holds no study or comparison ({path} is {reason})") from None
 
 
 def _failure(job: Any) -> str | None:
@@ -350,8 +447,8 @@ def _failure(job: Any) -> str | None:
     return None
 
 
-def run_study_local(
-    config: StudyConfig,
+def run_local(
+    config: StudyConfig | CompareConfig,
     out: str | os.PathLike,
     *,
     jobs: int = 2,
@@ -361,8 +458,12 @@ def run_study_local(
     poll_seconds: float = 0.5,
     on_event: Callable[[str, str, str], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the study in ``out`` as up to ``jobs`` concurrent local processes (submitit's local
-    executor), each running one stage once the stages it needs are done; returns ``results.json``'s content.
+    """Run (or resume) the study or comparison (:class:`RunKind`, from ``config``'s class) in ``out`` as up to
+    ``jobs`` concurrent local processes (submitit's local executor), each running one stage once the stages it
+    needs are done; returns ``results.json``'s content with ``"report"``, the report's path.
+
+    A first run that fails before any stage is done leaves no manifest.
+    ``paper_row`` and ``notes`` are a study's (see :func:`~neuralign.study.run_study`).
 
     With a CUDA ``device`` and several GPUs, each job is pinned to one GPU (``CUDA_VISIBLE_DEVICES``), job slots
     going round the GPUs. ``on_event(stage, event, job_id)`` is called with ``"submitted"``, ``"done"`` and
@@ -374,19 +475,33 @@ def run_study_local(
         If a job failed or was cancelled (after the jobs that did not depend on it have finished): names the
         stages and their errors; rerunning resumes from the files.
     ValueError
-        For ``jobs < 1``.
+        For ``jobs < 1``, or ``paper_row`` / ``notes`` with a comparison.
+    TypeError
+        For settings of another kind.
     """
+    kind = run_kind(config)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"`jobs` must be an int >= 1, got {jobs!r}")
+    report = _report_options(kind, paper_row, notes)
     submitit = _submitit()
     out = Path(out)
     device = torch.device(device)
-    prepare_study(config, out, device=device)  # refuses while a job of `out` is alive
+    stages = kind.stages(config)
+    with first_run(out, stages):
+        kind.prepare(config, out, device=device, run=None, live_jobs=False)  # refuses while a job of `out` lives
+        _run_jobs(submitit, kind, config, out, stages, jobs, device, report, poll_seconds, on_event)
+    results = json.loads((out / "results.json").read_text())
+    results["report"] = str(out / "report.md")
+    return results
+
+
+def _run_jobs(submitit: Any, kind: RunKind, config: Any, out: Path, stages: list[Stage], jobs: int,
+              device: torch.device, report: dict[str, Any], poll_seconds: float,
+              on_event: Callable[[str, str, str], Any] | None) -> None:  # fmt: skip
+    """The local executor's loop: submit every ready stage while a slot is free, until none is left to run."""
     executor = submitit.LocalExecutor(folder=out / "jobs" / "%j")
     executor.update_parameters(timeout_min=_LOCAL_TIMEOUT_MIN, tasks_per_node=1)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    report = {"paper_row": dict(paper_row) if paper_row is not None else None, "notes": notes}
-    stages = study_stages(config)
     by_name = {s.name: s for s in stages}
     submitted: dict[str, str] = {}
     starts: dict[str, str | None] = {}
@@ -426,7 +541,8 @@ def run_study_local(
             slot = free.pop(0)
             if gpus > 1:
                 executor.update_parameters(visible_gpus=[slot % gpus], gpus_per_node=1)
-            job = executor.submit(_stage_job, config.to_dict(), str(out), stage.name, str(device), report)
+            job = executor.submit(_stage_job, kind.command, config.to_dict(), str(out), stage.name, str(device),
+                                  report)  # fmt: skip
             running[stage.name] = (job, slot)
             submitted[stage.name] = str(job.job_id)
             starts[stage.name] = process_start(int(job.job_id))  # the pid with its start time: not a recycled pid
@@ -438,15 +554,12 @@ def run_study_local(
         time.sleep(poll_seconds)
     if failed:
         listed = "; ".join(f"{name}: {error}" for name, error in failed.items())
-        raise JobError(f"{len(failed)} study job(s) failed ({listed}); rerun the same command to resume")
-    results = json.loads((out / "results.json").read_text())
-    results["report"] = str(out / "report.md")
-    return results
+        raise JobError(f"{len(failed)} {kind.name} job(s) failed ({listed}); rerun the same command to resume")
 
 
 @dataclass(frozen=True)
 class SlurmSubmission:
-    """What :func:`submit_study_slurm` did.
+    """What :func:`submit_slurm` did.
 
     Attributes
     ----------
@@ -470,8 +583,8 @@ class SlurmSubmission:
     parameters: dict[str, Any]
 
 
-def submit_study_slurm(
-    config: StudyConfig,
+def submit_slurm(
+    config: StudyConfig | CompareConfig,
     out: str | os.PathLike,
     *,
     device: str | torch.device = "cuda",
@@ -480,28 +593,30 @@ def submit_study_slurm(
     notes: str | None = None,
     **overrides: Any,
 ) -> SlurmSubmission:
-    """Submit every stage of the study in ``out`` that is neither done nor live as a Slurm job (submitit), each
-    depending (``--dependency=afterok:...``) on the queued or running jobs of the stages it needs.
+    """Submit every stage of the study or comparison (:class:`RunKind`, from ``config``'s class) in ``out`` that is
+    neither done nor live as a Slurm job (submitit), each depending (``--dependency=afterok:...``) on the queued or
+    running jobs of the stages it needs.
 
     A first call submits every stage; a rerun of the same call keeps the jobs that are queued or running and
     submits only the stages whose outputs are missing and whose jobs failed, were cancelled or can never start
     (queued behind a failed job: those are cancelled first, and replaced). The ``report`` stage, which needs every
-    other, is submitted last. Returns as soon as the jobs are queued; ``neuralign study --status OUT`` follows
-    them. The jobs' resources (:class:`SlurmOptions`) and device are recorded in this run's entry of the manifest.
+    other, is submitted last. Returns as soon as the jobs are queued; ``neuralign study --status OUT`` (``neuralign
+    compare --status OUT``) follows them. The jobs' resources (:class:`SlurmOptions`) and device are recorded in
+    this run's entry of the manifest.
 
     Parameters
     ----------
-    config : StudyConfig
-        The study's settings (the folder's, if it holds a study).
+    config : StudyConfig or CompareConfig
+        The settings (the folder's, if it holds a run).
     out : path-like
-        The study folder.
+        The run's folder.
     device : str or torch.device
         Where the jobs compute: ``"cuda"`` (one task per GPU) or ``"cpu"``.
     options : SlurmOptions, optional
         The jobs' resources; keyword ``overrides`` of the same names (``partition=``, ``time_minutes=``,
         ``gpus_per_job=``, ``cpus_per_task=``, ``memory=``, ...) replace single fields.
     paper_row, notes
-        Passed to the report (see :func:`~neuralign.study.run_study`).
+        Passed to a study's report (see :func:`~neuralign.study.run_study`).
 
     Returns
     -------
@@ -515,15 +630,17 @@ def submit_study_slurm(
         fails, or a local job (``--executor local``) of the folder is alive. After: if ``sbatch`` fails, naming the
         jobs this call cancelled and submitted until then (all recorded in ``jobs.json``).
     CheckpointError
-        If ``out`` holds a study with other settings (nothing written).
+        If ``out`` holds a run with other settings (nothing written).
     ValueError
-        For resources that contradict each other or the device (:meth:`SlurmOptions.sbatch_parameters`), or a
-        ``device`` that is not one.
+        For resources that contradict each other or the device (:meth:`SlurmOptions.sbatch_parameters`), a
+        ``device`` that is not one, or ``paper_row`` / ``notes`` with a comparison.
     """
+    kind = run_kind(config)
+    report = _report_options(kind, paper_row, notes)
     legacy = {k: overrides.pop(k) for k in ("additional_parameters",) if k in overrides}
     if legacy:
-        overrides.update(renamed_keywords(legacy, {"additional_parameters": "extra"}, where="submit_study_slurm"))
-    options = resolve_options(SlurmOptions, options, overrides, where="submit_study_slurm")
+        overrides.update(renamed_keywords(legacy, {"additional_parameters": "extra"}, where="submit_slurm"))
+    options = resolve_options(SlurmOptions, options, overrides, where="submit_slurm")
     try:
         device = torch.device(device)
     except RuntimeError:
@@ -536,9 +653,10 @@ def submit_study_slurm(
         raise JobError(f"--executor slurm needs Slurm, and {listed} {'is' if len(missing) == 1 else 'are'} not on "
                        "PATH: submit from the cluster's login node (or use --executor local)")  # fmt: skip
     out = Path(out)
-    stages = study_stages(config)
+    stages = kind.stages(config)
     # every check before anything is written or cancelled: a refused command changes nothing
-    check_study_folder(config, out)
+    if out.is_dir():
+        kind.check_folder(config, out)
     survey = survey_jobs(out, stages)
     if survey.executor == "local" and survey.live:
         listed = ", ".join(f"{s} (process {survey.jobs[s]})" for s in survey.live)
@@ -553,8 +671,9 @@ def submit_study_slurm(
     existed, manifest = out.exists(), out / "manifest.json"
     manifest_before = manifest.read_text() if manifest.exists() else None
     jobs_folder_existed = (out / "jobs").exists()
-    _prepare(config, out, device, None, live_jobs=True,
-             run={"executor": "slurm", "slurm": options.to_dict(), "sbatch": parameters})  # fmt: skip
+    with first_run(out, stages):  # a study's data is read here: a missing dataset leaves no manifest
+        kind.prepare(config, out, device=device, live_jobs=True,
+                     run={"executor": "slurm", "slurm": options.to_dict(), "sbatch": parameters})  # fmt: skip
     record = read_jobs(out) if survey.executor == "slurm" else {"jobs": {}, "cancelled": {}}
     jobs = dict(record["jobs"])
     cancelled = {s: j for s, j in record["cancelled"].items() if jobs.get(s) == j}
@@ -563,14 +682,14 @@ def submit_study_slurm(
         logger.warning("cancelled Slurm jobs %s of %s: they waited on a failed job; submitting their stages again",
                        " ".join(replaced.values()), out)  # fmt: skip
     executor = submitit.SlurmExecutor(folder=out / "jobs" / "%j")
-    report = {"paper_row": dict(paper_row) if paper_row is not None else None, "notes": notes}
     submitted: dict[str, str] = {}
     for stage in todo:
         after = sorted({submitted.get(n) or kept[n] for n in stage.needs if n in submitted or n in kept}, key=int)
         executor.update_parameters(**parameters, job_name=f"neuralign {stage.name}",
                                    dependency=f"afterok:{':'.join(after)}" if after else None)  # fmt: skip
         try:
-            job = executor.submit(_stage_job, config.to_dict(), str(out), stage.name, str(device), report)
+            job = executor.submit(_stage_job, kind.command, config.to_dict(), str(out), stage.name, str(device),
+                                  report)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - submitit raises what sbatch said, in several exception types
             # sbatch's reason, not its closing 'Try "sbatch --help"' hint
             said = [line.strip() for line in str(exc).splitlines()
@@ -612,25 +731,25 @@ def _restore_folder(out: Path, existed: bool, manifest_before: str | None, jobs_
         shutil.rmtree(out / "jobs", ignore_errors=True)
 
 
-def cancel_study(out: str | os.PathLike) -> dict[str, str]:
-    """Cancel every queued or running Slurm job of the study in ``out`` (``scancel``) and record them as cancelled in
-    ``jobs.json``, so that ``neuralign study --status`` says "cancelled" for their stages; returns ``{stage: job id}``
-    of the jobs cancelled. Rerunning the study with ``--executor slurm`` submits those stages again.
+def cancel_slurm(out: str | os.PathLike) -> dict[str, str]:
+    """Cancel every queued or running Slurm job of the study or comparison in ``out`` (``scancel``) and record them
+    as cancelled in ``jobs.json``, so that ``--status`` says "cancelled" for their stages; returns ``{stage: job
+    id}`` of the jobs cancelled. Rerunning with ``--executor slurm`` submits those stages again.
 
     Raises
     ------
     ValueError
-        If ``out`` holds no study.
+        If ``out`` holds no study or comparison.
     JobError
         If the study's jobs are local processes (they stop with the command that runs them), or ``squeue`` /
         ``scancel`` is not on PATH or fails (nothing cancelled then).
     """
     out = Path(out)
-    stages = study_stages(_study_config(out))
-    survey = survey_jobs(out, stages)
+    kind, config = _recorded(out)
+    survey = survey_jobs(out, kind.stages(config))
     if survey.executor == "local":
-        raise JobError(f"the jobs of {out} are local processes: stop the `neuralign study --executor local` command "
-                       "that runs them (Ctrl-C)")  # fmt: skip
+        raise JobError(f"the jobs of {out} are local processes: stop the `neuralign {kind.command} --executor local` "
+                       "command that runs them (Ctrl-C)")  # fmt: skip
     if survey.unknown:
         raise JobError(f"cancelling the Slurm jobs of {out} needs squeue and scancel, and squeue is not on PATH: run "
                        "this on the cluster's login node")  # fmt: skip

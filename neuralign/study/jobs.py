@@ -1,7 +1,9 @@
-"""The jobs of a study folder: the record ``jobs.json``, whether the jobs in it are alive, and what a rerun finds.
+"""The jobs of a study (or comparison) folder: the record ``jobs.json``, whether the jobs in it are alive, and what
+a rerun finds.
 
-Shared by every way of running a study (:func:`~neuralign.study.run_study` and the executors of
-:mod:`neuralign.study.executors`), by ``neuralign study --status`` and ``--cancel``. Needs no submitit.
+Shared by every way of running a study or a comparison (:func:`~neuralign.study.run_study`,
+:func:`~neuralign.study.compare.run_compare` and the executors of :mod:`neuralign.study.executors`), by ``neuralign
+study --status`` / ``neuralign compare --status`` and ``--cancel``. Needs no submitit.
 
 A local job is identified by its process id **and** that process's start time (field 22 of ``/proc/<pid>/stat``,
 in clock ticks since boot), so that a recycled process id does not make a finished job look alive; where ``/proc``
@@ -13,7 +15,7 @@ queued or running that can still succeed), blocked (a queued Slurm job that can 
 through other queued jobs, on a job that failed or was cancelled), failed, cancelled (``neuralign study --cancel``
 recorded it) and missing. A sequential or local run refuses a folder with a live job and changes nothing then
 (:func:`refuse_live_jobs`); a Slurm rerun keeps the live jobs and resubmits the rest
-(:func:`neuralign.study.executors.submit_study_slurm`).
+(:func:`neuralign.study.executors.submit_slurm`).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def read_jobs(out: Path) -> dict[str, Any]:
         if not isinstance(record, dict) or not isinstance(record.get("jobs"), dict):
             raise ValueError("no `jobs` entry")
     except ValueError as exc:
-        raise ValueError(f"{path} is not a study's jobs record ({exc}); delete it if no job of {out} is alive"
+        raise ValueError(f"{path} is not a jobs record ({exc}); delete it if no job of {out} is alive"
                          ) from None
     record.setdefault("starts", {})
     record.setdefault("cancelled", {})
@@ -216,7 +218,7 @@ class JobSurvey:
         for name in ("done", "blocked", "failed", "cancelled", "unknown", "missing"):
             if stage in getattr(self, name):
                 return name
-        raise ValueError(f"unknown study stage {stage!r}")
+        raise ValueError(f"unknown stage {stage!r}")
 
 
 def survey_jobs(out: str | os.PathLike, stages: Sequence[Stage]) -> JobSurvey:
@@ -282,9 +284,10 @@ def cancel_jobs(job_ids: Collection[str]) -> None:
         raise JobError(f"scancel {' '.join(ids)} failed: {errors[-1].strip()}")
 
 
-def refuse_live_jobs(out: Path, stages: Sequence[Stage]) -> list[str]:
-    """Refuse to run the study in ``out`` in this process or as local jobs while a job of it (from ``jobs.json``)
-    is queued or running, changing nothing; returns the Slurm jobs it cancelled.
+def refuse_live_jobs(out: Path, stages: Sequence[Stage], *, command: str = "study") -> list[str]:
+    """Refuse to run the study (or comparison: the ``neuralign`` ``command`` that runs it, named in the message) in
+    ``out`` in this process or as local jobs while a job of it (from ``jobs.json``) is queued or running, changing
+    nothing; returns the Slurm jobs it cancelled.
 
     Slurm jobs that can never start (``blocked`` in :func:`survey_jobs`) are cancelled with ``scancel`` (logged),
     but only when no job of the folder is live, so that a refused run has changed nothing.
@@ -308,7 +311,7 @@ def refuse_live_jobs(out: Path, stages: Sequence[Stage]) -> list[str]:
         rerun = (" or rerun it with --executor slurm, which resubmits only the missing stages"
                  if survey.executor == "slurm" else "")  # fmt: skip
         raise JobError(f"{out} still has jobs queued or running: {listed}; wait for them, cancel them (neuralign "
-                       f"study --cancel {out}){rerun}")  # fmt: skip
+                       f"{command} --cancel {out}){rerun}")  # fmt: skip
     blocked = sorted({jobs[s] for s in survey.blocked}, key=int)
     if blocked:
         cancel_jobs(blocked)

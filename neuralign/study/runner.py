@@ -77,7 +77,7 @@ from neuralign.study.results import (
     StudyResults,
     TrainEpoch,
 )
-from neuralign.study.stages import Stage, stage_done, study_stages
+from neuralign.study.stages import Stage, first_run, stage_done, study_stages
 from neuralign.verification import CHECKS, VerificationReport, verify_alignment
 
 __all__ = ["check_study_folder", "model_kwargs", "prepare_study", "run_stage", "run_study"]
@@ -417,9 +417,14 @@ class _Study:
                          "avg_accuracy": ev["avg_accuracy"], "min_accuracy": ev["min_accuracy"]})  # fmt: skip
         return rows
 
-    def verification(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curve) -> dict[str, Any]:
+    def verification(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curve, *,
+                     method: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Verify pair ``k``'s permutation ``perms`` on ``curve`` (fitted between A and the permuted B); a
+        comparison's ``method`` names its files (``pair<k>/verify_<method>.json`` and ``.md``), its stage and its
+        seeds."""
         c = self.config
-        path = self.out / f"pair{k}" / "verification.json"
+        stem, salt = ("verification", ()) if method is None else (f"verify_{method}", (method,))
+        path = self.out / f"pair{k}" / f"{stem}.json"
         if path.exists():
             return _json.loads(path.read_text())
         def on_progress(record: dict[str, Any]) -> None:
@@ -429,14 +434,14 @@ class _Study:
             self.emit(stage="verify", label=label, step=record["step"], total=record["total"], start=record["start"],
                       **expected)
 
-        self.data.train.generator.manual_seed(stable_seed(c.seed, "verify-data", k))
+        self.data.train.generator.manual_seed(stable_seed(c.seed, "verify-data", k, *salt))
         report = verify_alignment(
             a, sd_a, sd_b, perms, self.data.train, curve=curve, spec=spec, heldout_loader=self.data.train_eval,
             align_loader=self.data.align, options=c.verification, max_batches=c.max_batches,
-            generator=stable_seed(c.seed, "verify", k), callback=on_progress,
+            generator=stable_seed(c.seed, "verify", k, *salt), callback=on_progress,
         )  # fmt: skip
-        report.save(self.out / f"pair{k}")
-        self.done(f"pair {k} verification")
+        report.save(self.out / f"pair{k}", stem=stem)
+        self.done(f"pair {k} verification" if method is None else f"pair {k} verify {method}")
         return _json.loads(report.to_json())
 
     def midpoint(self, k: int, a: nn.Module, sd_a, sd_b, perms, spec, curves: Mapping[str, Any]) -> dict[str, Any]:
@@ -759,13 +764,15 @@ def run_study(
         While a job of ``out`` (``--executor local|slurm``, listed in ``jobs.json``) is queued or running.
     """
     out = Path(out)
-    study = _prepare(config, out, torch.device(device), progress)
     results: dict[str, Any] = {}
-    for stage in study_stages(config):
-        if stage.name == "report":
-            results = study.report(paper_row=paper_row, notes=notes)
-            _finish_manifest(study, stage)
-        elif not stage_done(out, stage):
-            study.run(stage, {})
-            study.merge_stage_records()
+    stages = study_stages(config)
+    with first_run(out, stages):  # a first run that fails before any stage leaves no manifest
+        study = _prepare(config, out, torch.device(device), progress)
+        for stage in stages:
+            if stage.name == "report":
+                results = study.report(paper_row=paper_row, notes=notes)
+                _finish_manifest(study, stage)
+            elif not stage_done(out, stage):
+                study.run(stage, {})
+                study.merge_stage_records()
     return results

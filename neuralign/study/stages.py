@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from neuralign.experiments.runfolder import RunFolder
 from neuralign.study.config import StudyConfig
 
-__all__ = ["STAGE_KINDS", "Stage", "endpoint_stages", "stage_done", "study_stages"]
+__all__ = ["STAGE_KINDS", "Stage", "endpoint_stages", "first_run", "stage_done", "study_stages"]
 
 
 # ------------------------------------------------------------------------------------------------- the graph
@@ -95,3 +98,9 @@ def stage_done(out: str | os.PathLike, stage: Stage) -> bool:
     return all((Path(out) / name).exists() for name in stage.outputs)
 
 
+def first_run(out: str | os.PathLike, stages: Sequence[Stage]) -> AbstractContextManager[None]:
+    """The with-block of a run of ``stages`` in ``out`` (a study's, a comparison's; sequential or as jobs): if it
+    is the folder's first and raises before any stage but the report is done, it leaves no manifest
+    (:meth:`~neuralign.experiments.runfolder.RunFolder.first_run`), so that a run that failed on its settings (a
+    missing dataset, a typo in an architecture's name) does not lock the folder to them."""
+    return RunFolder(out).first_run(started=lambda: any(stage_done(out, s) for s in stages if s.kind != "report"))

@@ -59,3 +59,33 @@ def test_a_first_run_that_fails_before_any_stage_does_not_lock_the_folder(tmp_pa
     # one end point file: the message names --endpoints, not "--pairs must be a positive int, got 0"
     assert main(["compare", "--out", str(folder), "--quiet", "--endpoints", str(tmp_path / "a.pt"), *TINY]) == 2
     assert "--endpoints takes A and B of each pair (an even number of files), got 1" in capsys.readouterr().err
+
+
+def test_the_shared_data_options_and_data_root(tmp_path, capsys):
+    # compare reads its data options from the shared definitions (add_data): --data-root finds an .npz named after
+    # the dataset, as for every other command, and the cpu preset's missing-data hint names options compare has
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (96, 28, 28), dtype=np.uint8), "y_train": np.arange(96) % 10,
+              "x_test": rng.integers(0, 256, (48, 28, 28), dtype=np.uint8), "y_test": np.arange(48) % 10}  # fmt: skip
+    root = tmp_path / "data"
+    root.mkdir()
+    np.savez(root / "mnist.npz", **arrays)
+    folder = tmp_path / "cmp"
+    command = ["compare", "--out", str(folder), "--quiet", "--methods", "identity", "--pairs", "1", "--data", "mnist",
+               "--data-root", str(root), "--batch-size", "32", "--train-size", "64", "--set", "train.epochs=1",
+               "--set", "max_batches=2", "--set", "protocol.max_bn_batches=2", "--num-points", "3"]  # fmt: skip
+    assert main(command) == 0
+    results = json.loads((folder / "results.json").read_text())
+    data = results["config"]["data"]
+    assert data["dataset"] == "mnist" and data["root"] == str(root) and data["batch_size"] == 32
+    assert data["train_size"] == 64 and results["test_images"] == 48
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["compare", "--preset", "cpu", "--out", str(tmp_path / "cpu"), "--quiet", "--data-root",
+                 str(empty)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--data-root" in err and "--download" in err and str(empty) in err, err
+    assert not (tmp_path / "cpu" / "manifest.json").exists()

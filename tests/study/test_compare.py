@@ -14,6 +14,7 @@ from neuralign.cli.commands.compare import PRESET_NAMES
 from neuralign.errors import CheckpointError
 from neuralign.experiments import build_model
 from neuralign.study.compare import COMPARE_PRESETS, CompareConfig, agreement_matrix, compare_stages, run_compare
+from neuralign.verification import CHECKS, VerificationOptions, VerificationReport
 
 
 def test_presets_round_trip_and_are_the_command_line_choices() -> None:
@@ -104,3 +105,58 @@ def test_planted_pair_every_matching_recovers_it(tmp_path) -> None:
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("pair1/*")} == stamps
     with pytest.raises(CheckpointError, match="holds a comparison with other settings \\(protocol.num_points\\)"):
         run_compare(config.set("protocol.num_points", 7), tmp_path / "out")
+
+
+def test_verification_settings() -> None:
+    with pytest.raises(ValueError, match="`verification` checks each method's permutation on its Bezier curve: it "
+                       "needs fit_curves=True"):  # fmt: skip
+        CompareConfig(verification=VerificationOptions())
+    config = CompareConfig(fit_curves=True).set("verification", True)
+    assert config.verification == VerificationOptions() and config.set("verification", False).verification is None
+    with pytest.raises(TypeError, match="`verification` must be a VerificationOptions or None, got dict"):
+        CompareConfig(fit_curves=True, verification={"n_swaps": 2})
+    # the folders of before this setting (no "verification" in their config) read as without verification
+    old = CompareConfig(fit_curves=True).to_dict()
+    del old["verification"]
+    assert CompareConfig.from_dict(old) == CompareConfig(fit_curves=True)
+    stages = {s.name: s for s in compare_stages(config.set("methods", ("weight",)).set("pairs", 1))}
+    assert stages["pair 1 verify weight"].needs == ("pair 1 curve weight",)
+    assert stages["pair 1 verify weight"].outputs == ("pair1/verify_weight.json", "pair1/verify_weight.md")
+    assert "pair 1 verify weight" in stages["report"].needs
+    assert not any("verify" in s.name for s in compare_stages(CompareConfig(fit_curves=True)))
+
+
+def test_a_verdict_per_method_and_pair(tmp_path) -> None:
+    # tiny MLPs on the shipped digits, budgets of seconds: what is checked is the plumbing (the study's verification
+    # on each method's own curve and permutation, recorded and reported), and one verdict that must come out: the
+    # identity between two independently trained networks is not the correlation alignment's optimum
+    config = COMPARE_PRESETS["demo"]
+    for path, value in {"pairs": 1, "methods": ("identity", "weight"), "model.arch": "mlp", "model.hidden": (16, 16),
+                        "data.resize": None, "data.train_size": 512, "data.test_size": 128, "train.epochs": 1,
+                        "max_batches": 2, "protocol.max_bn_batches": 2, "protocol.num_points": 3, "curve.epochs": 1,
+                        "fit_curves": True, "verification": True, "verification.n_swaps": 1,
+                        "verification.swap_trials": 1, "verification.screen_pairs": 4,
+                        "verification.screen_examples": 16, "verification.n_control_swaps": 1,
+                        "verification.certificate_steps": 1, "verification.value_batches": 2,
+                        "verification.gradient_batches": 1, "verification.stability_iters": 1,
+                        "verification.random_starts": 0, "verification.value_ts": (0.5,),
+                        "verification.gradient_check_examples": 2}.items():  # fmt: skip
+        config = config.set(path, value)
+    out = tmp_path / "out"
+    res = run_compare(config, out)
+    for m in config.methods:
+        v = res["pairs"][0]["methods"][m]["verification"]
+        report = VerificationReport.from_json((out / "pair1" / f"verify_{m}.json").read_text())
+        assert v["verdict"] == report.verdict and v["report"] == f"pair1/verify_{m}.md"
+        assert v["checks"] == {name: c.verdict for name, c in report.checks.items()} and set(v["checks"]) == set(CHECKS)
+        assert v["failing"] == {name: c.summary for name, c in report.checks.items() if c.verdict == "fail"}
+    identity = res["pairs"][0]["methods"]["identity"]["verification"]
+    assert identity["checks"]["alignment"] == "fail" and identity["verdict"] == "fail"
+    text = (out / "report.md").read_text()
+    assert "| verification (pairs) |" in text and " | 1 fail |" in text and "## Verification" in text
+    assert "| identity | 1 | " in text and "[fail](pair1/verify_identity.md)" in text
+    assert f"- identity, pair 1, alignment: {identity['failing']['alignment']}" in text
+    # a rerun verifies nothing again
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "pair1").glob("verify_*")}
+    run_compare(config, out)
+    assert {p: p.stat().st_mtime_ns for p in (out / "pair1").glob("verify_*")} == stamps and len(stamps) == 4

@@ -28,9 +28,9 @@ from neuralign.study.executors import (  # noqa: E402
     SlurmOptions,
     _failure,
     job_threads,
-    run_study_local,
-    study_status,
-    submit_study_slurm,
+    run_local,
+    stage_status,
+    submit_slurm,
 )
 
 # demo-sized: 2 end points, 2 curves, their evaluations and the report (8 stages); 3 batches per epoch
@@ -62,7 +62,7 @@ def test_stage_graph_orders_dependencies():
 @pytest.mark.slow  # 8 jobs, each a fresh python process: ~40 s on 2 cores
 def test_local_jobs_give_the_sequential_report(sequential, tmp_path):
     events = []
-    results = run_study_local(CONFIG, tmp_path, jobs=2, poll_seconds=0.1, on_event=lambda *e: events.append(e))
+    results = run_local(CONFIG, tmp_path, jobs=2, poll_seconds=0.1, on_event=lambda *e: events.append(e))
     # the same stages as a sequential run, each seeded by its own name: the same numbers (CPU, same arithmetic)
     assert _curves(results) == _curves(sequential)
     assert results["pairs"][0]["endpoints"] == sequential["pairs"][0]["endpoints"]
@@ -70,7 +70,7 @@ def test_local_jobs_give_the_sequential_report(sequential, tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert set(manifest["completed"]) == {s.name for s in study_stages(CONFIG)} - {"report"}
     assert set(manifest["stage_jobs"]) == set(manifest["completed"])  # every stage records the job that ran it
-    assert len(study_status(tmp_path)["done"]) == len(study_stages(CONFIG))
+    assert len(stage_status(tmp_path)["done"]) == len(study_stages(CONFIG))
 
 
 @pytest.mark.slow  # two local runs of the tiny study: ~60 s on 2 cores
@@ -79,7 +79,7 @@ def test_a_killed_job_is_rerun_and_done_stages_are_not(sequential, tmp_path):
 
     def drive():
         try:
-            run_study_local(CONFIG, tmp_path, jobs=2, poll_seconds=0.05)
+            run_local(CONFIG, tmp_path, jobs=2, poll_seconds=0.05)
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             errors.append(exc)
 
@@ -98,11 +98,11 @@ def test_a_killed_job_is_rerun_and_done_stages_are_not(sequential, tmp_path):
     stages = {s.name: s for s in study_stages(CONFIG)}
     assert not stage_done(tmp_path, stages["pair 1 curve aligned"])
     assert stage_done(tmp_path, stages["pair 1 curve unaligned"])  # independent of the killed stage: finished
-    status = study_status(tmp_path)
+    status = stage_status(tmp_path)
     assert ("pair 1 curve aligned", job) in status["failed"] and ("pair 1 eval aligned", None) in status["pending"]
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.suffix in (".pt", ".json")
               and "jobs" not in p.parts and p.parent.name != "stages" and p.name not in ("manifest.json", "jobs.json")}
-    results = run_study_local(CONFIG, tmp_path, jobs=2, poll_seconds=0.1)
+    results = run_local(CONFIG, tmp_path, jobs=2, poll_seconds=0.1)
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before  # nothing that was done is redone
     assert _curves(results) == _curves(sequential)
@@ -142,7 +142,7 @@ def test_cuda_jobs_ask_one_task_per_gpu_and_record_their_resources(tmp_path, mon
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the submitting node needs no GPU
     out = tmp_path / "study"
-    sent = submit_study_slurm(CONFIG, out, device="cuda", gpus_per_job=4, partition="gpu", time_minutes=90,
+    sent = submit_slurm(CONFIG, out, device="cuda", gpus_per_job=4, partition="gpu", time_minutes=90,
                               cpus_per_task=8, memory="64g", account="lab", qos="high",
                               extra={"constraint": "a100", "--exclusive": ""})  # fmt: skip
     names = [s.name for s in study_stages(CONFIG)]
@@ -209,7 +209,7 @@ def test_a_refused_sbatch_in_the_middle_says_what_was_submitted(tmp_path, monkey
     with pytest.raises(JobError, match=r"sbatch refused the job of stage 'pair 1 curve unaligned': sbatch: error: "
                        r"QOSMaxSubmitJobPerUserLimit; before that, this command submitted 3 jobs \(101, 102, 103; "
                        r"recorded in .*jobs.json\); rerun the same command"):  # fmt: skip
-        submit_study_slurm(CONFIG, out, device="cpu")
+        submit_slurm(CONFIG, out, device="cpu")
     assert json.loads((out / "jobs.json").read_text())["jobs"] == {
         "endpoint 1": "101", "endpoint 2": "102", "pair 1 alignment": "103"}  # fmt: skip
 
@@ -222,12 +222,12 @@ def test_a_refused_first_sbatch_leaves_the_folder_as_it_was(tmp_path, monkeypatc
     out = tmp_path / "study"
     with pytest.raises(JobError, match=r"sbatch refused the job of stage 'endpoint 1': sbatch: error: "
                        r"QOSMaxSubmitJobPerUserLimit; no job was submitted and .*study is as it was$"):  # fmt: skip
-        submit_study_slurm(CONFIG, out, device="cpu")
+        submit_slurm(CONFIG, out, device="cpu")
     assert not out.exists()
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(JobError, match="no job was submitted"):
-        submit_study_slurm(CONFIG, out, device="cpu")
+        submit_slurm(CONFIG, out, device="cpu")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
@@ -261,7 +261,7 @@ def test_slurm_options_on_the_command_line(tmp_path, monkeypatch, capsys):
 
 def test_status_of_a_folder_and_the_cli(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds no study"):
-        study_status(tmp_path)
+        stage_status(tmp_path)
     run_study(CONFIG.set("settings", ("aligned",)), tmp_path)
     assert main(["study", "--status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -291,7 +291,7 @@ def test_every_way_of_running_refuses_a_folder_with_a_live_job(tmp_path):
         run_study(CONFIG, tmp_path)  # the sequential run too, not only a second executor run
     assert not (tmp_path / "manifest.json").exists()
     with pytest.raises(JobError, match="still has jobs"):
-        run_study_local(CONFIG, tmp_path, jobs=1)
+        run_local(CONFIG, tmp_path, jobs=1)
 
 
 def test_a_local_job_killed_by_a_signal_says_so():
@@ -331,7 +331,7 @@ def test_slurm_without_slurm_or_with_device_auto_is_one_line_and_writes_nothing(
 def test_status_of_a_folder_whose_manifest_is_not_a_study(tmp_path, capsys, text):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ValueError, match="holds no study .*manifest.json is"):
-        study_status(tmp_path)
+        stage_status(tmp_path)
     assert main(["study", "--status", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "holds no study" in err
@@ -375,7 +375,7 @@ def test_slurm_status_files_first_then_squeue_blocked_and_failed(prepared, tmp_p
     # (completing) but its outputs exist: done
     log = _squeue_listing(tmp_path, monkeypatch, [f"{jobs['endpoint 1']} COMPLETING None", "103 RUNNING None"] +
                           [f"{jobs[n]} PENDING Dependency" for n in names[3:]])  # fmt: skip
-    status = study_status(out)
+    status = stage_status(out)
     assert status["done"] == [("endpoint 1", None), ("endpoint 2", None)]
     assert status["running"] == [("pair 1 alignment", "103")]
     assert status["pending"] == [(n, jobs[n]) for n in names[3:]]
@@ -388,7 +388,7 @@ def test_slurm_status_files_first_then_squeue_blocked_and_failed(prepared, tmp_p
     # 2. the alignment's job failed (gone, no outputs): the curve's job is marked, the later ones wait on it
     log = _squeue_listing(tmp_path, monkeypatch, [f"{jobs[names[3]]} PENDING DependencyNeverSatisfied"] +
                           [f"{jobs[n]} PENDING Dependency" for n in names[4:]])  # fmt: skip
-    status = study_status(out)
+    status = stage_status(out)
     assert status["failed"] == [("pair 1 alignment", "103")]
     assert status["blocked"] == [(n, jobs[n]) for n in names[3:]]  # waiting on the failed job: never to start
     assert status["pending"] == []
@@ -405,7 +405,7 @@ def test_slurm_status_files_first_then_squeue_blocked_and_failed(prepared, tmp_p
     shutil.copytree(prepared, out2)
     write_jobs(out2, "slurm", jobs)
     monkeypatch.setenv("PATH", str(_bin(tmp_path / "empty")))
-    assert [n for n, _ in study_status(out2)["unknown"]] == names[2:]
+    assert [n for n, _ in stage_status(out2)["unknown"]] == names[2:]
     with pytest.raises(JobError, match="`squeue` is not on PATH"):
         run_study(ONE, out2)
     assert main(["study", "--status", str(out2)]) == 0
@@ -424,12 +424,12 @@ def test_slurm_rerun_keeps_live_jobs_and_replaces_those_that_can_never_start(pre
     sbatch = _fake_slurm(tmp_path / "slurm")
     live = ["103 RUNNING None"] + [f"{jobs[n]} PENDING Dependency" for n in names[3:]]
     log = _squeue_listing(tmp_path, monkeypatch, live, also=tmp_path / "slurm")
-    sent = submit_study_slurm(ONE, out, device="cpu")
+    sent = submit_slurm(ONE, out, device="cpu")
     assert sent.submitted == {} and sent.replaced == {} and sent.kept == {n: jobs[n] for n in names[2:]}
     assert sent.done == ("endpoint 1", "endpoint 2") and not sbatch.exists() and not log.exists()
     # the alignment's job has failed: everything after it is replaced, in graph order, each after the new jobs
     log = _squeue_listing(tmp_path, monkeypatch, live[1:], also=tmp_path / "slurm")
-    sent = submit_study_slurm(ONE, out, device="cpu")
+    sent = submit_slurm(ONE, out, device="cpu")
     assert sent.kept == {} and sent.replaced == {n: jobs[n] for n in names[3:]}
     assert list(sent.submitted) == names[2:] and log.read_text().split() == [jobs[n] for n in names[3:]]
     new = sent.submitted

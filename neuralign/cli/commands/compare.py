@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-from neuralign.cli.common import parse_device, parse_overrides, table
-from neuralign.cli.parser import add_common
+from neuralign import _distributed
+from neuralign.cli.common import data_settings, parse_device, parse_overrides
+from neuralign.cli.executors import add_executor_options, print_cancel, print_status, run_stages, stage_times
+from neuralign.cli.parser import add_common, add_data
 from neuralign.cli.progress import ProgressBars
 
 __all__ = ["COMMANDS", "PRESET_NAMES", "cmd_compare"]
@@ -19,6 +20,12 @@ __all__ = ["COMMANDS", "PRESET_NAMES", "cmd_compare"]
 def cmd_compare(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     from neuralign.study.compare import COMPARE_PRESETS, run_compare
 
+    if args.status is not None:
+        print_status(args.status, "compare")
+        return []
+    if args.cancel is not None:
+        print_cancel(args.cancel, "compare")
+        return []
     config = COMPARE_PRESETS[args.preset]
     settings: dict[str, Any] = {"seed": args.seed}
     if args.endpoints:
@@ -30,19 +37,23 @@ def cmd_compare(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     elif args.pairs is not None:
         settings["pairs"] = args.pairs
     for option, path in (("methods", "methods"), ("num_points", "protocol.num_points"), ("bn", "protocol.bn"),
-                         ("arch", "model.arch"), ("data", "data.dataset")):  # fmt: skip
+                         ("arch", "model.arch")):  # fmt: skip
         value = getattr(args, option)
         if value is not None:
             settings[path] = tuple(value) if isinstance(value, list) else value
+    settings.update(data_settings(args))
+    if args.verify:  # the Bezier curves first: the verification checks each method's permutation on its curve
+        settings.update({"fit_curves": True, "verification": True})
     for path, value in {**settings, **parse_overrides(args.set)}.items():
         config = config.set(path, value)
     out = Path(args.out)
-    results = run_compare(config, out, device=parse_device(args.device), progress=bars)
+    results = run_stages(args, config, lambda: run_compare(config, out, device=parse_device(args.device),
+                                                           progress=bars))  # fmt: skip
+    if results is None:  # submitted to Slurm
+        return [out / "jobs.json"] if (out / "jobs.json").exists() else []
     bars.close()
-    seconds = json.loads((out / "manifest.json").read_text()).get("stage_seconds", {})
-    rows = [(stage, f"{s:.1f}") for stage, s in seconds.items()]
-    print("time per stage (s):\n" + table(["stage", "seconds"], [*rows, ("total", f"{sum(seconds.values()):.1f}")]),
-          file=sys.stderr)  # fmt: skip
+    if (out / "manifest.json").exists() and _distributed.rank() == 0:
+        print(stage_times(out / "manifest.json"), file=sys.stderr)
     return [Path(results["report"]), out / "results.json"]
 
 
@@ -54,7 +65,8 @@ def add_compare_parser(sub: Any) -> None:
                        "between A and the permuted B under one protocol (lambda grid, both barrier definitions for "
                        "loss and accuracy on train and test, AUC, batch norm re-estimated, interpolated or REPAIR), "
                        "and write results.json, report.md (a table per method, the method x method agreement) and "
-                       "figures/compare.png. Rerunning resumes. Presets: demo (shipped digits, offline), mnist-mlp "
+                       "figures/compare.png. Rerunning resumes; the stages can run as local or Slurm jobs "
+                       "(--executor), as the study's do. Presets: demo (shipped digits, offline), mnist-mlp "
                        "(MLP 3x512 on MNIST), cpu (TinyTen on CIFAR-10, the study's cpu end points, with Bezier "
                        "curves per method).")  # fmt: skip
     add_common(p, out="neuralign-compare")
@@ -66,11 +78,16 @@ def add_compare_parser(sub: Any) -> None:
     p.add_argument("--endpoints", nargs="+", default=None, metavar="FILE",
                    help="given end points instead of training: A1 B1 [A2 B2 ...] in any format `align` reads")
     p.add_argument("--arch", default=None, help="architecture of trained or plain end points")
-    p.add_argument("--data", default=None, help="dataset (digits, mnist, cifar10, an .npz file, imagefolder:PATH)")
     p.add_argument("--num-points", type=int, default=None, help="lambda grid size (default 25; 11 and 61 common)")
     p.add_argument("--bn", choices=["reestimate", "interpolate", "repair"], default=None,
                    help="batch norm along the interpolation (default: reestimate)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any setting (listed below)")
+    p.add_argument("--verify", action="store_true",
+                   help="also fit each method's Bezier curve and check its permutation's local optimality on it "
+                        "(neuralign.verification, as the study's verification stage; a verdict per method and pair "
+                        "in the report; its options: --set verification.PATH=VALUE)")  # fmt: skip
+    add_data(p, required=False, settings=True)
+    add_executor_options(p, command="compare")
     shown = p.format_help
 
     def format_help() -> str:  # read when shown: listing them imports the study, which parsing does not need

@@ -1,30 +1,28 @@
-"""``neuralign study`` and ``neuralign demo``: the paper's protocol, sequentially or as jobs; ``--status``."""
+"""``neuralign study`` and ``neuralign demo``: the paper's protocol, sequentially or as jobs (the executor options
+of :mod:`neuralign.cli.executors`); ``--status``, ``--cancel``."""
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 from neuralign import _distributed
-from neuralign.cli.common import model_args, parse_device, parse_floats, parse_overrides, table
+from neuralign.cli.common import data_settings, model_args, parse_device, parse_overrides
+from neuralign.cli.executors import add_executor_options, print_cancel, print_status, run_stages, stage_times
 from neuralign.cli.parser import add_common, add_data, list_settings_in_help
 from neuralign.cli.progress import ProgressBars
 
-__all__ = ["cmd_study", "parse_extra", "print_cancel", "print_status", "slurm_options", "stage_times", "COMMANDS",
-           "SLURM_OPTIONS"]
+__all__ = ["cmd_study", "COMMANDS"]
 
-# the options of `neuralign study` that set a study setting directly -> its path
+# the options of `neuralign study` that set a study setting directly -> its path (the data options: data_settings)
 _OPTION_PATHS = {
     "pairs": "pairs", "arch": "model.arch", "epochs": "train.epochs", "curve_epochs": "curve.epochs",
-    "num_points": "evaluation.num_points", "train_size": "data.train_size", "test_size": "data.test_size",
-    "align_size": "data.align_size", "resize": "data.resize", "bn_batches": "evaluation.max_bn_batches",
-    "width": "model.width", "batch_size": "data.batch_size", "data": "data.dataset", "data_root": "data.root",
-    "download": "data.download", "num_classes": "model.num_classes",
+    "num_points": "evaluation.num_points", "bn_batches": "evaluation.max_bn_batches", "width": "model.width",
+    "num_classes": "model.num_classes",
 }  # fmt: skip
 
 
@@ -33,10 +31,10 @@ def cmd_study(args: argparse.Namespace, bars: ProgressBars, *, demo: bool = Fals
     from neuralign.study.report import dataset_label, paper_row
 
     if not demo and args.status is not None:
-        print_status(args.status)
+        print_status(args.status, "study")
         return []
     if not demo and args.cancel is not None:
-        print_cancel(args.cancel)
+        print_cancel(args.cancel, "study")
         return []
 
     config = PRESETS["demo" if demo else args.preset]
@@ -54,9 +52,7 @@ def cmd_study(args: argparse.Namespace, bars: ProgressBars, *, demo: bool = Fals
             settings["pam.x_epochs"] = args.curve_epochs  # the presets whose PAM x-steps follow the curves' epochs
         if args.model_arg:
             settings["model.args"] = model_args(args)
-        for key in ("mean", "std"):
-            if getattr(args, key) is not None:
-                settings[f"data.{key}"] = parse_floats(getattr(args, key), f"--{key}")
+        settings.update(data_settings(args))
     settings["seed"] = args.seed
     if "endpoints" in settings and "pairs" in settings:  # pairs first: the end points are checked against it
         settings = {"pairs": settings.pop("pairs"), **settings}
@@ -65,111 +61,15 @@ def cmd_study(args: argparse.Namespace, bars: ProgressBars, *, demo: bool = Fals
         config = config.apply({**settings, **parse_overrides(args.set)})
     # Table 1 is about standard curves: no reference row beside a robust study
     row = None if config.robust is not None else paper_row(config.model.arch, dataset_label(config.data.dataset))
-    executor = "sequential" if demo else args.executor
-    if executor != "slurm":
-        given = [flag for flag, field, _, _ in SLURM_OPTIONS if getattr(args, field, None) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the resources of Slurm jobs: "
-                             f"use {'it' if len(given) == 1 else 'them'} with --executor slurm")  # fmt: skip
     out = Path(args.out)
-    if executor == "sequential":
-        results = run_study(config, args.out, device=parse_device(args.device), progress=bars, paper_row=row)
-    elif executor == "local":
-        from neuralign.study.executors import run_study_local
-
-        def on_event(stage: str, event: str, job_id: str) -> None:
-            if not args.quiet:
-                print(f"{stage}: {event} (job {job_id})", file=sys.stderr)
-
-        results = run_study_local(config, out, jobs=args.jobs, device=parse_device(args.device), paper_row=row,
-                                  on_event=on_event)  # fmt: skip
-    else:
-        from neuralign.study.executors import submit_study_slurm
-
-        if args.device == "auto":
-            raise ValueError("--executor slurm needs --device cuda or --device cpu: auto would be resolved on this "
-                             "machine, not on the compute nodes")  # fmt: skip
-        sent = submit_study_slurm(config, out, device=args.device, options=slurm_options(args), paper_row=row)
-        for stage, job_id in sent.replaced.items():
-            print(f"{stage}: cancelled Slurm job {job_id} (queued behind a failed job, it could never start)",
-                  file=sys.stderr)  # fmt: skip
-        for stage, job_id in sent.kept.items():
-            print(f"{stage}: Slurm job {job_id} is queued or running, kept", file=sys.stderr)
-        for stage, job_id in sent.submitted.items():
-            print(f"{stage}: Slurm job {job_id}", file=sys.stderr)
-        if sent.submitted:
-            print(f"submitted {len(sent.submitted)} jobs; follow them with: neuralign study --status {out}",
-                  file=sys.stderr)  # fmt: skip
-        else:
-            print(f"nothing to submit: {len(sent.done)} stages done, {len(sent.kept)} jobs queued or running; "
-                  f"follow them with: neuralign study --status {out}", file=sys.stderr)  # fmt: skip
+    results = run_stages(args, config, lambda: run_study(config, out, device=parse_device(args.device), progress=bars,
+                                                         paper_row=row), paper_row=row)  # fmt: skip
+    if results is None:  # submitted to Slurm
         return [out / "jobs.json"] if (out / "jobs.json").exists() else []
     bars.close()
     if (out / "manifest.json").exists() and _distributed.rank() == 0:
         print(stage_times(out / "manifest.json"), file=sys.stderr)
     return [Path(results["report"]), out / "results.json"]
-
-
-def print_status(out: str) -> None:
-    from neuralign.study.executors import STATES, study_status
-
-    status = study_status(out)
-    hints = {
-        "blocked": "these Slurm jobs wait on a job that failed or was cancelled and can never start: rerun the study "
-                   "with --executor slurm, which cancels and resubmits them (or cancel them: scancel {ids})",
-        "failed": "these stages' jobs ended without their outputs (see the logs under {out}/jobs/); rerun the study "
-                  "to run them again",
-        "cancelled": "these stages' jobs were cancelled (by neuralign study --cancel, or by a run that replaced jobs "
-                     "waiting on a failed one); rerun the study to submit them again",
-        "unknown": "squeue is not on PATH: whether these Slurm jobs are alive cannot be told from this machine",
-    }  # fmt: skip
-    for state in STATES:
-        entries = status[state]
-        if not entries and state in hints:
-            continue
-        print(f"{state} ({len(entries)}):")
-        for stage, job in entries:
-            print(f"  {stage}" + (f"  [job {job}]" if job else ""))
-        if state in hints:
-            print("  -> " + hints[state].format(ids=" ".join(job for _, job in entries if job), out=out))
-
-
-def print_cancel(out: str) -> None:
-    from neuralign.study.executors import cancel_study
-
-    cancelled = cancel_study(out)
-    for stage, job in cancelled.items():
-        print(f"{stage}: cancelled Slurm job {job}")
-    print(f"cancelled {len(cancelled)} jobs of {out}" + ("; rerun the study to submit them again" if cancelled else
-                                                         " (none was queued or running)"))  # fmt: skip
-
-
-def slurm_options(args: argparse.Namespace) -> Any:
-    """The :class:`~neuralign.study.executors.SlurmOptions` of the command line's Slurm options (validated there)."""
-    from neuralign.study.executors import SlurmOptions
-
-    given = {field: getattr(args, field) for _, field, _, _ in SLURM_OPTIONS if getattr(args, field) is not None}
-    if given.get("extra") is not None:
-        given["extra"] = parse_extra(given["extra"])
-    return SlurmOptions(**given)
-
-
-def parse_extra(items: list[str]) -> dict[str, str]:
-    """``--slurm-extra KEY=VALUE`` options as ``{KEY: VALUE}`` (the values kept as text; ``KEY=`` is a flag)."""
-    extra = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--slurm-extra expects KEY=VALUE (an sbatch option and its value), got {item!r}")
-        extra[key.strip()] = value.strip()
-    return extra
-
-
-def stage_times(manifest_path: Path) -> str:
-    """The seconds of every stage of the study (recorded in its manifest), as a table with the total."""
-    seconds = json.loads(manifest_path.read_text()).get("stage_seconds", {})
-    rows = [(stage, f"{s:.1f}") for stage, s in seconds.items()]
-    return "time per stage (s):\n" + table(["stage", "seconds"], [*rows, ("total", f"{sum(seconds.values()):.1f}")])
 
 
 def add_demo_parser(sub: Any) -> None:
@@ -214,46 +114,8 @@ def add_study_parser(sub: Any) -> None:
                    help="classes of the models' heads (default: the dataset's), e.g. for given end points")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="builder argument of --arch (repeatable), e.g. width_mult=0.5 for torchvision:mobilenet_v2")
-    add_data(p, required=False)
-    for action in p._actions:  # the study's own defaults apply unless given
-        if action.dest == "batch_size":
-            action.default = None
-    g = p.add_argument_group("running the stages as jobs (needs the cluster extra: pip install 'neuralign[cluster]')")
-    g.add_argument("--executor", choices=["sequential", "local", "slurm"], default="sequential",
-                   help="sequential: every stage in this process (default); local: up to --jobs stages at once as "
-                        "local processes (one GPU each when there are several); slurm: every stage as a Slurm job, "
-                        "with job dependencies between stages (returns once they are queued)")  # fmt: skip
-    g.add_argument("--jobs", type=int, default=2, help="concurrent local jobs (default: 2)")
-    for flag, field, kind, text in SLURM_OPTIONS:
-        g.add_argument(flag, dest=field, type=kind, default=None, help=text,
-                       **({"action": "append", "metavar": "KEY=VALUE"} if field == "extra" else {}))  # fmt: skip
-    g.add_argument("--status", metavar="OUT", default=None,
-                   help="print which stages of the study in OUT are done, running or pending (with job ids), "
-                        "blocked, failed or cancelled, and exit")  # fmt: skip
-    g.add_argument("--cancel", metavar="OUT", default=None,
-                   help="cancel every queued or running Slurm job of the study in OUT (recorded: --status then says "
-                        "cancelled) and exit; rerunning the study submits those stages again")  # fmt: skip
-
-
-# The Slurm resources of `neuralign study --executor slurm`: (option, SlurmOptions field, type, help). The fields are
-# validated and documented by neuralign.study.executors.SlurmOptions; the options' dests are the fields' names, so
-# that its messages ("`memory` must be ...") read in option words (--slurm-mem).
-SLURM_OPTIONS = (
-    ("--slurm-partition", "partition", str, "Slurm partition of the jobs (default: the cluster's default)"),
-    ("--slurm-time", "time_minutes", int, "wall time of each Slurm job in minutes (default: 1440)"),
-    ("--gpus-per-job", "gpus_per_job", int, "GPUs per Slurm job (default: 1 with --device cuda, 0 with --device "
-     "cpu); above 1 each stage runs data-parallel over them, one task per GPU"),
-    ("--tasks-per-job", "tasks_per_job", int, "processes per Slurm job, running each stage data-parallel (gloo on "
-     "the CPU; default: one per GPU, or 1)"),
-    ("--cpus-per-task", "cpus_per_task", int, "CPUs per process of a Slurm job; torch uses as many threads "
-     "(default: the cluster's, usually 1)"),
-    ("--slurm-mem", "memory", str, "memory per Slurm job, e.g. 4G or 500M (default: the cluster's, often the whole "
-     "node, so that jobs do not share a node)"),
-    ("--slurm-account", "account", str, "Slurm account to charge"),
-    ("--slurm-qos", "qos", str, "Slurm quality of service"),
-    ("--slurm-extra", "extra", str, "any other sbatch option, repeatable: --slurm-extra constraint=a100 "
-     "(KEY= for a flag: --slurm-extra exclusive=)"),
-)  # fmt: skip
+    add_data(p, required=False, settings=True)
+    add_executor_options(p, command="study")
 
 
 # the commands of this module: name -> (add its sub-parser, run it)
