@@ -16,6 +16,15 @@ ratio between the time left that a progress bar estimates (elapsed / steps done 
 was left, over every record after the first tenth of the check's steps.
 
     python benchmarks/bench_verification.py [--epochs 15] [--candidates 64] [--examples 256] [--threads 1]
+
+With ``--run FOLDER`` (a finished ``neuralign demo --out FOLDER``) it asks instead why that run's neighbourhood
+check flagged moves: for its flagged random controls and the best flagged move of each of the first
+groups, the change of the held-out data term (the check's examples, ``train_eval``) and of the test split (never
+used by the check), the variance of the held-out batches' mean changes over what independent examples predict
+(batch norm couples a batch's examples: > 1 would make the test too liberal), the run's curve's held-out data term at
+t = 0, 0.25, 0.5, 0.75, 1, and the same after fitting that curve ``--refit-epochs`` more epochs (the moves re-scored).
+
+    python benchmarks/bench_verification.py --run /tmp/demo [--refit-epochs 6] [--threads 1]
 """
 
 from __future__ import annotations
@@ -46,8 +55,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", nargs="*", default=(), choices=("screen", "agreement", "verify"),
                         help="parts to leave out")
+    parser.add_argument("--run", help="a finished `neuralign demo --out` folder: why were its moves flagged?")
+    parser.add_argument("--refit-epochs", type=int, default=6, help="with --run: further epochs of its curve")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.run:
+        flagged_moves(args.run, args.refit_epochs)
+        return
     data = load_data("digits", batch_size=64, resize=16, generator=0)
     nets = []
     for seed in (1, 2):
@@ -136,6 +150,59 @@ def timed_verification(a, b, perms, curve, spec, data) -> None:
             eta = (t - begin) / step * (total - step)
             worst = max(worst, eta / (end - t), (end - t) / eta)
         print(f"{name:14} {end - begin:8.2f} {expected:8.2f} {worst:27.2f}")
+
+
+def flagged_moves(run: str, refit_epochs: int) -> None:
+    import json
+    from pathlib import Path
+
+    from neuralign.alignment.io import load_permutation_file
+    from neuralign.curves import Bezier
+    from neuralign.experiments.checkpoints import load_endpoint
+    from neuralign.verification._moves import Move, coordinates, move_changes
+
+    folder = Path(run)
+    report = json.loads((folder / "pair1" / "verification.json").read_text())
+    config = json.loads((folder / "manifest.json").read_text())["config"]
+    found = report["checks"]["neighbourhood"]["details"]["improving_moves"]
+    moves = [(g, m) for g, ms in found.items() for m in ms if m[3] == "control"]
+    moves += [(g, ms[0]) for g, ms in found.items() if ms][:4]
+    a = load_endpoint(folder / "endpoints" / "seed1.pt")[0]
+    b = load_endpoint(folder / "endpoints" / "seed2.pt")[0]
+    perms = load_permutation_file(folder / "pair1" / "alignment.pt").perms
+    curve = Bezier.load(folder / "pair1" / "curve_aligned.pt")
+    data = load_data("digits", batch_size=64, resize=16, generator=0)
+    spec = trace_spec(a, next(iter(data.train))[0][:2])
+    sa = a.state_dict()
+    aligned = apply_permutation(b.state_dict(), spec.restrict(b.state_dict()), perms)
+    coordinate = {c.label: c for c in coordinates(spec)}
+    verification = config["verification"]
+
+    def context(loader, batches, crv, ts=tuple(verification["value_ts"])):
+        prob = CurvePermutationProblem(a, sa, aligned, spec, data.train, heldout_loader=loader, value_batches=batches,
+                                       value_ts=ts, weight_decay=verification["weight_decay"])  # fmt: skip
+        return _Context(prob, [prob.start_offset(crv)], spec)
+
+    for label, crv in (("the run's curve", curve), (f"fitted {refit_epochs} epochs more", None)):
+        if crv is None:
+            started = time.perf_counter()
+            crv = fit_curve(a, sa, aligned, data.train, curve=curve, epochs=refit_epochs, generator=0).curve
+            print(f"\n(fitted {refit_epochs} more epochs in {time.perf_counter() - started:.0f} s)")
+        held = context(data.train_eval, verification["value_batches"], crv)
+        test = context(data.test, 10**6, crv)
+        along = [held.data_term(t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+        print(f"\n{label}: held-out data term at t = 0, 0.25, 0.5, 0.75, 1: " + ", ".join(f"{v:.4f}" for v in along))
+        print(f"{'group':16} {'move':10} {'kind':8} {'held-out change':>20} {'test change':>20} "
+              f"{'batch var ratio':>15}")
+        for g, m in moves:
+            changes = move_changes(spec, coordinate[g], Move(m[0], tuple(m[1])))
+            h, t = held.delta(changes), test.delta(changes)
+            d = held.losses(changes)[0] - held.base_losses()[0]
+            sizes = [x[0].shape[0] for x in held.problem.value_set]
+            means = torch.stack([v.mean() for v in d.split(sizes)])
+            ratio = float(means.var() / (d.var() / sizes[0]))
+            print(f"{g:16} {str(m[1]):10} {m[3]:8} {h.change:11.4f} ± {h.se:6.4f} {t.change:11.4f} ± {t.se:6.4f} "
+                  f"{ratio:15.2f}")
 
 
 if __name__ == "__main__":

@@ -681,6 +681,14 @@ def test_moves_of_dead_units_change_only_the_regulariser_and_are_not_flagged(dea
     flagged = _verify_dead(dead_units, damaged, checks=("neighbourhood",)).checks["neighbourhood"]
     assert flagged.verdict == "fail", flagged.summary
     assert [20, 21] in [m[1] for m in flagged.details["improving_moves"][GROUP]]
+    # a failing neighbourhood check reports the fixed curve's held-out data term at value_ts and at its end points
+    # (the line's start is A: its held-out cross-entropy, float32 means: 1e-6 relative)
+    along = flagged.details["curve_data_term"]
+    with torch.no_grad():
+        a_loss = torch.cat([torch.nn.functional.cross_entropy(model(x), y, reduction="none") for x, y in
+                            prob.value_set]).double().mean()  # fmt: skip
+    assert along["end_a"] == pytest.approx(float(a_loss), rel=1e-6)
+    assert along["value_ts"] > along["end_a"] and "at its end points" in flagged.summary
 
 
 def test_too_few_heldout_examples_are_refused(planted):
