@@ -6,7 +6,9 @@ end and equals the sequential run (every float of ``results.json``); two indepen
 each job asks for one CPU and part of the memory; a job killed in the middle of its stage is recovered by one rerun
 while another job of the study is still queued; a branch blocked behind a cancelled job is resubmitted while another
 job runs; ``--cancel`` stops the study and ``--status`` says so; a stage data-parallel over the 2 tasks of a Slurm job
-(and under torchrun inside a Slurm job) equals the one-process stage. ``--status`` is checked at each step.
+(and under torchrun inside a Slurm job) equals the one-process stage. ``--status`` is checked at each step. A
+comparison (``neuralign compare --executor slurm``, every kind of its stages, verification included) equals its
+sequential run.
 
 Slow: ``pytest -m slow tests/study/test_slurm.py`` (about 6 minutes on 2 cores). The module brings the cluster up
 (installing the packages if missing, which needs root and apt) and down again if it started it; without it, every
@@ -37,6 +39,7 @@ pytest.importorskip("submitit", reason="the cluster extra (submitit) is not inst
 from neuralign.alignment import load_permutation_file  # noqa: E402
 from neuralign.cli import main  # noqa: E402
 from neuralign.study import PRESETS, study_stages  # noqa: E402
+from neuralign.study.compare import CompareConfig, compare_stages  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -106,9 +109,9 @@ def neuralign(*args: str) -> tuple[int, str, str]:
     return code, stdout.getvalue(), stderr.getvalue()
 
 
-def status_of(out: Path) -> dict[str, dict[str, str | None]]:
-    """``neuralign study --status OUT``, parsed: state -> {stage: job id or None}."""
-    code, text, err = neuralign("study", "--status", str(out))
+def status_of(out: Path, command: str = "study") -> dict[str, dict[str, str | None]]:
+    """``neuralign COMMAND --status OUT``, parsed: state -> {stage: job id or None}."""
+    code, text, err = neuralign(command, "--status", str(out))
     assert code == 0, err
     states: dict[str, dict[str, str | None]] = {}
     state = None
@@ -377,3 +380,57 @@ def test_a_stage_data_parallel_over_two_tasks_equals_one_process(slurm, sequenti
     record = json.loads((out2 / "stages" / "pair_1_eval_aligned.json").read_text())
     assert record["distributed"]["world_size"] == 2 and record["job_id"]  # in a Slurm job
     _same_evaluation(out2 / "pair1" / "eval_aligned.json", sequential / "pair1" / "eval_aligned.json")
+
+
+# A comparison made small: tiny MLPs on the shipped digits, 2 methods, Bezier curves and their verification (every
+# kind of compare stage: 2 end points, then per method alignment, evaluation, curve, verification; the report: 11 jobs)
+COMPARE_SETTINGS = {
+    "model.hidden": "16,16", "data.resize": "none", "data.train_size": 512, "data.test_size": 128, "train.epochs": 1,
+    "max_batches": 2, "protocol.max_bn_batches": 2, "protocol.num_points": 3, "curve.epochs": 1,
+    "verification.n_swaps": 1, "verification.swap_trials": 1, "verification.screen_pairs": 4,
+    "verification.screen_examples": 16, "verification.n_control_swaps": 1, "verification.certificate_steps": 1,
+    "verification.value_batches": 2, "verification.gradient_batches": 1, "verification.stability_iters": 1,
+    "verification.random_starts": 0, "verification.value_ts": "0.5,", "verification.gradient_check_examples": 2,
+}  # fmt: skip
+COMPARE = ["compare", "--quiet", "--pairs", "1", "--methods", "identity", "weight", "--arch", "mlp", "--verify",
+           *(arg for path, value in COMPARE_SETTINGS.items() for arg in ("--set", f"{path}={value}"))]  # fmt: skip
+
+
+def _numbers(out: Path) -> dict:
+    """A comparison's results.json without the methods' wall seconds (a cost measured, not computed)."""
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "wall_seconds")}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    return strip(json.loads((out / "results.json").read_text()))
+
+
+def test_a_comparison_on_slurm_equals_its_sequential_run(slurm, tmp_path):
+    sequential = tmp_path / "sequential"
+    run = subprocess.run([sys.executable, "-m", "neuralign", *COMPARE, "--threads", "1", "--out", str(sequential)],
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "compare"
+    code, _, err = neuralign(*COMPARE, *SLURM, "--out", str(out))
+    assert code == 0, err
+    config = CompareConfig.from_dict(json.loads((out / "manifest.json").read_text())["config"])
+    names = [s.name for s in compare_stages(config)]
+    assert len(names) == 11 and f"submitted 11 jobs; follow them with: neuralign compare --status {out}" in err
+    jobs = jobs_of(out)
+    assert list(jobs) == names
+    states = status_of(out, "compare")
+    assert sum(len(states[k]) for k in ("done", "running", "pending")) == len(names)
+    wait_until_done(out)
+    assert list(status_of(out, "compare")["done"]) == names
+    assert _numbers(out) == _numbers(sequential)
+    verdicts = {m: v["verification"]["verdict"] for m, v in _numbers(out)["pairs"][0]["methods"].items()}
+    assert set(verdicts) == {"identity", "weight"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "compare_manifest" and manifest["runs"][-1]["executor"] == "slurm"
+    assert "finished" in manifest["runs"][-1]  # the report job closed the run
+    assert manifest["stage_jobs"] == {n: j for n, j in jobs.items() if n != "report"}
+    # a rerun submits nothing: every stage is done
+    code, _, err = neuralign(*COMPARE, *SLURM, "--out", str(out))
+    assert code == 0 and "nothing to submit: 11 stages done, 0 jobs queued or running" in err
