@@ -5,9 +5,11 @@ Models: torchvision's ``vit_b_16`` (32 x 32 images) and a small ``VisionTransfor
 4 heads, width 64), ``swin_t``; the zoo's ``vit`` and ``tinylm``; and, when timm is importable, the ten timm models of
 issue 21 (random weights). Every floating tensor whose entries are all equal (zero-initialised heads) is re-drawn as
 in ``benchmarks/model_coverage.py``. The check is ``check_equivalence(..., trials=1)`` in float64; eval and train mode
-are reported apart (a module that caches a tensor outside its state dict in eval mode fails only there).
+are reported apart (a module that caches a tensor outside its state dict in eval mode fails only there). The front
+end is ``trace_spec``'s default: torch.fx, or torch.export where fx cannot trace the model or keeps an operation
+opaque (reported as "via torch.export").
 
-    python benchmarks/transformer_coverage.py [--out docs/transformer_coverage.md] [--no-timm]
+    python benchmarks/transformer_coverage.py [--out docs/transformer_coverage.md] [--no-timm] [--threads 1]
 """
 
 from __future__ import annotations
@@ -94,7 +96,9 @@ def row(label, build, x) -> str:
         return f"| {label} | {shape} | refused: {why} | - | - | {time.perf_counter() - t0:.1f} |"
     res = check_equivalence(model, spec, x, trials=1, generator=0, tol=TOL)
     verdict = "exact" if res.passed else "**CHECK FAILS**"
-    return (f"| {label} | {shape} | traced, {verdict}: {len(spec.sizes)} groups, {sum(spec.sizes.values())} units; "
+    exported = any(t.node.startswith("export_") for ts in spec.taps.values() for t in ts)  # its graph's node names
+    how = "traced via torch.export" if exported else "traced"
+    return (f"| {label} | {shape} | {how}, {verdict}: {len(spec.sizes)} groups, {sum(spec.sizes.values())} units; "
             f"{heads_summary(spec)} | {res.max_diff_eval:.1e} / {res.max_diff_train:.1e} | "
             f"{', '.join(res.stochastic) or '-'} | {time.perf_counter() - t0:.1f} |")  # fmt: skip
 
@@ -103,8 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-timm", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     with_timm = not args.no_timm
     if with_timm:
@@ -118,7 +123,7 @@ def main() -> None:
         "are not.", "",
         f"- date: {datetime.date.today()}; torch {torch.__version__}, torchvision {torchvision.__version__}"
         + (f", timm {__import__('timm').__version__}" if with_timm else ", timm not installed")
-        + f", Python {platform.python_version()}, 1 thread, CPU", "",
+        + f", Python {platform.python_version()}, {args.threads} thread(s), CPU", "",
         "*head groups*: groups that permute whole heads (one per attention; under RoPE or when the units inside heads "
         "cannot move per head, the only permutation of the query/key units). *groups with inside permutations*: flat "
         "groups of H x d units whose units may also move inside each head (query/key, value/output), `tie t`: t query "

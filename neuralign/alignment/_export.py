@@ -33,7 +33,8 @@ _METHODS = frozenset({
     "eq", "ne", "lt", "le", "gt", "ge", "masked_fill", "masked_fill_", "type_as", "clone", "contiguous", "detach",
     "view", "reshape", "permute", "transpose", "t", "flatten", "unflatten", "unsqueeze", "squeeze", "expand",
     "repeat", "repeat_interleave", "mean", "sum", "amax", "amin", "softmax", "log_softmax", "matmul", "mm", "bmm",
-    "select", "index_select", "narrow", "split", "chunk", "unbind", "flip", "roll",
+    "select", "index_select", "narrow", "split", "chunk", "unbind", "flip", "roll", "new_zeros", "new_ones",
+    "new_full", "new_empty",
 })  # fmt: skip
 # ATen operations that are the torch or torch.nn.functional function of the same name with the same arguments (an
 # in-place ``aten.silu_(x)`` is ``F.silu(x, inplace=True)``).
@@ -123,9 +124,18 @@ def exported_graph(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
             # read each parameter just before its first use, as torch.fx does: the tracer creates groups in graph
             # order and names a union of groups after its earliest member, so both front ends name groups alike
             min(n.users, key=position.__getitem__).prepend(n)
+    for n in gm.graph.nodes:  # names no torch.fx graph of the model has (taps name the graph they were traced on)
+        if n.op not in ("placeholder", "output"):
+            n._rename(f"export_{n.name}")
     gm.graph.lint()
     gm.recompile()
+    gm.meta["tracer"] = "export"
     return gm
+
+
+def is_exported(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` comes from :func:`exported_graph`."""
+    return gm.meta.get("tracer") == "export"
 
 
 def aten_name(target: Any) -> str | None:

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from neuralign._distributed import all_reduce_, check_same_batch, is_distributed, shard_batch
 from neuralign._utils import check_compatible
 from neuralign.alignment.spec import PermutationSpec, Tap
-from neuralign.alignment.trace import _fx_graph, _trace_graph
+from neuralign.alignment.trace import _tap_graph, _trace_graph
 from neuralign.attacks import PGD
 from neuralign.errors import NonFiniteError, SpecError
 
@@ -373,14 +373,14 @@ def activation_moments(
 
     if spec is None:
         spec, gm = _trace_graph(model_a, prepare(_first_input(first)))
-    else:  # torch.export on the first batch where torch.fx cannot trace the model, as trace_spec does
-        gm = _fx_graph(model_a, train=False, grad=False, example_input=prepare(_first_input(first)))
+    else:  # the graph the spec was traced on: torch.fx's, or torch.export's on the first batch
+        gm = _tap_graph(model_a, prepare(_first_input(first)), {t.node for ts in spec.taps.values() for t in ts})
     present = {n.name for n in gm.graph.nodes}
     absent = {t.node for ts in spec.taps.values() for t in ts if t.node not in present}
     if absent:
         # taps on train-only branches (e.g. auxiliary heads) do not exist in eval mode: those units do not affect
         # the eval-mode function, and their groups are matched by weights; any other unknown node is an error
-        train_graph = _fx_graph(model_a, train=True, example_input=prepare(_first_input(first)))
+        train_graph = _tap_graph(model_a, prepare(_first_input(first)), absent, train=True)
         train_only = {n.name for n in train_graph.graph.nodes} & absent
         if absent - train_only:
             raise SpecError(f"the spec's taps name fx nodes {sorted(absent - train_only)} that the model does not have")

@@ -48,7 +48,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from neuralign.alignment._export import aten_name, exported_graph
+from neuralign.alignment._export import aten_name, exported_graph, is_exported
 from neuralign.alignment.spec import Heads, PermutationSpec, Segment, Tap
 from neuralign.errors import SpecError
 
@@ -88,6 +88,10 @@ class _Stack:
 
 class _Unsupported(Exception):
     """Internal: an operation touches a permuted axis in a way the tracer cannot prove safe."""
+
+
+class _Opaque(_Unsupported):
+    """Internal: an operation of unknown meaning (no rule) touches a permuted axis."""
 
 
 # ------------------------------------------------------------------------------------------- operation table
@@ -558,11 +562,14 @@ class _SpecInterpreter(torch.fx.Interpreter):
             if self.on_unsupported != "fix":
                 what = n.target if n.op != "call_module" else type(self.module.get_submodule(n.target)).__name__
                 what = aten_name(what) or getattr(what, "__name__", what)
-                raise SpecError(
+                err = SpecError(
                     f"cannot prove that fx node `{n.name}` ({n.op} {what}) is safe to "
                     f"permute: {exc}. Build the spec by hand with neuralign.alignment.SpecBuilder, or pass "
                     f"on_unsupported='fix' to leave the groups it touches unpermuted."
-                ) from None
+                )
+                # an fx leaf (a torch.fx.wrap'ped function, a module fx does not enter): torch.export traces inside
+                err.opaque_fx_node = isinstance(exc, _Opaque) and not is_exported(self.module)
+                raise err from None
             for a in n.all_input_nodes:
                 self._fix_state(self.states[a.name])
             logger.info("fx node `%s`: %s; the groups it touches stay unpermuted", n.name, exc)
@@ -617,7 +624,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
         for a in n.all_input_nodes:
             if not self._opaque(self.states[a.name]):
                 what = aten_name(n.target)
-                self._fail(
+                raise _Opaque(
                     (f"the ATen operation `{what}` of the torch.export graph has no rule (no mapping to a torch "
                      f"function the tracer knows)" if what else "it is not a known permutation-equivariant operation")
                     + f" and its operand `{a.name}` is permuted"
@@ -1781,7 +1788,10 @@ def _trace_graph(
     """Trace ``model`` in train and eval mode, each with and without gradients, into one spec.
 
     Returns the spec and the eval-mode, no-grad GraphModule, whose node names the spec's taps refer to (alignment
-    reads activations there). Groups that exist only in other graphs (e.g. auxiliary heads) have no tap.
+    reads activations there). Groups that exist only in other graphs (e.g. auxiliary heads) have no tap. Under
+    ``tracer="auto"`` a model that torch.fx cannot trace, or whose fx graph is refused at an operation the rules do
+    not know (an fx leaf such as torchvision's ``shifted_window_attention``), is traced again through torch.export,
+    which records the operations inside such leaves.
     """
     if on_unsupported not in ("raise", "fix"):
         raise ValueError(f"unknown on_unsupported '{on_unsupported}'; expected one of ['raise', 'fix']")
@@ -1792,6 +1802,23 @@ def _trace_graph(
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = tuple(i.to(device) if isinstance(i, torch.Tensor) else i for i in inputs)
+    try:
+        return _trace_modes(model, inputs, on_unsupported=on_unsupported, tracer=tracer)
+    except SpecError as exc:
+        if tracer != "auto" or not getattr(exc, "opaque_fx_node", False):
+            raise
+        logger.info("%s; tracing it with torch.export, which records the operations inside", _first_line(exc))
+        try:
+            return _trace_modes(model, inputs, on_unsupported=on_unsupported, tracer="export")
+        except SpecError as again:
+            raise SpecError(f"{exc} torch.export, tried because it traces inside such operations, fails too: "
+                            f"{_first_line(again)}") from again  # fmt: skip
+
+
+def _trace_modes(
+    model: nn.Module, inputs: tuple, *, on_unsupported: str, tracer: str
+) -> tuple[PermutationSpec, torch.fx.GraphModule]:
+    """:func:`_trace_graph` for one choice of front end."""
     aliases = _aliases(model)
     shared = None
     # every mode a network runs in: training (grad), batch-norm re-estimation (train, no grad), evaluation with and
@@ -1815,6 +1842,20 @@ def _trace_graph(
     spec = _build_spec(shared, interp.taps, aliases, model)
     gm.meta["rules_used"] = frozenset(shared.used)  # which rules of the table proved this spec (tests read it)
     return spec, gm
+
+
+def _tap_graph(model: nn.Module, example_input: Any, nodes: set[str], *, train: bool = False) -> torch.fx.GraphModule:
+    """The graph whose nodes a spec's taps name (eval mode without gradients, or train mode with them): torch.export's
+    for taps on an exported graph (its node names all start with ``export_``), else torch.fx's (torch.export's where
+    fx cannot trace the model)."""
+    if any(name.startswith("export_") for name in nodes):
+        try:
+            gm = _fx_graph(model, train=train, grad=train, example_input=example_input, tracer="export")
+        except SpecError:  # an fx node that happens to be called export_...
+            gm = None
+        if gm is not None and nodes & {n.name for n in gm.graph.nodes}:
+            return gm
+    return _fx_graph(model, train=train, grad=train, example_input=example_input)
 
 
 _TRACERS = ("auto", "fx", "export")

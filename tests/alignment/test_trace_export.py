@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -91,6 +92,33 @@ class UnmappedOpNet(nn.Module):
         return self.fc2(h)
 
 
+def wrapped_attention(x, qkv_weight, proj_weight, proj_bias, heads: int):
+    """Multi-head attention in one function that torch.fx keeps as a leaf (``torch.fx.wrap``, as torchvision does
+    with ``shifted_window_attention``): the rules do not know it, torch.export records what it does."""
+    b, n, d = x.shape
+    q, k, v = F.linear(x, qkv_weight).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    a = F.scaled_dot_product_attention(q, k, v)
+    return F.linear(a.transpose(1, 2).reshape(b, n, d), proj_weight, proj_bias)
+
+
+torch.fx.wrap("wrapped_attention")
+
+
+class LeafAttention(nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.fc = nn.Linear(dim, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + wrapped_attention(h, self.qkv.weight, self.proj.weight, self.proj.bias, 4)
+        return self.head(F.relu(self.fc(h)).mean(1))
+
+
 def _image(seed: int, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, 12, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -137,6 +165,20 @@ def test_attention_heads_traced_through_export_exactly():
         _assert_exact(model, spec, x, seed)
 
 
+def test_fx_leaf_is_traced_inside_through_export():
+    torch.manual_seed(0)
+    model = LeafAttention().double()
+    x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(SpecError, match=r"fx node `wrapped_attention` .* not a known permutation-equivariant"):
+        trace_spec(model, x, tracer="fx")
+    spec = trace_spec(model, x)  # auto: the fx graph is refused at the leaf, the exported one is proven
+    assert sorted((h.count, h.size) for h in spec.heads.values()) == [(4, 4), (4, 4)]
+    assert spec.sizes["embed"] == 16 and spec.sizes["fc"] == 8
+    assert all(t.node.startswith("export_") for ts in spec.taps.values() for t in ts)
+    for seed in (7, 8):
+        _assert_exact(model, spec, x, seed)
+
+
 @pytest.mark.parametrize(
     "build,shape",
     [(lambda: randomize_bn(ResCatNet(), seed=0), (2, 3, 8, 8)), (lambda: ShapeAttention(heads=2), (2, 6, 5))],
@@ -176,7 +218,7 @@ def _fixed_heads(model: ShapeAttention):
 def test_aten_operation_without_a_mapping_is_refused_naming_it():
     model = UnmappedOpNet()
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(SpecError, match=r"fx node `special_erfcx` .*`aten\.special_erfcx\.default` .* has no rule"):
+    with pytest.raises(SpecError, match=r"node `export_special_erfcx` .*`aten\.special_erfcx\.default` .* has no rule"):
         trace_spec(model, x)
     spec = trace_spec(model, x, on_unsupported="fix")  # the group it touches stays unpermuted
     assert spec.groups == []
@@ -187,21 +229,26 @@ def test_unknown_tracer_is_refused():
         trace_spec(nn.Linear(2, 2), torch.zeros(1, 2), tracer="jit")
 
 
-def test_planted_permutation_recovered_through_the_exported_graph():
-    """Activation alignment reads the exported graph's nodes, on batches of another size than the example."""
+@pytest.mark.parametrize("name,given", [("same_pad", True), ("leaf", True), ("leaf", False)])
+def test_planted_permutation_recovered_through_the_exported_graph(name, given):
+    """Activation alignment reads the exported graph's nodes, on batches of other sizes than the example's, whether
+    the spec is given or traced by ``align``; B is A under a random permutation of the spec, recovered exactly."""
     torch.manual_seed(0)
-    a = randomize_bn(SamePadNet(), seed=1).eval()
+    a = (randomize_bn(SamePadNet(), seed=1) if name == "same_pad" else LeafAttention()).eval()
     g = torch.Generator().manual_seed(2)
-    loader = [(torch.randn(n, 3, 12, 12, generator=g), torch.zeros(n, dtype=torch.long)) for n in (16, 16, 7)]
+    shape = (3, 12, 12) if name == "same_pad" else (6, 5)
+    loader = [(torch.randn(n, *shape, generator=g), torch.zeros(n, dtype=torch.long)) for n in (64, 64, 7)]
     spec = trace_spec(a, loader[0][0][:2])
+    assert all(t.node.startswith("export_") for ts in spec.taps.values() for t in ts)
     p = random_permutation(spec, generator=3)
     b = copy.deepcopy(a)
     b.load_state_dict(apply_permutation(a.state_dict(), spec, p))
-    with pytest.warns(UserWarning, match=r"groups \['c1'\] have no activation tap"):  # c1 moves in blocks
-        res = align(a, b, loader, spec=spec, generator=0)
-    assert spec.taps["fc"] and "fc" in res.correlation_after  # fc was matched on its activations
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*have no activation tap")  # SamePadNet's c1 moves in blocks
+        res = align(a, b, loader, spec=spec if given else None, generator=0)
     inverse = invert_permutation(p)
-    assert all(torch.equal(res.perms[g], inverse[g]) for g in spec.groups)
+    assert [g for g in spec.groups if not torch.equal(res.perms[g], inverse[g])] == []
+    assert "fc" in res.correlation_after  # matched on its activations
 
 
 TIMM = [("tf_efficientnetv2_b0", 64), ("tiny_vit_5m_224", 224)]
@@ -228,3 +275,23 @@ def test_timm_mobilevit_is_refused_at_its_patch_unfolding():
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with pytest.raises(SpecError, match=r"a reshape from \(2, 64, 8, 8\) to \(512, 2, 4, 2\) interleaves permuted"):
         trace_spec(model, x)
+
+
+@pytest.mark.slow
+def test_swin_t_shifted_window_attention_is_traced_inside_through_export():
+    """torchvision keeps ``shifted_window_attention`` an fx leaf; torch.export records the window partition, the
+    cyclic shift, the relative-position bias and the attention inside it, and the same rules prove them."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None, num_classes=10).double()
+    for m in model.modules():  # zero-initialised biases and unit norms would hide a misplaced permutation
+        for p in m.parameters(recurse=False):
+            if p.unique().numel() == 1:
+                p.data.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()),
+                                              dtype=p.dtype))  # fmt: skip
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spec = trace_spec(model, x)
+    assert len(spec.heads) == 24  # 12 attentions: query/key and value/output rows split into heads
+    res = check_equivalence(model, spec, x, trials=1, generator=0, tol=1e-9)
+    assert res.verdict == "pass", res.message
