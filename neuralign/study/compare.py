@@ -71,7 +71,7 @@ from neuralign.study.compare_report import plot_comparison, summary_table, write
 from neuralign.study.config import PRESETS, DataOptions, EvaluationOptions, ModelOptions, StudyConfig
 from neuralign.study.jobs import refuse_live_jobs
 from neuralign.study.runner import _Study
-from neuralign.study.stages import Stage, endpoint_stages, first_run, stage_done
+from neuralign.study.stages import Stage, endpoint_stages, first_run, stage_done, stage_to_run
 from neuralign.verification import VerificationOptions
 
 __all__ = [
@@ -678,14 +678,8 @@ def run_compare_stage(
         If a stage it needs is not done (names it).
     """
     out = Path(out)
-    stages = {s.name: s for s in compare_stages(config)}
-    if name not in stages:
-        raise ValueError(f"unknown comparison stage {name!r}; this comparison has {list(stages)}")
-    stage = stages[name]
-    missing = [n for n in stage.needs if not stage_done(out, stages[n])]
-    if missing:
-        raise RuntimeError(f"comparison stage {name!r} needs {missing}, which are not done in {out}")
-    if stage.kind != "report" and stage_done(out, stage):
+    stage = stage_to_run(out, compare_stages(config), name, what="comparison")
+    if stage is None:
         return False
     _Compare(config, out, torch.device(device), progress).run(stage)
     return True

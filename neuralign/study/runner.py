@@ -77,7 +77,7 @@ from neuralign.study.results import (
     StudyResults,
     TrainEpoch,
 )
-from neuralign.study.stages import Stage, first_run, stage_done, study_stages
+from neuralign.study.stages import Stage, first_run, stage_done, stage_to_run, study_stages
 from neuralign.verification import CHECKS, VerificationReport, verify_alignment
 
 __all__ = ["check_study_folder", "model_kwargs", "prepare_study", "run_stage", "run_study"]
@@ -601,13 +601,6 @@ def _job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
 
 
-def _stage(config: StudyConfig, name: str) -> Stage:
-    stages = {s.name: s for s in study_stages(config)}
-    if name not in stages:
-        raise ValueError(f"unknown study stage {name!r}; this study has {list(stages)}")
-    return stages[name]
-
-
 def run_stage(
     config: StudyConfig,
     out: str | os.PathLike,
@@ -635,11 +628,8 @@ def run_stage(
         If a stage it needs is not done (names it).
     """
     out = Path(out)
-    stage = _stage(config, name)
-    missing = [n for n in stage.needs if not stage_done(out, _stage(config, n))]
-    if missing:
-        raise RuntimeError(f"study stage {name!r} needs {missing}, which are not done in {out}")
-    if stage.name != "report" and stage_done(out, stage):
+    stage = stage_to_run(out, study_stages(config), name)
+    if stage is None:
         return False
     study = _Study(config, out, torch.device(device), progress)
     study.run(stage, {"paper_row": paper_row, "notes": notes})

@@ -11,7 +11,7 @@ from pathlib import Path
 from neuralign.experiments.runfolder import RunFolder
 from neuralign.study.config import StudyConfig
 
-__all__ = ["STAGE_KINDS", "Stage", "endpoint_stages", "first_run", "stage_done", "study_stages"]
+__all__ = ["STAGE_KINDS", "Stage", "endpoint_stages", "first_run", "stage_done", "stage_to_run", "study_stages"]
 
 
 # ------------------------------------------------------------------------------------------------- the graph
@@ -104,3 +104,24 @@ def first_run(out: str | os.PathLike, stages: Sequence[Stage]) -> AbstractContex
     (:meth:`~neuralign.experiments.runfolder.RunFolder.first_run`), so that a run that failed on its settings (a
     missing dataset, a typo in an architecture's name) does not lock the folder to them."""
     return RunFolder(out).first_run(started=lambda: any(stage_done(out, s) for s in stages if s.kind != "report"))
+
+
+def stage_to_run(out: str | os.PathLike, stages: Sequence[Stage], name: str, *, what: str = "study") -> Stage | None:
+    """The stage ``name`` of ``stages`` if it is to run in ``out`` (a job's or a stage runner's first step), None
+    if it is done; the ``report`` stage is always run (it reflects the files present).
+
+    Raises
+    ------
+    ValueError
+        For a stage ``stages`` does not have (``what``, e.g. ``"comparison"``, names the run).
+    RuntimeError
+        If a stage it needs is not done (names them).
+    """
+    by_name = {s.name: s for s in stages}
+    if name not in by_name:
+        raise ValueError(f"unknown {what} stage {name!r}; this {what} has {list(by_name)}")
+    stage = by_name[name]
+    missing = [n for n in stage.needs if not stage_done(out, by_name[n])]
+    if missing:
+        raise RuntimeError(f"{what} stage {name!r} needs {missing}, which are not done in {out}")
+    return None if stage.kind != "report" and stage_done(out, stage) else stage
