@@ -206,6 +206,7 @@ class _Groups:
         self.name: list[str] = []
         self.fixed: list[bool] = []
         self.layer: list[bool] = []
+        self.axis_named: list[bool] = []  # named after a parameter's axis ("key:axis"), not after a layer
         self.on_union: Any = None  # called with (root, child) after a union (the interpreter merges head splits)
 
     def new(self, name: str, size: int, *, layer: bool = True) -> int:
@@ -215,6 +216,7 @@ class _Groups:
         self.name.append(name)
         self.fixed.append(False)
         self.layer.append(layer)
+        self.axis_named.append(not layer)
         return gid
 
     def find(self, gid: int) -> int:
@@ -232,7 +234,9 @@ class _Groups:
                 f"fx node `{node}` ties groups `{self.name[ra]}` ({self.size[ra]} units) and "
                 f"`{self.name[rb]}` ({self.size[rb]} units) of different sizes"
             )
-        root, child = (ra, rb) if ra < rb else (rb, ra)  # the earlier group names the union
+        root, child = (ra, rb) if ra < rb else (rb, ra)  # the earlier group names the union, a layer before an axis
+        if self.axis_named[root] and not self.axis_named[child]:
+            self.name[root], self.axis_named[root] = self.name[child], False
         self.parent[child] = root
         self.fixed[root] = self.fixed[root] or self.fixed[child]
         self.layer[root] = self.layer[root] or self.layer[child]
@@ -1515,7 +1519,8 @@ class _SpecInterpreter(torch.fx.Interpreter):
         if key is None or not key.endswith(".weight") or len(segments) != 1 or segments[0][0] is None:
             return
         if len(fresh) == 1:  # the first trace that reads this weight names its units
-            self.groups.name[self.groups.find(fresh[0])] = key[: -len(".weight")]
+            root = self.groups.find(fresh[0])
+            self.groups.name[root], self.groups.axis_named[root] = key[: -len(".weight")], False
         if self.collect_taps and segments[0][2] == 1:
             self.taps.append((self.groups.find(segments[0][0]), Tap(n.name, axis, "out")))
 
@@ -2034,7 +2039,8 @@ def trace_spec(
     -------
     PermutationSpec
         Groups named after the layer that produces them (a union of groups tied by residual additions is named
-        after its earliest member), with ``taps`` pointing at the post-activation nodes of the eval-mode graph used
+        after its earliest member that is a layer; a parameter's axis, ``key:axis``, names a group no layer
+        produces), with ``taps`` pointing at the post-activation nodes of the eval-mode graph used
         for alignment.
 
     Raises
