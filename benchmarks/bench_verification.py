@@ -22,7 +22,9 @@ check flagged moves: for its flagged random controls and the best flagged move o
 groups, the change of the held-out data term (the check's examples, ``train_eval``) and of the test split (never
 used by the check), the variance of the held-out batches' mean changes over what independent examples predict
 (batch norm couples a batch's examples: > 1 would make the test too liberal), the run's curve's held-out data term at
-t = 0, 0.25, 0.5, 0.75, 1, and the same after fitting that curve ``--refit-epochs`` more epochs (the moves re-scored).
+t = 0, 0.25, 0.5, 0.75, 1, and the same after fitting that curve ``--refit-epochs`` more epochs (the moves re-scored);
+then the run's curve fitted again with the run's seeds and Garipov's decaying learning rate instead of the preset's,
+and the run's neighbourhood check on both curves.
 
     python benchmarks/bench_verification.py --run /tmp/demo [--refit-epochs 6] [--threads 1]
 """
@@ -203,6 +205,28 @@ def flagged_moves(run: str, refit_epochs: int) -> None:
             ratio = float(means.var() / (d.var() / sizes[0]))
             print(f"{g:16} {str(m[1]):10} {m[3]:8} {h.change:11.4f} ± {h.se:6.4f} {t.change:11.4f} ± {t.se:6.4f} "
                   f"{ratio:15.2f}")
+    # the run's curve again, with the run's seeds (as the study's curve stage draws them) and Garipov's decaying
+    # learning rate instead of the preset's; then the run's neighbourhood check on it
+    from functools import partial
+
+    from neuralign._utils import stable_seed
+    from neuralign.curves.fit import garipov_lr_factor
+
+    epochs, lr, seed = config["curve"]["epochs"], config["curve"]["lr"], config["seed"]
+    data.train.generator.manual_seed(stable_seed(seed, "curve-data", 1, "aligned"))
+    params = {k: v for k, v in sa.items() if k in dict(a.named_parameters())}
+    refit = fit_curve(a, params, {k: aligned[k] for k in params}, data.train, epochs=epochs,
+                      generator=stable_seed(seed, "curve", 1, "aligned"),
+                      lr_lambda=partial(garipov_lr_factor, epochs=epochs),
+                      optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True)).curve  # fmt: skip
+    held = context(data.train_eval, verification["value_batches"], refit)
+    print("\nthe run's curve fitted again with Garipov's schedule: held-out data term at t = 0, 0.25, 0.5, 0.75, 1: "
+          + ", ".join(f"{held.data_term(t):.4f}" for t in (0.0, 0.25, 0.5, 0.75, 1.0)))
+    for label, crv in (("Garipov's schedule", refit), ("the run's curve", curve)):
+        check = verify_alignment(a, sa, b.state_dict(), perms, data.train, curve=crv, spec=spec,
+                                 heldout_loader=data.train_eval, options=PRESETS["demo"].verification,
+                                 checks=("neighbourhood",), generator=stable_seed(seed, "verify", 1))  # fmt: skip
+        print(f"neighbourhood check on {label}: {check.checks['neighbourhood'].summary}")
 
 
 if __name__ == "__main__":
