@@ -14,7 +14,9 @@ definitions):
 - ``correlation_flat``: activation matching ignoring the heads (``align(..., heads=False)``: one flat assignment
   per group, Verma & Elbayad's "ignore heads" ablation). Not function-preserving: the permuted B is another model,
   so its loss at the end of the segment is reported too (``loss_b_permuted`` against ``loss_b``), and the barrier
-  also against the original end points (``loss_barrier_vs_original``: max over the segment minus ½(L_A + L_B)).
+  also against the original end points (``loss_barrier_vs_original``: max over the segment minus ½(L_A + L_B)),
+  and per group with heads how many units the flat assignment puts in a head block with another source head than
+  the block's most common one (``units_off_head``; 0 for a structured permutation).
 
     OMP_NUM_THREADS=1 python benchmarks/lm_heads_barrier.py [--pairs 3] [--epochs 8] [--cache runs/lm_heads]
         [--out docs/evidence/tinylm_pydoc]
@@ -68,6 +70,16 @@ def endpoint(seed: int, args: argparse.Namespace, data) -> tuple[torch.nn.Module
     return model.eval(), record
 
 
+def units_off_head(spec, perms) -> dict[str, str]:
+    """Per group with heads: units whose source head is not the most common one of their destination head block."""
+    out = {}
+    for g, h in spec.items():
+        source = (perms[g] // (h.size * h.tie)).view(-1, h.size * h.tie)
+        stray = sum(int((row != torch.mode(row).values).sum()) for row in source)
+        out[g] = f"{stray}/{perms[g].numel()}"
+    return out
+
+
 def run_pair(index: int, args: argparse.Namespace, data, spec) -> dict:
     a, rec_a = endpoint(2 * index, args, data)
     b, rec_b = endpoint(2 * index + 1, args, data)
@@ -96,6 +108,7 @@ def run_pair(index: int, args: argparse.Namespace, data, spec) -> dict:
             "loss_b": lb, "loss_b_permuted": s.endpoint_loss[1],
             "loss_barrier_vs_original": max(s.loss) - 0.5 * (la + lb),
             "align_seconds": seconds,
+            "units_off_head": units_off_head(spec.heads, perms),
         }  # fmt: skip
         print(f"pair {index} {method:17s} barrier {s.loss_barrier_average:.4f} (vs original end points "
               f"{max(s.loss) - 0.5 * (la + lb):.4f}), L(B') - L(B) {s.endpoint_loss[1] - lb:+.2e}", flush=True)
