@@ -89,3 +89,24 @@ def test_the_shared_data_options_and_data_root(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--data-root" in err and "--download" in err and str(empty) in err, err
     assert not (tmp_path / "cpu" / "manifest.json").exists()
+
+
+def test_model_arg_sets_the_builder_arguments_of_the_end_points(tmp_path, capsys):
+    # `model.args` is a dict, which `--set` cannot spell: without --model-arg a comparison of `vit` could not choose
+    # its depth, heads or MLP width
+    import torch
+
+    folder = tmp_path / "cmp"
+    command = ["compare", "--out", str(folder), "--quiet", "--arch", "vit", "--model-arg", "depth=1",
+               "--model-arg", "heads=2", "--model-arg", "mlp_dim=24", "--methods", "identity", "--pairs", "1",
+               *TINY]  # fmt: skip
+    assert main(command) == 0
+    results = json.loads((folder / "results.json").read_text())
+    assert results["config"]["model"]["args"] == {"depth": 1, "heads": 2, "mlp_dim": 24}
+    state = torch.load(folder / "endpoints" / "seed1.pt", weights_only=False)
+    state = state.get("state_dict", state)
+    assert {k.split(".")[1] for k in state if k.startswith("blocks.")} == {"0"}
+    assert state["blocks.0.fc1.weight"].shape[0] == 24
+    capsys.readouterr()
+    assert main([*command, "--model-arg", "num_classes=10"]) == 2
+    assert "--model-arg num_classes=... is not a builder argument here: use --num-classes" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from neuralign import _distributed
-from neuralign.cli.common import data_settings, parse_device, parse_overrides
+from neuralign.cli.common import data_settings, model_args, parse_device, parse_overrides
 from neuralign.cli.executors import add_executor_options, print_cancel, print_status, run_stages, stage_times
 from neuralign.cli.parser import add_common, add_data
 from neuralign.cli.progress import ProgressBars
@@ -41,6 +41,8 @@ def cmd_compare(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
         value = getattr(args, option)
         if value is not None:
             settings[path] = tuple(value) if isinstance(value, list) else value
+    if args.model_arg:  # a dict, which --set cannot spell: `--model-arg depth=2` for `vit`
+        settings["model.args"] = model_args(args)
     settings.update(data_settings(args))
     if args.verify:  # the Bezier curves first: the verification checks each method's permutation on its curve
         settings.update({"fit_curves": True, "verification": True})
@@ -78,6 +80,8 @@ def add_compare_parser(sub: Any) -> None:
     p.add_argument("--endpoints", nargs="+", default=None, metavar="FILE",
                    help="given end points instead of training: A1 B1 [A2 B2 ...] in any format `align` reads")
     p.add_argument("--arch", default=None, help="architecture of trained or plain end points")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="builder argument of --arch (repeatable), e.g. depth=2 heads=4 mlp_dim=128 for vit")
     p.add_argument("--num-points", type=int, default=None, help="lambda grid size (default 25; 11 and 61 common)")
     p.add_argument("--bn", choices=["reestimate", "interpolate", "repair"], default=None,
                    help="batch norm along the interpolation (default: reestimate)")
