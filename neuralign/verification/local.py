@@ -597,16 +597,20 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
         per_group[c.label] = row
     z = bonferroni_quantile(opts.alpha, sum(len(m) for m in candidates.values()), ctx.examples)
     margin = ctx.margin(opts.min_improvement)  # as in the neighbourhood check
-    # progress in held-out evaluations (the check's cost): step 1 is everything before them (gradient, lam*, the
-    # P-steps, the LP cross-check), then one step per scored move; the first move's measured time, times the
-    # moves, plus the time so far is the expected time (the steps before cost a fraction of one move each)
+    # progress in milliseconds of work, measured: everything before the held-out evaluations (gradient, lam*, the
+    # P-steps, the LP cross-check), then one evaluation per scored move at the first one's measured time (a bar's
+    # rate then holds from the start; counted in steps, the first step's cost would inflate its estimate 3x)
     jobs = [(label, step, q) for label, moves in candidates.items() for step, q in moves]
     stats_by: dict[str, list[tuple[float, _Change]]] = {label: [] for label in candidates}
     scoring = time.perf_counter()
+    setup, per_move = 1000.0 * (scoring - started), 0.0
     for k, (label, step, q) in enumerate(jobs):
         stats_by[label].append((step, ctx.delta(q)))
-        expected = scoring - started + (time.perf_counter() - scoring) * len(jobs) if k == 0 else None
-        _tick(opts, "certificate", k + 2, len(jobs) + 1, expected=expected)
+        if k == 0:
+            per_move = 1000.0 * (time.perf_counter() - scoring)
+        total = int(setup + per_move * len(jobs))
+        done = total if k == len(jobs) - 1 else min(total, int(setup + per_move * (k + 1)))
+        _tick(opts, "certificate", done, total, expected=total / 1000.0 if k == 0 else None)
     if not jobs:
         _tick(opts, "certificate", 1, 1)
     verdicts = []
