@@ -1663,6 +1663,44 @@ class _SpecInterpreter(torch.fx.Interpreter):
         return tuple(batch) + (None, sv[-1])
 
     # ------------------------------------------------------------------ rules
+    @staticmethod
+    def _flat(action) -> tuple:
+        """``action`` with its unpermuted entries as one segment per run (a canonical form to compare)."""
+        out: list = []
+        for g, k, e in action:
+            seg = (g, k, e) if g is not None else (None, k * e, 1)
+            if seg[0] is None and out and out[-1][0] is None:
+                out[-1] = (None, out[-1][1] + seg[1], 1)
+            elif seg[1]:
+                out.append(seg)
+        return tuple(out)
+
+    def _regroup(self, actions: list, ins: list[int], outs: list[int]) -> list | None:
+        """A block of axes of sizes ``ins`` reshaped into axes of sizes ``outs`` (equal products) whose one permuted
+        axis carries ``actions[p]``: the block's entries in row-major order carry that axis' units expanded over the
+        later input axes and tiled over the earlier ones. If one output axis ``b`` holds that pattern whole (the
+        same action, expanded over the later output axes and tiled over the earlier ones: MobileViT's unfolding of
+        ``(B, C, H, W)`` into ``(B * C * h, ph, w, pw)`` keeps the channels inside the merged axis), the output
+        axes' actions (None but at ``b``); else None."""
+        p = next(a for a, act in enumerate(actions) if act is not None)
+        flat = self._flat(tuple((g, k, e * math.prod(ins[p + 1 :])) for g, k, e in actions[p]) * math.prod(ins[:p]))
+        for b, size in enumerate(outs):
+            inner, outer = math.prod(outs[b + 1 :]), math.prod(outs[:b])
+            tile, length = [], 0
+            for g, k, e in flat:
+                if length >= size * inner:
+                    break
+                tile.append((g, k, e))
+                length += k * e
+            if length != size * inner or any(e % inner for g, _, e in tile if g is not None):
+                continue
+            if any((k * e) % inner for g, k, e in tile if g is None):
+                continue
+            action = tuple((g, k, e // inner) if g is not None else (None, k * e // inner, 1) for g, k, e in tile)
+            if self._flat(tuple((g, k, e * inner) for g, k, e in action) * outer) == flat:
+                return [action if c == b else None for c in range(len(outs))]
+        return None
+
     def _reshape(self, st: tuple, x: torch.Tensor, value: torch.Tensor) -> Any:
         """Carry groups through a reshape by matching blocks of input and output axes with equal products.
 
@@ -1750,6 +1788,10 @@ class _SpecInterpreter(torch.fx.Interpreter):
                         self._release(r, "heads")
                     return self._reshape(original, x, value)
                 self._fail(f"a reshape from {tuple(ins)} to {tuple(outs)} interleaves permuted units")
+            elif len(permuted) == 1 and (moved := self._regroup([st[a] for a in bi], [ins[a] for a in bi],
+                                                                 [outs[b] for b in bj])) is not None:  # fmt: skip
+                for b, action in zip(bj, moved):
+                    out[b] = action
             else:
                 self._fail(f"a reshape from {tuple(ins)} to {tuple(outs)} interleaves permuted units")
         if stack is not None:

@@ -119,6 +119,29 @@ class LeafAttention(nn.Module):
         return self.head(F.relu(self.fc(h)).mean(1))
 
 
+class UnfoldNet(nn.Module):
+    """MobileViT's unfolding of a feature map into patches (channels merged between the batch axis and the patch
+    rows, then moved last), a linear layer over the channels of every patch, and the folding back."""
+
+    def __init__(self, c: int = 6, patch: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.mix = nn.Linear(c, c)
+        self.out = nn.Conv2d(c, 4, 1)
+        self.patch = patch
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        b, c, hh, ww = h.shape
+        p, nh, nw = self.patch, hh // self.patch, ww // self.patch
+        u = h.reshape(b * c * nh, p, nw, p).transpose(1, 2)
+        u = u.reshape(b, c, nh * nw, p * p).transpose(1, 3).reshape(b * p * p, nh * nw, c)
+        u = F.gelu(self.mix(u))
+        f = u.reshape(b, p * p, nh * nw, c).transpose(1, 3).reshape(b * c * nh, nw, p, p)
+        f = f.transpose(1, 2).reshape(b, c, hh, ww)
+        return self.out(f + h).mean((2, 3))
+
+
 def _image(seed: int, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, 12, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -176,6 +199,20 @@ def test_fx_leaf_is_traced_inside_through_export():
     assert spec.sizes["embed"] == 16 and spec.sizes["fc"] == 8
     assert all(t.node.startswith("export_") for ts in spec.taps.values() for t in ts)
     for seed in (7, 8):
+        _assert_exact(model, spec, x, seed)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_channels_unfolded_with_the_batch_axis_are_traced_exactly(tracer):
+    torch.manual_seed(0)
+    model = UnfoldNet().double()
+    x = _image(9, batch=3)[:, :, :8, :8]
+    spec = trace_spec(model, x, tracer=tracer)
+    # the conv's 6 channels ride through the unfolding into the linear layer's input and back (tied by the residual
+    # addition to the mix's output, so one group); the output conv's channels reach the output
+    assert spec.sizes == {"conv": 6}
+    assert ("mix.weight", 0) in spec.perm_to_axes["conv"] and ("mix.weight", 1) in spec.perm_to_axes["conv"]
+    for seed in (10, 11):
         _assert_exact(model, spec, x, seed)
 
 
@@ -251,30 +288,38 @@ def test_planted_permutation_recovered_through_the_exported_graph(name, given):
     assert "fc" in res.correlation_after  # matched on its activations
 
 
-TIMM = [("tf_efficientnetv2_b0", 64), ("tiny_vit_5m_224", 224)]
+TIMM = [("tf_efficientnetv2_b0", 64), ("tiny_vit_5m_224", 224), ("mobilevit_xxs", 64)]
+
+
+def _redraw_constants(model: nn.Module) -> nn.Module:
+    """Zero biases, unit norms and zero-initialised bias tables would hide a misplaced permutation: every parameter
+    whose entries are all equal gets seeded noise added (in place, on this test's model)."""
+    for p in model.parameters():
+        if p.unique().numel() == 1:
+            g = torch.Generator().manual_seed(p.numel())
+            p.data.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,side", TIMM, ids=[t[0] for t in TIMM])
-def test_timm_models_fx_cannot_trace_are_exact_through_export(name, side):
+def test_timm_models_fx_cannot_trace_are_exact_through_export(name, side, monkeypatch):
     timm = pytest.importorskip("timm")
+    from timm.models import tiny_vit
+
+    # tiny_vit caches its indexed bias table in eval mode outside the state dict (stale after loading permuted
+    # weights, see docs/transformer_coverage.md): index it at every call
+    monkeypatch.setattr(tiny_vit.Attention, "get_attention_biases",
+                        lambda self, device: self.attention_biases[:, self.attention_bias_idxs])  # fmt: skip
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10).double()
+    model = _redraw_constants(timm.create_model(name, num_classes=10).double())
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(SpecError, match="torch.fx could not trace"):
+        trace_spec(model, x, tracer="fx")
     spec = trace_spec(model, x)
-    assert len(spec.groups) >= 20
-    res = check_equivalence(model, spec, x, trials=1, generator=0)
+    assert len(spec.groups) >= 30
+    res = check_equivalence(model, spec, x, trials=1, generator=0, tol=1e-9)
     assert res.verdict == "pass", res.message
-
-
-@pytest.mark.slow
-def test_timm_mobilevit_is_refused_at_its_patch_unfolding():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("mobilevit_xxs", num_classes=10)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(SpecError, match=r"a reshape from \(2, 64, 8, 8\) to \(512, 2, 4, 2\) interleaves permuted"):
-        trace_spec(model, x)
 
 
 @pytest.mark.slow
@@ -284,12 +329,7 @@ def test_swin_t_shifted_window_attention_is_traced_inside_through_export():
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.swin_t(weights=None, num_classes=10).double()
-    for m in model.modules():  # zero-initialised biases and unit norms would hide a misplaced permutation
-        for p in m.parameters(recurse=False):
-            if p.unique().numel() == 1:
-                p.data.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()),
-                                              dtype=p.dtype))  # fmt: skip
+    model = _redraw_constants(torchvision.models.swin_t(weights=None, num_classes=10).double())
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     spec = trace_spec(model, x)
     assert len(spec.heads) == 24  # 12 attentions: query/key and value/output rows split into heads

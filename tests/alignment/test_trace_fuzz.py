@@ -171,6 +171,8 @@ OPS = [
     ("conv_transpose3d_functional", lambda h, p, t: F.conv_transpose3d(h[:, :, None, None], p.convt3)[:, :, 0, 0],
      "ok", "ok"),
     ("embedding_functional", lambda h, p, t: h + F.embedding(torch.arange(L), p.emb).T, "ok", "ok"),
+    ("units_merged_with_batch",  # MobileViT's unfolding: channels between the batch and the positions, and back
+     lambda h, p, t: h.reshape(h.shape[0] * C * 2, L // 2).reshape(h.shape), "ok", "ok"),
     ("rms_norm_channels_last", lambda h, p, t: F.rms_norm(h.transpose(1, 2), (C,), p.ln_w).transpose(1, 2), "ok",
      "ok"),
 ]  # fmt: skip
