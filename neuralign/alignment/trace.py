@@ -2107,8 +2107,9 @@ def trace_spec(
     dropout and stochastic depth), softmax/normalize, pooling, padding and interpolation of unpermuted axes,
     residual additions (operands' groups are tied into one; a group added to an unpermuted tensor is fixed),
     concatenation and stacking, split/chunk at group boundaries, flatten/view/reshape/expand/repeat (a group is
-    expanded over the positions it is flattened with; equal chunks split by a view are tied, which covers channel
-    shuffles), transpose/permute/movedim and ``.T``/``.mT``, reductions (indices into a permuted axis may only
+    expanded over the positions it is flattened with and tiled over the axes before it, also when the merged axis is
+    split elsewhere, as in MobileViT's unfolding into patches; equal chunks split by a view are tied, which covers
+    channel shuffles), transpose/permute/movedim and ``.T``/``.mT``, reductions (indices into a permuted axis may only
     be dropped), sort/topk along unpermuted axes, contractions (matmul, einsum, ``F.linear``), pixel shuffles,
     and parameters used directly (``x * self.scale``). Tied parameters share their groups. The network's input
     axes and any group that reaches its output (tensors, tuples, dicts, named tuples) are never permuted. The
