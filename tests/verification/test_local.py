@@ -755,3 +755,25 @@ def test_alignment_check_accepts_aligns_own_tie_breaking_and_fails_a_damaged_pai
     bad = check(damaged)
     assert bad.verdict == "fail" and bad.details["per_group"][GROUP]["relative_gap_to_align"] > 1e-3, bad.summary
     assert f"below both the optimum and align()'s own correlation alignment: {GROUP}" in bad.summary
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradient_check_names_dropout_when_it_cannot_decide(dropout):
+    """The objective runs in train mode: dropout draws new masks at every evaluation, so the Taylor remainder is
+    noise and the check cannot pass; its summary says that dropout is why. Without dropout the same network passes
+    and the summary does not mention it."""
+    from neuralign.curves.pam import CurvePermutationProblem
+
+    data = load_data("digits", batch_size=64, generator=0)
+    model = build_model("mlp", 10, in_features=64, hidden=(16, 16), dropout=dropout, generator=1)
+    spec = trace_spec(model, next(iter(data.train))[0])
+    prob = CurvePermutationProblem(model, model.state_dict(), model.state_dict(), spec, data.train,
+                                   heldout_loader=data.train_eval, value_batches=2)  # fmt: skip
+    ctx = _Context(prob, [torch.randn(sum(prob.numels), generator=torch.Generator().manual_seed(0)) * 0.01], spec)
+    opts = SimpleNamespace(gradient_check_examples=8, min_slope=1.8, max_relative_error=1e-3, callback=None)
+    torch.manual_seed(0)
+    res = _check_gradient(ctx, opts, torch.Generator().manual_seed(0))
+    if dropout:
+        assert res.verdict != "pass" and "dropout (p = 0.2)" in res.summary, res.summary
+    else:
+        assert res.verdict == "pass" and "dropout" not in res.summary, res.summary
