@@ -2071,9 +2071,11 @@ def trace_spec(
     tracer : {"auto", "fx", "export"}
         How the graph is obtained: ``torch.fx.symbolic_trace`` ("fx"), ``torch.export.export(..., strict=False)``
         on ``example_input`` ("export"), or fx and, where fx cannot trace the model (control flow on shapes, such
-        as "same" padding computed from ``x.shape``), export ("auto", default). An exported graph is specialised to
-        the shapes of ``example_input`` (the batch axis stays symbolic where the model allows it); its ATen
-        operations are rewritten into the torch functions the rules know and proven by the same rules (an
+        as "same" padding computed from ``x.shape``) or its graph is refused at an operation no rule knows (an fx
+        leaf such as torchvision's ``shifted_window_attention``, whose body torch.export records), export ("auto",
+        default; under ``on_unsupported="fix"`` such a refusal fixes groups instead). An exported graph is
+        specialised to the shapes of ``example_input`` (the batch axis stays symbolic where the model allows it); its
+        ATen operations are rewritten into the torch functions the rules know and proven by the same rules (an
         operation without a mapping is refused as soon as it touches a group). A permutation does not depend on
         shapes, so the spec holds for every input the model accepts; the taps name the exported graph's nodes.
 
