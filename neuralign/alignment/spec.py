@@ -67,7 +67,7 @@ Action = tuple[Segment, ...]
 @dataclass(frozen=True)
 class Heads:
     """The attention-head structure of a flat group of ``count * size`` units (Vaswani et al. 2017,
-    arXiv:1706.03762; the symmetry as in Verma & Elbayad 2024, arXiv:2402.04051, and Imfeld et al. 2024,
+    arXiv:1706.03762; the symmetry as in Verma & Elbayad 2024, arXiv:2403.00986, and Imfeld et al. 2024,
     arXiv:2310.05719).
 
     Unit ``h * size + j`` is dimension ``j`` of head ``h``. A permutation of the flat group keeps heads whole:

@@ -13,6 +13,7 @@ __all__ = [
     "add_common",
     "add_data",
     "add_force",
+    "add_optimizer",
     "add_pair",
     "build_parser",
     "list_settings_in_help",
@@ -65,6 +66,19 @@ def add_data(p: argparse.ArgumentParser, *, required: bool = True, settings: boo
     g.add_argument("--mean", default=None, help="normalisation means, comma-separated, one per channel "
                    "(default: the dataset's, or computed on the training images)")
     g.add_argument("--std", default=None, help="normalisation standard deviations, with --mean")
+
+
+def add_optimizer(p: argparse.ArgumentParser, *, settings: bool = False) -> None:
+    """``--optimizer`` of the end points' training (``TrainingOptions.optimizer``), defined once for every command
+    that trains them. With ``settings`` it overrides the preset's ``train.optimizer`` (``neuralign study``,
+    ``neuralign compare``) and has no default of its own."""
+    from neuralign.experiments.training import OPTIMIZERS  # imports torch: not at module level (see cli/__init__)
+
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None if settings else "sgd",
+                   help="optimizer of the end points' training: sgd (the paper's Nesterov SGD) or adamw (for "
+                        "transformers such as tinylm, with a smaller learning rate, e.g. 5e-3; SGD does not train "
+                        "tinylm) (default: " + ("the preset's, sgd" if settings else "sgd") + ")"
+                        + ("; the curves' optimizer is --set curve.optimizer=adamw" if settings else ""))  # fmt: skip
 
 
 def add_arch(p: argparse.ArgumentParser, *, checkpoints: bool) -> None:

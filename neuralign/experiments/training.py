@@ -44,8 +44,9 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass(frozen=True)
 class TrainingOptions(Options):
-    """A training recipe of the study: epochs, learning rate, weight decay and schedule of Nesterov SGD (momentum
-    0.9), for end points (:func:`train_model`) and curves (:func:`~neuralign.curves.fit_curve`).
+    """A training recipe of the study: epochs, learning rate, weight decay, schedule and optimizer (the paper's
+    Nesterov SGD, momentum 0.9, or AdamW), for end points (:func:`train_model`) and curves
+    (:func:`~neuralign.curves.fit_curve`, the x-steps of :func:`~neuralign.curves.fit_curve_pam`).
 
     Attributes
     ----------
@@ -58,6 +59,13 @@ class TrainingOptions(Options):
     schedule : {"paper", "garipov"}
         The learning-rate factor per epoch: ``"paper"`` (:func:`~neuralign.curves.paper_lr_factor`, halved every 20
         epochs) or ``"garipov"`` (:func:`~neuralign.curves.garipov_lr_factor`, the official robust schedule).
+    optimizer : {"sgd", "adamw"}
+        ``"sgd"`` (default, the paper's): Nesterov SGD, momentum 0.9. ``"adamw"``: AdamW (Loshchilov & Hutter 2019,
+        arXiv:1711.05101), the usual optimizer of transformers such as ``tinylm``, which SGD does not train (see
+        :func:`train_model`); it wants a smaller ``lr`` (e.g. 5e-3 for ``tinylm``). End points take ``weight_decay``
+        in the optimizer (decoupled for AdamW); curves keep it as the L2 term of their objective, so their AdamW
+        has no decay of its own (:meth:`curve_optimizer`). A configuration written before this option reads as
+        ``"sgd"``.
 
     Raises
     ------
@@ -69,18 +77,42 @@ class TrainingOptions(Options):
     lr: float = 0.1
     weight_decay: float = 5e-4
     schedule: str = "paper"
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         self._check("epochs", check_int, minimum=1)
         self._check("lr", check_real, low=0.0, low_open=True)
         self._check("weight_decay", check_real, low=0.0)
         check_choice(self.schedule, "schedule", LR_SCHEDULES)
+        check_choice(self.optimizer, "optimizer", OPTIMIZERS)
 
     def lr_lambda(self) -> Callable[[int], float]:
         """The learning-rate factor per epoch for a run of ``epochs`` epochs (for ``LambdaLR``)."""
         if self.schedule == "garipov":
             return functools.partial(garipov_lr_factor, epochs=self.epochs)
         return paper_lr_factor
+
+    def curve_optimizer(self) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+        """The ``optimizer`` factory of :func:`~neuralign.curves.fit_curve` and
+        :func:`~neuralign.curves.fit_curve_pam` for this recipe: ``params -> `` Nesterov SGD (momentum 0.9) or AdamW
+        at ``lr``, with no weight decay of its own (the curve objective holds the L2 term ``weight_decay``).
+
+        >>> opt = TrainingOptions(lr=0.01, optimizer="adamw").curve_optimizer()([torch.zeros(3, requires_grad=True)])
+        >>> type(opt).__name__, opt.defaults["lr"], opt.defaults["weight_decay"]
+        ('AdamW', 0.01, 0.0)
+        """
+        return functools.partial(_make_optimizer, self.optimizer, lr=self.lr, weight_decay=0.0)
+
+
+def _make_optimizer(
+    name: str, params: Iterable[torch.Tensor], *, lr: float, weight_decay: float, momentum: float = 0.9,
+    nesterov: bool = True,
+) -> torch.optim.Optimizer:
+    """The optimizer ``name`` of :data:`OPTIMIZERS` over ``params`` (SGD's Nesterov momentum only when > 0)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                           weight_decay=weight_decay)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -227,15 +259,10 @@ def train_model(
     work = copy.deepcopy(model)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     config: dict[str, Any] = {"adversarial": attack_settings}
-    opt: torch.optim.Optimizer
     if optimizer == "adamw":  # recorded only then, so that SGD checkpoints of before stay resumable
         config["optimizer"] = optimizer
-        opt = torch.optim.AdamW(work.parameters(), lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(
-            work.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-            weight_decay=weight_decay,
-        )  # fmt: skip
+    opt = _make_optimizer(optimizer, work.parameters(), lr=lr, weight_decay=weight_decay, momentum=momentum,
+                          nesterov=nesterov)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     distributed = is_distributed()
     params = [p for p in work.parameters() if p.requires_grad]

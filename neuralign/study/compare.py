@@ -123,8 +123,8 @@ class CompareConfig(Options):
         How every method's interpolation is evaluated; its ``alignment_data`` and ``alignment_size`` are filled in
         from ``data`` when not given.
     curve : TrainingOptions
-        Curve fitting: PAM's x-steps (learning rate, weight decay, schedule) and, with ``fit_curves``, the Bezier
-        curve fitted from each method's permutation (``epochs``).
+        Curve fitting: PAM's x-steps (learning rate, weight decay, schedule, optimizer) and, with ``fit_curves``, the
+        Bezier curve fitted from each method's permutation (``epochs``).
     fit_curves : bool
         Also fit a quadratic Bezier curve between A and each method's permuted B and report its Min accuracy.
     pam : CurvePAMOptions
@@ -366,7 +366,9 @@ class _Compare:
         """The configured protocol, with the alignment data filled in where not given."""
         p = self.config.protocol
         n = len(self.data.align.dataset)
-        described = p.alignment_data or f"{self.config.data.dataset}: the first {n} training images, test transforms"
+        first = f"the first {n} training " + ("windows" if self.data.context_length is not None else
+                                                "images, test transforms")  # fmt: skip
+        described = p.alignment_data or f"{self.config.data.dataset}: {first}"
         return p.replace(alignment_data=described, alignment_size=p.alignment_size or n)
 
     def pair(self, k: int) -> dict[str, Any]:
@@ -382,10 +384,6 @@ class _Compare:
                 "spec": trace_spec(a, next(iter(self.data.test))[0][:2].to(device)),
             }  # fmt: skip
         return self._pairs[k]
-
-    def _optimizer(self) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
-        lr = self.config.curve.lr
-        return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
 
     # ------------------------------------------------------------------ stages
     def alignment(self, k: int, method: str) -> dict[str, torch.Tensor]:
@@ -438,7 +436,7 @@ class _Compare:
                 warnings.simplefilter("ignore", ConvergenceWarning)  # a fixed budget; the status is recorded
                 res = fit_curve_pam(
                     a, p["sd_a"], p["sd_b"], self.data.train, init="identity", spec=spec,
-                    heldout_loader=self.data.train_eval, options=pam, optimizer=self._optimizer(),
+                    heldout_loader=self.data.train_eval, options=pam, optimizer=c.curve.curve_optimizer(),
                     weight_decay=c.curve.weight_decay, lr_lambda=c.curve.lr_lambda(), generator=seed,
                     checkpoint=folder / f"align_{method}.ckpt", max_batches=c.max_batches,
                 )  # fmt: skip
@@ -503,7 +501,7 @@ class _Compare:
         ckpt = self.out / f"pair{k}" / f"curve_{method}.ckpt"
         res = fit_curve(
             p["a"], {n: v for n, v in p["sd_a"].items() if n in names}, end_b, self.data.train,
-            epochs=c.curve.epochs, optimizer=self._optimizer(), weight_decay=c.curve.weight_decay,
+            epochs=c.curve.epochs, optimizer=c.curve.curve_optimizer(), weight_decay=c.curve.weight_decay,
             generator=stable_seed(c.seed, "compare-curve", k, method), checkpoint=ckpt,
             max_batches=c.max_batches, lr_lambda=c.curve.lr_lambda(),
             callback=lambda r: self.study.emit(stage="curve", label=label, step=r.get("epoch", 0) + 1,

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from neuralign._utils import atomic_write_text
+from neuralign.experiments.data.text import parse_text_dataset
 from neuralign.study.report import _fmt_number, _mean_std
 
 __all__ = ["plot_comparison", "summary_table", "write_comparison_report"]
@@ -65,6 +66,18 @@ def _fmt(stat: Mapping[str, Any] | None, scale: float, decimals: int) -> str:
     return text
 
 
+def _test_set(results: Mapping[str, Any]) -> str:
+    """The test set's size in the report's words, and what one prediction is worth in accuracy points: images, or a
+    text dataset's windows, whose every token is one prediction (:func:`~neuralign.curves.evaluate_model`)."""
+    n = int(results["test_images"])
+    text = parse_text_dataset(results["config"]["data"]["dataset"])
+    if text is None:
+        return f"Test set: {n} images (one image is {100 / n:.2g} points)."
+    tokens = n * text[1]
+    return (f"Test set: {n} windows of {text[1]} tokens, {tokens} next-token predictions (one prediction is "
+            f"{100 / tokens:.2g} points).")  # fmt: skip
+
+
 def write_comparison_report(results: Mapping[str, Any], path: Path, *, figure: Path | None = None) -> Path:
     """Write the comparison's markdown report (the table, the agreement matrix, the protocol) atomically."""
     methods = results["methods"]
@@ -77,8 +90,7 @@ def write_comparison_report(results: Mapping[str, Any], path: Path, *, figure: P
              + (", mean ± sample std over pairs." if n > 1 else "."), ""]  # fmt: skip
     ends = [(q["endpoints"]["a"]["test_acc"] + q["endpoints"]["b"]["test_acc"]) / 2 for q in results["pairs"]]
     lines += [f"End points' test accuracy (mean of A and B): "
-              f"{', '.join(_fmt_number(100 * e, 2) for e in ends)} % (pairs 1..{n}). "
-              f"Test set: {results['test_images']} images (one image is {100 / results['test_images']:.2g} points).",
+              f"{', '.join(_fmt_number(100 * e, 2) for e in ends)} % (pairs 1..{n}). {_test_set(results)}",
               ""]  # fmt: skip
     columns = [(k, title, pct) for k, title, pct in _ROWS]
     if config.get("fit_curves"):

@@ -25,6 +25,7 @@ from neuralign._options import Options, nested, set_path
 from neuralign._validate import check_bool, check_choice, check_int, check_real
 from neuralign.attacks import PGD
 from neuralign.curves import CurvePAMOptions
+from neuralign.experiments.data.text import parse_text_dataset
 from neuralign.experiments.training import TrainingOptions
 from neuralign.optim import BirkhoffStep
 from neuralign.verification import VerificationOptions
@@ -33,6 +34,7 @@ __all__ = [
     "LEGACY_NAMES",
     "PRESETS",
     "SETTINGS",
+    "IMAGE_SETTINGS",
     "DataOptions",
     "EvaluationOptions",
     "ModelOptions",
@@ -42,6 +44,9 @@ __all__ = [
 
 #: The curve settings of Tatro et al. (2020, Table 1), in the order of the table.
 SETTINGS = ("unaligned", "pam_unaligned", "pam_aligned", "aligned")
+
+#: The :class:`DataOptions` that apply to images only (a text dataset such as ``pydoc`` takes none of them).
+IMAGE_SETTINGS = ("resize", "mean", "std")
 
 
 def _size(value: Any, name: str) -> int | float | None:
@@ -81,6 +86,13 @@ class DataOptions(Options):
         Resize images to this side length.
     mean, std : tuple of float, optional
         Normalisation statistics (default: the dataset's, or computed on the training images).
+
+    Notes
+    -----
+    :meth:`replace` (so also ``StudyConfig.set("data.dataset", ...)`` and ``neuralign study/compare --data``) to a
+    text dataset drops the image settings (:data:`IMAGE_SETTINGS`) not given in the same call: a preset's
+    ``resize=16`` for the digits does not follow ``--data pydoc``. One set afterwards stays, and
+    :func:`~neuralign.experiments.data.load_data` refuses it, naming it.
     """
 
     dataset: str = "cifar10"
@@ -104,6 +116,14 @@ class DataOptions(Options):
         self._check("resize", check_int, minimum=1, allow_none=True)
         object.__setattr__(self, "mean", _floats(self.mean, "mean"))
         object.__setattr__(self, "std", _floats(self.std, "std"))
+
+    def replace(self, **changes: Any) -> DataOptions:
+        """A validated copy with ``changes``; a new text ``dataset`` drops the image settings not in ``changes``
+        (see Notes)."""
+        dataset = changes.get("dataset")
+        if isinstance(dataset, str) and parse_text_dataset(dataset) is not None:
+            changes = {**dict.fromkeys(IMAGE_SETTINGS), **changes}
+        return super().replace(**changes)
 
 
 @dataclass(frozen=True)

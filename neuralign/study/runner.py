@@ -240,6 +240,7 @@ class _Study:
             model, self.data.train, epochs=tr.epochs, lr=tr.lr, weight_decay=tr.weight_decay, test_loader=None,
             checkpoint=path.with_suffix(".ckpt"), callback=on_epoch, max_batches=c.max_batches,
             lr_lambda=tr.lr_lambda(), adversarial=c.attack(), generator=stable_seed(c.seed, "attack", seed),
+            optimizer=tr.optimizer,
         )  # fmt: skip
         model.load_state_dict(res.state_dict)
         model.eval()
@@ -310,9 +311,7 @@ class _Study:
         label = f"pair {k} {setting.replace('_', ' ')}"
 
         cv = c.curve
-
-        def optimizer(params):
-            return torch.optim.SGD(params, lr=cv.lr, momentum=0.9, nesterov=True)
+        optimizer = cv.curve_optimizer()
 
         def on_epoch(record: dict[str, Any]) -> None:
             self.emit(stage="curve", label=label, step=record.get("epoch", 0) + 1, total=cv.epochs, record=record)

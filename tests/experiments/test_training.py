@@ -171,3 +171,32 @@ def test_standard_training_draws_nothing_more_from_the_global_rng(data):
     model = _model()
     out = model(next(iter(data.train))[0])  # one training forward: the dropout draws of one batch
     assert out.shape[0] > 0 and torch.equal(torch.get_rng_state(), after)
+
+
+def test_training_options_take_the_optimizer_and_read_configs_without_it():
+    from neuralign.experiments.training import TrainingOptions
+
+    assert TrainingOptions().optimizer == "sgd" and TrainingOptions(optimizer="adamw").optimizer == "adamw"
+    # a configuration written before the option: the SGD it was trained with
+    old = {"epochs": 3, "lr": 0.05, "weight_decay": 0.0, "schedule": "garipov"}
+    options = TrainingOptions.from_dict(old)
+    assert options == TrainingOptions(epochs=3, lr=0.05, weight_decay=0.0, schedule="garipov", optimizer="sgd")
+    assert options.to_dict() == {**old, "optimizer": "sgd"}
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adam'; expected one of \['adamw', 'sgd'\]"):
+        TrainingOptions(optimizer="adam")
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adam'"):
+        TrainingOptions().replace(optimizer="adam")
+
+
+def test_the_curve_optimizer_is_the_recipe_s_without_weight_decay():
+    from neuralign.experiments.training import TrainingOptions
+
+    params = [torch.zeros(3, requires_grad=True)]
+    sgd = TrainingOptions(lr=0.07, weight_decay=1e-3).curve_optimizer()(params)
+    # the optimizer the study and compare built for curves before the option, unchanged for "sgd"
+    assert type(sgd) is torch.optim.SGD
+    assert {k: sgd.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay")} == {
+        "lr": 0.07, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}
+    adamw = TrainingOptions(lr=0.002, weight_decay=1e-3, optimizer="adamw").curve_optimizer()(params)
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["lr"] == 0.002
+    assert adamw.defaults["weight_decay"] == 0.0  # the curve objective holds the L2 term

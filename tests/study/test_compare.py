@@ -160,3 +160,19 @@ def test_a_verdict_per_method_and_pair(tmp_path) -> None:
     stamps = {p: p.stat().st_mtime_ns for p in (out / "pair1").glob("verify_*")}
     run_compare(config, out)
     assert {p: p.stat().st_mtime_ns for p in (out / "pair1").glob("verify_*")} == stamps and len(stamps) == 4
+
+
+def test_a_comparison_folder_written_before_the_optimizer_setting_still_resumes(tmp_path) -> None:
+    from pathlib import Path
+
+    from neuralign.study.compare import check_compare_folder
+
+    evidence = Path(__file__).resolve().parents[2] / "docs" / "evidence" / "compare_mlp_mnist" / "manifest.json"
+    manifest = json.loads(evidence.read_text())
+    assert "optimizer" not in manifest["config"]["train"]  # written before TrainingOptions.optimizer
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    config = CompareConfig.from_dict(manifest["config"])
+    assert config.train.optimizer == config.curve.optimizer == "sgd"
+    assert check_compare_folder(config, tmp_path) == manifest
+    with pytest.raises(CheckpointError, match=r"other settings \(curve.optimizer\)"):
+        check_compare_folder(config.set("curve.optimizer", "adamw"), tmp_path)

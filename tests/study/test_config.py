@@ -125,3 +125,49 @@ def test_the_flat_manifests_of_the_evidence_are_read_as_the_presets(folder, pres
     assert "pam_lam" in manifest["config"] or "robust" in manifest["config"]  # written before 0.2: flat
     config = StudyConfig.from_dict(manifest["config"])
     assert config == PRESETS[preset].set("data.dataset", config.data.dataset)
+
+
+def _without_optimizer(config: dict) -> dict:
+    """A nested configuration as written before ``TrainingOptions.optimizer``."""
+    old = json.loads(json.dumps(config))
+    for group in ("train", "curve"):
+        del old[group]["optimizer"]
+    return old
+
+
+def test_the_optimizer_is_a_training_setting_and_configs_without_it_read_as_sgd():
+    config = PRESETS["demo"].set("train.optimizer", "adamw").set("curve.optimizer", "adamw")
+    assert config.train.optimizer == config.curve.optimizer == "adamw"
+    assert StudyConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    old = _without_optimizer(PRESETS["demo"].to_dict())
+    assert StudyConfig.from_dict(old) == PRESETS["demo"] and PRESETS["demo"].train.optimizer == "sgd"
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adam'; expected one of \['adamw', 'sgd'\]"):
+        PRESETS["demo"].set("train.optimizer", "adam")
+
+
+def test_a_study_folder_written_before_the_optimizer_setting_still_resumes(tmp_path):
+    from neuralign.errors import CheckpointError
+    from neuralign.study.runner import check_study_folder
+
+    config = PRESETS["demo"]
+    manifest = {"kind": "study_manifest", "config": _without_optimizer(config.to_dict()), "runs": []}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "pair1").mkdir()  # a stage was done: the folder is not one to start afresh
+    check_study_folder(config, tmp_path)  # the same settings: no refusal
+    with pytest.raises(CheckpointError, match=r"other settings \(train.optimizer\)"):
+        check_study_folder(config.set("train.optimizer", "adamw"), tmp_path)
+
+
+def test_a_text_dataset_drops_the_preset_s_image_settings():
+    from neuralign.study.compare import COMPARE_PRESETS
+
+    assert PRESETS["demo"].data.resize == 16
+    for preset in (PRESETS["demo"].set("data.mean", (0.5,)).set("data.std", (0.2,)), COMPARE_PRESETS["demo"]):
+        text = preset.set("data.dataset", "pydoc:32")
+        assert (text.data.dataset, text.data.resize, text.data.mean, text.data.std) == ("pydoc:32", None, None, None)
+        assert text.data.batch_size == preset.data.batch_size  # the other data settings stay
+        # an image option given after the dataset stays (and load_data refuses it, naming it)
+        assert text.set("data.resize", 8).data.resize == 8
+    # an image dataset keeps them
+    assert PRESETS["demo"].set("data.dataset", "mnist").data.resize == 16
+    assert PRESETS["demo"].data.replace(dataset="pydoc", resize=12).resize == 12  # given in the same call

@@ -11,7 +11,7 @@ from typing import Any
 from neuralign import _distributed
 from neuralign.cli.common import data_settings, model_args, parse_device, parse_overrides
 from neuralign.cli.executors import add_executor_options, print_cancel, print_status, run_stages, stage_times
-from neuralign.cli.parser import add_common, add_data
+from neuralign.cli.parser import add_common, add_data, add_optimizer
 from neuralign.cli.progress import ProgressBars
 
 __all__ = ["COMMANDS", "PRESET_NAMES", "cmd_compare"]
@@ -37,7 +37,7 @@ def cmd_compare(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     elif args.pairs is not None:
         settings["pairs"] = args.pairs
     for option, path in (("methods", "methods"), ("num_points", "protocol.num_points"), ("bn", "protocol.bn"),
-                         ("arch", "model.arch")):  # fmt: skip
+                         ("arch", "model.arch"), ("optimizer", "train.optimizer")):  # fmt: skip
         value = getattr(args, option)
         if value is not None:
             settings[path] = tuple(value) if isinstance(value, list) else value
@@ -80,6 +80,7 @@ def add_compare_parser(sub: Any) -> None:
     p.add_argument("--endpoints", nargs="+", default=None, metavar="FILE",
                    help="given end points instead of training: A1 B1 [A2 B2 ...] in any format `align` reads")
     p.add_argument("--arch", default=None, help="architecture of trained or plain end points")
+    add_optimizer(p, settings=True)
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="builder argument of --arch (repeatable), e.g. depth=2 heads=4 mlp_dim=128 for vit")
     p.add_argument("--num-points", type=int, default=None, help="lambda grid size (default 25; 11 and 61 common)")

@@ -13,7 +13,7 @@ from typing import Any
 from neuralign import _distributed
 from neuralign.cli.common import data_settings, model_args, parse_device, parse_overrides
 from neuralign.cli.executors import add_executor_options, print_cancel, print_status, run_stages, stage_times
-from neuralign.cli.parser import add_common, add_data, list_settings_in_help
+from neuralign.cli.parser import add_common, add_data, add_optimizer, list_settings_in_help
 from neuralign.cli.progress import ProgressBars
 
 __all__ = ["cmd_study", "COMMANDS"]
@@ -22,7 +22,7 @@ __all__ = ["cmd_study", "COMMANDS"]
 _OPTION_PATHS = {
     "pairs": "pairs", "arch": "model.arch", "epochs": "train.epochs", "curve_epochs": "curve.epochs",
     "num_points": "evaluation.num_points", "bn_batches": "evaluation.max_bn_batches", "width": "model.width",
-    "num_classes": "model.num_classes",
+    "num_classes": "model.num_classes", "optimizer": "train.optimizer",
 }  # fmt: skip
 
 
@@ -105,6 +105,7 @@ def add_study_parser(sub: Any) -> None:
                    help="given end points instead of training: A1 B1 [A2 B2 ...] in any format `align` reads "
                         "(plain state dicts and .safetensors are read as --arch with the dataset's classes)")
     p.add_argument("--epochs", type=int, default=None, help="end-point training epochs")
+    add_optimizer(p, settings=True)
     p.add_argument("--curve-epochs", type=int, default=None, help="curve (and PAM x-step) epochs")
     p.add_argument("--num-points", type=int, default=None, help="points along t for evaluation")
     p.add_argument("--bn-batches", type=int, default=None, help="batches per batch-norm re-estimation")

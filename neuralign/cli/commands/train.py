@@ -9,7 +9,7 @@ from typing import Any
 
 from neuralign._utils import atomic_save
 from neuralign.cli.common import check_image_size, info, load_command_data, model_args, parse_device
-from neuralign.cli.parser import add_arch, add_common, add_data, add_force
+from neuralign.cli.parser import add_arch, add_common, add_data, add_force, add_optimizer
 from neuralign.cli.progress import ProgressBars
 from neuralign.cli.runfolder import announce_resume, check_run, command_options
 
@@ -20,8 +20,11 @@ def cmd_train(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     device = parse_device(args.device)
     out = Path(args.out)
     path = out / f"{args.arch}_seed{args.seed}.pt"
-    options = command_options(args, "arch", "width", "seed", "epochs", "lr", "weight_decay", "model_arg", "num_classes")
-    if check_run(args, "train", options, outputs=[path], checkpoints=[path.with_suffix(".ckpt")]) == "done":
+    options = command_options(args, "arch", "width", "seed", "epochs", "lr", "weight_decay", "model_arg", "num_classes",
+                              "optimizer")  # fmt: skip
+    # end points of before --optimizer were trained with SGD
+    if check_run(args, "train", options, outputs=[path], checkpoints=[path.with_suffix(".ckpt")],
+                 normalize=lambda recorded: {"optimizer": "sgd", **recorded}) == "done":  # fmt: skip
         return [path]
     from neuralign.curves import evaluate_model  # past the skip: a finished result costs only the start-up
     from neuralign.experiments.models import build_model, builder_kwargs
@@ -38,7 +41,7 @@ def cmd_train(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
         bars({"stage": "train", "label": path.stem, "step": record["epoch"], "total": args.epochs, "record": record})
 
     res = train_model(model, data.train, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                      checkpoint=path.with_suffix(".ckpt"), callback=on_epoch)  # fmt: skip
+                      checkpoint=path.with_suffix(".ckpt"), callback=on_epoch, optimizer=args.optimizer)  # fmt: skip
     model.load_state_dict(res.state_dict)
     test_loss, test_acc = evaluate_model(model.eval(), data.test)
     atomic_save({
@@ -64,6 +67,7 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=250, help="epochs (default: 250)")
     p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+    add_optimizer(p)
     add_force(p)
 
 
