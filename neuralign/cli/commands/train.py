@@ -59,7 +59,8 @@ def add_train_parser(sub: Any) -> None:
     """The sub-parser of ``neuralign train``."""
     p = sub.add_parser("train", help="train one end point with the paper's recipe",
                        description="Train a network with Nesterov SGD (lr 0.1, momentum 0.9, wd 5e-4, lr halved "
-                       "every 20 epochs), checkpointing every epoch; writes <out>/<arch>_seed<seed>.pt.")  # fmt: skip
+                       "every 20 epochs), or AdamW with --optimizer adamw (transformers such as tinylm), "
+                       "checkpointing every epoch; writes <out>/<arch>_seed<seed>.pt.")  # fmt: skip
     add_common(p, out="neuralign-endpoints")
     add_data(p)
     add_arch(p, checkpoints=False)
