@@ -101,3 +101,23 @@ def test_study_takes_the_optimizer_of_the_end_points(tmp_path, monkeypatch, give
     assert config.train.optimizer == expected and config.curve.optimizer == "sgd"
     assert config.data.dataset == "pydoc:16" and config.data.resize is None  # the demo's resize=16 dropped
 
+
+
+def test_pam_s_curve_steps_take_the_curve_optimizer(tmp_path, monkeypatch):
+    import neuralign.curves.pam as pam
+
+    fitted = []
+
+    def fit_curve(*args, optimizer, **kwargs):  # PAM's x-steps
+        fitted.append(type(optimizer([torch.zeros(1, requires_grad=True)])).__name__)
+        return real(*args, optimizer=optimizer, **kwargs)
+
+    real = pam.fit_curve
+    monkeypatch.setattr(pam, "fit_curve", fit_curve)
+    command = ["compare", "--arch", "tinylm", "--out", str(tmp_path / "cmp"), "--pairs", "1", "--methods", "pam",
+               "--optimizer", "adamw", "--set", "train.lr=5e-3", "--set", "train.epochs=1", "--set", "max_batches=4",
+               "--set", "protocol.max_bn_batches=2", "--num-points", "3", "--set", "pam.x_epochs=1", "--set",
+               "pam.value_batches=2", "--set", "pam.gradient_batches=2", "--set", "curve.optimizer=adamw", "--set",
+               "curve.lr=5e-3", *TEXT]  # fmt: skip
+    assert main(command) == 0
+    assert fitted == ["AdamW"]  # one outer iteration, one x-step
