@@ -32,6 +32,7 @@ __all__ = [
     "check_max_batches",
     "check_model",
     "evaluate",
+    "load_weights",
     "module_mode",
     "parameters_of",
     "reestimate",
@@ -81,6 +82,22 @@ def parameters_of(model: nn.Module, state: Any, label: str) -> dict[str, torch.T
             )
         out[key] = value
     return out
+
+
+def load_weights(model: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``params`` (one entry per parameter, as :func:`parameters_of` gives: a tied parameter once) and the
+    entries of ``buffers`` that name a buffer of ``model`` (non-persistent ones included) into ``model`` in place.
+
+    ``load_state_dict`` would want every tied name and refuse non-persistent buffers (a language model's tied output
+    head, RoPE's ``inv_freq``).
+    """
+    own = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+        for name, value in buffers.items():
+            if name in own:
+                own[name].copy_(value)
 
 
 def check_curve_matches_model(model: nn.Module, names: Iterable[str], shapes: Iterable[torch.Size]) -> None:

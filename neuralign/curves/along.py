@@ -19,7 +19,14 @@ from torch import nn
 
 from neuralign._options import renamed_keywords
 from neuralign.alignment import PermutationSpec, align, identity_permutation
-from neuralign.curves._weights import bn_modules, check_max_batches, check_model, parameters_of, reestimate
+from neuralign.curves._weights import (
+    bn_modules,
+    check_max_batches,
+    check_model,
+    load_weights,
+    parameters_of,
+    reestimate,
+)
 from neuralign.curves.families import Curve, _check_t
 
 __all__ = ["MidpointAlignment", "midpoint_alignment"]
@@ -205,11 +212,11 @@ def midpoint_alignment(
         # compared with like: at t = 0 the network is A itself, correlation 1 and nothing moved
         end_buffers = reestimate(model, end_params, bn_loader, bn_batches, device, "bn_loader")
         net = copy.deepcopy(model)
-        net.load_state_dict({**dict(net.state_dict()), **dict(point),
-                             **{k: v for k, v in end_buffers.items() if k in bn_keys}})  # fmt: skip
+        load_weights(net, end_params, {**{k: v for k, v in point.items() if k not in end_params},
+                                       **{k: v for k, v in end_buffers.items() if k in bn_keys}})  # fmt: skip
         ends[end] = net.eval()
     mid = copy.deepcopy(model)
-    mid.load_state_dict({**params, **buffers})
+    load_weights(mid, params, buffers)
     mid.eval()
     before, after, moved, groups = {}, {}, {}, ()
     for end, net in ends.items():

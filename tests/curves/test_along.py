@@ -123,3 +123,26 @@ def test_a_shuffling_bn_loader_is_drawn_once_or_refused(planted):
     assert res.before["a"] == pytest.approx(align(net, copy.deepcopy(net), x, spec=spec).correlation_before, abs=1e-3)
     with pytest.raises(ValueError, match="`bn_loader` yields other batches on each pass"):
         midpoint_alignment(a, line, a.state_dict(), b_state, x, shuffling, t=0.0, spec=spec)
+
+
+def test_a_language_model_with_a_tied_head_and_rope_buffers_is_aligned_along_its_curve():
+    # tinylm's output head is its embedding (one parameter, two state-dict names) and RoPE's frequencies are a
+    # non-persistent buffer: load_state_dict refused both. On the line from A to A the point is A at every t, so
+    # nothing moves; a line towards a relabelled A moves units at its end point B.
+    from neuralign.experiments.models import build_model
+
+    torch.manual_seed(0)
+    a = build_model("tinylm", num_classes=256).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (48, 12), generator=gen)
+    batches = [x[i : i + 16] for i in range(0, 48, 16)]
+    params = _params(a, a.state_dict())
+    spec = trace_spec(a, batches[0])
+    res = midpoint_alignment(a, Line.between(params, params), a.state_dict(), a.state_dict(), batches, batches,
+                             t=0.5, spec=spec)  # fmt: skip
+    assert res.moved["a"] == {g: 0 for g in spec.groups} == res.moved["b"]
+    b_state = apply_permutation(a.state_dict(), spec, random_permutation(spec, generator=2))
+    res = midpoint_alignment(a, Line.between(params, _params(a, b_state)), a.state_dict(), b_state, batches,
+                             batches, t=0.0, spec=spec)  # fmt: skip
+    assert res.moved["a"] == {g: 0 for g in spec.groups}
+    assert sum(res.moved["b"].values()) > 0
