@@ -224,7 +224,7 @@ COMPARE_PRESETS: dict[str, CompareConfig] = {
         pairs=2,
         data=DataOptions(dataset="digits", resize=16, batch_size=64, align_size=None),
         train=TrainingOptions(epochs=15),
-        curve=TrainingOptions(epochs=6),
+        curve=TrainingOptions(epochs=6, schedule="garipov"),  # as the study's demo preset
         pam=CurvePAMOptions(x_epochs=6, gradient_batches=4),
         protocol=InterpolationProtocol(num_points=11, max_bn_batches=4),
     ),
