@@ -14,8 +14,14 @@ with :math:`M^{\kappa}_{pq} = \sum_{g \in \kappa} \sum_{r<t} S_g[(pt+r)d : (pt+r
 :math:`t` the heads tied in one block and :math:`S^h` the similarity of the head group's own tensor axes (a per-head
 parameter). An outer assignment on :math:`C` matches the heads; the inside assignments of the matched pairs are kept.
 The result is the exact maximiser of :math:`\sum_g \langle S_g, P_g \rangle` over structured permutations when the
-similarities do not depend on each other (activation correlations); for weight matching it is one block-coordinate
-step.
+similarities do not depend on each other (activation correlations) and no group reorders the heads inside its
+blocks; for weight matching it is one block-coordinate step.
+
+Under grouped-query attention the query heads of one block may also be reordered (``Heads.within``, a permutation
+:math:`\tau` of the :math:`t` heads shared by the groups of one key): head :math:`r` of block :math:`p` is then
+matched to head :math:`\tau(r)` of block :math:`q`, and the pair's value maximises over :math:`\tau` and the inside
+permutations jointly, a bilinear problem solved by block-coordinate ascent (each of its steps an exact assignment,
+from two starts; never below the value with :math:`\tau` the identity), not provably to its maximum.
 """
 
 from __future__ import annotations
@@ -81,44 +87,94 @@ def match_heads(
     for head, groups in by_head.items():
         if heads is not None and head not in heads:
             continue
-        sims = {g: _checked(get(g), spec.sizes[g], g) for g in groups}
         structures = {g: spec.heads[g] for g in groups}
         blocks = next(iter(structures.values())).blocks
+        # (p, q, r, j, s, k): dimension j of head r of A's block p against dimension k of head s of B's block q
+        sims = {g: _checked(get(g), spec.sizes[g], g).reshape(h.blocks, h.tie, h.size, h.blocks, h.tie, h.size)
+                .permute(0, 3, 1, 2, 4, 5) for g, h in structures.items()}  # fmt: skip
         cost = torch.zeros(blocks, blocks, dtype=torch.float64)
         if head is not None and spec.perm_to_axes.get(head):
             cost += _checked(get(head), blocks, head)
-        pair_blocks: dict[str, torch.Tensor] = {}  # inner key -> (blocks, blocks, d, d) summed blocks
-        for g, h in structures.items():
-            S = sims[g].reshape(h.blocks, h.tie, h.size, h.blocks, h.tie, h.size)
-            tied = torch.diagonal(S, dim1=1, dim2=4).sum(-1)  # (p, j, q, k): head r of block p with head r of q
-            tied = tied.permute(0, 2, 1, 3)  # (p, q, j, k)
-            if h.inner is None:
-                cost += torch.diagonal(tied, dim1=2, dim2=3).sum(-1)
-            else:
-                pair_blocks[h.inner] = pair_blocks.get(h.inner, 0) + tied
-        inner_solutions: dict[str, list[list[torch.Tensor]]] = {}
-        for key, M in pair_blocks.items():
-            rows = []
-            for p in range(blocks):
-                row = []
-                for q in range(blocks):
-                    res = solve_assignment(M[p, q], maximize=True, name=key)
-                    cost[p, q] += res.fun
-                    row.append(res.perm.cpu())
-                rows.append(row)
-            inner_solutions[key] = rows
+        solutions = [[_match_pair(sims, structures, p, q) for q in range(blocks)] for p in range(blocks)]
+        cost += torch.tensor([[value for value, _, _ in row] for row in solutions], dtype=torch.float64)
         pi = torch.arange(blocks)
         if head is not None:
             pi = solve_assignment(cost, maximize=True, name=head).perm.cpu()
             out[head] = pi.to(perms[head].device)
         for g, h in structures.items():
-            sigma = None
-            if h.inner is not None:
-                sigma = torch.empty(blocks, h.size, dtype=torch.long)
-                for p in range(blocks):  # sigma is indexed by model B's block
-                    sigma[pi[p]] = inner_solutions[h.inner][p][int(pi[p])]
-            out[g] = heads_permutation(h, pi, sigma).to(perms[g].device)
+            sigma = torch.arange(h.size).repeat(blocks, 1)
+            tau = torch.arange(h.tie).repeat(blocks, 1)
+            for p in range(blocks):  # sigma and tau are indexed by model B's block
+                _, inner, within = solutions[p][int(pi[p])]
+                if h.inner is not None:
+                    sigma[pi[p]] = inner[h.inner]
+                if h.within is not None:
+                    tau[pi[p]] = within[h.within]
+            out[g] = heads_permutation(h, pi, sigma, tau).to(perms[g].device)
     return out
+
+
+def _match_pair(sims, structures, p: int, q: int, max_iter: int = 50):
+    """The best inside permutations (per ``inner`` key) and head orders (per ``within`` key) for A's block ``p``
+    against B's block ``q``: exact without ``within`` keys; with them, a block-coordinate ascent from two starts
+    (the assignment of head pairs each scored at its own best inside permutations, and the heads' own order): the
+    inside permutations and the head orders alternate, each step exact, until the value stops rising, and the
+    better end is kept (never below the best with the heads of each block in their order)."""
+    inner_keys = sorted({h.inner for h in structures.values() if h.inner is not None})
+    within_keys = sorted({h.within for h in structures.values() if h.within is not None})
+
+    def order(g, tau):  # (t, d, d): head r of A's block against head tau_g(r) of B's block
+        h, X = structures[g], sims[g][p, q]
+        rows = tau[h.within] if h.within is not None else torch.arange(h.tie)
+        return X[torch.arange(h.tie), :, rows, :]
+
+    def inside(tau):
+        value, sigma = 0.0, {}
+        for key in inner_keys:
+            M = sum(order(g, tau).sum(0) for g, h in structures.items() if h.inner == key)
+            res = solve_assignment(M, maximize=True, name=key)
+            value, sigma[key] = value + float(res.fun), res.perm.cpu()
+        fixed = [torch.diagonal(order(g, tau), dim1=1, dim2=2).sum() for g, h in structures.items() if h.inner is None]
+        return value + float(sum(fixed)), sigma
+
+    def heads_order(sigma):
+        tau = {}
+        for key in within_keys:
+            W = 0
+            for g, h in structures.items():
+                if h.within == key:
+                    cols = sigma[h.inner] if h.inner is not None else torch.arange(h.size)
+                    W = W + sims[g][p, q][:, torch.arange(h.size), :, cols].sum(0)  # (t, t)
+            tau[key] = solve_assignment(W, maximize=True, name=key).perm.cpu()
+        return tau
+
+    if not within_keys:
+        value, sigma = inside({})
+        return value, sigma, {}
+    start, t_of = {}, {}
+    for key in within_keys:  # each pair of heads scored with its own best inside permutations
+        members = [g for g, h in structures.items() if h.within == key]
+        t = t_of[key] = structures[members[0]].tie
+        W = torch.zeros(t, t, dtype=torch.float64)
+        for r in range(t):
+            for s in range(t):
+                for ikey in {structures[g].inner for g in members}:
+                    M = sum(sims[g][p, q, r, :, s, :] for g in members if structures[g].inner == ikey)
+                    W[r, s] += (float(solve_assignment(M, maximize=True, name=key).fun) if ikey is not None
+                                else float(torch.diagonal(M).sum()))  # fmt: skip
+        start[key] = solve_assignment(W, maximize=True, name=key).perm.cpu()
+    best = None
+    for tau in (start, {key: torch.arange(t_of[key]) for key in within_keys}):  # and the blocks' own order
+        value, sigma = inside(tau)
+        for _ in range(max_iter):
+            new_tau = heads_order(sigma)
+            new_value, new_sigma = inside(new_tau)
+            if new_value <= value:
+                break
+            value, sigma, tau = new_value, new_sigma, new_tau
+        if best is None or value > best[0]:
+            best = (value, sigma, tau)
+    return best
 
 
 def _checked(S: torch.Tensor, n: int, group: str) -> torch.Tensor:

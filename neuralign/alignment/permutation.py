@@ -51,19 +51,27 @@ def random_permutation(
     """A uniformly random permutation of every group, drawn from ``generator`` (a seed or torch.Generator).
 
     Groups with a head structure (``spec.heads``) get a uniformly random structured permutation: their head group's
-    permutation and, per ``inner`` key, one uniformly random permutation inside each head block.
+    permutation and, per ``inner`` key, one uniformly random permutation inside each head block, and per ``within``
+    key one uniformly random order of the heads inside each block.
     """
     gen = as_generator(generator)
     out = {g: torch.randperm(n, generator=gen) for g, n in spec.sizes.items()}
     inner: dict[str, torch.Tensor] = {}
+    within: dict[str, torch.Tensor] = {}
     for g, h in spec.heads.items():
         if h.inner is not None and h.inner not in inner:
             inner[h.inner] = torch.stack([torch.randperm(h.size, generator=gen) for _ in range(h.blocks)])
-        out[g] = heads_permutation(h, out[h.heads] if h.heads is not None else None, inner.get(h.inner))
+        if h.within is not None and h.within not in within:
+            within[h.within] = torch.stack([torch.randperm(h.tie, generator=gen) for _ in range(h.blocks)])
+        out[g] = heads_permutation(
+            h, out[h.heads] if h.heads is not None else None, inner.get(h.inner), within.get(h.within)
+        )
     return {g: p.to(device) for g, p in out.items()}
 
 
-def heads_permutation(heads: Heads, block_perm: torch.Tensor | None, inner: torch.Tensor | None) -> torch.Tensor:
+def heads_permutation(
+    heads: Heads, block_perm: torch.Tensor | None, inner: torch.Tensor | None, within: torch.Tensor | None = None
+) -> torch.Tensor:
     """The flat permutation of a group with head structure ``heads`` (see :class:`~neuralign.alignment.Heads`).
 
     Parameters
@@ -73,6 +81,8 @@ def heads_permutation(heads: Heads, block_perm: torch.Tensor | None, inner: torc
         :math:`\\pi`, the permutation of the head blocks (None: the identity).
     inner : LongTensor of shape (heads.blocks, heads.size) or None
         Row ``p`` is :math:`\\sigma_p`, the permutation inside the heads of (old) block ``p`` (None: the identity).
+    within : LongTensor of shape (heads.blocks, heads.tie) or None
+        Row ``p`` is :math:`\\tau_p`, the order of the heads inside (old) block ``p`` (None: the identity).
 
     Returns
     -------
@@ -84,28 +94,37 @@ def heads_permutation(heads: Heads, block_perm: torch.Tensor | None, inner: torc
     >>> from neuralign.alignment import Heads
     >>> heads_permutation(Heads(2, 2, "h", "qk"), torch.tensor([1, 0]), torch.tensor([[0, 1], [1, 0]])).tolist()
     [3, 2, 0, 1]
+    >>> heads_permutation(Heads(2, 1, None, None, 2, "q"), None, None, torch.tensor([[1, 0]])).tolist()
+    [1, 0]
     """
     b, t, d = heads.blocks, heads.tie, heads.size
     pi = torch.arange(b) if block_perm is None else block_perm.cpu().long()
     sigma = torch.arange(d).expand(b, d) if inner is None else inner.cpu().long()
-    old = (pi[:, None, None] * t + torch.arange(t)[None, :, None]) * d
+    tau = torch.arange(t).expand(b, t) if within is None else within.cpu().long()
+    old = (pi[:, None, None] * t + tau[pi][:, :, None]) * d
     return (old + sigma[pi][:, None, :]).reshape(-1)
 
 
-def split_heads_permutation(heads: Heads, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Read :math:`(\\pi, \\sigma)` back from a flat permutation (the inverse of :func:`heads_permutation`), or
-    None if ``perm`` moves a unit out of its head, splits a block of tied heads or treats them unlike."""
+def split_heads_permutation(
+    heads: Heads, perm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Read :math:`(\\pi, \\sigma, \\tau)` back from a flat permutation (the inverse of :func:`heads_permutation`), or
+    None if ``perm`` moves a unit out of its head, a head out of its block, or treats the heads of a block
+    unlike (different permutations inside them)."""
     b, t, d = heads.blocks, heads.tie, heads.size
     p = perm.cpu().long().reshape(b, t, d)
     pi = torch.div(p[:, 0, 0], t * d, rounding_mode="floor")
     if not torch.equal(torch.sort(pi).values, torch.arange(b)):
         return None
+    head = torch.div(p[:, :, 0], d, rounding_mode="floor") - pi[:, None] * t  # (b, t): old head inside old block
+    unit = p[:, 0, :] - torch.div(p[:, 0, :], d, rounding_mode="floor") * d  # (b, d): old unit inside old head
     sigma = torch.empty(b, d, dtype=torch.long)
-    sigma[pi] = p[:, 0, :] - pi[:, None] * t * d
-    in_range = bool(((sigma >= 0) & (sigma < d)).all())
-    if not in_range or not torch.equal(heads_permutation(heads, pi, sigma), p.flatten()):
+    tau = torch.empty(b, t, dtype=torch.long)
+    sigma[pi], tau[pi] = unit, head
+    in_range = bool(((tau >= 0) & (tau < t)).all())
+    if not in_range or not torch.equal(heads_permutation(heads, pi, sigma, tau), p.flatten()):
         return None
-    return pi, sigma
+    return pi, sigma, tau
 
 
 def invert_permutation(perms: Mapping[str, torch.Tensor]) -> Permutation:
@@ -154,14 +173,15 @@ def validate_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor
         if not in_range or not bool(seen.all()):
             raise ValueError(f"`{name}` group `{g}` is not a permutation of 0..{n - 1}")
     inner: dict[str, torch.Tensor] = {}
+    within: dict[str, torch.Tensor] = {}
     for g, h in spec.heads.items():
         parts = split_heads_permutation(h, perms[g])
         if parts is None:
             raise ValueError(
                 f"`{name}` group `{g}` moves units between its {h.count} attention heads of {h.size} units"
-                + (f" or splits blocks of {h.tie} tied heads" if h.tie > 1 else "")
+                + (f" or heads between its blocks of {h.tie} tied heads" if h.tie > 1 else "")
             )
-        pi, sigma = parts
+        pi, sigma, tau = parts
         expected = perms[h.heads].cpu().long() if h.heads is not None else torch.arange(h.blocks)
         if not torch.equal(pi, expected):
             which = f"its head group `{h.heads}`" if h.heads is not None else "the identity (its heads are fixed)"
@@ -172,6 +192,13 @@ def validate_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor
         elif not torch.equal(inner.setdefault(h.inner, sigma), sigma):
             raise ValueError(
                 f"`{name}` group `{g}` permutes the units inside its heads unlike the other groups of key `{h.inner}`"
+            )
+        if h.within is None:
+            if not torch.equal(tau, torch.arange(h.tie).expand_as(tau)):
+                raise ValueError(f"`{name}` group `{g}` reorders the {h.tie} tied heads of a block, which move whole")
+        elif not torch.equal(within.setdefault(h.within, tau), tau):
+            raise ValueError(
+                f"`{name}` group `{g}` reorders the heads inside its blocks unlike the other groups of key `{h.within}`"
             )
 
 

@@ -72,13 +72,19 @@ class Heads:
 
     Unit ``h * size + j`` is dimension ``j`` of head ``h``. A permutation of the flat group keeps heads whole:
 
-    .. math::  \\text{perm}[(b\\,t + r)\\,d + j] = (\\pi[b]\\,t + r)\\,d + \\sigma_{\\pi[b]}[j],
+    .. math::  \\text{perm}[(b\\,t + r)\\,d + j] = (\\pi[b]\\,t + \\tau_{\\pi[b]}[r])\\,d + \\sigma_{\\pi[b]}[j],
                \\quad 0 \\le r < t,\\ 0 \\le j < d,
 
     with :math:`d` = ``size``, :math:`t` = ``tie``, :math:`\\pi` the permutation of the ``count / tie`` head blocks
-    (the group named ``heads``; the identity when ``heads`` is None) and :math:`\\sigma_p` the permutation inside
-    the heads of block ``p`` (the identity for every block when ``inner`` is None, e.g. under rotary position
-    embeddings, whose rotated pairs of dimensions have distinct frequencies).
+    (the group named ``heads``; the identity when ``heads`` is None), :math:`\\tau_p` the permutation of the
+    ``tie`` heads inside block ``p`` (the identity when ``within`` is None) and :math:`\\sigma_p` the permutation
+    inside the heads of block ``p``, one for all its heads (the identity for every block when ``inner`` is None,
+    e.g. under rotary position embeddings, whose rotated pairs of dimensions have distinct frequencies).
+
+    Under grouped-query attention this is the head structure one level up: the key/value heads are the blocks
+    (moved by :math:`\\pi`, their insides by :math:`\\sigma`), and the query heads of one block may be reordered
+    among themselves (:math:`\\tau`, shared by the query projection's rows and the output projection's columns)
+    but never leave it.
 
     Parameters
     ----------
@@ -94,6 +100,10 @@ class Heads:
     tie : int
         Consecutive heads that move as one block and share one permutation inside (the query heads of one
         key/value head under grouped-query attention, Ainslie et al. 2023, arXiv:2305.13245); 1 otherwise.
+    within : str or None
+        Key of the permutations of the ``tie`` heads inside each block: flat groups with equal keys share them (the
+        query projection's rows and the output projection's columns of one grouped-query attention). None: the
+        heads of a block keep their order (the block moves whole).
     """
 
     count: int
@@ -101,6 +111,7 @@ class Heads:
     heads: str | None
     inner: str | None
     tie: int = 1
+    within: str | None = None
 
     @property
     def blocks(self) -> int:
@@ -315,7 +326,7 @@ class PermutationSpec:
                 for k, per in self.axes.items()
             },
             "taps": {g: [[t.node, t.axis, t.kind] for t in ts] for g, ts in self.taps.items()},
-            "heads": {g: [h.count, h.size, h.heads, h.inner, h.tie] for g, h in self.heads.items()},
+            "heads": {g: [h.count, h.size, h.heads, h.inner, h.tie, h.within] for g, h in self.heads.items()},
         }
 
     @classmethod
@@ -327,8 +338,9 @@ class PermutationSpec:
                 for k, per in data["axes"].items()
             }
             taps = {g: tuple(Tap(str(n), int(a), str(kd)) for n, a, kd in ts) for g, ts in data.get("taps", {}).items()}
-            heads = {
-                g: Heads(int(c), int(d), hd, inn, int(t)) for g, (c, d, hd, inn, t) in data.get("heads", {}).items()
+            heads = {  # specs written before ``within`` have five fields
+                g: Heads(int(c), int(d), hd, inn, int(t), *w)
+                for g, (c, d, hd, inn, t, *w) in data.get("heads", {}).items()
             }
             return cls(dict(data["sizes"]), axes, taps, heads)
         except (KeyError, TypeError, ValueError) as exc:
@@ -430,6 +442,7 @@ def spec_from_axes(
 def _check_heads(sizes: Mapping[str, int], heads: Mapping[str, Heads]) -> None:
     """Refuse head structures that do not fit their groups or contradict each other."""
     inner: dict[str, tuple] = {}
+    within: dict[str, tuple] = {}
     for g, h in heads.items():
         if not isinstance(h, Heads):
             raise SpecError(f"heads of group `{g}`: expected a Heads, got {type(h).__name__}")
@@ -446,6 +459,9 @@ def _check_heads(sizes: Mapping[str, int], heads: Mapping[str, Heads]) -> None:
         if h.inner is not None and inner.setdefault(h.inner, (h.heads, h.blocks, h.size)) != (h.heads, h.blocks,
                                                                                              h.size):
             raise SpecError(f"group `{g}`: the groups sharing inner key `{h.inner}` differ in heads or head size")
+        if h.within is not None and within.setdefault(h.within, (h.heads, h.blocks, h.tie)) != (h.heads, h.blocks,
+                                                                                               h.tie):
+            raise SpecError(f"group `{g}`: the groups sharing within key `{h.within}` differ in heads or blocks")
 
 
 def _segments_for(action: Iterable[Segment]) -> list[tuple[int, Segment]]:

@@ -14,9 +14,11 @@ axis* and an axis *inside heads* instead of a refusal. The permutation inside he
 it is kept only if every tensor that carries the inside axis also carries its head axis (a parameter shared by all
 heads, a reduction over heads, or RoPE's constant frequencies fix it: the heads still move); the query/key dot
 product ties their insides, the batch axes of matmul / ``scaled_dot_product_attention`` tie the heads of queries,
-keys and values (key/value heads repeated for grouped-query attention coarsen the query heads into blocks), and
-merging the two axes back gives the flat group again. The spec records the result as
-:class:`~neuralign.alignment.spec.Heads`.
+keys and values, and merging the two axes back gives the flat group again. Key/value heads repeated for
+grouped-query attention (``repeat_interleave`` of a head axis, ``enable_gqa``) are a new group of copies: the query
+heads tied to it may be reordered inside each block of copies of one key/value head (``Heads.within``) when they
+are a whole, live head axis that no parameter carries; otherwise they are coarsened into blocks that move whole.
+The spec records the result as :class:`~neuralign.alignment.spec.Heads`.
 
 Where torch.fx cannot trace a model (control flow on shapes), the graph is the one ``torch.export`` records on the
 example input, its ATen operations rewritten into the torch functions below (:mod:`neuralign.alignment._export`;
@@ -373,6 +375,13 @@ class _SpecInterpreter(torch.fx.Interpreter):
         self.split: dict[int, tuple[int, int, int, int]] = shared.split if shared else {}
         self.all_states: list[dict[str, Any]] = shared.all_states if shared else []
         self.all_states.append(self.states)
+        # grouped-query attention: (query-head gid, key/value head action, repeats) for every axis of copies of
+        # key/value heads; after tracing, the query-head roots that may reorder their heads inside each block of
+        # copies (-> (key/value head action, repeats)), and the splits whose insides are fixed but whose heads keep
+        # that freedom
+        self.copies: list[tuple[int, Any, int]] = shared.copies if shared else []
+        self.within: dict[int, tuple[Any, int]] = shared.within if shared else {}
+        self.fixed_inside: set[int] = shared.fixed_inside if shared else set()
         self.groups.on_union = self._on_union
 
     # -------------------------------------------------------------- helpers
@@ -727,7 +736,9 @@ class _SpecInterpreter(torch.fx.Interpreter):
             if self.groups.find(i) == ri and d == size and self._rooted(((h, n, 1),)) == self._rooted(head):
                 return self._norm(((f, n * d, 1),))
         h0, n0, _ = inner_roots[ri]
-        if not create or not set(self._roots(head)) <= set(self._roots(((h0, n0, 1),))):
+        copied = {self.groups.find(c): self._roots(source) for c, source, _ in self.copies}
+        roots = {r for x in self._roots(head) for r in copied.get(x, [x])}  # query heads: the heads they copy
+        if not create or not roots <= set(self._roots(((h0, n0, 1),))):
             return None
         count = _length(head)
         if len(head) == 1 and head[0][2] == 1:
@@ -746,6 +757,10 @@ class _SpecInterpreter(torch.fx.Interpreter):
         for f, (h, i, n, d) in list(self.split.items()):
             if inner_root not in self._roots(((i, d, 1),)):
                 continue
+            if keep == "heads" and set(self._roots(((h, n, 1),))) & self.within.keys():
+                self._fix_action(((i, d, 1),))  # query heads that reorder inside their blocks keep their split
+                self.fixed_inside.add(f)
+                continue
             del self.split[f]
             if keep == "heads":
                 self._fix_action(((i, d, 1),))
@@ -754,6 +769,69 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 self._fix_action(((h, n, 1),))
                 self.groups.name[self.groups.find(i)] = self.groups.name[f]
                 self.subst[f] = ((i, d, 1),) * n
+
+    def _head_roots(self) -> set[int]:
+        """Roots of the head axes of every split."""
+        return {r for h, _, n, _ in self.split.values() for r in self._roots(((h, n, 1),))}
+
+    def _copies(self, source, rep: int) -> tuple:
+        """An axis of ``rep`` consecutive copies of each key/value head of ``source`` (None: one unpermuted head),
+        read by as many query heads: a new group, so that the query heads it is tied to stay free to reorder
+        among the copies of one key/value head (:meth:`_settle_copies`)."""
+        n = rep * (_length(source) if source is not None else 1)
+        c = self.groups.new(f"{self.node.name}.query_heads", n)
+        self.copies.append((c, source, rep))
+        return ((c, n, 1),)
+
+    def _settle_copies(self) -> None:
+        """After tracing: the query heads tied to copies of key/value heads may be reordered inside each block of
+        copies (:attr:`Heads.within`) where they are one whole, live head axis of a split that no parameter carries
+        and every copy they read repeats one whole head axis as often; otherwise they are tied to the key/value
+        heads they copy, moving as blocks (:meth:`_coarsen_copies`)."""
+        by_root: dict[int, list[tuple[int, Any, int]]] = {}
+        for c, source, rep in self.copies:
+            by_root.setdefault(self.groups.find(c), []).append((c, source, rep))
+        carried = {r for action in self.records.values() for r in self._roots(action)}
+        heads = self._head_roots()
+        for root, entries in by_root.items():
+            sources = [self._norm(source) for _, source, _ in entries]
+            reps = {rep for _, _, rep in entries}
+            whole = all(s is None or (len(s) == 1 and s[0][2] == 1 and s[0][0] is not None) for s in sources)
+            ok = (len(reps) == 1 and whole and len({s is None for s in sources}) == 1 and root in heads
+                  and root not in carried and not self.groups.fixed[root] and root not in self.subst
+                  and root not in {r for s in sources for r in self._roots(s)})  # fmt: skip
+            if not ok:
+                self._coarsen_copies(entries)
+                continue
+            for s in sources[1:]:  # the keys and the values read by one query head move alike
+                self._unify(sources[0], s)
+            self.within[root] = (sources[0], reps.pop())
+
+    def _coarsen_copies(self, entries) -> None:
+        for c, source, rep in entries:
+            wide = None if source is None else tuple((g, k, e * rep) for g, k, e in self._norm(source))
+            self._unify(((c, self.groups.size[c], 1),), wide)
+
+    def _check_copies(self) -> bool:
+        """After :meth:`_settle_heads`: coarsen the query-head roots that lost their freedom there (fixed, or tied
+        to other units); True if any did."""
+        broken = []
+        for root, (source, _) in list(self.within.items()):
+            s = self._norm(source)
+            if (self.groups.fixed[self.groups.find(root)] or self.groups.find(root) in self.subst
+                    or (s is not None and (len(s) != 1 or s[0][2] != 1))):  # fmt: skip
+                del self.within[root]
+                broken += [e for e in self.copies if self.groups.find(e[0]) == self.groups.find(root)]
+        self._coarsen_copies(broken)
+        return bool(broken)
+
+    def _within_roots(self, roots) -> set[int]:
+        """``roots`` with every query-head root that keeps its freedom (:attr:`within`) replaced by the roots of
+        the key/value heads it copies: the blocks that the permutations inside heads are chosen for."""
+        out: set[int] = set()
+        for r in roots:
+            out |= set(self._roots(self.within[r][0])) if r in self.within else {r}
+        return out
 
     def _settle_heads(self) -> None:
         """After tracing: keep a permutation inside heads only where every tensor and parameter that carries the
@@ -764,7 +842,9 @@ class _SpecInterpreter(torch.fx.Interpreter):
             heads_of: dict[int, frozenset] = {}
             bad: set[int] = set()
             for f, (h, i, n, d) in self.split.items():
-                hr, inner = frozenset(self._roots(((h, n, 1),))), self._norm(((i, d, 1),))
+                if f in self.fixed_inside:
+                    continue
+                hr, inner = frozenset(self._within_roots(self._roots(((h, n, 1),)))), self._norm(((i, d, 1),))
                 for r in self._roots(inner):
                     if heads_of.setdefault(r, hr) != hr:
                         bad.add(r)
@@ -800,7 +880,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 state.values() if isinstance(state, dict) else state)))  # fmt: skip
         if not _is_tensor_state(state):
             return set()
-        axes = [set(self._roots(a)) for a in state]
+        axes = [self._within_roots(self._roots(a)) for a in state]
         out = set()
         for roots in axes:
             for r in roots & heads_of.keys():
@@ -1157,6 +1237,9 @@ class _SpecInterpreter(torch.fx.Interpreter):
             self._fail("repeat_interleave with tensor repeats or without `dim`")
         dim %= xv.ndim
         a = self._norm(st[dim])
+        if reps > 1 and a is not None and len(a) == 1 and a[0][2] == 1 and set(self._roots(a)) <= self._head_roots():
+            a = self._copies(a, reps)  # key/value heads repeated for their query heads (grouped-query attention)
+            return tuple(a if i == dim else st[i] for i in range(xv.ndim))
         return tuple(
             (None if a is None else tuple((g, k, e * reps) for g, k, e in a)) if i == dim else st[i]
             for i in range(xv.ndim)
@@ -1643,8 +1726,8 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 if val.shape[ax] != vq.shape[ax] and a is not None:
                     if ax != vq.ndim - 3 or vq.shape[ax] % val.shape[ax]:
                         self._fail("attention with key/value axes that do not match the query's")
-                    rep = vq.shape[ax] // val.shape[ax]  # enable_gqa: key/value head j serves query heads j*rep..
-                    a = tuple((g, c, e * rep) for g, c, e in self._norm(a))
+                    # enable_gqa: key/value head j serves query heads j*rep..
+                    a = self._copies(self._norm(a), vq.shape[ax] // val.shape[ax])
                 batch[ax] = self._tie(batch[ax], a)
         self._unify(sq[-1], sk[-1])
         if mask is not None and isinstance(self._value(mask), torch.Tensor):
@@ -1988,7 +2071,10 @@ def _describe(inputs: tuple) -> str:
 def _build_spec(interp: _SpecInterpreter, taps: list, aliases: dict[str, str], model: nn.Module) -> PermutationSpec:
     groups = interp.groups
     try:
+        interp._settle_copies()
         interp._settle_heads()
+        if interp._check_copies():
+            interp._settle_heads()
     except _Unsupported as exc:
         what = type(model).__name__
         raise SpecError(f"cannot prove that the attention heads of {what} are safe to permute: {exc}") from None
@@ -1997,7 +2083,8 @@ def _build_spec(interp: _SpecInterpreter, taps: list, aliases: dict[str, str], m
     used: set[str] = set()
     for gid in range(len(groups.parent)):
         root = groups.find(gid)
-        if root == gid and groups.live(gid) and gid not in interp.subst and gid not in insides:
+        if (root == gid and groups.live(gid) and gid not in interp.subst and gid not in insides
+                and gid not in interp.within):  # fmt: skip
             base = name = groups.name[gid]
             k = 1
             while name in used:
@@ -2037,13 +2124,20 @@ def _build_spec(interp: _SpecInterpreter, taps: list, aliases: dict[str, str], m
         final_taps[g] = tuple(dict.fromkeys(chosen))
     heads: dict[str, Heads] = {}
     inner_keys: dict[int, str] = {}
+    within_keys: dict[int, str] = {}
     for f, (h, i, n, d) in sorted(interp.split.items()):
         if groups.find(f) not in names:
             continue
+        name = names[groups.find(f)]
         ((hg, _, tie),) = interp._norm(((h, n, 1),))
-        key = inner_keys.setdefault(groups.find(i), f"{names[groups.find(f)]}.inner")
-        head_group = names.get(groups.find(hg)) if groups.live(hg) else None
-        heads[names[groups.find(f)]] = Heads(n, d, head_group, key, tie)
+        within = None
+        if groups.find(hg) in interp.within:  # grouped-query attention: query heads reorder inside their blocks
+            source, tie = interp.within[groups.find(hg)]
+            within = within_keys.setdefault(groups.find(hg), f"{name}.within")
+            hg = interp._norm(source)[0][0] if source is not None else None
+        key = None if f in interp.fixed_inside else inner_keys.setdefault(groups.find(i), f"{name}.inner")
+        head_group = names.get(groups.find(hg)) if hg is not None and groups.live(hg) else None
+        heads[name] = Heads(n, d, head_group, key, tie, within)
     return PermutationSpec(sizes, axes, final_taps, heads)
 
 

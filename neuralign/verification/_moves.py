@@ -1,9 +1,11 @@
 """The moves of the local checks, by coordinate: a group without attention heads moves by transpositions of two
 units; the groups sharing one head permutation (:func:`~neuralign.alignment.heads.head_blocks`) move together, by
 structured swaps that keep heads whole (as the curve PAM's swap search, :mod:`neuralign.curves.pam`): the exchange
-of two whole head blocks in every group of the block, or the transposition of two units inside one head block in
-every group sharing that inside permutation (``Heads.inner``). Every move is a product of disjoint transpositions
-per group, so its first-order estimate at the identity is the sum of the member groups' transposition estimates.
+of two whole head blocks in every group of the block, the transposition of two units inside one head block in
+every group sharing that inside permutation (``Heads.inner``), or (grouped-query attention) the exchange of two
+query heads inside one block in every group sharing that order (``Heads.within``). Every move is a product of
+disjoint transpositions per group, so its first-order estimate at the identity is the sum of the member groups'
+transposition estimates.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from neuralign.alignment.heads import head_blocks
 
 
 class Move(NamedTuple):
-    """One move from the identity: ``kind`` (``swap``, ``3-cycle``, ``head-swap`` or ``inside-swap``), ``where``
-    (the units, the two head blocks, or the head block and the two units inside it) and ``inner`` (the
-    ``Heads.inner`` key of an inside swap)."""
+    """One move from the identity: ``kind`` (``swap``, ``3-cycle``, ``head-swap``, ``inside-swap`` or
+    ``query-swap``), ``where`` (the units, the two head blocks, or the head block and the two units or the two heads
+    inside it) and ``inner`` (the ``Heads.inner`` key of an inside swap, the ``Heads.within`` key of a query
+    swap)."""
 
     kind: str
     where: tuple[int, ...]
@@ -57,7 +60,8 @@ def coordinates(spec: PermutationSpec) -> list[Coordinate]:
 
 def structured_moves(spec: PermutationSpec, coordinate: Coordinate) -> list[Move]:
     """Every structured swap of a block: the exchanges of two head blocks ``(p, q)``, ``p < q`` (when its heads
-    move), then per inside key the transpositions ``(block, j, k)``, ``j < k``, inside one head block."""
+    move), then per inside key the transpositions ``(block, j, k)``, ``j < k``, inside one head block, then per
+    ``within`` key the exchanges ``(block, r, s)``, ``r < s``, of two query heads inside one block."""
     flat = [g for g in coordinate.groups if g in spec.heads]
     first = spec.heads[flat[0]]
     out = []
@@ -68,6 +72,11 @@ def structured_moves(spec: PermutationSpec, coordinate: Coordinate) -> list[Move
         d = sizes[key]
         out += [Move("inside-swap", (b, j, k), key) for b in range(first.blocks) for j in range(d)
                 for k in range(j + 1, d)]  # fmt: skip
+    ties = {spec.heads[g].within: spec.heads[g].tie for g in flat if spec.heads[g].within is not None}
+    for key in sorted(ties):
+        t = ties[key]
+        out += [Move("query-swap", (b, r, s), key) for b in range(first.blocks) for r in range(t)
+                for s in range(r + 1, t)]  # fmt: skip
     return out
 
 
@@ -83,6 +92,10 @@ def transpositions(spec: PermutationSpec, coordinate: Coordinate, move: Move) ->
             p, q = move.where
             w = 1 if h is None else h.tie * h.size
             out[g] = [(p * w + u, q * w + u) for u in range(w)]
+        elif move.kind == "query-swap":
+            if h is not None and h.within == move.inner:
+                b, r, s = move.where
+                out[g] = [((b * h.tie + r) * h.size + u, (b * h.tie + s) * h.size + u) for u in range(h.size)]
         elif h is not None and h.inner == move.inner:
             b, j, k = move.where
             out[g] = [((b * h.tie + r) * h.size + j, (b * h.tie + r) * h.size + k) for r in range(h.tie)]

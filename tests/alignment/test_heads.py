@@ -19,6 +19,7 @@ from neuralign.alignment import (
     heads_permutation,
     invert_permutation,
     random_permutation,
+    split_heads_permutation,
     trace_spec,
     validate_permutation,
 )
@@ -57,9 +58,16 @@ def test_match_heads_is_the_best_structured_permutation(seed):
     assert _objective(sim, found) == pytest.approx(best, rel=1e-12)
 
 
+def _reorders_query_heads(spec, perms) -> bool:
+    """True if ``perms`` reorders the query heads inside some block of grouped-query attention."""
+    return any(not torch.equal(split_heads_permutation(h, perms[g])[2], torch.arange(h.tie).expand(h.blocks, h.tie))
+               for g, h in spec.heads.items() if h.within is not None)  # fmt: skip
+
+
 def _planted(model, x):
     spec = trace_spec(model, x)
     perms = random_permutation(spec, generator=1)
+    assert _reorders_query_heads(spec, perms) == any(h.within for h in spec.heads.values())  # GQA: tau too
     other = copy.deepcopy(model)
     other.load_state_dict(apply_permutation(model.state_dict(), spec, perms))
     return spec, other, invert_permutation(perms)

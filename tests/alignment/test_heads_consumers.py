@@ -20,6 +20,7 @@ from neuralign.alignment import (
     invert_permutation,
     learn_permutation,
     random_permutation,
+    split_heads_permutation,
     trace_spec,
     validate_permutation,
 )
@@ -44,6 +45,12 @@ CASES = {
 }  # fmt: skip
 
 
+def _reorders_query_heads(spec, perms) -> bool:
+    """True if ``perms`` reorders the query heads inside some block of grouped-query attention."""
+    return any(not torch.equal(split_heads_permutation(h, perms[g])[2], torch.arange(h.tie).expand(h.blocks, h.tie))
+               for g, h in spec.heads.items() if h.within is not None)  # fmt: skip
+
+
 def _planted(case: str, dtype=torch.float64):
     """Model A (seed 0), B = a random structured permutation of A, the spec, the permutation mapping B onto A, and
     two batches."""
@@ -56,6 +63,7 @@ def _planted(case: str, dtype=torch.float64):
     spec = trace_spec(a, x.to(dtype) if x.is_floating_point() else x)
     assert spec.heads
     perms = random_permutation(spec, generator=1)
+    assert _reorders_query_heads(spec, perms) == any(h.within for h in spec.heads.values())  # GQA: tau too
     b = copy.deepcopy(a)
     b.load_state_dict(apply_permutation(a.state_dict(), spec, perms))
     return a, b, spec, invert_permutation(perms), data, loss

@@ -184,15 +184,17 @@ def test_llm_style_decoder_rope_and_grouped_query_attention():
     spec = trace_spec(model, x)
     for b in range(2):
         pre = f"blocks.{b}.attn"
-        # RoPE: queries and keys move only as whole heads (a head group acting on their rows), never inside
+        # RoPE: keys move only as whole heads (a head group acting on their rows), queries as whole heads of a flat
+        # group without inside permutations; GQA: the two query heads of a key/value head may swap (within)
         heads = next(g for g, pairs in spec.perm_to_axes.items() if (f"{pre}.k.weight", 0) in pairs)
-        assert spec.sizes[heads] == 2 and (f"{pre}.q.weight", 0) in spec.perm_to_axes[heads]
-        assert not any((f"{pre}.q.weight", 0) in spec.perm_to_axes[g] for g in spec.heads)
-        # GQA: the value units per key/value head, and the output projection's columns of its two query heads
+        q = next(g for g in spec.heads if (f"{pre}.q.weight", 0) in spec.perm_to_axes[g])
+        assert spec.sizes[heads] == 2
+        assert spec.heads[q] == Heads(4, 8, heads, None, 2, spec.heads[q].within) and spec.heads[q].within
+        # the value units per key/value head, and the output projection's columns of its two query heads
         v = next(g for g in spec.heads if (f"{pre}.v.weight", 0) in spec.perm_to_axes[g])
         o = next(g for g in spec.heads if (f"{pre}.o.weight", 1) in spec.perm_to_axes[g])
         assert spec.heads[v] == Heads(2, 8, heads, spec.heads[v].inner, 1)
-        assert spec.heads[o] == Heads(4, 8, heads, spec.heads[v].inner, 2)
+        assert spec.heads[o] == Heads(4, 8, heads, spec.heads[v].inner, 2, spec.heads[q].within)
     assert spec.axes["head.weight"] == spec.axes["embed.weight"]  # the tied head follows the residual stream
     _assert_exact(model, spec, x)
     assert not check_equivalence(model, _flat(spec), x, trials=3, generator=0).passed

@@ -187,3 +187,42 @@ def test_alignment_check_holds_head_groups_to_the_structured_optimum(planted):
         if g in spec.heads:
             assert rows[g]["optimum"] <= solve_assignment(corr.similarity[g], maximize=True).fun + 1e-9
     assert report.checks["alignment"].verdict == ("pass" if gap <= 1e-9 else "fail")
+
+
+def test_tinylm_moves_include_query_head_swaps_and_stay_structured():
+    """Grouped-query attention (TinyLM, 4 query heads on 2 key/value heads, RoPE): besides the head-block exchanges
+    and the swaps inside value heads, the moves exchange two query heads inside one block in the queries and the
+    output projection's columns alike; every move, applied alone or after a random structured permutation, passes
+    ``validate_permutation``; a query head swapped into the other block does not. Estimates are first order as
+    above (float64, 1e-12)."""
+    from neuralign.experiments.models.lm import TinyLM
+
+    torch.manual_seed(0)
+    model = TinyLM(20, width=16, depth=1, heads=4, kv_heads=2, hidden=24)
+    spec = trace_spec(model, torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(1)))
+    block = _block(spec)
+    moves = structured_moves(spec, block)
+    query = [m for m in moves if m.kind == "query-swap"]
+    (key,) = {spec.heads[g].within for g in block.groups if g in spec.heads and spec.heads[g].within}
+    assert query == [Move("query-swap", (b, 0, 1), key) for b in range(2)]
+    ident = identity_permutation(spec)
+    start = random_permutation(spec, generator=2)
+    gen = torch.Generator().manual_seed(3)
+    G = {g: torch.randn(n, n, generator=gen, dtype=torch.float64) for g, n in spec.sizes.items()}
+    est = MoveSet(spec, block).estimates({g: swap_estimates(m) for g, m in G.items()})
+    for k, move in enumerate(moves):
+        changes = move_changes(spec, block, move)
+        validate_permutation(spec, {**ident, **changes})
+        validate_permutation(spec, {g: start[g][changes[g]] if g in changes else start[g] for g in start})
+        exact = sum(float((G[g] * (torch.eye(spec.sizes[g], dtype=torch.float64)[p] - torch.eye(spec.sizes[g],
+                    dtype=torch.float64))).sum()) for g, p in changes.items())  # fmt: skip
+        assert abs(float(est[k]) - exact) <= 1e-12 * max(1.0, abs(exact)), move
+    moved = move_changes(spec, block, query[0])
+    assert {g for g, p in moved.items() if not torch.equal(p, torch.arange(len(p)))} == {
+        g for g in block.groups if g in spec.heads and spec.heads[g].within == key}
+    q = next(g for g in spec.heads if spec.heads[g].within == key)
+    h = spec.heads[q]
+    across = torch.arange(spec.sizes[q]).reshape(h.count, h.size)
+    across[[0, h.tie]] = across[[h.tie, 0]]  # query head 0 (block 0) with query head 2 (block 1)
+    with pytest.raises(ValueError, match="or heads between its blocks of 2 tied heads"):
+        validate_permutation(spec, {**ident, q: across.reshape(-1)})
