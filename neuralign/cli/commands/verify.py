@@ -27,13 +27,21 @@ __all__ = ["verify_passes", "check_label", "cmd_verify", "COMMANDS"]
 def verify_passes(options, checks: Sequence[str], data, spec, fit: bool) -> tuple[int, str]:
     """The forward passes :func:`~neuralign.verification.verify_alignment` makes with ``options`` (a
     :class:`~neuralign.verification.VerificationOptions`), by check; a backward pass counts as two. A scored move
-    costs ``value_batches * len(value_ts)`` passes, a gradient estimate ``3 * gradient_batches * len(value_ts)``."""
+    costs ``value_batches * len(value_ts)`` passes, a gradient estimate ``3 * gradient_batches * len(value_ts)``, a
+    screened transposition the screening set's batches (32 examples: a fraction of a batch, in the coarse stage)
+    per time."""
     o = options
     train, groups, ts = len(data.train), len(spec.sizes), len(o.value_ts)
     score, grad, epoch = o.value_batches * ts, 3 * o.gradient_batches * ts, 3 * train
-    screen_batches = -(-o.screen_examples // max(1, data.train.batch_size))
-    screened = sum(min(n * (n - 1) // 2, o.screen_pairs) for n in spec.sizes.values()
-                   if n * (n - 1) // 2 > o.n_swaps + o.n_control_swaps)  # fmt: skip
+    batch = max(1, data.train.batch_size)
+    screen_batches = -(-o.screen_examples // batch)
+    # a group with more transpositions than screen_pairs: a coarse screen on 32 examples (of at most
+    # 16 * screen_pairs of them), then screen_pairs on the whole screening set
+    coarse = min(1.0, 32 / batch) if o.screen_examples > 32 else screen_batches
+    counts = [n * (n - 1) // 2 for n in spec.sizes.values()]
+    counts = [c for c in counts if c > o.n_swaps + o.n_control_swaps]
+    screened = sum(min(c, o.screen_pairs) * screen_batches + (c > o.screen_pairs) * min(c, 16 * o.screen_pairs)
+                   * coarse for c in counts)  # fmt: skip
     starts = 2 + o.random_starts
     per_iteration = o.stability_x_epochs * epoch + grad + score * (1 + o.swap_trials * groups)
     parts = {
@@ -41,7 +49,7 @@ def verify_passes(options, checks: Sequence[str], data, spec, fit: bool) -> tupl
         "stability": "stability" in checks and starts * o.stability_iters * per_iteration,
         "certificate": "certificate" in checks and grad + groups * o.certificate_steps * score,
         "neighbourhood": "neighbourhood" in checks and grad + groups * (o.n_swaps + o.n_control_swaps) * score
-        + screened * screen_batches * ts,
+        + screened * ts,
         "gradient": "gradient" in checks and grad + 26,
         "alignment": "alignment" in checks and 2 * len(data.align),
     }  # fmt: skip
@@ -81,8 +89,10 @@ def cmd_verify(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     announce_cost("verify", passes, detail, a, data, device)
 
     def on_progress(event):
+        # a check's first record carries its expected time (from a measured first step): the bars print it
+        expected = {"expected_seconds": event["expected_seconds"]} if "expected_seconds" in event else {}
         bars({"stage": "verify", "label": check_label(event["check"], checks), "step": event["step"],
-              "total": event["total"], "start": event["start"]})  # fmt: skip
+              "total": event["total"], "start": event["start"], **expected})  # fmt: skip
 
     report = verify_alignment(
         a, state_of(a), state_of(b), perms, data.train, curve=curve, checks=checks, heldout_loader=data.train_eval,
