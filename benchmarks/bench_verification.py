@@ -15,7 +15,15 @@ seconds it took, the seconds it announced before its work (``expected_seconds``,
 ratio between the time left that a progress bar estimates (elapsed / steps done * steps left) and the time that
 was left, over every record after the first tenth of the check's steps.
 
+Then, per group, cheaper rankings as a prefilter of the exact screen (``--prefilter M ...``: the M lowest
+first-order estimates, or the M best of the exact screen on 32 or 64 examples) against the exhaustive exact
+screen: the overlap of the top ``--top`` and whether the best move is the same. ``--profile`` prints the timed
+verification's seconds by phase (cProfile, cumulative); ``--screen-pairs 512 128`` runs it once per value,
+side by side (the same training batches in each run), with each check's verdict and seconds and the neighbourhood
+check's best scored move per group.
+
     python benchmarks/bench_verification.py [--epochs 15] [--candidates 64] [--examples 256] [--threads 1]
+        [--skip screen agreement prefilter verify] [--prefilter 256 128 64] [--profile] [--screen-pairs 512 128]
 
 With ``--run FOLDER`` (a finished ``neuralign demo --out FOLDER``) it asks instead why that run's neighbourhood
 check flagged moves: for its flagged random controls and the best flagged move of each of the first
@@ -44,7 +52,7 @@ from neuralign.experiments.data import load_data
 from neuralign.experiments.models import build_model
 from neuralign.experiments.training import train_model
 from neuralign.study.config import PRESETS
-from neuralign.verification import verify_alignment
+from neuralign.verification import swap_estimates, verify_alignment
 from neuralign.verification.local import _Context, _Screen, _swap
 
 
@@ -55,8 +63,14 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=256, help="screening examples (the default screen)")
     parser.add_argument("--top", type=int, default=8, help="best transpositions compared (n_swaps)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip", nargs="*", default=(), choices=("screen", "agreement", "verify"),
+    parser.add_argument("--skip", nargs="*", default=(), choices=("screen", "agreement", "prefilter", "verify"),
                         help="parts to leave out")
+    parser.add_argument("--prefilter", type=int, nargs="*", default=(512, 128, 64, 32),
+                        help="first-order candidates screened exactly per group, compared with the full screen")
+    parser.add_argument("--profile", action="store_true", help="profile the timed verify_alignment by phase")
+    parser.add_argument("--screen-pairs", type=int, nargs="*", default=None,
+                        help="the timed verify_alignment once per value of screen_pairs, side by side (default: the "
+                             "demo's)")
     parser.add_argument("--run", help="a finished `neuralign demo --out` folder: why were its moves flagged?")
     parser.add_argument("--refit-epochs", type=int, default=6, help="with --run: further epochs of its curve")
     args = parser.parse_args()
@@ -87,8 +101,13 @@ def main() -> None:
         compare_screens(ctx, prob, spec, new, batch, ts, args.candidates)
     if "agreement" not in args.skip:
         agreement(ctx, spec, new, batch, ts, args.examples, args.top)
+    if "prefilter" not in args.skip:
+        prefilter(ctx, prob, spec, new, args.prefilter, args.top)
     if "verify" not in args.skip:
-        timed_verification(a, b, perms, curve, spec, data)
+        runs = {pairs: timed_verification(a, b, perms, curve, spec, data, args.profile, pairs)
+                for pairs in args.screen_pairs or [PRESETS["demo"].verification.screen_pairs]}  # fmt: skip
+        if len(runs) > 1:
+            side_by_side(runs)
 
 
 def compare_screens(ctx, prob, spec, new, batch, ts, candidates) -> None:
@@ -130,16 +149,68 @@ def agreement(ctx, spec, new, batch, ts, examples, top) -> None:
         print(f"{g:18} {len(pairs):>5} " + " ".join(row))
 
 
-def timed_verification(a, b, perms, curve, spec, data) -> None:
+def prefilter(ctx, prob, spec, new, sizes, top) -> None:
+    """For each group, the exact screen of every transposition against the exact screen of only ``m`` of them,
+    chosen by a cheaper ranking: the lowest first-order estimates (``fo``: swap_estimates of the gradient on the
+    check's training batches), or the lowest exact values on the first 32 or 64 screening examples (``c32``,
+    ``c64``). Per prefilter and ``m``: the fraction of the full screen's ``top`` best that the prefiltered screen
+    ranks among its own ``top`` best ('*' where its best move differs), and the prefilter's seconds."""
+    batches = prob._train_batches(prob.gradient_batches)
+    started = time.perf_counter()
+    G = prob.gradient_at(ctx.x, ctx.identity, batches, [0.5] * len(batches))
+    seconds = time.perf_counter() - started
+    print(f"\nprefilters (fo: first order, gradient on {len(batches)} training batches in {seconds:.2f} s; c32, c64: "
+          f"the exact screen on 32, 64 examples): overlap of the top {top} of the exact screen on the m best of a "
+          f"prefilter with the top {top} of the exact screen on every transposition, '*' where the best move "
+          "differs; seconds of the full screen and of each prefilter")
+    head = " ".join(f"{f'{p}@{m}':>8}" for p in ("fo", "c32", "c64") for m in sizes)
+    print(f"{'group':16} {'pairs':>5} {'full s':>6} {'c32 s':>6} {'c64 s':>6} {head}")
+    for g, n in spec.sizes.items():
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        cands = [_swap(n, i, j) for i, j in zip(rows.tolist(), cols.tolist())]
+        started = time.perf_counter()
+        full = new._batched(g, cands)
+        timing = [time.perf_counter() - started]
+        rankings = [swap_estimates(G[g].double())[rows, cols]]
+        for m in (32, 64):
+            started = time.perf_counter()
+            rankings.append(_Screen(ctx, tuple(v[:m] for v in new.batch), new.ts)._batched(g, cands))
+            timing.append(time.perf_counter() - started)
+        best = torch.argsort(full, stable=True)[:top]
+        row = []
+        for ranking in rankings:
+            for m in sizes:
+                kept = torch.argsort(ranking, stable=True)[:m]
+                mine = kept[torch.argsort(full[kept], stable=True)[:top]]
+                same = "*" if int(mine[0]) != int(best[0]) else " "
+                row.append(f"{len(set(best.tolist()) & set(mine.tolist())) / min(top, len(cands)):7.2f}{same}")
+        print(f"{g:16} {len(cands):>5} " + " ".join(f"{t:6.2f}" for t in timing) + " " + " ".join(row))
+
+
+def timed_verification(a, b, perms, curve, spec, data, profile=False, screen_pairs=None):
+    """``verify_alignment`` with the demo's options (``screen_pairs`` changed if given), timed: returns the report
+    and its seconds per check."""
+    options = PRESETS["demo"].verification
+    options = options if screen_pairs is None else options.replace(screen_pairs=screen_pairs)
     records: list[tuple[float, dict]] = []
+    data.train.generator.manual_seed(0)  # the same training batches (curve fit, screening set) in every run
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     started = time.perf_counter()
     report = verify_alignment(a, a.state_dict(), b.state_dict(), perms, data.train, curve=curve, spec=spec,
                               heldout_loader=data.train_eval, align_loader=data.align,
-                              options=PRESETS["demo"].verification, generator=0,
+                              options=options, generator=0,
                               callback=lambda r: records.append((time.perf_counter(), r)))  # fmt: skip
-    print(f"\nverify_alignment with the demo's options: {time.perf_counter() - started:.1f} s, verdict "
-          f"{report.verdict}")
+    print(f"\nverify_alignment with the demo's options, screen_pairs {options.screen_pairs}: "
+          f"{time.perf_counter() - started:.1f} s, verdict {report.verdict}")
+    if profile:
+        profiler.disable()
+        phases(profiler)
     print(f"{'check':14} {'seconds':>8} {'expected':>8} {'worst ETA ratio after 1/10':>27}")
+    seconds = {}
     for name in report.checks:
         mine = [(t, r) for t, r in records if r["check"] == name]
         begin, end = mine[0][0], mine[-1][0]
@@ -152,6 +223,46 @@ def timed_verification(a, b, perms, curve, spec, data) -> None:
             eta = (t - begin) / step * (total - step)
             worst = max(worst, eta / (end - t), (end - t) / eta)
         print(f"{name:14} {end - begin:8.2f} {expected:8.2f} {worst:27.2f}")
+        seconds[name] = end - begin
+    return report, seconds
+
+
+def side_by_side(runs) -> None:
+    """The timed runs per ``screen_pairs``: each check's verdict and seconds, and per group of the neighbourhood
+    check its best scored move and count of significant improvements."""
+    keys = list(runs)
+    print(f"\nside by side, screen_pairs {' / '.join(map(str, keys))}")
+    for name in runs[keys[0]][0].checks:
+        verdicts = " / ".join(runs[k][0].checks[name].verdict for k in keys)
+        times = " / ".join(f"{runs[k][1][name]:.2f}" for k in keys)
+        ratio = runs[keys[0]][1][name] / max(runs[keys[-1]][1][name], 1e-9)
+        print(f"{name:14} {verdicts:24} seconds {times:20} ratio {ratio:.2f}")
+    total = [sum(runs[k][1].values()) for k in keys]
+    print(f"{'all checks':14} {'':24} seconds {' / '.join(f'{t:.2f}' for t in total):20} ratio "
+          f"{total[0] / total[-1]:.2f}")
+    checks = [runs[k][0].checks["neighbourhood"].details for k in keys]
+    for g in checks[0]["per_group"]:
+        best = " / ".join(c["best_move"].get(g, "-") for c in checks)
+        found = " / ".join(str(c["per_group"][g]["improving"]) for c in checks)
+        change = " / ".join(f"{c['per_group'][g]['best_change']:.2e}" for c in checks)
+        print(f"  {g:16} best move {best:40} its change {change:22} significant {found}")
+
+
+def phases(profiler) -> None:
+    """Cumulative seconds of the verification's phases (functions of neuralign.verification and of the curve
+    problem), from the profile of the timed run."""
+    import pstats
+
+    stats = pstats.Stats(profiler).stats
+    wanted = ("_check_", "_screen_group", "_first_stage", "_Screen.__call__", "_batched", "_one_by_one", "losses",
+              "delta", "gradient_at", "fit_curve", "curve_pam", "_refit", "taylor_test", "data_term", "pam")
+    rows = []
+    for (path, _, name), (_, calls, _, cumulative, _) in stats.items():
+        if ("neuralign" in path) and any(w.split(".")[-1] == name or name.startswith(w) for w in wanted):
+            rows.append((cumulative, calls, f"{path.split('neuralign/')[-1]}:{name}"))
+    print(f"\n{'cumulative s':>12} {'calls':>7}  phase")
+    for cumulative, calls, where in sorted(rows, reverse=True)[:25]:
+        print(f"{cumulative:12.2f} {calls:7d}  {where}")
 
 
 def flagged_moves(run: str, refit_epochs: int) -> None:

@@ -1175,8 +1175,8 @@ class VerificationOptions(Options):
         3-cycles (>= 0) scored per group (defaults 8, 4, 0); with attention heads, structured swaps per block of
         groups sharing a head permutation, and no 3-cycles there.
     screen_examples, screen_pairs : int
-        The screening set's size in training examples and the most transpositions screened per group (>= 1;
-        defaults 256, 512).
+        The screening set's size in training examples and the most transpositions screened on all of it per group
+        (a group with more: its ``screen_pairs`` best on 32 of the examples) (>= 1; defaults 256, 512).
     refit_epochs : int
         Epochs of the curve re-fitted around the best improving move of a failing group (>= 0; default 0).
     alpha : float
@@ -1353,7 +1353,12 @@ def verify_alignment(
        failing group is re-scored after a short re-fit of the curve. The first-order estimate alone does not rank
        well: on the 64-16-16-10 MLP of ``tests/verification/test_local.py`` with 4 of 16 units swapped in pairs, its
        correlation with the true change over all 120 transpositions was 0.03 and the two swaps that undo the
-       damage ranked 114th and 116th of 120 (a swap crosses a barrier of the relaxation: see Notes).
+       damage ranked 114th and 116th of 120 (a swap crosses a barrier of the relaxation: see Notes). As a
+       prefilter it loses the ranking too, where the coarse screen keeps it: on the TinyTen pair of
+       ``benchmarks/bench_verification.py``, of the exhaustive exact screen's 8 best, the exact screen of the 128
+       lowest first-order estimates finds 0.38-1.00 per group of 120 or 496 transpositions (another best move in
+       2 of 5 groups), of the 128 best on 32 examples 0.88-1.00 (the same best move in all 5); for the groups of
+       2016, 0.12-0.62 and 0.00-0.88.
     4. ``gradient``: a Taylor test of :math:`\\nabla_P F` (float64) along a random direction into the Birkhoff
        polytope (:func:`~neuralign.verification.taylor_test`): pass if the remainder decays at second order
        (log-log slope >= ``min_slope``) over the smallest steps where it is above float noise; fail if it does not

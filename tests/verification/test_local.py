@@ -354,6 +354,21 @@ def test_neighbourhood_ranking_finds_the_swaps_that_undo_the_damage(planted):
     assert undone >= 9
 
 
+def test_coarse_screen_keeps_the_swaps_that_undo_the_damage(planted):
+    """With fewer ``screen_pairs`` (16) than the group's 120 transpositions, the screen ranks them first on 32
+    examples and screens only its 16 best on all 256: a swap that undoes a damaged pair is still among the ranked
+    moves and flagged, and every flagged ranked move moves a damaged unit."""
+    perms = planted[4]
+    damaged = _damaged(perms, 0.3)
+    moved = (perms[GROUP] != damaged[GROUP]).nonzero().flatten().tolist()
+    undo = {tuple(sorted((u, int((perms[GROUP] == damaged[GROUP][u]).nonzero())))) for u in moved}
+    check = _verify(planted, damaged, checks=("neighbourhood",), n_swaps=8, n_control_swaps=4,
+                    screen_pairs=16).checks["neighbourhood"]  # fmt: skip
+    assert check.thresholds["screen_pairs"] == 16 and check.details["per_group"][GROUP]["verdict"] == "fail"
+    ranked = {tuple(m[1]) for m in check.details["improving_moves"][GROUP] if m[3] == "ranked"}
+    assert undo & ranked and all(set(f) & set(moved) for f in ranked), (undo, ranked, moved)
+
+
 def test_swap_estimates_is_the_first_order_change_of_every_transposition():
     from neuralign.verification import swap_estimates
     from neuralign.verification.local import _swap
