@@ -783,6 +783,21 @@ class _SpecInterpreter(torch.fx.Interpreter):
         self.copies.append((c, source, rep))
         return ((c, n, 1),)
 
+    def _split_copies(self, state: tuple, shape, out_shape) -> None:
+        """A reshape that splits an axis of query heads tied to copies of key/value heads (e.g. into (key/value
+        heads, copies)) reads their order inside a block: they move as blocks from here on (:meth:`_coarsen_copies`).
+        An axis kept whole or merged with the axes after it (heads and their insides) keeps the freedom."""
+        copied = {self.groups.find(c) for c, _, _ in self.copies}
+        for i, action in enumerate(state):
+            if not set(self._roots(action)) & copied:
+                continue
+            before = math.prod(shape[:i])
+            kept = any(math.prod(out_shape[:j]) == before and out_shape[j] % shape[i] == 0
+                       for j in range(len(out_shape)))  # fmt: skip
+            if not kept:
+                roots = set(self._roots(action))
+                self._coarsen_copies([e for e in self.copies if self.groups.find(e[0]) in roots])
+
     def _settle_copies(self) -> None:
         """After tracing: the query heads tied to copies of key/value heads may be reordered inside each block of
         copies (:attr:`Heads.within`) where they are one whole, live head axis of a split that no parameter carries
@@ -1213,6 +1228,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
             )
         if name in ("repeat", "repeat_interleave"):
             return self._repeat(n, name, st, xv, value)
+        self._split_copies(st, xv.shape, value.shape)
         self.merged_heads = False
         out = self._reshape(st, xv, value)
         if self.merged_heads:  # the attention's output before its output projection (Verma & Elbayad's features)

@@ -35,8 +35,9 @@ D, H, N = 24, 6, 5  # width, query heads, sequence length
 
 class _GQA(nn.Module):
     """Separate q/k/v projections, ``kv`` key/value heads serving ``H / kv`` query heads each; ``form`` is
-    ``"enable_gqa"`` (SDPA repeats them), ``"repeat"`` (``repeat_interleave`` by hand) or ``"scaled"`` (the
-    repeat, with a learned scale per query head on the scores)."""
+    ``"enable_gqa"`` (SDPA repeats them), ``"repeat"`` (``repeat_interleave`` by hand), ``"scaled"`` (the
+    repeat, with a learned scale per query head on the scores) or ``"group_mean"`` (the repeat, and the mean of
+    each group's query heads added back: a view that reads the heads' order inside a group)."""
 
     def __init__(self, form: str, kv: int) -> None:
         super().__init__()
@@ -58,6 +59,9 @@ class _GQA(nn.Module):
             k, v = k.repeat_interleave(H // self.kv, dim=1), v.repeat_interleave(H // self.kv, dim=1)
             a = q @ k.transpose(-2, -1) * (D // H) ** -0.5
             o = (a * self.scale if self.form == "scaled" else a).softmax(-1) @ v
+            if self.form == "group_mean":
+                t = H // self.kv
+                o = o + o.view(b, self.kv, t, n, -1).mean(2, keepdim=True).expand(-1, -1, t, -1, -1).reshape(o.shape)
         x = x + self.o(o.transpose(1, 2).reshape(b, n, D))
         return self.fc(x.mean(1))
 
@@ -129,9 +133,11 @@ def test_query_heads_move_within_their_group(form, kv):
     assert (moved - model(x)).abs().max() > 1e-3
 
 
-def test_a_per_query_head_parameter_keeps_the_heads_of_a_group_in_order():
-    # a learned scale per query head is a parameter axis of the query heads: they move as blocks only
-    model = _double(_GQA("scaled", 2), seed=5)
+@pytest.mark.parametrize("form", ["scaled", "group_mean"])
+def test_query_heads_read_in_order_move_as_blocks(form):
+    # a learned scale per query head is a parameter axis of the query heads, and a view into (key/value heads,
+    # query heads) reads their order: they move as blocks only
+    model = _double(_GQA(form, 2), seed=5)
     x = torch.randn(2, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     spec = trace_spec(model, x)
     q, o = _query_groups(spec, "")
