@@ -75,9 +75,12 @@ def heads_summary(spec) -> str:
     """Head groups and what the flat groups with heads keep (``H x d``, tie, inside permutations)."""
     head_groups = {h.heads for h in spec.heads.values() if h.heads is not None}
     head_groups |= {g for g in spec.sizes if g.endswith(".heads")}  # the tracer's name for a head permutation
-    kinds = sorted({f"{h.count}x{h.size}" + (f" tie {h.tie}" if h.tie > 1 else "") for h in spec.heads.values()})
-    return (f"{len(head_groups)} head groups; {len(spec.heads)} groups with inside permutations"
-            + (f" ({', '.join(kinds)})" if kinds else ""))  # fmt: skip
+    inside = [h for h in spec.heads.values() if h.inner is not None]
+    kinds = sorted({f"{h.count}x{h.size}" + (f" tie {h.tie}" if h.tie > 1 else "") for h in inside})
+    within = sum(h.within is not None for h in spec.heads.values())
+    return (f"{len(head_groups)} head groups; {len(inside)} groups with inside permutations"
+            + (f" ({', '.join(kinds)})" if kinds else "")
+            + (f"; {within} groups whose query heads move within their key/value group" if within else ""))  # fmt: skip
 
 
 def row(label, build, x) -> str:
