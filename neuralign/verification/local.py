@@ -344,11 +344,21 @@ class _Change:
 
 def _example_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
     """Per-example cross-entropy of the main logits plus 0.3 times that of each auxiliary head (float64): the
-    per-example terms of :func:`neuralign._utils.classification_loss`, the curve objective's loss."""
+    per-example terms of :func:`neuralign._utils.classification_loss`, the curve objective's loss. A language
+    model's example is its sequence: ``(B, T, V)`` logits and ``(B, T)`` targets give each sequence's mean over its
+    ``T`` tokens (its tokens are not independent; with equal lengths the batch mean is the mean of these)."""
     main, aux = split_logits(output)
-    loss = torch.nn.functional.cross_entropy(main, target, reduction="none").double()
+
+    def per_example(logits: torch.Tensor) -> torch.Tensor:
+        if logits.dim() > 2 and target.dim() == logits.dim() - 1 and logits.shape[:-1] == target.shape:
+            tokens = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                       reduction="none")  # fmt: skip
+            return tokens.double().view(target.shape[0], -1).mean(dim=1)
+        return torch.nn.functional.cross_entropy(logits, target, reduction="none").double()
+
+    loss = per_example(main)
     for a in aux:
-        loss = loss + 0.3 * torch.nn.functional.cross_entropy(a, target, reduction="none").double()
+        loss = loss + 0.3 * per_example(a)
     return loss
 
 

@@ -4,8 +4,8 @@ the certificate names the groups its LP cross-check does not cover, and an align
 heads is flagged by the neighbourhood check with the head swap that undoes it. The moves' first-order estimates are
 the sums of the member groups' transposition estimates.
 
-TinyLM is not tested here: its targets are one class per token, ``(batch, tokens)``, and the curve objective of the
-verification is a per-example classification loss of ``(batch, classes)`` logits."""
+TinyLM (a language model: ``(batch, tokens, vocabulary)`` logits, one target per token) runs every check too, each
+sequence one example of the paired tests."""
 
 from __future__ import annotations
 
@@ -226,3 +226,32 @@ def test_tinylm_moves_include_query_head_swaps_and_stay_structured():
     across[[0, h.tie]] = across[[h.tie, 0]]  # query head 0 (block 0) with query head 2 (block 1)
     with pytest.raises(ValueError, match="or heads between its blocks of 2 tied heads"):
         validate_permutation(spec, {**ident, q: across.reshape(-1)})
+
+
+def test_every_check_runs_on_a_language_model_with_sequences_as_examples():
+    """TinyLM with a planted structured permutation (grouped-query attention, RoPE), next tokens labelled by A's own
+    predictions: every check runs on (B, T, V) logits (each sequence one example of the paired tests: its mean over
+    its tokens; before, the per-example loss refused the sequence targets). The verdicts themselves are not asserted:
+    a 1-epoch curve between these near-uniform predictors is far from any local optimum."""
+    from neuralign.experiments.models.lm import TinyLM
+
+    torch.manual_seed(0)
+    a = TinyLM(20, width=16, depth=1, heads=4, kv_heads=2, hidden=24)
+    with torch.no_grad():
+        a.embed.weight.mul_(8.0)  # tied with the output head: confident predictions
+    gen = torch.Generator().manual_seed(1)
+
+    def batches(k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        xs = [torch.randint(0, 20, (32, 6), generator=gen) for _ in range(k)]
+        with torch.no_grad():
+            return [(x, a(x).argmax(-1)) for x in xs]
+
+    train, heldout = batches(4), batches(2)
+    spec = trace_spec(a, train[0][0][:2])
+    perms = random_permutation(spec, generator=1)
+    b = copy.deepcopy(a)
+    b.load_state_dict(apply_permutation(a.state_dict(), spec, perms))
+    report = verify_alignment(a, a.state_dict(), b.state_dict(), invert_permutation(perms), train, spec=spec,
+                              heldout_loader=heldout, align_loader=heldout, generator=0, **OPTIONS)  # fmt: skip
+    assert set(report.checks) == set(CHECKS)
+    assert all(c.verdict in ("pass", "fail", "inconclusive") for c in report.checks.values())
