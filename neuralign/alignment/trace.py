@@ -42,6 +42,7 @@ import logging
 import math
 import operator
 import string
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -2073,7 +2074,28 @@ def _fx_graph(
             f"shape {_describe(tuple(inputs))}: {_first_line(exc)}. Build the spec by hand with "
             "neuralign.alignment.SpecBuilder."
         ) from exc
+    _warn_unused_by_export(work, gm)
     return gm  # an exported module refuses .train(): its graph already holds the mode it was exported in
+
+
+def _warn_unused_by_export(model: nn.Module, gm: torch.fx.GraphModule) -> None:
+    """Warn when an exported graph leaves parameters of ``model`` unused: torch.export records only the branch that
+    ``example_input``'s shapes take, so a branch on shapes that uses them (and may need their units permuted with
+    the rest) was not seen, and the spec is proven for inputs shaped like the example only."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    unused = [aliases[0] for aliases in names.values() if not used.intersection(aliases)]
+    if unused:
+        shown = ", ".join(f"`{k}`" for k in unused[:6]) + (f" and {len(unused) - 6} more" if len(unused) > 6 else "")
+        warnings.warn(
+            f"torch.export recorded {type(model).__name__} for the shapes of `example_input` only, and that graph "
+            f"does not use the parameters {shown}: a branch on the input's shape that uses them was not seen, so "
+            "the spec is proven for inputs shaped like `example_input` only (check_equivalence on other shapes, or "
+            "trace with an example that takes that branch)",
+            stacklevel=4,
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -2186,8 +2208,10 @@ def trace_spec(
         default; under ``on_unsupported="fix"`` such a refusal fixes groups instead). An exported graph is
         specialised to the shapes of ``example_input`` (the batch axis stays symbolic where the model allows it); its
         ATen operations are rewritten into the torch functions the rules know and proven by the same rules (an
-        operation without a mapping is refused as soon as it touches a group). A permutation does not depend on
-        shapes, so the spec holds for every input the model accepts; the taps name the exported graph's nodes.
+        operation without a mapping is refused as soon as it touches a group). The exported graph is the branch that
+        ``example_input``'s shapes take, so such a spec is proven for inputs of those shapes (any batch size where
+        the batch axis stayed symbolic): a branch on shapes the example does not take is not seen (a warning names
+        the parameters the exported graph does not use). The taps name the exported graph's nodes.
 
     Returns
     -------

@@ -335,3 +335,33 @@ def test_swin_t_shifted_window_attention_is_traced_inside_through_export():
     assert len(spec.heads) == 24  # 12 attentions: query/key and value/output rows split into heads
     res = check_equivalence(model, spec, x, trials=1, generator=0, tol=1e-9)
     assert res.verdict == "pass", res.message
+
+
+def test_a_shape_branch_the_example_does_not_take_is_named_by_a_warning():
+    """torch.export records only the branch of the example's shapes: a layer used on another branch (here batch size
+    1) is not in the graph, so the spec is proven for the example's shapes only; the warning names its parameters.
+    A model whose exported graph uses every parameter warns nothing."""
+
+    class BatchBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c, self.d = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if x.shape[0] > 1:
+                return self.c(torch.relu(self.b(h)))
+            return self.d(h)
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"does not use the parameters `d.weight`, `d.bias`"):
+        trace_spec(BatchBranch(), torch.randn(2, 4))
+
+    class Always(BatchBranch):
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.c(torch.relu(self.b(h))) + self.d(h) if x.shape[0] > 1 else self.d(h)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trace_spec(Always(), torch.randn(2, 4))
