@@ -300,7 +300,11 @@ class InterpolationResult:
 def _interpolated_buffers(model: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
                           t: float, device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
     out = {}
-    for name, _ in model.named_buffers():
+    persistent = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if name not in persistent and name not in state_a and name not in state_b:
+            out[name] = buffer.detach().to(device)  # a constant no state dict carries (RoPE's frequencies)
+            continue
         for label, state in (("state_a", state_a), ("state_b", state_b)):
             if name not in state:
                 raise ValueError(f"bn='interpolate' needs the buffer `{name}` in `{label}` (pass a full state dict)")

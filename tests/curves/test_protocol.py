@@ -174,3 +174,20 @@ def test_evaluation_errors() -> None:
                                protocol=InterpolationProtocol(bn="interpolate", splits=("test",)))  # fmt: skip
     with pytest.raises(TypeError, match="`protocol` must be an InterpolationProtocol"):
         evaluate_interpolation(model, sa, sb, loaders(), loaders(), protocol={"bn": "repair"})
+
+
+def test_interpolate_takes_a_non_persistent_buffer_from_the_model() -> None:
+    """A language model's constant buffer that no state dict carries (tinylm: RoPE's ``inv_freq``): ``bn="interpolate"``
+    takes it from the model (it refused the model's own state dicts); the path from A to A is constant."""
+    from neuralign.experiments.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tinylm", num_classes=256)
+    assert any(name not in model.state_dict() for name, _ in model.named_buffers())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (32, 8), generator=gen)
+    data = [(x[:16], x[16:]), (x[16:], x[:16])]
+    res = evaluate_interpolation(model, model.state_dict(), model.state_dict(), data, data,
+                                 protocol=InterpolationProtocol(num_points=3, bn="interpolate", splits=("test",)))
+    loss = res.splits["test"].loss
+    assert max(abs(v - loss[0]) for v in loss) <= 1e-6 and math.isfinite(loss[0])
