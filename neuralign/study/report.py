@@ -427,28 +427,34 @@ def _figure_lines(figures: Mapping[str, Any], folder: Path) -> list[str]:
 
 
 def _alignment_lines(res: StudyResults) -> list[str]:
-    rows = []
+    rows, untapped = [], 0
     for pair in res.pairs:
         al = pair.alignment
         if al is None:
             continue
         groups, before, after = list(al.groups), al.correlation_before, al.correlation_after
-        b = [float(before[g]) for g in groups if g in before]
-        a = [float(after[g]) for g in groups if g in after]
-        improved = sum(1 for g in groups if g in before and g in after and after[g] > before[g])
+        # a group without an activation tap (matched by weights, e.g. attention's query/key heads) has no correlation
+        measured = [g for g in groups if g in before and g in after
+                    and math.isfinite(float(before[g])) and math.isfinite(float(after[g]))]  # fmt: skip
+        untapped = max(untapped, len(groups) - len(measured))
+        b = [float(before[g]) for g in measured]
+        a = [float(after[g]) for g in measured]
+        improved = sum(1 for g in measured if after[g] > before[g])
         mb = math.fsum(b) / len(b) if b else math.nan
         ma = math.fsum(a) / len(a) if a else math.nan
         seeds = ", ".join(str(s) for s in pair.seeds)
         rows.append(
             f"| {pair.pair} | {seeds} | {len(groups)} | {mb:.3f} | {ma:.3f} | {ma - mb:+.3f} | "
-            f"{improved}/{len(groups)} |"
+            f"{improved}/{len(measured)} |"
         )
     if not rows:
         return []
     return [
         "## Alignment",
         "",
-        "Mean over groups (unweighted) of the correlation of matched units, before and after alignment.",
+        "Mean over groups (unweighted) of the correlation of matched units, before and after alignment."
+        + (f" Groups without an activation tap (matched by weights; up to {untapped} per pair) have no correlation "
+           "and are left out of the means and the count of groups improved." if untapped else ""),
         "",
         "| Pair | Seeds | Groups | Corr. before | Corr. after | Gain | Groups improved |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

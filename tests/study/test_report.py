@@ -426,3 +426,15 @@ def test_robust_table_by_hand(tmp_path):
                                                    for p in _robust_results()["pairs"]]}  # fmt: skip
     with pytest.raises(ValueError, match="no robust evaluation"):
         robust_table(standard)
+
+
+def test_alignment_means_leave_out_groups_without_a_correlation(tmp_path):
+    """A group matched by weights (no activation tap: attention's query/key heads) has a NaN correlation: the means and
+    the count of groups improved are over the others, and the report says so (it printed nan)."""
+    res = make_results(1)
+    al = res["pairs"][0]["alignment"]
+    al["correlation_before"][GROUPS[0]] = al["correlation_after"][GROUPS[0]] = math.nan
+    text = write_report(res, tmp_path).read_text(encoding="utf-8")
+    # the other three groups: before 0.3, 0.4, 0.5 (mean 0.4), after +0.25, +0.2, +0.15 (gain 0.2)
+    assert "| 1 | 1, 2 | 4 | 0.400 | 0.600 | +0.200 | 3/3 |" in text
+    assert "have no correlation and are left out" in text and "nan" not in text.split("## Alignment")[1][:600]
