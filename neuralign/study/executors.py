@@ -442,8 +442,13 @@ def _failure(job: Any) -> str | None:
     try:
         job.result()
     except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's own exception, or UncompletedJobError
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        return lines[-1].strip() if lines else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # submitit's FailedJobError quotes the job's traceback between two dashed rules, then names its log files:
+        # the exception is the traceback's last line
+        rules = [i for i, line in enumerate(lines) if set(line) == {"-"}]
+        if len(rules) >= 2 and rules[-1] - rules[-2] > 1:
+            return lines[rules[-1] - 1]
+        return lines[-1] if lines else type(exc).__name__
     return None
 
 

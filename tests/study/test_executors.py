@@ -302,6 +302,25 @@ def test_a_local_job_killed_by_a_signal_says_so():
     assert _failure(job) == "its process was killed by signal 9 (SIGKILL)"
 
 
+def test_a_failed_job_is_reported_by_its_exception_not_its_log_path():
+    """submitit's FailedJobError quotes the job's traceback between dashed rules and then names its log files; the
+    reason reported is the traceback's last line (it was the .out log's path)."""
+    from submitit.core.utils import FailedJobError
+
+    trace = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+             "ValueError: REPAIR folds its shift into the bias of blocks.0.attn.q, which has none (bias=False)")
+    message = (f"Job (task=0) failed during processing with trace:\n----------------------\n{trace}\n"
+               "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n"
+               "  - /tmp/jobs/1_0_log.err\n  - /tmp/jobs/1_0_log.out")
+
+    def fail():
+        raise FailedJobError(message)
+
+    job = SimpleNamespace(_process=None, result=fail)
+    assert _failure(job) == ("ValueError: REPAIR folds its shift into the bias of blocks.0.attn.q, which has none "
+                             "(bias=False)")
+
+
 def test_executors_are_refused_under_torchrun(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, lines in (("0", 1), ("1", 0)):
