@@ -48,7 +48,8 @@ def add_data(p: argparse.ArgumentParser, *, required: bool = True, settings: boo
 
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, default=None,
-                   help="dataset: cifar10, cifar100, mnist, tinyimagenet, digits (shipped), an .npz file with "
+                   help="dataset: cifar10, cifar100, mnist, tinyimagenet, digits (shipped), pydoc or pydoc:T (text "
+                        "shipped with Python: byte windows of T = 64 tokens, for --arch tinylm), an .npz file with "
                         "x_train, y_train, x_test, y_test (uint8 images), or imagefolder:PATH (PATH/train/<class>/ "
                         "and PATH/val/<class>/ or PATH/test/<class>/ image files)")  # fmt: skip
     g.add_argument("--data-root", default=None, help="folder holding the torchvision dataset (or <name>.npz)")
@@ -81,12 +82,20 @@ def add_optimizer(p: argparse.ArgumentParser, *, settings: bool = False) -> None
                         + ("; the curves' optimizer is --set curve.optimizer=adamw" if settings else ""))  # fmt: skip
 
 
+#: The zoo's architectures (``neuralign.experiments.models.available_models()``, spelled out here so that ``--help``
+#: imports no model code; a test keeps the two equal).
+ZOO_ARCHES = ("tinyten", "resnet20", "resnet32", "vgg11", "vgg16", "googlenet", "mlp", "vit", "tinylm")
+
+#: The help of every ``--arch`` that builds a model.
+ARCH_HELP = (", ".join(ZOO_ARCHES) + " (tinylm: a language model, for text --data such as pydoc), torchvision:<name> "
+             "(any torchvision.models builder, e.g. torchvision:resnet18) or timm:<name> (needs the extra "
+             "neuralign[timm])")  # fmt: skip
+
+
 def add_arch(p: argparse.ArgumentParser, *, checkpoints: bool) -> None:
     g = p.add_argument_group("architecture" + (" of plain checkpoints" if checkpoints else ""))
     g.add_argument("--arch", required=not checkpoints, default=None,
-                   help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp, torchvision:<name> (any "
-                        "torchvision.models builder, e.g. torchvision:resnet18) or timm:<name> (needs the extra "
-                        "neuralign[timm])" + ("; needed for plain state dicts and .safetensors files, which do not "
+                   help=ARCH_HELP + ("; needed for plain state dicts and .safetensors files, which do not "
                         "record it (end points of `neuralign train` do)" if checkpoints else ""))  # fmt: skip
     if checkpoints:
         g.add_argument("--num-classes", type=int, default=None,

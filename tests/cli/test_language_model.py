@@ -121,3 +121,17 @@ def test_pam_s_curve_steps_take_the_curve_optimizer(tmp_path, monkeypatch):
                "curve.lr=5e-3", *TEXT]  # fmt: skip
     assert main(command) == 0
     assert fitted == ["AdamW"]  # one outer iteration, one x-step
+
+
+def test_every_arch_help_lists_the_zoo_and_data_help_names_pydoc(capsys):
+    """--help names every zoo architecture (tinylm and vit included; study's listed neither) and the text data."""
+    from neuralign.cli.parser import ZOO_ARCHES
+    from neuralign.experiments.models import available_models
+
+    assert list(ZOO_ARCHES) == available_models()
+    for command in ("train", "study", "compare"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(name in text for name in ZOO_ARCHES), command
+        assert "pydoc" in text, command

@@ -11,7 +11,7 @@ from typing import Any
 from neuralign import _distributed
 from neuralign.cli.common import data_settings, model_args, parse_device, parse_overrides
 from neuralign.cli.executors import add_executor_options, print_cancel, print_status, run_stages, stage_times
-from neuralign.cli.parser import add_common, add_data, add_optimizer
+from neuralign.cli.parser import ARCH_HELP, add_common, add_data, add_optimizer
 from neuralign.cli.progress import ProgressBars
 
 __all__ = ["COMMANDS", "PRESET_NAMES", "cmd_compare"]
@@ -79,7 +79,7 @@ def add_compare_parser(sub: Any) -> None:
     p.add_argument("--pairs", type=int, default=None, help="number of end-point pairs")
     p.add_argument("--endpoints", nargs="+", default=None, metavar="FILE",
                    help="given end points instead of training: A1 B1 [A2 B2 ...] in any format `align` reads")
-    p.add_argument("--arch", default=None, help="architecture of trained or plain end points")
+    p.add_argument("--arch", default=None, help="architecture of trained or plain end points: " + ARCH_HELP)
     add_optimizer(p, settings=True)
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="builder argument of --arch (repeatable), e.g. depth=2 heads=4 mlp_dim=128 for vit")

@@ -13,7 +13,7 @@ from typing import Any
 from neuralign import _distributed
 from neuralign.cli.common import data_settings, model_args, parse_device, parse_overrides
 from neuralign.cli.executors import add_executor_options, print_cancel, print_status, run_stages, stage_times
-from neuralign.cli.parser import add_common, add_data, add_optimizer, list_settings_in_help
+from neuralign.cli.parser import ARCH_HELP, add_common, add_data, add_optimizer, list_settings_in_help
 from neuralign.cli.progress import ProgressBars
 
 __all__ = ["cmd_study", "COMMANDS"]
@@ -98,8 +98,7 @@ def add_study_parser(sub: Any) -> None:
     add_common(p, out="neuralign-study")
     p.add_argument("--preset", choices=["paper", "cpu", "demo", "robust", "robust-cpu"], default="cpu",
                    help="starting settings (default: cpu)")
-    p.add_argument("--arch", default=None, help="tinyten, resnet20, resnet32, vgg11, vgg16, googlenet, mlp, "
-                   "torchvision:<name>, timm:<name>")
+    p.add_argument("--arch", default=None, help=ARCH_HELP)
     p.add_argument("--pairs", type=int, default=None, help="number of end-point pairs")
     p.add_argument("--endpoints", nargs="+", default=None, metavar="FILE",
                    help="given end points instead of training: A1 B1 [A2 B2 ...] in any format `align` reads "
