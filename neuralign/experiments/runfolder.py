@@ -118,6 +118,21 @@ class RunFolder:
         recorded = self.recorded()
         return [] if recorded is None else option_changes(recorded, options)
 
+    def refuse_other_settings(self, options: Mapping[str, Any], what: str) -> dict[str, Any] | None:
+        """The manifest (None without one), refusing a folder whose recorded options differ from ``options``.
+
+        Raises
+        ------
+        CheckpointError
+            ``"<folder> holds <what> with other settings (<names>); use another --out folder"``.
+        """
+        manifest = self.manifest()
+        changes = self.changes(options) if manifest is not None else []
+        if changes:
+            raise CheckpointError(f"{self.folder} holds {what} with other settings ({', '.join(changes)}); use another "
+                                  "--out folder")  # fmt: skip
+        return manifest
+
     def state(
         self,
         options: Mapping[str, Any],

@@ -607,14 +607,7 @@ def check_compare_folder(config: CompareConfig, out: str | os.PathLike) -> dict[
     CheckpointError
         Naming the settings that differ.
     """
-    folder = _folder(Path(out))
-    manifest = folder.manifest()
-    if manifest is not None:
-        changes = folder.changes(config.to_dict())
-        if changes:
-            raise CheckpointError(f"{out} holds a comparison with other settings ({', '.join(changes)}); use another "
-                                  "--out folder")  # fmt: skip
-    return manifest
+    return _folder(Path(out)).refuse_other_settings(config.to_dict(), "a comparison")
 
 
 def prepare_compare(

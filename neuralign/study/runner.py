@@ -58,7 +58,7 @@ from neuralign.curves import (
     midpoint_alignment,
     project_to_plane,
 )
-from neuralign.errors import CheckpointError, ConvergenceWarning
+from neuralign.errors import ConvergenceWarning
 from neuralign.experiments.checkpoints import load_endpoint
 from neuralign.experiments.data import DataBundle, load_data
 from neuralign.experiments.models import build_model, builder_kwargs
@@ -681,14 +681,9 @@ def _recorded_study(config: StudyConfig, out: Path) -> dict[str, Any] | None:
     manifest = folder.manifest()
     if manifest is not None and not manifest.get("completed") and not any(p != folder.path for p in out.iterdir()):
         return None  # a study that stopped before any stage (e.g. on a setting error) starts afresh
-    if manifest is not None:
-        # settings added after the folder was written take their defaults (which reproduce the older behaviour);
-        # a flat configuration of before 0.2 is read as such
-        changes = folder.changes(config.to_dict())
-        if changes:
-            raise CheckpointError(f"{out} holds a study with other settings ({', '.join(changes)}); use another --out "
-                                  "folder")  # fmt: skip
-    return manifest
+    # settings added after the folder was written take their defaults (which reproduce the older behaviour); a flat
+    # configuration of before 0.2 is read as such
+    return folder.refuse_other_settings(config.to_dict(), "a study")
 
 
 def _prepare(
