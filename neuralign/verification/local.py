@@ -30,7 +30,7 @@ from neuralign import _json
 from neuralign._distributed import all_reduce_sum
 from neuralign._options import Options, renamed_keywords, resolve_options
 from neuralign._stats import bonferroni_quantile, wilson_interval
-from neuralign._utils import as_generator, atomic_write_text, split_batch, split_logits, stable_seed
+from neuralign._utils import as_generator, atomic_write_text, flat_logits, split_batch, split_logits, stable_seed
 from neuralign._validate import check_bool, check_int, check_real
 from neuralign.alignment import (
     PermutationSpec,
@@ -349,12 +349,9 @@ def _example_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
     ``T`` tokens (its tokens are not independent; with equal lengths the batch mean is the mean of these)."""
     main, aux = split_logits(output)
 
-    def per_example(logits: torch.Tensor) -> torch.Tensor:
-        if logits.dim() > 2 and target.dim() == logits.dim() - 1 and logits.shape[:-1] == target.shape:
-            tokens = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                       reduction="none")  # fmt: skip
-            return tokens.double().view(target.shape[0], -1).mean(dim=1)
-        return torch.nn.functional.cross_entropy(logits, target, reduction="none").double()
+    def per_example(logits: torch.Tensor) -> torch.Tensor:  # (B*T,) token losses, or (B,) for a classifier
+        tokens = torch.nn.functional.cross_entropy(*flat_logits(logits, target), reduction="none")
+        return tokens.double().view(target.shape[0], -1).mean(dim=1)
 
     loss = per_example(main)
     for a in aux:
