@@ -24,6 +24,7 @@ from neuralign.study.compare import (
     run_compare_stage,
 )
 from neuralign.study.jobs import process_start, write_jobs
+from tests.study.test_executors import _bin
 
 pytest.importorskip("submitit", reason="the cluster extra (submitit) is not installed")
 
@@ -101,15 +102,6 @@ def test_local_jobs_give_the_sequential_numbers(sequential, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("pair*/*")}
     run_local(CONFIG, tmp_path, jobs=2, poll_seconds=0.1)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("pair*/*")} == before
-
-
-def _bin(folder: Path, **scripts: str) -> Path:
-    """A folder of fake commands (``name=shell body``), for PATH."""
-    folder.mkdir(exist_ok=True)
-    for name, body in scripts.items():
-        (folder / name).write_text("#!/bin/sh\n" + body + "\n")
-        (folder / name).chmod(0o755)
-    return folder
 
 
 def test_slurm_submission_of_a_comparison_with_its_dependencies(tmp_path, monkeypatch, capsys):
