@@ -132,8 +132,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = warning_printer(parser, args.command)
-            # a study keeps its own, richer manifest; --status and --cancel look at another folder than --out
-            if args.command not in ("demo", "study") and not (getattr(args, "status", None)
+            # a study or a comparison keeps its own, richer manifest; --status and --cancel look at another folder
+            if args.command not in ("demo", "study", "compare") and not (getattr(args, "status", None)
                                                                or getattr(args, "cancel", None)):  # fmt: skip
                 write_manifest(args)
             _register_commands()

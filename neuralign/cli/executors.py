@@ -58,16 +58,17 @@ def add_executor_options(p: argparse.ArgumentParser, *, command: str) -> None:
                    help="sequential: every stage in this process (default); local: up to --jobs stages at once as "
                         "local processes (one GPU each when there are several); slurm: every stage as a Slurm job, "
                         "with job dependencies between stages (returns once they are queued)")  # fmt: skip
-    g.add_argument("--jobs", type=int, default=2, help="concurrent local jobs (default: 2)")
+    g.add_argument("--jobs", type=int, default=None, help="with --executor local: concurrent local jobs (default: 2)")
     for flag, field, kind, text in SLURM_OPTIONS:
         g.add_argument(flag, dest=field, type=kind, default=None, help=text,
                        **({"action": "append", "metavar": "KEY=VALUE"} if field == "extra" else {}))  # fmt: skip
-    g.add_argument("--status", metavar="OUT", default=None,
-                   help=f"print which stages of the {what} in OUT are done, running or pending (with job ids), "
-                        "blocked, failed or cancelled, and exit")  # fmt: skip
-    g.add_argument("--cancel", metavar="OUT", default=None,
-                   help=f"cancel every queued or running Slurm job of the {what} in OUT (recorded: --status then "
-                        f"says cancelled) and exit; rerunning the {what} submits those stages again")  # fmt: skip
+    either = g.add_mutually_exclusive_group()
+    either.add_argument("--status", metavar="OUT", default=None,
+                        help=f"print which stages of the {what} in OUT are done, running or pending (with job ids), "
+                             "blocked, failed or cancelled, and exit")  # fmt: skip
+    either.add_argument("--cancel", metavar="OUT", default=None,
+                        help=f"cancel every queued or running Slurm job of the {what} in OUT (recorded: --status then "
+                             f"says cancelled) and exit; rerunning the {what} submits those stages again")  # fmt: skip
 
 
 def run_stages(
@@ -84,7 +85,8 @@ def run_stages(
     Raises
     ------
     ValueError
-        For Slurm resources without ``--executor slurm``, or ``--device auto`` with it.
+        For Slurm resources without ``--executor slurm``, ``--jobs`` without ``--executor local``, or ``--device
+        auto`` with Slurm.
     """
     executor = getattr(args, "executor", "sequential")
     command = args.command
@@ -93,6 +95,8 @@ def run_stages(
         if given:
             raise ValueError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the resources of Slurm jobs: "
                              f"use {'it' if len(given) == 1 else 'them'} with --executor slurm")  # fmt: skip
+    if executor != "local" and getattr(args, "jobs", None) is not None:
+        raise ValueError("--jobs sets how many local jobs run at once: use it with --executor local")
     if executor == "sequential":
         return sequential()
     out = Path(args.out)
@@ -103,7 +107,8 @@ def run_stages(
             if not args.quiet:
                 print(f"{stage}: {event} (job {job_id})", file=sys.stderr)
 
-        return run_local(config, out, jobs=args.jobs, device=parse_device(args.device), paper_row=paper_row,
+        jobs = 2 if args.jobs is None else args.jobs
+        return run_local(config, out, jobs=jobs, device=parse_device(args.device), paper_row=paper_row,
                          on_event=on_event)  # fmt: skip
     from neuralign.study.executors import submit_slurm
 

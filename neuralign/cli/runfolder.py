@@ -11,8 +11,9 @@ from typing import Any
 
 from neuralign._utils import load_checkpoint
 from neuralign.cli.common import info, run_folder
+from neuralign.experiments.runfolder import describe_changes
 
-__all__ = ["DATA_OPTIONS", "announce_resume", "check_run", "command_options", "describe_changes", "file_digest"]
+__all__ = ["DATA_OPTIONS", "announce_resume", "check_run", "command_options", "file_digest"]
 
 
 def check_run(
@@ -98,23 +99,3 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _get(options: Any, path: str) -> Any:
-    for part in path.split("."):
-        options = options.get(part) if isinstance(options, dict) else None
-    return options
-
-
-def describe_changes(
-    recorded: dict[str, Any], options: dict[str, Any], changes: Sequence[str], words: dict[str, str] | None = None
-) -> str:
-    """The ``changes`` (dotted option names) in command-line words: ``--epochs 2 (now 3)``."""
-    words = words or {}
-
-    def flag(name: str) -> str:
-        return words.get(name, f"--{name.replace('_', '-')}")
-
-    return ", ".join(
-        f"the content of {flag(k[: -len('#content')])}" if k.endswith("#content")
-        else f"{flag(k)} {_get(recorded, k)!r} (now {_get(options, k)!r})"
-        for k in changes
-    )  # fmt: skip

@@ -30,7 +30,7 @@ from typing import Any
 from neuralign._utils import atomic_write_text
 from neuralign.errors import CheckpointError
 
-__all__ = ["RunFolder", "option_changes"]
+__all__ = ["RunFolder", "describe_changes", "option_changes"]
 
 
 def option_changes(recorded: Mapping[str, Any], options: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -50,6 +50,39 @@ def option_changes(recorded: Mapping[str, Any], options: Mapping[str, Any], pref
         elif _plain(a) != _plain(b):
             out.append(f"{prefix}{key}")
     return out
+
+
+def describe_changes(
+    recorded: Mapping[str, Any],
+    options: Mapping[str, Any],
+    changes: Sequence[str],
+    words: Mapping[str, str] | None = None,
+    *,
+    dashes: bool = True,
+) -> str:
+    """The ``changes`` (dotted option names, from :func:`option_changes`) with both values, in command-line words:
+    ``--epochs 2 (now 3)``; ``words`` maps a name to its flag where it is not ``--`` + the name with dashes, and
+    without ``dashes`` a name is shown as it is (``curve.epochs 2 (now 3)``, a ``--set`` name).
+
+    >>> describe_changes({"pam": {"lam": 10}}, {"pam": {"lam": 1}}, ["pam.lam"], dashes=False)
+    'pam.lam 10 (now 1)'
+    """
+    words = words or {}
+
+    def flag(name: str) -> str:
+        return words.get(name, f"--{name.replace('_', '-')}" if dashes else name)
+
+    return ", ".join(
+        f"the content of {flag(k[: -len('#content')])}" if k.endswith("#content")
+        else f"{flag(k)} {_get(recorded, k)!r} (now {_get(options, k)!r})"
+        for k in changes
+    )  # fmt: skip
+
+
+def _get(options: Any, path: str) -> Any:
+    for part in path.split("."):
+        options = options.get(part) if isinstance(options, Mapping) else None
+    return options
 
 
 def _plain(value: Any) -> Any:
@@ -124,13 +157,14 @@ class RunFolder:
         Raises
         ------
         CheckpointError
-            ``"<folder> holds <what> with other settings (<names>); use another --out folder"``.
+            ``"<folder> holds <what> with other settings: <name> <recorded> (now <value>); use another --out
+            folder"``.
         """
         manifest = self.manifest()
         changes = self.changes(options) if manifest is not None else []
         if changes:
-            raise CheckpointError(f"{self.folder} holds {what} with other settings ({', '.join(changes)}); use another "
-                                  "--out folder")  # fmt: skip
+            said = describe_changes(self.recorded() or {}, options, changes, dashes=False)
+            raise CheckpointError(f"{self.folder} holds {what} with other settings: {said}; use another --out folder")
         return manifest
 
     def state(

@@ -295,7 +295,7 @@ def test_demo_runs_end_to_end_with_a_tiny_budget_and_resumes(tmp_path, capsys):
     # the same folder with other settings is refused
     capsys.readouterr()
     assert main(["demo", "--out", str(folder), "--quiet", *TINY, "--set", "curve.epochs=2"]) == 2
-    assert "holds a study with other settings (curve.epochs)" in capsys.readouterr().err
+    assert "holds a study with other settings: curve.epochs 1 (now 2); use another --out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("step", [["pam.step.max_moved=0.25", "pam.step.p_steps=2"],

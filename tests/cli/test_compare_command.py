@@ -3,6 +3,7 @@ other settings."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -44,7 +45,8 @@ def test_compare_runs_end_to_end_resumes_and_refuses_other_settings(tmp_path, ca
     assert {p: p.stat().st_mtime_ns for p in folder.glob("pair*/*")} == stamps
     capsys.readouterr()
     assert main([*command, "--set", "protocol.num_points=5"]) == 2
-    assert "holds a comparison with other settings (protocol.num_points)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a comparison with other settings: protocol.num_points 3 (now 5); use another --out" in err
 
 
 def test_a_first_run_that_fails_before_any_stage_does_not_lock_the_folder(tmp_path, capsys):
@@ -59,6 +61,25 @@ def test_a_first_run_that_fails_before_any_stage_does_not_lock_the_folder(tmp_pa
     # one end point file: the message names --endpoints, not "--pairs must be a positive int, got 0"
     assert main(["compare", "--out", str(folder), "--quiet", "--endpoints", str(tmp_path / "a.pt"), *TINY]) == 2
     assert "--endpoints takes A and B of each pair (an even number of files), got 1" in capsys.readouterr().err
+    assert not any(folder.glob("*"))  # and no command record either: the comparison keeps its own manifest
+
+
+def test_options_that_would_be_ignored_are_refused_in_one_line(tmp_path, capsys):
+    # a new-user trial: verification settings without --verify, --jobs without --executor local and --status with
+    # --cancel were silently ignored; each is now one line, and nothing is written
+    folder = tmp_path / "cmp"
+    cases = [
+        (["--set", "verification.n_swaps=2"], "--set verification.n_swaps is a setting of the verification, which "
+                                              "runs with --verify: add it"),
+        (["--jobs", "3"], "--jobs sets how many local jobs run at once: use it with --executor local"),
+        (["--status", str(folder), "--cancel", str(folder)], "argument --cancel: not allowed with argument --status"),
+    ]  # fmt: skip
+    for extra, words in cases:
+        with pytest.raises(SystemExit) if "--status" in extra else contextlib.nullcontext():
+            assert main(["compare", "--out", str(folder), "--quiet", *TINY, *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+        assert not folder.exists()
 
 
 def test_the_shared_data_options_and_data_root(tmp_path, capsys):

@@ -244,6 +244,8 @@ def test_slurm_options_on_the_command_line(tmp_path, monkeypatch, capsys):
         (["--executor", "slurm", "--device", "cpu", "--cpus-per-task", "0"], "--cpus-per-task must be a positive"),
         (["--cpus-per-task", "2", "--slurm-mem", "1G"], "--cpus-per-task, --slurm-mem set the resources of Slurm "
                                                         "jobs: use them with --executor slurm"),
+        (["--jobs", "3"], "--jobs sets how many local jobs run at once: use it with --executor local"),
+        (["--executor", "slurm", "--device", "cpu", "--jobs", "3"], "use it with --executor local"),
     ]  # fmt: skip
     for extra, words in cases:
         assert main([*base, *extra]) == 2

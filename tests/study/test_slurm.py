@@ -304,7 +304,7 @@ def test_cancel_stops_the_study_and_a_refused_rerun_changes_nothing(slurm, tmp_p
     before = (squeue(jobs), (out / "jobs.json").read_text(), (out / "manifest.json").read_text())
     # a rerun with other settings is refused before anything: no job cancelled or submitted, no file written
     code, _, err = neuralign(*STUDY, *SLURM, "--set", "seed=1", "--out", str(out))
-    assert code == 2 and "holds a study with other settings (seed)" in err
+    assert code == 2 and "holds a study with other settings: seed 0 (now 1)" in err
     now = (squeue(jobs), (out / "jobs.json").read_text(), (out / "manifest.json").read_text())
     assert now[1:] == before[1:] and set(now[0]) <= set(before[0])  # (jobs may have finished meanwhile)
     assert len(now[0]) >= len(STAGES) - 3

@@ -46,7 +46,11 @@ def cmd_compare(args: argparse.Namespace, bars: ProgressBars) -> list[Path]:
     settings.update(data_settings(args))
     if args.verify:  # the Bezier curves first: the verification checks each method's permutation on its curve
         settings.update({"fit_curves": True, "verification": True})
-    for path, value in {**settings, **parse_overrides(args.set)}.items():
+    overrides = parse_overrides(args.set)
+    unused = [p for p in overrides if p.startswith("verification.")]
+    if unused and not args.verify and config.verification is None and overrides.get("verification") is not True:
+        raise ValueError(f"--set {unused[0]} is a setting of the verification, which runs with --verify: add it")
+    for path, value in {**settings, **overrides}.items():
         config = config.set(path, value)
     out = Path(args.out)
     results = run_stages(args, config, lambda: run_compare(config, out, device=parse_device(args.device),
