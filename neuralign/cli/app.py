@@ -12,13 +12,17 @@ error and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed
@@ -113,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"neuralign: error: could not join the torchrun process group: {one_line(exc)}", file=sys.stderr)
             return 2
     try:
-        code = _run(parser, args)
+        with _sigterm_as_interrupt():
+            code = _run(parser, args)
     except BaseException:
         if distributed:  # no barrier: the other ranks may never reach it
             torch.distributed.destroy_process_group()
@@ -124,6 +129,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             torch.distributed.destroy_process_group()
     return code
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's stop) interrupts the command as Ctrl-C does: checkpoints are kept, local
+    jobs stopped (not left running), the same one line. Only in the main thread, where Python runs handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

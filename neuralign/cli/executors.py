@@ -144,8 +144,9 @@ def print_status(out: str, command: str) -> None:
                    "{ids})",
         "failed": "these stages' jobs ended without their outputs (see the logs under {out}/jobs/); rerun the "
                   f"{what} to run them again",
-        "cancelled": f"these stages' jobs were cancelled (by neuralign {command} --cancel, or by a run that replaced "
-                     f"jobs waiting on a failed one); rerun the {what} to submit them again",
+        "cancelled": f"these stages' jobs were cancelled (by neuralign {command} --cancel, by an interrupted run with "
+                     f"local jobs, or by a run that replaced jobs waiting on a failed one); rerun the {what} to submit "
+                     "them again",
         "unknown": "squeue is not on PATH: whether these Slurm jobs are alive cannot be told from this machine",
     }  # fmt: skip
     for state in STATES:

@@ -33,6 +33,7 @@ Requires the ``cluster`` extra: ``pip install 'neuralign[cluster]'`` (submitit).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,8 +41,9 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -391,8 +393,8 @@ def stage_status(out: str | os.PathLike) -> dict[str, list[tuple[str, str | None
     (from ``jobs.json``) is alive (Slurm: running; queued ones are pending with their job id). Blocked: its Slurm job
     is queued and can never start, as it waits on a job that failed or was cancelled (cancel it, or rerun the study
     with ``--executor slurm``, which replaces it). Failed: its recorded job ended without the stage's outputs.
-    Cancelled: ``--cancel`` cancelled its job. Unknown: a Slurm job, and no ``squeue`` on PATH to
-    ask. Pending: none of these (queued, or not submitted: job None).
+    Cancelled: ``--cancel`` cancelled its job, or an interrupted local run stopped it. Unknown: a Slurm job, and
+    no ``squeue`` on PATH to ask. Pending: none of these (queued, or not submitted: job None).
 
     Raises
     ------
@@ -503,7 +505,10 @@ def run_local(
 def _run_jobs(submitit: Any, kind: RunKind, config: Any, out: Path, stages: list[Stage], jobs: int,
               device: torch.device, report: dict[str, Any], poll_seconds: float,
               on_event: Callable[[str, str, str], Any] | None) -> None:  # fmt: skip
-    """The local executor's loop: submit every ready stage while a slot is free, until none is left to run."""
+    """The local executor's loop: submit every ready stage while a slot is free, until none is left to run.
+
+    Interrupted (Ctrl-C, or SIGTERM through the command line), it stops the running jobs, records them as cancelled
+    in ``jobs.json`` (``--status`` says so) and re-raises: rerunning resumes from the stages' checkpoints."""
     executor = submitit.LocalExecutor(folder=out / "jobs" / "%j")
     executor.update_parameters(timeout_min=_LOCAL_TIMEOUT_MIN, tasks_per_node=1)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -525,41 +530,98 @@ def _run_jobs(submitit: Any, kind: RunKind, config: Any, out: Path, stages: list
     def blocked(stage) -> bool:
         return any(n in failed or blocked(by_name[n]) for n in stage.needs)
 
-    while True:
-        for name, (job, slot) in list(running.items()):
-            if not job.done():
-                continue
-            del running[name]
-            free.append(slot)
-            error = _failure(job)
-            if error is None and name != "report" and not stage_done(out, by_name[name]):
-                error = "the job ended without writing the stage's outputs"
-            if error is None:
-                reported = reported or name == "report"
-            else:
-                failed[name] = error
-            if on_event is not None:
-                on_event(name, "done" if error is None else "failed", job.job_id)
-        ready = [s for s in stages if not done(s.name) and s.name not in running and s.name not in failed
-                 and not blocked(s) and all(done(n) for n in s.needs)]  # fmt: skip
-        for stage in ready[: len(free)]:
-            slot = free.pop(0)
-            if gpus > 1:
-                executor.update_parameters(visible_gpus=[slot % gpus], gpus_per_node=1)
-            job = executor.submit(_stage_job, kind.command, config.to_dict(), str(out), stage.name, str(device),
-                                  report)  # fmt: skip
-            running[stage.name] = (job, slot)
-            submitted[stage.name] = str(job.job_id)
-            starts[stage.name] = process_start(int(job.job_id))  # the pid with its start time: not a recycled pid
-            write_jobs(out, "local", submitted, starts)
-            if on_event is not None:
-                on_event(stage.name, "submitted", job.job_id)
-        if not running:
-            break
-        time.sleep(poll_seconds)
+    try:
+        while True:
+            for name, (job, slot) in list(running.items()):
+                if not job.done():
+                    continue
+                del running[name]
+                free.append(slot)
+                error = _failure(job)
+                if error is None and name != "report" and not stage_done(out, by_name[name]):
+                    error = "the job ended without writing the stage's outputs"
+                if error is None:
+                    reported = reported or name == "report"
+                else:
+                    failed[name] = error
+                if on_event is not None:
+                    on_event(name, "done" if error is None else "failed", job.job_id)
+            ready = [s for s in stages if not done(s.name) and s.name not in running and s.name not in failed
+                     and not blocked(s) and all(done(n) for n in s.needs)]  # fmt: skip
+            for stage in ready[: len(free)]:
+                slot = free.pop(0)
+                if gpus > 1:
+                    executor.update_parameters(visible_gpus=[slot % gpus], gpus_per_node=1)
+                with _stderr_to(out / "jobs" / "controllers.log"):  # submitit's controller inherits stderr
+                    job = executor.submit(_stage_job, kind.command, config.to_dict(), str(out), stage.name,
+                                          str(device), report)  # fmt: skip
+                running[stage.name] = (job, slot)
+                submitted[stage.name] = str(job.job_id)
+                starts[stage.name] = process_start(int(job.job_id))  # the pid with its start time: not a recycled pid
+                write_jobs(out, "local", submitted, starts)
+                if on_event is not None:
+                    on_event(stage.name, "submitted", job.job_id)
+            if not running:
+                break
+            time.sleep(poll_seconds)
+    except BaseException:
+        if running:
+            _stop_jobs([job for job, _ in running.values()])
+            record_cancelled(out, {name: submitted[name] for name in running})
+        raise
     if failed:
         listed = "; ".join(f"{name}: {error}" for name, error in failed.items())
         raise JobError(f"{len(failed)} {kind.name} job(s) failed ({listed}); rerun the same command to resume")
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """File descriptor 2 goes to ``path`` (appended) inside the block: a process started there writes its stderr
+    there. submitit's local controller would otherwise print its own traceback on the terminal at a Ctrl-C, after
+    the command's one line; the stages' own output goes to their logs under ``jobs/`` anyway."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _stop_jobs(jobs: list[Any], wait_seconds: float = 10.0) -> None:
+    """Stop running local jobs: submitit's cancel (SIGINT to each job's controller, which interrupts its task and
+    kills it a second later), then, after ``wait_seconds``, SIGKILL to every process of a job still alive (a
+    controller started with SIGINT ignored, as from a shell's ``&``, would otherwise leave its task running)."""
+    processes = {int(job.job_id): None for job in jobs}
+    for job in jobs:
+        processes.update(dict.fromkeys(_descendants(int(job.job_id))))
+    processes = {pid: process_start(pid) for pid in processes}
+    for job in jobs:
+        job.cancel(check=False)
+    deadline = time.monotonic() + wait_seconds
+    while any(not job.done() for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid, start in processes.items():
+        if start is not None and process_start(pid) == start:  # the same process, not a recycled pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes started by ``pid`` and by those, from ``/proc`` (none where there is no ``/proc``)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            out += [child, *_descendants(child)]
+    return out
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,7 @@ class JobSurvey:
     failed : tuple of str
         Stages whose recorded job ended without their outputs.
     cancelled : tuple of str
-        Stages whose recorded job ``neuralign study --cancel`` cancelled.
+        Stages whose recorded job ``neuralign study --cancel`` cancelled (or an interrupted local run stopped).
     unknown : tuple of str
         Stages with a Slurm job and no ``squeue`` on PATH to ask about it.
     missing : tuple of str

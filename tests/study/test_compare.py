@@ -103,7 +103,7 @@ def test_planted_pair_every_matching_recovers_it(tmp_path) -> None:
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("pair1/*")}
     run_compare(config, tmp_path / "out")
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("pair1/*")} == stamps
-    with pytest.raises(CheckpointError, match="holds a comparison with other settings \\(protocol.num_points\\)"):
+    with pytest.raises(CheckpointError, match=r"other settings: protocol.num_points 5 \(now 7\)"):
         run_compare(config.set("protocol.num_points", 7), tmp_path / "out")
 
 
@@ -174,5 +174,5 @@ def test_a_comparison_folder_written_before_the_optimizer_setting_still_resumes(
     config = CompareConfig.from_dict(manifest["config"])
     assert config.train.optimizer == config.curve.optimizer == "sgd"
     assert check_compare_folder(config, tmp_path) == manifest
-    with pytest.raises(CheckpointError, match=r"other settings \(curve.optimizer\)"):
+    with pytest.raises(CheckpointError, match=r"other settings: curve.optimizer 'sgd' \(now 'adamw'\)"):
         check_compare_folder(config.set("curve.optimizer", "adamw"), tmp_path)

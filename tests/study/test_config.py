@@ -154,7 +154,7 @@ def test_a_study_folder_written_before_the_optimizer_setting_still_resumes(tmp_p
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "pair1").mkdir()  # a stage was done: the folder is not one to start afresh
     check_study_folder(config, tmp_path)  # the same settings: no refusal
-    with pytest.raises(CheckpointError, match=r"other settings \(train.optimizer\)"):
+    with pytest.raises(CheckpointError, match=r"other settings: train.optimizer 'sgd' \(now 'adamw'\)"):
         check_study_folder(config.set("train.optimizer", "adamw"), tmp_path)
 
 

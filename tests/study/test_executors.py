@@ -3,6 +3,7 @@ job specification (only the ``sbatch`` command is faked), and the status of a fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -456,3 +457,55 @@ def test_slurm_rerun_keeps_live_jobs_and_replaces_those_that_can_never_start(pre
     new = sent.submitted
     assert f"--dependency=afterok:{new['pair 1 alignment']}\n" in _script(out, new["pair 1 curve aligned"])
     assert json.loads((out / "jobs.json").read_text())["jobs"] == {**jobs, **new}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat_line[stat_line.rfind(")") + 2] != "Z"  # a zombie has ended, its parent has not read its status
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a command started with `&` by a non-interactive shell
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the run's processes from /proc (Linux)")
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_an_interrupted_local_run_stops_its_jobs_and_says_cancelled(tmp_path, how):
+    # a new-user trial: Ctrl-C printed submitit's traceback after the command's line and --status said "failed";
+    # SIGTERM left the stage's process running. Either now stops every process of the run, in one line
+    out = tmp_path / "study"
+    # the end points in seconds, then a curve that would take minutes: interrupted once a stage is done (a first
+    # run interrupted before that leaves no manifest, as a failed one)
+    command = [sys.executable, "-m", "neuralign", "study", "--preset", "demo", "--set", "train.epochs=1",
+               "--set", "max_batches=2", "--set", "curve.epochs=500", "--executor", "local", "--jobs", "1",
+               "--threads", "1", "--quiet", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_ignore_sigint if how == "sigterm" else None)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        job = None
+        while job is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if (out / "jobs.json").exists():
+                job = json.loads((out / "jobs.json").read_text())["jobs"].get("pair 1 curve unaligned")
+        assert job is not None, "no job was started"
+        time.sleep(3)  # the stage's process is training
+        task = [int(c) for c in Path(f"/proc/{job}/task/{job}/children").read_text().split()]
+        assert task, "the job's controller has no task"
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the foreground group
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert err.strip() == "neuralign: interrupted; run the same command again to resume from the checkpoints", err
+        for pid in (int(job), *task):
+            assert not _alive(pid), f"process {pid} of the run is still alive"
+        status = stage_status(out)
+        assert ("pair 1 curve unaligned", job) in status["cancelled"] and status["failed"] == [], status
+    finally:  # whatever failed above, no process of the run outlives the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

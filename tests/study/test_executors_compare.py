@@ -137,7 +137,7 @@ def test_slurm_submission_of_a_comparison_with_its_dependencies(tmp_path, monkey
     assert manifest["kind"] == "compare_manifest" and manifest["runs"][-1]["executor"] == "slurm"
     assert manifest["runs"][-1]["sbatch"]["mem"] == "1G"
     # other settings are refused before anything is written or submitted
-    with pytest.raises(Exception, match="holds a comparison with other settings \\(protocol.num_points\\)"):
+    with pytest.raises(Exception, match=r"holds a comparison with other settings: protocol.num_points 3 \(now 5\)"):
         submit_slurm(CONFIG.set("protocol.num_points", 5), out, device="cpu")
     assert len(log.read_text().splitlines()) == len(stages)
 
