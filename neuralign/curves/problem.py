@@ -305,9 +305,11 @@ class CurvePermutationProblem(PermutationProblem):
     def assign(self, costs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The permutations minimising :math:`\\sum_g \\langle C_g, P_g\\rangle` that keep attention heads whole:
         one linear assignment per group, then for the groups with heads (``spec.heads``) and their head groups the
-        structured assignment of :func:`~neuralign.alignment.heads.match_heads` on :math:`-C_g` (exact for this
-        objective, which is a sum over groups). ``costs`` has every group; the result's index tensors are on the
-        costs' device."""
+        structured assignment of :func:`~neuralign.alignment.heads.match_heads` on :math:`-C_g`: exact for this
+        objective (a sum over groups) where no head group reorders its query heads (``Heads.within``, grouped-query
+        attention); with such groups each pair of blocks is matched by a block-coordinate ascent (see
+        ``match_heads``), which may stop below the minimum. ``costs`` has every group; the result's index tensors
+        are on the costs' device."""
         perms = super().assign(costs)
         if not self.spec.heads:
             return perms
