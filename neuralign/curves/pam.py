@@ -470,7 +470,8 @@ def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, ge
     is applied. A coordinate is a group (a move: a transposition of two units), or with attention heads the groups
     sharing one head permutation (:func:`~neuralign.alignment.heads.head_blocks`; a move: the exchange of two whole
     head blocks in all of them, or a transposition of two units inside one head block in the groups sharing that
-    inside permutation), so every move keeps heads whole."""
+    inside permutation, or under grouped-query attention the exchange of two query heads inside one block in the
+    groups sharing that order, ``Heads.within``), so every move keeps heads whole."""
     spec = problem.spec
     blocks = head_blocks(spec)
     in_block = {g: head for head, members in blocks.items() for g in members}
@@ -491,9 +492,12 @@ def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, ge
         head, members = coordinate
         flat = [g for g in members if g in spec.heads]
         n_blocks = spec.heads[flat[0]].blocks
-        kinds = [None] if head is not None and n_blocks > 1 else []  # None: exchange two head blocks
+        kinds: list = [None] if head is not None and n_blocks > 1 else []  # None: exchange two head blocks
         kinds += sorted({spec.heads[g].inner for g in flat if spec.heads[g].inner is not None
                          and spec.heads[g].size > 1})  # fmt: skip
+        # ("within", key): exchange two query heads inside one block (grouped-query attention)
+        kinds += [("within", key) for key in sorted({spec.heads[g].within for g in flat
+                                                     if spec.heads[g].within is not None and spec.heads[g].tie > 1})]
         out = []
         for _ in range(trials if kinds else 0):
             kind = kinds[int(torch.randint(0, len(kinds), (), generator=generator))]
@@ -504,6 +508,16 @@ def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, ge
                     w = 1 if g not in spec.heads else spec.heads[g].tie * spec.heads[g].size
                     cand[g][p * w : (p + 1) * w] = current[g][q * w : (q + 1) * w]
                     cand[g][q * w : (q + 1) * w] = current[g][p * w : (p + 1) * w]
+            elif isinstance(kind, tuple):
+                tie = next(spec.heads[g].tie for g in flat if spec.heads[g].within == kind[1])
+                block = int(torch.randint(0, n_blocks, (), generator=generator))
+                r, t = torch.randperm(tie, generator=generator)[:2].tolist()
+                for g in flat:
+                    h = spec.heads[g]
+                    if h.within == kind[1]:
+                        a, b = (block * h.tie + r) * h.size, (block * h.tie + t) * h.size
+                        cand[g][a : a + h.size] = current[g][b : b + h.size]
+                        cand[g][b : b + h.size] = current[g][a : a + h.size]
             else:
                 size = next(spec.heads[g].size for g in flat if spec.heads[g].inner == kind)
                 block = int(torch.randint(0, n_blocks, (), generator=generator))

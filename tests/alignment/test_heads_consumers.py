@@ -188,3 +188,5 @@ def test_swap_search_proposes_only_structured_moves(case):
     moved = [{g for g in spec.groups if not torch.equal(p[g], start[g])} for p in seen[1:]]
     assert any(m & heads for m in moved)  # a head exchange
     assert any(m and m <= set(spec.heads) for m in moved)  # a move inside heads only
+    if any(h.within is not None for h in spec.heads.values()):  # grouped-query attention: query heads exchanged
+        assert any(_reorders_query_heads(spec, p) for p in seen[1:])
