@@ -18,6 +18,12 @@ keys and values, and merging the two axes back gives the flat group again. Key/v
 grouped-query attention (``repeat_interleave`` of a head axis, ``enable_gqa``) are a new group of copies: the query
 heads tied to it may be reordered inside each block of copies of one key/value head (``Heads.within``) when they
 are a whole, live head axis that no parameter carries; otherwise they are coarsened into blocks that move whole.
+Multi-query attention (one key/value head, Shazeer 2019, arXiv:1911.02150) has no head split of its keys and values
+(their head axis has size 1): the repeat of that axis (``repeat_interleave`` over the axis before the positions, or
+SDPA's broadcasting) gives copies of one unpermuted head, and merging them with the value units splits those units
+into one head of their own, so that all query heads form one block that may reorder (``Heads.within``, no head
+group) with the value's inside permutation shared by all; where the query heads cannot reorder, the value units keep
+one permutation tiled over the heads, as without the split.
 The spec records the result as :class:`~neuralign.alignment.spec.Heads`.
 
 Where torch.fx cannot trace a model (control flow on shapes), the graph is the one ``torch.export`` records on the
@@ -726,12 +732,23 @@ class _SpecInterpreter(torch.fx.Interpreter):
 
     def _merge_heads(self, head, inner, *, create: bool = True):
         """A reshape merging a head axis (outer) with the axis inside heads (inner): the flat group they were split
-        from, or a new flat group over these heads (value heads repeated for groups of query heads); None if the
-        two axes are not a head split."""
+        from, or a new flat group over these heads (value heads repeated for groups of query heads; under
+        multi-query attention the copies of its one value head, whose flat units become a split into one head);
+        None if the two axes are not a head split."""
         head, inner = self._norm(head), self._norm(inner)
         inner_roots = {self.groups.find(i): (h, n, d) for h, i, n, d in self.split.values()}
-        if len(inner) != 1 or inner[0][2] != 1 or self.groups.find(inner[0][0]) not in inner_roots:
+        if len(inner) != 1 or inner[0][2] != 1 or inner[0][0] is None:
             return None
+        if self.groups.find(inner[0][0]) not in inner_roots:
+            one = self.split.get(self.groups.find(inner[0][0]), (None, None, 1))[2] == 1
+            if not create or not one or not self._single_copies(head):
+                return None
+            # multi-query attention: the units of the one key/value head are one head of their own (its head axis,
+            # one unit, is fixed); the query heads reading it are its copies
+            h, i = self._split_group(inner[0][0], 1, inner[0][1])
+            self.groups.fix(h)
+            inner = ((i, inner[0][1], 1),)
+            inner_roots[self.groups.find(i)] = (h, 1, inner[0][1])
         ri, size = self.groups.find(inner[0][0]), inner[0][1]
         for f, (h, i, n, d) in self.split.items():
             if self.groups.find(i) == ri and d == size and self._rooted(((h, n, 1),)) == self._rooted(head):
@@ -776,13 +793,22 @@ class _SpecInterpreter(torch.fx.Interpreter):
         return {r for h, _, n, _ in self.split.values() for r in self._roots(((h, n, 1),))}
 
     def _copies(self, source, rep: int) -> tuple:
-        """An axis of ``rep`` consecutive copies of each key/value head of ``source`` (None: one unpermuted head),
-        read by as many query heads: a new group, so that the query heads it is tied to stay free to reorder
-        among the copies of one key/value head (:meth:`_settle_copies`)."""
+        """An axis of ``rep`` consecutive copies of each key/value head of ``source`` (None: the one unpermuted head
+        of multi-query attention), read by as many query heads: a new group, so that the query heads it is tied to
+        stay free to reorder among the copies of one key/value head (:meth:`_settle_copies`)."""
         n = rep * (_length(source) if source is not None else 1)
-        c = self.groups.new(f"{self.node.name}.query_heads", n)
+        # copies of one unpermuted head are no layer's units until a head axis is tied to them: an operation without
+        # a rule fixes them (as it would the unpermuted axis they replace) instead of refusing
+        c = self.groups.new(f"{self.node.name}.query_heads", n, layer=source is not None)
         self.copies.append((c, source, rep))
         return ((c, n, 1),)
+
+    def _single_copies(self, head) -> bool:
+        """Whether ``head`` is one whole axis of copies of one unpermuted key/value head (multi-query attention)."""
+        if head is None or len(head) != 1 or head[0][2] != 1 or head[0][0] is None:
+            return False
+        sources = [s for c, s, _ in self.copies if self.groups.find(c) == self.groups.find(head[0][0])]
+        return bool(sources) and all(s is None for s in sources)
 
     def _split_copies(self, state: tuple, shape, out_shape) -> None:
         """A reshape that splits an axis of query heads tied to copies of key/value heads (e.g. into (key/value
@@ -809,11 +835,18 @@ class _SpecInterpreter(torch.fx.Interpreter):
             by_root.setdefault(self.groups.find(c), []).append((c, source, rep))
         carried = {r for action in self.records.values() for r in self._roots(action)}
         heads = self._head_roots()
+        # multi-query attention: heads of the splits that merge copies of one value head with its units (their
+        # insides are the inside of a one-head split); copies of one unpermuted tensor that no value merges with
+        # (a mask repeated over the heads) do not free the heads they are tied to
+        ones = {self.groups.find(i) for _, i, n, _ in self.split.values() if n == 1}
+        mqa = {r for h, i, n, _ in self.split.values() if self.groups.find(i) in ones
+               for r in self._roots(((h, n, 1),))}  # fmt: skip
         for root, entries in by_root.items():
             sources = [self._norm(source) for _, source, _ in entries]
             reps = {rep for _, _, rep in entries}
             whole = all(s is None or (len(s) == 1 and s[0][2] == 1 and s[0][0] is not None) for s in sources)
             ok = (len(reps) == 1 and whole and len({s is None for s in sources}) == 1 and root in heads
+                  and (sources[0] is not None or root in mqa)
                   and root not in carried and not self.groups.fixed[root] and root not in self.subst
                   and root not in {r for s in sources for r in self._roots(s)})  # fmt: skip
             if not ok:
@@ -860,7 +893,9 @@ class _SpecInterpreter(torch.fx.Interpreter):
             for f, (h, i, n, d) in self.split.items():
                 if f in self.fixed_inside:
                     continue
-                hr, inner = frozenset(self._within_roots(self._roots(((h, n, 1),)))), self._norm(((i, d, 1),))
+                # (the one head of a multi-query attention's values has no head group: one unit, fixed)
+                hr = frozenset(r for r in self._within_roots(self._roots(((h, n, 1),))) if self.groups.size[r] > 1)
+                inner = self._norm(((i, d, 1),))
                 for r in self._roots(inner):
                     if heads_of.setdefault(r, hr) != hr:
                         bad.add(r)
@@ -877,7 +912,7 @@ class _SpecInterpreter(torch.fx.Interpreter):
             if not bad:
                 break
             for r in bad:
-                self._release(r, "heads")
+                self._release(r, "inner" if self._tiled_inside(r) else "heads")
         keys: dict[tuple, int] = {}
         for f in list(self.split):
             if f in self.split:
@@ -886,6 +921,12 @@ class _SpecInterpreter(torch.fx.Interpreter):
                 other = keys.setdefault(key, f)
                 if other != f:
                     self.groups.union(other, f, "heads")
+
+    def _tiled_inside(self, inner_root: int) -> bool:
+        """Whether ``inner_root`` is the inside of the one value head of a multi-query attention whose query heads
+        are all fixed: its one permutation then stays, tiled over the query heads (as before the heads split)."""
+        splits = [(h, n) for h, i, n, _ in self.split.values() if self.groups.find(i) == inner_root]
+        return any(n == 1 for _, n in splits) and all(self.groups.fixed[self.groups.find(h)] for h, _ in splits)
 
     def _orphan_insides(self, state: Any, heads_of: dict[int, frozenset]) -> set[int]:
         """Inside-head groups of ``state`` carried by a tensor that has no axis of their heads."""
@@ -1257,6 +1298,11 @@ class _SpecInterpreter(torch.fx.Interpreter):
         if reps > 1 and a is not None and len(a) == 1 and a[0][2] == 1 and set(self._roots(a)) <= self._head_roots():
             a = self._copies(a, reps)  # key/value heads repeated for their query heads (grouped-query attention)
             return tuple(a if i == dim else st[i] for i in range(xv.ndim))
+        if reps > 1 and xv.shape[dim] == 1 and dim == xv.ndim - 3:
+            # the one key/value head of multi-query attention, (..., 1, N, d), repeated for the query heads: its axis
+            # of size 1 is no split, so copies of one unpermuted head (:meth:`_merge_heads` gives the value units
+            # their one-head split)
+            return tuple(self._copies(None, reps) if i == dim else st[i] for i in range(xv.ndim))
         return tuple(
             (None if a is None else tuple((g, k, e * reps) for g, k, e in a)) if i == dim else st[i]
             for i in range(xv.ndim)
@@ -1745,6 +1791,8 @@ class _SpecInterpreter(torch.fx.Interpreter):
                         self._fail("attention with key/value axes that do not match the query's")
                     # enable_gqa: key/value head j serves query heads j*rep..
                     a = self._copies(self._norm(a), vq.shape[ax] // val.shape[ax])
+                elif val.shape[ax] == 1 != vq.shape[ax] and ax == vq.ndim - 3:
+                    a = self._copies(None, vq.shape[ax])  # multi-query: one key/value head serves every query head
                 batch[ax] = self._tie(batch[ax], a)
         self._unify(sq[-1], sk[-1])
         if mask is not None and isinstance(self._value(mask), torch.Tensor):
