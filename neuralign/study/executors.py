@@ -33,7 +33,6 @@ Requires the ``cluster`` extra: ``pip install 'neuralign[cluster]'`` (submitit).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -41,9 +40,8 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +65,8 @@ from neuralign.study.jobs import (
     process_start,
     read_jobs,
     record_cancelled,
+    stderr_to,
+    stop_local_jobs,
     survey_jobs,
     write_jobs,
 )
@@ -552,7 +552,7 @@ def _run_jobs(submitit: Any, kind: RunKind, config: Any, out: Path, stages: list
                 slot = free.pop(0)
                 if gpus > 1:
                     executor.update_parameters(visible_gpus=[slot % gpus], gpus_per_node=1)
-                with _stderr_to(out / "jobs" / "controllers.log"):  # submitit's controller inherits stderr
+                with stderr_to(out / "jobs" / "controllers.log"):  # submitit's controller inherits stderr
                     job = executor.submit(_stage_job, kind.command, config.to_dict(), str(out), stage.name,
                                           str(device), report)  # fmt: skip
                 running[stage.name] = (job, slot)
@@ -566,62 +566,12 @@ def _run_jobs(submitit: Any, kind: RunKind, config: Any, out: Path, stages: list
             time.sleep(poll_seconds)
     except BaseException:
         if running:
-            _stop_jobs([job for job, _ in running.values()])
+            stop_local_jobs([job for job, _ in running.values()])
             record_cancelled(out, {name: submitted[name] for name in running})
         raise
     if failed:
         listed = "; ".join(f"{name}: {error}" for name, error in failed.items())
         raise JobError(f"{len(failed)} {kind.name} job(s) failed ({listed}); rerun the same command to resume")
-
-
-@contextlib.contextmanager
-def _stderr_to(path: Path) -> Iterator[None]:
-    """File descriptor 2 goes to ``path`` (appended) inside the block: a process started there writes its stderr
-    there. submitit's local controller would otherwise print its own traceback on the terminal at a Ctrl-C, after
-    the command's one line; the stages' own output goes to their logs under ``jobs/`` anyway."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(path, "ab") as log:
-            os.dup2(log.fileno(), 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _stop_jobs(jobs: list[Any], wait_seconds: float = 10.0) -> None:
-    """Stop running local jobs: submitit's cancel (SIGINT to each job's controller, which interrupts its task and
-    kills it a second later), then, after ``wait_seconds``, SIGKILL to every process of a job still alive (a
-    controller started with SIGINT ignored, as from a shell's ``&``, would otherwise leave its task running)."""
-    processes = {int(job.job_id): None for job in jobs}
-    for job in jobs:
-        processes.update(dict.fromkeys(_descendants(int(job.job_id))))
-    processes = {pid: process_start(pid) for pid in processes}
-    for job in jobs:
-        job.cancel(check=False)
-    deadline = time.monotonic() + wait_seconds
-    while any(not job.done() for job in jobs) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid, start in processes.items():
-        if start is not None and process_start(pid) == start:  # the same process, not a recycled pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes started by ``pid`` and by those, from ``/proc`` (none where there is no ``/proc``)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-        for child in children:
-            out += [child, *_descendants(child)]
-    return out
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,16 @@ recorded it) and missing. A sequential or local run refuses a folder with a live
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,8 @@ __all__ = [
     "read_jobs",
     "record_cancelled",
     "refuse_live_jobs",
+    "stderr_to",
+    "stop_local_jobs",
     "survey_jobs",
     "write_jobs",
 ]
@@ -326,3 +331,54 @@ def record_cancelled(out: Path, cancelled: Mapping[str, str]) -> None:
     record = read_jobs(out)
     write_jobs(out, record["executor"], record["jobs"], record["starts"],
                cancelled={**record["cancelled"], **cancelled})  # fmt: skip
+
+
+@contextlib.contextmanager
+def stderr_to(path: Path) -> Iterator[None]:
+    """File descriptor 2 goes to ``path`` (appended) inside the block: a process started there writes its stderr
+    there. submitit's local controller would otherwise print its own traceback on the terminal at a Ctrl-C, after
+    the command's one line; the stages' own output goes to their logs under ``jobs/`` anyway."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def stop_local_jobs(jobs: list[Any], wait_seconds: float = 10.0) -> None:
+    """Stop running local jobs: submitit's cancel (SIGINT to each job's controller, which interrupts its task and
+    kills it a second later), then, after ``wait_seconds``, SIGKILL to every process of a job still alive (a
+    controller started with SIGINT ignored, as from a shell's ``&``, would otherwise leave its task running)."""
+    processes = {int(job.job_id): None for job in jobs}
+    for job in jobs:
+        processes.update(dict.fromkeys(_descendants(int(job.job_id))))
+    processes = {pid: process_start(pid) for pid in processes}
+    for job in jobs:
+        job.cancel(check=False)
+    deadline = time.monotonic() + wait_seconds
+    while any(not job.done() for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid, start in processes.items():
+        if start is not None and process_start(pid) == start:  # the same process, not a recycled pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes started by ``pid`` and by those, from ``/proc`` (none where there is no ``/proc``)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            out += [child, *_descendants(child)]
+    return out
+
