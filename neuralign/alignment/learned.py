@@ -159,7 +159,8 @@ class LearnedCost:
         Wall-clock seconds of the call (the start included: weight matching for ``init="weight"``), summed over
         the calls of a resumed run.
     data_passes : float
-        Epochs over the loader (each of ``max_batches`` batches when set); 0 for a data-free loss.
+        Passes over the loader: one per epoch, or with ``max_batches`` the share of the loader's batches an epoch
+        runs (``max_batches / len(loader)``; one per epoch for a loader without a length); 0 for a data-free loss.
     samples : int
         Examples run forward and backward (the global batches under a process group).
     steps : int
@@ -318,6 +319,15 @@ class _Run:
         output = functional_call(self.template, (params, self.buffers), (x,))
         return self.loss_fn(output, y) * share
 
+    def _epoch_share(self, batches: int) -> float:
+        """The share of a pass over the loader that ``batches`` batches are (1 without ``max_batches``, or for a
+        loader without a length)."""
+        try:
+            total = len(self.loader)
+        except TypeError:
+            return 1.0
+        return 1.0 if self.options.max_batches is None or total == 0 else min(1.0, batches / total)
+
     def loop(self, step: Callable[[Any, Any, float], float], hard: Callable[[], dict[str, torch.Tensor]],
              objects: Mapping[str, Any], state: dict[str, Any], checkpoint, callback) -> LearnedResult:  # fmt: skip
         """Run the epochs: ``step(x, y, share)`` takes one gradient step and returns the batch objective (global),
@@ -351,7 +361,7 @@ class _Run:
             if batches == 0:
                 raise ValueError("`loader` yielded no batch")
             after = hard()
-            self.cost["data_passes"] += 0.0 if self.data_free else 1.0
+            self.cost["data_passes"] += 0.0 if self.data_free else self._epoch_share(batches)
             record = {"epoch": epoch, "loss": total / batches, "best": state["lowest"],
                       "changed": sum(permutation_distance(before, after).values()),
                       "time": time.perf_counter() - started}  # fmt: skip
@@ -430,7 +440,10 @@ _COMMON_PARAMETERS = """
         Receives each epoch's history record after the checkpoint is written; returning True stops.
     checkpoint : path-like, optional
         Written atomically after every epoch; a run with the same inputs and options resumes from it, giving the
-        same result, bit for bit on the CPU, as an uninterrupted one.
+        same result, bit for bit on the CPU, as an uninterrupted one. A run with other models, method, seed, start
+        or options is refused (:class:`~neuralign.errors.CheckpointError`); the data is not identified (reading it
+        to fingerprint it would move the loader's random state), so a checkpoint made on other data is resumed as
+        if it were this data's: give each data set its own checkpoint path.
     example_input : Tensor, optional
         Input to trace the spec without a loader.
 

@@ -131,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C; the command exits with 143 (128 + SIGTERM), as a process killed by it would."""
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (``kill``, a scheduler's stop) interrupts the command as Ctrl-C does: checkpoints are kept, local
@@ -140,7 +144,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -150,7 +154,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """The command of ``args``: its exit status (0, 2 on an error, 130 when interrupted)."""
+    """The command of ``args``: its exit status (0, 2 on an error, 130 when interrupted, 143 when terminated)."""
     bars = ProgressBars(enabled=not args.quiet and _distributed.rank() == 0)
     try:
         with warnings.catch_warnings():
@@ -161,12 +165,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 write_manifest(args)
             _register_commands()
             paths = COMMANDS[args.command](args, bars)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         bars.close()
         resumable = args.command in ("train", "curve", "pam", "study", "demo", "compare")
         print("neuralign: interrupted" + ("; run the same command again to resume from the checkpoints" if resumable
                                           else ""), file=sys.stderr)  # fmt: skip
-        return 130
+        return 128 + signal.SIGTERM if isinstance(exc, _Terminated) else 130
     except (NeuralignError, ValueError, TypeError, OSError) as exc:  # OSError: a full disk, a missing permission
         bars.close()
         print(f"neuralign: error: {in_option_words(one_line(exc), parser, args.command)}", file=sys.stderr)

@@ -158,6 +158,9 @@ def print_status(out: str, command: str) -> None:
             print(f"  {stage}" + (f"  [job {job}]" if job else ""))
         if state in hints:
             print("  -> " + hints[state].format(ids=" ".join(job for _, job in entries if job), out=out))
+    if not (Path(out) / "jobs.json").exists() and status["pending"]:
+        print(f"(no jobs recorded: a {what} run in one process, without --executor, records none, so a stage it is "
+              "computing now shows as pending)")
 
 
 def print_cancel(out: str, command: str) -> None:

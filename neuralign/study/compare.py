@@ -442,9 +442,11 @@ class _Compare:
                 )  # fmt: skip
             for stale in folder.glob(f"align_{method}.ckpt*"):
                 stale.unlink()
-            # passes: the x-steps' curve epochs (the P-steps' gradient and value batches are not counted)
+            # passes: the x-steps' curve epochs, each of max_batches batches when set (the P-steps' gradient and
+            # value batches are not counted)
+            share = 1.0 if c.max_batches is None else min(1.0, c.max_batches / max(1, len(self.data.train)))
             return res.perms, {"seconds": time.perf_counter() - start,
-                               "data_passes": float(pam.x_epochs * pam.max_iter), "assignments": None,
+                               "data_passes": float(pam.x_epochs * pam.max_iter) * share, "assignments": None,
                                "history": [float(v) for v in res.history], "status": int(res.status)}  # fmt: skip
         fn = LEARNED_METHODS[method]
         init: Any = c.learned_init

@@ -90,7 +90,9 @@ def write_comparison_report(results: Mapping[str, Any], path: Path, *, figure: P
              + (", mean ± sample std over pairs." if n > 1 else "."), ""]  # fmt: skip
     ends = [(q["endpoints"]["a"]["test_acc"] + q["endpoints"]["b"]["test_acc"]) / 2 for q in results["pairs"]]
     lines += [f"End points' test accuracy (mean of A and B): "
-              f"{', '.join(_fmt_number(100 * e, 2) for e in ends)} % (pairs 1..{n}). {_test_set(results)}",
+              f"{', '.join(_fmt_number(100 * e, 2) for e in ends)} % (pairs 1..{n}), as trained (their stored "
+              f"batch-norm statistics, if any; λ = 0 and 1 below follow the protocol's batch norm). "
+              f"{_test_set(results)}",
               ""]  # fmt: skip
     columns = [(k, title, pct) for k, title, pct in _ROWS]
     if config.get("fit_curves"):

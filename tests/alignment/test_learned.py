@@ -100,6 +100,23 @@ def test_planted_permutation_is_recovered_with_zero_barrier(method, pair):
                                                                                     512 * epochs)  # fmt: skip
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_data_passes_count_the_share_of_the_loader_that_max_batches_runs(method, pair):
+    # a new-user trial: 2 of 8 batches per epoch were counted as a whole pass over the data
+    a, b = pair
+    x, y = toy_data()
+    res = run(method, a, b, batches(x, y), epochs=3, generator=0, max_batches=2)
+    assert res.cost.data_passes == 3 * 2 / 8 and res.cost.steps == 3 * 2
+
+
+    class Unsized:  # a loader without a length: an epoch counts as one pass
+        def __iter__(self):
+            return iter(batches(x, y))
+
+    res = run(method, a, b, Unsized(), epochs=1, generator=0, max_batches=2)
+    assert res.cost.data_passes == 1.0
+
+
 def test_sinkhorn_data_free_recovers_a_planted_permutation_from_the_identity(pair):
     a = pair[0]
     x, _ = toy_data()

@@ -269,6 +269,12 @@ def test_status_of_a_folder_and_the_cli(tmp_path, capsys):
     assert main(["study", "--status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "done (7):" in out and "running (0):" in out and "pending (0):" in out and "  pair 1 eval aligned" in out
+    assert "no jobs recorded" not in out
+    # a sequential run records no jobs: a stage it computes shows as pending, and the status says why
+    (tmp_path / "pair1" / "eval_aligned.json").unlink()
+    assert main(["study", "--status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pending (2):" in out and "(no jobs recorded: a study run in one process" in out
 
 
 # ------------------------------------------------------------------------------------------------ live jobs
@@ -500,7 +506,7 @@ def test_an_interrupted_local_run_stops_its_jobs_and_says_cancelled(tmp_path, ho
         else:
             os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the foreground group
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err
+        assert proc.returncode == (143 if how == "sigterm" else 130), err
         assert err.strip() == "neuralign: interrupted; run the same command again to resume from the checkpoints", err
         for pid in (int(job), *task):
             assert not _alive(pid), f"process {pid} of the run is still alive"
