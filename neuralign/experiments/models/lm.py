@@ -7,8 +7,10 @@ arXiv:2302.13971) at a small size.
 Symmetries :func:`~neuralign.alignment.trace_spec` finds: the residual stream (embedding, every RMSNorm weight, every
 block's output projections, the tied head); per block the key/value heads (a head group of ``kv_heads`` units), the
 value units inside each key/value head (shared with the output projection's input columns of every query head of
-its group), and the SwiGLU hidden units. The query and key units inside heads stay in place: RoPE rotates fixed
-pairs of dimensions at distinct frequencies (computed in ``forward``, not stored), which no permutation preserves.
+its group), the order of the query heads inside each group (with ``kv_heads=1``, multi-query attention, Shazeer
+2019, arXiv:1911.02150: all query heads, one group) and the SwiGLU hidden units. The query and key units inside heads
+stay in place: RoPE rotates fixed pairs of dimensions at distinct frequencies (computed in ``forward``, not stored),
+which no permutation preserves.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class TinyLM(nn.Module):
     heads : int
         Query heads per block (``D / heads`` units each, an even number).
     kv_heads : int
-        Key/value heads per block (divides ``heads``; ``heads`` for plain multi-head attention).
+        Key/value heads per block (divides ``heads``; ``heads`` for plain multi-head attention, 1 for multi-query
+        attention).
     hidden : int
         Hidden units of each SwiGLU MLP.
 
