@@ -100,7 +100,9 @@ def _rewrite(n: torch.fx.Node) -> None:
         if name.endswith("_"):
             kwargs["inplace"] = True
     elif name in _METHODS:
-        target, args, kwargs = name, n.args, n.kwargs
+        # a number first (``aten.pow.Scalar(10000, x)``, ``10000 ** x``): the torch function, not a method of it
+        target = name if isinstance(n.args[0], torch.fx.Node) else getattr(torch, name)
+        args, kwargs = n.args, n.kwargs
     else:
         return
     n.op = "call_method" if isinstance(target, str) else "call_function"

@@ -252,6 +252,32 @@ def _fixed_heads(model: ShapeAttention):
     return model.forward
 
 
+class PositionScaled(nn.Module):
+    """Hidden units scaled per position by ``base ** (-position / n)``, computed in ``forward`` (RoPE's frequencies
+    are computed so): a number raised to a tensor power."""
+
+    def __init__(self, base: float) -> None:
+        super().__init__()
+        self.base, self.fc1, self.fc2 = base, nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x):  # (B, N, 4)
+        n = x.shape[1]
+        scale = self.base ** (-torch.arange(n, dtype=x.dtype) / n)
+        return self.fc2(torch.relu(self.fc1(x)) * scale[:, None])
+
+
+@pytest.mark.parametrize("base", [10000, 2.0])
+def test_a_number_raised_to_a_tensor_power_is_traced_through_export(base):
+    # a new-user trial: ``10000 ** t`` (aten.pow.Scalar) was rewritten as a method of the number, and the exported
+    # graph failed to compile with a message that blamed torch.export
+    model = PositionScaled(base).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fx, ex = trace_spec(model, x, tracer="fx"), trace_spec(model, x, tracer="export")
+    assert fx.sizes == ex.sizes == {"fc1": 16}
+    for seed in (0, 1):
+        _assert_exact(model, ex, x, seed)
+
+
 def test_aten_operation_without_a_mapping_is_refused_naming_it():
     model = UnmappedOpNet()
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
