@@ -2027,7 +2027,8 @@ def _trace_modes(
                 interp.run(*inputs)
             except SpecError:
                 raise
-            except (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError) as exc:
+            # AssertionError: the model's own checks of its input (torch._assert, e.g. timm's image size)
+            except (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError, AssertionError) as exc:
                 where = f" at fx node `{interp.node.name}`" if interp.node is not None else ""
                 raise SpecError(
                     f"{type(model).__name__} could not run on `example_input` of shape {_describe(inputs)} "

@@ -260,6 +260,24 @@ def test_example_input_of_the_wrong_shape_is_named():
         trace_spec(build_model("tinyten", 10), torch.randn(2, 1, 32, 32))
 
 
+class _ChecksItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        torch._assert(x.shape[1] == 4, "expects 4 features")  # as timm checks a ViT's image size
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_model_that_refuses_its_input_is_a_spec_error():
+    # a new-user trial: a timm ViT given another image size raised its own AssertionError through trace_spec (a
+    # traceback from the command line)
+    trace_spec(_ChecksItsInput(), torch.randn(2, 4))
+    with pytest.raises(SpecError, match=r"_ChecksItsInput could not run on `example_input` of shape \(2, 5\)"):
+        trace_spec(_ChecksItsInput(), torch.randn(2, 5))
+
+
 class _ShuffleNet(nn.Module):
     """ShuffleNet v2 units: split, branch, concatenate, channel shuffle (each shuffle ties the two halves)."""
 
