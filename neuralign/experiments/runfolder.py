@@ -105,6 +105,11 @@ class RunFolder:
         The manifest's entry holding the options (``"options"``; ``"config"`` for a study).
     normalize : callable, optional
         Applied to recorded options before they are compared (e.g. reading an older format).
+
+    Raises
+    ------
+    NotADirectoryError
+        If ``folder`` is an existing file (one line naming it).
     """
 
     def __init__(
@@ -116,6 +121,9 @@ class RunFolder:
         normalize: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
     ) -> None:
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"{self.folder} is a file: the run's outputs go to a folder (choose another "
+                                     "--out)")
         self.path = self.folder / manifest
         self.key = key
         self.normalize = normalize

@@ -60,3 +60,18 @@ def test_a_comparison_that_fails_on_its_data_leaves_no_manifest_and_one_that_ran
         run_compare(config, out)
     assert (out / "endpoints" / "seed2.pt").exists()
     assert json.loads((out / "manifest.json").read_text())["kind"] == "compare_manifest"
+
+
+@pytest.mark.parametrize(
+    "command", [["compare"], ["study", "--preset", "demo"], ["train", "--arch", "tinyten", "--data", "digits"]]
+)
+def test_an_out_that_is_a_file_is_named_in_one_line(tmp_path, capsys, command):
+    # a new-user trial: `--out` naming a file gave "[Errno 20] Not a directory: .../manifest.json"
+    out = tmp_path / "results.txt"
+    out.write_text("mine")
+    with pytest.raises(NotADirectoryError, match="results.txt is a file"):
+        RunFolder(out)
+    assert main([*command, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"neuralign: error: {out} is a file: the run's outputs go to a folder (choose another --out)\n"
+    assert out.read_text() == "mine"
