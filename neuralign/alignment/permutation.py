@@ -186,20 +186,17 @@ def validate_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor
         if not torch.equal(pi, expected):
             which = f"its head group `{h.heads}`" if h.heads is not None else "the identity (its heads are fixed)"
             raise ValueError(f"`{name}` group `{g}` moves its heads unlike {which}")
-        if h.inner is None:
-            if not torch.equal(sigma, torch.arange(h.size).expand_as(sigma)):
-                raise ValueError(f"`{name}` group `{g}` permutes units inside heads, which must stay in place")
-        elif not torch.equal(inner.setdefault(h.inner, sigma), sigma):
-            raise ValueError(
-                f"`{name}` group `{g}` permutes the units inside its heads unlike the other groups of key `{h.inner}`"
-            )
-        if h.within is None:
-            if not torch.equal(tau, torch.arange(h.tie).expand_as(tau)):
-                raise ValueError(f"`{name}` group `{g}` reorders the {h.tie} tied heads of a block, which move whole")
-        elif not torch.equal(within.setdefault(h.within, tau), tau):
-            raise ValueError(
-                f"`{name}` group `{g}` reorders the heads inside its blocks unlike the other groups of key `{h.within}`"
-            )
+        for part, key, shared, fixed, unlike in (
+            (sigma, h.inner, inner, "permutes units inside heads, which must stay in place",
+             "permutes the units inside its heads"),
+            (tau, h.within, within, f"reorders the {h.tie} tied heads of a block, which move whole",
+             "reorders the heads inside its blocks"),
+        ):  # fmt: skip
+            # without a key the part is the identity; with one, the same in every group sharing the key
+            if key is None and not torch.equal(part, torch.arange(part.shape[-1]).expand_as(part)):
+                raise ValueError(f"`{name}` group `{g}` {fixed}")
+            if key is not None and not torch.equal(shared.setdefault(key, part), part):
+                raise ValueError(f"`{name}` group `{g}` {unlike} unlike the other groups of key `{key}`")
 
 
 def _axis_index(action: Action, perms: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
