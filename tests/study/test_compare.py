@@ -176,3 +176,24 @@ def test_a_comparison_folder_written_before_the_optimizer_setting_still_resumes(
     assert check_compare_folder(config, tmp_path) == manifest
     with pytest.raises(CheckpointError, match=r"other settings: curve.optimizer 'sgd' \(now 'adamw'\)"):
         check_compare_folder(config.set("curve.optimizer", "adamw"), tmp_path)
+
+
+def test_summary_has_the_papers_avg_and_min_along_each_bezier_curve() -> None:
+    """Tatro et al. (2020, Table 1) compare curves by the arc-length-weighted average (Avg) and the minimum (Min)
+    of the test accuracy along them: the summary has both per method with a curve, the mean and std over pairs."""
+    from neuralign.study.compare_report import _ROWS, summary_table
+
+    fields = {k.split(".")[1]: 0.0 for k, _, _ in _ROWS}
+
+    def entry(avg, low):
+        curve = None if avg is None else {"avg_accuracy": avg, "min_accuracy": low}
+        return {"evaluation": {"splits": {"test": fields, "train": fields}}, "cost": {"seconds": 1.0},
+                "curve": curve}  # fmt: skip
+
+    pairs = [{"methods": {"weight": entry(0.70, 0.60), "identity": entry(None, None)}},
+             {"methods": {"weight": entry(0.74, 0.62), "identity": entry(None, None)}}]  # fmt: skip
+    table = summary_table(pairs, ("weight", "identity"))
+    assert table["weight"]["curve_avg"]["mean"] == pytest.approx(0.72, abs=1e-15)
+    assert table["weight"]["curve_min"]["mean"] == pytest.approx(0.61, abs=1e-15)
+    assert table["weight"]["curve_avg"]["std"] == pytest.approx(0.04 / 2**0.5, rel=1e-12)
+    assert "curve_avg" not in table["identity"] and "curve_min" not in table["identity"]
