@@ -1,29 +1,28 @@
 """Benchmark: the neighbourhood check's screening, one network per candidate (the path before 0.3) against the
 batched path of :func:`neuralign.verification.verify_alignment` (the layers before the permuted group run once per
 chunk of candidates, the candidates of a chunk in one :func:`torch.func.vmap` call), side by side in one run; and
-how well a screen on fewer examples agrees with the exhaustive one.
+the check's race (successive elimination over slices of the screening set) against the exhaustive screen.
 
 Two TinyTen networks trained on the shipped UCI digits (resized to 16x16, as ``neuralign demo``), aligned by
 correlation, a quadratic Bezier curve fitted between them. Per permutation group: the seconds to screen
-``--candidates`` transpositions (the objective on ``--examples`` training examples at t = 0.5) both ways, their
-ratio (old / new: > 1 is a speed-up) and the largest difference of the values (float32 rounding); then, for screens
-on fewer examples, the fraction of the exhaustive screen's ``--top`` best transpositions they rank among their own
-``--top`` best, and Spearman's rank correlation over every transposition of the group.
+``--candidates`` transpositions (the data term on the screening set's first slice of 32 examples at t = 0.5) both
+ways, their ratio (old / new: > 1 is a speed-up) and the largest difference of the values (float32 rounding); then,
+per group, the race's ``--top`` best transpositions against the exhaustive screen's (every transposition on all
+``--examples``): their overlap, whether the best is the same, the candidates left in the race on each slice, and
+the seconds of both, side by side.
 
 Then ``verify_alignment`` with the demo's options on the same pair, its progress records timed: per check the
 seconds it took, the seconds it announced before its work (``expected_seconds``, neighbourhood) and the largest
 ratio between the time left that a progress bar estimates (elapsed / steps done * steps left) and the time that
-was left, over every record after the first tenth of the check's steps.
-
-Then, per group, cheaper rankings as a prefilter of the exact screen (``--prefilter M ...``: the M lowest
-first-order estimates, or the M best of the exact screen on 32 or 64 examples) against the exhaustive exact
-screen: the overlap of the top ``--top`` and whether the best move is the same. ``--profile`` prints the timed
+was left, over every record after the first tenth of the check's steps. ``--profile`` prints the timed
 verification's seconds by phase (cProfile, cumulative); ``--screen-pairs 512 128`` runs it once per value,
 side by side (the same training batches in each run), with each check's verdict and seconds and the neighbourhood
-check's best scored move per group.
+check's best scored move per group; ``--sequential`` runs it once more with every held-out test complete (no
+interim look of the sequential test), side by side.
 
     python benchmarks/bench_verification.py [--epochs 15] [--candidates 64] [--examples 256] [--threads 1]
-        [--skip screen agreement prefilter verify] [--prefilter 256 128 64] [--profile] [--screen-pairs 512 128]
+        [--skip screen race verify] [--race-pairs 512] [--profile] [--screen-pairs 512 128]
+        [--sequential]
 
 With ``--run FOLDER`` (a finished ``neuralign demo --out FOLDER``) it asks instead why that run's neighbourhood
 check flagged moves: for its flagged random controls and the best flagged move of each of the first
@@ -41,9 +40,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import torch
-from scipy.stats import spearmanr
 
 from neuralign.alignment import align, apply_permutation, trace_spec
 from neuralign.curves import fit_curve
@@ -52,8 +51,9 @@ from neuralign.experiments.data import load_data
 from neuralign.experiments.models import build_model
 from neuralign.experiments.training import train_model
 from neuralign.study.config import PRESETS
-from neuralign.verification import swap_estimates, verify_alignment
-from neuralign.verification.local import _Context, _Screen, _swap
+from neuralign.verification import verify_alignment
+from neuralign.verification._moves import MoveSet
+from neuralign.verification.local import _Context, _Meter, _Screen, _screen_group, _swap
 
 
 def main() -> None:
@@ -63,10 +63,11 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=256, help="screening examples (the default screen)")
     parser.add_argument("--top", type=int, default=8, help="best transpositions compared (n_swaps)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip", nargs="*", default=(), choices=("screen", "agreement", "prefilter", "verify"),
+    parser.add_argument("--skip", nargs="*", default=(), choices=("screen", "race", "verify"),
                         help="parts to leave out")
-    parser.add_argument("--prefilter", type=int, nargs="*", default=(512, 128, 64, 32),
-                        help="first-order candidates screened exactly per group, compared with the full screen")
+    parser.add_argument("--race-pairs", type=int, default=512, help="screen_pairs of the race")
+    parser.add_argument("--sequential", action="store_true",
+                        help="the timed verification also without the sequential tests' interim looks, side by side")
     parser.add_argument("--profile", action="store_true", help="profile the timed verify_alignment by phase")
     parser.add_argument("--screen-pairs", type=int, nargs="*", default=None,
                         help="the timed verify_alignment once per value of screen_pairs, side by side (default: the "
@@ -99,13 +100,19 @@ def main() -> None:
     print(f"TinyTen on digits 16x16, {args.examples} screening examples, {args.threads} thread(s)")
     if "screen" not in args.skip:
         compare_screens(ctx, prob, spec, new, batch, ts, args.candidates)
-    if "agreement" not in args.skip:
-        agreement(ctx, spec, new, batch, ts, args.examples, args.top)
-    if "prefilter" not in args.skip:
-        prefilter(ctx, prob, spec, new, args.prefilter, args.top)
+    if "race" not in args.skip:
+        race(ctx, new, args.top, args.race_pairs)
     if "verify" not in args.skip:
-        runs = {pairs: timed_verification(a, b, perms, curve, spec, data, args.profile, pairs)
+        runs = {f"screen_pairs {pairs}": timed_verification(a, b, perms, curve, spec, data, args.profile, pairs)
                 for pairs in args.screen_pairs or [PRESETS["demo"].verification.screen_pairs]}  # fmt: skip
+        if args.sequential:
+            # the same run with every held-out test on all the held-out examples (no interim look)
+            looks = _Context.looks
+            _Context.looks = property(lambda self: ())
+            try:
+                runs["every test complete"] = timed_verification(a, b, perms, curve, spec, data)
+            finally:
+                _Context.looks = looks
         if len(runs) > 1:
             side_by_side(runs)
 
@@ -118,10 +125,10 @@ def compare_screens(ctx, prob, spec, new, batch, ts, candidates) -> None:
         cands = [_swap(n, i, j) for i, j in pairs]
         start = time.perf_counter()
         with torch.no_grad():
-            old = torch.tensor([float(prob.objective(ctx.x, ctx.mats({g: p}), [batch], ts)) for p in cands],
+            old = torch.tensor([float(prob.objective(ctx.x, ctx.mats({g: p}), [new._part(0)], ts)) for p in cands],
                                dtype=torch.float64)  # fmt: skip
         mid = time.perf_counter()
-        fast = new._batched(g, cands)
+        fast = new._batched(g, cands, 0).mean(1)
         end = time.perf_counter()
         total_old += mid - start
         total_new += end - mid
@@ -132,59 +139,38 @@ def compare_screens(ctx, prob, spec, new, batch, ts, candidates) -> None:
     print(f"{'faster of the two':22} {total_old:7.2f} {best:7.2f} {total_old / best:7.2f}")
 
 
-def agreement(ctx, spec, new, batch, ts, examples, top) -> None:
-    print(f"\nagreement with the exhaustive screen on {examples} examples (top {top}; Spearman)")
-    sizes = [m for m in (32, 64, 128) if m < examples]
-    print(f"{'group':18} {'pairs':>5} " + " ".join(f"{f'top@{m}':>7} {f'rho@{m}':>7}" for m in sizes))
-    for g, n in spec.sizes.items():
-        pairs = torch.triu_indices(n, n, offset=1).t().tolist()
-        cands = [_swap(n, i, j) for i, j in pairs]
-        full = new._batched(g, cands)
-        best = set(torch.argsort(full, stable=True)[:top].tolist())
-        row = []
-        for m in sizes:
-            part = _Screen(ctx, tuple(v[:m] for v in batch), ts)._batched(g, cands)
-            mine = set(torch.argsort(part, stable=True)[:top].tolist())
-            row.append(f"{len(best & mine) / top:7.2f} {spearmanr(full, part).statistic:7.2f}")
-        print(f"{g:18} {len(pairs):>5} " + " ".join(row))
-
-
-def prefilter(ctx, prob, spec, new, sizes, top) -> None:
-    """For each group, the exact screen of every transposition against the exact screen of only ``m`` of them,
-    chosen by a cheaper ranking: the lowest first-order estimates (``fo``: swap_estimates of the gradient on the
-    check's training batches), or the lowest exact values on the first 32 or 64 screening examples (``c32``,
-    ``c64``). Per prefilter and ``m``: the fraction of the full screen's ``top`` best that the prefiltered screen
-    ranks among its own ``top`` best ('*' where its best move differs), and the prefilter's seconds."""
-    batches = prob._train_batches(prob.gradient_batches)
-    started = time.perf_counter()
-    G = prob.gradient_at(ctx.x, ctx.identity, batches, [0.5] * len(batches))
-    seconds = time.perf_counter() - started
-    print(f"\nprefilters (fo: first order, gradient on {len(batches)} training batches in {seconds:.2f} s; c32, c64: "
-          f"the exact screen on 32, 64 examples): overlap of the top {top} of the exact screen on the m best of a "
-          f"prefilter with the top {top} of the exact screen on every transposition, '*' where the best move "
-          "differs; seconds of the full screen and of each prefilter")
-    head = " ".join(f"{f'{p}@{m}':>8}" for p in ("fo", "c32", "c64") for m in sizes)
-    print(f"{'group':16} {'pairs':>5} {'full s':>6} {'c32 s':>6} {'c64 s':>6} {head}")
-    for g, n in spec.sizes.items():
-        rows, cols = torch.triu_indices(n, n, offset=1)
-        cands = [_swap(n, i, j) for i, j in zip(rows.tolist(), cols.tolist())]
+def race(ctx, screen, top, screen_pairs) -> None:
+    """Per coordinate with more than ``top`` transpositions: the exhaustive screen (every transposition on every
+    slice of the screening set) against the race of the neighbourhood check (``_screen_group``, no controls): the
+    fraction of the exhaustive screen's ``top`` best that the race ranks among its ``top`` best ('*' where the best
+    move differs), the candidates left in the race on each slice, the seconds of both and their ratio."""
+    print(f"\nthe race against the exhaustive screen on {screen.examples} examples (top {top}; slices "
+          f"{[s.stop - s.start for s in screen.slices]})")
+    print(f"{'group':18} {'pairs':>5} {'overlap':>8} {'full s':>7} {'race s':>7} {'ratio':>6}  left in the race")
+    options = SimpleNamespace(n_swaps=top, n_control_swaps=0, screen_pairs=screen_pairs, callback=None)
+    total = [0.0, 0.0]
+    for c in ctx.coordinates:
+        moves = MoveSet(ctx.spec, c)
+        if moves.count <= top:
+            continue
+        changes = [moves.changes(k) for k in range(moves.count)]
         started = time.perf_counter()
-        full = new._batched(g, cands)
-        timing = [time.perf_counter() - started]
-        rankings = [swap_estimates(G[g].double())[rows, cols]]
-        for m in (32, 64):
-            started = time.perf_counter()
-            rankings.append(_Screen(ctx, tuple(v[:m] for v in new.batch), new.ts)._batched(g, cands))
-            timing.append(time.perf_counter() - started)
+        full = torch.cat([torch.cat([screen(c.label, changes[lo:lo + screen.chunk(p)], p)
+                                     for lo in range(0, moves.count, screen.chunk(p))])
+                          for p in range(len(screen.slices))], dim=1).mean(1)  # fmt: skip
+        middle = time.perf_counter()
+        chosen, raced = _screen_group(c.label, moves, torch.zeros(moves.count), screen, options,
+                                      torch.Generator().manual_seed(0), _Meter(options))  # fmt: skip
+        end = time.perf_counter()
         best = torch.argsort(full, stable=True)[:top]
-        row = []
-        for ranking in rankings:
-            for m in sizes:
-                kept = torch.argsort(ranking, stable=True)[:m]
-                mine = kept[torch.argsort(full[kept], stable=True)[:top]]
-                same = "*" if int(mine[0]) != int(best[0]) else " "
-                row.append(f"{len(set(best.tolist()) & set(mine.tolist())) / min(top, len(cands)):7.2f}{same}")
-        print(f"{g:16} {len(cands):>5} " + " ".join(f"{t:6.2f}" for t in timing) + " " + " ".join(row))
+        index = {moves[k].where: k for k in range(moves.count)}
+        mine = [index[m.where] for m, _ in chosen]
+        same = "*" if mine[0] != int(best[0]) else " "
+        total[0] += middle - started
+        total[1] += end - middle
+        print(f"{c.label:18} {moves.count:>5} {len(set(best.tolist()) & set(mine)) / top:7.2f}{same} "
+              f"{middle - started:7.2f} {end - middle:7.2f} {(middle - started) / (end - middle):6.2f}  {raced}")
+    print(f"{'all groups':24} {'':>8} {total[0]:7.2f} {total[1]:7.2f} {total[0] / total[1]:6.2f}")
 
 
 def timed_verification(a, b, perms, curve, spec, data, profile=False, screen_pairs=None):
@@ -206,6 +192,11 @@ def timed_verification(a, b, perms, curve, spec, data, profile=False, screen_pai
                               callback=lambda r: records.append((time.perf_counter(), r)))  # fmt: skip
     print(f"\nverify_alignment with the demo's options, screen_pairs {options.screen_pairs}: "
           f"{time.perf_counter() - started:.1f} s, verdict {report.verdict}")
+    rows = report.checks["neighbourhood"].details["per_group"].values()
+    scored = sum(r["tested"] + r["regulariser_only"] for r in rows)
+    print(f"neighbourhood: {sum(r['stopped_early'] for r in rows)} of {scored} scored moves stopped early; "
+          "candidates in the race per slice: "
+          + "; ".join(str(r["raced"]) for r in rows if "raced" in r))
     if profile:
         profiler.disable()
         phases(profiler)
@@ -228,10 +219,10 @@ def timed_verification(a, b, perms, curve, spec, data, profile=False, screen_pai
 
 
 def side_by_side(runs) -> None:
-    """The timed runs per ``screen_pairs``: each check's verdict and seconds, and per group of the neighbourhood
-    check its best scored move and count of significant improvements."""
+    """The timed runs (per ``screen_pairs``, and without interim looks): each check's verdict and seconds, and per
+    group of the neighbourhood check its best scored move and count of significant improvements."""
     keys = list(runs)
-    print(f"\nside by side, screen_pairs {' / '.join(map(str, keys))}")
+    print(f"\nside by side, {' / '.join(map(str, keys))}")
     for name in runs[keys[0]][0].checks:
         verdicts = " / ".join(runs[k][0].checks[name].verdict for k in keys)
         times = " / ".join(f"{runs[k][1][name]:.2f}" for k in keys)

@@ -226,6 +226,7 @@ class _Context:
     def __init__(self, problem: CurvePermutationProblem, x_star: list[torch.Tensor], spec: PermutationSpec):
         self.problem = problem
         self._base: torch.Tensor | None = None
+        self._looks: tuple[int, ...] | None = None
         self.x = x_star
         self.spec = spec
         self.coordinates = coordinates(spec)  # a group, or the groups sharing one head permutation
@@ -240,11 +241,12 @@ class _Context:
             out[g] = perm_to_matrix(p, dtype=self.problem.dtype, device=self.problem.device)
         return out
 
-    def losses(self, changes: Mapping[str, torch.Tensor], ts: Sequence[float] | None = None
-               ) -> tuple[torch.Tensor, float]:  # fmt: skip
+    def losses(self, changes: Mapping[str, torch.Tensor], ts: Sequence[float] | None = None,
+               batches: slice = slice(None)) -> tuple[torch.Tensor, float]:  # fmt: skip
         """The held-out objective with ``changes`` applied to the identity, averaged over ``value_ts`` (or ``ts``),
-        in its two parts: per held-out example (this rank's share under a process group) the data term,
-        ``(examples,)`` float64, and the weight-decay term (a float), which is the same for every example.
+        in its two parts: per held-out example of ``batches`` (this rank's share under a process group; default:
+        every held-out batch) the data term, ``(examples,)`` float64, and the weight-decay term (a float), which
+        is the same for every example.
 
         The data term of example :math:`i` at time :math:`t` is its cross-entropy (plus 0.3 times that of each
         auxiliary head, as :func:`~neuralign.curves.fit_curve` trains), the regulariser
@@ -261,12 +263,13 @@ class _Context:
         ts = prob.value_ts if ts is None else ts
         out = []
         penalty = 0.0
+        first = range(len(prob.value_set))[batches].start if len(prob.value_set) else 0
         with torch.no_grad():
             for t in ts:
                 if prob.weight_decay:
                     w = prob.weights(self.x, mats, t)
                     penalty += float(0.5 * prob.weight_decay * sum(v.double().square().sum() for v in w.values()))
-            for index, batch in enumerate(prob.value_set):
+            for index, batch in enumerate(prob.value_set[batches], start=first):
                 total = torch.zeros(batch[0].shape[0], dtype=torch.float64, device=batch[0].device)
                 for t in ts:
                     w = prob.weights(self.x, mats, t)
@@ -274,8 +277,8 @@ class _Context:
                 values = total / len(ts)
                 bad = ~torch.isfinite(values)
                 if bad.any() or not math.isfinite(penalty):
-                    first = values[bad][0].item() if bad.any() else penalty
-                    raise NonFiniteError(f"the curve objective is {first} on value batch {index}")
+                    first_bad = values[bad][0].item() if bad.any() else penalty
+                    raise NonFiniteError(f"the curve objective is {first_bad} on value batch {index}")
                 out.append(values)
         return torch.cat(out), penalty / len(ts)
 
@@ -303,12 +306,54 @@ class _Context:
         base = all_reduce_sum(torch.stack([data.sum(), torch.tensor(float(data.numel()), dtype=torch.float64)]))
         return fraction * abs(float(base[0] / base[1]) + penalty)
 
-    def delta(self, changes: Mapping[str, torch.Tensor]) -> _Change:
+    @property
+    def looks(self) -> tuple[int, ...]:
+        """The held-out batches scored before each interim look of :meth:`delta`'s sequential test: a quarter and
+        a half of them, where each look sees at least ``MIN_HELDOUT_EXAMPLES`` examples; none unless every rank
+        holds as many batches (each look all-reduces: the ranks must look together)."""
+        if self._looks is None:
+            count = len(self.problem.value_set)
+            sums = all_reduce_sum(torch.tensor([1.0, count, count * count], dtype=torch.float64))
+            equal = float(sums[0] * sums[2]) == float(sums[1]) ** 2
+            sizes = [int(b[0].shape[0]) for b in self.problem.value_set]
+            world = float(sums[0])
+            self._looks = tuple(sorted({k for k in (count // 4, count // 2)
+                                        if equal and 0 < k < count and world * sum(sizes[:k]) >= MIN_HELDOUT_EXAMPLES}))
+        return self._looks
+
+    def delta(self, changes: Mapping[str, torch.Tensor], z: float | None = None, margin: float = 0.0) -> _Change:
         """The change of the held-out objective under ``changes``: the data term's mean change and standard error
-        (paired by example) and the regulariser's exact change, and whether the data term is unchanged."""
-        data, penalty = self.losses(changes)
+        (paired by example) and the regulariser's exact change, and whether the data term is unchanged.
+
+        With ``z`` (the critical value of the test the change faces: :meth:`_Change.significant`) the evaluation
+        is sequential: after a quarter and a half of the held-out batches (:attr:`looks`) it stops once the data
+        term's change is significantly no better than ``-margin`` (its mean minus ``_FUTILITY_Z`` standard errors
+        above ``-margin``: the move cannot become a significant improvement but by a fluke), and the change is
+        the one on the examples scored so far (``examples`` says how many). A stop for futility never makes a move
+        significant, so the test's family-wise level holds (a non-binding futility bound); it costs power only to
+        a move whose interim mean lies ``_FUTILITY_Z`` interim standard errors above its true change
+        (probability below 2.3% at one look; below 1e-4 for a move at the test's detection limit, which the
+        final test passes with probability 1/2: its true change is ``z`` final standard errors, about ``z/2``
+        interim ones at a quarter of the examples, below ``-margin``)."""
         base, base_penalty = self.base_losses()
-        return _paired_by_example(data, base, penalty - base_penalty, eps=float(torch.finfo(self.problem.dtype).eps))
+        eps = float(torch.finfo(self.problem.dtype).eps)
+        stops = self.looks if z is not None else ()
+        parts, lo, penalty = [], 0, None
+        for hi in (*stops, len(self.problem.value_set)):
+            data, penalty = self.losses(changes, batches=slice(lo, hi))
+            parts.append(data)
+            lo = hi
+            seen = torch.cat(parts)
+            change = _paired_by_example(seen, base[: seen.numel()], penalty - base_penalty, eps=eps)
+            if hi < len(self.problem.value_set) and not change.regulariser_only and (
+                    change.change - _FUTILITY_Z * change.se > -margin):
+                break
+        return change
+
+
+# the sequential test's futility bound: a move whose change is this many standard errors above -margin at an
+# interim look stops there (see _Context.delta)
+_FUTILITY_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -325,6 +370,7 @@ class _Change:
     se: float
     regulariser: float
     regulariser_only: bool
+    examples: int = 0
 
     @property
     def t(self) -> float:
@@ -339,7 +385,7 @@ class _Change:
 
     def to_dict(self) -> dict[str, Any]:
         return {"change": self.change, "se": self.se, "t": self.t, "regulariser_change": self.regulariser,
-                "regulariser_only": self.regulariser_only}  # fmt: skip
+                "regulariser_only": self.regulariser_only, "examples": self.examples}  # fmt: skip
 
 
 def _example_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
@@ -382,9 +428,9 @@ def _paired_by_example(after: torch.Tensor, before: torch.Tensor, regulariser: f
     n, s1, s2, moved = (float(v) for v in sums)
     mean = s1 / n
     if n < 2:
-        return _Change(mean, 0.0, regulariser, moved == 0)
+        return _Change(mean, 0.0, regulariser, moved == 0, int(n))
     var = max(0.0, (s2 - n * mean * mean) / (n - 1))
-    return _Change(mean, math.sqrt(var / n), regulariser, moved == 0)
+    return _Change(mean, math.sqrt(var / n), regulariser, moved == 0, int(n))
 
 
 def _tick(opts: _Run, name: str, done: int, total: int | None, start: bool = False,
@@ -473,7 +519,7 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
     moves = []
     for i, c in beyond:
         q = {g: inverse[g][trace_alignment[i][g].cpu()] for g in c.groups}
-        change = ctx.delta(q)
+        change = ctx.delta(q, z, margin)
         moved = {g: (q[g] != torch.arange(sizes[g])).nonzero().flatten().tolist() for g in c.groups}
         moved = moved[c.label] if not c.structured else {g: u for g, u in moved.items() if u}
         moves.append({"iteration": i + 1, "group": c.label, "reassigned_fraction": max(frac[g][i] for g in c.groups),
@@ -612,7 +658,7 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
     scoring = time.perf_counter()
     setup, per_move = 1000.0 * (scoring - started), 0.0
     for k, (label, step, q) in enumerate(jobs):
-        stats_by[label].append((step, ctx.delta(q)))
+        stats_by[label].append((step, ctx.delta(q, z, margin)))
         if k == 0:
             per_move = 1000.0 * (time.perf_counter() - scoring)
         total = int(setup + per_move * len(jobs))
@@ -705,9 +751,32 @@ def _as_changes(g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tenso
     return [{g: p} if isinstance(p, torch.Tensor) else dict(p) for p in perms]
 
 
+# racing (successive elimination) in the screen: a move leaves the race once its change, minus _RACE_Z standard
+# errors, is above the n_swaps-th best change plus _RACE_Z standard errors (it can no longer be among the best)
+_RACE_Z = 3.0
+# the screening set is raced in slices: _FIRST_SLICE examples, then doubling (32, 32, 64, 128: 32, 64, 128, 256 seen)
+_FIRST_SLICE = 32
+
+
+def _slices(examples: int) -> list[slice]:
+    """The slices of a screening set of ``examples`` raced in turn: ``_FIRST_SLICE`` examples, then each as large
+    as all before it (the last cut at ``examples``)."""
+    out, lo = [], 0
+    size = min(_FIRST_SLICE, examples)
+    while lo < examples:
+        out.append(slice(lo, min(examples, lo + size)))
+        lo += size
+        size = lo
+    return out
+
+
 class _Screen:
-    """The curve objective's data term (its loss without the weight-decay term: the part the held-out test
-    scores) on one screening batch for many moves of one coordinate at once.
+    """The curve objective's data term (its per-example loss without the weight-decay term: the part the
+    held-out test scores) on the screening set, for many moves of one coordinate at once, as the change of each
+    example's term from the identity's.
+
+    The screening set is evaluated in slices (:func:`_slices`; each slice one batch, so batch norm normalises
+    over the slice), in the order of a race (see :func:`_screen_group`).
 
     A move of a coordinate (a group, or the groups sharing one head permutation) changes only the parameters on
     its groups' axes (the layers that produce and consume them): those are stacked over the candidates and the
@@ -733,59 +802,84 @@ class _Screen:
                 module.running_mean = module.running_var = module.num_batches_tracked = None
         with torch.no_grad():
             self.base = [prob.weights(ctx.x, ctx.identity, t) for t in self.ts]
-        # candidates per vmap call: about 2048 examples' activations at a time
-        self.chunk = max(1, 2048 // int(batch[0].shape[0]))
-        self.batched: dict[str, bool] = {}  # per coordinate: is the batched way the faster one?
         self.examples = int(batch[0].shape[0])
-        self.seconds: dict[str, float] = {}  # per coordinate: seconds per candidate the faster way, measured
-        self._cached: dict[str, tuple[list[dict[str, torch.Tensor]], torch.Tensor]] = {}
+        self.slices = _slices(self.examples)
+        self.batched: dict[str, bool] = {}  # per coordinate: is the batched way the faster one?
+        # per coordinate: seconds per candidate and example the faster way, measured on its first chunk
+        self.seconds: dict[str, float] = {}
+        self._cached: dict[tuple[str, int], tuple[list[dict[str, torch.Tensor]], torch.Tensor]] = {}
+        self._identity: dict[int, torch.Tensor] = {}
 
-    def _one_by_one(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor]) -> torch.Tensor:
+    def chunk(self, part: int) -> int:
+        """Candidates per vmap call on slice ``part``: about 2048 examples' activations at a time."""
+        s = self.slices[part]
+        return max(1, 2048 // (s.stop - s.start))
+
+    def _part(self, part: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.slices[part]
+        return self.batch[0][s], self.batch[1][s]
+
+    def _one_by_one(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor], part: int = 0
+                    ) -> torch.Tensor:  # fmt: skip
         ctx, perms = self.ctx, _as_changes(g, perms)
-        prob, (x, y) = ctx.problem, self.batch
+        prob, (x, y) = ctx.problem, self._part(part)
 
-        def data_term(p: Mapping[str, torch.Tensor]) -> float:
+        def data_term(p: Mapping[str, torch.Tensor]) -> torch.Tensor:
             weights = [prob.weights(ctx.x, ctx.mats(p), t) for t in self.ts]
-            return sum(float(prob.loss_fn(functional_call(prob.model, (w, prob.buffers), (x,)), y))
+            return sum(_example_loss(functional_call(prob.model, (w, prob.buffers), (x,)), y)
                        for w in weights) / len(self.ts)  # fmt: skip
 
         with torch.no_grad():
-            return torch.tensor([data_term(p) for p in perms], dtype=torch.float64)
+            return torch.stack([data_term(p) for p in perms]) if perms else torch.zeros(0, x.shape[0])
 
-    def __call__(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor]) -> torch.Tensor:
-        """``(len(perms),)`` float64: the data term (mean over ``ts``) with each of ``perms`` (group -> index
-        permutation, the groups of coordinate ``g``; a tensor: the permutation of group ``g``) applied to the
-        identity."""
+    def identity(self, part: int) -> torch.Tensor:
+        """``(examples in slice part,)`` float64: the identity's per-example data term on slice ``part``."""
+        if part not in self._identity:
+            self._identity[part] = self._one_by_one("", [{}], part)[0]
+        return self._identity[part]
+
+    def __call__(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor], part: int = 0
+                 ) -> torch.Tensor:  # fmt: skip
+        """``(len(perms), examples in slice part)`` float64: each example's change of the data term (mean over
+        ``ts``) with each of ``perms`` (group -> index permutation, the groups of coordinate ``g``; a tensor: the
+        permutation of group ``g``) applied to the identity."""
         perms = _as_changes(g, perms)
-        cached = self._cached.get(g)
+        cached = self._cached.get((g, part))
         if cached is not None and len(cached[0]) == len(perms) and all(
                 a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(cached[0], perms)):
             return cached[1]
         if g not in self.batched:
             start = time.perf_counter()
             try:
-                values = self._batched(g, perms)
+                values = self._batched(g, perms, part)
             except (RuntimeError, NotImplementedError) as error:  # an operation vmap cannot batch
                 logger.info("screening group %s one network per candidate: %s", g, error)
                 self.batched[g] = False
-                return self._one_by_one(g, perms)
+                start = time.perf_counter()
+                values = self._one_by_one(g, perms, part)
+                self.seconds[g] = (time.perf_counter() - start) / (len(perms) * values.shape[1])
+                return values - self.identity(part)
             middle = time.perf_counter()
-            self._one_by_one(g, perms)
+            self._one_by_one(g, perms, part)
             self.batched[g] = middle - start <= time.perf_counter() - middle
-            self.seconds[g] = min(middle - start, time.perf_counter() - middle) / len(perms)
-            self._cached[g] = (list(perms), values)
+            self.seconds[g] = min(middle - start, time.perf_counter() - middle) / (len(perms) * values.shape[1])
+            values = values - self.identity(part)
+            self._cached[(g, part)] = (list(perms), values)
             return values
-        return self._batched(g, perms) if self.batched[g] else self._one_by_one(g, perms)
+        way = self._batched if self.batched[g] else self._one_by_one
+        return way(g, perms, part) - self.identity(part)
 
-    def _batched(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor]) -> torch.Tensor:
+    def _batched(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor], part: int = 0
+                 ) -> torch.Tensor:  # fmt: skip
         prob, perms = self.ctx.problem, _as_changes(g, perms)
         groups = {h for p in perms for h in p}
         keys = sorted({k for h in groups for k, _ in prob.spec.perm_to_axes[h]} & set(prob.names))
         sub_b = {k: prob.wb[k] for k in keys}
         sub_spec = prob.spec.restrict(keys)
         ident = identity_permutation(sub_spec)
-        x, y = self.batch
-        out = torch.zeros(len(perms), dtype=torch.float64)
+        x, y = self._part(part)
+        chunk = self.chunk(part)
+        out = torch.zeros(len(perms), x.shape[0], dtype=torch.float64)
         with torch.no_grad():
             off = prob.unflatten(self.ctx.x[0])
             for t, w0 in zip(self.ts, self.base):
@@ -793,65 +887,101 @@ class _Screen:
                 c = 2.0 * t * (1.0 - t)
 
                 def loss(changed: dict[str, torch.Tensor], fixed=fixed) -> torch.Tensor:
-                    return prob.loss_fn(functional_call(self.model, {**fixed, **changed}, (x,)), y)
+                    return _example_loss(functional_call(self.model, {**fixed, **changed}, (x,)), y)
 
-                for lo in range(0, len(perms), self.chunk):
-                    permuted = [apply_permutation(sub_b, sub_spec, {**ident, **p}) for p in perms[lo:lo + self.chunk]]
+                for lo in range(0, len(perms), chunk):
+                    permuted = [apply_permutation(sub_b, sub_spec, {**ident, **p}) for p in perms[lo:lo + chunk]]
                     stacked = {k: torch.stack([(1.0 - t) * prob.wa[k] + t * pb[k] + c * off[k] for pb in permuted])
                                for k in keys}  # fmt: skip
                     # dropout, if any: its own mask per candidate, as in one network per candidate
-                    out[lo:lo + len(permuted)] += torch.func.vmap(loss, randomness="different")(stacked).double()
+                    out[lo:lo + len(permuted)] += torch.func.vmap(loss, randomness="different")(stacked)
         return out / len(self.ts)
 
 
 class _Meter:
     """Progress of the neighbourhood check in estimated milliseconds of work, so that a progress bar's rate (and
     its estimate of the time left) holds although a candidate of a late group costs a fraction of one of an early
-    group (see :class:`_Screen`). The cost per candidate of each group is measured on its first chunk."""
+    group (see :class:`_Screen`). The cost per candidate and example of each group is measured on its first chunk.
+
+    A group's race is estimated before it runs as if no candidate left it before ``screen_pairs`` (on the pairs of
+    ``benchmarks/bench_verification.py`` the changes of most transpositions are within noise of each other and few
+    leave early), and the total is revised to what it cost when its race ends."""
 
     def __init__(self, opts) -> None:
-        self.opts, self.done, self.total = opts, 0.0, 0.0
+        self.opts, self.done, self.fixed = opts, 0.0, 0.0
+        self.estimate: dict[str, float] = {}  # per raced coordinate: its race's milliseconds, estimated
+        self.actual: dict[str, float] = {}  # per coordinate whose race ended: its milliseconds
+
+    @property
+    def total(self) -> float:
+        """The work: done, and left (never below what is done, so that a bar never steps back)."""
+        return max(self.done, self.fixed + sum(self.actual.get(g, ms) for g, ms in self.estimate.items()))
 
     def add(self, ms: float) -> None:
         self.done += ms
-        _tick(self.opts, "neighbourhood", int(min(self.done, self.total)), int(self.total))
+        total = self.total
+        _tick(self.opts, "neighbourhood", int(min(self.done, total)), int(total))
 
 
-def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen: _Screen, coarse: _Screen, opts,
-                  gen: torch.Generator, meter: _Meter) -> list[tuple[Move, str]]:
-    """Moves of coordinate ``label`` to score (its transpositions, or its structured swaps with attention heads):
-    every one when they are no more than ``n_swaps + n_control_swaps``; else the ``n_swaps`` with the lowest
-    screening estimate (the exact change of the objective on the screening set, over at most ``screen_pairs``
-    candidates: all moves, or the best of a coarse exact change on 32 screening examples) and ``n_control_swaps``
-    drawn uniformly from the others. The meter advances by each stage's measured seconds per candidate."""
+def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen: _Screen, opts,
+                  gen: torch.Generator, meter: _Meter) -> tuple[list[tuple[Move, str]], list[int]]:
+    """Moves of coordinate ``label`` to score (its transpositions, or its structured swaps with attention heads,
+    more than ``n_swaps + n_control_swaps``): the ``n_swaps`` with the lowest screening estimate, the mean change
+    of the data term over the screening set, and ``n_control_swaps`` drawn uniformly from the others; and the
+    candidates in the race on each slice of the screening set.
+
+    The estimates come from a race (successive elimination; Maron & Moore, "Hoeffding races", NIPS 1993): every
+    candidate (:func:`_first_stage`) is evaluated on the first slice of the screening set (:func:`_slices`), and
+    after each slice a candidate whose mean change over the examples seen so far, minus ``_RACE_Z`` standard
+    errors, is above the ``n_swaps``-th lowest mean plus ``_RACE_Z`` standard errors leaves the race (no more than
+    ``screen_pairs`` go on, those with the lowest means); those left at the end are ranked by their mean change over
+    the whole set, as the exhaustive screen ranks them. The meter advances by each slice's measured seconds per
+    candidate and example."""
     n_ranked, n_control = opts.n_swaps, opts.n_control_swaps
+    spent = [0.0]
 
-    def values(which: _Screen, candidates: torch.Tensor) -> torch.Tensor:
-        out = []
-        for lo in range(0, candidates.numel(), which.chunk):
-            part = candidates[lo:lo + which.chunk].tolist()
-            out.append(which(label, [moves.changes(k) for k in part]))
-            meter.add(1000.0 * which.seconds[label] * len(part))
+    def values(part: int, candidates: torch.Tensor) -> torch.Tensor:
+        out, chunk = [], screen.chunk(part)
+        for lo in range(0, candidates.numel(), chunk):
+            block = candidates[lo:lo + chunk].tolist()
+            out.append(screen(label, [moves.changes(k) for k in block], part))
+            ms = 1000.0 * screen.seconds[label] * len(block) * out[-1].shape[1]
+            spent[0] += ms
+            meter.add(ms)
         return torch.cat(out)
 
     candidates = _first_stage(first_order, opts)
-    if moves.count > opts.screen_pairs:
-        candidates = candidates[torch.argsort(values(coarse, candidates), stable=True)[: opts.screen_pairs]]
-    order = candidates[torch.argsort(values(screen, candidates), stable=True)]
-    ranked = order[:n_ranked]
+    raced = []
+    s1 = torch.zeros(candidates.numel(), dtype=torch.float64)
+    s2 = torch.zeros_like(s1)
+    seen = 0
+    for part in range(len(screen.slices)):
+        raced.append(candidates.numel())
+        d = values(part, candidates)
+        s1, s2, seen = s1 + d.sum(1), s2 + d.square().sum(1), seen + d.shape[1]
+        mean = s1 / seen
+        if part == len(screen.slices) - 1:
+            break
+        se = ((s2 - seen * mean.square()).clamp_min(0.0) / max(1, seen - 1) / seen).sqrt()
+        cutoff = (mean + _RACE_Z * se).kthvalue(min(n_ranked, mean.numel())).values
+        alive = ((mean - _RACE_Z * se) <= cutoff).nonzero().flatten()
+        alive = alive[torch.argsort(mean[alive], stable=True)[: opts.screen_pairs]]
+        alive = alive.sort().values  # the candidates' order kept: a tie is broken as the exhaustive screen breaks it
+        candidates, s1, s2 = candidates[alive], s1[alive], s2[alive]
+    meter.actual[label] = spent[0]
+    ranked = candidates[torch.argsort(mean, stable=True)][:n_ranked]
     chosen = torch.zeros(moves.count, dtype=torch.bool)
     chosen[ranked] = True
     rest = (~chosen).nonzero().flatten()
     control = rest[torch.randperm(rest.numel(), generator=gen)[:n_control]]
-    return [(moves[k], "ranked") for k in ranked.tolist()] + [(moves[k], "control") for k in control.tolist()]
+    moves_out = [(moves[k], "ranked") for k in ranked.tolist()] + [(moves[k], "control") for k in control.tolist()]
+    return moves_out, raced
 
 
 def _first_stage(first_order: torch.Tensor, opts) -> torch.Tensor:
-    """Indices of the moves a coordinate screens first (``first_order``: every move's first-order estimate, see
+    """Indices of the moves a coordinate races (``first_order``: every move's first-order estimate, see
     :class:`~neuralign.verification._moves.MoveSet`): every one, or (more than ``16 * screen_pairs``) those with
-    the largest first-order estimate in magnitude (that estimate ranks badly; it only bounds the work). More than
-    ``screen_pairs`` of them are screened coarsely on 32 examples, then the ``screen_pairs`` best of that on the
-    whole screening set."""
+    the largest first-order estimate in magnitude (that estimate ranks badly; it only bounds the work)."""
     if first_order.numel() > 16 * opts.screen_pairs:
         return torch.argsort(first_order.abs(), descending=True, stable=True)[: 16 * opts.screen_pairs]
     return torch.arange(first_order.numel())
@@ -869,39 +999,36 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     screening = batches if needed <= len(batches) else prob._train_batches(needed)
     screen_batch = tuple(torch.cat([b[i] for b in screening])[: opts.screen_examples] for i in (0, 1))
     screen = _Screen(ctx, screen_batch, ts)
-    coarse = _Screen(ctx, tuple(v[:32] for v in screen_batch), ts)
     # the work, in milliseconds estimated from a measured first step: each screening group's cost per candidate
     # and example on its first chunk, and one held-out evaluation per scored move
     started = time.perf_counter()
     ctx.losses({})
     per_move = 1000.0 * (time.perf_counter() - started)
-    meter, work = _Meter(opts), 0.0
+    meter = _Meter(opts)
     started = time.perf_counter()
     # per coordinate (a group, or the groups sharing one head permutation): its moves (transpositions, or the
     # structured swaps that keep heads whole) and their first-order estimates (sums over the member groups')
     estimates = {g: swap_estimates(G[g].double().cpu()) for g in ctx.spec.sizes}
     move_sets = {c.label: MoveSet(ctx.spec, c) for c in ctx.coordinates}
     first_order = {label: m.estimates(estimates) for label, m in move_sets.items()}
+    first = screen.slices[0].stop
     for c in ctx.coordinates:
         label, moves = c.label, move_sets[c.label]
         cycles = opts.n_cycles if not c.structured and ctx.spec.sizes[label] >= 3 else 0
-        work += per_move * (min(moves.count, opts.n_swaps + opts.n_control_swaps) + cycles)
+        meter.fixed += per_move * (min(moves.count, opts.n_swaps + opts.n_control_swaps) + cycles)
         if moves.count <= opts.n_swaps + opts.n_control_swaps:
             continue
-        first = coarse if moves.count > opts.screen_pairs else screen
         stage = _first_stage(first_order[label], opts)
-        probe = stage[: first.chunk]
-        first(label, [moves.changes(k) for k in probe.tolist()])  # measured (and cached) here
-        work += 1000.0 * first.seconds[label] * stage.numel()
-        if first is coarse:  # the second stage's cost per candidate is not the first's scaled: measure it too
-            probe = probe[: screen.chunk]
-            screen(label, [moves.changes(k) for k in probe.tolist()])
-            work += 1000.0 * screen.seconds[label] * opts.screen_pairs
-    meter.done = 1000.0 * (time.perf_counter() - started)  # the probes: done, and part of the work
-    meter.total = work + meter.done
+        probe = stage[: screen.chunk(0)]
+        screen(label, [moves.changes(k) for k in probe.tolist()], 0)  # measured (and cached) here
+        examples = stage.numel() * first + min(stage.numel(), opts.screen_pairs) * (screen.examples - first)
+        meter.estimate[label] = 1000.0 * screen.seconds[label] * examples
+    meter.fixed += 1000.0 * (time.perf_counter() - started)  # the probes: done, and part of the work
+    meter.done = 1000.0 * (time.perf_counter() - started)
     _tick(opts, "neighbourhood", int(meter.done), int(meter.total), expected=meter.total / 1000.0)
 
     moves_by_group: dict[str, list[tuple[Move, str]]] = {}
+    raced: dict[str, list[int]] = {}  # per screened coordinate: the candidates in the race on each slice
     coordinate = {c.label: c for c in ctx.coordinates}
     for c in ctx.coordinates:
         label, move_set = c.label, move_sets[c.label]
@@ -910,7 +1037,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         if move_set.count <= opts.n_swaps + opts.n_control_swaps:
             moves = [(move_set[k], "all") for k in range(move_set.count)]
         else:
-            moves = _screen_group(label, move_set, first_order[label], screen, coarse, opts, gen, meter)
+            moves, raced[label] = _screen_group(label, move_set, first_order[label], screen, opts, gen, meter)
         n = ctx.spec.sizes[label] if not c.structured else 0
         if n >= 3:  # 3-cycles of a group without heads
             for _ in range(opts.n_cycles):
@@ -927,13 +1054,16 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     for g, moves in moves_by_group.items():
         sig = {"all": 0, "ranked": 0, "control": 0}
         tested = {"all": 0, "ranked": 0, "control": 0}
-        neg = apart = 0
+        neg = apart = early = 0
         best = (math.inf, None)
         found = []
         for move, how in moves:
-            change = ctx.delta(move_changes(ctx.spec, coordinate[g], move))
+            change = ctx.delta(move_changes(ctx.spec, coordinate[g], move), z, margin)
             scored += 1
-            meter.add(per_move)
+            share = change.examples / ctx.examples  # a move stopped for futility costs its share of the batches
+            early += share < 1.0
+            meter.fixed -= per_move * (1.0 - share)
+            meter.add(per_move * share)
             if change.regulariser_only:
                 apart += 1
                 reg_only.append([g, move.describe().split(" ")[0], list(move.where), change.regulariser, how])
@@ -954,9 +1084,9 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         exhaustive = any(how == "all" for _, how in moves)
         row = {"transpositions": move_sets[g].count, "tested": sum(tested.values()), "exhaustive": exhaustive,
                "improving": n_sig, "improving_fraction_ci": [lo, hi], "mean_below_zero": neg,
-               "regulariser_only": apart, "best_change": best[0], "verdict": v}  # fmt: skip
+               "regulariser_only": apart, "stopped_early": early, "best_change": best[0], "verdict": v}  # fmt: skip
         if not exhaustive:
-            row.update(ranked_tested=tested["ranked"], ranked_improving=sig["ranked"],
+            row.update(raced=raced[g], ranked_tested=tested["ranked"], ranked_improving=sig["ranked"],
                        control_tested=tested["control"], control_improving=sig["control"])  # fmt: skip
         per_group[g] = row
         examples[g] = best[1]
@@ -977,6 +1107,10 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     if reg_only:
         summary += (f"; {len(reg_only)} moves change only the weight-decay term (units no held-out example "
                     f"activates; by {_span(m[3] for m in reg_only)}): reported apart, not tested")  # fmt: skip
+    stopped = sum(r["stopped_early"] for r in per_group.values())
+    if stopped:
+        summary += (f"; {stopped} moves stopped early, significantly no better than the margin on a part of the "
+                    "held-out examples")  # fmt: skip
     # the fixed curve's held-out data term at the scoring times and at its end points: a curve whose value there is
     # far above the end points' (a barrier, or a poorly fitted curve) can be improved by moves that a longer fit
     # undoes (measured on the demo: see verify_alignment's Notes)
@@ -1182,8 +1316,8 @@ class VerificationOptions(Options):
         3-cycles (>= 0) scored per group (defaults 8, 4, 0); with attention heads, structured swaps per block of
         groups sharing a head permutation, and no 3-cycles there.
     screen_examples, screen_pairs : int
-        The screening set's size in training examples and the most transpositions screened on all of it per group
-        (a group with more: its ``screen_pairs`` best on 32 of the examples) (>= 1; defaults 256, 512).
+        The screening set's size in training examples, and the most transpositions per group that go on in its race
+        after the first 32 examples (those with the lowest changes there) (>= 1; defaults 256, 512).
     refit_epochs : int
         Epochs of the curve re-fitted around the best improving move of a failing group (>= 0; default 0).
     alpha : float
@@ -1339,11 +1473,14 @@ def verify_alignment(
        vertex: the objectives must agree.
     3. ``neighbourhood``: all transpositions :math:`T_{ij}` of each group are ranked by a cheap estimate of their
        effect, the exact change of the curve objective on a screening set (``screen_examples`` training examples,
-       at ``value_ts``; not the held-out batches, so that the selection does not bias the held-out test);
-       a group with more than ``screen_pairs`` transpositions screens only the ``screen_pairs`` best of a coarse
-       exact change on 32 of the screening examples (over at most ``16 * screen_pairs`` transpositions, those with
-       the largest first-order estimate :math:`|\\langle G, T_{ij} - I\\rangle|`: :func:`swap_estimates`, ``G`` on
-       ``gradient_batches`` training batches). The screen evaluates many transpositions per call: only the layers
+       at ``value_ts``; not the held-out batches, so that the selection does not bias the held-out test), found
+       by a race (successive elimination; Maron & Moore, "Hoeffding races", NIPS 1993): every transposition on
+       the first 32 examples, then on slices that double (32, 64, 128 examples), a transposition leaving the race
+       once its mean change minus 3 standard errors is above the ``n_swaps``-th best mean plus 3 standard errors,
+       and no more than ``screen_pairs`` going on after the first slice (those with the lowest changes there; at
+       most ``16 * screen_pairs`` transpositions start, those with the largest first-order estimate
+       :math:`|\\langle G, T_{ij} - I\\rangle|`: :func:`swap_estimates`, ``G`` on ``gradient_batches`` training
+       batches). The screen evaluates many transpositions per call: only the layers
        that produce and consume the group differ between them, so they are stacked and the network is run under
        :func:`torch.func.vmap`, the layers before the group once per chunk (or one network per transposition where
        that measures faster on the group's first chunk). The ``n_swaps`` best-ranked are scored by the change of
@@ -1360,12 +1497,10 @@ def verify_alignment(
        failing group is re-scored after a short re-fit of the curve. The first-order estimate alone does not rank
        well: on the 64-16-16-10 MLP of ``tests/verification/test_local.py`` with 4 of 16 units swapped in pairs, its
        correlation with the true change over all 120 transpositions was 0.03 and the two swaps that undo the
-       damage ranked 114th and 116th of 120 (a swap crosses a barrier of the relaxation: see Notes). As a
-       prefilter it loses the ranking too, where the coarse screen keeps it: on the TinyTen pair of
-       ``benchmarks/bench_verification.py``, of the exhaustive exact screen's 8 best, the exact screen of the 128
-       lowest first-order estimates finds 0.38-1.00 per group of 120 or 496 transpositions (another best move in
-       2 of 5 groups), of the 128 best on 32 examples 0.88-1.00 (the same best move in all 5); for the groups of
-       2016, 0.12-0.62 and 0.00-0.88.
+       damage ranked 114th and 116th of 120 (a swap crosses a barrier of the relaxation: see Notes). Each move's
+       held-out test is sequential: after a quarter and a half of the held-out batches, a move whose change is
+       significantly no better than the margin (2 standard errors above it) stops (see :meth:`_Context.delta`;
+       the family-wise level holds, ``stopped_early`` counts them per group).
     4. ``gradient``: a Taylor test of :math:`\\nabla_P F` (float64) along a random direction into the Birkhoff
        polytope (:func:`~neuralign.verification.taylor_test`): pass if the remainder decays at second order
        (log-log slope >= ``min_slope``) over the smallest steps where it is above float noise; fail if it does not

@@ -28,20 +28,18 @@ def verify_passes(options, checks: Sequence[str], data, spec, fit: bool) -> tupl
     """The forward passes :func:`~neuralign.verification.verify_alignment` makes with ``options`` (a
     :class:`~neuralign.verification.VerificationOptions`), by check; a backward pass counts as two. A scored move
     costs ``value_batches * len(value_ts)`` passes, a gradient estimate ``3 * gradient_batches * len(value_ts)``, a
-    screened transposition the screening set's batches (32 examples: a fraction of a batch, in the coarse stage)
-    per time."""
+    screened transposition the slices of the screening set it is raced on, as fractions of a batch, per time (every
+    candidate the first slice of 32 examples, at most ``screen_pairs`` of them the rest: an upper bound, which the
+    race meets where the changes are within noise of each other). A scored move stopped early by the sequential
+    test costs less than counted."""
     o = options
     train, groups, ts = len(data.train), len(spec.sizes), len(o.value_ts)
     score, grad, epoch = o.value_batches * ts, 3 * o.gradient_batches * ts, 3 * train
     batch = max(1, data.train.batch_size)
-    screen_batches = -(-o.screen_examples // batch)
-    # a group with more transpositions than screen_pairs: a coarse screen on 32 examples (of at most
-    # 16 * screen_pairs of them), then screen_pairs on the whole screening set
-    coarse = min(1.0, 32 / batch) if o.screen_examples > 32 else screen_batches
+    first = min(32, o.screen_examples)
     counts = [n * (n - 1) // 2 for n in spec.sizes.values()]
-    counts = [c for c in counts if c > o.n_swaps + o.n_control_swaps]
-    screened = sum(min(c, o.screen_pairs) * screen_batches + (c > o.screen_pairs) * min(c, 16 * o.screen_pairs)
-                   * coarse for c in counts)  # fmt: skip
+    counts = [min(c, 16 * o.screen_pairs) for c in counts if c > o.n_swaps + o.n_control_swaps]
+    screened = sum(c * first + min(c, o.screen_pairs) * (o.screen_examples - first) for c in counts) / batch
     starts = 2 + o.random_starts
     per_iteration = o.stability_x_epochs * epoch + grad + score * (1 + o.swap_trials * groups)
     parts = {
