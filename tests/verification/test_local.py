@@ -520,10 +520,10 @@ def test_neighbourhood_flags_a_mis_assigned_third_of_a_wider_group(case, least):
 
 @pytest.mark.slow
 def test_moves_flagged_at_the_planted_permutation_improve_the_test_split_too():
-    """At the planted permutation of the wider fixture some seeds flag a transposition (measured: 3 of 10): the
-    curve, fitted for 2 epochs and fixed, is not at its optimum, and a swap lowers its objective by 4-5%. Such a
-    move is no false alarm: scored on the test split, never used for screening or scoring, it lowers the objective
-    there too (a false alarm would do so about half of the time, and every flagged move must)."""
+    """At the planted permutation of the wider fixture some seeds flag a transposition (measured: 7 moves over the
+    10 seeds): the curve, fitted for 2 epochs and fixed, is not at its optimum, and a swap lowers its objective by
+    4-5%. Such a move is no false alarm: scored on the test split, never used for screening or scoring, it lowers the
+    objective there too (a false alarm would do so about half of the time, and every flagged move must)."""
     from neuralign.curves.pam import CurvePermutationProblem
     from neuralign.verification.local import _swap
 
@@ -535,7 +535,10 @@ def test_moves_flagged_at_the_planted_permutation_improve_the_test_split_too():
     for seed in range(10):
         check = _neighbourhood(data, model, spec, b_state, perms, curve, seed)
         flagged += [(g, tuple(m[1])) for g, found in check.details["improving_moves"].items() for m in found]
-    assert len(flagged) <= 6, flagged  # a flag in at most 3 of 10 seeds, as measured, at most 2 moves each
+    # measured in this file's slow run: at most 6 moves over the 10 seeds with the two-stage screen (its earlier
+    # bound), 7 with the race (each slice's own batch-norm statistics; every one of the 7 lowers the test split's
+    # objective too)
+    assert len(flagged) <= 8, flagged
     for g, (i, j) in set(flagged):
         change = ctx.delta({g: _swap(spec.sizes[g], i, j)})
         assert change.change < 0, (g, i, j, change)
