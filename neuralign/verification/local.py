@@ -316,9 +316,10 @@ class _Context:
             sums = all_reduce_sum(torch.tensor([1.0, count, count * count], dtype=torch.float64))
             equal = float(sums[0] * sums[2]) == float(sums[1]) ** 2
             sizes = [int(b[0].shape[0]) for b in self.problem.value_set]
-            world = float(sums[0])
-            self._looks = tuple(sorted({k for k in (count // 4, count // 2)
-                                        if equal and 0 < k < count and world * sum(sizes[:k]) >= MIN_HELDOUT_EXAMPLES}))
+            at = (count // 4, count // 2)
+            seen = all_reduce_sum(torch.tensor([float(sum(sizes[:k])) for k in at], dtype=torch.float64))
+            self._looks = tuple(sorted({k for k, n in zip(at, seen.tolist())
+                                        if equal and 0 < k < count and n >= MIN_HELDOUT_EXAMPLES}))
         return self._looks
 
     def delta(self, changes: Mapping[str, torch.Tensor], z: float | None = None, margin: float = 0.0) -> _Change:
