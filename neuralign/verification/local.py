@@ -265,14 +265,13 @@ class _Context:
         penalty = 0.0
         first = range(len(prob.value_set))[batches].start if len(prob.value_set) else 0
         with torch.no_grad():
-            for t in ts:
-                if prob.weight_decay:
-                    w = prob.weights(self.x, mats, t)
-                    penalty += float(0.5 * prob.weight_decay * sum(v.double().square().sum() for v in w.values()))
+            points = [prob.weights(self.x, mats, t) for t in ts]  # the curve's point at each time, once per call
+            if prob.weight_decay:
+                penalty = sum(float(0.5 * prob.weight_decay * sum(v.double().square().sum() for v in w.values()))
+                              for w in points)  # fmt: skip
             for index, batch in enumerate(prob.value_set[batches], start=first):
                 total = torch.zeros(batch[0].shape[0], dtype=torch.float64, device=batch[0].device)
-                for t in ts:
-                    w = prob.weights(self.x, mats, t)
+                for w in points:
                     total += _example_loss(functional_call(prob.model, (w, prob.buffers), (batch[0],)), batch[1])
                 values = total / len(ts)
                 bad = ~torch.isfinite(values)
@@ -803,6 +802,7 @@ class _Screen:
                 module.running_mean = module.running_var = module.num_batches_tracked = None
         with torch.no_grad():
             self.base = [prob.weights(ctx.x, ctx.identity, t) for t in self.ts]
+            self.offset = prob.unflatten(ctx.x[0])
         self.examples = int(batch[0].shape[0])
         self.slices = _slices(self.examples)
         self.batched: dict[str, bool] = {}  # per coordinate: is the batched way the faster one?
@@ -820,18 +820,34 @@ class _Screen:
         s = self.slices[part]
         return self.batch[0][s], self.batch[1][s]
 
+    def _changed(self, perms: Sequence[Mapping[str, torch.Tensor]]) -> tuple[list[str], list[dict[str, torch.Tensor]]]:
+        """The parameters that ``perms`` change (those on their groups' axes), and B's on them under each of
+        ``perms`` (index permutations: exact)."""
+        prob = self.ctx.problem
+        groups = {h for p in perms for h in p}
+        keys = sorted({k for h in groups for k, _ in prob.spec.perm_to_axes[h]} & set(prob.names))
+        sub_spec = prob.spec.restrict(keys)
+        ident = identity_permutation(sub_spec)
+        return keys, [apply_permutation({k: prob.wb[k] for k in keys}, sub_spec, {**ident, **p}) for p in perms]
+
+    def _point(self, t: float, k: str, pb: torch.Tensor) -> torch.Tensor:
+        """Parameter ``k`` of the curve's point at time ``t`` with B's ``pb`` (as the problem's ``weights``)."""
+        prob = self.ctx.problem
+        return (1.0 - t) * prob.wa[k] + t * pb + 2.0 * t * (1.0 - t) * self.offset[k]
+
     def _one_by_one(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor], part: int = 0
                     ) -> torch.Tensor:  # fmt: skip
-        ctx, perms = self.ctx, _as_changes(g, perms)
-        prob, (x, y) = ctx.problem, self._part(part)
+        prob, (x, y) = self.ctx.problem, self._part(part)
+        keys, permuted = self._changed(_as_changes(g, perms))
 
-        def data_term(p: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            weights = [prob.weights(ctx.x, ctx.mats(p), t) for t in self.ts]
-            return sum(_example_loss(functional_call(prob.model, (w, prob.buffers), (x,)), y)
-                       for w in weights) / len(self.ts)  # fmt: skip
+        def data_term(pb: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            # the identity's point at each time, the parameters the move changes replaced
+            return sum(_example_loss(functional_call(prob.model, ({**w0, **{k: self._point(t, k, pb[k]) for k in keys}},
+                                                                  prob.buffers), (x,)), y)
+                       for t, w0 in zip(self.ts, self.base)) / len(self.ts)  # fmt: skip
 
         with torch.no_grad():
-            return torch.stack([data_term(p) for p in perms]) if perms else torch.zeros(0, x.shape[0])
+            return torch.stack([data_term(pb) for pb in permuted]) if permuted else torch.zeros(0, x.shape[0])
 
     def identity(self, part: int) -> torch.Tensor:
         """``(examples in slice part,)`` float64: the identity's per-example data term on slice ``part``."""
@@ -872,30 +888,22 @@ class _Screen:
 
     def _batched(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor], part: int = 0
                  ) -> torch.Tensor:  # fmt: skip
-        prob, perms = self.ctx.problem, _as_changes(g, perms)
-        groups = {h for p in perms for h in p}
-        keys = sorted({k for h in groups for k, _ in prob.spec.perm_to_axes[h]} & set(prob.names))
-        sub_b = {k: prob.wb[k] for k in keys}
-        sub_spec = prob.spec.restrict(keys)
-        ident = identity_permutation(sub_spec)
+        keys, permuted = self._changed(_as_changes(g, perms))
         x, y = self._part(part)
         chunk = self.chunk(part)
-        out = torch.zeros(len(perms), x.shape[0], dtype=torch.float64)
+        out = torch.zeros(len(permuted), x.shape[0], dtype=torch.float64)
         with torch.no_grad():
-            off = prob.unflatten(self.ctx.x[0])
             for t, w0 in zip(self.ts, self.base):
-                fixed = {k: v for k, v in w0.items() if k not in sub_b}
-                c = 2.0 * t * (1.0 - t)
+                fixed = {k: v for k, v in w0.items() if k not in keys}
 
                 def loss(changed: dict[str, torch.Tensor], fixed=fixed) -> torch.Tensor:
                     return _example_loss(functional_call(self.model, {**fixed, **changed}, (x,)), y)
 
-                for lo in range(0, len(perms), chunk):
-                    permuted = [apply_permutation(sub_b, sub_spec, {**ident, **p}) for p in perms[lo:lo + chunk]]
-                    stacked = {k: torch.stack([(1.0 - t) * prob.wa[k] + t * pb[k] + c * off[k] for pb in permuted])
-                               for k in keys}  # fmt: skip
+                for lo in range(0, len(permuted), chunk):
+                    block = permuted[lo:lo + chunk]
+                    stacked = {k: torch.stack([self._point(t, k, pb[k]) for pb in block]) for k in keys}
                     # dropout, if any: its own mask per candidate, as in one network per candidate
-                    out[lo:lo + len(permuted)] += torch.func.vmap(loss, randomness="different")(stacked)
+                    out[lo:lo + len(block)] += torch.func.vmap(loss, randomness="different")(stacked)
         return out / len(self.ts)
 
 

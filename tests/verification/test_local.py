@@ -648,7 +648,9 @@ def test_batched_screen_equals_one_network_per_candidate(planted):
     norm on each candidate's slice statistics (float32 per-example losses: 1e-5 relative, 1e-6 absolute). Its
     first call for a group measures both ways and keeps the batched values, less the identity's (the change per
     example)."""
-    from neuralign.verification.local import _Screen, _swap
+    from torch.func import functional_call
+
+    from neuralign.verification.local import _example_loss, _Screen, _swap
 
     ctx = _context(planted)
     data = planted[0]
@@ -660,6 +662,14 @@ def test_batched_screen_equals_one_network_per_candidate(planted):
         for part in (0, 1):
             one = screen._one_by_one(g, cands, part)
             assert one.shape == (3, 32) and one.dtype == torch.float64
+            # the curve's point as the objective computes it (dense permutation matrices on every parameter):
+            # the same values, exactly (a permutation matrix's product only moves entries)
+            prob, s = ctx.problem, screen.slices[part]
+            with torch.no_grad():
+                full = sum(_example_loss(functional_call(prob.model, (prob.weights(ctx.x, ctx.mats({g: cands[1]}), t),
+                                                                      prob.buffers), (x[s],)), y[s])
+                           for t in (0.25, 0.5)) / 2  # fmt: skip
+            torch.testing.assert_close(one[1], full, rtol=0, atol=0)
             # float32 losses from 1e-3 to 10: rounding of 1e-5 relative, and 1e-7 absolute on the smallest
             torch.testing.assert_close(screen._batched(g, cands, part), one, rtol=1e-5, atol=1e-6)
         assert g not in screen.batched
