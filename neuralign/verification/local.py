@@ -752,7 +752,12 @@ def _as_changes(g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tenso
 
 
 # racing (successive elimination) in the screen: a move leaves the race once its change, minus _RACE_Z standard
-# errors, is above the n_swaps-th best change plus _RACE_Z standard errors (it can no longer be among the best)
+# errors, is above the n_swaps-th best change plus _RACE_Z standard errors (it can no longer be among the best).
+# A lower z would race fewer candidate-examples at a cost in power (benchmarks/bench_verification.py, power; and
+# tests/verification): a transposition planted 3 screen standard errors better among 2,016 neutral ones is ranked
+# among the 8 best as often as by the exhaustive screen at z = 3 (130/200 seeded trials, 1.00 of its
+# candidate-examples), in 1 trial fewer at 2 (0.83), 6 fewer at 1.5 (0.52); on the demo pair's groups of up to 512
+# transpositions, none fewer at 1.5 (0.75-0.93) and power lost at 1 (0.80 -> 0.68 at 4 standard errors)
 _RACE_Z = 3.0
 # the screening set is raced in slices: _FIRST_SLICE examples, then doubling (32, 32, 64, 128: 32, 64, 128, 256 seen)
 _FIRST_SLICE = 32
@@ -810,6 +815,7 @@ class _Screen:
         self.seconds: dict[str, float] = {}
         self._cached: dict[tuple[str, int], tuple[list[dict[str, torch.Tensor]], torch.Tensor]] = {}
         self._identity: dict[int, torch.Tensor] = {}
+        self.hit = False  # did the last call return values computed before (the first chunk, when it was measured)?
 
     def chunk(self, part: int) -> int:
         """Candidates per vmap call on slice ``part``: about 2048 examples' activations at a time."""
@@ -862,8 +868,9 @@ class _Screen:
         permutation of group ``g``) applied to the identity."""
         perms = _as_changes(g, perms)
         cached = self._cached.get((g, part))
-        if cached is not None and len(cached[0]) == len(perms) and all(
-                a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(cached[0], perms)):
+        self.hit = cached is not None and len(cached[0]) == len(perms) and all(
+            a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(cached[0], perms))
+        if self.hit:
             return cached[1]
         if g not in self.batched:
             start = time.perf_counter()
@@ -908,13 +915,17 @@ class _Screen:
 
 
 class _Meter:
-    """Progress of the neighbourhood check in estimated milliseconds of work, so that a progress bar's rate (and
-    its estimate of the time left) holds although a candidate of a late group costs a fraction of one of an early
-    group (see :class:`_Screen`). The cost per candidate and example of each group is measured on its first chunk.
+    """Progress of the neighbourhood check in milliseconds of work: the work done is measured, the work left is
+    estimated, so that a progress bar's rate (and its estimate of the time left) holds although a candidate of a
+    late group costs a fraction of one of an early group (see :class:`_Screen`) and one of a large slice less per
+    example than one of a small slice.
 
-    A group's race is estimated before it runs as if no candidate left it before ``screen_pairs`` (on the pairs of
-    ``benchmarks/bench_verification.py`` the changes of most transpositions are within noise of each other and few
-    leave early), and the total is revised to what it cost when its race ends."""
+    A group's race is estimated before it runs from the cost per candidate and example measured on its first chunk,
+    as if no candidate left it before ``screen_pairs`` (on the pairs of ``benchmarks/bench_verification.py`` the
+    changes of most transpositions are within noise of each other and few leave early); after each slice the rest
+    of the race is estimated again at the cost per candidate and example of that slice, and when the race ends its
+    estimate is what it cost. A scored move is estimated at the measured cost of the held-out moves scored so far
+    (before the first: one held-out evaluation, measured)."""
 
     def __init__(self, opts) -> None:
         self.opts, self.done, self.fixed = opts, 0.0, 0.0
@@ -944,19 +955,24 @@ def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen:
     after each slice a candidate whose mean change over the examples seen so far, minus ``_RACE_Z`` standard
     errors, is above the ``n_swaps``-th lowest mean plus ``_RACE_Z`` standard errors leaves the race (no more than
     ``screen_pairs`` go on, those with the lowest means); those left at the end are ranked by their mean change over
-    the whole set, as the exhaustive screen ranks them. The meter advances by each slice's measured seconds per
-    candidate and example."""
+    the whole set, as the exhaustive screen ranks them. The meter advances by the measured time of each chunk."""
     n_ranked, n_control = opts.n_swaps, opts.n_control_swaps
     spent = [0.0]
+    rate = [1000.0 * screen.seconds.get(label, 0.0)]  # milliseconds per candidate and example, the last slice's
 
     def values(part: int, candidates: torch.Tensor) -> torch.Tensor:
-        out, chunk = [], screen.chunk(part)
+        out, chunk, ms, evaluated = [], screen.chunk(part), 0.0, 0
         for lo in range(0, candidates.numel(), chunk):
             block = candidates[lo:lo + chunk].tolist()
+            started = time.perf_counter()
             out.append(screen(label, [moves.changes(k) for k in block], part))
-            ms = 1000.0 * screen.seconds[label] * len(block) * out[-1].shape[1]
-            spent[0] += ms
-            meter.add(ms)
+            took = 1000.0 * (time.perf_counter() - started)
+            if not screen.hit:  # a chunk measured (and computed) before the race costs nothing now
+                ms, evaluated = ms + took, evaluated + len(block) * out[-1].shape[1]
+            spent[0] += took
+            meter.add(took)
+        if evaluated:
+            rate[0] = ms / evaluated
         return torch.cat(out)
 
     candidates = _first_stage(first_order, opts)
@@ -977,6 +993,9 @@ def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen:
         alive = alive[torch.argsort(mean[alive], stable=True)[: opts.screen_pairs]]
         alive = alive.sort().values  # the candidates' order kept: a tie is broken as the exhaustive screen breaks it
         candidates, s1, s2 = candidates[alive], s1[alive], s2[alive]
+        # the rest of the race, as if no more candidates left it, at this slice's cost
+        meter.estimate[label] = spent[0] + rate[0] * candidates.numel() * (screen.examples - seen)
+        meter.add(0.0)
     meter.actual[label] = spent[0]
     ranked = candidates[torch.argsort(mean, stable=True)][:n_ranked]
     chosen = torch.zeros(moves.count, dtype=torch.bool)
@@ -1059,6 +1078,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     margin = ctx.margin(opts.min_improvement)
     per_group, verdicts, examples, improving_moves = {}, [], {}, {}
     total_sig = scored = 0
+    scoring = [0.0, 0.0]  # the scored moves' milliseconds and their shares of the held-out examples
     reg_only: list[list[Any]] = []  # moves among units no held-out example activates: reported apart, never counted
     for g, moves in moves_by_group.items():
         sig = {"all": 0, "ranked": 0, "control": 0}
@@ -1067,12 +1087,19 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         best = (math.inf, None)
         found = []
         for move, how in moves:
+            started = time.perf_counter()
             change = ctx.delta(move_changes(ctx.spec, coordinate[g], move), z, margin)
+            took = 1000.0 * (time.perf_counter() - started)
             scored += 1
             share = change.examples / ctx.examples  # a move stopped for futility costs its share of the batches
             early += share < 1.0
-            meter.fixed -= per_move * (1.0 - share)
-            meter.add(per_move * share)
+            # this move's estimate replaced by its cost, and the moves left estimated at the measured cost of a
+            # whole held-out test
+            scoring[0] += took
+            scoring[1] += share
+            meter.fixed += took - per_move + (total - scored) * (scoring[0] / scoring[1] - per_move)
+            per_move = scoring[0] / scoring[1]
+            meter.add(took)
             if change.regulariser_only:
                 apart += 1
                 reg_only.append([g, move.describe().split(" ")[0], list(move.where), change.regulariser, how])
