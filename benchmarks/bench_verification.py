@@ -9,29 +9,35 @@ correlation, a quadratic Bezier curve fitted between them. Per permutation group
 ways, their ratio (old / new: > 1 is a speed-up) and the largest difference of the values (float32 rounding); then,
 per group, the race's ``--top`` best transpositions against the exhaustive screen's (every transposition on all
 ``--examples``): their overlap, whether the best is the same, the candidates left in the race on each slice, and
-the seconds of both, side by side.
+the seconds of both, side by side. Power (``--race-z 3 1.5 1``): per group, how often a transposition made better by
+1 to 4 of the screen's standard errors is ranked among the best by the exhaustive screen, by the exhaustive screen on
+its first 64 and 128 examples, and by the race with each elimination threshold, with the race's share of the
+candidate-examples (``--trials`` seeded trials per cell; the screen's values are the real ones on this pair, the
+better transposition planted in them).
 
 Then ``verify_alignment`` with the demo's options on the same pair, its progress records timed: per check the
 seconds it took, the seconds it announced before its work (``expected_seconds``, neighbourhood) and the largest
 ratio between the time left that a progress bar estimates (elapsed / steps done * steps left) and the time that
-was left, over every record after the first tenth of the check's steps. ``--profile`` prints the timed
+was left, over every record after the first tenth of the check's steps and before its last second (a bar shows whole
+seconds), with where it was (the fraction of the steps, the estimate and the time left). ``--profile`` prints the timed
 verification's seconds by phase (cProfile, cumulative); ``--screen-pairs 512 128`` runs it once per value,
 side by side (the same training batches in each run), with each check's verdict and seconds and the neighbourhood
 check's best scored move per group; ``--sequential`` runs it once more with every held-out test complete (no
 interim look of the sequential test), side by side.
 
     python benchmarks/bench_verification.py [--epochs 15] [--candidates 64] [--examples 256] [--threads 1]
-        [--skip screen race verify] [--race-pairs 512] [--profile] [--screen-pairs 512 128]
-        [--sequential]
+        [--skip screen race power verify] [--race-pairs 512] [--race-z 3 1.5 1] [--trials 100] [--profile]
+        [--screen-pairs 512 128] [--sequential]
 
-With ``--run FOLDER`` (a finished ``neuralign demo --out FOLDER``) it asks instead why that run's neighbourhood
-check flagged moves: for its flagged random controls and the best flagged move of each of the first
-groups, the change of the held-out data term (the check's examples, ``train_eval``) and of the test split (never
-used by the check), the variance of the held-out batches' mean changes over what independent examples predict
-(batch norm couples a batch's examples: > 1 would make the test too liberal), the run's curve's held-out data term at
-t = 0, 0.25, 0.5, 0.75, 1, and the same after fitting that curve ``--refit-epochs`` more epochs (the moves re-scored);
-then the run's curve fitted again with the run's seeds and Garipov's decaying learning rate instead of the preset's,
-and the run's neighbourhood check on both curves.
+With ``--run FOLDER`` (a finished study folder: ``neuralign demo --out FOLDER``, ``neuralign study --preset cpu``; its
+data loaded as the study loads it) it asks instead why that run's neighbourhood check flagged moves in pair 1: for its
+flagged random controls and the best flagged move of each of the first groups, the change of the held-out data term
+(the check's examples, ``train_eval``) and of the test split (never used by the check), the variance of the held-out
+batches' mean changes, and the test split's, over what independent examples predict (batch norm couples a batch's
+examples: > 1 would make the test too liberal), the run's curve's held-out data term at t = 0, 0.25, 0.5, 0.75, 1, and
+the same after fitting that curve ``--refit-epochs`` more epochs (the moves re-scored); then the run's curve fitted
+again with the run's seeds and Garipov's decaying learning rate instead of the preset's, and the run's neighbourhood
+check on it (its options and seeds) beside the run's own.
 
     python benchmarks/bench_verification.py --run /tmp/demo [--refit-epochs 6] [--threads 1]
 """
@@ -63,8 +69,11 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=256, help="screening examples (the default screen)")
     parser.add_argument("--top", type=int, default=8, help="best transpositions compared (n_swaps)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip", nargs="*", default=(), choices=("screen", "race", "verify"),
+    parser.add_argument("--skip", nargs="*", default=(), choices=("screen", "race", "power", "verify"),
                         help="parts to leave out")
+    parser.add_argument("--race-z", type=float, nargs="*", default=[3.0, 1.5, 1.0],
+                        help="power: the race's elimination rule at each of these z, side by side")
+    parser.add_argument("--trials", type=int, default=100, help="power: planted candidates per group and effect")
     parser.add_argument("--race-pairs", type=int, default=512, help="screen_pairs of the race")
     parser.add_argument("--sequential", action="store_true",
                         help="the timed verification also without the sequential tests' interim looks, side by side")
@@ -102,6 +111,8 @@ def main() -> None:
         compare_screens(ctx, prob, spec, new, batch, ts, args.candidates)
     if "race" not in args.skip:
         race(ctx, new, args.top, args.race_pairs)
+    if "power" not in args.skip:
+        power(ctx, batch, args.top, args.race_z, args.trials)
     if "verify" not in args.skip:
         runs = {f"screen_pairs {pairs}": timed_verification(a, b, perms, curve, spec, data, args.profile, pairs)
                 for pairs in args.screen_pairs or [PRESETS["demo"].verification.screen_pairs]}  # fmt: skip
@@ -173,6 +184,110 @@ def race(ctx, screen, top, screen_pairs) -> None:
     print(f"{'all groups':24} {'':>8} {total[0]:7.2f} {total[1]:7.2f} {total[0] / total[1]:6.2f}")
 
 
+class _Values:
+    """A screen that returns given per-example changes (``(candidates, examples)``) with the interface
+    :func:`_screen_group` uses, counting the candidate-examples it returns."""
+
+    def __init__(self, values, slices):
+        self.values, self.slices, self.seconds, self.evaluated, self.hit = values, slices, {}, 0, False
+        self.examples = values.shape[1]
+
+    def chunk(self, part):
+        return self.values.shape[0]
+
+    def __call__(self, label, ks, part):
+        s = self.slices[part]
+        self.seconds[label] = 0.0
+        self.evaluated += len(ks) * (s.stop - s.start)
+        return self.values[torch.tensor(ks)][:, s]
+
+
+def power(ctx, batch, top, zs, trials, candidates=512, effects=(1.0, 2.0, 3.0, 4.0), prefixes=(64, 128)) -> None:
+    """The race's power against the exhaustive screen's: per coordinate, the screen's per-example changes of its
+    first ``candidates`` transpositions (every slice, at the demo's ``value_ts``) are computed once; then, in
+    each of ``trials`` seeded trials, one of them (drawn uniformly) is made better by ``effect`` standard errors of
+    the screen (its change lowered by that amount on every example; the standard error of a candidate's mean
+    change over all the examples, the median over the candidates) and the screen either ranks it among its
+    ``top`` best or not: the fraction of trials it does, for the exhaustive screen (every candidate on every
+    example), for an exhaustive screen on fewer examples (the first ``prefixes``: a quarter and half the cost) and
+    for the race (:func:`_screen_group`) with each elimination threshold ``z``, with the race's candidate-examples
+    as a fraction of the exhaustive screen's (in brackets)."""
+    from neuralign.verification import local
+
+    screen = _Screen(ctx, batch, PRESETS["demo"].verification.value_ts)
+    options = SimpleNamespace(n_swaps=top, n_control_swaps=0, screen_pairs=candidates, callback=None)
+    print(f"\npower: a planted better transposition ranked among the {top} best, exhaustive screen against the race "
+          f"({trials} trials per cell; [candidate-examples of the race / the exhaustive screen's])")
+    zs = list(zs)
+    header = "  ".join(f"{'race z=' + format(z, 'g'):>13}" for z in zs)
+    fewer = " ".join(f"{'first ' + str(e):>9}" for e in prefixes)
+    print(f"{'group':18} {'moves':>5} {'se':>8} {'effect':>6} {'exhaustive':>10} {fewer}  {header}")
+    gen = torch.Generator().manual_seed(0)
+    rule = local._RACE_Z
+    totals = {e: [0.0] * (len(zs) + 1) for e in effects}
+    totals_fewer = {e: [0.0] * len(prefixes) for e in effects}
+    cost = [0.0] * len(zs)
+    groups = 0
+    try:
+        for c in ctx.coordinates:
+            moves = MoveSet(ctx.spec, c)
+            if moves.count <= top:
+                continue
+            n = min(moves.count, candidates)
+            changes = [moves.changes(k) for k in range(n)]
+            values = torch.cat([torch.cat([screen(c.label, changes[lo:lo + screen.chunk(p)], p)
+                                           for lo in range(0, n, screen.chunk(p))])
+                                for p in range(len(screen.slices))], dim=1)  # fmt: skip
+            se = float((values.std(1) / values.shape[1] ** 0.5).median())
+            groups += 1
+            for effect in effects:
+                hits, spent, short = [0] * (len(zs) + 1), [0] * len(zs), [0] * len(prefixes)
+                for _ in range(trials):
+                    k = int(torch.randint(n, (1,), generator=gen))
+                    planted = values.clone()
+                    planted[k] -= effect * se
+                    hits[0] += k in torch.argsort(planted.mean(1), stable=True)[:top].tolist()
+                    for i, e in enumerate(prefixes):
+                        short[i] += k in torch.argsort(planted[:, :e].mean(1), stable=True)[:top].tolist()
+                    for i, z in enumerate(zs):
+                        local._RACE_Z = z
+                        fake = _Values(planted, screen.slices)
+                        chosen, _ = _screen_group(c.label, _Indexed(n), torch.zeros(n), fake, options,
+                                                  torch.Generator().manual_seed(0), _Meter(options))  # fmt: skip
+                        hits[i + 1] += k in [m.where[0] for m, _ in chosen]
+                        spent[i] += fake.evaluated / planted.numel()
+                cells = "  ".join(f"{hits[i + 1] / trials:5.2f} [{spent[i] / trials:4.2f}]" for i in range(len(zs)))
+                few = " ".join(f"{h / trials:9.2f}" for h in short)
+                print(f"{c.label:18} {n:>5} {se:8.2e} {effect:5g}x {hits[0] / trials:10.2f} {few}  {cells}")
+                for i in range(len(zs) + 1):
+                    totals[effect][i] += hits[i] / trials
+                for i in range(len(prefixes)):
+                    totals_fewer[effect][i] += short[i] / trials
+                for i in range(len(zs)):
+                    cost[i] += spent[i] / trials / len(effects)
+    finally:
+        local._RACE_Z = rule
+    for effect in effects:
+        cells = "  ".join(f"{totals[effect][i + 1] / groups:5.2f} [{cost[i] / groups:4.2f}]" for i in range(len(zs)))
+        few = " ".join(f"{h / groups:9.2f}" for h in totals_fewer[effect])
+        print(f"{'mean over groups':33} {effect:5g}x {totals[effect][0] / groups:10.2f} {few}  {cells}")
+
+
+class _Indexed:
+    """Moves named by their index (the values' rows), for :func:`_screen_group` on :class:`_Values`."""
+
+    def __init__(self, count):
+        self.count = count
+
+    def changes(self, k):
+        return k
+
+    def __getitem__(self, k):
+        from neuralign.verification._moves import Move
+
+        return Move("swap", (k, k + 1))
+
+
 def timed_verification(a, b, perms, curve, spec, data, profile=False, screen_pairs=None):
     """``verify_alignment`` with the demo's options (``screen_pairs`` changed if given), timed: returns the report
     and its seconds per check."""
@@ -200,20 +315,23 @@ def timed_verification(a, b, perms, curve, spec, data, profile=False, screen_pai
     if profile:
         profiler.disable()
         phases(profiler)
-    print(f"{'check':14} {'seconds':>8} {'expected':>8} {'worst ETA ratio after 1/10':>27}")
+    print(f"{'check':14} {'seconds':>8} {'expected':>8} {'worst ETA ratio after 1/10':>27} {'at step':>8} "
+          f"{'its ETA s':>9} {'left s':>7}")
     seconds = {}
     for name in report.checks:
         mine = [(t, r) for t, r in records if r["check"] == name]
         begin, end = mine[0][0], mine[-1][0]
         expected = next((r["expected_seconds"] for _, r in mine if "expected_seconds" in r), float("nan"))
-        worst = 1.0
+        worst, at = 1.0, (float("nan"),) * 3
         for t, r in mine:
             total, step = r["total"], r["step"]
-            if not total or step < total / 10 or step >= total or end - t <= 0:
+            # a bar shows whole seconds: the last second of a check is not judged
+            if not total or step < total / 10 or step >= total or end - t < 1.0:
                 continue
             eta = (t - begin) / step * (total - step)
-            worst = max(worst, eta / (end - t), (end - t) / eta)
-        print(f"{name:14} {end - begin:8.2f} {expected:8.2f} {worst:27.2f}")
+            if max(eta / (end - t), (end - t) / eta) > worst:
+                worst, at = max(eta / (end - t), (end - t) / eta), (step / total, eta, end - t)
+        print(f"{name:14} {end - begin:8.2f} {expected:8.2f} {worst:27.2f} {at[0]:8.2f} {at[1]:9.1f} {at[2]:7.1f}")
         seconds[name] = end - begin
     return report, seconds
 
@@ -275,7 +393,11 @@ def flagged_moves(run: str, refit_epochs: int) -> None:
     b = load_endpoint(folder / "endpoints" / "seed2.pt")[0]
     perms = load_permutation_file(folder / "pair1" / "alignment.pt").perms
     curve = Bezier.load(folder / "pair1" / "curve_aligned.pt")
-    data = load_data("digits", batch_size=64, resize=16, generator=0)
+    # the run's data, loaded as its study loads it (any study folder: the demo's digits, the cpu preset's CIFAR-10)
+    from neuralign.study.config import StudyConfig
+    from neuralign.study.runner import _Study
+
+    data = _Study(StudyConfig.from_dict(config), folder, torch.device("cpu"), None).data
     spec = trace_spec(a, next(iter(data.train))[0][:2])
     sa = a.state_dict()
     aligned = apply_permutation(b.state_dict(), spec.restrict(b.state_dict()), perms)
@@ -297,16 +419,19 @@ def flagged_moves(run: str, refit_epochs: int) -> None:
         along = [held.data_term(t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
         print(f"\n{label}: held-out data term at t = 0, 0.25, 0.5, 0.75, 1: " + ", ".join(f"{v:.4f}" for v in along))
         print(f"{'group':16} {'move':10} {'kind':8} {'held-out change':>20} {'test change':>20} "
-              f"{'batch var ratio':>15}")
+              f"{'batch var ratio (held-out, test)':>33}")
+
+        def batch_ratio(ctx, changes) -> float:
+            d = ctx.losses(changes)[0] - ctx.base_losses()[0]
+            sizes = [x[0].shape[0] for x in ctx.problem.value_set]
+            means = torch.stack([v.mean() for v in d.split(sizes)])
+            return float(means.var() / (d.var() / sizes[0]))
+
         for g, m in moves:
             changes = move_changes(spec, coordinate[g], Move(m[0], tuple(m[1])))
             h, t = held.delta(changes), test.delta(changes)
-            d = held.losses(changes)[0] - held.base_losses()[0]
-            sizes = [x[0].shape[0] for x in held.problem.value_set]
-            means = torch.stack([v.mean() for v in d.split(sizes)])
-            ratio = float(means.var() / (d.var() / sizes[0]))
             print(f"{g:16} {str(m[1]):10} {m[3]:8} {h.change:11.4f} ± {h.se:6.4f} {t.change:11.4f} ± {t.se:6.4f} "
-                  f"{ratio:15.2f}")
+                  f"{batch_ratio(held, changes):16.2f} {batch_ratio(test, changes):16.2f}")
     # the run's curve again, with the run's seeds (as the study's curve stage draws them) and Garipov's decaying
     # learning rate instead of the preset's; then the run's neighbourhood check on it
     from functools import partial
@@ -324,11 +449,14 @@ def flagged_moves(run: str, refit_epochs: int) -> None:
     held = context(data.train_eval, verification["value_batches"], refit)
     print("\nthe run's curve fitted again with Garipov's schedule: held-out data term at t = 0, 0.25, 0.5, 0.75, 1: "
           + ", ".join(f"{held.data_term(t):.4f}" for t in (0.0, 0.25, 0.5, 0.75, 1.0)))
-    for label, crv in (("Garipov's schedule", refit), ("the run's curve", curve)):
-        check = verify_alignment(a, sa, b.state_dict(), perms, data.train, curve=crv, spec=spec,
-                                 heldout_loader=data.train_eval, options=PRESETS["demo"].verification,
-                                 checks=("neighbourhood",), generator=stable_seed(seed, "verify", 1))  # fmt: skip
-        print(f"neighbourhood check on {label}: {check.checks['neighbourhood'].summary}")
+    # the run's neighbourhood check (its options, seeds and screening batches) on that curve
+    data.train.generator.manual_seed(stable_seed(seed, "verify-data", 1))
+    check = verify_alignment(a, sa, b.state_dict(), perms, data.train, curve=refit, spec=spec,
+                             heldout_loader=data.train_eval, options=StudyConfig.from_dict(config).verification,
+                             checks=("neighbourhood",), generator=stable_seed(seed, "verify", 1))  # fmt: skip
+    print(f"neighbourhood check on the curve fitted with Garipov's schedule: "
+          f"{check.checks['neighbourhood'].summary}")
+    print(f"neighbourhood check on the run's curve (its report): {report['checks']['neighbourhood']['summary']}")
 
 
 if __name__ == "__main__":
