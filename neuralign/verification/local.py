@@ -1250,10 +1250,22 @@ def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     a.load_state_dict(dict(point_a))
     b.load_state_dict(dict(point_b))
-    corr = align(a, b, loader, spec=spec, method="correlation")
-    _tick(opts, "alignment", 1, 2)
+    # progress: a step per batch of the correlation's data pass (most of the check's work), one for weight matching
+    try:
+        batches = len(loader)
+    except TypeError:  # an iterable without a length: the data pass is one step
+        batches = 0
+    total = max(1, batches) + 1
+
+    def on_batch(record: dict[str, Any]) -> None:
+        if batches and record.get("step"):
+            _tick(opts, "alignment", min(int(record["step"]), total - 1), total)
+
+    corr = align(a, b, loader, spec=spec, method="correlation", callback=on_batch)
+    if not batches:
+        _tick(opts, "alignment", 1, total)
     weight = align(a, b, method="weight", spec=spec, generator=opts.seed)
-    _tick(opts, "alignment", 2, 2)
+    _tick(opts, "alignment", total, total)
     per_group = {}
     for g in spec.groups:
         C = corr.similarity[g]

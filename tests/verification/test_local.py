@@ -741,11 +741,13 @@ def test_stability_counts_only_significant_moves(planted, damaged_report, monkey
 
 def test_neighbourhood_progress_announces_its_time_and_ends_at_its_total(planted):
     """The neighbourhood check's progress: after a measured first step, a record with the expected seconds; then
-    steps (estimated milliseconds of work) that never decrease and end at the total, revised as the work goes
-    (within 2x of the announced one). Every other check announces its expected time with its first step."""
+    steps (milliseconds of work, measured as it is done, the rest estimated) that never decrease and end at the
+    total, revised as the work goes. (How close the announced time comes to the time taken is a measurement, not
+    a test: benchmarks/bench_verification.py.) Every other check announces its expected time with its first step;
+    the alignment check's steps are the batches of its data pass and weight matching."""
     records = []
-    _verify(planted, _damaged(planted[4], 0.5), checks=("neighbourhood", "gradient", "certificate"), n_swaps=2,
-            n_control_swaps=1, screen_pairs=16, callback=records.append)  # fmt: skip
+    _verify(planted, _damaged(planted[4], 0.5), checks=("neighbourhood", "gradient", "certificate", "alignment"),
+            n_swaps=2, n_control_swaps=1, screen_pairs=16, callback=records.append)  # fmt: skip
     gradient = [r for r in records if r["check"] == "gradient"]
     assert gradient[0]["start"] and gradient[1]["expected_seconds"] > 0  # every check: from its first step
     # the certificate counts milliseconds of work: everything before the held-out evaluations, then one per scored
@@ -759,8 +761,11 @@ def test_neighbourhood_progress_announces_its_time_and_ends_at_its_total(planted
     assert len(announced) == 1 and announced[0]["expected_seconds"] > 0 and mine[0] is announced[0]
     steps = [r["step"] for r in mine]
     assert steps == sorted(steps) and steps[-1] == mine[-1]["total"]
-    # the total is revised as each race ends and as moves stop early: the announced one within 2x of the work done
-    assert 0.5 * mine[-1]["total"] <= announced[0]["total"] <= 2.0 * mine[-1]["total"], (announced, mine[-1])
+    assert len({r["total"] for r in mine}) > 2  # revised as the races end and as moves are scored
+    alignment = [r for r in records if r["check"] == "alignment" and not r["start"]]
+    batches = len(planted[0].align)
+    assert batches > 1 and [r["step"] for r in alignment] == list(range(1, batches + 2)), alignment
+    assert {r["total"] for r in alignment} == {batches + 1} and alignment[0]["expected_seconds"] > 0
 
 
 def test_batched_screen_runs_networks_with_dropout():
