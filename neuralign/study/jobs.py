@@ -116,8 +116,20 @@ def _local_alive(job_id: str, start: str | None) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError, ValueError):  # gone, or another user's process took the pid
         return False
+    if _zombie(pid):  # it has ended; its parent (or, once that has exited, init) has not read its status yet
+        return False
     now = process_start(pid)
     return start is None or now is None or now == start
+
+
+def _zombie(pid: int) -> bool:
+    """Has process ``pid`` ended without its status read (state Z in ``/proc/<pid>/stat``)? False where there is
+    no ``/proc``."""
+    try:
+        text = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError):
+        return False
+    return text[text.rfind(")") + 2 : text.rfind(")") + 3] == "Z"
 
 
 def _squeue(ids: Collection[str]) -> dict[str, tuple[str, str]]:

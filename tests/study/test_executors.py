@@ -294,6 +294,24 @@ def test_a_local_job_is_its_pid_and_start_time_not_a_recycled_pid():
     assert job_states({**me, "starts": {"endpoint 1": "1"}}) == {}
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process's state from /proc (Linux)")
+def test_a_local_job_that_ended_unreaped_is_not_running():
+    """A job's process that has ended but whose status nobody has read yet (a zombie: its parent, the interrupted
+    run, has just exited and init has not reaped it) is not running: ``--status`` said "running" for the stage of
+    an interrupted local run, now and then, instead of "cancelled"."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = process_start(proc.pid)
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not end"
+            time.sleep(0.05)
+        me = {"executor": "local", "jobs": {"endpoint 1": str(proc.pid)}, "starts": {"endpoint 1": start}}
+        assert start is not None and job_states(me) == {}
+    finally:
+        proc.wait()
+
+
 def test_every_way_of_running_refuses_a_folder_with_a_live_job(tmp_path):
     write_jobs(tmp_path, "local", {"endpoint 1": str(os.getpid())}, {"endpoint 1": process_start(os.getpid())})
     with pytest.raises(JobError, match=r"still has jobs queued or running: endpoint 1 \(job \d+, running\)"):
