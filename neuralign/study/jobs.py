@@ -60,16 +60,22 @@ NEVER = "DependencyNeverSatisfied"
 STARTED = ("RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING")
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (clock ticks since boot, from ``/proc/<pid>/stat``), or None if the
-    process does not exist or ``/proc`` is not there."""
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (field 3, the state, first); none if the process
+    does not exist or ``/proc`` is not there."""
     try:
         text = Path(f"/proc/{int(pid)}/stat").read_text()
     except (OSError, ValueError):
-        return None
-    # the command name (field 2) is in parentheses and may hold spaces; field 22 is the 20th after it
-    fields = text[text.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
+        return []
+    # the command name (field 2) is in parentheses and may hold spaces
+    return text[text.rfind(")") + 2 :].split()
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, from ``/proc/<pid>/stat``), or None if the
+    process does not exist or ``/proc`` is not there."""
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else None  # field 22
 
 
 def write_jobs(
@@ -125,11 +131,7 @@ def _local_alive(job_id: str, start: str | None) -> bool:
 def _zombie(pid: int) -> bool:
     """Has process ``pid`` ended without its status read (state Z in ``/proc/<pid>/stat``)? False where there is
     no ``/proc``."""
-    try:
-        text = Path(f"/proc/{int(pid)}/stat").read_text()
-    except (OSError, ValueError):
-        return False
-    return text[text.rfind(")") + 2 : text.rfind(")") + 3] == "Z"
+    return _stat(pid)[:1] == ["Z"]
 
 
 def _squeue(ids: Collection[str]) -> dict[str, tuple[str, str]]:
