@@ -13,7 +13,8 @@ the seconds of both, side by side. Power (``--race-z 3 1.5 1``): per group, how 
 1 to 4 of the screen's standard errors is ranked among the best by the exhaustive screen, by the exhaustive screen on
 its first 64 and 128 examples, and by the race with each elimination threshold, with the race's share of the
 candidate-examples (``--trials`` seeded trials per cell; the screen's values are the real ones on this pair, the
-better transposition planted in them).
+better transposition planted in them); then the same on a synthetic screen of 2,016 neutral candidates, one planted 3
+standard errors better (200 seeded trials).
 
 Then ``verify_alignment`` with the demo's options on the same pair, its progress records timed: per check the
 seconds it took, the seconds it announced before its work (``expected_seconds``, neighbourhood) and the largest
@@ -113,6 +114,7 @@ def main() -> None:
         race(ctx, new, args.top, args.race_pairs)
     if "power" not in args.skip:
         power(ctx, batch, args.top, args.race_z, args.trials)
+        neutral(args.top, args.race_z)
     if "verify" not in args.skip:
         runs = {f"screen_pairs {pairs}": timed_verification(a, b, perms, curve, spec, data, args.profile, pairs)
                 for pairs in args.screen_pairs or [PRESETS["demo"].verification.screen_pairs]}  # fmt: skip
@@ -271,6 +273,39 @@ def power(ctx, batch, top, zs, trials, candidates=512, effects=(1.0, 2.0, 3.0, 4
         cells = "  ".join(f"{totals[effect][i + 1] / groups:5.2f} [{cost[i] / groups:4.2f}]" for i in range(len(zs)))
         few = " ".join(f"{h / groups:9.2f}" for h in totals_fewer[effect])
         print(f"{'mean over groups':33} {effect:5g}x {totals[effect][0] / groups:10.2f} {few}  {cells}")
+
+
+def neutral(top, zs, trials=200, count=2016, examples=256, effect=3.0) -> None:
+    """The race's power on a synthetic screen larger than the demo pair's groups: ``count`` neutral candidates
+    (change 0, per-example noise 0.5), one made better by ``effect`` standard errors of the mean over ``examples``,
+    no ``screen_pairs`` cap; over ``trials`` seeded trials, how often the exhaustive screen and the race at each
+    ``z`` rank it among the ``top`` best, and the race's share of the candidate-examples."""
+    from neuralign.verification import local
+
+    options = SimpleNamespace(n_swaps=top, n_control_swaps=0, screen_pairs=count, callback=None)
+    slices = local._slices(examples)
+    found, spent = [0] * (len(zs) + 1), [0.0] * len(zs)
+    rule = local._RACE_Z
+    try:
+        for seed in range(trials):
+            gen = torch.Generator().manual_seed(1000 + seed)
+            means = torch.zeros(count, dtype=torch.float64)
+            k = int(torch.randint(count, (1,), generator=gen))
+            means[k] = -effect * 0.5 / examples**0.5
+            values = means[:, None] + 0.5 * torch.randn(count, examples, generator=gen, dtype=torch.float64)
+            found[0] += k in torch.argsort(values.mean(1), stable=True)[:top].tolist()
+            for i, z in enumerate(zs):
+                local._RACE_Z = z
+                fake = _Values(values, slices)
+                chosen, _ = _screen_group("g", _Indexed(count), torch.zeros(count), fake, options,
+                                          torch.Generator().manual_seed(0), _Meter(options))  # fmt: skip
+                found[i + 1] += k in [m.where[0] for m, _ in chosen]
+                spent[i] += fake.evaluated / values.numel() / trials
+    finally:
+        local._RACE_Z = rule
+    cells = "  ".join(f"z={z:g}: {found[i + 1]} [{spent[i]:.2f}]" for i, z in enumerate(zs))
+    print(f"\n{count} neutral synthetic candidates, one {effect:g} standard errors better ({trials} seeded trials): "
+          f"ranked among the {top} best by the exhaustive screen in {found[0]}; by the race {cells}")
 
 
 class _Indexed:
