@@ -227,6 +227,7 @@ class _Context:
         self.problem = problem
         self._base: torch.Tensor | None = None
         self._looks: tuple[int, ...] | None = None
+        self._examples: int | None = None
         self.x = x_star
         self.spec = spec
         self.coordinates = coordinates(spec)  # a group, or the groups sharing one head permutation
@@ -295,8 +296,10 @@ class _Context:
     @property
     def examples(self) -> int:
         """Held-out examples scoring every move (over all ranks): the paired tests have one fewer degrees of
-        freedom."""
-        return int(all_reduce_sum(torch.tensor(float(self.base_losses()[0].numel()))))
+        freedom. Counted once (an all-reduce under a process group); the held-out set does not change."""
+        if self._examples is None:
+            self._examples = int(all_reduce_sum(torch.tensor(float(self.base_losses()[0].numel()))))
+        return self._examples
 
     def margin(self, fraction: float) -> float:
         """``fraction`` of the objective (data term and regulariser) at the candidate: the least improvement of
