@@ -119,6 +119,8 @@ def read_jobs(out: Path) -> dict[str, Any]:
 def _local_alive(job_id: str, start: str | None) -> bool:
     try:
         pid = int(job_id)
+        if pid <= 0:  # not a process: kill(0 or -1, 0) would signal a group or every process
+            return False
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError, ValueError):  # gone, or another user's process took the pid
         return False

@@ -292,6 +292,9 @@ def test_a_local_job_is_its_pid_and_start_time_not_a_recycled_pid():
     assert job_states({**me, "starts": {"endpoint 1": process_start(os.getpid())}}) == {"endpoint 1": "running"}
     # the same pid with another start time: a new process took the finished job's pid
     assert job_states({**me, "starts": {"endpoint 1": "1"}}) == {}
+    # ids that name no process (a hand-edited jobs.json): kill(0 or -1, 0) would succeed for a group
+    for bad in ("0", "-1"):
+        assert job_states({"executor": "local", "jobs": {"endpoint 1": bad}, "starts": {"endpoint 1": "1"}}) == {}
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process's state from /proc (Linux)")
