@@ -85,6 +85,13 @@ def main() -> None:
     parser.add_argument("--run", help="a finished `neuralign demo --out` folder: why were its moves flagged?")
     parser.add_argument("--refit-epochs", type=int, default=6, help="with --run: further epochs of its curve")
     args = parser.parse_args()
+    least = {"epochs": 1, "candidates": 1, "examples": 1, "top": 1, "threads": 1, "race_pairs": 1, "trials": 1,
+             "refit_epochs": 0}
+    for name, low in least.items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if not args.race_z:
+        parser.error("--race-z needs at least one threshold")
     torch.set_num_threads(args.threads)
     if args.run:
         flagged_moves(args.run, args.refit_epochs)
