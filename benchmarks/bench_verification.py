@@ -199,7 +199,7 @@ class _Values:
 
     def __init__(self, values, slices):
         self.values, self.slices, self.seconds, self.evaluated, self.hit = values, slices, {}, 0, False
-        self.examples = values.shape[1]
+        self.examples = self.local = values.shape[1]
 
     def chunk(self, part):
         return self.values.shape[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -83,7 +84,30 @@ def _run_all(inp: dict) -> dict:
     pam = fit_curve_pam(a, a.state_dict(), b.state_dict(), data, init="identity", x_epochs=1, max_iter=1,
                         gradient_batches=2, value_batches=2, generator=0, lam=10.0)  # fmt: skip
     out["pam"] = {"perms": pam.perms, "control": pam.curve.points[1], "history": pam.history}
+    out["neighbourhood"] = _neighbourhood(inp, res.perms)
     return out
+
+
+def _neighbourhood(inp: dict, perms) -> dict:
+    """The neighbourhood check of ``perms`` (B = the planted copy) on a fixed line: 2 held-out batches of 32
+    scored, the screen on the next 64 examples (under a process group each rank screens its share of every slice
+    and the race sums over ranks). Per group: the candidates raced on each slice, the best scored move's units and
+    change."""
+    from neuralign.alignment import apply_permutation, trace_spec
+    from neuralign.curves import Bezier
+    from neuralign.verification import verify_alignment
+
+    a, b = inp["a"], inp["planted"]
+    aligned = apply_permutation(b.state_dict(), trace_spec(a, inp["data"][0][0]), perms)
+    params = [{k: sd[k] for k, _ in a.named_parameters()} for sd in (a.state_dict(), aligned)]
+    held = _batches((32,) * 5, (6,), 9)
+    report = verify_alignment(a, a.state_dict(), b.state_dict(), perms, inp["data"], checks=("neighbourhood",),
+                              curve=Bezier.between(*params), heldout_loader=held, value_batches=2, screen_examples=64,
+                              n_swaps=2, n_control_swaps=2, generator=0).checks["neighbourhood"]  # fmt: skip
+    rows = report.details["per_group"]
+    return {g: {"raced": row["raced"], "best_change": row["best_change"],
+                "best_move": [int(u) for u in re.findall(r"\d+", report.details["best_move"][g])]}
+            for g, row in rows.items()}  # fmt: skip
 
 
 def _ranks_only(inp: dict, folder: str) -> dict:
@@ -235,6 +259,19 @@ def test_fit_curve_pam_equals_one_process(ranks, inputs):
     for x, y in zip(got["control"].values(), one.curve.points[1].values()):
         torch.testing.assert_close(x, y, rtol=0, atol=ATOL)
     torch.testing.assert_close(torch.tensor(got["history"]), torch.tensor(one.history), rtol=1e-5, atol=1e-6)
+
+
+def test_neighbourhood_screen_races_the_same_candidates_as_one_process(ranks, inputs):
+    # each rank screens its share of every slice; the race's sums are all-reduced, so that every rank ranks and
+    # scores the same moves as one process (no batch norm here: the same values up to summation order). A rank
+    # that raced on its own share alone would rank other moves.
+    res = align(inputs["a"], inputs["planted"], [x for x, _ in inputs["data"]])
+    one = _neighbourhood(inputs, res.perms)
+    got = ranks[0]["neighbourhood"]
+    assert got.keys() == one.keys()
+    for g, row in one.items():
+        assert got[g]["raced"] == row["raced"] and got[g]["best_move"] == row["best_move"], g
+        assert abs(got[g]["best_change"] - row["best_change"]) < 1e-6, g
 
 
 def test_robust_fit_keeps_t_in_step_on_uneven_slices(ranks):

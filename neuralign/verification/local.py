@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from neuralign import _json
-from neuralign._distributed import all_reduce_sum
+from neuralign._distributed import all_reduce_sum, rank, shard_batch, world_size
 from neuralign._options import Options, renamed_keywords, resolve_options
 from neuralign._stats import bonferroni_quantile, wilson_interval
 from neuralign._utils import as_generator, atomic_write_text, flat_logits, split_batch, split_logits, stable_seed
@@ -216,6 +216,48 @@ def _span(values: Iterable[float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def _heldout_batches(loader: Iterable, batches: int, examples: int) -> tuple[list[Any], list[Any]]:
+    """One pass of ``loader``: its first ``batches`` items (the held-out batches the tests score), and the items
+    after them up to ``examples`` examples (the neighbourhood check's screening set; fewer where the pass ends
+    first). A fixed-order loader over distinct examples (``heldout_loader``'s contract) gives a screening set
+    disjoint from the scored examples."""
+    scored: list[Any] = []
+    after: list[Any] = []
+    count = 0
+    for item in loader:
+        if len(scored) < batches:
+            scored.append(item)
+        else:
+            after.append(item)
+            count += int(split_batch(item, torch.device("cpu"), "heldout_loader")[0].shape[0])
+        if len(scored) == batches and count >= examples:
+            break
+    return scored, after
+
+
+def _examples(items: Iterable, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` examples of the loader items ``items`` (whole batches, concatenated and cut), on ``device``.
+
+    Raises
+    ------
+    ValueError
+        If ``items`` yields no batch.
+    """
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    for item in items:
+        if sum(int(x.shape[0]) for x in xs) >= n:
+            break
+        x, y = split_batch(item, device, "the screening loader")
+        if y is None:
+            raise TypeError("the screening batches must be (inputs, targets) pairs")
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise ValueError("the screening loader yielded no batches")
+    return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+
 class _Context:
     """Everything the checks share: the problem in the frame of the aligned B (where ``perms`` is the identity).
 
@@ -223,8 +265,11 @@ class _Context:
     Notes for why those differences are independent.
     """
 
-    def __init__(self, problem: CurvePermutationProblem, x_star: list[torch.Tensor], spec: PermutationSpec):
+    def __init__(self, problem: CurvePermutationProblem, x_star: list[torch.Tensor], spec: PermutationSpec,
+                 after: Sequence[Any] = ()):
         self.problem = problem
+        self.after = after  # the held-out loader's items after the scored batches (:func:`_heldout_batches`)
+        self.screen_source = ""  # where the neighbourhood check's screening examples came from
         self._base: torch.Tensor | None = None
         self._looks: tuple[int, ...] | None = None
         self._examples: int | None = None
@@ -813,6 +858,7 @@ class _Screen:
             self.offset = prob.unflatten(ctx.x[0])
         self.examples = int(batch[0].shape[0])
         self.slices = _slices(self.examples)
+        self.local = sum(self.share(part) for part in range(len(self.slices)))  # this rank's examples
         self.batched: dict[str, bool] = {}  # per coordinate: is the batched way the faster one?
         # per coordinate: seconds per candidate and example the faster way, measured on its first chunk
         self.seconds: dict[str, float] = {}
@@ -826,8 +872,16 @@ class _Screen:
         return max(1, 2048 // (s.stop - s.start))
 
     def _part(self, part: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slice ``part`` of the screening set, or under a process group this rank's share of it (the race
+        all-reduces its sums, so that every rank ranks the same candidates on the whole set)."""
         s = self.slices[part]
-        return self.batch[0][s], self.batch[1][s]
+        x, y, _ = shard_batch(self.batch[0][s], self.batch[1][s], label="the screening set")
+        return x, y
+
+    def share(self, part: int) -> int:
+        """This rank's examples of slice ``part``."""
+        s = self.slices[part]
+        return int(torch.tensor_split(torch.arange(s.stop - s.start), world_size())[rank()].numel())
 
     def _changed(self, perms: Sequence[Mapping[str, torch.Tensor]]) -> tuple[list[str], list[dict[str, torch.Tensor]]]:
         """The parameters that ``perms`` change (those on their groups' axes), and B's on them under each of
@@ -983,10 +1037,13 @@ def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen:
     s1 = torch.zeros(candidates.numel(), dtype=torch.float64)
     s2 = torch.zeros_like(s1)
     seen = 0
+    local = 0  # examples seen on this rank (under a process group each rank screens its share of every slice)
     for part in range(len(screen.slices)):
         raced.append(candidates.numel())
         d = values(part, candidates)
-        s1, s2, seen = s1 + d.sum(1), s2 + d.square().sum(1), seen + d.shape[1]
+        sums = all_reduce_sum(torch.cat([d.sum(1), d.square().sum(1), torch.tensor([float(d.shape[1])])]))
+        n = candidates.numel()
+        s1, s2, seen, local = s1 + sums[:n], s2 + sums[n : 2 * n], seen + int(sums[-1]), local + d.shape[1]
         mean = s1 / seen
         if part == len(screen.slices) - 1:
             break
@@ -997,7 +1054,7 @@ def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen:
         alive = alive.sort().values  # the candidates' order kept: a tie is broken as the exhaustive screen breaks it
         candidates, s1, s2 = candidates[alive], s1[alive], s2[alive]
         # the rest of the race, as if no more candidates left it, at this slice's cost
-        meter.estimate[label] = spent[0] + rate[0] * candidates.numel() * (screen.examples - seen)
+        meter.estimate[label] = spent[0] + rate[0] * candidates.numel() * (screen.local - local)
         meter.add(0.0)
     meter.actual[label] = spent[0]
     ranked = candidates[torch.argsort(mean, stable=True)][:n_ranked]
@@ -1018,18 +1075,37 @@ def _first_stage(first_order: torch.Tensor, opts) -> torch.Tensor:
     return torch.arange(first_order.numel())
 
 
+def _screening_set(ctx: _Context, opts, move_sets: Mapping[str, MoveSet]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The neighbourhood check's ``screen_examples`` screening examples: the held-out loader's after its scored
+    batches, which the tests never score; where it has too few and some coordinate is screened, training
+    batches, with a warning (they may hold the scored examples' images)."""
+    prob = ctx.problem
+    held = sum(int(split_batch(b, torch.device("cpu"), "heldout_loader")[0].shape[0]) for b in ctx.after)
+    if held >= opts.screen_examples:
+        ctx.screen_source = "held-out"
+        return _examples(ctx.after, opts.screen_examples, prob.device)
+    ctx.screen_source = "training"
+    if any(m.count > opts.n_swaps + opts.n_control_swaps for m in move_sets.values()):
+        warnings.warn(f"the held-out loader has {held} examples after its {len(prob.value_set)} scored batches, "
+                      f"fewer than screen_examples={opts.screen_examples}: the neighbourhood check screens on "
+                      "training batches, which may hold the scored examples' images (a selection on them makes the "
+                      "held-out test liberal); give the held-out loader more batches, or lower value_batches or "
+                      "screen_examples", stacklevel=4)  # fmt: skip
+    return _examples(prob.train_loader, opts.screen_examples, prob.device)
+
+
 def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResult:
     prob = ctx.problem
-    # rank on training batches, not on the held-out ones that score the moves (a selection on the same batches
-    # would bias the held-out test): the first-order estimate on the ``gradient_batches`` training batches, and the
-    # exact change on ``screen_examples`` training examples (one forward pass per time), at the value times
+    # rank on examples the held-out test never scores (a selection on the scored examples, or on augmented views
+    # of their images, would carry their noise into the test and make it liberal): the first-order estimate on
+    # the ``gradient_batches`` training batches, the exact change on ``screen_examples`` examples of the held-out
+    # loader after the scored batches (:func:`_heldout_batches`; training batches where it has too few), at the
+    # value times
+    move_sets = {c.label: MoveSet(ctx.spec, c) for c in ctx.coordinates}
     batches = prob._train_batches(prob.gradient_batches)
     ts = list(opts.value_ts)
     G = prob.gradient_at(ctx.x, ctx.identity, [b for b in batches for _ in ts], [t for _ in batches for t in ts])
-    needed = -(-opts.screen_examples // int(batches[0][0].shape[0]))  # training batches to fill the set
-    screening = batches if needed <= len(batches) else prob._train_batches(needed)
-    screen_batch = tuple(torch.cat([b[i] for b in screening])[: opts.screen_examples] for i in (0, 1))
-    screen = _Screen(ctx, screen_batch, ts)
+    screen = _Screen(ctx, _screening_set(ctx, opts, move_sets), ts)
     # the work, in milliseconds estimated from a measured first step: each screening group's cost per candidate
     # and example on its first chunk, and one held-out evaluation per scored move
     started = time.perf_counter()
@@ -1040,9 +1116,8 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     # per coordinate (a group, or the groups sharing one head permutation): its moves (transpositions, or the
     # structured swaps that keep heads whole) and their first-order estimates (sums over the member groups')
     estimates = {g: swap_estimates(G[g].double().cpu()) for g in ctx.spec.sizes}
-    move_sets = {c.label: MoveSet(ctx.spec, c) for c in ctx.coordinates}
     first_order = {label: m.estimates(estimates) for label, m in move_sets.items()}
-    first = screen.slices[0].stop
+    first = screen.share(0)  # this rank's examples of the first slice
     for c in ctx.coordinates:
         label, moves = c.label, move_sets[c.label]
         cycles = opts.n_cycles if not c.structured and ctx.spec.sizes[label] >= 3 else 0
@@ -1052,7 +1127,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         stage = _first_stage(first_order[label], opts)
         probe = stage[: screen.chunk(0)]
         screen(label, [moves.changes(k) for k in probe.tolist()], 0)  # measured (and cached) here
-        examples = stage.numel() * first + min(stage.numel(), opts.screen_pairs) * (screen.examples - first)
+        examples = stage.numel() * first + min(stage.numel(), opts.screen_pairs) * (screen.local - first)
         meter.estimate[label] = 1000.0 * screen.seconds[label] * examples
     meter.fixed += 1000.0 * (time.perf_counter() - started)  # the probes: done, and part of the work
     meter.done = 1000.0 * (time.perf_counter() - started)
@@ -1168,7 +1243,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
                   "margin": margin, "ranked_swaps_per_group": opts.n_swaps,
                   "control_swaps_per_group": opts.n_control_swaps, "cycles_per_group": opts.n_cycles,
                   "screen_examples": opts.screen_examples, "screen_pairs": opts.screen_pairs,
-                  "heldout_examples": ctx.examples}  # fmt: skip
+                  "screen_source": ctx.screen_source, "heldout_examples": ctx.examples}  # fmt: skip
     return CheckResult("neighbourhood", _overall(verdicts), summary, thresholds, details)
 
 
@@ -1367,7 +1442,7 @@ class VerificationOptions(Options):
         3-cycles (>= 0) scored per group (defaults 8, 4, 0); with attention heads, structured swaps per block of
         groups sharing a head permutation, and no 3-cycles there.
     screen_examples, screen_pairs : int
-        The screening set's size in training examples, and the most transpositions per group that go on in its race
+        The screening set's size in examples, and the most transpositions per group that go on in its race
         after the first 32 examples (those with the lowest changes there) (>= 1; defaults 256, 512).
     refit_epochs : int
         Epochs of the curve re-fitted around the best improving move of a failing group (>= 0; default 0).
@@ -1523,8 +1598,10 @@ def verify_alignment(
        ``certificate_lam`` is cross-checked against its Birkhoff-polytope LP relaxation (cvxpy), whose optimum is a
        vertex: the objectives must agree.
     3. ``neighbourhood``: all transpositions :math:`T_{ij}` of each group are ranked by a cheap estimate of their
-       effect, the exact change of the curve objective on a screening set (``screen_examples`` training examples,
-       at ``value_ts``; not the held-out batches, so that the selection does not bias the held-out test), found
+       effect, the exact change of the curve objective on a screening set (``screen_examples`` examples of
+       ``heldout_loader`` after the scored batches, at ``value_ts``: not the scored examples, nor augmented views
+       of their images, so that the selection does not bias the held-out test; training batches, with a warning,
+       where the loader has too few; under a process group each rank screens its share and the race sums), found
        by a race (successive elimination; Maron & Moore, "Hoeffding races", NIPS 1993): every transposition on
        the first 32 examples, then on slices that double (32, 64, 128 examples), a transposition leaving the race
        once its mean change minus 3 standard errors is above the ``n_swaps``-th best mean plus 3 standard errors,
@@ -1654,9 +1731,11 @@ def verify_alignment(
     spec : PermutationSpec, optional
         Traced from ``model`` when absent.
     heldout_loader : iterable, optional
-        Fixed-order batches for the objective, held out from the gradient estimates (default ``train_loader``);
-        its first ``value_batches`` are used. The curve objective is a training objective: give training images
-        without augmentation (e.g. ``DataBundle.train_eval``), not the test set, or generalisation effects mix in.
+        Fixed-order batches of distinct examples for the objective, held out from the gradient estimates
+        (default ``train_loader``): its first ``value_batches`` are scored, and the neighbourhood check screens on
+        the next ``screen_examples`` examples of the same pass (give ``value_batches`` + enough batches for them).
+        The curve objective is a training objective: give training images without augmentation (e.g.
+        ``DataBundle.train_eval``), not the test set, or generalisation effects mix in.
     align_loader : iterable, optional
         Inputs for the correlation objective (check 5).
     options : VerificationOptions, optional
@@ -1734,8 +1813,11 @@ def verify_alignment(
             generator=stable_seed(seed, "fit"), max_batches=max_batches,
         )  # fmt: skip
         curve = fitted.curve
+    # the scored held-out batches and, after them in the same pass, the neighbourhood check's screening examples
+    scored, after = _heldout_batches(heldout_loader if heldout_loader is not None else train_loader,
+                                     opts0.value_batches, opts0.screen_examples if "neighbourhood" in checks else 0)
     problem = CurvePermutationProblem(
-        model, point_a, b_aligned, spec, train_loader, weight_decay=opts0.weight_decay, heldout_loader=heldout_loader,
+        model, point_a, b_aligned, spec, train_loader, weight_decay=opts0.weight_decay, heldout_loader=scored,
         value_batches=opts0.value_batches, value_ts=opts0.value_ts, gradient_batches=opts0.gradient_batches,
         generator=stable_seed(seed, "problem"),
     )  # fmt: skip
@@ -1748,7 +1830,7 @@ def verify_alignment(
         warnings.warn(f"the held-out loader yielded {len(problem.value_set)} batches, fewer than value_batches="
                       f"{opts0.value_batches}: the checks use {len(problem.value_set)}", stacklevel=2)  # fmt: skip
     x_star = [problem.start_offset(curve)]
-    ctx = _Context(problem, x_star, spec)
+    ctx = _Context(problem, x_star, spec, after)
     if paired and ctx.examples < MIN_HELDOUT_EXAMPLES:
         raise ValueError(f"`heldout_loader` gave {ctx.examples} held-out examples in {len(problem.value_set)} batches; "
                          f"the paired tests of the checks {paired} need {MIN_HELDOUT_EXAMPLES} at least")

@@ -379,7 +379,7 @@ class _FakeScreen:
         from neuralign.verification.local import _slices
 
         self.means, self.noise, self.slices, self.seconds, self.evaluated = means, noise, _slices(noise.shape[1]), {}, 0
-        self.hit, self.examples = False, noise.shape[1]
+        self.hit, self.examples, self.local = False, noise.shape[1], noise.shape[1]
 
     def chunk(self, part):
         return 64
@@ -815,11 +815,12 @@ def dead_units():
 
 def _verify_dead(dead_units, perms, **kw):
     """The checks on the straight line from A to B aligned by ``perms`` (at the planted ``perms``: A itself, the
-    curve objective's optimum over curves, so that no move can improve its data term)."""
+    curve objective's optimum over curves). 4 of the 6 held-out batches are scored, the neighbourhood check
+    screens on the others."""
     data, model, state, spec, b_state, _ = dead_units
     aligned = apply_permutation(b_state, spec, perms)
     line = Bezier.between(*({k: sd[k] for k, _ in model.named_parameters()} for sd in (state, aligned)))
-    options = dict(heldout_loader=data.train_eval, value_batches=6, align_loader=data.align, n_swaps=8,
+    options = dict(heldout_loader=data.train_eval, value_batches=4, align_loader=data.align, n_swaps=8,
                    n_control_swaps=16, generator=0, curve=line, max_batches=8, stability_iters=2, spec=spec)
     options.update(kw)
     return verify_alignment(model, state, b_state, perms, data.train, **options)
@@ -829,13 +830,19 @@ def test_moves_of_dead_units_change_only_the_regulariser_and_are_not_flagged(dea
     """Exchanging two units that no held-out example activates leaves every example's data term bit for bit the
     same and changes only the weight-decay term, by the same amount for every example (the paired test of the total
     had standard error 0 and t = -inf, so such moves, random controls included, were flagged). They are reported
-    apart and never flagged: the planted optimum passes, while a damaged pair of live units is still flagged."""
+    apart and never flagged: at the planted optimum stability and the certificate pass and no move of a dead unit
+    is flagged, while a damaged pair of live units is flagged.
+
+    (The neighbourhood check at the planted optimum flags 2 moves of live units of the second layer, t = -3.6
+    against z = 3.1, screened on held-out examples the test does not score: mixing two units' weights at the
+    line's midpoint can lower the objective of that fixed line. It passed when the screen used training batches,
+    by the draw of those batches.)"""
     from neuralign.curves.pam import CurvePermutationProblem
     from neuralign.verification.local import _swap
 
     data, model, state, spec, b_state, perms = dead_units
     prob = CurvePermutationProblem(model, state, apply_permutation(b_state, spec, perms), spec, data.train,
-                                   heldout_loader=data.train_eval, value_batches=6)  # fmt: skip
+                                   heldout_loader=data.train_eval, value_batches=4)  # fmt: skip
     ctx = _Context(prob, [torch.randn(sum(prob.numels), generator=torch.Generator().manual_seed(0)) * 0.01], spec)
     dead = ctx.delta({GROUP: _swap(32, 2, 13)})
     assert dead.regulariser_only and dead.change == 0.0 and dead.se == 0.0 and dead.regulariser < 0
@@ -843,9 +850,11 @@ def test_moves_of_dead_units_change_only_the_regulariser_and_are_not_flagged(dea
     live = ctx.delta({GROUP: _swap(32, 20, 21)})
     assert not live.regulariser_only and live.se > 0
     report = _verify_dead(dead_units, perms, checks=("stability", "certificate", "neighbourhood"))
-    for name, check in report.checks.items():
-        assert check.verdict == "pass", (name, check.summary)
+    for name in ("stability", "certificate"):
+        assert report.checks[name].verdict == "pass", (name, report.checks[name].summary)
     neigh = report.checks["neighbourhood"]
+    assert neigh.thresholds["screen_source"] == "held-out"
+    assert not any(u < 16 for m in neigh.details["improving_moves"][GROUP] for u in m[1])
     apart = neigh.details["regulariser_only_moves"]
     assert all(m[0] == GROUP and m[3] < 0 for m in apart), apart
     # control swaps among dead units whose regulariser change alone is beyond the margin (with standard error 0 the
@@ -952,3 +961,40 @@ def test_gradient_check_names_dropout_when_it_cannot_decide(dropout):
         assert res.verdict != "pass" and "dropout (p = 0.2)" in res.summary, res.summary
     else:
         assert res.verdict == "pass" and "dropout" not in res.summary, res.summary
+
+
+def test_the_screen_draws_held_out_examples_after_the_scored_batches_in_one_pass():
+    """The scored held-out batches are the loader's first ``value_batches``; the screening examples the next ones
+    of the same pass (disjoint from the scored examples of a fixed-order loader), and the loader is read no further
+    than they need."""
+    from neuralign.verification.local import _examples, _heldout_batches
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 3, generator=g), torch.randint(0, 2, (32,), generator=g)) for _ in range(10)]
+    read = []
+
+    def loader():
+        for i, b in enumerate(batches):
+            read.append(i)
+            yield b
+
+    scored, after = _heldout_batches(loader(), 4, 70)
+    assert [b[0] for b in scored] == [b[0] for b in batches[:4]]
+    assert [b[0] for b in after] == [b[0] for b in batches[4:7]] and read == list(range(7))
+    x, y = _examples(after, 70, torch.device("cpu"))
+    assert torch.equal(x, torch.cat([b[0] for b in batches[4:7]])[:70]) and y.shape == (70,)
+    read.clear()
+    assert len(_heldout_batches(loader(), 4, 0)[1]) == 0 and read == list(range(4))
+    assert len(_heldout_batches(batches[:5], 4, 70)[1]) == 1  # the pass ends first
+
+
+def test_the_neighbourhood_check_screens_on_held_out_examples_it_does_not_score(planted):
+    """With room in the held-out loader after the scored batches the screen uses it (``screen_source``); without,
+    training batches, with a warning that they may hold the scored examples' images."""
+    data = planted[0]
+    report = _verify(planted, planted[4], checks=("neighbourhood",), value_batches=4)
+    assert report.checks["neighbourhood"].thresholds["screen_source"] == "held-out"
+    assert report.checks["neighbourhood"].thresholds["heldout_examples"] == 4 * len(next(iter(data.train_eval))[0])
+    with pytest.warns(UserWarning, match="screens on training batches"):
+        report = _verify(planted, planted[4], checks=("neighbourhood",), value_batches=6)
+    assert report.checks["neighbourhood"].thresholds["screen_source"] == "training"
