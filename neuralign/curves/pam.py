@@ -23,7 +23,7 @@ import copy
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,7 @@ def fit_curve_pam(
     generator: torch.Generator | int | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
     checkpoint: str | os.PathLike | None = None,
+    swap_proposals: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     **option_overrides: Any,
 ) -> CurvePAMResult:
     """Fit a quadratic Bezier curve jointly with the permutation of end point B by PAM.
@@ -293,6 +294,11 @@ def fit_curve_pam(
     checkpoint : path-like, optional
         PAM state written atomically before each x-step and after each iteration (the x-step itself checkpoints
         to ``<checkpoint>.xstep``); an interrupted run resumes from it.
+    swap_proposals : dict str -> sequence of (int, int), optional
+        Transpositions the swap local search (``swap_trials``) tries first in a group, in order, before random
+        ones fill its trials: positions ``(i, j)`` of the group's permutation relative to ``init`` (the units of
+        A whose partners in B exchange), e.g. the transpositions the verification's neighbourhood check ranks
+        best. Groups without head permutations only.
     **option_overrides
         Options of :class:`CurvePAMOptions` by name. The keywords of before 0.2 still work with a
         :class:`DeprecationWarning`: ``method`` (now ``step``), the P-step's own (``backtrack``, ``max_moved``,
@@ -380,7 +386,8 @@ def fit_curve_pam(
         x0 = [torch.zeros(sum(problem.numels), dtype=problem.dtype, device=problem.device)]
     else:
         x0 = [problem.start_offset(curve)]
-    search = (_swap_search(problem, opts.swap_trials, opts.swap_alpha, gen, opts.swap_min_improvement)
+    proposals = _check_proposals(swap_proposals, problem.spec)
+    search = (_swap_search(problem, opts.swap_trials, opts.swap_alpha, gen, opts.swap_min_improvement, proposals)
               if opts.swap_trials else None)  # fmt: skip
     solver = PAM(problem, x0, method=opts.step, lam=opts.lam, generator=gen, x_step=x_step, local_search=search)
     saved = EpochCheckpoint(checkpoint, "fit_curve_pam", config={"sizes": dict(spec.sizes), "initial permutation": p0},
@@ -463,15 +470,36 @@ def _curve_pam_options(options: CurvePAMOptions | None, overrides: dict[str, Any
     return opts
 
 
+def _check_proposals(proposals: Mapping[str, Sequence[tuple[int, int]]] | None, spec: PermutationSpec
+                     ) -> dict[str, list[tuple[int, int]]]:  # fmt: skip
+    """``swap_proposals`` validated: groups of ``spec`` without head permutations, pairs of distinct positions."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    blocked = {g for members in head_blocks(spec).values() for g in members}
+    for g, pairs in (proposals or {}).items():
+        if g not in spec.sizes or g in blocked:
+            raise ValueError(f"`swap_proposals` names {g!r}, which is not a group of the spec without head "
+                             "permutations")  # fmt: skip
+        n = spec.sizes[g]
+        out[g] = []
+        for pair in pairs:
+            i, j = (int(u) for u in pair)
+            if not (0 <= i < n and 0 <= j < n and i != j):
+                raise ValueError(f"`swap_proposals[{g!r}]` holds {tuple(pair)}: a transposition needs two distinct "
+                                 f"positions in [0, {n})")  # fmt: skip
+            out[g].append((i, j))
+    return out
+
+
 def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, generator: torch.Generator,
-                 min_improvement: float = 0.0):
+                 min_improvement: float = 0.0, proposals: Mapping[str, Sequence[tuple[int, int]]] | None = None):
     """A local search on the P-step: per coordinate, ``trials`` random moves scored on the value batches; the best
     one that lowers the objective significantly (Bonferroni over the trials) by more than ``min_improvement`` of it
     is applied. A coordinate is a group (a move: a transposition of two units), or with attention heads the groups
     sharing one head permutation (:func:`~neuralign.alignment.heads.head_blocks`; a move: the exchange of two whole
     head blocks in all of them, or a transposition of two units inside one head block in the groups sharing that
     inside permutation, or under grouped-query attention the exchange of two query heads inside one block in the
-    groups sharing that order, ``Heads.within``), so every move keeps heads whole."""
+    groups sharing that order, ``Heads.within``), so every move keeps heads whole. A group's ``proposals``
+    (position pairs) are tried first, random transpositions fill the rest of its ``trials``."""
     spec = problem.spec
     blocks = head_blocks(spec)
     in_block = {g: head for head, members in blocks.items() for g in members}
@@ -483,7 +511,9 @@ def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, ge
             if n < 2:
                 return []
             out = []
-            for i, j in torch.randint(0, n, (trials, 2), generator=generator).tolist():
+            first = list((proposals or {}).get(coordinate, ()))[:trials]
+            drawn = torch.randint(0, n, (trials - len(first), 2), generator=generator).tolist()
+            for i, j in first + drawn:
                 if i != j:
                     cand = p.clone()
                     cand[i], cand[j] = p[j], p[i]

@@ -426,9 +426,13 @@ class _Study:
         path = self.out / f"pair{k}" / f"{stem}.json"
         if path.exists():
             return _json.loads(path.read_text())
+        started: list[str] = []  # the checks in the order they run
+
         def on_progress(record: dict[str, Any]) -> None:
             name = record["check"]
-            label = f"pair {k} {name} ({CHECKS.index(name) + 1}/{len(CHECKS)})"
+            if record["start"] and name not in started:
+                started.append(name)
+            label = f"pair {k} {name} ({started.index(name) + 1}/{len(CHECKS)})"
             expected = {"expected_seconds": record["expected_seconds"]} if "expected_seconds" in record else {}
             self.emit(stage="verify", label=label, step=record["step"], total=record["total"], start=record["start"],
                       **expected)

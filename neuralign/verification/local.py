@@ -270,6 +270,9 @@ class _Context:
         self.problem = problem
         self.after = after  # the held-out loader's items after the scored batches (:func:`_heldout_batches`)
         self.screen_source = ""  # where the neighbourhood check's screening examples came from
+        # per group without heads: the transpositions the neighbourhood check scored, best-ranked first (all of a
+        # group small enough to score every one); the stability check's PAM tries them first
+        self.ranked: dict[str, list[tuple[int, ...]]] = {}
         self._base: torch.Tensor | None = None
         self._looks: tuple[int, ...] | None = None
         self._examples: int | None = None
@@ -539,6 +542,7 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
                 model, point_a, point_b, train_loader, init=init, curve=start_curve, spec=spec,
                 heldout_loader=opts.heldout_loader, options=pam_options, max_batches=opts.max_batches,
                 weight_decay=opts.weight_decay, generator=stable_seed(opts.seed, "stability", label), callback=record,
+                swap_proposals=ctx.ranked if label == "alignment" else None,
             )  # fmt: skip
         _tick(opts, "stability", (index + 1) * opts.stability_iters, total)
         if label == "alignment":
@@ -580,10 +584,14 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
         if label != "alignment"
     }
     obj = runs["alignment"]["objective"]
+    proposed = {g: [list(m) for m in ms[: opts.swap_trials]] for g, ms in ctx.ranked.items() if opts.swap_trials}
     summary = (
         f"PAM from the alignment reassigned at most {worst:.1%} of a group's units per iteration "
         f"over {len(obj) - 1} iterations (objective {obj[0]:.4g} -> {obj[-1]:.4g})"
     )
+    if any(proposed.values()):
+        summary += (f"; its swap search tried the neighbourhood check's best-ranked transpositions first (up to "
+                    f"{max(len(m) for m in proposed.values())} per group)")  # fmt: skip
     if significant:
         m = min(significant, key=lambda r: r["change"])
         summary += (f"; the move to {m['group']} units {_fmt(m['units'])} (iteration {m['iteration']}, "
@@ -612,6 +620,7 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
         {"max_reassigned_fraction": thr, "lam": opts.lam, "family_alpha": opts.alpha, "z": z,
          "min_improvement": opts.min_improvement, "margin": margin},
         {"runs": runs, "moves_toward_perms": toward, "per_group": per_group, "moves": moves,
+         "swap_proposals": proposed,
          "regulariser_only": {"count": len(reg_only),
                               "changes": [m["regulariser_change"] for m in reg_only]}},
     )  # fmt: skip
@@ -1149,6 +1158,8 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
             for _ in range(opts.n_cycles):
                 moves.append((Move("3-cycle", tuple(torch.randperm(n, generator=gen)[:3].tolist())), "control"))
         moves_by_group[label] = moves
+        if not c.structured:  # for the stability check's PAM: its swap search tries them first
+            ctx.ranked[label] = [m.where for m, how in moves if m.kind == "swap" and how != "control"]
     total = sum(len(m) for m in moves_by_group.values())
     z = bonferroni_quantile(opts.alpha, total, ctx.examples)
     # an improvement counts only if it is significantly larger than min_improvement of the objective: a change of
@@ -1840,9 +1851,8 @@ def verify_alignment(
         max_batches=max_batches, callback=callback,
     )  # fmt: skip
     results: dict[str, CheckResult] = {}
-    for name in CHECKS:
-        if name not in checks:
-            continue
+    # the neighbourhood check runs first: the stability check's PAM tries the transpositions it ranks best
+    for name in sorted((c for c in CHECKS if c in checks), key=lambda c: c != "neighbourhood"):
         _tick(opts, name, 0, None, start=True)
         logger.info("verification check %s", name)
         sub = as_generator(stable_seed(seed, name))
@@ -1856,6 +1866,7 @@ def verify_alignment(
             results[name] = _check_gradient(ctx, opts, sub)
         else:
             results[name] = _check_alignment(model, point_a, point_b, perms, spec, opts)
+    results = {name: results[name] for name in CHECKS if name in results}  # reported in the order of CHECKS
     config: dict[str, Any] = {"seed": seed}
     for name in _REPORTED_OPTIONS:
         config[name] = getattr(opts, name)

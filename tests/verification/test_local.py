@@ -636,6 +636,29 @@ def test_swap_search_counts_only_improvements_beyond_the_margin(planted):
     assert moved[0.0] >= 2 and moved[1.0] == 0, moved
 
 
+def test_swap_search_tries_the_proposed_transpositions_first(planted):
+    """With one trial per group PAM's swap local search finds the transposition that undoes a swapped pair when it
+    is proposed, and not by its random draw (seeded); a bad proposal is refused in one line."""
+    from neuralign.curves.pam import CurvePermutationProblem, _check_proposals, _swap_search
+
+    data, model, spec, b_state, perms = planted
+    damaged = _damaged(perms, 2 / 16)
+    u, v = (damaged[GROUP] != perms[GROUP]).nonzero().flatten().tolist()
+    prob = CurvePermutationProblem(model, model.state_dict(), apply_permutation(b_state, spec, damaged), spec,
+                                   data.train, heldout_loader=data.train_eval, value_batches=4)  # fmt: skip
+    x = [torch.zeros(sum(prob.numels), dtype=prob.dtype)]
+    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    undo = ident[GROUP].clone()
+    undo[[u, v]] = undo[[v, u]]
+    for proposals, fixed in (({GROUP: [(u, v)]}, True), (None, False)):
+        found = _swap_search(prob, 1, 0.05, torch.Generator().manual_seed(0), 0.0, proposals)(x, dict(ident))
+        assert torch.equal(found[GROUP], undo) == fixed, (proposals, found[GROUP])
+    for bad, match in (({"nope": [(0, 1)]}, "not a group"), ({GROUP: [(2, 2)]}, "two distinct positions"),
+                       ({GROUP: [(0, 16)]}, r"\[0, 16\)")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            _check_proposals(bad, spec)
+
+
 def _context(planted, value_batches=3):
     from neuralign.curves.pam import CurvePermutationProblem
 
@@ -830,13 +853,14 @@ def test_moves_of_dead_units_change_only_the_regulariser_and_are_not_flagged(dea
     """Exchanging two units that no held-out example activates leaves every example's data term bit for bit the
     same and changes only the weight-decay term, by the same amount for every example (the paired test of the total
     had standard error 0 and t = -inf, so such moves, random controls included, were flagged). They are reported
-    apart and never flagged: at the planted optimum stability and the certificate pass and no move of a dead unit
-    is flagged, while a damaged pair of live units is flagged.
+    apart and never flagged: at the planted optimum the certificate passes and no move of a dead unit is flagged,
+    while a damaged pair of live units is flagged.
 
     (The neighbourhood check at the planted optimum flags 2 moves of live units of the second layer, t = -3.6
     against z = 3.1, screened on held-out examples the test does not score: mixing two units' weights at the
     line's midpoint can lower the objective of that fixed line. It passed when the screen used training batches,
-    by the draw of those batches.)"""
+    by the draw of those batches. Stability's PAM, trying the transpositions the neighbourhood check ranks best,
+    keeps such a move too: the two checks agree.)"""
     from neuralign.curves.pam import CurvePermutationProblem
     from neuralign.verification.local import _swap
 
@@ -850,11 +874,12 @@ def test_moves_of_dead_units_change_only_the_regulariser_and_are_not_flagged(dea
     live = ctx.delta({GROUP: _swap(32, 20, 21)})
     assert not live.regulariser_only and live.se > 0
     report = _verify_dead(dead_units, perms, checks=("stability", "certificate", "neighbourhood"))
-    for name in ("stability", "certificate"):
-        assert report.checks[name].verdict == "pass", (name, report.checks[name].summary)
-    neigh = report.checks["neighbourhood"]
-    assert neigh.thresholds["screen_source"] == "held-out"
+    assert report.checks["certificate"].verdict == "pass", report.checks["certificate"].summary
+    neigh, stability = report.checks["neighbourhood"], report.checks["stability"]
+    assert neigh.thresholds["screen_source"] == "held-out" and stability.verdict == neigh.verdict
     assert not any(u < 16 for m in neigh.details["improving_moves"][GROUP] for u in m[1])
+    # a move counted against stability changes the data term: in GROUP it moves a live unit (>= 16)
+    assert all(max(m["units"]) >= 16 for m in stability.details["moves"] if m["significant"] and m["group"] == GROUP)
     apart = neigh.details["regulariser_only_moves"]
     assert all(m[0] == GROUP and m[3] < 0 for m in apart), apart
     # control swaps among dead units whose regulariser change alone is beyond the margin (with standard error 0 the
