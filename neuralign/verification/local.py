@@ -1328,6 +1328,15 @@ def _check_gradient(ctx: _Context, opts, gen: torch.Generator, scale: float = 1.
     )  # fmt: skip
 
 
+def _length(loader: Iterable) -> int | None:
+    """``len(loader)``, or None for a loader that gives none (an iterable without ``__len__``, or whose
+    ``__len__`` raises, as a ``DataLoader`` over an ``IterableDataset`` without one does)."""
+    try:
+        return int(len(loader))  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - a length is only a progress count here
+        return None
+
+
 def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
     loader = opts.align_loader
     if loader is None:
@@ -1340,10 +1349,7 @@ def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
     a.load_state_dict(dict(point_a))
     b.load_state_dict(dict(point_b))
     # progress: a step per batch of the correlation's data pass (most of the check's work), one for weight matching
-    try:
-        batches = len(loader)
-    except TypeError:  # an iterable without a length: the data pass is one step
-        batches = 0
+    batches = _length(loader) or 0  # without a length the data pass is one step
     total = max(1, batches) + 1
 
     def on_batch(record: dict[str, Any]) -> None:
@@ -1808,6 +1814,9 @@ def verify_alignment(
         raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
     if callback is not None:
         callback = _announcing(callback)
+    if "alignment" in checks and align_loader is not None and _length(align_loader) == 0:
+        raise ValueError("`align_loader` has no batches: the alignment check computes the correlation objective on "
+                         "them")  # fmt: skip
     gen = as_generator(generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     if spec is None:

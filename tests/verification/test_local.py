@@ -791,6 +791,26 @@ def test_neighbourhood_progress_announces_its_time_and_ends_at_its_total(planted
     assert {r["total"] for r in alignment} == {batches + 1} and alignment[0]["expected_seconds"] > 0
 
 
+def test_alignment_check_refuses_an_empty_align_loader_first_and_counts_a_loader_without_a_length(planted):
+    """An empty ``align_loader`` is refused in one line before any check runs (it failed when the alignment check,
+    the last, ran); a loader whose ``__len__`` raises (not only TypeError) has its data pass counted as one step."""
+    data = planted[0]
+
+    class Lying:
+        def __iter__(self):
+            return iter(data.align)
+
+        def __len__(self):
+            raise NotImplementedError("no length")
+
+    records = []
+    with pytest.raises(ValueError, match="`align_loader` has no batches"):
+        _verify(planted, planted[4], checks=("stability", "alignment"), align_loader=[], callback=records.append)
+    assert records == []
+    _verify(planted, planted[4], checks=("alignment",), align_loader=Lying(), callback=records.append)
+    assert [r["step"] for r in records if not r["start"]] == [1, 2] and records[-1]["total"] == 2
+
+
 def test_batched_screen_runs_networks_with_dropout():
     """Dropout in the objective's train mode: the batched screen draws a mask per candidate (vmap's
     randomness="different") instead of refusing; the values are losses of the right shape."""
