@@ -517,7 +517,9 @@ def _announcing(callback: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str
 def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, spec, opts, gen) -> CheckResult:
     sizes = spec.sizes
     runs: dict[str, dict[str, Any]] = {}
-    starts: list[tuple[str, Any, Any]] = [("alignment", perms, curve), ("identity", "identity", None)]
+    starts: list[tuple[str, Any, Any]] = [("alignment", perms, curve)]
+    if opts.identity_start:
+        starts.append(("identity", "identity", None))
     for r in range(opts.random_starts):
         start = random_permutation(spec, generator=stable_seed(opts.seed, "start", r))
         starts.append((f"random{r + 1}", start, None))
@@ -1445,8 +1447,11 @@ class VerificationOptions(Options):
     swap_trials : int
         Transpositions PAM's swap local search tries per group after each P-step in the stability check (with
         attention heads: structured swaps per block of groups sharing a head permutation) (>= 0; default 16).
+    identity_start : bool
+        PAM also runs from the identity in the stability check (default True): does it move toward the
+        alignment? (A study's PAM Unaligned curve is PAM from the identity with the study's own budget.)
     random_starts : int
-        PAM runs from random permutations besides the identity and the alignment (>= 0; default 1).
+        PAM runs from random permutations besides the alignment and the identity (>= 0; default 1).
     reassign_threshold : float
         The largest fraction of a group's units PAM from the alignment may reassign per iteration, in (0, 1)
         (default 0.05).
@@ -1496,6 +1501,7 @@ class VerificationOptions(Options):
     stability_iters: int = 2
     stability_x_epochs: int = 1
     swap_trials: int = 16
+    identity_start: bool = True
     random_starts: int = 1
     reassign_threshold: float = 0.05
     certificate_lam: float | None = None
@@ -1532,6 +1538,7 @@ class VerificationOptions(Options):
             self._check(name, check_real, low=0.0, low_open=True)
         self._check("certificate_lam", check_real, low=0.0, low_open=True, allow_none=True)
         check_bool(self.backtrack, "backtrack")
+        check_bool(self.identity_start, "identity_start")
         self._check("min_slope", check_real, low=1.0, high=2.0, low_open=True)
         ts = self.value_ts if isinstance(self.value_ts, (tuple, list)) else (self.value_ts,)
         if not ts:
@@ -1541,7 +1548,7 @@ class VerificationOptions(Options):
 
 # the options recorded in a report's config, in this order (the scalar ones)
 _REPORTED_OPTIONS = (
-    "lam", "backtrack", "stability_iters", "stability_x_epochs", "random_starts", "swap_trials",
+    "lam", "backtrack", "stability_iters", "stability_x_epochs", "identity_start", "random_starts", "swap_trials",
     "reassign_threshold", "certificate_lam", "n_swaps", "n_control_swaps", "n_cycles", "screen_examples",
     "screen_pairs", "refit_epochs", "alpha", "min_improvement", "certificate_steps", "value_batches",
     "gradient_batches", "gradient_check_examples", "min_slope", "max_relative_error", "alignment_tol", "weight_decay",

@@ -40,7 +40,7 @@ def verify_passes(options, checks: Sequence[str], data, spec, fit: bool) -> tupl
     counts = [n * (n - 1) // 2 for n in spec.sizes.values()]
     counts = [min(c, 16 * o.screen_pairs) for c in counts if c > o.n_swaps + o.n_control_swaps]
     screened = sum(c * first + min(c, o.screen_pairs) * (o.screen_examples - first) for c in counts) / batch
-    starts = 2 + o.random_starts
+    starts = 1 + o.identity_start + o.random_starts
     per_iteration = o.stability_x_epochs * epoch + grad + score * (1 + o.swap_trials * groups)
     parts = {
         "curve fit": fit * o.fit_epochs * epoch,
