@@ -546,20 +546,22 @@ def _neighbourhood(data, model, spec, b_state, perms, curve, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, least", [("pairs", 9), ("shuffled", 8)])
-def test_neighbourhood_flags_a_mis_assigned_third_of_a_wider_group(case, least):
-    """The power of the per-example paired test on the wider fixture (curve fixed, 10 generator seeds, defaults):
-    5 swapped pairs of 32 units flagged in >= 9 of 10 seeds, 10 shuffled units in 8 of 10 (measured; the issue
-    asks 9). With the test paired per held-out batch (6 batches: t with 5 degrees of freedom, z ~ 5 after
-    Bonferroni) the shuffled units were flagged in 5 of 10 (a strict xfail until this change)."""
+@pytest.mark.parametrize("case", ["pairs", "shuffled"])
+def test_neighbourhood_flags_a_mis_assigned_third_of_a_wider_group(case, least=9):
+    """The power of the per-example paired test on the wider fixture (curve fixed, 10 seeds, each its own draw of
+    the held-out and screening examples, defaults): 5 swapped pairs of 32 units and 10 shuffled units flagged in
+    >= 9 of 10 seeds (measured: 10 and 10). With the test paired per held-out batch (6 batches: t with 5 degrees
+    of freedom, z ~ 5 after Bonferroni) the shuffled units were flagged in 5 of 10; paired per example, with the
+    screen on augmented training batches, in 8 of 10."""
     fixture = _wider_pair(case)
     verdicts = [_neighbourhood(*fixture, seed).verdict for seed in range(10)]
+    print(f"{case}: flagged in {verdicts.count('fail')} of 10 seeds")
     assert verdicts.count("fail") >= least, (case, verdicts)
 
 
 @pytest.mark.slow
 def test_moves_flagged_at_the_planted_permutation_improve_the_test_split_too():
-    """At the planted permutation of the wider fixture some seeds flag a transposition (measured: 7 moves over the
+    """At the planted permutation of the wider fixture some seeds flag a transposition (measured: 16 moves over the
     10 seeds): the curve, fitted for 2 epochs and fixed, is not at its optimum, and a swap lowers its objective by
     4-5%. Such a move is no false alarm: scored on the test split, never used for screening or scoring, it lowers the
     objective there too (a false alarm would do so about half of the time, and every flagged move must)."""
@@ -574,10 +576,11 @@ def test_moves_flagged_at_the_planted_permutation_improve_the_test_split_too():
     for seed in range(10):
         check = _neighbourhood(data, model, spec, b_state, perms, curve, seed)
         flagged += [(g, tuple(m[1])) for g, found in check.details["improving_moves"].items() for m in found]
-    # measured in this file's slow run: at most 6 moves over the 10 seeds with the two-stage screen (its earlier
-    # bound), 7 with the race (each slice's own batch-norm statistics; every one of the 7 lowers the test split's
-    # objective too)
-    assert len(flagged) <= 8, flagged
+    # measured in this file's slow run: 7 moves over the 10 seeds with the screen on augmented training batches;
+    # 16 with the screen on held-out examples the test does not score (each seed its own draw of the examples,
+    # :func:`_heldout`): it ranks the same few real improving moves in more seeds, and each lowers the test split
+    print(f"{len(flagged)} flagged over 10 seeds, {len(set(flagged))} distinct: {sorted(set(flagged))}")
+    assert len(flagged) <= 20, flagged
     for g, (i, j) in set(flagged):
         change = ctx.delta({g: _swap(spec.sizes[g], i, j)})
         assert change.change < 0, (g, i, j, change)
@@ -597,8 +600,9 @@ def unnormalised_pair():
 
 @pytest.mark.slow
 def test_neighbourhood_on_an_mlp_without_batch_norm(unnormalised_pair):
-    """The 64-48 MLP without batch norm (curve fitted for 2 epochs and fixed, 6 held-out batches, defaults, 10
-    seeds): the planted permutation passes in >= 9 of 10 and its random control swaps are flagged in <= 1 of 10.
+    """The 64-48 MLP without batch norm (curve fitted for 2 epochs and fixed, 4 held-out batches and the screen on
+    the rest, each seed its own draw, defaults, 10 seeds): the planted permutation passes in >= 9 of 10 and its
+    random control swaps are flagged in <= 1 of 10 (measured: 10 of 10, 0 of 10).
     One swapped pair of the 64-unit group (units 3 and 40) is not flagged, rightly: the curve fitted around the
     damaged permutation compensates for it, and the swap that undoes it raises the held-out objective of that
     curve (measured +0.0072 +- 0.0020, against a margin of 0.00016), so no improving move exists to find. (The
@@ -626,6 +630,7 @@ def test_neighbourhood_on_an_mlp_without_batch_norm(unnormalised_pair):
         counts["planted"] += planted.verdict == "pass"
         counts["control"] += any(r.get("control_improving", 0) for r in planted.details["per_group"].values())
         counts["swapped"] += _neighbourhood(data, model, spec, b_state, swapped, curves["swapped"], seed).passed
+    print(counts)
     assert counts["planted"] >= 9 and counts["control"] <= 1 and counts["swapped"] >= 9, counts
 
 
