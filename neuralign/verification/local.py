@@ -1726,9 +1726,9 @@ def verify_alignment(
     mis-assigned, 5 swapped pairs and 10 shuffled units are flagged in 10 of 10 seeds (paired per batch: 10
     shuffled units in 5 of 10; paired per example with the screen on augmented training batches, 8 of 10); on a
     64-48 MLP without batch norm the planted permutation passes in 10 of 10, no random control swap is flagged.
-    A fail means a move improves the objective of the fixed curve, which is not always a defect of the alignment: on the
-    32-unit MLP of the slow tests, a curve
-    fitted for 2 epochs between a network and a relabelled copy of itself, some transpositions of the planted
+    A fail means a move improves the objective of the fixed curve, which is not always a defect of the alignment:
+    on the 32-unit MLP of the slow tests, a curve fitted for 2 epochs between a network and a relabelled copy of
+    itself, some transpositions of the planted
     permutation improve the held-out objective by 4-5% of it (t = -4 to -6), and the same moves improve the
     objective on the test split, never used for screening or scoring (-0.0155 ± 0.0074 against -0.0168 ±
     0.0042): the planted permutation is not a local optimum of the objective with that curve fixed. Re-fitting
