@@ -51,7 +51,7 @@ def _damaged(perms, fraction, seed=5):
 
 def _verify(planted, perms, **kw):
     data, model, spec, b_state, _ = planted
-    options = dict(heldout_loader=data.train_eval, value_batches=6, align_loader=data.align, n_swaps=8, generator=0,
+    options = dict(heldout_loader=data.train_eval, value_batches=4, align_loader=data.align, n_swaps=8, generator=0,
                    fit_epochs=1,
                    max_batches=8, stability_iters=1, spec=spec)  # fmt: skip
     options.update(kw)
@@ -770,8 +770,8 @@ def test_stability_counts_only_significant_moves(planted, damaged_report, monkey
     assert m["group"] == GROUP and m["reassigned_fraction"] > 0.05 and m["t"] < -stab.thresholds["z"]
     assert set(m["units"]) <= set(range(16)) and len(m["units"]) >= 2
     assert f"{GROUP} units" in stab.summary and "t = " in stab.summary
-    monkeypatch.setattr(_Context, "delta", lambda self, changes, *test: _Change(0.0, 1.0, 0.0, False))
-    lenient = _verify(planted, _damaged(planted[4], 0.3), checks=("stability",))
+    monkeypatch.setattr(_Context, "delta", lambda self, changes, *test: _Change(0.0, 1.0, 0.0, False, self.examples))
+    lenient = _verify(planted, _damaged(planted[4], 0.3), checks=("stability", "neighbourhood"))
     check = lenient.checks["stability"]
     frac = check.details["runs"]["alignment"]["reassigned_fraction"][GROUP]
     assert max(frac) > 0.05 and check.verdict == "pass", check.summary
