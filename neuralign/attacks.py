@@ -63,7 +63,7 @@ class PGD(Options):
         object.__setattr__(self, "eps", check_real(self.eps, "eps", low=0.0))
         object.__setattr__(self, "alpha", check_real(self.alpha, "alpha", low=0.0, low_open=True))
         object.__setattr__(self, "steps", check_int(self.steps, "steps", minimum=0))
-        check_bool(self.random_start, "random_start")
+        self._check("random_start", check_bool)
 
     def attack(
         self,

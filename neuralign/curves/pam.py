@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -387,6 +389,8 @@ def fit_curve_pam(
     else:
         x0 = [problem.start_offset(curve)]
     proposals = _check_proposals(swap_proposals, problem.spec)
+    if any(proposals.values()) and not opts.swap_trials:
+        warnings.warn("`swap_proposals` are not tried: the swap local search is off (swap_trials=0)", stacklevel=2)
     search = (_swap_search(problem, opts.swap_trials, opts.swap_alpha, gen, opts.swap_min_improvement, proposals)
               if opts.swap_trials else None)  # fmt: skip
     solver = PAM(problem, x0, method=opts.step, lam=opts.lam, generator=gen, x_step=x_step, local_search=search)
@@ -474,15 +478,23 @@ def _check_proposals(proposals: Mapping[str, Sequence[tuple[int, int]]] | None, 
                      ) -> dict[str, list[tuple[int, int]]]:  # fmt: skip
     """``swap_proposals`` validated: groups of ``spec`` without head permutations, pairs of distinct positions."""
     out: dict[str, list[tuple[int, int]]] = {}
+    if proposals is None:
+        return out
+    if not isinstance(proposals, Mapping):
+        raise TypeError(f"`swap_proposals` must be a dict of group -> (i, j) pairs, got {type(proposals).__name__}")
     blocked = {g for members in head_blocks(spec).values() for g in members}
-    for g, pairs in (proposals or {}).items():
+    for g, pairs in proposals.items():
         if g not in spec.sizes or g in blocked:
             raise ValueError(f"`swap_proposals` names {g!r}, which is not a group of the spec without head "
                              "permutations")  # fmt: skip
         n = spec.sizes[g]
         out[g] = []
         for pair in pairs:
-            i, j = (int(u) for u in pair)
+            try:  # ints, NumPy integers, integer tensors of one element; not bools, floats or strings
+                i, j = (operator.index(u) for u in pair if not isinstance(u, (bool, np.bool_)))
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"`swap_proposals[{g!r}]` holds {pair!r}: a transposition is a pair of integer "
+                                 "positions (i, j)") from None  # fmt: skip
             if not (0 <= i < n and 0 <= j < n and i != j):
                 raise ValueError(f"`swap_proposals[{g!r}]` holds {tuple(pair)}: a transposition needs two distinct "
                                  f"positions in [0, {n})")  # fmt: skip

@@ -37,16 +37,16 @@ def _shard(x: torch.Tensor, y: torch.Tensor, label: str) -> tuple:
 
 
 def _fixed_batches(loader: Iterable, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
+    out: list = []
     for batch in loader:
-        if len(out) >= n:
-            break
         x, y = split_batch(batch, device, "heldout_loader")
         if y is None:
             raise TypeError("`heldout_loader` must yield (inputs, targets) pairs")
         if not out:
             check_same_batch(x, y, label="heldout_loader")
         out.append(_shard(x, y, "heldout_loader"))
+        if len(out) >= n:  # read no further than needed
+            break
     if not out:
         raise ValueError("`heldout_loader` yielded no batches")
     return out

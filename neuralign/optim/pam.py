@@ -158,7 +158,7 @@ class LinearizedStep(Options):
     p_steps: int = 1
 
     def __post_init__(self) -> None:
-        check_bool(self.backtrack, "backtrack")
+        self._check("backtrack", check_bool)
         self._check("max_backtracks", check_int, minimum=0)
         self._check("max_moved", check_real, low=0.0, high=1.0, low_open=True, allow_none=True)
         self._check("p_steps", check_int, minimum=1)

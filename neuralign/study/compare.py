@@ -185,7 +185,7 @@ class CompareConfig(Options):
                           ("pam", CurvePAMOptions), ("learned", LearnedOptions)):  # fmt: skip
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"`{name}` must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
-        check_bool(self.fit_curves, "fit_curves")
+        self._check("fit_curves", check_bool)
         if self.verification is not None:
             if not isinstance(self.verification, VerificationOptions):
                 raise TypeError(f"`verification` must be a VerificationOptions or None, got "

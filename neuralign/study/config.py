@@ -109,7 +109,7 @@ class DataOptions(Options):
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
             raise TypeError(f"`dataset` must be a dataset name or path, got {self.dataset!r}")
-        check_bool(self.download, "download")
+        self._check("download", check_bool)
         self._check("batch_size", check_int, minimum=1)
         for name in ("train_size", "test_size", "align_size"):
             _size(getattr(self, name), name)

@@ -273,6 +273,7 @@ class _Context:
         # per group without heads: the transpositions the neighbourhood check scored, best-ranked first (all of a
         # group small enough to score every one); the stability check's PAM tries them first
         self.ranked: dict[str, list[tuple[int, ...]]] = {}
+        self.neighbourhood_z = 0.0  # the neighbourhood check's critical value, where it ran
         self._base: torch.Tensor | None = None
         self._looks: tuple[int, ...] | None = None
         self._examples: int | None = None
@@ -568,7 +569,9 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
     inverse = {g: torch.argsort(p) for g, p in perms.items()}
     beyond = [(i, c) for c in ctx.coordinates for i in range(len(frac[c.groups[0]]))
               if max(frac[g][i] for g in c.groups) > thr]  # fmt: skip
-    z = bonferroni_quantile(opts.alpha, len(beyond), ctx.examples) if beyond else math.inf
+    # at least the neighbourhood check's z where it ran (its family holds every move it scored): a move both
+    # checks score is then flagged by both or by neither
+    z = max(bonferroni_quantile(opts.alpha, len(beyond), ctx.examples), ctx.neighbourhood_z) if beyond else math.inf
     margin = ctx.margin(opts.min_improvement) if beyond else 0.0
     moves = []
     for i, c in beyond:
@@ -1163,7 +1166,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         if not c.structured:  # for the stability check's PAM: its swap search tries them first
             ctx.ranked[label] = [m.where for m, how in moves if m.kind == "swap" and how != "control"]
     total = sum(len(m) for m in moves_by_group.values())
-    z = bonferroni_quantile(opts.alpha, total, ctx.examples)
+    z = ctx.neighbourhood_z = bonferroni_quantile(opts.alpha, total, ctx.examples)
     # an improvement counts only if it is significantly larger than min_improvement of the objective: a change of
     # 1e-5 measured with a smaller standard error is real but no evidence against local optimality
     margin = ctx.margin(opts.min_improvement)
@@ -1256,7 +1259,8 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
                   "margin": margin, "ranked_swaps_per_group": opts.n_swaps,
                   "control_swaps_per_group": opts.n_control_swaps, "cycles_per_group": opts.n_cycles,
                   "screen_examples": opts.screen_examples, "screen_pairs": opts.screen_pairs,
-                  "screen_source": ctx.screen_source, "heldout_examples": ctx.examples}  # fmt: skip
+                  "screen_source": ctx.screen_source, "screened_examples": screen.examples,
+                  "heldout_examples": ctx.examples}  # fmt: skip
     return CheckResult("neighbourhood", _overall(verdicts), summary, thresholds, details)
 
 
@@ -1358,7 +1362,13 @@ def _check_alignment(model, point_a, point_b, perms, spec, opts) -> CheckResult:
         if batches and record.get("step"):
             _tick(opts, "alignment", min(int(record["step"]), total - 1), total)
 
-    corr = align(a, b, loader, spec=spec, method="correlation", callback=on_batch)
+    try:
+        corr = align(a, b, loader, spec=spec, method="correlation", callback=on_batch)
+    except ValueError as error:
+        if "yielded no batch" in str(error):  # an empty loader without a length (one with is refused at the start)
+            raise ValueError("`align_loader` yielded no batches: the alignment check computes the correlation "
+                             "objective on them") from None
+        raise
     if not batches:
         _tick(opts, "alignment", 1, total)
     weight = align(a, b, method="weight", spec=spec, generator=opts.seed)
@@ -1537,8 +1547,8 @@ class VerificationOptions(Options):
         for name in ("lam", "max_relative_error"):
             self._check(name, check_real, low=0.0, low_open=True)
         self._check("certificate_lam", check_real, low=0.0, low_open=True, allow_none=True)
-        check_bool(self.backtrack, "backtrack")
-        check_bool(self.identity_start, "identity_start")
+        self._check("backtrack", check_bool)
+        self._check("identity_start", check_bool)
         self._check("min_slope", check_real, low=1.0, high=2.0, low_open=True)
         ts = self.value_ts if isinstance(self.value_ts, (tuple, list)) else (self.value_ts,)
         if not ts:
@@ -1869,7 +1879,7 @@ def verify_alignment(
                          f"the paired tests of the checks {paired} need {MIN_HELDOUT_EXAMPLES} at least")
     opts = _Run(
         opts0, seed=seed, certificate_lam=opts0.certificate_lam or opts0.lam, heldout_batches=len(problem.value_set),
-        heldout_loader=heldout_loader, align_loader=align_loader, train_loader=train_loader, model=model,
+        heldout_loader=scored, align_loader=align_loader, train_loader=train_loader, model=model,
         max_batches=max_batches, callback=callback,
     )  # fmt: skip
     results: dict[str, CheckResult] = {}

@@ -670,9 +670,14 @@ def test_swap_search_tries_the_proposed_transpositions_first(planted):
         found = _swap_search(prob, 1, 0.05, torch.Generator().manual_seed(0), 0.0, proposals)(x, dict(ident))
         assert torch.equal(found[GROUP], undo) == fixed, (proposals, found[GROUP])
     for bad, match in (({"nope": [(0, 1)]}, "not a group"), ({GROUP: [(2, 2)]}, "two distinct positions"),
-                       ({GROUP: [(0, 16)]}, r"\[0, 16\)")):  # fmt: skip
+                       ({GROUP: [(0, 16)]}, r"\[0, 16\)"), ({GROUP: [(0.5, 1)]}, "pair of integer positions"),
+                       ({GROUP: [(0, 1, 2)]}, "pair of integer positions"), ({GROUP: [3]}, "pair of integer"),
+                       ({GROUP: [(True, False)]}, "pair of integer positions")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             _check_proposals(bad, spec)
+    with pytest.raises(TypeError, match="must be a dict"):
+        _check_proposals([(0, 1)], spec)
+    assert _check_proposals({GROUP: torch.tensor([[0, 1]])}, spec) == {GROUP: [(0, 1)]}
 
 
 def _context(planted, value_batches=3):
@@ -757,6 +762,30 @@ def test_slices_double():
     assert [(s.start, s.stop) for s in _slices(20)] == [(0, 20)]
 
 
+def test_stability_tests_at_least_at_the_neighbourhood_checks_z_and_reads_the_held_out_batches_once(planted,
+                                                                                                   damaged_report):
+    """Where both checks run, stability's critical value is at least the neighbourhood check's (a move both score
+    is flagged by both or by neither; its own family, the moves PAM kept, is smaller). The held-out loader is read
+    in one pass, no further than the scored batches and the screening examples need: PAM in the stability check
+    takes the same scored batches (a loader that can be iterated once works)."""
+    stability, neighbourhood = (damaged_report.checks[c] for c in ("stability", "neighbourhood"))
+    assert stability.details["moves"] and stability.thresholds["z"] >= neighbourhood.thresholds["z"]
+    data = planted[0]
+    batches = list(data.train_eval)
+    read = []
+
+    def once():
+        for i, b in enumerate(batches):
+            read.append(i)
+            yield b
+
+    report = _verify(planted, planted[4], checks=("stability", "certificate"), heldout_loader=once())
+    assert read == [0, 1, 2, 3] and report.checks["stability"].verdict == "pass"
+    read.clear()
+    _verify(planted, planted[4], checks=("stability", "neighbourhood"), heldout_loader=once())
+    assert read == [0, 1, 2, 3, 4]  # the fifth: the 256 screening examples
+
+
 def test_stability_counts_only_significant_moves(planted, damaged_report, monkeypatch):
     """With 4 of 16 units swapped in pairs, PAM from the damaged permutation reassigns more than 5% of the group and
     the move improves the held-out objective significantly: the failure names the group, the units, the change
@@ -823,6 +852,8 @@ def test_alignment_check_refuses_an_empty_align_loader_first_and_counts_a_loader
     with pytest.raises(ValueError, match="`align_loader` has no batches"):
         _verify(planted, planted[4], checks=("stability", "alignment"), align_loader=[], callback=records.append)
     assert records == []
+    with pytest.raises(ValueError, match="`align_loader` yielded no batches"):  # no length: refused when it runs
+        _verify(planted, planted[4], checks=("alignment",), align_loader=iter(()))
     _verify(planted, planted[4], checks=("alignment",), align_loader=Lying(), callback=records.append)
     assert [r["step"] for r in records if not r["start"]] == [1, 2] and records[-1]["total"] == 2
 
