@@ -1616,11 +1616,15 @@ def verify_alignment(
        so a move beyond the threshold (in a group of fewer than ``2 / reassign_threshold`` units one transposition
        is) counts against stability only if it improves the held-out objective significantly by more than
        ``min_improvement`` of it, by check 3's paired test on the same fixed curve (the move from ``perms`` to
-       PAM's permutation after that iteration, per group; Bonferroni over those moves). PAM's swap local search
+       PAM's permutation after that iteration, per group; Bonferroni over those moves, and at least the
+       neighbourhood check's critical value where it ran, so that a move both checks score is flagged by both or by
+       neither). PAM's swap local search
        (``swap_trials``) tries the transpositions the neighbourhood check ranks best first (that check runs
        first when both run), so that a transposition the neighbourhood check finds is one PAM tries: with random
        trials alone PAM missed the improving moves the neighbourhood check flagged on a CIFAR-10 pair (README).
-       Stability and the neighbourhood check therefore cannot disagree on the same move; a failure names the move
+       Stability and the neighbourhood check therefore cannot disagree on the same move (they can on a pair: PAM
+       keeps a move its own test on the held-out batches accepts, which the per-example test may not find
+       significant, while the neighbourhood check flags another); a failure names the move
        (group, units, iteration), its change, standard error and t. Also PAM from the identity
        (``identity_start``) and from ``random_starts`` random starts, with the Hamming distance to ``perms`` over
        the iterations (does PAM move toward the alignment?).
