@@ -926,8 +926,9 @@ def test_moves_of_dead_units_change_only_the_regulariser_and_are_not_flagged(dea
     (The neighbourhood check at the planted optimum flags 2 moves of live units of the second layer, t = -3.6
     against z = 3.1, screened on held-out examples the test does not score: mixing two units' weights at the
     line's midpoint can lower the objective of that fixed line. It passed when the screen used training batches,
-    by the draw of those batches. Stability's PAM, trying the transpositions the neighbourhood check ranks best,
-    keeps such a move too: the two checks agree.)"""
+    by the draw of those batches. Stability's PAM keeps other moves, which its own test over the held-out batches
+    accepts and the per-example test at the neighbourhood check's z does not find significant: on this fixed line
+    the two checks disagree, stability passing.)"""
     from neuralign.curves.pam import CurvePermutationProblem
     from neuralign.verification.local import _swap
 
@@ -943,9 +944,11 @@ def test_moves_of_dead_units_change_only_the_regulariser_and_are_not_flagged(dea
     report = _verify_dead(dead_units, perms, checks=("stability", "certificate", "neighbourhood"))
     assert report.checks["certificate"].verdict == "pass", report.checks["certificate"].summary
     neigh, stability = report.checks["neighbourhood"], report.checks["stability"]
-    assert neigh.thresholds["screen_source"] == "held-out" and stability.verdict == neigh.verdict
+    assert neigh.thresholds["screen_source"] == "held-out"
     assert not any(u < 16 for m in neigh.details["improving_moves"][GROUP] for u in m[1])
-    # a move counted against stability changes the data term: in GROUP it moves a live unit (>= 16)
+    # stability tests at the neighbourhood check's z at least; a move counted against it changes the data term: in
+    # GROUP it moves a live unit (>= 16)
+    assert stability.thresholds["z"] >= neigh.thresholds["z"]
     assert all(max(m["units"]) >= 16 for m in stability.details["moves"] if m["significant"] and m["group"] == GROUP)
     apart = neigh.details["regulariser_only_moves"]
     assert all(m[0] == GROUP and m[3] < 0 for m in apart), apart
