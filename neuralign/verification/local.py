@@ -245,14 +245,16 @@ def _examples(items: Iterable, n: int, device: torch.device) -> tuple[torch.Tens
     """
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
+    count = 0
     for item in items:
-        if sum(int(x.shape[0]) for x in xs) >= n:
+        if count >= n:
             break
         x, y = split_batch(item, device, "the screening loader")
         if y is None:
             raise TypeError("the screening batches must be (inputs, targets) pairs")
         xs.append(x)
         ys.append(y)
+        count += int(x.shape[0])
     if not xs:
         raise ValueError("the screening loader yielded no batches")
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
@@ -1094,13 +1096,14 @@ def _screening_set(ctx: _Context, opts, move_sets: Mapping[str, MoveSet]) -> tup
     batches, which the tests never score; where it has too few and some coordinate is screened, training
     batches, with a warning (they may hold the scored examples' images)."""
     prob = ctx.problem
-    held = sum(int(split_batch(b, torch.device("cpu"), "heldout_loader")[0].shape[0]) for b in ctx.after)
-    if held >= opts.screen_examples:
+    held = _examples(ctx.after, opts.screen_examples, prob.device) if ctx.after else None
+    if held is not None and held[0].shape[0] >= opts.screen_examples:
         ctx.screen_source = "held-out"
-        return _examples(ctx.after, opts.screen_examples, prob.device)
+        return held
+    held_count = 0 if held is None else int(held[0].shape[0])  # all the examples after the scored batches
     ctx.screen_source = "training"
     if any(m.count > opts.n_swaps + opts.n_control_swaps for m in move_sets.values()):
-        warnings.warn(f"the held-out loader has {held} examples after its {len(prob.value_set)} scored batches, "
+        warnings.warn(f"the held-out loader has {held_count} examples after its {len(prob.value_set)} scored batches, "
                       f"fewer than screen_examples={opts.screen_examples}: the neighbourhood check screens on "
                       "training batches, which may hold the scored examples' images (a selection on them makes the "
                       "held-out test liberal); give the held-out loader more batches, or lower value_batches or "
