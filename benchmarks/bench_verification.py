@@ -1,12 +1,16 @@
-"""Benchmark: the neighbourhood check's screening, one network per candidate (the path before 0.3) against the
-batched path of :func:`neuralign.verification.verify_alignment` (the layers before the permuted group run once per
-chunk of candidates, the candidates of a chunk in one :func:`torch.func.vmap` call), side by side in one run; and
-the check's race (successive elimination over slices of the screening set) against the exhaustive screen.
+"""Benchmark: the neighbourhood check's screening four ways, side by side in one run: the whole network per
+candidate, or the layers from the permuted group's producer on (:func:`torch.func.vmap` over the candidates of a
+chunk, the layers before run once per chunk; the path before 0.4), against the same two ways with the producer and
+the consumer evaluated on the moved units only and the layers after the consumer per candidate
+(:mod:`neuralign.verification._chain`, where the group's producer, channel-wise layers and consumer form a chain);
+and the check's race (successive elimination over slices of the screening set) against the exhaustive screen.
 
 Two TinyTen networks trained on the shipped UCI digits (resized to 16x16, as ``neuralign demo``), aligned by
 correlation, a quadratic Bezier curve fitted between them. Per permutation group: the seconds to screen
-``--candidates`` transpositions (the data term on the screening set's first slice of 32 examples at t = 0.5) both
-ways, their ratio (old / new: > 1 is a speed-up) and the largest difference of the values (float32 rounding); then,
+``--candidates`` transpositions (the data term on the screening set's first slice of 32 examples at t = 0.5) each
+way, the ratio of the faster of the first two to the faster of the last two (> 1: a speed-up; the check times
+both ways of its kind on each group's first chunk and screens on with the faster) and the largest difference of
+their values (float32 rounding); then,
 per group, the race's ``--top`` best transpositions against the exhaustive screen's (every transposition on all
 ``--examples``): their overlap, whether the best is the same, the candidates left in the race on each slice, and
 the seconds of both, side by side. Power (``--race-z 3 1.5 1``): per group, how often a transposition made better by
@@ -116,7 +120,7 @@ def main() -> None:
     new = _Screen(ctx, batch, ts)
     print(f"TinyTen on digits 16x16, {args.examples} screening examples, {args.threads} thread(s)")
     if "screen" not in args.skip:
-        compare_screens(ctx, prob, spec, new, batch, ts, args.candidates)
+        compare_screens(ctx, spec, batch, ts, args.candidates)
     if "race" not in args.skip:
         race(ctx, new, args.top, args.race_pairs)
     if "power" not in args.skip:
@@ -137,26 +141,31 @@ def main() -> None:
             side_by_side(runs)
 
 
-def compare_screens(ctx, prob, spec, new, batch, ts, candidates) -> None:
-    print(f"{'group':18} {'n':>3} {'old s':>7} {'new s':>7} {'old/new':>7} {'max |diff|':>10}")
-    total_old = total_new = best = 0.0
+def compare_screens(ctx, spec, batch, ts, candidates) -> None:
+    dense, chained = _Screen(ctx, batch, ts, chains=False), _Screen(ctx, batch, ts)
+    ways = {"whole": dense._one_by_one, "vmap": dense._batched, "chain": chained._one_by_one,
+            "chain+vmap": chained._batched}  # fmt: skip
+    print(f"{'group':18} {'n':>3} " + " ".join(f"{w + ' s':>12}" for w in ways) + f" {'ratio':>6} {'max |diff|':>10}")
+    totals = dict.fromkeys(ways, 0.0)
+    best = [0.0, 0.0]
     for g, n in spec.sizes.items():
         pairs = torch.triu_indices(n, n, offset=1).t().tolist()[:candidates]
         cands = [_swap(n, i, j) for i, j in pairs]
-        start = time.perf_counter()
-        with torch.no_grad():
-            old = torch.tensor([float(prob.objective(ctx.x, ctx.mats({g: p}), [new._part(0)], ts)) for p in cands],
-                               dtype=torch.float64)  # fmt: skip
-        mid = time.perf_counter()
-        fast = new._batched(g, cands, 0).mean(1)
-        end = time.perf_counter()
-        total_old += mid - start
-        total_new += end - mid
-        best += min(mid - start, end - mid)
-        print(f"{g:18} {n:>3} {mid - start:7.2f} {end - mid:7.2f} {(mid - start) / (end - mid):7.2f} "
-              f"{float((old - fast).abs().max()):10.2e}")
-    print(f"{'all groups':22} {total_old:7.2f} {total_new:7.2f} {total_old / total_new:7.2f}")
-    print(f"{'faster of the two':22} {total_old:7.2f} {best:7.2f} {total_old / best:7.2f}")
+        seconds, values = {}, {}
+        for name, way in ways.items():
+            started = time.perf_counter()
+            values[name] = way(g, cands, 0)
+            seconds[name] = time.perf_counter() - started
+            totals[name] += seconds[name]
+        before, after = min(seconds["whole"], seconds["vmap"]), min(seconds["chain"], seconds["chain+vmap"])
+        best[0] += before
+        best[1] += after
+        diff = max(float((values[a] - values["whole"]).abs().max()) for a in ways)
+        chain = "" if chained.chains.get(g) else "  (no chain: the same way)"
+        print(f"{g:18} {n:>3} " + " ".join(f"{seconds[w]:12.2f}" for w in ways) +
+              f" {before / after:6.2f} {diff:10.2e}{chain}")  # fmt: skip
+    print(f"{'all groups':22} " + " ".join(f"{totals[w]:12.2f}" for w in ways))
+    print(f"{'the faster way of each kind, all groups':48} {best[0]:8.2f} -> {best[1]:.2f} s: {best[0] / best[1]:.2f}x")
 
 
 def race(ctx, screen, top, screen_pairs) -> None:

@@ -49,6 +49,8 @@ from neuralign.curves.pam import CurvePAMOptions, fit_curve_pam
 from neuralign.curves.problem import CurvePermutationProblem
 from neuralign.errors import ConvergenceWarning, NonFiniteError
 from neuralign.optim import LinearizedStep, perm_to_matrix, solve_assignment, solve_assignment_lp
+from neuralign.verification._chain import Chain
+from neuralign.verification._chain import trace as trace_graph
 from neuralign.verification._moves import Coordinate, Move, MoveSet, coordinates, move_changes
 from neuralign.verification._moves import transposition as _swap  # noqa: F401  (tests and benchmarks build moves)
 from neuralign.verification._verdict import VERDICTS, Verdict
@@ -861,9 +863,13 @@ class _Screen:
     values up to float rounding (measured: 5e-8 on TinyTen).
     """
 
-    def __init__(self, ctx: _Context, batch: tuple[torch.Tensor, torch.Tensor], ts: Sequence[float]) -> None:
+    def __init__(self, ctx: _Context, batch: tuple[torch.Tensor, torch.Tensor], ts: Sequence[float],
+                 chains: bool = True) -> None:  # fmt: skip
         prob = ctx.problem
         self.ctx, self.batch, self.ts = ctx, batch, list(ts)
+        self.chains: dict[str, Chain | None] | None = {} if chains else None  # per group, found once
+        self._graph: Any = False  # the model's fx graph, traced at the first group (None: fx cannot trace it)
+        self._values: tuple[str, dict[tuple[int, int], dict]] = ("", {})  # a group's identity values per slice, time
         self.model = copy.deepcopy(prob.model)
         for module in self.model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -914,9 +920,61 @@ class _Screen:
         prob = self.ctx.problem
         return (1.0 - t) * prob.wa[k] + t * pb + 2.0 * t * (1.0 - t) * self.offset[k]
 
+    def _chain(self, g: str, perms: Sequence[Mapping[str, torch.Tensor]]) -> Chain | None:
+        """Group ``g``'s :class:`~neuralign.verification._chain.Chain`, where every move of ``perms`` moves units
+        of ``g`` only (and some) and the model has one."""
+        prob = self.ctx.problem
+        if self.chains is None or g not in prob.spec.sizes or g in prob.spec.heads:
+            return None
+        if any(p.keys() != {g} or bool((p[g].cpu() == torch.arange(p[g].numel())).all()) for p in perms):
+            return None
+        if g not in self.chains:
+            if self._graph is False:
+                self._graph = trace_graph(self.model)
+            self.chains[g] = Chain.find(self.model, prob.spec, g, prob.names, self._graph) if self._graph else None
+        return self.chains[g]
+
+    def _through_chain(self, chain: Chain, g: str, perms: Sequence[Mapping[str, torch.Tensor]], part: int,
+                       batched: bool) -> torch.Tensor:  # fmt: skip
+        """The data term of each move on slice ``part``, through the layers after ``g``'s consumer only (the
+        producer and the consumer on the moved units alone: :mod:`~neuralign.verification._chain`), the moves
+        of a chunk in one :func:`torch.func.vmap` call (``batched``) or one at a time."""
+        x, y = self._part(part)
+        _, permuted = self._changed(perms)
+        n = self.ctx.problem.spec.sizes[g]
+        moved = [(p[g].cpu() != torch.arange(n)).nonzero().flatten().to(x.device) for p in perms]
+        if self._values[0] != g:
+            self._values = (g, {})
+        cache = self._values[1]
+        out = torch.zeros(len(perms), x.shape[0], dtype=torch.float64)
+        chunk = self.chunk(part) if batched and len({m.numel() for m in moved}) == 1 else 1
+        with torch.no_grad():
+            for ti, (t, w0) in enumerate(zip(self.ts, self.base)):
+                if (part, ti) not in cache:
+                    cache[(part, ti)] = chain.identity_values(w0, x)
+                values = cache[(part, ti)]
+                tail = {k: w0[k] for k in chain.tail_names}
+
+                def loss(parts: dict[str, torch.Tensor], values=values, tail=tail) -> torch.Tensor:
+                    return _example_loss(chain.output(values, parts, tail), y)
+
+                for lo in range(0, len(permuted), chunk):
+                    parts = [chain.parts(values, lambda k, pb=pb, t=t: self._point(t, k, pb[k]), w0, s)
+                             for pb, s in zip(permuted[lo:lo + chunk], moved[lo:lo + chunk])]  # fmt: skip
+                    if chunk == 1:
+                        out[lo] += loss(parts[0])
+                        continue
+                    stacked = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+                    # dropout after the consumer, if any: its own mask per candidate, as in one network per candidate
+                    out[lo:lo + len(parts)] += torch.func.vmap(loss, randomness="different")(stacked)
+        return out / len(self.ts)
+
     def _one_by_one(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor], part: int = 0
                     ) -> torch.Tensor:  # fmt: skip
         prob, (x, y) = self.ctx.problem, self._part(part)
+        chain = self._chain(g, _as_changes(g, perms))
+        if chain is not None:
+            return self._through_chain(chain, g, _as_changes(g, perms), part, batched=False)
         keys, permuted = self._changed(_as_changes(g, perms))
 
         def data_term(pb: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -968,6 +1026,9 @@ class _Screen:
 
     def _batched(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor], part: int = 0
                  ) -> torch.Tensor:  # fmt: skip
+        chain = self._chain(g, _as_changes(g, perms))
+        if chain is not None:
+            return self._through_chain(chain, g, _as_changes(g, perms), part, batched=True)
         keys, permuted = self._changed(_as_changes(g, perms))
         x, y = self._part(part)
         chunk = self.chunk(part)

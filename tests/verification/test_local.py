@@ -717,9 +717,10 @@ def test_per_example_losses_average_to_the_batch_objective_and_pair_by_example(p
 def test_batched_screen_equals_one_network_per_candidate(planted):
     """The screen's batched evaluation (vmap over the stacked layers of the permuted group) computes what one
     network per transposition computes, per example of each slice of the screening set, for every group, batch
-    norm on each candidate's slice statistics (float32 per-example losses: 1e-5 relative, 1e-6 absolute). Its
-    first call for a group measures both ways and keeps the batched values, less the identity's (the change per
-    example)."""
+    norm on each candidate's slice statistics (float32 per-example losses: 1e-5 relative, 1e-6 absolute); so do
+    both ways through the group's chain (the producer and consumer on the moved units: the same sums in another
+    order). Its first call for a group measures both ways and keeps the batched values, less the identity's (the
+    change per example)."""
     from torch.func import functional_call
 
     from neuralign.verification.local import _example_loss, _Screen, _swap
@@ -728,11 +729,12 @@ def test_batched_screen_equals_one_network_per_candidate(planted):
     data = planted[0]
     x, y = next(iter(data.train))
     screen = _Screen(ctx, (x, y), (0.25, 0.5))
+    dense = _Screen(ctx, (x, y), (0.25, 0.5), chains=False)
     assert [(s.start, s.stop) for s in screen.slices] == [(0, 32), (32, 64)] and x.shape[0] == 64
     for g, n in ctx.spec.sizes.items():
         cands = [_swap(n, i, j) for i, j in ((0, 1), (2, 9), (n - 1, 3))]
         for part in (0, 1):
-            one = screen._one_by_one(g, cands, part)
+            one = dense._one_by_one(g, cands, part)
             assert one.shape == (3, 32) and one.dtype == torch.float64
             # the curve's point as the objective computes it (dense permutation matrices on every parameter):
             # the same values, exactly (a permutation matrix's product only moves entries)
@@ -743,7 +745,9 @@ def test_batched_screen_equals_one_network_per_candidate(planted):
                            for t in (0.25, 0.5)) / 2  # fmt: skip
             torch.testing.assert_close(one[1], full, rtol=0, atol=0)
             # float32 losses from 1e-3 to 10: rounding of 1e-5 relative, and 1e-7 absolute on the smallest
-            torch.testing.assert_close(screen._batched(g, cands, part), one, rtol=1e-5, atol=1e-6)
+            for way in (dense._batched, screen._batched, screen._one_by_one):
+                torch.testing.assert_close(way(g, cands, part), one, rtol=1e-5, atol=1e-6)
+        assert screen.chains[g] is not None and dense.chains is None
         assert g not in screen.batched
         change = screen(g, cands, 1)
         torch.testing.assert_close(change, screen._batched(g, cands, 1) - screen.identity(1), rtol=0, atol=0)

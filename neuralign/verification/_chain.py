@@ -1,0 +1,244 @@
+"""The layers that produce and consume a permutation group, evaluated on the units a move changes only.
+
+A transposition of units ``i`` and ``j`` of a group changes, at every point of the curve, only the rows ``i, j``
+of the layer that produces the group (its weight and bias), the same entries of the channel-wise layers between
+(batch norm's affine parameters) and the columns ``i, j`` of the layer that consumes it. Where the three form a
+chain (the producer's output goes through channel-wise layers to the consumer and nowhere else), the consumer's
+output under the move is the identity's plus the change that the moved channels make:
+
+.. math::
+
+    C(a') = C(a) - W_C[:, S] * a[:, S] + W'_C[:, S] * a'[:, S]
+
+(``*``: the consumer's convolution or matrix product without bias; ``S``: the moved units; :math:`a'[:, S]`: the
+producer's moved channels, computed from its unchanged input through the channel-wise layers). The producer and
+the consumer then cost ``|S|`` of their channels instead of all of them, and only the layers after the consumer run
+per move. Batch norm between them normalises each channel over the batch, so the moved channels' statistics are
+their own and the others' are the identity's: the formula is exact up to float rounding (the sums run in another
+order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.func import functional_call
+
+# parameter-free layers that act on each channel alone, and on each example alone (elementwise activations and
+# pooling over positions; a flatten from dim 1 keeps the channels where the consumer's axis is the group's: the
+# positions were pooled to one)
+_CHANNELWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+                        nn.Hardswish, nn.Hardtanh, nn.Identity, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                        nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+                        nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)  # fmt: skip
+_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.tanh,
+                          torch.sigmoid, F.hardswish, F.hardtanh}  # fmt: skip
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _weights_on(spec, group: str, names: set[str]) -> dict[str, set[tuple[str, int]]]:
+    """Per module path: its parameters' ``(name, axis)`` on ``group``'s axes."""
+    out: dict[str, set[tuple[str, int]]] = {}
+    for key, axis in spec.perm_to_axes[group]:
+        if key in names:
+            module, _, name = key.rpartition(".")
+            out.setdefault(module, set()).add((name, axis))
+    return out
+
+
+@dataclass
+class Chain:
+    """A group's producer, the channel-wise layers after it, and its consumer (see the module's docstring), with
+    the graph of the layers after the consumer (``tail``: its inputs are the consumer's output and the values of
+    the identity's forward pass it reads, ``needs``)."""
+
+    producer: str
+    between: list[fx.Node]
+    consumer: str
+    keys: list[str]
+    graph: fx.GraphModule
+    producer_input: fx.Node
+    consumer_input: fx.Node
+    consumer_node: fx.Node
+    tail: fx.GraphModule
+    needs: list[fx.Node]
+    probe: fx.GraphModule
+    probed: list[fx.Node]
+
+    @property
+    def consumer_weight(self) -> str:
+        return f"{self.consumer}.weight"
+
+    @property
+    def tail_names(self) -> list[str]:
+        """The parameters of the layers after the consumer."""
+        return [name for name, _ in self.tail.named_parameters()]
+
+    @classmethod
+    def find(cls, model: nn.Module, spec, group: str, names: Sequence[str], graph: fx.GraphModule | None = None
+             ) -> Chain | None:  # fmt: skip
+        """The chain of ``group`` in ``model`` (its parameters on the group's axes: a producer's weight and bias on
+        axis 0, batch norms' affine parameters between, a consumer's weight on axis 1, each axis permuted whole), or
+        ``None`` where the model does not have one or cannot be traced by :func:`torch.fx.symbolic_trace`
+        (``graph``: its trace, where made already)."""
+        modules = dict(model.named_modules())
+        size = spec.sizes[group]
+        on = _weights_on(spec, group, set(names))
+        for module, axes in on.items():
+            for name, axis in axes:
+                if spec.axis_length(f"{module}.{name}" if module else name, axis) != size:
+                    return None
+        producers = [m for m, axes in on.items() if ("weight", 0) in axes and isinstance(modules.get(m), _LAYERS)]
+        consumers = [m for m, axes in on.items() if axes == {("weight", 1)} and isinstance(modules.get(m), _LAYERS)]
+        if len(producers) != 1 or len(consumers) != 1:
+            return None
+        producer, consumer = producers[0], consumers[0]
+        if on[producer] - {("weight", 0), ("bias", 0)} or any(getattr(modules[m], "groups", 1) != 1
+                                                             for m in (producer, consumer)):  # fmt: skip
+            return None
+        norms = {m for m in on if m not in (producer, consumer)}
+        if any(not isinstance(modules.get(m), nn.modules.batchnorm._BatchNorm) or on[m] - {("weight", 0), ("bias", 0)}
+               for m in norms):  # fmt: skip
+            return None
+        graph = graph or trace(model)
+        if graph is None:
+            return None
+        calls = [n for n in graph.graph.nodes if n.op == "call_module" and n.target == producer]
+        if len(calls) != 1 or len(calls[0].args) != 1 or calls[0].kwargs:
+            return None
+        node, between, seen = calls[0], [], set()
+        while True:
+            users = list(node.users)
+            if len(users) != 1:
+                return None
+            user = users[0]
+            if user.op == "call_module" and user.target == consumer:
+                break
+            if not _channelwise(user, node, modules, norms):
+                return None
+            seen |= {user.target} if user.op == "call_module" and user.target in norms else set()
+            between.append(user)
+            node = user
+        if seen != norms or len(user.args) != 1 or user.kwargs or user.args[0] is not node:
+            return None
+        called = [n for n in graph.graph.nodes if n.op == "call_module" and n.target in {consumer, *norms}]
+        if len(called) != 1 + len(norms):  # each layer called once (a layer called twice is used elsewhere too)
+            return None
+        keys = sorted(f"{m}.{name}" if m else name for m, axes in on.items() for name, _ in axes)
+        if any(n.op == "get_attr" and n.target in keys for n in graph.graph.nodes):  # read outside its layer
+            return None
+        tail, needs = _tail(graph, user)
+        probed = list(dict.fromkeys([calls[0].args[0], node, user, *needs]))
+        return cls(producer, between, consumer, keys, graph, calls[0].args[0], node, user, tail, needs,
+                   _probe(graph, probed), probed)
+
+    def identity_values(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
+        """The identity's values of the nodes the moves read (``weights``: the identity's point of the curve, ``x``
+        the inputs): the producer's and the consumer's inputs, the consumer's output, and those the tail reads."""
+        with torch.no_grad():
+            out = functional_call(self.probe, dict(weights), (x,))
+        return dict(zip(self.probed, out))
+
+    def parts(self, values: Mapping[fx.Node, torch.Tensor], point: Callable[[str], torch.Tensor],
+              identity: Mapping[str, torch.Tensor], moved: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parts of one move that :meth:`output` reads: ``point(key)`` gives the move's parameter ``key`` at the
+        curve's point, ``identity`` the identity's, ``moved`` the moved units (``(|S|,)`` int64): the producer's
+        rows and the batch norms' entries of the moved units, the consumer's columns of them under the move and
+        at the identity, and the consumer's input on them at the identity."""
+        parts = {key: point(key).index_select(0, moved) for key in self.keys if key != self.consumer_weight}
+        parts["new"] = point(self.consumer_weight).index_select(1, moved)
+        parts["old"] = identity[self.consumer_weight].index_select(1, moved)
+        parts["input"] = values[self.consumer_input].index_select(1, moved)
+        return parts
+
+    def output(self, values: Mapping[fx.Node, torch.Tensor], parts: Mapping[str, torch.Tensor],
+               tail_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The model's output under one move (its :meth:`parts`; ``values``: :meth:`identity_values`;
+        ``tail_weights``: the identity's parameters of the layers after the consumer). Vmappable over ``parts``."""
+        modules = dict(self.graph.named_modules())
+        prod = modules[self.producer]
+        a = _layer(prod, values[self.producer_input], parts[f"{self.producer}.weight"],
+                   parts.get(f"{self.producer}.bias"))  # fmt: skip
+        for n in self.between:
+            if n.op == "call_module" and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm):
+                bn = modules[n.target]
+                a = F.batch_norm(a, None, None, parts.get(f"{n.target}.weight"), parts.get(f"{n.target}.bias"),
+                                 True, 0.0, bn.eps)  # fmt: skip
+            elif n.op == "call_module":
+                a = modules[n.target](a)
+            else:
+                a = n.target(a, *n.args[1:], **n.kwargs)
+        cons = modules[self.consumer]
+        out = values[self.consumer_node] - _layer(cons, parts["input"], parts["old"]) + _layer(cons, a, parts["new"])
+        return functional_call(self.tail, dict(tail_weights), (out, *(values[n] for n in self.needs)))
+
+
+def _channelwise(node: fx.Node, source: fx.Node, modules: Mapping[str, nn.Module], norms: set[str]) -> bool:
+    """Does ``node`` act on each channel of ``source`` alone (one of the group's batch norms, or a parameter-free
+    elementwise activation), with ``source`` its only tensor input?"""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        flat = isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+        ok = node.target in norms or flat or (isinstance(m, _CHANNELWISE_MODULES) and not list(m.parameters()))
+        return ok and len(node.args) == 1 and not node.kwargs and node.args[0] is source
+    if node.op == "call_function" and node.target is torch.flatten:
+        return node.args == (source, 1) and not node.kwargs
+    if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+        rest = [*node.args[1:], *node.kwargs.values()]
+        return bool(node.args) and node.args[0] is source and not any(isinstance(v, fx.Node) for v in rest)
+    return False
+
+
+def _layer(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``module`` (a linear or convolution layer with ``groups == 1``) with ``weight`` and ``bias``."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(module)]
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        return conv(x, weight, bias, module.stride, 0, module.dilation)
+    return conv(x, weight, bias, module.stride, module.padding, module.dilation)
+
+
+def trace(model: nn.Module) -> fx.GraphModule | None:
+    """``model``'s graph (:func:`torch.fx.symbolic_trace`), or ``None`` where fx cannot trace it."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - a model fx cannot trace (any error) has no chain
+        return None
+
+
+def _probe(graph: fx.GraphModule, nodes: Sequence[fx.Node]) -> fx.GraphModule:
+    """``graph`` returning the values of ``nodes`` (a tuple) instead of its output."""
+    probe = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in graph.graph.nodes:
+        if n.op == "output":
+            break
+        env[n] = probe.node_copy(n, lambda a: env[a])
+    probe.output(tuple(env[n] for n in nodes))
+    return fx.GraphModule(graph, probe)
+
+
+def _tail(graph: fx.GraphModule, consumer: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """The nodes after ``consumer`` that depend on it, as a graph whose inputs are the consumer's output and the
+    other nodes they read (``needs``, in order)."""
+    after: list[fx.Node] = []
+    dirty = {consumer}
+    for n in graph.graph.nodes:
+        if n is not consumer and any(a in dirty for a in n.all_input_nodes):
+            dirty.add(n)
+            after.append(n)
+    needs = [a for n in after for a in n.all_input_nodes if a not in dirty]
+    needs = list(dict.fromkeys(needs))
+    tail = fx.Graph()
+    env = {consumer: tail.placeholder("consumer_output")}
+    for i, n in enumerate(needs):
+        env[n] = tail.placeholder(f"identity_{i}")
+    for n in after:
+        env[n] = tail.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(graph, tail), needs

@@ -1,0 +1,221 @@
+"""The screen's evaluation of a move through its group's producer and consumer on the moved units only
+(neuralign.verification._chain): exact against the whole network, refused wherever its assumptions fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from neuralign.alignment import apply_permutation, identity_permutation, trace_spec
+from neuralign.experiments.models import build_model
+from neuralign.verification._chain import Chain
+from tests.alignment.nets import DenseCatNet, ResCatNet, randomize_bn
+
+
+class BNMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(12, 9), nn.BatchNorm1d(9)
+        self.fc2, self.bn2 = nn.Linear(9, 7), nn.BatchNorm1d(7)
+        self.out = nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.fc1(x)))
+        h = torch.tanh(self.bn2(self.fc2(h)))
+        return self.out(h)
+
+
+class TwoConsumers(nn.Module):
+    """The first layer's output feeds two layers: a move's change reaches the output two ways."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) + self.c(h)
+
+
+class Between(nn.Module):
+    """``layer`` between the producer and the consumer."""
+
+    def __init__(self, layer: nn.Module, width: int = 5) -> None:
+        super().__init__()
+        self.a, self.mid, self.b = nn.Linear(6, width), layer, nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.b(self.mid(self.a(x)))
+
+
+class Branching(nn.Module):
+    """Data-dependent control flow: fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:
+            h = h.relu()
+        return self.b(h)
+
+
+def _bn_off(model: nn.Module) -> nn.Module:
+    """Batch norm on each batch's statistics (as the screen runs it), in train mode."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return model.train()
+
+
+# model, its input's shape, and the groups with a chain (every other group must be refused)
+MODELS = {
+    "tinyten": (lambda: build_model("tinyten", 10, in_channels=3, generator=0), (3, 16, 16),
+                {f"features.{i}.conv" for i in range(8)}),
+    "rescat": (ResCatNet, (3, 8, 8), {"c1", "fc1"}),
+    "densecat": (DenseCatNet, (1, 6, 6), {"fc"}),
+    "bn_mlp": (BNMLP, (12,), {"fc1", "fc2"}),
+}
+
+
+def _moves(n: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """A transposition, a 3-cycle (where n >= 3) and a random permutation of n units."""
+    swap = torch.arange(n)
+    swap[[0, n - 1]] = swap[[n - 1, 0]]
+    out = [swap, torch.randperm(n, generator=gen)]
+    if n >= 3:
+        out.append(torch.tensor([1, 2, 0, *range(3, n)]))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_chain_output_equals_the_whole_network_in_float64(name):
+    """For every group with a chain, under a transposition, a 3-cycle and a random permutation, at t = 0.3 on a
+    quadratic Bezier curve's point (A's and a random B's weights and a random control point), the chain's output
+    equals the whole network's in float64 to 1e-10 (the same sums in another order: rounding of about 1e-15 of
+    O(1) terms); the groups found are exactly the expected ones."""
+    make, shape, expected = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    randomize_bn(model, seed=1)
+    spec = trace_spec(model.eval(), torch.randn(2, *shape))
+    model = _bn_off(model.double())
+    names = [n for n, _ in model.named_parameters()]
+    gen = torch.Generator().manual_seed(2)
+    wa = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wb = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in wa.items()}
+    theta = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in wa.items()}
+    x = torch.randn(8, *shape, generator=gen, dtype=torch.float64)
+    t = 0.3
+
+    def point(pb):
+        return {k: (1 - t) ** 2 * wa[k] + 2 * t * (1 - t) * theta[k] + t**2 * pb[k] for k in wa}
+
+    identity = point(wb)
+    params = spec.restrict(names)  # the running statistics are not parameters
+    found = set()
+    for g, n in spec.sizes.items():
+        chain = Chain.find(model, spec, g, names)
+        if chain is None:
+            continue
+        found.add(g)
+        values = chain.identity_values(identity, x)
+        for perm in _moves(n, gen):
+            moved = apply_permutation(wb, params, {**identity_permutation(params), g: perm})
+            w = point(moved)
+            whole = functional_call(model, w, (x,))
+            units = (perm != torch.arange(n)).nonzero().flatten()
+            parts = chain.parts(values, lambda k, w=w: w[k], identity, units)
+            out = chain.output(values, parts, {k: identity[k] for k in chain.tail_names})
+            assert (out - whole).abs().max() < 1e-10, (g, perm)
+            assert (functional_call(model, identity, (x,)) - whole).abs().max() > 1e-6  # the move changes the output
+    assert found == expected
+
+
+@pytest.mark.parametrize(
+    "model",
+    [TwoConsumers(), Between(nn.LayerNorm(5)), Between(nn.Dropout(0.5)), Between(nn.Softmax(dim=1)), Branching()],
+    ids=["two-consumers", "layernorm", "dropout", "softmax", "untraceable"],
+)
+def test_chain_refused_where_a_move_reaches_the_output_otherwise(model):
+    """No chain where the producer's output reaches the output other than through channel-wise layers to one
+    consumer (two consumers; a LayerNorm, dropout or a softmax over the units between), or where fx cannot trace
+    the model."""
+    x = torch.randn(4, 6)
+    model.eval()
+    if isinstance(model, Branching):
+        from neuralign.alignment import SpecBuilder
+
+        spec = SpecBuilder().group("h", 5).add("a.weight", 0, "h").add("a.bias", 0, "h").add("b.weight", 1, "h").build()
+    else:
+        spec = trace_spec(model, x)
+    names = [n for n, _ in model.named_parameters()]
+    assert all(Chain.find(model, spec, g, names) is None for g in spec.sizes if g.startswith("a")), spec.summary()
+
+
+def test_chain_refused_for_grouped_convolutions_and_flatten_over_positions():
+    """A grouped convolution's output channels depend on a part of its input channels only, and a flatten over
+    several positions gives the consumer one column per channel and position: neither is a chain."""
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 1, groups=2), nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x).relu()).relu()).mean((2, 3))
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 4, 3), nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.b(torch.flatten(self.a(x).relu(), 1))
+
+    for model in (Grouped(), Flat()):
+        spec = trace_spec(model.eval(), torch.randn(2, 2, 6, 6))
+        names = [n for n, _ in model.named_parameters()]
+        chains = {g: Chain.find(model, spec, g, names) for g in spec.sizes}
+        assert all(c is None for g, c in chains.items() if g.startswith(("a", "b"))), chains
+
+
+def test_screen_through_chains_equals_the_whole_network(tmp_path):
+    """The neighbourhood check's screen (both its ways: one move at a time and a chunk under vmap) gives the same
+    per-example changes with and without chains on every slice of the screening set, in float64, to 1e-9 (float64
+    rounding of per-example cross-entropies of O(1))."""
+    from neuralign.curves import Bezier
+    from neuralign.curves.problem import CurvePermutationProblem
+    from neuralign.verification.local import _Context, _Screen, _swap
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(320, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (320,), generator=gen)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    a = build_model("tinyten", 10, in_channels=3, generator=1).double()
+    b = build_model("tinyten", 10, in_channels=3, generator=2).double()
+    spec = trace_spec(a, x[:2])
+    prob = CurvePermutationProblem(a, a.state_dict(), b.state_dict(), spec, loader, heldout_loader=loader,
+                                   value_batches=2, value_ts=(0.5,))  # fmt: skip
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    mid = {k: ((v + pb[k]) / 2 + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)).detach()
+           for k, v in pa.items()}  # fmt: skip
+    curve = Bezier([{k: v.detach() for k, v in pa.items()}, mid, {k: v.detach() for k, v in pb.items()}])
+    ctx = _Context(prob, [prob.start_offset(curve)], spec)
+    batch = (x[128:], y[128:])
+    with_chains, without = _Screen(ctx, batch, (0.25, 0.5)), _Screen(ctx, batch, (0.25, 0.5), chains=False)
+    for g, n in spec.sizes.items():
+        cands = [_swap(n, i, j) for i, j in [(0, 1), (2, n - 1), (n - 2, n - 1)]]
+        for part in range(len(with_chains.slices)):
+            whole = without._one_by_one(g, cands, part)
+            assert (with_chains._one_by_one(g, cands, part) - whole).abs().max() < 1e-9, (g, part)
+            assert (with_chains._batched(g, cands, part) - whole).abs().max() < 1e-9, (g, part)
+            assert (without._batched(g, cands, part) - whole).abs().max() < 1e-9, (g, part)
+        assert with_chains.chains[g] is not None
