@@ -30,7 +30,7 @@ side by side (the same training batches in each run), with each check's verdict 
 check's best scored move per group; ``--sequential`` runs it once more with every held-out test complete (no
 interim look of the sequential test), side by side.
 
-    python benchmarks/bench_verification.py [--epochs 15] [--candidates 64] [--examples 256] [--threads 1]
+    python benchmarks/bench_verification.py [--epochs 15] [--resize 16] [--candidates 64] [--examples 256] [--threads 1]
         [--skip screen race power verify] [--race-pairs 512] [--race-z 3 1.5 1] [--trials 100] [--profile]
         [--screen-pairs 512 128] [--sequential]
 
@@ -70,6 +70,8 @@ from neuralign.verification.local import _Context, _Meter, _Screen, _screen_grou
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of each end point (demo: 15)")
+    parser.add_argument("--resize", type=int, default=16,
+                        help="image side (demo: 16; 32 gives TinyTen the feature maps it has on CIFAR-10)")
     parser.add_argument("--candidates", type=int, default=64, help="transpositions timed per group")
     parser.add_argument("--examples", type=int, default=256, help="screening examples (the default screen)")
     parser.add_argument("--top", type=int, default=8, help="best transpositions compared (n_swaps)")
@@ -89,8 +91,8 @@ def main() -> None:
     parser.add_argument("--run", help="a finished `neuralign demo --out` folder: why were its moves flagged?")
     parser.add_argument("--refit-epochs", type=int, default=6, help="with --run: further epochs of its curve")
     args = parser.parse_args()
-    least = {"epochs": 1, "candidates": 1, "examples": 1, "top": 1, "threads": 1, "race_pairs": 1, "trials": 1,
-             "refit_epochs": 0}
+    least = {"epochs": 1, "resize": 8, "candidates": 1, "examples": 1, "top": 1, "threads": 1, "race_pairs": 1,
+             "trials": 1, "refit_epochs": 0}
     for name, low in least.items():
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
@@ -100,7 +102,7 @@ def main() -> None:
     if args.run:
         flagged_moves(args.run, args.refit_epochs)
         return
-    data = load_data("digits", batch_size=64, resize=16, generator=0)
+    data = load_data("digits", batch_size=64, resize=args.resize, generator=0)
     nets = []
     for seed in (1, 2):
         model = build_model("tinyten", 10, in_channels=1, generator=seed)
@@ -118,7 +120,8 @@ def main() -> None:
     batch = (torch.cat(xs)[: args.examples], torch.cat(ys)[: args.examples])
     ts = [0.5]
     new = _Screen(ctx, batch, ts)
-    print(f"TinyTen on digits 16x16, {args.examples} screening examples, {args.threads} thread(s)")
+    side = f"{args.resize}x{args.resize}"
+    print(f"TinyTen on digits {side}, {args.examples} screening examples, {args.threads} thread(s)")
     if "screen" not in args.skip:
         compare_screens(ctx, spec, batch, ts, args.candidates)
     if "race" not in args.skip:

@@ -859,8 +859,14 @@ class _Screen:
     A batched layer costs more per candidate than the same layer run alone (on a CPU: a grouped convolution and a
     decomposed batch norm), so vmap pays only where the unchanged layers before the group are a large part of the
     network. The first chunk of each group is therefore computed both ways and timed, and the faster way screens
-    the rest of the group (``benchmarks/bench_verification.py`` measures both per group). Both compute the same
-    values up to float rounding (measured: 5e-8 on TinyTen).
+    the rest of the group (``benchmarks/bench_verification.py`` measures both per group).
+
+    Where the group's producer, the channel-wise layers after it (batch norm, activations, pooling) and its
+    consumer form a chain in the model's fx graph (:class:`~neuralign.verification._chain.Chain`), both ways
+    evaluate a transposition through it: the producer and the consumer on the two moved units only (the consumer's
+    output is the identity's plus the moved channels' change), only the layers after the consumer per candidate.
+    Every way computes the same values up to float rounding (the same sums in another order; float64 tests:
+    ``tests/verification/test_chain.py``).
     """
 
     def __init__(self, ctx: _Context, batch: tuple[torch.Tensor, torch.Tensor], ts: Sequence[float],

@@ -30,8 +30,9 @@ def verify_passes(options, checks: Sequence[str], data, spec, fit: bool) -> tupl
     costs ``value_batches * len(value_ts)`` passes, a gradient estimate ``3 * gradient_batches * len(value_ts)``, a
     screened transposition the slices of the screening set it is raced on, as fractions of a batch, per time (every
     candidate the first slice of 32 examples, at most ``screen_pairs`` of them the rest: an upper bound, which the
-    race meets where the changes are within noise of each other). A scored move stopped early by the sequential
-    test costs less than counted."""
+    race meets where the changes are within noise of each other; a transposition screened through its group's
+    chain of layers costs less than a pass, see :class:`~neuralign.verification.local._Screen`). A scored move
+    stopped early by the sequential test costs less than counted."""
     o = options
     train, groups, ts = len(data.train), len(spec.sizes), len(o.value_ts)
     score, grad, epoch = o.value_batches * ts, 3 * o.gradient_batches * ts, 3 * train
