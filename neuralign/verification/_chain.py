@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
 
-# parameter-free layers that act on each channel alone, and on each example alone (elementwise activations and
-# pooling over positions; a flatten from dim 1 keeps the channels where the consumer's axis is the group's: the
-# positions were pooled to one)
-_CHANNELWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
-                        nn.Hardswish, nn.Hardtanh, nn.Identity, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                        nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-                        nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)  # fmt: skip
+# parameter-free layers that act on each channel alone, and on each example alone: elementwise activations, and
+# after a convolution (channels on dim 1) pooling over positions (a flatten from dim 1 then keeps the channels where
+# the consumer's axis is the group's: the positions were pooled to one)
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+                        nn.Hardswish, nn.Hardtanh, nn.Identity)  # fmt: skip
+_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+          nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d,
+          nn.MaxPool2d, nn.MaxPool3d)  # fmt: skip
 _ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.tanh,
                           torch.sigmoid, F.hardswish, F.hardtanh}  # fmt: skip
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -118,7 +119,7 @@ class Chain:
             user = users[0]
             if user.op == "call_module" and user.target == consumer:
                 break
-            if not _channelwise(user, node, modules, norms):
+            if not _channelwise(user, node, modules, norms, positions=not isinstance(modules[producer], nn.Linear)):
                 return None
             seen |= {user.target} if user.op == "call_module" and user.target in norms else set()
             between.append(user)
@@ -152,7 +153,9 @@ class Chain:
         parts = {key: point(key).index_select(0, moved) for key in self.keys if key != self.consumer_weight}
         parts["new"] = point(self.consumer_weight).index_select(1, moved)
         parts["old"] = identity[self.consumer_weight].index_select(1, moved)
-        parts["input"] = values[self.consumer_input].index_select(1, moved)
+        # the consumer's input channels: a linear layer's last dim, a convolution's dim 1
+        axis = -1 if isinstance(dict(self.graph.named_modules())[self.consumer], nn.Linear) else 1
+        parts["input"] = values[self.consumer_input].index_select(axis % values[self.consumer_input].dim(), moved)
         return parts
 
     def output(self, values: Mapping[fx.Node, torch.Tensor], parts: Mapping[str, torch.Tensor],
@@ -177,16 +180,19 @@ class Chain:
         return functional_call(self.tail, dict(tail_weights), (out, *(values[n] for n in self.needs)))
 
 
-def _channelwise(node: fx.Node, source: fx.Node, modules: Mapping[str, nn.Module], norms: set[str]) -> bool:
-    """Does ``node`` act on each channel of ``source`` alone (one of the group's batch norms, or a parameter-free
-    elementwise activation), with ``source`` its only tensor input?"""
+def _channelwise(node: fx.Node, source: fx.Node, modules: Mapping[str, nn.Module], norms: set[str],
+                 positions: bool) -> bool:  # fmt: skip
+    """Does ``node`` act on each channel of ``source`` alone (one of the group's batch norms, a parameter-free
+    elementwise activation, or where ``positions`` (channels on dim 1, after a convolution) a pooling over positions
+    or a flatten from dim 1), with ``source`` its only tensor input?"""
     if node.op == "call_module":
         m = modules.get(node.target)
-        flat = isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
-        ok = node.target in norms or flat or (isinstance(m, _CHANNELWISE_MODULES) and not list(m.parameters()))
+        flat = isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1)
+        pool = positions and (isinstance(m, _POOLS) or flat)
+        ok = node.target in norms or pool or (isinstance(m, _ELEMENTWISE_MODULES) and not list(m.parameters()))
         return ok and len(node.args) == 1 and not node.kwargs and node.args[0] is source
     if node.op == "call_function" and node.target is torch.flatten:
-        return node.args == (source, 1) and not node.kwargs
+        return positions and node.args == (source, 1) and not node.kwargs
     if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
         rest = [*node.args[1:], *node.kwargs.values()]
         return bool(node.args) and node.args[0] is source and not any(isinstance(v, fx.Node) for v in rest)

@@ -29,6 +29,19 @@ class BNMLP(nn.Module):
         return self.out(h)
 
 
+class SeqMLP(nn.Module):
+    """A transformer's MLP block on ``(batch, tokens, features)``: the units on the last dim, a residual around."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc1, self.fc2, self.head = nn.Linear(4, 6), nn.Linear(6, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
 class TwoConsumers(nn.Module):
     """The first layer's output feeds two layers: a move's change reaches the output two ways."""
 
@@ -82,6 +95,7 @@ MODELS = {
     "rescat": (ResCatNet, (3, 8, 8), {"c1", "fc1"}),
     "densecat": (DenseCatNet, (1, 6, 6), {"fc"}),
     "bn_mlp": (BNMLP, (12,), {"fc1", "fc2"}),
+    "seq_mlp": (SeqMLP, (5, 4), {"fc1"}),
 }
 
 
