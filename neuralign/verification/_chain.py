@@ -144,14 +144,15 @@ class Chain:
             out = functional_call(self.probe, dict(weights), (x,))
         return dict(zip(self.probed, out))
 
-    def parts(self, values: Mapping[fx.Node, torch.Tensor], point: Callable[[str], torch.Tensor],
+    def parts(self, values: Mapping[fx.Node, torch.Tensor], rows: Callable[[str, int], torch.Tensor],
               identity: Mapping[str, torch.Tensor], moved: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The parts of one move that :meth:`output` reads: ``point(key)`` gives the move's parameter ``key`` at the
-        curve's point, ``identity`` the identity's, ``moved`` the moved units (``(|S|,)`` int64): the producer's
-        rows and the batch norms' entries of the moved units, the consumer's columns of them under the move and
-        at the identity, and the consumer's input on them at the identity."""
-        parts = {key: point(key).index_select(0, moved) for key in self.keys if key != self.consumer_weight}
-        parts["new"] = point(self.consumer_weight).index_select(1, moved)
+        """The parts of one move that :meth:`output` reads: ``rows(key, axis)`` gives the move's parameter ``key``
+        at the curve's point on the moved units along ``axis``, ``identity`` the identity's parameters, ``moved``
+        the moved units (``(|S|,)`` int64): the producer's rows and the batch norms' entries of the moved units,
+        the consumer's columns of them under the move and at the identity, and the consumer's input on them at the
+        identity."""
+        parts = {key: rows(key, 0) for key in self.keys if key != self.consumer_weight}
+        parts["new"] = rows(self.consumer_weight, 1)
         parts["old"] = identity[self.consumer_weight].index_select(1, moved)
         # the consumer's input channels: a linear layer's last dim, a convolution's dim 1
         axis = -1 if isinstance(dict(self.graph.named_modules())[self.consumer], nn.Linear) else 1

@@ -945,10 +945,18 @@ class _Screen:
         """The data term of each move on slice ``part``, through the layers after ``g``'s consumer only (the
         producer and the consumer on the moved units alone: :mod:`~neuralign.verification._chain`), the moves
         of a chunk in one :func:`torch.func.vmap` call (``batched``) or one at a time."""
-        x, y = self._part(part)
-        _, permuted = self._changed(perms)
-        n = self.ctx.problem.spec.sizes[g]
+        prob, (x, y) = self.ctx.problem, self._part(part)
+        n = prob.spec.sizes[g]
         moved = [(p[g].cpu() != torch.arange(n)).nonzero().flatten().to(x.device) for p in perms]
+        # B's parameters under a move, on the moved units: B's rows (or columns) perm[S] (apply_permutation's
+        # index_select), so the move's point there needs no permuted copy of B
+        sources = [p[g].to(x.device).index_select(0, s) for p, s in zip(perms, moved)]
+
+        def rows(t: float, s: torch.Tensor, src: torch.Tensor) -> Callable[[str, int], torch.Tensor]:
+            return lambda k, axis: ((1.0 - t) * prob.wa[k].index_select(axis, s)
+                                    + t * prob.wb[k].index_select(axis, src)
+                                    + 2.0 * t * (1.0 - t) * self.offset[k].index_select(axis, s))  # fmt: skip
+
         if self._values[0] != g:
             self._values = (g, {})
         cache = self._values[1]
@@ -964,9 +972,9 @@ class _Screen:
                 def loss(parts: dict[str, torch.Tensor], values=values, tail=tail) -> torch.Tensor:
                     return _example_loss(chain.output(values, parts, tail), y)
 
-                for lo in range(0, len(permuted), chunk):
-                    parts = [chain.parts(values, lambda k, pb=pb, t=t: self._point(t, k, pb[k]), w0, s)
-                             for pb, s in zip(permuted[lo:lo + chunk], moved[lo:lo + chunk])]  # fmt: skip
+                for lo in range(0, len(perms), chunk):
+                    parts = [chain.parts(values, rows(t, s, src), w0, s)
+                             for s, src in zip(moved[lo:lo + chunk], sources[lo:lo + chunk])]  # fmt: skip
                     if chunk == 1:
                         out[lo] += loss(parts[0])
                         continue

@@ -146,7 +146,7 @@ def test_chain_output_equals_the_whole_network_in_float64(name):
             w = point(moved)
             whole = functional_call(model, w, (x,))
             units = (perm != torch.arange(n)).nonzero().flatten()
-            parts = chain.parts(values, lambda k, w=w: w[k], identity, units)
+            parts = chain.parts(values, lambda k, axis, w=w, u=units: w[k].index_select(axis, u), identity, units)
             out = chain.output(values, parts, {k: identity[k] for k in chain.tail_names})
             assert (out - whole).abs().max() < 1e-10, (g, perm)
             assert (functional_call(model, identity, (x,)) - whole).abs().max() > 1e-6  # the move changes the output
