@@ -20,6 +20,8 @@ order).
 
 from __future__ import annotations
 
+import inspect
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -73,6 +75,11 @@ class Chain:
     @property
     def consumer_weight(self) -> str:
         return f"{self.consumer}.weight"
+
+    @property
+    def probe_names(self) -> list[str]:
+        """The parameters of the layers the forward pass calls."""
+        return [name for name, _ in self.probe.named_parameters()]
 
     @property
     def tail_names(self) -> list[str]:
@@ -132,16 +139,28 @@ class Chain:
         keys = sorted(f"{m}.{name}" if m else name for m, axes in on.items() for name, _ in axes)
         if any(n.op == "get_attr" and n.target in keys for n in graph.graph.nodes):  # read outside its layer
             return None
+        prod = modules[producer]
+        if prod.bias is not None and f"{producer}.bias" not in keys:  # the bias not among ``names``
+            return None
+        for m in norms:  # the screen's batch norm: on each batch's statistics, affine on the group's axis
+            bn = modules[m]
+            if not (bn.training or bn.running_mean is None) or {f"{m}.weight", f"{m}.bias"} - set(keys):
+                return None
         tail, needs = _tail(graph, user)
+        # the identity's values are read after the forward pass: none may change in place after it is made (the
+        # consumer's output is copied as it is made; an in-place layer after it then acts on its own tensor)
+        kept = {calls[0].args[0], *needs}
+        if any(_inplace(n, modules) and n.args and n.args[0] in kept for n in graph.graph.nodes if n not in between):
+            return None
         probed = list(dict.fromkeys([calls[0].args[0], node, user, *needs]))
         return cls(producer, between, consumer, keys, graph, calls[0].args[0], node, user, tail, needs,
-                   _probe(graph, probed), probed)
+                   _probe(graph, probed, user), probed)
 
     def identity_values(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
         """The identity's values of the nodes the moves read (``weights``: the identity's point of the curve, ``x``
         the inputs): the producer's and the consumer's inputs, the consumer's output, and those the tail reads."""
         with torch.no_grad():
-            out = functional_call(self.probe, dict(weights), (x,))
+            out = functional_call(self.probe, {k: weights[k] for k in self.probe_names}, (x,))
         return dict(zip(self.probed, out))
 
     def parts(self, values: Mapping[fx.Node, torch.Tensor], rows: Callable[[str, int], torch.Tensor],
@@ -219,15 +238,43 @@ def trace(model: nn.Module) -> fx.GraphModule | None:
         return None
 
 
-def _probe(graph: fx.GraphModule, nodes: Sequence[fx.Node]) -> fx.GraphModule:
-    """``graph`` returning the values of ``nodes`` (a tuple) instead of its output."""
+def _inplace(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Does ``node`` change its first input in place (a layer with ``inplace=True``, a function called with it, a
+    method or function named with a trailing underscore, an augmented assignment)?"""
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    name = getattr(node.target, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or node.target in _AUGMENTED:
+        return True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # a builtin without a signature, or arguments it does not take
+        return bool(node.kwargs.get("inplace", False))
+    return bool(bound.arguments.get("inplace", False))
+
+
+_AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+              operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+              operator.imatmul}  # fmt: skip
+
+
+def _probe(graph: fx.GraphModule, nodes: Sequence[fx.Node], copied: fx.Node) -> fx.GraphModule:
+    """``graph`` returning the values of ``nodes`` (a tuple) instead of its output, ``copied``'s as a copy made
+    where it is made (a later in-place layer may change it)."""
     probe = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    out: dict[fx.Node, fx.Node] = {}
     for n in graph.graph.nodes:
         if n.op == "output":
             break
-        env[n] = probe.node_copy(n, lambda a: env[a])
-    probe.output(tuple(env[n] for n in nodes))
+        env[n] = out[n] = probe.node_copy(n, lambda a: env[a])
+        if n is copied:
+            out[n] = probe.call_function(torch.clone, (env[n],))
+    probe.output(tuple(out[n] for n in nodes))
     return fx.GraphModule(graph, probe)
 
 

@@ -42,6 +42,24 @@ class SeqMLP(nn.Module):
         return self.head(h.mean(1))
 
 
+class InPlace(nn.Module):
+    """In-place activations after every layer (as torchvision's VGG and ResNet; the one after a consumer changed
+    the identity's consumer output the chain had kept), an in-place addition (no chain through it) and a head the
+    forward never calls (the identity's forward pass was given its parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.act = nn.ReLU(inplace=True)
+        self.unused = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.act(self.b(self.act(self.a(x))))
+        h = self.act(self.c(h))
+        h += 1.0
+        return self.d(h)
+
+
 class TwoConsumers(nn.Module):
     """The first layer's output feeds two layers: a move's change reaches the output two ways."""
 
@@ -96,6 +114,7 @@ MODELS = {
     "densecat": (DenseCatNet, (1, 6, 6), {"fc"}),
     "bn_mlp": (BNMLP, (12,), {"fc1", "fc2"}),
     "seq_mlp": (SeqMLP, (5, 4), {"fc1"}),
+    "inplace": (InPlace, (6,), {"a", "b"}),
 }
 
 
@@ -141,6 +160,7 @@ def test_chain_output_equals_the_whole_network_in_float64(name):
             continue
         found.add(g)
         values = chain.identity_values(identity, x)
+        changed = 0.0
         for perm in _moves(n, gen):
             moved = apply_permutation(wb, params, {**identity_permutation(params), g: perm})
             w = point(moved)
@@ -149,8 +169,41 @@ def test_chain_output_equals_the_whole_network_in_float64(name):
             parts = chain.parts(values, lambda k, axis, w=w, u=units: w[k].index_select(axis, u), identity, units)
             out = chain.output(values, parts, {k: identity[k] for k in chain.tail_names})
             assert (out - whole).abs().max() < 1e-10, (g, perm)
-            assert (functional_call(model, identity, (x,)) - whole).abs().max() > 1e-6  # the move changes the output
+            changed = max(changed, float((functional_call(model, identity, (x,)) - whole).abs().max()))
+        assert changed > 1e-6, g  # the moves change the output (a move among dead units may not)
     assert found == expected
+
+
+class InPlaceInput(nn.Module):
+    """The producer's input is changed in place after the producer has read it (a skip path's in-place ReLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.a, self.b, self.h = nn.Linear(4, 6), nn.Linear(6, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.e(x)
+        y = self.b(torch.relu(self.a(h)))
+        return self.h(y + F.relu(h, inplace=True))
+
+
+def test_chain_refused_where_its_inputs_change_in_place_or_its_parameters_are_not_all_given():
+    """No chain where a value it reads from the identity's forward pass changes in place after it is made (the
+    producer's input relu'd in place by a skip path); where ``names`` leaves out a parameter of the chain on the
+    group's axis (the producer's bias); or where a batch norm between normalises with running statistics (eval
+    mode: the chain normalises with the batch's, as the screen does)."""
+    model = InPlaceInput().eval()
+    spec = trace_spec(model, torch.randn(2, 4))
+    names = [n for n, _ in model.named_parameters()]
+    assert Chain.find(model, spec, "a", names) is None and Chain.find(model, spec, "e", names) is None
+    mlp = BNMLP().train()
+    spec = trace_spec(mlp.eval(), torch.randn(2, 12))
+    names = [n for n, _ in mlp.named_parameters()]
+    mlp.train()
+    assert Chain.find(mlp, spec, "fc1", names) is not None
+    assert Chain.find(mlp, spec, "fc1", [n for n in names if n != "fc1.bias"]) is None
+    assert Chain.find(mlp.eval(), spec, "fc1", names) is None  # running statistics
+    assert Chain.find(_bn_off(mlp).eval(), spec, "fc1", names) is not None  # none: the batch's statistics
 
 
 @pytest.mark.parametrize(
