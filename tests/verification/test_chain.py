@@ -286,3 +286,53 @@ def test_screen_through_chains_equals_the_whole_network(tmp_path):
             assert (with_chains._batched(g, cands, part) - whole).abs().max() < 1e-9, (g, part)
             assert (without._batched(g, cands, part) - whole).abs().max() < 1e-9, (g, part)
         assert with_chains.chains[g] is not None
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn"])
+def test_chain_on_torchvision_models(arch):
+    """Models we did not write (torchvision, random weights, 32x32 inputs): chains are found for exactly the groups
+    whose producer reaches one consumer through batch norm, in-place ReLUs and pooling (each ResNet block's inner
+    group; every VGG feature group, the last through its pooling to 1x1 and flatten into the classifier), every
+    other group is refused (the residual streams; the classifier's group, through dropout), and the chain's output
+    equals the whole network's in float64 for a transposition of each (1e-9 of the output's scale: float64
+    rounding)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    if arch == "vgg11_bn":  # a small head (the 25,088 x 4,096 classifier costs seconds in float64), pooled to 1x1
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        model.classifier = nn.Sequential(nn.Linear(512, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 10))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    spec = trace_spec(model.eval(), x[:2].float())
+    model = _bn_off(model.double())
+    for m in model.modules():  # dropout's masks are random: the two evaluations are compared without it
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    names = [n for n, _ in model.named_parameters()]
+    identity = {n: p.detach() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(4)
+    other = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) * p.std().clamp_min(1e-2)
+             for n, p in identity.items()}  # fmt: skip
+    params = spec.restrict(names)
+    found = set()
+    for g, n in spec.sizes.items():
+        chain = Chain.find(model, spec, g, names)
+        if chain is None:
+            continue
+        found.add(g)
+        perm = torch.arange(n)
+        perm[[1, n - 1]] = perm[[n - 1, 1]]
+        moved = apply_permutation(other, params, {**identity_permutation(params), g: perm})
+        w = {k: 0.5 * identity[k] + 0.5 * moved[k] for k in identity}
+        base = {k: 0.5 * identity[k] + 0.5 * other[k] for k in identity}
+        values = chain.identity_values(base, x)
+        units = torch.tensor([1, n - 1])
+        parts = chain.parts(values, lambda k, axis, w=w, u=units: w[k].index_select(axis, u), base, units)
+        out = chain.output(values, parts, {k: base[k] for k in chain.tail_names})
+        whole = functional_call(model, w, (x,))
+        assert (out - whole).abs().max() <= 1e-9 * whole.abs().max().clamp_min(1.0), g
+    if arch == "resnet18":
+        expected = {g for g in spec.sizes if g.endswith(".conv1")}
+    else:
+        expected = {g for g in spec.sizes if g.startswith("features.")}
+    assert found == expected, sorted(found ^ expected)
