@@ -24,6 +24,7 @@ import inspect
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,11 @@ class Chain:
     @property
     def consumer_weight(self) -> str:
         return f"{self.consumer}.weight"
+
+    @cached_property
+    def modules(self) -> dict[str, nn.Module]:
+        """The graph's layers by name (looked up for every move)."""
+        return dict(self.graph.named_modules())
 
     @property
     def probe_names(self) -> list[str]:
@@ -174,7 +180,7 @@ class Chain:
         parts["new"] = rows(self.consumer_weight, 1)
         parts["old"] = identity[self.consumer_weight].index_select(1, moved)
         # the consumer's input channels: a linear layer's last dim, a convolution's dim 1
-        axis = -1 if isinstance(dict(self.graph.named_modules())[self.consumer], nn.Linear) else 1
+        axis = -1 if isinstance(self.modules[self.consumer], nn.Linear) else 1
         parts["input"] = values[self.consumer_input].index_select(axis % values[self.consumer_input].dim(), moved)
         return parts
 
@@ -182,7 +188,7 @@ class Chain:
                tail_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The model's output under one move (its :meth:`parts`; ``values``: :meth:`identity_values`;
         ``tail_weights``: the identity's parameters of the layers after the consumer). Vmappable over ``parts``."""
-        modules = dict(self.graph.named_modules())
+        modules = self.modules
         prod = modules[self.producer]
         a = _layer(prod, values[self.producer_input], parts[f"{self.producer}.weight"],
                    parts.get(f"{self.producer}.bias"))  # fmt: skip
