@@ -499,8 +499,8 @@ def _ignore_sigint() -> None:
 
 
 def _default_sigint() -> None:
-    # as in a terminal's foreground command, whatever the test runner inherited (a pytest started with `&` by a
-    # non-interactive shell ignores SIGINT, and so would the study it starts: the Ctrl-C case then timed out)
+    # as in a terminal's foreground command, whatever the test runner inherited: a pytest started with `&` by a
+    # non-interactive shell ignores SIGINT, and so did the study it started (Ctrl-C then did nothing: a timeout)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -532,7 +532,7 @@ def test_an_interrupted_local_run_stops_its_jobs_and_says_cancelled(tmp_path, ho
             proc.send_signal(signal.SIGTERM)
         else:
             os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the foreground group
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=60)
         assert proc.returncode == (143 if how == "sigterm" else 130), err
         assert err.strip() == "neuralign: interrupted; run the same command again to resume from the checkpoints", err
         for pid in (int(job), *task):
