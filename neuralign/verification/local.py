@@ -921,10 +921,15 @@ class _Screen:
         ident = identity_permutation(sub_spec)
         return keys, [apply_permutation({k: prob.wb[k] for k in keys}, sub_spec, {**ident, **p}) for p in perms]
 
-    def _point(self, t: float, k: str, pb: torch.Tensor) -> torch.Tensor:
-        """Parameter ``k`` of the curve's point at time ``t`` with B's ``pb`` (as the problem's ``weights``)."""
+    def _point(self, t: float, k: str, pb: torch.Tensor, along: tuple[int, torch.Tensor] | None = None
+               ) -> torch.Tensor:  # fmt: skip
+        """Parameter ``k`` of the curve's point at time ``t`` with B's ``pb`` (as the problem's ``weights``); with
+        ``along = (axis, index)`` only those entries along ``axis`` (``pb`` given on them alone)."""
         prob = self.ctx.problem
-        return (1.0 - t) * prob.wa[k] + t * pb + 2.0 * t * (1.0 - t) * self.offset[k]
+        wa, offset = prob.wa[k], self.offset[k]
+        if along is not None:
+            wa, offset = wa.index_select(*along), offset.index_select(*along)
+        return (1.0 - t) * wa + t * pb + 2.0 * t * (1.0 - t) * offset
 
     def _chain(self, g: str, perms: Sequence[Mapping[str, torch.Tensor]]) -> Chain | None:
         """Group ``g``'s :class:`~neuralign.verification._chain.Chain`, where every move of ``perms`` moves units
@@ -953,9 +958,7 @@ class _Screen:
         sources = [p[g].to(x.device).index_select(0, s) for p, s in zip(perms, moved)]
 
         def rows(t: float, s: torch.Tensor, src: torch.Tensor) -> Callable[[str, int], torch.Tensor]:
-            return lambda k, axis: ((1.0 - t) * prob.wa[k].index_select(axis, s)
-                                    + t * prob.wb[k].index_select(axis, src)
-                                    + 2.0 * t * (1.0 - t) * self.offset[k].index_select(axis, s))  # fmt: skip
+            return lambda k, axis: self._point(t, k, prob.wb[k].index_select(axis, src), (axis, s))
 
         if self._values[0] != g:
             self._values = (g, {})
