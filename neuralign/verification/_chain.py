@@ -184,10 +184,10 @@ class Chain:
         parts["input"] = values[self.consumer_input].index_select(axis % values[self.consumer_input].dim(), moved)
         return parts
 
-    def output(self, values: Mapping[fx.Node, torch.Tensor], parts: Mapping[str, torch.Tensor],
-               tail_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The model's output under one move (its :meth:`parts`; ``values``: :meth:`identity_values`;
-        ``tail_weights``: the identity's parameters of the layers after the consumer). Vmappable over ``parts``."""
+    def consumer_output(self, values: Mapping[fx.Node, torch.Tensor], parts: Mapping[str, torch.Tensor]
+                        ) -> torch.Tensor:  # fmt: skip
+        """The consumer's output under one move (its :meth:`parts`; ``values``: :meth:`identity_values`):
+        the identity's, less the moved units' contribution at the identity, plus theirs under the move."""
         modules = self.modules
         prod = modules[self.producer]
         a = _layer(prod, values[self.producer_input], parts[f"{self.producer}.weight"],
@@ -202,8 +202,99 @@ class Chain:
             else:
                 a = n.target(a, *n.args[1:], **n.kwargs)
         cons = modules[self.consumer]
-        out = values[self.consumer_node] - _layer(cons, parts["input"], parts["old"]) + _layer(cons, a, parts["new"])
+        return values[self.consumer_node] - _layer(cons, parts["input"], parts["old"]) + _layer(cons, a, parts["new"])
+
+    def output(self, values: Mapping[fx.Node, torch.Tensor], parts: Mapping[str, torch.Tensor],
+               tail_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The model's output under one move (its :meth:`parts`; ``values``: :meth:`identity_values`;
+        ``tail_weights``: the identity's parameters of the layers after the consumer). Vmappable over ``parts``."""
+        out = self.consumer_output(values, parts)
         return functional_call(self.tail, dict(tail_weights), (out, *(values[n] for n in self.needs)))
+
+
+    def linearised(self, values: Mapping[fx.Node, torch.Tensor], grad: torch.Tensor,
+                   weights: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], c: float,
+                   block: int = 1 << 22) -> torch.Tensor:  # fmt: skip
+        """Every transposition's change of each example's loss, to first order in the layers after the consumer:
+        the producer, the channel-wise layers and the consumer exact (as :meth:`output`), the layers after the
+        consumer replaced by their linearisation at the identity.
+
+        With :math:`O` the consumer's output at the identity, :math:`g = \\partial L / \\partial O` (``grad``, ``L``
+        the batch's summed loss) and :math:`\\Delta O_{ij}` the exact change of :math:`O` under the transposition
+        of units ``i`` and ``j``, the estimate of example ``e`` is :math:`\\langle g_e, \\Delta O_{ij, e}\\rangle`.
+        A transposition gives unit ``i`` the curve point's parameters with B's entries of unit ``j``:
+        :math:`w_i + c\\,(b_j - b_i)` on every key of the chain (a point of the curve is affine in B, with
+        weight ``c``). The producer's output under it is therefore :math:`z_i + c\\,(z^B_j - z^B_i)`
+        (:math:`z^B`: the producer with B's entries alone), the channel-wise layers act on each unit alone, and
+        the consumer is linear in its input and weight, so that
+        :math:`\\langle g, \\Delta O_{ij}\\rangle = M_{ij} + M_{ji} - M_{ii} - M_{jj}` with
+        :math:`M_{ij} = \\langle R_i + c\\,(R^B_j - R^B_i),\\ a_{i \\leftarrow j}\\rangle` (:math:`R`, :math:`R^B`:
+        the consumer's adjoint applied to ``g`` with its weight at the point and B's; :math:`a_{i \\leftarrow j}`:
+        unit ``i``'s input to the consumer with B's entries of unit ``j``): one pass over all ``n^2`` ordered
+        pairs instead of a pass of the network per transposition. Batch norm between normalises each pair's
+        channel with its own statistics, as in the exact chain; batch norm after the consumer couples a batch's
+        examples, so only the sum over the batch is the first-order change of the batch's summed loss.
+
+        Parameters
+        ----------
+        values : mapping
+            :meth:`identity_values` on the batch.
+        grad : Tensor
+            The gradient of the batch's summed loss with respect to the consumer's output at the identity, its
+            shape and dtype.
+        weights, other : mapping of str to Tensor
+            The curve's point at ``t`` (the identity) and B's parameters (permuted by the alignment), at least the
+            chain's ``keys``.
+        c : float
+            The weight of B's parameters in the curve's point (its time ``t`` for a quadratic Bezier curve written
+            as :math:`(1 - t) A + t B + 2 t (1 - t) \\theta`: the curve problem's parametrisation).
+        block : int
+            The most elements of one intermediate tensor (the ordered pairs are taken in blocks of units ``i``).
+
+        Returns
+        -------
+        Tensor
+            ``(B, n, n)`` float64, symmetric in its last two dimensions with a zero diagonal: entry ``(e, i, j)``
+            is example ``e``'s estimate under the transposition of ``i`` and ``j``.
+        """
+        modules = self.modules
+        prod, cons = modules[self.producer], modules[self.consumer]
+        # the channel axis: a linear layer's last dim, a convolution's dim 1
+        axis = -1 if isinstance(prod, nn.Linear) else 1
+        weight, bias = f"{self.producer}.weight", f"{self.producer}.bias"
+        with torch.no_grad():
+            x = values[self.producer_input]
+            z = _layer(prod, x, weights[weight], weights.get(bias))
+            zb = _layer(prod, x, other[weight], other.get(bias))
+        u = values[self.consumer_input].detach().requires_grad_(True)
+        with torch.enable_grad():
+            r, rb = (torch.autograd.grad(_layer(cons, u, w[self.consumer_weight]), u, grad)[0]
+                     for w in (weights, other))  # fmt: skip
+        n = z.shape[axis]
+        rows_per_block = max(1, block // max(z.numel(), u.numel(), 1))
+        m = torch.zeros(z.shape[0], n, n, dtype=torch.float64, device=z.device)
+        with torch.no_grad():
+            for lo in range(0, n, rows_per_block):
+                rows = torch.arange(lo, min(n, lo + rows_per_block), device=z.device)
+                a = _pairs(z, zb, rows, c, axis).flatten(*((1, 2) if axis == 1 else (-2, -1)))
+                for node in self.between:
+                    if node.op == "call_module" and isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
+                        key = node.target
+                        scale = _pairs(weights[f"{key}.weight"], other[f"{key}.weight"], rows, c, 0).flatten()
+                        shift = _pairs(weights[f"{key}.bias"], other[f"{key}.bias"], rows, c, 0).flatten()
+                        a = F.batch_norm(a, None, None, scale, shift, True, 0.0, modules[key].eps)
+                    elif node.op == "call_module":
+                        a = modules[node.target](a)
+                    else:
+                        a = node.target(a, *node.args[1:], **node.kwargs)
+                a = a.unflatten(axis, (rows.numel(), n))
+                adjoint = _pairs(r, rb, rows, c, axis)
+                product = (adjoint * a).double()  # summed over the positions (or tokens) below
+                pairs = (1, 2) if axis == 1 else (product.dim() - 2, product.dim() - 1)
+                rest = [d for d in range(1, product.dim()) if d not in pairs]
+                m[:, lo:lo + rows.numel()] = product.sum(rest) if rest else product
+        d = m.diagonal(dim1=1, dim2=2)
+        return (m + m.transpose(1, 2)) - (d[:, :, None] + d[:, None, :])  # symmetric to the bit
 
 
 def _channelwise(node: fx.Node, source: fx.Node, modules: Mapping[str, nn.Module], norms: set[str],
@@ -223,6 +314,14 @@ def _channelwise(node: fx.Node, source: fx.Node, modules: Mapping[str, nn.Module
         rest = [*node.args[1:], *node.kwargs.values()]
         return bool(node.args) and node.args[0] is source and not any(isinstance(v, fx.Node) for v in rest)
     return False
+
+
+def _pairs(x: torch.Tensor, xb: torch.Tensor, rows: torch.Tensor, c: float, axis: int) -> torch.Tensor:
+    """``x`` with its units along ``axis`` given B's entries ``xb`` of every unit in turn: ``x_i + c (xb_j - xb_i)``
+    for ``i`` in ``rows`` and every ``j``, a new axis ``j`` after ``axis``."""
+    axis = axis % x.dim()
+    xi, xbi = x.index_select(axis, rows).unsqueeze(axis + 1), xb.index_select(axis, rows).unsqueeze(axis + 1)
+    return xi + c * (xb.unsqueeze(axis) - xbi)
 
 
 def _layer(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
