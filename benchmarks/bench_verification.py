@@ -191,7 +191,7 @@ def race(ctx, screen, top, screen_pairs) -> None:
                                      for lo in range(0, moves.count, screen.chunk(p))])
                           for p in range(len(screen.slices))], dim=1).mean(1)  # fmt: skip
         middle = time.perf_counter()
-        chosen, raced = _screen_group(c.label, moves, torch.zeros(moves.count), screen, options,
+        chosen, raced = _screen_group(c.label, moves, torch.arange(moves.count), screen, options,
                                       torch.Generator().manual_seed(0), _Meter(options))  # fmt: skip
         end = time.perf_counter()
         best = torch.argsort(full, stable=True)[:top]
@@ -273,7 +273,7 @@ def power(ctx, batch, top, zs, trials, candidates=512, effects=(1.0, 2.0, 3.0, 4
                     for i, z in enumerate(zs):
                         local._RACE_Z = z
                         fake = _Values(planted, screen.slices)
-                        chosen, _ = _screen_group(c.label, _Indexed(n), torch.zeros(n), fake, options,
+                        chosen, _ = _screen_group(c.label, _Indexed(n), torch.arange(n), fake, options,
                                                   torch.Generator().manual_seed(0), _Meter(options))  # fmt: skip
                         hits[i + 1] += k in [m.where[0] for m, _ in chosen]
                         spent[i] += fake.evaluated / planted.numel()
@@ -316,7 +316,7 @@ def neutral(top, zs, trials=200, count=2016, examples=256, effect=3.0) -> None:
             for i, z in enumerate(zs):
                 local._RACE_Z = z
                 fake = _Values(values, slices)
-                chosen, _ = _screen_group("g", _Indexed(count), torch.zeros(count), fake, options,
+                chosen, _ = _screen_group("g", _Indexed(count), torch.arange(count), fake, options,
                                           torch.Generator().manual_seed(0), _Meter(options))  # fmt: skip
                 found[i + 1] += k in [m.where[0] for m, _ in chosen]
                 spent[i] += fake.evaluated / values.numel() / trials

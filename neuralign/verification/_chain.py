@@ -214,7 +214,7 @@ class Chain:
 
     def linearised(self, values: Mapping[fx.Node, torch.Tensor], grad: torch.Tensor,
                    weights: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], c: float,
-                   block: int = 1 << 22) -> torch.Tensor:  # fmt: skip
+                   per_example: bool = True, block: int = 1 << 22) -> torch.Tensor:  # fmt: skip
         """Every transposition's change of each example's loss, to first order in the layers after the consumer:
         the producer, the channel-wise layers and the consumer exact (as :meth:`output`), the layers after the
         consumer replaced by their linearisation at the identity.
@@ -248,14 +248,17 @@ class Chain:
         c : float
             The weight of B's parameters in the curve's point (its time ``t`` for a quadratic Bezier curve written
             as :math:`(1 - t) A + t B + 2 t (1 - t) \\theta`: the curve problem's parametrisation).
+        per_example : bool
+            Each example's estimate (default), or their sum over the batch.
         block : int
             The most elements of one intermediate tensor (the ordered pairs are taken in blocks of units ``i``).
 
         Returns
         -------
         Tensor
-            ``(B, n, n)`` float64, symmetric in its last two dimensions with a zero diagonal: entry ``(e, i, j)``
-            is example ``e``'s estimate under the transposition of ``i`` and ``j``.
+            ``(B, n, n)`` float64 (``(n, n)``: summed over the batch), symmetric in its last two dimensions with
+            a zero diagonal: entry ``(e, i, j)`` is example ``e``'s estimate under the transposition of ``i`` and
+            ``j``.
         """
         modules = self.modules
         prod, cons = modules[self.producer], modules[self.consumer]
@@ -272,7 +275,7 @@ class Chain:
                      for w in (weights, other))  # fmt: skip
         n = z.shape[axis]
         rows_per_block = max(1, block // max(z.numel(), u.numel(), 1))
-        m = torch.zeros(z.shape[0], n, n, dtype=torch.float64, device=z.device)
+        m = torch.zeros(*z.shape[:1] if per_example else (), n, n, dtype=torch.float64, device=z.device)
         with torch.no_grad():
             for lo in range(0, n, rows_per_block):
                 rows = torch.arange(lo, min(n, lo + rows_per_block), device=z.device)
@@ -291,10 +294,10 @@ class Chain:
                 adjoint = _pairs(r, rb, rows, c, axis)
                 product = (adjoint * a).double()  # summed over the positions (or tokens) below
                 pairs = (1, 2) if axis == 1 else (product.dim() - 2, product.dim() - 1)
-                rest = [d for d in range(1, product.dim()) if d not in pairs]
-                m[:, lo:lo + rows.numel()] = product.sum(rest) if rest else product
-        d = m.diagonal(dim1=1, dim2=2)
-        return (m + m.transpose(1, 2)) - (d[:, :, None] + d[:, None, :])  # symmetric to the bit
+                rest = [d for d in range(int(per_example), product.dim()) if d not in pairs]
+                m[..., lo:lo + rows.numel(), :] = product.sum(rest) if rest else product
+        d = m.diagonal(dim1=-2, dim2=-1)
+        return (m + m.transpose(-2, -1)) - (d[..., :, None] + d[..., None, :])  # symmetric to the bit
 
 
 def _channelwise(node: fx.Node, source: fx.Node, modules: Mapping[str, nn.Module], norms: set[str],

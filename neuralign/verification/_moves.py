@@ -150,6 +150,13 @@ class MoveSet:
             self._rows, self._cols = torch.triu_indices(n, n, offset=1)
             self.count = int(self._rows.numel())
 
+    @property
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The units ``(i, j)`` of every transposition of a plain group, as two ``(count,)`` int64 tensors."""
+        if self.coordinate.structured:
+            raise ValueError(f"{self.coordinate.label} moves by structured swaps, not transpositions")
+        return self._rows, self._cols
+
     def __getitem__(self, k: int) -> Move:
         if self.coordinate.structured:
             return self._moves[k]

@@ -986,6 +986,32 @@ class _Screen:
                     out[lo:lo + len(parts)] += torch.func.vmap(loss, randomness="different")(stacked)
         return out / len(self.ts)
 
+    def linearised(self, moves: MoveSet) -> torch.Tensor | None:
+        """``(moves.count,)`` float64: every transposition's mean change of the data term over the screening set
+        (all ranks'; mean over ``ts``), to first order in the layers after its group's consumer
+        (:meth:`~neuralign.verification._chain.Chain.linearised`: the producer, the channel-wise layers and the
+        consumer exact); ``None`` for a coordinate with heads or a group without a chain."""
+        c = moves.coordinate
+        g = c.groups[0]
+        n = self.ctx.spec.sizes[g]
+        if c.structured or n < 2 or self._chain(g, [{g: _swap(n, 0, 1)}]) is None:
+            return None
+        chain, prob = self.chains[g], self.ctx.problem
+        total = torch.zeros(n, n, dtype=torch.float64)
+        for part in range(len(self.slices)):
+            x, y = self._part(part)
+            for t, w0 in zip(self.ts, self.base):
+                values = chain.identity_values(w0, x)
+                consumer = values[chain.consumer_node].detach().requires_grad_(True)
+                tail = {k: w0[k] for k in chain.tail_names}
+                with torch.enable_grad():
+                    output = functional_call(chain.tail, tail, (consumer, *(values[m] for m in chain.needs)))
+                    (grad,) = torch.autograd.grad(_example_loss(output, y).sum(), consumer)
+                total += chain.linearised(values, grad.to(consumer.dtype), w0, prob.wb, t, per_example=False).cpu()
+        rows, cols = moves.pairs
+        sums = all_reduce_sum(torch.cat([total[rows, cols], torch.tensor([float(self.local)], dtype=torch.float64)]))
+        return sums[:-1] / (sums[-1] * len(self.ts))
+
     def _one_by_one(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor], part: int = 0
                     ) -> torch.Tensor:  # fmt: skip
         prob, (x, y) = self.ctx.problem, self._part(part)
@@ -1094,7 +1120,7 @@ class _Meter:
         _tick(self.opts, "neighbourhood", int(min(self.done, total)), int(total))
 
 
-def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen: _Screen, opts,
+def _screen_group(label: str, moves: MoveSet, candidates: torch.Tensor, screen: _Screen, opts,
                   gen: torch.Generator, meter: _Meter) -> tuple[list[tuple[Move, str]], list[int]]:
     """Moves of coordinate ``label`` to score (its transpositions, or its structured swaps with attention heads,
     more than ``n_swaps + n_control_swaps``): the ``n_swaps`` with the lowest screening estimate, the mean change
@@ -1102,7 +1128,8 @@ def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen:
     candidates in the race on each slice of the screening set.
 
     The estimates come from a race (successive elimination; Maron & Moore, "Hoeffding races", NIPS 1993): every
-    candidate (:func:`_first_stage`) is evaluated on the first slice of the screening set (:func:`_slices`), and
+    candidate (``candidates``: :func:`_first_stage`) is evaluated on the first slice of the screening set
+    (:func:`_slices`), and
     after each slice a candidate whose mean change over the examples seen so far, minus ``_RACE_Z`` standard
     errors, is above the ``n_swaps``-th lowest mean plus ``_RACE_Z`` standard errors leaves the race (no more than
     ``screen_pairs`` go on, those with the lowest means); those left at the end are ranked by their mean change over
@@ -1126,7 +1153,6 @@ def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen:
             rate[0] = ms / evaluated
         return torch.cat(out)
 
-    candidates = _first_stage(first_order, opts)
     raced = []
     s1 = torch.zeros(candidates.numel(), dtype=torch.float64)
     s2 = torch.zeros_like(s1)
@@ -1160,10 +1186,15 @@ def _screen_group(label: str, moves: MoveSet, first_order: torch.Tensor, screen:
     return moves_out, raced
 
 
-def _first_stage(first_order: torch.Tensor, opts) -> torch.Tensor:
-    """Indices of the moves a coordinate races (``first_order``: every move's first-order estimate, see
-    :class:`~neuralign.verification._moves.MoveSet`): every one, or (more than ``16 * screen_pairs``) those with
-    the largest first-order estimate in magnitude (that estimate ranks badly; it only bounds the work)."""
+def _first_stage(first_order: torch.Tensor, linearised: torch.Tensor | None, opts) -> torch.Tensor:
+    """Indices of the moves a coordinate races, in their order: where its group has a chain (``linearised``: every
+    transposition's change linearised after the group's consumer, :meth:`_Screen.linearised`), the
+    ``screen_pairs`` with the lowest; otherwise (``first_order``: every move's first-order estimate in the
+    permutation, see :class:`~neuralign.verification._moves.MoveSet`) every one, or (more than
+    ``16 * screen_pairs``) those with the largest first-order estimate in magnitude (that estimate ranks badly; it
+    only bounds the work)."""
+    if linearised is not None:
+        return torch.argsort(linearised, stable=True)[: opts.screen_pairs].sort().values
     if first_order.numel() > 16 * opts.screen_pairs:
         return torch.argsort(first_order.abs(), descending=True, stable=True)[: 16 * opts.screen_pairs]
     return torch.arange(first_order.numel())
@@ -1213,13 +1244,14 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     estimates = {g: swap_estimates(G[g].double().cpu()) for g in ctx.spec.sizes}
     first_order = {label: m.estimates(estimates) for label, m in move_sets.items()}
     first = screen.share(0)  # this rank's examples of the first slice
+    stages: dict[str, torch.Tensor] = {}  # per screened coordinate: the candidates entering its race
     for c in ctx.coordinates:
         label, moves = c.label, move_sets[c.label]
         cycles = opts.n_cycles if not c.structured and ctx.spec.sizes[label] >= 3 else 0
         meter.fixed += per_move * (min(moves.count, opts.n_swaps + opts.n_control_swaps) + cycles)
         if moves.count <= opts.n_swaps + opts.n_control_swaps:
             continue
-        stage = _first_stage(first_order[label], opts)
+        stage = stages[label] = _first_stage(first_order[label], screen.linearised(moves), opts)
         probe = stage[: screen.chunk(0)]
         screen(label, [moves.changes(k) for k in probe.tolist()], 0)  # measured (and cached) here
         examples = stage.numel() * first + min(stage.numel(), opts.screen_pairs) * (screen.local - first)
@@ -1238,7 +1270,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         if move_set.count <= opts.n_swaps + opts.n_control_swaps:
             moves = [(move_set[k], "all") for k in range(move_set.count)]
         else:
-            moves, raced[label] = _screen_group(label, move_set, first_order[label], screen, opts, gen, meter)
+            moves, raced[label] = _screen_group(label, move_set, stages[label], screen, opts, gen, meter)
         n = ctx.spec.sizes[label] if not c.structured else 0
         if n >= 3:  # 3-cycles of a group without heads
             for _ in range(opts.n_cycles):
