@@ -279,6 +279,7 @@ class _Context:
         self.ranked: dict[str, list[tuple[int, ...]]] = {}
         self.neighbourhood_z = 0.0  # the neighbourhood check's critical value, where it ran
         self._base: torch.Tensor | None = None
+        self._scorer: _Screen | None = None  # the held-out batches, scoring a move of one group through its chain
         self._looks: tuple[int, ...] | None = None
         self._examples: int | None = None
         self.x = x_star
@@ -314,6 +315,12 @@ class _Context:
         """
         prob = self.problem
         mats = self.mats(changes)
+        chain = None
+        if ts is None and len(changes) == 1:  # a move of one group: through its chain where it has one
+            if self._scorer is None:
+                self._scorer = _Screen(self, list(prob.value_set), prob.value_ts)
+            g = next(iter(changes))
+            chain = self._scorer._chain(g, [dict(changes)])
         ts = prob.value_ts if ts is None else ts
         out = []
         penalty = 0.0
@@ -324,10 +331,13 @@ class _Context:
                 penalty = sum(float(0.5 * prob.weight_decay * sum(v.double().square().sum() for v in w.values()))
                               for w in points)  # fmt: skip
             for index, batch in enumerate(prob.value_set[batches], start=first):
-                total = torch.zeros(batch[0].shape[0], dtype=torch.float64, device=batch[0].device)
-                for w in points:
-                    total += _example_loss(functional_call(prob.model, (w, prob.buffers), (batch[0],)), batch[1])
-                values = total / len(ts)
+                if chain is not None:
+                    values = self._scorer._through_chain(chain, g, [dict(changes)], index, batched=False)[0]
+                else:
+                    total = torch.zeros(batch[0].shape[0], dtype=torch.float64, device=batch[0].device)
+                    for w in points:
+                        total += _example_loss(functional_call(prob.model, (w, prob.buffers), (batch[0],)), batch[1])
+                    values = total / len(ts)
                 bad = ~torch.isfinite(values)
                 if bad.any() or not math.isfinite(penalty):
                     first_bad = values[bad][0].item() if bad.any() else penalty
@@ -869,9 +879,11 @@ class _Screen:
     ``tests/verification/test_chain.py``).
     """
 
-    def __init__(self, ctx: _Context, batch: tuple[torch.Tensor, torch.Tensor], ts: Sequence[float],
-                 chains: bool = True) -> None:  # fmt: skip
+    def __init__(self, ctx: _Context, batch: tuple[torch.Tensor, torch.Tensor] | list[Sequence[torch.Tensor]],
+                 ts: Sequence[float], chains: bool = True) -> None:  # fmt: skip
         prob = ctx.problem
+        # a list: batches of this rank's, one slice each (the held-out batches that score moves), not sharded
+        self.given = [(b[0], b[1]) for b in batch] if isinstance(batch, list) else None
         self.ctx, self.batch, self.ts = ctx, batch, list(ts)
         self.chains: dict[str, Chain | None] | None = {} if chains else None  # per group, found once
         self._graph: Any = False  # the model's fx graph, traced at the first group (None: fx cannot trace it)
@@ -884,8 +896,12 @@ class _Screen:
         with torch.no_grad():
             self.base = [prob.weights(ctx.x, ctx.identity, t) for t in self.ts]
             self.offset = prob.unflatten(ctx.x[0])
-        self.examples = int(batch[0].shape[0])
-        self.slices = _slices(self.examples)
+        if self.given is None:
+            self.examples = int(batch[0].shape[0])
+            self.slices = _slices(self.examples)
+        else:
+            ends = torch.tensor([0] + [int(b[0].shape[0]) for b in self.given]).cumsum(0).tolist()
+            self.examples, self.slices = ends[-1], [slice(lo, hi) for lo, hi in zip(ends, ends[1:])]
         self.local = sum(self.share(part) for part in range(len(self.slices)))  # this rank's examples
         self.batched: dict[str, bool] = {}  # per coordinate: is the batched way the faster one?
         # per coordinate: seconds per candidate and example the faster way, measured on its first chunk
@@ -902,6 +918,8 @@ class _Screen:
     def _part(self, part: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slice ``part`` of the screening set, or under a process group this rank's share of it (the race
         all-reduces its sums, so that every rank ranks the same candidates on the whole set)."""
+        if self.given is not None:
+            return self.given[part]
         s = self.slices[part]
         x, y, _ = shard_batch(self.batch[0][s], self.batch[1][s], label="the screening set")
         return x, y
@@ -909,6 +927,8 @@ class _Screen:
     def share(self, part: int) -> int:
         """This rank's examples of slice ``part``."""
         s = self.slices[part]
+        if self.given is not None:
+            return s.stop - s.start
         return int(torch.tensor_split(torch.arange(s.stop - s.start), world_size())[rank()].numel())
 
     def _changed(self, perms: Sequence[Mapping[str, torch.Tensor]]) -> tuple[list[str], list[dict[str, torch.Tensor]]]:

@@ -389,3 +389,39 @@ def test_linearised_changes_equal_the_gradient_against_the_exact_consumer_change
         assert float(est.diagonal(dim1=1, dim2=2).abs().max()) == 0.0
         checked += 1
     assert checked == len(MODELS[name][2])
+
+
+def test_heldout_scoring_through_chains_equals_the_whole_network():
+    """``_Context.losses`` scores a move of one group with a chain through it (the held-out batches' identity
+    values kept per group): per example the same data term as the whole network (the path it takes at other
+    times) in float64 to 1e-12 (rounding of cross-entropies of O(1)), for a transposition and a 3-cycle of every
+    group of TinyTen, on all held-out batches and on a part of them (the sequential test's looks), with the same
+    weight-decay term."""
+    from neuralign.curves import Bezier
+    from neuralign.curves.problem import CurvePermutationProblem
+    from neuralign.verification.local import _Context, _swap
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(192, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (192,), generator=gen)
+    loader = DataLoader(TensorDataset(x, y), batch_size=48)
+    a = build_model("tinyten", 10, in_channels=3, generator=1).double()
+    b = build_model("tinyten", 10, in_channels=3, generator=2).double()
+    spec = trace_spec(a, x[:2])
+    prob = CurvePermutationProblem(a, a.state_dict(), b.state_dict(), spec, loader, heldout_loader=loader,
+                                   value_batches=4, value_ts=(0.25, 0.75))  # fmt: skip
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    mid = {k: ((v + pb[k]) / 2 + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)).detach()
+           for k, v in pa.items()}  # fmt: skip
+    curve = Bezier([{k: v.detach() for k, v in pa.items()}, mid, {k: v.detach() for k, v in pb.items()}])
+    ctx = _Context(prob, [prob.start_offset(curve)], spec)
+    for g, n in spec.sizes.items():
+        cycle = torch.tensor([1, 2, 0, *range(3, n)])
+        for move in ({g: _swap(n, 0, n - 1)}, {g: cycle}):
+            for batches in (slice(None), slice(1, 3)):
+                chained, penalty = ctx.losses(move, batches=batches)
+                whole, whole_penalty = ctx.losses(move, ts=prob.value_ts, batches=batches)  # no chain with ts given
+                assert chained.shape == whole.shape and (chained - whole).abs().max() < 1e-12, (g, move, batches)
+                assert penalty == whole_penalty
+                assert (whole - ctx.losses({}, batches=batches)[0]).abs().max() > 1e-6  # the move changes it
+        assert ctx._scorer.chains[g] is not None
