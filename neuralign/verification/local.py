@@ -315,12 +315,8 @@ class _Context:
         """
         prob = self.problem
         mats = self.mats(changes)
-        chain = None
-        if ts is None and len(changes) == 1:  # a move of one group: through its chain where it has one
-            if self._scorer is None:
-                self._scorer = _Screen(self, list(prob.value_set), prob.value_ts)
-            g = next(iter(changes))
-            chain = self._scorer._chain(g, [dict(changes)])
+        chain = self._chain(changes) if ts is None else None
+        g = next(iter(changes), "")
         ts = prob.value_ts if ts is None else ts
         out = []
         penalty = 0.0
@@ -344,6 +340,29 @@ class _Context:
                     raise NonFiniteError(f"the curve objective is {first_bad} on value batch {index}")
                 out.append(values)
         return torch.cat(out), penalty / len(ts)
+
+    def _chain(self, changes: Mapping[str, torch.Tensor]) -> Chain | None:
+        """The chain through which :meth:`losses` scores a move of one group (``None``: the whole network)."""
+        if len(changes) != 1:
+            return None
+        if self._scorer is None:
+            self._scorer = _Screen(self, list(self.problem.value_set), self.problem.value_ts)
+        return self._scorer._chain(next(iter(changes)), [dict(changes)])
+
+    def move_costs(self, changes: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+        """Milliseconds of scoring a move like ``changes`` on every held-out batch, measured on the first: the
+        first move of its group (a move of one group with a chain computes the identity's values up to the chain
+        then, :meth:`losses`) and each later one. The group's chain is found before the measurement."""
+        count = len(self.problem.value_set)
+        if not count:
+            return 0.0, 0.0
+        self._chain(changes)  # found before the measurement
+        started = time.perf_counter()
+        self.losses(changes, batches=slice(0, 1))
+        middle = time.perf_counter()
+        self.losses(changes, batches=slice(0, 1))
+        later = time.perf_counter() - middle
+        return 1000.0 * count * max(later, middle - started), 1000.0 * count * later
 
     def data_term(self, t: float) -> float:
         """The held-out data term of the curve at time ``t`` (the mean over all ranks' examples)."""
@@ -727,19 +746,23 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
     z = bonferroni_quantile(opts.alpha, sum(len(m) for m in candidates.values()), ctx.examples)
     margin = ctx.margin(opts.min_improvement)  # as in the neighbourhood check
     # progress in milliseconds of work, measured: everything before the held-out evaluations (gradient, lam*, the
-    # P-steps, the LP cross-check), then one evaluation per scored move at the first one's measured time (a bar's
-    # rate then holds from the start; counted in steps, the first step's cost would inflate its estimate 3x)
+    # P-steps, the LP cross-check), then each coordinate's scored moves at the cost measured on one held-out batch
+    # (its first move, which computes the identity's values up to a group's chain, and each later one; a bar's rate
+    # then holds from the start; counted in steps, the first step's cost would inflate its estimate 3x)
     jobs = [(label, step, q) for label, moves in candidates.items() for step, q in moves]
     stats_by: dict[str, list[tuple[float, _Change]]] = {label: [] for label in candidates}
-    scoring = time.perf_counter()
-    setup, per_move = 1000.0 * (scoring - started), 0.0
-    for k, (label, step, q) in enumerate(jobs):
+    costs = {label: ctx.move_costs(moves[0][1]) for label, moves in candidates.items() if moves}
+    left = {label: costs[label][0] + costs[label][1] * (len(moves) - 1) for label, moves in candidates.items()
+            if moves}  # fmt: skip
+    done = 1000.0 * (time.perf_counter() - started)
+    _tick(opts, "certificate", int(done), int(done + sum(left.values())),
+          expected=(done + sum(left.values())) / 1000.0)  # fmt: skip
+    for label, step, q in jobs:
+        scoring = time.perf_counter()
         stats_by[label].append((step, ctx.delta(q, z, margin)))
-        if k == 0:
-            per_move = 1000.0 * (time.perf_counter() - scoring)
-        total = int(setup + per_move * len(jobs))
-        done = total if k == len(jobs) - 1 else min(total, int(setup + per_move * (k + 1)))
-        _tick(opts, "certificate", done, total, expected=total / 1000.0 if k == 0 else None)
+        done += 1000.0 * (time.perf_counter() - scoring)
+        left[label] -= costs[label][0] if len(stats_by[label]) == 1 else costs[label][1]
+        _tick(opts, "certificate", int(done), int(done + sum(max(0.0, v) for v in left.values())))
     if not jobs:
         _tick(opts, "certificate", 1, 1)
     verdicts = []
@@ -1253,10 +1276,8 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     G = prob.gradient_at(ctx.x, ctx.identity, [b for b in batches for _ in ts], [t for _ in batches for t in ts])
     screen = _Screen(ctx, _screening_set(ctx, opts, move_sets), ts)
     # the work, in milliseconds estimated from a measured first step: each screening group's cost per candidate
-    # and example on its first chunk, and one held-out evaluation per scored move
-    started = time.perf_counter()
-    ctx.losses({})
-    per_move = 1000.0 * (time.perf_counter() - started)
+    # and example on its first chunk, and each coordinate's scored moves at their cost measured on one held-out
+    # batch (:meth:`_Context.move_costs`)
     meter = _Meter(opts)
     started = time.perf_counter()
     # per coordinate (a group, or the groups sharing one head permutation): its moves (transpositions, or the
@@ -1265,10 +1286,15 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     first_order = {label: m.estimates(estimates) for label, m in move_sets.items()}
     first = screen.share(0)  # this rank's examples of the first slice
     stages: dict[str, torch.Tensor] = {}  # per screened coordinate: the candidates entering its race
+    costs: dict[str, tuple[float, float]] = {}  # per coordinate: its first scored move's milliseconds, a later one's
     for c in ctx.coordinates:
         label, moves = c.label, move_sets[c.label]
+        if not moves.count:
+            continue
         cycles = opts.n_cycles if not c.structured and ctx.spec.sizes[label] >= 3 else 0
-        meter.fixed += per_move * (min(moves.count, opts.n_swaps + opts.n_control_swaps) + cycles)
+        costs[label] = ctx.move_costs(moves.changes(0))
+        meter.fixed += costs[label][0] + costs[label][1] * (min(moves.count, opts.n_swaps + opts.n_control_swaps)
+                                                            + cycles - 1)  # fmt: skip
         if moves.count <= opts.n_swaps + opts.n_control_swaps:
             continue
         stage = stages[label] = _first_stage(first_order[label], screen.linearised(moves), opts)
@@ -1304,8 +1330,7 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
     # 1e-5 measured with a smaller standard error is real but no evidence against local optimality
     margin = ctx.margin(opts.min_improvement)
     per_group, verdicts, examples, improving_moves = {}, [], {}, {}
-    total_sig = scored = 0
-    scoring = [0.0, 0.0]  # the scored moves' milliseconds and their shares of the held-out examples
+    total_sig = 0
     reg_only: list[list[Any]] = []  # moves among units no held-out example activates: reported apart, never counted
     for g, moves in moves_by_group.items():
         sig = {"all": 0, "ranked": 0, "control": 0}
@@ -1313,19 +1338,12 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         neg = apart = early = 0
         best = (math.inf, None)
         found = []
-        for move, how in moves:
+        for k, (move, how) in enumerate(moves):
             started = time.perf_counter()
             change = ctx.delta(move_changes(ctx.spec, coordinate[g], move), z, margin)
             took = 1000.0 * (time.perf_counter() - started)
-            scored += 1
-            share = change.examples / ctx.examples  # a move stopped for futility costs its share of the batches
-            early += share < 1.0
-            # this move's estimate replaced by its cost, and the moves left estimated at the measured cost of a
-            # whole held-out test
-            scoring[0] += took
-            scoring[1] += share
-            meter.fixed += took - per_move + (total - scored) * (scoring[0] / scoring[1] - per_move)
-            per_move = scoring[0] / scoring[1]
+            early += change.examples < ctx.examples  # stopped for futility at a look
+            meter.fixed += took - costs[g][0 if k == 0 else 1]  # this move's estimate replaced by its cost
             meter.add(took)
             if change.regulariser_only:
                 apart += 1

@@ -344,8 +344,8 @@ def test_linearised_changes_equal_the_gradient_against_the_exact_consumer_change
     consumer's adjoint) equals, for every transposition and example, the inner product of a random cotangent with
     the exact change of the consumer's output under it (``Chain.consumer_output``, itself exact against the whole
     network above), in float64 to 1e-10 of the products' scale (rounding of sums of O(100) terms of O(1));
-    and the same with the pairs taken one unit row per block, and summed over the batch. On a curve point ``w + c (B - B_identity)`` with
-    B's weight ``c = 0.3``: a transposition gives unit i B's entries of unit j."""
+    and the same with the pairs taken one unit row per block, and summed over the batch. On a curve point
+    ``w + c (B - B_identity)`` with B's weight ``c = 0.3``: a transposition gives unit i B's entries of unit j."""
     make, shape, _ = MODELS[name]
     torch.manual_seed(0)
     model = make()
@@ -371,7 +371,8 @@ def test_linearised_changes_equal_the_gradient_against_the_exact_consumer_change
         rowwise = chain.linearised(values, grad, w0, wb, c, block=1)
         summed = chain.linearised(values, grad, w0, wb, c, per_example=False)
         assert est.shape == (8, n, n) and est.dtype == torch.float64 and summed.shape == (n, n)
-        assert (est - rowwise).abs().max() < 1e-12 and (est.sum(0) - summed).abs().max() < 1e-10 * est.abs().sum(0).max()
+        assert (est - rowwise).abs().max() < 1e-12
+        assert (est.sum(0) - summed).abs().max() < 1e-10 * est.abs().sum(0).max()
         scale = 1.0
         for i in range(n):
             for j in range(i + 1, n):
