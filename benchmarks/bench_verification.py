@@ -175,12 +175,16 @@ def race(ctx, screen, top, screen_pairs) -> None:
     """Per coordinate with more than ``top`` transpositions: the exhaustive screen (every transposition on every
     slice of the screening set) against the race of the neighbourhood check (``_screen_group``, no controls): the
     fraction of the exhaustive screen's ``top`` best that the race ranks among its ``top`` best ('*' where the best
-    move differs), the candidates left in the race on each slice, the seconds of both and their ratio."""
+    move differs), the candidates left in the race on each slice, the seconds of both and their ratio; then the
+    linearised screen (``_Screen.linearised``, where the group has a chain) against the exhaustive screen: the
+    correlation of their mean changes, how many of the exhaustive screen's ``top`` best are among its ``top`` and
+    ``2 * top`` best (the demo preset races its 16 best), and its seconds."""
     print(f"\nthe race against the exhaustive screen on {screen.examples} examples (top {top}; slices "
           f"{[s.stop - s.start for s in screen.slices]})")
     print(f"{'group':18} {'pairs':>5} {'overlap':>8} {'full s':>7} {'race s':>7} {'ratio':>6}  left in the race")
     options = SimpleNamespace(n_swaps=top, n_control_swaps=0, screen_pairs=screen_pairs, callback=None)
     total = [0.0, 0.0]
+    linear = []
     for c in ctx.coordinates:
         moves = MoveSet(ctx.spec, c)
         if moves.count <= top:
@@ -202,7 +206,18 @@ def race(ctx, screen, top, screen_pairs) -> None:
         total[1] += end - middle
         print(f"{c.label:18} {moves.count:>5} {len(set(best.tolist()) & set(mine)) / top:7.2f}{same} "
               f"{middle - started:7.2f} {end - middle:7.2f} {(middle - started) / (end - middle):6.2f}  {raced}")
+        started = time.perf_counter()
+        lin = screen.linearised(moves)
+        if lin is not None:
+            order = torch.argsort(lin, stable=True).tolist()
+            linear.append((c.label, float(torch.corrcoef(torch.stack([lin, full]))[0, 1]),
+                           len(set(best.tolist()) & set(order[:top])), len(set(best.tolist()) & set(order[:2 * top])),
+                           time.perf_counter() - started))  # fmt: skip
     print(f"{'all groups':24} {'':>8} {total[0]:7.2f} {total[1]:7.2f} {total[0] / total[1]:6.2f}")
+    print(f"\nthe linearised screen against the exhaustive screen (top {top})")
+    print(f"{'group':18} {'corr':>6} {f'in top {top}':>10} {f'in top {2 * top}':>10} {'lin s':>7}")
+    for label, corr, within, within2, seconds in linear:
+        print(f"{label:18} {corr:6.3f} {within:>10} {within2:>10} {seconds:7.2f}")
 
 
 class _Values:

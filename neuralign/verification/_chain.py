@@ -155,7 +155,7 @@ class Chain:
         tail, needs = _tail(graph, user)
         # the identity's values are read after the forward pass: none may change in place after it is made (the
         # consumer's output is copied as it is made; an in-place layer after it then acts on its own tensor)
-        kept = {calls[0].args[0], *needs}
+        kept = _aliases(graph, {calls[0].args[0], *needs}, modules)
         if any(_inplace(n, modules) and n.args and n.args[0] in kept for n in graph.graph.nodes if n not in between):
             return None
         probed = list(dict.fromkeys([calls[0].args[0], node, user, *needs]))
@@ -363,6 +363,40 @@ def _inplace(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     except (TypeError, ValueError):  # a builtin without a signature, or arguments it does not take
         return bool(node.kwargs.get("inplace", False))
     return bool(bound.arguments.get("inplace", False))
+
+
+# layers and functions whose output is a new tensor (never a view of an input)
+_FRESH_MODULES = (*_LAYERS, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, *_POOLS)
+_FRESH_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, torch.add,
+                    torch.cat, torch.stack, torch.matmul, F.linear, F.conv1d, F.conv2d, F.conv3d}  # fmt: skip
+# methods and functions whose output may be a view of their first input
+_VIEWS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "t", "narrow",
+          "select", "squeeze", "unsqueeze", "expand", "expand_as", "split", "chunk", "unbind", "contiguous", "detach",
+          "to", "type_as", "as_strided", "movedim", "swapaxes", "diagonal", "getitem", "__getitem__"}  # fmt: skip
+
+
+def _aliases(graph: fx.GraphModule, kept: set[fx.Node], modules: Mapping[str, nn.Module]) -> set[fx.Node]:
+    """``kept`` and every node whose value may share memory with one of them: views and in-place results of
+    their first input, and (unknown operations) of any input; a layer or function of ``_FRESH_*`` makes a new
+    tensor (an activation layer unless in place; ``nn.Identity`` and dropout may return their input)."""
+    alias = set(kept)
+    for n in graph.graph.nodes:
+        if n in alias or n.op not in ("call_module", "call_function", "call_method"):
+            continue
+        first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if _inplace(n, modules) or name in _VIEWS or n.target in (torch.flatten, torch.reshape, torch.squeeze,
+                                                                   torch.unsqueeze, torch.transpose, torch.narrow):
+            if first in alias:
+                alias.add(n)
+            continue
+        module = modules.get(n.target) if n.op == "call_module" else None
+        fresh = (isinstance(module, _FRESH_MODULES)
+                 or (isinstance(module, _ELEMENTWISE_MODULES) and not isinstance(module, nn.Identity))
+                 or (n.op == "call_function" and (n.target in _FRESH_FUNCTIONS or n.target in _ELEMENTWISE_FUNCTIONS)))
+        if not fresh and any(a in alias for a in n.all_input_nodes):
+            alias.add(n)
+    return alias
 
 
 _AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,

@@ -320,13 +320,13 @@ class _Context:
         ts = prob.value_ts if ts is None else ts
         out = []
         penalty = 0.0
-        first = range(len(prob.value_set))[batches].start if len(prob.value_set) else 0
         with torch.no_grad():
             points = [prob.weights(self.x, mats, t) for t in ts]  # the curve's point at each time, once per call
             if prob.weight_decay:
                 penalty = sum(float(0.5 * prob.weight_decay * sum(v.double().square().sum() for v in w.values()))
                               for w in points)  # fmt: skip
-            for index, batch in enumerate(prob.value_set[batches], start=first):
+            for index in range(len(prob.value_set))[batches]:
+                batch = prob.value_set[index]
                 if chain is not None:
                     values = self._scorer._through_chain(chain, g, [dict(changes)], index, batched=False)[0]
                 else:
@@ -1625,8 +1625,10 @@ class VerificationOptions(Options):
         3-cycles (>= 0) scored per group (defaults 8, 4, 0); with attention heads, structured swaps per block of
         groups sharing a head permutation, and no 3-cycles there.
     screen_examples, screen_pairs : int
-        The screening set's size in examples, and the most transpositions per group that go on in its race
-        after the first 32 examples (those with the lowest changes there) (>= 1; defaults 256, 512).
+        The screening set's size in examples, and the most transpositions per group in its race: where the group
+        has a chain (its producer, channel-wise layers and consumer: :mod:`~neuralign.verification._chain`) those
+        with the lowest linearised change over the screening set enter it, otherwise no more go on after its first
+        32 examples (those with the lowest changes there) (>= 1; defaults 256, 512).
     refit_epochs : int
         Epochs of the curve re-fitted around the best improving move of a failing group (>= 0; default 0).
     alpha : float
@@ -1801,10 +1803,15 @@ def verify_alignment(
        and no more than ``screen_pairs`` going on after the first slice (those with the lowest changes there; at
        most ``16 * screen_pairs`` transpositions start, those with the largest first-order estimate
        :math:`|\\langle G, T_{ij} - I\\rangle|`: :func:`swap_estimates`, ``G`` on ``gradient_batches`` training
-       batches). The screen evaluates many transpositions per call: only the layers
-       that produce and consume the group differ between them, so they are stacked and the network is run under
-       :func:`torch.func.vmap`, the layers before the group once per chunk (or one network per transposition where
-       that measures faster on the group's first chunk). The ``n_swaps`` best-ranked are scored by the change of
+       batches). Where the group's producer, channel-wise layers and consumer form a chain, the race's entrants
+       are instead the ``screen_pairs`` transpositions with the lowest change over the whole screening set to
+       first order in the layers after the consumer only (the producer, the layers between and the consumer
+       exact; all transpositions in one pass: :meth:`~neuralign.verification._chain.Chain.linearised`; how
+       well it ranks against the exact screen: ``benchmarks/bench_verification.py``). The screen evaluates many
+       transpositions per call: only the layers that produce and consume the group differ between them, so they
+       are stacked and the network is run under :func:`torch.func.vmap`, the layers before the group once per
+       chunk (or one network per transposition where that measures faster on the group's first chunk). The
+       ``n_swaps`` best-ranked are scored by the change of
        the curve objective on the held-out examples with the curve fixed, and ``n_control_swaps`` drawn at random
        from the rest as a control of the ranking (a group with no more transpositions than both together is
        tested exhaustively), plus ``n_cycles`` random 3-cycles. A move improves significantly if the mean change
