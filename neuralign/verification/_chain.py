@@ -405,14 +405,16 @@ _AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, op
 
 
 def _probe(graph: fx.GraphModule, nodes: Sequence[fx.Node], copied: fx.Node) -> fx.GraphModule:
-    """``graph`` returning the values of ``nodes`` (a tuple) instead of its output, ``copied``'s as a copy made
-    where it is made (a later in-place layer may change it)."""
+    """``graph`` up to the last of ``nodes``, returning their values (a tuple) instead of its output, ``copied``'s
+    as a copy made where it is made (a later in-place layer may change it)."""
     probe = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     out: dict[fx.Node, fx.Node] = {}
+    left = set(nodes)
     for n in graph.graph.nodes:
-        if n.op == "output":
+        if n.op == "output" or not left:
             break
+        left.discard(n)
         env[n] = out[n] = probe.node_copy(n, lambda a: env[a])
         if n is copied:
             out[n] = probe.call_function(torch.clone, (env[n],))

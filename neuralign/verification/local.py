@@ -755,8 +755,8 @@ def _check_certificate(ctx: _Context, opts) -> CheckResult:
     left = {label: costs[label][0] + costs[label][1] * (len(moves) - 1) for label, moves in candidates.items()
             if moves}  # fmt: skip
     done = 1000.0 * (time.perf_counter() - started)
-    _tick(opts, "certificate", int(done), int(done + sum(left.values())),
-          expected=(done + sum(left.values())) / 1000.0)  # fmt: skip
+    expected = int(done + sum(left.values()))
+    _tick(opts, "certificate", int(done), expected, expected=expected / 1000.0)
     for label, step, q in jobs:
         scoring = time.perf_counter()
         stats_by[label].append((step, ctx.delta(q, z, margin)))

@@ -822,12 +822,13 @@ def test_neighbourhood_progress_announces_its_time_and_ends_at_its_total(planted
             n_swaps=2, n_control_swaps=1, screen_pairs=16, callback=records.append)  # fmt: skip
     gradient = [r for r in records if r["check"] == "gradient"]
     assert gradient[0]["start"] and gradient[1]["expected_seconds"] > 0  # every check: from its first step
-    # the certificate counts milliseconds of work: everything before the held-out evaluations, then one per scored
-    # move; it announces the whole from its first move and ends at its total
+    # the certificate counts milliseconds of work: everything before the held-out evaluations, then its scored moves
+    # at their coordinate's cost measured on one held-out batch, each replaced by its own as it is scored; it
+    # announces the whole before its first move and ends at its last total
     certificate = [r for r in records if r["check"] == "certificate" and not r["start"]]
     assert len(certificate) > 2 and certificate[0]["expected_seconds"] == certificate[0]["total"] / 1000.0
     steps = [r["step"] for r in certificate]
-    assert steps == sorted(steps) and steps[-1] == certificate[0]["total"] and 0 < steps[0] < steps[-1]
+    assert steps == sorted(steps) and steps[-1] == certificate[-1]["total"] and 0 < steps[0] < steps[-1]
     mine = [r for r in records if r["check"] == "neighbourhood" and not r["start"]]
     announced = [r for r in mine if "expected_seconds" in r]
     assert len(announced) == 1 and announced[0]["expected_seconds"] > 0 and mine[0] is announced[0]
