@@ -292,10 +292,10 @@ class Chain:
                         a = node.target(a, *node.args[1:], **node.kwargs)
                 a = a.unflatten(axis, (rows.numel(), n))
                 adjoint = _pairs(r, rb, rows, c, axis)
-                product = (adjoint * a).double()  # summed over the positions (or tokens) below
+                product = adjoint * a  # summed in float64 over the positions (or tokens) below
                 pairs = (1, 2) if axis == 1 else (product.dim() - 2, product.dim() - 1)
                 rest = [d for d in range(int(per_example), product.dim()) if d not in pairs]
-                m[..., lo:lo + rows.numel(), :] = product.sum(rest) if rest else product
+                m[..., lo:lo + rows.numel(), :] = product.sum(rest, dtype=torch.float64) if rest else product
         d = m.diagonal(dim1=-2, dim2=-1)
         return (m + m.transpose(-2, -1)) - (d[..., :, None] + d[..., None, :])  # symmetric to the bit
 

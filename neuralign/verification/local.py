@@ -321,10 +321,13 @@ class _Context:
         out = []
         penalty = 0.0
         with torch.no_grad():
-            points = [prob.weights(self.x, mats, t) for t in ts]  # the curve's point at each time, once per call
-            if prob.weight_decay:
-                penalty = sum(float(0.5 * prob.weight_decay * sum(v.double().square().sum() for v in w.values()))
-                              for w in points)  # fmt: skip
+            if chain is not None:
+                points = []
+                penalty = self._scorer.penalty(chain, g, changes[g]) if prob.weight_decay else 0.0
+            else:
+                points = [prob.weights(self.x, mats, t) for t in ts]  # the curve's point at each time, once per call
+                if prob.weight_decay:
+                    penalty = sum(float(0.5 * prob.weight_decay * _squares(w.values())) for w in points)
             for index in range(len(prob.value_set))[batches]:
                 batch = prob.value_set[index]
                 if chain is not None:
@@ -471,6 +474,11 @@ class _Change:
     def to_dict(self) -> dict[str, Any]:
         return {"change": self.change, "se": self.se, "t": self.t, "regulariser_change": self.regulariser,
                 "regulariser_only": self.regulariser_only, "examples": self.examples}  # fmt: skip
+
+
+def _squares(tensors: Iterable[torch.Tensor]) -> float:
+    """The sum of the squares of every entry of ``tensors``, in float64."""
+    return float(sum(v.double().square().sum() for v in tensors))
 
 
 def _example_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
@@ -931,6 +939,7 @@ class _Screen:
         self.seconds: dict[str, float] = {}
         self._cached: dict[tuple[str, int], tuple[list[dict[str, torch.Tensor]], torch.Tensor]] = {}
         self._identity: dict[int, torch.Tensor] = {}
+        self._penalty: list[float] | None = None  # per time: the identity's sum of squares of every parameter
         self.hit = False  # did the last call return values computed before (the first chunk, when it was measured)?
 
     def chunk(self, part: int) -> int:
@@ -1054,6 +1063,26 @@ class _Screen:
         rows, cols = moves.pairs
         sums = all_reduce_sum(torch.cat([total[rows, cols], torch.tensor([float(self.local)], dtype=torch.float64)]))
         return sums[:-1] / (sums[-1] * len(self.ts))
+
+    def penalty(self, chain: Chain, g: str, perm: torch.Tensor) -> float:
+        """The weight-decay term (summed over ``ts``) of the curve's points with group ``g`` permuted by ``perm``
+        (one of its chain's moves): the identity's, with the squares of the chain's parameters on the moved units
+        replaced by theirs under the move (the only entries it changes)."""
+        prob = self.ctx.problem
+        if self._penalty is None:
+            self._penalty = [_squares(w.values()) for w in self.base]
+        moved = (perm.cpu() != torch.arange(perm.numel())).nonzero().flatten()
+        src = perm.cpu().index_select(0, moved)
+        total = 0.0
+        for t, w0, base in zip(self.ts, self.base, self._penalty):
+            change = 0.0
+            for k in chain.keys:
+                axis = 1 if k == chain.consumer_weight else 0
+                s, source = moved.to(w0[k].device), src.to(w0[k].device)
+                new = self._point(t, k, prob.wb[k].index_select(axis, source), (axis, s))
+                change += _squares([new]) - _squares([w0[k].index_select(axis, s)])
+            total += 0.5 * prob.weight_decay * (base + change)
+        return total
 
     def _one_by_one(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor], part: int = 0
                     ) -> torch.Tensor:  # fmt: skip

@@ -424,7 +424,7 @@ def test_heldout_scoring_through_chains_equals_the_whole_network():
     values kept per group): per example the same data term as the whole network (the path it takes at other
     times) in float64 to 1e-12 (rounding of cross-entropies of O(1)), for a transposition and a 3-cycle of every
     group of TinyTen, on all held-out batches and on parts of them (the sequential test's looks; every other
-    batch), with the same weight-decay term."""
+    batch), with the same weight-decay term to 1e-12 of it (the chain's sums its change on the moved units)."""
     from neuralign.curves import Bezier
     from neuralign.curves.problem import CurvePermutationProblem
     from neuralign.verification.local import _Context, _swap
@@ -450,6 +450,6 @@ def test_heldout_scoring_through_chains_equals_the_whole_network():
                 chained, penalty = ctx.losses(move, batches=batches)
                 whole, whole_penalty = ctx.losses(move, ts=prob.value_ts, batches=batches)  # no chain with ts given
                 assert chained.shape == whole.shape and (chained - whole).abs().max() < 1e-12, (g, move, batches)
-                assert penalty == whole_penalty
+                assert whole_penalty > 0 and abs(penalty - whole_penalty) <= 1e-12 * whole_penalty
                 assert (whole - ctx.losses({}, batches=batches)[0]).abs().max() > 1e-6  # the move changes it
         assert ctx._scorer.chains[g] is not None
