@@ -433,7 +433,8 @@ def phases(profiler) -> None:
 
     stats = pstats.Stats(profiler).stats
     wanted = ("_check_", "_screen_group", "_first_stage", "_Screen.__call__", "_batched", "_one_by_one", "losses",
-              "delta", "gradient_at", "fit_curve", "curve_pam", "_refit", "taylor_test", "data_term", "pam")
+              "delta", "gradient_at", "fit_curve", "curve_pam", "_refit", "taylor_test", "data_term", "pam",
+              "linearised", "_through_chain", "move_costs", "search", "batch_values")
     rows = []
     for (path, _, name), (_, calls, _, cumulative, _) in stats.items():
         if ("neuralign" in path) and any(w.split(".")[-1] == name or name.startswith(w) for w in wanted):
