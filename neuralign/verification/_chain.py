@@ -290,12 +290,16 @@ class Chain:
                         a = modules[node.target](a)
                     else:
                         a = node.target(a, *node.args[1:], **node.kwargs)
+                # (B, rows, n, P): the pairs' channels, their positions (or tokens) flattened last
                 a = a.unflatten(axis, (rows.numel(), n))
-                adjoint = _pairs(r, rb, rows, c, axis)
-                product = adjoint * a  # summed in float64 over the positions (or tokens) below
-                pairs = (1, 2) if axis == 1 else (product.dim() - 2, product.dim() - 1)
-                rest = [d for d in range(int(per_example), product.dim()) if d not in pairs]
-                m[..., lo:lo + rows.numel(), :] = product.sum(rest, dtype=torch.float64) if rest else product
+                a = (a if axis == 1 else a.movedim((-2, -1), (1, 2))).flatten(3) if a.dim() > 3 else a.unsqueeze(-1)
+                # M_ij = <R_i - c R^B_i, a_ij> + c <R^B_j, a_ij> (the adjoint's pairs never formed)
+                ri = (r - c * rb).index_select(axis % r.dim(), rows)
+                ri, rbj = ((v if axis == 1 else v.movedim(-1, 1)).flatten(2) if v.dim() > 2 else v.unsqueeze(-1)
+                           for v in (ri, rb))  # fmt: skip
+                out = "rn" if not per_example else "brn"
+                block_m = torch.einsum(f"brnp,brp->{out}", a, ri) + c * torch.einsum(f"brnp,bnp->{out}", a, rbj)
+                m[..., lo:lo + rows.numel(), :] = block_m.double()
         d = m.diagonal(dim1=-2, dim2=-1)
         return (m + m.transpose(-2, -1)) - (d[..., :, None] + d[..., None, :])  # symmetric to the bit
 
