@@ -177,8 +177,9 @@ def race(ctx, screen, top, screen_pairs) -> None:
     fraction of the exhaustive screen's ``top`` best that the race ranks among its ``top`` best ('*' where the best
     move differs), the candidates left in the race on each slice, the seconds of both and their ratio; then the
     linearised screen (``_Screen.linearised``, where the group has a chain) against the exhaustive screen: the
-    correlation of their mean changes, how many of the exhaustive screen's ``top`` best are among its ``top`` and
-    ``2 * top`` best (the demo preset races its 16 best), and its seconds."""
+    correlation of their mean changes, how many of the exhaustive screen's ``top`` best are among its ``top``,
+    ``2 * top`` (the demo preset races its 16 best) and ``screen_pairs`` best (``--race-pairs``; the default races its
+    512 best), and its seconds."""
     print(f"\nthe race against the exhaustive screen on {screen.examples} examples (top {top}; slices "
           f"{[s.stop - s.start for s in screen.slices]})")
     print(f"{'group':18} {'pairs':>5} {'overlap':>8} {'full s':>7} {'race s':>7} {'ratio':>6}  left in the race")
@@ -210,14 +211,16 @@ def race(ctx, screen, top, screen_pairs) -> None:
         lin = screen.linearised(moves)
         if lin is not None:
             order = torch.argsort(lin, stable=True).tolist()
-            linear.append((c.label, float(torch.corrcoef(torch.stack([lin, full]))[0, 1]),
-                           len(set(best.tolist()) & set(order[:top])), len(set(best.tolist()) & set(order[:2 * top])),
+            kept = set(best.tolist())
+            linear.append((c.label, float(torch.corrcoef(torch.stack([lin, full]))[0, 1]), len(kept & set(order[:top])),
+                           len(kept & set(order[:2 * top])), len(kept & set(order[:screen_pairs])),
                            time.perf_counter() - started))  # fmt: skip
     print(f"{'all groups':24} {'':>8} {total[0]:7.2f} {total[1]:7.2f} {total[0] / total[1]:6.2f}")
     print(f"\nthe linearised screen against the exhaustive screen (top {top})")
-    print(f"{'group':18} {'corr':>6} {f'in top {top}':>10} {f'in top {2 * top}':>10} {'lin s':>7}")
-    for label, corr, within, within2, seconds in linear:
-        print(f"{label:18} {corr:6.3f} {within:>10} {within2:>10} {seconds:7.2f}")
+    print(f"{'group':18} {'corr':>6} {f'in top {top}':>10} {f'in top {2 * top}':>10} {f'in top {screen_pairs}':>11} "
+          f"{'lin s':>7}")
+    for label, corr, within, within2, within_pairs, seconds in linear:
+        print(f"{label:18} {corr:6.3f} {within:>10} {within2:>10} {within_pairs:>11} {seconds:7.2f}")
 
 
 class _Values:
