@@ -128,19 +128,26 @@ def _moves(n: int, gen: torch.Generator) -> list[torch.Tensor]:
     return out
 
 
+def _float64_model(name: str) -> tuple[nn.Module, object, list[str]]:
+    """Model ``name`` of MODELS (seeded, batch norm randomised), its spec, in float64 with batch norm on each batch's
+    statistics, and its parameters' names."""
+    make, shape, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    randomize_bn(model, seed=1)
+    spec = trace_spec(model.eval(), torch.randn(2, *shape))
+    model = _bn_off(model.double())
+    return model, spec, [n for n, _ in model.named_parameters()]
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_chain_output_equals_the_whole_network_in_float64(name):
     """For every group with a chain, under a transposition, a 3-cycle and a random permutation, at t = 0.3 on a
     quadratic Bezier curve's point (A's and a random B's weights and a random control point), the chain's output
     equals the whole network's in float64 to 1e-10 (the same sums in another order: rounding of about 1e-15 of
     O(1) terms); the groups found are exactly the expected ones."""
-    make, shape, expected = MODELS[name]
-    torch.manual_seed(0)
-    model = make()
-    randomize_bn(model, seed=1)
-    spec = trace_spec(model.eval(), torch.randn(2, *shape))
-    model = _bn_off(model.double())
-    names = [n for n, _ in model.named_parameters()]
+    _, shape, expected = MODELS[name]
+    model, spec, names = _float64_model(name)
     gen = torch.Generator().manual_seed(2)
     wa = {n: p.detach().clone() for n, p in model.named_parameters()}
     wb = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in wa.items()}
@@ -281,28 +288,37 @@ def test_chain_refused_for_grouped_convolutions_and_flatten_over_positions():
         assert all(c is None for g, c in chains.items() if g.startswith(("a", "b"))), chains
 
 
-def test_screen_through_chains_equals_the_whole_network(tmp_path):
-    """The neighbourhood check's screen (both its ways: one move at a time and a chunk under vmap) gives the same
-    per-example changes with and without chains on every slice of the screening set, in float64, to 1e-9 (float64
-    rounding of per-example cross-entropies of O(1))."""
+def _tinyten_context(seed: int, examples: int, batch_size: int, value_batches: int, value_ts: tuple[float, ...]):
+    """A curve problem's verification context between two random float64 TinyTens on random 16x16 images (a control
+    point near the midpoint), and its images and labels."""
     from neuralign.curves import Bezier
     from neuralign.curves.problem import CurvePermutationProblem
-    from neuralign.verification.local import _Context, _Screen, _swap
+    from neuralign.verification.local import _Context
 
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(320, 3, 16, 16, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 10, (320,), generator=gen)
-    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(examples, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (examples,), generator=gen)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
     a = build_model("tinyten", 10, in_channels=3, generator=1).double()
     b = build_model("tinyten", 10, in_channels=3, generator=2).double()
     spec = trace_spec(a, x[:2])
     prob = CurvePermutationProblem(a, a.state_dict(), b.state_dict(), spec, loader, heldout_loader=loader,
-                                   value_batches=2, value_ts=(0.5,))  # fmt: skip
+                                   value_batches=value_batches, value_ts=value_ts)  # fmt: skip
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     mid = {k: ((v + pb[k]) / 2 + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)).detach()
            for k, v in pa.items()}  # fmt: skip
     curve = Bezier([{k: v.detach() for k, v in pa.items()}, mid, {k: v.detach() for k, v in pb.items()}])
-    ctx = _Context(prob, [prob.start_offset(curve)], spec)
+    return _Context(prob, [prob.start_offset(curve)], spec), x, y
+
+
+def test_screen_through_chains_equals_the_whole_network(tmp_path):
+    """The neighbourhood check's screen (both its ways: one move at a time and a chunk under vmap) gives the same
+    per-example changes with and without chains on every slice of the screening set, in float64, to 1e-9 (float64
+    rounding of per-example cross-entropies of O(1))."""
+    from neuralign.verification.local import _Screen, _swap
+
+    ctx, x, y = _tinyten_context(3, 320, 64, 2, (0.5,))
+    spec = ctx.spec
     batch = (x[128:], y[128:])
     with_chains, without = _Screen(ctx, batch, (0.25, 0.5)), _Screen(ctx, batch, (0.25, 0.5), chains=False)
     for g, n in spec.sizes.items():
@@ -374,13 +390,8 @@ def test_linearised_changes_equal_the_gradient_against_the_exact_consumer_change
     network above), in float64 to 1e-10 of the products' scale (rounding of sums of O(100) terms of O(1));
     and the same with the pairs taken one unit row per block, and summed over the batch. On a curve point
     ``w + c (B - B_identity)`` with B's weight ``c = 0.3``: a transposition gives unit i B's entries of unit j."""
-    make, shape, _ = MODELS[name]
-    torch.manual_seed(0)
-    model = make()
-    randomize_bn(model, seed=1)
-    spec = trace_spec(model.eval(), torch.randn(2, *shape))
-    model = _bn_off(model.double())
-    names = [n for n, _ in model.named_parameters()]
+    shape = MODELS[name][1]
+    model, spec, names = _float64_model(name)
     gen = torch.Generator().manual_seed(5)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     wb = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in w0.items()}
@@ -428,24 +439,10 @@ def test_heldout_scoring_through_chains_equals_the_whole_network():
     times) in float64 to 1e-12 (rounding of cross-entropies of O(1)), for a transposition and a 3-cycle of every
     group of TinyTen, on all held-out batches and on parts of them (the sequential test's looks; every other
     batch), with the same weight-decay term to 1e-12 of it (the chain's sums its change on the moved units)."""
-    from neuralign.curves import Bezier
-    from neuralign.curves.problem import CurvePermutationProblem
-    from neuralign.verification.local import _Context, _swap
+    from neuralign.verification.local import _swap
 
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(192, 3, 16, 16, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 10, (192,), generator=gen)
-    loader = DataLoader(TensorDataset(x, y), batch_size=48)
-    a = build_model("tinyten", 10, in_channels=3, generator=1).double()
-    b = build_model("tinyten", 10, in_channels=3, generator=2).double()
-    spec = trace_spec(a, x[:2])
-    prob = CurvePermutationProblem(a, a.state_dict(), b.state_dict(), spec, loader, heldout_loader=loader,
-                                   value_batches=4, value_ts=(0.25, 0.75))  # fmt: skip
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    mid = {k: ((v + pb[k]) / 2 + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)).detach()
-           for k, v in pa.items()}  # fmt: skip
-    curve = Bezier([{k: v.detach() for k, v in pa.items()}, mid, {k: v.detach() for k, v in pb.items()}])
-    ctx = _Context(prob, [prob.start_offset(curve)], spec)
+    ctx, _, _ = _tinyten_context(6, 192, 48, 4, (0.25, 0.75))
+    spec, prob = ctx.spec, ctx.problem
     for g, n in spec.sizes.items():
         cycle = torch.tensor([1, 2, 0, *range(3, n)])
         for move in ({g: _swap(n, 0, n - 1)}, {g: cycle}):
