@@ -192,17 +192,23 @@ class Chain:
         prod = modules[self.producer]
         a = _layer(prod, values[self.producer_input], parts[f"{self.producer}.weight"],
                    parts.get(f"{self.producer}.bias"))  # fmt: skip
+        a = self._between(a, lambda key: (parts.get(f"{key}.weight"), parts.get(f"{key}.bias")))
+        cons = modules[self.consumer]
+        return values[self.consumer_node] - _layer(cons, parts["input"], parts["old"]) + _layer(cons, a, parts["new"])
+
+    def _between(self, a: torch.Tensor, affine: Callable[[str], tuple[torch.Tensor | None, torch.Tensor | None]]
+                 ) -> torch.Tensor:  # fmt: skip
+        """The channel-wise layers between the producer and the consumer applied to ``a``, each batch norm on the
+        batch's statistics with the weight and bias ``affine(its name)``."""
+        modules = self.modules
         for n in self.between:
             if n.op == "call_module" and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm):
-                bn = modules[n.target]
-                a = F.batch_norm(a, None, None, parts.get(f"{n.target}.weight"), parts.get(f"{n.target}.bias"),
-                                 True, 0.0, bn.eps)  # fmt: skip
+                a = F.batch_norm(a, None, None, *affine(n.target), True, 0.0, modules[n.target].eps)
             elif n.op == "call_module":
                 a = modules[n.target](a)
             else:
                 a = n.target(a, *n.args[1:], **n.kwargs)
-        cons = modules[self.consumer]
-        return values[self.consumer_node] - _layer(cons, parts["input"], parts["old"]) + _layer(cons, a, parts["new"])
+        return a
 
     def output(self, values: Mapping[fx.Node, torch.Tensor], parts: Mapping[str, torch.Tensor],
                tail_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -210,7 +216,6 @@ class Chain:
         ``tail_weights``: the identity's parameters of the layers after the consumer). Vmappable over ``parts``."""
         out = self.consumer_output(values, parts)
         return functional_call(self.tail, dict(tail_weights), (out, *(values[n] for n in self.needs)))
-
 
     def linearised(self, values: Mapping[fx.Node, torch.Tensor], grad: torch.Tensor,
                    weights: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], c: float,
@@ -280,16 +285,9 @@ class Chain:
             for lo in range(0, n, rows_per_block):
                 rows = torch.arange(lo, min(n, lo + rows_per_block), device=z.device)
                 a = _pairs(z, zb, rows, c, axis).flatten(*((1, 2) if axis == 1 else (-2, -1)))
-                for node in self.between:
-                    if node.op == "call_module" and isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
-                        key = node.target
-                        scale = _pairs(weights[f"{key}.weight"], other[f"{key}.weight"], rows, c, 0).flatten()
-                        shift = _pairs(weights[f"{key}.bias"], other[f"{key}.bias"], rows, c, 0).flatten()
-                        a = F.batch_norm(a, None, None, scale, shift, True, 0.0, modules[key].eps)
-                    elif node.op == "call_module":
-                        a = modules[node.target](a)
-                    else:
-                        a = node.target(a, *node.args[1:], **node.kwargs)
+                a = self._between(a, lambda key, rows=rows: tuple(
+                    _pairs(weights[f"{key}.{name}"], other[f"{key}.{name}"], rows, c, 0).flatten()
+                    for name in ("weight", "bias")))  # fmt: skip
                 # (B, rows, n, P): the pairs' channels, their positions (or tokens) flattened last
                 a = a.unflatten(axis, (rows.numel(), n))
                 a = (a if axis == 1 else a.movedim((-2, -1), (1, 2))).flatten(3) if a.dim() > 3 else a.unsqueeze(-1)

@@ -314,7 +314,6 @@ class _Context:
             If an example's objective is NaN or infinite (names the held-out batch).
         """
         prob = self.problem
-        mats = self.mats(changes)
         chain = self._chain(changes) if ts is None else None
         g = next(iter(changes), "")
         ts = prob.value_ts if ts is None else ts
@@ -325,6 +324,7 @@ class _Context:
                 points = []
                 penalty = self._scorer.penalty(chain, g, changes[g]) if prob.weight_decay else 0.0
             else:
+                mats = self.mats(changes)
                 points = [prob.weights(self.x, mats, t) for t in ts]  # the curve's point at each time, once per call
                 if prob.weight_decay:
                     penalty = sum(float(0.5 * prob.weight_decay * _squares(w.values())) for w in points)
@@ -997,6 +997,23 @@ class _Screen:
             self.chains[g] = Chain.find(self.model, prob.spec, g, prob.names, self._graph) if self._graph else None
         return self.chains[g]
 
+    def _rows(self, t: float, moved: torch.Tensor, source: torch.Tensor) -> Callable[[str, int], torch.Tensor]:
+        """A move's parameter ``key`` at the curve's point at time ``t`` on the ``moved`` units along ``axis``:
+        B's rows (or columns) ``source`` there (``perm[moved]``, apply_permutation's index_select), so that the
+        move's point needs no permuted copy of B."""
+        wb = self.ctx.problem.wb
+        return lambda k, axis: self._point(t, k, wb[k].index_select(axis, source), (axis, moved))
+
+    def _identity_values(self, chain: Chain, g: str, part: int, ti: int) -> dict:
+        """:meth:`~neuralign.verification._chain.Chain.identity_values` of group ``g``'s chain on slice ``part`` at
+        the ``ti``-th time, kept while the moves of ``g`` are evaluated (one group's at a time)."""
+        if self._values[0] != g:
+            self._values = (g, {})
+        cache = self._values[1]
+        if (part, ti) not in cache:
+            cache[(part, ti)] = chain.identity_values(self.base[ti], self._part(part)[0])
+        return cache[(part, ti)]
+
     def _through_chain(self, chain: Chain, g: str, perms: Sequence[Mapping[str, torch.Tensor]], part: int,
                        batched: bool) -> torch.Tensor:  # fmt: skip
         """The data term of each move on slice ``part``, through the layers after ``g``'s consumer only (the
@@ -1005,30 +1022,19 @@ class _Screen:
         prob, (x, y) = self.ctx.problem, self._part(part)
         n = prob.spec.sizes[g]
         moved = [(p[g].cpu() != torch.arange(n)).nonzero().flatten().to(x.device) for p in perms]
-        # B's parameters under a move, on the moved units: B's rows (or columns) perm[S] (apply_permutation's
-        # index_select), so the move's point there needs no permuted copy of B
         sources = [p[g].to(x.device).index_select(0, s) for p, s in zip(perms, moved)]
-
-        def rows(t: float, s: torch.Tensor, src: torch.Tensor) -> Callable[[str, int], torch.Tensor]:
-            return lambda k, axis: self._point(t, k, prob.wb[k].index_select(axis, src), (axis, s))
-
-        if self._values[0] != g:
-            self._values = (g, {})
-        cache = self._values[1]
         out = torch.zeros(len(perms), x.shape[0], dtype=torch.float64)
         chunk = self.chunk(part) if batched and len({m.numel() for m in moved}) == 1 else 1
         with torch.no_grad():
             for ti, (t, w0) in enumerate(zip(self.ts, self.base)):
-                if (part, ti) not in cache:
-                    cache[(part, ti)] = chain.identity_values(w0, x)
-                values = cache[(part, ti)]
+                values = self._identity_values(chain, g, part, ti)
                 tail = {k: w0[k] for k in chain.tail_names}
 
                 def loss(parts: dict[str, torch.Tensor], values=values, tail=tail) -> torch.Tensor:
                     return _example_loss(chain.output(values, parts, tail), y)
 
                 for lo in range(0, len(perms), chunk):
-                    parts = [chain.parts(values, rows(t, s, src), w0, s)
+                    parts = [chain.parts(values, self._rows(t, s, src), w0, s)
                              for s, src in zip(moved[lo:lo + chunk], sources[lo:lo + chunk])]  # fmt: skip
                     if chunk == 1:
                         out[lo] += loss(parts[0])
@@ -1051,9 +1057,9 @@ class _Screen:
         chain, prob = self.chains[g], self.ctx.problem
         total = torch.zeros(n, n, dtype=torch.float64)
         for part in range(len(self.slices)):
-            x, y = self._part(part)
-            for t, w0 in zip(self.ts, self.base):
-                values = chain.identity_values(w0, x)
+            y = self._part(part)[1]
+            for ti, (t, w0) in enumerate(zip(self.ts, self.base)):
+                values = self._identity_values(chain, g, part, ti)  # kept for the race that follows
                 consumer = values[chain.consumer_node].detach().requires_grad_(True)
                 tail = {k: w0[k] for k in chain.tail_names}
                 with torch.enable_grad():
@@ -1071,16 +1077,16 @@ class _Screen:
         prob = self.ctx.problem
         if self._penalty is None:
             self._penalty = [_squares(w.values()) for w in self.base]
-        moved = (perm.cpu() != torch.arange(perm.numel())).nonzero().flatten()
-        src = perm.cpu().index_select(0, moved)
+        device = next(iter(prob.wb.values())).device
+        moved = (perm.cpu() != torch.arange(perm.numel())).nonzero().flatten().to(device)
+        source = perm.to(device).index_select(0, moved)
         total = 0.0
         for t, w0, base in zip(self.ts, self.base, self._penalty):
+            rows = self._rows(t, moved, source)
             change = 0.0
             for k in chain.keys:
                 axis = 1 if k == chain.consumer_weight else 0
-                s, source = moved.to(w0[k].device), src.to(w0[k].device)
-                new = self._point(t, k, prob.wb[k].index_select(axis, source), (axis, s))
-                change += _squares([new]) - _squares([w0[k].index_select(axis, s)])
+                change += _squares([rows(k, axis)]) - _squares([w0[k].index_select(axis, moved)])
             total += 0.5 * prob.weight_decay * (base + change)
         return total
 

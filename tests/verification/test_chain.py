@@ -128,6 +128,12 @@ def _moves(n: int, gen: torch.Generator) -> list[torch.Tensor]:
     return out
 
 
+def _chains(model: nn.Module, spec, names: list[str]) -> list[tuple[str, int, Chain]]:
+    """Each group of ``spec`` that has a chain in ``model``: its name, size and chain."""
+    found = [(g, n, Chain.find(model, spec, g, names)) for g, n in spec.sizes.items()]
+    return [(g, n, chain) for g, n, chain in found if chain is not None]
+
+
 def _float64_model(name: str) -> tuple[nn.Module, object, list[str]]:
     """Model ``name`` of MODELS (seeded, batch norm randomised), its spec, in float64 with batch norm on each batch's
     statistics, and its parameters' names."""
@@ -161,10 +167,7 @@ def test_chain_output_equals_the_whole_network_in_float64(name):
     identity = point(wb)
     params = spec.restrict(names)  # the running statistics are not parameters
     found = set()
-    for g, n in spec.sizes.items():
-        chain = Chain.find(model, spec, g, names)
-        if chain is None:
-            continue
+    for g, n, chain in _chains(model, spec, names):
         found.add(g)
         values = chain.identity_values(identity, x)
         changed = 0.0
@@ -358,10 +361,7 @@ def test_chain_on_torchvision_models(arch):
              for n, p in identity.items()}  # fmt: skip
     params = spec.restrict(names)
     found = set()
-    for g, n in spec.sizes.items():
-        chain = Chain.find(model, spec, g, names)
-        if chain is None:
-            continue
+    for g, n, chain in _chains(model, spec, names):
         found.add(g)
         perm = torch.arange(n)
         perm[[1, n - 1]] = perm[[n - 1, 1]]
@@ -399,10 +399,7 @@ def test_linearised_changes_equal_the_gradient_against_the_exact_consumer_change
     c = 0.3
     params = spec.restrict(names)
     checked = 0
-    for g, n in spec.sizes.items():
-        chain = Chain.find(model, spec, g, names)
-        if chain is None:
-            continue
+    for g, n, chain in _chains(model, spec, names):
         values = chain.identity_values(w0, x)
         out = values[chain.consumer_node]
         grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
