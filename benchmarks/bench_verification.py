@@ -2,7 +2,7 @@
 candidate, or the layers from the permuted group's producer on (:func:`torch.func.vmap` over the candidates of a
 chunk, the layers before run once per chunk; the path before 0.4), against the same two ways with the producer and
 the consumer evaluated on the moved units only and the layers after the consumer per candidate
-(:mod:`neuralign.verification._chain`, where the group's producer, channel-wise layers and consumer form a chain);
+(:mod:`neuralign._chain`, where the group's producer, channel-wise layers and consumer form a chain);
 and the check's race (successive elimination over slices of the screening set) against the exhaustive screen.
 
 Two TinyTen networks trained on the shipped UCI digits (resized to 16x16, as ``neuralign demo``), aligned by
@@ -164,7 +164,7 @@ def compare_screens(ctx, spec, batch, ts, candidates) -> None:
         best[0] += before
         best[1] += after
         diff = max(float((values[a] - values["whole"]).abs().max()) for a in ways)
-        chain = "" if chained.chains.get(g) else "  (no chain: the same way)"
+        chain = "" if chained.ctx.problem.chain(g) else "  (no chain: the same way)"
         print(f"{g:18} {n:>3} " + " ".join(f"{seconds[w]:12.2f}" for w in ways) +
               f" {before / after:6.2f} {diff:10.2e}{chain}")  # fmt: skip
     print(f"{'all groups':22} " + " ".join(f"{totals[w]:12.2f}" for w in ways))

@@ -585,8 +585,7 @@ def _swap_search(problem: CurvePermutationProblem, trials: int, alpha: float, ge
             candidates = moves(current, coordinate)
             z = bonferroni_quantile(alpha, len(candidates), len(base)) if candidates else 0.0
             best = None
-            for cand in candidates:
-                vals = problem.batch_values(x, mats({**current, **cand}))
+            for cand, vals in zip(candidates, problem.move_values(x, current, candidates)):
                 mean, se = paired_change(vals, base)
                 if mean + z * se < -min_improvement * abs(float(base.mean())) and (best is None or mean < best[0]):
                     best = (mean, cand, vals)

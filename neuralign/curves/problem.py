@@ -9,6 +9,7 @@ monitored value on held-out batches at fixed times, and :math:`\\nabla_P F` with
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from neuralign._chain import Chain, curve_rows
+from neuralign._chain import trace as trace_graph
 from neuralign._distributed import all_reduce_, check_same_batch, is_distributed, shard_batch, world_size
 from neuralign._options import renamed_keywords
 from neuralign._utils import as_generator, classification_loss, split_batch
@@ -24,7 +27,7 @@ from neuralign.alignment.heads import match_heads
 from neuralign.curves._weights import parameters_of
 from neuralign.curves.families import Bezier
 from neuralign.errors import NonFiniteError
-from neuralign.optim import PermutationProblem
+from neuralign.optim import PermutationProblem, perm_to_matrix
 
 __all__ = ["CurvePermutationProblem"]
 
@@ -137,6 +140,8 @@ class CurvePermutationProblem(PermutationProblem):
         self.value_ts = tuple(float(t) for t in value_ts)
         if not self.value_ts or any(not 0.0 <= t <= 1.0 for t in self.value_ts):
             raise ValueError(f"`value_ts` must be a non-empty sequence of times in [0, 1], got {value_ts!r}")
+        self._chains: dict[str, Chain | None] = {}  # per group, found once (:meth:`chain`)
+        self._graph: Any = False  # the fx graph of the model without running statistics (None: fx cannot trace it)
 
     def to(self, dtype: torch.dtype) -> CurvePermutationProblem:
         """A copy computing in ``dtype`` (e.g. float64 for a Taylor test); the data batches are converted too."""
@@ -147,6 +152,8 @@ class CurvePermutationProblem(PermutationProblem):
         other.buffers = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.buffers.items()}
         other.value_set = [(x.to(dtype) if x.is_floating_point() else x, *rest) for x, *rest in self.value_set]
         other.dtype = dtype
+        other._chains, other._graph = {}, False
+        other.__dict__.pop("untracked_model", None)
         return other
 
     # ------------------------------------------------------------------ the curve
@@ -237,6 +244,109 @@ class CurvePermutationProblem(PermutationProblem):
         if bad:
             raise NonFiniteError(f"the curve objective is {values[bad[0]].item()} on value batch {bad[0]}")
         return values
+
+    @functools.cached_property
+    def untracked_model(self) -> nn.Module:
+        """A copy of the model whose batch norms keep no running statistics (the objective normalises on batch
+        statistics: the same outputs), for evaluations with other parameters (:meth:`chain`, the verification's
+        screen)."""
+        model = copy.deepcopy(self.model)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.track_running_stats = False
+                module.running_mean = module.running_var = module.num_batches_tracked = None
+        return model
+
+    def chain(self, group: str) -> Chain | None:
+        """The layers that produce and consume ``group`` where they form a chain in the model's fx graph
+        (:class:`neuralign._chain.Chain`: a move of the group is then evaluated on its moved units and the layers
+        after its consumer only), found once; ``None`` for a group with attention heads, or where the model has
+        no chain for it or :func:`torch.fx.symbolic_trace` cannot trace it. The chain's layers are a copy of the
+        model's whose batch norms keep no running statistics (the objective normalises on batch statistics)."""
+        if group in self.spec.heads or group not in self.sizes:
+            return None
+        if group not in self._chains:
+            if self._graph is False:
+                self._graph = trace_graph(self.untracked_model)
+            found = self._graph is not None
+            self._chains[group] = (Chain.find(self.untracked_model, self.spec, group, self.names, self._graph)
+                                   if found else None)  # fmt: skip
+        return self._chains[group]
+
+    def move_values(self, x: Sequence[torch.Tensor], perms: Mapping[str, torch.Tensor],
+                    moves: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:  # fmt: skip
+        """:meth:`batch_values` at ``perms`` with each of ``moves`` applied: per move, the objective on every value
+        batch averaged over ``value_ts`` (``(value_batches,)`` float64, no gradient).
+
+        ``perms`` maps every group to its index permutation (int64, relative to ``point_b``); a move maps some
+        groups to new ones. A move of one group that has a :meth:`chain` is evaluated through it: per value batch
+        and time, the forward pass up to the chain once for all of that group's moves given, then per move its
+        producer and consumer on the moved units only and the layers after the consumer (the same values as
+        :meth:`batch_values` up to float rounding: the same sums in another order); any other move on the whole
+        network. Under a process group the values are summed over the ranks as :meth:`batch_values` does (one
+        all-reduce per group of moves).
+
+        Raises
+        ------
+        NonFiniteError
+            If a move's objective is NaN or infinite on a value batch (names the batch).
+        """
+        out: list[torch.Tensor | None] = [None] * len(moves)
+        through: dict[str, list[int]] = {}
+        for i, move in enumerate(moves):
+            changed = [g for g, p in move.items() if not torch.equal(p.cpu(), perms[g].cpu())]
+            if len(changed) == 1 and self.chain(changed[0]) is not None:
+                through.setdefault(changed[0], []).append(i)
+            else:
+                out[i] = self.batch_values(x, {g: perm_to_matrix(p, dtype=self.dtype, device=self.device)
+                                               for g, p in {**perms, **move}.items()})  # fmt: skip
+        if through:
+            with torch.no_grad():
+                pb = apply_permutation(self.wb, self.spec, perms)
+                offset = self.unflatten(x[0])
+                points = [{k: (1.0 - t) * self.wa[k] + t * pb[k] + 2.0 * t * (1.0 - t) * offset[k] for k in self.names}
+                          for t in self.value_ts]  # the curve's points at perms, as :meth:`weights`
+                for g, indices in through.items():
+                    values = self._through_chain(self.chain(g), points, pb, offset, perms[g],
+                                                 [moves[i][g] for i in indices])  # fmt: skip
+                    for i, v in zip(indices, values):
+                        out[i] = v
+        return out  # type: ignore[return-value]
+
+    def _through_chain(self, chain: Chain, points: Sequence[Mapping[str, torch.Tensor]],
+                       pb: Mapping[str, torch.Tensor], offset: Mapping[str, torch.Tensor], current: torch.Tensor,
+                       moved_to: Sequence[torch.Tensor]) -> torch.Tensor:  # fmt: skip
+        """``(len(moved_to), value_batches)`` float64: the objective with the chain's group permuted by each of
+        ``moved_to`` instead of ``current`` (``pb``: B permuted by the current permutations; ``points``: the
+        curve's points at ``value_ts`` with them)."""
+        ts = self.value_ts
+        current = current.to(self.device)
+        moved = [(p.to(self.device) != current).nonzero().flatten() for p in moved_to]
+        # B's units the moved positions take, as positions of pb (whose other axes are permuted as they stay)
+        inverse = torch.argsort(current)
+        sources = [inverse.index_select(0, p.to(self.device).index_select(0, m)) for p, m in zip(moved_to, moved)]
+        squares = [float(sum(v.double().square().sum() for v in w.values())) for w in points]
+        rows = [[curve_rows(self.wa, pb, offset, t, m, s) for t in ts] for m, s in zip(moved, sources)]
+        # per move and time: the weight-decay term, the identity's sum of squares with the moved entries' changed
+        decay = [[0.5 * self.weight_decay * (base + chain.squares_change(r, w, m)) for r, w, base in
+                  zip(rs, points, squares)] for rs, m in zip(rows, moved)]  # fmt: skip
+        out = torch.zeros(len(moved_to), len(self.value_set), dtype=torch.float64)
+        for b, batch in enumerate(self.value_set):
+            share, penalty_share = (batch[2], 1.0 / world_size()) if len(batch) > 2 else (1.0, 1.0)
+            for ti, w in enumerate(points):
+                values = chain.identity_values(w, batch[0])
+                tail = {k: w[k] for k in chain.tail_names}
+                for i, m in enumerate(moved):
+                    output = chain.output(values, chain.parts(values, rows[i][ti], w, m), tail)
+                    out[i, b] += float(self.loss_fn(output, batch[1])) * share
+                    if self.weight_decay:
+                        out[i, b] += decay[i][ti] * penalty_share
+        out = all_reduce_(out / len(ts))
+        bad = (~torch.isfinite(out)).nonzero().tolist()
+        if bad:
+            raise NonFiniteError(f"the curve objective is {out[bad[0][0], bad[0][1]].item()} on value batch "
+                                 f"{bad[0][1]}")  # fmt: skip
+        return out
 
     def value_pairs(self, n_batches: int | None = None) -> tuple[list, list[float]]:
         """``(batches, ts)`` listing every (value batch, value time) pair, for :meth:`objective`."""

@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from neuralign import _json
+from neuralign._chain import Chain, curve_rows
 from neuralign._distributed import all_reduce_sum, rank, shard_batch, world_size
 from neuralign._options import Options, renamed_keywords, resolve_options
 from neuralign._stats import bonferroni_quantile, wilson_interval
@@ -49,8 +50,6 @@ from neuralign.curves.pam import CurvePAMOptions, fit_curve_pam
 from neuralign.curves.problem import CurvePermutationProblem
 from neuralign.errors import ConvergenceWarning, NonFiniteError
 from neuralign.optim import LinearizedStep, perm_to_matrix, solve_assignment, solve_assignment_lp
-from neuralign.verification._chain import Chain
-from neuralign.verification._chain import trace as trace_graph
 from neuralign.verification._moves import Coordinate, Move, MoveSet, coordinates, move_changes
 from neuralign.verification._moves import transposition as _swap  # noqa: F401  (tests and benchmarks build moves)
 from neuralign.verification._verdict import VERDICTS, Verdict
@@ -903,7 +902,7 @@ class _Screen:
     the rest of the group (``benchmarks/bench_verification.py`` measures both per group).
 
     Where the group's producer, the channel-wise layers after it (batch norm, activations, pooling) and its
-    consumer form a chain in the model's fx graph (:class:`~neuralign.verification._chain.Chain`), both ways
+    consumer form a chain in the model's fx graph (:class:`~neuralign._chain.Chain`), both ways
     evaluate a transposition through it: the producer and the consumer on the two moved units only (the consumer's
     output is the identity's plus the moved channels' change), only the layers after the consumer per candidate.
     Every way computes the same values up to float rounding (the same sums in another order; float64 tests:
@@ -916,14 +915,9 @@ class _Screen:
         # a list: batches of this rank's, one slice each (the held-out batches that score moves), not sharded
         self.given = [(b[0], b[1]) for b in batch] if isinstance(batch, list) else None
         self.ctx, self.batch, self.ts = ctx, batch, list(ts)
-        self.chains: dict[str, Chain | None] | None = {} if chains else None  # per group, found once
-        self._graph: Any = False  # the model's fx graph, traced at the first group (None: fx cannot trace it)
+        self.chains = chains  # evaluate a move of a group with a chain through it (the problem's, found once)
         self._values: tuple[str, dict[tuple[int, int], dict]] = ("", {})  # a group's identity values per slice, time
-        self.model = copy.deepcopy(prob.model)
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.track_running_stats = False
-                module.running_mean = module.running_var = module.num_batches_tracked = None
+        self.model = prob.untracked_model
         with torch.no_grad():
             self.base = [prob.weights(ctx.x, ctx.identity, t) for t in self.ts]
             self.offset = prob.unflatten(ctx.x[0])
@@ -973,39 +967,25 @@ class _Screen:
         ident = identity_permutation(sub_spec)
         return keys, [apply_permutation({k: prob.wb[k] for k in keys}, sub_spec, {**ident, **p}) for p in perms]
 
-    def _point(self, t: float, k: str, pb: torch.Tensor, along: tuple[int, torch.Tensor] | None = None
-               ) -> torch.Tensor:  # fmt: skip
-        """Parameter ``k`` of the curve's point at time ``t`` with B's ``pb`` (as the problem's ``weights``); with
-        ``along = (axis, index)`` only those entries along ``axis`` (``pb`` given on them alone)."""
-        prob = self.ctx.problem
-        wa, offset = prob.wa[k], self.offset[k]
-        if along is not None:
-            wa, offset = wa.index_select(*along), offset.index_select(*along)
-        return (1.0 - t) * wa + t * pb + 2.0 * t * (1.0 - t) * offset
+    def _point(self, t: float, k: str, pb: torch.Tensor) -> torch.Tensor:
+        """Parameter ``k`` of the curve's point at time ``t`` with B's ``pb`` (as the problem's ``weights``)."""
+        return (1.0 - t) * self.ctx.problem.wa[k] + t * pb + 2.0 * t * (1.0 - t) * self.offset[k]
 
     def _chain(self, g: str, perms: Sequence[Mapping[str, torch.Tensor]]) -> Chain | None:
-        """Group ``g``'s :class:`~neuralign.verification._chain.Chain`, where every move of ``perms`` moves units
+        """Group ``g``'s :class:`~neuralign._chain.Chain`, where every move of ``perms`` moves units
         of ``g`` only (and some) and the model has one."""
-        prob = self.ctx.problem
-        if self.chains is None or g not in prob.spec.sizes or g in prob.spec.heads:
+        if not self.chains or any(p.keys() != {g} or bool((p[g].cpu() == torch.arange(p[g].numel())).all())
+                                  for p in perms):  # fmt: skip
             return None
-        if any(p.keys() != {g} or bool((p[g].cpu() == torch.arange(p[g].numel())).all()) for p in perms):
-            return None
-        if g not in self.chains:
-            if self._graph is False:
-                self._graph = trace_graph(self.model)
-            self.chains[g] = Chain.find(self.model, prob.spec, g, prob.names, self._graph) if self._graph else None
-        return self.chains[g]
+        return self.ctx.problem.chain(g)
 
     def _rows(self, t: float, moved: torch.Tensor, source: torch.Tensor) -> Callable[[str, int], torch.Tensor]:
-        """A move's parameter ``key`` at the curve's point at time ``t`` on the ``moved`` units along ``axis``:
-        B's rows (or columns) ``source`` there (``perm[moved]``, apply_permutation's index_select), so that the
-        move's point needs no permuted copy of B."""
-        wb = self.ctx.problem.wb
-        return lambda k, axis: self._point(t, k, wb[k].index_select(axis, source), (axis, moved))
+        """A move's parameters at the curve's point at time ``t`` on the ``moved`` units
+        (:func:`neuralign._chain.curve_rows`)."""
+        return curve_rows(self.ctx.problem.wa, self.ctx.problem.wb, self.offset, t, moved, source)
 
     def _identity_values(self, chain: Chain, g: str, part: int, ti: int) -> dict:
-        """:meth:`~neuralign.verification._chain.Chain.identity_values` of group ``g``'s chain on slice ``part`` at
+        """:meth:`~neuralign._chain.Chain.identity_values` of group ``g``'s chain on slice ``part`` at
         the ``ti``-th time, kept while the moves of ``g`` are evaluated (one group's at a time)."""
         if self._values[0] != g:
             self._values = (g, {})
@@ -1017,7 +997,7 @@ class _Screen:
     def _through_chain(self, chain: Chain, g: str, perms: Sequence[Mapping[str, torch.Tensor]], part: int,
                        batched: bool) -> torch.Tensor:  # fmt: skip
         """The data term of each move on slice ``part``, through the layers after ``g``'s consumer only (the
-        producer and the consumer on the moved units alone: :mod:`~neuralign.verification._chain`), the moves
+        producer and the consumer on the moved units alone: :mod:`~neuralign._chain`), the moves
         of a chunk in one :func:`torch.func.vmap` call (``batched``) or one at a time."""
         prob, (x, y) = self.ctx.problem, self._part(part)
         n = prob.spec.sizes[g]
@@ -1047,14 +1027,15 @@ class _Screen:
     def linearised(self, moves: MoveSet) -> torch.Tensor | None:
         """``(moves.count,)`` float64: every transposition's mean change of the data term over the screening set
         (all ranks'; mean over ``ts``), to first order in the layers after its group's consumer
-        (:meth:`~neuralign.verification._chain.Chain.linearised`: the producer, the channel-wise layers and the
+        (:meth:`~neuralign._chain.Chain.linearised`: the producer, the channel-wise layers and the
         consumer exact); ``None`` for a coordinate with heads or a group without a chain."""
         c = moves.coordinate
         g = c.groups[0]
         n = self.ctx.spec.sizes[g]
-        if c.structured or n < 2 or self._chain(g, [{g: _swap(n, 0, 1)}]) is None:
+        chain = None if c.structured or n < 2 else self._chain(g, [{g: _swap(n, 0, 1)}])
+        if chain is None:
             return None
-        chain, prob = self.chains[g], self.ctx.problem
+        prob = self.ctx.problem
         total = torch.zeros(n, n, dtype=torch.float64)
         for part in range(len(self.slices)):
             y = self._part(part)[1]
@@ -1082,12 +1063,7 @@ class _Screen:
         source = perm.to(device).index_select(0, moved)
         total = 0.0
         for t, w0, base in zip(self.ts, self.base, self._penalty):
-            rows = self._rows(t, moved, source)
-            change = 0.0
-            for k in chain.keys:
-                axis = 1 if k == chain.consumer_weight else 0
-                change += _squares([rows(k, axis)]) - _squares([w0[k].index_select(axis, moved)])
-            total += 0.5 * prob.weight_decay * (base + change)
+            total += 0.5 * prob.weight_decay * (base + chain.squares_change(self._rows(t, moved, source), w0, moved))
         return total
 
     def _one_by_one(self, g: str, perms: Sequence[Mapping[str, torch.Tensor] | torch.Tensor], part: int = 0
@@ -1661,7 +1637,7 @@ class VerificationOptions(Options):
         groups sharing a head permutation, and no 3-cycles there.
     screen_examples, screen_pairs : int
         The screening set's size in examples, and the most transpositions per group in its race: where the group
-        has a chain (its producer, channel-wise layers and consumer: :mod:`~neuralign.verification._chain`) those
+        has a chain (its producer, channel-wise layers and consumer: :mod:`~neuralign._chain`) those
         with the lowest linearised change over the screening set enter it, otherwise no more go on after its first
         32 examples (those with the lowest changes there) (>= 1; defaults 256, 512).
     refit_epochs : int
@@ -1841,7 +1817,7 @@ def verify_alignment(
        batches). Where the group's producer, channel-wise layers and consumer form a chain, the race's entrants
        are instead the ``screen_pairs`` transpositions with the lowest change over the whole screening set to
        first order in the layers after the consumer only (the producer, the layers between and the consumer
-       exact; all transpositions in one pass: :meth:`~neuralign.verification._chain.Chain.linearised`; how
+       exact; all transpositions in one pass: :meth:`~neuralign._chain.Chain.linearised`; how
        well it ranks against the exact screen: ``benchmarks/bench_verification.py``). The screen evaluates many
        transpositions per call: only the layers that produce and consume the group differ between them, so they
        are stacked and the network is run under :func:`torch.func.vmap`, the layers before the group once per

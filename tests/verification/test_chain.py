@@ -1,5 +1,5 @@
 """The screen's evaluation of a move through its group's producer and consumer on the moved units only
-(neuralign.verification._chain): exact against the whole network, refused wherever its assumptions fail."""
+(neuralign._chain): exact against the whole network, refused wherever its assumptions fail."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
+from neuralign._chain import Chain
 from neuralign.alignment import apply_permutation, identity_permutation, trace_spec
 from neuralign.experiments.models import build_model
-from neuralign.verification._chain import Chain
 from tests.alignment.nets import DenseCatNet, ResCatNet, randomize_bn
 
 
@@ -331,7 +331,7 @@ def test_screen_through_chains_equals_the_whole_network(tmp_path):
             assert (with_chains._one_by_one(g, cands, part) - whole).abs().max() < 1e-9, (g, part)
             assert (with_chains._batched(g, cands, part) - whole).abs().max() < 1e-9, (g, part)
             assert (without._batched(g, cands, part) - whole).abs().max() < 1e-9, (g, part)
-        assert with_chains.chains[g] is not None
+        assert ctx.problem.chain(g) is not None
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn"])
@@ -449,4 +449,44 @@ def test_heldout_scoring_through_chains_equals_the_whole_network():
                 assert chained.shape == whole.shape and (chained - whole).abs().max() < 1e-12, (g, move, batches)
                 assert whole_penalty > 0 and abs(penalty - whole_penalty) <= 1e-12 * whole_penalty
                 assert (whole - ctx.losses({}, batches=batches)[0]).abs().max() > 1e-6  # the move changes it
-        assert ctx._scorer.chains[g] is not None
+        assert prob.chain(g) is not None
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_problem_move_values_through_chains_equal_the_whole_network(name):
+    """``CurvePermutationProblem.move_values`` (PAM's swap search scores its trial moves with it) evaluates a move
+    of one group with a chain through it, any other move on the whole network: for every group, a transposition
+    and a 3-cycle of a random current permutation, and a move of two groups at once, the same per-batch objective
+    as ``batch_values`` with the moved permutations' matrices, in float64 to 1e-10 (the same sums in another order:
+    rounding of about 1e-15 of the O(1) cross-entropies and weight-decay terms), at a random curve offset with
+    weight decay on; the groups with a chain are exactly the expected ones."""
+    from neuralign.curves.problem import CurvePermutationProblem
+    from neuralign.optim import perm_to_matrix
+
+    _, shape, expected = MODELS[name]
+    model, spec, names = _float64_model(name)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(24, *shape, generator=gen, dtype=torch.float64)
+    out = model(x[:2])
+    y = torch.randint(0, out.shape[-1], (24, *out.shape[1:-1]), generator=gen)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    wb = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in model.named_parameters()}
+    prob = CurvePermutationProblem(model, dict(model.named_parameters()), wb, spec, loader, weight_decay=0.05,
+                                   value_batches=3, value_ts=(0.25, 0.75))  # fmt: skip
+    offset = [0.1 * torch.randn(sum(prob.numels), generator=gen, dtype=torch.float64)]
+    perms = {g: torch.randperm(n, generator=gen) for g, n in spec.sizes.items()}
+    moves = []
+    for g, n in spec.sizes.items():
+        if n >= 3:
+            moves += [{g: perms[g][torch.tensor([n - 1, *range(1, n - 1), 0])]},
+                      {g: perms[g][torch.tensor([1, 2, 0, *range(3, n)])]}]  # fmt: skip
+    first, second = list(spec.sizes)[:2]
+    moves.append({first: perms[first].flip(0), second: perms[second].flip(0)})
+    got = prob.move_values(offset, perms, moves)
+    assert {g for g in spec.sizes if prob.chain(g) is not None} == expected
+    for move, values in zip(moves, got):
+        mats = {g: perm_to_matrix(p, dtype=torch.float64) for g, p in {**perms, **move}.items()}
+        whole = prob.batch_values(offset, mats)
+        assert values.shape == whole.shape == (3,) and (values - whole).abs().max() < 1e-10, move
+        assert (whole - prob.batch_values(offset, {g: perm_to_matrix(p, dtype=torch.float64)
+                                                  for g, p in perms.items()})).abs().max() > 1e-8  # it moves

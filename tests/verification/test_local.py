@@ -747,7 +747,7 @@ def test_batched_screen_equals_one_network_per_candidate(planted):
             # float32 losses from 1e-3 to 10: rounding of 1e-5 relative, and 1e-7 absolute on the smallest
             for way in (dense._batched, screen._batched, screen._one_by_one):
                 torch.testing.assert_close(way(g, cands, part), one, rtol=1e-5, atol=1e-6)
-        assert screen.chains[g] is not None and dense.chains is None
+        assert ctx.problem.chain(g) is not None and dense._chain(g, cands) is None
         assert g not in screen.batched
         change = screen(g, cands, 1)
         torch.testing.assert_close(change, screen._batched(g, cands, 1) - screen.identity(1), rtol=0, atol=0)

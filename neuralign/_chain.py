@@ -217,6 +217,18 @@ class Chain:
         out = self.consumer_output(values, parts)
         return functional_call(self.tail, dict(tail_weights), (out, *(values[n] for n in self.needs)))
 
+    def squares_change(self, rows: Callable[[str, int], torch.Tensor], identity: Mapping[str, torch.Tensor],
+                       moved: torch.Tensor) -> float:  # fmt: skip
+        """The change of the sum of squares of every parameter under one move (``rows`` and ``identity`` as in
+        :meth:`parts`): the chain's parameters on the moved units are the only entries a move of its group
+        changes."""
+        change = 0.0
+        for key in self.keys:
+            axis = 1 if key == self.consumer_weight else 0
+            change += float(rows(key, axis).double().square().sum())
+            change -= float(identity[key].index_select(axis, moved).double().square().sum())
+        return change
+
     def linearised(self, values: Mapping[fx.Node, torch.Tensor], grad: torch.Tensor,
                    weights: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], c: float,
                    per_example: bool = True, block: int = 1 << 22) -> torch.Tensor:  # fmt: skip
@@ -300,6 +312,22 @@ class Chain:
                 m[..., lo:lo + rows.numel(), :] = block_m.double()
         d = m.diagonal(dim1=-2, dim2=-1)
         return (m + m.transpose(-2, -1)) - (d[..., :, None] + d[..., None, :])  # symmetric to the bit
+
+
+def curve_rows(wa: Mapping[str, torch.Tensor], wb: Mapping[str, torch.Tensor], offset: Mapping[str, torch.Tensor],
+               t: float, moved: torch.Tensor, source: torch.Tensor) -> Callable[[str, int], torch.Tensor]:
+    """A move's parameters on the units it moves, at the point :math:`(1-t) w_A + t P w_B + 2t(1-t)
+    \\theta_{\\text{off}}` of a quadratic Bezier curve (:class:`~neuralign.curves.Bezier`): ``rows(key, axis)`` is
+    parameter ``key`` there on the ``moved`` positions along ``axis`` (``(|S|,)`` int64), :math:`P w_B` having the
+    entries ``source`` of ``wb`` along ``axis`` there (``wb``: B, or B with its other axes permuted already;
+    for B itself and a move's index permutation ``perm`` of its units, ``source = perm[moved]``, as
+    :func:`~neuralign.alignment.apply_permutation` indexes), so that no permuted copy of B is made."""
+
+    def rows(key: str, axis: int) -> torch.Tensor:
+        a, off = wa[key].index_select(axis, moved), offset[key].index_select(axis, moved)
+        return (1.0 - t) * a + t * wb[key].index_select(axis, source) + 2.0 * t * (1.0 - t) * off
+
+    return rows
 
 
 def _channelwise(node: fx.Node, source: fx.Node, modules: Mapping[str, nn.Module], norms: set[str],
