@@ -10,7 +10,9 @@ correlation, a quadratic Bezier curve fitted between them. Per permutation group
 ``--candidates`` transpositions (the data term on the screening set's first slice of 32 examples at t = 0.5) each
 way, the ratio of the faster of the first two to the faster of the last two (> 1: a speed-up; the check times
 both ways of its kind on each group's first chunk and screens on with the faster) and the largest difference of
-their values (float32 rounding); then,
+their values (float32 rounding); then the held-out test's scoring of the same transpositions (through each
+group's chain, every held-out batch) with the curve's points in channels-last memory format (the default on a CPU)
+against the contiguous format, side by side, their ratio and largest difference; then,
 per group, the race's ``--top`` best transpositions against the exhaustive screen's (every transposition on all
 ``--examples``): their overlap, whether the best is the same, the candidates left in the race on each slice, and
 the seconds of both, side by side. Power (``--race-z 3 1.5 1``): per group, how often a transposition made better by
@@ -124,6 +126,7 @@ def main() -> None:
     print(f"TinyTen on digits {side}, {args.examples} screening examples, {args.threads} thread(s)")
     if "screen" not in args.skip:
         compare_screens(ctx, spec, batch, ts, args.candidates)
+        compare_layouts(ctx, spec, args.candidates)
     if "race" not in args.skip:
         race(ctx, new, args.top, args.race_pairs)
     if "power" not in args.skip:
@@ -169,6 +172,31 @@ def compare_screens(ctx, spec, batch, ts, candidates) -> None:
               f" {before / after:6.2f} {diff:10.2e}{chain}")  # fmt: skip
     print(f"{'all groups':22} " + " ".join(f"{totals[w]:12.2f}" for w in ways))
     print(f"{'the faster way of each kind, all groups':48} {best[0]:8.2f} -> {best[1]:.2f} s: {best[0] / best[1]:.2f}x")
+
+
+def compare_layouts(ctx, spec, candidates) -> None:
+    """Per group, ``candidates`` transpositions scored as the held-out test scores them (through the group's chain,
+    one at a time, on every held-out batch), with the curve's points in channels-last memory format (the default)
+    and in the contiguous one, side by side (alternating which runs first), and the largest difference."""
+    prob = ctx.problem
+    screens = {flag: _Screen(ctx, list(prob.value_set), prob.value_ts, channels_last=flag) for flag in (True, False)}
+    print(f"\nheld-out scoring of {candidates} transpositions per group ({len(prob.value_set)} batches of "
+          f"{prob.value_set[0][0].shape[0]}): channels-last against contiguous memory format")
+    print(f"{'group':18} {'n':>3} {'channels-last s':>15} {'contiguous s':>13} {'ratio':>6} {'max |diff|':>10}")
+    totals = dict.fromkeys(screens, 0.0)
+    for index, (g, n) in enumerate(spec.sizes.items()):
+        cands = [_swap(n, i, j) for i, j in torch.triu_indices(n, n, offset=1).t().tolist()[:candidates]]
+        seconds, values = {}, {}
+        for flag in (True, False) if index % 2 == 0 else (False, True):
+            started = time.perf_counter()
+            values[flag] = torch.cat([screens[flag]._one_by_one(g, cands, part) for part in range(len(prob.value_set))],
+                                     dim=1)  # fmt: skip
+            seconds[flag] = time.perf_counter() - started
+            totals[flag] += seconds[flag]
+        diff = float((values[True] - values[False]).abs().max())
+        print(f"{g:18} {n:>3} {seconds[True]:15.2f} {seconds[False]:13.2f} {seconds[False] / seconds[True]:6.2f} "
+              f"{diff:10.2e}")  # fmt: skip
+    print(f"{'all groups':22} {totals[True]:15.2f} {totals[False]:13.2f} {totals[False] / totals[True]:6.2f}")
 
 
 def race(ctx, screen, top, screen_pairs) -> None:

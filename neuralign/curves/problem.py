@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from neuralign._chain import Chain, curve_rows
+from neuralign._chain import Chain, curve_rows, to_channels_last
 from neuralign._chain import trace as trace_graph
 from neuralign._distributed import all_reduce_, check_same_batch, is_distributed, shard_batch, world_size
 from neuralign._options import renamed_keywords
@@ -304,8 +304,9 @@ class CurvePermutationProblem(PermutationProblem):
             with torch.no_grad():
                 pb = apply_permutation(self.wb, self.spec, perms)
                 offset = self.unflatten(x[0])
-                points = [{k: (1.0 - t) * self.wa[k] + t * pb[k] + 2.0 * t * (1.0 - t) * offset[k] for k in self.names}
-                          for t in self.value_ts]  # the curve's points at perms, as :meth:`weights`
+                # the curve's points at perms, as :meth:`weights`, in the faster memory format (to_channels_last)
+                points = [to_channels_last({k: (1.0 - t) * self.wa[k] + t * pb[k] + 2.0 * t * (1.0 - t) * offset[k]
+                                         for k in self.names}) for t in self.value_ts]  # fmt: skip
                 for g, indices in through.items():
                     values = self._through_chain(self.chain(g), points, pb, offset, perms[g],
                                                  [moves[i][g] for i in indices])  # fmt: skip

@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from neuralign import _json
-from neuralign._chain import Chain, curve_rows
+from neuralign._chain import Chain, curve_rows, to_channels_last
 from neuralign._distributed import all_reduce_sum, rank, shard_batch, world_size
 from neuralign._options import Options, renamed_keywords, resolve_options
 from neuralign._stats import bonferroni_quantile, wilson_interval
@@ -281,6 +281,7 @@ class _Context:
         self._scorer: _Screen | None = None  # the held-out batches, scoring a move of one group through its chain
         self._looks: tuple[int, ...] | None = None
         self._examples: int | None = None
+        self._kept: dict[tuple, torch.Tensor] = {}  # (held-out batch, move): its data term, scored by move_costs
         self.x = x_star
         self.spec = spec
         self.coordinates = coordinates(spec)  # a group, or the groups sharing one head permutation
@@ -314,6 +315,7 @@ class _Context:
         """
         prob = self.problem
         chain = self._chain(changes) if ts is None else None
+        key = _move_key(changes) if ts is None else None  # kept values are at value_ts
         g = next(iter(changes), "")
         ts = prob.value_ts if ts is None else ts
         out = []
@@ -329,7 +331,9 @@ class _Context:
                     penalty = sum(float(0.5 * prob.weight_decay * _squares(w.values())) for w in points)
             for index in range(len(prob.value_set))[batches]:
                 batch = prob.value_set[index]
-                if chain is not None:
+                if (index, key) in self._kept:  # scored by move_costs
+                    values = self._kept.pop((index, key))
+                elif chain is not None:
                     values = self._scorer._through_chain(chain, g, [dict(changes)], index, batched=False)[0]
                 else:
                     total = torch.zeros(batch[0].shape[0], dtype=torch.float64, device=batch[0].device)
@@ -354,17 +358,20 @@ class _Context:
     def move_costs(self, changes: Mapping[str, torch.Tensor]) -> tuple[float, float]:
         """Milliseconds of scoring a move like ``changes`` on every held-out batch, measured on the first: the
         first move of its group (a move of one group with a chain computes the identity's values up to the chain
-        then, :meth:`losses`) and each later one. The group's chain is found before the measurement."""
+        then, :meth:`losses`) and each later one. The group's chain is found before the measurement; the move's
+        data term on that batch is kept for :meth:`losses`, so that scoring the move later computes it once."""
         count = len(self.problem.value_set)
         if not count:
             return 0.0, 0.0
-        self._chain(changes)  # found before the measurement
+        chain = self._chain(changes)  # found before the measurement
         started = time.perf_counter()
-        self.losses(changes, batches=slice(0, 1))
+        if chain is not None:  # the identity's values up to the chain on the batch: the group's first move's part
+            for ti in range(len(self.problem.value_ts)):
+                self._scorer._identity_values(chain, next(iter(changes)), 0, ti)
         middle = time.perf_counter()
-        self.losses(changes, batches=slice(0, 1))
+        self._kept[(0, _move_key(changes))] = self.losses(changes, batches=slice(0, 1))[0]
         later = time.perf_counter() - middle
-        return 1000.0 * count * max(later, middle - started), 1000.0 * count * later
+        return 1000.0 * count * (middle - started + later), 1000.0 * count * later
 
     def data_term(self, t: float) -> float:
         """The held-out data term of the curve at time ``t`` (the mean over all ranks' examples)."""
@@ -473,6 +480,11 @@ class _Change:
     def to_dict(self) -> dict[str, Any]:
         return {"change": self.change, "se": self.se, "t": self.t, "regulariser_change": self.regulariser,
                 "regulariser_only": self.regulariser_only, "examples": self.examples}  # fmt: skip
+
+
+def _move_key(changes: Mapping[str, torch.Tensor]) -> tuple:
+    """A move (group -> index permutation) as a key of a dict."""
+    return tuple(sorted((g, tuple(p.tolist())) for g, p in changes.items()))
 
 
 def _squares(tensors: Iterable[torch.Tensor]) -> float:
@@ -910,7 +922,7 @@ class _Screen:
     """
 
     def __init__(self, ctx: _Context, batch: tuple[torch.Tensor, torch.Tensor] | list[Sequence[torch.Tensor]],
-                 ts: Sequence[float], chains: bool = True) -> None:  # fmt: skip
+                 ts: Sequence[float], chains: bool = True, channels_last: bool = True) -> None:  # fmt: skip
         prob = ctx.problem
         # a list: batches of this rank's, one slice each (the held-out batches that score moves), not sharded
         self.given = [(b[0], b[1]) for b in batch] if isinstance(batch, list) else None
@@ -920,6 +932,8 @@ class _Screen:
         self.model = prob.untracked_model
         with torch.no_grad():
             self.base = [prob.weights(ctx.x, ctx.identity, t) for t in self.ts]
+            if channels_last:
+                self.base = [to_channels_last(w) for w in self.base]
             self.offset = prob.unflatten(ctx.x[0])
         if self.given is None:
             self.examples = int(batch[0].shape[0])
@@ -1303,12 +1317,16 @@ def _check_neighbourhood(ctx: _Context, opts, gen: torch.Generator) -> CheckResu
         if not moves.count:
             continue
         cycles = opts.n_cycles if not c.structured and ctx.spec.sizes[label] >= 3 else 0
-        costs[label] = ctx.move_costs(moves.changes(0))
+        screened = moves.count > opts.n_swaps + opts.n_control_swaps
+        if screened:
+            stage = stages[label] = _first_stage(first_order[label], screen.linearised(moves), opts)
+        # measured on a move the check will likely score (every move of a small group; else the best entrant),
+        # whose values on the batch measured are kept for it
+        costs[label] = ctx.move_costs(moves.changes(int(stage[0]) if screened else 0))
         meter.fixed += costs[label][0] + costs[label][1] * (min(moves.count, opts.n_swaps + opts.n_control_swaps)
                                                             + cycles - 1)  # fmt: skip
-        if moves.count <= opts.n_swaps + opts.n_control_swaps:
+        if not screened:
             continue
-        stage = stages[label] = _first_stage(first_order[label], screen.linearised(moves), opts)
         probe = stage[: screen.chunk(0)]
         screen(label, [moves.changes(k) for k in probe.tolist()], 0)  # measured (and cached) here
         examples = stage.numel() * first + min(stage.numel(), opts.screen_pairs) * (screen.local - first)

@@ -490,3 +490,21 @@ def test_problem_move_values_through_chains_equal_the_whole_network(name):
         assert values.shape == whole.shape == (3,) and (values - whole).abs().max() < 1e-10, move
         assert (whole - prob.batch_values(offset, {g: perm_to_matrix(p, dtype=torch.float64)
                                                   for g, p in perms.items()})).abs().max() > 1e-8  # it moves
+
+
+def test_move_costs_keeps_the_values_it_scores_for_the_held_out_test():
+    """``_Context.move_costs`` scores its move on the first held-out batch to time it and keeps that batch's data
+    term for ``losses``, which uses it once: the move's data term on every batch is then the whole network's to
+    1e-12 (float64, as above), and a second call (nothing kept) computes the same."""
+    from neuralign.verification.local import _swap
+
+    ctx, _, _ = _tinyten_context(7, 192, 48, 4, (0.25, 0.75))
+    prob = ctx.problem
+    for g, n in list(prob.spec.sizes.items())[:3]:
+        move = {g: _swap(n, 1, n - 2)}
+        first, later = ctx.move_costs(move)
+        assert first >= later > 0 and len(ctx._kept) == 1
+        kept, _ = ctx.losses(move)
+        assert not ctx._kept
+        whole, _ = ctx.losses(move, ts=prob.value_ts)
+        assert (kept - whole).abs().max() < 1e-12 and torch.equal(kept, ctx.losses(move)[0])
