@@ -187,14 +187,17 @@ class Chain:
     def consumer_output(self, values: Mapping[fx.Node, torch.Tensor], parts: Mapping[str, torch.Tensor]
                         ) -> torch.Tensor:  # fmt: skip
         """The consumer's output under one move (its :meth:`parts`; ``values``: :meth:`identity_values`):
-        the identity's, less the moved units' contribution at the identity, plus theirs under the move."""
+        the identity's, less the moved units' contribution at the identity, plus theirs under the move (the two
+        in one call of the consumer, on the moved channels under the move and at the identity side by side)."""
         modules = self.modules
         prod = modules[self.producer]
         a = _layer(prod, values[self.producer_input], parts[f"{self.producer}.weight"],
                    parts.get(f"{self.producer}.bias"))  # fmt: skip
         a = self._between(a, lambda key: (parts.get(f"{key}.weight"), parts.get(f"{key}.bias")))
         cons = modules[self.consumer]
-        return values[self.consumer_node] - _layer(cons, parts["input"], parts["old"]) + _layer(cons, a, parts["new"])
+        axis = -1 if isinstance(cons, nn.Linear) else 1  # the consumer's input channels
+        change = _layer(cons, torch.cat([a, parts["input"]], axis), torch.cat([parts["new"], -parts["old"]], 1))
+        return values[self.consumer_node] + change
 
     def _between(self, a: torch.Tensor, affine: Callable[[str], tuple[torch.Tensor | None, torch.Tensor | None]]
                  ) -> torch.Tensor:  # fmt: skip

@@ -910,8 +910,9 @@ class _Screen:
 
     A batched layer costs more per candidate than the same layer run alone (on a CPU: a grouped convolution and a
     decomposed batch norm), so vmap pays only where the unchanged layers before the group are a large part of the
-    network. The first chunk of each group is therefore computed both ways and timed, and the faster way screens
-    the rest of the group (``benchmarks/bench_verification.py`` measures both per group).
+    network. The first chunk of each group is therefore computed half one way, half the other, each timed per
+    candidate, and the faster way screens the rest of the group (``benchmarks/bench_verification.py`` measures
+    both per group).
 
     Where the group's producer, the channel-wise layers after it (batch norm, activations, pooling) and its
     consumer form a chain in the model's fx graph (:class:`~neuralign._chain.Chain`), both ways
@@ -1115,21 +1116,22 @@ class _Screen:
         if self.hit:
             return cached[1]
         if g not in self.batched:
+            # the first chunk: its first half one way, the rest the other, each timed per candidate (every value
+            # computed once; the batched way, on half a chunk, is timed at a little more than a full chunk costs)
+            half = len(perms) // 2
             start = time.perf_counter()
             try:
-                values = self._batched(g, perms, part)
+                first = self._batched(g, perms[:half], part) if half else None
             except (RuntimeError, NotImplementedError) as error:  # an operation vmap cannot batch
                 logger.info("screening group %s one network per candidate: %s", g, error)
-                self.batched[g] = False
-                start = time.perf_counter()
-                values = self._one_by_one(g, perms, part)
-                self.seconds[g] = (time.perf_counter() - start) / (len(perms) * values.shape[1])
-                return values - self.identity(part)
+                first, half = None, 0
             middle = time.perf_counter()
-            self._one_by_one(g, perms, part)
-            self.batched[g] = middle - start <= time.perf_counter() - middle
-            self.seconds[g] = min(middle - start, time.perf_counter() - middle) / (len(perms) * values.shape[1])
-            values = values - self.identity(part)
+            rest = self._one_by_one(g, perms[half:], part)
+            end = time.perf_counter()
+            per_candidate = [(middle - start) / half if half else math.inf, (end - middle) / (len(perms) - half)]
+            self.batched[g] = per_candidate[0] <= per_candidate[1]
+            self.seconds[g] = min(per_candidate) / rest.shape[1]
+            values = (rest if first is None else torch.cat([first, rest])) - self.identity(part)
             self._cached[(g, part)] = (list(perms), values)
             return values
         way = self._batched if self.batched[g] else self._one_by_one
