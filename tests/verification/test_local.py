@@ -963,6 +963,8 @@ def test_moves_of_dead_units_change_only_the_regulariser_and_are_not_flagged(dea
     assert any(m[4] == "control" and m[3] < -neigh.thresholds["margin"] for m in apart), apart
     assert neigh.details["per_group"][GROUP]["regulariser_only"] == len(apart)
     assert "change only the weight-decay term" in neigh.summary
+    # the curve's data term along it is computed where moves improve only
+    assert ("curve_data_term" in neigh.details) == any(neigh.details["improving_moves"].values())
     damaged = {g: q.clone() for g, q in perms.items()}
     damaged[GROUP][[20, 21]] = perms[GROUP][[21, 20]]
     flagged = _verify_dead(dead_units, damaged, checks=("neighbourhood",)).checks["neighbourhood"]
