@@ -48,8 +48,8 @@ SCRIPT = REPO / "tools" / "slurm_local.sh"
 SLURM_DIR = Path(os.environ.get("NEURALIGN_SLURM_DIR", "/tmp/neuralign-slurm"))
 
 # The demo study made small: every kind of stage (end points, alignment, four curves, their evaluations, midpoint
-# alignment, verification, plane, report: 15 jobs), about 22 s in one process on one thread. The verification takes
-# ~12 s (stability's PAM from the identity and five random starts besides the alignment: 4.9 s without them), long
+# alignment, verification, plane, report: 15 jobs), about 18 s of stages in one process on one thread. The
+# verification takes ~8 s (stability's PAM from the identity and five random starts besides the alignment), long
 # enough for a test to kill its job mid-stage
 TINY = {
     "train.epochs": 2, "curve.epochs": 2, "pam.x_epochs": 1, "max_batches": 3, "evaluation.num_points": 3,
@@ -243,7 +243,7 @@ def test_a_job_killed_mid_stage_is_recovered_by_one_rerun_while_another_job_wait
     subprocess.run(["scontrol", "hold", jobs["pair 1 plane"]], check=True)
     verification = jobs["pair 1 verification"]
     wait_for(lambda: squeue(jobs).get("pair 1 verification", ("",))[0] == "RUNNING", "the verification job")
-    time.sleep(6)  # its process has started the stage (~3 s to start python and torch; the stage takes ~12 s)
+    time.sleep(6)  # its process has started the stage (~3 s to start python and torch; the stage takes ~8 s)
     subprocess.run(["scancel", verification], check=True)
     wait_for(lambda: "pair 1 verification" not in squeue(jobs), "the killed job to end", 60)
     assert not (out / "pair1" / "verification.json").exists()  # killed before the stage wrote its outputs
