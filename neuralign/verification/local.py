@@ -17,6 +17,7 @@ import math
 import os
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,6 +445,10 @@ class _Context:
                 break
         return change
 
+
+# the identity's values up to a group's chain that a screen keeps for groups other than the last one asked for
+# (bytes; float32 TinyTen on the demo's held-out batches needs ~43 MiB per batch of 256 for all eight groups)
+_KEPT_VALUES_BYTES = 256 * 2**20
 
 # the sequential test's futility bound: a move whose change is this many standard errors above -margin at an
 # interim look stops there (see _Context.delta)
@@ -929,7 +934,8 @@ class _Screen:
         self.given = [(b[0], b[1]) for b in batch] if isinstance(batch, list) else None
         self.ctx, self.batch, self.ts = ctx, batch, list(ts)
         self.chains = chains  # evaluate a move of a group with a chain through it (the problem's, found once)
-        self._values: tuple[str, dict[tuple[int, int], dict]] = ("", {})  # a group's identity values per slice, time
+        # (group, slice, time) -> a chain's identity values and their bytes, least recently used first
+        self._values: OrderedDict[tuple[str, int, int], tuple[dict, int]] = OrderedDict()
         self.model = prob.untracked_model
         with torch.no_grad():
             self.base = [prob.weights(ctx.x, ctx.identity, t) for t in self.ts]
@@ -1000,14 +1006,23 @@ class _Screen:
         return curve_rows(self.ctx.problem.wa, self.ctx.problem.wb, self.offset, t, moved, source)
 
     def _identity_values(self, chain: Chain, g: str, part: int, ti: int) -> dict:
-        """:meth:`~neuralign._chain.Chain.identity_values` of group ``g``'s chain on slice ``part`` at
-        the ``ti``-th time, kept while the moves of ``g`` are evaluated (one group's at a time)."""
-        if self._values[0] != g:
-            self._values = (g, {})
-        cache = self._values[1]
-        if (part, ti) not in cache:
-            cache[(part, ti)] = chain.identity_values(self.base[ti], self._part(part)[0])
-        return cache[(part, ti)]
+        """:meth:`~neuralign._chain.Chain.identity_values` of group ``g``'s chain on slice ``part`` at the
+        ``ti``-th time, kept: those of the group last asked for always (its moves are evaluated slice after slice),
+        those of other groups while all kept values take at most :data:`_KEPT_VALUES_BYTES` (the least recently
+        used go first), so that the certificate reuses the neighbourhood check's and a group's scored moves the
+        values its cost probe computed (:meth:`_Context.move_costs`)."""
+        key = (g, part, ti)
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key][0]
+        values = chain.identity_values(self.base[ti], self._part(part)[0])
+        self._values[key] = (values, sum(v.numel() * v.element_size() for v in values.values()))
+        total = sum(size for _, size in self._values.values())
+        for other in [k for k in self._values if k[0] != g]:
+            if total <= _KEPT_VALUES_BYTES:
+                break
+            total -= self._values.pop(other)[1]
+        return values
 
     def _through_chain(self, chain: Chain, g: str, perms: Sequence[Mapping[str, torch.Tensor]], part: int,
                        batched: bool) -> torch.Tensor:  # fmt: skip

@@ -508,3 +508,31 @@ def test_move_costs_keeps_the_values_it_scores_for_the_held_out_test():
         assert not ctx._kept
         whole, _ = ctx.losses(move, ts=prob.value_ts)
         assert (kept - whole).abs().max() < 1e-12 and torch.equal(kept, ctx.losses(move)[0])
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 40])
+def test_screen_keeps_identity_values_of_other_groups_within_its_budget(monkeypatch, budget):
+    """A screen keeps the identity's values up to a chain: those of the group last asked for always (its moves run
+    slice after slice: none is recomputed within the group, even over the budget), other groups' while all kept
+    values fit ``_KEPT_VALUES_BYTES`` (so that a later check finds them): with no budget every group's values are
+    computed again on a second pass, with room for all none are; the values kept are the ones computed."""
+    import neuralign.verification.local as local
+
+    monkeypatch.setattr(local, "_KEPT_VALUES_BYTES", budget)
+    calls = []
+    original = Chain.identity_values
+    monkeypatch.setattr(Chain, "identity_values", lambda self, *a: calls.append(1) or original(self, *a))
+    ctx, _, _ = _tinyten_context(8, 96, 32, 3, (0.5,))
+    prob = ctx.problem
+    screen = local._Screen(ctx, list(prob.value_set), prob.value_ts)
+    groups = list(prob.spec.sizes)
+    first = {}
+    for g in groups:
+        for part in (0, 1, 2, 0, 1, 2):
+            first.setdefault((g, part), screen._identity_values(prob.chain(g), g, part, 0))
+    assert len(calls) == 3 * len(groups)  # each group's slices once
+    for g in groups:
+        for part in range(3):
+            again = screen._identity_values(prob.chain(g), g, part, 0)
+            assert all(torch.equal(again[n], first[(g, part)][n]) for n in again)
+    assert len(calls) == 3 * len(groups) * (2 if budget == 0 else 1)
