@@ -82,7 +82,7 @@ def _run_all(inp: dict) -> dict:
     out["train"] = trained.state_dict
     out["train_history"] = {k: v for k, v in trained.history[0].items() if k != "seconds"}
     pam = fit_curve_pam(a, a.state_dict(), b.state_dict(), data, init="identity", x_epochs=1, max_iter=1,
-                        gradient_batches=2, value_batches=2, generator=0, lam=10.0)  # fmt: skip
+                        gradient_batches=2, value_batches=2, generator=0, lam=10.0, swap_trials=2)  # fmt: skip
     out["pam"] = {"perms": pam.perms, "control": pam.curve.points[1], "history": pam.history}
     out["neighbourhood"] = _neighbourhood(inp, res.perms)
     return out
@@ -252,7 +252,7 @@ def test_train_model_epoch_equals_one_process(ranks, inputs):
 def test_fit_curve_pam_equals_one_process(ranks, inputs):
     a, b, data = inputs["a"], inputs["b"], inputs["data"]
     one = fit_curve_pam(a, a.state_dict(), b.state_dict(), data, init="identity", x_epochs=1, max_iter=1,
-                        gradient_batches=2, value_batches=2, generator=0, lam=10.0)  # fmt: skip
+                        gradient_batches=2, value_batches=2, generator=0, lam=10.0, swap_trials=2)  # fmt: skip
     got = ranks[0]["pam"]
     for g, p in one.perms.items():
         assert torch.equal(got["perms"][g], p), g
