@@ -326,11 +326,12 @@ class CurvePermutationProblem(PermutationProblem):
         # B's units the moved positions take, as positions of pb (whose other axes are permuted as they stay)
         inverse = torch.argsort(current)
         sources = [inverse.index_select(0, p.to(self.device).index_select(0, m)) for p, m in zip(moved_to, moved)]
-        squares = [float(sum(v.double().square().sum() for v in w.values())) for w in points]
+        decayed = self.weight_decay > 0
+        squares = [float(sum(v.double().square().sum() for v in w.values())) for w in points] if decayed else []
         rows = [[curve_rows(self.wa, pb, offset, t, m, s) for t in ts] for m, s in zip(moved, sources)]
         # per move and time: the weight-decay term, the identity's sum of squares with the moved entries' changed
         decay = [[0.5 * self.weight_decay * (base + chain.squares_change(r, w, m)) for r, w, base in
-                  zip(rs, points, squares)] for rs, m in zip(rows, moved)]  # fmt: skip
+                  zip(rs, points, squares)] for rs, m in zip(rows, moved)] if decayed else []  # fmt: skip
         out = torch.zeros(len(moved_to), len(self.value_set), dtype=torch.float64)
         for b, batch in enumerate(self.value_set):
             share, penalty_share = (batch[2], 1.0 / world_size()) if len(batch) > 2 else (1.0, 1.0)
@@ -340,7 +341,7 @@ class CurvePermutationProblem(PermutationProblem):
                 for i, m in enumerate(moved):
                     output = chain.output(values, chain.parts(values, rows[i][ti], w, m), tail)
                     out[i, b] += float(self.loss_fn(output, batch[1])) * share
-                    if self.weight_decay:
+                    if decayed:
                         out[i, b] += decay[i][ti] * penalty_share
         out = all_reduce_(out / len(ts))
         bad = (~torch.isfinite(out)).nonzero().tolist()

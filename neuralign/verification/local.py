@@ -924,7 +924,9 @@ class _Screen:
     evaluate a transposition through it: the producer and the consumer on the two moved units only (the consumer's
     output is the identity's plus the moved channels' change), only the layers after the consumer per candidate.
     Every way computes the same values up to float rounding (the same sums in another order; float64 tests:
-    ``tests/verification/test_chain.py``).
+    ``tests/verification/test_chain.py``). ``chains=False`` evaluates every move without them; with
+    ``channels_last`` (the default) the curve's 4-D weights are in channels-last memory format on a CPU
+    (:func:`~neuralign._chain.to_channels_last`: faster, the same values up to float rounding).
     """
 
     def __init__(self, ctx: _Context, batch: tuple[torch.Tensor, torch.Tensor] | list[Sequence[torch.Tensor]],

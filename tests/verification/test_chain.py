@@ -452,14 +452,15 @@ def test_heldout_scoring_through_chains_equals_the_whole_network():
         assert prob.chain(g) is not None
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.05])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_problem_move_values_through_chains_equal_the_whole_network(name):
+def test_problem_move_values_through_chains_equal_the_whole_network(name, decay):
     """``CurvePermutationProblem.move_values`` (PAM's swap search scores its trial moves with it) evaluates a move
     of one group with a chain through it, any other move on the whole network: for every group, a transposition
     and a 3-cycle of a random current permutation, and a move of two groups at once, the same per-batch objective
     as ``batch_values`` with the moved permutations' matrices, in float64 to 1e-10 (the same sums in another order:
     rounding of about 1e-15 of the O(1) cross-entropies and weight-decay terms), at a random curve offset with
-    weight decay on; the groups with a chain are exactly the expected ones."""
+    weight decay on and off; the groups with a chain are exactly the expected ones."""
     from neuralign.curves.problem import CurvePermutationProblem
     from neuralign.optim import perm_to_matrix
 
@@ -471,7 +472,7 @@ def test_problem_move_values_through_chains_equal_the_whole_network(name):
     y = torch.randint(0, out.shape[-1], (24, *out.shape[1:-1]), generator=gen)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     wb = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in model.named_parameters()}
-    prob = CurvePermutationProblem(model, dict(model.named_parameters()), wb, spec, loader, weight_decay=0.05,
+    prob = CurvePermutationProblem(model, dict(model.named_parameters()), wb, spec, loader, weight_decay=decay,
                                    value_batches=3, value_ts=(0.25, 0.75))  # fmt: skip
     offset = [0.1 * torch.randn(sum(prob.numels), generator=gen, dtype=torch.float64)]
     perms = {g: torch.randperm(n, generator=gen) for g, n in spec.sizes.items()}
