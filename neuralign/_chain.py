@@ -346,13 +346,14 @@ def curve_rows(wa: Mapping[str, torch.Tensor], wb: Mapping[str, torch.Tensor], o
 def _channelwise(node: fx.Node, source: fx.Node, modules: Mapping[str, nn.Module], norms: set[str],
                  positions: bool) -> bool:  # fmt: skip
     """Does ``node`` act on each channel of ``source`` alone (one of the group's batch norms, a parameter-free
-    elementwise activation, or where ``positions`` (channels on dim 1, after a convolution) a pooling over positions
-    or a flatten from dim 1), with ``source`` its only tensor input?"""
+    elementwise activation, a dropout layer in eval mode, or where ``positions`` (channels on dim 1, after a
+    convolution) a pooling over positions or a flatten from dim 1), with ``source`` its only tensor input?"""
     if node.op == "call_module":
         m = modules.get(node.target)
         flat = isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) == (1, -1)
         pool = positions and (isinstance(m, _POOLS) or flat)
-        ok = node.target in norms or pool or (isinstance(m, _ELEMENTWISE_MODULES) and not list(m.parameters()))
+        off = isinstance(m, nn.modules.dropout._DropoutNd) and not m.training  # a dropout switched off: identity
+        ok = node.target in norms or pool or off or (isinstance(m, _ELEMENTWISE_MODULES) and not list(m.parameters()))
         return ok and len(node.args) == 1 and not node.kwargs and node.args[0] is source
     if node.op == "call_function" and node.target is torch.flatten:
         return positions and node.args == (source, 1) and not node.kwargs

@@ -22,7 +22,13 @@ from neuralign._chain import trace as trace_graph
 from neuralign._distributed import all_reduce_, check_same_batch, is_distributed, shard_batch, world_size
 from neuralign._options import renamed_keywords
 from neuralign._utils import as_generator, classification_loss, split_batch
-from neuralign.alignment import PermutationSpec, apply_permutation, apply_permutation_matrices, identity_permutation
+from neuralign.alignment import (
+    PermutationSpec,
+    apply_permutation,
+    apply_permutation_matrices,
+    identity_permutation,
+    validate_permutation,
+)
 from neuralign.alignment.heads import match_heads
 from neuralign.curves._weights import parameters_of
 from neuralign.curves.families import Bezier
@@ -61,7 +67,10 @@ class CurvePermutationProblem(PermutationProblem):
     Parameters
     ----------
     model : nn.Module
-        The architecture (copied; run in train mode, batch norm on batch statistics, with private buffers).
+        The architecture (copied; run in train mode, batch norm on batch statistics, with private buffers; its
+        dropout layers, the modules of :mod:`torch.nn`'s dropout kinds, are switched off, so that the objective
+        is deterministic: the same ``x`` and ``P`` give the same values. A dropout called as a function,
+        ``F.dropout(..., training=self.training)``, stays on).
     point_a, point_b : dict str -> Tensor
         End points (parameter dicts or full state dicts; only parameters are used).
     spec : PermutationSpec
@@ -118,6 +127,9 @@ class CurvePermutationProblem(PermutationProblem):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
         self.model = copy.deepcopy(model).train()
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.eval()
         self.wa = {k: v.detach() for k, v in parameters_of(model, point_a, "point_a").items()}
         self.wb = {k: v.detach() for k, v in parameters_of(model, point_b, "point_b").items()}
         self.names = list(self.wa)
@@ -288,9 +300,19 @@ class CurvePermutationProblem(PermutationProblem):
 
         Raises
         ------
+        TypeError, ValueError
+            If ``perms`` is not a permutation of every group, or a move is not a dict of the spec's groups to
+            permutations (names the move and the group).
         NonFiniteError
             If a move's objective is NaN or infinite on a value batch (names the batch).
         """
+        validate_permutation(self.spec, perms, name="perms")
+        if isinstance(moves, Mapping) or not isinstance(moves, Sequence):
+            raise TypeError(f"`moves` must be a sequence of dicts group -> index tensor, got {type(moves).__name__}")
+        for i, move in enumerate(moves):
+            if not isinstance(move, Mapping):
+                raise TypeError(f"`moves[{i}]` must be a dict group -> index tensor, got {type(move).__name__}")
+            validate_permutation(self.spec, {**perms, **move}, name=f"moves[{i}]")
         out: list[torch.Tensor | None] = [None] * len(moves)
         through: dict[str, list[int]] = {}
         for i, move in enumerate(moves):

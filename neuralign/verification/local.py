@@ -653,7 +653,9 @@ def _check_stability(ctx, model, point_a, point_b, perms, train_loader, curve, s
     )
     if any(proposed.values()):
         summary += (f"; its swap search tried the neighbourhood check's best-ranked transpositions first (up to "
-                    f"{max(len(m) for m in proposed.values())} per group)")  # fmt: skip
+                    f"{max(len(m) for m in proposed.values())} per group; it keeps one only if it improves "
+                    f"significantly over the {opts.value_batches} held-out batches' means, a weaker test than the "
+                    "neighbourhood check's, per example)")  # fmt: skip
     if significant:
         m = min(significant, key=lambda r: r["change"])
         summary += (f"; the move to {m['group']} units {_fmt(m['units'])} (iteration {m['iteration']}, "
@@ -1521,9 +1523,10 @@ def _check_gradient(ctx: _Context, opts, gen: torch.Generator, scale: float = 1.
     res = taylor_test(along, deriv, min_slope=opts.min_slope, max_relative_error=opts.max_relative_error)
     _tick(opts, "gradient", 1, 1)
     message = res.message
-    # the objective runs in train mode: dropout draws new masks at every evaluation, so the remainder is noise
-    rates = sorted({float(getattr(m, "p", getattr(m, "dropout", 0.0))) for m in p64.model.modules()
-                    if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention))} - {0.0})  # fmt: skip
+    # the objective runs in train mode: a dropout still on (the problem switches dropout layers off, not the
+    # attention's own) draws new masks at every evaluation, so the remainder is noise
+    rates = sorted({float(getattr(m, "p", getattr(m, "dropout", 0.0))) for m in p64.model.modules() if m.training
+                    and isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention))} - {0.0})  # fmt: skip
     if res.verdict != "pass" and rates:
         message += (f"; the model has dropout (p = {', '.join(f'{r:g}' for r in rates)}), which draws new masks at "
                     "every evaluation of the objective: the Taylor test cannot be decided under dropout")  # fmt: skip

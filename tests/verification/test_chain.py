@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -250,8 +252,8 @@ def test_chain_refused_where_its_inputs_change_in_place_or_its_parameters_are_no
 )
 def test_chain_refused_where_a_move_reaches_the_output_otherwise(model):
     """No chain where the producer's output reaches the output other than through channel-wise layers to one
-    consumer (two consumers; a LayerNorm, dropout or a softmax over the units between), or where fx cannot trace
-    the model."""
+    consumer (two consumers; a LayerNorm, dropout in train mode (its mask is drawn for every unit at once) or a
+    softmax over the units between), or where fx cannot trace the model."""
     x = torch.randn(4, 6)
     model.eval()
     if isinstance(model, Branching):
@@ -261,6 +263,7 @@ def test_chain_refused_where_a_move_reaches_the_output_otherwise(model):
     else:
         spec = trace_spec(model, x)
     names = [n for n, _ in model.named_parameters()]
+    model.train()  # dropout on (the others are the same in both modes)
     assert all(Chain.find(model, spec, g, names) is None for g in spec.sizes if g.startswith("a")), spec.summary()
 
 
@@ -338,8 +341,9 @@ def test_screen_through_chains_equals_the_whole_network(tmp_path):
 def test_chain_on_torchvision_models(arch):
     """Models we did not write (torchvision, random weights, 32x32 inputs): chains are found for exactly the groups
     whose producer reaches one consumer through batch norm, in-place ReLUs and pooling (each ResNet block's inner
-    group; every VGG feature group, the last through its pooling to 1x1 and flatten into the classifier), every
-    other group is refused (the residual streams; the classifier's group, through dropout), and the chain's output
+    group; every VGG feature group, the last through its pooling to 1x1 and flatten into the classifier, and the
+    classifier's group through its dropout switched off, as the curve problem runs it), every other group is
+    refused (the residual streams), and the chain's output
     equals the whole network's in float64 for a transposition of each (1e-9 of the output's scale: float64
     rounding)."""
     torchvision = pytest.importorskip("torchvision")
@@ -351,7 +355,7 @@ def test_chain_on_torchvision_models(arch):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     spec = trace_spec(model.eval(), x[:2].float())
     model = _bn_off(model.double())
-    for m in model.modules():  # dropout's masks are random: the two evaluations are compared without it
+    for m in model.modules():  # dropout switched off, as the curve problem runs it (its masks are random)
         if isinstance(m, nn.Dropout):
             m.eval()
     names = [n for n, _ in model.named_parameters()]
@@ -377,7 +381,7 @@ def test_chain_on_torchvision_models(arch):
     if arch == "resnet18":
         expected = {g for g in spec.sizes if g.endswith(".conv1")}
     else:
-        expected = {g for g in spec.sizes if g.startswith("features.")}
+        expected = {g for g in spec.sizes if g.startswith("features.")} | {"classifier.0"}
     assert found == expected, sorted(found ^ expected)
 
 
@@ -537,3 +541,60 @@ def test_screen_keeps_identity_values_of_other_groups_within_its_budget(monkeypa
             again = screen._identity_values(prob.chain(g), g, part, 0)
             assert all(torch.equal(again[n], first[(g, part)][n]) for n in again)
     assert len(calls) == 3 * len(groups) * (2 if budget == 0 else 1)
+
+
+def _dropout_problem(weight_decay: float = 0.0):
+    """A curve problem on a float64 MLP with dropout between its layers (two held-out batches)."""
+    from neuralign.curves.problem import CurvePermutationProblem
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Dropout(0.5), nn.Linear(10, 8), nn.ReLU(),
+                          nn.Dropout(0.5), nn.Linear(8, 3)).double()  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen)
+    spec = trace_spec(model, x[:2])
+    wb = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in model.named_parameters()}
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    prob = CurvePermutationProblem(model, dict(model.named_parameters()), wb, spec, loader, value_batches=2,
+                                   weight_decay=weight_decay)  # fmt: skip
+    return prob, [0.1 * torch.randn(sum(prob.numels), generator=gen, dtype=torch.float64)]
+
+
+def test_problem_objective_is_deterministic_with_dropout_layers():
+    """The problem switches its model's dropout layers off: the monitored value is the same whatever torch's
+    global random state (it changed with it before), and a move through a chain equals the whole network's."""
+    from neuralign.optim import perm_to_matrix
+
+    prob, offset = _dropout_problem()
+    perms = {g: torch.randperm(n, generator=torch.Generator().manual_seed(2)) for g, n in prob.spec.sizes.items()}
+    mats = {g: perm_to_matrix(p, dtype=torch.float64) for g, p in perms.items()}
+    values = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        values.append(prob.batch_values(offset, mats))
+    assert torch.equal(values[0], values[1])
+    g, n = next(iter(prob.spec.sizes.items()))
+    move = {g: perms[g][torch.tensor([n - 1, *range(1, n - 1), 0])]}
+    assert prob.chain(g) is not None  # the dropout between its layers switched off: the identity
+    assert Chain.find(copy.deepcopy(prob.untracked_model).train(), prob.spec, g, prob.names) is None  # on: none
+    whole = prob.batch_values(offset, {**mats, g: perm_to_matrix(move[g], dtype=torch.float64)})
+    assert (prob.move_values(offset, perms, [move])[0] - whole).abs().max() < 1e-12
+
+
+def test_problem_move_values_refuses_moves_that_are_not_permutations_of_its_groups():
+    """Each move is checked as ``perms`` is, naming the move and the group, whichever way it would be scored."""
+    prob, offset = _dropout_problem()
+    perms = {g: torch.arange(n) for g, n in prob.spec.sizes.items()}
+    g, n = next(iter(prob.spec.sizes.items()))
+    with pytest.raises(ValueError, match=rf"`moves\[1\]` group `{g}` is not a permutation"):
+        prob.move_values(offset, perms, [{}, {g: torch.zeros(n, dtype=torch.int64)}])
+    with pytest.raises(ValueError, match=rf"`moves\[0\]` group `{g}` has length"):
+        prob.move_values(offset, perms, [{g: torch.arange(n - 1)}])
+    with pytest.raises(ValueError, match=r"`moves\[0\]` has groups \['nope'\]"):
+        prob.move_values(offset, perms, [{"nope": torch.arange(2)}])
+    with pytest.raises(TypeError, match=rf"`moves\[0\]` group `{g}`: expected an int64 tensor, got list"):
+        prob.move_values(offset, perms, [{g: list(range(n))}])
+    with pytest.raises(TypeError, match=r"`moves` must be a sequence of dicts"):
+        prob.move_values(offset, perms, {g: torch.arange(n)})
+    with pytest.raises(ValueError, match=rf"`perms` group `{g}` is not a permutation"):
+        prob.move_values(offset, {**perms, g: torch.zeros(n, dtype=torch.int64)}, [])

@@ -5,6 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from neuralign.alignment import apply_permutation, invert_permutation, random_permutation, trace_spec
 from neuralign.curves import Bezier
@@ -1045,10 +1047,9 @@ def test_alignment_check_accepts_aligns_own_tie_breaking_and_fails_a_damaged_pai
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_gradient_check_names_dropout_when_it_cannot_decide(dropout):
-    """The objective runs in train mode: dropout draws new masks at every evaluation, so the Taylor remainder is
-    noise and the check cannot pass; its summary says that dropout is why. Without dropout the same network passes
-    and the summary does not mention it."""
+def test_gradient_check_passes_with_dropout_layers_switched_off(dropout):
+    """The curve problem switches its model's dropout layers off (the objective is deterministic), so the Taylor
+    test decides with or without them, and the summary does not mention dropout."""
     from neuralign.curves.pam import CurvePermutationProblem
 
     data = load_data("digits", batch_size=64, generator=0)
@@ -1060,10 +1061,41 @@ def test_gradient_check_names_dropout_when_it_cannot_decide(dropout):
     opts = SimpleNamespace(gradient_check_examples=8, min_slope=1.8, max_relative_error=1e-3, callback=None)
     torch.manual_seed(0)
     res = _check_gradient(ctx, opts, torch.Generator().manual_seed(0))
-    if dropout:
-        assert res.verdict != "pass" and "dropout (p = 0.2)" in res.summary, res.summary
-    else:
-        assert res.verdict == "pass" and "dropout" not in res.summary, res.summary
+    assert res.verdict == "pass" and "dropout" not in res.summary, res.summary
+
+
+class _DroppedAttention(nn.Module):
+    """Tokens through a multi-head attention whose attention weights are dropped (its own dropout, on in train
+    mode), pooled over tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.mha = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.out(self.mha(h, h, h, need_weights=False)[0]).mean(1)
+
+
+def test_gradient_check_names_attention_dropout_when_it_cannot_decide():
+    """Attention's own dropout stays on (it is no dropout layer the problem can switch off): it draws new masks at
+    every evaluation, so the Taylor remainder is noise and the check cannot pass; its summary says that dropout is
+    why."""
+    from neuralign.curves.pam import CurvePermutationProblem
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, 4, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    torch.manual_seed(1)
+    model = _DroppedAttention()
+    spec = trace_spec(model.eval(), x[:2])
+    prob = CurvePermutationProblem(model, model.state_dict(), model.state_dict(), spec, loader, value_batches=2)
+    ctx = _Context(prob, [torch.randn(sum(prob.numels), generator=gen) * 0.01], spec)
+    opts = SimpleNamespace(gradient_check_examples=8, min_slope=1.8, max_relative_error=1e-3, callback=None)
+    torch.manual_seed(0)
+    res = _check_gradient(ctx, opts, torch.Generator().manual_seed(0))
+    assert res.verdict != "pass" and "dropout (p = 0.5)" in res.summary, res.summary
 
 
 def test_the_screen_draws_held_out_examples_after_the_scored_batches_in_one_pass():
