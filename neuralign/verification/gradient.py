@@ -14,6 +14,9 @@ __all__ = ["TaylorResult", "taylor_test"]
 
 _WINDOW = 4  # consecutive steps (one decade at the default spacing) over which the asymptotic slope is fitted
 _FIRST_ORDER = 1.4  # a fitted slope at most this is first order (a wrong gradient); between it and min_slope: mixed
+# a remainder rising faster than this between two consecutive steps is a kink coming in, not a Taylor remainder
+# (second order, third where the curvature vanishes): the fitted window stops before it
+_KINK_SLOPE = 3.5
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,9 @@ def taylor_test(
 
     The slope is fitted where it means something: over the ``4`` smallest consecutive steps whose remainder is
     above the noise floor (below it the remainder is rounding; at larger steps a ReLU or max-pool network crosses
-    kinks, which add first-order pieces to the remainder of a correct gradient). The default floor follows the
+    kinks, which add first-order pieces to the remainder of a correct gradient), up to the first of them after the
+    third where the remainder jumps (rises faster than :math:`\\varepsilon^{3.5}` from the step before: a kink
+    coming in). The default floor follows the
     rounding of ``f`` itself: 10 times the larger of 8 ulp of :math:`|g(0)|` in the precision ``f``
     computes in (float16, bfloat16, float32 or float64, read off its values) and the remainder measured at three
     steps 10^3 to 10^5 times below the smallest (where even a first-order remainder is 1000 times smaller than
@@ -204,6 +209,9 @@ def taylor_test(
     used = [start]
     while len(used) < _WINDOW and used[-1] + 1 < len(eps) and above[used[-1] + 1]:
         used.append(used[-1] + 1)
+    jumps = [k for k in range(3, len(used)) if math.log(errors[used[k]] / errors[used[k - 1]])
+             > _KINK_SLOPE * math.log(eps[used[k]] / eps[used[k - 1]])]  # fmt: skip
+    used = used[: jumps[0]] if jumps else used  # up to the first jump after the third step
     x = np.log([eps[i] for i in used])
     y = np.log([errors[i] for i in used])
     slope = float(np.polyfit(x, y, 1)[0])

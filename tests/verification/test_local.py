@@ -204,6 +204,21 @@ def test_taylor_test_rounding_noise_and_kinks_do_not_fail_a_correct_gradient():
     assert res.verdict == "pass" and res.used[-1] < 12  # fitted below the first kink
 
 
+def test_taylor_test_fits_below_a_kink_that_comes_in_at_the_last_step_of_its_window():
+    """The demo with two threads: the remainder was second order over three steps and jumped 2,000-fold at the fourth
+    (a ReLU switching on), whose e/eps then exceeded the tolerance: inconclusive. The window now stops before such a
+    jump: a correct gradient passes, a wrong one still fails, and a jump within the first three steps is kept."""
+    def kinked(e: float, at: float = 1.5e-6, size: float = 0.1) -> float:
+        return math.exp(1.0 + e) + size * max(0.0, e - at)
+
+    res = taylor_test(kinked, math.e)
+    assert res.verdict == "pass" and len(res.used) == 3 and res.slope == pytest.approx(2.0, abs=0.05), res.message
+    assert res.errors[res.used[-1] + 1] > 100 * res.errors[res.used[-1]]  # the jump it stopped before
+    assert taylor_test(kinked, 1.01 * math.e).verdict == "fail"
+    early = taylor_test(lambda e: kinked(e, at=7e-7), math.e)  # the jump at the window's third step: kept
+    assert len(early.used) == 4 and early.verdict == "inconclusive", early.message
+
+
 def test_report_round_trips_through_json_and_renders_markdown(planted_report, tmp_path):
     again = VerificationReport.from_json(planted_report.to_json())
     assert again.verdict == planted_report.verdict
