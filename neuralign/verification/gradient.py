@@ -106,7 +106,8 @@ def taylor_test(
     above the noise floor (below it the remainder is rounding; at larger steps a ReLU or max-pool network crosses
     kinks, which add first-order pieces to the remainder of a correct gradient), up to the first of them after the
     third where the remainder jumps (rises faster than :math:`\\varepsilon^{3.5}` from the step before: a kink
-    coming in). The default floor follows the
+    coming in) if it decays at second order (``min_slope``) before it, so that the cut can decide a pass but never
+    a fail. The default floor follows the
     rounding of ``f`` itself: 10 times the larger of 8 ulp of :math:`|g(0)|` in the precision ``f``
     computes in (float16, bfloat16, float32 or float64, read off its values) and the remainder measured at three
     steps 10^3 to 10^5 times below the smallest (where even a first-order remainder is 1000 times smaller than
@@ -209,12 +210,15 @@ def taylor_test(
     used = [start]
     while len(used) < _WINDOW and used[-1] + 1 < len(eps) and above[used[-1] + 1]:
         used.append(used[-1] + 1)
+    def fitted(window: list[int]) -> float:
+        return float(np.polyfit(np.log([eps[i] for i in window]), np.log([errors[i] for i in window]), 1)[0])
+
+    slope = fitted(used)
     jumps = [k for k in range(3, len(used)) if math.log(errors[used[k]] / errors[used[k - 1]])
              > _KINK_SLOPE * math.log(eps[used[k]] / eps[used[k - 1]])]  # fmt: skip
-    used = used[: jumps[0]] if jumps else used  # up to the first jump after the third step
-    x = np.log([eps[i] for i in used])
-    y = np.log([errors[i] for i in used])
-    slope = float(np.polyfit(x, y, 1)[0])
+    if jumps and fitted(used[: jumps[0]]) >= min_slope:  # second order up to a jump: fit there (a pass or not)
+        used = used[: jumps[0]]
+        slope = fitted(used)
     # the first-order part relative to |d| (absolute when d = 0): to call a fail, the smallest e/eps over the fitted
     # steps (kinks add to it only beyond them); to call a pass, the largest (a curvature of the opposite sign can
     # cancel a gradient error at one step, never over a window whose steps span a factor >= 4.6: then a pass means

@@ -217,6 +217,11 @@ def test_taylor_test_fits_below_a_kink_that_comes_in_at_the_last_step_of_its_win
     assert taylor_test(kinked, 1.01 * math.e).verdict == "fail"
     early = taylor_test(lambda e: kinked(e, at=7e-7), math.e)  # the jump at the window's third step: kept
     assert len(early.used) == 4 and early.verdict == "inconclusive", early.message
+    # a reviewer's case: a kink inside the third step makes the remainder dip there and rise steeply after; cut
+    # before that rise, the first three steps looked first order and the correct derivative failed: no cut where
+    # the steps before a jump are not second order
+    dip = taylor_test(lambda e: 1 - 1e-7 * e - 700 * e * e + 2e-4 * max(0.0, e - 4e-8), -1e-7)
+    assert dip.verdict == "inconclusive" and dip.used == [0, 1, 2, 3], dip.message
 
 
 def test_report_round_trips_through_json_and_renders_markdown(planted_report, tmp_path):
