@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -81,6 +81,11 @@ class Chain:
     def modules(self) -> dict[str, nn.Module]:
         """The graph's layers by name (looked up for every move)."""
         return dict(self.graph.named_modules())
+
+    @cached_property
+    def input_axis(self) -> int:
+        """The consumer's input channels: a linear layer's last dim, a convolution's dim 1."""
+        return -1 if isinstance(self.modules[self.consumer], nn.Linear) else 1
 
     @property
     def probe_names(self) -> list[str]:
@@ -179,9 +184,8 @@ class Chain:
         parts = {key: rows(key, 0) for key in self.keys if key != self.consumer_weight}
         parts["new"] = rows(self.consumer_weight, 1)
         parts["old"] = identity[self.consumer_weight].index_select(1, moved)
-        # the consumer's input channels: a linear layer's last dim, a convolution's dim 1
-        axis = -1 if isinstance(self.modules[self.consumer], nn.Linear) else 1
-        parts["input"] = values[self.consumer_input].index_select(axis % values[self.consumer_input].dim(), moved)
+        parts["input"] = values[self.consumer_input].index_select(self.input_axis % values[self.consumer_input].dim(),
+                                                                  moved)  # fmt: skip
         return parts
 
     def consumer_output(self, values: Mapping[fx.Node, torch.Tensor], parts: Mapping[str, torch.Tensor]
@@ -194,9 +198,8 @@ class Chain:
         a = _layer(prod, values[self.producer_input], parts[f"{self.producer}.weight"],
                    parts.get(f"{self.producer}.bias"))  # fmt: skip
         a = self._between(a, lambda key: (parts.get(f"{key}.weight"), parts.get(f"{key}.bias")))
-        cons = modules[self.consumer]
-        axis = -1 if isinstance(cons, nn.Linear) else 1  # the consumer's input channels
-        change = _layer(cons, torch.cat([a, parts["input"]], axis), torch.cat([parts["new"], -parts["old"]], 1))
+        change = _layer(modules[self.consumer], torch.cat([a, parts["input"]], self.input_axis),
+                        torch.cat([parts["new"], -parts["old"]], 1))  # fmt: skip
         return values[self.consumer_node] + change
 
     def _between(self, a: torch.Tensor, affine: Callable[[str], tuple[torch.Tensor | None, torch.Tensor | None]]
@@ -228,8 +231,7 @@ class Chain:
         change = 0.0
         for key in self.keys:
             axis = 1 if key == self.consumer_weight else 0
-            change += float(rows(key, axis).double().square().sum())
-            change -= float(identity[key].index_select(axis, moved).double().square().sum())
+            change += squares([rows(key, axis)]) - squares([identity[key].index_select(axis, moved)])
         return change
 
     def linearised(self, values: Mapping[fx.Node, torch.Tensor], grad: torch.Tensor,
@@ -317,12 +319,18 @@ class Chain:
         return (m + m.transpose(-2, -1)) - (d[..., :, None] + d[..., None, :])  # symmetric to the bit
 
 
+def squares(tensors: Iterable[torch.Tensor]) -> float:
+    """The sum of the squares of every entry of ``tensors``, in float64 (a weight-decay term's sum)."""
+    return float(sum(v.double().square().sum() for v in tensors))
+
+
 def to_channels_last(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``weights`` with every 4-D tensor on a CPU in channels-last memory format (the same values, other strides):
     a 2-D convolution with a channels-last weight computes in that format, and so do the batch norms, activations
-    and convolutions after it. On a CPU that is about 1.5x faster for TinyTen's forward pass at the demo's sizes
-    (``python benchmarks/bench_verification.py --skip race power verify``, side by side); the results agree up to
-    float rounding (other sums' order). Tensors on other devices are returned as they are (not measured there)."""
+    and convolutions after it. On a CPU the verification's held-out scoring of TinyTen at the demo's sizes runs
+    1.16x faster so (``python benchmarks/bench_verification.py --skip race power verify``, ``compare_layouts``, side
+    by side); the results agree up to float rounding (other sums' order). Tensors on other devices are returned as
+    they are (not measured there)."""
     return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 and v.device.type == "cpu" else v
             for k, v in weights.items()}  # fmt: skip
 

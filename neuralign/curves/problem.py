@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from neuralign._chain import Chain, curve_rows, to_channels_last
+from neuralign._chain import Chain, curve_rows, squares, to_channels_last
 from neuralign._chain import trace as trace_graph
 from neuralign._distributed import all_reduce_, check_same_batch, is_distributed, shard_batch, world_size
 from neuralign._options import renamed_keywords
@@ -349,11 +349,11 @@ class CurvePermutationProblem(PermutationProblem):
         inverse = torch.argsort(current)
         sources = [inverse.index_select(0, p.to(self.device).index_select(0, m)) for p, m in zip(moved_to, moved)]
         decayed = self.weight_decay > 0
-        squares = [float(sum(v.double().square().sum() for v in w.values())) for w in points] if decayed else []
+        identity_squares = [squares(w.values()) for w in points] if decayed else []
         rows = [[curve_rows(self.wa, pb, offset, t, m, s) for t in ts] for m, s in zip(moved, sources)]
         # per move and time: the weight-decay term, the identity's sum of squares with the moved entries' changed
         decay = [[0.5 * self.weight_decay * (base + chain.squares_change(r, w, m)) for r, w, base in
-                  zip(rs, points, squares)] for rs, m in zip(rows, moved)] if decayed else []  # fmt: skip
+                  zip(rs, points, identity_squares)] for rs, m in zip(rows, moved)] if decayed else []  # fmt: skip
         out = torch.zeros(len(moved_to), len(self.value_set), dtype=torch.float64)
         for b, batch in enumerate(self.value_set):
             share, penalty_share = (batch[2], 1.0 / world_size()) if len(batch) > 2 else (1.0, 1.0)

@@ -526,7 +526,7 @@ PRESETS: dict[str, StudyConfig] = {
         evaluation=EvaluationOptions(num_points=11, max_bn_batches=4, plane_grid=7),
         # screen_pairs 16: the race runs on the 16 best transpositions of each group by the linearised screen (every
         # group has a chain); measured with benchmarks/bench_verification.py --screen-pairs 512 16: the same
-        # verdicts and best scored move in 7 of 8 groups, the neighbourhood check 4.3x faster
+        # verdicts and best scored move in 7 of 8 groups, the neighbourhood check 5.7x faster
         verification=VerificationOptions(stability_iters=1, n_swaps=8, value_batches=4, value_ts=(0.5,),
                                          swap_trials=4, identity_start=False, random_starts=0, gradient_batches=4,
                                          screen_pairs=16),

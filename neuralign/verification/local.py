@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from neuralign import _json
-from neuralign._chain import Chain, curve_rows, to_channels_last
+from neuralign._chain import Chain, curve_rows, squares, to_channels_last
 from neuralign._distributed import all_reduce_sum, rank, shard_batch, world_size
 from neuralign._options import Options, renamed_keywords, resolve_options
 from neuralign._stats import bonferroni_quantile, wilson_interval
@@ -329,7 +329,7 @@ class _Context:
                 mats = self.mats(changes)
                 points = [prob.weights(self.x, mats, t) for t in ts]  # the curve's point at each time, once per call
                 if prob.weight_decay:
-                    penalty = sum(float(0.5 * prob.weight_decay * _squares(w.values())) for w in points)
+                    penalty = sum(float(0.5 * prob.weight_decay * squares(w.values())) for w in points)
             for index in range(len(prob.value_set))[batches]:
                 batch = prob.value_set[index]
                 if (index, key) in self._kept:  # scored by move_costs
@@ -490,11 +490,6 @@ class _Change:
 def _move_key(changes: Mapping[str, torch.Tensor]) -> tuple:
     """A move (group -> index permutation) as a key of a dict."""
     return tuple(sorted((g, tuple(p.tolist())) for g, p in changes.items()))
-
-
-def _squares(tensors: Iterable[torch.Tensor]) -> float:
-    """The sum of the squares of every entry of ``tensors``, in float64."""
-    return float(sum(v.double().square().sum() for v in tensors))
 
 
 def _example_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
@@ -1091,7 +1086,7 @@ class _Screen:
         replaced by theirs under the move (the only entries it changes)."""
         prob = self.ctx.problem
         if self._penalty is None:
-            self._penalty = [_squares(w.values()) for w in self.base]
+            self._penalty = [squares(w.values()) for w in self.base]
         device = next(iter(prob.wb.values())).device
         moved = (perm.cpu() != torch.arange(perm.numel())).nonzero().flatten().to(device)
         source = perm.to(device).index_select(0, moved)
