@@ -38,6 +38,7 @@ __all__ = [
     "flat_logits",
     "classification_loss",
     "environment_versions",
+    "usable_cores",
 ]
 
 
@@ -353,6 +354,14 @@ def classification_loss(
     for a in aux:
         loss = loss + aux_weight * torch.nn.functional.cross_entropy(*flat_logits(a, target))
     return loss
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its CPU affinity: a container's or Slurm's share), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def environment_versions() -> dict[str, str]:

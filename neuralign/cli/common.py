@@ -4,7 +4,6 @@ manifests."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ import torch
 import torch.distributed
 
 from neuralign import _distributed
-from neuralign._utils import environment_versions, load_checkpoint
+from neuralign._utils import environment_versions, load_checkpoint, usable_cores
 from neuralign.errors import CheckpointError
 from neuralign.experiments.runfolder import RunFolder
 
@@ -49,14 +48,6 @@ __all__ = [
     "duration",
     "announce_cost",
 ]
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's or Slurm's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
 
 
 def version() -> str:

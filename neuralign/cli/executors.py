@@ -108,8 +108,8 @@ def run_stages(
                 print(f"{stage}: {event} (job {job_id})", file=sys.stderr)
 
         jobs = 2 if args.jobs is None else args.jobs
-        return run_local(config, out, jobs=jobs, device=parse_device(args.device), paper_row=paper_row,
-                         on_event=on_event)  # fmt: skip
+        return run_local(config, out, jobs=jobs, threads=args.threads, device=parse_device(args.device),
+                         paper_row=paper_row, on_event=on_event)  # fmt: skip
     from neuralign.study.executors import submit_slurm
 
     if args.device == "auto":

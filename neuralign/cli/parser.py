@@ -28,8 +28,9 @@ def add_common(p: argparse.ArgumentParser, *, out: str, out_help: str | None = N
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
     g.add_argument("--seed", type=int, default=0, help="base seed of every random choice (default: 0)")
     g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, capped at the cores this process may use); on a "
-                        "machine shared with other work, --threads 1 keeps idle threads from spinning")  # fmt: skip
+                   help="torch CPU threads (default: torch's choice, capped at the cores this process may use; with "
+                        "--executor local, per job, default the cores shared among --jobs); on a machine shared with "
+                        "other work, --threads 1 keeps idle threads from spinning")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="log the library's progress messages")
 

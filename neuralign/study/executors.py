@@ -50,6 +50,7 @@ import torch
 
 from neuralign import _distributed
 from neuralign._options import Options, renamed_keywords, resolve_options
+from neuralign._utils import usable_cores
 from neuralign._validate import check_int
 from neuralign.errors import JobError, MissingDependencyError
 from neuralign.study import StudyConfig, run_stage, stage_done, study_stages
@@ -336,11 +337,7 @@ def job_threads(environ: Mapping[str, str] | None = None) -> int | None:
         if cpus is None:
             return None
         threads = cpus // tasks
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(threads, cores))
+    return max(1, min(threads, usable_cores()))
 
 
 def _submitit() -> Any:
@@ -353,12 +350,13 @@ def _submitit() -> Any:
     return submitit
 
 
-def _stage_job(kind: str, config: dict[str, Any], out: str, name: str, device: str, report: dict[str, Any]) -> str:
+def _stage_job(kind: str, config: dict[str, Any], out: str, name: str, device: str, report: dict[str, Any],
+               threads: int | None = None) -> str:  # fmt: skip
     """The body of every job: one stage of a run of ``kind`` (a key of :data:`RUN_KINDS`), data-parallel over the
-    job's tasks when it has several (one per GPU, or CPU tasks with gloo), with as many torch threads as the job has
-    CPUs per task."""
+    job's tasks when it has several (one per GPU, or CPU tasks with gloo), with as many torch threads as a Slurm job
+    has CPUs per task, or ``threads`` (a local job's)."""
     submitit = _submitit()
-    threads = job_threads()
+    threads = job_threads() or threads
     if threads is not None:
         torch.set_num_threads(threads)
     distributed = False
@@ -459,6 +457,7 @@ def run_local(
     out: str | os.PathLike,
     *,
     jobs: int = 2,
+    threads: int | None = None,
     device: str | torch.device = "cpu",
     paper_row: Mapping[str, Any] | None = None,
     notes: str | None = None,
@@ -472,6 +471,10 @@ def run_local(
     A first run that fails before any stage is done leaves no manifest.
     ``paper_row`` and ``notes`` are a study's (see :func:`~neuralign.study.run_study`).
 
+    Each job runs torch with ``threads`` CPU threads (default: this process's usable cores shared among the
+    ``jobs``, at least 1): ``jobs`` processes each with torch's default, as many threads as cores, would
+    oversubscribe the cores, and idle threads spin.
+
     With a CUDA ``device`` and several GPUs, each job is pinned to one GPU (``CUDA_VISIBLE_DEVICES``), job slots
     going round the GPUs. ``on_event(stage, event, job_id)`` is called with ``"submitted"``, ``"done"`` and
     ``"failed"``.
@@ -482,13 +485,16 @@ def run_local(
         If a job failed or was cancelled (after the jobs that did not depend on it have finished): names the
         stages and their errors; rerunning resumes from the files.
     ValueError
-        For ``jobs < 1``, or ``paper_row`` / ``notes`` with a comparison.
+        For ``jobs < 1`` or ``threads < 1``, or ``paper_row`` / ``notes`` with a comparison.
     TypeError
         For settings of another kind.
     """
     kind = run_kind(config)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"`jobs` must be an int >= 1, got {jobs!r}")
+    if threads is None:
+        threads = max(1, usable_cores() // jobs)
+    threads = check_int(threads, "threads", minimum=1)
     report = _report_options(kind, paper_row, notes)
     submitit = _submitit()
     out = Path(out)
@@ -496,13 +502,13 @@ def run_local(
     stages = kind.stages(config)
     with first_run(out, stages):
         kind.prepare(config, out, device=device, run=None, live_jobs=False)  # refuses while a job of `out` lives
-        _run_jobs(submitit, kind, config, out, stages, jobs, device, report, poll_seconds, on_event)
+        _run_jobs(submitit, kind, config, out, stages, jobs, threads, device, report, poll_seconds, on_event)
     results = json.loads((out / "results.json").read_text())
     results["report"] = str(out / "report.md")
     return results
 
 
-def _run_jobs(submitit: Any, kind: RunKind, config: Any, out: Path, stages: list[Stage], jobs: int,
+def _run_jobs(submitit: Any, kind: RunKind, config: Any, out: Path, stages: list[Stage], jobs: int, threads: int,
               device: torch.device, report: dict[str, Any], poll_seconds: float,
               on_event: Callable[[str, str, str], Any] | None) -> None:  # fmt: skip
     """The local executor's loop: submit every ready stage while a slot is free, until none is left to run.
@@ -554,7 +560,7 @@ def _run_jobs(submitit: Any, kind: RunKind, config: Any, out: Path, stages: list
                     executor.update_parameters(visible_gpus=[slot % gpus], gpus_per_node=1)
                 with stderr_to(out / "jobs" / "controllers.log"):  # submitit's controller inherits stderr
                     job = executor.submit(_stage_job, kind.command, config.to_dict(), str(out), stage.name,
-                                          str(device), report)  # fmt: skip
+                                          str(device), report, threads)  # fmt: skip
                 running[stage.name] = (job, slot)
                 submitted[stage.name] = str(job.job_id)
                 starts[stage.name] = process_start(int(job.job_id))  # the pid with its start time: not a recycled pid

@@ -4,6 +4,7 @@ job specification (only the ``sbatch`` command is faked), and the status of a fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from neuralign._utils import usable_cores
 from neuralign.cli import main
 from neuralign.errors import JobError
 from neuralign.study import PRESETS, prepare_study, run_stage, run_study, stage_done, study_stages
@@ -26,8 +29,10 @@ from neuralign.study.jobs import job_states, process_start, write_jobs
 pytest.importorskip("submitit", reason="the cluster extra (submitit) is not installed")
 
 from neuralign.study.executors import (  # noqa: E402
+    RUN_KINDS,
     SlurmOptions,
     _failure,
+    _stage_job,
     job_threads,
     run_local,
     stage_status,
@@ -72,6 +77,9 @@ def test_local_jobs_give_the_sequential_report(sequential, tmp_path):
     assert set(manifest["completed"]) == {s.name for s in study_stages(CONFIG)} - {"report"}
     assert set(manifest["stage_jobs"]) == set(manifest["completed"])  # every stage records the job that ran it
     assert len(stage_status(tmp_path)["done"]) == len(study_stages(CONFIG))
+    # each of the 2 jobs ran torch on its share of the cores, not on all of them (oversubscribed)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "stages").glob("*.json")]
+    assert {r["threads"] for r in records} == {max(1, usable_cores() // 2)}
 
 
 @pytest.mark.slow  # two local runs of the tiny study: ~60 s on 2 cores
@@ -322,6 +330,31 @@ def test_every_way_of_running_refuses_a_folder_with_a_live_job(tmp_path):
     assert not (tmp_path / "manifest.json").exists()
     with pytest.raises(JobError, match="still has jobs"):
         run_local(CONFIG, tmp_path, jobs=1)
+
+
+def test_a_local_job_runs_torch_with_the_threads_it_is_given_and_a_slurm_job_with_its_cpus(monkeypatch, tmp_path):
+    seen = []
+    fake = dataclasses.replace(RUN_KINDS["study"], run_stage=lambda *a, **k: seen.append(torch.get_num_threads()))
+    monkeypatch.setitem(RUN_KINDS, "study", fake)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, None):
+            torch.set_num_threads(3)
+            _stage_job("study", CONFIG.to_dict(), str(tmp_path), "endpoint 1", "cpu", {}, threads)
+        monkeypatch.setenv("SLURM_JOB_ID", "7")
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+        _stage_job("study", CONFIG.to_dict(), str(tmp_path), "endpoint 1", "cpu", {}, 2)  # Slurm's CPUs decide
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2, 3, 1]
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True])
+def test_local_jobs_refuse_a_thread_count_below_one_or_not_an_int(threads, tmp_path):
+    with pytest.raises((ValueError, TypeError), match="threads"):
+        run_local(CONFIG, tmp_path, jobs=2, threads=threads)
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_a_local_job_killed_by_a_signal_says_so():
