@@ -1050,7 +1050,7 @@ class _Screen:
                         continue
                     stacked = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
                     # dropout after the consumer, if any: its own mask per candidate, as in one network per candidate
-                    out[lo:lo + len(parts)] += torch.func.vmap(loss, randomness="different")(stacked)
+                    out[lo:lo + len(parts)] += _vmap(loss, stacked)
         return out / len(self.ts)
 
     def linearised(self, moves: MoveSet) -> torch.Tensor | None:
@@ -1171,8 +1171,19 @@ class _Screen:
                     block = permuted[lo:lo + chunk]
                     stacked = {k: torch.stack([self._point(t, k, pb[k]) for pb in block]) for k in keys}
                     # dropout, if any: its own mask per candidate, as in one network per candidate
-                    out[lo:lo + len(block)] += torch.func.vmap(loss, randomness="different")(stacked)
+                    out[lo:lo + len(block)] += _vmap(loss, stacked)
         return out / len(self.ts)
+
+
+def _vmap(loss: Callable[[dict[str, torch.Tensor]], torch.Tensor], stacked: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``torch.func.vmap(loss, randomness="different")(stacked)``, without torch's warning that an operation has no
+    batching rule (e.g. the ``as_strided_`` of ``adaptive_avg_pool2d`` on a channels-last input): vmap then loops
+    over the candidates for that operation alone, and the screen times the batched way with that loop in it against
+    one network per candidate (:meth:`_Screen.__call__`), so the warning tells a user nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                                "the batching rule", category=UserWarning)  # fmt: skip
+        return torch.func.vmap(loss, randomness="different")(stacked)
 
 
 class _Meter:

@@ -337,6 +337,35 @@ def test_screen_through_chains_equals_the_whole_network(tmp_path):
         assert ctx.problem.chain(g) is not None
 
 
+def test_the_batched_screen_does_not_pass_on_torchs_warning_of_a_missing_batching_rule():
+    """TinyTen's last group reaches the classifier through ``adaptive_avg_pool2d``, which vmap cannot batch on a
+    channels-last input (torch warns of a performance drop, once per process, and loops over the candidates for that
+    operation): the screen, whose race times that loop, does not pass the warning on to the user."""
+    import warnings
+
+    from neuralign.verification.local import _Screen, _swap
+
+    ctx, x, y = _tinyten_context(3, 192, 64, 1, (0.5,))
+    g, n = list(ctx.spec.sizes.items())[-1]
+    before = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch's once-per-process warnings every time, whatever ran before in this process
+    try:
+        with warnings.catch_warnings(record=True) as control:
+            warnings.simplefilter("always")
+            inputs = torch.randn(2, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+            weights = torch.randn(3, 5, 4, 3, 3, dtype=torch.float64)  # 3 candidates' convolutions
+            torch.func.vmap(lambda w: nn.functional.adaptive_avg_pool2d(nn.functional.conv2d(inputs, w), 1))(weights)
+        if not any("batching rule" in str(w.message) for w in control):
+            pytest.skip("this torch batches adaptive_avg_pool2d on channels-last inputs: no warning to pass on")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _Screen(ctx, (x[64:], y[64:]), (0.5,))._batched(g, [_swap(n, 0, 1), _swap(n, 2, 3)], 0)
+    finally:
+        torch.set_warn_always(before)
+    assert ctx.problem.chain(g) is not None
+    assert not [str(w.message) for w in caught if "batching rule" in str(w.message)]
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn"])
 def test_chain_on_torchvision_models(arch):
     """Models we did not write (torchvision, random weights, 32x32 inputs): chains are found for exactly the groups
