@@ -172,12 +172,19 @@ class VerificationReport(Verdict):
             f"{self.counts['inconclusive']} inconclusive; fail if any check fails, else inconclusive if any check "
             "is, else pass)",
             "",
-            "| check | verdict | summary | thresholds |",
-            "| --- | --- | --- | --- |",
         ]
+        # seconds each check took, and (in brackets) what its first step announced; absent from older reports
+        taken, announced = self.config.get("seconds", {}), self.config.get("expected_seconds", {})
+        columns = ["check", "verdict", "summary", "thresholds"] + (["seconds (announced)"] if taken else [])
+        lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
         for c in self.checks.values():
             thr = ", ".join(f"{k}={_fmt(v)}" for k, v in c.thresholds.items())
-            lines.append(f"| {c.name} | **{c.verdict}** | {c.summary} | {thr} |")
+            time_cell = ""
+            if taken:
+                time_cell = f" {taken[c.name]:.1f}" if c.name in taken else " "
+                time_cell += f" ({announced[c.name]:.1f})" if c.name in announced else ""
+                time_cell += " |"
+            lines.append(f"| {c.name} | **{c.verdict}** | {c.summary} | {thr} |{time_cell}")
         lines.append("")
         for c in self.checks.values():
             table = c.details.get("per_group")
@@ -548,10 +555,11 @@ def _tick(opts: _Run, name: str, done: int, total: int | None, start: bool = Fal
         opts.callback(record)
 
 
-def _announcing(callback: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
-    """``callback`` receiving, in the first record of each check after its start, ``expected_seconds``: the time
-    the whole check is expected to take, from its measured first step (the check's own estimate where it gives
-    one, as the neighbourhood check does)."""
+def _announcing(callback: Callable[[dict[str, Any]], Any] | None, announced: dict[str, float]
+                ) -> Callable[[dict[str, Any]], Any]:  # fmt: skip
+    """``callback`` (if any) receiving, in the first record of each check after its start, ``expected_seconds``: the
+    time the whole check is expected to take, from its measured first step (the check's own estimate where it gives
+    one, as the neighbourhood check does); ``announced`` collects each check's, which the report keeps."""
     began: dict[str, float] = {}
 
     def announce(record: dict[str, Any]) -> Any:
@@ -562,7 +570,8 @@ def _announcing(callback: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str
             elapsed = time.perf_counter() - began.pop(name)
             if "expected_seconds" not in record:
                 record = {**record, "expected_seconds": elapsed / record["step"] * record["total"]}
-        return callback(record)
+            announced.setdefault(name, float(record["expected_seconds"]))
+        return None if callback is None else callback(record)
 
     return announce
 
@@ -2016,6 +2025,8 @@ def verify_alignment(
     Returns
     -------
     VerificationReport
+        Its ``config`` holds the options used and, per check, ``seconds`` (wall-clock seconds it took) and
+        ``expected_seconds`` (what its first step announced; with or without a ``callback``).
 
     Raises
     ------
@@ -2055,8 +2066,8 @@ def verify_alignment(
     max_batches = check_int(max_batches, "max_batches", minimum=1, allow_none=True)
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback` must be callable, got {type(callback).__name__}")
-    if callback is not None:
-        callback = _announcing(callback)
+    announced: dict[str, float] = {}  # each check's expected seconds, as announced from its first step
+    callback = _announcing(callback, announced)
     if "alignment" in checks and align_loader is not None and _length(align_loader) == 0:
         raise ValueError("`align_loader` has no batches: the alignment check computes the correlation objective on "
                          "them")  # fmt: skip
@@ -2103,8 +2114,10 @@ def verify_alignment(
         max_batches=max_batches, callback=callback,
     )  # fmt: skip
     results: dict[str, CheckResult] = {}
+    seconds: dict[str, float] = {}
     # the neighbourhood check runs first: the stability check's PAM tries the transpositions it ranks best
     for name in sorted((c for c in CHECKS if c in checks), key=lambda c: c != "neighbourhood"):
+        began = time.perf_counter()
         _tick(opts, name, 0, None, start=True)
         logger.info("verification check %s", name)
         sub = as_generator(stable_seed(seed, name))
@@ -2118,10 +2131,13 @@ def verify_alignment(
             results[name] = _check_gradient(ctx, opts, sub)
         else:
             results[name] = _check_alignment(model, point_a, point_b, perms, spec, opts)
+        seconds[name] = round(time.perf_counter() - began, 3)
     results = {name: results[name] for name in CHECKS if name in results}  # reported in the order of CHECKS
     config: dict[str, Any] = {"seed": seed}
     for name in _REPORTED_OPTIONS:
         config[name] = getattr(opts, name)
     config.update(heldout_batches=opts.heldout_batches, max_batches=max_batches, lp_max_size=opts.lp_max_size,
-                  checks=list(checks), groups=dict(spec.sizes))  # fmt: skip
+                  checks=list(checks), groups=dict(spec.sizes),
+                  seconds={n: seconds[n] for n in CHECKS if n in seconds},
+                  expected_seconds={n: round(announced[n], 3) for n in CHECKS if n in announced})  # fmt: skip
     return VerificationReport(results, config)

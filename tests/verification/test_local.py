@@ -70,6 +70,17 @@ def damaged_report(planted):
     return _verify(planted, _damaged(planted[4], 0.3), checks=("stability", "neighbourhood", "alignment"))
 
 
+def test_the_report_keeps_each_checks_announced_and_measured_seconds_without_a_callback(damaged_report):
+    """A run without progress (a study's job) still records each check's expected time from its first step and the
+    time it took, so the cost model can be compared with the time taken afterwards."""
+    config = damaged_report.config
+    assert list(config["seconds"]) == list(config["expected_seconds"]) == ["stability", "neighbourhood", "alignment"]
+    assert all(v > 0 for v in [*config["seconds"].values(), *config["expected_seconds"].values()])
+    assert json.loads(damaged_report.to_json())["config"]["seconds"] == config["seconds"]
+    row = next(line for line in damaged_report.to_markdown().splitlines() if line.startswith("| stability |"))
+    assert row.endswith(f"| {config['seconds']['stability']:.1f} ({config['expected_seconds']['stability']:.1f}) |")
+
+
 def test_every_check_passes_at_the_planted_optimum(planted_report):
     for name, check in planted_report.checks.items():
         assert check.verdict == "pass", (name, check.summary)
@@ -841,8 +852,18 @@ def test_neighbourhood_progress_announces_its_time_and_ends_at_its_total(planted
     a test: benchmarks/bench_verification.py.) Every other check announces its expected time with its first step;
     the alignment check's steps are the batches of its data pass and weight matching."""
     records = []
-    _verify(planted, _damaged(planted[4], 0.5), checks=("neighbourhood", "gradient", "certificate", "alignment"),
-            n_swaps=2, n_control_swaps=1, screen_pairs=16, callback=records.append)  # fmt: skip
+    report = _verify(planted, _damaged(planted[4], 0.5), checks=("neighbourhood", "gradient", "certificate",
+                     "alignment"), n_swaps=2, n_control_swaps=1, screen_pairs=16, callback=records.append)  # fmt: skip
+    # the report keeps each check's announced time and the time it took (in the order of CHECKS)
+    first = {}
+    for r in records:
+        if "expected_seconds" in r:
+            first.setdefault(r["check"], round(r["expected_seconds"], 3))
+    assert report.config["expected_seconds"] == first  # the neighbourhood check ran first
+    assert list(report.config["seconds"]) == list(report.config["expected_seconds"]) == ["certificate",
+                                                                                       "neighbourhood", "gradient",
+                                                                                       "alignment"]  # fmt: skip
+    assert all(v > 0 for v in report.config["seconds"].values())
     gradient = [r for r in records if r["check"] == "gradient"]
     assert gradient[0]["start"] and gradient[1]["expected_seconds"] > 0  # every check: from its first step
     # the certificate counts milliseconds of work: everything before the held-out evaluations, then its scored moves
