@@ -353,10 +353,11 @@ def _submitit() -> Any:
 def _stage_job(kind: str, config: dict[str, Any], out: str, name: str, device: str, report: dict[str, Any],
                threads: int | None = None) -> str:  # fmt: skip
     """The body of every job: one stage of a run of ``kind`` (a key of :data:`RUN_KINDS`), data-parallel over the
-    job's tasks when it has several (one per GPU, or CPU tasks with gloo), with as many torch threads as a Slurm job
-    has CPUs per task, or ``threads`` (a local job's)."""
+    job's tasks when it has several (one per GPU, or CPU tasks with gloo), with ``threads`` torch threads (a local
+    job's), else as many as a Slurm job has CPUs per task."""
     submitit = _submitit()
-    threads = job_threads() or threads
+    if threads is None:  # a Slurm job (a local job is given its threads, even inside a Slurm allocation)
+        threads = job_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     distributed = False
@@ -501,7 +502,9 @@ def run_local(
     device = torch.device(device)
     stages = kind.stages(config)
     with first_run(out, stages):
-        kind.prepare(config, out, device=device, run=None, live_jobs=False)  # refuses while a job of `out` lives
+        # refuses while a job of `out` lives; this run's record says the torch threads of each job
+        kind.prepare(config, out, device=device, run={"executor": "local", "jobs": jobs, "threads_per_job": threads},
+                     live_jobs=False)  # fmt: skip
         _run_jobs(submitit, kind, config, out, stages, jobs, threads, device, report, poll_seconds, on_event)
     results = json.loads((out / "results.json").read_text())
     results["report"] = str(out / "report.md")

@@ -80,6 +80,7 @@ def test_local_jobs_give_the_sequential_report(sequential, tmp_path):
     # each of the 2 jobs ran torch on its share of the cores, not on all of them (oversubscribed)
     records = [json.loads(p.read_text()) for p in (tmp_path / "stages").glob("*.json")]
     assert {r["threads"] for r in records} == {max(1, usable_cores() // 2)}
+    assert manifest["runs"][-1]["threads_per_job"] == max(1, usable_cores() // 2)  # the manifest says so
 
 
 @pytest.mark.slow  # two local runs of the tiny study: ~60 s on 2 cores
@@ -344,10 +345,12 @@ def test_a_local_job_runs_torch_with_the_threads_it_is_given_and_a_slurm_job_wit
             _stage_job("study", CONFIG.to_dict(), str(tmp_path), "endpoint 1", "cpu", {}, threads)
         monkeypatch.setenv("SLURM_JOB_ID", "7")
         monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
-        _stage_job("study", CONFIG.to_dict(), str(tmp_path), "endpoint 1", "cpu", {}, 2)  # Slurm's CPUs decide
+        _stage_job("study", CONFIG.to_dict(), str(tmp_path), "endpoint 1", "cpu", {})  # a Slurm job: its CPUs
+        # a local job inside a Slurm allocation (salloc): the threads it is given, not the allocation's CPUs per task
+        _stage_job("study", CONFIG.to_dict(), str(tmp_path), "endpoint 1", "cpu", {}, 2)
     finally:
         torch.set_num_threads(before)
-    assert seen == [1, 2, 3, 1]
+    assert seen == [1, 2, 3, 1, 2]
 
 
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True])
