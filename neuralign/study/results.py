@@ -178,6 +178,16 @@ def _curve(data: Any, where: str) -> CurveEvaluation:
     return _library(CurveEvaluation, data, where)
 
 
+def _computed(report: dict[str, Any]) -> dict[str, Any]:
+    """A verification report's JSON form without its checks' ``seconds`` and ``expected_seconds`` (costs measured,
+    kept in ``pairK/verification.json``): results hold what is computed, equal from run to run and executor to
+    executor."""
+    out = copy.deepcopy(report)
+    for key in ("seconds", "expected_seconds"):
+        out.get("config", {}).pop(key, None)
+    return out
+
+
 def _verification(data: Any, where: str) -> VerificationReport:
     for i, check in _mapping(require_key(data, "checks", where), f"{where}['checks']").items():
         for key in ("name", "verdict", "summary"):
@@ -501,7 +511,7 @@ class PairResults:
             "alignment": None if self.alignment is None else self.alignment.to_dict(),
             "curves": {s: ev.to_dict() for s, ev in self.curves.items()},
             "pam": {s: run.to_dict() for s, run in self.pam.items()},
-            "verification": None if self.verification is None else copy.deepcopy(self.verification.to_dict()),
+            "verification": None if self.verification is None else _computed(self.verification.to_dict()),
             "plane": None if self.plane is None else self.plane.to_dict(),
             "midpoint_alignment": None if self.midpoint_alignment is None else self.midpoint_alignment.to_dict(),
             "train_history": {s: [e.to_dict() for e in h] for s, h in self.train_history.items()},
