@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from neuralign.cli import main
 from neuralign.errors import JobError
@@ -89,7 +90,9 @@ def test_each_stage_on_its_own_gives_the_sequential_numbers(sequential, tmp_path
 @pytest.mark.slow  # 17 jobs, each a fresh python process: ~70 s on 2 cores
 def test_local_jobs_give_the_sequential_numbers(sequential, tmp_path):
     events = []
-    results = run_local(CONFIG, tmp_path, jobs=2, poll_seconds=0.1, on_event=lambda *e: events.append(e))
+    # each job with as many torch threads as the sequential run: float for float the same sums
+    results = run_local(CONFIG, tmp_path, jobs=2, threads=torch.get_num_threads(), poll_seconds=0.1,
+                        on_event=lambda *e: events.append(e))  # fmt: skip
     assert numbers(json.loads((tmp_path / "results.json").read_text())) == numbers(sequential)
     assert results["report"] == str(tmp_path / "report.md")
     names = {s.name for s in compare_stages(CONFIG)}
